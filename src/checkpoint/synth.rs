@@ -1,0 +1,438 @@
+//! Synthetic checkpoints: complete model folders in the real on-disk formats, with random
+//! weights from a seed.
+//!
+//! Shapes come from presets (`tiny`, and the real shapes of released models); formats are
+//! HF bf16 with per-expert keys, or mlx-community affine 4/8-bit with stacked `switch_mlp`
+//! experts and an 8-bit router override — so loading a synthetic model exercises the same
+//! code as loading a downloaded one. Nothing is trivially 1 or 0: norm weights are
+//! `1 + 0.1·N(0,1)`, quantization scales have random signs.
+//!
+//! The full-size presets (tens of GB) are streamed: each tensor is a lazy safetensors
+//! [`View`] whose bytes are generated (in parallel chunks, each chunk its own RNG stream)
+//! only when the writer asks for them, so peak memory is one tensor. Quantized tensors are
+//! generated directly as codes + scales + biases rather than by quantizing floats; the
+//! biases re-derive their group's scale from the scale stream so each group is centred.
+//! Output is written to a temporary sibling folder and renamed into place at the end.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use safetensors::{Dtype, View};
+use serde_json::{Value, json};
+
+use crate::checkpoint::mat::FloatType;
+use crate::config::{ModelConfig, QuantMode, QuantParams};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// Weight storage of a synthetic checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthQuant {
+    /// HF layout, bf16 tensors, per-expert keys.
+    Bf16,
+    /// MLX affine 4-bit (router 8-bit), stacked experts.
+    Affine4,
+    /// MLX affine 8-bit, stacked experts.
+    Affine8,
+}
+
+impl SynthQuant {
+    /// Parses `bf16|affine4|affine8`.
+    pub fn parse(s: &str) -> Result<SynthQuant> {
+        match s {
+            "bf16" => Ok(SynthQuant::Bf16),
+            "affine4" => Ok(SynthQuant::Affine4),
+            "affine8" => Ok(SynthQuant::Affine8),
+            _ => Err(Error::Arg(format!("unknown --quant `{s}` (expected bf16, affine4 or affine8)"))),
+        }
+    }
+
+    fn bits(self) -> Option<u32> {
+        match self {
+            SynthQuant::Bf16 => None,
+            SynthQuant::Affine4 => Some(4),
+            SynthQuant::Affine8 => Some(8),
+        }
+    }
+}
+
+/// What to synthesise.
+#[derive(Debug, Clone)]
+pub struct SynthSpec {
+    /// Model family (`qwen3_moe`).
+    pub family: String,
+    /// Preset name (see [`PRESETS`]).
+    pub preset: String,
+    /// Storage format.
+    pub quant: SynthQuant,
+    /// Quantization group size (affine only).
+    pub group_size: usize,
+    /// RNG seed.
+    pub seed: u64,
+    /// Split safetensors into shards of at most this many bytes (HF style, with an index).
+    pub max_shard_bytes: usize,
+}
+
+/// Known (family, preset) pairs with a one-line description.
+pub const PRESETS: [(&str, &str, &str); 2] = [
+    ("qwen3_moe", "tiny", "4 layers, H 256, 16 experts top-4, one dense layer; for tests and the demo"),
+    ("qwen3_moe", "qwen3-30b-a3b", "Qwen3-30B-A3B shapes: 48 layers, H 2048, 128 experts top-8, vocab 151936"),
+];
+
+/// The HF-style config.json of a preset (without quantization block).
+pub fn preset_config(family: &str, preset: &str) -> Result<Value> {
+    let (vocab, hidden, layers, heads, kv, hd, experts, topk, moe_i, inter, dense): (
+        usize,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+        _,
+        Vec<usize>,
+    ) = match (family, preset) {
+        ("qwen3_moe", "tiny") => (1024, 256, 4, 8, 2, 32, 16, 4, 128, 512, vec![0]),
+        ("qwen3_moe", "qwen3-30b-a3b") => (151936, 2048, 48, 32, 4, 128, 128, 8, 768, 6144, vec![]),
+        _ => {
+            let known: Vec<String> = PRESETS.iter().map(|(f, p, _)| format!("{f}/{p}")).collect();
+            return Err(Error::Arg(format!("unknown family/preset `{family}/{preset}` (known: {})", known.join(", "))));
+        }
+    };
+    let n_special = crate::tokenizer::SPECIALS.len();
+    Ok(json!({
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+        "num_experts": experts, "num_experts_per_tok": topk,
+        "moe_intermediate_size": moe_i, "intermediate_size": inter,
+        "decoder_sparse_step": 1, "mlp_only_layers": dense, "norm_topk_prob": true,
+        "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
+        "tie_word_embeddings": false, "attention_bias": false, "use_sliding_window": false,
+        "hidden_act": "silu", "torch_dtype": "bfloat16",
+        "bos_token_id": vocab - n_special, "eos_token_id": vocab - 1,
+    }))
+}
+
+/// How a tensor's bytes are produced.
+#[derive(Debug, Clone)]
+enum Gen {
+    /// `center + std·N(0,1)` stored as `dtype`.
+    Float { center: f32, std: f32, dtype: FloatType },
+    /// Uniform random packed codes (u32 words).
+    Codes,
+    /// Per-group scales of magnitude ≈ `std·√12 / 2^bits`, random sign, bf16.
+    Scales { bits: u32, std: f32 },
+    /// Per-group biases centring each group: `−scale·(2^bits−1)/2 + noise`, bf16.
+    Biases { bits: u32, std: f32, scales: String },
+}
+
+/// A lazily generated tensor.
+struct Lazy {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    source: Gen,
+    seed: u64,
+    bar: ProgressBar,
+}
+
+const CHUNK: usize = 1 << 16;
+
+fn scale_of(rng: &mut Rng, bits: u32, std: f32) -> f32 {
+    let mag = std * 12f32.sqrt() / (1u32 << bits) as f32 * (1.0 + 0.25 * rng.normal()).abs().max(0.1);
+    if rng.next_u64() & 1 == 0 { mag } else { -mag }
+}
+
+impl Lazy {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    fn elem_size(&self) -> usize {
+        match self.dtype {
+            Dtype::F32 | Dtype::U32 => 4,
+            _ => 2,
+        }
+    }
+
+    fn generate(&self) -> Vec<u8> {
+        let es = self.elem_size();
+        let mut out = vec![0u8; self.numel() * es];
+        let stream = |name: &str, c: usize| Rng::for_stream(self.seed, &format!("{name}#{c}"));
+        out.par_chunks_mut(CHUNK * es).enumerate().for_each(|(c, buf)| {
+            let mut r = stream(&self.name, c);
+            match &self.source {
+                Gen::Float { center, std, dtype } => {
+                    for e in buf.chunks_exact_mut(es) {
+                        let v = center + std * r.normal();
+                        match dtype {
+                            FloatType::F32 => e.copy_from_slice(&v.to_le_bytes()),
+                            FloatType::F16 => e.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+                            FloatType::Bf16 => e.copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
+                        }
+                    }
+                }
+                Gen::Codes => buf.chunks_mut(8).for_each(|e| {
+                    let w = r.next_u64().to_le_bytes();
+                    e.copy_from_slice(&w[..e.len()]);
+                }),
+                Gen::Scales { bits, std } => {
+                    for e in buf.chunks_exact_mut(2) {
+                        e.copy_from_slice(&bf16::from_f32(scale_of(&mut r, *bits, *std)).to_le_bytes());
+                    }
+                }
+                Gen::Biases { bits, std, scales } => {
+                    let mut rs = stream(scales, c);
+                    let half_range = ((1u32 << bits) - 1) as f32 / 2.0;
+                    for e in buf.chunks_exact_mut(2) {
+                        let s = bf16::from_f32(scale_of(&mut rs, *bits, *std)).to_f32();
+                        let b = -s * half_range + 0.1 * std * r.normal();
+                        e.copy_from_slice(&bf16::from_f32(b).to_le_bytes());
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+impl View for &Lazy {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let d = self.generate();
+        self.bar.inc(d.len() as u64);
+        Cow::Owned(d)
+    }
+    fn data_len(&self) -> usize {
+        self.numel() * self.elem_size()
+    }
+}
+
+/// Collects the tensor list of a checkpoint.
+struct Builder {
+    tensors: Vec<Lazy>,
+    seed: u64,
+    bar: ProgressBar,
+    quant: Option<QuantParams>,
+}
+
+impl Builder {
+    fn push(&mut self, name: String, dtype: Dtype, shape: Vec<usize>, source: Gen) {
+        self.tensors.push(Lazy { name, dtype, shape, source, seed: self.seed, bar: self.bar.clone() });
+    }
+
+    /// A norm weight `[n]`: 1 + 0.1·N.
+    fn norm(&mut self, name: String, n: usize) {
+        self.push(name, Dtype::BF16, vec![n], Gen::Float { center: 1.0, std: 0.1, dtype: FloatType::Bf16 });
+    }
+
+    /// A linear module `[stack?, out, in]`, quantized with `q` (or the builder's default).
+    fn linear(&mut self, path: &str, stack: Option<usize>, out: usize, inp: usize, q: Option<QuantParams>) {
+        let std = 0.02;
+        let lead: Vec<usize> = stack.into_iter().collect();
+        let shape = |last: usize| lead.iter().copied().chain([out, last]).collect::<Vec<_>>();
+        match q.or(self.quant) {
+            None => self.push(
+                format!("{path}.weight"),
+                Dtype::BF16,
+                shape(inp),
+                Gen::Float { center: 0.0, std, dtype: FloatType::Bf16 },
+            ),
+            Some(q) => {
+                let bits = q.bits;
+                self.push(format!("{path}.weight"), Dtype::U32, shape(inp * bits as usize / 32), Gen::Codes);
+                let scales = format!("{path}.scales");
+                self.push(scales.clone(), Dtype::BF16, shape(inp / q.group_size), Gen::Scales { bits, std });
+                self.push(
+                    format!("{path}.biases"),
+                    Dtype::BF16,
+                    shape(inp / q.group_size),
+                    Gen::Biases { bits, std, scales },
+                );
+            }
+        }
+    }
+}
+
+/// Writes a complete synthetic model folder to `out`. Refuses to replace an existing
+/// non-empty folder unless `force` is set and that folder is itself a model folder.
+pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
+    check_target(out, force)?;
+    let mut cfg_json = preset_config(&spec.family, &spec.preset)?;
+    let quant =
+        spec.quant.bits().map(|bits| QuantParams { mode: QuantMode::Affine, bits, group_size: spec.group_size });
+    if let Some(q) = quant {
+        if !matches!(q.group_size, 32 | 64 | 128) {
+            return Err(Error::Arg(format!("--group-size {} not in {{32, 64, 128}}", q.group_size)));
+        }
+        let mut block = json!({"group_size": q.group_size, "bits": q.bits, "mode": "affine"});
+        let layers = cfg_json["num_hidden_layers"].as_u64().unwrap_or(0);
+        for l in 0..layers {
+            // mlx-lm's default: the router stays 8-bit, group 64 (model-spec §6.3).
+            block[format!("model.layers.{l}.mlp.gate")] = json!({"group_size": 64, "bits": 8});
+        }
+        cfg_json["quantization"] = block.clone();
+        cfg_json["quantization_config"] = block;
+    }
+    cfg_json["zmoe_synth"] =
+        json!({"preset": spec.preset, "quant": format!("{:?}", spec.quant).to_lowercase(), "seed": spec.seed});
+    let cfg = ModelConfig::parse(&cfg_json.to_string(), Path::new("<synthetic config.json>"))?;
+
+    let bar = ProgressBar::hidden();
+    let mut b = Builder { tensors: Vec::new(), seed: spec.seed, bar: bar.clone(), quant };
+    let (h, d) = (cfg.hidden_size, cfg.head_dim);
+    let router_q = quant.map(|_| QuantParams { mode: QuantMode::Affine, bits: 8, group_size: 64 });
+    b.linear("model.embed_tokens", None, cfg.vocab_size, h, None);
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        b.norm(format!("{p}.input_layernorm.weight"), h);
+        b.norm(format!("{p}.post_attention_layernorm.weight"), h);
+        b.linear(&format!("{p}.self_attn.q_proj"), None, cfg.num_heads * d, h, None);
+        b.linear(&format!("{p}.self_attn.k_proj"), None, cfg.num_kv_heads * d, h, None);
+        b.linear(&format!("{p}.self_attn.v_proj"), None, cfg.num_kv_heads * d, h, None);
+        b.linear(&format!("{p}.self_attn.o_proj"), None, h, cfg.num_heads * d, None);
+        b.norm(format!("{p}.self_attn.q_norm.weight"), d);
+        b.norm(format!("{p}.self_attn.k_norm.weight"), d);
+        if cfg.is_moe_layer(l) {
+            let (e, i) = (cfg.num_experts, cfg.moe_intermediate_size);
+            b.linear(&format!("{p}.mlp.gate"), None, e, h, router_q);
+            if quant.is_some() {
+                let sw = format!("{p}.mlp.switch_mlp");
+                b.linear(&format!("{sw}.gate_proj"), Some(e), i, h, None);
+                b.linear(&format!("{sw}.up_proj"), Some(e), i, h, None);
+                b.linear(&format!("{sw}.down_proj"), Some(e), h, i, None);
+            } else {
+                for x in 0..e {
+                    b.linear(&format!("{p}.mlp.experts.{x}.gate_proj"), None, i, h, None);
+                    b.linear(&format!("{p}.mlp.experts.{x}.up_proj"), None, i, h, None);
+                    b.linear(&format!("{p}.mlp.experts.{x}.down_proj"), None, h, i, None);
+                }
+            }
+        } else {
+            let f = cfg.intermediate_size;
+            b.linear(&format!("{p}.mlp.gate_proj"), None, f, h, None);
+            b.linear(&format!("{p}.mlp.up_proj"), None, f, h, None);
+            b.linear(&format!("{p}.mlp.down_proj"), None, h, f, None);
+        }
+    }
+    b.norm("model.norm.weight".into(), h);
+    b.linear("lm_head", None, cfg.vocab_size, h, None);
+
+    let total: usize = b.tensors.iter().map(|t| (&t).data_len()).sum();
+    if total > 64 << 20 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_length(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("synth {}", spec.preset));
+    }
+
+    let tmp = sibling(out, &format!(".partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = write_files(&b.tensors, &cfg_json, &cfg, spec, &tmp);
+    bar.finish_and_clear();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+}
+
+/// Default shard size: checkpoints above it are split into model-0000i-of-0000n files.
+pub const SHARD_BYTES: usize = 4 << 30;
+
+fn write_files(tensors: &[Lazy], cfg_json: &Value, cfg: &ModelConfig, spec: &SynthSpec, dir: &Path) -> Result<()> {
+    let cfg_path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(cfg_json).expect("config serialises");
+    std::fs::write(&cfg_path, text).map_err(|e| Error::io(&cfg_path, e))?;
+    let tok_path = dir.join("tokenizer.json");
+    crate::tokenizer::synthetic(cfg.vocab_size, spec.seed)?
+        .save(&tok_path, false)
+        .map_err(|e| Error::format(&tok_path, format!("cannot write tokenizer: {e}")))?;
+
+    let mut shards: Vec<Vec<&Lazy>> = vec![Vec::new()];
+    let mut size = 0;
+    for t in tensors {
+        let n = (&t).data_len();
+        if size + n > spec.max_shard_bytes && !shards.last().is_some_and(Vec::is_empty) {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += n;
+        shards.last_mut().expect("non-empty").push(t);
+    }
+    let single = shards.len() == 1;
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let fname = if single {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len())
+        };
+        let path = dir.join(&fname);
+        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        safetensors::serialize_to_file(shard.iter().map(|t| (t.name.clone(), *t)), Some(meta), &path)
+            .map_err(|e| Error::format(&path, format!("cannot write safetensors: {e}")))?;
+        for t in shard {
+            weight_map.insert(t.name.clone(), Value::from(fname.clone()));
+        }
+    }
+    if !single {
+        let total: usize = tensors.iter().map(|t| (&t).data_len()).sum();
+        let idx = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let p = dir.join("model.safetensors.index.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&idx).expect("index serialises"))
+            .map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
+}
+
+fn sibling(out: &Path, suffix: &str) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    out.with_file_name(format!("{name}{suffix}"))
+}
+
+fn check_target(out: &Path, force: bool) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        return Err(Error::format(out, "exists and is not a folder; choose another --out"));
+    }
+    let empty = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_none();
+    if empty {
+        return Ok(());
+    }
+    if !force {
+        return Err(Error::format(
+            out,
+            "folder exists and is not empty; pass --force to replace it (only model folders are replaced)",
+        ));
+    }
+    if !out.join("config.json").exists() {
+        return Err(Error::format(
+            out,
+            "refusing to replace a folder that does not look like a model folder (no config.json)",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The CPU reference backend: executes any [`Plan`] in f32 with exactly dequantized weights.
+//!
+//! This is the oracle every other path is checked against, so it is written to be read:
+//! one `match` arm per step, each a few lines over plain slices (see [`ops`]). It is
+//! parallel (rayon) where that costs no clarity — over weight rows, heads and experts —
+//! and every reduction has a fixed order, so results are deterministic run to run.
+
+pub mod ops;
+
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::{Linear, Mlp, Weights};
+use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
+
+/// Per-sequence state: activation buffers, router choices and the KV cache.
+#[derive(Debug, Default)]
+struct RunState {
+    /// One buffer per [`Buf`], row-major `[rows, width]`.
+    bufs: Vec<Vec<f32>>,
+    /// Selected experts `[T, K]`.
+    topk_idx: Vec<usize>,
+    /// Their weights `[T, K]`.
+    topk_w: Vec<f32>,
+    /// Per layer: K and V rows `[S, nKV·D]`, post-norm, post-RoPE.
+    k_cache: Vec<Vec<f32>>,
+    /// Per layer: V rows `[S, nKV·D]`.
+    v_cache: Vec<Vec<f32>>,
+    /// Tokens already in the cache.
+    pos: usize,
+}
+
+impl RunState {
+    fn take(&mut self, b: Buf) -> Vec<f32> {
+        std::mem::take(&mut self.bufs[b as usize])
+    }
+
+    fn put(&mut self, b: Buf, v: Vec<f32>) {
+        self.bufs[b as usize] = v;
+    }
+}
+
+/// The CPU backend for one loaded model and plan.
+pub struct CpuBackend {
+    cfg: ModelConfig,
+    weights: Arc<Weights>,
+    plan: Plan,
+    rope: ops::Rope,
+    st: RunState,
+}
+
+impl CpuBackend {
+    /// A backend running `plan` over `weights`.
+    pub fn new(cfg: ModelConfig, weights: Arc<Weights>, plan: Plan) -> CpuBackend {
+        let rope = ops::Rope::new(&cfg);
+        let mut st = RunState { bufs: vec![Vec::new(); Buf::ALL.len()], ..Default::default() };
+        st.k_cache = vec![Vec::new(); cfg.num_layers];
+        st.v_cache = vec![Vec::new(); cfg.num_layers];
+        CpuBackend { cfg, weights, plan, rope, st }
+    }
+
+    fn linear(&self, r: LinRef) -> &Linear {
+        let layer = |l: usize| &self.weights.layers[l];
+        let dense = |l: usize| match &layer(l).mlp {
+            Mlp::Dense { gate, up, down } => (gate, up, down),
+            Mlp::Moe { .. } => panic!("plan asks for a dense MLP weight of MoE layer {l}"),
+        };
+        match r {
+            LinRef::Q(l) => &layer(l).q,
+            LinRef::K(l) => &layer(l).k,
+            LinRef::V(l) => &layer(l).v,
+            LinRef::O(l) => &layer(l).o,
+            LinRef::DenseGate(l) => dense(l).0,
+            LinRef::DenseUp(l) => dense(l).1,
+            LinRef::DenseDown(l) => dense(l).2,
+            LinRef::Router(l) => match &layer(l).mlp {
+                Mlp::Moe { router, .. } => router,
+                Mlp::Dense { .. } => panic!("plan asks for the router of dense layer {l}"),
+            },
+            LinRef::LmHead => &self.weights.lm_head,
+        }
+    }
+
+    fn norm(&self, r: NormRef) -> &[f32] {
+        let w = &self.weights;
+        match r {
+            NormRef::Input(l) => &w.layers[l].input_norm,
+            NormRef::Post(l) => &w.layers[l].post_norm,
+            NormRef::QHead(l) => &w.layers[l].q_norm,
+            NormRef::KHead(l) => &w.layers[l].k_norm,
+            NormRef::Final => &w.norm,
+        }
+    }
+
+    fn experts(&self, l: usize) -> &crate::model::Experts {
+        match &self.weights.layers[l].mlp {
+            Mlp::Moe { experts, .. } => experts,
+            Mlp::Dense { .. } => panic!("plan asks for the experts of dense layer {l}"),
+        }
+    }
+
+    /// Executes one step over `t` rows.
+    fn step(&mut self, step: &Step, tokens: &[u32], t: &mut usize, all_logits: bool) {
+        let c = &self.cfg;
+        let (h, d, k) = (c.hidden_size, c.head_dim, c.top_k);
+        match *step {
+            Step::Embed => {
+                let mut x = vec![0.0; tokens.len() * h];
+                for (row, &tok) in x.chunks_exact_mut(h).zip(tokens) {
+                    self.weights.embed.dequant_row(tok as usize, row);
+                }
+                self.st.put(Buf::X, x);
+            }
+            Step::RmsNorm { w, src, dst } => {
+                let mut out = vec![0.0; *t * h];
+                ops::rms_norm(&self.st.bufs[src as usize], self.norm(w), c.rms_norm_eps, &mut out);
+                self.st.put(dst, out);
+            }
+            Step::Linear { w, src, dst } => {
+                let lin = self.linear(w);
+                let mut out = vec![0.0; *t * lin.w.rows];
+                ops::linear(lin, &self.st.bufs[src as usize], *t, &mut out);
+                self.st.put(dst, out);
+            }
+            Step::HeadNorm { w, buf } => {
+                let mut x = self.st.take(buf);
+                let src = x.clone();
+                ops::rms_norm(&src, self.norm(w), c.rms_norm_eps, &mut x);
+                self.st.put(buf, x);
+            }
+            Step::Rope => {
+                let (mut q, mut kk) = (self.st.take(Buf::Q), self.st.take(Buf::K));
+                self.rope.apply(&mut q, c.num_heads, d, self.st.pos);
+                self.rope.apply(&mut kk, c.num_kv_heads, d, self.st.pos);
+                self.st.put(Buf::Q, q);
+                self.st.put(Buf::K, kk);
+            }
+            Step::KvAppend { layer } => {
+                let st = &mut self.st;
+                st.k_cache[layer].extend_from_slice(&st.bufs[Buf::K as usize]);
+                st.v_cache[layer].extend_from_slice(&st.bufs[Buf::V as usize]);
+            }
+            Step::Attention { layer } => {
+                let mut out = vec![0.0; *t * c.num_heads * d];
+                let st = &self.st;
+                ops::attention(&st.bufs[Buf::Q as usize], &st.k_cache[layer], &st.v_cache[layer], st.pos, c, &mut out);
+                self.st.put(Buf::Attn, out);
+            }
+            Step::Add { dst, src } => {
+                let s = self.st.take(src);
+                for (a, b) in self.st.bufs[dst as usize].iter_mut().zip(&s) {
+                    *a += b;
+                }
+                self.st.put(src, s);
+            }
+            Step::RouterTopK => {
+                let logits = &self.st.bufs[Buf::RouterLogits as usize];
+                let (idx, w) = ops::softmax_topk(logits, c.num_experts, k, c.norm_topk_prob);
+                self.st.topk_idx = idx;
+                self.st.topk_w = w;
+            }
+            Step::ExpertGateUp { layer } => {
+                let ex = self.experts(layer);
+                let i = c.moe_intermediate_size;
+                let (mut g, mut u) = (vec![0.0; *t * k * i], vec![0.0; *t * k * i]);
+                let x = &self.st.bufs[Buf::H as usize];
+                ops::grouped_experts(&self.st.topk_idx, k, x, &ex.gate, &mut g);
+                ops::grouped_experts(&self.st.topk_idx, k, x, &ex.up, &mut u);
+                self.st.put(Buf::Gate, g);
+                self.st.put(Buf::Up, u);
+            }
+            Step::Swiglu => {
+                let (g, u) = (&self.st.bufs[Buf::Gate as usize], &self.st.bufs[Buf::Up as usize]);
+                let act = g.iter().zip(u).map(|(&g, &u)| ops::silu(g) * u).collect();
+                self.st.put(Buf::Act, act);
+            }
+            Step::ExpertDown { layer } => {
+                let ex = self.experts(layer);
+                let mut y = vec![0.0; *t * k * h];
+                // Row t·K+j of Act is slot j of token t, i.e. expert topk_idx[t·K+j].
+                ops::grouped_experts(&self.st.topk_idx, 1, &self.st.bufs[Buf::Act as usize], &ex.down, &mut y);
+                self.st.put(Buf::ExpertOut, y);
+            }
+            Step::Combine => {
+                let mut out = vec![0.0; *t * h];
+                ops::combine(&self.st.bufs[Buf::ExpertOut as usize], &self.st.topk_w, k, &mut out);
+                self.st.put(Buf::Out, out);
+            }
+            Step::LastRow => {
+                if !all_logits && *t > 1 {
+                    let x = self.st.take(Buf::X);
+                    self.st.put(Buf::X, x[(*t - 1) * h..].to_vec());
+                    *t = 1;
+                }
+            }
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn position(&self) -> usize {
+        self.st.pos
+    }
+
+    fn reset(&mut self) {
+        self.st.pos = 0;
+        self.st.k_cache.iter_mut().chain(self.st.v_cache.iter_mut()).for_each(Vec::clear);
+    }
+
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        check_tokens(&self.cfg, tokens, self.st.pos)?;
+        let plan = std::mem::replace(&mut self.plan, Plan { name: String::new(), steps: Vec::new() });
+        let mut t = tokens.len();
+        for step in &plan.steps {
+            self.step(step, tokens, &mut t, all_logits);
+        }
+        self.plan = plan;
+        self.st.pos += tokens.len();
+        Ok(self.st.take(Buf::Logits))
+    }
+}
+
+/// Rejects empty input, out-of-vocabulary ids and contexts beyond the model's limit.
+pub fn check_tokens(cfg: &ModelConfig, tokens: &[u32], pos: usize) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(Error::Arg("no input tokens".into()));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= cfg.vocab_size) {
+        return Err(Error::Arg(format!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size)));
+    }
+    if pos + tokens.len() > cfg.max_position_embeddings {
+        return Err(Error::Arg(format!(
+            "context of {} tokens exceeds max_position_embeddings {}",
+            pos + tokens.len(),
+            cfg.max_position_embeddings
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! f32 reference ops on plain slices. Each is the textbook formula of model-spec §1–2 with
+//! a fixed reduction order; shapes are in the doc comments.
+
+use rayon::prelude::*;
+
+use crate::checkpoint::Mat;
+use crate::checkpoint::mat::dot;
+use crate::config::ModelConfig;
+use crate::model::Linear;
+
+/// Row-wise RMSNorm: `out = x · rsqrt(mean(x²) + eps) ⊙ w`; rows of width `w.len()`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let inv = 1.0 / (dot(xr, xr) / n as f32 + eps).sqrt();
+        for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = wv * (xv * inv);
+        }
+    }
+}
+
+/// `out[t] = W x[t] (+ b)`: x `[T, in]`, out `[T, out]`.
+pub fn linear(l: &Linear, x: &[f32], t: usize, out: &mut [f32]) {
+    l.w.matmul(x, t, out);
+    if let Some(b) = &l.b {
+        for row in out.chunks_exact_mut(b.len()) {
+            for (o, bv) in row.iter_mut().zip(b) {
+                *o += bv;
+            }
+        }
+    }
+}
+
+/// SiLU in f32.
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Rotary embedding tables (half-split / NeoX pairing, default rope type).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `inv_freq[i] = 1 / θ^(2i/d_rot)`, `[d_rot/2]`.
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    /// Frequencies from the config.
+    pub fn new(cfg: &ModelConfig) -> Rope {
+        let d = cfg.rope.dim;
+        let inv_freq = (0..d / 2).map(|i| (1.0 / cfg.rope.theta.powf((2 * i) as f64 / d as f64)) as f32).collect();
+        Rope { inv_freq }
+    }
+
+    /// Rotates every head of `x` (`[T, heads·head_dim]`) for positions `pos0..pos0+T`:
+    /// pairs (x[i], x[i + d_rot/2]) of the first `d_rot` dims of each head.
+    pub fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, pos0: usize) {
+        let half = self.inv_freq.len();
+        for (t, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+            let p = (pos0 + t) as f32;
+            let cs: Vec<(f32, f32)> = self
+                .inv_freq
+                .iter()
+                .map(|&f| {
+                    let a = p * f;
+                    (a.cos(), a.sin())
+                })
+                .collect();
+            for head in row.chunks_exact_mut(head_dim) {
+                for (i, &(c, s)) in cs.iter().enumerate() {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * c - b * s;
+                    head[i + half] = b * c + a * s;
+                }
+            }
+        }
+    }
+}
+
+/// Causal GQA attention for `T` new queries at positions `pos0..pos0+T` over a cache that
+/// already holds them: q `[T, nH·D]`, k/v cache `[S, nKV·D]` (S = pos0 + T),
+/// out `[T, nH·D]`. Query head h uses KV head h / (nH / nKV); scale D^-1/2; f32 softmax.
+pub fn attention(q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, c: &ModelConfig, out: &mut [f32]) {
+    let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+    let rep = nh / nkv;
+    let scale = 1.0 / (d as f32).sqrt();
+    out.par_chunks_mut(d).enumerate().for_each(|(th, o)| {
+        let (t, h) = (th / nh, th % nh);
+        let qh = &q[th * d..(th + 1) * d];
+        let kvh = h / rep;
+        let n_keys = pos0 + t + 1; // causal: keys 0..=pos
+        let key = |s: usize| &kc[(s * nkv + kvh) * d..][..d];
+        let mut scores: Vec<f32> = (0..n_keys).map(|s| dot(qh, key(s)) * scale).collect();
+        softmax(&mut scores);
+        o.fill(0.0);
+        for (s, &p) in scores.iter().enumerate() {
+            for (ov, &vv) in o.iter_mut().zip(&vc[(s * nkv + kvh) * d..][..d]) {
+                *ov += p * vv;
+            }
+        }
+    });
+}
+
+/// In-place max-subtracted softmax in f32.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Indices of the `k` largest values, largest first; among equal values the lowest index
+/// wins (CUDA `torch.topk` set membership, model-spec §1.7).
+pub fn topk(x: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Qwen3-MoE router (model-spec §2.5): softmax over all E experts in f32, top-k, optional
+/// renormalisation. logits `[T, E]` → (indices `[T, K]`, weights `[T, K]`).
+pub fn softmax_topk(logits: &[f32], e: usize, k: usize, norm: bool) -> (Vec<usize>, Vec<f32>) {
+    let (mut idx, mut w) = (Vec::new(), Vec::new());
+    for row in logits.chunks_exact(e) {
+        let mut p = row.to_vec();
+        softmax(&mut p);
+        let sel = topk(&p, k);
+        let mut vals: Vec<f32> = sel.iter().map(|&i| p[i]).collect();
+        if norm {
+            let s: f32 = vals.iter().sum();
+            vals.iter_mut().for_each(|v| *v /= s);
+        }
+        idx.extend(sel);
+        w.extend(vals);
+    }
+    (idx, w)
+}
+
+/// Per-row experts: row `r` of `out` (one per entry of `choice`) is
+/// `mats[choice[r]] · x[r / per]`, where `per` = rows of `out` per row of `x` (`K` for
+/// gate/up reading H, `1` for down reading Act). Rows are grouped by expert so each
+/// expert's weights are dequantized once per call (prefill reads each expert once, not per
+/// token); results do not depend on the grouping.
+pub fn grouped_experts(choice: &[usize], per: usize, x: &[f32], mats: &[Mat], out: &mut [f32]) {
+    let (cols, rows) = (mats[0].cols, mats[0].rows);
+    let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); mats.len()];
+    for (r, &e) in choice.iter().enumerate() {
+        by_expert[e].push(r);
+    }
+    let results: Vec<(Vec<usize>, Vec<f32>)> = by_expert
+        .into_par_iter()
+        .enumerate()
+        .filter(|(_, rs)| !rs.is_empty())
+        .map(|(e, rs)| {
+            let xs: Vec<f32> = rs.iter().flat_map(|&r| x[(r / per) * cols..][..cols].iter().copied()).collect();
+            let mut y = vec![0.0; rs.len() * rows];
+            mats[e].matmul(&xs, rs.len(), &mut y);
+            (rs, y)
+        })
+        .collect();
+    for (rs, y) in results {
+        for (i, r) in rs.into_iter().enumerate() {
+            out[r * rows..(r + 1) * rows].copy_from_slice(&y[i * rows..(i + 1) * rows]);
+        }
+    }
+}
+
+/// Weighted combine: `out[t] = Σ_j w[t,j] · y[t·K+j]` accumulated in f32 in slot order.
+/// y `[T·K, H]`, w `[T, K]`, out `[T, H]`.
+pub fn combine(y: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    let h = out.len() / (w.len() / k);
+    for (t, o) in out.chunks_exact_mut(h).enumerate() {
+        o.fill(0.0);
+        for j in 0..k {
+            let wj = w[t * k + j];
+            for (ov, &yv) in o.iter_mut().zip(&y[(t * k + j) * h..][..h]) {
+                *ov += wj * yv;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topk_lowest_index_wins_ties() {
+        let x = [0.1, 0.5, 0.3, 0.5, 0.3, 0.5];
+        assert_eq!(topk(&x, 2), vec![1, 3]);
+        assert_eq!(topk(&x, 4), vec![1, 3, 5, 2]);
+    }
+
+    #[test]
+    fn router_renormalises() {
+        let logits = [1.0, 2.0, 3.0, 0.5];
+        let (i, w) = softmax_topk(&logits, 4, 2, true);
+        assert_eq!(i, vec![2, 1]);
+        assert!((w[0] + w[1] - 1.0).abs() < 1e-6);
+        let (_, w2) = softmax_topk(&logits, 4, 2, false);
+        assert!(w2[0] + w2[1] < 1.0 && w2[0] > w2[1]);
+    }
+
+    #[test]
+    fn rope_preserves_norm_and_is_identity_at_zero() {
+        let cfg = crate::config::ModelConfig::parse(
+            r#"{"model_type":"qwen3_moe","vocab_size":8,"hidden_size":8,"num_hidden_layers":1,
+               "num_attention_heads":2,"head_dim":8,"intermediate_size":8}"#,
+            std::path::Path::new("c"),
+        )
+        .unwrap();
+        let rope = Rope::new(&cfg);
+        let x0: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut x = x0.clone();
+        rope.apply(&mut x, 2, 8, 0);
+        assert_eq!(&x[..16], &x0[..16]); // position 0: no rotation
+        for (a, b) in x.chunks(8).zip(x0.chunks(8)) {
+            let (na, nb) = (dot(a, a), dot(b, b));
+            assert!((na - nb).abs() < 1e-4);
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! A model's forward pass as data: a [`Plan`] is an ordered list of [`Step`]s over named
+//! activation buffers ([`Buf`]).
+//!
+//! Why data and not code: the *reference plan* (one primitive op per step, like a framework
+//! runs it) is what fused kernels must reproduce. Patterns rewrite a run of primitive steps
+//! into one fused step; with the plan as a value, a rewrite is a pure function that can be
+//! unit-tested on the CPU, printed, and switched on or off per pattern. Both backends
+//! execute the same steps, so the CPU is an oracle for every plan, fused or not.
+//!
+//! Steps refer to weights by role ([`LinRef`], [`NormRef`]) and read dimensions from the
+//! [`ModelConfig`]; buffers hold `T` rows (tokens in this call) of a fixed width.
+
+use std::fmt;
+
+use crate::config::{Family, ModelConfig};
+
+/// Activation buffers. Widths per row; `T` rows = tokens in this forward call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Buf {
+    /// Residual stream `[T, H]`.
+    X,
+    /// Normalised input of attention / MLP `[T, H]`.
+    H,
+    /// Queries `[T, nH·D]`.
+    Q,
+    /// Keys `[T, nKV·D]`.
+    K,
+    /// Values `[T, nKV·D]`.
+    V,
+    /// Attention output, heads concatenated `[T, nH·D]`.
+    Attn,
+    /// Output of o_proj / MLP before the residual add `[T, H]`.
+    Out,
+    /// Router logits `[T, E]`.
+    RouterLogits,
+    /// Gate projections: dense `[T, F]`, experts `[T·K, I]` (row t·K+j = slot j of token t).
+    Gate,
+    /// Up projections, same shape as `Gate`.
+    Up,
+    /// `silu(Gate) ⊙ Up`, same shape as `Gate`.
+    Act,
+    /// Per-slot expert outputs `[T·K, H]`.
+    ExpertOut,
+    /// Output logits `[T', V]` (T' = 1 unless every position's logits were asked for).
+    Logits,
+}
+
+impl Buf {
+    /// Every buffer, for backends that allocate them up front.
+    pub const ALL: [Buf; 13] = [
+        Buf::X,
+        Buf::H,
+        Buf::Q,
+        Buf::K,
+        Buf::V,
+        Buf::Attn,
+        Buf::Out,
+        Buf::RouterLogits,
+        Buf::Gate,
+        Buf::Up,
+        Buf::Act,
+        Buf::ExpertOut,
+        Buf::Logits,
+    ];
+}
+
+/// A linear layer, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinRef {
+    /// Layer's q_proj.
+    Q(usize),
+    /// Layer's k_proj.
+    K(usize),
+    /// Layer's v_proj.
+    V(usize),
+    /// Layer's o_proj.
+    O(usize),
+    /// Dense MLP gate_proj.
+    DenseGate(usize),
+    /// Dense MLP up_proj.
+    DenseUp(usize),
+    /// Dense MLP down_proj.
+    DenseDown(usize),
+    /// MoE router.
+    Router(usize),
+    /// Output head.
+    LmHead,
+}
+
+/// A norm weight, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormRef {
+    /// input_layernorm of a layer.
+    Input(usize),
+    /// post_attention_layernorm of a layer.
+    Post(usize),
+    /// Per-head q_norm.
+    QHead(usize),
+    /// Per-head k_norm.
+    KHead(usize),
+    /// Final model.norm.
+    Final,
+}
+
+/// One primitive step of the reference plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// `X = embed[tokens]`.
+    Embed,
+    /// `dst = rmsnorm(src) ⊙ w` row-wise.
+    RmsNorm {
+        /// Weight.
+        w: NormRef,
+        /// Input buffer.
+        src: Buf,
+        /// Output buffer.
+        dst: Buf,
+    },
+    /// `dst = src Wᵀ (+ b)`.
+    Linear {
+        /// Weight.
+        w: LinRef,
+        /// Input buffer.
+        src: Buf,
+        /// Output buffer.
+        dst: Buf,
+    },
+    /// Per-head RMSNorm of `buf` in place (head width D, weight `[D]` shared by heads).
+    HeadNorm {
+        /// Weight.
+        w: NormRef,
+        /// Q or K.
+        buf: Buf,
+    },
+    /// Rotary embedding of Q and K in place at positions `pos..pos+T`.
+    Rope,
+    /// Append K and V rows to the layer's cache.
+    KvAppend {
+        /// Layer.
+        layer: usize,
+    },
+    /// Causal GQA attention of Q over the layer's cache → `Attn`.
+    Attention {
+        /// Layer.
+        layer: usize,
+    },
+    /// `dst += src`.
+    Add {
+        /// Accumulator.
+        dst: Buf,
+        /// Addend.
+        src: Buf,
+    },
+    /// Softmax over experts, top-k (lowest index wins ties), optional renormalisation.
+    RouterTopK,
+    /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`.
+    ExpertGateUp {
+        /// Layer.
+        layer: usize,
+    },
+    /// `Act = silu(Gate) ⊙ Up`.
+    Swiglu,
+    /// Down projection of each selected expert: `Act` → `ExpertOut` `[T·K, H]`.
+    ExpertDown {
+        /// Layer.
+        layer: usize,
+    },
+    /// `Out[t] = Σ_j w[t,j] · ExpertOut[t·K+j]`, f32 accumulation in slot order.
+    Combine,
+    /// Keep only the last row of `X` unless every position's logits were requested.
+    LastRow,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::RmsNorm { w, src, dst } => write!(f, "rms_norm {w:?}: {src:?} -> {dst:?}"),
+            Step::Linear { w, src, dst } => write!(f, "linear {w:?}: {src:?} -> {dst:?}"),
+            Step::HeadNorm { w, buf } => write!(f, "head_norm {w:?}: {buf:?}"),
+            Step::Add { dst, src } => write!(f, "add {dst:?} += {src:?}"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+/// A named sequence of steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// `reference` or a description of the applied patterns.
+    pub name: String,
+    /// The steps, in execution order.
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    /// The reference plan of a model: primitive steps only (model-spec §2.4 for Qwen3-MoE).
+    pub fn reference(cfg: &ModelConfig) -> Plan {
+        match cfg.family {
+            Family::Qwen3Moe => qwen3_moe(cfg),
+        }
+    }
+}
+
+fn qwen3_moe(cfg: &ModelConfig) -> Plan {
+    use Buf::*;
+    let mut s = vec![Step::Embed];
+    for l in 0..cfg.num_layers {
+        s.extend([
+            Step::RmsNorm { w: NormRef::Input(l), src: X, dst: H },
+            Step::Linear { w: LinRef::Q(l), src: H, dst: Q },
+            Step::Linear { w: LinRef::K(l), src: H, dst: K },
+            Step::Linear { w: LinRef::V(l), src: H, dst: V },
+            Step::HeadNorm { w: NormRef::QHead(l), buf: Q },
+            Step::HeadNorm { w: NormRef::KHead(l), buf: K },
+            Step::Rope,
+            Step::KvAppend { layer: l },
+            Step::Attention { layer: l },
+            Step::Linear { w: LinRef::O(l), src: Attn, dst: Out },
+            Step::Add { dst: X, src: Out },
+            Step::RmsNorm { w: NormRef::Post(l), src: X, dst: H },
+        ]);
+        if cfg.is_moe_layer(l) {
+            s.extend([
+                Step::Linear { w: LinRef::Router(l), src: H, dst: RouterLogits },
+                Step::RouterTopK,
+                Step::ExpertGateUp { layer: l },
+                Step::Swiglu,
+                Step::ExpertDown { layer: l },
+                Step::Combine,
+            ]);
+        } else {
+            s.extend([
+                Step::Linear { w: LinRef::DenseGate(l), src: H, dst: Gate },
+                Step::Linear { w: LinRef::DenseUp(l), src: H, dst: Up },
+                Step::Swiglu,
+                Step::Linear { w: LinRef::DenseDown(l), src: Act, dst: Out },
+            ]);
+        }
+        s.push(Step::Add { dst: X, src: Out });
+    }
+    s.extend([
+        Step::LastRow,
+        Step::RmsNorm { w: NormRef::Final, src: X, dst: H },
+        Step::Linear { w: LinRef::LmHead, src: H, dst: Logits },
+    ]);
+    Plan { name: "reference".into(), steps: s }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn reference_plan_shape() {
+        let cfg = ModelConfig::parse(
+            r#"{"model_type":"qwen3_moe","vocab_size":64,"hidden_size":32,"num_hidden_layers":3,
+               "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"num_experts":8,
+               "num_experts_per_tok":2,"moe_intermediate_size":16,"intermediate_size":48,
+               "mlp_only_layers":[1]}"#,
+            Path::new("config.json"),
+        )
+        .unwrap();
+        let p = Plan::reference(&cfg);
+        let moe = p.steps.iter().filter(|s| matches!(s, Step::RouterTopK)).count();
+        let dense = p.steps.iter().filter(|s| matches!(s, Step::Linear { w: LinRef::DenseGate(_), .. })).count();
+        assert_eq!((moe, dense), (2, 1));
+        assert_eq!(p.steps.first(), Some(&Step::Embed));
+        assert!(matches!(p.steps.last(), Some(Step::Linear { w: LinRef::LmHead, .. })));
+    }
+}

@@ -1,0 +1,46 @@
+//! Shared helpers for integration tests: synthetic models in temp folders, CLI runs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use zmoe::checkpoint::synth::{self, SynthQuant, SynthSpec};
+
+/// Writes a synthetic tiny qwen3_moe model into `dir/name` and returns its path.
+pub fn synth_tiny(dir: &Path, name: &str, quant: SynthQuant, seed: u64) -> PathBuf {
+    let out = dir.join(name);
+    let spec = SynthSpec {
+        family: "qwen3_moe".into(),
+        preset: "tiny".into(),
+        quant,
+        group_size: 64,
+        seed,
+        max_shard_bytes: synth::SHARD_BYTES,
+    };
+    synth::write(&spec, &out, false).expect("synth tiny");
+    out
+}
+
+/// Runs the zmoe binary.
+pub fn zmoe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zmoe")).args(args).output().expect("run zmoe")
+}
+
+/// Runs zmoe, expects failure, returns stderr; checks it is a clean error, not a panic.
+pub fn zmoe_err(args: &[&str]) -> String {
+    let out = zmoe(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected failure for {args:?}, got success");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic for {args:?}:\n{err}");
+    assert!(err.starts_with("error: ") || err.contains("error:"), "no clean error for {args:?}:\n{err}");
+    err
+}
+
+/// Copies a model folder.
+pub fn copy_model(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
