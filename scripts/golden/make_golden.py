@@ -1,0 +1,763 @@
+#!/usr/bin/env python3
+"""Golden fixtures for zmoe: tiny random-weight checkpoints plus the logits that
+HuggingFace transformers (the peer implementation of each family) computes for them.
+
+    python scripts/golden/make_golden.py [--family qwen3_moe] [--out tests/golden]
+
+For every variant of every selected family this writes ``<out>/<family>/<variant>/``:
+
+* ``config.json`` + ``model.safetensors`` -- the checkpoint zmoe loads (HF layout saved by
+  ``save_pretrained``, or the mlx-community layout with MLX affine-quantised tensors);
+* ``golden.json`` -- ``prompt_tokens``, ``logits`` (float32, one row of ``vocab_size`` per
+  prompt position), ``greedy_tokens`` (plain argmax continuation, no EOS stop, ties -> lowest
+  id), the transformers/torch versions and notes.
+
+The reference always runs in float32 with eager attention and eager experts, loaded through
+``from_pretrained`` from a checkpoint on disk (the fixture itself, or for quantised variants a
+float32 checkpoint holding exactly the dequantised weights).
+
+Fixtures are margin-aware: a variant is regenerated with the next seed until every top-k
+router decision (gap between the k-th and (k+1)-th router probability) and every greedy
+decision (gap between the best and second-best logit) is clear by a wide margin, so that an
+f32 re-implementation with a different summation order makes the same discrete choices.
+
+Adding a family = writing ONE function that returns a list of ``Variant`` and registering it
+in ``FAMILIES`` (see README.md next to this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import safetensors
+import torch
+import transformers
+from safetensors import TensorSpec, serialize_file
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# A router choice is "clear" when the k-th and (k+1)-th router probabilities differ by at
+# least this much (f32 re-implementations differ by ~1e-6), a greedy choice when the best
+# logit beats the runner-up by at least this much.
+ROUTER_GAP_MIN = 2e-4
+GREEDY_GAP_MIN = 5e-3
+# Tiny random models easily fall into repeating one token; a continuation that does not
+# repeat itself is what makes the generate check sensitive to KV-cache / position bugs.
+MIN_DISTINCT_GREEDY = 8
+MAX_FIXTURE_BYTES = 2 * 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------------
+# bfloat16 and MLX affine quantisation in numpy (model-spec.md section 6.1)
+# ----------------------------------------------------------------------------------------
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round float32 -> bfloat16 (round to nearest, ties to even); returns the uint16 bits."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes along the last axis, LSB first: element k of a word at bits k*bits."""
+    assert bits in (2, 4, 8), "only power-of-two widths pack evenly into uint32"
+    per = 32 // bits
+    *lead, n = q.shape
+    q = q.astype(np.uint32).reshape(*lead, n // per, per)
+    shifts = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
+    return np.bitwise_or.reduce(q << shifts, axis=-1).astype(np.uint32)
+
+
+def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
+    q = (packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)
+    return q.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def mlx_affine_quantize(w: np.ndarray, group_size: int, bits: int):
+    """Quantise like ``mx.quantize(w, group_size, bits, mode="affine")`` (mlx/ops.cpp).
+
+    Per group: scale = max((max-min)/(2^bits-1), 1e-7); if |min| > |max| the edge is min and
+    the scale positive, else the edge is max and the scale NEGATED; q0 = round(edge/scale);
+    if q0 != 0 then scale = edge/q0 and bias = edge, else bias = 0. Scales and biases are then
+    stored as bfloat16 and the codes are computed against the *stored* (rounded) values, so
+    ``dequantize(pack, scales, biases)`` is exactly what the reference model runs on.
+
+    Returns (packed uint32 [..., in*bits/32], scales bf16 bits [..., in/gs], biases bf16 bits).
+    """
+    w = np.asarray(w, dtype=np.float32)
+    *lead, n_in = w.shape
+    assert n_in % group_size == 0, (w.shape, group_size)
+    n_bins = np.float32((1 << bits) - 1)
+    g = w.reshape(*lead, n_in // group_size, group_size)
+    w_max = g.max(axis=-1, keepdims=True)
+    w_min = g.min(axis=-1, keepdims=True)
+    mask = np.abs(w_min) > np.abs(w_max)
+    scales = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
+    scales = np.where(mask, scales, -scales)
+    edge = np.where(mask, w_min, w_max)
+    q0 = np.round(edge / scales)
+    scales = np.where(q0 != 0, edge / np.where(q0 != 0, q0, np.float32(1)), scales).astype(np.float32)
+    biases = np.where(q0 == 0, np.float32(0), edge).astype(np.float32)
+    s_bits = f32_to_bf16_bits(scales)
+    b_bits = f32_to_bf16_bits(biases)
+    s = bf16_bits_to_f32(s_bits)
+    b = bf16_bits_to_f32(b_bits)
+    q = np.clip(np.round((g - b) / s), 0, n_bins).astype(np.uint32).reshape(*lead, n_in)
+    return pack_bits(q, bits), s_bits[..., 0], b_bits[..., 0]
+
+
+def mlx_affine_dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray,
+                          group_size: int, bits: int) -> np.ndarray:
+    """w[o, g*gs+j] = scale[o,g] * q + bias[o,g] in float32 (product exact, one rounding)."""
+    q = unpack_bits(packed, bits).astype(np.float32)
+    *lead, n_in = q.shape
+    q = q.reshape(*lead, n_in // group_size, group_size)
+    s = np.asarray(scales, dtype=np.float32)[..., None]
+    b = np.asarray(biases, dtype=np.float32)[..., None]
+    return (s * q + b).astype(np.float32).reshape(*lead, n_in)
+
+
+# ----------------------------------------------------------------------------------------
+# safetensors I/O (write through the safetensors package; read with an independent parser)
+# ----------------------------------------------------------------------------------------
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[np.ndarray, str]], metadata=None):
+    """``tensors``: name -> (array, dtype) with dtype in {"float32", "bfloat16" (array holds
+    the uint16 bits), "uint32", ...}. Uses the safetensors package's own serializer, which
+    (unlike ``safetensors.numpy``) can emit BF16 without ml_dtypes."""
+    keep = {}
+    specs = {}
+    for name in sorted(tensors):
+        arr, dtype = tensors[name]
+        arr = np.ascontiguousarray(arr)
+        if dtype == "bfloat16":
+            assert arr.dtype == np.uint16, name
+        else:
+            assert arr.dtype.name == dtype, (name, arr.dtype, dtype)
+        keep[name] = arr
+        specs[name] = TensorSpec(dtype=dtype, shape=list(arr.shape), data_ptr=arr.ctypes.data,
+                                 data_len=arr.nbytes)
+    serialize_file(specs, str(path), metadata=metadata)
+
+
+_ST_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "U32": np.uint32,
+              "I32": np.int32, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I64": np.int64}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Minimal independent reader: BF16 is returned upcast to float32, other dtypes as is."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        buf = raw[base + a: base + b]
+        if info["dtype"] == "BF16":
+            arr = bf16_bits_to_f32(np.frombuffer(buf, dtype="<u2"))
+        else:
+            arr = np.frombuffer(buf, dtype=np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<"))
+        out[name] = arr.reshape(info["shape"]).copy()
+    return out
+
+
+def read_safetensors_dtypes(path: Path) -> dict[str, str]:
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+# ----------------------------------------------------------------------------------------
+# Variant description + shared pieces
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Variant:
+    """One fixture. ``writer(model, fixture_dir, tmp_dir) -> reference_dir`` writes the
+    fixture checkpoint and returns the directory transformers loads the reference from."""
+
+    name: str
+    config: transformers.PretrainedConfig
+    model_cls: type
+    randomise: Callable[[torch.nn.Module, torch.Generator], None]
+    writer: Callable[[torch.nn.Module, Path, Path], Path]
+    seed: int
+    prompt_len: int = 16
+    gen_len: int = 20
+    notes: str = ""
+    # Optional: install hooks that record router gaps; returns (gaps list, remove-fn).
+    router_probe: Callable[[torch.nn.Module], tuple[list, Callable[[], None]]] | None = None
+    # Optional independent numpy check: (fixture_dir, prompt, golden) -> summary str.
+    np_check: Callable[[Path, list[int], dict], str] | None = None
+
+
+def randomise_norms_and_biases(model: torch.nn.Module, gen: torch.Generator,
+                               norm_std: float = 0.1, bias_std: float = 0.1) -> None:
+    """Every RMSNorm weight -> 1 + norm_std*N(0,1), every bias -> bias_std*N(0,1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + norm_std * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(bias_std * torch.randn(p.shape, generator=gen))
+
+
+def assert_nothing_trivial(model: torch.nn.Module) -> None:
+    """No parameter may be constant (all zeros / all ones hide bugs)."""
+    for name, p in model.named_parameters():
+        t = p.detach().float()
+        if t.numel() > 1 and bool((t == t.flatten()[0]).all()):
+            raise AssertionError(f"parameter {name} is constant ({t.flatten()[0].item()}); randomise it")
+
+
+def save_hf(dtype: torch.dtype):
+    """Writer: ``save_pretrained`` in ``dtype``; the fixture is also the reference."""
+
+    def writer(model: torch.nn.Module, fixture_dir: Path, _tmp: Path) -> Path:
+        model = model.to(dtype)
+        kwargs = {}
+        if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+            kwargs["safe_serialization"] = True  # transformers 4.x; v5 always writes safetensors
+        model.save_pretrained(fixture_dir, **kwargs)
+        want = {torch.float32: "F32", torch.bfloat16: "BF16"}[dtype]
+        got = set(read_safetensors_dtypes(fixture_dir / "model.safetensors").values())
+        assert got == {want}, f"expected only {want} tensors on disk, got {got}"
+        return fixture_dir
+
+    return writer
+
+
+def save_mlx_affine(*, group_size: int, bits: int, override: Callable[[str], dict | None],
+                    config_transform: Callable[[dict], dict],
+                    stacked_experts: Callable[[str, tuple], list | None]):
+    """Writer for the mlx-community layout (model-spec.md 6.3-6.5).
+
+    Every 2-D weight (Linear, embedding, router) and every fused 3-D expert tensor is
+    MLX-affine quantised along its last axis; 1-D tensors (norms, linear biases) are stored as
+    bfloat16. ``override(module_path)`` returns a per-module {"group_size", "bits"} dict (it is
+    written into config.json) or None for the global parameters. ``stacked_experts(name)``
+    maps an in-memory fused expert tensor (name, shape) to [(mlx_module_path, row_slice), ...]
+    (slices along axis 1) or None for any other tensor.
+    The dequantised (and bf16-rounded) weights are loaded back into the model, saved as a
+    float32 HF checkpoint in tmp_dir, and that is what the reference runs on.
+    """
+
+    def writer(model: torch.nn.Module, fixture_dir: Path, tmp: Path) -> Path:
+        cfg = model.config
+        sd = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+        out: dict[str, tuple[np.ndarray, str]] = {}
+        deq: dict[str, np.ndarray] = {}
+        qcfg: dict = {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+        def put(module: str, w: np.ndarray) -> np.ndarray:
+            ov = override(module)
+            gs, nb = (ov["group_size"], ov["bits"]) if ov else (group_size, bits)
+            if ov:
+                qcfg[module] = dict(ov)
+            packed, s, b = mlx_affine_quantize(w, gs, nb)
+            out[module + ".weight"] = (packed, "uint32")
+            out[module + ".scales"] = (s, "bfloat16")
+            out[module + ".biases"] = (b, "bfloat16")
+            return mlx_affine_dequantize(packed, bf16_bits_to_f32(s), bf16_bits_to_f32(b), gs, nb)
+
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        for name, w in sd.items():
+            if tied and name == "lm_head.weight":
+                continue  # tied: not stored; filled from the embedding below
+            parts = stacked_experts(name, w.shape)
+            if parts:
+                pieces = [put(module, w[:, rows, :]) for module, rows in parts]
+                deq[name] = np.concatenate(pieces, axis=1)
+            elif w.ndim >= 2:
+                assert name.endswith(".weight"), name
+                deq[name] = put(name[: -len(".weight")], w)
+            else:
+                bits16 = f32_to_bf16_bits(w)
+                out[name] = (bits16, "bfloat16")
+                deq[name] = bf16_bits_to_f32(bits16)
+        if tied:
+            deq["lm_head.weight"] = deq["model.embed_tokens.weight"]
+
+        # The reference runs on exactly the dequantised weights.
+        missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in deq.items()},
+                                                    strict=True)
+        assert not missing and not unexpected
+        ref_dir = tmp / "dequantized_f32"
+        model.save_pretrained(ref_dir)
+
+        fixture_dir.mkdir(parents=True, exist_ok=True)
+        write_safetensors(fixture_dir / "model.safetensors", out, metadata={"format": "mlx"})
+        hf_cfg = json.loads((ref_dir / "config.json").read_text())
+        mlx_cfg = config_transform(hf_cfg)
+        mlx_cfg["quantization"] = qcfg
+        mlx_cfg["quantization_config"] = copy.deepcopy(qcfg)
+        (fixture_dir / "config.json").write_text(json.dumps(mlx_cfg, indent=2, sort_keys=True) + "\n")
+
+        # Self-check: an independent unpack + dequantise of the file on disk reproduces the
+        # tensors handed to transformers bit for bit.
+        disk = read_safetensors(fixture_dir / "model.safetensors")
+        rebuilt = dequantize_mlx_state(disk, mlx_cfg["quantization"])
+        for name, w in deq.items():
+            parts = stacked_experts(name, w.shape)
+            if parts:
+                got = np.concatenate([rebuilt[m + ".weight"] for m, _ in parts], axis=1)
+            elif tied and name == "lm_head.weight":
+                got = rebuilt["model.embed_tokens.weight"]
+            else:
+                got = rebuilt[name]
+            assert got.dtype == np.float32 and got.shape == w.shape, name
+            assert np.array_equal(got.view(np.uint32), w.view(np.uint32)), f"dequant mismatch in {name}"
+        return ref_dir
+
+    return writer
+
+
+def dequantize_mlx_state(t: dict[str, np.ndarray], qcfg: dict) -> dict[str, np.ndarray]:
+    """mlx-community tensors -> float32 (``<m>.weight/.scales/.biases`` -> ``<m>.weight``)."""
+    out = {}
+    for name, arr in t.items():
+        if name.endswith(".scales") or name.endswith(".biases"):
+            continue
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module is not None and module + ".scales" in t:
+            ov = qcfg.get(module)
+            gs = (ov or qcfg)["group_size"]
+            bits = (ov or qcfg)["bits"]
+            assert (ov or qcfg).get("mode", "affine") == "affine"
+            assert arr.dtype == np.uint32
+            out[name] = mlx_affine_dequantize(arr, t[module + ".scales"], t[module + ".biases"], gs, bits)
+        else:
+            out[name] = arr.astype(np.float32)
+    return out
+
+
+def softmax_topk_router_probe(k_attr: str = "top_k"):
+    """Hook every module with a ``top_k`` attribute whose first output is router logits
+    [tokens, experts]; records gap = p_(k) - p_(k+1) of softmax(logits) per token."""
+
+    def probe(model: torch.nn.Module):
+        gaps: list[float] = []
+        handles = []
+
+        def hook(mod, _inp, out):
+            logits = out[0] if isinstance(out, tuple) else out
+            p = torch.softmax(logits.detach().double(), dim=-1)
+            k = getattr(mod, k_attr)
+            top = torch.topk(p, k + 1, dim=-1).values
+            gaps.extend((top[:, k - 1] - top[:, k]).tolist())
+
+        for _name, mod in model.named_modules():
+            if hasattr(mod, k_attr) and hasattr(mod, "weight") and type(mod).__name__.endswith("Router"):
+                handles.append(mod.register_forward_hook(hook))
+        assert handles, "router probe found no router modules"
+        return gaps, lambda: [h.remove() for h in handles]
+
+    return probe
+
+
+# ----------------------------------------------------------------------------------------
+# Family: qwen3_moe  (model-spec.md section 2)
+# ----------------------------------------------------------------------------------------
+
+
+def qwen3_moe_variants() -> list[Variant]:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    common = dict(hidden_size=64, rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=512,
+                  initializer_range=0.2, use_sliding_window=False, bos_token_id=1, eos_token_id=2)
+
+    def mlx_config(hf: dict) -> dict:
+        """HF v5 config -> the style mlx-community configs use (released Qwen3 config keys:
+        ``num_experts``, top-level ``rope_theta`` + ``rope_scaling``, ``torch_dtype``)."""
+        cfg = {k: v for k, v in hf.items() if k not in ("num_local_experts", "rope_parameters", "dtype")}
+        cfg["num_experts"] = hf["num_local_experts"]
+        assert hf["rope_parameters"]["rope_type"] == "default"
+        cfg["rope_theta"] = hf["rope_parameters"]["rope_theta"]
+        cfg["rope_scaling"] = None
+        cfg["torch_dtype"] = "bfloat16"
+        # transformers reads this legacy spelling back to the same config:
+        legacy = Qwen3MoeConfig.from_dict(dict(cfg))
+        for key in ("num_experts", "rope_parameters", "head_dim", "mlp_only_layers", "decoder_sparse_step",
+                    "norm_topk_prob", "tie_word_embeddings", "attention_bias"):
+            want = {"num_experts": hf["num_local_experts"], "rope_parameters": hf["rope_parameters"]}.get(key, hf.get(key))
+            assert getattr(legacy, key) == want, (key, getattr(legacy, key), want)
+        return cfg
+
+    def experts_split(name: str, shape: tuple):
+        """In-memory fused expert tensors -> mlx-lm SwitchGLU modules: gate_up_proj [E, 2I, H]
+        holds gate rows 0..I-1 then up rows I..2I-1; down_proj [E, H, I] maps as is."""
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            prefix = name[: -len("experts.gate_up_proj")]
+            i = shape[1] // 2
+            return [(prefix + "switch_mlp.gate_proj", slice(0, i)), (prefix + "switch_mlp.up_proj", slice(i, 2 * i))]
+        if name.endswith(".mlp.experts.down_proj"):
+            return [(name[: -len("experts.down_proj")] + "switch_mlp.down_proj", slice(None))]
+        return None
+
+    def router_8bit(module: str):
+        return {"group_size": 64, "bits": 8} if module.endswith(".mlp.gate") else None
+
+    probe = softmax_topk_router_probe()
+    variants = []
+
+    # 1. float32, untied head, normalised top-k, one dense layer via mlp_only_layers.
+    cfg = Qwen3MoeConfig(vocab_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=32, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+                         tie_word_embeddings=False, attention_bias=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, **common)
+    variants.append(Variant(
+        name="f32_untied_normtopk", config=cfg, model_cls=Qwen3MoeForCausalLM,
+        randomise=randomise_norms_and_biases, writer=save_hf(torch.float32), seed=1000,
+        prompt_len=16, gen_len=20, router_probe=probe, np_check=qwen3_moe_np_check,
+        notes="HF layout saved by save_pretrained, float32. Untied lm_head, norm_topk_prob=true, "
+              "layer 1 dense via mlp_only_layers=[1] (MoE layers 0,2,3). GQA 4 q heads / 2 kv heads, "
+              "head_dim 32 != hidden/heads (16). rope_theta 1e6. All norm weights ~1+0.1N, no biases."))
+
+    # 2. bfloat16 on disk, tied head, unnormalised top-k, attention biases, sparse step 2
+    #    combined with mlp_only_layers (layer 5 would be MoE by the step rule, the list wins).
+    cfg = Qwen3MoeConfig(vocab_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+                         head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=16,
+                         num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[5],
+                         tie_word_embeddings=True, attention_bias=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, **common)
+    variants.append(Variant(
+        name="bf16_tied_bias_step2", config=cfg, model_cls=Qwen3MoeForCausalLM,
+        randomise=randomise_norms_and_biases, writer=save_hf(torch.bfloat16), seed=2000,
+        prompt_len=13, gen_len=20, router_probe=probe, np_check=qwen3_moe_np_check,
+        notes="HF layout saved by save_pretrained, bfloat16 on disk (reference upcasts exactly to float32). "
+              "tie_word_embeddings=true (no lm_head key), norm_topk_prob=false (raw softmax probs), "
+              "attention_bias=true on q/k/v/o, decoder_sparse_step=2 with mlp_only_layers=[5]: MoE layers 1,3; "
+              "dense 0,2,4,5. 16 experts top-4, 8 q heads / 2 kv heads (n_rep 4), head_dim 16 != 64/8. "
+              "rope_theta 1e4."))
+
+    # 3. MLX affine 4-bit (gs 32), router 8-bit gs 64, mlx-community layout, dense layer 0.
+    cfg = Qwen3MoeConfig(vocab_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=32, intermediate_size=96, moe_intermediate_size=64, num_experts=8,
+                         num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0],
+                         tie_word_embeddings=False, attention_bias=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, **common)
+    variants.append(Variant(
+        name="mlx_affine_q4", config=cfg, model_cls=Qwen3MoeForCausalLM,
+        randomise=randomise_norms_and_biases,
+        writer=save_mlx_affine(group_size=32, bits=4, override=router_8bit, config_transform=mlx_config,
+                               stacked_experts=experts_split),
+        seed=3000, prompt_len=20, gen_len=20, router_probe=probe, np_check=qwen3_moe_np_check,
+        notes="mlx-community layout (safetensors metadata format=mlx): every Linear, the embedding and lm_head "
+              "MLX-affine 4-bit group 32 (uint32 LSB-first packing, bf16 scales/biases, scales may be negative); "
+              "routers model.layers.{1,2,3}.mlp.gate 8-bit group 64 via per-module overrides in "
+              "config.json 'quantization' (duplicated as 'quantization_config'); experts stacked as "
+              "mlp.switch_mlp.{gate,up,down}_proj [E, out, in*bits/32]; norms and attention linear biases "
+              "(.bias, not to be confused with quantisation .biases) plain bf16. Layer 0 dense (mlp_only_layers=[0]) "
+              "-> quantised dense MLP incl. down_proj with 3 groups. Config uses the released spelling: num_experts, "
+              "top-level rope_theta, torch_dtype. Reference = transformers on the dequantised weights, "
+              "w = f32(scale_bf16)*q + f32(bias_bf16) computed in float32."))
+    return variants
+
+
+def qwen3_moe_np_check(fixture_dir: Path, prompt: list[int], golden: dict) -> str:
+    """Independent float64 numpy forward from the fixture files and the spec (model-spec.md 2.4/2.5);
+    must reproduce transformers' logits and greedy tokens."""
+    cfg = json.loads((fixture_dir / "config.json").read_text())
+    t = read_safetensors(fixture_dir / "model.safetensors")
+    if "quantization" in cfg:
+        t = dequantize_mlx_state(t, cfg["quantization"])
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+
+    H = cfg["hidden_size"]
+    nH = cfg["num_attention_heads"]
+    nKV = cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or H // nH
+    eps = cfg["rms_norm_eps"]
+    E = cfg.get("num_experts", cfg.get("num_local_experts"))
+    K = cfg["num_experts_per_tok"]
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
+    L = cfg["num_hidden_layers"]
+    step = cfg.get("decoder_sparse_step", 1)
+    mlp_only = cfg.get("mlp_only_layers") or []
+    is_moe = [(l not in mlp_only) and E > 0 and (l + 1) % step == 0 for l in range(L)]
+    embed = t["model.embed_tokens.weight"]
+    if cfg.get("tie_word_embeddings", False):
+        assert "lm_head.weight" not in t, "tied checkpoint should not store lm_head"
+        lm_head = embed
+    else:
+        lm_head = t["lm_head.weight"]
+
+    def experts(l: int, proj: str) -> np.ndarray:
+        stacked = f"model.layers.{l}.mlp.switch_mlp.{proj}.weight"
+        if stacked in t:
+            return t[stacked]
+        return np.stack([t[f"model.layers.{l}.mlp.experts.{e}.{proj}.weight"] for e in range(E)])
+
+    for l in range(L):  # the key layout must agree with the selection rule
+        has_router = f"model.layers.{l}.mlp.gate.weight" in t
+        has_dense = f"model.layers.{l}.mlp.gate_proj.weight" in t
+        assert has_router == is_moe[l] and has_dense == (not is_moe[l]), f"layer {l} keys disagree with config"
+
+    def rms(x, w):
+        return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+    def lin(x, name):
+        y = x @ t[name + ".weight"].T
+        return y + t[name + ".bias"] if name + ".bias" in t else y
+
+    def silu(x):
+        return x / (1.0 + np.exp(-x))
+
+    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    gaps = []
+
+    def forward(tokens: list[int]) -> np.ndarray:
+        T = len(tokens)
+        x = embed[np.asarray(tokens)]
+        freqs = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+
+        def rope(v):
+            rot = np.concatenate([-v[..., d // 2:], v[..., : d // 2]], axis=-1)
+            return v * cos + rot * sin
+
+        causal = np.triu(np.full((T, T), -np.inf), k=1)
+        for l in range(L):
+            p = f"model.layers.{l}."
+            h = rms(x, t[p + "input_layernorm.weight"])
+            q = rms(lin(h, p + "self_attn.q_proj").reshape(T, nH, d), t[p + "self_attn.q_norm.weight"])
+            k = rms(lin(h, p + "self_attn.k_proj").reshape(T, nKV, d), t[p + "self_attn.k_norm.weight"])
+            v = lin(h, p + "self_attn.v_proj").reshape(T, nKV, d)
+            q, k = rope(q), rope(k)
+            out = np.empty((T, nH, d))
+            for hh in range(nH):
+                kv = hh // (nH // nKV)
+                s = (q[:, hh, :] @ k[:, kv, :].T) * d ** -0.5 + causal
+                s = np.exp(s - s.max(axis=-1, keepdims=True))
+                out[:, hh, :] = (s / s.sum(axis=-1, keepdims=True)) @ v[:, kv, :]
+            x = x + lin(out.reshape(T, nH * d), p + "self_attn.o_proj")
+            h2 = rms(x, t[p + "post_attention_layernorm.weight"])
+            if is_moe[l]:
+                r = h2 @ t[p + "mlp.gate.weight"].T
+                pr = np.exp(r - r.max(axis=-1, keepdims=True))
+                pr = pr / pr.sum(axis=-1, keepdims=True)
+                wg, wu, wd = experts(l, "gate_proj"), experts(l, "up_proj"), experts(l, "down_proj")
+                y = np.zeros_like(h2)
+                for n in range(T):
+                    order = np.argsort(-pr[n], kind="stable")  # ties -> lowest expert id
+                    gaps.append(pr[n, order[K - 1]] - pr[n, order[K]])
+                    sel = order[:K]
+                    w = pr[n, sel]
+                    if cfg.get("norm_topk_prob", False):
+                        w = w / w.sum()
+                    for e, we in zip(sel, w):
+                        y[n] += we * (wd[e] @ (silu(wg[e] @ h2[n]) * (wu[e] @ h2[n])))
+            else:
+                y = lin(silu(lin(h2, p + "mlp.gate_proj")) * lin(h2, p + "mlp.up_proj"), p + "mlp.down_proj")
+            x = x + y
+        return rms(x, t["model.norm.weight"]) @ lm_head.T
+
+    logits = forward(prompt)
+    want = np.asarray(golden["logits"], dtype=np.float64)
+    err = np.abs(logits - want) / np.maximum(1.0, np.abs(want))
+    assert err.max() < 1e-4, f"numpy forward disagrees with transformers: max rel err {err.max():.3g}"
+    seq = list(prompt)
+    for _ in range(len(golden["greedy_tokens"])):
+        seq.append(int(np.argmax(forward(seq)[-1])))
+    assert seq[len(prompt):] == golden["greedy_tokens"], (seq[len(prompt):], golden["greedy_tokens"])
+    return (f"numpy f64 forward: max |dlogit|/max(1,|e|) = {err.max():.2e}, greedy identical, "
+            f"min router gap {min(gaps) if gaps else float('nan'):.2e}")
+
+
+# ----------------------------------------------------------------------------------------
+# Registry + harness
+# ----------------------------------------------------------------------------------------
+
+FAMILIES: dict[str, Callable[[], list[Variant]]] = {
+    "qwen3_moe": qwen3_moe_variants,
+}
+
+
+def load_reference(model_cls, ref_dir: Path):
+    kwargs = dict(dtype=torch.float32, attn_implementation="eager")
+    try:
+        model = model_cls.from_pretrained(ref_dir, experts_implementation="eager", **kwargs)
+    except (TypeError, ValueError) as e:  # transformers without an experts backend switch
+        print(f"  (experts_implementation unsupported: {e}; using the default)", file=sys.stderr)
+        model = model_cls.from_pretrained(ref_dir, **kwargs)
+    model.eval()
+    return model
+
+
+def run_reference(model, prompt: list[int], gen_len: int):
+    with torch.no_grad():
+        ids = torch.tensor([prompt], dtype=torch.long)
+        logits = model(input_ids=ids, use_cache=False).logits[0].float().numpy()
+        seq = list(prompt)
+        greedy_gaps = []
+        for _ in range(gen_len):  # plain argmax loop, full recompute, no EOS stop
+            last = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].double().numpy()
+            top2 = np.sort(last)[-2:]
+            greedy_gaps.append(float(top2[1] - top2[0]))
+            seq.append(int(np.argmax(last)))  # first maximal index = lowest id on ties
+        # Same continuation through the KV cache (prefill, then one token per step), as a
+        # decoder would run it; with the margins enforced by the caller it must agree.
+        out = model(input_ids=ids, use_cache=True)
+        cached = [int(np.argmax(out.logits[0, -1].double().numpy()))]
+        for _ in range(gen_len - 1):
+            out = model(input_ids=torch.tensor([[cached[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            cached.append(int(np.argmax(out.logits[0, -1].double().numpy())))
+    greedy = seq[len(prompt):]
+    return logits, greedy, greedy_gaps, cached == greedy
+
+
+def fmt_row(row: np.ndarray) -> list[float]:
+    return [float(f"{v:.9g}") for v in row.astype(np.float32)]  # 9 significant digits: exact f32
+
+
+def build_variant(family: str, v: Variant, out_root: Path, max_attempts: int) -> Path:
+    fixture_dir = out_root / family / v.name
+    vocab = v.config.vocab_size
+    for attempt in range(max_attempts):
+        seed = v.seed + attempt
+        torch.manual_seed(seed)
+        model = v.model_cls(copy.deepcopy(v.config))
+        model.eval()
+        v.randomise(model, torch.Generator().manual_seed(seed))
+        assert_nothing_trivial(model)
+        prompt = [int(x) for x in np.random.default_rng(seed).integers(1, vocab, size=v.prompt_len)]
+
+        if fixture_dir.exists():
+            shutil.rmtree(fixture_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            ref_dir = v.writer(model, fixture_dir, Path(tmp))
+            ref = load_reference(v.model_cls, ref_dir)
+            experts_impl = getattr(ref.config, "_experts_implementation", None)
+            attn_impl = getattr(ref.config, "_attn_implementation", None)
+            gaps, remove = v.router_probe(ref) if v.router_probe else ([], lambda: None)
+            logits, greedy, greedy_gaps, cache_agrees = run_reference(ref, prompt, v.gen_len)
+            remove()
+        min_router = min(gaps) if gaps else float("inf")
+        min_greedy = min(greedy_gaps)
+        distinct = len(set(greedy))
+        if not cache_agrees:
+            print(f"  {v.name}: seed {seed}: KV-cached decode disagrees with full recompute", file=sys.stderr)
+        elif min_router >= ROUTER_GAP_MIN and min_greedy >= GREEDY_GAP_MIN and distinct >= MIN_DISTINCT_GREEDY:
+            break
+        print(f"  {v.name}: seed {seed} rejected (router gap {min_router:.2e}, greedy gap {min_greedy:.2e}, "
+              f"{distinct} distinct greedy tokens); retrying", file=sys.stderr)
+    else:
+        raise RuntimeError(f"{v.name}: no acceptable seed in {max_attempts} attempts")
+
+    # EOS does not influence logits, so pick it *after* generating: the 3rd greedy token. A
+    # generate that stops at EOS (no --ignore-eos) then returns 3 tokens instead of gen_len.
+    eos = greedy[2]
+    for name in ("config.json", "generation_config.json"):
+        path = fixture_dir / name
+        if path.exists():
+            c = json.loads(path.read_text())
+            c["eos_token_id"] = eos
+            path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+    cfg = json.loads((fixture_dir / "config.json").read_text())
+    assert cfg.get("model_type") == family and cfg.get("eos_token_id") == eos
+    assert logits.shape == (len(prompt), vocab)
+    golden = {
+        "family": family,
+        "variant": v.name,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "safetensors_version": safetensors.__version__,
+        "seed": seed,
+        "reference": {"dtype": "float32", "attn_implementation": attn_impl,
+                      "experts_implementation": experts_impl, "use_cache": False},
+        "min_router_gap": min_router if gaps else None,
+        "min_greedy_logit_gap": min_greedy,
+        "prompt_tokens": prompt,
+        "logits": [fmt_row(r) for r in logits],
+        "greedy_tokens": greedy,
+        "eos_token_id": eos,
+        "notes": v.notes + " Greedy: argmax over full-recompute logits, no EOS stop, ties -> lowest id; "
+                 f"eos_token_id set to {eos} = greedy_tokens[2] after generation (EOS does not affect logits), "
+                 "so ignoring --ignore-eos truncates the continuation. transformers' KV-cached decode gives the same "
+                 "continuation. "
+                 f"Margins: every top-k router choice clear by >= {ROUTER_GAP_MIN} in probability and every "
+                 f"greedy choice by >= {GREEDY_GAP_MIN} in logit, >= {MIN_DISTINCT_GREEDY} distinct greedy tokens "
+                 "(seed chosen for that).",
+    }
+    if v.np_check:
+        golden["notes"] += " Cross-checked: " + v.np_check(fixture_dir, prompt, golden) + "."
+    (fixture_dir / "golden.json").write_text(json.dumps(golden, separators=(",", ":")) + "\n")
+
+    total = sum(f.stat().st_size for f in fixture_dir.iterdir())
+    assert total < MAX_FIXTURE_BYTES, f"{fixture_dir} is {total} bytes"
+    print(f"{family}/{v.name}: seed {seed}, {len(prompt)} prompt tokens, {len(greedy)} greedy tokens, "
+          f"min router gap {min_router:.2e}, min greedy gap {min_greedy:.2e}, {total / 1024:.0f} KiB\n"
+          f"  {golden['notes'].split('Cross-checked: ')[-1] if v.np_check else ''}")
+    return fixture_dir
+
+
+def self_test_quantizer() -> None:
+    """Packing layout and bf16 rounding against hand-computed / torch values."""
+    words = pack_bits(np.arange(8, dtype=np.uint32)[None], 4)
+    assert words[0, 0] == 0x76543210, hex(words[0, 0])
+    words = pack_bits(np.array([[1, 2, 3, 255]], dtype=np.uint32), 8)
+    assert words[0, 0] == 0xFF030201, hex(words[0, 0])
+    x = np.random.default_rng(0).normal(size=4096).astype(np.float32) * 3
+    assert np.array_equal(bf16_bits_to_f32(f32_to_bf16_bits(x)),
+                          torch.from_numpy(x).bfloat16().float().numpy())
+    w = np.random.default_rng(1).normal(size=(16, 128)).astype(np.float32) * 0.1
+    for bits, gs in ((4, 32), (8, 64), (2, 32), (4, 128)):
+        packed, s, b = mlx_affine_quantize(w, gs, bits)
+        assert packed.shape == (16, 128 * bits // 32) and s.shape == (16, 128 // gs)
+        deq = mlx_affine_dequantize(packed, bf16_bits_to_f32(s), bf16_bits_to_f32(b), gs, bits)
+        step = np.abs(bf16_bits_to_f32(s)).repeat(gs, axis=1)
+        # MLX shrinks the scale so that 0 is on the grid, and bf16 scales/biases move the grid
+        # by up to ~2^-9 relative: a loose bound, the real check is the bit-exact round trip.
+        err = np.abs(deq - w) / step
+        assert err.max() <= 2.0 and err.mean() <= 0.5, (bits, gs, err.max(), err.mean())
+    assert (bf16_bits_to_f32(mlx_affine_quantize(w, 32, 4)[1]) < 0).any(), "expected some negative scales"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=sorted(FAMILIES), action="append",
+                    help="family to generate (repeatable; default: all)")
+    ap.add_argument("--variant", action="append", help="only these variant names (repeatable)")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "tests" / "golden")
+    ap.add_argument("--max-attempts", type=int, default=50)
+    args = ap.parse_args()
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    self_test_quantizer()
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
+          f"safetensors {safetensors.__version__}")
+    for family in args.family or sorted(FAMILIES):
+        for v in FAMILIES[family]():
+            if args.variant and v.name not in args.variant:
+                continue
+            build_variant(family, v, args.out, args.max_attempts)
+
+
+if __name__ == "__main__":
+    main()
