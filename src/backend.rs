@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::cpu::CpuBackend;
+use crate::cuda::CudaBackend;
 use crate::error::{Error, Result};
 use crate::model::Weights;
 use crate::plan::Plan;
@@ -27,6 +28,101 @@ pub trait Backend {
     /// Runs `tokens` at positions `position()..position()+T` and appends them to the cache.
     /// Returns logits `[T, V]` if `all_logits`, else `[1, V]` for the last token.
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>>;
+    /// Describes the device: name, driver version, total memory.
+    fn device_info(&self) -> DeviceInfo {
+        DeviceInfo::host()
+    }
+    /// Peak device memory in use since the backend was created, if tracked (bytes).
+    fn peak_memory(&self) -> Option<usize> {
+        None
+    }
+    /// Measures copy bandwidth in GB/s (bytes read + bytes written per second) — the roofline.
+    fn measure_copy_bandwidth(&mut self) -> Result<f64> {
+        measure_host_copy_bandwidth()
+    }
+}
+
+/// What a backend runs on, as recorded in benchmark capsules.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceInfo {
+    /// Device name, e.g. `NVIDIA H200` or the CPU model.
+    pub name: String,
+    /// Driver version, where there is one (GPUs).
+    pub driver: Option<String>,
+    /// Total device memory in bytes, if known (system RAM for the host).
+    pub memory_bytes: Option<u64>,
+}
+
+impl DeviceInfo {
+    /// The host CPU: its model name from `/proc/cpuinfo` (`cpu` if unreadable) and
+    /// `MemTotal` from `/proc/meminfo`.
+    pub fn host() -> DeviceInfo {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        DeviceInfo {
+            name: cpu_model_name(&cpuinfo).unwrap_or_else(|| "cpu".into()),
+            driver: None,
+            memory_bytes: mem_total_bytes(&meminfo),
+        }
+    }
+}
+
+/// The first `model name` (x86) or `Model`/`Hardware` (some ARM kernels) line of `/proc/cpuinfo`.
+fn cpu_model_name(cpuinfo: &str) -> Option<String> {
+    ["model name", "Model", "Hardware"].iter().find_map(|key| {
+        cpuinfo.lines().find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            let v = v.trim();
+            (k.trim() == *key && !v.is_empty()).then(|| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        })
+    })
+}
+
+/// `MemTotal:  16318256 kB` → bytes.
+fn mem_total_bytes(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let mut parts = line["MemTotal:".len()..].split_whitespace();
+    let n: u64 = parts.next()?.parse().ok()?;
+    match parts.next() {
+        Some("kB") | None => n.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// Host memory copy bandwidth in GB/s, counting bytes read + bytes written.
+///
+/// Copies a 256 MiB buffer a few times with `copy_from_slice` — split into chunks over the
+/// rayon pool, since the CPU backend also reads its weights from every thread — and keeps
+/// the best pass. The first pass also faults the pages in and is not counted.
+pub fn measure_host_copy_bandwidth() -> Result<f64> {
+    use rayon::prelude::*;
+    const BYTES: usize = 256 << 20;
+    const PASSES: usize = 5;
+    let alloc = |fill: u8| -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(BYTES).map_err(|e| {
+            Error::Unavailable(format!("cannot allocate {} MiB to measure copy bandwidth: {e}", BYTES >> 20))
+        })?;
+        v.resize(BYTES, fill);
+        Ok(v)
+    };
+    let src = alloc(1)?;
+    let mut dst = alloc(0)?;
+    let chunk = BYTES.div_ceil(rayon::current_num_threads().max(1) * 4).next_multiple_of(4096);
+    let mut best = f64::INFINITY;
+    for pass in 0..=PASSES {
+        let t = std::time::Instant::now();
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        std::hint::black_box(&mut dst);
+        let secs = t.elapsed().as_secs_f64();
+        if pass > 0 {
+            best = best.min(secs);
+        }
+    }
+    if dst[BYTES - 1] != 1 {
+        return Err(Error::Unavailable("copy-bandwidth test: the copy did not happen".into()));
+    }
+    Ok(2.0 * BYTES as f64 / best.max(1e-9) / 1e9)
 }
 
 /// Which device to run on.
@@ -78,15 +174,39 @@ impl Model {
         self.checkpoint.dir.join("tokenizer.json")
     }
 
-    /// A backend of the given kind running `plan`.
+    /// A backend of the given kind running `plan` (CUDA decode graph-captured).
     pub fn backend(&self, kind: BackendKind, plan: Plan) -> Result<Box<dyn Backend>> {
+        self.backend_with(kind, plan, true)
+    }
+
+    /// Like [`Model::backend`]; `cuda_graph: false` launches every decode kernel eagerly.
+    pub fn backend_with(&self, kind: BackendKind, plan: Plan, cuda_graph: bool) -> Result<Box<dyn Backend>> {
+        let cuda = |plan| CudaBackend::new(self.config().clone(), &self.weights, plan, cuda_graph);
         match kind {
-            BackendKind::Auto | BackendKind::Cpu => {
-                Ok(Box::new(CpuBackend::new(self.config().clone(), self.weights.clone(), plan)))
-            }
-            BackendKind::Cuda => {
-                Err(Error::Unavailable("this build of zmoe has no CUDA backend yet; use --backend cpu".into()))
-            }
+            BackendKind::Cpu => Ok(Box::new(CpuBackend::new(self.config().clone(), self.weights.clone(), plan))),
+            BackendKind::Cuda => Ok(Box::new(cuda(plan)?)),
+            // The best available: CUDA when a GPU can run this model, else the CPU.
+            BackendKind::Auto => match cuda(plan.clone()) {
+                Ok(b) => Ok(Box::new(b)),
+                Err(Error::Unavailable(_)) => self.backend(BackendKind::Cpu, plan),
+                Err(e) => Err(e),
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_files() {
+        let cpu = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)  CPU @ 2.20GHz\n";
+        assert_eq!(cpu_model_name(cpu).as_deref(), Some("Intel(R) Xeon(R) CPU @ 2.20GHz"));
+        assert_eq!(cpu_model_name("processor : 0\n"), None);
+        assert_eq!(mem_total_bytes("MemTotal:       16318256 kB\nMemFree: 1 kB\n"), Some(16318256 * 1024));
+        assert_eq!(mem_total_bytes("MemFree: 1 kB\n"), None);
+        let host = DeviceInfo::host();
+        assert!(!host.name.is_empty());
     }
 }

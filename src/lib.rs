@@ -25,9 +25,11 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod generate;
 pub mod model;

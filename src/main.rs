@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+use zmoe::bench::{BenchOptions, BenchReport, RunPhase, run_bench_with};
 use zmoe::checkpoint::synth::{self, SynthQuant, SynthSpec};
 use zmoe::generate::{GenerateOptions, GenerateStats, generate};
 use zmoe::plan::Plan;
@@ -102,6 +103,33 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Measure prefill and decode tok/s against the device's copy-bandwidth roofline.
+    ///
+    /// One warm-up run, then --runs timed greedy generations (EOS ignored) of a fixed
+    /// pseudo-random prompt; prints medians, bytes of weights read per decoded token,
+    /// achieved GB/s and % of the copy bandwidth measured in the same run.
+    Bench {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Prompt length in tokens (prefill).
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        /// Tokens to generate per run (the first comes from prefill; at least 2).
+        #[arg(long, default_value_t = 128)]
+        gen_tokens: usize,
+        /// Timed runs (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Untimed warm-up runs before the timed ones.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Write the results as a JSON capsule to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Overwrite an existing --json file.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Options shared by every command that runs a model.
@@ -116,6 +144,9 @@ struct RunArgs {
     /// Plan to run: reference.
     #[arg(long, default_value = "reference")]
     plan: String,
+    /// CUDA: launch decode kernels one by one instead of replaying a captured graph.
+    #[arg(long)]
+    eager: bool,
 }
 
 impl RunArgs {
@@ -125,7 +156,7 @@ impl RunArgs {
             bail!("unknown --plan `{}` (available: reference)", self.plan);
         }
         let plan = Plan::reference(model.config());
-        let backend = model.backend(self.backend, plan)?;
+        let backend = model.backend_with(self.backend, plan, !self.eager)?;
         Ok((model, backend))
     }
 }
@@ -188,6 +219,123 @@ fn run_generate(
     }
     print_stats(&backend.name(), &stats);
     Ok(())
+}
+
+/// Checks that the capsule can be written before spending time on the bench.
+fn check_capsule_path(path: &Path, force: bool) -> Result<()> {
+    if path.is_dir() {
+        bail!("--json {}: is a folder; give a file name", path.display());
+    }
+    if path.exists() && !force {
+        bail!("--json {}: file exists; pass --force to overwrite it", path.display());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        bail!("--json {}: folder {} does not exist", path.display(), parent.display());
+    }
+    Ok(())
+}
+
+/// Writes the capsule; without `force` never replaces a file (even one created meanwhile).
+fn write_capsule(path: &Path, report: &BenchReport, force: bool) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(report).context("serialising the bench capsule")?;
+    text.push('\n');
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true);
+    if force {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut f = opts.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow::anyhow!("--json {}: file exists; pass --force to overwrite it", path.display())
+        } else {
+            anyhow::anyhow!("--json {}: {e}", path.display())
+        }
+    })?;
+    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// `1536` → `1.50 KiB`.
+fn human_bytes(n: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n:.0} B") } else { format!("{v:.2} {}", units[u]) }
+}
+
+/// The bench report as a table for humans.
+fn bench_table(r: &BenchReport) -> String {
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    let dev = &r.device;
+    let mut device = dev.name.clone();
+    if let Some(d) = &dev.driver {
+        device += &format!(", driver {d}");
+    }
+    if let Some(m) = dev.memory_bytes {
+        device += &format!(", {} memory", human_bytes(m as f64));
+    }
+    rows.push(("device", device));
+    rows.push(("backend", r.backend.clone()));
+    let m = &r.model;
+    rows.push((
+        "model",
+        format!(
+            "{} ({}, {} layers, {} experts top-{}, vocab {})",
+            m.dir, m.family, m.num_layers, m.num_experts, m.top_k, m.vocab_size
+        ),
+    ));
+    rows.push(("weights", m.quant_line()));
+    let s = &r.settings;
+    rows.push((
+        "settings",
+        format!(
+            "prompt {} tokens, generate {} (greedy, EOS ignored), {} run{} + {} warm-up",
+            s.prompt_tokens,
+            s.gen_tokens,
+            s.runs,
+            if s.runs == 1 { "" } else { "s" },
+            s.warmup
+        ),
+    ));
+    let spread =
+        |x: &zmoe::bench::Spread| format!("{:>10.1} tok/s   (median; min {:.1}, max {:.1})", x.median, x.min, x.max);
+    rows.push(("prefill", spread(&r.prefill_tok_s)));
+    rows.push(("decode", spread(&r.decode_tok_s)));
+    rows.push((
+        "peak memory",
+        r.peak_memory_bytes.map_or("not tracked by this backend".into(), |b| human_bytes(b as f64)),
+    ));
+    rows.push((
+        "bytes/token",
+        format!(
+            "{} ({} B of weights read per decoded token)",
+            human_bytes(r.bytes_per_token as f64),
+            r.bytes_per_token
+        ),
+    ));
+    rows.push(("copy", format!("{:>10.2} GB/s   (read + write, measured in this run: the roofline)", r.copy_gb_s)));
+    rows.push(("achieved", format!("{:>10.3} GB/s   (bytes/token × median decode tok/s)", r.achieved_gb_s)));
+    rows.push((
+        "roofline",
+        format!("{:>10.2} %      (of copy bandwidth; roofline decode {:.1} tok/s)", r.roofline_pct, r.roofline_tok_s),
+    ));
+    if !r.identical_tokens {
+        rows.push(("warning", "runs generated different tokens (greedy decode is not deterministic)".into()));
+    }
+    let dirty = match r.git_dirty {
+        Some(true) => " (modified)",
+        _ => "",
+    };
+    rows.push(("zmoe", format!("{} at commit {}{dirty}, {}", r.zmoe_version, r.git_commit, r.timestamp_utc)));
+    rows.iter().map(|(k, v)| format!("{k:<12} {v}\n")).collect()
 }
 
 /// Where the demo model is cached.
@@ -274,6 +422,39 @@ fn run(cli: Cli) -> Result<()> {
                     let best = zmoe::sample::argmax(row);
                     emit(&format!("position {p}: token {} -> argmax {best} (logit {:.4})\n", ids[p], row[best]));
                 }
+            }
+        }
+        Cmd::Bench { run, prompt_tokens, gen_tokens, runs, warmup, json, force } => {
+            let opts = BenchOptions { prompt_tokens, gen_tokens, runs, warmup, seed: 0 };
+            opts.validate(None)?;
+            if let Some(path) = &json {
+                check_capsule_path(path, force)?;
+            }
+            // config.json first: a context-length error should not wait for the weights.
+            // (If it does not load, Model::load below says why, naming the folder.)
+            if let Ok(cfg) = zmoe::config::ModelConfig::load(&run.model) {
+                opts.validate(Some(&cfg))?;
+            }
+            let (model, mut be) = run.open()?;
+            eprintln!(
+                "bench: {} on {} — prompt {prompt_tokens}, generate {gen_tokens}, {warmup} warm-up + {runs} timed",
+                model.checkpoint.dir.display(),
+                be.name()
+            );
+            let report = run_bench_with(&model, be.as_mut(), &opts, &mut |phase, r| {
+                let label = match phase {
+                    RunPhase::Warmup(i, n) => format!("warm-up {}/{n}", i + 1),
+                    RunPhase::Timed(i, n) => format!("run {}/{n}", i + 1),
+                };
+                eprintln!(
+                    "  {label}: prefill {:.1} tok/s ({:.3} s), decode {:.1} tok/s ({:.3} s)",
+                    r.prefill_tok_s, r.prefill_secs, r.decode_tok_s, r.decode_secs
+                );
+            })?;
+            emit(&bench_table(&report));
+            if let Some(path) = &json {
+                write_capsule(path, &report, force)?;
+                eprintln!("wrote {}", path.display());
             }
         }
     }

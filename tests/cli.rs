@@ -44,7 +44,7 @@ fn with_tensors(edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>
 
 #[test]
 fn help_for_every_subcommand() {
-    for sub in ["demo", "synth", "generate", "forward"] {
+    for sub in ["demo", "synth", "generate", "forward", "bench"] {
         let out = zmoe(&[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: zmoe"), "{sub}");

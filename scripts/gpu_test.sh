@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks in one device call.
+#
+#   scripts/gpu_test.sh build        # here (no GPU needed): release binary + GPU test binary
+#                                    # into scratch/gpu/ (ignored; carry it to the device)
+#   scripts/gpu_test.sh run [bench]  # on the GPU machine, from the repo root: runs every GPU
+#                                    # test, prints a PASS/FAIL table; `bench` adds the
+#                                    # qwen3-30b-a3b affine4 benchmark. Full logs in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+if [ "$mode" = build ]; then
+    set -e
+    cargo build --release
+    exe=$(cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="gpu" and m.get("executable"): print(m["executable"])')
+    mkdir -p scratch/gpu
+    cp target/release/zmoe scratch/gpu/zmoe
+    cp "$exe" scratch/gpu/gpu-tests
+    ls -la scratch/gpu
+    exit 0
+fi
+
+OUT=${OUT:-$(mktemp -d)}
+export ZMOE_REPO=$PWD ZMOE_CACHE=${ZMOE_CACHE:-/tmp/zmoe-cache}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+tests=$(scratch/gpu/gpu-tests --list --ignored 2>/dev/null | sed -n 's/: test$//p')
+declare -A result
+for t in $tests; do
+    if scratch/gpu/gpu-tests --ignored --exact "$t" --nocapture --test-threads 1 >"$OUT/$t.log" 2>&1; then
+        result[$t]=PASS
+    else
+        result[$t]=FAIL
+    fi
+    grep -E "rel err|disagreements|graph ==" "$OUT/$t.log" | sed "s/^/  [$t] /" | tail -12
+done
+if [ "${2:-}" = bench ] || [ "$mode" = bench ]; then
+    M=/tmp/zmoe-q30b-a4
+    [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --preset qwen3-30b-a3b --quant affine4 --seed 0 --out "$M" 2>&1 | tail -2
+    for g in graph eager; do
+        flag=""; [ $g = eager ] && flag="--eager"
+        scratch/gpu/zmoe bench --model "$M" --backend cuda $flag --prompt-tokens 512 --gen-tokens 128 --runs 3 \
+            --json "$OUT/bench-q30b-a4-$g.json" --force 2>&1 | tee "$OUT/bench-$g.txt" | tail -20
+    done
+fi
+echo
+echo "| GPU test | result |"
+echo "|---|---|"
+fail=0
+for t in $tests; do
+    echo "| $t | ${result[$t]} |"
+    [ "${result[$t]}" = PASS ] || fail=1
+done
+exit $fail

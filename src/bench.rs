@@ -1,0 +1,488 @@
+//! `zmoe bench`: prefill and decode throughput against the memory-bandwidth roofline.
+//!
+//! Decode of a MoE model is memory-bound: every token reads the attention weights, the
+//! router, the `top_k` chosen experts of each layer and the output head once
+//! ([`Weights::bytes_per_token`](crate::model::Weights::bytes_per_token)). So the honest
+//! yardstick for a decode speed is the device's copy bandwidth, measured in the same run:
+//! `achieved GB/s = bytes/token × decode tok/s`, and `% of roofline = achieved / copy`.
+//!
+//! A bench is one warm-up generation (not counted) and then `runs` timed generations of
+//! the same deterministic pseudo-random prompt, greedy and ignoring EOS so that every run
+//! decodes exactly `gen_tokens` tokens. The result, [`BenchReport`], is serialisable: the
+//! CLI writes it as a JSON *capsule* (`zmoe bench --json FILE`) for the benchmark ledger.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, DeviceInfo, Model};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::generate::{GenerateOptions, GenerateStats, generate};
+use crate::model::{Mlp, Weights};
+use crate::rng::Rng;
+use crate::sample::SamplingParams;
+
+/// The `kind` field of every bench capsule.
+pub const CAPSULE_KIND: &str = "zmoe-bench";
+/// Version of the capsule layout; bumped when fields change meaning or disappear.
+pub const CAPSULE_VERSION: u32 = 1;
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BenchOptions {
+    /// Prompt length (prefill tokens).
+    pub prompt_tokens: usize,
+    /// Tokens generated per run (the first comes from prefill, so `gen_tokens - 1` are decoded).
+    pub gen_tokens: usize,
+    /// Timed runs.
+    pub runs: usize,
+    /// Untimed warm-up runs before them.
+    pub warmup: usize,
+    /// Seed of the pseudo-random prompt.
+    pub seed: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { prompt_tokens: 512, gen_tokens: 128, runs: 3, warmup: 1, seed: 0 }
+    }
+}
+
+impl BenchOptions {
+    /// Checks the settings against each other and (if given) the model's context length.
+    /// Messages name the CLI flags, which map one-to-one onto these fields.
+    pub fn validate(&self, cfg: Option<&ModelConfig>) -> Result<()> {
+        if self.runs < 1 {
+            return Err(Error::Arg(format!("--runs must be at least 1, got {}", self.runs)));
+        }
+        if self.gen_tokens < 2 {
+            return Err(Error::Arg(format!(
+                "--gen-tokens must be at least 2 (the first token comes from prefill, so decode needs a second), got {}",
+                self.gen_tokens
+            )));
+        }
+        if self.prompt_tokens < 1 {
+            return Err(Error::Arg(format!("--prompt-tokens must be at least 1, got {}", self.prompt_tokens)));
+        }
+        if let Some(cfg) = cfg {
+            // The last generated token is never fed back, so the cache holds prompt + gen - 1;
+            // the bound below is the simpler, slightly stricter one users expect.
+            let total = self.prompt_tokens.saturating_add(self.gen_tokens);
+            if total > cfg.max_position_embeddings {
+                return Err(Error::Arg(format!(
+                    "--prompt-tokens {} + --gen-tokens {} = {total} exceeds the model's max_position_embeddings {}",
+                    self.prompt_tokens, self.gen_tokens, cfg.max_position_embeddings
+                )));
+            }
+            let eos: std::collections::BTreeSet<u32> =
+                cfg.eos_token_ids.iter().copied().filter(|&e| (e as usize) < cfg.vocab_size).collect();
+            if eos.len() >= cfg.vocab_size {
+                return Err(Error::Arg("every token id in the vocabulary is an EOS id; cannot build a prompt".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Timings of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    /// Seconds for the prompt's forward pass and the first sample.
+    pub prefill_secs: f64,
+    /// Prompt tokens per second.
+    pub prefill_tok_s: f64,
+    /// Tokens decoded one at a time (`gen_tokens - 1`).
+    pub decode_tokens: usize,
+    /// Seconds spent decoding them.
+    pub decode_secs: f64,
+    /// Decoded tokens per second.
+    pub decode_tok_s: f64,
+}
+
+impl RunResult {
+    fn from_stats(s: &GenerateStats) -> RunResult {
+        RunResult {
+            prefill_secs: s.prefill_secs,
+            prefill_tok_s: s.prefill_tps(),
+            decode_tokens: s.tokens.len().saturating_sub(1),
+            decode_secs: s.decode_secs,
+            decode_tok_s: s.decode_tps(),
+        }
+    }
+}
+
+/// Median, minimum and maximum of a per-run number.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    /// Median over the timed runs (mean of the middle two for an even count).
+    pub median: f64,
+    /// Smallest.
+    pub min: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Spread {
+    /// Spread of `xs` (NaN everywhere when empty).
+    pub fn of(xs: &[f64]) -> Spread {
+        let mut v = xs.to_vec();
+        let median = median(&mut v);
+        Spread { median, min: v.first().copied().unwrap_or(f64::NAN), max: v.last().copied().unwrap_or(f64::NAN) }
+    }
+}
+
+/// The model as a capsule records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// The model folder, as given.
+    pub dir: String,
+    /// `model_type`, e.g. `qwen3_moe`.
+    pub family: String,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// Routed experts per MoE layer.
+    pub num_experts: usize,
+    /// Experts chosen per token.
+    pub top_k: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Storage format per weight role (`attention`, `experts`, `router`, `dense_mlp`,
+    /// `embed`, `lm_head`), e.g. `affine4g64`; several formats are joined with `+`.
+    pub quant: BTreeMap<String, String>,
+}
+
+impl ModelSummary {
+    /// Summarises a loaded model.
+    pub fn of(model: &Model) -> ModelSummary {
+        let cfg = model.config();
+        ModelSummary {
+            dir: model.checkpoint.dir.display().to_string(),
+            family: cfg.family.model_type().into(),
+            num_layers: cfg.num_layers,
+            hidden_size: cfg.hidden_size,
+            num_experts: cfg.num_experts,
+            top_k: cfg.top_k,
+            vocab_size: cfg.vocab_size,
+            quant: quant_formats(&model.weights),
+        }
+    }
+
+    /// One line for humans: `attention affine4g64, experts affine4g64, …`.
+    pub fn quant_line(&self) -> String {
+        let order = ["attention", "experts", "router", "dense_mlp", "embed", "lm_head"];
+        let mut parts: Vec<String> =
+            order.iter().filter_map(|k| self.quant.get(*k).map(|v| format!("{k} {v}"))).collect();
+        parts.extend(self.quant.iter().filter(|(k, _)| !order.contains(&k.as_str())).map(|(k, v)| format!("{k} {v}")));
+        parts.join(", ")
+    }
+}
+
+/// The distinct storage formats of each weight role.
+fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
+    let mut roles: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut add = |role: &'static str, f: String| {
+        let v = roles.entry(role).or_default();
+        if !v.contains(&f) {
+            v.push(f);
+        }
+    };
+    add("embed", w.embed.format_name());
+    add("lm_head", w.lm_head.w.format_name());
+    for layer in &w.layers {
+        for l in [&layer.q, &layer.k, &layer.v, &layer.o] {
+            add("attention", l.w.format_name());
+        }
+        match &layer.mlp {
+            Mlp::Dense { gate, up, down } => {
+                for l in [gate, up, down] {
+                    add("dense_mlp", l.w.format_name());
+                }
+            }
+            Mlp::Moe { router, experts } => {
+                add("router", router.w.format_name());
+                for m in experts.gate.iter().chain(&experts.up).chain(&experts.down) {
+                    add("experts", m.format_name());
+                }
+            }
+        }
+    }
+    roles.into_iter().map(|(k, v)| (k.to_string(), v.join("+"))).collect()
+}
+
+/// Everything one bench measured, with enough context to compare it with another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    /// Always [`CAPSULE_KIND`].
+    pub kind: String,
+    /// [`CAPSULE_VERSION`] of the writer.
+    pub capsule_version: u32,
+    /// zmoe's crate version.
+    pub zmoe_version: String,
+    /// `git rev-parse --short HEAD` in the working directory, or `unknown`.
+    pub git_commit: String,
+    /// Whether that working tree had uncommitted changes to tracked files (None if unknown).
+    pub git_dirty: Option<bool>,
+    /// When the bench finished, UTC, RFC 3339 (`2025-01-31T12:00:00Z`).
+    pub timestamp_utc: String,
+    /// The command line that ran it.
+    pub command: String,
+    /// The model.
+    pub model: ModelSummary,
+    /// The backend's name, e.g. `cpu (2 threads)`.
+    pub backend: String,
+    /// The device.
+    pub device: DeviceInfo,
+    /// Peak device memory in bytes over the whole bench, if the backend tracks it.
+    pub peak_memory_bytes: Option<usize>,
+    /// The settings.
+    pub settings: BenchOptions,
+    /// Every timed run, in order.
+    pub runs: Vec<RunResult>,
+    /// Prefill tokens per second over the runs.
+    pub prefill_tok_s: Spread,
+    /// Decode tokens per second over the runs.
+    pub decode_tok_s: Spread,
+    /// Whether the warm-up and every run generated the same tokens (greedy is deterministic).
+    pub identical_tokens: bool,
+    /// Bytes of weights read per decoded token.
+    pub bytes_per_token: usize,
+    /// Measured copy bandwidth, GB/s (read + write): the roofline.
+    pub copy_gb_s: f64,
+    /// `bytes_per_token × median decode tok/s`, GB/s.
+    pub achieved_gb_s: f64,
+    /// `achieved_gb_s / copy_gb_s × 100`.
+    pub roofline_pct: f64,
+    /// Decode tok/s if every weight byte moved at copy bandwidth: `copy GB/s / bytes per token`.
+    pub roofline_tok_s: f64,
+}
+
+/// Which generation a progress callback is reporting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunPhase {
+    /// Warm-up `i` (0-based) of `n`; not counted.
+    Warmup(usize, usize),
+    /// Timed run `i` (0-based) of `n`.
+    Timed(usize, usize),
+}
+
+/// Median of `xs`, sorting it in place (total order; NaNs sort last). The mean of the middle
+/// two for an even count; NaN when empty.
+pub fn median(xs: &mut [f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
+}
+
+/// The bench prompt: `n` pseudo-random ids in `[0, vocab)`, never an EOS id.
+pub fn bench_prompt(cfg: &ModelConfig, n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::for_stream(seed, "zmoe-bench-prompt");
+    let v = cfg.vocab_size as u64;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n && v > 0 {
+        let id = (rng.next_u64() % v) as u32;
+        if !cfg.eos_token_ids.contains(&id) {
+            out.push(id);
+        }
+    }
+    out
+}
+
+/// Runs a bench of `model` on `backend`.
+pub fn run_bench(model: &Model, backend: &mut dyn Backend, opts: &BenchOptions) -> Result<BenchReport> {
+    run_bench_with(model, backend, opts, &mut |_, _| {})
+}
+
+/// [`run_bench`], calling `progress` after each generation (warm-ups included).
+pub fn run_bench_with(
+    model: &Model,
+    backend: &mut dyn Backend,
+    opts: &BenchOptions,
+    progress: &mut dyn FnMut(RunPhase, &RunResult),
+) -> Result<BenchReport> {
+    let cfg = model.config();
+    opts.validate(Some(cfg))?;
+    let prompt = bench_prompt(cfg, opts.prompt_tokens, opts.seed);
+    let gen_opts =
+        GenerateOptions { max_tokens: opts.gen_tokens, sampling: SamplingParams::default(), ignore_eos: true };
+
+    let mut first_tokens: Option<Vec<u32>> = None;
+    let mut identical = true;
+    let mut runs = Vec::with_capacity(opts.runs);
+    for i in 0..opts.warmup + opts.runs {
+        let stats = generate(backend, &prompt, &gen_opts, |_| {})?;
+        if stats.tokens.len() != opts.gen_tokens {
+            return Err(Error::Arg(format!(
+                "bench: a run generated {} tokens, expected {} (backend `{}`)",
+                stats.tokens.len(),
+                opts.gen_tokens,
+                backend.name()
+            )));
+        }
+        match &first_tokens {
+            None => first_tokens = Some(stats.tokens.clone()),
+            Some(t) => identical &= *t == stats.tokens,
+        }
+        let r = RunResult::from_stats(&stats);
+        if i < opts.warmup {
+            progress(RunPhase::Warmup(i, opts.warmup), &r);
+        } else {
+            progress(RunPhase::Timed(i - opts.warmup, opts.runs), &r);
+            runs.push(r);
+        }
+    }
+    backend.reset();
+    // Read the peak before the bandwidth test, whose scratch buffers are not the model's.
+    let peak_memory_bytes = backend.peak_memory();
+    let copy_gb_s = backend.measure_copy_bandwidth()?;
+
+    let prefill = Spread::of(&runs.iter().map(|r| r.prefill_tok_s).collect::<Vec<_>>());
+    let decode = Spread::of(&runs.iter().map(|r| r.decode_tok_s).collect::<Vec<_>>());
+    let bytes_per_token = model.weights.bytes_per_token(cfg);
+    let achieved_gb_s = bytes_per_token as f64 * decode.median / 1e9;
+    let (git_commit, git_dirty) = git_state(Path::new("."));
+    Ok(BenchReport {
+        kind: CAPSULE_KIND.into(),
+        capsule_version: CAPSULE_VERSION,
+        zmoe_version: env!("CARGO_PKG_VERSION").into(),
+        git_commit,
+        git_dirty,
+        timestamp_utc: rfc3339_utc(SystemTime::now()),
+        command: command_line(),
+        model: ModelSummary::of(model),
+        backend: backend.name(),
+        device: backend.device_info(),
+        peak_memory_bytes,
+        settings: *opts,
+        runs,
+        prefill_tok_s: prefill,
+        decode_tok_s: decode,
+        identical_tokens: identical,
+        bytes_per_token,
+        copy_gb_s,
+        achieved_gb_s,
+        roofline_pct: achieved_gb_s / copy_gb_s * 100.0,
+        roofline_tok_s: copy_gb_s * 1e9 / bytes_per_token.max(1) as f64,
+    })
+}
+
+/// The short commit of the git checkout at `dir` and whether its tracked files are
+/// modified; `("unknown", None)` outside a checkout or without git.
+pub fn git_state(dir: &Path) -> (String, Option<bool>) {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").args(args).current_dir(dir).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]).filter(|c| !c.is_empty()) {
+        Some(commit) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
+            (commit, dirty)
+        }
+        None => ("unknown".into(), None),
+    }
+}
+
+/// `std::env::args`, joined with spaces; arguments that need it are single-quoted.
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+            if plain { a } else { format!("'{}'", a.replace('\'', r"'\''")) }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `t` as RFC 3339 UTC with whole seconds, e.g. `2023-11-14T22:13:20Z`.
+pub fn rfc3339_utc(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn median_odd_even_empty_unsorted() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut [7.5]), 7.5);
+        assert!(median(&mut []).is_nan());
+        let mut v = [5.0, f64::NAN, 1.0];
+        assert_eq!(median(&mut v), 5.0, "NaN sorts last");
+        let s = Spread::of(&[10.0, 30.0, 20.0]);
+        assert_eq!((s.median, s.min, s.max), (20.0, 10.0, 30.0));
+    }
+
+    #[test]
+    fn rfc3339() {
+        let at = |s| rfc3339_utc(UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(at(4_102_444_799), "2099-12-31T23:59:59Z");
+        assert_eq!(at(1_709_251_199), "2024-02-29T23:59:59Z");
+    }
+
+    #[test]
+    fn validate_messages() {
+        let ok = BenchOptions { prompt_tokens: 4, gen_tokens: 2, runs: 1, warmup: 0, seed: 0 };
+        assert!(ok.validate(None).is_ok());
+        let err = |o: BenchOptions| o.validate(None).unwrap_err().to_string();
+        assert!(err(BenchOptions { runs: 0, ..ok }).contains("--runs"));
+        assert!(err(BenchOptions { gen_tokens: 1, ..ok }).contains("--gen-tokens"));
+        assert!(err(BenchOptions { prompt_tokens: 0, ..ok }).contains("--prompt-tokens"));
+    }
+
+    fn tiny_config(vocab: usize) -> ModelConfig {
+        let mut v = crate::checkpoint::synth::preset_config("qwen3_moe", "tiny").unwrap();
+        v["vocab_size"] = vocab.into();
+        v["eos_token_id"] = serde_json::json!([0, 1, vocab as u64 - 1]);
+        ModelConfig::parse(&v.to_string(), Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn validate_against_context_length() {
+        let cfg = tiny_config(1024);
+        let o = BenchOptions { prompt_tokens: cfg.max_position_embeddings - 8, gen_tokens: 8, ..Default::default() };
+        assert!(o.validate(Some(&cfg)).is_ok());
+        let msg = BenchOptions { gen_tokens: 9, ..o }.validate(Some(&cfg)).unwrap_err().to_string();
+        assert!(msg.contains("max_position_embeddings"), "{msg}");
+        let msg = BenchOptions { prompt_tokens: 1, gen_tokens: 2, ..o }.validate(Some(&tiny_config(3))).unwrap_err();
+        assert!(msg.to_string().contains("EOS"), "{msg}");
+    }
+
+    #[test]
+    fn prompt_is_deterministic_in_vocab_and_never_eos() {
+        let cfg = tiny_config(4);
+        let p = bench_prompt(&cfg, 500, 7);
+        assert_eq!(p.len(), 500);
+        assert!(p.iter().all(|&t| t == 2), "only id 2 is neither EOS nor out of range");
+        let cfg = tiny_config(1024);
+        let a = bench_prompt(&cfg, 300, 1);
+        assert_eq!(a, bench_prompt(&cfg, 300, 1));
+        assert_ne!(a, bench_prompt(&cfg, 300, 2));
+        assert!(a.iter().all(|&t| t < 1023 && t > 1));
+    }
+}

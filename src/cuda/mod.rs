@@ -1,0 +1,252 @@
+//! The CUDA runtime, in tinygrad's four nouns: a device (context + one stream), a compiler
+//! (NVRTC → CUBIN, cached on disk), an allocator (a byte arena that knows its peak) and
+//! graphs (capture a decode step once, replay it per token).
+//!
+//! Why raw device pointers: a [`Plan`](crate::plan::Plan) is data, so the executor looks
+//! buffers up by name at run time; passing `u64` device addresses to kernels keeps that
+//! lookup trivial and lets a captured graph bake the addresses in. The arena owns every
+//! allocation, so nothing is freed while a graph still points at it.
+//!
+//! Why a probe first: cudarc's dynamic loading panics if `libcuda` / `libnvrtc` are missing,
+//! so [`Device::open`] checks for both and turns absence into [`Error::Unavailable`].
+
+pub mod backend;
+mod compile;
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, result, sys};
+
+use crate::error::{Error, Result};
+
+pub use backend::CudaBackend;
+
+/// Kernel sources, compiled together into one module.
+const SOURCES: [&str; 2] = [include_str!("../kernels/common.cuh"), include_str!("../kernels/primitives.cu")];
+
+fn cuda_err(e: DriverError) -> Error {
+    Error::Cuda(e.to_string())
+}
+
+/// Whether the CUDA driver and NVRTC libraries can be loaded on this machine.
+pub fn available() -> bool {
+    // SAFETY: these only try to dlopen the libraries.
+    unsafe { cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// A kernel argument.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    /// Device pointer (0 = null).
+    Ptr(u64),
+    /// `int`.
+    I32(i32),
+    /// `long`.
+    I64(i64),
+    /// `float`.
+    F32(f32),
+}
+
+/// One GPU: context, the stream every kernel runs on, the compiled kernels, the arena.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    funcs: HashMap<String, CudaFunction>,
+    allocs: Vec<(CUdeviceptr, usize)>,
+    in_use: usize,
+    peak: usize,
+    /// GPU name, e.g. `NVIDIA H200`.
+    pub name: String,
+    /// Driver version, e.g. `13.0`.
+    pub driver: String,
+    /// Total device memory in bytes.
+    pub total_mem: usize,
+}
+
+impl Device {
+    /// Opens GPU 0, creates a dedicated stream and compiles (or loads from cache) the kernels.
+    pub fn open() -> Result<Device> {
+        if !available() {
+            return Err(Error::Unavailable("CUDA driver (libcuda) or NVRTC (libnvrtc) not found".into()));
+        }
+        let ctx = CudaContext::new(0).map_err(|e| Error::Unavailable(format!("no usable CUDA device: {e}")))?;
+        // Graph capture needs cudarc's per-allocation event tracking off (we own all memory).
+        // SAFETY: we never use cudarc's multi-stream synchronisation.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda_err)?;
+        let (major, minor) = ctx.compute_capability().map_err(cuda_err)?;
+        let src = SOURCES.join("\n");
+        let cubin = compile::cubin(&src, major, minor)?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cuda_err)?;
+        let mut funcs = HashMap::new();
+        for name in kernel_names(&src) {
+            let f = module.load_function(&name).map_err(cuda_err)?;
+            funcs.insert(name, f);
+        }
+        let mut v = 0i32;
+        // SAFETY: plain out-parameter query.
+        unsafe { sys::cuDriverGetVersion(&mut v) };
+        Ok(Device {
+            name: ctx.name().map_err(cuda_err)?,
+            driver: format!("{}.{}", v / 1000, (v % 1000) / 10),
+            total_mem: ctx.total_mem().map_err(cuda_err)?,
+            ctx,
+            stream,
+            _module: module,
+            funcs,
+            allocs: Vec::new(),
+            in_use: 0,
+            peak: 0,
+        })
+    }
+
+    /// Allocates `bytes` (rounded up to 256) of device memory owned by the arena.
+    pub fn alloc(&mut self, bytes: usize) -> Result<u64> {
+        let bytes = bytes.max(1).next_multiple_of(256);
+        self.ctx.bind_to_thread().map_err(cuda_err)?;
+        // SAFETY: plain allocation; freed in Drop.
+        let p =
+            unsafe { result::malloc_sync(bytes) }.map_err(|e| Error::Cuda(format!("allocating {bytes} bytes: {e}")))?;
+        self.allocs.push((p, bytes));
+        self.in_use += bytes;
+        self.peak = self.peak.max(self.in_use);
+        Ok(p)
+    }
+
+    /// Allocates and uploads a host slice.
+    pub fn upload<T: Copy>(&mut self, data: &[T]) -> Result<u64> {
+        let p = self.alloc(std::mem::size_of_val(data))?;
+        // SAFETY: p has room for data.
+        unsafe { result::memcpy_htod_sync(p, data) }.map_err(cuda_err)?;
+        Ok(p)
+    }
+
+    /// Copies host data into an existing allocation (asynchronously on the stream).
+    pub fn write<T: Copy>(&self, dst: u64, data: &[T]) -> Result<()> {
+        // SAFETY: the caller sized dst; the stream orders this before later kernels.
+        unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }.map_err(cuda_err)?;
+        self.sync()
+    }
+
+    /// Copies device data to the host (waits for the stream first).
+    pub fn read<T: Copy>(&self, src: u64, out: &mut [T]) -> Result<()> {
+        self.sync()?;
+        // SAFETY: the caller sized src.
+        unsafe { result::memcpy_dtoh_sync(out, src) }.map_err(cuda_err)
+    }
+
+    /// Fills `bytes` at `dst` with `value` (poisoning buffers in tests).
+    pub fn fill(&self, dst: u64, value: u8, bytes: usize) -> Result<()> {
+        // SAFETY: the caller sized dst.
+        unsafe { result::memset_d8_async(dst, value, bytes, self.stream.cu_stream()) }.map_err(cuda_err)
+    }
+
+    /// Waits for all work on the stream.
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err)
+    }
+
+    /// Launches kernel `name` on the stream.
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        let f = self.funcs.get(name).ok_or_else(|| Error::Cuda(format!("no kernel `{name}`")))?;
+        let mut vals: Vec<[u8; 8]> = args
+            .iter()
+            .map(|a| {
+                let mut b = [0u8; 8];
+                match *a {
+                    Arg::Ptr(p) => b.copy_from_slice(&p.to_ne_bytes()),
+                    Arg::I64(x) => b.copy_from_slice(&x.to_ne_bytes()),
+                    Arg::I32(x) => b[..4].copy_from_slice(&x.to_ne_bytes()),
+                    Arg::F32(x) => b[..4].copy_from_slice(&x.to_ne_bytes()),
+                }
+                b
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = vals.iter_mut().map(|v| v.as_mut_ptr() as *mut c_void).collect();
+        // SAFETY: argument count and types follow the kernel signatures in src/kernels.
+        unsafe { result::launch_kernel(f.cu_function(), grid, (block, 1, 1), 0, self.stream.cu_stream(), &mut params) }
+            .map_err(|e| Error::Cuda(format!("launching {name}: {e}")))
+    }
+
+    /// Starts capturing the stream's work into a graph.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(cuda_err)
+    }
+
+    /// Ends capture and instantiates the graph.
+    pub fn end_capture(&self) -> Result<cudarc::driver::CudaGraph> {
+        self.stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(cuda_err)?
+            .ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))
+    }
+
+    /// Bytes currently allocated, and the peak since the device was opened.
+    pub fn memory(&self) -> (usize, usize) {
+        (self.in_use, self.peak)
+    }
+
+    /// Measures device-to-device copy bandwidth (GB/s, bytes read + written) with events.
+    pub fn copy_bandwidth(&mut self) -> Result<f64> {
+        let n = 1usize << 30;
+        let (a, b) = (self.alloc(n)?, self.alloc(n)?);
+        self.fill(a, 1, n)?;
+        let s = self.stream.cu_stream();
+        let ev = |_: ()| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda_err);
+        let (e0, e1) = (ev(())?, ev(())?);
+        let mut best = 0f64;
+        for _ in 0..5 {
+            // SAFETY: both buffers are n bytes; events are valid.
+            unsafe {
+                result::event::record(e0, s).map_err(cuda_err)?;
+                result::memcpy_dtod_async(b, a, n, s).map_err(cuda_err)?;
+                result::event::record(e1, s).map_err(cuda_err)?;
+                result::event::synchronize(e1).map_err(cuda_err)?;
+                let ms = result::event::elapsed(e0, e1).map_err(cuda_err)? as f64;
+                best = best.max(2.0 * n as f64 / (ms * 1e-3) / 1e9);
+            }
+        }
+        // SAFETY: created above.
+        unsafe {
+            let _ = result::event::destroy(e0);
+            let _ = result::event::destroy(e1);
+        }
+        self.free_last(2)?;
+        Ok(best)
+    }
+
+    /// Frees the `n` most recent allocations (scratch buffers of a measurement).
+    fn free_last(&mut self, n: usize) -> Result<()> {
+        self.sync()?;
+        for _ in 0..n {
+            if let Some((p, bytes)) = self.allocs.pop() {
+                // SAFETY: p came from malloc_sync and nothing references it any more.
+                unsafe { result::free_sync(p) }.map_err(cuda_err)?;
+                self.in_use -= bytes;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+        for (p, _) in self.allocs.drain(..) {
+            // SAFETY: every pointer came from malloc_sync.
+            let _ = unsafe { result::free_sync(p) };
+        }
+    }
+}
+
+/// Names of the `extern "C" __global__` functions in the sources.
+fn kernel_names(src: &str) -> Vec<String> {
+    src.split("extern \"C\" __global__ void ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next().map(|n| n.trim().to_string()))
+        .collect()
+}

@@ -1,0 +1,124 @@
+//! `zmoe bench` end to end on the CPU backend: the table, the JSON capsule, and the
+//! refusal to overwrite a capsule.
+
+mod common;
+
+use common::{zmoe, zmoe_err};
+use zmoe::bench::BenchReport;
+use zmoe::checkpoint::synth::SynthQuant;
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn bench_writes_a_capsule_and_never_overwrites_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::synth_tiny(tmp.path(), "tiny", SynthQuant::Affine4, 5);
+    let capsule = tmp.path().join("bench.json");
+    let args = |json: &std::path::Path| {
+        vec![
+            "bench".to_string(),
+            "--model".into(),
+            s(&model).into(),
+            "--backend".into(),
+            "cpu".into(),
+            "--prompt-tokens".into(),
+            "16".into(),
+            "--gen-tokens".into(),
+            "8".into(),
+            "--runs".into(),
+            "2".into(),
+            "--json".into(),
+            s(json).into(),
+        ]
+    };
+    let a = args(&capsule);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = zmoe(&a);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    for row in ["device", "prefill", "decode", "peak memory", "bytes/token", "copy", "achieved", "roofline"] {
+        assert!(table.lines().any(|l| l.starts_with(row)), "no `{row}` row in:\n{table}");
+    }
+
+    // The capsule: raw JSON and the typed report agree.
+    let text = std::fs::read_to_string(&capsule).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["kind"], "zmoe-bench");
+    assert_eq!(v["runs"].as_array().unwrap().len(), 2);
+    let r: BenchReport = serde_json::from_str(&text).unwrap();
+    assert_eq!((r.settings.prompt_tokens, r.settings.gen_tokens, r.settings.runs), (16, 8, 2));
+    assert_eq!(r.model.family, "qwen3_moe");
+    assert_eq!(r.model.quant["experts"], "affine4g64");
+    assert!(r.backend.starts_with("cpu"), "{}", r.backend);
+    assert!(!r.device.name.is_empty());
+    assert!(!r.git_commit.is_empty());
+    assert!(r.timestamp_utc.ends_with('Z') && r.timestamp_utc.len() == 20, "{}", r.timestamp_utc);
+    assert!(r.command.contains("bench") && r.command.contains("--gen-tokens 8"), "{}", r.command);
+    assert!(r.identical_tokens, "greedy runs must generate the same tokens");
+    let pos = |x: f64| x.is_finite() && x > 0.0;
+    for run in &r.runs {
+        assert_eq!(run.decode_tokens, 7);
+        assert!(pos(run.prefill_tok_s) && pos(run.decode_tok_s) && pos(run.prefill_secs) && pos(run.decode_secs));
+        assert!((run.prefill_tok_s - 16.0 / run.prefill_secs).abs() <= 1e-6 * run.prefill_tok_s);
+        assert!((run.decode_tok_s - 7.0 / run.decode_secs).abs() <= 1e-6 * run.decode_tok_s);
+    }
+    // Two runs: the median is their mean, between min and max.
+    let mean = |f: fn(&zmoe::bench::RunResult) -> f64| (f(&r.runs[0]) + f(&r.runs[1])) / 2.0;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
+    assert!(close(r.prefill_tok_s.median, mean(|x| x.prefill_tok_s)));
+    assert!(close(r.decode_tok_s.median, mean(|x| x.decode_tok_s)));
+    assert!(r.decode_tok_s.min <= r.decode_tok_s.median && r.decode_tok_s.median <= r.decode_tok_s.max);
+    assert!(r.prefill_tok_s.min <= r.prefill_tok_s.median && r.prefill_tok_s.median <= r.prefill_tok_s.max);
+    // Roofline arithmetic.
+    assert!(r.bytes_per_token > 0);
+    assert!(pos(r.copy_gb_s) && pos(r.achieved_gb_s) && pos(r.roofline_pct) && pos(r.roofline_tok_s));
+    assert!(close(r.achieved_gb_s, r.bytes_per_token as f64 * r.decode_tok_s.median / 1e9));
+    assert!(close(r.roofline_pct, r.achieved_gb_s / r.copy_gb_s * 100.0));
+    assert!(close(r.roofline_tok_s, r.copy_gb_s * 1e9 / r.bytes_per_token as f64));
+
+    // A second run to the same path is refused before benchmarking, and the file is untouched.
+    let err = zmoe_err(&a);
+    assert!(err.contains("exists") && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read_to_string(&capsule).unwrap(), text);
+
+    // --force replaces it.
+    let mut forced = a.clone();
+    let at = forced.iter().position(|&x| x == "--runs").unwrap();
+    forced[at + 1] = "1";
+    forced.push("--force");
+    let out = zmoe(&forced);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r2: BenchReport = serde_json::from_str(&std::fs::read_to_string(&capsule).unwrap()).unwrap();
+    assert_eq!(r2.runs.len(), 1);
+}
+
+#[test]
+fn bench_rejects_bad_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::synth_tiny(tmp.path(), "tiny", SynthQuant::Bf16, 1);
+    let base = ["bench", "--model", s(&model), "--backend", "cpu"];
+    let bad = |extra: &[&str], want: &str| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        let err = zmoe_err(&a);
+        assert!(err.contains(want), "{extra:?}: expected `{want}` in:\n{err}");
+    };
+    bad(&["--runs", "0"], "--runs must be at least 1");
+    bad(&["--gen-tokens", "1"], "--gen-tokens must be at least 2");
+    bad(&["--prompt-tokens", "0"], "--prompt-tokens must be at least 1");
+    bad(&["--prompt-tokens", "40000", "--gen-tokens", "961"], "max_position_embeddings 40960");
+    bad(&["--runs=-1"], "invalid value '-1' for '--runs");
+    let missing = tmp.path().join("no-such-dir").join("x.json");
+    bad(&["--json", s(&missing)], "does not exist");
+    bad(&["--json", s(tmp.path())], "is a folder");
+    assert!(!missing.exists());
+}
+
+#[test]
+fn bench_names_a_missing_model_folder() {
+    let err = zmoe_err(&["bench", "--model", "/no/such/zmoe-model", "--backend", "cpu"]);
+    assert!(err.contains("model folder does not exist"), "{err}");
+}
