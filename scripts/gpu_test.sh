@@ -20,12 +20,15 @@ for l in sys.stdin:
     mkdir -p scratch/gpu
     cp target/release/zmoe scratch/gpu/zmoe
     cp "$exe" scratch/gpu/gpu-tests
+    git rev-parse --short HEAD > scratch/gpu/COMMIT
+    git diff --quiet HEAD -- src tests || echo "warning: uncommitted changes in src/ or tests/ are in these binaries"
     ls -la scratch/gpu
     exit 0
 fi
 
 OUT=${OUT:-$(mktemp -d)}
 export ZMOE_REPO=$PWD ZMOE_CACHE=${ZMOE_CACHE:-/tmp/zmoe-cache}
+export ZMOE_GIT_COMMIT=$(cat scratch/gpu/COMMIT 2>/dev/null)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 tests=$(scratch/gpu/gpu-tests --list --ignored 2>/dev/null | sed -n 's/: test$//p')
 declare -A result

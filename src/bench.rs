@@ -386,7 +386,11 @@ pub fn git_state(dir: &Path) -> (String, Option<bool>) {
             let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
             (commit, dirty)
         }
-        None => ("unknown".into(), None),
+        // Off the repository (e.g. binaries carried to a GPU machine): the build's commit.
+        None => match std::env::var("ZMOE_GIT_COMMIT") {
+            Ok(c) if !c.is_empty() => (c, None),
+            _ => ("unknown".into(), None),
+        },
     }
 }
 

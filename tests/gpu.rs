@@ -187,6 +187,38 @@ fn golden_dirs() -> Vec<PathBuf> {
     v
 }
 
+/// A copy of a model folder with every f32 tensor rounded to bf16 — the GPU stores float
+/// weights in bf16, so the CPU reference must see the same weights for a fair comparison.
+fn as_bf16_weights(dir: &std::path::Path) -> (tempfile::TempDir, PathBuf) {
+    use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+    let tmp = tempfile::tempdir().unwrap();
+    common::copy_model(dir, tmp.path());
+    let path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let list: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            if v.dtype() == Dtype::F32 {
+                let data = v
+                    .data()
+                    .chunks_exact(4)
+                    .flat_map(|c| bf16_bits(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+                    .collect();
+                (n, Dtype::BF16, v.shape().to_vec(), data)
+            } else {
+                (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())
+            }
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> =
+        list.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let p = tmp.path().to_path_buf();
+    (tmp, p)
+}
+
 fn backends(model: &Model, graph: bool) -> (CpuBackend, CudaBackend) {
     let plan = Plan::reference(model.config());
     let cpu = CpuBackend::new(model.config().clone(), model.weights.clone(), plan.clone());
@@ -203,17 +235,32 @@ fn model_logits_match_cpu() {
     dirs.push(common::synth_tiny(tmp.path(), "tiny4", SynthQuant::Affine4, 21));
     dirs.push(common::synth_tiny(tmp.path(), "tiny8", SynthQuant::Affine8, 22));
     dirs.push(common::synth_tiny(tmp.path(), "tinybf", SynthQuant::Bf16, 23));
+    let mut failures = Vec::new();
     for dir in dirs {
-        let model = Model::load(&dir).unwrap();
-        let v = model.config().vocab_size as u32;
-        let tokens: Vec<u32> = (0..100).map(|i| (i * 7919 + 13) % v).collect();
+        let (_keep, bf) = as_bf16_weights(&dir);
+        let model = Model::load(&bf).unwrap();
+        let v = model.config().vocab_size;
+        let tokens: Vec<u32> = (0..100).map(|i| (i * 7919 + 13) % v as u32).collect();
         let (mut cpu, mut gpu) = backends(&model, false);
         let want = cpu.forward(&tokens, true).unwrap();
         let got = gpu.forward(&tokens, true).unwrap();
-        let e = rel_err(&got, &want);
-        println!("{}: logits rel err {e:.2e}", dir.display());
-        assert!(e < 3e-2, "{}: rel err {e}", dir.display());
+        // Per position: bf16 activations give ~1e-2; a router choice that flips under bf16
+        // (near-tie gates) gives an isolated spike. Require the typical position to be within
+        // bf16 tolerance and spikes to be rare.
+        let mut per_pos: Vec<f64> =
+            (0..tokens.len()).map(|p| rel_err(&got[p * v..(p + 1) * v], &want[p * v..(p + 1) * v])).collect();
+        let spikes = per_pos.iter().filter(|&&e| e > 5e-2).count();
+        per_pos.sort_by(f64::total_cmp);
+        let (median, worst) = (per_pos[per_pos.len() / 2], per_pos[per_pos.len() - 1]);
+        println!(
+            "{}: logits rel err median {median:.1e}, worst {worst:.1e}, spikes >5e-2: {spikes}/100",
+            dir.display()
+        );
+        if median > 2e-2 || spikes > 10 || !got.iter().all(|x| x.is_finite()) {
+            failures.push(format!("{}: median {median}, spikes {spikes}", dir.display()));
+        }
     }
+    assert!(failures.is_empty(), "{failures:?}");
 }
 
 /// Teacher-forced greedy: feed the CPU's greedy sequence to both; the GPU's argmax must equal
@@ -221,8 +268,10 @@ fn model_logits_match_cpu() {
 #[test]
 #[ignore]
 fn teacher_forced_greedy_agrees() {
+    let mut failures = Vec::new();
     for dir in golden_dirs() {
-        let model = Model::load(&dir).unwrap();
+        let (_keep, bf) = as_bf16_weights(&dir);
+        let model = Model::load(&bf).unwrap();
         let g: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
         let prompt: Vec<u32> =
@@ -240,10 +289,12 @@ fn teacher_forced_greedy_agrees() {
         let want = cpu.forward(&seq, true).unwrap();
         let got = gpu.forward(&seq, true).unwrap();
         let vsz = model.config().vocab_size;
-        let bound = (0..seq.len())
-            .map(|p| (0..vsz).map(|i| (got[p * vsz + i] - want[p * vsz + i]).abs()).fold(0f32, f32::max))
-            .fold(0f32, f32::max)
-            * 2.0;
+        // The bf16 error bound, measured once over the whole run (not at the position being
+        // judged, which would be circular): the 99.9th percentile of |Δlogit|, doubled
+        // (two logits must move to swap top-1 and top-2).
+        let mut errs: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+        errs.sort_by(f32::total_cmp);
+        let bound = 2.0 * errs[errs.len() * 999 / 1000];
         let mut disagreements = Vec::new();
         for p in prompt.len() - 1..seq.len() {
             let (w, gg) = (&want[p * vsz..(p + 1) * vsz], &got[p * vsz..(p + 1) * vsz]);
@@ -253,11 +304,15 @@ fn teacher_forced_greedy_agrees() {
             let margin = sorted[0] - sorted[1];
             if a != b {
                 disagreements.push(format!("pos {p}: cpu {a} gpu {b} margin {margin:.4}"));
-                assert!(margin <= bound, "{}: pos {p} cpu {a} gpu {b}, margin {margin} > bound {bound}", dir.display());
+                if margin > bound {
+                    failures
+                        .push(format!("{}: pos {p} cpu {a} gpu {b}, margin {margin} > bound {bound}", dir.display()));
+                }
             }
         }
         println!("{}: 65 positions, error bound {bound:.4}, disagreements {:?}", dir.display(), disagreements);
     }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 /// Decode through the captured graph gives bit-identical logits to eager launches.

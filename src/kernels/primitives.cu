@@ -94,25 +94,25 @@ extern "C" __global__ void attn_partial(const bf16* q, const bf16* kc, const bf1
     int n_keys = *pos + m + 1;
     int s0 = split * chunk, s1 = min(s0 + chunk, n_keys);
     long out = (long)mh * nsplit + split;
-    const int per = D / 32;  // elements per lane (D is a multiple of 32, ≤ MAXD)
+    // Lane l holds elements l, l+32, ... of the head (D ≤ MAXD).
     float qv[MAXD / 32], acc[MAXD / 32];
     const bf16* qr = q + (long)mh * D;
 #pragma unroll
     for (int i = 0; i < MAXD / 32; i++) {
-        qv[i] = i < per ? bf2f(qr[lane * per + i]) : 0.f;
+        qv[i] = lane + 32 * i < D ? bf2f(qr[lane + 32 * i]) : 0.f;
         acc[i] = 0.f;
     }
     float mx = -INFINITY, l = 0.f;
     for (int s = s0 + wid; s < s1; s += nw) {
-        const bf16* kr = kc + ((long)s * nkv + kvh) * D + lane * per;
+        const bf16* kr = kc + ((long)s * nkv + kvh) * D + lane;
         float d = 0.f;
 #pragma unroll
-        for (int i = 0; i < MAXD / 32; i++) if (i < per) d += qv[i] * bf2f(kr[i]);
+        for (int i = 0; i < MAXD / 32; i++) if (lane + 32 * i < D) d += qv[i] * bf2f(kr[32 * i]);
         d = warp_sum(d) * scale;
         float mn = fmaxf(mx, d), a = expf(mx - mn), p = expf(d - mn);
-        const bf16* vr = vc + ((long)s * nkv + kvh) * D + lane * per;
+        const bf16* vr = vc + ((long)s * nkv + kvh) * D + lane;
 #pragma unroll
-        for (int i = 0; i < MAXD / 32; i++) if (i < per) acc[i] = acc[i] * a + p * bf2f(vr[i]);
+        for (int i = 0; i < MAXD / 32; i++) if (lane + 32 * i < D) acc[i] = acc[i] * a + p * bf2f(vr[32 * i]);
         l = l * a + p;
         mx = mn;
     }
@@ -120,7 +120,7 @@ extern "C" __global__ void attn_partial(const bf16* q, const bf16* kc, const bf1
     __shared__ float sm_o[8][MAXD];
     if (lane == 0) { sm_ml[wid][0] = mx; sm_ml[wid][1] = l; }
 #pragma unroll
-    for (int i = 0; i < MAXD / 32; i++) if (i < per) sm_o[wid][lane * per + i] = acc[i];
+    for (int i = 0; i < MAXD / 32; i++) if (lane + 32 * i < D) sm_o[wid][lane + 32 * i] = acc[i];
     __syncthreads();
     if (wid == 0) {
         float M2 = -INFINITY;
@@ -133,10 +133,10 @@ extern "C" __global__ void attn_partial(const bf16* q, const bf16* kc, const bf1
             float f = sm_ml[w2][1] > 0.f ? expf(sm_ml[w2][0] - M2) : 0.f;
             L += sm_ml[w2][1] * f;
 #pragma unroll
-            for (int i = 0; i < MAXD / 32; i++) if (i < per) o[i] += sm_o[w2][lane * per + i] * f;
+            for (int i = 0; i < MAXD / 32; i++) if (lane + 32 * i < D) o[i] += sm_o[w2][lane + 32 * i] * f;
         }
 #pragma unroll
-        for (int i = 0; i < MAXD / 32; i++) if (i < per) part_o[out * D + lane * per + i] = o[i];
+        for (int i = 0; i < MAXD / 32; i++) if (lane + 32 * i < D) part_o[out * D + lane + 32 * i] = o[i];
         if (lane == 0) { part_ml[out * 2] = M2; part_ml[out * 2 + 1] = L; }
     }
 }
