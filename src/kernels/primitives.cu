@@ -223,32 +223,3 @@ extern "C" __global__ void add_inplace(bf16* x, const bf16* y, long n) {
 extern "C" __global__ void take_row(const bf16* x, bf16* y, int row, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = x[(long)row * n + i];
 }
-
-// Greedy pick: *tok = argmax(x[0..n)) (lowest index among equal maxima); then *pos += 1.
-// One block of 1024 threads. Running it inside the decode graph keeps the loop on the GPU.
-extern "C" __global__ void argmax_advance(const float* x, int n, int* tok, int* pos, int advance) {
-    float bv = -INFINITY; int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) if (x[i] > bv) { bv = x[i]; bi = i; }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o); int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-    }
-    __shared__ float sv[32]; __shared__ int si[32];
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    if (lane == 0) { sv[wid] = bv; si[wid] = bi; }
-    __syncthreads();
-    if (wid == 0) {
-        int nw = blockDim.x >> 5;
-        bv = lane < nw ? sv[lane] : -INFINITY; bi = lane < nw ? si[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o); int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-        }
-        if (lane == 0) { *tok = bi; if (advance) *pos += 1; }
-    }
-}
-
-// *pos += by (decode graphs advance the position on the device).
-extern "C" __global__ void advance_pos(int* pos, int by) { *pos += by; }
