@@ -71,11 +71,17 @@ struct DLayer {
     k: DLinear,
     v: DLinear,
     o: DLinear,
-    /// Dense: gate, up, down. MoE: router, and stacked gate/up/down experts.
-    mlp: [DLinear; 3],
-    experts: Option<[DMat; 3]>,
+    mlp: DMlp,
     k_cache: u64,
     v_cache: u64,
+}
+
+/// A layer's feed-forward block on the device (mirrors [`Mlp`]).
+enum DMlp {
+    /// gate, up, down.
+    Dense([DLinear; 3]),
+    /// Router, and gate/up/down of all experts stacked `[E, rows, ...]`.
+    Moe { router: DLinear, experts: [DMat; 3] },
 }
 
 /// Device activation buffers, one per [`Buf`], plus router state and scalars.
@@ -107,7 +113,6 @@ pub struct CudaBackend {
     pos: usize,
     use_graph: bool,
     graph: Option<cudarc::driver::CudaGraph>,
-    logits_host: Vec<f32>,
 }
 
 fn unsupported(what: String) -> Error {
@@ -210,20 +215,20 @@ impl CudaBackend {
         let kv_row = c.num_kv_heads * d;
         let mut layers = Vec::with_capacity(c.num_layers);
         for lw in &weights.layers {
-            let zero = DLinear { m: embed, bias: 0 };
-            let (mlp, experts) = match &lw.mlp {
-                Mlp::Dense { gate, up, down } => (
-                    [upload_linear(&mut dev, gate)?, upload_linear(&mut dev, up)?, upload_linear(&mut dev, down)?],
-                    None,
-                ),
-                Mlp::Moe { router, experts } => (
-                    [upload_linear(&mut dev, router)?, zero, zero],
-                    Some([
+            let mlp = match &lw.mlp {
+                Mlp::Dense { gate, up, down } => DMlp::Dense([
+                    upload_linear(&mut dev, gate)?,
+                    upload_linear(&mut dev, up)?,
+                    upload_linear(&mut dev, down)?,
+                ]),
+                Mlp::Moe { router, experts } => DMlp::Moe {
+                    router: upload_linear(&mut dev, router)?,
+                    experts: [
                         upload_mats(&mut dev, &experts.gate)?,
                         upload_mats(&mut dev, &experts.up)?,
                         upload_mats(&mut dev, &experts.down)?,
-                    ]),
-                ),
+                    ],
+                },
             };
             layers.push(DLayer {
                 input_norm: dev.upload(&lw.input_norm)?,
@@ -235,7 +240,6 @@ impl CudaBackend {
                 v: upload_linear(&mut dev, &lw.v)?,
                 o: upload_linear(&mut dev, &lw.o)?,
                 mlp,
-                experts,
                 k_cache: dev.alloc(max_ctx * kv_row * 2)?,
                 v_cache: dev.alloc(max_ctx * kv_row * 2)?,
             });
@@ -286,7 +290,6 @@ impl CudaBackend {
             pos: 0,
             use_graph,
             graph: None,
-            logits_host: Vec::new(),
         })
     }
 
@@ -302,17 +305,25 @@ impl CudaBackend {
         self.st.io + 4
     }
 
-    fn linear(&self, r: LinRef) -> &DLinear {
-        match r {
+    fn linear(&self, r: LinRef) -> Result<&DLinear> {
+        let dense = |l: usize, i: usize| match &self.layers[l].mlp {
+            DMlp::Dense(w) => Ok(&w[i]),
+            DMlp::Moe { .. } => Err(Error::Cuda(format!("plan asks for a dense MLP weight of MoE layer {l}"))),
+        };
+        Ok(match r {
             LinRef::Q(l) => &self.layers[l].q,
             LinRef::K(l) => &self.layers[l].k,
             LinRef::V(l) => &self.layers[l].v,
             LinRef::O(l) => &self.layers[l].o,
-            LinRef::DenseGate(l) | LinRef::Router(l) => &self.layers[l].mlp[0],
-            LinRef::DenseUp(l) => &self.layers[l].mlp[1],
-            LinRef::DenseDown(l) => &self.layers[l].mlp[2],
+            LinRef::DenseGate(l) => dense(l, 0)?,
+            LinRef::DenseUp(l) => dense(l, 1)?,
+            LinRef::DenseDown(l) => dense(l, 2)?,
+            LinRef::Router(l) => match &self.layers[l].mlp {
+                DMlp::Moe { router, .. } => router,
+                DMlp::Dense(_) => return Err(Error::Cuda(format!("plan asks for the router of dense layer {l}"))),
+            },
             LinRef::LmHead => &self.lm_head,
-        }
+        })
     }
 
     fn norm(&self, r: NormRef) -> u64 {
@@ -326,7 +337,10 @@ impl CudaBackend {
     }
 
     fn experts(&self, l: usize) -> Result<&[DMat; 3]> {
-        self.layers[l].experts.as_ref().ok_or_else(|| Error::Cuda(format!("plan asks for experts of dense layer {l}")))
+        match &self.layers[l].mlp {
+            DMlp::Moe { experts, .. } => Ok(experts),
+            DMlp::Dense(_) => Err(Error::Cuda(format!("plan asks for experts of dense layer {l}"))),
+        }
     }
 
     /// Launches one step over `m` rows (m may shrink to 1 at `LastRow`).
@@ -354,7 +368,7 @@ impl CudaBackend {
                 dev.launch("rmsnorm", ((mm * heads) as u32, 1, 1), 128, &a)?;
             }
             Step::Linear { w, src, dst } => {
-                let lin = *self.linear(w);
+                let lin = *self.linear(w)?;
                 let out_f32 = matches!(dst, Buf::RouterLogits | Buf::Logits);
                 let (n, kk) = (lin.m.rows, lin.m.cols);
                 let mut a = lin.m.args().to_vec();
@@ -508,7 +522,7 @@ impl CudaBackend {
         r.map(|_| rows)
     }
 
-    fn read_logits(&mut self, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn read_logits(&self, rows: usize, out: &mut Vec<f32>) -> Result<()> {
         let v = self.cfg.vocab_size;
         let start = out.len();
         out.resize(start + rows * v, 0.0);
@@ -584,11 +598,7 @@ impl Backend for CudaBackend {
             };
             self.pos += chunk.len();
             if all_logits || last {
-                let mut host = std::mem::take(&mut self.logits_host);
-                host.clear();
-                self.read_logits(rows, &mut host)?;
-                logits.extend_from_slice(&host);
-                self.logits_host = host;
+                self.read_logits(rows, &mut logits)?;
             }
         }
         Ok(logits)
