@@ -63,6 +63,43 @@ struct QMat {
     int fmt, bits, group;
 };
 
+// Affine rows, BITS in {4, 8}: lane l takes the 16-byte chunks l, l+32, ... of the packed
+// row; a chunk holds 128/BITS codes, all inside one group (the group size is a multiple of
+// 32). Per chunk and token: sc·Σ q·x + bi·Σ x, added to acc[m].
+template <int MT, int BITS>
+__device__ __forceinline__ void affine_partial(const QMat& W, long r, int K, const bf16* x, int ldx, int M, int lane,
+                                               float* acc) {
+    constexpr int CODES = 128 / BITS, XV = CODES / 8, PER_WORD = 32 / BITS;
+    constexpr u32 MASK = (1u << BITS) - 1u;
+    const uint4* wr = (const uint4*)((const u32*)W.w + r * (long)(K / PER_WORD));
+    int gpr = K / W.group;
+    for (int c = lane; c < K / CODES; c += WARP) {
+        uint4 v = wr[c];
+        u32 wd[4] = {v.x, v.y, v.z, v.w};
+        int g = (c * CODES) / W.group;
+        float sc = bf2f(W.s[r * gpr + g]), bi = bf2f(W.b[r * gpr + g]);
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            if (m < M) {
+                const uint4* xr = (const uint4*)(x + (long)m * ldx) + c * XV;
+                float qx = 0.f, sx = 0.f;
+#pragma unroll
+                for (int j = 0; j < XV; j++) {
+                    float xf[8];
+                    unpack8(xr[j], xf);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        int e = j * 8 + i;
+                        qx += (float)((wd[e / PER_WORD] >> (BITS * (e % PER_WORD))) & MASK) * xf[i];
+                        sx += xf[i];
+                    }
+                }
+                acc[m] += sc * qx + bi * sx;
+            }
+        }
+    }
+}
+
 // Partial dot products of weight row `r` with up to 8 token rows of x (x + m*ldx), one
 // partial per lane; the caller reduces across the warp with warp_sum. Lane l handles the
 // 16-byte chunks l, l+32, l+64, ... of the row. K must be a multiple of 32 (affine: and of
@@ -90,60 +127,9 @@ __device__ __forceinline__ void row_dot_partial(const QMat& W, long r, int K, co
             }
         }
     } else if (W.bits == 4) {
-        // One uint4 = 32 codes, all inside one group (group is a multiple of 32).
-        const uint4* wr = (const uint4*)((const u32*)W.w + r * (long)(K / 8));
-        int gpr = K / W.group;
-        for (int c = lane; c < K / 32; c += WARP) {
-            uint4 v = wr[c];
-            u32 wd[4] = {v.x, v.y, v.z, v.w};
-            int g = (c * 32) / W.group;
-            float sc = bf2f(W.s[r * gpr + g]), bi = bf2f(W.b[r * gpr + g]);
-#pragma unroll
-            for (int m = 0; m < MT; m++) {
-                if (m < M) {
-                    const uint4* xr = (const uint4*)(x + (long)m * ldx) + c * 4;
-                    float qx = 0.f, sx = 0.f;
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        float xf[8];
-                        unpack8(xr[j], xf);
-#pragma unroll
-                        for (int i = 0; i < 8; i++) {
-                            qx += (float)((wd[j] >> (4 * i)) & 0xfu) * xf[i];
-                            sx += xf[i];
-                        }
-                    }
-                    acc[m] += sc * qx + bi * sx;
-                }
-            }
-        }
-    } else {  // 8-bit: one uint4 = 16 codes
-        const uint4* wr = (const uint4*)((const u32*)W.w + r * (long)(K / 4));
-        int gpr = K / W.group;
-        for (int c = lane; c < K / 16; c += WARP) {
-            uint4 v = wr[c];
-            u32 wd[4] = {v.x, v.y, v.z, v.w};
-            int g = (c * 16) / W.group;
-            float sc = bf2f(W.s[r * gpr + g]), bi = bf2f(W.b[r * gpr + g]);
-#pragma unroll
-            for (int m = 0; m < MT; m++) {
-                if (m < M) {
-                    const uint4* xr = (const uint4*)(x + (long)m * ldx) + c * 2;
-                    float qx = 0.f, sx = 0.f;
-#pragma unroll
-                    for (int j = 0; j < 2; j++) {
-                        float xf[8];
-                        unpack8(xr[j], xf);
-#pragma unroll
-                        for (int i = 0; i < 8; i++) {
-                            qx += (float)((wd[2 * j + i / 4] >> (8 * (i % 4))) & 0xffu) * xf[i];
-                            sx += xf[i];
-                        }
-                    }
-                    acc[m] += sc * qx + bi * sx;
-                }
-            }
-        }
+        affine_partial<MT, 4>(W, r, K, x, ldx, M, lane, acc);
+    } else {
+        affine_partial<MT, 8>(W, r, K, x, ldx, M, lane, acc);
     }
 }
 
@@ -153,7 +139,8 @@ __device__ __forceinline__ float qmat_elem(const QMat& W, long r, int K, int k) 
     int gpr = K / W.group, g = k / W.group;
     float sc = bf2f(W.s[r * gpr + g]), bi = bf2f(W.b[r * gpr + g]);
     const u32* row = (const u32*)W.w + r * (long)(K * W.bits / 32);
-    u32 q = W.bits == 4 ? (row[k / 8] >> (4 * (k % 8))) & 0xfu : (row[k / 4] >> (8 * (k % 4))) & 0xffu;
+    int per_word = 32 / W.bits;
+    u32 q = (row[k / per_word] >> (W.bits * (k % per_word))) & ((1u << W.bits) - 1u);
     return sc * (float)q + bi;
 }
 
