@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::{copy_model, zmoe, zmoe_err};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::Dtype;
 use zmoe::checkpoint::synth::SynthQuant;
 
 /// One tiny affine-4 model shared by the tests of this binary (read-only).
@@ -25,21 +25,9 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Copies the shared model and rewrites its safetensors through `edit`
-/// (a list of (name, dtype, shape, bytes) that the closure may change).
-fn with_tensors(edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_model(model(), tmp.path());
-    let path = tmp.path().join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut list: Vec<_> =
-        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
-    edit(&mut list);
-    let views: Vec<(String, TensorView)> =
-        list.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
-    tmp
+/// Copies the shared model and rewrites its safetensors through `edit`.
+fn with_tensors(edit: impl FnOnce(&mut Vec<common::RawTensor>)) -> tempfile::TempDir {
+    common::copy_with_tensors(model(), edit)
 }
 
 #[test]

@@ -19,6 +19,10 @@ fn bf16_bits(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
 }
 
+fn to_bf16(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| bf16_bits(x)).collect()
+}
+
 fn from_bf16(v: &[u16]) -> Vec<f32> {
     v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect()
 }
@@ -60,19 +64,14 @@ fn kernel_matvec_matches_cpu() {
                         &mut deq[r * k..][..k],
                     );
                 }
-                (
-                    bytes,
-                    q.scales.iter().map(|&v| bf16_bits(v)).collect(),
-                    q.biases.iter().map(|&v| bf16_bits(v)).collect(),
-                    deq,
-                )
+                (bytes, to_bf16(&q.scales), to_bf16(&q.biases), deq)
             };
             let want: Vec<f32> =
                 (0..m * n).map(|i| (0..k).map(|j| x[(i / n) * k + j] * wf[(i % n) * k + j]).sum()).collect();
             let pw = dev.upload(&wq).unwrap();
             let ps = if s.is_empty() { 0 } else { dev.upload(&s).unwrap() };
             let pb = if b.is_empty() { 0 } else { dev.upload(&b).unwrap() };
-            let xb: Vec<u16> = x.iter().map(|&v| bf16_bits(v)).collect();
+            let xb = to_bf16(&x);
             let px = dev.upload(&xb).unwrap();
             let py = dev.alloc(m * n * 4).unwrap();
             dev.fill(py, 0xFF, m * n * 4).unwrap(); // poison: NaN
@@ -134,7 +133,7 @@ fn kernel_elementwise_match_cpu() {
     let (rows, n) = (7usize, 2048usize);
     let x: Vec<f32> = (0..rows * n).map(|_| half::bf16::from_f32(rng.normal() * 3.0).to_f32()).collect();
     let w: Vec<f32> = (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect();
-    let px = dev.upload(&x.iter().map(|&v| bf16_bits(v)).collect::<Vec<_>>()).unwrap();
+    let px = dev.upload(&to_bf16(&x)).unwrap();
     let pw = dev.upload(&w).unwrap();
     let py = dev.alloc(rows * n * 2).unwrap();
     dev.fill(py, 0xFF, rows * n * 2).unwrap();
@@ -156,10 +155,7 @@ fn kernel_elementwise_match_cpu() {
     let len = 5000usize;
     let g: Vec<f32> = (0..len).map(|_| half::bf16::from_f32(rng.normal() * 2.0).to_f32()).collect();
     let u: Vec<f32> = (0..len).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
-    let (pg, pu) = (
-        dev.upload(&g.iter().map(|&v| bf16_bits(v)).collect::<Vec<_>>()).unwrap(),
-        dev.upload(&u.iter().map(|&v| bf16_bits(v)).collect::<Vec<_>>()).unwrap(),
-    );
+    let (pg, pu) = (dev.upload(&to_bf16(&g)).unwrap(), dev.upload(&to_bf16(&u)).unwrap());
     let pa = dev.alloc(len * 2).unwrap();
     dev.fill(pa, 0xFF, len * 2).unwrap();
     dev.launch("swiglu", (20, 1, 1), 256, &[Arg::Ptr(pg), Arg::Ptr(pu), Arg::Ptr(pa), Arg::I64(len as i64)]).unwrap();
@@ -189,34 +185,14 @@ fn golden_dirs() -> Vec<PathBuf> {
 
 /// A copy of a model folder with every f32 tensor rounded to bf16 — the GPU stores float
 /// weights in bf16, so the CPU reference must see the same weights for a fair comparison.
-fn as_bf16_weights(dir: &std::path::Path) -> (tempfile::TempDir, PathBuf) {
-    use safetensors::{Dtype, SafeTensors, tensor::TensorView};
-    let tmp = tempfile::tempdir().unwrap();
-    common::copy_model(dir, tmp.path());
-    let path = tmp.path().join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let list: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            if v.dtype() == Dtype::F32 {
-                let data = v
-                    .data()
-                    .chunks_exact(4)
-                    .flat_map(|c| bf16_bits(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
-                    .collect();
-                (n, Dtype::BF16, v.shape().to_vec(), data)
-            } else {
-                (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())
-            }
-        })
-        .collect();
-    let views: Vec<(String, TensorView)> =
-        list.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
-    let p = tmp.path().to_path_buf();
-    (tmp, p)
+fn as_bf16_weights(dir: &std::path::Path) -> tempfile::TempDir {
+    common::copy_with_tensors(dir, |list| {
+        for (_, dtype, _, data) in list.iter_mut().filter(|t| t.1 == safetensors::Dtype::F32) {
+            let f: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            *data = to_bf16(&f).iter().flat_map(|b| b.to_le_bytes()).collect();
+            *dtype = safetensors::Dtype::BF16;
+        }
+    })
 }
 
 fn backends(model: &Model, graph: bool) -> (CpuBackend, CudaBackend) {
@@ -237,8 +213,8 @@ fn model_logits_match_cpu() {
     dirs.push(common::synth_tiny(tmp.path(), "tinybf", SynthQuant::Bf16, 23));
     let mut failures = Vec::new();
     for dir in dirs {
-        let (_keep, bf) = as_bf16_weights(&dir);
-        let model = Model::load(&bf).unwrap();
+        let bf = as_bf16_weights(&dir);
+        let model = Model::load(bf.path()).unwrap();
         let v = model.config().vocab_size;
         let tokens: Vec<u32> = (0..100).map(|i| (i * 7919 + 13) % v as u32).collect();
         let (mut cpu, mut gpu) = backends(&model, false);
@@ -270,8 +246,8 @@ fn model_logits_match_cpu() {
 fn teacher_forced_greedy_agrees() {
     let mut failures = Vec::new();
     for dir in golden_dirs() {
-        let (_keep, bf) = as_bf16_weights(&dir);
-        let model = Model::load(&bf).unwrap();
+        let bf = as_bf16_weights(&dir);
+        let model = Model::load(bf.path()).unwrap();
         let g: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
         let prompt: Vec<u32> =

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use zmoe::checkpoint::synth::{self, SynthQuant, SynthSpec};
 
 /// Writes a synthetic tiny qwen3_moe model into `dir/name` and returns its path.
@@ -43,4 +44,24 @@ pub fn copy_model(src: &Path, dst: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
+}
+
+/// One tensor of a safetensors file: (name, dtype, shape, bytes).
+pub type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// A copy of model folder `src` whose model.safetensors was rewritten through `edit`
+/// (which may change, add or drop tensors). The copy lives as long as the returned folder.
+pub fn copy_with_tensors(src: &Path, edit: impl FnOnce(&mut Vec<RawTensor>)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_model(src, tmp.path());
+    let path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut list: Vec<RawTensor> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    edit(&mut list);
+    let views: Vec<(String, TensorView)> =
+        list.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    tmp
 }
