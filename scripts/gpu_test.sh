@@ -37,17 +37,25 @@ for t in $tests; do
         result[$t]=PASS
     else
         result[$t]=FAIL
+        tail -25 "$OUT/$t.log" | sed "s/^/  [$t FAIL] /"
     fi
-    grep -E "rel err|disagreements|graph ==" "$OUT/$t.log" | sed "s/^/  [$t] /" | tail -12
+    grep -E "rel err|disagreements|graph ==|bit-exact|differ from|profile:" "$OUT/$t.log" | sed "s/^/  [$t] /" | tail -12
 done
 if [ "${2:-}" = bench ] || [ "$mode" = bench ]; then
     M=/tmp/zmoe-q30b-a4
     [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --preset qwen3-30b-a3b --quant affine4 --seed 0 --out "$M" 2>&1 | tail -2
+    # Reference plan: graph (with a per-step profile) and eager, side by side.
     for g in graph eager; do
-        flag=""; [ $g = eager ] && flag="--eager"
-        scratch/gpu/zmoe bench --model "$M" --backend cuda $flag --prompt-tokens 512 --gen-tokens 128 --runs 3 \
-            --json "$OUT/bench-q30b-a4-$g.json" --force 2>&1 | tee "$OUT/bench-$g.txt" | tail -20
+        flag=""; prof="--profile"; [ $g = eager ] && flag="--eager" && prof=""
+        scratch/gpu/zmoe bench --model "$M" --backend cuda --patterns none $flag --prompt-tokens 512 \
+            --gen-tokens 128 --runs 3 --json "$OUT/bench-q30b-a4-$g.json" --force $prof 2>&1 |
+            tee "$OUT/bench-$g.txt" | tail -45
     done
+    # Patched plan: its per-step profile, then validate (reference vs patched in one run).
+    scratch/gpu/zmoe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
+        --json "$OUT/bench-q30b-a4-patched.json" --force --profile 2>&1 | tee "$OUT/bench-patched.txt" | tail -32
+    scratch/gpu/zmoe validate --model "$M" --backend cuda --max-tokens 200 --runs 3 \
+        --capsule "$OUT/validate-q30b-a4.json" --force 2>&1 | tee "$OUT/validate.txt" | tail -16
 fi
 echo
 echo "| GPU test | result |"

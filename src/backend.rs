@@ -14,6 +14,7 @@ use crate::cuda::CudaBackend;
 use crate::error::{Error, Result};
 use crate::model::Weights;
 use crate::plan::Plan;
+use crate::sample::Sampler;
 
 /// Executes a plan for one sequence.
 pub trait Backend {
@@ -25,9 +26,25 @@ pub trait Backend {
     fn position(&self) -> usize;
     /// Empties the KV cache.
     fn reset(&mut self);
+    /// The plan being run.
+    fn plan(&self) -> &Plan;
+    /// Runs `plan` from now on (same weights and buffers); empties the KV cache.
+    fn set_plan(&mut self, plan: Plan);
     /// Runs `tokens` at positions `position()..position()+T` and appends them to the cache.
     /// Returns logits `[T, V]` if `all_logits`, else `[1, V]` for the last token.
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>>;
+    /// Runs `tokens` like [`Backend::forward`] and picks the next token from the last row's
+    /// logits with `sampler`. Backends that can sample on the device override this and skip
+    /// copying the logits to the host.
+    fn forward_sample(&mut self, tokens: &[u32], sampler: &mut Sampler) -> Result<u32> {
+        let logits = self.forward(tokens, false)?;
+        Ok(sampler.sample(&logits))
+    }
+    /// Per-step time of one decode step at the current position, in plan order (CUDA only).
+    fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
+        let _ = replays;
+        Err(Error::Unavailable(format!("per-step decode profile: not supported by the {} backend", self.name())))
+    }
     /// Describes the device: name, driver version, total memory.
     fn device_info(&self) -> DeviceInfo {
         DeviceInfo::host()
@@ -40,6 +57,15 @@ pub trait Backend {
     fn measure_copy_bandwidth(&mut self) -> Result<f64> {
         measure_host_copy_bandwidth()
     }
+}
+
+/// Time of one step of a profiled decode step.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepTime {
+    /// [`Step::kind`](crate::plan::Step::kind), e.g. `linear q`.
+    pub kind: String,
+    /// Microseconds (mean over replays).
+    pub us: f64,
 }
 
 /// What a backend runs on, as recorded in benchmark capsules.

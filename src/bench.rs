@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, DeviceInfo, Model};
+use crate::backend::{Backend, DeviceInfo, Model, StepTime};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, GenerateStats, generate};
@@ -44,11 +44,14 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Seed of the pseudo-random prompt.
     pub seed: u64,
+    /// After the runs, time each step of one decode step at context `prompt_tokens`.
+    #[serde(default)]
+    pub profile: bool,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { prompt_tokens: 512, gen_tokens: 128, runs: 3, warmup: 1, seed: 0 }
+        BenchOptions { prompt_tokens: 512, gen_tokens: 128, runs: 3, warmup: 1, seed: 0, profile: false }
     }
 }
 
@@ -104,7 +107,7 @@ pub struct RunResult {
 }
 
 impl RunResult {
-    fn from_stats(s: &GenerateStats) -> RunResult {
+    pub(crate) fn from_stats(s: &GenerateStats) -> RunResult {
         RunResult {
             prefill_secs: s.prefill_secs,
             prefill_tok_s: s.prefill_tps(),
@@ -236,6 +239,9 @@ pub struct BenchReport {
     pub model: ModelSummary,
     /// The backend's name, e.g. `cpu (2 threads)`.
     pub backend: String,
+    /// The plan that ran: `reference` or the applied patterns joined with `+`.
+    #[serde(default)]
+    pub plan: String,
     /// The device.
     pub device: DeviceInfo,
     /// Peak device memory in bytes over the whole bench, if the backend tracks it.
@@ -260,6 +266,22 @@ pub struct BenchReport {
     pub roofline_pct: f64,
     /// Decode tok/s if every weight byte moved at copy bandwidth: `copy GB/s / bytes per token`.
     pub roofline_tok_s: f64,
+    /// With `settings.profile`: each step of one decode step, in plan order.
+    #[serde(default)]
+    pub profile: Vec<StepTime>,
+}
+
+/// Per-kind totals of a decode profile: `(kind, steps per token, µs per token)`, slowest first.
+pub fn profile_by_kind(steps: &[StepTime]) -> Vec<(String, usize, f64)> {
+    let mut by: BTreeMap<&str, (usize, f64)> = BTreeMap::new();
+    for s in steps {
+        let e = by.entry(&s.kind).or_default();
+        e.0 += 1;
+        e.1 += s.us;
+    }
+    let mut v: Vec<(String, usize, f64)> = by.into_iter().map(|(k, (n, us))| (k.to_string(), n, us)).collect();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+    v
 }
 
 /// Which generation a progress callback is reporting.
@@ -340,6 +362,14 @@ pub fn run_bench_with(
         }
     }
     backend.reset();
+    let profile = if opts.profile {
+        backend.forward(&prompt, false)?;
+        let p = backend.profile_decode(5)?;
+        backend.reset();
+        p
+    } else {
+        Vec::new()
+    };
     // Read the peak before the bandwidth test, whose scratch buffers are not the model's.
     let peak_memory_bytes = backend.peak_memory();
     let copy_gb_s = backend.measure_copy_bandwidth()?;
@@ -359,6 +389,7 @@ pub fn run_bench_with(
         command: command_line(),
         model: ModelSummary::of(model),
         backend: backend.name(),
+        plan: backend.plan().name.clone(),
         device: backend.device_info(),
         peak_memory_bytes,
         settings: *opts,
@@ -371,6 +402,7 @@ pub fn run_bench_with(
         achieved_gb_s,
         roofline_pct: achieved_gb_s / copy_gb_s * 100.0,
         roofline_tok_s: copy_gb_s * 1e9 / bytes_per_token.max(1) as f64,
+        profile,
     })
 }
 
@@ -395,7 +427,7 @@ pub fn git_state(dir: &Path) -> (String, Option<bool>) {
 }
 
 /// `std::env::args`, joined with spaces; arguments that need it are single-quoted.
-fn command_line() -> String {
+pub(crate) fn command_line() -> String {
     std::env::args()
         .map(|a| {
             let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
@@ -451,7 +483,7 @@ mod tests {
 
     #[test]
     fn validate_messages() {
-        let ok = BenchOptions { prompt_tokens: 4, gen_tokens: 2, runs: 1, warmup: 0, seed: 0 };
+        let ok = BenchOptions { prompt_tokens: 4, gen_tokens: 2, runs: 1, warmup: 0, seed: 0, profile: false };
         assert!(ok.validate(None).is_ok());
         let err = |o: BenchOptions| o.validate(None).unwrap_err().to_string();
         assert!(err(BenchOptions { runs: 0, ..ok }).contains("--runs"));

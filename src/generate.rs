@@ -61,8 +61,7 @@ pub fn generate(
         return Ok(stats);
     }
     let t0 = Instant::now();
-    let logits = backend.forward(prompt, false)?;
-    let mut next = sampler.sample(&logits);
+    let mut next = backend.forward_sample(prompt, &mut sampler)?;
     stats.prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     loop {
@@ -75,8 +74,7 @@ pub fn generate(
         if stats.tokens.len() >= opts.max_tokens {
             break;
         }
-        let logits = backend.forward(&[next], false)?;
-        next = sampler.sample(&logits);
+        next = backend.forward_sample(&[next], &mut sampler)?;
     }
     stats.decode_secs = t1.elapsed().as_secs_f64();
     Ok(stats)

@@ -11,8 +11,10 @@ use zmoe::bench::{BenchOptions, BenchReport, RunPhase, run_bench_with};
 use zmoe::checkpoint::synth::{self, SynthQuant, SynthSpec};
 use zmoe::generate::{GenerateOptions, GenerateStats, generate};
 use zmoe::plan::Plan;
+use zmoe::plan::patterns::{Selection, describe, patched_plan};
 use zmoe::sample::SamplingParams;
 use zmoe::tokenizer::{self, StreamDecoder};
+use zmoe::validate::{ValidateOptions, ValidateReport, run_validate};
 use zmoe::{BackendKind, Model};
 
 #[derive(Parser)]
@@ -129,6 +131,67 @@ enum Cmd {
         /// Overwrite an existing --json file.
         #[arg(long)]
         force: bool,
+        /// Also time every step of one decode step (CUDA) and print the time per step kind.
+        #[arg(long)]
+        profile: bool,
+    },
+    /// Show which fused patterns apply to a model's layers, and why others do not.
+    Patterns {
+        /// Model folder (only config.json is read).
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        patterns: PatternArgs,
+    },
+    /// Check that the patched plan generates exactly the reference plan's tokens, and how much
+    /// faster it decodes (one model load, both plans, greedy, EOS ignored).
+    ///
+    /// Prints `FIDELITY: m/n tokens identical [PASS|FAIL]` and a speed table; exits non-zero
+    /// on FAIL.
+    Validate {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Tokens generated and compared per run.
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        /// Timed runs per plan (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Untimed warm-up runs per plan.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Prompt text (needs tokenizer.json); default: a fixed pseudo-random prompt.
+        #[arg(long, conflicts_with = "prompt_tokens")]
+        prompt: Option<String>,
+        /// Prompt as comma-separated token ids.
+        #[arg(long)]
+        prompt_tokens: Option<String>,
+        /// Length of the default pseudo-random prompt.
+        #[arg(long, default_value_t = 64)]
+        prompt_len: usize,
+        /// Write a repro capsule (JSON) to this file.
+        #[arg(long)]
+        capsule: Option<PathBuf>,
+        /// Overwrite an existing --capsule file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print bench / validate capsules as tables.
+    Report {
+        /// Capsule files (from `zmoe bench --json` or `zmoe validate --capsule`).
+        #[arg(required = true)]
+        capsules: Vec<PathBuf>,
+    },
+    /// The benchmark ledger (bench/matrix.jsonl): run and record validations, list what can
+    /// run (catalog), and the history, report, diff, csv and html views.
+    Matrix {
+        #[command(subcommand)]
+        cmd: zmoe::matrix::cli::MatrixCmd,
+    },
+    /// Write a zmoe model in another engine's format (GGUF for llama.cpp).
+    Export {
+        #[command(subcommand)]
+        cmd: ExportCmd,
     },
 }
 
@@ -141,21 +204,36 @@ struct RunArgs {
     /// Device: auto (best available), cpu or cuda.
     #[arg(long, default_value = "auto")]
     backend: BackendKind,
-    /// Plan to run: reference.
-    #[arg(long, default_value = "reference")]
-    plan: String,
+    #[command(flatten)]
+    patterns: PatternArgs,
     /// CUDA: launch decode kernels one by one instead of replaying a captured graph.
     #[arg(long)]
     eager: bool,
 }
 
+/// Which fused patterns to apply (default: the family's policy; see `zmoe patterns`).
+#[derive(clap::Args)]
+struct PatternArgs {
+    /// Patterns to apply, comma-separated (moe_mlp, swiglu_mlp, qk_norm_rope, residual_norm),
+    /// or `none` for the reference plan. Default: the model family's defaults.
+    #[arg(long)]
+    patterns: Option<String>,
+    /// Patterns to leave out, comma-separated.
+    #[arg(long)]
+    exclude: Option<String>,
+}
+
+impl PatternArgs {
+    fn selection(&self) -> Result<Selection> {
+        Ok(Selection::parse(self.patterns.as_deref(), self.exclude.as_deref())?)
+    }
+}
+
 impl RunArgs {
     fn open(&self) -> Result<(Model, Box<dyn zmoe::Backend>)> {
+        let sel = self.patterns.selection()?;
         let model = Model::load(&self.model)?;
-        if self.plan != "reference" {
-            bail!("unknown --plan `{}` (available: reference)", self.plan);
-        }
-        let plan = Plan::reference(model.config());
+        let (plan, _) = patched_plan(model.config(), &sel);
         let backend = model.backend_with(self.backend, plan, !self.eager)?;
         Ok((model, backend))
     }
@@ -222,24 +300,24 @@ fn run_generate(
 }
 
 /// Checks that the capsule can be written before spending time on the bench.
-fn check_capsule_path(path: &Path, force: bool) -> Result<()> {
+fn check_capsule_path(flag: &str, path: &Path, force: bool) -> Result<()> {
     if path.is_dir() {
-        bail!("--json {}: is a folder; give a file name", path.display());
+        bail!("{flag} {}: is a folder; give a file name", path.display());
     }
     if path.exists() && !force {
-        bail!("--json {}: file exists; pass --force to overwrite it", path.display());
+        bail!("{flag} {}: file exists; pass --force to overwrite it", path.display());
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
         && !parent.is_dir()
     {
-        bail!("--json {}: folder {} does not exist", path.display(), parent.display());
+        bail!("{flag} {}: folder {} does not exist", path.display(), parent.display());
     }
     Ok(())
 }
 
 /// Writes the capsule; without `force` never replaces a file (even one created meanwhile).
-fn write_capsule(path: &Path, report: &BenchReport, force: bool) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(report).context("serialising the bench capsule")?;
+fn write_capsule(flag: &str, path: &Path, report: &impl serde::Serialize, force: bool) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(report).context("serialising the capsule")?;
     text.push('\n');
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true);
@@ -250,9 +328,9 @@ fn write_capsule(path: &Path, report: &BenchReport, force: bool) -> Result<()> {
     }
     let mut f = opts.open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
-            anyhow::anyhow!("--json {}: file exists; pass --force to overwrite it", path.display())
+            anyhow::anyhow!("{flag} {}: file exists; pass --force to overwrite it", path.display())
         } else {
-            anyhow::anyhow!("--json {}: {e}", path.display())
+            anyhow::anyhow!("{flag} {}: {e}", path.display())
         }
     })?;
     f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
@@ -284,6 +362,7 @@ fn bench_table(r: &BenchReport) -> String {
     }
     rows.push(("device", device));
     rows.push(("backend", r.backend.clone()));
+    rows.push(("plan", if r.plan.is_empty() { "reference".into() } else { r.plan.clone() }));
     let m = &r.model;
     rows.push((
         "model",
@@ -335,18 +414,24 @@ fn bench_table(r: &BenchReport) -> String {
         _ => "",
     };
     rows.push(("zmoe", format!("{} at commit {}{dirty}, {}", r.zmoe_version, r.git_commit, r.timestamp_utc)));
-    rows.iter().map(|(k, v)| format!("{k:<12} {v}\n")).collect()
-}
-
-/// Where the demo model is cached.
-fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("ZMOE_CACHE") {
-        return PathBuf::from(d);
+    let mut out: String = rows.iter().map(|(k, v)| format!("{k:<12} {v}\n")).collect();
+    if !r.profile.is_empty() {
+        let total: f64 = r.profile.iter().map(|s| s.us).sum();
+        out += &format!(
+            "\nprofile of one decode step at context {} ({} steps, {:.1} µs in the profiled graph; \
+             a plain graph step takes {:.1} µs at the median decode speed):\n",
+            r.settings.prompt_tokens,
+            r.profile.len(),
+            total,
+            1e6 / r.decode_tok_s.median
+        );
+        out += &format!("  {:<28} {:>6} {:>10} {:>7} {:>9}\n", "step kind", "steps", "µs/token", "%", "µs/step");
+        for (kind, n, us) in zmoe::bench::profile_by_kind(&r.profile) {
+            let pct = us / total * 100.0;
+            out += &format!("  {kind:<28} {n:>6} {us:>10.1} {pct:>6.1}% {:>9.2}\n", us / n as f64);
+        }
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
-    base.unwrap_or_else(std::env::temp_dir).join("zmoe")
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -360,7 +445,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed: 0,
                 max_shard_bytes: synth::SHARD_BYTES,
             };
-            let dir = cache_dir().join("demo-qwen3_moe-tiny-affine4-seed0");
+            let dir = zmoe::cache_dir().join("demo-qwen3_moe-tiny-affine4-seed0");
             if dir.join("config.json").exists() && dir.join("model.safetensors").exists() {
                 eprintln!("using cached demo model {}", dir.display());
             } else {
@@ -370,7 +455,8 @@ fn run(cli: Cli) -> Result<()> {
                 synth::write(&spec, &dir, true)?;
             }
             let model = Model::load(&dir)?;
-            let mut be = model.backend(backend, Plan::reference(model.config()))?;
+            let (plan, _) = patched_plan(model.config(), &Selection::default());
+            let mut be = model.backend(backend, plan)?;
             let tok = tokenizer::load(&model.tokenizer_path())?;
             let text = "The router picks the top experts for every token";
             let prompt = tokenizer::encode(&tok, text)?;
@@ -424,11 +510,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Bench { run, prompt_tokens, gen_tokens, runs, warmup, json, force } => {
-            let opts = BenchOptions { prompt_tokens, gen_tokens, runs, warmup, seed: 0 };
+        Cmd::Bench { run, prompt_tokens, gen_tokens, runs, warmup, json, force, profile } => {
+            let opts = BenchOptions { prompt_tokens, gen_tokens, runs, warmup, seed: 0, profile };
             opts.validate(None)?;
             if let Some(path) = &json {
-                check_capsule_path(path, force)?;
+                check_capsule_path("--json", path, force)?;
             }
             // config.json first: a context-length error should not wait for the weights.
             // (If it does not load, Model::load below says why, naming the folder.)
@@ -453,13 +539,193 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             emit(&bench_table(&report));
             if let Some(path) = &json {
-                write_capsule(path, &report, force)?;
+                write_capsule("--json", path, &report, force)?;
                 eprintln!("wrote {}", path.display());
             }
         }
+        Cmd::Patterns { model, patterns } => {
+            let cfg = zmoe::config::ModelConfig::load(&model)?;
+            emit(&describe(&cfg, &patterns.selection()?));
+        }
+        Cmd::Validate { run, max_tokens, runs, warmup, prompt, prompt_tokens, prompt_len, capsule, force } => {
+            if let Some(path) = &capsule {
+                check_capsule_path("--capsule", path, force)?;
+            }
+            let sel = run.patterns.selection()?;
+            let model = Model::load(&run.model)?;
+            let cfg = model.config();
+            let prompt = match (prompt, prompt_tokens) {
+                (Some(text), _) => tokenizer::encode(&tokenizer::load(&model.tokenizer_path())?, &text)?,
+                (None, Some(ids)) => parse_tokens("--prompt-tokens", &ids)?,
+                (None, None) => zmoe::bench::bench_prompt(cfg, prompt_len, 1),
+            };
+            let opts = ValidateOptions { prompt, max_tokens, runs, warmup };
+            opts.check(cfg)?;
+            let reference = Plan::reference(cfg);
+            let (patched, applied) = patched_plan(cfg, &sel);
+            if applied.is_empty() {
+                bail!("no pattern applies to this model with this selection (see `zmoe patterns --model ...`)");
+            }
+            let mut be = model.backend_with(run.backend, reference.clone(), !run.eager)?;
+            eprintln!(
+                "validate: {} on {} — reference ({} steps) vs `{}` ({} steps), prompt {} tokens, {max_tokens} greedy \
+                 tokens, {warmup} warm-up + {runs} timed per plan",
+                model.checkpoint.dir.display(),
+                be.name(),
+                reference.steps.len(),
+                patched.name,
+                patched.steps.len(),
+                opts.prompt.len()
+            );
+            let report = run_validate(&model, be.as_mut(), reference, patched, &applied, &opts, &mut |p, r| {
+                let what = if p.warmup { "warm-up" } else { "run" };
+                eprintln!(
+                    "  {:<10} {what} {}: prefill {:.1} tok/s, decode {:.1} tok/s",
+                    if p.plan == "reference" { "reference" } else { "patched" },
+                    p.run + 1,
+                    r.prefill_tok_s,
+                    r.decode_tok_s
+                );
+            })?;
+            emit(&validate_table(&report));
+            if let Some(path) = &capsule {
+                write_capsule("--capsule", path, &report, force)?;
+                eprintln!("wrote {}", path.display());
+            }
+            if !report.fidelity.passed() {
+                bail!("fidelity FAIL: the patched plan's tokens differ from the reference plan's");
+            }
+        }
+        Cmd::Report { capsules } => {
+            for (i, path) in capsules.iter().enumerate() {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("{}: not a JSON capsule", path.display()))?;
+                let table = match v.get("kind").and_then(|k| k.as_str()) {
+                    Some(zmoe::bench::CAPSULE_KIND) => bench_table(
+                        &serde_json::from_value(v)
+                            .with_context(|| format!("{}: malformed bench capsule", path.display()))?,
+                    ),
+                    Some(zmoe::validate::CAPSULE_KIND) => validate_table(
+                        &serde_json::from_value(v)
+                            .with_context(|| format!("{}: malformed validate capsule", path.display()))?,
+                    ),
+                    other => bail!(
+                        "{}: unknown capsule kind {other:?} (expected zmoe-bench or zmoe-validate)",
+                        path.display()
+                    ),
+                };
+                emit(&format!("{}== {} ==\n{table}", if i > 0 { "\n" } else { "" }, path.display()));
+            }
+        }
+        Cmd::Matrix { cmd } => run_matrix(&cmd)?,
+        Cmd::Export { cmd } => run_export(cmd)?,
     }
     Ok(())
 }
+
+/// The validate result as text: the fidelity line, then reference vs patched.
+fn validate_table(r: &ValidateReport) -> String {
+    let mut out = format!("{}\n\n", r.fidelity.line());
+    out += &format!(
+        "{} on {} ({}), {} prompt tokens, {} generated, {} runs\n",
+        r.model.dir,
+        r.device.name,
+        r.backend,
+        r.settings.prompt.len(),
+        r.settings.max_tokens,
+        r.settings.runs
+    );
+    let pats: Vec<String> = r.patterns_applied.iter().map(|(p, n)| format!("{p} ×{n}")).collect();
+    out += &format!("patterns: {} ({} primitive steps fused)\n\n", pats.join(", "), r.steps_replaced);
+    out += &format!(
+        "{:<10} {:>6} {:>14} {:>14} {:>12} {:>10} {:>10}\n",
+        "plan", "steps", "prefill tok/s", "decode tok/s", "peak memory", "GB/s", "roofline"
+    );
+    for (label, p) in [("reference", &r.reference), ("patched", &r.patched)] {
+        out += &format!(
+            "{label:<10} {:>6} {:>14.1} {:>14.1} {:>12} {:>10.1} {:>9.2}%\n",
+            p.steps,
+            p.prefill_tok_s.median,
+            p.decode_tok_s.median,
+            p.peak_memory_bytes.map_or("n/a".into(), |b| human_bytes(b as f64)),
+            p.achieved_gb_s,
+            p.roofline_pct
+        );
+    }
+    out += &format!(
+        "\ndecode speedup {:.3}x, prefill speedup {:.3}x (medians; copy bandwidth {:.1} GB/s, {} B/token)\n",
+        r.decode_speedup, r.prefill_speedup, r.copy_gb_s, r.bytes_per_token
+    );
+    for (label, p) in [("reference", &r.reference), ("patched", &r.patched)] {
+        if !p.deterministic {
+            out += &format!("warning: the {label} plan's runs generated different tokens\n");
+        }
+    }
+    out += &format!("zmoe {} at commit {}, {}\n", r.zmoe_version, r.git_commit, r.timestamp_utc);
+    out
+}
+
+// ---- zmoe matrix: the benchmark ledger (the handlers live in zmoe::matrix::cli) ----
+
+/// Runs a `matrix` subcommand: output to stdout and warnings to stderr, as they come.
+fn run_matrix(cmd: &zmoe::matrix::cli::MatrixCmd) -> Result<()> {
+    zmoe::matrix::cli::execute_with(cmd, &mut emit, &mut |line| eprintln!("{line}"))?;
+    Ok(())
+}
+
+// ---- end of zmoe matrix ----
+
+// ---- zmoe export: other engines' formats (the exporter lives in zmoe::export) ----
+
+/// `zmoe export <format>`.
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// GGUF for llama.cpp: matrices re-quantized to Q4_0 or Q8_0, norms and router f32,
+    /// no vocabulary (`tokenizer.ggml.model = none`; enough for llama-bench, not for text).
+    Gguf {
+        /// Model folder (config.json + safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Matrix format: q4_0 or q8_0.
+        #[arg(long)]
+        quant: String,
+        /// Output .gguf file (must not exist unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite an existing --out file.
+        #[arg(long)]
+        force: bool,
+        /// Also compare sampled rows of every tensor in the written file with the source.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn run_export(cmd: ExportCmd) -> Result<()> {
+    let ExportCmd::Gguf { model, quant, out, force, check } = cmd;
+    let opts =
+        zmoe::export::ExportOptions { quant: zmoe::export::GgufQuant::parse(&quant)?, force, check, progress: true };
+    let s = zmoe::export::export_gguf(&model, &out, &opts, &mut |w| eprintln!("warning: {w}"))?;
+    let checked = if s.checked_rows > 0 { format!(", {} sampled rows checked", s.checked_rows) } else { String::new() };
+    let params = if s.params >= 1_000_000_000 {
+        format!("{:.2} B", s.params as f64 / 1e9)
+    } else {
+        format!("{:.1} M", s.params as f64 / 1e6)
+    };
+    eprintln!(
+        "wrote {} ({} {}, {} tensors, {params} params, {}) in {:.1} s{checked}",
+        s.out.display(),
+        s.arch,
+        s.quant.name(),
+        s.tensors,
+        human_bytes(s.bytes as f64),
+        s.secs
+    );
+    Ok(())
+}
+
+// ---- end of zmoe export ----
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

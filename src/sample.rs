@@ -50,6 +50,16 @@ impl Sampler {
         Sampler { params, step: 0 }
     }
 
+    /// Draws made so far: the counter a device sampler must use for the next draw.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Counts a draw made elsewhere (on the device) with [`Sampler::step`].
+    pub fn advance(&mut self) {
+        self.step += 1;
+    }
+
     /// Uniform draw in [0, 1) for the current step.
     fn uniform(&self) -> f32 {
         (mix64(self.params.seed ^ mix64(self.step.wrapping_add(1))) >> 40) as f32 / (1u64 << 24) as f32

@@ -40,14 +40,24 @@ pub enum SynthQuant {
 }
 
 impl SynthQuant {
+    /// Every format `synth` can write, in CLI order.
+    pub const ALL: [SynthQuant; 3] = [SynthQuant::Bf16, SynthQuant::Affine4, SynthQuant::Affine8];
+
+    /// The CLI name: `bf16`, `affine4` or `affine8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SynthQuant::Bf16 => "bf16",
+            SynthQuant::Affine4 => "affine4",
+            SynthQuant::Affine8 => "affine8",
+        }
+    }
+
     /// Parses `bf16|affine4|affine8`.
     pub fn parse(s: &str) -> Result<SynthQuant> {
-        match s {
-            "bf16" => Ok(SynthQuant::Bf16),
-            "affine4" => Ok(SynthQuant::Affine4),
-            "affine8" => Ok(SynthQuant::Affine8),
-            _ => Err(Error::Arg(format!("unknown --quant `{s}` (expected bf16, affine4 or affine8)"))),
-        }
+        SynthQuant::ALL
+            .into_iter()
+            .find(|q| q.name() == s)
+            .ok_or_else(|| Error::Arg(format!("unknown --quant `{s}` (expected bf16, affine4 or affine8)")))
     }
 
     fn bits(self) -> Option<u32> {

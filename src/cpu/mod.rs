@@ -101,8 +101,12 @@ impl CpuBackend {
         }
     }
 
-    /// Executes one step over `t` rows.
+    /// Executes one step over `t` rows; a fused step runs as its primitive components.
     fn step(&mut self, step: &Step, tokens: &[u32], t: &mut usize, all_logits: bool) {
+        let parts = step.components();
+        if !parts.is_empty() {
+            return parts.iter().for_each(|s| self.step(s, tokens, t, all_logits));
+        }
         let c = &self.cfg;
         let (h, d, k) = (c.hidden_size, c.head_dim, c.top_k);
         match *step {
@@ -195,6 +199,13 @@ impl CpuBackend {
                     *t = 1;
                 }
             }
+            Step::MoeRouter { .. }
+            | Step::MoeGateUpSwiglu { .. }
+            | Step::MoeDownCombineAdd { .. }
+            | Step::DenseGateUpSwiglu { .. }
+            | Step::AddRmsNorm { .. }
+            | Step::QkvProj { .. }
+            | Step::QkNormRopeKv { .. } => unreachable!("fused steps run as their components"),
         }
     }
 }
@@ -215,6 +226,15 @@ impl Backend for CpuBackend {
     fn reset(&mut self) {
         self.st.pos = 0;
         self.st.k_cache.iter_mut().chain(self.st.v_cache.iter_mut()).for_each(Vec::clear);
+    }
+
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn set_plan(&mut self, plan: Plan) {
+        self.plan = plan;
+        self.reset();
     }
 
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {

@@ -11,17 +11,20 @@ use std::sync::Arc;
 use half::bf16;
 
 use super::{Arg, Device};
-use crate::backend::{Backend, DeviceInfo};
+use crate::backend::{Backend, DeviceInfo, StepTime};
 use crate::checkpoint::{Mat, MatKind};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{Linear, Mlp, Weights};
 use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
+use crate::sample::Sampler;
 
 /// Most tokens per prefill launch (activation buffers are sized for it).
 pub const CHUNK: usize = 64;
-/// Keys per attention split (pass 1 block).
-const ATTN_CHUNK: usize = 256;
+/// Blocks per (token, head) of attention: each takes 1/ATTN_SPLITS of the keys.
+const ATTN_SPLITS: usize = 16;
+/// Threads of an attention block (`ATTN_THREADS` in primitives.cu).
+const ATTN_THREADS: u32 = 128;
 /// Default KV-cache capacity (tokens) when the model allows more.
 const DEFAULT_MAX_CTX: usize = 8192;
 
@@ -87,8 +90,18 @@ enum DMlp {
 /// Device activation buffers, one per [`Buf`], plus router state and scalars.
 struct RunState {
     bufs: [u64; Buf::ALL.len()],
+    /// `[CHUNK, K]` i32 expert of each (token, slot) row.
     topk_idx: u64,
+    /// `[CHUNK, K]` f32 routing weight of each row.
     topk_w: u64,
+    /// Prefill expert grouping: `[E + 1]` i32 row offsets per expert and `[CHUNK·K]` i32 rows.
+    grp_off: u64,
+    grp_rows: u64,
+    /// `[2]` i32: sampled token, host-fallback flag.
+    sample_out: u64,
+    /// `[CHUNK·nH]` i32 finished-block counters of the attention merge and the fused router
+    /// (zero between launches; the two never run concurrently).
+    tickets: u64,
     /// `[pos, tokens[CHUNK]]` as i32: written by the host before each forward.
     io: u64,
     part_o: u64,
@@ -109,7 +122,6 @@ pub struct CudaBackend {
     layers: Vec<DLayer>,
     st: RunState,
     max_ctx: usize,
-    nsplit: usize,
     pos: usize,
     use_graph: bool,
     graph: Option<cudarc::driver::CudaGraph>,
@@ -198,14 +210,13 @@ impl CudaBackend {
         let mut dev = Device::open()?;
         let c = &cfg;
         let (h, d) = (c.hidden_size, c.head_dim);
-        if d % 2 != 0 || d > 256 {
-            return Err(unsupported(format!("head_dim {d} (need an even number, at most 256)")));
+        if d % 8 != 0 || d > 256 {
+            return Err(unsupported(format!("head_dim {d} (need a multiple of 8, at most 256)")));
         }
         if c.num_experts > 1024 || c.top_k > 16 {
             return Err(unsupported(format!("{} experts / top-{} (at most 1024 / 16)", c.num_experts, c.top_k)));
         }
         let max_ctx = c.max_position_embeddings.min(DEFAULT_MAX_CTX);
-        let nsplit = max_ctx.div_ceil(ATTN_CHUNK);
         let embed = upload_mats(&mut dev, std::slice::from_ref(&weights.embed))?;
         let lm_head = upload_linear(&mut dev, &weights.lm_head)?;
         let final_norm = dev.upload(&weights.norm)?;
@@ -270,11 +281,16 @@ impl CudaBackend {
             bufs,
             topk_idx: dev.alloc(CHUNK * k * 4)?,
             topk_w: dev.alloc(CHUNK * k * 4)?,
+            grp_off: dev.alloc((c.num_experts + 1) * 4)?,
+            grp_rows: dev.alloc(CHUNK * k * 4)?,
+            sample_out: dev.alloc(8)?,
+            tickets: dev.alloc(CHUNK * nh.max(1) * 4)?,
             io: dev.alloc((1 + CHUNK) * 4)?,
-            part_o: dev.alloc(CHUNK * nh * nsplit * d * 4)?,
-            part_ml: dev.alloc(CHUNK * nh * nsplit * 2 * 4)?,
+            part_o: dev.alloc(CHUNK * nh * ATTN_SPLITS * d * 4)?,
+            part_ml: dev.alloc(CHUNK * nh * ATTN_SPLITS * 2 * 4)?,
             act_elems: 0,
         };
+        dev.fill(st.tickets, 0, CHUNK * nh.max(1) * 4)?;
         Ok(CudaBackend {
             dev,
             cfg,
@@ -286,7 +302,6 @@ impl CudaBackend {
             layers,
             st,
             max_ctx,
-            nsplit,
             pos: 0,
             use_graph,
             graph: None,
@@ -346,6 +361,15 @@ impl CudaBackend {
     /// Launches one step over `m` rows (m may shrink to 1 at `LastRow`).
     fn step(&mut self, step: &Step, m: &mut usize, all_logits: bool) -> Result<()> {
         use Arg::{F32, I32, I64, Ptr};
+        // The fused MoE kernels are decode kernels; prefill runs their components, whose
+        // expert mat-vecs are grouped by expert. Same results either way (bit for bit).
+        // The fused gate+up and qkv kernels read their matrices with one format: if a
+        // checkpoint quantizes them differently, run the components too.
+        let moe_fused =
+            matches!(step, Step::MoeRouter { .. } | Step::MoeGateUpSwiglu { .. } | Step::MoeDownCombineAdd { .. });
+        if moe_fused && *m > 1 || !self.fused_formats_match(step)? {
+            return step.components().iter().try_for_each(|s| self.step(s, m, all_logits));
+        }
         let c = &self.cfg;
         let (h, d, nh, nkv, k) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.top_k);
         let eps = c.rms_norm_eps;
@@ -381,7 +405,8 @@ impl CudaBackend {
                     I32(mm as i32),
                     I32(out_f32 as i32),
                 ]);
-                dev.launch("matvec", (n.div_ceil(4) as u32, 1, mm.div_ceil(8) as u32), 128, &a)?;
+                let name = if mm == 1 { "matvec1" } else { "matvec" };
+                dev.launch(name, (n.div_ceil(4) as u32, 1, mm.div_ceil(8) as u32), 128, &a)?;
                 if matches!(dst, Buf::Gate | Buf::Up) {
                     self.st.act_elems = mm * n;
                 }
@@ -420,22 +445,15 @@ impl CudaBackend {
                     Ptr(self.pos_ptr()),
                     Ptr(self.st.part_o),
                     Ptr(self.st.part_ml),
+                    Ptr(self.st.tickets),
+                    Ptr(self.buf(Buf::Attn)),
                     I32(nh as i32),
                     I32(nkv as i32),
                     I32(d as i32),
                     F32(1.0 / (d as f32).sqrt()),
-                    I32(ATTN_CHUNK as i32),
-                    I32(self.nsplit as i32),
+                    I32(ATTN_SPLITS as i32),
                 ];
-                dev.launch("attn_partial", ((mm * nh) as u32, self.nsplit as u32, 1), 128, &a)?;
-                let a = [
-                    Ptr(self.st.part_o),
-                    Ptr(self.st.part_ml),
-                    Ptr(self.buf(Buf::Attn)),
-                    I32(d as i32),
-                    I32(self.nsplit as i32),
-                ];
-                dev.launch("attn_combine", ((mm * nh) as u32, 1, 1), 128, &a)?;
+                dev.launch("attention", ((mm * nh) as u32, ATTN_SPLITS as u32, 1), ATTN_THREADS, &a)?;
             }
             Step::Add { dst, src } => {
                 let n = (mm * h) as i64;
@@ -459,6 +477,11 @@ impl CudaBackend {
             }
             Step::ExpertGateUp { layer } => {
                 let ex = *self.experts(layer)?;
+                if mm > 1 {
+                    let (idx, off, rows) = (self.st.topk_idx, self.st.grp_off, self.st.grp_rows);
+                    let a = [Ptr(idx), I32((mm * k) as i32), I32(c.num_experts as i32), Ptr(off), Ptr(rows)];
+                    dev.launch("moe_group", (1, 1, 1), c.num_experts.next_multiple_of(32) as u32, &a)?;
+                }
                 for (w, dst) in [(ex[0], Buf::Gate), (ex[1], Buf::Up)] {
                     self.expert_matvec(&w, Buf::H, k, dst, mm * k)?;
                 }
@@ -481,7 +504,95 @@ impl CudaBackend {
                     I32(k as i32),
                     I32(h as i32),
                 ];
-                dev.launch("combine", (mm as u32, 1, 1), 256, &a)?;
+                dev.launch("combine", (mm as u32, h.div_ceil(256) as u32, 1), 256, &a)?;
+            }
+            Step::MoeRouter { layer } => {
+                let DMlp::Moe { router, .. } = &self.layers[layer].mlp else {
+                    return Err(Error::Cuda(format!("plan asks for the router of dense layer {layer}")));
+                };
+                let e = c.num_experts;
+                let mut a = router.m.args().to_vec();
+                a.extend([
+                    Ptr(self.buf(Buf::H)),
+                    Ptr(self.buf(Buf::RouterLogits)),
+                    Ptr(router.bias),
+                    I32(e as i32),
+                    I32(h as i32),
+                    I32(k as i32),
+                    I32(c.norm_topk_prob as i32),
+                    Ptr(self.st.tickets),
+                    Ptr(self.st.topk_idx),
+                    Ptr(self.st.topk_w),
+                ]);
+                dev.launch("moe_router", (e.div_ceil(4) as u32, 1, mm as u32), 128, &a)?;
+            }
+            Step::MoeGateUpSwiglu { layer } => {
+                let [g, u, _] = *self.experts(layer)?;
+                let i = c.moe_intermediate_size;
+                let mut a = g.args().to_vec();
+                a.extend([Ptr(u.w), Ptr(u.s), Ptr(u.b), I64(g.w_stride), I64(g.sb_stride), Ptr(self.st.topk_idx)]);
+                a.extend([I32(k as i32), Ptr(self.buf(Buf::H)), Ptr(self.buf(Buf::Act)), I32(i as i32), I32(h as i32)]);
+                dev.launch("moe_gate_up_swiglu", (i.div_ceil(4) as u32, (mm * k) as u32, 1), 128, &a)?;
+            }
+            Step::MoeDownCombineAdd { layer } => {
+                let [_, _, dn] = *self.experts(layer)?;
+                let mut a = dn.args().to_vec();
+                a.extend([I64(dn.w_stride), I64(dn.sb_stride), Ptr(self.st.topk_idx), Ptr(self.st.topk_w)]);
+                a.extend([I32(k as i32), Ptr(self.buf(Buf::Act)), Ptr(self.buf(Buf::X)), I32(h as i32)]);
+                a.push(I32(c.moe_intermediate_size as i32));
+                dev.launch("moe_down_combine_add", (h as u32, 1, mm as u32), 32 * k as u32, &a)?;
+            }
+            Step::DenseGateUpSwiglu { layer } => {
+                let (g, u) = (*self.linear(LinRef::DenseGate(layer))?, *self.linear(LinRef::DenseUp(layer))?);
+                let f = g.m.rows;
+                let mut a = g.m.args().to_vec();
+                a.extend([Ptr(u.m.w), Ptr(u.m.s), Ptr(u.m.b), Ptr(g.bias), Ptr(u.bias)]);
+                a.extend([
+                    Ptr(self.buf(Buf::H)),
+                    Ptr(self.buf(Buf::Act)),
+                    I32(f as i32),
+                    I32(h as i32),
+                    I32(mm as i32),
+                ]);
+                dev.launch("dense_gate_up_swiglu", (f.div_ceil(4) as u32, 1, mm.div_ceil(8) as u32), 128, &a)?;
+            }
+            Step::QkvProj { layer } => {
+                let ly = &self.layers[layer];
+                let (q, kp, v) = (ly.q, ly.k, ly.v);
+                let rows = q.m.rows + kp.m.rows + v.m.rows;
+                let mut a = q.m.args().to_vec();
+                a.extend([Ptr(kp.m.w), Ptr(kp.m.s), Ptr(kp.m.b), Ptr(v.m.w), Ptr(v.m.s), Ptr(v.m.b)]);
+                a.extend([Ptr(q.bias), Ptr(kp.bias), Ptr(v.bias), Ptr(self.buf(Buf::H))]);
+                a.extend([Ptr(self.buf(Buf::Q)), Ptr(self.buf(Buf::K)), Ptr(self.buf(Buf::V))]);
+                a.extend([I32(q.m.rows as i32), I32(kp.m.rows as i32), I32(v.m.rows as i32), I32(h as i32)]);
+                a.push(I32(mm as i32));
+                let name = if mm == 1 { "qkv_proj1" } else { "qkv_proj" };
+                dev.launch(name, (rows.div_ceil(4) as u32, 1, mm.div_ceil(8) as u32), 128, &a)?;
+            }
+            Step::AddRmsNorm { w, src, dst } => {
+                let x = self.buf(Buf::X);
+                let a = [Ptr(x), Ptr(self.buf(src)), Ptr(self.norm(w)), Ptr(self.buf(dst)), I32(h as i32), F32(eps)];
+                dev.launch("add_rmsnorm", (mm as u32, 1, 1), 256, &a)?;
+            }
+            Step::QkNormRopeKv { layer } => {
+                let ly = &self.layers[layer];
+                let a = [
+                    Ptr(self.buf(Buf::Q)),
+                    Ptr(self.buf(Buf::K)),
+                    Ptr(self.buf(Buf::V)),
+                    Ptr(ly.q_norm),
+                    Ptr(ly.k_norm),
+                    Ptr(self.inv_freq),
+                    Ptr(self.pos_ptr()),
+                    Ptr(ly.k_cache),
+                    Ptr(ly.v_cache),
+                    I32(nh as i32),
+                    I32(nkv as i32),
+                    I32(d as i32),
+                    I32(c.rope.dim as i32),
+                    F32(eps),
+                ];
+                dev.launch("qk_norm_rope_kv", ((mm * (nh + 2 * nkv)) as u32, 1, 1), 128, &a)?;
             }
             Step::LastRow => {
                 if !all_logits && mm > 1 {
@@ -497,20 +608,50 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Whether the matrices a fused kernel reads with one format share it (other steps: true).
+    fn fused_formats_match(&self, step: &Step) -> Result<bool> {
+        let same = |a: &DMat, b: &DMat| (a.fmt, a.bits, a.group) == (b.fmt, b.bits, b.group);
+        Ok(match *step {
+            Step::QkvProj { layer } => {
+                let ly = &self.layers[layer];
+                same(&ly.q.m, &ly.k.m) && same(&ly.q.m, &ly.v.m)
+            }
+            Step::MoeGateUpSwiglu { layer } => {
+                let ex = self.experts(layer)?;
+                same(&ex[0], &ex[1])
+            }
+            Step::DenseGateUpSwiglu { layer } => {
+                same(&self.linear(LinRef::DenseGate(layer))?.m, &self.linear(LinRef::DenseUp(layer))?.m)
+            }
+            _ => true,
+        })
+    }
+
     /// `rows` selected-expert mat-vecs: row q reads x row q / per and expert topk_idx[q].
+    /// One token (decode) launches a block column per row; more tokens (prefill) use the
+    /// grouping `moe_group` made, so each expert's weights are read once per 8 of its rows.
     fn expert_matvec(&self, w: &DMat, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
         let mut a = w.args().to_vec();
+        a.extend([Arg::I64(w.w_stride), Arg::I64(w.sb_stride)]);
+        let grouped = rows > self.cfg.top_k;
+        if grouped {
+            a.extend([Arg::Ptr(self.st.grp_off), Arg::Ptr(self.st.grp_rows)]);
+        } else {
+            a.push(Arg::Ptr(self.st.topk_idx));
+        }
         a.extend([
-            Arg::I64(w.w_stride),
-            Arg::I64(w.sb_stride),
-            Arg::Ptr(self.st.topk_idx),
             Arg::I32(per as i32),
             Arg::Ptr(self.buf(src)),
             Arg::Ptr(self.buf(dst)),
             Arg::I32(w.rows as i32),
             Arg::I32(w.cols as i32),
         ]);
-        self.dev.launch("expert_matvec", (w.rows.div_ceil(4) as u32, rows as u32, 1), 128, &a)
+        let gx = w.rows.div_ceil(4) as u32;
+        if grouped {
+            self.dev.launch("expert_matvec_grouped", (gx, self.cfg.num_experts as u32, 1), 128, &a)
+        } else {
+            self.dev.launch("expert_matvec", (gx, rows as u32, 1), 128, &a)
+        }
     }
 
     /// Runs every step of the plan over `m` rows; returns the rows of logits produced.
@@ -527,6 +668,81 @@ impl CudaBackend {
         let start = out.len();
         out.resize(start + rows * v, 0.0);
         self.dev.read(self.buf(Buf::Logits), &mut out[start..])
+    }
+
+    /// Runs `tokens` through the plan in chunks of [`CHUNK`], appending them to the cache;
+    /// copies the logits (every row, or the last token's) to `out` when given. A single
+    /// token is a decode step: replayed from the captured graph when graphs are on.
+    fn run_tokens(&mut self, tokens: &[u32], all_logits: bool, mut out: Option<&mut Vec<f32>>) -> Result<()> {
+        crate::cpu::check_tokens(&self.cfg, tokens, self.pos)?;
+        if self.pos + tokens.len() > self.max_ctx {
+            return Err(Error::Arg(format!(
+                "context of {} tokens exceeds the CUDA KV cache ({})",
+                self.pos + tokens.len(),
+                self.max_ctx
+            )));
+        }
+        for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
+            let last = (ci + 1) * CHUNK >= tokens.len();
+            let mut io = vec![self.pos as i32];
+            io.extend(chunk.iter().map(|&t| t as i32));
+            self.dev.write(self.st.io, &io)?;
+            let rows = if chunk.len() == 1 && self.use_graph {
+                if self.graph.is_none() {
+                    self.dev.begin_capture()?;
+                    let r = self.run_plan(1, false);
+                    let g = self.dev.end_capture();
+                    r?;
+                    self.graph = Some(g?);
+                }
+                self.graph.as_ref().expect("captured").launch().map_err(|e| Error::Cuda(e.to_string()))?;
+                1
+            } else {
+                self.run_plan(chunk.len(), all_logits)?
+            };
+            self.pos += chunk.len();
+            if let Some(out) = out.as_deref_mut()
+                && (all_logits || last)
+            {
+                self.read_logits(rows, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// GPU time of each step of one decode step at the current position, measured inside
+    /// a captured graph with a timing event between consecutive steps (so launch gaps count
+    /// as they do in real decode), averaged over `replays` replays after one warm-up. The
+    /// token at the current position is written to the cache but the position does not
+    /// advance.
+    pub fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
+        if self.pos >= self.max_ctx {
+            return Err(Error::Arg("profile: the KV cache is full".into()));
+        }
+        let steps = self.plan.steps.clone();
+        let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
+        self.dev.write(self.st.io, &[self.pos as i32, 0])?;
+        self.dev.begin_capture()?;
+        let mut rows = 1;
+        let r = steps.iter().zip(&events).try_for_each(|(s, e)| {
+            self.dev.record_in_graph(e)?;
+            self.step(s, &mut rows, false)
+        });
+        let r = r.and_then(|_| self.dev.record_in_graph(&events[steps.len()]));
+        let g = self.dev.end_capture();
+        r?;
+        let g = g?;
+        let mut us = vec![0f64; steps.len()];
+        for i in 0..=replays {
+            g.launch().map_err(|e| Error::Cuda(e.to_string()))?;
+            self.dev.sync()?;
+            if i > 0 {
+                for (j, t) in us.iter_mut().enumerate() {
+                    *t += self.dev.elapsed_ms(&events[j], &events[j + 1])? as f64 * 1e3 / replays as f64;
+                }
+            }
+        }
+        Ok(steps.iter().zip(us).map(|(s, us)| StepTime { kind: s.kind(), us }).collect())
     }
 
     /// Switches graph capture of decode steps on or off (for eager-vs-graph comparisons).
@@ -552,6 +768,16 @@ impl Backend for CudaBackend {
         self.pos = 0;
     }
 
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn set_plan(&mut self, plan: Plan) {
+        self.plan = plan;
+        self.graph = None;
+        self.pos = 0;
+    }
+
     fn device_info(&self) -> DeviceInfo {
         DeviceInfo {
             name: self.dev.name.clone(),
@@ -569,38 +795,39 @@ impl Backend for CudaBackend {
     }
 
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        crate::cpu::check_tokens(&self.cfg, tokens, self.pos)?;
-        if self.pos + tokens.len() > self.max_ctx {
-            return Err(Error::Arg(format!(
-                "context of {} tokens exceeds the CUDA KV cache ({})",
-                self.pos + tokens.len(),
-                self.max_ctx
-            )));
-        }
         let mut logits = Vec::new();
-        for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
-            let last = (ci + 1) * CHUNK >= tokens.len();
-            let mut io = vec![self.pos as i32];
-            io.extend(chunk.iter().map(|&t| t as i32));
-            self.dev.write(self.st.io, &io)?;
-            let rows = if chunk.len() == 1 && self.use_graph {
-                if self.graph.is_none() {
-                    self.dev.begin_capture()?;
-                    let r = self.run_plan(1, false);
-                    let g = self.dev.end_capture();
-                    r?;
-                    self.graph = Some(g?);
-                }
-                self.graph.as_ref().expect("captured").launch().map_err(|e| Error::Cuda(e.to_string()))?;
-                1
-            } else {
-                self.run_plan(chunk.len(), all_logits)?
-            };
-            self.pos += chunk.len();
-            if all_logits || last {
-                self.read_logits(rows, &mut logits)?;
-            }
-        }
+        self.run_tokens(tokens, all_logits, Some(&mut logits))?;
         Ok(logits)
+    }
+
+    fn forward_sample(&mut self, tokens: &[u32], sampler: &mut Sampler) -> Result<u32> {
+        use Arg::{F32, I32, I64, Ptr};
+        self.run_tokens(tokens, false, None)?;
+        let p = sampler.params;
+        let a = [
+            Ptr(self.buf(Buf::Logits)),
+            I32(self.cfg.vocab_size as i32),
+            F32(p.temperature),
+            F32(p.top_p),
+            I32(p.top_k.min(i32::MAX as usize) as i32),
+            I64(p.seed as i64),
+            I64(sampler.step() as i64),
+            Ptr(self.st.sample_out),
+        ];
+        self.dev.launch("sample_token", (1, 1, 1), 1024, &a)?;
+        let mut out = [0i32; 2];
+        self.dev.read(self.st.sample_out, &mut out)?;
+        if out[1] != 0 {
+            // Too many candidates for the device sort: sample the copied logits on the host.
+            let mut logits = Vec::new();
+            self.read_logits(1, &mut logits)?;
+            return Ok(sampler.sample(&logits));
+        }
+        sampler.advance();
+        Ok(out[0] as u32)
+    }
+
+    fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
+        CudaBackend::profile_decode(self, replays)
     }
 }

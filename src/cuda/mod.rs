@@ -25,7 +25,11 @@ use crate::error::{Error, Result};
 pub use backend::CudaBackend;
 
 /// Kernel sources, compiled together into one module.
-const SOURCES: [&str; 2] = [include_str!("../kernels/common.cuh"), include_str!("../kernels/primitives.cu")];
+const SOURCES: [&str; 3] = [
+    include_str!("../kernels/common.cuh"),
+    include_str!("../kernels/primitives.cu"),
+    include_str!("../kernels/fused.cu"),
+];
 
 fn cuda_err(e: DriverError) -> Error {
     Error::Cuda(e.to_string())
@@ -190,30 +194,53 @@ impl Device {
         (self.in_use, self.peak)
     }
 
+    /// A timing event (records a point on the stream; also inside a captured graph).
+    pub fn event(&self) -> Result<Event> {
+        result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map(Event).map_err(cuda_err)
+    }
+
+    /// Records `e` on the stream.
+    pub fn record(&self, e: &Event) -> Result<()> {
+        // SAFETY: e is a live event; the stream belongs to this context.
+        unsafe { result::event::record(e.0, self.stream.cu_stream()) }.map_err(cuda_err)
+    }
+
+    /// Records `e` as a node of the graph being captured (a plain record during capture
+    /// only orders streams and times nothing).
+    pub fn record_in_graph(&self, e: &Event) -> Result<()> {
+        // SAFETY: e is a live event; the stream is capturing.
+        unsafe {
+            sys::cuEventRecordWithFlags(
+                e.0,
+                self.stream.cu_stream(),
+                sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32,
+            )
+        }
+        .result()
+        .map_err(cuda_err)
+    }
+
+    /// Milliseconds between two recorded events (waits for the stream first).
+    pub fn elapsed_ms(&self, from: &Event, to: &Event) -> Result<f32> {
+        self.sync()?;
+        // SAFETY: both events are live and recorded.
+        unsafe { result::event::elapsed(from.0, to.0) }.map_err(cuda_err)
+    }
+
     /// Measures device-to-device copy bandwidth (GB/s, bytes read + written) with events.
     pub fn copy_bandwidth(&mut self) -> Result<f64> {
         let n = 1usize << 30;
         let (a, b) = (self.alloc(n)?, self.alloc(n)?);
         self.fill(a, 1, n)?;
-        let s = self.stream.cu_stream();
-        let ev = |_: ()| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda_err);
-        let (e0, e1) = (ev(())?, ev(())?);
+        let (e0, e1) = (self.event()?, self.event()?);
         let mut best = 0f64;
         for _ in 0..5 {
-            // SAFETY: both buffers are n bytes; events are valid.
-            unsafe {
-                result::event::record(e0, s).map_err(cuda_err)?;
-                result::memcpy_dtod_async(b, a, n, s).map_err(cuda_err)?;
-                result::event::record(e1, s).map_err(cuda_err)?;
-                result::event::synchronize(e1).map_err(cuda_err)?;
-                let ms = result::event::elapsed(e0, e1).map_err(cuda_err)? as f64;
-                best = best.max(2.0 * n as f64 / (ms * 1e-3) / 1e9);
-            }
-        }
-        // SAFETY: created above.
-        unsafe {
-            let _ = result::event::destroy(e0);
-            let _ = result::event::destroy(e1);
+            self.record(&e0)?;
+            // SAFETY: both buffers are n bytes.
+            unsafe { result::memcpy_dtod_async(b, a, n, self.stream.cu_stream()) }.map_err(cuda_err)?;
+            self.record(&e1)?;
+            let ms = self.elapsed_ms(&e0, &e1)? as f64;
+            best = best.max(2.0 * n as f64 / (ms * 1e-3) / 1e9);
         }
         self.free_last(2)?;
         Ok(best)
@@ -233,6 +260,16 @@ impl Device {
     }
 }
 
+/// A CUDA event with timing, destroyed on drop.
+pub struct Event(sys::CUevent);
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by Device::event and not used after this.
+        let _ = unsafe { result::event::destroy(self.0) };
+    }
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
         let _ = self.stream.synchronize();
@@ -243,10 +280,33 @@ impl Drop for Device {
     }
 }
 
-/// Names of the `extern "C" __global__` functions in the sources.
+/// Names of the `extern "C" __global__` functions in the sources: written out, or stamped
+/// by a `*_KERNEL(name, ...)` macro invocation at the start of a line (the macro's own
+/// parameter, upper case, is not a kernel).
 fn kernel_names(src: &str) -> Vec<String> {
-    src.split("extern \"C\" __global__ void ")
+    let written = src
+        .split("extern \"C\" __global__ void ")
         .skip(1)
         .filter_map(|rest| rest.split('(').next().map(|n| n.trim().to_string()))
-        .collect()
+        .filter(|n| n.chars().any(|c| c.is_ascii_lowercase()));
+    let stamped = src.lines().filter_map(|l| {
+        let (mac, rest) = l.split_once('(')?;
+        let ok = mac.ends_with("_KERNEL") && mac.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+        ok.then(|| rest.split(',').next().unwrap_or("").trim().to_string())
+    });
+    written.chain(stamped).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_names_include_macro_stamped_ones() {
+        let src = "#define K_KERNEL(NAME, MT) extern \"C\" __global__ void NAME(int a) {}\nK_KERNEL(foo1, 1)\n\
+                   extern \"C\" __global__ void bar(int x) {}\n";
+        assert_eq!(super::kernel_names(src), vec!["bar".to_string(), "foo1".to_string()]);
+        let all = super::kernel_names(&super::SOURCES.join("\n"));
+        for k in ["matvec", "matvec1", "qkv_proj", "qkv_proj1", "moe_router", "sample_token"] {
+            assert!(all.iter().any(|n| n == k), "{k} missing from {all:?}");
+        }
+    }
 }

@@ -45,6 +45,18 @@ __device__ __forceinline__ float block_sum(float v) {
     return warp_sum(t);
 }
 
+// Max over a block of up to 1024 threads; every thread gets it.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float red[32];
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[wid] = v;
+    __syncthreads();
+    float t = lane < nw ? red[lane] : -INFINITY;
+    return warp_max(t);
+}
+
 // Unpack 8 bf16 from a 16-byte vector into floats.
 __device__ __forceinline__ void unpack8(uint4 v, float* o) {
     u32 w[4] = {v.x, v.y, v.z, v.w};
@@ -63,74 +75,120 @@ struct QMat {
     int fmt, bits, group;
 };
 
+// Chunk iterations per lane whose weight loads are issued together before any is used:
+// single-token mat-vecs are latency-bound (a row is a few chunks per lane), so one round
+// trip to memory instead of several. Multi-token tiles keep their registers for the tokens
+// (PF 1). The accumulation order is the same either way: chunks ascending per lane.
+template <int MT>
+struct Prefetch {
+    static constexpr int PF = MT == 1 ? 4 : 1;
+};
+
 // Affine rows, BITS in {4, 8}: lane l takes the 16-byte chunks l, l+32, ... of the packed
 // row; a chunk holds 128/BITS codes, all inside one group (the group size is a multiple of
-// 32). Per chunk and token: sc·Σ q·x + bi·Σ x, added to acc[m].
+// 32). Per chunk and token: sc·Σ q·x + bi·Σ x, added to acc[m]. The codes of a chunk are
+// converted to float once and reused for every token.
 template <int MT, int BITS>
-__device__ __forceinline__ void affine_partial(const QMat& W, long r, int K, const bf16* x, int ldx, int M, int lane,
+__device__ __forceinline__ void affine_partial(const QMat& W, long r, int K, const bf16* const* xs, int M, int lane,
                                                float* acc) {
     constexpr int CODES = 128 / BITS, XV = CODES / 8, PER_WORD = 32 / BITS;
     constexpr u32 MASK = (1u << BITS) - 1u;
     const uint4* wr = (const uint4*)((const u32*)W.w + r * (long)(K / PER_WORD));
-    int gpr = K / W.group;
-    for (int c = lane; c < K / CODES; c += WARP) {
-        uint4 v = wr[c];
-        u32 wd[4] = {v.x, v.y, v.z, v.w};
-        int g = (c * CODES) / W.group;
-        float sc = bf2f(W.s[r * gpr + g]), bi = bf2f(W.b[r * gpr + g]);
+    constexpr int PF = Prefetch<MT>::PF;
+    const int gpr = K / W.group, nch = K / CODES;
+    for (int c0 = lane; c0 < nch; c0 += WARP * PF) {
+        uint4 wv[PF];
+        float sc[PF], bi[PF];
 #pragma unroll
-        for (int m = 0; m < MT; m++) {
-            if (m < M) {
-                const uint4* xr = (const uint4*)(x + (long)m * ldx) + c * XV;
-                float qx = 0.f, sx = 0.f;
+        for (int p = 0; p < PF; p++) {
+            int c = c0 + p * WARP;
+            if (c < nch) {
+                int g = (c * CODES) / W.group;
+                wv[p] = wr[c];
+                sc[p] = bf2f(W.s[r * gpr + g]);
+                bi[p] = bf2f(W.b[r * gpr + g]);
+            }
+        }
 #pragma unroll
-                for (int j = 0; j < XV; j++) {
-                    float xf[8];
-                    unpack8(xr[j], xf);
+        for (int p = 0; p < PF; p++) {
+            int c = c0 + p * WARP;
+            if (c >= nch) continue;
+            u32 wd[4] = {wv[p].x, wv[p].y, wv[p].z, wv[p].w};
+            float qf[CODES];
 #pragma unroll
-                    for (int i = 0; i < 8; i++) {
-                        int e = j * 8 + i;
-                        qx += (float)((wd[e / PER_WORD] >> (BITS * (e % PER_WORD))) & MASK) * xf[i];
-                        sx += xf[i];
+            for (int e = 0; e < CODES; e++) qf[e] = (float)((wd[e / PER_WORD] >> (BITS * (e % PER_WORD))) & MASK);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                if (m < M) {
+                    const uint4* xr = (const uint4*)xs[m] + c * XV;
+                    float qx = 0.f, sx = 0.f;
+#pragma unroll
+                    for (int j = 0; j < XV; j++) {
+                        float xf[8];
+                        unpack8(xr[j], xf);
+#pragma unroll
+                        for (int i = 0; i < 8; i++) {
+                            qx += qf[j * 8 + i] * xf[i];
+                            sx += xf[i];
+                        }
                     }
+                    acc[m] += sc[p] * qx + bi[p] * sx;
                 }
-                acc[m] += sc * qx + bi * sx;
             }
         }
     }
 }
 
-// Partial dot products of weight row `r` with up to 8 token rows of x (x + m*ldx), one
-// partial per lane; the caller reduces across the warp with warp_sum. Lane l handles the
-// 16-byte chunks l, l+32, l+64, ... of the row. K must be a multiple of 32 (affine: and of
-// the group size, itself a multiple of 32).
+// Partial dot products of weight row `r` with up to MT token rows xs[0..M) (each K long),
+// one partial per lane; the caller reduces across the warp with warp_sum. Lane l handles
+// the 16-byte chunks l, l+32, l+64, ... of the row. K must be a multiple of 32 (affine: and
+// of the group size, itself a multiple of 32). Token m's sum never depends on the other
+// tokens, so any grouping of tokens into calls gives bit-identical results.
 template <int MT>
-__device__ __forceinline__ void row_dot_partial(const QMat& W, long r, int K, const bf16* x, int ldx, int M, int lane,
+__device__ __forceinline__ void row_dot_partial(const QMat& W, long r, int K, const bf16* const* xs, int M, int lane,
                                                 float* acc) {
 #pragma unroll
     for (int m = 0; m < MT; m++) acc[m] = 0.f;
     if (W.fmt == FMT_BF16) {
         const uint4* wr = (const uint4*)((const bf16*)W.w + r * (long)K);
-        for (int c = lane; c < K / 8; c += WARP) {
-            float wf[8];
-            unpack8(wr[c], wf);
+        constexpr int PF = Prefetch<MT>::PF;
+        const int nch = K / 8;
+        for (int c0 = lane; c0 < nch; c0 += WARP * PF) {
+            uint4 wv[PF];
 #pragma unroll
-            for (int m = 0; m < MT; m++) {
-                if (m < M) {
-                    float xf[8];
-                    unpack8(((const uint4*)(x + (long)m * ldx))[c], xf);
-                    float s = 0.f;
+            for (int p = 0; p < PF; p++) if (c0 + p * WARP < nch) wv[p] = wr[c0 + p * WARP];
 #pragma unroll
-                    for (int i = 0; i < 8; i++) s += wf[i] * xf[i];
-                    acc[m] += s;
+            for (int p = 0; p < PF; p++) {
+                int c = c0 + p * WARP;
+                if (c >= nch) continue;
+                float wf[8];
+                unpack8(wv[p], wf);
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    if (m < M) {
+                        float xf[8];
+                        unpack8(((const uint4*)xs[m])[c], xf);
+                        float s = 0.f;
+#pragma unroll
+                        for (int i = 0; i < 8; i++) s += wf[i] * xf[i];
+                        acc[m] += s;
+                    }
                 }
             }
         }
     } else if (W.bits == 4) {
-        affine_partial<MT, 4>(W, r, K, x, ldx, M, lane, acc);
+        affine_partial<MT, 4>(W, r, K, xs, M, lane, acc);
     } else {
-        affine_partial<MT, 8>(W, r, K, x, ldx, M, lane, acc);
+        affine_partial<MT, 8>(W, r, K, xs, M, lane, acc);
     }
+}
+
+// Expert e's slice of a stacked [E, rows, ...] matrix (strides in storage elements).
+__device__ __forceinline__ QMat expert_slice(QMat W, long e, long w_stride, long sb_stride) {
+    W.w = W.fmt == FMT_BF16 ? (const void*)((const bf16*)W.w + e * w_stride) : (const void*)((const u32*)W.w + e * w_stride);
+    W.s = W.s + e * sb_stride;
+    W.b = W.b + e * sb_stride;
+    return W;
 }
 
 // Dequantized element (r, k) — for embedding lookups.
@@ -146,13 +204,79 @@ __device__ __forceinline__ float qmat_elem(const QMat& W, long r, int K, int k) 
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 
+// bf16(a + b): the residual add.
+__device__ __forceinline__ bf16 add_bf16(bf16 a, bf16 b) { return f2bf(bf2f(a) + bf2f(b)); }
+
+// bf16(bf16(silu(g)) * u): SwiGLU of bf16 gate and up values.
+__device__ __forceinline__ bf16 swiglu_elem(bf16 g, bf16 u) { return f2bf(bf2f(f2bf(silu(bf2f(g)))) * bf2f(u)); }
+
+// Rotates the pair (i, i + half) of a bf16 head in place by angle pos·inv_freq (half-split RoPE).
+__device__ __forceinline__ void rope_pair(bf16* v, int i, int half, int pos, float inv_freq) {
+    float sn, cs;
+    sincosf((float)pos * inv_freq, &sn, &cs);
+    float a = bf2f(v[i]), b = bf2f(v[i + half]);
+    v[i] = f2bf(a * cs - b * sn);
+    v[i + half] = f2bf(b * cs + a * sn);
+}
+
+// Router of one token by one warp: softmax over E ≤ 1024 f32 logits, top-K (largest
+// first, lowest index wins ties), optional renormalisation; writes idx[K], w[K]. Logits
+// are read through L2 (__ldcg): the fused router reads what other blocks just wrote.
+__device__ __forceinline__ void router_topk_warp(const float* l, int E, int K, int norm, int* idx, float* wout) {
+    int lane = threadIdx.x & 31;
+    float v[32];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 32; i++) { int e = lane + 32 * i; v[i] = e < E ? __ldcg(l + e) : -INFINITY; mx = fmaxf(mx, v[i]); }
+    mx = warp_max(mx);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; i++) { int e = lane + 32 * i; v[i] = e < E ? expf(v[i] - mx) : -1.f; sum += e < E ? v[i] : 0.f; }
+    sum = warp_sum(sum);
+#pragma unroll
+    for (int i = 0; i < 32; i++) if (lane + 32 * i < E) v[i] = v[i] / sum;
+    float tot = 0.f, sel[16];
+    for (int j = 0; j < K; j++) {
+        float bv = -2.f; int bi = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (v[i] > bv) { bv = v[i]; bi = e; } }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o); int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+        if ((bi & 31) == lane) {
+#pragma unroll
+            for (int i = 0; i < 32; i++) if (lane + 32 * i == bi) v[i] = -2.f;
+        }
+        sel[j] = bv; tot += bv;
+        if (lane == 0) idx[j] = bi;
+    }
+    if (lane == 0) for (int j = 0; j < K; j++) wout[j] = norm ? sel[j] / tot : sel[j];
+}
+
+// One slot of the expert combine: a + w·y with an explicit FMA (no contraction choice left
+// to the compiler, so every kernel that combines experts rounds identically).
+__device__ __forceinline__ float combine_step(float a, float w, bf16 y) { return __fmaf_rn(w, bf2f(y), a); }
+
 // Row RMSNorm of n elements by one block: y = bf16(w * (x * rsqrt(mean(x^2) + eps))).
+// Each thread's first RMS_REG elements (i = tid, tid + blockDim, ...) are loaded together
+// and kept in registers for the second pass; the sum runs in i order per thread as before.
+#define RMS_REG 8
 __device__ __forceinline__ void rmsnorm_row(const bf16* x, const float* w, bf16* y, int n, float eps) {
+    const int t = threadIdx.x, nt = blockDim.x;
+    float v[RMS_REG];
+#pragma unroll
+    for (int j = 0; j < RMS_REG; j++) v[j] = t + j * nt < n ? bf2f(x[t + j * nt]) : 0.f;
     float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = bf2f(x[i]);
-        ss += v * v;
+#pragma unroll
+    for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) ss += v[j] * v[j];
+    for (int i = t + RMS_REG * nt; i < n; i += nt) {
+        float a = bf2f(x[i]);
+        ss += a * a;
     }
     float inv = rsqrtf(block_sum(ss) / (float)n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = f2bf(w[i] * (bf2f(x[i]) * inv));
+#pragma unroll
+    for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) y[t + j * nt] = f2bf(w[t + j * nt] * (v[j] * inv));
+    for (int i = t + RMS_REG * nt; i < n; i += nt) y[i] = f2bf(w[i] * (bf2f(x[i]) * inv));
 }

@@ -12,18 +12,20 @@ extern "C" __global__ void embed(QMAT_ARGS, const int* tokens, bf16* out, int H)
     for (int k = threadIdx.x; k < H; k += blockDim.x) out[(long)blockIdx.x * H + k] = f2bf(qmat_elem(W, r, H, k));
 }
 
-// y[M, N] = x[M, K] W^T (+ bias): one warp per output row, blockIdx.z = group of 8 tokens.
-// y is bf16, or f32 when out_f32 (router logits, lm_head).
-extern "C" __global__ void matvec(QMAT_ARGS, const bf16* x, void* y, const float* bias, int N, int K, int M, int out_f32) {
-    QMat W = QMAT_MAKE;
+// One warp's output row r of y = x W^T (+ bias) for tokens m0 .. m0+mt-1 (mt ≤ MT): the
+// dot products, the warp reduction, the bias and the store (bf16, or f32 when out_f32).
+// MT only sizes registers: a token's result does not depend on it.
+template <int MT>
+__device__ __forceinline__ void matvec_row(const QMat& W, long r, const bf16* x, void* y, const float* bias, int N, int K,
+                                           int m0, int mt, int out_f32) {
     int lane = threadIdx.x & 31;
-    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
-    int m0 = blockIdx.z * 8, mt = min(8, M - m0);
-    if (r >= N || mt <= 0) return;
-    float acc[8];
-    row_dot_partial<8>(W, r, K, x + (long)m0 * K, K, mt, lane, acc);
+    const bf16* xs[MT];
 #pragma unroll
-    for (int m = 0; m < 8; m++) {
+    for (int m = 0; m < MT; m++) xs[m] = x + (long)(m0 + min(m, mt - 1)) * K;
+    float acc[MT];
+    row_dot_partial<MT>(W, r, K, xs, mt, lane, acc);
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
         if (m < mt) {
             float v = warp_sum(acc[m]);
             if (lane == 0) {
@@ -35,22 +37,83 @@ extern "C" __global__ void matvec(QMAT_ARGS, const bf16* x, void* y, const float
     }
 }
 
-// Selected-expert rows: row q of y [R, N] = W[idx[q]] · x[q / per]  (R = M·K rows).
-// Expert e's weights start at w + e·w_stride (elements of the storage type) etc.
-extern "C" __global__ void expert_matvec(QMAT_ARGS, long w_stride, long sb_stride, const int* idx, int per, const bf16* x,
-                                         bf16* y, int N, int K) {
+// y[M, N] = x[M, K] W^T (+ bias): one warp per output row, blockIdx.z = group of 8 tokens.
+// y is bf16, or f32 when out_f32 (router logits, lm_head). matvec1 is the M = 1 (decode)
+// instance: same arithmetic, a fraction of the registers.
+#define MATVEC_KERNEL(NAME, MT)                                                                                     \
+    extern "C" __global__ void NAME(QMAT_ARGS, const bf16* x, void* y, const float* bias, int N, int K, int M,      \
+                                    int out_f32) {                                                                  \
+        long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);                                       \
+        int m0 = blockIdx.z * MT, mt = min(MT, M - m0);                                                             \
+        if (r < N && mt > 0) matvec_row<MT>(QMAT_MAKE, r, x, y, bias, N, K, m0, mt, out_f32);                       \
+    }
+MATVEC_KERNEL(matvec, 8)
+MATVEC_KERNEL(matvec1, 1)
+
+#define EXPERT_ARGS QMAT_ARGS, long w_stride, long sb_stride
+
+// Selected-expert rows (decode): row q of y [R, N] = W[idx[q]] · x[q / per]  (R = M·K rows,
+// per = K for gate/up reading the token's input, 1 for down reading the slot's activation).
+extern "C" __global__ void expert_matvec(EXPERT_ARGS, const int* idx, int per, const bf16* x, bf16* y, int N, int K) {
     int q = blockIdx.y, lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
     if (r >= N) return;
-    long e = idx[q];
-    QMat W = QMAT_MAKE;
-    W.w = fmt == FMT_BF16 ? (const void*)((const bf16*)w + e * w_stride) : (const void*)((const u32*)w + e * w_stride);
-    W.s = s + e * sb_stride;
-    W.b = b + e * sb_stride;
+    QMat W = expert_slice(QMAT_MAKE, idx[q], w_stride, sb_stride);
+    const bf16* xs[1] = {x + (long)(q / per) * K};
     float acc[1];
-    row_dot_partial<1>(W, r, K, x + (long)(q / per) * K, K, 1, lane, acc);
+    row_dot_partial<1>(W, r, K, xs, 1, lane, acc);
     float v = warp_sum(acc[0]);
     if (lane == 0) y[(long)q * N + r] = f2bf(v);
+}
+
+// Groups the R = M·K (token, slot) rows by expert for prefill: off[E + 1] is the exclusive
+// prefix sum of rows per expert, rows[off[e] .. off[e+1]) the rows routed to e in
+// ascending order. One block; thread e owns expert e (E ≤ 1024).
+extern "C" __global__ void moe_group(const int* idx, int R, int E, int* off, int* rows) {
+    __shared__ int cnt[1024];
+    int e = threadIdx.x;
+    int c = 0;
+    if (e < E) for (int q = 0; q < R; q++) c += idx[q] == e;
+    cnt[e] = c;
+    __syncthreads();
+    if (e == 0) {
+        int acc = 0;
+        for (int i = 0; i < E; i++) { int n = cnt[i]; off[i] = acc; cnt[i] = acc; acc += n; }
+        off[E] = acc;
+    }
+    __syncthreads();
+    if (e < E) {
+        int o = cnt[e];
+        for (int q = 0; q < R; q++) if (idx[q] == e) rows[o++] = q;
+    }
+}
+
+// Selected-expert rows (prefill), grouped: block (x, e) computes rows blockIdx.x·4.. of
+// expert e for every (token, slot) row routed to e, 8 at a time, so each expert's weights
+// are read once per 8 routed rows instead of once per row. Same per-row arithmetic as
+// expert_matvec, hence bit-identical outputs.
+extern "C" __global__ void expert_matvec_grouped(EXPERT_ARGS, const int* off, const int* rows, int per, const bf16* x,
+                                                 bf16* y, int N, int K) {
+    int e = blockIdx.y, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    int q0 = off[e], q1 = off[e + 1];
+    if (r >= N || q0 == q1) return;
+    QMat W = expert_slice(QMAT_MAKE, e, w_stride, sb_stride);
+    for (int j = q0; j < q1; j += 8) {
+        int mt = min(8, q1 - j);
+        const bf16* xs[8];
+#pragma unroll
+        for (int m = 0; m < 8; m++) xs[m] = x + (long)(rows[j + min(m, mt - 1)] / per) * K;
+        float acc[8];
+        row_dot_partial<8>(W, r, K, xs, mt, lane, acc);
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            if (m < mt) {
+                float v = warp_sum(acc[m]);
+                if (lane == 0) y[(long)rows[j + m] * N + r] = f2bf(v);
+            }
+        }
+    }
 }
 
 // y[rows, n] = rmsnorm(x) * w, one block per row (x == y allowed: per-head q/k norm).
@@ -63,14 +126,7 @@ extern "C" __global__ void rmsnorm(const bf16* x, const float* w, bf16* y, int n
 extern "C" __global__ void rope(bf16* q, bf16* k, const float* inv_freq, const int* pos, int nh, int nkv, int D, int d_rot) {
     int m = blockIdx.x / (nh + nkv), h = blockIdx.x % (nh + nkv);
     bf16* v = h < nh ? q + ((long)m * nh + h) * D : k + ((long)m * nkv + (h - nh)) * D;
-    int half = d_rot / 2;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float sn, cs;
-        sincosf((float)(*pos + m) * inv_freq[i], &sn, &cs);
-        float a = bf2f(v[i]), b2 = bf2f(v[i + half]);
-        v[i] = f2bf(a * cs - b2 * sn);
-        v[i + half] = f2bf(b2 * cs + a * sn);
-    }
+    for (int i = threadIdx.x; i < d_rot / 2; i += blockDim.x) rope_pair(v, i, d_rot / 2, *pos + m, inv_freq[i]);
 }
 
 // Append M rows of K and V ([M, W] each) to the caches at rows *pos .. *pos+M-1.
@@ -82,144 +138,266 @@ extern "C" __global__ void kv_append(const bf16* k, const bf16* v, bf16* kc, bf1
     }
 }
 
-// Split-KV causal attention, pass 1. Grid (M·nh, nsplit), 4 warps. Query m (absolute position
-// *pos + m) of head h reads keys [split·chunk, min((split+1)·chunk, pos+m+1)) of KV head
-// h / (nh/nkv); each warp takes every 4th key with an online softmax, then the warps merge.
-// Writes part_o[(mh·nsplit + split)·D + d] (unnormalised) and part_ml[..·2] = (max, sum).
+// Split-KV causal attention. Grid (M·nh, nsplit), ATTN_THREADS threads. Query m
+// (absolute position *pos + m) of head h attends to keys [0, n) of KV head h / (nh/nkv),
+// n = *pos + m + 1; split s takes the s-th of nsplit equal runs of them (the run length
+// follows the position at run time, so a captured graph stays right as the context grows).
+// Per pass of ATTN_THREADS keys: thread t scores key t (a whole 16-byte-vectorised dot
+// product, so the key loads of a pass are independent), the block takes max and sum of
+// the pass, then thread t accumulates dimensions t, t + ATTN_THREADS of Σ p·V in key order.
+// Writes part_o[(mh·nsplit + s)·D + d] (unnormalised) and part_ml[..·2] = (max, sum); the
+// last split block of a (token, head) to finish (tickets[mh], reset after use) merges the
+// splits into bf16 out[M, nh·D].
 #define MAXD 256
-extern "C" __global__ void attn_partial(const bf16* q, const bf16* kc, const bf16* vc, const int* pos, float* part_o,
-                                        float* part_ml, int nh, int nkv, int D, float scale, int chunk, int nsplit) {
+#define ATTN_THREADS 128
+extern "C" __global__ void attention(const bf16* q, const bf16* kc, const bf16* vc, const int* pos, float* part_o,
+                                     float* part_ml, int* tickets, bf16* out, int nh, int nkv, int D, float scale,
+                                     int nsplit) {
+    __shared__ float qs[MAXD];
+    __shared__ int last;
+    __shared__ float p[ATTN_THREADS];
     int mh = blockIdx.x, split = blockIdx.y, m = mh / nh, h = mh % nh;
-    int kvh = h / (nh / nkv), lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    int n_keys = *pos + m + 1;
+    int kvh = h / (nh / nkv), tid = threadIdx.x;
+    int n_keys = *pos + m + 1, chunk = (n_keys + nsplit - 1) / nsplit;
     int s0 = split * chunk, s1 = min(s0 + chunk, n_keys);
-    long out = (long)mh * nsplit + split;
-    // Lane l holds elements l, l+32, ... of the head (D ≤ MAXD).
-    float qv[MAXD / 32], acc[MAXD / 32];
-    const bf16* qr = q + (long)mh * D;
-#pragma unroll
-    for (int i = 0; i < MAXD / 32; i++) {
-        qv[i] = lane + 32 * i < D ? bf2f(qr[lane + 32 * i]) : 0.f;
-        acc[i] = 0.f;
-    }
-    float mx = -INFINITY, l = 0.f;
-    for (int s = s0 + wid; s < s1; s += nw) {
-        const bf16* kr = kc + ((long)s * nkv + kvh) * D + lane;
-        float d = 0.f;
-#pragma unroll
-        for (int i = 0; i < MAXD / 32; i++) if (lane + 32 * i < D) d += qv[i] * bf2f(kr[32 * i]);
-        d = warp_sum(d) * scale;
-        float mn = fmaxf(mx, d), a = expf(mx - mn), p = expf(d - mn);
-        const bf16* vr = vc + ((long)s * nkv + kvh) * D + lane;
-#pragma unroll
-        for (int i = 0; i < MAXD / 32; i++) if (lane + 32 * i < D) acc[i] = acc[i] * a + p * bf2f(vr[32 * i]);
-        l = l * a + p;
-        mx = mn;
-    }
-    __shared__ float sm_ml[8][2];
-    __shared__ float sm_o[8][MAXD];
-    if (lane == 0) { sm_ml[wid][0] = mx; sm_ml[wid][1] = l; }
-#pragma unroll
-    for (int i = 0; i < MAXD / 32; i++) if (lane + 32 * i < D) sm_o[wid][lane + 32 * i] = acc[i];
+    for (int d = tid; d < D; d += ATTN_THREADS) qs[d] = bf2f(q[(long)mh * D + d]);
     __syncthreads();
-    if (wid == 0) {
-        float M2 = -INFINITY;
-        for (int w2 = 0; w2 < nw; w2++) M2 = fmaxf(M2, sm_ml[w2][0]);
-        float L = 0.f;
-        float o[MAXD / 32];
+    float mx = -INFINITY, l = 0.f, acc[MAXD / ATTN_THREADS] = {0.f, 0.f};
+    for (int base = s0; base < s1; base += ATTN_THREADS) {
+        int s = base + tid, cnt = min(ATTN_THREADS, s1 - base);
+        float sc = -INFINITY;
+        if (tid < cnt) {
+            const uint4* kr = (const uint4*)(kc + ((long)s * nkv + kvh) * D);
+            float dot = 0.f;
+#pragma unroll 8
+            for (int c = 0; c < D / 8; c++) {
+                float kf[8];
+                unpack8(kr[c], kf);
 #pragma unroll
-        for (int i = 0; i < MAXD / 32; i++) o[i] = 0.f;
-        for (int w2 = 0; w2 < nw; w2++) {
-            float f = sm_ml[w2][1] > 0.f ? expf(sm_ml[w2][0] - M2) : 0.f;
-            L += sm_ml[w2][1] * f;
-#pragma unroll
-            for (int i = 0; i < MAXD / 32; i++) if (lane + 32 * i < D) o[i] += sm_o[w2][lane + 32 * i] * f;
+                for (int i = 0; i < 8; i++) dot += qs[c * 8 + i] * kf[i];
+            }
+            sc = dot * scale;
         }
+        float mn = fmaxf(mx, block_max(sc));
+        float pe = tid < cnt ? expf(sc - mn) : 0.f;
+        float ps = block_sum(pe), a = expf(mx - mn);
+        p[tid] = pe;
+        __syncthreads();
 #pragma unroll
-        for (int i = 0; i < MAXD / 32; i++) if (lane + 32 * i < D) part_o[out * D + lane + 32 * i] = o[i];
-        if (lane == 0) { part_ml[out * 2] = M2; part_ml[out * 2 + 1] = L; }
+        for (int i = 0; i < MAXD / ATTN_THREADS; i++) {
+            int d = tid + i * ATTN_THREADS;
+            if (d < D) {
+                const bf16* vr = vc + ((long)base * nkv + kvh) * D + d;
+                float o = 0.f;
+#pragma unroll 8
+                for (int j = 0; j < cnt; j++) o += p[j] * bf2f(vr[(long)j * nkv * D]);
+                acc[i] = acc[i] * a + o;
+            }
+        }
+        l = l * a + ps;
+        mx = mn;
+        __syncthreads();
     }
-}
-
-// Pass 2: merge the splits of each (token, head) and write bf16 out[M, nh·D].
-extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml, bf16* out, int D, int nsplit) {
-    int mh = blockIdx.x;
+    long slot = (long)mh * nsplit + split;
+#pragma unroll
+    for (int i = 0; i < MAXD / ATTN_THREADS; i++) {
+        int d = tid + i * ATTN_THREADS;
+        if (d < D) part_o[slot * D + d] = acc[i];
+    }
+    if (tid == 0) { part_ml[slot * 2] = mx; part_ml[slot * 2 + 1] = l; }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(tickets + mh, 1) == nsplit - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // Merge: rescale each split to the common maximum; empty splits (sum 0) drop out.
+    const float* po = part_o + (long)mh * nsplit * D;
+    const float* pm = part_ml + (long)mh * nsplit * 2;
     float M2 = -INFINITY;
-    for (int s = 0; s < nsplit; s++) if (part_ml[((long)mh * nsplit + s) * 2 + 1] > 0.f) M2 = fmaxf(M2, part_ml[((long)mh * nsplit + s) * 2]);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int s = 0; s < nsplit; s++) if (__ldcg(pm + 2 * s + 1) > 0.f) M2 = fmaxf(M2, __ldcg(pm + 2 * s));
+    for (int d = tid; d < D; d += ATTN_THREADS) {
         float num = 0.f, den = 0.f;
         for (int s = 0; s < nsplit; s++) {
-            long o = (long)mh * nsplit + s;
-            float L = part_ml[o * 2 + 1];
+            float L = __ldcg(pm + 2 * s + 1);
             if (L > 0.f) {
-                float f = expf(part_ml[o * 2] - M2);
-                num += part_o[o * D + d] * f;
+                float f = expf(__ldcg(pm + 2 * s) - M2);
+                num += __ldcg(po + (long)s * D + d) * f;
                 den += L * f;
             }
         }
         out[(long)mh * D + d] = f2bf(num / den);
     }
+    if (tid == 0) tickets[mh] = 0;
 }
 
 // Router: softmax over E f32 logits, top-K (largest first, lowest index wins ties),
 // optional renormalisation. One warp per token; E ≤ 1024.
 extern "C" __global__ void router_topk(const float* logits, int E, int K, int norm, int* idx, float* wout) {
-    int m = blockIdx.x, lane = threadIdx.x;
-    const float* l = logits + (long)m * E;
-    float v[32];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < 32; i++) { int e = lane + 32 * i; v[i] = e < E ? l[e] : -INFINITY; mx = fmaxf(mx, v[i]); }
-    mx = warp_max(mx);
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < 32; i++) { int e = lane + 32 * i; v[i] = e < E ? expf(v[i] - mx) : -1.f; sum += e < E ? v[i] : 0.f; }
-    sum = warp_sum(sum);
-#pragma unroll
-    for (int i = 0; i < 32; i++) if (lane + 32 * i < E) v[i] = v[i] / sum;
-    float tot = 0.f, sel[16];
-    for (int j = 0; j < K; j++) {
-        float bv = -2.f; int bi = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (v[i] > bv) { bv = v[i]; bi = e; } }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o); int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-        }
-        if ((bi & 31) == lane) {
-#pragma unroll
-            for (int i = 0; i < 32; i++) if (lane + 32 * i == bi) v[i] = -2.f;
-        }
-        sel[j] = bv; tot += bv;
-        if (lane == 0) idx[m * K + j] = bi;
-    }
-    if (lane == 0) for (int j = 0; j < K; j++) wout[m * K + j] = norm ? sel[j] / tot : sel[j];
+    int m = blockIdx.x;
+    router_topk_warp(logits + (long)m * E, E, K, norm, idx + m * K, wout + m * K);
 }
 
 // act = bf16(bf16(silu(g)) * u), elementwise over n.
 extern "C" __global__ void swiglu(const bf16* g, const bf16* u, bf16* act, long n) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        act[i] = f2bf(bf2f(f2bf(silu(bf2f(g[i])))) * bf2f(u[i]));
+        act[i] = swiglu_elem(g[i], u[i]);
 }
 
 // out[m, :] = bf16(sum_j w[m, j] * y[m·K + j, :]), f32 accumulation in slot order.
+// Grid (M, ceil(H / blockDim)).
 extern "C" __global__ void combine(const bf16* y, const float* w, bf16* out, int K, int H) {
-    int m = blockIdx.x;
-    for (int h = threadIdx.x; h < H; h += blockDim.x) {
-        float a = 0.f;
-        for (int j = 0; j < K; j++) a += w[m * K + j] * bf2f(y[((long)m * K + j) * H + h]);
-        out[(long)m * H + h] = f2bf(a);
-    }
+    int m = blockIdx.x, h = blockIdx.y * blockDim.x + threadIdx.x;
+    if (h >= H) return;
+    float a = 0.f;
+    for (int j = 0; j < K; j++) a = combine_step(a, w[m * K + j], y[((long)m * K + j) * H + h]);
+    out[(long)m * H + h] = f2bf(a);
 }
 
 // x = bf16(x + y) over n elements (residual add).
 extern "C" __global__ void add_inplace(bf16* x, const bf16* y, long n) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        x[i] = f2bf(bf2f(x[i]) + bf2f(y[i]));
+        x[i] = add_bf16(x[i], y[i]);
 }
 
 // Copies row `row` of x[rows, n] to the front (keep only the last token's hidden state).
 extern "C" __global__ void take_row(const bf16* x, bf16* y, int row, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = x[(long)row * n + i];
+}
+
+// SplitMix64 output function (src/rng.rs `mix64`).
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// (value, id) order of the sampler: larger value first, lower id among equal values.
+__device__ __forceinline__ bool ranks_before(float av, int ai, float bv, int bi) {
+    return av > bv || (av == bv && ai < bi);
+}
+
+#define SAMPLE_CAP 2048
+#define SAMPLE_NATS 24.f
+#define SAMPLE_BINS 2048
+// Picks the next token from logits[V] like the host Sampler (src/sample.rs), one block of
+// 1024 threads. temp ≤ 0: argmax, lowest id among equal maxima (exactly the host's pick).
+// Otherwise, with x = l/temp − max: Z = Σ e^x over the whole vocabulary; a histogram of x
+// over [−SAMPLE_NATS, 0] picks the largest top slice of at most SAMPLE_CAP candidates, which
+// are sorted like the host sorts (value descending, id ascending). Then top_k, softmax,
+// top_p and the draw u = (mix64(seed ^ mix64(step + 1)) >> 40) / 2^24 follow the host step
+// by step. Tokens beyond SAMPLE_NATS carry < V·e^-24 of the top token's probability and are
+// left out. out = [token, 0], or [-, 1] when the answer may lie outside the candidates
+// (top_k larger than the slice, or the nucleus / the draw reaching past it): the host then
+// samples the logits itself.
+extern "C" __global__ void sample_token(const float* logits, int V, float temp, float top_p, int top_k,
+                                        unsigned long long seed, unsigned long long step, int* out) {
+    __shared__ float sv[SAMPLE_CAP];
+    __shared__ int si[SAMPLE_CAP];
+    __shared__ int hist[SAMPLE_BINS];
+    __shared__ float wv[32];
+    __shared__ int wi[32];
+    __shared__ int count, cut;
+    int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nt = blockDim.x;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = tid; i < V; i += nt) {
+        float v = logits[i];
+        if (bi == 0x7fffffff || v > bv) { bv = v; bi = i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ranks_before(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+    }
+    if (lane == 0) { wv[wid] = bv; wi[wid] = bi; }
+    for (int b = tid; b < SAMPLE_BINS; b += nt) hist[b] = 0;
+    if (tid == 0) count = 0;
+    __syncthreads();
+    if (tid == 0) {
+        for (int w = 1; w < nt / 32; w++) if (ranks_before(wv[w], wi[w], wv[0], wi[0])) { wv[0] = wv[w]; wi[0] = wi[w]; }
+        if (temp <= 0.f) { out[0] = wi[0]; out[1] = 0; }
+    }
+    __syncthreads();
+    if (temp <= 0.f) return;
+    const float mx = wv[0] / temp, per_bin = SAMPLE_BINS / SAMPLE_NATS;
+    float z = 0.f;
+    for (int i = tid; i < V; i += nt) {
+        float x = logits[i] / temp - mx;
+        z += expf(x);
+        if (x >= -SAMPLE_NATS) atomicAdd(&hist[min(SAMPLE_BINS - 1, (int)(-x * per_bin))], 1);
+    }
+    float z_all = block_sum(z);
+    if (tid == 0) {
+        int acc = 0, b = 0;
+        while (b < SAMPLE_BINS && acc + hist[b] <= SAMPLE_CAP) acc += hist[b++];
+        cut = b;
+    }
+    __syncthreads();
+    const int nbins = cut;
+    for (int i = tid; i < V; i += nt) {
+        float x = logits[i] / temp - mx;
+        if (x >= -SAMPLE_NATS && (int)(-x * per_bin) < nbins) {
+            int k = atomicAdd(&count, 1);
+            sv[k] = logits[i];
+            si[k] = i;
+        }
+    }
+    __syncthreads();
+    int n = count;
+    // Whether tokens within SAMPLE_NATS were left out for lack of room.
+    bool sliced = nbins < SAMPLE_BINS;
+    for (int j = n + tid; j < SAMPLE_CAP; j += nt) { sv[j] = -INFINITY; si[j] = 0x7fffffff; }
+    // Bitonic sort of SAMPLE_CAP (value, id) pairs into sampler order.
+    for (int size = 2; size <= SAMPLE_CAP; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            __syncthreads();
+            for (int i = tid; i < SAMPLE_CAP; i += nt) {
+                int j = i ^ stride;
+                if (j > i) {
+                    bool fwd = (i & size) == 0;
+                    bool swap = fwd ? ranks_before(sv[j], si[j], sv[i], si[i]) : ranks_before(sv[i], si[i], sv[j], si[j]);
+                    if (swap) {
+                        float tv = sv[i]; sv[i] = sv[j]; sv[j] = tv;
+                        int ti = si[i]; si[i] = si[j]; si[j] = ti;
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (tid != 0) return;
+    out[1] = 1;  // until a pick is certain
+    // The host keeps the top_k (or all V) tokens: `whole` = the candidates are exactly that set.
+    bool whole;
+    if (top_k > 0 && top_k <= n) { n = top_k; whole = true; }
+    else whole = !sliced && n == V;
+    if (top_k > 0 && !whole && sliced) return;
+    // softmax(l / temp): over the top_k when given, else over the whole vocabulary (z_all).
+    float sum = 0.f;
+    for (int j = 0; j < n; j++) { sv[j] = expf(sv[j] / temp - mx); sum += sv[j]; }
+    if (top_k <= 0) sum = z_all;
+    for (int j = 0; j < n; j++) sv[j] /= sum;
+    bool closed = whole;  // whether the kept set ends inside the candidates
+    if (top_p < 1.f) {
+        float cum = 0.f;
+        int keep = -1;
+        for (int j = 0; j < n; j++) { cum += sv[j]; if (cum >= top_p) { keep = j + 1; break; } }
+        if (keep < 0 && !whole) return;
+        if (keep > 0) { n = keep; closed = true; }
+        float s = 0.f;
+        for (int j = 0; j < n; j++) s += sv[j];
+        for (int j = 0; j < n; j++) sv[j] /= s;
+    }
+    float u = (float)(mix64(seed ^ mix64(step + 1ull)) >> 40) / (float)(1 << 24);
+    float cum = 0.f;
+    int pick = -1;
+    for (int j = 0; j < n; j++) { cum += sv[j]; if (u < cum) { pick = j; break; } }
+    if (pick < 0) {
+        if (!closed) return;
+        pick = n - 1;
+    }
+    out[0] = si[pick];
+    out[1] = 0;
 }

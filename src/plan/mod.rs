@@ -10,6 +10,8 @@
 //! Steps refer to weights by role ([`LinRef`], [`NormRef`]) and read dimensions from the
 //! [`ModelConfig`]; buffers hold `T` rows (tokens in this call) of a fixed width.
 
+pub mod patterns;
+
 use std::fmt;
 
 use crate::config::{Family, ModelConfig};
@@ -102,7 +104,8 @@ pub enum NormRef {
     Final,
 }
 
-/// One primitive step of the reference plan.
+/// One step of a plan: a primitive op of the reference plan, or a fused step that a
+/// [pattern](patterns) put in place of a run of primitives ([`Step::components`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     /// `X = embed[tokens]`.
@@ -169,6 +172,168 @@ pub enum Step {
     Combine,
     /// Keep only the last row of `X` unless every position's logits were requested.
     LastRow,
+
+    // Fused steps. Each is exactly its `components()`, run in order, bit for bit.
+    /// `moe_mlp`: router projection + softmax-top-k in one kernel.
+    MoeRouter {
+        /// Layer.
+        layer: usize,
+    },
+    /// `moe_mlp`: gate and up projections of the selected experts and SwiGLU, reading `H` once.
+    MoeGateUpSwiglu {
+        /// Layer.
+        layer: usize,
+    },
+    /// `moe_mlp`: down projection of the selected experts, weighted combine and `X += Out`.
+    MoeDownCombineAdd {
+        /// Layer.
+        layer: usize,
+    },
+    /// `swiglu_mlp`: dense gate and up projections and SwiGLU.
+    DenseGateUpSwiglu {
+        /// Layer.
+        layer: usize,
+    },
+    /// `residual_norm`: `X += src`, then `dst = rmsnorm(X) ⊙ w`.
+    AddRmsNorm {
+        /// Weight.
+        w: NormRef,
+        /// Addend of the residual.
+        src: Buf,
+        /// Normalised output.
+        dst: Buf,
+    },
+    /// `qkv_proj`: the q, k and v projections of `H` in one kernel.
+    QkvProj {
+        /// Layer.
+        layer: usize,
+    },
+    /// `qk_norm_rope`: per-head q and k norms, RoPE and the KV-cache append.
+    QkNormRopeKv {
+        /// Layer.
+        layer: usize,
+    },
+}
+
+impl LinRef {
+    /// The role without the layer, e.g. `q` or `router`.
+    pub fn role(self) -> &'static str {
+        match self {
+            LinRef::Q(_) => "q",
+            LinRef::K(_) => "k",
+            LinRef::V(_) => "v",
+            LinRef::O(_) => "o",
+            LinRef::DenseGate(_) => "dense_gate",
+            LinRef::DenseUp(_) => "dense_up",
+            LinRef::DenseDown(_) => "dense_down",
+            LinRef::Router(_) => "router",
+            LinRef::LmHead => "lm_head",
+        }
+    }
+}
+
+impl NormRef {
+    /// The role without the layer, e.g. `input` or `q_head`.
+    pub fn role(self) -> &'static str {
+        match self {
+            NormRef::Input(_) => "input",
+            NormRef::Post(_) => "post",
+            NormRef::QHead(_) => "q_head",
+            NormRef::KHead(_) => "k_head",
+            NormRef::Final => "final",
+        }
+    }
+}
+
+impl Step {
+    /// The primitive steps a fused step stands for, in order (empty for a primitive step).
+    /// A backend may run a fused step as these; the CPU reference does exactly that.
+    pub fn components(&self) -> Vec<Step> {
+        use Buf::*;
+        match *self {
+            Step::MoeRouter { layer } => {
+                vec![Step::Linear { w: LinRef::Router(layer), src: H, dst: RouterLogits }, Step::RouterTopK]
+            }
+            Step::MoeGateUpSwiglu { layer } => vec![Step::ExpertGateUp { layer }, Step::Swiglu],
+            Step::MoeDownCombineAdd { layer } => {
+                vec![Step::ExpertDown { layer }, Step::Combine, Step::Add { dst: X, src: Out }]
+            }
+            Step::DenseGateUpSwiglu { layer } => vec![
+                Step::Linear { w: LinRef::DenseGate(layer), src: H, dst: Gate },
+                Step::Linear { w: LinRef::DenseUp(layer), src: H, dst: Up },
+                Step::Swiglu,
+            ],
+            Step::AddRmsNorm { w, src, dst } => vec![Step::Add { dst: X, src }, Step::RmsNorm { w, src: X, dst }],
+            Step::QkvProj { layer } => vec![
+                Step::Linear { w: LinRef::Q(layer), src: H, dst: Q },
+                Step::Linear { w: LinRef::K(layer), src: H, dst: K },
+                Step::Linear { w: LinRef::V(layer), src: H, dst: V },
+            ],
+            Step::QkNormRopeKv { layer } => vec![
+                Step::HeadNorm { w: NormRef::QHead(layer), buf: Q },
+                Step::HeadNorm { w: NormRef::KHead(layer), buf: K },
+                Step::Rope,
+                Step::KvAppend { layer },
+            ],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The layer a step belongs to, if it reads one layer's weights or cache.
+    pub fn layer(&self) -> Option<usize> {
+        let of_lin = |w: &LinRef| match *w {
+            LinRef::Q(l) | LinRef::K(l) | LinRef::V(l) | LinRef::O(l) => Some(l),
+            LinRef::DenseGate(l) | LinRef::DenseUp(l) | LinRef::DenseDown(l) | LinRef::Router(l) => Some(l),
+            LinRef::LmHead => None,
+        };
+        let of_norm = |w: &NormRef| match *w {
+            NormRef::Input(l) | NormRef::Post(l) | NormRef::QHead(l) | NormRef::KHead(l) => Some(l),
+            NormRef::Final => None,
+        };
+        match self {
+            Step::Linear { w, .. } => of_lin(w),
+            Step::RmsNorm { w, .. } | Step::HeadNorm { w, .. } | Step::AddRmsNorm { w, .. } => of_norm(w),
+            Step::KvAppend { layer }
+            | Step::Attention { layer }
+            | Step::ExpertGateUp { layer }
+            | Step::ExpertDown { layer }
+            | Step::MoeRouter { layer }
+            | Step::MoeGateUpSwiglu { layer }
+            | Step::MoeDownCombineAdd { layer }
+            | Step::DenseGateUpSwiglu { layer }
+            | Step::QkvProj { layer }
+            | Step::QkNormRopeKv { layer } => Some(*layer),
+            _ => None,
+        }
+    }
+
+    /// What the step does, without its layer (`linear q`, `attention`, ...): the key that
+    /// per-step timings are summed by.
+    pub fn kind(&self) -> String {
+        match self {
+            Step::RmsNorm { w, .. } => format!("rms_norm {}", w.role()),
+            Step::Linear { w, .. } => format!("linear {}", w.role()),
+            Step::HeadNorm { w, .. } => format!("head_norm {}", w.role()),
+            Step::Add { dst, src } => format!("add {dst:?} += {src:?}"),
+            Step::KvAppend { .. } => "kv_append".into(),
+            Step::Attention { .. } => "attention".into(),
+            Step::ExpertGateUp { .. } => "expert_gate_up".into(),
+            Step::ExpertDown { .. } => "expert_down".into(),
+            Step::Embed => "embed".into(),
+            Step::Rope => "rope".into(),
+            Step::RouterTopK => "router_topk".into(),
+            Step::Swiglu => "swiglu".into(),
+            Step::Combine => "combine".into(),
+            Step::LastRow => "last_row".into(),
+            Step::MoeRouter { .. } => "moe_router (fused)".into(),
+            Step::MoeGateUpSwiglu { .. } => "moe_gate_up_swiglu (fused)".into(),
+            Step::MoeDownCombineAdd { .. } => "moe_down_combine_add (fused)".into(),
+            Step::DenseGateUpSwiglu { .. } => "dense_gate_up_swiglu (fused)".into(),
+            Step::AddRmsNorm { w, .. } => format!("add_rms_norm {} (fused)", w.role()),
+            Step::QkvProj { .. } => "qkv_proj (fused)".into(),
+            Step::QkNormRopeKv { .. } => "qk_norm_rope_kv (fused)".into(),
+        }
+    }
 }
 
 impl fmt::Display for Step {

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Device machine: build llama.cpp's `llama-bench` with CUDA for the H100/H200 (sm_90) from
+# the stripped source that fetch_source.sh packed (scratch/peers/llama.cpp.tar.gz, carried
+# with the working tree). Output: $LLAMA_BUILD/bin/llama-bench (default
+# scratch/peers/llama.cpp-build, ignored, kept between calls on a warm machine).
+#
+#   bench/peers/llama_cpp/build.sh          # ~4 min on 16 cores; a second run is a no-op
+set -euo pipefail
+cd "$(dirname "$0")/../../.."          # repo root
+TAR=scratch/peers/llama.cpp.tar.gz
+SRC=${LLAMA_SRC:-scratch/peers/llama.cpp}
+BUILD=${LLAMA_BUILD:-scratch/peers/llama.cpp-build}
+BIN=$BUILD/bin/llama-bench
+
+if [ -x "$BIN" ] && [ "${REBUILD:-0}" != 1 ]; then
+    echo "llama-bench already built: $BIN (REBUILD=1 to rebuild)"
+    exit 0
+fi
+[ -f "$TAR" ] || { echo "error: $TAR not found: run bench/peers/llama_cpp/fetch_source.sh on the dev machine and carry scratch/peers" >&2; exit 1; }
+for tool in cmake nvcc; do
+    command -v "$tool" >/dev/null || { echo "error: $tool not found on this machine (needed to build llama-bench with CUDA)" >&2; exit 1; }
+done
+GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
+
+rm -rf "$SRC"
+mkdir -p "$(dirname "$SRC")"
+tar -xzf "$TAR" -C "$(dirname "$SRC")"
+[ "$(basename "$SRC")" = llama.cpp ] || mv "$(dirname "$SRC")/llama.cpp" "$SRC"
+COMMIT=$(sed -n 's/^llama.cpp commit: //p' "$SRC/ZMOE_PEER_SOURCE")
+echo "== llama.cpp $COMMIT: configure (CUDA, sm_90) in $BUILD"
+cmake -S "$SRC" -B "$BUILD" "${GEN[@]}" \
+    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON \
+    -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_COMMIT="$COMMIT" -DLLAMA_BUILD_NUMBER=0 >"$BUILD.configure.log" 2>&1 \
+    || { tail -40 "$BUILD.configure.log"; echo "error: cmake configure failed (log: $BUILD.configure.log)" >&2; exit 1; }
+echo "== build llama-bench with $(nproc) jobs"
+start=$(date +%s)
+cmake --build "$BUILD" --target llama-bench -j "$(nproc)" >"$BUILD.build.log" 2>&1 \
+    || { tail -40 "$BUILD.build.log"; echo "error: build failed (log: $BUILD.build.log)" >&2; exit 1; }
+[ -x "$BIN" ] || { echo "error: build finished but $BIN is missing" >&2; exit 1; }
+echo "built $BIN in $(( $(date +%s) - start )) s"
+"$BIN" --help >/dev/null 2>&1 || { echo "error: $BIN does not run" >&2; exit 1; }

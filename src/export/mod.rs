@@ -1,0 +1,707 @@
+//! Exporting a zmoe model folder to another engine's format — today GGUF for llama.cpp
+//! (`zmoe export gguf`), so the same weights can be benchmarked against llama.cpp and
+//! users can take a zmoe model there.
+//!
+//! Why it is shaped this way:
+//!
+//! - **Through [`Weights`], not the safetensors keys.** The model is opened with the same
+//!   loader the backends use, so every on-disk layout zmoe reads (HF per-expert keys, MLX
+//!   stacked experts, affine 2–8 bit, MXFP4, bf16) exports the same way, and each matrix is
+//!   dequantized exactly ([`Mat::dequant_row`]) before being re-quantized to Q4_0 / Q8_0
+//!   with ggml's reference rounding ([`gguf`]). Norms and the router stay f32, as llama.cpp's
+//!   converter keeps them.
+//! - **One table entry per family** ([`GGUF_ARCHS`]): the llama.cpp architecture name and
+//!   what that architecture's loader can represent (dense layers, biases, partial rotary,
+//!   fixed top-k renormalisation). Tensor names are llama.cpp's standard ones
+//!   (`blk.N.attn_q.weight`, `blk.N.ffn_gate_exps.weight`, …) and metadata keys are
+//!   `<arch>.…`, so a family whose [`Weights`] fit the same fields needs nothing else. What
+//!   the loader cannot represent is reported as a warning, not silently dropped.
+//! - **Streaming.** The 30B-A3B preset is ~17 GB at 4 bits: tensors are converted one at a
+//!   time, in chunks of rows (parallel over rows with rayon), and appended to a temporary
+//!   file in the output's folder that is renamed into place only after it has been read
+//!   back and checked. Peak memory is one chunk, not one model.
+//! - **No vocabulary.** The GGUF carries `tokenizer.ggml.model = "none"` and
+//!   `<arch>.vocab_size`: enough for `llama-bench` (random token ids), not for text.
+
+pub mod gguf;
+
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::checkpoint::{Checkpoint, Mat};
+use crate::config::{Family, ModelConfig};
+use crate::error::{Error, Result};
+use crate::model::{Linear, Mlp, Weights};
+use gguf::{GgmlType, GgufFile, GgufWriter, TensorSpec, Value};
+
+/// The GGUF type of the exported weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufQuant {
+    /// ggml Q4_0: 32-element blocks, f16 scale, 4-bit codes (4.5 bits per weight).
+    Q4_0,
+    /// ggml Q8_0: 32-element blocks, f16 scale, 8-bit codes (8.5 bits per weight).
+    Q8_0,
+}
+
+impl GgufQuant {
+    /// Parses `q4_0|q8_0` (as given to `--quant`).
+    pub fn parse(s: &str) -> Result<GgufQuant> {
+        match s.to_ascii_lowercase().as_str() {
+            "q4_0" => Ok(GgufQuant::Q4_0),
+            "q8_0" => Ok(GgufQuant::Q8_0),
+            _ => Err(Error::Arg(format!("unknown --quant `{s}` (expected q4_0 or q8_0)"))),
+        }
+    }
+
+    /// The ggml tensor type of quantized matrices.
+    pub fn ggml_type(self) -> GgmlType {
+        match self {
+            GgufQuant::Q4_0 => GgmlType::Q4_0,
+            GgufQuant::Q8_0 => GgmlType::Q8_0,
+        }
+    }
+
+    /// `general.file_type` (llama.cpp's `LLAMA_FTYPE_MOSTLY_Q4_0` = 2, `…_Q8_0` = 7).
+    pub fn file_type(self) -> u32 {
+        match self {
+            GgufQuant::Q4_0 => 2,
+            GgufQuant::Q8_0 => 7,
+        }
+    }
+
+    /// `q4_0` / `q8_0`.
+    pub fn name(self) -> &'static str {
+        self.ggml_type().name()
+    }
+}
+
+/// A family's llama.cpp architecture and what its loader can represent.
+#[derive(Debug, Clone, Copy)]
+pub struct GgufArch {
+    /// The zmoe family.
+    pub family: Family,
+    /// llama.cpp's architecture name (`general.architecture`, prefix of the metadata keys).
+    pub arch: &'static str,
+    /// The loader accepts layers with a dense MLP (`blk.N.ffn_gate/up/down.weight`).
+    pub dense_ffn: bool,
+    /// The loader reads optional q/k/v biases (`blk.N.attn_q.bias`, …).
+    pub qkv_bias: bool,
+    /// The loader reads an output-projection bias (`blk.N.attn_output.bias`).
+    pub out_bias: bool,
+    /// The graph supports rotary on fewer dims than the head (`rope.dimension_count`).
+    pub partial_rope: bool,
+    /// `Some(b)`: the graph always renormalises the top-k router weights (`b = true`) or
+    /// never does; `None`: it reads `<arch>.expert_weights_norm`.
+    pub topk_norm: Option<bool>,
+}
+
+/// Family → llama.cpp architecture. Adding a family is one entry here (read its loader in
+/// llama.cpp's `src/models/<arch>.cpp` to fill in the flags).
+pub const GGUF_ARCHS: &[GgufArch] = &[
+    // src/models/qwen3moe.cpp: every layer MoE, q/k/v biases optional (create_tensor_qkv),
+    // no attn_output bias, asserts n_rot == head dim, build_moe_ffn(..., norm_w = true).
+    GgufArch {
+        family: Family::Qwen3Moe,
+        arch: "qwen3moe",
+        dense_ffn: false,
+        qkv_bias: true,
+        out_bias: false,
+        partial_rope: false,
+        topk_norm: Some(true),
+    },
+];
+
+impl GgufArch {
+    /// The entry for `family`.
+    pub fn for_family(family: Family) -> Result<&'static GgufArch> {
+        GGUF_ARCHS.iter().find(|a| a.family == family).ok_or_else(|| {
+            Error::Arg(format!("GGUF export does not know family `{}` yet (add it to GGUF_ARCHS)", family.model_type()))
+        })
+    }
+
+    /// What in `cfg` llama.cpp's loader for this architecture cannot represent: each line
+    /// is a reason the exported file will not load there, or will not compute the same
+    /// function. Empty when the export is faithful.
+    pub fn gaps(&self, cfg: &ModelConfig) -> Vec<String> {
+        let a = self.arch;
+        let mut out = Vec::new();
+        let dense: Vec<usize> = (0..cfg.num_layers).filter(|&l| !cfg.is_moe_layer(l)).collect();
+        if !self.dense_ffn && !dense.is_empty() {
+            out.push(format!(
+                "layers {dense:?} have a dense MLP, which llama.cpp's `{a}` loader does not accept \
+                 (written as blk.N.ffn_gate/ffn_up/ffn_down; the file will not load in llama.cpp)"
+            ));
+        }
+        if cfg.attention_bias && !self.qkv_bias {
+            out.push(format!("attention biases are not read by llama.cpp's `{a}` loader (file will not load)"));
+        }
+        if cfg.attention_bias && !self.out_bias {
+            out.push(format!(
+                "the o_proj bias is not read by llama.cpp's `{a}` loader (written as attn_output.bias; \
+                 the file will not load in llama.cpp)"
+            ));
+        }
+        if !self.partial_rope && cfg.rope.dim != cfg.head_dim {
+            out.push(format!(
+                "rotary on {} of {} head dims is not supported by llama.cpp's `{a}` graph",
+                cfg.rope.dim, cfg.head_dim
+            ));
+        }
+        if let Some(norm) = self.topk_norm
+            && cfg.num_experts > 0
+            && norm != cfg.norm_topk_prob
+        {
+            out.push(format!(
+                "llama.cpp's `{a}` graph uses norm_topk_prob = {norm}, the model {} (outputs will differ)",
+                cfg.norm_topk_prob
+            ));
+        }
+        out
+    }
+}
+
+/// How to export.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportOptions {
+    /// Type of the weight matrices (norms and router stay f32).
+    pub quant: GgufQuant,
+    /// Replace an existing file at the output path.
+    pub force: bool,
+    /// After writing, also compare sampled rows of every tensor with the source weights
+    /// (the file's structure is always read back and checked).
+    pub check: bool,
+    /// Draw a progress bar on stderr for large models.
+    pub progress: bool,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct ExportSummary {
+    /// The GGUF file.
+    pub out: PathBuf,
+    /// llama.cpp architecture.
+    pub arch: &'static str,
+    /// Matrix type.
+    pub quant: GgufQuant,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Number of parameters (elements of all tensors).
+    pub params: u64,
+    /// File size in bytes.
+    pub bytes: u64,
+    /// Wall time of the export, seconds.
+    pub secs: f64,
+    /// What llama.cpp cannot represent (see [`GgufArch::gaps`]).
+    pub warnings: Vec<String>,
+    /// Rows compared with the source by `check` (0 without it).
+    pub checked_rows: usize,
+}
+
+/// Where a GGUF tensor's rows come from.
+enum Src<'a> {
+    /// Rows of these matrices, one after another (stacked experts: E matrices).
+    Mats(Vec<&'a Mat>),
+    /// A single row.
+    Vector(&'a [f32]),
+}
+
+impl Src<'_> {
+    fn n_rows(&self) -> usize {
+        match self {
+            Src::Mats(ms) => ms.iter().map(|m| m.rows).sum(),
+            Src::Vector(_) => 1,
+        }
+    }
+
+    fn row(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Src::Mats(ms) => {
+                let per = ms[0].rows;
+                ms[r / per].dequant_row(r % per, out);
+            }
+            Src::Vector(v) => out.copy_from_slice(v),
+        }
+    }
+}
+
+/// One GGUF tensor and its source.
+struct Item<'a> {
+    spec: TensorSpec,
+    src: Src<'a>,
+}
+
+/// Builds the tensor list in llama.cpp's names and dims (`ne`, innermost first).
+struct Planner<'a> {
+    items: Vec<Item<'a>>,
+    quant: GgmlType,
+}
+
+impl<'a> Planner<'a> {
+    fn push(&mut self, name: String, dims: Vec<u64>, ty: GgmlType, src: Src<'a>) {
+        self.items.push(Item { spec: TensorSpec { name, dims, ty }, src });
+    }
+
+    /// A quantized matrix `[out, in]` → `ne = [in, out]`.
+    fn mat(&mut self, name: String, m: &'a Mat) {
+        self.push(name, vec![m.cols as u64, m.rows as u64], self.quant, Src::Mats(vec![m]));
+    }
+
+    /// An f32 matrix (router).
+    fn mat_f32(&mut self, name: String, m: &'a Mat) {
+        self.push(name, vec![m.cols as u64, m.rows as u64], GgmlType::F32, Src::Mats(vec![m]));
+    }
+
+    /// Stacked experts `E × [out, in]` → `ne = [in, out, E]`.
+    fn experts(&mut self, name: String, ms: &'a [Mat]) {
+        let (r, c) = (ms[0].rows as u64, ms[0].cols as u64);
+        self.push(name, vec![c, r, ms.len() as u64], self.quant, Src::Mats(ms.iter().collect()));
+    }
+
+    fn vector(&mut self, name: String, v: &'a [f32]) {
+        self.push(name, vec![v.len() as u64], GgmlType::F32, Src::Vector(v));
+    }
+
+    /// A linear layer: weight, and its bias when present.
+    fn linear(&mut self, base: &str, l: &'a Linear) {
+        self.mat(format!("{base}.weight"), &l.w);
+        if let Some(b) = &l.b {
+            self.vector(format!("{base}.bias"), b);
+        }
+    }
+}
+
+fn plan<'a>(w: &'a Weights, tied: bool, quant: GgmlType) -> Vec<Item<'a>> {
+    let mut p = Planner { items: Vec::new(), quant };
+    p.mat("token_embd.weight".into(), &w.embed);
+    for (i, l) in w.layers.iter().enumerate() {
+        let b = format!("blk.{i}");
+        p.vector(format!("{b}.attn_norm.weight"), &l.input_norm);
+        p.linear(&format!("{b}.attn_q"), &l.q);
+        p.linear(&format!("{b}.attn_k"), &l.k);
+        p.linear(&format!("{b}.attn_v"), &l.v);
+        p.linear(&format!("{b}.attn_output"), &l.o);
+        p.vector(format!("{b}.attn_q_norm.weight"), &l.q_norm);
+        p.vector(format!("{b}.attn_k_norm.weight"), &l.k_norm);
+        p.vector(format!("{b}.ffn_norm.weight"), &l.post_norm);
+        match &l.mlp {
+            Mlp::Moe { router, experts } => {
+                p.mat_f32(format!("{b}.ffn_gate_inp.weight"), &router.w);
+                if let Some(bias) = &router.b {
+                    p.vector(format!("{b}.ffn_gate_inp.bias"), bias);
+                }
+                p.experts(format!("{b}.ffn_gate_exps.weight"), &experts.gate);
+                p.experts(format!("{b}.ffn_up_exps.weight"), &experts.up);
+                p.experts(format!("{b}.ffn_down_exps.weight"), &experts.down);
+            }
+            Mlp::Dense { gate, up, down } => {
+                p.linear(&format!("{b}.ffn_gate"), gate);
+                p.linear(&format!("{b}.ffn_up"), up);
+                p.linear(&format!("{b}.ffn_down"), down);
+            }
+        }
+    }
+    p.vector("output_norm.weight".into(), &w.norm);
+    if !tied {
+        p.linear("output", &w.lm_head);
+    }
+    p.items
+}
+
+/// The metadata llama.cpp reads for `arch` (types as its loader expects them: u32 counts,
+/// f32 epsilon and rope base).
+fn metadata(a: &GgufArch, cfg: &ModelConfig, name: &str, quant: GgufQuant) -> Vec<(String, Value)> {
+    let arch = a.arch;
+    let u = |x: usize| Value::U32(x as u32);
+    let mut kv: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::Str(arch.into())),
+        ("general.name".into(), Value::Str(name.into())),
+        ("general.file_type".into(), Value::U32(quant.file_type())),
+        ("general.quantization_version".into(), Value::U32(2)),
+        ("general.alignment".into(), Value::U32(gguf::ALIGNMENT as u32)),
+        ("general.quantized_by".into(), Value::Str(format!("zmoe {}", env!("CARGO_PKG_VERSION")))),
+    ];
+    let mut add = |k: &str, v: Value| kv.push((format!("{arch}.{k}"), v));
+    add("context_length", u(cfg.max_position_embeddings));
+    add("embedding_length", u(cfg.hidden_size));
+    add("block_count", u(cfg.num_layers));
+    if cfg.intermediate_size > 0 {
+        add("feed_forward_length", u(cfg.intermediate_size));
+    }
+    add("attention.head_count", u(cfg.num_heads));
+    add("attention.head_count_kv", u(cfg.num_kv_heads));
+    add("attention.key_length", u(cfg.head_dim));
+    add("attention.value_length", u(cfg.head_dim));
+    add("attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps));
+    add("rope.dimension_count", u(cfg.rope.dim));
+    add("rope.freq_base", Value::F32(cfg.rope.theta as f32));
+    if cfg.num_experts > 0 {
+        add("expert_count", u(cfg.num_experts));
+        add("expert_used_count", u(cfg.top_k));
+        add("expert_feed_forward_length", u(cfg.moe_intermediate_size));
+        add("expert_weights_norm", Value::Bool(cfg.norm_topk_prob));
+    }
+    add("vocab_size", u(cfg.vocab_size));
+    kv.push(("tokenizer.ggml.model".into(), Value::Str("none".into())));
+    kv
+}
+
+/// Refuses an output path that is a folder, exists (without `force`), or whose folder is
+/// missing — before any work is done.
+fn check_out(out: &Path, force: bool) -> Result<()> {
+    if out.is_dir() {
+        return Err(Error::format(out, "is a folder; give --out a file name (e.g. model-q4_0.gguf)"));
+    }
+    if out.exists() && !force {
+        return Err(Error::format(out, "file exists; pass --force to overwrite it"));
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        return Err(Error::format(out, format!("folder {} does not exist", parent.display())));
+    }
+    Ok(())
+}
+
+/// A sample of rows of a tensor with `n` rows: first, last and a few in between.
+fn sample_rows(n: usize, salt: u64) -> Vec<usize> {
+    let mut rows: Vec<usize> = vec![0, n - 1];
+    for k in 0..6u64 {
+        rows.push((crate::rng::mix64(salt.wrapping_mul(31).wrapping_add(k)) % n as u64) as usize);
+    }
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
+
+/// Reads `path` back and checks it against the plan: same tensors (name, dims, type) in
+/// the same order, the metadata as written; with `rows`, also compares sampled rows of
+/// every tensor with the source within the type's error bound. Returns the rows compared.
+fn verify(path: &Path, items: &[Item], kv: &[(String, Value)], rows: bool) -> Result<usize> {
+    let f = GgufFile::open(path)?;
+    let bad = |why: String| Error::format(path, format!("read-back check failed: {why}"));
+    if f.kv != kv {
+        return Err(bad("metadata differs from what was written".into()));
+    }
+    if f.tensors.len() != items.len() {
+        return Err(bad(format!("{} tensors, expected {}", f.tensors.len(), items.len())));
+    }
+    let mut checked = 0;
+    for (i, (t, it)) in f.tensors.iter().zip(items).enumerate() {
+        if t.name != it.spec.name || t.dims != it.spec.dims || t.ty != it.spec.ty {
+            return Err(bad(format!("tensor #{i} is `{}` {:?} {:?}, expected {:?}", t.name, t.dims, t.ty, it.spec)));
+        }
+        if !rows {
+            continue;
+        }
+        let n = t.row_len();
+        let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
+        for r in sample_rows(t.n_rows(), i as u64) {
+            f.dequant_row(t, r, &mut got)?;
+            it.src.row(r, &mut want);
+            let blk = t.ty.block_len().max(gguf::QK);
+            for (b, (g, w)) in got.chunks(blk).zip(want.chunks(blk)).enumerate() {
+                let bound = gguf::block_error_bound(t.ty, w);
+                if let Some((j, (x, y))) = g.iter().zip(w).enumerate().find(|(_, (x, y))| (*x - *y).abs() > bound) {
+                    return Err(bad(format!(
+                        "tensor `{}` row {r} element {}: {x} vs source {y}, |Δ| > bound {bound}",
+                        t.name,
+                        b * blk + j
+                    )));
+                }
+            }
+            checked += 1;
+        }
+    }
+    Ok(checked)
+}
+
+/// Exports the model folder `model` to the GGUF file `out`. `warn` receives each
+/// [`GgufArch::gaps`] line before the (long) conversion starts.
+pub fn export_gguf(
+    model: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+    warn: &mut dyn FnMut(&str),
+) -> Result<ExportSummary> {
+    let t0 = Instant::now();
+    check_out(out, opts.force)?;
+    let ck = Checkpoint::open(model)?;
+    let cfg = ck.config.clone();
+    let arch = GgufArch::for_family(cfg.family)?;
+    let weights = Weights::load(&ck)?;
+    let warnings = arch.gaps(&cfg);
+    for w in &warnings {
+        warn(w);
+    }
+    let tied = cfg.tie_word_embeddings && !ck.has("lm_head.weight");
+    let items = plan(&weights, tied, opts.quant.ggml_type());
+    for it in &items {
+        if it.spec.ty.row_bytes(it.spec.dims[0] as usize).is_none() {
+            return Err(Error::tensor(
+                &ck.dir,
+                &it.spec.name,
+                format!(
+                    "row length {} is not a multiple of {} ({} blocks); this model cannot be exported as {}",
+                    it.spec.dims[0],
+                    it.spec.ty.block_len(),
+                    it.spec.ty.name(),
+                    opts.quant.name()
+                ),
+            ));
+        }
+    }
+    let name = ck.dir.canonicalize().unwrap_or(ck.dir.clone());
+    let name = name.file_name().map_or("zmoe model".into(), |n| n.to_string_lossy().into_owned());
+    let kv = metadata(arch, &cfg, &name, opts.quant);
+
+    let file_name = out.file_name().map_or("out.gguf".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = out.with_file_name(format!(".{file_name}.partial-{}", std::process::id()));
+    let result = write_file(&tmp, &ck.dir, &items, &kv, opts).and_then(|_| verify(&tmp, &items, &kv, opts.check));
+    let checked_rows = match result {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    if out.exists() && !opts.force {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::format(out, "file appeared while exporting; pass --force to overwrite it"));
+    }
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(out, e)
+    })?;
+    let bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
+    Ok(ExportSummary {
+        out: out.to_path_buf(),
+        arch: arch.arch,
+        quant: opts.quant,
+        tensors: items.len(),
+        params: items.iter().map(|i| i.spec.dims.iter().product::<u64>()).sum(),
+        bytes,
+        secs: t0.elapsed().as_secs_f64(),
+        warnings,
+        checked_rows,
+    })
+}
+
+/// Output bytes converted per parallel chunk.
+const CHUNK_F32_BYTES: usize = 32 << 20;
+
+fn write_file(
+    path: &Path,
+    model_dir: &Path,
+    items: &[Item],
+    kv: &[(String, Value)],
+    opts: &ExportOptions,
+) -> Result<()> {
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let specs: Vec<TensorSpec> = items.iter().map(|i| i.spec.clone()).collect();
+    let mut w = GgufWriter::new(BufWriter::with_capacity(8 << 20, file), path, kv, &specs)?;
+    let total = w.file_size();
+    let bar = ProgressBar::hidden();
+    if opts.progress && total > 64 << 20 {
+        bar.set_draw_target(ProgressDrawTarget::stderr());
+        bar.set_length(total);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("gguf {}", opts.quant.name()));
+    }
+    let mut buf = Vec::new();
+    for it in items {
+        let (ty, cols) = (it.spec.ty, it.spec.dims[0] as usize);
+        let rb = ty.row_bytes(cols).expect("checked by the caller");
+        let n_rows = it.src.n_rows();
+        let per_chunk = (CHUNK_F32_BYTES / (cols * 4)).clamp(1, n_rows);
+        for r0 in (0..n_rows).step_by(per_chunk) {
+            let n = per_chunk.min(n_rows - r0);
+            buf.resize(n * rb, 0);
+            buf.par_chunks_mut(rb).enumerate().try_for_each_init(
+                || vec![0f32; cols],
+                |x, (i, dst)| {
+                    it.src.row(r0 + i, x);
+                    gguf::quantize_row(ty, x, dst)
+                        .map_err(|why| Error::tensor(model_dir, &it.spec.name, format!("row {}: {why}", r0 + i)))
+                },
+            )?;
+            w.write_data(&buf)?;
+            bar.inc(buf.len() as u64);
+        }
+    }
+    let file = w.finish()?.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(path, e))?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf::*;
+
+    fn q4(x: &[f32]) -> Vec<u8> {
+        let mut out = vec![0u8; x.len() / 32 * 18];
+        quantize_row_q4_0(x, &mut out).unwrap();
+        out
+    }
+
+    fn q8(x: &[f32]) -> Vec<u8> {
+        let mut out = vec![0u8; x.len() / 32 * 34];
+        quantize_row_q8_0(x, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn q4_0_hand_computed_ramp() {
+        // x[j] = j - 16: the largest magnitude is x[0] = -16, so d = -16 / -8 = 2 (f16
+        // 0x4000), id = 0.5, code(j) = min(15, trunc((j-16)/2 + 8.5)) = min(15, trunc(j/2 + 0.5)).
+        let x: Vec<f32> = (0..32).map(|j| j as f32 - 16.0).collect();
+        let b = q4(&x);
+        assert_eq!(&b[..2], &[0x00, 0x40]);
+        let code = |j: usize| ((j / 2) + (j % 2)).min(15) as u8;
+        for j in 0..16 {
+            assert_eq!(b[2 + j], code(j) | (code(j + 16) << 4), "byte {j}");
+        }
+        // 0 → 0, 1 → 1 (0.5 + 0.5 = 1.0), 2 → 1 (1.5 truncates), 31 → 16 clamps to 15.
+        assert_eq!(b[2] & 0xf, 0);
+        assert_eq!(b[3] & 0xf, 1);
+        assert_eq!(b[4] & 0xf, 1);
+        assert_eq!(b[2 + 15] >> 4, 15);
+        let mut back = vec![0f32; 32];
+        dequantize_row(GgmlType::Q4_0, &b, &mut back).unwrap();
+        assert_eq!(back[0], -16.0);
+        assert_eq!(back[1], -14.0); // (1 - 8) · 2
+        assert_eq!(back[31], 14.0); // clamped: (15 - 8) · 2
+    }
+
+    #[test]
+    fn q4_0_positive_max_gives_negative_scale() {
+        // max = +1 → d = -0.125 (f16 0xB000), id = -8: 1 → 0, -0.5 → trunc(12.5) = 12, 0 → 8.
+        let mut x = vec![0f32; 32];
+        x[0] = 1.0;
+        x[1] = -0.5;
+        x[16] = 0.25; // → trunc(-2 + 8.5) = 6, high nibble of byte 0
+        let b = q4(&x);
+        assert_eq!(&b[..2], &[0x00, 0xB0]);
+        assert_eq!(b[2], 6 << 4);
+        assert_eq!(b[3], 12 | (8 << 4));
+        assert!(b[4..].iter().all(|&v| v == 0x88));
+        let mut back = vec![0f32; 32];
+        dequantize_row(GgmlType::Q4_0, &b, &mut back).unwrap();
+        assert_eq!((back[0], back[1], back[16], back[2]), (1.0, -0.5, 0.25, 0.0));
+    }
+
+    #[test]
+    fn q8_0_hand_computed_rounds_half_away_from_zero() {
+        // amax = 127 → d = 1 (f16 0x3C00): codes are round(x), halves away from zero.
+        let mut x = vec![0f32; 32];
+        let vals = [-127.0, 63.5, -63.5, 0.5, -0.5, 1.5, 2.5, 126.4];
+        x[..vals.len()].copy_from_slice(&vals);
+        let b = q8(&x);
+        assert_eq!(&b[..2], &[0x00, 0x3C]);
+        let codes: Vec<i8> = b[2..10].iter().map(|&c| c as i8).collect();
+        assert_eq!(codes, vec![-127, 64, -64, 1, -1, 2, 3, 126]);
+    }
+
+    #[test]
+    fn q8_0_ramp_scale_is_f16_of_f32_scale() {
+        // x[j] = j - 16: amax 16, d = 16/127 in f32, stored as f16 (round to nearest even);
+        // codes use the f32 d: round((j-16) · 127/16).
+        let x: Vec<f32> = (0..32).map(|j| j as f32 - 16.0).collect();
+        let b = q8(&x);
+        let d = 16f32 / 127.0;
+        assert_eq!(u16::from_le_bytes([b[0], b[1]]), half::f16::from_f32(d).to_bits());
+        let id = 1.0 / d;
+        for j in 0..32 {
+            assert_eq!(b[2 + j] as i8, ((j as f32 - 16.0) * id).round() as i8, "code {j}");
+        }
+        assert_eq!(b[2] as i8, -127);
+        assert_eq!(b[33] as i8, 119); // 15 · 7.9375 = 119.06
+    }
+
+    #[test]
+    fn zero_block_and_refusals() {
+        // 0 / -8 is -0.0 in f32, so ggml stores the scale as f16 -0.0 (0x8000) too.
+        let b = q4(&[0.0; 32]);
+        assert_eq!(&b[..2], &[0x00, 0x80]);
+        assert!(b[2..].iter().all(|&v| v == 0x88));
+        assert!(q8(&[0.0; 32]).iter().all(|&v| v == 0));
+        let mut out = vec![0u8; 18];
+        let mut x = [0f32; 32];
+        x[3] = f32::NAN;
+        assert!(quantize_row_q4_0(&x, &mut out).unwrap_err().contains("non-finite"));
+        x[3] = 1e9; // d = 1.25e8 does not fit in f16
+        assert!(quantize_row_q4_0(&x, &mut out).unwrap_err().contains("f16"));
+    }
+
+    #[test]
+    fn random_rows_within_bound() {
+        let mut rng = crate::rng::Rng::new(7);
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+            for _ in 0..200 {
+                let scale = 10f32.powi((rng.next_u64() % 6) as i32 - 4);
+                let x: Vec<f32> = (0..64).map(|_| rng.normal() * scale).collect();
+                let mut q = vec![0u8; ty.row_bytes(64).unwrap()];
+                quantize_row(ty, &x, &mut q).unwrap();
+                let mut y = vec![0f32; 64];
+                dequantize_row(ty, &q, &mut y).unwrap();
+                for (xb, yb) in x.chunks(32).zip(y.chunks(32)) {
+                    let bound = block_error_bound(ty, xb);
+                    for (a, b) in xb.iter().zip(yb) {
+                        assert!((a - b).abs() <= bound, "{ty:?}: {a} vs {b}, bound {bound}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn writer_reader_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        let kv = vec![
+            ("general.architecture".to_string(), Value::Str("test".into())),
+            ("general.alignment".to_string(), Value::U32(32)),
+            ("a.u8".to_string(), Value::U8(7)),
+            ("a.f64".to_string(), Value::F64(-2.5)),
+            ("a.arr".to_string(), Value::Array(ValueType::Str, vec![Value::Str("x".into()), Value::Str("yz".into())])),
+            ("a.empty".to_string(), Value::Array(ValueType::I32, vec![])),
+            ("a.bool".to_string(), Value::Bool(true)),
+        ];
+        let specs = vec![
+            TensorSpec { name: "v".into(), dims: vec![3], ty: GgmlType::F32 },
+            TensorSpec { name: "m".into(), dims: vec![64, 2], ty: GgmlType::Q8_0 },
+        ];
+        let file = std::fs::File::create(&path).unwrap();
+        let mut w = GgufWriter::new(file, &path, &kv, &specs).unwrap();
+        let size = w.file_size();
+        w.write_data(&[0u8; 4]).unwrap();
+        w.write_data(&[1u8; 8]).unwrap();
+        let q = vec![0u8; 2 * 68];
+        assert!(w.write_data(&[0u8; 2 * 68 + 1]).unwrap_err().to_string().contains("a bug"));
+        w.write_data(&q[..10]).unwrap();
+        w.write_data(&q[10..]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.kv, kv);
+        assert_eq!(f.tensors.len(), 2);
+        assert_eq!(f.tensors[1].offset, 32);
+        assert_eq!(f.data_start % 32, 0);
+        assert_eq!(f.data(&f.tensors[0])[..4], [0, 0, 0, 0]);
+        // Truncation is detected and named.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 40]).unwrap();
+        let e = GgufFile::open(&path).unwrap_err().to_string();
+        assert!(e.contains("t.gguf") && e.contains("truncated"), "{e}");
+        std::fs::write(&path, b"GGML not a gguf file at all, really").unwrap();
+        assert!(GgufFile::open(&path).unwrap_err().to_string().contains("not a GGUF file"));
+    }
+}

@@ -1,0 +1,376 @@
+//! Patterns: rewrites of the reference plan that put one fused step in place of a run of
+//! primitive steps (the seeds' `patch(model)`), and the per-family policy of which to use.
+//!
+//! Why rewrites of data: a pattern is a pure function from a plan to a plan, so what it
+//! changes can be printed (`zmoe patterns`), unit-tested on the CPU and switched per pattern.
+//! A fused step is defined by the run it replaces ([`Step::components`]): a rewrite only
+//! fires where the plan holds exactly that run, and expanding every fused step gives back
+//! the reference plan (tested). The CPU runs a fused step as its components; the CUDA
+//! kernels of fused steps call the same device functions in the same order as the primitive
+//! kernels, so patched logits are bit-identical to reference logits (tested on both).
+//!
+//! Every pattern here is bit-identical. A future variant that changes the order of a
+//! reduction must be marked numerics-changing and may only become a default once
+//! `zmoe validate` passes it on every fixture and preset.
+
+use std::fmt;
+
+use super::{Buf, LinRef, NormRef, Plan, Step};
+use crate::config::{Family, ModelConfig};
+use crate::error::{Error, Result};
+
+/// A plan rewrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pattern {
+    /// Router + top-k in one kernel; expert gate+up+SwiGLU in one; down+combine+residual in one.
+    MoeMlp,
+    /// Dense MLP gate+up+SwiGLU in one kernel.
+    SwigluMlp,
+    /// The q, k and v projections in one kernel (one launch, `H` read once per row block).
+    QkvProj,
+    /// Per-head q/k norm + RoPE + KV-cache append in one kernel.
+    QkNormRope,
+    /// Residual add + the RMSNorm that follows it in one kernel.
+    ResidualNorm,
+}
+
+impl Pattern {
+    /// Every pattern, in the order rewrites are applied (`moe_mlp` claims the residual add
+    /// after the expert combine before `residual_norm` looks for adds).
+    pub const ALL: [Pattern; 5] =
+        [Pattern::MoeMlp, Pattern::SwigluMlp, Pattern::QkvProj, Pattern::QkNormRope, Pattern::ResidualNorm];
+
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::MoeMlp => "moe_mlp",
+            Pattern::SwigluMlp => "swiglu_mlp",
+            Pattern::QkvProj => "qkv_proj",
+            Pattern::QkNormRope => "qk_norm_rope",
+            Pattern::ResidualNorm => "residual_norm",
+        }
+    }
+
+    /// One line on what it fuses.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Pattern::MoeMlp => "router+top-k | expert gate+up+SwiGLU | expert down+combine+residual add",
+            Pattern::SwigluMlp => "dense gate+up+SwiGLU",
+            Pattern::QkvProj => "q, k and v projections",
+            Pattern::QkNormRope => "q/k head norms + RoPE + KV-cache append",
+            Pattern::ResidualNorm => "residual add + RMSNorm",
+        }
+    }
+
+    /// Parses a CLI name.
+    pub fn parse(s: &str) -> Result<Pattern> {
+        Pattern::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Pattern::ALL.iter().map(|p| p.name()).collect();
+            Error::Arg(format!("unknown pattern `{s}` (known: {}, or none)", names.join(", ")))
+        })
+    }
+
+    /// The fused step this pattern would put at the start of `rest`, if `rest` starts with
+    /// exactly the run of primitive steps that fused step stands for.
+    fn fuse_at(self, rest: &[Step]) -> Option<Step> {
+        let fused = match (self, rest.first()?) {
+            (Pattern::MoeMlp, Step::Linear { w: LinRef::Router(l), .. }) => Step::MoeRouter { layer: *l },
+            (Pattern::MoeMlp, Step::ExpertGateUp { layer }) => Step::MoeGateUpSwiglu { layer: *layer },
+            (Pattern::MoeMlp, Step::ExpertDown { layer }) => Step::MoeDownCombineAdd { layer: *layer },
+            (Pattern::SwigluMlp, Step::Linear { w: LinRef::DenseGate(l), .. }) => Step::DenseGateUpSwiglu { layer: *l },
+            (Pattern::QkvProj, Step::Linear { w: LinRef::Q(l), .. }) => Step::QkvProj { layer: *l },
+            (Pattern::QkNormRope, Step::HeadNorm { w: NormRef::QHead(l), .. }) => Step::QkNormRopeKv { layer: *l },
+            (Pattern::ResidualNorm, Step::Add { dst: Buf::X, src }) => match rest.get(1)? {
+                Step::RmsNorm { w, src: Buf::X, dst } => Step::AddRmsNorm { w: *w, src: *src, dst: *dst },
+                _ => return None,
+            },
+            _ => return None,
+        };
+        rest.starts_with(&fused.components()).then_some(fused)
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A family's patterns: the defaults, and the ones left out with the reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FamilyPolicy {
+    /// Applied when the user names none.
+    pub defaults: Vec<Pattern>,
+    /// Not applied by default: `(pattern, reason)`; the user may still ask for them.
+    pub excluded: Vec<(Pattern, &'static str)>,
+}
+
+/// The policy of a family (the seeds' `_PERF_EXCLUDES` / `_FIDELITY_EXCLUDES`).
+pub fn policy(family: Family) -> FamilyPolicy {
+    match family {
+        // All four are bit-identical; measured on the H200 (bench/RESULTS.md, "patched vs
+        // reference"), none costs speed on the qwen3-30b-a3b preset.
+        Family::Qwen3Moe => FamilyPolicy { defaults: Pattern::ALL.to_vec(), excluded: Vec::new() },
+    }
+}
+
+/// What the user asked for on the command line.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Selection {
+    /// `--patterns a,b` (`none` = the empty list); `None` = the family defaults.
+    pub patterns: Option<Vec<Pattern>>,
+    /// `--exclude c,d`, removed from either.
+    pub exclude: Vec<Pattern>,
+}
+
+impl Selection {
+    /// Parses `--patterns` and `--exclude` values (comma-separated names; `none`).
+    pub fn parse(patterns: Option<&str>, exclude: Option<&str>) -> Result<Selection> {
+        let list = |s: &str| -> Result<Vec<Pattern>> {
+            let s = s.trim();
+            if s == "none" || s.is_empty() {
+                return Ok(Vec::new());
+            }
+            s.split(',').map(|p| Pattern::parse(p.trim())).collect()
+        };
+        Ok(Selection {
+            patterns: patterns.map(list).transpose()?,
+            exclude: exclude.map(list).transpose()?.unwrap_or_default(),
+        })
+    }
+
+    /// The reference plan: no patterns.
+    pub fn none() -> Selection {
+        Selection { patterns: Some(Vec::new()), exclude: Vec::new() }
+    }
+
+    /// The patterns to apply for `family`, in application order.
+    pub fn resolve(&self, family: Family) -> Vec<Pattern> {
+        let chosen = self.patterns.clone().unwrap_or_else(|| policy(family).defaults);
+        Pattern::ALL.into_iter().filter(|p| chosen.contains(p) && !self.exclude.contains(p)).collect()
+    }
+}
+
+/// One fused step put into a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// The pattern.
+    pub pattern: Pattern,
+    /// The fused step.
+    pub step: Step,
+}
+
+/// Applies `patterns` (in [`Pattern::ALL`] order) to `plan`; returns the patched plan and
+/// every fused step it put in.
+pub fn apply(plan: &Plan, patterns: &[Pattern]) -> (Plan, Vec<Applied>) {
+    let mut steps = plan.steps.clone();
+    let mut applied = Vec::new();
+    for pattern in Pattern::ALL.into_iter().filter(|p| patterns.contains(p)) {
+        let mut out = Vec::with_capacity(steps.len());
+        let mut i = 0;
+        while i < steps.len() {
+            match pattern.fuse_at(&steps[i..]) {
+                Some(fused) => {
+                    i += fused.components().len();
+                    applied.push(Applied { pattern, step: fused.clone() });
+                    out.push(fused);
+                }
+                None => {
+                    out.push(steps[i].clone());
+                    i += 1;
+                }
+            }
+        }
+        steps = out;
+    }
+    let mut names: Vec<&str> =
+        Pattern::ALL.iter().filter(|p| applied.iter().any(|a| a.pattern == **p)).map(|p| p.name()).collect();
+    if names.is_empty() {
+        names.push("reference");
+    }
+    (Plan { name: names.join("+"), steps }, applied)
+}
+
+/// The plan a model runs for a selection: the reference plan with the selected patterns.
+pub fn patched_plan(cfg: &ModelConfig, sel: &Selection) -> (Plan, Vec<Applied>) {
+    apply(&Plan::reference(cfg), &sel.resolve(cfg.family))
+}
+
+/// Expands every fused step into its components (the inverse of [`apply`]).
+pub fn expand(plan: &Plan) -> Plan {
+    let steps = plan
+        .steps
+        .iter()
+        .flat_map(|s| {
+            let c = s.components();
+            if c.is_empty() { vec![s.clone()] } else { c }
+        })
+        .collect();
+    Plan { name: "reference".into(), steps }
+}
+
+/// `0-3,5,7-9` for a sorted list of layers.
+fn ranges(layers: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < layers.len() {
+        let mut j = i;
+        while j + 1 < layers.len() && layers[j + 1] == layers[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { layers[i].to_string() } else { format!("{}-{}", layers[i], layers[j]) });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// Why `pattern` fused nothing in `layer` of a plan patched with `chosen`.
+fn not_applied_reason(cfg: &ModelConfig, pattern: Pattern, layer: usize, chosen: &[Pattern]) -> &'static str {
+    let moe = cfg.is_moe_layer(layer);
+    match pattern {
+        Pattern::MoeMlp if !moe => "dense MLP layer (no router)",
+        Pattern::SwigluMlp if moe => "MoE layer (its MLP is moe_mlp's)",
+        Pattern::ResidualNorm if chosen.contains(&Pattern::MoeMlp) && moe => {
+            "the MLP's residual add is fused into moe_mlp"
+        }
+        Pattern::ResidualNorm if layer + 1 == cfg.num_layers => "last layer: the add feeds last_row, not a norm",
+        _ => "the steps it replaces are not in this layer's plan",
+    }
+}
+
+/// The text `zmoe patterns` prints: the family policy, what the selection resolves to, and
+/// per pattern the layers it fuses and why it leaves the others.
+pub fn describe(cfg: &ModelConfig, sel: &Selection) -> String {
+    let pol = policy(cfg.family);
+    let chosen = sel.resolve(cfg.family);
+    let (plan, applied) = patched_plan(cfg, sel);
+    let reference = Plan::reference(cfg);
+    let mut out = format!(
+        "family {} — {} layers ({} MoE); reference plan {} steps, patched plan `{}` {} steps\n",
+        cfg.family.model_type(),
+        cfg.num_layers,
+        (0..cfg.num_layers).filter(|&l| cfg.is_moe_layer(l)).count(),
+        reference.steps.len(),
+        plan.name,
+        plan.steps.len()
+    );
+    for p in Pattern::ALL {
+        let status = if chosen.contains(&p) {
+            if pol.defaults.contains(&p) { "on (family default)" } else { "on (requested)" }
+        } else if sel.exclude.contains(&p) {
+            "off (--exclude)"
+        } else if let Some((_, why)) = pol.excluded.iter().find(|(e, _)| *e == p) {
+            if sel.patterns.is_none() { why } else { "off (not requested)" }
+        } else if sel.patterns.is_some() {
+            "off (not requested)"
+        } else {
+            "off"
+        };
+        out += &format!("\n{:<14} {status}\n  fuses: {}; numerics: bit-identical\n", p.name(), p.summary());
+        if !chosen.contains(&p) {
+            continue;
+        }
+        let mine: Vec<&Applied> = applied.iter().filter(|a| a.pattern == p).collect();
+        let mut layers: Vec<usize> = mine.iter().filter_map(|a| a.step.layer()).collect();
+        layers.dedup();
+        let global = mine.iter().filter(|a| a.step.layer().is_none()).count();
+        out += &format!(
+            "  applied: {} fused steps replacing {} primitive steps, layers {}{}\n",
+            mine.len(),
+            mine.iter().map(|a| a.step.components().len()).sum::<usize>(),
+            if layers.is_empty() { "none".into() } else { ranges(&layers) },
+            if global > 0 { format!(" (+{global} outside layers)") } else { String::new() }
+        );
+        let mut why: Vec<(&str, Vec<usize>)> = Vec::new();
+        for l in (0..cfg.num_layers).filter(|l| !layers.contains(l)) {
+            let r = not_applied_reason(cfg, p, l, &chosen);
+            match why.iter_mut().find(|(w, _)| *w == r) {
+                Some((_, ls)) => ls.push(l),
+                None => why.push((r, vec![l])),
+            }
+        }
+        for (r, ls) in why {
+            out += &format!("  not in layers {}: {r}\n", ranges(&ls));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg(extra: &str) -> ModelConfig {
+        ModelConfig::parse(
+            &format!(
+                r#"{{"model_type":"qwen3_moe","vocab_size":64,"hidden_size":32,"num_hidden_layers":4,
+               "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"num_experts":8,
+               "num_experts_per_tok":2,"moe_intermediate_size":16,"intermediate_size":48{extra}}}"#
+            ),
+            Path::new("config.json"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_subset_expands_back_to_the_reference() {
+        let c = cfg(r#","mlp_only_layers":[1]"#);
+        let reference = Plan::reference(&c);
+        for mask in 0..1u32 << Pattern::ALL.len() {
+            let pats: Vec<Pattern> =
+                Pattern::ALL.into_iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, p)| p).collect();
+            let (plan, applied) = apply(&reference, &pats);
+            assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
+            let replaced: usize = applied.iter().map(|a| a.step.components().len() - 1).sum();
+            assert_eq!(plan.steps.len() + replaced, reference.steps.len());
+            for p in &pats {
+                assert!(applied.iter().any(|a| a.pattern == *p), "{p} fused nothing");
+            }
+        }
+    }
+
+    #[test]
+    fn all_patterns_fuse_where_expected() {
+        let c = cfg(r#","mlp_only_layers":[1]"#);
+        let (plan, applied) = apply(&Plan::reference(&c), &Pattern::ALL);
+        let count = |p: Pattern| applied.iter().filter(|a| a.pattern == p).count();
+        // 3 MoE layers × 3 fused steps; 1 dense layer; 4 layers of q/k norm + rope.
+        assert_eq!((count(Pattern::MoeMlp), count(Pattern::SwigluMlp), count(Pattern::QkNormRope)), (9, 1, 4));
+        // Post-attention add+norm in every layer, plus the dense layer's MLP add feeding
+        // layer 2's input norm; not the last layer's MLP add (last_row comes first).
+        assert_eq!(count(Pattern::ResidualNorm), 5);
+        assert_eq!(count(Pattern::QkvProj), 4);
+        assert_eq!(plan.name, "moe_mlp+swiglu_mlp+qkv_proj+qk_norm_rope+residual_norm");
+        assert!(plan.steps.contains(&Step::MoeDownCombineAdd { layer: 3 }));
+    }
+
+    #[test]
+    fn selection_and_policy() {
+        let c = cfg("");
+        assert_eq!(Selection::default().resolve(c.family), policy(c.family).defaults);
+        let s = Selection::parse(Some("residual_norm, moe_mlp"), None).unwrap();
+        assert_eq!(s.resolve(c.family), vec![Pattern::MoeMlp, Pattern::ResidualNorm]);
+        let s = Selection::parse(None, Some("moe_mlp")).unwrap();
+        assert!(!s.resolve(c.family).contains(&Pattern::MoeMlp));
+        assert!(Selection::parse(Some("none"), None).unwrap().resolve(c.family).is_empty());
+        let e = Selection::parse(Some("moe_mlp,fast"), None).unwrap_err().to_string();
+        assert!(e.contains("unknown pattern `fast`") && e.contains("residual_norm"), "{e}");
+        let (plan, applied) = patched_plan(&c, &Selection::none());
+        assert!(applied.is_empty());
+        assert_eq!(plan, Plan::reference(&c));
+    }
+
+    #[test]
+    fn describe_names_layers_and_reasons() {
+        let c = cfg(r#","mlp_only_layers":[1]"#);
+        let text = describe(&c, &Selection::default());
+        assert!(text.contains("moe_mlp        on (family default)"), "{text}");
+        assert!(text.contains("layers 0,2-3"), "{text}");
+        assert!(text.contains("not in layers 1: dense MLP layer (no router)"), "{text}");
+        assert!(text.contains("not in layers 0,2-3: MoE layer"), "{text}");
+        let text = describe(&c, &Selection::parse(None, Some("qk_norm_rope")).unwrap());
+        assert!(text.contains("qk_norm_rope   off (--exclude)"), "{text}");
+        assert_eq!(ranges(&[0, 1, 2, 4, 6, 7]), "0-2,4,6-7");
+    }
+}

@@ -1,0 +1,273 @@
+//! `zmoe export gguf`: a synthetic model exported to Q4_0 and Q8_0 and read back with the
+//! GGUF reader — every tensor llama.cpp's `qwen3moe` loader expects (name, dims, type),
+//! metadata equal to config.json, and data within the quantizer's error bound of the
+//! source weights — plus a clear one-line error for each kind of bad input.
+//!
+//! The expected tensor list and bounds are written out here from llama.cpp's conventions,
+//! independently of the exporter's own tables.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::{zmoe, zmoe_err};
+use zmoe::checkpoint::synth::SynthQuant;
+use zmoe::checkpoint::{Checkpoint, Mat};
+use zmoe::config::ModelConfig;
+use zmoe::export::gguf::{GgmlType, GgufFile, Value};
+use zmoe::model::{Mlp, Weights};
+use zmoe::rng::Rng;
+
+/// One tiny affine-4 model shared by the tests of this binary (read-only).
+fn model() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = common::synth_tiny(tmp.path(), "tiny", SynthQuant::Affine4, 5);
+        (tmp, p)
+    })
+    .1
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs `zmoe export gguf` and returns stderr; panics with it on failure.
+fn export(model: &Path, quant: &str, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["export", "gguf", "--model", s(model), "--quant", quant, "--out", s(out)];
+    args.extend_from_slice(extra);
+    let o = zmoe(&args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "export failed:\n{err}");
+    err
+}
+
+/// Which rows of the source a GGUF tensor holds.
+enum Source<'a> {
+    Mats(Vec<&'a Mat>),
+    Vector(&'a [f32]),
+}
+
+/// llama.cpp's tensor list for a qwen3moe model (names, `ne` innermost first, type).
+fn expected<'a>(
+    c: &ModelConfig,
+    w: &'a Weights,
+    q: GgmlType,
+    tied: bool,
+) -> Vec<(String, Vec<u64>, GgmlType, Source<'a>)> {
+    let (h, d, v) = (c.hidden_size as u64, c.head_dim as u64, c.vocab_size as u64);
+    let (nq, nkv) = (c.num_heads as u64 * d, c.num_kv_heads as u64 * d);
+    let f32t = GgmlType::F32;
+    let mut t = vec![("token_embd.weight".to_string(), vec![h, v], q, Source::Mats(vec![&w.embed]))];
+    for (l, layer) in w.layers.iter().enumerate() {
+        let b = |n: &str| format!("blk.{l}.{n}");
+        t.push((b("attn_norm.weight"), vec![h], f32t, Source::Vector(&layer.input_norm)));
+        t.push((b("attn_q.weight"), vec![h, nq], q, Source::Mats(vec![&layer.q.w])));
+        t.push((b("attn_k.weight"), vec![h, nkv], q, Source::Mats(vec![&layer.k.w])));
+        t.push((b("attn_v.weight"), vec![h, nkv], q, Source::Mats(vec![&layer.v.w])));
+        t.push((b("attn_output.weight"), vec![nq, h], q, Source::Mats(vec![&layer.o.w])));
+        t.push((b("attn_q_norm.weight"), vec![d], f32t, Source::Vector(&layer.q_norm)));
+        t.push((b("attn_k_norm.weight"), vec![d], f32t, Source::Vector(&layer.k_norm)));
+        t.push((b("ffn_norm.weight"), vec![h], f32t, Source::Vector(&layer.post_norm)));
+        match &layer.mlp {
+            Mlp::Moe { router, experts } => {
+                assert!(c.is_moe_layer(l));
+                let (e, i) = (c.num_experts as u64, c.moe_intermediate_size as u64);
+                t.push((b("ffn_gate_inp.weight"), vec![h, e], f32t, Source::Mats(vec![&router.w])));
+                t.push((b("ffn_gate_exps.weight"), vec![h, i, e], q, Source::Mats(experts.gate.iter().collect())));
+                t.push((b("ffn_up_exps.weight"), vec![h, i, e], q, Source::Mats(experts.up.iter().collect())));
+                t.push((b("ffn_down_exps.weight"), vec![i, h, e], q, Source::Mats(experts.down.iter().collect())));
+            }
+            Mlp::Dense { gate, up, down } => {
+                let f = c.intermediate_size as u64;
+                t.push((b("ffn_gate.weight"), vec![h, f], q, Source::Mats(vec![&gate.w])));
+                t.push((b("ffn_up.weight"), vec![h, f], q, Source::Mats(vec![&up.w])));
+                t.push((b("ffn_down.weight"), vec![f, h], q, Source::Mats(vec![&down.w])));
+            }
+        }
+    }
+    t.push(("output_norm.weight".into(), vec![h], f32t, Source::Vector(&w.norm)));
+    if !tied {
+        t.push(("output.weight".into(), vec![h, v], q, Source::Mats(vec![&w.lm_head.w])));
+    }
+    t
+}
+
+fn source_row(src: &Source, r: usize, out: &mut [f32]) {
+    match src {
+        Source::Mats(ms) => ms[r / ms[0].rows].dequant_row(r % ms[0].rows, out),
+        Source::Vector(v) => out.copy_from_slice(v),
+    }
+}
+
+/// Per-block bound on |dequant − source|: Q4_0 error ≤ |d| = amax/8 (one element may
+/// clamp from code 16 to 15), Q8_0 ≤ d/2 with d = amax/127; both plus the f16 rounding of
+/// the scale (relative 2^-11 per code unit). f32 is exact.
+fn bound(ty: GgmlType, block: &[f32]) -> f32 {
+    let amax = block.iter().fold(0f32, |a, x| a.max(x.abs()));
+    match ty {
+        GgmlType::Q4_0 => amax / 8.0 * (1.0 + 8.0 / 2048.0) + 1e-7,
+        GgmlType::Q8_0 => amax / 127.0 * (0.5 + 127.0 / 2048.0) + 1e-7,
+        GgmlType::F32 => 0.0,
+        other => panic!("unexpected type {other:?}"),
+    }
+}
+
+/// Reads `path` back and checks structure, metadata and sampled data against the model.
+fn check_file(path: &Path, model: &Path, q: GgmlType, file_type: u32, tied: bool) {
+    let ck = Checkpoint::open(model).unwrap();
+    let w = Weights::load(&ck).unwrap();
+    let c = &ck.config;
+    let f = GgufFile::open(path).unwrap();
+    assert_eq!(f.version, 3);
+    assert_eq!(f.alignment, 32);
+    assert_eq!(f.data_start % 32, 0);
+
+    // Metadata equals the config, with the types llama.cpp's loader insists on.
+    let a = "qwen3moe";
+    let u = |k: &str| f.get(k).and_then(Value::as_u32).unwrap_or_else(|| panic!("u32 {k}")) as usize;
+    let fl = |k: &str| f.get(k).and_then(Value::as_f32).unwrap_or_else(|| panic!("f32 {k}"));
+    assert_eq!(f.get("general.architecture").and_then(Value::as_str), Some(a));
+    assert_eq!(f.get("tokenizer.ggml.model").and_then(Value::as_str), Some("none"));
+    assert_eq!(u("general.file_type"), file_type as usize);
+    assert_eq!(u("general.alignment"), 32);
+    assert_eq!(u("general.quantization_version"), 2);
+    assert_eq!(u(&format!("{a}.context_length")), c.max_position_embeddings);
+    assert_eq!(u(&format!("{a}.embedding_length")), c.hidden_size);
+    assert_eq!(u(&format!("{a}.block_count")), c.num_layers);
+    assert_eq!(u(&format!("{a}.feed_forward_length")), c.intermediate_size);
+    assert_eq!(u(&format!("{a}.expert_feed_forward_length")), c.moe_intermediate_size);
+    assert_eq!(u(&format!("{a}.attention.head_count")), c.num_heads);
+    assert_eq!(u(&format!("{a}.attention.head_count_kv")), c.num_kv_heads);
+    assert_eq!(u(&format!("{a}.attention.key_length")), c.head_dim);
+    assert_eq!(u(&format!("{a}.attention.value_length")), c.head_dim);
+    assert_eq!(u(&format!("{a}.rope.dimension_count")), c.rope.dim);
+    assert_eq!(u(&format!("{a}.expert_count")), c.num_experts);
+    assert_eq!(u(&format!("{a}.expert_used_count")), c.top_k);
+    assert_eq!(u(&format!("{a}.vocab_size")), c.vocab_size);
+    assert_eq!(fl(&format!("{a}.rope.freq_base")), c.rope.theta as f32);
+    assert_eq!(fl(&format!("{a}.attention.layer_norm_rms_epsilon")), c.rms_norm_eps);
+    assert_eq!(f.get(&format!("{a}.expert_weights_norm")).and_then(Value::as_bool), Some(c.norm_topk_prob));
+
+    // Exactly the expected tensors, in llama.cpp's names, dims and types.
+    let want = expected(c, &w, q, tied);
+    let got: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
+    let names: Vec<&str> = want.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(got, names, "tensor list");
+    let mut rng = Rng::new(11);
+    let mut rows_checked = 0;
+    for (name, dims, ty, src) in &want {
+        let t = f.tensor(name).unwrap();
+        assert_eq!((&t.dims, t.ty), (dims, *ty), "{name}");
+        let n = t.row_len();
+        let (mut g, mut x) = (vec![0f32; n], vec![0f32; n]);
+        let mut rows = vec![0, t.n_rows() - 1];
+        rows.extend((0..4).map(|_| (rng.next_u64() % t.n_rows() as u64) as usize));
+        for r in rows {
+            f.dequant_row(t, r, &mut g).unwrap();
+            source_row(src, r, &mut x);
+            for (bi, (gb, xb)) in g.chunks(32).zip(x.chunks(32)).enumerate() {
+                let b = bound(*ty, xb);
+                for (j, (p, q)) in gb.iter().zip(xb).enumerate() {
+                    assert!((p - q).abs() <= b, "{name} row {r} elem {}: {p} vs {q}, bound {b}", bi * 32 + j);
+                }
+            }
+            rows_checked += 1;
+        }
+    }
+    assert!(rows_checked > 100);
+}
+
+#[test]
+fn q4_0_and_q8_0_read_back_with_llama_cpp_names_and_bounded_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (quant, ty, ft) in [("q4_0", GgmlType::Q4_0, 2), ("q8_0", GgmlType::Q8_0, 7)] {
+        let out = tmp.path().join(format!("tiny-{quant}.gguf"));
+        let err = export(model(), quant, &out, &["--check"]);
+        assert!(err.contains("wrote") && err.contains("qwen3moe") && err.contains("sampled rows checked"), "{err}");
+        // The tiny preset's layer 0 is dense, which llama.cpp's qwen3moe cannot load: said.
+        assert!(err.contains("warning: layers [0] have a dense MLP"), "{err}");
+        check_file(&out, model(), ty, ft, false);
+    }
+    // Q8_0 of the same weights is closer to them than Q4_0 (and both are ~4.5 / 8.5 bpw).
+    let size = |q: &str| std::fs::metadata(tmp.path().join(format!("tiny-{q}.gguf"))).unwrap().len() as f64;
+    let ratio = size("q8_0") / size("q4_0");
+    assert!(ratio > 1.6 && ratio < 1.95, "q8_0 / q4_0 size {ratio}");
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 2, "temporary files left behind: {leftovers:?}");
+}
+
+#[test]
+fn tied_embeddings_have_no_output_tensor() {
+    let m = common::copy_with_tensors(model(), |list| list.retain(|t| !t.0.starts_with("lm_head.")));
+    let cfg_path = m.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["tie_word_embeddings"] = true.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let out = m.path().join("tied.gguf");
+    export(m.path(), "q8_0", &out, &[]);
+    check_file(&out, m.path(), GgmlType::Q8_0, 7, true);
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.gguf");
+    let mut errors = Vec::new();
+    let mut fail = |args: &[&str]| {
+        let e = zmoe_err(args);
+        errors.push(e.clone());
+        e
+    };
+    let missing = tmp.path().join("no-such-model");
+    let e = fail(&["export", "gguf", "--model", s(&missing), "--quant", "q4_0", "--out", s(&out)]);
+    assert!(e.contains("no-such-model") && e.contains("does not exist"), "{e}");
+    assert!(!out.exists());
+
+    let e = fail(&["export", "gguf", "--model", s(model()), "--quant", "q5_k", "--out", s(&out)]);
+    assert!(e.contains("unknown --quant `q5_k`") && e.contains("q4_0 or q8_0"), "{e}");
+    assert!(!out.exists());
+
+    std::fs::write(&out, b"precious").unwrap();
+    let e = fail(&["export", "gguf", "--model", s(model()), "--quant", "q4_0", "--out", s(&out)]);
+    assert!(e.contains("x.gguf") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+
+    let e = fail(&["export", "gguf", "--model", s(model()), "--quant", "q4_0", "--out", s(tmp.path())]);
+    assert!(e.contains("is a folder"), "{e}");
+    let nested = tmp.path().join("no-dir").join("y.gguf");
+    let e = fail(&["export", "gguf", "--model", s(model()), "--quant", "q4_0", "--out", s(&nested)]);
+    assert!(e.contains("no-dir") && e.contains("does not exist"), "{e}");
+
+    // A model folder without weights is named.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::copy(model().join("config.json"), empty.join("config.json")).unwrap();
+    let z = tmp.path().join("z.gguf");
+    let e = fail(&["export", "gguf", "--model", s(&empty), "--quant", "q8_0", "--out", s(&z)]);
+    assert!(e.contains("empty") && e.contains("model.safetensors"), "{e}");
+    assert!(!z.exists());
+
+    for e in &errors {
+        assert_eq!(e.trim_end().lines().count(), 1, "not one line: {e}");
+    }
+    // --force replaces the file (atomically, through a temporary sibling).
+    export(model(), "q4_0", &out, &["--force"]);
+    assert!(GgufFile::open(&out).is_ok());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn help_mentions_formats() {
+    let o = zmoe(&["export", "gguf", "--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("q4_0 or q8_0") && text.contains("--force"), "{text}");
+}

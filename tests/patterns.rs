@@ -1,0 +1,120 @@
+//! Patched plans are bit-identical to the reference plan on the CPU (every pattern alone and
+//! all together, prefill and decode, every storage format and golden fixture), and the
+//! `patterns` / `validate` / `report` commands work end to end.
+
+mod common;
+
+use std::path::PathBuf;
+
+use zmoe::checkpoint::synth::SynthQuant;
+use zmoe::plan::Plan;
+use zmoe::plan::patterns::{Pattern, Selection, apply};
+use zmoe::{BackendKind, Model};
+
+/// Runs zmoe, asserts success, returns stdout.
+fn ok(args: &[&str]) -> String {
+    let out = common::zmoe(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn golden_dirs() -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/qwen3_moe");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v
+}
+
+/// Prefill logits of every position, then 6 decode steps, under `plan`.
+fn run(model: &Model, plan: Plan, tokens: &[u32]) -> Vec<f32> {
+    let mut be = model.backend(BackendKind::Cpu, plan).unwrap();
+    let mut out = be.forward(tokens, true).unwrap();
+    for i in 0..6 {
+        let t = tokens[i % tokens.len()];
+        out.extend(be.forward(&[t], false).unwrap());
+    }
+    out
+}
+
+#[test]
+fn patched_plans_are_bit_identical_on_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dirs = golden_dirs();
+    for (i, q) in [SynthQuant::Affine4, SynthQuant::Affine8, SynthQuant::Bf16].into_iter().enumerate() {
+        dirs.push(common::synth_tiny(tmp.path(), &format!("t{i}"), q, 70 + i as u64));
+    }
+    let mut subsets: Vec<Vec<Pattern>> = Pattern::ALL.iter().map(|p| vec![*p]).collect();
+    subsets.push(Pattern::ALL.to_vec());
+    for dir in dirs {
+        let model = Model::load(&dir).unwrap();
+        let v = model.config().vocab_size as u32;
+        let tokens: Vec<u32> = (0..11).map(|i| (i * 7919 + 3) % v).collect();
+        let reference = Plan::reference(model.config());
+        let want = run(&model, reference.clone(), &tokens);
+        assert!(want.iter().all(|x| x.is_finite()));
+        for pats in &subsets {
+            let (plan, applied) = apply(&reference, pats);
+            assert!(!applied.is_empty(), "{}: {pats:?} fused nothing", dir.display());
+            assert!(plan.steps.len() < reference.steps.len());
+            let got = run(&model, plan, &tokens);
+            let same = got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{}: {pats:?} changes the logits", dir.display());
+        }
+    }
+}
+
+#[test]
+fn patterns_command_explains_the_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::synth_tiny(tmp.path(), "m", SynthQuant::Affine4, 3);
+    let out = ok(&["patterns", "--model", dir.to_str().unwrap()]);
+    assert!(out.contains("moe_mlp        on (family default)"), "{out}");
+    assert!(out.contains("not in layers 0: dense MLP layer (no router)"), "{out}");
+    let out = ok(&["patterns", "--model", dir.to_str().unwrap(), "--patterns", "moe_mlp"]);
+    assert!(out.contains("residual_norm  off (not requested)"), "{out}");
+    let err = common::zmoe_err(&["patterns", "--model", dir.to_str().unwrap(), "--exclude", "turbo"]);
+    assert!(err.contains("unknown pattern `turbo`"), "{err}");
+    let err = common::zmoe_err(&["patterns", "--model", tmp.path().join("nope").to_str().unwrap()]);
+    assert!(err.contains("nope"), "{err}");
+}
+
+#[test]
+fn validate_passes_on_cpu_and_writes_a_capsule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::synth_tiny(tmp.path(), "m", SynthQuant::Affine4, 4);
+    let capsule = tmp.path().join("v.json");
+    let d = dir.to_str().unwrap();
+    let c = capsule.to_str().unwrap();
+    let args = ["validate", "--model", d, "--backend", "cpu", "--max-tokens", "12", "--runs", "2", "--capsule", c];
+    let out = ok(&args);
+    assert!(out.contains("FIDELITY: 12/12 tokens identical [PASS]"), "{out}");
+    assert!(out.contains("decode speedup"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&capsule).unwrap()).unwrap();
+    assert_eq!(v["kind"], "zmoe-validate");
+    assert_eq!(v["fidelity"]["verdict"], "PASS");
+    assert_eq!(v["reference"]["runs"].as_array().unwrap().len(), 2);
+    assert_eq!(v["reference"]["tokens"], v["patched"]["tokens"]);
+    assert_eq!(v["patched"]["plan"], "moe_mlp+swiglu_mlp+qkv_proj+qk_norm_rope+residual_norm");
+    // The capsule is not overwritten without --force; report prints it.
+    let err = common::zmoe_err(&args);
+    assert!(err.contains("file exists"), "{err}");
+    let rep = ok(&["report", c]);
+    assert!(rep.contains("FIDELITY: 12/12 tokens identical [PASS]") && rep.contains("reference"), "{rep}");
+    // Nothing to compare: an explicit empty selection.
+    let err = common::zmoe_err(&["validate", "--model", d, "--backend", "cpu", "--patterns", "none"]);
+    assert!(err.contains("no pattern applies"), "{err}");
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, "{\"kind\": \"other\"}").unwrap();
+    let err = common::zmoe_err(&["report", bad.to_str().unwrap()]);
+    assert!(err.contains("unknown capsule kind"), "{err}");
+}
+
+#[test]
+fn selection_none_is_the_reference_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::synth_tiny(tmp.path(), "m", SynthQuant::Affine4, 6);
+    let model = Model::load(&dir).unwrap();
+    let (plan, _) = zmoe::plan::patterns::patched_plan(model.config(), &Selection::none());
+    assert_eq!(plan, Plan::reference(model.config()));
+}
