@@ -684,7 +684,7 @@ mod tests {
         let size = w.file_size();
         w.write_data(&[0u8; 4]).unwrap();
         w.write_data(&[1u8; 8]).unwrap();
-        let q = vec![0u8; 2 * 68];
+        let q = [0u8; 2 * 68];
         assert!(w.write_data(&[0u8; 2 * 68 + 1]).unwrap_err().to_string().contains("a bug"));
         w.write_data(&q[..10]).unwrap();
         w.write_data(&q[10..]).unwrap();

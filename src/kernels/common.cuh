@@ -88,6 +88,16 @@ struct Prefetch {
 // row; a chunk holds 128/BITS codes, all inside one group (the group size is a multiple of
 // 32). Per chunk and token: sc·Σ q·x + bi·Σ x, added to acc[m]. The codes of a chunk are
 // converted to float once and reused for every token.
+// (float)q for a code q < 2^23, exactly, without the quarter-rate int-to-float convert:
+// the bits of 2^23 + q as a float, minus 2^23.
+__device__ __forceinline__ float code_to_float(u32 q) { return __uint_as_float(q | 0x4B000000u) - 8388608.f; }
+
+// acc + (sc·Σqx + bi·Σx) for one chunk, with every rounding spelled out (no contraction
+// left to the compiler), so all kernels that call it round identically.
+__device__ __forceinline__ float chunk_acc(float acc, float sc, float qx, float bi, float sx) {
+    return __fadd_rn(acc, __fmaf_rn(sc, qx, __fmul_rn(bi, sx)));
+}
+
 template <int MT, int BITS>
 __device__ __forceinline__ void affine_partial(const QMat& W, long r, int K, const bf16* const* xs, int M, int lane,
                                                float* acc) {
@@ -116,7 +126,7 @@ __device__ __forceinline__ void affine_partial(const QMat& W, long r, int K, con
             u32 wd[4] = {wv[p].x, wv[p].y, wv[p].z, wv[p].w};
             float qf[CODES];
 #pragma unroll
-            for (int e = 0; e < CODES; e++) qf[e] = (float)((wd[e / PER_WORD] >> (BITS * (e % PER_WORD))) & MASK);
+            for (int e = 0; e < CODES; e++) qf[e] = code_to_float((wd[e / PER_WORD] >> (BITS * (e % PER_WORD))) & MASK);
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 if (m < M) {
@@ -128,11 +138,11 @@ __device__ __forceinline__ void affine_partial(const QMat& W, long r, int K, con
                         unpack8(xr[j], xf);
 #pragma unroll
                         for (int i = 0; i < 8; i++) {
-                            qx += qf[j * 8 + i] * xf[i];
+                            qx = __fmaf_rn(qf[j * 8 + i], xf[i], qx);
                             sx += xf[i];
                         }
                     }
-                    acc[m] += sc[p] * qx + bi[p] * sx;
+                    acc[m] = chunk_acc(acc[m], sc[p], qx, bi[p], sx);
                 }
             }
         }
@@ -170,7 +180,7 @@ __device__ __forceinline__ void row_dot_partial(const QMat& W, long r, int K, co
                         unpack8(((const uint4*)xs[m])[c], xf);
                         float s = 0.f;
 #pragma unroll
-                        for (int i = 0; i < 8; i++) s += wf[i] * xf[i];
+                        for (int i = 0; i < 8; i++) s = __fmaf_rn(wf[i], xf[i], s);
                         acc[m] += s;
                     }
                 }
@@ -181,6 +191,64 @@ __device__ __forceinline__ void row_dot_partial(const QMat& W, long r, int K, co
     } else {
         affine_partial<MT, 8>(W, r, K, xs, M, lane, acc);
     }
+}
+
+// Two rows that read the same token (a gate row and an up row): the partials of
+// row_dot_partial<1> for each, with the shared work done once — each chunk of x is
+// unpacked once and its Σx computed once for both rows. Every sum runs in the same order
+// as in row_dot_partial<1>, so the two partials are bit-identical to two separate calls.
+template <int BITS>
+__device__ __forceinline__ void affine_partial_pair(const QMat& A, const QMat& B, long r, int K, const bf16* x, int lane,
+                                                    float* acc_a, float* acc_b) {
+    constexpr int CODES = 128 / BITS, XV = CODES / 8, PER_WORD = 32 / BITS;
+    constexpr u32 MASK = (1u << BITS) - 1u;
+    constexpr int PF = Prefetch<1>::PF;
+    const uint4* wa = (const uint4*)((const u32*)A.w + r * (long)(K / PER_WORD));
+    const uint4* wb = (const uint4*)((const u32*)B.w + r * (long)(K / PER_WORD));
+    const int gpr = K / A.group, nch = K / CODES;
+    float sa = 0.f, sb = 0.f;
+    for (int c0 = lane; c0 < nch; c0 += WARP * PF) {
+        uint4 va[PF], vb[PF];
+        float sca[PF], bia[PF], scb[PF], bib[PF];
+#pragma unroll
+        for (int p = 0; p < PF; p++) {
+            int c = c0 + p * WARP;
+            if (c < nch) {
+                long gi = r * gpr + (c * CODES) / A.group;
+                va[p] = wa[c];
+                vb[p] = wb[c];
+                sca[p] = bf2f(A.s[gi]);
+                bia[p] = bf2f(A.b[gi]);
+                scb[p] = bf2f(B.s[gi]);
+                bib[p] = bf2f(B.b[gi]);
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < PF; p++) {
+            int c = c0 + p * WARP;
+            if (c >= nch) continue;
+            u32 da[4] = {va[p].x, va[p].y, va[p].z, va[p].w}, db[4] = {vb[p].x, vb[p].y, vb[p].z, vb[p].w};
+            const uint4* xr = (const uint4*)x + c * XV;
+            float qa = 0.f, qb = 0.f, sx = 0.f;
+#pragma unroll
+            for (int j = 0; j < XV; j++) {
+                float xf[8];
+                unpack8(xr[j], xf);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    int e = j * 8 + i;
+                    u32 sh = BITS * (e % PER_WORD);
+                    qa = __fmaf_rn(code_to_float((da[e / PER_WORD] >> sh) & MASK), xf[i], qa);
+                    qb = __fmaf_rn(code_to_float((db[e / PER_WORD] >> sh) & MASK), xf[i], qb);
+                    sx += xf[i];
+                }
+            }
+            sa = chunk_acc(sa, sca[p], qa, bia[p], sx);
+            sb = chunk_acc(sb, scb[p], qb, bib[p], sx);
+        }
+    }
+    *acc_a = sa;
+    *acc_b = sb;
 }
 
 // Expert e's slice of a stacked [E, rows, ...] matrix (strides in storage elements).
@@ -260,14 +328,19 @@ __device__ __forceinline__ void router_topk_warp(const float* l, int E, int K, i
 __device__ __forceinline__ float combine_step(float a, float w, bf16 y) { return __fmaf_rn(w, bf2f(y), a); }
 
 // Row RMSNorm of n elements by one block: y = bf16(w * (x * rsqrt(mean(x^2) + eps))).
-// Each thread's first RMS_REG elements (i = tid, tid + blockDim, ...) are loaded together
-// and kept in registers for the second pass; the sum runs in i order per thread as before.
+// Each thread's first RMS_REG elements (i = tid, tid + blockDim, ...) and their weights are
+// loaded together up front (no load waits behind a store) and kept in registers for the
+// second pass; the sum runs in i order per thread.
 #define RMS_REG 8
 __device__ __forceinline__ void rmsnorm_row(const bf16* x, const float* w, bf16* y, int n, float eps) {
     const int t = threadIdx.x, nt = blockDim.x;
-    float v[RMS_REG];
+    float v[RMS_REG], wv[RMS_REG];
 #pragma unroll
-    for (int j = 0; j < RMS_REG; j++) v[j] = t + j * nt < n ? bf2f(x[t + j * nt]) : 0.f;
+    for (int j = 0; j < RMS_REG; j++) {
+        bool in = t + j * nt < n;
+        v[j] = in ? bf2f(x[t + j * nt]) : 0.f;
+        wv[j] = in ? w[t + j * nt] : 0.f;
+    }
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) ss += v[j] * v[j];
@@ -277,6 +350,6 @@ __device__ __forceinline__ void rmsnorm_row(const bf16* x, const float* w, bf16*
     }
     float inv = rsqrtf(block_sum(ss) / (float)n + eps);
 #pragma unroll
-    for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) y[t + j * nt] = f2bf(w[t + j * nt] * (v[j] * inv));
+    for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) y[t + j * nt] = f2bf(wv[j] * (v[j] * inv));
     for (int i = t + RMS_REG * nt; i < n; i += nt) y[i] = f2bf(w[i] * (bf2f(x[i]) * inv));
 }

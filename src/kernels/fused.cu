@@ -45,8 +45,14 @@ extern "C" __global__ void moe_gate_up_swiglu(QMAT_ARGS, const void* uw, const b
     QMat U = expert_slice(QMat{uw, us, ub, fmt, bits, group}, idx[q], w_stride, sb_stride);
     const bf16* xs[1] = {x + (long)(q / K) * H};
     float ag[1], au[1];
-    row_dot_partial<1>(G, r, H, xs, 1, lane, ag);
-    row_dot_partial<1>(U, r, H, xs, 1, lane, au);
+    if (fmt == FMT_AFFINE && bits == 4) {
+        affine_partial_pair<4>(G, U, r, H, xs[0], lane, ag, au);
+    } else if (fmt == FMT_AFFINE && bits == 8) {
+        affine_partial_pair<8>(G, U, r, H, xs[0], lane, ag, au);
+    } else {
+        row_dot_partial<1>(G, r, H, xs, 1, lane, ag);
+        row_dot_partial<1>(U, r, H, xs, 1, lane, au);
+    }
     bf16 g = f2bf(warp_sum(ag[0])), u = f2bf(warp_sum(au[0]));
     if (lane == 0) act[(long)q * I + r] = swiglu_elem(g, u);
 }
@@ -54,7 +60,8 @@ extern "C" __global__ void moe_gate_up_swiglu(QMAT_ARGS, const void* uw, const b
 // moe_mlp 3/3: x[m, r] += bf16(Σ_j w[m,j] · bf16(down_{idx[m,j]}[r] · act[m·K + j])), slots
 // in order (= expert_matvec + combine + add_inplace). Grid (H, 1, M), one warp per slot
 // (blockDim = 32·K), so the K expert rows are read in parallel; thread 0 then combines the
-// slots in order.
+// slots in order. (Four rows per block, each warp looping over them, measured slower:
+// 23.7 vs 16.2 µs per step on the H200, bench/RESULTS.md.)
 extern "C" __global__ void moe_down_combine_add(EXPERT_ARGS, const int* idx, const float* wts, int K, const bf16* act,
                                                 bf16* x, int H, int I) {
     __shared__ bf16 ys[32];
@@ -107,7 +114,18 @@ extern "C" __global__ void dense_gate_up_swiglu(QMAT_ARGS, const void* uw, const
 extern "C" __global__ void add_rmsnorm(bf16* x, const bf16* src, const float* w, bf16* y, int n, float eps) {
     bf16* xr = x + (long)blockIdx.x * n;
     const bf16* sr = src + (long)blockIdx.x * n;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = add_bf16(xr[i], sr[i]);
+    const int t = threadIdx.x, nt = blockDim.x;
+    bf16 xv[RMS_REG], sv[RMS_REG];
+#pragma unroll
+    for (int j = 0; j < RMS_REG; j++) {
+        if (t + j * nt < n) {
+            xv[j] = xr[t + j * nt];
+            sv[j] = sr[t + j * nt];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) xr[t + j * nt] = add_bf16(xv[j], sv[j]);
+    for (int i = t + RMS_REG * nt; i < n; i += nt) xr[i] = add_bf16(xr[i], sr[i]);
     __syncthreads();
     rmsnorm_row(xr, w, y + (long)blockIdx.x * n, n, eps);
 }

@@ -211,17 +211,21 @@ extern "C" __global__ void attention(const bf16* q, const bf16* kc, const bf16* 
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // Merge: rescale each split to the common maximum; empty splits (sum 0) drop out.
+    // Merge: rescale each split to the common maximum; empty splits (sum 0) drop out. The
+    // splits' (max, sum) pairs are read once into shared memory, in parallel.
+    __shared__ float ml[2 * ATTN_THREADS];
     const float* po = part_o + (long)mh * nsplit * D;
-    const float* pm = part_ml + (long)mh * nsplit * 2;
+    for (int i = tid; i < 2 * nsplit; i += ATTN_THREADS) ml[i] = __ldcg(part_ml + (long)mh * nsplit * 2 + i);
+    __syncthreads();
     float M2 = -INFINITY;
-    for (int s = 0; s < nsplit; s++) if (__ldcg(pm + 2 * s + 1) > 0.f) M2 = fmaxf(M2, __ldcg(pm + 2 * s));
+    for (int s = 0; s < nsplit; s++) if (ml[2 * s + 1] > 0.f) M2 = fmaxf(M2, ml[2 * s]);
     for (int d = tid; d < D; d += ATTN_THREADS) {
         float num = 0.f, den = 0.f;
+#pragma unroll 4
         for (int s = 0; s < nsplit; s++) {
-            float L = __ldcg(pm + 2 * s + 1);
+            float L = ml[2 * s + 1];
             if (L > 0.f) {
-                float f = expf(__ldcg(pm + 2 * s) - M2);
+                float f = expf(ml[2 * s] - M2);
                 num += __ldcg(po + (long)s * D + d) * f;
                 den += L * f;
             }

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Device machine: build llama.cpp's `llama-bench` with CUDA for the H100/H200 (sm_90) from
 # the stripped source that fetch_source.sh packed (scratch/peers/llama.cpp.tar.gz, carried
-# with the working tree). Output: $LLAMA_BUILD/bin/llama-bench (default
-# scratch/peers/llama.cpp-build, ignored, kept between calls on a warm machine).
+# with the working tree). Source and build go to $WORK (default /tmp/zmoe-peers), outside
+# the repo copy, so carrying scratch/peers again in a later call does not wipe the build;
+# they last as long as the machine stays warm. Output: $WORK/llama.cpp-build/bin/llama-bench.
 #
 #   bench/peers/llama_cpp/build.sh          # ~4 min on 16 cores; a second run is a no-op
+#
+# LLAMA_CMAKE_ARGS adds cmake options, e.g. "-DGGML_NATIVE=OFF -DGGML_AVX2=ON" if the
+# -march=native CPU backend dies with "Illegal instruction" (seen on a dev VM that reports
+# AMX/AVX-512 it cannot run; the CUDA run itself needs little from the CPU backend).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."          # repo root
 TAR=scratch/peers/llama.cpp.tar.gz
-SRC=${LLAMA_SRC:-scratch/peers/llama.cpp}
-BUILD=${LLAMA_BUILD:-scratch/peers/llama.cpp-build}
+WORK=${WORK:-/tmp/zmoe-peers}
+SRC=$WORK/llama.cpp
+BUILD=${LLAMA_BUILD:-$WORK/llama.cpp-build}
 BIN=$BUILD/bin/llama-bench
 
 if [ -x "$BIN" ] && [ "${REBUILD:-0}" != 1 ]; then
@@ -23,16 +29,15 @@ done
 GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
 
 rm -rf "$SRC"
-mkdir -p "$(dirname "$SRC")"
-tar -xzf "$TAR" -C "$(dirname "$SRC")"
-[ "$(basename "$SRC")" = llama.cpp ] || mv "$(dirname "$SRC")/llama.cpp" "$SRC"
+mkdir -p "$WORK"
+tar -xzf "$TAR" -C "$WORK"
 COMMIT=$(sed -n 's/^llama.cpp commit: //p' "$SRC/ZMOE_PEER_SOURCE")
 echo "== llama.cpp $COMMIT: configure (CUDA, sm_90) in $BUILD"
 cmake -S "$SRC" -B "$BUILD" "${GEN[@]}" \
     -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON \
     -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-    -DLLAMA_BUILD_COMMIT="$COMMIT" -DLLAMA_BUILD_NUMBER=0 >"$BUILD.configure.log" 2>&1 \
+    -DLLAMA_BUILD_COMMIT="$COMMIT" -DLLAMA_BUILD_NUMBER=0 ${LLAMA_CMAKE_ARGS:-} >"$BUILD.configure.log" 2>&1 \
     || { tail -40 "$BUILD.configure.log"; echo "error: cmake configure failed (log: $BUILD.configure.log)" >&2; exit 1; }
 echo "== build llama-bench with $(nproc) jobs"
 start=$(date +%s)

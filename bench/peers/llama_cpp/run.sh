@@ -13,12 +13,13 @@
 #
 # Environment (all optional):
 #   ZMOE=scratch/gpu/zmoe            zmoe binary (needs `zmoe export gguf`)
-#   LLAMA_BENCH=scratch/peers/llama.cpp-build/bin/llama-bench   (built by build.sh if missing)
+#   LLAMA_BENCH=$WORK/llama.cpp-build/bin/llama-bench   (built by build.sh if missing)
 #   MODEL=DIR                        reuse this zmoe model folder instead of synthesising
-#   WORK=/tmp/zmoe-peers             models and GGUFs (large)
+#   WORK=/tmp/zmoe-peers             llama.cpp source + build, models and GGUFs (large)
 #   OUT=$WORK/out                    results: run.log env.txt zmoe.json llama-<quant>.json table.md
 #   QUANTS="q4_0 q8_0"  REPS=10  KEEP_GGUF=0
 #   ZMOE_BENCH_ARGS=""               extra `zmoe bench` flags (e.g. a plan)
+#   ZMOE_BACKEND=cuda                (cpu: a local smoke test of this script with a CPU llama-bench)
 #   LLAMA_ARGS=""                    extra llama-bench flags (e.g. "-d 0,512" for decode at depth)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."          # repo root
@@ -39,8 +40,9 @@ if [ -z "${PRESET:-}" ]; then
 fi
 
 ZMOE=${ZMOE:-scratch/gpu/zmoe}
-LLAMA_BENCH=${LLAMA_BENCH:-scratch/peers/llama.cpp-build/bin/llama-bench}
 WORK=${WORK:-/tmp/zmoe-peers}
+export WORK
+LLAMA_BENCH=${LLAMA_BENCH:-$WORK/llama.cpp-build/bin/llama-bench}
 OUT=${OUT:-$WORK/out}
 QUANTS=${QUANTS:-q4_0 q8_0}
 REPS=${REPS:-10}
@@ -54,7 +56,13 @@ die() { echo "error: $*" | tee -a "$LOG" >&2; exit 1; }
 # ---- preflight: everything that can be wrong is said before the long steps ----
 [ -x "$ZMOE" ] || die "zmoe binary $ZMOE not found (scripts/gpu_test.sh build on the dev machine, carry scratch/gpu; or set ZMOE)"
 "$ZMOE" export gguf --help >/dev/null 2>&1 || die "$ZMOE has no \`export gguf\` subcommand: rebuild it from a tree that has src/export"
-command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this must run on the GPU machine"
+ZMOE_BACKEND=${ZMOE_BACKEND:-cuda}
+if [ "$ZMOE_BACKEND" = cuda ]; then
+    command -v nvidia-smi >/dev/null || die "nvidia-smi not found: this must run on the GPU machine"
+    GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader | head -1)
+else
+    GPU="none (ZMOE_BACKEND=$ZMOE_BACKEND)"
+fi
 command -v python3 >/dev/null || die "python3 not found (needed for table.py)"
 if [ ! -x "$LLAMA_BENCH" ]; then
     say "llama-bench not built yet: running $HERE/build.sh"
@@ -64,10 +72,10 @@ fi
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader | head -1)"
-    echo "zmoe: $("$ZMOE" --version) commit $(cat scratch/gpu/COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "llama.cpp: $(sed -n 's/^llama.cpp commit: //p' scratch/peers/llama.cpp/ZMOE_PEER_SOURCE 2>/dev/null || echo unknown)" \
-         "($(sed -n 's/^source: //p' scratch/peers/llama.cpp/ZMOE_PEER_SOURCE 2>/dev/null))"
+    echo "gpu: $GPU"
+    echo "zmoe: $("$ZMOE" --version) ($ZMOE, built at commit $(cat "$(dirname "$ZMOE")/COMMIT" 2>/dev/null || echo unknown))"
+    echo "llama.cpp: $(sed -n 's/^llama.cpp commit: //p' "$WORK/llama.cpp/ZMOE_PEER_SOURCE" 2>/dev/null || echo unknown)" \
+         "($(sed -n 's/^source: //p' "$WORK/llama.cpp/ZMOE_PEER_SOURCE" 2>/dev/null))"
     echo "family: $FAMILY  preset: $PRESET  arch: $ARCH  model: $MODEL"
     echo "cpu: $(nproc) cores; $(free -g | awk '/Mem:/ {print $2 " GiB"}') memory"
 } | tee "$OUT/env.txt" | tee -a "$LOG"
@@ -87,7 +95,7 @@ if [ "$PREPARE_ONLY" = 1 ]; then
 fi
 
 # ---- zmoe ----
-ZB=("$ZMOE" bench --model "$MODEL" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3
+ZB=("$ZMOE" bench --model "$MODEL" --backend "$ZMOE_BACKEND" --prompt-tokens 512 --gen-tokens 128 --runs 3
     --json "$OUT/zmoe.json" --force ${ZMOE_BENCH_ARGS:-})
 say "== ${ZB[*]}"
 echo "${ZB[*]}" >> "$OUT/env.txt"

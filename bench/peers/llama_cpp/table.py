@@ -153,7 +153,8 @@ def main():
     tg_n = {r["tg"][2] for r in rows.values() if "tg" in r}
     print()
     print(
-        f"llama.cpp {e.get('build_commit', '?')} on {e.get('gpu_info', '?')}, -ngl {e.get('n_gpu_layers', '?')}: "
+        f"llama.cpp {e.get('build_commit', '?')} on {e.get('gpu_info') or e.get('cpu_info', '?')}, "
+        f"-ngl {e.get('n_gpu_layers', '?')}: "
         f"prefill = pp{'/'.join(map(str, sorted(pp_n)))}, decode = tg{'/'.join(map(str, sorted(tg_n)))} "
         f"(from an empty context unless a depth is shown), mean of {'/'.join(map(str, sorted(reps)))} "
         f"repetitions after dropping the first. zmoe decode follows its {s.get('prompt_tokens', '?')}-token prompt."
