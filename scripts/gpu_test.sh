@@ -56,6 +56,9 @@ if [ "${2:-}" = bench ] || [ "$mode" = bench ]; then
         --json "$OUT/bench-q30b-a4-patched.json" --force --profile 2>&1 | tee "$OUT/bench-patched.txt" | tail -32
     scratch/gpu/zmoe validate --model "$M" --backend cuda --max-tokens 200 --runs 3 \
         --capsule "$OUT/validate-q30b-a4.json" --force 2>&1 | tee "$OUT/validate.txt" | tail -16
+    # The same comparison as a ledger entry (bench/matrix.jsonl keeps the history).
+    scratch/gpu/zmoe matrix run --model "$M" --backend cuda --runs 3 --max-tokens 200 \
+        --ledger "$OUT/matrix.jsonl" --notes "scripts/gpu_test.sh bench" 2>&1 | tail -6
 fi
 echo
 echo "| GPU test | result |"
