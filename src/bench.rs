@@ -218,6 +218,43 @@ fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
     roles.into_iter().map(|(k, v)| (k.to_string(), v.join("+"))).collect()
 }
 
+/// Where a capsule came from: which zmoe, which commit, when, which command line. Shared by
+/// every capsule kind (flattened into the capsule's top level).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// zmoe's crate version.
+    pub zmoe_version: String,
+    /// `git rev-parse --short HEAD` in the working directory (else `ZMOE_GIT_COMMIT`, else
+    /// `unknown`).
+    pub git_commit: String,
+    /// Whether that working tree had uncommitted changes to tracked files (None if unknown).
+    pub git_dirty: Option<bool>,
+    /// When the run finished, UTC, RFC 3339 (`2025-01-31T12:00:00Z`).
+    pub timestamp_utc: String,
+    /// The command line that ran it.
+    pub command: String,
+}
+
+impl Provenance {
+    /// This process, now.
+    pub fn now() -> Provenance {
+        let (git_commit, git_dirty) = git_state(Path::new("."));
+        Provenance {
+            zmoe_version: env!("CARGO_PKG_VERSION").into(),
+            git_commit,
+            git_dirty,
+            timestamp_utc: rfc3339_utc(SystemTime::now()),
+            command: command_line(),
+        }
+    }
+
+    /// `0.1.0 at commit abc1234 (modified), 2025-01-31T12:00:00Z`.
+    pub fn line(&self) -> String {
+        let dirty = if self.git_dirty == Some(true) { " (modified)" } else { "" };
+        format!("{} at commit {}{dirty}, {}", self.zmoe_version, self.git_commit, self.timestamp_utc)
+    }
+}
+
 /// Everything one bench measured, with enough context to compare it with another.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BenchReport {
@@ -225,16 +262,9 @@ pub struct BenchReport {
     pub kind: String,
     /// [`CAPSULE_VERSION`] of the writer.
     pub capsule_version: u32,
-    /// zmoe's crate version.
-    pub zmoe_version: String,
-    /// `git rev-parse --short HEAD` in the working directory, or `unknown`.
-    pub git_commit: String,
-    /// Whether that working tree had uncommitted changes to tracked files (None if unknown).
-    pub git_dirty: Option<bool>,
-    /// When the bench finished, UTC, RFC 3339 (`2025-01-31T12:00:00Z`).
-    pub timestamp_utc: String,
-    /// The command line that ran it.
-    pub command: String,
+    /// Which zmoe, commit, time and command line.
+    #[serde(flatten)]
+    pub provenance: Provenance,
     /// The model.
     pub model: ModelSummary,
     /// The backend's name, e.g. `cpu (2 threads)`.
@@ -378,15 +408,10 @@ pub fn run_bench_with(
     let decode = Spread::of(&runs.iter().map(|r| r.decode_tok_s).collect::<Vec<_>>());
     let bytes_per_token = model.weights.bytes_per_token(cfg);
     let achieved_gb_s = bytes_per_token as f64 * decode.median / 1e9;
-    let (git_commit, git_dirty) = git_state(Path::new("."));
     Ok(BenchReport {
         kind: CAPSULE_KIND.into(),
         capsule_version: CAPSULE_VERSION,
-        zmoe_version: env!("CARGO_PKG_VERSION").into(),
-        git_commit,
-        git_dirty,
-        timestamp_utc: rfc3339_utc(SystemTime::now()),
-        command: command_line(),
+        provenance: Provenance::now(),
         model: ModelSummary::of(model),
         backend: backend.name(),
         plan: backend.plan().name.clone(),
@@ -427,7 +452,7 @@ pub fn git_state(dir: &Path) -> (String, Option<bool>) {
 }
 
 /// `std::env::args`, joined with spaces; arguments that need it are single-quoted.
-pub(crate) fn command_line() -> String {
+fn command_line() -> String {
     std::env::args()
         .map(|a| {
             let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));

@@ -409,11 +409,7 @@ fn bench_table(r: &BenchReport) -> String {
     if !r.identical_tokens {
         rows.push(("warning", "runs generated different tokens (greedy decode is not deterministic)".into()));
     }
-    let dirty = match r.git_dirty {
-        Some(true) => " (modified)",
-        _ => "",
-    };
-    rows.push(("zmoe", format!("{} at commit {}{dirty}, {}", r.zmoe_version, r.git_commit, r.timestamp_utc)));
+    rows.push(("zmoe", r.provenance.line()));
     let mut out: String = rows.iter().map(|(k, v)| format!("{k:<12} {v}\n")).collect();
     if !r.profile.is_empty() {
         let total: f64 = r.profile.iter().map(|s| s.us).sum();
@@ -662,7 +658,7 @@ fn validate_table(r: &ValidateReport) -> String {
             out += &format!("warning: the {label} plan's runs generated different tokens\n");
         }
     }
-    out += &format!("zmoe {} at commit {}, {}\n", r.zmoe_version, r.git_commit, r.timestamp_utc);
+    out += &format!("zmoe {}\n", r.provenance.line());
     out
 }
 

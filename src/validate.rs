@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, DeviceInfo, Model};
-use crate::bench::{ModelSummary, RunResult, Spread, command_line, git_state, rfc3339_utc};
+use crate::bench::{ModelSummary, Provenance, RunResult, Spread};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, generate};
 use crate::plan::Plan;
@@ -139,16 +139,9 @@ pub struct ValidateReport {
     pub kind: String,
     /// [`CAPSULE_VERSION`] of the writer.
     pub capsule_version: u32,
-    /// zmoe's crate version.
-    pub zmoe_version: String,
-    /// Commit of the checkout (or `ZMOE_GIT_COMMIT`), `unknown` otherwise.
-    pub git_commit: String,
-    /// Whether tracked files were modified (None if unknown).
-    pub git_dirty: Option<bool>,
-    /// When it finished, UTC, RFC 3339.
-    pub timestamp_utc: String,
-    /// The command line.
-    pub command: String,
+    /// Which zmoe, commit, time and command line.
+    #[serde(flatten)]
+    pub provenance: Provenance,
     /// The model.
     pub model: ModelSummary,
     /// The backend's name.
@@ -292,15 +285,10 @@ pub fn run_validate(
             None => per_pattern.push((a.pattern.name().into(), 1)),
         }
     }
-    let (git_commit, git_dirty) = git_state(std::path::Path::new("."));
     Ok(ValidateReport {
         kind: CAPSULE_KIND.into(),
         capsule_version: CAPSULE_VERSION,
-        zmoe_version: env!("CARGO_PKG_VERSION").into(),
-        git_commit,
-        git_dirty,
-        timestamp_utc: rfc3339_utc(std::time::SystemTime::now()),
-        command: command_line(),
+        provenance: Provenance::now(),
         model: ModelSummary::of(model),
         backend: backend.name(),
         device: backend.device_info(),

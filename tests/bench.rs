@@ -54,9 +54,10 @@ fn bench_writes_a_capsule_and_never_overwrites_one() {
     assert_eq!(r.model.quant["experts"], "affine4g64");
     assert!(r.backend.starts_with("cpu"), "{}", r.backend);
     assert!(!r.device.name.is_empty());
-    assert!(!r.git_commit.is_empty());
-    assert!(r.timestamp_utc.ends_with('Z') && r.timestamp_utc.len() == 20, "{}", r.timestamp_utc);
-    assert!(r.command.contains("bench") && r.command.contains("--gen-tokens 8"), "{}", r.command);
+    let p = &r.provenance;
+    assert!(!p.git_commit.is_empty());
+    assert!(p.timestamp_utc.ends_with('Z') && p.timestamp_utc.len() == 20, "{}", p.timestamp_utc);
+    assert!(p.command.contains("bench") && p.command.contains("--gen-tokens 8"), "{}", p.command);
     assert!(r.identical_tokens, "greedy runs must generate the same tokens");
     let pos = |x: f64| x.is_finite() && x > 0.0;
     for run in &r.runs {

@@ -33,29 +33,22 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over a block of up to 1024 threads; every thread gets the total. Fixed order.
-__device__ __forceinline__ float block_sum(float v) {
+// Sum (MAX false) or max (MAX true) over a block of up to 1024 threads; every thread gets
+// the result. Fixed order: warps reduce, then warp 0's lanes reduce the warp results.
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v) {
     __shared__ float red[32];
     int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     __syncthreads();
     if (lane == 0) red[wid] = v;
     __syncthreads();
-    float t = lane < nw ? red[lane] : 0.f;
-    return warp_sum(t);
+    float t = lane < nw ? red[lane] : (MAX ? -INFINITY : 0.f);
+    return MAX ? warp_max(t) : warp_sum(t);
 }
 
-// Max over a block of up to 1024 threads; every thread gets it.
-__device__ __forceinline__ float block_max(float v) {
-    __shared__ float red[32];
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) red[wid] = v;
-    __syncthreads();
-    float t = lane < nw ? red[lane] : -INFINITY;
-    return warp_max(t);
-}
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
 // Unpack 8 bf16 from a 16-byte vector into floats.
 __device__ __forceinline__ void unpack8(uint4 v, float* o) {

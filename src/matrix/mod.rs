@@ -333,15 +333,15 @@ impl Entry {
         let f = &r.fidelity;
         Entry {
             schema_version: SCHEMA_VERSION,
-            timestamp_utc: r.timestamp_utc.clone(),
+            timestamp_utc: r.provenance.timestamp_utc.clone(),
             model: ModelInfo { id: model_id.into(), family: r.model.family.clone(), quant: quant_word(&r.model) },
             patterns_applied: r.patterns_applied.iter().map(|(p, _)| p.clone()).collect(),
             steps_patched: r.steps_replaced,
             hardware: Hardware::from(&r.device),
             software: Software {
-                zmoe_version: r.zmoe_version.clone(),
-                git_commit: r.git_commit.clone(),
-                git_dirty: r.git_dirty,
+                zmoe_version: r.provenance.zmoe_version.clone(),
+                git_commit: r.provenance.git_commit.clone(),
+                git_dirty: r.provenance.git_dirty,
                 driver: None,
                 cuda: r.device.driver.clone(),
             },
@@ -512,11 +512,13 @@ mod tests {
         ValidateReport {
             kind: crate::validate::CAPSULE_KIND.into(),
             capsule_version: crate::validate::CAPSULE_VERSION,
-            zmoe_version: "0.1.0".into(),
-            git_commit: "abc1234".into(),
-            git_dirty: Some(false),
-            timestamp_utc: "2026-03-01T10:00:00Z".into(),
-            command: "zmoe matrix run".into(),
+            provenance: crate::bench::Provenance {
+                zmoe_version: "0.1.0".into(),
+                git_commit: "abc1234".into(),
+                git_dirty: Some(false),
+                timestamp_utc: "2026-03-01T10:00:00Z".into(),
+                command: "zmoe matrix run".into(),
+            },
             model: ModelSummary {
                 dir: "/models/x".into(),
                 family: "qwen3_moe".into(),
