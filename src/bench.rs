@@ -224,8 +224,8 @@ fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
 pub struct Provenance {
     /// zmoe's crate version.
     pub zmoe_version: String,
-    /// `git rev-parse --short HEAD` in the working directory (else `ZMOE_GIT_COMMIT`, else
-    /// `unknown`).
+    /// `ZMOE_GIT_COMMIT` if set, else `git rev-parse --short HEAD` in the working directory,
+    /// else `unknown` (see [`git_state`]).
     pub git_commit: String,
     /// Whether that working tree had uncommitted changes to tracked files (None if unknown).
     pub git_dirty: Option<bool>,
@@ -431,9 +431,17 @@ pub fn run_bench_with(
     })
 }
 
-/// The short commit of the git checkout at `dir` and whether its tracked files are
-/// modified; `("unknown", None)` outside a checkout or without git.
+/// `ZMOE_GIT_COMMIT` if set (the commit a carried binary was built from); else the short
+/// commit of the git checkout at `dir` and whether its tracked files are modified;
+/// `("unknown", None)` outside a checkout or without git.
 pub fn git_state(dir: &Path) -> (String, Option<bool>) {
+    // Binaries carried to another machine run in a copy whose git state is not theirs: the
+    // commit they were built from, when given, wins.
+    if let Ok(c) = std::env::var("ZMOE_GIT_COMMIT")
+        && !c.is_empty()
+    {
+        return (c, None);
+    }
     let git = |args: &[&str]| -> Option<String> {
         let out = Command::new("git").args(args).current_dir(dir).output().ok()?;
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -443,11 +451,7 @@ pub fn git_state(dir: &Path) -> (String, Option<bool>) {
             let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
             (commit, dirty)
         }
-        // Off the repository (e.g. binaries carried to a GPU machine): the build's commit.
-        None => match std::env::var("ZMOE_GIT_COMMIT") {
-            Ok(c) if !c.is_empty() => (c, None),
-            _ => ("unknown".into(), None),
-        },
+        None => ("unknown".into(), None),
     }
 }
 
