@@ -40,6 +40,10 @@ pub trait Backend {
         let logits = self.forward(tokens, false)?;
         Ok(sampler.sample(&logits))
     }
+    /// Whether [`Backend::profile_decode`] is supported.
+    fn supports_profile(&self) -> bool {
+        false
+    }
     /// Per-step time of one decode step at the current position, in plan order (CUDA only).
     fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
         let _ = replays;

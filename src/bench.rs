@@ -362,6 +362,12 @@ pub fn run_bench_with(
 ) -> Result<BenchReport> {
     let cfg = model.config();
     opts.validate(Some(cfg))?;
+    if opts.profile && !backend.supports_profile() {
+        return Err(Error::Unavailable(format!(
+            "--profile times kernels inside a CUDA graph; the {} backend has none",
+            backend.name()
+        )));
+    }
     let prompt = bench_prompt(cfg, opts.prompt_tokens, opts.seed);
     let gen_opts =
         GenerateOptions { max_tokens: opts.gen_tokens, sampling: SamplingParams::default(), ignore_eos: true };

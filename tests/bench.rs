@@ -123,3 +123,12 @@ fn bench_names_a_missing_model_folder() {
     let err = zmoe_err(&["bench", "--model", "/no/such/zmoe-model", "--backend", "cpu"]);
     assert!(err.contains("model folder does not exist"), "{err}");
 }
+
+#[test]
+fn profile_needs_cuda_and_says_so_before_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::synth_tiny(tmp.path(), "tiny", SynthQuant::Affine4, 6);
+    let err = zmoe_err(&["bench", "--model", s(&model), "--backend", "cpu", "--profile", "--runs", "1"]);
+    assert!(err.contains("--profile") && err.contains("CUDA graph"), "{err}");
+    assert!(!err.contains("run 1/1"), "the runs must not happen first: {err}");
+}

@@ -827,6 +827,10 @@ impl Backend for CudaBackend {
         Ok(out[0] as u32)
     }
 
+    fn supports_profile(&self) -> bool {
+        true
+    }
+
     fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
         CudaBackend::profile_decode(self, replays)
     }
