@@ -20,8 +20,12 @@ for l in sys.stdin:
     mkdir -p scratch/gpu
     cp target/release/zmoe scratch/gpu/zmoe
     cp "$exe" scratch/gpu/gpu-tests
-    git rev-parse --short HEAD > scratch/gpu/COMMIT
-    git diff --quiet HEAD -- src tests || echo "warning: uncommitted changes in src/ or tests/ are in these binaries"
+    if git diff --quiet HEAD -- src tests; then
+        git rev-parse --short HEAD > scratch/gpu/COMMIT
+    else
+        echo "warning: uncommitted changes in src/ or tests/ are in these binaries"
+        echo "$(git rev-parse --short HEAD)-dirty" > scratch/gpu/COMMIT
+    fi
     ls -la scratch/gpu
     exit 0
 fi

@@ -10,11 +10,10 @@ use clap::{Parser, Subcommand};
 use zmoe::bench::{BenchOptions, BenchReport, RunPhase, run_bench_with};
 use zmoe::checkpoint::synth::{self, SynthQuant, SynthSpec};
 use zmoe::generate::{GenerateOptions, GenerateStats, generate};
-use zmoe::plan::Plan;
 use zmoe::plan::patterns::{Selection, describe, patched_plan};
 use zmoe::sample::SamplingParams;
 use zmoe::tokenizer::{self, StreamDecoder};
-use zmoe::validate::{ValidateOptions, ValidateReport, run_validate};
+use zmoe::validate::{ValidateOptions, ValidateReport, validate_model};
 use zmoe::{BackendKind, Model};
 
 #[derive(Parser)]
@@ -214,8 +213,8 @@ struct RunArgs {
 /// Which fused patterns to apply (default: the family's policy; see `zmoe patterns`).
 #[derive(clap::Args)]
 struct PatternArgs {
-    /// Patterns to apply, comma-separated (moe_mlp, swiglu_mlp, qk_norm_rope, residual_norm),
-    /// or `none` for the reference plan. Default: the model family's defaults.
+    /// Patterns to apply, comma-separated (moe_mlp, swiglu_mlp, qkv_proj, qk_norm_rope,
+    /// residual_norm), or `none` for the reference plan. Default: the family's defaults.
     #[arg(long)]
     patterns: Option<String>,
     /// Patterns to leave out, comma-separated.
@@ -556,33 +555,7 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => zmoe::bench::bench_prompt(cfg, prompt_len, 1),
             };
             let opts = ValidateOptions { prompt, max_tokens, runs, warmup };
-            opts.check(cfg)?;
-            let reference = Plan::reference(cfg);
-            let (patched, applied) = patched_plan(cfg, &sel);
-            if applied.is_empty() {
-                bail!("no pattern applies to this model with this selection (see `zmoe patterns --model ...`)");
-            }
-            let mut be = model.backend_with(run.backend, reference.clone(), !run.eager)?;
-            eprintln!(
-                "validate: {} on {} — reference ({} steps) vs `{}` ({} steps), prompt {} tokens, {max_tokens} greedy \
-                 tokens, {warmup} warm-up + {runs} timed per plan",
-                model.checkpoint.dir.display(),
-                be.name(),
-                reference.steps.len(),
-                patched.name,
-                patched.steps.len(),
-                opts.prompt.len()
-            );
-            let report = run_validate(&model, be.as_mut(), reference, patched, &applied, &opts, &mut |p, r| {
-                let what = if p.warmup { "warm-up" } else { "run" };
-                eprintln!(
-                    "  {:<10} {what} {}: prefill {:.1} tok/s, decode {:.1} tok/s",
-                    if p.plan == "reference" { "reference" } else { "patched" },
-                    p.run + 1,
-                    r.prefill_tok_s,
-                    r.decode_tok_s
-                );
-            })?;
+            let report = validate_model(&model, run.backend, !run.eager, &sel, &opts, &mut |l| eprintln!("{l}"))?;
             emit(&validate_table(&report));
             if let Some(path) = &capsule {
                 write_capsule("--capsule", path, &report, force)?;

@@ -1,7 +1,9 @@
 //! Token sampling: greedy, temperature, top-k, top-p, with a seeded counter-based RNG.
 //!
-//! The draw for step n depends only on (seed, n) — [`crate::rng::mix64`] — so a GPU sampler
-//! can reproduce the CPU's choices exactly, and a run is repeatable with `--seed`.
+//! The draw for step n depends only on (seed, n) — [`crate::rng::mix64`] — so a run is
+//! repeatable with `--seed`, and the GPU sampler (`sample_token`) draws the same u: its greedy
+//! pick is exactly the host's; its sampled picks follow the same steps but may differ by one
+//! rank where float rounding moves a cumulative boundary.
 
 use crate::cpu::ops::softmax;
 use crate::rng::mix64;

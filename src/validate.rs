@@ -10,12 +10,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, DeviceInfo, Model};
+use crate::backend::{Backend, BackendKind, DeviceInfo, Model};
 use crate::bench::{ModelSummary, Provenance, RunResult, Spread};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, generate};
 use crate::plan::Plan;
-use crate::plan::patterns::Applied;
+use crate::plan::patterns::{Applied, Selection, patched_plan};
 use crate::sample::SamplingParams;
 
 /// The `kind` field of a validate capsule.
@@ -83,7 +83,8 @@ pub struct PlanResult {
     pub roofline_pct: f64,
     /// The greedy tokens of the first timed run.
     pub tokens: Vec<u32>,
-    /// Whether every run (warm-ups included) generated those same tokens.
+    /// Whether every run (warm-ups included) generated those same tokens. Fidelity is FAIL
+    /// unless both plans are deterministic.
     pub deterministic: bool,
 }
 
@@ -103,9 +104,10 @@ pub struct Divergence {
 /// Token fidelity of the patched plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Fidelity {
-    /// `PASS` when every token is identical, else `FAIL`.
+    /// `PASS` when every token of every patched run equals the reference's (and each plan's
+    /// runs agree among themselves), else `FAIL`.
     pub verdict: String,
-    /// Tokens identical before the first divergence.
+    /// Tokens identical before the first divergence (the worst patched run).
     pub identical: usize,
     /// Tokens compared.
     pub total: usize,
@@ -152,7 +154,7 @@ pub struct ValidateReport {
     pub settings: ValidateOptions,
     /// Fused steps per pattern: `(pattern, count)`.
     pub patterns_applied: Vec<(String, usize)>,
-    /// Primitive steps the fused steps replaced.
+    /// Primitive steps inside the patched plan's fused steps.
     pub steps_replaced: usize,
     /// The reference plan's runs.
     pub reference: PlanResult,
@@ -181,32 +183,81 @@ pub struct Progress<'a> {
     pub warmup: bool,
 }
 
-/// Runs `plan`'s warm-ups and timed runs on `backend`.
+/// Runs `plan`'s warm-ups and timed runs on `backend`: the timed runs' timings, and the
+/// tokens of every run (warm-ups first).
 fn run_plan(
     backend: &mut dyn Backend,
     plan: Plan,
     opts: &ValidateOptions,
     progress: &mut dyn FnMut(Progress, &RunResult),
-) -> Result<(Vec<RunResult>, Vec<u32>, bool)> {
+) -> Result<(Vec<RunResult>, Vec<Vec<u32>>)> {
     let name = plan.name.clone();
     backend.set_plan(plan);
     let gen_opts =
         GenerateOptions { max_tokens: opts.max_tokens, sampling: SamplingParams::default(), ignore_eos: true };
-    let (mut runs, mut first, mut same) = (Vec::new(), None::<Vec<u32>>, true);
+    let (mut runs, mut tokens) = (Vec::new(), Vec::new());
     for i in 0..opts.warmup + opts.runs {
         let stats = generate(backend, &opts.prompt, &gen_opts, |_| {})?;
         let r = RunResult::from_stats(&stats);
         let warmup = i < opts.warmup;
         progress(Progress { plan: &name, run: if warmup { i } else { i - opts.warmup }, warmup }, &r);
-        match &first {
-            None => first = Some(stats.tokens),
-            Some(t) => same &= *t == stats.tokens,
-        }
-        if i >= opts.warmup {
+        tokens.push(stats.tokens);
+        if !warmup {
             runs.push(r);
         }
     }
-    Ok((runs, first.unwrap_or_default(), same))
+    Ok((runs, tokens))
+}
+
+/// Length of the common prefix of two token sequences.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Validates `model`'s patched plan for `sel` against its reference plan on a new backend of
+/// `kind`, sending a header line and one line per run to `log`. Errors if no pattern applies.
+pub fn validate_model(
+    model: &Model,
+    kind: BackendKind,
+    cuda_graph: bool,
+    sel: &Selection,
+    opts: &ValidateOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<ValidateReport> {
+    let cfg = model.config();
+    opts.check(cfg)?;
+    let reference = Plan::reference(cfg);
+    let (patched, applied) = patched_plan(cfg, sel);
+    if applied.is_empty() {
+        return Err(Error::Arg(format!(
+            "no pattern applies to this model with this selection (see `zmoe patterns --model {}`)",
+            model.checkpoint.dir.display()
+        )));
+    }
+    let mut backend = model.backend_with(kind, reference.clone(), cuda_graph)?;
+    log(&format!(
+        "validate: {} on {} — reference ({} steps) vs `{}` ({} steps), prompt {} tokens, {} greedy tokens, \
+         {} warm-up + {} timed per plan",
+        model.checkpoint.dir.display(),
+        backend.name(),
+        reference.steps.len(),
+        patched.name,
+        patched.steps.len(),
+        opts.prompt.len(),
+        opts.max_tokens,
+        opts.warmup,
+        opts.runs
+    ));
+    run_validate(model, backend.as_mut(), reference, patched, &applied, opts, &mut |p, r| {
+        log(&format!(
+            "  {:<10} {} {}: prefill {:.1} tok/s, decode {:.1} tok/s",
+            if p.plan == "reference" { "reference" } else { "patched" },
+            if p.warmup { "warm-up" } else { "run" },
+            p.run + 1,
+            r.prefill_tok_s,
+            r.decode_tok_s
+        ))
+    })
 }
 
 /// Validates `patched` (with the fused steps `applied`) against `reference` on `backend`.
@@ -223,10 +274,17 @@ pub fn run_validate(
     opts.check(cfg)?;
     let (ref_name, ref_steps) = (reference.name.clone(), reference.steps.len());
     let (pat_name, pat_steps) = (patched.name.clone(), patched.steps.len());
-    let (ref_runs, ref_tokens, ref_same) = run_plan(backend, reference.clone(), opts, progress)?;
-    let (pat_runs, pat_tokens, pat_same) = run_plan(backend, patched, opts, progress)?;
-
-    let identical = ref_tokens.iter().zip(&pat_tokens).take_while(|(a, b)| a == b).count();
+    let pat_fused = crate::plan::patterns::fused_primitives(&patched);
+    let (ref_runs, ref_all) = run_plan(backend, reference.clone(), opts, progress)?;
+    let (pat_runs, pat_all) = run_plan(backend, patched, opts, progress)?;
+    let same = |all: &[Vec<u32>]| all.iter().all(|t| *t == all[0]);
+    let (ref_same, pat_same) = (same(&ref_all), same(&pat_all));
+    // The reference's first timed run against every patched run (warm-ups too): the worst
+    // patched run is the one judged, so a run-to-run difference cannot hide.
+    let ref_tokens = ref_all[opts.warmup].clone();
+    let pat_tokens =
+        pat_all.iter().min_by_key(|t| (common_prefix(&ref_tokens, t), t.len())).cloned().unwrap_or_default();
+    let identical = common_prefix(&ref_tokens, &pat_tokens);
     let total = ref_tokens.len();
     let first_divergence = if identical < total.max(pat_tokens.len()) {
         // The reference's logits where the choice was made: prompt + the common prefix.
@@ -249,7 +307,13 @@ pub fn run_validate(
         None
     };
     let fidelity = Fidelity {
-        verdict: if first_divergence.is_none() && total == opts.max_tokens { "PASS" } else { "FAIL" }.into(),
+        // PASS needs every run of both plans to give the same max_tokens tokens.
+        verdict: if first_divergence.is_none() && total == opts.max_tokens && ref_same && pat_same {
+            "PASS"
+        } else {
+            "FAIL"
+        }
+        .into(),
         identical,
         total,
         first_divergence,
@@ -277,7 +341,7 @@ pub fn run_validate(
         }
     };
     let reference = result(ref_name, ref_steps, ref_runs, ref_tokens, ref_same);
-    let patched = result(pat_name, pat_steps, pat_runs, pat_tokens, pat_same);
+    let patched = result(pat_name, pat_steps, pat_runs, pat_all[opts.warmup].clone(), pat_same);
     let mut per_pattern: Vec<(String, usize)> = Vec::new();
     for a in applied {
         match per_pattern.iter_mut().find(|(n, _)| n == a.pattern.name()) {
@@ -294,7 +358,7 @@ pub fn run_validate(
         device: backend.device_info(),
         settings: opts.clone(),
         patterns_applied: per_pattern,
-        steps_replaced: applied.iter().map(|a| a.step.components().len()).sum(),
+        steps_replaced: pat_fused,
         decode_speedup: patched.decode_tok_s.median / reference.decode_tok_s.median,
         prefill_speedup: patched.prefill_tok_s.median / reference.prefill_tok_s.median,
         reference,

@@ -296,8 +296,7 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
         cfg_json["quantization"] = block.clone();
         cfg_json["quantization_config"] = block;
     }
-    cfg_json["zmoe_synth"] =
-        json!({"preset": spec.preset, "quant": format!("{:?}", spec.quant).to_lowercase(), "seed": spec.seed});
+    cfg_json["zmoe_synth"] = json!({"preset": spec.preset, "quant": spec.quant.name(), "seed": spec.seed});
     let cfg = ModelConfig::parse(&cfg_json.to_string(), Path::new("<synthetic config.json>"))?;
 
     let bar = ProgressBar::hidden();

@@ -204,6 +204,7 @@ impl CpuBackend {
             | Step::MoeDownCombineAdd { .. }
             | Step::DenseGateUpSwiglu { .. }
             | Step::AddRmsNorm { .. }
+            | Step::OProjAddRmsNorm { .. }
             | Step::QkvProj { .. }
             | Step::QkNormRopeKv { .. } => unreachable!("fused steps run as their components"),
         }

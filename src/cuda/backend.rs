@@ -99,8 +99,9 @@ struct RunState {
     grp_rows: u64,
     /// `[2]` i32: sampled token, host-fallback flag.
     sample_out: u64,
-    /// `[CHUNK·nH]` i32 finished-block counters of the attention merge and the fused router
-    /// (zero between launches; the two never run concurrently).
+    /// `[CHUNK·nH]` i32 finished-block counters (`last_to_finish` in common.cuh) of the
+    /// attention merge, the fused router and o_proj_add_rmsnorm: each kernel leaves them at
+    /// zero, and kernels on the one stream never overlap.
     tickets: u64,
     /// `[pos, tokens[CHUNK]]` as i32: written by the host before each forward.
     io: u64,
@@ -361,13 +362,18 @@ impl CudaBackend {
     /// Launches one step over `m` rows (m may shrink to 1 at `LastRow`).
     fn step(&mut self, step: &Step, m: &mut usize, all_logits: bool) -> Result<()> {
         use Arg::{F32, I32, I64, Ptr};
-        // The fused MoE kernels are decode kernels; prefill runs their components, whose
-        // expert mat-vecs are grouped by expert. Same results either way (bit for bit).
+        // The fused MoE and residual-norm kernels are decode kernels; prefill runs their
+        // components (expert mat-vecs grouped by expert). Same results either way, bit for bit.
         // The fused gate+up and qkv kernels read their matrices with one format: if a
         // checkpoint quantizes them differently, run the components too.
-        let moe_fused =
-            matches!(step, Step::MoeRouter { .. } | Step::MoeGateUpSwiglu { .. } | Step::MoeDownCombineAdd { .. });
-        if moe_fused && *m > 1 || !self.fused_formats_match(step)? {
+        let decode_only = matches!(
+            step,
+            Step::MoeRouter { .. }
+                | Step::MoeGateUpSwiglu { .. }
+                | Step::MoeDownCombineAdd { .. }
+                | Step::OProjAddRmsNorm { .. }
+        );
+        if decode_only && *m > 1 || !self.fused_formats_match(step)? {
             return step.components().iter().try_for_each(|s| self.step(s, m, all_logits));
         }
         let c = &self.cfg;
@@ -541,6 +547,19 @@ impl CudaBackend {
                 a.extend([I32(k as i32), Ptr(self.buf(Buf::Act)), Ptr(self.buf(Buf::X)), I32(h as i32)]);
                 a.push(I32(c.moe_intermediate_size as i32));
                 dev.launch("moe_down_combine_add", (h as u32, 1, mm as u32), 32 * k as u32, &a)?;
+            }
+            Step::OProjAddRmsNorm { layer } => {
+                let ly = &self.layers[layer];
+                let mut a = ly.o.m.args().to_vec();
+                a.extend([Ptr(self.buf(Buf::Attn)), Ptr(ly.o.bias), Ptr(self.buf(Buf::X)), Ptr(ly.post_norm)]);
+                a.extend([
+                    Ptr(self.buf(Buf::H)),
+                    I32(h as i32),
+                    I32(ly.o.m.cols as i32),
+                    F32(eps),
+                    Ptr(self.st.tickets),
+                ]);
+                dev.launch("o_proj_add_rmsnorm", (h.div_ceil(8) as u32, 1, 1), 256, &a)?;
             }
             Step::DenseGateUpSwiglu { layer } => {
                 let (g, u) = (*self.linear(LinRef::DenseGate(layer))?, *self.linear(LinRef::DenseUp(layer))?);

@@ -13,13 +13,7 @@ use cudarc::nvrtc::sys;
 use crate::error::{Error, Result};
 
 fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("ZMOE_CACHE") {
-        return PathBuf::from(d).join("kernels");
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
-    base.unwrap_or_else(std::env::temp_dir).join("zmoe").join("kernels")
+    crate::cache_dir().join("kernels")
 }
 
 fn nvrtc_version() -> (i32, i32) {

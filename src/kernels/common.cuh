@@ -265,6 +265,22 @@ __device__ __forceinline__ float qmat_elem(const QMat& W, long r, int K, int k) 
 
 __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 
+// Whether this block is the last of `expected` blocks to pass this point for *ticket (an
+// atomic counter, left at zero again by that last block). Every block's global writes
+// before the call are visible to the last block (read them through L2: __ldcg). All
+// threads of the block must call it.
+__device__ __forceinline__ bool last_to_finish(int* ticket, int expected) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(ticket, 1) == expected - 1;
+    __syncthreads();
+    if (!last) return false;
+    __threadfence();
+    if (threadIdx.x == 0) *ticket = 0;
+    return true;
+}
+
 // bf16(a + b): the residual add.
 __device__ __forceinline__ bf16 add_bf16(bf16 a, bf16 b) { return f2bf(bf2f(a) + bf2f(b)); }
 
@@ -321,6 +337,7 @@ __device__ __forceinline__ void router_topk_warp(const float* l, int E, int K, i
 __device__ __forceinline__ float combine_step(float a, float w, bf16 y) { return __fmaf_rn(w, bf2f(y), a); }
 
 // Row RMSNorm of n elements by one block: y = bf16(w * (x * rsqrt(mean(x^2) + eps))).
+// x is read through L2, so a last-to-finish block may normalise rows other blocks wrote.
 // Each thread's first RMS_REG elements (i = tid, tid + blockDim, ...) and their weights are
 // loaded together up front (no load waits behind a store) and kept in registers for the
 // second pass; the sum runs in i order per thread.
@@ -331,18 +348,18 @@ __device__ __forceinline__ void rmsnorm_row(const bf16* x, const float* w, bf16*
 #pragma unroll
     for (int j = 0; j < RMS_REG; j++) {
         bool in = t + j * nt < n;
-        v[j] = in ? bf2f(x[t + j * nt]) : 0.f;
+        v[j] = in ? bf2f(__ldcg(x + t + j * nt)) : 0.f;
         wv[j] = in ? w[t + j * nt] : 0.f;
     }
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) ss += v[j] * v[j];
     for (int i = t + RMS_REG * nt; i < n; i += nt) {
-        float a = bf2f(x[i]);
+        float a = bf2f(__ldcg(x + i));
         ss += a * a;
     }
     float inv = rsqrtf(block_sum(ss) / (float)n + eps);
 #pragma unroll
     for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) y[t + j * nt] = f2bf(wv[j] * (v[j] * inv));
-    for (int i = t + RMS_REG * nt; i < n; i += nt) y[i] = f2bf(w[i] * (bf2f(x[i]) * inv));
+    for (int i = t + RMS_REG * nt; i < n; i += nt) y[i] = f2bf(w[i] * (bf2f(__ldcg(x + i)) * inv));
 }

@@ -1,8 +1,9 @@
 // Fused kernels of the patterns (src/plan/patterns.rs). Each computes exactly what its
 // primitive components compute, with the same device functions from common.cuh in the same
 // order, so its outputs are bit-identical to the reference plan's; what it saves is the
-// launches and the round trips of intermediates through memory. They are decode kernels:
-// one token's rows per block (prefill runs the components, whose expert path is grouped).
+// launches and the round trips of intermediates through memory. The MoE kernels and
+// o_proj_add_rmsnorm are decode kernels (prefill runs their components, whose expert path
+// is grouped); qkv_proj, dense_gate_up_swiglu, add_rmsnorm and qk_norm_rope_kv take any M.
 
 // moe_mlp 1/3: router logits (= matvec, f32 out) and, in the last block to finish, the
 // softmax-top-k of router_topk. Grid (ceil(E/4), 1, M), 128 threads. tickets[m] counts
@@ -10,7 +11,6 @@
 extern "C" __global__ void moe_router(QMAT_ARGS, const bf16* x, float* logits, const float* bias, int E, int H, int K,
                                       int norm, int* tickets, int* idx, float* wout) {
     QMat W = QMAT_MAKE;
-    __shared__ int last;
     int m = blockIdx.z, lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
     if (r < E) {
@@ -23,14 +23,8 @@ extern "C" __global__ void moe_router(QMAT_ARGS, const bf16* x, float* logits, c
             logits[(long)m * E + r] = v;
         }
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(tickets + m, 1) == (int)gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_to_finish(tickets + m, gridDim.x)) return;
     if (threadIdx.x < WARP) router_topk_warp(logits + (long)m * E, E, K, norm, idx + m * K, wout + m * K);
-    if (threadIdx.x == 0) tickets[m] = 0;
 }
 
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
@@ -60,8 +54,9 @@ extern "C" __global__ void moe_gate_up_swiglu(QMAT_ARGS, const void* uw, const b
 // moe_mlp 3/3: x[m, r] += bf16(Σ_j w[m,j] · bf16(down_{idx[m,j]}[r] · act[m·K + j])), slots
 // in order (= expert_matvec + combine + add_inplace). Grid (H, 1, M), one warp per slot
 // (blockDim = 32·K), so the K expert rows are read in parallel; thread 0 then combines the
-// slots in order. (Four rows per block, each warp looping over them, measured slower:
-// 23.7 vs 16.2 µs per step on the H200, bench/RESULTS.md.)
+// slots in order. Measured slower on the H200 (bench/RESULTS.md): four rows per block with
+// each warp looping over them (23.7 vs 16.2 µs per step), and the next layer's input norm
+// folded in by the last block to finish (27.7 µs: a fence and an atomic in all H blocks).
 extern "C" __global__ void moe_down_combine_add(EXPERT_ARGS, const int* idx, const float* wts, int K, const bf16* act,
                                                 bf16* x, int H, int I) {
     __shared__ bf16 ys[32];
@@ -78,6 +73,26 @@ extern "C" __global__ void moe_down_combine_add(EXPERT_ARGS, const int* idx, con
     float a = 0.f;
     for (int s = 0; s < K; s++) a = combine_step(a, wts[m * K + s], ys[s]);
     x[(long)m * H + r] = add_bf16(x[(long)m * H + r], f2bf(a));
+}
+
+// residual_norm with o_proj (decode): x[r] = bf16(x[r] + bf16(o[r]·attn + b)) per row, then
+// the last block to finish writes h = rmsnorm(x) ⊙ nw (= matvec + add_inplace + rmsnorm).
+// 256 threads (8 rows) per block, as the rmsnorm launch, so the norm reduces identically.
+extern "C" __global__ void o_proj_add_rmsnorm(QMAT_ARGS, const bf16* attn, const float* bias, bf16* x, const float* nw,
+                                              bf16* h, int H, int K, float eps, int* ticket) {
+    int lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (r < H) {
+        const bf16* xs[1] = {attn};
+        float acc[1];
+        row_dot_partial<1>(QMAT_MAKE, r, K, xs, 1, lane, acc);
+        float v = warp_sum(acc[0]);
+        if (lane == 0) {
+            if (bias) v += bias[r];
+            x[r] = add_bf16(x[r], f2bf(v));
+        }
+    }
+    if (last_to_finish(ticket, gridDim.x)) rmsnorm_row(x, nw, h, H, eps);
 }
 
 // swiglu_mlp: act[m, r] = swiglu(bf16(gate[r]·x_m + bg), bf16(up[r]·x_m + bu)) (= matvec

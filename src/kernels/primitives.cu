@@ -154,7 +154,6 @@ extern "C" __global__ void attention(const bf16* q, const bf16* kc, const bf16* 
                                      float* part_ml, int* tickets, bf16* out, int nh, int nkv, int D, float scale,
                                      int nsplit) {
     __shared__ float qs[MAXD];
-    __shared__ int last;
     __shared__ float p[ATTN_THREADS];
     int mh = blockIdx.x, split = blockIdx.y, m = mh / nh, h = mh % nh;
     int kvh = h / (nh / nkv), tid = threadIdx.x;
@@ -205,12 +204,7 @@ extern "C" __global__ void attention(const bf16* q, const bf16* kc, const bf16* 
         if (d < D) part_o[slot * D + d] = acc[i];
     }
     if (tid == 0) { part_ml[slot * 2] = mx; part_ml[slot * 2 + 1] = l; }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = atomicAdd(tickets + mh, 1) == nsplit - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_to_finish(tickets + mh, nsplit)) return;
     // Merge: rescale each split to the common maximum; empty splits (sum 0) drop out. The
     // splits' (max, sum) pairs are read once into shared memory, in parallel.
     __shared__ float ml[2 * ATTN_THREADS];
@@ -232,7 +226,6 @@ extern "C" __global__ void attention(const bf16* q, const bf16* kc, const bf16* 
         }
         out[(long)mh * D + d] = f2bf(num / den);
     }
-    if (tid == 0) tickets[mh] = 0;
 }
 
 // Router: softmax over E f32 logits, top-K (largest first, lowest index wins ties),
@@ -289,9 +282,10 @@ __device__ __forceinline__ bool ranks_before(float av, int ai, float bv, int bi)
 // Otherwise, with x = l/temp − max: Z = Σ e^x over the whole vocabulary; a histogram of x
 // over [−SAMPLE_NATS, 0] picks the largest top slice of at most SAMPLE_CAP candidates, which
 // are sorted like the host sorts (value descending, id ascending). Then top_k, softmax,
-// top_p and the draw u = (mix64(seed ^ mix64(step + 1)) >> 40) / 2^24 follow the host step
-// by step. Tokens beyond SAMPLE_NATS carry < V·e^-24 of the top token's probability and are
-// left out. out = [token, 0], or [-, 1] when the answer may lie outside the candidates
+// top_p and the draw u = (mix64(seed ^ mix64(step + 1)) >> 40) / 2^24 follow the host's
+// steps (the same u; sums in another order, so a pick may differ by one rank where rounding
+// moves a cumulative boundary). Tokens beyond SAMPLE_NATS carry < V·e^-24 of the top
+// token's probability and are left out. out = [token, 0], or [-, 1] when the answer may lie outside the candidates
 // (top_k larger than the slice, or the nucleus / the draw reaching past it): the host then
 // samples the logits itself.
 extern "C" __global__ void sample_token(const float* logits, int V, float temp, float top_p, int top_k,

@@ -15,9 +15,8 @@ use super::{DEFAULT_LEDGER, Entry, Ledger, Verdict};
 use crate::backend::{BackendKind, Model};
 use crate::checkpoint::synth::{self, SynthQuant, SynthSpec};
 use crate::error::{Error, Result};
-use crate::plan::Plan;
-use crate::plan::patterns::{Selection, patched_plan};
-use crate::validate::{ValidateOptions, run_validate};
+use crate::plan::patterns::Selection;
+use crate::validate::{ValidateOptions, validate_model};
 
 /// `zmoe matrix run` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -290,40 +289,7 @@ fn run_one(
         runs: args.runs,
         warmup: args.warmup,
     };
-    opts.check(cfg)?;
-    let reference = Plan::reference(cfg);
-    let (patched, applied) = patched_plan(cfg, sel);
-    if applied.is_empty() {
-        return Err(Error::Arg(format!(
-            "no pattern applies to this model with this selection (see `zmoe patterns --model {}`)",
-            dir.display()
-        )));
-    }
-    let mut backend = model.backend_with(args.backend, reference.clone(), !args.eager)?;
-    stderr(&format!(
-        "  {} on {}: reference ({} steps) vs `{}` ({} steps), prompt {} tokens, {} greedy tokens, {} warm-up + {} \
-         timed per plan",
-        dir.display(),
-        backend.name(),
-        reference.steps.len(),
-        patched.name,
-        patched.steps.len(),
-        opts.prompt.len(),
-        opts.max_tokens,
-        opts.warmup,
-        opts.runs
-    ));
-    let report = run_validate(&model, backend.as_mut(), reference, patched, &applied, &opts, &mut |p, r| {
-        stderr(&format!(
-            "  {:<10} {} {}: prefill {:.1} tok/s, decode {:.1} tok/s",
-            if p.plan == "reference" { "reference" } else { "patched" },
-            if p.warmup { "warm-up" } else { "run" },
-            p.run + 1,
-            r.prefill_tok_s,
-            r.decode_tok_s
-        ));
-    })?;
-    drop(backend);
+    let report = validate_model(&model, args.backend, !args.eager, sel, &opts, &mut |l| stderr(&format!("  {l}")))?;
     let requested =
         (*sel != Selection::default()).then(|| sel.resolve(cfg.family).iter().map(|p| p.name().to_string()).collect());
     let mut entry = Entry::from_validate(&report, id, &args.notes, requested);

@@ -203,6 +203,11 @@ pub enum Step {
         /// Normalised output.
         dst: Buf,
     },
+    /// `residual_norm`: o_proj, the residual add and the post-attention norm in one kernel.
+    OProjAddRmsNorm {
+        /// Layer.
+        layer: usize,
+    },
     /// `qkv_proj`: the q, k and v projections of `H` in one kernel.
     QkvProj {
         /// Layer.
@@ -258,6 +263,11 @@ impl Step {
             Step::MoeDownCombineAdd { layer } => {
                 vec![Step::ExpertDown { layer }, Step::Combine, Step::Add { dst: X, src: Out }]
             }
+            Step::OProjAddRmsNorm { layer } => vec![
+                Step::Linear { w: LinRef::O(layer), src: Attn, dst: Out },
+                Step::Add { dst: X, src: Out },
+                Step::RmsNorm { w: NormRef::Post(layer), src: X, dst: H },
+            ],
             Step::DenseGateUpSwiglu { layer } => vec![
                 Step::Linear { w: LinRef::DenseGate(layer), src: H, dst: Gate },
                 Step::Linear { w: LinRef::DenseUp(layer), src: H, dst: Up },
@@ -277,6 +287,13 @@ impl Step {
             ],
             _ => Vec::new(),
         }
+    }
+
+    /// The primitive steps a step stands for, fused steps inside fused steps expanded too
+    /// (a primitive step: itself).
+    pub fn primitives(&self) -> Vec<Step> {
+        let parts = self.components();
+        if parts.is_empty() { vec![self.clone()] } else { parts.iter().flat_map(Step::primitives).collect() }
     }
 
     /// The layer a step belongs to, if it reads one layer's weights or cache.
@@ -300,6 +317,7 @@ impl Step {
             | Step::MoeRouter { layer }
             | Step::MoeGateUpSwiglu { layer }
             | Step::MoeDownCombineAdd { layer }
+            | Step::OProjAddRmsNorm { layer }
             | Step::DenseGateUpSwiglu { layer }
             | Step::QkvProj { layer }
             | Step::QkNormRopeKv { layer } => Some(*layer),
@@ -328,6 +346,7 @@ impl Step {
             Step::MoeRouter { .. } => "moe_router (fused)".into(),
             Step::MoeGateUpSwiglu { .. } => "moe_gate_up_swiglu (fused)".into(),
             Step::MoeDownCombineAdd { .. } => "moe_down_combine_add (fused)".into(),
+            Step::OProjAddRmsNorm { .. } => "o_proj_add_rms_norm (fused)".into(),
             Step::DenseGateUpSwiglu { .. } => "dense_gate_up_swiglu (fused)".into(),
             Step::AddRmsNorm { w, .. } => format!("add_rms_norm {} (fused)", w.role()),
             Step::QkvProj { .. } => "qkv_proj (fused)".into(),

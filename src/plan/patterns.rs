@@ -26,7 +26,7 @@ pub enum Pattern {
     MoeMlp,
     /// Dense MLP gate+up+SwiGLU in one kernel.
     SwigluMlp,
-    /// The q, k and v projections in one kernel (one launch, `H` read once per row block).
+    /// The q, k and v projections in one kernel (one launch instead of three).
     QkvProj,
     /// Per-head q/k norm + RoPE + KV-cache append in one kernel.
     QkNormRope,
@@ -58,7 +58,7 @@ impl Pattern {
             Pattern::SwigluMlp => "dense gate+up+SwiGLU",
             Pattern::QkvProj => "q, k and v projections",
             Pattern::QkNormRope => "q/k head norms + RoPE + KV-cache append",
-            Pattern::ResidualNorm => "residual add + RMSNorm",
+            Pattern::ResidualNorm => "residual add + RMSNorm (with o_proj before it after attention)",
         }
     }
 
@@ -80,6 +80,7 @@ impl Pattern {
             (Pattern::SwigluMlp, Step::Linear { w: LinRef::DenseGate(l), .. }) => Step::DenseGateUpSwiglu { layer: *l },
             (Pattern::QkvProj, Step::Linear { w: LinRef::Q(l), .. }) => Step::QkvProj { layer: *l },
             (Pattern::QkNormRope, Step::HeadNorm { w: NormRef::QHead(l), .. }) => Step::QkNormRopeKv { layer: *l },
+            (Pattern::ResidualNorm, Step::Linear { w: LinRef::O(l), .. }) => Step::OProjAddRmsNorm { layer: *l },
             (Pattern::ResidualNorm, Step::Add { dst: Buf::X, src }) => match rest.get(1)? {
                 Step::RmsNorm { w, src: Buf::X, dst } => Step::AddRmsNorm { w: *w, src: *src, dst: *dst },
                 _ => return None,
@@ -108,7 +109,7 @@ pub struct FamilyPolicy {
 /// The policy of a family (the seeds' `_PERF_EXCLUDES` / `_FIDELITY_EXCLUDES`).
 pub fn policy(family: Family) -> FamilyPolicy {
     match family {
-        // All four are bit-identical; measured on the H200 (bench/RESULTS.md, "patched vs
+        // All five are bit-identical; measured on the H200 (bench/RESULTS.md, "patched vs
         // reference"), none costs speed on the qwen3-30b-a3b preset.
         Family::Qwen3Moe => FamilyPolicy { defaults: Pattern::ALL.to_vec(), excluded: Vec::new() },
     }
@@ -198,15 +199,12 @@ pub fn patched_plan(cfg: &ModelConfig, sel: &Selection) -> (Plan, Vec<Applied>) 
 
 /// Expands every fused step into its components (the inverse of [`apply`]).
 pub fn expand(plan: &Plan) -> Plan {
-    let steps = plan
-        .steps
-        .iter()
-        .flat_map(|s| {
-            let c = s.components();
-            if c.is_empty() { vec![s.clone()] } else { c }
-        })
-        .collect();
-    Plan { name: "reference".into(), steps }
+    Plan { name: "reference".into(), steps: plan.steps.iter().flat_map(Step::primitives).collect() }
+}
+
+/// Primitive steps inside the fused steps of `plan`.
+pub fn fused_primitives(plan: &Plan) -> usize {
+    plan.steps.iter().filter(|s| !s.components().is_empty()).map(|s| s.primitives().len()).sum()
 }
 
 /// `0-3,5,7-9` for a sorted list of layers.
@@ -224,16 +222,12 @@ fn ranges(layers: &[usize]) -> String {
     out.join(",")
 }
 
-/// Why `pattern` fused nothing in `layer` of a plan patched with `chosen`.
-fn not_applied_reason(cfg: &ModelConfig, pattern: Pattern, layer: usize, chosen: &[Pattern]) -> &'static str {
+/// Why `pattern` fused nothing in `layer`.
+fn not_applied_reason(cfg: &ModelConfig, pattern: Pattern, layer: usize) -> &'static str {
     let moe = cfg.is_moe_layer(layer);
     match pattern {
         Pattern::MoeMlp if !moe => "dense MLP layer (no router)",
         Pattern::SwigluMlp if moe => "MoE layer (its MLP is moe_mlp's)",
-        Pattern::ResidualNorm if chosen.contains(&Pattern::MoeMlp) && moe => {
-            "the MLP's residual add is fused into moe_mlp"
-        }
-        Pattern::ResidualNorm if layer + 1 == cfg.num_layers => "last layer: the add feeds last_row, not a norm",
         _ => "the steps it replaces are not in this layer's plan",
     }
 }
@@ -275,15 +269,20 @@ pub fn describe(cfg: &ModelConfig, sel: &Selection) -> String {
         layers.dedup();
         let global = mine.iter().filter(|a| a.step.layer().is_none()).count();
         out += &format!(
-            "  applied: {} fused steps replacing {} primitive steps, layers {}{}\n",
+            "  applied: {} fused steps, each replacing {} primitive steps, layers {}{}\n",
             mine.len(),
-            mine.iter().map(|a| a.step.components().len()).sum::<usize>(),
+            {
+                let mut n: Vec<usize> = mine.iter().map(|a| a.step.primitives().len()).collect();
+                n.sort();
+                n.dedup();
+                n.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(" or ")
+            },
             if layers.is_empty() { "none".into() } else { ranges(&layers) },
             if global > 0 { format!(" (+{global} outside layers)") } else { String::new() }
         );
         let mut why: Vec<(&str, Vec<usize>)> = Vec::new();
         for l in (0..cfg.num_layers).filter(|l| !layers.contains(l)) {
-            let r = not_applied_reason(cfg, p, l, &chosen);
+            let r = not_applied_reason(cfg, p, l);
             match why.iter_mut().find(|(w, _)| *w == r) {
                 Some((_, ls)) => ls.push(l),
                 None => why.push((r, vec![l])),
@@ -337,12 +336,19 @@ mod tests {
         let count = |p: Pattern| applied.iter().filter(|a| a.pattern == p).count();
         // 3 MoE layers × 3 fused steps; 1 dense layer; 4 layers of q/k norm + rope.
         assert_eq!((count(Pattern::MoeMlp), count(Pattern::SwigluMlp), count(Pattern::QkNormRope)), (9, 1, 4));
-        // Post-attention add+norm in every layer, plus the dense layer's MLP add feeding
-        // layer 2's input norm; not the last layer's MLP add (last_row comes first).
+        // o_proj + add + post norm in every layer (4) and the dense layer 0's MLP add feeding
+        // layer 1's input norm (1). Not after moe_mlp's down step (its residual add is inside
+        // it; folding the next norm in too measured slower: bench/RESULTS.md), not the last
+        // layer's (last_row comes first).
         assert_eq!(count(Pattern::ResidualNorm), 5);
+        assert!(plan.steps.contains(&Step::OProjAddRmsNorm { layer: 0 }));
         assert_eq!(count(Pattern::QkvProj), 4);
         assert_eq!(plan.name, "moe_mlp+swiglu_mlp+qkv_proj+qk_norm_rope+residual_norm");
         assert!(plan.steps.contains(&Step::MoeDownCombineAdd { layer: 3 }));
+        assert_eq!(
+            fused_primitives(&plan),
+            expand(&plan).steps.len() - plan.steps.iter().filter(|s| s.components().is_empty()).count()
+        );
     }
 
     #[test]
