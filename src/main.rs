@@ -432,23 +432,14 @@ fn bench_table(r: &BenchReport) -> String {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Demo { backend, max_tokens } => {
-            let spec = SynthSpec {
-                family: "qwen3_moe".into(),
-                preset: "tiny".into(),
-                quant: SynthQuant::Affine4,
-                group_size: 64,
-                seed: 0,
-                max_shard_bytes: synth::SHARD_BYTES,
-            };
-            let dir = zmoe::cache_dir().join("demo-qwen3_moe-tiny-affine4-seed0");
-            if dir.join("config.json").exists() && dir.join("model.safetensors").exists() {
-                eprintln!("using cached demo model {}", dir.display());
-            } else {
-                eprintln!("synthesising demo model (qwen3_moe tiny, MLX affine 4-bit) into {}", dir.display());
-                std::fs::create_dir_all(dir.parent().expect("cache has a parent"))
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                synth::write(&spec, &dir, true)?;
-            }
+            // The tiny preset, synthesised once into the cache (as `matrix run --preset` does).
+            let dir = zmoe::matrix::run::ensure_preset(
+                &zmoe::cache_dir(),
+                "qwen3_moe",
+                "tiny",
+                SynthQuant::Affine4,
+                &mut |l| eprintln!("{l}"),
+            )?;
             let model = Model::load(&dir)?;
             let (plan, _) = patched_plan(model.config(), &Selection::default());
             let mut be = model.backend(backend, plan)?;

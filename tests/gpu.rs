@@ -169,18 +169,7 @@ fn golden_dirs() -> Vec<PathBuf> {
     // The binary may run on another machine (scripts/gpu_test.sh sets ZMOE_REPO there).
     let repo =
         std::env::var_os("ZMOE_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    let root = repo.join("tests/golden");
-    let mut v = Vec::new();
-    for fam in std::fs::read_dir(&root).unwrap() {
-        for var in std::fs::read_dir(fam.unwrap().path()).unwrap() {
-            let p = var.unwrap().path();
-            if p.join("golden.json").exists() {
-                v.push(p);
-            }
-        }
-    }
-    v.sort();
-    v
+    common::golden_dirs(&repo)
 }
 
 /// A copy of a model folder with every f32 tensor rounded to bf16 — the GPU stores float

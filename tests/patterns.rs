@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use zmoe::checkpoint::synth::SynthQuant;
 use zmoe::plan::Plan;
 use zmoe::plan::patterns::{Pattern, Selection, apply};
@@ -17,13 +15,6 @@ fn ok(args: &[&str]) -> String {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{args:?} failed: {err}");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn golden_dirs() -> Vec<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/qwen3_moe");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().path()).collect();
-    v.sort();
-    v
 }
 
 /// Prefill logits of every position, then 6 decode steps, under `plan`.
@@ -40,7 +31,7 @@ fn run(model: &Model, plan: Plan, tokens: &[u32]) -> Vec<f32> {
 #[test]
 fn patched_plans_are_bit_identical_on_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut dirs = golden_dirs();
+    let mut dirs = common::golden_dirs(std::path::Path::new(env!("CARGO_MANIFEST_DIR")));
     for (i, q) in [SynthQuant::Affine4, SynthQuant::Affine8, SynthQuant::Bf16].into_iter().enumerate() {
         dirs.push(common::synth_tiny(tmp.path(), &format!("t{i}"), q, 70 + i as u64));
     }

@@ -65,3 +65,20 @@ pub fn copy_with_tensors(src: &Path, edit: impl FnOnce(&mut Vec<RawTensor>)) -> 
     safetensors::serialize_to_file(views, None, &path).unwrap();
     tmp
 }
+
+/// Every golden fixture folder (`tests/golden/<family>/<variant>/` with a golden.json) under
+/// the repository at `repo`, sorted.
+pub fn golden_dirs(repo: &Path) -> Vec<PathBuf> {
+    let root = repo.join("tests/golden");
+    let mut v = Vec::new();
+    for fam in std::fs::read_dir(&root).unwrap_or_else(|e| panic!("cannot read {}: {e}", root.display())) {
+        for var in std::fs::read_dir(fam.unwrap().path()).unwrap() {
+            let p = var.unwrap().path();
+            if p.join("golden.json").exists() {
+                v.push(p);
+            }
+        }
+    }
+    v.sort();
+    v
+}
