@@ -38,6 +38,7 @@ pub mod export;
 pub mod generate;
 pub mod matrix;
 pub mod model;
+pub mod output;
 pub mod plan;
 pub mod rng;
 pub mod sample;

@@ -298,42 +298,11 @@ fn run_generate(
     Ok(())
 }
 
-/// Checks that the capsule can be written before spending time on the bench.
-fn check_capsule_path(flag: &str, path: &Path, force: bool) -> Result<()> {
-    if path.is_dir() {
-        bail!("{flag} {}: is a folder; give a file name", path.display());
-    }
-    if path.exists() && !force {
-        bail!("{flag} {}: file exists; pass --force to overwrite it", path.display());
-    }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
-        && !parent.is_dir()
-    {
-        bail!("{flag} {}: folder {} does not exist", path.display(), parent.display());
-    }
-    Ok(())
-}
-
-/// Writes the capsule; without `force` never replaces a file (even one created meanwhile).
+/// Writes a capsule as pretty JSON; without `force` never replaces a file.
 fn write_capsule(flag: &str, path: &Path, report: &impl serde::Serialize, force: bool) -> Result<()> {
     let mut text = serde_json::to_string_pretty(report).context("serialising the capsule")?;
     text.push('\n');
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true);
-    if force {
-        opts.create(true).truncate(true);
-    } else {
-        opts.create_new(true);
-    }
-    let mut f = opts.open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            anyhow::anyhow!("{flag} {}: file exists; pass --force to overwrite it", path.display())
-        } else {
-            anyhow::anyhow!("{flag} {}: {e}", path.display())
-        }
-    })?;
-    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(zmoe::output::write_new(flag, path, text.as_bytes(), force)?)
 }
 
 /// `1536` → `1.50 KiB`.
@@ -500,7 +469,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = BenchOptions { prompt_tokens, gen_tokens, runs, warmup, seed: 0, profile };
             opts.validate(None)?;
             if let Some(path) = &json {
-                check_capsule_path("--json", path, force)?;
+                zmoe::output::check_out_path("--json", path, force)?;
             }
             // config.json first: a context-length error should not wait for the weights.
             // (If it does not load, Model::load below says why, naming the folder.)
@@ -535,7 +504,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Validate { run, max_tokens, runs, warmup, prompt, prompt_tokens, prompt_len, capsule, force } => {
             if let Some(path) = &capsule {
-                check_capsule_path("--capsule", path, force)?;
+                zmoe::output::check_out_path("--capsule", path, force)?;
             }
             let sel = run.patterns.selection()?;
             let model = Model::load(&run.model)?;

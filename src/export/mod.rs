@@ -349,23 +349,6 @@ fn metadata(a: &GgufArch, cfg: &ModelConfig, name: &str, quant: GgufQuant) -> Ve
     kv
 }
 
-/// Refuses an output path that is a folder, exists (without `force`), or whose folder is
-/// missing — before any work is done.
-fn check_out(out: &Path, force: bool) -> Result<()> {
-    if out.is_dir() {
-        return Err(Error::format(out, "is a folder; give --out a file name (e.g. model-q4_0.gguf)"));
-    }
-    if out.exists() && !force {
-        return Err(Error::format(out, "file exists; pass --force to overwrite it"));
-    }
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty())
-        && !parent.is_dir()
-    {
-        return Err(Error::format(out, format!("folder {} does not exist", parent.display())));
-    }
-    Ok(())
-}
-
 /// A sample of rows of a tensor with `n` rows: first, last and a few in between.
 fn sample_rows(n: usize, salt: u64) -> Vec<usize> {
     let mut rows: Vec<usize> = vec![0, n - 1];
@@ -428,7 +411,7 @@ pub fn export_gguf(
     warn: &mut dyn FnMut(&str),
 ) -> Result<ExportSummary> {
     let t0 = Instant::now();
-    check_out(out, opts.force)?;
+    crate::output::check_out_path("--out", out, opts.force)?;
     let ck = Checkpoint::open(model)?;
     let cfg = ck.config.clone();
     let arch = GgufArch::for_family(cfg.family)?;

@@ -5,7 +5,6 @@
 //! progress (one line per skipped ledger line, per run of `matrix run`) to another; it never
 //! prints itself.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{DEFAULT_LEDGER, Entry, Ledger, catalog, html, latest, now_utc, report, run};
@@ -141,7 +140,7 @@ pub fn execute(cmd: &MatrixCmd, stderr: &mut dyn FnMut(&str)) -> Result<String> 
             Ok(report::csv(&entries))
         }
         MatrixCmd::Html { ledger, out, force } => {
-            check_out_path(out, *force)?;
+            crate::output::check_out_path("--out", out, *force)?;
             let (entries, skipped) = load_counting(ledger, stderr)?;
             if entries.is_empty() {
                 return Err(Error::Arg(format!("{}; nothing to render", no_entries(ledger).trim_end())));
@@ -149,7 +148,7 @@ pub fn execute(cmd: &MatrixCmd, stderr: &mut dyn FnMut(&str)) -> Result<String> 
             let name = ledger.ledger.display().to_string();
             let now = now_utc();
             let page = html::page(&entries, &html::PageInfo { ledger: &name, skipped, generated_utc: &now });
-            write_new(out, page.as_bytes(), *force)?;
+            crate::output::write_new("--out", out, page.as_bytes(), *force)?;
             let rows = latest(&entries).len();
             stderr(&format!(
                 "wrote {} ({rows} model × GPU row{} from {} entr{})",
@@ -206,41 +205,4 @@ fn no_entries(args: &LedgerArgs) -> String {
         Some(g) => format!("{}: no entries on a GPU matching `{}`\n", args.ledger.display(), report::one_line(g)),
         None => format!("{}: the ledger has no entries\n", args.ledger.display()),
     }
-}
-
-/// Checks that `--out` can be written before any work.
-fn check_out_path(path: &Path, force: bool) -> Result<()> {
-    if path.is_dir() {
-        return Err(Error::Arg(format!("--out {}: is a folder; give a file name", path.display())));
-    }
-    if path.exists() && !force {
-        return Err(Error::Arg(format!("--out {}: file exists; pass --force to overwrite it", path.display())));
-    }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
-        && !parent.is_dir()
-    {
-        return Err(Error::Arg(format!("--out {}: folder {} does not exist", path.display(), parent.display())));
-    }
-    Ok(())
-}
-
-/// Writes `bytes` to a new file at `path`; with `force`, replaces it whole (written beside it,
-/// then renamed, so a reader never sees half a page). Without `force`, never replaces a file,
-/// even one created meanwhile.
-fn write_new(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
-    let exists_err = || Error::Arg(format!("--out {}: file exists; pass --force to overwrite it", path.display()));
-    if !force {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists { exists_err() } else { Error::io(path, e) }
-        })?;
-        return f.write_all(bytes).map_err(|e| Error::io(path, e));
-    }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "page".into());
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
 }
