@@ -26,9 +26,11 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
+use half::f16;
 use memmap2::Mmap;
 
+use crate::checkpoint::FloatType;
+use crate::checkpoint::mat::decode_floats;
 use crate::error::{Error, Result};
 
 /// The four magic bytes at the start of every GGUF file.
@@ -849,21 +851,9 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> std::resul
     }
     let half = |b: &[u8]| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
     match ty {
-        GgmlType::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        GgmlType::F16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half(b);
-            }
-        }
-        GgmlType::Bf16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-            }
-        }
+        GgmlType::F32 => decode_floats(FloatType::F32, bytes, out),
+        GgmlType::F16 => decode_floats(FloatType::F16, bytes, out),
+        GgmlType::Bf16 => decode_floats(FloatType::Bf16, bytes, out),
         GgmlType::Q4_0 => {
             for (ob, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(18)) {
                 let d = half(b);
