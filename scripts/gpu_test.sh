@@ -3,9 +3,10 @@
 #
 #   scripts/gpu_test.sh build        # here (no GPU needed): release binary + GPU test binary
 #                                    # into scratch/gpu/ (ignored; carry it to the device)
-#   scripts/gpu_test.sh run [bench]  # on the GPU machine, from the repo root: runs every GPU
+#   scripts/gpu_test.sh run [bench|glm]  # on the GPU machine, from the repo root: runs every GPU
 #                                    # test, prints a PASS/FAIL table; `bench` adds the
-#                                    # qwen3-30b-a3b affine4 benchmark. Full logs in $OUT.
+#                                    # qwen3-30b-a3b affine4 benchmark, `glm` the
+#                                    # glm-4.7-flash affine4 one. Full logs in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
@@ -63,6 +64,23 @@ if [ "${2:-}" = bench ] || [ "$mode" = bench ]; then
     # The same comparison as a ledger entry (bench/matrix.jsonl keeps the history).
     scratch/gpu/zmoe matrix run --model "$M" --backend cuda --runs 3 --max-tokens 200 \
         --ledger "$OUT/matrix.jsonl" --notes "scripts/gpu_test.sh bench" 2>&1 | tail -6
+fi
+if [ "${2:-}" = glm ]; then
+    M=/tmp/zmoe-glm47-a4
+    [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family glm4_moe_lite --preset glm-4.7-flash \
+        --quant affine4 --seed 0 --out "$M" 2>&1 | tail -2
+    # Reference and patched plans with per-step profiles; patched without the shared-expert
+    # fusion (the seeds found fusing the shared expert cost speed); then validate + ledger.
+    for v in "reference:--patterns none" "patched:" "no-shared:--exclude shared_expert"; do
+        name=${v%%:*}; flags=${v#*:}
+        scratch/gpu/zmoe bench --model "$M" --backend cuda $flags --prompt-tokens 512 --gen-tokens 128 \
+            --runs 3 --json "$OUT/bench-glm47-$name.json" --force --profile 2>&1 |
+            tee "$OUT/bench-glm-$name.txt" | tail -40
+    done
+    scratch/gpu/zmoe validate --model "$M" --backend cuda --max-tokens 200 --runs 3 \
+        --capsule "$OUT/validate-glm47-a4.json" --force 2>&1 | tee "$OUT/validate-glm.txt" | tail -16
+    scratch/gpu/zmoe matrix run --model "$M" --backend cuda --runs 3 --max-tokens 200 \
+        --ledger "$OUT/matrix.jsonl" --notes "scripts/gpu_test.sh run glm" 2>&1 | tail -6
 fi
 echo
 echo "| GPU test | result |"

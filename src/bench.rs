@@ -22,7 +22,7 @@ use crate::backend::{Backend, DeviceInfo, Model, StepTime};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, GenerateStats, generate};
-use crate::model::{Mlp, Weights};
+use crate::model::{Attn, Ffn, Mlp, Weights};
 use crate::rng::Rng;
 use crate::sample::SamplingParams;
 
@@ -198,19 +198,28 @@ fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
     add("embed", w.embed.format_name());
     add("lm_head", w.lm_head.w.format_name());
     for layer in &w.layers {
-        for l in [&layer.q, &layer.k, &layer.v, &layer.o] {
-            add("attention", l.w.format_name());
-        }
-        match &layer.mlp {
-            Mlp::Dense { gate, up, down } => {
-                for l in [gate, up, down] {
-                    add("dense_mlp", l.w.format_name());
+        add("attention", layer.o.w.format_name());
+        match &layer.attn {
+            Attn::Gqa { q, k, v, .. } => [q, k, v].iter().for_each(|l| add("attention", l.w.format_name())),
+            Attn::Mla(m) => {
+                for l in m.q_a.iter().chain([&m.q, &m.kv_a]) {
+                    add("attention", l.w.format_name());
+                }
+                for x in m.embed_q.iter().chain(&m.unembed_out) {
+                    add("mla_heads", x.format_name());
                 }
             }
-            Mlp::Moe { router, experts } => {
+        }
+        let ffn = |f: &Ffn| [f.gate.w.format_name(), f.up.w.format_name(), f.down.w.format_name()];
+        match &layer.mlp {
+            Mlp::Dense(f) => ffn(f).into_iter().for_each(|x| add("dense_mlp", x)),
+            Mlp::Moe { router, experts, shared, .. } => {
                 add("router", router.w.format_name());
                 for m in experts.gate.iter().chain(&experts.up).chain(&experts.down) {
                     add("experts", m.format_name());
+                }
+                if let Some(f) = shared {
+                    ffn(f).into_iter().for_each(|x| add("shared_experts", x));
                 }
             }
         }

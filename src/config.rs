@@ -19,6 +19,11 @@ use crate::error::{Error, Result};
 pub enum Family {
     /// Qwen3-MoE (`model_type: "qwen3_moe"`), e.g. Qwen3-30B-A3B.
     Qwen3Moe,
+    /// GLM-4.7-Flash (`glm4_moe_lite`): MLA attention, sigmoid grouped router, shared experts.
+    Glm4MoeLite,
+    /// DeepSeek-V3 (`deepseek_v3`) and Kimi-K2 (`kimi_k2`, the same architecture): the GLM
+    /// code path with `first_k_dense_replace` choosing the dense layers.
+    DeepseekV3,
 }
 
 impl Family {
@@ -26,16 +31,76 @@ impl Family {
     pub fn model_type(self) -> &'static str {
         match self {
             Family::Qwen3Moe => "qwen3_moe",
+            Family::Glm4MoeLite => "glm4_moe_lite",
+            Family::DeepseekV3 => "deepseek_v3",
         }
     }
 
-    /// Parses a `model_type` string.
+    /// Parses a `model_type` string (`kimi_k2` is read as `deepseek_v3`).
     pub fn from_model_type(s: &str) -> Option<Family> {
         match s {
             "qwen3_moe" => Some(Family::Qwen3Moe),
+            "glm4_moe_lite" => Some(Family::Glm4MoeLite),
+            "deepseek_v3" | "kimi_k2" => Some(Family::DeepseekV3),
             _ => None,
         }
     }
+
+    /// Whether the family uses multi-head latent attention and the sigmoid router.
+    pub fn is_mla(self) -> bool {
+        matches!(self, Family::Glm4MoeLite | Family::DeepseekV3)
+    }
+}
+
+/// The `model_type` values zmoe reads, for error messages.
+pub const SUPPORTED_MODEL_TYPES: &str = "qwen3_moe, glm4_moe_lite, deepseek_v3, kimi_k2";
+
+/// Multi-head latent attention dimensions (model-spec §3.4).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaConfig {
+    /// Rank of the query down-projection (`None`: a plain `q_proj`).
+    pub q_lora_rank: Option<usize>,
+    /// Width of the cached KV latent `c`.
+    pub kv_lora_rank: usize,
+    /// Per-head query/key dims without RoPE.
+    pub qk_nope_head_dim: usize,
+    /// Per-head dims with RoPE (the shared `k_pe` has this width).
+    pub qk_rope_head_dim: usize,
+    /// Per-head value width.
+    pub v_head_dim: usize,
+    /// Epsilon of `q_a_layernorm` / `kv_a_layernorm`: the RMSNorm class default 1e-6 in
+    /// transformers, not `rms_norm_eps` (model-spec §3.8).
+    pub latent_norm_eps: f32,
+}
+
+impl MlaConfig {
+    /// Query/key head width `qk_nope + qk_rope`.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Cached floats per token and layer: the latent and the roped key `[kv_lora | k_pe]`.
+    pub fn cache_row(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+/// How a MoE layer picks its experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RouterKind {
+    /// Qwen3: softmax over experts, top-k, optional renormalisation (model-spec §2.5).
+    Softmax,
+    /// GLM / DeepSeek-V3 (model-spec §3.6): sigmoid scores; selection on scores plus the
+    /// correction bias, limited to the `topk_group` best of `n_group` groups; weights are
+    /// the unbiased scores, optionally renormalised, times `routed_scaling_factor`.
+    SigmoidGrouped {
+        /// Expert groups.
+        n_group: usize,
+        /// Groups kept per token.
+        topk_group: usize,
+        /// Multiplier of the routing weights.
+        routed_scaling_factor: f32,
+    },
 }
 
 /// How one module's weights are quantized (MLX conventions, model-spec §6).
@@ -79,13 +144,49 @@ impl QuantConfig {
     }
 }
 
-/// RoPE parameters (only the default rope type is needed by Qwen3-MoE).
+/// RoPE parameters: the default rope type, or YaRN (DeepSeek-V3, Kimi-K2).
+///
+/// The frequency table is computed once here (in f32, as transformers does) so that every
+/// backend rotates with the same numbers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeConfig {
     /// Base θ of the inverse frequencies.
     pub theta: f64,
     /// Rotated dims per head (`head_dim · partial_rotary_factor`).
     pub dim: usize,
+    /// Pairing: `(x[2i], x[2i+1])` (GPT-J, GLM/DeepSeek) instead of `(x[i], x[i+d/2])`.
+    pub interleaved: bool,
+    /// `inv_freq [dim/2]` (YaRN-blended when scaled).
+    pub inv_freq: Vec<f32>,
+    /// Multiplier of cos and sin (YaRN `attention_factor`; 1 for the default type).
+    pub attention_scaling: f32,
+    /// YaRN's softmax-scale factor `mscale(factor, mscale_all_dim)²` (1 when unused).
+    pub softmax_mscale: f32,
+}
+
+impl RopeConfig {
+    /// Default-type RoPE: `inv_freq[i] = 1 / θ^(2i/dim)` in f32 (model-spec §1.3).
+    pub fn default_type(theta: f64, dim: usize, interleaved: bool) -> RopeConfig {
+        RopeConfig {
+            theta,
+            dim,
+            interleaved,
+            inv_freq: base_inv_freq(theta, dim),
+            attention_scaling: 1.0,
+            softmax_mscale: 1.0,
+        }
+    }
+}
+
+/// `1 / θ^(2i / dim)`, computed in f64 and rounded once to f32 (torch computes it in f32;
+/// the two differ by at most an ulp, far below the golden tolerance).
+fn base_inv_freq(theta: f64, dim: usize) -> Vec<f32> {
+    (0..dim / 2).map(|i| (1.0 / theta.powf((2 * i) as f64 / dim as f64)) as f32).collect()
+}
+
+/// YaRN `get_mscale`: `0.1 · m · ln(scale) + 1` for scale > 1, else 1.
+fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 }
 }
 
 /// Everything the plan builders need from `config.json`.
@@ -103,28 +204,39 @@ pub struct ModelConfig {
     pub num_heads: usize,
     /// Key/value heads (GQA: query head h uses KV head h / (heads / kv_heads)).
     pub num_kv_heads: usize,
-    /// Per-head dimension (from config; not necessarily hidden / heads).
+    /// Per-head query/key dimension (from config; not necessarily hidden / heads). For MLA
+    /// families: `qk_nope_head_dim + qk_rope_head_dim` (transformers' `head_dim` attribute
+    /// is the rope dim there, model-spec §3.1).
     pub head_dim: usize,
+    /// Per-head value / attention-output dimension (= `head_dim` except MLA's `v_head_dim`).
+    pub v_head_dim: usize,
     /// RMSNorm epsilon.
     pub rms_norm_eps: f32,
     /// Rotary embedding parameters.
     pub rope: RopeConfig,
-    /// Whether q/k/v/o projections carry biases.
+    /// Whether q/k/v/o projections carry biases (MLA: q_a, kv_a and o).
     pub attention_bias: bool,
+    /// Multi-head latent attention dims (GLM / DeepSeek); `None` for standard GQA.
+    pub mla: Option<MlaConfig>,
     /// Routed experts per MoE layer (0 = dense model).
     pub num_experts: usize,
     /// Experts selected per token.
     pub top_k: usize,
+    /// How experts are selected and weighted.
+    pub router: RouterKind,
+    /// Shared experts per MoE layer, run on every token (their FFN width is
+    /// `moe_intermediate_size · n_shared_experts`).
+    pub n_shared_experts: usize,
     /// Expert FFN width.
     pub moe_intermediate_size: usize,
     /// Dense-layer FFN width.
     pub intermediate_size: usize,
     /// Renormalise the top-k router probabilities to sum to one.
     pub norm_topk_prob: bool,
-    /// Layer l is MoE iff (l+1) % step == 0 (and not in `mlp_only_layers`).
-    pub decoder_sparse_step: usize,
-    /// Layers forced to a dense MLP.
-    pub mlp_only_layers: Vec<usize>,
+    /// Per layer: whether its MLP is MoE. Qwen3: `(l+1) % decoder_sparse_step == 0` and not
+    /// in `mlp_only_layers`; GLM: `mlp_layer_types` (default: layer 0 dense); DeepSeek-V3:
+    /// `l >= first_k_dense_replace` — each family as transformers reads it.
+    pub moe_layers: Vec<bool>,
     /// lm_head shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// Token ids that end generation.
@@ -150,38 +262,69 @@ impl ModelConfig {
         let v: Value = serde_json::from_str(text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         let c = Fields { v: &v, path: path.to_path_buf() };
         let model_type = c.string(&["model_type"])?;
-        let family = Family::from_model_type(&model_type)
-            .ok_or_else(|| Error::format(path, format!("unknown model_type `{model_type}` (supported: qwen3_moe)")))?;
+        let family = Family::from_model_type(&model_type).ok_or_else(|| {
+            Error::format(path, format!("unknown model_type `{model_type}` (supported: {SUPPORTED_MODEL_TYPES})"))
+        })?;
         let hidden_size = c.usize(&["hidden_size"])?;
         let num_heads = c.usize(&["num_attention_heads"])?;
-        let head_dim = match c.opt_usize(&["head_dim"])? {
-            Some(d) => d,
-            None => hidden_size / num_heads.max(1),
-        };
-        let rope = c.rope(head_dim)?;
-        let num_experts = c.opt_usize(&["num_experts", "num_local_experts"])?.unwrap_or(0);
+        let num_layers = c.usize(&["num_hidden_layers"])?;
+        let num_experts = c.opt_usize(&["num_experts", "num_local_experts", "n_routed_experts"])?.unwrap_or(0);
         let quantization = match v.get("quantization").or_else(|| v.get("quantization_config")) {
             Some(q) => parse_quant(q, path)?,
             None => None,
         };
+        let mla = if family.is_mla() { Some(c.mla(family)?) } else { None };
+        let (head_dim, v_head_dim, rope) = match &mla {
+            Some(m) => {
+                let interleaved = c.opt_bool(&["rope_interleave"])?.unwrap_or(true);
+                (m.qk_head_dim(), m.v_head_dim, c.rope(m.qk_rope_head_dim, interleaved, true)?)
+            }
+            None => {
+                let d = c.opt_usize(&["head_dim"])?.unwrap_or(hidden_size / num_heads.max(1));
+                (d, d, c.rope(d, false, false)?)
+            }
+        };
+        let router = if family.is_mla() {
+            let (g, tg, s) = match family {
+                Family::DeepseekV3 => (8, 4, 2.5),
+                _ => (1, 1, 1.8),
+            };
+            RouterKind::SigmoidGrouped {
+                n_group: c.opt_usize(&["n_group"])?.unwrap_or(g),
+                topk_group: c.opt_usize(&["topk_group"])?.unwrap_or(tg),
+                routed_scaling_factor: c.opt_f64(&["routed_scaling_factor"])?.unwrap_or(s) as f32,
+            }
+        } else {
+            RouterKind::Softmax
+        };
+        let moe_layers = c.moe_layers(family, num_layers, num_experts)?;
         let cfg = ModelConfig {
             family,
             vocab_size: c.usize(&["vocab_size"])?,
             hidden_size,
-            num_layers: c.usize(&["num_hidden_layers"])?,
+            num_layers,
             num_heads,
-            num_kv_heads: c.opt_usize(&["num_key_value_heads"])?.unwrap_or(num_heads),
+            // MLA has one latent KV row shared by all heads; transformers' DeepSeek default of
+            // 128 KV heads would only confuse the GQA arithmetic, so it is not read there.
+            num_kv_heads: if family.is_mla() {
+                num_heads
+            } else {
+                c.opt_usize(&["num_key_value_heads"])?.unwrap_or(num_heads)
+            },
             head_dim,
+            v_head_dim,
             rms_norm_eps: c.opt_f64(&["rms_norm_eps"])?.unwrap_or(1e-6) as f32,
             rope,
             attention_bias: c.opt_bool(&["attention_bias"])?.unwrap_or(false),
+            mla,
             num_experts,
             top_k: c.opt_usize(&["num_experts_per_tok"])?.unwrap_or(if num_experts > 0 { 1 } else { 0 }),
+            router,
+            n_shared_experts: if family.is_mla() { c.opt_usize(&["n_shared_experts"])?.unwrap_or(1) } else { 0 },
             moe_intermediate_size: c.opt_usize(&["moe_intermediate_size"])?.unwrap_or(0),
             intermediate_size: c.opt_usize(&["intermediate_size"])?.unwrap_or(0),
-            norm_topk_prob: c.opt_bool(&["norm_topk_prob"])?.unwrap_or(false),
-            decoder_sparse_step: c.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1),
-            mlp_only_layers: c.opt_usize_list(&["mlp_only_layers"])?.unwrap_or_default(),
+            norm_topk_prob: c.opt_bool(&["norm_topk_prob"])?.unwrap_or(family.is_mla()),
+            moe_layers,
             tie_word_embeddings: c.opt_bool(&["tie_word_embeddings"])?.unwrap_or(false),
             eos_token_ids: c.opt_usize_or_list(&["eos_token_id"])?.unwrap_or_default(),
             bos_token_id: c.opt_usize(&["bos_token_id"])?.map(|x| x as u32),
@@ -192,11 +335,19 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Whether layer `l` has a routed-experts MLP (model-spec §2.1).
+    /// Whether layer `l` has a routed-experts MLP.
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        !self.mlp_only_layers.contains(&l)
-            && self.num_experts > 0
-            && (l + 1).is_multiple_of(self.decoder_sparse_step.max(1))
+        self.num_experts > 0 && self.moe_layers.get(l).copied().unwrap_or(false)
+    }
+
+    /// Attention softmax scale: `head_dim^-1/2`, times YaRN's `mscale²` where it applies.
+    pub fn attn_scale(&self) -> f32 {
+        ((self.head_dim as f64).powf(-0.5) * self.rope.softmax_mscale as f64) as f32
+    }
+
+    /// FFN width of a layer's shared experts (0 without them).
+    pub fn shared_intermediate_size(&self) -> usize {
+        self.moe_intermediate_size * self.n_shared_experts
     }
 
     /// Consistency checks that would otherwise surface as out-of-bounds indexing later.
@@ -209,7 +360,7 @@ impl ModelConfig {
             ("num_attention_heads", self.num_heads),
             ("num_key_value_heads", self.num_kv_heads),
             ("head_dim", self.head_dim),
-            ("decoder_sparse_step", self.decoder_sparse_step),
+            ("v_head_dim", self.v_head_dim),
         ] {
             if v == 0 {
                 return bad(format!("`{name}` must be positive"));
@@ -227,12 +378,33 @@ impl ModelConfig {
                 self.head_dim, self.rope.dim
             ));
         }
+        if let Some(m) = &self.mla
+            && (m.kv_lora_rank == 0 || m.qk_nope_head_dim == 0 || m.q_lora_rank == Some(0))
+        {
+            return bad("MLA ranks (`kv_lora_rank`, `q_lora_rank`) and `qk_nope_head_dim` must be positive".into());
+        }
         if self.num_experts > 0 {
             if self.top_k == 0 || self.top_k > self.num_experts {
                 return bad(format!("num_experts_per_tok {} must be in 1..={}", self.top_k, self.num_experts));
             }
             if self.moe_intermediate_size == 0 {
                 return bad("`moe_intermediate_size` must be positive for an MoE model".into());
+            }
+        }
+        if let RouterKind::SigmoidGrouped { n_group, topk_group, .. } = self.router {
+            let per = self.num_experts.checked_div(n_group).unwrap_or(0);
+            if n_group == 0 || !self.num_experts.is_multiple_of(n_group) || topk_group == 0 || topk_group > n_group {
+                return bad(format!(
+                    "n_group {n_group} must divide n_routed_experts {} and topk_group {topk_group} be in 1..=n_group",
+                    self.num_experts
+                ));
+            }
+            if n_group > 1 && (per < 2 || self.top_k > topk_group * per) {
+                return bad(format!(
+                    "grouped routing needs ≥ 2 experts per group and top-k {} ≤ topk_group·experts per group ({})",
+                    self.top_k,
+                    topk_group * per
+                ));
             }
         }
         let dense_layers = (0..self.num_layers).any(|l| !self.is_moe_layer(l));
@@ -351,32 +523,152 @@ impl Fields<'_> {
         }
         Ok(self.opt_usize_list(&[n])?.map(|l| l.into_iter().map(|x| x as u32).collect()))
     }
-    /// `rope_theta` (4.x) or `rope_parameters.rope_theta` (5.x); only the default rope type.
-    fn rope(&self, head_dim: usize) -> Result<RopeConfig> {
+    /// RoPE from `rope_theta` (4.x) or `rope_parameters` / `rope_scaling` (5.x / older):
+    /// the default type, or YaRN where the family allows it (model-spec §5.4).
+    fn rope(&self, head_dim: usize, interleaved: bool, allow_yarn: bool) -> Result<RopeConfig> {
         let params = self.get(&["rope_parameters", "rope_scaling"]).map(|(_, v)| v);
-        if let Some(p) = params {
-            let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
-            if kind != "default" {
+        let pf = |k: &str| params.and_then(|p| p.get(k)).filter(|x| !x.is_null());
+        let num = |k: &str| -> Result<Option<f64>> {
+            pf(k)
+                .map(|x| x.as_f64().ok_or_else(|| self.err(&format!("rope_parameters.{k}"), "a number", x)))
+                .transpose()
+        };
+        let kind = pf("rope_type").or_else(|| pf("type")).and_then(Value::as_str).unwrap_or("default").to_string();
+        let theta = match self.opt_f64(&["rope_theta"])? {
+            Some(t) => t,
+            None => num("rope_theta")?.unwrap_or(10000.0),
+        };
+        let factor = match self.opt_f64(&["partial_rotary_factor"])? {
+            Some(f) => f,
+            None => num("partial_rotary_factor")?.unwrap_or(1.0),
+        };
+        let dim = (head_dim as f64 * factor) as usize;
+        let mut rope = RopeConfig::default_type(theta, dim, interleaved);
+        match kind.as_str() {
+            "default" => {}
+            "yarn" if allow_yarn => {
+                let missing = |k: &str| Error::format(&self.path, format!("yarn rope needs `rope_parameters.{k}`"));
+                let orig = num("original_max_position_embeddings")?
+                    .ok_or_else(|| missing("original_max_position_embeddings"))?;
+                let factor = match num("factor")? {
+                    Some(f) => f,
+                    None => self.opt_f64(&["max_position_embeddings"])?.ok_or_else(|| missing("factor"))? / orig,
+                };
+                let (mscale, mscale_all) = (num("mscale")?, num("mscale_all_dim")?);
+                let attention_factor = match num("attention_factor")? {
+                    Some(a) => a,
+                    None => match (mscale, mscale_all) {
+                        (Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                            yarn_mscale(factor, m) / yarn_mscale(factor, ma)
+                        }
+                        _ => yarn_mscale(factor, 1.0),
+                    },
+                };
+                let beta_fast = num("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0);
+                let beta_slow = num("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0);
+                let truncate = pf("truncate").and_then(Value::as_bool).unwrap_or(true);
+                rope.inv_freq = yarn_inv_freq(theta, dim, factor, orig, beta_fast, beta_slow, truncate);
+                rope.attention_scaling = attention_factor as f32;
+                // MLA attention multiplies its softmax scale by mscale(factor, mscale_all_dim)².
+                if let Some(ma) = mscale_all.filter(|&m| m != 0.0) {
+                    rope.softmax_mscale = (yarn_mscale(factor, ma) * yarn_mscale(factor, ma)) as f32;
+                }
+            }
+            other => {
                 return Err(Error::format(
                     &self.path,
-                    format!("rope type `{kind}` is not supported for this family (only `default`)"),
+                    format!(
+                        "rope type `{other}` is not supported for this family (supported: default{})",
+                        if allow_yarn { ", yarn" } else { "" }
+                    ),
                 ));
             }
         }
-        let theta = match self.opt_f64(&["rope_theta"])? {
-            Some(t) => t,
-            None => params
-                .and_then(|p| p.get("rope_theta"))
-                .map(|t| t.as_f64().ok_or_else(|| self.err("rope_parameters.rope_theta", "a number", t)))
-                .transpose()?
-                .unwrap_or(10000.0),
-        };
-        let factor = self
-            .opt_f64(&["partial_rotary_factor"])?
-            .or_else(|| params.and_then(|p| p.get("partial_rotary_factor")).and_then(Value::as_f64))
-            .unwrap_or(1.0);
-        Ok(RopeConfig { theta, dim: (head_dim as f64 * factor) as usize })
+        Ok(rope)
     }
+
+    /// MLA dimensions (model-spec §3.1). `q_lora_rank` absent → the family default; an
+    /// explicit `null` → a plain `q_proj`.
+    fn mla(&self, family: Family) -> Result<MlaConfig> {
+        let q_lora_rank = match self.v.get("q_lora_rank") {
+            None => Some(if family == Family::DeepseekV3 { 1536 } else { 768 }),
+            Some(Value::Null) => None,
+            Some(x) => Some(x.as_u64().ok_or_else(|| self.err("q_lora_rank", "an integer or null", x))? as usize),
+        };
+        Ok(MlaConfig {
+            q_lora_rank,
+            kv_lora_rank: self.usize(&["kv_lora_rank"])?,
+            qk_nope_head_dim: self.usize(&["qk_nope_head_dim"])?,
+            qk_rope_head_dim: self.usize(&["qk_rope_head_dim"])?,
+            v_head_dim: self.usize(&["v_head_dim"])?,
+            latent_norm_eps: 1e-6,
+        })
+    }
+
+    /// Which layers are MoE, per family as transformers decides it (see [`ModelConfig::moe_layers`]).
+    fn moe_layers(&self, family: Family, layers: usize, experts: usize) -> Result<Vec<bool>> {
+        if experts == 0 {
+            return Ok(vec![false; layers]);
+        }
+        match family {
+            Family::Qwen3Moe => {
+                let step = self.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1);
+                if step == 0 {
+                    return Err(Error::format(&self.path, "`decoder_sparse_step` must be positive"));
+                }
+                let dense = self.opt_usize_list(&["mlp_only_layers"])?.unwrap_or_default();
+                Ok((0..layers).map(|l| !dense.contains(&l) && (l + 1).is_multiple_of(step)).collect())
+            }
+            Family::Glm4MoeLite => match self.get(&["mlp_layer_types"]) {
+                None => Ok((0..layers).map(|l| l > 0).collect()),
+                Some((n, v)) => {
+                    let kinds = v.as_array().ok_or_else(|| self.err(n, "a list of \"dense\"/\"sparse\"", v))?;
+                    if kinds.len() != layers {
+                        return Err(Error::format(
+                            &self.path,
+                            format!("`mlp_layer_types` has {} entries for {layers} layers", kinds.len()),
+                        ));
+                    }
+                    kinds
+                        .iter()
+                        .map(|k| match k.as_str() {
+                            Some("sparse") => Ok(true),
+                            Some("dense") => Ok(false),
+                            _ => Err(self.err(n, "a list of \"dense\"/\"sparse\"", v)),
+                        })
+                        .collect()
+                }
+            },
+            Family::DeepseekV3 => {
+                let k = self.opt_usize(&["first_k_dense_replace"])?.unwrap_or(3);
+                Ok((0..layers).map(|l| l >= k).collect())
+            }
+        }
+    }
+}
+
+/// YaRN inverse frequencies (transformers `_compute_yarn_parameters`): a linear ramp over
+/// the pair index blends interpolated (`/factor`) and extrapolated frequencies.
+fn yarn_inv_freq(theta: f64, dim: usize, factor: f64, orig: f64, fast: f64, slow: f64, truncate: bool) -> Vec<f32> {
+    let corr = |rot: f64| (dim as f64 * (orig / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * theta.ln());
+    let (mut low, mut high) = (corr(fast), corr(slow));
+    if truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    base_inv_freq(theta, dim)
+        .into_iter()
+        .enumerate()
+        .map(|(i, extra)| {
+            let ramp = (((i as f32) - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
+            let extra_factor = 1.0 - ramp;
+            let inter = extra / factor as f32;
+            inter * (1.0 - extra_factor) + extra * extra_factor
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -36,10 +36,11 @@ enum Cmd {
     },
     /// Write a synthetic model folder (config.json, safetensors, tokenizer.json).
     Synth {
-        /// Model family.
+        /// Model family: qwen3_moe, glm4_moe_lite, deepseek_v3.
         #[arg(long, default_value = "qwen3_moe")]
         family: String,
-        /// Shape preset: tiny, qwen3-30b-a3b.
+        /// Shape preset: tiny, qwen3-30b-a3b (qwen3_moe); glm-tiny, glm-4.7-flash
+        /// (glm4_moe_lite); deepseek-tiny, kimi-k2-tiny (deepseek_v3).
         #[arg(long, default_value = "tiny")]
         preset: String,
         /// Weight format: bf16, affine4, affine8.

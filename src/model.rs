@@ -1,14 +1,18 @@
 //! [`Weights`]: every tensor a family's plan reads, typed and shape-checked at load.
 //!
 //! Like llama2.c's `TransformerWeights`, each field carries its shape. Loading resolves the
-//! two on-disk layouts of the same model — HF per-expert keys
-//! (`mlp.experts.{e}.gate_proj.weight`) and mlx-community stacked keys
-//! (`mlp.switch_mlp.gate_proj.weight [E, I, H·bits/32]`) — into one in-memory shape, so
-//! backends never care where a checkpoint came from.
+//! on-disk layouts of the same model — HF per-expert keys (`mlp.experts.{e}.gate_proj.weight`)
+//! and mlx-community stacked keys (`mlp.switch_mlp.gate_proj.weight [E, I, H·bits/32]`); for
+//! MLA, HF's `kv_b_proj` and mlx-lm's per-head `embed_q` / `unembed_out` — into one
+//! in-memory shape, so backends never care where a checkpoint came from.
+//!
+//! Backends look weights up by role ([`Weights::linear`], [`Weights::norm`]): the plan names
+//! roles, and a plan that names a weight the model lacks is an error, not a panic.
 
 use crate::checkpoint::{Checkpoint, Mat};
 use crate::config::{Family, ModelConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::plan::{LinRef, NormRef};
 
 /// A linear layer: weight `[out, in]` and optional bias `[out]`.
 #[derive(Debug, Clone)]
@@ -30,26 +34,74 @@ pub struct Experts {
     pub down: Vec<Mat>,
 }
 
+/// A SwiGLU feed-forward block (dense MLPs and shared experts).
+#[derive(Debug, Clone)]
+pub struct Ffn {
+    /// gate_proj `[F, H]`.
+    pub gate: Linear,
+    /// up_proj `[F, H]`.
+    pub up: Linear,
+    /// down_proj `[H, F]`.
+    pub down: Linear,
+}
+
 /// A layer's feed-forward block.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // one per layer; boxing would only add indirection
 pub enum Mlp {
     /// SwiGLU MLP: gate/up `[F, H]`, down `[H, F]`.
-    Dense {
-        /// gate_proj `[F, H]`.
-        gate: Linear,
-        /// up_proj `[F, H]`.
-        up: Linear,
-        /// down_proj `[H, F]`.
-        down: Linear,
-    },
-    /// Router + routed experts.
+    Dense(Ffn),
+    /// Router + routed experts (+ shared experts).
     Moe {
         /// Router `[E, H]`.
         router: Linear,
+        /// Sigmoid routers: `e_score_correction_bias [E]` (f32), added for selection only.
+        correction_bias: Option<Vec<f32>>,
         /// The experts.
         experts: Experts,
+        /// Shared experts `[Fs, H]` / `[H, Fs]`, run on every token (GLM / DeepSeek).
+        shared: Option<Box<Ffn>>,
     },
+}
+
+/// Multi-head latent attention weights (model-spec §3.3–3.4), in the absorbed layout.
+#[derive(Debug, Clone)]
+pub struct MlaWeights {
+    /// q_a_proj `[q_lora, H]` (absent without a query LoRA).
+    pub q_a: Option<Linear>,
+    /// q_a_layernorm `[q_lora]` (empty without a query LoRA).
+    pub q_a_norm: Vec<f32>,
+    /// q_b_proj `[nH·Dqk, q_lora]`, or q_proj `[nH·Dqk, H]` without a query LoRA.
+    pub q: Linear,
+    /// kv_a_proj_with_mqa `[kv_lora + rope, H]`.
+    pub kv_a: Linear,
+    /// kv_a_layernorm `[kv_lora]`.
+    pub kv_a_norm: Vec<f32>,
+    /// Per head, `W_UKᵀ`: `nH × [kv_lora, qk_nope]` (mlx-lm's `embed_q`): `q_lat = W_UKᵀ q_nope`.
+    pub embed_q: Vec<Mat>,
+    /// Per head, `W_UV`: `nH × [v_head, kv_lora]` (mlx-lm's `unembed_out`).
+    pub unembed_out: Vec<Mat>,
+}
+
+/// A layer's attention projections.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
+pub enum Attn {
+    /// Grouped-query attention with per-head q/k norms (Qwen3).
+    Gqa {
+        /// `[nH·D, H]`.
+        q: Linear,
+        /// `[nKV·D, H]`.
+        k: Linear,
+        /// `[nKV·D, H]`.
+        v: Linear,
+        /// Per-head q norm `[D]`.
+        q_norm: Vec<f32>,
+        /// Per-head k norm `[D]`.
+        k_norm: Vec<f32>,
+    },
+    /// Multi-head latent attention (GLM / DeepSeek).
+    Mla(MlaWeights),
 }
 
 /// One decoder layer.
@@ -57,18 +109,10 @@ pub enum Mlp {
 pub struct Layer {
     /// `[H]`.
     pub input_norm: Vec<f32>,
-    /// `[nH·D, H]`.
-    pub q: Linear,
-    /// `[nKV·D, H]`.
-    pub k: Linear,
-    /// `[nKV·D, H]`.
-    pub v: Linear,
-    /// `[H, nH·D]`.
+    /// Attention projections.
+    pub attn: Attn,
+    /// o_proj `[H, nH·Dv]`.
     pub o: Linear,
-    /// Per-head q norm `[D]`.
-    pub q_norm: Vec<f32>,
-    /// Per-head k norm `[D]`.
-    pub k_norm: Vec<f32>,
     /// `[H]`.
     pub post_norm: Vec<f32>,
     /// Feed-forward block.
@@ -88,27 +132,146 @@ pub struct Weights {
     pub lm_head: Linear,
 }
 
+fn missing(what: String) -> Error {
+    Error::Arg(format!("the plan asks for {what}, which this model does not have"))
+}
+
 impl Weights {
     /// Loads and checks every tensor the family's plan needs.
     pub fn load(ck: &Checkpoint) -> Result<Weights> {
-        match ck.config.family {
-            Family::Qwen3Moe => load_qwen3_moe(ck),
+        let c = &ck.config;
+        let h = c.hidden_size;
+        let embed = ck.mat("model.embed_tokens", c.vocab_size, h)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let ab = c.attention_bias;
+            let attn = match c.family {
+                Family::Qwen3Moe => {
+                    let d = c.head_dim;
+                    Attn::Gqa {
+                        q: linear(ck, &format!("{p}.self_attn.q_proj"), c.num_heads * d, h, ab)?,
+                        k: linear(ck, &format!("{p}.self_attn.k_proj"), c.num_kv_heads * d, h, ab)?,
+                        v: linear(ck, &format!("{p}.self_attn.v_proj"), c.num_kv_heads * d, h, ab)?,
+                        q_norm: ck.vector(&format!("{p}.self_attn.q_norm.weight"), d)?,
+                        k_norm: ck.vector(&format!("{p}.self_attn.k_norm.weight"), d)?,
+                    }
+                }
+                Family::Glm4MoeLite | Family::DeepseekV3 => Attn::Mla(mla(ck, &p)?),
+            };
+            layers.push(Layer {
+                input_norm: ck.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                attn,
+                o: linear(ck, &format!("{p}.self_attn.o_proj"), h, c.num_heads * c.v_head_dim, ab)?,
+                post_norm: ck.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                mlp: mlp(ck, &p, l)?,
+            });
         }
+        let head = if c.tie_word_embeddings && !ck.has("lm_head.weight") {
+            embed.clone()
+        } else {
+            ck.mat("lm_head", c.vocab_size, h)?
+        };
+        let lm_head = Linear { w: head, b: None };
+        Ok(Weights { embed, layers, norm: ck.vector("model.norm.weight", h)?, lm_head })
+    }
+
+    /// The linear layer with role `r`.
+    pub fn linear(&self, r: LinRef) -> Result<&Linear> {
+        let layer = |l: usize| self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")));
+        let mla = |l: usize| match &layer(l)?.attn {
+            Attn::Mla(m) => Ok(m),
+            Attn::Gqa { .. } => Err(missing(format!("MLA weights in layer {l}"))),
+        };
+        let ffn = |l: usize, shared: bool| -> Result<&Ffn> {
+            match (&layer(l)?.mlp, shared) {
+                (Mlp::Dense(f), false) => Ok(f),
+                (Mlp::Moe { shared: Some(f), .. }, true) => Ok(f),
+                _ => Err(missing(format!("{} MLP in layer {l}", if shared { "a shared-expert" } else { "a dense" }))),
+            }
+        };
+        Ok(match r {
+            LinRef::Q(l) => match &layer(l)?.attn {
+                Attn::Gqa { q, .. } => q,
+                Attn::Mla(m) => &m.q,
+            },
+            LinRef::K(l) | LinRef::V(l) => match &layer(l)?.attn {
+                Attn::Gqa { k, v, .. } => {
+                    if matches!(r, LinRef::K(_)) {
+                        k
+                    } else {
+                        v
+                    }
+                }
+                Attn::Mla(_) => return Err(missing(format!("k/v projections in MLA layer {l}"))),
+            },
+            LinRef::QA(l) => mla(l)?.q_a.as_ref().ok_or_else(|| missing(format!("q_a_proj in layer {l}")))?,
+            LinRef::KvA(l) => &mla(l)?.kv_a,
+            LinRef::O(l) => &layer(l)?.o,
+            LinRef::DenseGate(l) => &ffn(l, false)?.gate,
+            LinRef::DenseUp(l) => &ffn(l, false)?.up,
+            LinRef::DenseDown(l) => &ffn(l, false)?.down,
+            LinRef::SharedGate(l) => &ffn(l, true)?.gate,
+            LinRef::SharedUp(l) => &ffn(l, true)?.up,
+            LinRef::SharedDown(l) => &ffn(l, true)?.down,
+            LinRef::Router(l) => match &layer(l)?.mlp {
+                Mlp::Moe { router, .. } => router,
+                Mlp::Dense(_) => return Err(missing(format!("a router in dense layer {l}"))),
+            },
+            LinRef::LmHead => &self.lm_head,
+        })
+    }
+
+    /// The norm weight with role `r`.
+    pub fn norm(&self, r: NormRef) -> Result<&[f32]> {
+        let layer = |l: usize| self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")));
+        let gqa = |l: usize, q: bool| match &layer(l)?.attn {
+            Attn::Gqa { q_norm, k_norm, .. } => Ok(if q { q_norm } else { k_norm }),
+            Attn::Mla(_) => Err(missing(format!("per-head q/k norms in MLA layer {l}"))),
+        };
+        let mla = |l: usize| match &layer(l)?.attn {
+            Attn::Mla(m) => Ok(m),
+            Attn::Gqa { .. } => Err(missing(format!("MLA norms in layer {l}"))),
+        };
+        Ok(match r {
+            NormRef::Input(l) => &layer(l)?.input_norm,
+            NormRef::Post(l) => &layer(l)?.post_norm,
+            NormRef::QHead(l) => gqa(l, true)?,
+            NormRef::KHead(l) => gqa(l, false)?,
+            NormRef::QLatent(l) => &mla(l)?.q_a_norm,
+            NormRef::KvLatent(l) => &mla(l)?.kv_a_norm,
+            NormRef::Final => &self.norm,
+        })
     }
 
     /// Bytes of weights read to decode one token: everything but the unselected experts
     /// and the embedding table (one row of it is read).
     pub fn bytes_per_token(&self, cfg: &ModelConfig) -> usize {
         let lin = |l: &Linear| l.w.nbytes() + l.b.as_ref().map_or(0, |b| b.len() * 4);
+        let ffn = |f: &Ffn| lin(&f.gate) + lin(&f.up) + lin(&f.down);
+        let mats = |m: &[Mat]| m.iter().map(Mat::nbytes).sum::<usize>();
         let mut total = self.embed.nbytes() / self.embed.rows + lin(&self.lm_head) + 4 * self.norm.len();
         for layer in &self.layers {
-            total += lin(&layer.q) + lin(&layer.k) + lin(&layer.v) + lin(&layer.o);
-            total += 4 * (layer.input_norm.len() + layer.post_norm.len() + layer.q_norm.len() + layer.k_norm.len());
+            total += lin(&layer.o) + 4 * (layer.input_norm.len() + layer.post_norm.len());
+            total += match &layer.attn {
+                Attn::Gqa { q, k, v, q_norm, k_norm } => lin(q) + lin(k) + lin(v) + 4 * (q_norm.len() + k_norm.len()),
+                Attn::Mla(m) => {
+                    m.q_a.as_ref().map_or(0, lin)
+                        + lin(&m.q)
+                        + lin(&m.kv_a)
+                        + 4 * (m.q_a_norm.len() + m.kv_a_norm.len())
+                        + mats(&m.embed_q)
+                        + mats(&m.unembed_out)
+                }
+            };
             total += match &layer.mlp {
-                Mlp::Dense { gate, up, down } => lin(gate) + lin(up) + lin(down),
-                Mlp::Moe { router, experts } => {
+                Mlp::Dense(f) => ffn(f),
+                Mlp::Moe { router, correction_bias, experts, shared } => {
                     let one = experts.gate[0].nbytes() + experts.up[0].nbytes() + experts.down[0].nbytes();
-                    lin(router) + cfg.top_k * one
+                    lin(router)
+                        + correction_bias.as_ref().map_or(0, |b| 4 * b.len())
+                        + cfg.top_k * one
+                        + shared.as_deref().map_or(0, ffn)
                 }
             };
         }
@@ -120,6 +283,14 @@ fn linear(ck: &Checkpoint, path: &str, out: usize, inp: usize, bias: bool) -> Re
     let w = ck.mat(path, out, inp)?;
     let b = if bias { Some(ck.vector(&format!("{path}.bias"), out)?) } else { None };
     Ok(Linear { w, b })
+}
+
+fn ffn(ck: &Checkpoint, p: &str, f: usize, h: usize) -> Result<Ffn> {
+    Ok(Ffn {
+        gate: linear(ck, &format!("{p}.gate_proj"), f, h, false)?,
+        up: linear(ck, &format!("{p}.up_proj"), f, h, false)?,
+        down: linear(ck, &format!("{p}.down_proj"), h, f, false)?,
+    })
 }
 
 /// Experts in either layout: per-expert HF keys or stacked MLX `switch_mlp` tensors.
@@ -142,44 +313,67 @@ fn experts(ck: &Checkpoint, prefix: &str, e: usize, inter: usize, hidden: usize)
     })
 }
 
-fn load_qwen3_moe(ck: &Checkpoint) -> Result<Weights> {
+/// Layer `l`'s MLP (`p` = `model.layers.{l}`): dense, or router + experts (+ shared).
+fn mlp(ck: &Checkpoint, p: &str, l: usize) -> Result<Mlp> {
     let c = &ck.config;
-    let (h, d) = (c.hidden_size, c.head_dim);
-    let embed = ck.mat("model.embed_tokens", c.vocab_size, h)?;
-    let mut layers = Vec::with_capacity(c.num_layers);
-    for l in 0..c.num_layers {
-        let p = format!("model.layers.{l}");
-        let ab = c.attention_bias;
-        let mlp = if c.is_moe_layer(l) {
-            Mlp::Moe {
-                router: linear(ck, &format!("{p}.mlp.gate"), c.num_experts, h, false)?,
-                experts: experts(ck, &format!("{p}.mlp"), c.num_experts, c.moe_intermediate_size, h)?,
-            }
-        } else {
-            let f = c.intermediate_size;
-            Mlp::Dense {
-                gate: linear(ck, &format!("{p}.mlp.gate_proj"), f, h, false)?,
-                up: linear(ck, &format!("{p}.mlp.up_proj"), f, h, false)?,
-                down: linear(ck, &format!("{p}.mlp.down_proj"), h, f, false)?,
-            }
-        };
-        layers.push(Layer {
-            input_norm: ck.vector(&format!("{p}.input_layernorm.weight"), h)?,
-            q: linear(ck, &format!("{p}.self_attn.q_proj"), c.num_heads * d, h, ab)?,
-            k: linear(ck, &format!("{p}.self_attn.k_proj"), c.num_kv_heads * d, h, ab)?,
-            v: linear(ck, &format!("{p}.self_attn.v_proj"), c.num_kv_heads * d, h, ab)?,
-            o: linear(ck, &format!("{p}.self_attn.o_proj"), h, c.num_heads * d, ab)?,
-            q_norm: ck.vector(&format!("{p}.self_attn.q_norm.weight"), d)?,
-            k_norm: ck.vector(&format!("{p}.self_attn.k_norm.weight"), d)?,
-            post_norm: ck.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-            mlp,
-        });
+    let h = c.hidden_size;
+    if !c.is_moe_layer(l) {
+        return Ok(Mlp::Dense(ffn(ck, &format!("{p}.mlp"), c.intermediate_size, h)?));
     }
-    let head = if c.tie_word_embeddings && !ck.has("lm_head.weight") {
-        embed.clone()
-    } else {
-        ck.mat("lm_head", c.vocab_size, h)?
+    let sigmoid = c.family.is_mla();
+    Ok(Mlp::Moe {
+        router: linear(ck, &format!("{p}.mlp.gate"), c.num_experts, h, false)?,
+        correction_bias: if sigmoid {
+            Some(ck.vector(&format!("{p}.mlp.gate.e_score_correction_bias"), c.num_experts)?)
+        } else {
+            None
+        },
+        experts: experts(ck, &format!("{p}.mlp"), c.num_experts, c.moe_intermediate_size, h)?,
+        shared: if c.n_shared_experts > 0 {
+            Some(Box::new(ffn(ck, &format!("{p}.mlp.shared_experts"), c.shared_intermediate_size(), h)?))
+        } else {
+            None
+        },
+    })
+}
+
+/// MLA weights of one layer (`p` = `model.layers.{l}`), from HF `kv_b_proj` or mlx-lm's
+/// per-head `embed_q` / `unembed_out` (model-spec §6.5).
+fn mla(ck: &Checkpoint, p: &str) -> Result<MlaWeights> {
+    let c = &ck.config;
+    let m = c.mla.as_ref().expect("MLA family has MLA dims");
+    let (h, nh, ab) = (c.hidden_size, c.num_heads, c.attention_bias);
+    let (nope, v, lat) = (m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank);
+    let a = format!("{p}.self_attn");
+    let q_out = nh * m.qk_head_dim();
+    let (q_a, q_a_norm, q) = match m.q_lora_rank {
+        Some(r) => (
+            Some(linear(ck, &format!("{a}.q_a_proj"), r, h, ab)?),
+            ck.vector(&format!("{a}.q_a_layernorm.weight"), r)?,
+            linear(ck, &format!("{a}.q_b_proj"), q_out, r, false)?,
+        ),
+        None => (None, Vec::new(), linear(ck, &format!("{a}.q_proj"), q_out, h, false)?),
     };
-    let lm_head = Linear { w: head, b: None };
-    Ok(Weights { embed, layers, norm: ck.vector("model.norm.weight", h)?, lm_head })
+    let (embed_q, unembed_out) = if ck.has(&format!("{a}.kv_b_proj.weight")) {
+        let kv_b = ck.mat(&format!("{a}.kv_b_proj"), nh * (nope + v), lat)?;
+        let head = |i: usize| i * (nope + v);
+        (
+            (0..nh).map(|i| kv_b.row_slice(head(i), nope).transposed_f32()).collect(),
+            (0..nh).map(|i| kv_b.row_slice(head(i) + nope, v)).collect(),
+        )
+    } else {
+        (
+            ck.linear(&format!("{a}.embed_q"), Some(nh), lat, nope)?,
+            ck.linear(&format!("{a}.unembed_out"), Some(nh), v, lat)?,
+        )
+    };
+    Ok(MlaWeights {
+        q_a,
+        q_a_norm,
+        q,
+        kv_a: linear(ck, &format!("{a}.kv_a_proj_with_mqa"), lat + m.qk_rope_head_dim, h, ab)?,
+        kv_a_norm: ck.vector(&format!("{a}.kv_a_layernorm.weight"), lat)?,
+        embed_q,
+        unembed_out,
+    })
 }

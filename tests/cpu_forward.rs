@@ -76,18 +76,18 @@ fn synthetic_weights_are_not_trivial() {
     let n = &w.layers[0].input_norm;
     assert!(n.iter().any(|&x| (x - 1.0).abs() > 0.05) && n.iter().all(|&x| x > 0.2 && x < 1.8));
     // Quantization scales of both signs occur.
-    if let zmoe::checkpoint::MatKind::Affine { scales, .. } = &w.layers[0].q.w.kind {
+    if let zmoe::checkpoint::MatKind::Affine { scales, .. } = &w.layers[0].o.w.kind {
         let s = scales.to_vec();
         assert!(s.iter().any(|&x| x < 0.0) && s.iter().any(|&x| x > 0.0));
     } else {
-        panic!("affine4 synth should store q_proj quantized");
+        panic!("affine4 synth should store o_proj quantized");
     }
     // Router is the 8-bit override; experts are 4-bit.
-    if let zmoe::model::Mlp::Moe { router, experts } = &w.layers[1].mlp {
+    if let zmoe::model::Mlp::Moe { router, experts, .. } = &w.layers[1].mlp {
         assert_eq!(router.w.format_name(), "affine8g64");
         assert_eq!(experts.gate[3].format_name(), "affine4g64");
     } else {
         panic!("layer 1 of tiny is MoE");
     }
-    assert!(matches!(w.layers[0].mlp, zmoe::model::Mlp::Dense { .. }), "layer 0 of tiny is dense");
+    assert!(matches!(w.layers[0].mlp, zmoe::model::Mlp::Dense(_)), "layer 0 of tiny is dense");
 }

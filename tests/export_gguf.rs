@@ -16,7 +16,7 @@ use zmoe::checkpoint::synth::SynthQuant;
 use zmoe::checkpoint::{Checkpoint, Mat};
 use zmoe::config::ModelConfig;
 use zmoe::export::gguf::{GgmlType, GgufFile, Value};
-use zmoe::model::{Mlp, Weights};
+use zmoe::model::{Attn, Mlp, Weights};
 use zmoe::rng::Rng;
 
 /// One tiny affine-4 model shared by the tests of this binary (read-only).
@@ -63,16 +63,17 @@ fn expected<'a>(
     let mut t = vec![("token_embd.weight".to_string(), vec![h, v], q, Source::Mats(vec![&w.embed]))];
     for (l, layer) in w.layers.iter().enumerate() {
         let b = |n: &str| format!("blk.{l}.{n}");
+        let Attn::Gqa { q: wq, k: wk, v: wv, q_norm, k_norm } = &layer.attn else { panic!("qwen3_moe layers are GQA") };
         t.push((b("attn_norm.weight"), vec![h], f32t, Source::Vector(&layer.input_norm)));
-        t.push((b("attn_q.weight"), vec![h, nq], q, Source::Mats(vec![&layer.q.w])));
-        t.push((b("attn_k.weight"), vec![h, nkv], q, Source::Mats(vec![&layer.k.w])));
-        t.push((b("attn_v.weight"), vec![h, nkv], q, Source::Mats(vec![&layer.v.w])));
+        t.push((b("attn_q.weight"), vec![h, nq], q, Source::Mats(vec![&wq.w])));
+        t.push((b("attn_k.weight"), vec![h, nkv], q, Source::Mats(vec![&wk.w])));
+        t.push((b("attn_v.weight"), vec![h, nkv], q, Source::Mats(vec![&wv.w])));
         t.push((b("attn_output.weight"), vec![nq, h], q, Source::Mats(vec![&layer.o.w])));
-        t.push((b("attn_q_norm.weight"), vec![d], f32t, Source::Vector(&layer.q_norm)));
-        t.push((b("attn_k_norm.weight"), vec![d], f32t, Source::Vector(&layer.k_norm)));
+        t.push((b("attn_q_norm.weight"), vec![d], f32t, Source::Vector(q_norm)));
+        t.push((b("attn_k_norm.weight"), vec![d], f32t, Source::Vector(k_norm)));
         t.push((b("ffn_norm.weight"), vec![h], f32t, Source::Vector(&layer.post_norm)));
         match &layer.mlp {
-            Mlp::Moe { router, experts } => {
+            Mlp::Moe { router, experts, .. } => {
                 assert!(c.is_moe_layer(l));
                 let (e, i) = (c.num_experts as u64, c.moe_intermediate_size as u64);
                 t.push((b("ffn_gate_inp.weight"), vec![h, e], f32t, Source::Mats(vec![&router.w])));
@@ -80,11 +81,11 @@ fn expected<'a>(
                 t.push((b("ffn_up_exps.weight"), vec![h, i, e], q, Source::Mats(experts.up.iter().collect())));
                 t.push((b("ffn_down_exps.weight"), vec![i, h, e], q, Source::Mats(experts.down.iter().collect())));
             }
-            Mlp::Dense { gate, up, down } => {
-                let f = c.intermediate_size as u64;
-                t.push((b("ffn_gate.weight"), vec![h, f], q, Source::Mats(vec![&gate.w])));
-                t.push((b("ffn_up.weight"), vec![h, f], q, Source::Mats(vec![&up.w])));
-                t.push((b("ffn_down.weight"), vec![f, h], q, Source::Mats(vec![&down.w])));
+            Mlp::Dense(f) => {
+                let n = c.intermediate_size as u64;
+                t.push((b("ffn_gate.weight"), vec![h, n], q, Source::Mats(vec![&f.gate.w])));
+                t.push((b("ffn_up.weight"), vec![h, n], q, Source::Mats(vec![&f.up.w])));
+                t.push((b("ffn_down.weight"), vec![n, h], q, Source::Mats(vec![&f.down.w])));
             }
         }
     }

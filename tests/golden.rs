@@ -26,13 +26,23 @@ use std::process::Command;
 /// Relative tolerance on logits: `|got - want| <= REL_TOL * max(1, |want|)`.
 const REL_TOL: f64 = 1e-3;
 /// Families with a `#[test]` below; a fixture directory of any other family fails the suite.
-const TESTED_FAMILIES: &[&str] = &["qwen3_moe"];
+const TESTED_FAMILIES: &[&str] = &["qwen3_moe", "glm4_moe_lite", "deepseek_v3"];
 /// How many individual logit mismatches to print per fixture.
 const SHOW_MISMATCHES: usize = 8;
 
 #[test]
 fn qwen3_moe_matches_transformers() {
     check_family("qwen3_moe", 3);
+}
+
+#[test]
+fn glm4_moe_lite_matches_transformers() {
+    check_family("glm4_moe_lite", 3);
+}
+
+#[test]
+fn deepseek_v3_matches_transformers() {
+    check_family("deepseek_v3", 2);
 }
 
 /// Guards against a broken glob passing vacuously and against fixtures nobody tests.

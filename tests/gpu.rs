@@ -200,6 +200,9 @@ fn model_logits_match_cpu() {
     dirs.push(common::synth_tiny(tmp.path(), "tiny4", SynthQuant::Affine4, 21));
     dirs.push(common::synth_tiny(tmp.path(), "tiny8", SynthQuant::Affine8, 22));
     dirs.push(common::synth_tiny(tmp.path(), "tinybf", SynthQuant::Bf16, 23));
+    dirs.push(common::synth_preset(tmp.path(), "glm4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 24));
+    dirs.push(common::synth_preset(tmp.path(), "dsbf", "deepseek_v3/deepseek-tiny", SynthQuant::Bf16, 25));
+    dirs.push(common::synth_preset(tmp.path(), "kimi8", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine8, 26));
     let mut failures = Vec::new();
     for dir in dirs {
         let bf = as_bf16_weights(&dir);
@@ -383,10 +386,14 @@ fn kernel_sample_token_matches_host() {
 #[ignore]
 fn prefill_equals_decode_bitexact() {
     let tmp = tempfile::tempdir().unwrap();
-    for (name, q, seed) in
-        [("t4", SynthQuant::Affine4, 41), ("t8", SynthQuant::Affine8, 42), ("tb", SynthQuant::Bf16, 43)]
-    {
-        let dir = common::synth_tiny(tmp.path(), name, q, seed);
+    for (name, preset, q, seed) in [
+        ("t4", "qwen3_moe/tiny", SynthQuant::Affine4, 41),
+        ("t8", "qwen3_moe/tiny", SynthQuant::Affine8, 42),
+        ("tb", "qwen3_moe/tiny", SynthQuant::Bf16, 43),
+        ("g4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 44),
+        ("db", "deepseek_v3/deepseek-tiny", SynthQuant::Bf16, 45),
+    ] {
+        let dir = common::synth_preset(tmp.path(), name, preset, q, seed);
         let model = Model::load(&dir).unwrap();
         let v = model.config().vocab_size;
         let plan = Plan::reference(model.config());
@@ -412,24 +419,26 @@ fn prefill_equals_decode_bitexact() {
 #[ignore]
 fn profile_and_device_greedy() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = common::synth_tiny(tmp.path(), "tiny", SynthQuant::Affine4, 51);
-    let model = Model::load(&dir).unwrap();
-    let plan = Plan::reference(model.config());
-    let mut gpu = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), true).unwrap();
-    let mut check = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), true).unwrap();
-    let mut sampler = zmoe::sample::Sampler::new(Default::default());
-    let mut next = gpu.forward_sample(&[3, 4, 5], &mut sampler).unwrap();
-    let mut want = zmoe::sample::argmax(&check.forward(&[3, 4, 5], false).unwrap()) as u32;
-    for step in 0..30 {
-        assert_eq!(next, want, "step {step}");
-        next = gpu.forward_sample(&[next], &mut sampler).unwrap();
-        want = zmoe::sample::argmax(&check.forward(&[want], false).unwrap()) as u32;
+    for preset in ["qwen3_moe/tiny", "glm4_moe_lite/glm-tiny"] {
+        let dir = common::synth_preset(tmp.path(), preset.split('/').nth(1).unwrap(), preset, SynthQuant::Affine4, 51);
+        let model = Model::load(&dir).unwrap();
+        let plan = Plan::reference(model.config());
+        let mut gpu = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), true).unwrap();
+        let mut check = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), true).unwrap();
+        let mut sampler = zmoe::sample::Sampler::new(Default::default());
+        let mut next = gpu.forward_sample(&[3, 4, 5], &mut sampler).unwrap();
+        let mut want = zmoe::sample::argmax(&check.forward(&[3, 4, 5], false).unwrap()) as u32;
+        for step in 0..30 {
+            assert_eq!(next, want, "step {step}");
+            next = gpu.forward_sample(&[next], &mut sampler).unwrap();
+            want = zmoe::sample::argmax(&check.forward(&[want], false).unwrap()) as u32;
+        }
+        let prof = gpu.profile_decode(3).unwrap();
+        assert_eq!(prof.len(), plan.steps.len());
+        assert!(prof.iter().all(|s| s.us.is_finite() && s.us > 0.0), "{prof:?}");
+        let total: f64 = prof.iter().map(|s| s.us).sum();
+        println!("{preset} profile: {} steps, {total:.1} µs per decode step", prof.len());
     }
-    let prof = gpu.profile_decode(3).unwrap();
-    assert_eq!(prof.len(), plan.steps.len());
-    assert!(prof.iter().all(|s| s.us.is_finite() && s.us > 0.0), "{prof:?}");
-    let total: f64 = prof.iter().map(|s| s.us).sum();
-    println!("profile: {} steps, {total:.1} µs per decode step", prof.len());
 }
 
 /// Patched plans (each pattern alone, and all) give bit-identical logits to the reference
@@ -444,6 +453,9 @@ fn patched_plan_bitexact_on_gpu() {
     dirs.push(common::synth_tiny(tmp.path(), "p4", SynthQuant::Affine4, 61));
     dirs.push(common::synth_tiny(tmp.path(), "p8", SynthQuant::Affine8, 62));
     dirs.push(common::synth_tiny(tmp.path(), "pb", SynthQuant::Bf16, 63));
+    dirs.push(common::synth_preset(tmp.path(), "g4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 64));
+    dirs.push(common::synth_preset(tmp.path(), "gb", "glm4_moe_lite/glm-tiny", SynthQuant::Bf16, 65));
+    dirs.push(common::synth_preset(tmp.path(), "k4", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine4, 66));
     let mut subsets: Vec<Vec<Pattern>> = Pattern::ALL.iter().map(|p| vec![*p]).collect();
     subsets.push(Pattern::ALL.to_vec());
     for dir in dirs {

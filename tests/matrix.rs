@@ -538,16 +538,40 @@ fn catalog_lists_presets_and_model_folders() {
     let all = all.as_str();
     assert_eq!(
         catalog_row(&out, "qwen3_moe/tiny"),
-        ["qwen3_moe/tiny", "qwen3_moe", "6.31M", "2.51M", "bf16|affine4|affine8", all, "-"]
+        [
+            "qwen3_moe/tiny",
+            "qwen3_moe",
+            "6.31M",
+            "2.51M",
+            "bf16|affine4|affine8",
+            all,
+            "shared_expert (no shared experts in this family)"
+        ]
     );
     assert_eq!(
         catalog_row(&out, "qwen3_moe/qwen3-30b-a3b"),
-        ["qwen3_moe/qwen3-30b-a3b", "qwen3_moe", "30.53B", "3.04B", "bf16|affine4|affine8", all, "-"]
+        [
+            "qwen3_moe/qwen3-30b-a3b",
+            "qwen3_moe",
+            "30.53B",
+            "3.04B",
+            "bf16|affine4|affine8",
+            all,
+            "shared_expert (no shared experts in this family)"
+        ]
     );
     // The folder: counted from its config, format from its weights (the router stays 8-bit).
     assert_eq!(
         catalog_row(&out, "tiny-a4"),
-        ["tiny-a4", "qwen3_moe", "6.31M", "2.51M", "affine4g64 (router affine8g64)", all, "-"]
+        [
+            "tiny-a4",
+            "qwen3_moe",
+            "6.31M",
+            "2.51M",
+            "affine4g64 (router affine8g64)",
+            all,
+            "shared_expert (no shared experts in this family)"
+        ]
     );
     assert!(out.contains(&format!("tiny-a4: {}", tiny.display())), "{out}");
     assert!(out.contains("qwen3_moe/qwen3-30b-a3b: Qwen3-30B-A3B shapes"), "{out}");

@@ -233,18 +233,32 @@ def assert_nothing_trivial(model: torch.nn.Module) -> None:
             raise AssertionError(f"parameter {name} is constant ({t.flatten()[0].item()}); randomise it")
 
 
-def save_hf(dtype: torch.dtype):
-    """Writer: ``save_pretrained`` in ``dtype``; the fixture is also the reference."""
+def save_hf(dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()):
+    """Writer: ``save_pretrained`` in ``dtype``; the fixture is also the reference.
+
+    Tensors whose name ends with one of ``keep_fp32`` stay float32 on disk (``model.to(dtype)``
+    would cast them; ``from_pretrained`` keeps them fp32 via ``_keep_in_fp32_modules_strict``,
+    which is what released checkpoints hold, e.g. the GLM / DeepSeek ``e_score_correction_bias``)."""
 
     def writer(model: torch.nn.Module, fixture_dir: Path, _tmp: Path) -> Path:
+        keep = {name: t.detach().clone() for name, t in model.state_dict().items() if name.endswith(keep_fp32)} \
+            if keep_fp32 else {}
         model = model.to(dtype)
+        if keep:
+            with torch.no_grad():
+                for name, t in model.state_dict(keep_vars=True).items():
+                    if name in keep:
+                        t.data = keep[name].float()
         kwargs = {}
         if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
             kwargs["safe_serialization"] = True  # transformers 4.x; v5 always writes safetensors
         model.save_pretrained(fixture_dir, **kwargs)
         want = {torch.float32: "F32", torch.bfloat16: "BF16"}[dtype]
-        got = set(read_safetensors_dtypes(fixture_dir / "model.safetensors").values())
+        dtypes = read_safetensors_dtypes(fixture_dir / "model.safetensors")
+        got = {v for k, v in dtypes.items() if not k.endswith(keep_fp32)}
         assert got == {want}, f"expected only {want} tensors on disk, got {got}"
+        kept = {v for k, v in dtypes.items() if keep_fp32 and k.endswith(keep_fp32)}
+        assert kept <= {"F32"} and (not keep_fp32 or kept), f"expected {keep_fp32} as F32 on disk, got {kept}"
         return fixture_dir
 
     return writer
@@ -252,7 +266,10 @@ def save_hf(dtype: torch.dtype):
 
 def save_mlx_affine(*, group_size: int, bits: int, override: Callable[[str], dict | None],
                     config_transform: Callable[[dict], dict],
-                    stacked_experts: Callable[[str, tuple], list | None]):
+                    stacked_experts: Callable[[str, tuple], list | None],
+                    unquantised: Callable[[str], bool] | None = None,
+                    keep_fp32: Callable[[str], bool] | None = None,
+                    remap: Callable[[str, np.ndarray], tuple[list, Callable[[list], np.ndarray]] | None] | None = None):
     """Writer for the mlx-community layout (model-spec.md 6.3-6.5).
 
     Every 2-D weight (Linear, embedding, router) and every fused 3-D expert tensor is
@@ -261,6 +278,12 @@ def save_mlx_affine(*, group_size: int, bits: int, override: Callable[[str], dic
     written into config.json) or None for the global parameters. ``stacked_experts(name)``
     maps an in-memory fused expert tensor (name, shape) to [(mlx_module_path, row_slice), ...]
     (slices along axis 1) or None for any other tensor.
+    Optional per-family hooks (default: none): ``unquantised(name)`` -> store that >=2-D tensor
+    as plain bfloat16 (GLM router ``mlp.gate.weight``); ``keep_fp32(name)`` -> store it as float32
+    unchanged (``e_score_correction_bias``); ``remap(name, array)`` -> ([(mlx_module_path,
+    array), ...], inverse) splits one HF tensor into differently shaped MLX tensors, each
+    quantised along its last axis, and ``inverse(list of dequantised arrays)`` rebuilds the HF
+    tensor (GLM ``kv_b_proj`` -> ``embed_q`` / ``unembed_out``).
     The dequantised (and bf16-rounded) weights are loaded back into the model, saved as a
     float32 HF checkpoint in tmp_dir, and that is what the reference runs on.
     """
@@ -288,9 +311,21 @@ def save_mlx_affine(*, group_size: int, bits: int, override: Callable[[str], dic
             if tied and name == "lm_head.weight":
                 continue  # tied: not stored; filled from the embedding below
             parts = stacked_experts(name, w.shape)
-            if parts:
+            mapped = remap(name, w) if remap else None
+            if keep_fp32 and keep_fp32(name):
+                out[name] = (np.ascontiguousarray(w, dtype=np.float32), "float32")
+                deq[name] = w.astype(np.float32)
+            elif mapped:
+                pieces, inverse = mapped
+                deq[name] = inverse([put(module, arr) for module, arr in pieces])
+                assert deq[name].shape == w.shape, name
+            elif parts:
                 pieces = [put(module, w[:, rows, :]) for module, rows in parts]
                 deq[name] = np.concatenate(pieces, axis=1)
+            elif unquantised and unquantised(name):
+                bits16 = f32_to_bf16_bits(w)
+                out[name] = (bits16, "bfloat16")
+                deq[name] = bf16_bits_to_f32(bits16)
             elif w.ndim >= 2:
                 assert name.endswith(".weight"), name
                 deq[name] = put(name[: -len(".weight")], w)
@@ -322,7 +357,11 @@ def save_mlx_affine(*, group_size: int, bits: int, override: Callable[[str], dic
         rebuilt = dequantize_mlx_state(disk, mlx_cfg["quantization"])
         for name, w in deq.items():
             parts = stacked_experts(name, w.shape)
-            if parts:
+            mapped = remap(name, w) if remap else None
+            if mapped:
+                pieces, inverse = mapped
+                got = inverse([rebuilt[m + ".weight"] for m, _ in pieces])
+            elif parts:
                 got = np.concatenate([rebuilt[m + ".weight"] for m, _ in parts], axis=1)
             elif tied and name == "lm_head.weight":
                 got = rebuilt["model.embed_tokens.weight"]
@@ -589,12 +628,506 @@ def qwen3_moe_np_check(fixture_dir: Path, prompt: list[int], golden: dict) -> st
             f"min router gap {min(gaps) if gaps else float('nan'):.2e}")
 
 
+class RouterGaps(list):
+    """Gap list that also carries router statistics (stored in golden.json as router_stats)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stats: dict = {}
+
+
+def sigmoid_group_router_probe(bias_attr: str = "e_score_correction_bias"):
+    """Probe for DeepSeek-V3-style routers (GLM-4.7-Flash, DeepSeek-V3, Kimi-K2; class
+    ``*TopkRouter`` returning (logits, weights, indices)). Recomputes the routing from the
+    router logits in float64 and records two kinds of gaps, all in biased-score units
+    (sigmoid(logit) + bias, the quantity selection is made on):
+
+    * group choice (only when topk_group < n_group): per token, the topk_group-th minus the
+      (topk_group+1)-th group score, group score = sum of the top-2 biased scores in the group;
+    * expert choice: among the experts of the kept groups, the k-th minus the (k+1)-th biased
+      score.
+
+    It also asserts that the float64 recomputation reproduces transformers' selected sets and
+    (to 1e-5) its routing weights, and counts how many token selections would change if the
+    bias were ignored (stats; the harness rejects a seed where that count is 0 on the prompt)
+    and, for grouped routers, how many would change without group limiting.
+    """
+
+    def route(sc: torch.Tensor, n_group: int, topk_group: int, k: int):
+        n, e = sc.shape
+        grp = sc.view(n, n_group, e // n_group).topk(2, dim=-1).values.sum(dim=-1)
+        keep = grp.topk(topk_group, dim=-1).indices
+        gmask = torch.zeros(n, n_group, dtype=torch.bool).scatter(1, keep, True)
+        mask = gmask.repeat_interleave(e // n_group, dim=1)
+        masked = sc.masked_fill(~mask, float("-inf"))
+        return grp, masked, masked.topk(k, dim=-1).indices
+
+    def probe(model: torch.nn.Module):
+        gaps = RouterGaps()
+        st = gaps.stats
+        st.update(routings=0, selections_changed_by_bias=0, prompt_routings=0,
+                  prompt_selections_changed_by_bias=0, min_group_gap=None, min_expert_gap=None)
+        seen: set[int] = set()
+        handles = []
+
+        def hook(mod, _inp, out):
+            logits, weights, indices = (o.detach() for o in out[:3])
+            s = torch.sigmoid(logits.double())
+            sc = s + getattr(mod, bias_attr).detach().double()
+            g, tg, k = mod.num_group, mod.topk_group, mod.top_k
+            grp, masked, idx = route(sc, g, tg, k)
+            if tg < g:
+                gs = grp.sort(dim=-1, descending=True).values
+                gg = (gs[:, tg - 1] - gs[:, tg]).tolist()
+                gaps.extend(gg)
+                st["min_group_gap"] = min([x for x in (st["min_group_gap"],) if x is not None] + gg)
+            top = masked.sort(dim=-1, descending=True).values
+            if top.shape[1] > k:
+                eg = (top[:, k - 1] - top[:, k]).tolist()
+                eg = [x if x == x else float("inf") for x in eg]  # -inf - -inf
+                gaps.extend(eg)
+                st["min_expert_gap"] = min([x for x in (st["min_expert_gap"],) if x is not None] + eg)
+            # Our reading of the router must reproduce transformers' choice and weights.
+            assert torch.equal(idx.sort(dim=-1).values, indices.sort(dim=-1).values.to(idx.dtype)), \
+                "float64 re-routing disagrees with transformers' selection"
+            w = s.gather(1, indices.long())
+            if mod.norm_topk_prob:
+                w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+            w = w * mod.routed_scaling_factor
+            assert torch.allclose(w, weights.double(), rtol=1e-5, atol=1e-7), "routing weights disagree"
+            _, _, idx0 = route(s, g, tg, k)
+            changed = int((idx0.sort(dim=-1).values != idx.sort(dim=-1).values).any(dim=-1).sum())
+            st["routings"] += idx.shape[0]
+            st["selections_changed_by_bias"] += changed
+            if tg < g:  # how often group limiting matters (vs plain top-k over all experts)
+                _, _, idx1 = route(sc, 1, 1, k)
+                st["selections_changed_by_group_limit"] = st.get("selections_changed_by_group_limit", 0) + int(
+                    (idx1.sort(dim=-1).values != idx.sort(dim=-1).values).any(dim=-1).sum())
+            if id(mod) not in seen:  # first call of each router = the prompt forward
+                seen.add(id(mod))
+                st["prompt_routings"] += idx.shape[0]
+                st["prompt_selections_changed_by_bias"] += changed
+
+        for _name, mod in model.named_modules():
+            if type(mod).__name__.endswith("TopkRouter") and hasattr(mod, bias_attr):
+                handles.append(mod.register_forward_hook(hook))
+        assert handles, "router probe found no router modules"
+        return gaps, lambda: [h.remove() for h in handles]
+
+    return probe
+
+
+def randomise_mla_moe(bias_range: float):
+    """Norms and linear biases as usual, plus e_score_correction_bias ~ U(-bias_range, bias_range)
+    (init leaves it 0)."""
+
+    def randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
+        randomise_norms_and_biases(model, gen)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.copy_((torch.rand(b.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bias_range)
+
+    return randomise
+
+
+def fused_experts_to_switch_mlp(name: str, shape: tuple):
+    """In-memory fused experts -> mlx-lm SwitchGLU modules (gate_up_proj [E, 2I, H] = gate rows
+    0..I-1 then up rows I..2I-1; down_proj [E, H, I] as is)."""
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        prefix = name[: -len("experts.gate_up_proj")]
+        i = shape[1] // 2
+        return [(prefix + "switch_mlp.gate_proj", slice(0, i)), (prefix + "switch_mlp.up_proj", slice(i, 2 * i))]
+    if name.endswith(".mlp.experts.down_proj"):
+        return [(name[: -len("experts.down_proj")] + "switch_mlp.down_proj", slice(None))]
+    return None
+
+
+def kv_b_to_embed_q_unembed_out(num_heads: int, qk_nope: int, v_head: int):
+    """``self_attn.kv_b_proj.weight`` [H*(nope+v), kv_lora] (per head: nope rows of W_UK then v
+    rows of W_UV) -> mlx-lm MultiLinear ``embed_q.weight`` [H, kv_lora, nope] (= W_UK[h]^T) and
+    ``unembed_out.weight`` [H, v, kv_lora] (= W_UV[h]); model-spec.md 6.5."""
+
+    def remap(name: str, w: np.ndarray):
+        if not name.endswith(".self_attn.kv_b_proj.weight"):
+            return None
+        prefix = name[: -len("kv_b_proj.weight")]
+        kv_lora = w.shape[1]
+        per = w.reshape(num_heads, qk_nope + v_head, kv_lora)
+        embed_q = np.ascontiguousarray(per[:, :qk_nope, :].transpose(0, 2, 1))
+        unembed_out = np.ascontiguousarray(per[:, qk_nope:, :])
+
+        def inverse(arrs):
+            eq, uo = arrs
+            return np.concatenate([eq.transpose(0, 2, 1), uo], axis=1).reshape(w.shape).astype(np.float32)
+
+        return [(prefix + "embed_q", embed_q), (prefix + "unembed_out", unembed_out)], inverse
+
+    return remap
+
+
+def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * np.log(scale) + 1.0
+
+
+def mla_np_check(fixture_dir: Path, prompt: list[int], golden: dict) -> str:
+    """Independent float64 numpy forward for MLA + sigmoid/grouped-router families
+    (glm4_moe_lite, deepseek_v3), from the fixture files only (HF or mlx-community layout);
+    must reproduce transformers' logits and greedy tokens."""
+    import math
+
+    cfg = json.loads((fixture_dir / "config.json").read_text())
+    t = read_safetensors(fixture_dir / "model.safetensors")
+    if "quantization" in cfg:
+        t = dequantize_mlx_state(t, cfg["quantization"])
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    mt = cfg["model_type"]
+    H = cfg["hidden_size"]
+    nH = cfg["num_attention_heads"]
+    nope, rdim, vdim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    qk = nope + rdim
+    kv_lora = cfg["kv_lora_rank"]
+    eps = cfg["rms_norm_eps"]
+    L = cfg["num_hidden_layers"]
+    E = cfg["n_routed_experts"]
+    K = cfg["num_experts_per_tok"]
+    G, TG = cfg["n_group"], cfg["topk_group"]
+    if mt == "glm4_moe_lite":
+        types = cfg.get("mlp_layer_types") or (["dense"] + ["sparse"] * (L - 1))
+        is_moe = [types[l] == "sparse" for l in range(L)]
+    else:
+        assert mt == "deepseek_v3", mt
+        is_moe = [l >= cfg["first_k_dense_replace"] for l in range(L)]
+    rp = cfg.get("rope_parameters") or dict(cfg.get("rope_scaling") or {}, rope_theta=cfg["rope_theta"])
+    rtype = rp.get("rope_type", rp.get("type", "default"))
+    base = rp["rope_theta"]
+    # RoPE (model-spec 1.3 / transformers modeling_rope_utils), float64 here.
+    j = np.arange(0, rdim, 2, dtype=np.float64)
+    inv_freq = 1.0 / base ** (j / rdim)
+    att_factor = 1.0
+    scaling = qk ** -0.5
+    if rtype == "yarn":
+        f = rp["factor"]
+        L0 = rp["original_max_position_embeddings"]
+        ms, msa = rp.get("mscale"), rp.get("mscale_all_dim")
+        att_factor = rp.get("attention_factor") or (
+            _yarn_get_mscale(f, ms) / _yarn_get_mscale(f, msa) if ms and msa else _yarn_get_mscale(f))
+        bf, bs = rp.get("beta_fast") or 32, rp.get("beta_slow") or 1
+
+        def corr(r):
+            return rdim * math.log(L0 / (r * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = corr(bf), corr(bs)
+        if rp.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, rdim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(rdim // 2) - lo) / (hi - lo), 0, 1)
+        inv_freq = (inv_freq / f) * ramp + inv_freq * (1 - ramp)
+        if msa:
+            scaling *= _yarn_get_mscale(f, msa) ** 2
+    else:
+        assert rtype == "default", rtype
+    interleave = cfg.get("rope_interleave", True)
+    embed = t["model.embed_tokens.weight"]
+    lm_head = embed if cfg.get("tie_word_embeddings", False) else t["lm_head.weight"]
+
+    def rms(x, w, e):
+        return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + e))
+
+    def lin(x, name):
+        y = x @ t[name + ".weight"].T
+        return y + t[name + ".bias"] if name + ".bias" in t else y
+
+    def silu(x):
+        return x / (1.0 + np.exp(-x))
+
+    def mlp(x, p):
+        return lin(silu(lin(x, p + "gate_proj")) * lin(x, p + "up_proj"), p + "down_proj")
+
+    def kv_b(p):
+        if p + "self_attn.kv_b_proj.weight" in t:
+            return t[p + "self_attn.kv_b_proj.weight"].reshape(nH, nope + vdim, kv_lora)
+        eq, uo = t[p + "self_attn.embed_q.weight"], t[p + "self_attn.unembed_out.weight"]
+        assert eq.shape == (nH, kv_lora, nope) and uo.shape == (nH, vdim, kv_lora)
+        return np.concatenate([eq.transpose(0, 2, 1), uo], axis=1)
+
+    def experts(p, proj):
+        stacked = p + f"mlp.switch_mlp.{proj}.weight"
+        if stacked in t:
+            return t[stacked]
+        return np.stack([t[p + f"mlp.experts.{e}.{proj}.weight"] for e in range(E)])
+
+    for l in range(L):
+        p = f"model.layers.{l}."
+        assert (p + "mlp.gate.weight" in t) == is_moe[l] and (p + "mlp.gate_proj.weight" in t) != is_moe[l], l
+    assert f"model.layers.{L}.input_layernorm.weight" not in t
+
+    def rope(x, cos, sin):  # x [..., T, rdim] with cos/sin [T, rdim/2]
+        if interleave:
+            a, b = x[..., 0::2], x[..., 1::2]
+        else:
+            a, b = x[..., : rdim // 2], x[..., rdim // 2:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+    def route(sc):
+        grp = np.sort(sc.reshape(G, E // G), axis=-1)[:, -2:].sum(-1)
+        keep = np.argsort(-grp, kind="stable")[:TG]
+        m = np.full(E, -np.inf)
+        for g in keep:
+            m[g * (E // G):(g + 1) * (E // G)] = 0.0
+        return np.argsort(-(sc + m), kind="stable")[:K]
+
+    changed = [0]
+
+    def forward(tokens):
+        T = len(tokens)
+        x = embed[np.asarray(tokens)]
+        ang = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]
+        cos, sin = np.cos(ang) * att_factor, np.sin(ang) * att_factor
+        causal = np.triu(np.full((T, T), -np.inf), k=1)
+        for l in range(L):
+            p = f"model.layers.{l}."
+            a = p + "self_attn."
+            h = rms(x, t[p + "input_layernorm.weight"], eps)
+            if cfg.get("q_lora_rank") is None:
+                q = lin(h, a + "q_proj")
+            else:
+                q = lin(rms(lin(h, a + "q_a_proj"), t[a + "q_a_layernorm.weight"], 1e-6), a + "q_b_proj")
+            q = q.reshape(T, nH, qk).transpose(1, 0, 2)
+            ckv = lin(h, a + "kv_a_proj_with_mqa")
+            c = rms(ckv[:, :kv_lora], t[a + "kv_a_layernorm.weight"], 1e-6)
+            k_pe = rope(ckv[:, kv_lora:], cos, sin)  # [T, rdim], shared by all heads
+            q_pe = rope(q[..., nope:], cos, sin)
+            W = kv_b(p)  # [nH, nope+v, kv_lora]
+            k_nope = np.einsum("tc,hdc->htd", c, W[:, :nope, :])
+            v = np.einsum("tc,hdc->htd", c, W[:, nope:, :])
+            s = (np.einsum("hqd,hkd->hqk", q[..., :nope], k_nope) + np.einsum("hqd,kd->hqk", q_pe, k_pe))
+            s = s * scaling + causal
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s = s / s.sum(-1, keepdims=True)
+            o = np.einsum("hqk,hkd->qhd", s, v).reshape(T, nH * vdim)
+            x = x + lin(o, a + "o_proj")
+            h2 = rms(x, t[p + "post_attention_layernorm.weight"], eps)
+            if is_moe[l]:
+                sg = 1.0 / (1.0 + np.exp(-(h2 @ t[p + "mlp.gate.weight"].T)))
+                bias = t[p + "mlp.gate.e_score_correction_bias"]
+                wg, wu, wd = experts(p, "gate_proj"), experts(p, "up_proj"), experts(p, "down_proj")
+                y = mlp(h2, p + "mlp.shared_experts.")
+                for n in range(T):
+                    sel = route(sg[n] + bias)
+                    changed[0] += set(sel) != set(route(sg[n]))
+                    w = sg[n, sel]
+                    if cfg.get("norm_topk_prob", True):
+                        w = w / (w.sum() + 1e-20)
+                    w = w * cfg["routed_scaling_factor"]
+                    for e, we in zip(sel, w):
+                        y[n] += we * (wd[e] @ (silu(wg[e] @ h2[n]) * (wu[e] @ h2[n])))
+            else:
+                y = mlp(h2, p + "mlp.")
+            x = x + y
+        return rms(x, t["model.norm.weight"], eps) @ lm_head.T
+
+    logits = forward(prompt)
+    prompt_changed = changed[0]
+    want = np.asarray(golden["logits"], dtype=np.float64)
+    err = np.abs(logits - want) / np.maximum(1.0, np.abs(want))
+    assert err.max() < 1e-4, f"numpy forward disagrees with transformers: max rel err {err.max():.3g}"
+    seq = list(prompt)
+    for _ in range(len(golden["greedy_tokens"])):
+        seq.append(int(np.argmax(forward(seq)[-1])))
+    assert seq[len(prompt):] == golden["greedy_tokens"], (seq[len(prompt):], golden["greedy_tokens"])
+    return (f"numpy f64 forward: max |dlogit|/max(1,|e|) = {err.max():.2e}, greedy identical, "
+            f"router bias changed {prompt_changed} prompt token-layer selections")
+
+
+# ----------------------------------------------------------------------------------------
+# Family: glm4_moe_lite  (GLM-4.7-Flash; model-spec.md section 3)
+# ----------------------------------------------------------------------------------------
+
+
+def glm4_moe_lite_variants() -> list[Variant]:
+    from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
+
+    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+                  rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=512, initializer_range=0.2,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    probe = sigmoid_group_router_probe()
+    keep_bias = ("e_score_correction_bias",)
+    variants = []
+
+    # 1. bf16 HF layout, q_lora, n_group 1, top-2 of 8, one shared expert, layer 0 dense by default.
+    cfg = Glm4MoeLiteConfig(vocab_size=512, num_hidden_layers=3, q_lora_rank=48, kv_lora_rank=32,
+                            qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32,
+                            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                            routed_scaling_factor=1.8, norm_topk_prob=True, rope_interleave=True,
+                            tie_word_embeddings=False, attention_bias=False,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, **common)
+    variants.append(Variant(
+        name="bf16_hf", config=cfg, model_cls=Glm4MoeLiteForCausalLM, randomise=randomise_mla_moe(0.1),
+        writer=save_hf(torch.bfloat16, keep_fp32=keep_bias), seed=4000, prompt_len=16, gen_len=20,
+        router_probe=probe, np_check=mla_np_check,
+        notes="HF layout saved by save_pretrained, bfloat16 on disk except mlp.gate.e_score_correction_bias (F32). "
+              "MLA: q_lora_rank 48 (q_a_proj -> q_a_layernorm eps 1e-6 -> q_b_proj), kv_lora_rank 32, qk_nope 24 + "
+              "qk_rope 8 = qk_head 32 != v_head 16, 4 heads; rope_interleave true, default rope theta 1e6 on the 8 "
+              "rope dims. mlp_layer_types absent from the constructor -> default ['dense','sparse','sparse'] "
+              "(saved explicitly in config.json). Router: sigmoid, e_score_correction_bias ~U(-0.1,0.1) for "
+              "selection only, n_group 1, top-2 of 8, norm_topk_prob true, routed_scaling_factor 1.8; one shared "
+              "expert (intermediate 32). Untied lm_head. rms_norm_eps 1e-5. Router margins are in biased "
+              "sigmoid-score units."))
+
+    # 2. f32, no q_lora (plain q_proj), grouped routing, 2 shared experts, explicit mlp_layer_types,
+    #    attention_bias (on kv_a_proj_with_mqa and o_proj; q_proj never has a bias).
+    cfg = Glm4MoeLiteConfig(vocab_size=384, num_hidden_layers=4, q_lora_rank=None, kv_lora_rank=32,
+                            qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=24,
+                            n_routed_experts=16, num_experts_per_tok=3, n_shared_experts=2, n_group=2, topk_group=1,
+                            routed_scaling_factor=2.5, norm_topk_prob=False, rope_interleave=True,
+                            mlp_layer_types=["dense", "sparse", "dense", "sparse"], tie_word_embeddings=False,
+                            attention_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+                            **common)
+    variants.append(Variant(
+        name="f32_grouped_noqlora", config=cfg, model_cls=Glm4MoeLiteForCausalLM, randomise=randomise_mla_moe(0.1),
+        writer=save_hf(torch.float32), seed=5000, prompt_len=16, gen_len=20, router_probe=probe,
+        np_check=mla_np_check,
+        notes="HF layout saved by save_pretrained, float32. q_lora_rank null -> plain self_attn.q_proj (no bias, "
+              "no q_a_layernorm). attention_bias true -> .bias on kv_a_proj_with_mqa and o_proj only (q_proj, "
+              "q_b_proj, kv_b_proj never have one). kv_lora 32, qk_nope 24 + qk_rope 8, v_head 16, 4 heads, rope "
+              "theta 1e4 interleaved. mlp_layer_types ['dense','sparse','dense','sparse'] (MoE layers 1,3). "
+              "Router: 16 experts in n_group 2 groups, topk_group 1 (group score = sum of the top-2 biased "
+              "scores, experts of dropped groups -> -inf), top-3, norm_topk_prob false (raw sigmoid weights), "
+              "routed_scaling_factor 2.5, bias ~U(-0.1,0.1); n_shared_experts 2 -> one shared MLP of intermediate "
+              "2*24 = 48. Router margins (group and expert choice) in biased sigmoid-score units."))
+
+    # 3. mlx-community layout, MLX affine 4-bit gs 32.
+    nh, nope, vh = 4, 32, 16
+    cfg = Glm4MoeLiteConfig(vocab_size=512, num_hidden_layers=3, q_lora_rank=64, kv_lora_rank=32,
+                            qk_nope_head_dim=nope, qk_rope_head_dim=16, v_head_dim=vh, moe_intermediate_size=32,
+                            n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, n_group=1, topk_group=1,
+                            routed_scaling_factor=1.8, norm_topk_prob=True, rope_interleave=True,
+                            tie_word_embeddings=False, attention_bias=False,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, **common)
+
+    def mlx_config(hf: dict) -> dict:
+        """HF v5 config -> the spelling of the released GLM-4.7-Flash config.json that mlx-community
+        conversions carry: top-level rope_theta / partial_rotary_factor, rope_scaling null,
+        first_k_dense_replace instead of mlp_layer_types, noaux_tc/sigmoid markers, torch_dtype."""
+        cfg = {k: v for k, v in hf.items() if k not in ("rope_parameters", "dtype", "mlp_layer_types", "qk_head_dim")}
+        assert hf["mlp_layer_types"] == ["dense"] + ["sparse"] * (hf["num_hidden_layers"] - 1)
+        assert hf["rope_parameters"]["rope_type"] == "default"
+        cfg.update(rope_theta=hf["rope_parameters"]["rope_theta"], rope_scaling=None, partial_rotary_factor=1.0,
+                   first_k_dense_replace=1, num_nextn_predict_layers=1, topk_method="noaux_tc",
+                   scoring_func="sigmoid", torch_dtype="bfloat16")
+        legacy = Glm4MoeLiteConfig.from_dict(dict(cfg))
+        # top-level partial_rotary_factor is moved into rope_parameters on load
+        assert legacy.rope_parameters == dict(hf["rope_parameters"], partial_rotary_factor=1.0), legacy.rope_parameters
+        for key in ("mlp_layer_types", "q_lora_rank", "n_group", "norm_topk_prob", "num_experts_per_tok",
+                    "routed_scaling_factor", "rope_interleave", "tie_word_embeddings", "attention_bias"):
+            assert getattr(legacy, key) == hf[key], (key, getattr(legacy, key), hf[key])
+        return cfg
+
+    variants.append(Variant(
+        name="mlx_affine_q4", config=cfg, model_cls=Glm4MoeLiteForCausalLM, randomise=randomise_mla_moe(0.1),
+        writer=save_mlx_affine(group_size=32, bits=4, override=lambda _m: None, config_transform=mlx_config,
+                               stacked_experts=fused_experts_to_switch_mlp,
+                               unquantised=lambda n: n.endswith(".mlp.gate.weight"),
+                               keep_fp32=lambda n: n.endswith(".mlp.gate.e_score_correction_bias"),
+                               remap=kv_b_to_embed_q_unembed_out(nh, nope, vh)),
+        seed=6000, prompt_len=20, gen_len=20, router_probe=probe, np_check=mla_np_check,
+        notes="mlx-community layout (safetensors metadata format=mlx). MLX-affine 4-bit group 32 (uint32 LSB-first "
+              "packing, bf16 scales/biases, scales may be negative), no per-module overrides: "
+              "model.embed_tokens, lm_head, self_attn.{q_a_proj,q_b_proj,kv_a_proj_with_mqa,o_proj}, "
+              "self_attn.embed_q [4,32(kv_lora),32(qk_nope)] (1 group along qk_nope), self_attn.unembed_out "
+              "[4,16(v_head),32(kv_lora)] (1 group along kv_lora), layer-0 dense mlp.{gate,up,down}_proj "
+              "(down: 3 groups), mlp.shared_experts.{gate,up,down}_proj, mlp.switch_mlp.{gate,up,down}_proj "
+              "[16,out,in*4/32]. NOT quantised: mlp.gate.weight (bf16), mlp.gate.e_score_correction_bias (F32), "
+              "all norms (bf16; incl. q_a_layernorm, kv_a_layernorm). No kv_b_proj on disk: kv_b_proj rows of "
+              "head h = [embed_q[h]^T (32x32 = qk_nope x kv_lora); unembed_out[h] (16x32)]. Config in the released "
+              "spelling: no mlp_layer_types (transformers default: layer 0 dense) with first_k_dense_replace 1, "
+              "top-level rope_theta 1e6, rope_scaling null, partial_rotary_factor 1.0, num_nextn_predict_layers 1 "
+              "(no MTP weights stored, as in mlx-community conversions), torch_dtype. q_lora 64, kv_lora 32, qk_nope "
+              "32 + qk_rope 16 = 48 != v_head 16, 4 heads, interleaved rope. Router: n_group 1, top-4 of 16, "
+              "norm_topk_prob true, scaling 1.8, bias ~U(-0.1,0.1); one shared expert. Reference = transformers on "
+              "the dequantised weights, w = f32(scale_bf16)*q + f32(bias_bf16) in float32."))
+    return variants
+
+
+# ----------------------------------------------------------------------------------------
+# Family: deepseek_v3  (DeepSeek-V3 / Kimi-K2 architecture; same MLA + router as GLM-4.7-Flash)
+# ----------------------------------------------------------------------------------------
+
+
+def deepseek_v3_variants() -> list[Variant]:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    # num_key_value_heads must be given: its default is 128 (not num_attention_heads), and MLA
+    # uses num_attention_heads // num_key_value_heads as the repeat_kv factor.
+    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+                  rms_norm_eps=1e-6, hidden_act="silu", initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=None)
+    probe = sigmoid_group_router_probe()
+    variants = []
+
+    # 1. bf16, YaRN (factor 4, original 64; mscale != mscale_all_dim so both the cos/sin factor and
+    #    the softmax-scale mscale^2 differ from 1), grouped routing 4 groups keep 2, top-4 of 16.
+    cfg = DeepseekV3Config(vocab_size=512, num_hidden_layers=3, q_lora_rank=48, kv_lora_rank=32,
+                           qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24, moe_intermediate_size=32,
+                           n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2,
+                           first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                           rope_interleave=True, tie_word_embeddings=False, attention_bias=False,
+                           max_position_embeddings=256,
+                           rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
+                                            "original_max_position_embeddings": 64, "beta_fast": 32,
+                                            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.707},
+                           **common)
+    variants.append(Variant(
+        name="bf16_yarn_grouped", config=cfg, model_cls=DeepseekV3ForCausalLM, randomise=randomise_mla_moe(0.1),
+        writer=save_hf(torch.bfloat16, keep_fp32=("e_score_correction_bias",)), seed=7000, prompt_len=16,
+        gen_len=20, router_probe=probe, np_check=mla_np_check,
+        notes="HF layout saved by save_pretrained, bfloat16 on disk except mlp.gate.e_score_correction_bias (F32). "
+              "MoE layers chosen by first_k_dense_replace=1 (layer_idx >= 1 -> MoE: layers 1,2). MLA: q_lora 48, "
+              "kv_lora 32, qk_nope 16 + qk_rope 16 = 32 != v_head 24, 4 heads (num_key_value_heads 4 given "
+              "explicitly; its default is 128). YaRN: theta 1e4, factor 4, original_max_position_embeddings 64, "
+              "max_position_embeddings 256, beta_fast 32, beta_slow 1, truncate default (true) -> correction range "
+              "[0,3] over the 8 frequencies (i=0 original, i=1,2 blended, i>=3 divided by 4); attention_factor "
+              "(cos/sin multiplier) = mscale(4,1.0)/mscale(4,0.707) = 1.0369927; softmax scale = 32^-0.5 * "
+              "mscale(4,0.707)^2 = 0.21312697 (mscale(f,m) = 0.1*m*ln f + 1). YaRN is static in transformers: "
+              "positions (<36 here) vs original_max_position_embeddings do not matter. Interleaved rope. Router: "
+              "16 experts in 4 groups, topk_group 2, top-4, norm_topk_prob true, routed_scaling_factor 2.5, bias "
+              "~U(-0.1,0.1); one shared expert (intermediate 32). Untied. rms_norm_eps 1e-6. Router margins "
+              "(group and expert choice) in biased sigmoid-score units."))
+
+    # 2. f32, q_lora + attention_bias (q_a_proj, kv_a_proj_with_mqa, o_proj biases), default rope
+    #    with rope_interleave false (half-split), Kimi-K2-like n_group 1, 2 dense layers, tied head.
+    cfg = DeepseekV3Config(vocab_size=384, num_hidden_layers=4, q_lora_rank=32, kv_lora_rank=48,
+                           qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32,
+                           n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, n_group=1, topk_group=1,
+                           first_k_dense_replace=2, routed_scaling_factor=1.5, norm_topk_prob=False,
+                           rope_interleave=False, tie_word_embeddings=True, attention_bias=True,
+                           max_position_embeddings=512,
+                           rope_parameters={"rope_type": "default", "rope_theta": 50_000.0}, **common)
+    variants.append(Variant(
+        name="f32_bias_halfrope_tied", config=cfg, model_cls=DeepseekV3ForCausalLM,
+        randomise=randomise_mla_moe(0.1), writer=save_hf(torch.float32), seed=8000, prompt_len=13, gen_len=20,
+        router_probe=probe, np_check=mla_np_check,
+        notes="HF layout saved by save_pretrained, float32. first_k_dense_replace=2 -> layers 0,1 dense, 2,3 MoE. "
+              "attention_bias true -> .bias on q_a_proj, kv_a_proj_with_mqa, o_proj (not q_b_proj / kv_b_proj). "
+              "q_lora 32 < kv_lora 48, qk_nope 16 + qk_rope 8, v_head 16, 4 heads. rope_interleave FALSE: half-split "
+              "(rotate_half) rotation of the 8 rope dims, default rope theta 5e4. tie_word_embeddings true (no "
+              "lm_head key). Router: n_group 1 / topk_group 1 (Kimi-K2 style, no group limiting), top-2 of 8, "
+              "norm_topk_prob false (raw sigmoid weights), routed_scaling_factor 1.5, bias ~U(-0.1,0.1); "
+              "n_shared_experts 2 -> one shared MLP of intermediate 64."))
+    return variants
+
+
 # ----------------------------------------------------------------------------------------
 # Registry + harness
 # ----------------------------------------------------------------------------------------
 
 FAMILIES: dict[str, Callable[[], list[Variant]]] = {
     "qwen3_moe": qwen3_moe_variants,
+    "glm4_moe_lite": glm4_moe_lite_variants,
+    "deepseek_v3": deepseek_v3_variants,
 }
 
 
@@ -660,8 +1193,14 @@ def build_variant(family: str, v: Variant, out_root: Path, max_attempts: int) ->
         min_router = min(gaps) if gaps else float("inf")
         min_greedy = min(greedy_gaps)
         distinct = len(set(greedy))
+        # Probes of biased routers report how often the bias changed a selection; a fixture on
+        # which it never does cannot catch "bias ignored" bugs.
+        router_stats = getattr(gaps, "stats", None)
+        bias_matters = router_stats is None or router_stats["prompt_selections_changed_by_bias"] > 0
         if not cache_agrees:
             print(f"  {v.name}: seed {seed}: KV-cached decode disagrees with full recompute", file=sys.stderr)
+        elif not bias_matters:
+            print(f"  {v.name}: seed {seed}: router bias changes no selection on the prompt", file=sys.stderr)
         elif min_router >= ROUTER_GAP_MIN and min_greedy >= GREEDY_GAP_MIN and distinct >= MIN_DISTINCT_GREEDY:
             break
         print(f"  {v.name}: seed {seed} rejected (router gap {min_router:.2e}, greedy gap {min_greedy:.2e}, "
@@ -705,6 +1244,8 @@ def build_variant(family: str, v: Variant, out_root: Path, max_attempts: int) ->
                  f"greedy choice by >= {GREEDY_GAP_MIN} in logit, >= {MIN_DISTINCT_GREEDY} distinct greedy tokens "
                  "(seed chosen for that).",
     }
+    if router_stats is not None:
+        golden["router_stats"] = router_stats
     if v.np_check:
         golden["notes"] += " Cross-checked: " + v.np_check(fixture_dir, prompt, golden) + "."
     (fixture_dir / "golden.json").write_text(json.dumps(golden, separators=(",", ":")) + "\n")
@@ -712,7 +1253,8 @@ def build_variant(family: str, v: Variant, out_root: Path, max_attempts: int) ->
     total = sum(f.stat().st_size for f in fixture_dir.iterdir())
     assert total < MAX_FIXTURE_BYTES, f"{fixture_dir} is {total} bytes"
     print(f"{family}/{v.name}: seed {seed}, {len(prompt)} prompt tokens, {len(greedy)} greedy tokens, "
-          f"min router gap {min_router:.2e}, min greedy gap {min_greedy:.2e}, {total / 1024:.0f} KiB\n"
+          f"min router gap {min_router:.2e}, min greedy gap {min_greedy:.2e}, {total / 1024:.0f} KiB"
+          f"{'' if router_stats is None else chr(10) + '  router: ' + json.dumps(router_stats)}\n"
           f"  {golden['notes'].split('Cross-checked: ')[-1] if v.np_check else ''}")
     return fixture_dir
 

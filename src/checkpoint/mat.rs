@@ -225,6 +225,51 @@ impl Mat {
         }
     }
 
+    /// Rows `start..start+n` as a matrix sharing this one's storage (MLA splits `kv_b_proj`
+    /// into per-head key and value blocks this way).
+    pub fn row_slice(&self, start: usize, n: usize) -> Mat {
+        assert!(start + n <= self.rows, "row_slice out of bounds");
+        let cols = self.cols;
+        let kind = match &self.kind {
+            MatKind::Float(f) => {
+                let s = f.dtype.size() * cols;
+                MatKind::Float(FloatBytes { dtype: f.dtype, data: f.data.slice(start * s, n * s) })
+            }
+            MatKind::Affine { bits, group, packed, scales, biases } => {
+                let (rb, g) = (cols * *bits as usize / 8, cols / group);
+                let sb = |x: &FloatBytes| FloatBytes {
+                    dtype: x.dtype,
+                    data: x.data.slice(start * g * x.dtype.size(), n * g * x.dtype.size()),
+                };
+                MatKind::Affine {
+                    bits: *bits,
+                    group: *group,
+                    packed: packed.slice(start * rb, n * rb),
+                    scales: sb(scales),
+                    biases: sb(biases),
+                }
+            }
+            MatKind::Mxfp4 { packed, scales } => MatKind::Mxfp4 {
+                packed: packed.slice(start * cols / 2, n * cols / 2),
+                scales: scales.slice(start * cols / 32, n * cols / 32),
+            },
+        };
+        Mat { rows: n, cols, kind }
+    }
+
+    /// The transpose `[cols, rows]`, dequantized exactly into f32.
+    pub fn transposed_f32(&self) -> Mat {
+        let w = self.to_f32();
+        let mut t = Vec::with_capacity(w.len() * 4);
+        for c in 0..self.cols {
+            for r in 0..self.rows {
+                t.extend_from_slice(&w[r * self.cols + c].to_le_bytes());
+            }
+        }
+        let data = FloatBytes { dtype: FloatType::F32, data: Bytes::from_vec(t) };
+        Mat { rows: self.cols, cols: self.rows, kind: MatKind::Float(data) }
+    }
+
     /// The whole matrix as f32 (tests and small tensors only).
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.rows * self.cols];

@@ -87,13 +87,28 @@ pub struct SynthSpec {
 }
 
 /// Known (family, preset) pairs with a one-line description.
-pub const PRESETS: [(&str, &str, &str); 2] = [
+pub const PRESETS: [(&str, &str, &str); 6] = [
     ("qwen3_moe", "tiny", "4 layers, H 256, 16 experts top-4, one dense layer; for tests and the demo"),
     ("qwen3_moe", "qwen3-30b-a3b", "Qwen3-30B-A3B shapes: 48 layers, H 2048, 128 experts top-8, vocab 151936"),
+    ("glm4_moe_lite", "glm-tiny", "4 layers, H 256, MLA (q_lora 128, kv_lora 128), 16 experts top-4 + 1 shared"),
+    (
+        "glm4_moe_lite",
+        "glm-4.7-flash",
+        "GLM-4.7-Flash shapes: 47 layers, H 2048, 20 MLA heads, 64 experts top-4 + 1 shared, vocab 154880",
+    ),
+    (
+        "deepseek_v3",
+        "deepseek-tiny",
+        "DeepSeek-V3-shaped, small: 4 layers, YaRN, 32 experts in 4 groups (2 kept) top-4",
+    ),
+    ("deepseek_v3", "kimi-k2-tiny", "Kimi-K2-shaped (model_type kimi_k2), small: 4 layers, 48 experts top-8, YaRN"),
 ];
 
 /// The HF-style config.json of a preset (without quantization block).
 pub fn preset_config(family: &str, preset: &str) -> Result<Value> {
+    if family != "qwen3_moe" {
+        return mla_preset_config(family, preset);
+    }
     let (vocab, hidden, layers, heads, kv, hd, experts, topk, moe_i, inter, dense): (
         usize,
         _,
@@ -128,6 +143,80 @@ pub fn preset_config(family: &str, preset: &str) -> Result<Value> {
         "hidden_act": "silu", "torch_dtype": "bfloat16",
         "bos_token_id": vocab - n_special, "eos_token_id": vocab - 1,
     }))
+}
+
+/// MLA presets (model-spec §3.2 for GLM-4.7-Flash; DeepSeek-V3 / Kimi-K2 shaped small ones).
+fn mla_preset_config(family: &str, preset: &str) -> Result<Value> {
+    let n_special = crate::tokenizer::SPECIALS.len();
+    let yarn = json!({"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                      "rope_theta": 10000.0});
+    // (model_type, vocab, hidden, layers, heads, q_lora, kv_lora, nope, rope, v, E, top-k,
+    //  moe_i, inter, n_group, topk_group, scaling, first dense layers)
+    #[allow(clippy::type_complexity)]
+    let (mt, vocab, hidden, layers, heads, q_lora, kv_lora, nope, rope, v, e, k, moe_i, inter, ng, tg, scale, dense): (
+        &str,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        f64,
+        usize,
+    ) = match (family, preset) {
+        ("glm4_moe_lite", "glm-tiny") => {
+            ("glm4_moe_lite", 1024, 256, 4, 4, 128, 128, 64, 32, 64, 16, 4, 128, 512, 1, 1, 1.8, 1)
+        }
+        ("glm4_moe_lite", "glm-4.7-flash") => {
+            ("glm4_moe_lite", 154880, 2048, 47, 20, 768, 512, 192, 64, 256, 64, 4, 1536, 10240, 1, 1, 1.8, 1)
+        }
+        ("deepseek_v3", "deepseek-tiny") => ("deepseek_v3", 1024, 256, 4, 4, 192, 128, 64, 32, 64, 32, 4, 128, 512, 4, 2, 2.5, 1),
+        ("deepseek_v3", "kimi-k2-tiny") => {
+            ("kimi_k2", 1024, 256, 4, 4, 192, 128, 64, 32, 64, 48, 8, 64, 512, 1, 1, 2.827, 1)
+        }
+        _ => {
+            let known: Vec<String> = PRESETS.iter().map(|(f, p, _)| format!("{f}/{p}")).collect();
+            return Err(Error::Arg(format!("unknown family/preset `{family}/{preset}` (known: {})", known.join(", "))));
+        }
+    };
+    let mut c = json!({
+        "model_type": mt,
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": heads,
+        "q_lora_rank": q_lora, "kv_lora_rank": kv_lora, "qk_nope_head_dim": nope,
+        "qk_rope_head_dim": rope, "v_head_dim": v,
+        "n_routed_experts": e, "num_experts_per_tok": k, "n_shared_experts": 1,
+        "moe_intermediate_size": moe_i, "intermediate_size": inter,
+        "n_group": ng, "topk_group": tg, "routed_scaling_factor": scale, "norm_topk_prob": true,
+        "rope_interleave": true, "attention_bias": false, "tie_word_embeddings": false,
+        "hidden_act": "silu", "torch_dtype": "bfloat16",
+        "bos_token_id": vocab - n_special, "eos_token_id": vocab - 1,
+    });
+    if family == "glm4_moe_lite" {
+        c["architectures"] = json!(["Glm4MoeLiteForCausalLM"]);
+        c["rms_norm_eps"] = json!(1e-5);
+        c["rope_theta"] = json!(1_000_000.0);
+        c["max_position_embeddings"] = json!(202752);
+        let kinds: Vec<&str> = (0..layers).map(|l| if l < dense { "dense" } else { "sparse" }).collect();
+        c["mlp_layer_types"] = json!(kinds);
+    } else {
+        c["architectures"] = json!(["DeepseekV3ForCausalLM"]);
+        c["rms_norm_eps"] = json!(1e-6);
+        c["rope_scaling"] = yarn;
+        c["max_position_embeddings"] = json!(163840);
+        c["first_k_dense_replace"] = json!(dense);
+    }
+    Ok(c)
 }
 
 /// How a tensor's bytes are produced.
@@ -248,6 +337,12 @@ impl Builder {
         self.push(name, Dtype::BF16, vec![n], Gen::Float { center: 1.0, std: 0.1, dtype: FloatType::Bf16 });
     }
 
+    /// An unquantized bf16 linear weight `[out, in]`, whatever the checkpoint's format.
+    fn linear_float(&mut self, path: &str, out: usize, inp: usize) {
+        let source = Gen::Float { center: 0.0, std: 0.02, dtype: FloatType::Bf16 };
+        self.push(format!("{path}.weight"), Dtype::BF16, vec![out, inp], source);
+    }
+
     /// A linear module `[stack?, out, in]`, quantized with `q` (or the builder's default).
     fn linear(&mut self, path: &str, stack: Option<usize>, out: usize, inp: usize, q: Option<QuantParams>) {
         let std = 0.02;
@@ -290,8 +385,11 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
         let mut block = json!({"group_size": q.group_size, "bits": q.bits, "mode": "affine"});
         let layers = cfg_json["num_hidden_layers"].as_u64().unwrap_or(0);
         for l in 0..layers {
-            // mlx-lm's default: the router stays 8-bit, group 64 (model-spec §6.3).
-            block[format!("model.layers.{l}.mlp.gate")] = json!({"group_size": 64, "bits": 8});
+            // mlx-lm's default: the Qwen3 router stays 8-bit, group 64 (model-spec §6.3); the
+            // GLM / DeepSeek router is not an nn.Linear there and stays bf16.
+            if spec.family == "qwen3_moe" {
+                block[format!("model.layers.{l}.mlp.gate")] = json!({"group_size": 64, "bits": 8});
+            }
         }
         cfg_json["quantization"] = block.clone();
         cfg_json["quantization_config"] = block;
@@ -308,15 +406,61 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
         let p = format!("model.layers.{l}");
         b.norm(format!("{p}.input_layernorm.weight"), h);
         b.norm(format!("{p}.post_attention_layernorm.weight"), h);
-        b.linear(&format!("{p}.self_attn.q_proj"), None, cfg.num_heads * d, h, None);
-        b.linear(&format!("{p}.self_attn.k_proj"), None, cfg.num_kv_heads * d, h, None);
-        b.linear(&format!("{p}.self_attn.v_proj"), None, cfg.num_kv_heads * d, h, None);
-        b.linear(&format!("{p}.self_attn.o_proj"), None, h, cfg.num_heads * d, None);
-        b.norm(format!("{p}.self_attn.q_norm.weight"), d);
-        b.norm(format!("{p}.self_attn.k_norm.weight"), d);
+        match &cfg.mla {
+            None => {
+                b.linear(&format!("{p}.self_attn.q_proj"), None, cfg.num_heads * d, h, None);
+                b.linear(&format!("{p}.self_attn.k_proj"), None, cfg.num_kv_heads * d, h, None);
+                b.linear(&format!("{p}.self_attn.v_proj"), None, cfg.num_kv_heads * d, h, None);
+                b.norm(format!("{p}.self_attn.q_norm.weight"), d);
+                b.norm(format!("{p}.self_attn.k_norm.weight"), d);
+            }
+            Some(m) => {
+                let a = format!("{p}.self_attn");
+                let (nh, lat, nope, v) = (cfg.num_heads, m.kv_lora_rank, m.qk_nope_head_dim, m.v_head_dim);
+                let q_in = match m.q_lora_rank {
+                    Some(r) => {
+                        b.linear(&format!("{a}.q_a_proj"), None, r, h, None);
+                        b.norm(format!("{a}.q_a_layernorm.weight"), r);
+                        b.linear(&format!("{a}.q_b_proj"), None, nh * d, r, None);
+                        r
+                    }
+                    None => h,
+                };
+                if m.q_lora_rank.is_none() {
+                    b.linear(&format!("{a}.q_proj"), None, nh * d, q_in, None);
+                }
+                b.linear(&format!("{a}.kv_a_proj_with_mqa"), None, m.cache_row(), h, None);
+                b.norm(format!("{a}.kv_a_layernorm.weight"), lat);
+                if quant.is_some() {
+                    // mlx-lm's layout: kv_b_proj split per head (model-spec §6.5).
+                    b.linear(&format!("{a}.embed_q"), Some(nh), lat, nope, None);
+                    b.linear(&format!("{a}.unembed_out"), Some(nh), v, lat, None);
+                } else {
+                    b.linear(&format!("{a}.kv_b_proj"), None, nh * (nope + v), lat, None);
+                }
+            }
+        }
+        b.linear(&format!("{p}.self_attn.o_proj"), None, h, cfg.num_heads * cfg.v_head_dim, None);
         if cfg.is_moe_layer(l) {
             let (e, i) = (cfg.num_experts, cfg.moe_intermediate_size);
-            b.linear(&format!("{p}.mlp.gate"), None, e, h, router_q);
+            if cfg.mla.is_some() {
+                // GLM / DeepSeek: the router stays bf16 in mlx-lm (not an nn.Linear), its
+                // correction bias f32 and large enough to change selections.
+                b.linear_float(&format!("{p}.mlp.gate"), e, h);
+                b.push(
+                    format!("{p}.mlp.gate.e_score_correction_bias"),
+                    Dtype::F32,
+                    vec![e],
+                    Gen::Float { center: 0.0, std: 0.05, dtype: FloatType::F32 },
+                );
+                let sh = format!("{p}.mlp.shared_experts");
+                let fs = cfg.shared_intermediate_size();
+                b.linear(&format!("{sh}.gate_proj"), None, fs, h, None);
+                b.linear(&format!("{sh}.up_proj"), None, fs, h, None);
+                b.linear(&format!("{sh}.down_proj"), None, h, fs, None);
+            } else {
+                b.linear(&format!("{p}.mlp.gate"), None, e, h, router_q);
+            }
             if quant.is_some() {
                 let sw = format!("{p}.mlp.switch_mlp");
                 b.linear(&format!("{sw}.gate_proj"), Some(e), i, h, None);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::{Linear, Mlp, Weights};
+use crate::model::{Attn, Linear, MlaWeights, Mlp, Weights};
 use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
 
 /// Per-sequence state: activation buffers, router choices and the KV cache.
@@ -24,9 +24,10 @@ struct RunState {
     topk_idx: Vec<usize>,
     /// Their weights `[T, K]`.
     topk_w: Vec<f32>,
-    /// Per layer: K and V rows `[S, nKV·D]`, post-norm, post-RoPE.
+    /// Per layer: K rows `[S, nKV·D]`, post-norm, post-RoPE; for MLA the latent cache rows
+    /// `[S, kv_lora + rope]` (normalised latent, roped `k_pe`).
     k_cache: Vec<Vec<f32>>,
-    /// Per layer: V rows `[S, nKV·D]`.
+    /// Per layer: V rows `[S, nKV·D]` (unused by MLA).
     v_cache: Vec<Vec<f32>>,
     /// Tokens already in the cache.
     pos: usize,
@@ -62,42 +63,28 @@ impl CpuBackend {
     }
 
     fn linear(&self, r: LinRef) -> &Linear {
-        let layer = |l: usize| &self.weights.layers[l];
-        let dense = |l: usize| match &layer(l).mlp {
-            Mlp::Dense { gate, up, down } => (gate, up, down),
-            Mlp::Moe { .. } => panic!("plan asks for a dense MLP weight of MoE layer {l}"),
-        };
-        match r {
-            LinRef::Q(l) => &layer(l).q,
-            LinRef::K(l) => &layer(l).k,
-            LinRef::V(l) => &layer(l).v,
-            LinRef::O(l) => &layer(l).o,
-            LinRef::DenseGate(l) => dense(l).0,
-            LinRef::DenseUp(l) => dense(l).1,
-            LinRef::DenseDown(l) => dense(l).2,
-            LinRef::Router(l) => match &layer(l).mlp {
-                Mlp::Moe { router, .. } => router,
-                Mlp::Dense { .. } => panic!("plan asks for the router of dense layer {l}"),
-            },
-            LinRef::LmHead => &self.weights.lm_head,
-        }
+        self.weights.linear(r).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"))
     }
 
     fn norm(&self, r: NormRef) -> &[f32] {
-        let w = &self.weights;
-        match r {
-            NormRef::Input(l) => &w.layers[l].input_norm,
-            NormRef::Post(l) => &w.layers[l].post_norm,
-            NormRef::QHead(l) => &w.layers[l].q_norm,
-            NormRef::KHead(l) => &w.layers[l].k_norm,
-            NormRef::Final => &w.norm,
-        }
+        self.weights.norm(r).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"))
+    }
+
+    fn layer(&self, l: usize) -> &crate::model::Layer {
+        &self.weights.layers[l]
     }
 
     fn experts(&self, l: usize) -> &crate::model::Experts {
-        match &self.weights.layers[l].mlp {
+        match &self.layer(l).mlp {
             Mlp::Moe { experts, .. } => experts,
-            Mlp::Dense { .. } => panic!("plan asks for the experts of dense layer {l}"),
+            Mlp::Dense(_) => panic!("plan asks for the experts of dense layer {l}"),
+        }
+    }
+
+    fn mla(&self, l: usize) -> &MlaWeights {
+        match &self.layer(l).attn {
+            Attn::Mla(m) => m,
+            Attn::Gqa { .. } => panic!("plan asks for MLA weights of GQA layer {l}"),
         }
     }
 
@@ -118,8 +105,9 @@ impl CpuBackend {
                 self.st.put(Buf::X, x);
             }
             Step::RmsNorm { w, src, dst } => {
-                let mut out = vec![0.0; *t * h];
-                ops::rms_norm(&self.st.bufs[src as usize], self.norm(w), c.rms_norm_eps, &mut out);
+                let x = &self.st.bufs[src as usize];
+                let mut out = if src == dst { x.clone() } else { vec![0.0; *t * self.norm(w).len()] };
+                ops::rms_norm_prefix(x, x.len() / *t, self.norm(w), w.eps(c), &mut out);
                 self.st.put(dst, out);
             }
             Step::Linear { w, src, dst } => {
@@ -131,13 +119,13 @@ impl CpuBackend {
             Step::HeadNorm { w, buf } => {
                 let mut x = self.st.take(buf);
                 let src = x.clone();
-                ops::rms_norm(&src, self.norm(w), c.rms_norm_eps, &mut x);
+                ops::rms_norm(&src, self.norm(w), w.eps(c), &mut x);
                 self.st.put(buf, x);
             }
             Step::Rope => {
                 let (mut q, mut kk) = (self.st.take(Buf::Q), self.st.take(Buf::K));
-                self.rope.apply(&mut q, c.num_heads, d, self.st.pos);
-                self.rope.apply(&mut kk, c.num_kv_heads, d, self.st.pos);
+                self.rope.apply(&mut q, c.num_heads, d, 0, self.st.pos);
+                self.rope.apply(&mut kk, c.num_kv_heads, d, 0, self.st.pos);
                 self.st.put(Buf::Q, q);
                 self.st.put(Buf::K, kk);
             }
@@ -154,10 +142,79 @@ impl CpuBackend {
             }
             Step::Add { dst, src } => {
                 let s = self.st.take(src);
+                debug_assert_eq!(s.len(), self.st.bufs[dst as usize].len(), "add {dst:?} += {src:?}");
                 for (a, b) in self.st.bufs[dst as usize].iter_mut().zip(&s) {
                     *a += b;
                 }
                 self.st.put(src, s);
+            }
+            Step::SigmoidTopK { layer } => {
+                let Mlp::Moe { correction_bias: Some(bias), .. } = &self.layer(layer).mlp else {
+                    panic!("plan asks for the correction bias of layer {layer}, which has none")
+                };
+                let logits = &self.st.bufs[Buf::RouterLogits as usize];
+                let (idx, w) = ops::sigmoid_topk(logits, bias, k, c.norm_topk_prob, c.router);
+                self.st.topk_idx = idx;
+                self.st.topk_w = w;
+            }
+            Step::MlaRope => {
+                let m = c.mla.as_ref().expect("MLA config");
+                let (mut q, mut kva) = (self.st.take(Buf::Q), self.st.take(Buf::Kva));
+                let pos = self.st.pos;
+                self.rope.apply(&mut q, c.num_heads, d, m.qk_nope_head_dim, pos);
+                self.rope.apply(&mut kva, 1, m.cache_row(), m.kv_lora_rank, pos);
+                self.st.put(Buf::Q, q);
+                self.st.put(Buf::Kva, kva);
+            }
+            Step::LatentAppend { layer } => {
+                let st = &mut self.st;
+                st.k_cache[layer].extend_from_slice(&st.bufs[Buf::Kva as usize]);
+            }
+            Step::MlaQAbsorb { layer } => {
+                let m = c.mla.as_ref().expect("MLA config");
+                let nope = m.qk_nope_head_dim;
+                let q = &self.st.bufs[Buf::Q as usize];
+                // Row (t, head) of QLat = embed_q[head] · q_nope[t, head].
+                let rows = *t * c.num_heads;
+                let x: Vec<f32> = (0..rows).flat_map(|r| q[r * d..][..nope].iter().copied()).collect();
+                let heads: Vec<usize> = (0..rows).map(|r| r % c.num_heads).collect();
+                let mut out = vec![0.0; rows * m.kv_lora_rank];
+                ops::grouped_experts(&heads, 1, &x, &self.mla(layer).embed_q, &mut out);
+                self.st.put(Buf::QLat, out);
+            }
+            Step::MlaAttention { layer } => {
+                let m = c.mla.as_ref().expect("MLA config");
+                let st = &self.st;
+                let mut out = vec![0.0; *t * c.num_heads * m.kv_lora_rank];
+                let (ql, q) = (&st.bufs[Buf::QLat as usize], &st.bufs[Buf::Q as usize]);
+                ops::mla_attention(ql, q, &st.k_cache[layer], st.pos, c, &mut out);
+                self.st.put(Buf::OLat, out);
+            }
+            Step::MlaVUp { layer } => {
+                let rows = *t * c.num_heads;
+                let heads: Vec<usize> = (0..rows).map(|r| r % c.num_heads).collect();
+                let mut out = vec![0.0; rows * c.v_head_dim];
+                ops::grouped_experts(
+                    &heads,
+                    1,
+                    &self.st.bufs[Buf::OLat as usize],
+                    &self.mla(layer).unembed_out,
+                    &mut out,
+                );
+                self.st.put(Buf::Attn, out);
+            }
+            Step::MlaAttentionExpanded { layer } => {
+                let st = &self.st;
+                let mut out = vec![0.0; *t * c.num_heads * c.v_head_dim];
+                ops::mla_attention_expanded(
+                    &st.bufs[Buf::Q as usize],
+                    &st.k_cache[layer],
+                    st.pos,
+                    self.mla(layer),
+                    c,
+                    &mut out,
+                );
+                self.st.put(Buf::Attn, out);
             }
             Step::RouterTopK => {
                 let logits = &self.st.bufs[Buf::RouterLogits as usize];
@@ -206,7 +263,12 @@ impl CpuBackend {
             | Step::AddRmsNorm { .. }
             | Step::OProjAddRmsNorm { .. }
             | Step::QkvProj { .. }
-            | Step::QkNormRopeKv { .. } => unreachable!("fused steps run as their components"),
+            | Step::QkNormRopeKv { .. }
+            | Step::MoeSigmoidRouter { .. }
+            | Step::MoeDownCombineSharedAdd { .. }
+            | Step::SharedGateUpSwiglu { .. }
+            | Step::MlaInProj { .. }
+            | Step::LatentNormRopeAppend { .. } => unreachable!("fused steps run as their components"),
         }
     }
 }

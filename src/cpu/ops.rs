@@ -19,6 +19,17 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// RMSNorm of the first `w.len()` columns of each row of `x` (rows of width `stride`):
+/// `out` rows have width `stride` when `out.len() == x.len()` (the rest of each row is copied
+/// through), else width `w.len()`.
+pub fn rms_norm_prefix(x: &[f32], stride: usize, w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    let ostride = if out.len() == x.len() { stride } else { n };
+    for (xr, or) in x.chunks_exact(stride).zip(out.chunks_exact_mut(ostride)) {
+        rms_norm(&xr[..n], w, eps, &mut or[..n]);
+    }
+}
+
 /// `out[t] = W x[t] (+ b)`: x `[T, in]`, out `[T, out]`.
 pub fn linear(l: &Linear, x: &[f32], t: usize, out: &mut [f32]) {
     l.w.matmul(x, t, out);
@@ -36,40 +47,54 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// Rotary embedding tables (half-split / NeoX pairing, default rope type).
+/// Rotary embedding: the config's frequency table and pairing (model-spec §1.3).
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// `inv_freq[i] = 1 / θ^(2i/d_rot)`, `[d_rot/2]`.
+    /// `[d_rot/2]` (default: `1 / θ^(2i/d_rot)`; YaRN-blended when scaled).
     inv_freq: Vec<f32>,
+    /// Pairs `(x[2i], x[2i+1])` instead of `(x[i], x[i + d_rot/2])`.
+    interleaved: bool,
+    /// cos/sin multiplier (YaRN attention factor).
+    scaling: f32,
 }
 
 impl Rope {
     /// Frequencies from the config.
     pub fn new(cfg: &ModelConfig) -> Rope {
-        let d = cfg.rope.dim;
-        let inv_freq = (0..d / 2).map(|i| (1.0 / cfg.rope.theta.powf((2 * i) as f64 / d as f64)) as f32).collect();
-        Rope { inv_freq }
+        Rope {
+            inv_freq: cfg.rope.inv_freq.clone(),
+            interleaved: cfg.rope.interleaved,
+            scaling: cfg.rope.attention_scaling,
+        }
     }
 
-    /// Rotates every head of `x` (`[T, heads·head_dim]`) for positions `pos0..pos0+T`:
-    /// pairs (x[i], x[i + d_rot/2]) of the first `d_rot` dims of each head.
-    pub fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, pos0: usize) {
-        let half = self.inv_freq.len();
-        for (t, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
-            let p = (pos0 + t) as f32;
-            let cs: Vec<(f32, f32)> = self
-                .inv_freq
-                .iter()
-                .map(|&f| {
-                    let a = p * f;
-                    (a.cos(), a.sin())
-                })
-                .collect();
-            for head in row.chunks_exact_mut(head_dim) {
+    /// `(cos, sin)` of every frequency at position `p`, times the attention scaling.
+    fn angles(&self, p: usize) -> Vec<(f32, f32)> {
+        self.inv_freq
+            .iter()
+            .map(|&f| {
+                let a = p as f32 * f;
+                (a.cos() * self.scaling, a.sin() * self.scaling)
+            })
+            .collect()
+    }
+
+    /// Rotates the `d_rot` dims at offset `off` of each of the `heads` chunks (width
+    /// `stride`) of every row of `x` (`[T, heads·stride]`) for positions `pos0..pos0+T`,
+    /// with the configured pairing. Interleaved pairs are rotated in place (`x[2i]`,
+    /// `x[2i+1]` stay where they are: an output permutation shared by q and k leaves
+    /// attention unchanged, model-spec §1.3).
+    pub fn apply(&self, x: &mut [f32], heads: usize, stride: usize, off: usize, pos0: usize) {
+        for (t, row) in x.chunks_exact_mut(heads * stride).enumerate() {
+            let cs = self.angles(pos0 + t);
+            for chunk in row.chunks_exact_mut(stride) {
+                let v = &mut chunk[off..off + 2 * cs.len()];
+                let half = cs.len();
                 for (i, &(c, s)) in cs.iter().enumerate() {
-                    let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * c - b * s;
-                    head[i + half] = b * c + a * s;
+                    let (ia, ib) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                    let (a, b) = (v[ia], v[ib]);
+                    v[ia] = a * c - b * s;
+                    v[ib] = b * c + a * s;
                 }
             }
         }
@@ -82,7 +107,7 @@ impl Rope {
 pub fn attention(q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, c: &ModelConfig, out: &mut [f32]) {
     let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
     let rep = nh / nkv;
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = c.attn_scale();
     out.par_chunks_mut(d).enumerate().for_each(|(th, o)| {
         let (t, h) = (th / nh, th % nh);
         let qh = &q[th * d..(th + 1) * d];
@@ -94,6 +119,80 @@ pub fn attention(q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, c: &ModelConfig
         o.fill(0.0);
         for (s, &p) in scores.iter().enumerate() {
             for (ov, &vv) in o.iter_mut().zip(&vc[(s * nkv + kvh) * d..][..d]) {
+                *ov += p * vv;
+            }
+        }
+    });
+}
+
+/// Causal MLA attention in the absorbed form (model-spec §3.4) for `T` queries at positions
+/// `pos0..pos0+T` over a latent cache that already holds them.
+/// qlat `[T, nH·L]` (`W_UKᵀ q_nope` per head), q `[T, nH·Dqk]` (its rope slice is read),
+/// cache `[S, L + R]` (latent `c_s` | roped `k_pe_s`), out `[T, nH·L]` = `Σ_s p_s c_s`.
+/// Score = `(qlat·c_s + q_pe·k_pe_s) · scale`, f32 softmax.
+pub fn mla_attention(qlat: &[f32], q: &[f32], cache: &[f32], pos0: usize, c: &ModelConfig, out: &mut [f32]) {
+    let m = c.mla.as_ref().expect("MLA config");
+    let (nh, d, l, r) = (c.num_heads, c.head_dim, m.kv_lora_rank, m.qk_rope_head_dim);
+    let row = l + r;
+    let scale = c.attn_scale();
+    out.par_chunks_mut(l).enumerate().for_each(|(th, o)| {
+        let t = th / nh;
+        let ql = &qlat[th * l..][..l];
+        let qpe = &q[th * d + m.qk_nope_head_dim..][..r];
+        let n_keys = pos0 + t + 1;
+        let mut scores: Vec<f32> = (0..n_keys)
+            .map(|s| {
+                let kv = &cache[s * row..][..row];
+                (dot(ql, &kv[..l]) + dot(qpe, &kv[l..])) * scale
+            })
+            .collect();
+        softmax(&mut scores);
+        o.fill(0.0);
+        for (s, &p) in scores.iter().enumerate() {
+            for (ov, &cv) in o.iter_mut().zip(&cache[s * row..][..l]) {
+                *ov += p * cv;
+            }
+        }
+    });
+}
+
+/// Causal MLA attention as transformers computes it: every cached latent is expanded to
+/// per-head `k_nope = W_UK c_s` and `v = W_UV c_s` (`W_UK[h] = embed_q[h]ᵀ`), keys are
+/// `[k_nope | k_pe]`. q `[T, nH·Dqk]`, cache `[S, L + R]`, out `[T, nH·Dv]`.
+pub fn mla_attention_expanded(
+    q: &[f32],
+    cache: &[f32],
+    pos0: usize,
+    w: &crate::model::MlaWeights,
+    c: &ModelConfig,
+    out: &mut [f32],
+) {
+    let m = c.mla.as_ref().expect("MLA config");
+    let (nh, d, dv, l, nope) = (c.num_heads, c.head_dim, c.v_head_dim, m.kv_lora_rank, m.qk_nope_head_dim);
+    let row = l + m.qk_rope_head_dim;
+    let s_len = cache.len() / row;
+    let scale = c.attn_scale();
+    // Per head: W_UK [nope, L] (row-major) and W_UV [Dv, L].
+    let wuk: Vec<Vec<f32>> = w.embed_q.iter().map(|e| e.transposed_f32().to_f32()).collect();
+    let wuv: Vec<Vec<f32>> = w.unembed_out.iter().map(|u| u.to_f32()).collect();
+    out.par_chunks_mut(dv).enumerate().for_each(|(th, o)| {
+        let (t, h) = (th / nh, th % nh);
+        let qh = &q[th * d..][..d];
+        let n_keys = (pos0 + t + 1).min(s_len);
+        let mut v_all = vec![0.0; n_keys * dv];
+        let mut scores = Vec::with_capacity(n_keys);
+        for s in 0..n_keys {
+            let (lat, kpe) = cache[s * row..][..row].split_at(l);
+            let k_nope: Vec<f32> = wuk[h].chunks_exact(l).map(|r| dot(r, lat)).collect();
+            for (vv, r) in v_all[s * dv..][..dv].iter_mut().zip(wuv[h].chunks_exact(l)) {
+                *vv = dot(r, lat);
+            }
+            scores.push((dot(&qh[..nope], &k_nope) + dot(&qh[nope..], kpe)) * scale);
+        }
+        softmax(&mut scores);
+        o.fill(0.0);
+        for (s, &p) in scores.iter().enumerate() {
+            for (ov, &vv) in o.iter_mut().zip(&v_all[s * dv..][..dv]) {
                 *ov += p * vv;
             }
         }
@@ -135,6 +234,55 @@ pub fn softmax_topk(logits: &[f32], e: usize, k: usize, norm: bool) -> (Vec<usiz
             let s: f32 = vals.iter().sum();
             vals.iter_mut().for_each(|v| *v /= s);
         }
+        idx.extend(sel);
+        w.extend(vals);
+    }
+    (idx, w)
+}
+
+/// GLM / DeepSeek router (model-spec §3.6) on f32 logits `[T, E]`: `s = sigmoid(logits)`;
+/// selection on `s + bias`, restricted to the `topk_group` groups with the largest sum of
+/// their two best biased scores (lowest group index wins ties), top-k with the lowest index
+/// winning ties; weights = the unbiased `s` of the chosen experts, divided by their sum
+/// (+1e-20) when `norm`, times `routed_scaling_factor`. Returns (indices, weights) `[T, K]`.
+pub fn sigmoid_topk(
+    logits: &[f32],
+    bias: &[f32],
+    k: usize,
+    norm: bool,
+    kind: crate::config::RouterKind,
+) -> (Vec<usize>, Vec<f32>) {
+    let crate::config::RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } = kind else {
+        panic!("sigmoid_topk needs a sigmoid router config")
+    };
+    let e = bias.len();
+    let per = e / n_group;
+    let (mut idx, mut w) = (Vec::new(), Vec::new());
+    for row in logits.chunks_exact(e) {
+        let s: Vec<f32> = row.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect();
+        let mut choice: Vec<f32> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+        if n_group > 1 {
+            let group_score: Vec<f32> = choice
+                .chunks_exact(per)
+                .map(|g| {
+                    let best = topk(g, 2);
+                    g[best[0]] + g[best[1]]
+                })
+                .collect();
+            let keep = topk(&group_score, topk_group);
+            for (g, chunk) in choice.chunks_exact_mut(per).enumerate() {
+                if !keep.contains(&g) {
+                    chunk.fill(f32::NEG_INFINITY);
+                }
+            }
+        }
+        let sel = topk(&choice, k);
+        let mut vals: Vec<f32> = sel.iter().map(|&i| s[i]).collect();
+        if norm {
+            let sum: f32 = vals.iter().sum::<f32>() + 1e-20;
+            vals.iter_mut().for_each(|v| *v /= sum);
+        }
+        vals.iter_mut().for_each(|v| *v *= routed_scaling_factor);
         idx.extend(sel);
         w.extend(vals);
     }
@@ -217,7 +365,7 @@ mod tests {
         let rope = Rope::new(&cfg);
         let x0: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut x = x0.clone();
-        rope.apply(&mut x, 2, 8, 0);
+        rope.apply(&mut x, 2, 8, 0, 0);
         assert_eq!(&x[..16], &x0[..16]); // position 0: no rotation
         for (a, b) in x.chunks(8).zip(x0.chunks(8)) {
             let (na, nb) = (dot(a, a), dot(b, b));

@@ -15,7 +15,7 @@ use crate::backend::{Backend, DeviceInfo, StepTime};
 use crate::checkpoint::{Mat, MatKind};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::{Linear, Mlp, Weights};
+use crate::model::{Attn, Ffn, Linear, MlaWeights, Mlp, Weights};
 use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
 use crate::sample::Sampler;
 
@@ -68,28 +68,50 @@ struct DLinear {
 struct DLayer {
     input_norm: u64,
     post_norm: u64,
-    q_norm: u64,
-    k_norm: u64,
-    q: DLinear,
-    k: DLinear,
-    v: DLinear,
+    attn: DAttn,
     o: DLinear,
     mlp: DMlp,
+    /// bf16 `[max_ctx, nKV·D]`; MLA: the latent cache `[max_ctx, kv_lora + rope]`.
     k_cache: u64,
+    /// bf16 `[max_ctx, nKV·D]` (0 for MLA).
     v_cache: u64,
 }
 
+/// A layer's attention weights on the device (mirrors [`Attn`]).
+#[allow(clippy::large_enum_variant)] // one per layer
+enum DAttn {
+    Gqa { q: DLinear, k: DLinear, v: DLinear, q_norm: u64, k_norm: u64 },
+    Mla(DMla),
+}
+
+/// MLA weights (mirrors [`MlaWeights`]); per-head matrices stacked like experts.
+struct DMla {
+    q_a: Option<DLinear>,
+    q_a_norm: u64,
+    q: DLinear,
+    kv_a: DLinear,
+    kv_a_norm: u64,
+    /// `[nH, kv_lora, qk_nope]`.
+    embed_q: DMat,
+    /// `[nH, v_head, kv_lora]`.
+    unembed_out: DMat,
+}
+
 /// A layer's feed-forward block on the device (mirrors [`Mlp`]).
+#[allow(clippy::large_enum_variant)] // one per layer
 enum DMlp {
     /// gate, up, down.
     Dense([DLinear; 3]),
-    /// Router, and gate/up/down of all experts stacked `[E, rows, ...]`.
-    Moe { router: DLinear, experts: [DMat; 3] },
+    /// Router (+ f32 correction bias or 0), gate/up/down of all experts stacked
+    /// `[E, rows, ...]`, and the shared experts' gate/up/down.
+    Moe { router: DLinear, bias: u64, experts: [DMat; 3], shared: Option<[DLinear; 3]> },
 }
 
 /// Device activation buffers, one per [`Buf`], plus router state and scalars.
 struct RunState {
     bufs: [u64; Buf::ALL.len()],
+    /// Elements per row of each buffer.
+    widths: [usize; Buf::ALL.len()],
     /// `[CHUNK, K]` i32 expert of each (token, slot) row.
     topk_idx: u64,
     /// `[CHUNK, K]` f32 routing weight of each row.
@@ -205,14 +227,55 @@ fn upload_linear(dev: &mut Device, l: &Linear) -> Result<DLinear> {
     Ok(DLinear { m, bias })
 }
 
+fn upload_ffn(dev: &mut Device, f: &Ffn) -> Result<[DLinear; 3]> {
+    Ok([upload_linear(dev, &f.gate)?, upload_linear(dev, &f.up)?, upload_linear(dev, &f.down)?])
+}
+
+fn upload_mla(dev: &mut Device, m: &MlaWeights) -> Result<DMla> {
+    Ok(DMla {
+        q_a: m.q_a.as_ref().map(|l| upload_linear(dev, l)).transpose()?,
+        q_a_norm: if m.q_a_norm.is_empty() { 0 } else { dev.upload(&m.q_a_norm)? },
+        q: upload_linear(dev, &m.q)?,
+        kv_a: upload_linear(dev, &m.kv_a)?,
+        kv_a_norm: dev.upload(&m.kv_a_norm)?,
+        embed_q: upload_mats(dev, &m.embed_q)?,
+        unembed_out: upload_mats(dev, &m.unembed_out)?,
+    })
+}
+
+impl RunState {
+    fn width(&self, b: Buf) -> usize {
+        self.widths[b as usize]
+    }
+}
+
 impl CudaBackend {
     /// Opens the GPU and uploads `weights`; `use_graph` captures decode steps into a graph.
     pub fn new(cfg: ModelConfig, weights: &Arc<Weights>, plan: Plan, use_graph: bool) -> Result<CudaBackend> {
         let mut dev = Device::open()?;
         let c = &cfg;
         let (h, d) = (c.hidden_size, c.head_dim);
-        if d % 8 != 0 || d > 256 {
-            return Err(unsupported(format!("head_dim {d} (need a multiple of 8, at most 256)")));
+        match &c.mla {
+            None if d % 8 != 0 || d > 256 => {
+                return Err(unsupported(format!("head_dim {d} (need a multiple of 8, at most 256)")));
+            }
+            Some(m)
+                if m.kv_lora_rank % 8 != 0
+                    || m.kv_lora_rank > 512
+                    || m.qk_rope_head_dim % 8 != 0
+                    || m.qk_rope_head_dim > 64 =>
+            {
+                return Err(unsupported(format!(
+                    "MLA kv_lora_rank {} / qk_rope_head_dim {} (need multiples of 8, at most 512 / 64)",
+                    m.kv_lora_rank, m.qk_rope_head_dim
+                )));
+            }
+            _ => {}
+        }
+        if let crate::config::RouterKind::SigmoidGrouped { n_group, .. } = c.router
+            && n_group > 32
+        {
+            return Err(unsupported(format!("n_group {n_group} (at most 32)")));
         }
         if c.num_experts > 1024 || c.top_k > 16 {
             return Err(unsupported(format!("{} experts / top-{} (at most 1024 / 16)", c.num_experts, c.top_k)));
@@ -221,51 +284,59 @@ impl CudaBackend {
         let embed = upload_mats(&mut dev, std::slice::from_ref(&weights.embed))?;
         let lm_head = upload_linear(&mut dev, &weights.lm_head)?;
         let final_norm = dev.upload(&weights.norm)?;
-        let inv_freq: Vec<f32> =
-            (0..c.rope.dim / 2).map(|i| (1.0 / c.rope.theta.powf((2 * i) as f64 / c.rope.dim as f64)) as f32).collect();
-        let inv_freq = dev.upload(&inv_freq)?;
-        let kv_row = c.num_kv_heads * d;
+        let inv_freq = dev.upload(&c.rope.inv_freq)?;
+        // Cached bf16 values per token and layer: K and V rows, or MLA's latent row.
+        let (k_row, v_row) = match &c.mla {
+            Some(m) => (m.cache_row(), 0),
+            None => (c.num_kv_heads * d, c.num_kv_heads * d),
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for lw in &weights.layers {
             let mlp = match &lw.mlp {
-                Mlp::Dense { gate, up, down } => DMlp::Dense([
-                    upload_linear(&mut dev, gate)?,
-                    upload_linear(&mut dev, up)?,
-                    upload_linear(&mut dev, down)?,
-                ]),
-                Mlp::Moe { router, experts } => DMlp::Moe {
+                Mlp::Dense(f) => DMlp::Dense(upload_ffn(&mut dev, f)?),
+                Mlp::Moe { router, correction_bias, experts, shared } => DMlp::Moe {
                     router: upload_linear(&mut dev, router)?,
+                    bias: correction_bias.as_ref().map(|b| dev.upload(b)).transpose()?.unwrap_or(0),
                     experts: [
                         upload_mats(&mut dev, &experts.gate)?,
                         upload_mats(&mut dev, &experts.up)?,
                         upload_mats(&mut dev, &experts.down)?,
                     ],
+                    shared: shared.as_deref().map(|f| upload_ffn(&mut dev, f)).transpose()?,
                 },
+            };
+            let attn = match &lw.attn {
+                Attn::Gqa { q, k, v, q_norm, k_norm } => DAttn::Gqa {
+                    q: upload_linear(&mut dev, q)?,
+                    k: upload_linear(&mut dev, k)?,
+                    v: upload_linear(&mut dev, v)?,
+                    q_norm: dev.upload(q_norm)?,
+                    k_norm: dev.upload(k_norm)?,
+                },
+                Attn::Mla(m) => DAttn::Mla(upload_mla(&mut dev, m)?),
             };
             layers.push(DLayer {
                 input_norm: dev.upload(&lw.input_norm)?,
                 post_norm: dev.upload(&lw.post_norm)?,
-                q_norm: dev.upload(&lw.q_norm)?,
-                k_norm: dev.upload(&lw.k_norm)?,
-                q: upload_linear(&mut dev, &lw.q)?,
-                k: upload_linear(&mut dev, &lw.k)?,
-                v: upload_linear(&mut dev, &lw.v)?,
+                attn,
                 o: upload_linear(&mut dev, &lw.o)?,
                 mlp,
-                k_cache: dev.alloc(max_ctx * kv_row * 2)?,
-                v_cache: dev.alloc(max_ctx * kv_row * 2)?,
+                k_cache: dev.alloc(max_ctx * k_row * 2)?,
+                v_cache: if v_row > 0 { dev.alloc(max_ctx * v_row * 2)? } else { 0 },
             });
         }
         // Activation buffers for CHUNK rows.
         let (k, nh) = (c.top_k.max(1), c.num_heads);
-        let ffn = (k * c.moe_intermediate_size).max(c.intermediate_size);
-        let widths: [(Buf, usize, usize); 13] = [
+        let ffn = (k * c.moe_intermediate_size).max(c.intermediate_size).max(c.shared_intermediate_size());
+        let (q_lora, lat) = c.mla.as_ref().map_or((0, 0), |m| (m.q_lora_rank.unwrap_or(0), m.kv_lora_rank));
+        let kv_row = c.num_kv_heads * d;
+        let widths: [(Buf, usize, usize); Buf::ALL.len()] = [
             (Buf::X, h, 2),
             (Buf::H, h, 2),
             (Buf::Q, nh * d, 2),
-            (Buf::K, kv_row, 2),
-            (Buf::V, kv_row, 2),
-            (Buf::Attn, nh * d, 2),
+            (Buf::K, if c.mla.is_some() { 0 } else { kv_row }, 2),
+            (Buf::V, if c.mla.is_some() { 0 } else { kv_row }, 2),
+            (Buf::Attn, nh * c.v_head_dim, 2),
             (Buf::Out, h, 2),
             (Buf::RouterLogits, c.num_experts.max(1), 4),
             (Buf::Gate, ffn, 2),
@@ -273,13 +344,20 @@ impl CudaBackend {
             (Buf::Act, ffn, 2),
             (Buf::ExpertOut, k * h, 2),
             (Buf::Logits, c.vocab_size, 4),
+            (Buf::QA, q_lora, 2),
+            (Buf::Kva, k_row, 2),
+            (Buf::QLat, nh * lat, 2),
+            (Buf::OLat, nh * lat, 2),
+            (Buf::SharedOut, if c.n_shared_experts > 0 { h } else { 0 }, 2),
         ];
-        let mut bufs = [0u64; Buf::ALL.len()];
+        let (mut bufs, mut buf_widths) = ([0u64; Buf::ALL.len()], [0usize; Buf::ALL.len()]);
         for (b, width, elem) in widths {
-            bufs[b as usize] = dev.alloc(CHUNK * width * elem)?;
+            bufs[b as usize] = if width > 0 { dev.alloc(CHUNK * width * elem)? } else { 0 };
+            buf_widths[b as usize] = width;
         }
         let st = RunState {
             bufs,
+            widths: buf_widths,
             topk_idx: dev.alloc(CHUNK * k * 4)?,
             topk_w: dev.alloc(CHUNK * k * 4)?,
             grp_off: dev.alloc((c.num_experts + 1) * 4)?,
@@ -287,7 +365,7 @@ impl CudaBackend {
             sample_out: dev.alloc(8)?,
             tickets: dev.alloc(CHUNK * nh.max(1) * 4)?,
             io: dev.alloc((1 + CHUNK) * 4)?,
-            part_o: dev.alloc(CHUNK * nh * ATTN_SPLITS * d * 4)?,
+            part_o: dev.alloc(CHUNK * nh * ATTN_SPLITS * d.max(lat) * 4)?,
             part_ml: dev.alloc(CHUNK * nh * ATTN_SPLITS * 2 * 4)?,
             act_elems: 0,
         };
@@ -322,33 +400,73 @@ impl CudaBackend {
     }
 
     fn linear(&self, r: LinRef) -> Result<&DLinear> {
-        let dense = |l: usize, i: usize| match &self.layers[l].mlp {
-            DMlp::Dense(w) => Ok(&w[i]),
-            DMlp::Moe { .. } => Err(Error::Cuda(format!("plan asks for a dense MLP weight of MoE layer {l}"))),
+        let miss = |what: &str| Error::Cuda(format!("plan asks for {what} of layer {:?}, which has none", r.layer()));
+        let layer = |l: usize| &self.layers[l];
+        let ffn = |l: usize, shared: bool| match (&layer(l).mlp, shared) {
+            (DMlp::Dense(w), false) => Ok(w),
+            (DMlp::Moe { shared: Some(w), .. }, true) => Ok(w),
+            _ => Err(miss(if shared { "shared experts" } else { "a dense MLP" })),
         };
         Ok(match r {
-            LinRef::Q(l) => &self.layers[l].q,
-            LinRef::K(l) => &self.layers[l].k,
-            LinRef::V(l) => &self.layers[l].v,
-            LinRef::O(l) => &self.layers[l].o,
-            LinRef::DenseGate(l) => dense(l, 0)?,
-            LinRef::DenseUp(l) => dense(l, 1)?,
-            LinRef::DenseDown(l) => dense(l, 2)?,
-            LinRef::Router(l) => match &self.layers[l].mlp {
+            LinRef::Q(l) => match &layer(l).attn {
+                DAttn::Gqa { q, .. } => q,
+                DAttn::Mla(m) => &m.q,
+            },
+            LinRef::K(l) | LinRef::V(l) => match &layer(l).attn {
+                DAttn::Gqa { k, v, .. } => {
+                    if matches!(r, LinRef::K(_)) {
+                        k
+                    } else {
+                        v
+                    }
+                }
+                DAttn::Mla(_) => return Err(miss("k/v projections")),
+            },
+            LinRef::QA(l) => self.mla(l)?.q_a.as_ref().ok_or_else(|| miss("q_a_proj"))?,
+            LinRef::KvA(l) => &self.mla(l)?.kv_a,
+            LinRef::O(l) => &layer(l).o,
+            LinRef::DenseGate(l) => &ffn(l, false)?[0],
+            LinRef::DenseUp(l) => &ffn(l, false)?[1],
+            LinRef::DenseDown(l) => &ffn(l, false)?[2],
+            LinRef::SharedGate(l) => &ffn(l, true)?[0],
+            LinRef::SharedUp(l) => &ffn(l, true)?[1],
+            LinRef::SharedDown(l) => &ffn(l, true)?[2],
+            LinRef::Router(l) => match &layer(l).mlp {
                 DMlp::Moe { router, .. } => router,
-                DMlp::Dense(_) => return Err(Error::Cuda(format!("plan asks for the router of dense layer {l}"))),
+                DMlp::Dense(_) => return Err(miss("a router")),
             },
             LinRef::LmHead => &self.lm_head,
         })
     }
 
-    fn norm(&self, r: NormRef) -> u64 {
-        match r {
+    fn norm(&self, r: NormRef) -> Result<u64> {
+        let gqa = |l: usize, q: bool| match &self.layers[l].attn {
+            DAttn::Gqa { q_norm, k_norm, .. } => Ok(if q { *q_norm } else { *k_norm }),
+            DAttn::Mla(_) => Err(Error::Cuda(format!("plan asks for per-head q/k norms of MLA layer {l}"))),
+        };
+        Ok(match r {
             NormRef::Input(l) => self.layers[l].input_norm,
             NormRef::Post(l) => self.layers[l].post_norm,
-            NormRef::QHead(l) => self.layers[l].q_norm,
-            NormRef::KHead(l) => self.layers[l].k_norm,
+            NormRef::QHead(l) => gqa(l, true)?,
+            NormRef::KHead(l) => gqa(l, false)?,
+            NormRef::QLatent(l) => self.mla(l)?.q_a_norm,
+            NormRef::KvLatent(l) => self.mla(l)?.kv_a_norm,
             NormRef::Final => self.final_norm,
+        })
+    }
+
+    fn mla(&self, l: usize) -> Result<&DMla> {
+        match &self.layers[l].attn {
+            DAttn::Mla(m) => Ok(m),
+            DAttn::Gqa { .. } => Err(Error::Cuda(format!("plan asks for MLA weights of GQA layer {l}"))),
+        }
+    }
+
+    /// `(q, k, v, q_norm, k_norm)` of a GQA layer.
+    fn gqa(&self, l: usize) -> Result<(DLinear, DLinear, DLinear, u64, u64)> {
+        match &self.layers[l].attn {
+            DAttn::Gqa { q, k, v, q_norm, k_norm } => Ok((*q, *k, *v, *q_norm, *k_norm)),
+            DAttn::Mla(_) => Err(Error::Cuda(format!("plan asks for q/k/v projections of MLA layer {l}"))),
         }
     }
 
@@ -369,8 +487,10 @@ impl CudaBackend {
         let decode_only = matches!(
             step,
             Step::MoeRouter { .. }
+                | Step::MoeSigmoidRouter { .. }
                 | Step::MoeGateUpSwiglu { .. }
                 | Step::MoeDownCombineAdd { .. }
+                | Step::MoeDownCombineSharedAdd { .. }
                 | Step::OProjAddRmsNorm { .. }
         );
         if decode_only && *m > 1 || !self.fused_formats_match(step)? {
@@ -388,13 +508,19 @@ impl CudaBackend {
                 dev.launch("embed", (mm as u32, 1, 1), 256, &a)?;
             }
             Step::RmsNorm { w, src, dst } => {
-                let a = [Ptr(self.buf(src)), Ptr(self.norm(w)), Ptr(self.buf(dst)), I32(h as i32), F32(eps)];
-                dev.launch("rmsnorm", (mm as u32, 1, 1), 256, &a)?;
+                // Width: the norm's; row stride: the source buffer's (Kva rows are wider).
+                let (n, ld) = match w {
+                    NormRef::QLatent(_) => (self.st.width(Buf::QA), self.st.width(Buf::QA)),
+                    NormRef::KvLatent(_) => (c.mla.as_ref().map_or(0, |m| m.kv_lora_rank), self.st.width(Buf::Kva)),
+                    _ => (h, h),
+                };
+                let a = [Ptr(self.buf(src)), Ptr(self.norm(w)?), Ptr(self.buf(dst)), I32(n as i32), I32(ld as i32)];
+                dev.launch("rmsnorm", (mm as u32, 1, 1), 256, &[&a[..], &[F32(w.eps(c))]].concat())?;
             }
             Step::HeadNorm { w, buf } => {
                 let heads = if buf == Buf::Q { nh } else { nkv };
                 let p = self.buf(buf);
-                let a = [Ptr(p), Ptr(self.norm(w)), Ptr(p), I32(d as i32), F32(eps)];
+                let a = [Ptr(p), Ptr(self.norm(w)?), Ptr(p), I32(d as i32), I32(d as i32), F32(eps)];
                 dev.launch("rmsnorm", ((mm * heads) as u32, 1, 1), 128, &a)?;
             }
             Step::Linear { w, src, dst } => {
@@ -456,7 +582,7 @@ impl CudaBackend {
                     I32(nh as i32),
                     I32(nkv as i32),
                     I32(d as i32),
-                    F32(1.0 / (d as f32).sqrt()),
+                    F32(c.attn_scale()),
                     I32(ATTN_SPLITS as i32),
                 ];
                 dev.launch("attention", ((mm * nh) as u32, ATTN_SPLITS as u32, 1), ATTN_THREADS, &a)?;
@@ -540,13 +666,64 @@ impl CudaBackend {
                 a.extend([I32(k as i32), Ptr(self.buf(Buf::H)), Ptr(self.buf(Buf::Act)), I32(i as i32), I32(h as i32)]);
                 dev.launch("moe_gate_up_swiglu", (i.div_ceil(4) as u32, (mm * k) as u32, 1), 128, &a)?;
             }
-            Step::MoeDownCombineAdd { layer } => {
+            Step::MoeDownCombineAdd { layer } | Step::MoeDownCombineSharedAdd { layer } => {
                 let [_, _, dn] = *self.experts(layer)?;
+                let shared =
+                    if matches!(step, Step::MoeDownCombineSharedAdd { .. }) { self.buf(Buf::SharedOut) } else { 0 };
                 let mut a = dn.args().to_vec();
                 a.extend([I64(dn.w_stride), I64(dn.sb_stride), Ptr(self.st.topk_idx), Ptr(self.st.topk_w)]);
                 a.extend([I32(k as i32), Ptr(self.buf(Buf::Act)), Ptr(self.buf(Buf::X)), I32(h as i32)]);
-                a.push(I32(c.moe_intermediate_size as i32));
+                a.extend([I32(c.moe_intermediate_size as i32), Ptr(shared)]);
                 dev.launch("moe_down_combine_add", (h as u32, 1, mm as u32), 32 * k as u32, &a)?;
+            }
+            Step::MoeSigmoidRouter { layer } => {
+                let DMlp::Moe { router, bias, .. } = &self.layers[layer].mlp else {
+                    return Err(Error::Cuda(format!("plan asks for the router of dense layer {layer}")));
+                };
+                let crate::config::RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } = c.router
+                else {
+                    return Err(Error::Cuda("moe_router_sigmoid on a softmax-router model".into()));
+                };
+                let e = c.num_experts;
+                let mut a = router.m.args().to_vec();
+                a.extend([Ptr(self.buf(Buf::H)), Ptr(self.buf(Buf::RouterLogits)), Ptr(*bias)]);
+                a.extend([I32(e as i32), I32(h as i32), I32(k as i32), I32(n_group as i32), I32(topk_group as i32)]);
+                a.extend([I32(c.norm_topk_prob as i32), F32(routed_scaling_factor), Ptr(self.st.tickets)]);
+                a.extend([Ptr(self.st.topk_idx), Ptr(self.st.topk_w)]);
+                dev.launch("moe_router_sigmoid", (e.div_ceil(4) as u32, 1, mm as u32), 128, &a)?;
+            }
+            Step::MlaInProj { layer, q_lora } => {
+                let (first, dst) = if q_lora { (LinRef::QA(layer), Buf::QA) } else { (LinRef::Q(layer), Buf::Q) };
+                let (q, kv) = (*self.linear(first)?, *self.linear(LinRef::KvA(layer))?);
+                let mut a = q.m.args().to_vec();
+                a.extend([Ptr(kv.m.w), Ptr(kv.m.s), Ptr(kv.m.b), Ptr(kv.m.w), Ptr(kv.m.s), Ptr(kv.m.b)]);
+                a.extend([Ptr(q.bias), Ptr(kv.bias), Ptr(0), Ptr(self.buf(Buf::H))]);
+                a.extend([Ptr(self.buf(dst)), Ptr(self.buf(Buf::Kva)), Ptr(0)]);
+                a.extend([I32(q.m.rows as i32), I32(kv.m.rows as i32), I32(0), I32(h as i32), I32(mm as i32)]);
+                let name = if mm == 1 { "qkv_proj1" } else { "qkv_proj" };
+                let rows = q.m.rows + kv.m.rows;
+                dev.launch(name, (rows.div_ceil(4) as u32, 1, mm.div_ceil(8) as u32), 128, &a)?;
+            }
+            Step::LatentNormRopeAppend { layer } => {
+                let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("latent norm without MLA dims".into()))?;
+                let a = [
+                    Ptr(self.buf(Buf::Q)),
+                    Ptr(self.buf(Buf::Kva)),
+                    Ptr(self.norm(NormRef::KvLatent(layer))?),
+                    Ptr(self.inv_freq),
+                    Ptr(self.pos_ptr()),
+                    Ptr(self.layers[layer].k_cache),
+                    I32(nh as i32),
+                    I32(d as i32),
+                    I32(m.qk_nope_head_dim as i32),
+                    I32(m.cache_row() as i32),
+                    I32(m.kv_lora_rank as i32),
+                    I32(c.rope.dim as i32),
+                    F32(c.rope.attention_scaling),
+                    I32(c.rope.interleaved as i32),
+                    F32(NormRef::KvLatent(layer).eps(c)),
+                ];
+                dev.launch("latent_norm_rope_append", ((mm * (nh + 1)) as u32, 1, 1), 256, &a)?;
             }
             Step::OProjAddRmsNorm { layer } => {
                 let ly = &self.layers[layer];
@@ -561,8 +738,12 @@ impl CudaBackend {
                 ]);
                 dev.launch("o_proj_add_rmsnorm", (h.div_ceil(8) as u32, 1, 1), 256, &a)?;
             }
-            Step::DenseGateUpSwiglu { layer } => {
-                let (g, u) = (*self.linear(LinRef::DenseGate(layer))?, *self.linear(LinRef::DenseUp(layer))?);
+            Step::DenseGateUpSwiglu { layer } | Step::SharedGateUpSwiglu { layer } => {
+                let (gr, ur) = match step {
+                    Step::DenseGateUpSwiglu { .. } => (LinRef::DenseGate(layer), LinRef::DenseUp(layer)),
+                    _ => (LinRef::SharedGate(layer), LinRef::SharedUp(layer)),
+                };
+                let (g, u) = (*self.linear(gr)?, *self.linear(ur)?);
                 let f = g.m.rows;
                 let mut a = g.m.args().to_vec();
                 a.extend([Ptr(u.m.w), Ptr(u.m.s), Ptr(u.m.b), Ptr(g.bias), Ptr(u.bias)]);
@@ -576,8 +757,7 @@ impl CudaBackend {
                 dev.launch("dense_gate_up_swiglu", (f.div_ceil(4) as u32, 1, mm.div_ceil(8) as u32), 128, &a)?;
             }
             Step::QkvProj { layer } => {
-                let ly = &self.layers[layer];
-                let (q, kp, v) = (ly.q, ly.k, ly.v);
+                let (q, kp, v, _, _) = self.gqa(layer)?;
                 let rows = q.m.rows + kp.m.rows + v.m.rows;
                 let mut a = q.m.args().to_vec();
                 a.extend([Ptr(kp.m.w), Ptr(kp.m.s), Ptr(kp.m.b), Ptr(v.m.w), Ptr(v.m.s), Ptr(v.m.b)]);
@@ -590,17 +770,18 @@ impl CudaBackend {
             }
             Step::AddRmsNorm { w, src, dst } => {
                 let x = self.buf(Buf::X);
-                let a = [Ptr(x), Ptr(self.buf(src)), Ptr(self.norm(w)), Ptr(self.buf(dst)), I32(h as i32), F32(eps)];
+                let a = [Ptr(x), Ptr(self.buf(src)), Ptr(self.norm(w)?), Ptr(self.buf(dst)), I32(h as i32), F32(eps)];
                 dev.launch("add_rmsnorm", (mm as u32, 1, 1), 256, &a)?;
             }
             Step::QkNormRopeKv { layer } => {
+                let (_, _, _, qn, kn) = self.gqa(layer)?;
                 let ly = &self.layers[layer];
                 let a = [
                     Ptr(self.buf(Buf::Q)),
                     Ptr(self.buf(Buf::K)),
                     Ptr(self.buf(Buf::V)),
-                    Ptr(ly.q_norm),
-                    Ptr(ly.k_norm),
+                    Ptr(qn),
+                    Ptr(kn),
                     Ptr(self.inv_freq),
                     Ptr(self.pos_ptr()),
                     Ptr(ly.k_cache),
@@ -612,6 +793,83 @@ impl CudaBackend {
                     F32(eps),
                 ];
                 dev.launch("qk_norm_rope_kv", ((mm * (nh + 2 * nkv)) as u32, 1, 1), 128, &a)?;
+            }
+            Step::SigmoidTopK { layer } => {
+                let DMlp::Moe { bias, .. } = &self.layers[layer].mlp else {
+                    return Err(Error::Cuda(format!("plan asks for the router bias of dense layer {layer}")));
+                };
+                let crate::config::RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } = c.router
+                else {
+                    return Err(Error::Cuda("sigmoid_topk on a softmax-router model".into()));
+                };
+                let a = [
+                    Ptr(self.buf(Buf::RouterLogits)),
+                    Ptr(*bias),
+                    I32(c.num_experts as i32),
+                    I32(k as i32),
+                    I32(n_group as i32),
+                    I32(topk_group as i32),
+                    I32(c.norm_topk_prob as i32),
+                    F32(routed_scaling_factor),
+                    Ptr(self.st.topk_idx),
+                    Ptr(self.st.topk_w),
+                ];
+                dev.launch("router_sigmoid", (mm as u32, 1, 1), 32, &a)?;
+            }
+            Step::MlaRope => {
+                let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("mla_rope without MLA dims".into()))?;
+                let a = [
+                    Ptr(self.buf(Buf::Q)),
+                    Ptr(self.buf(Buf::Kva)),
+                    Ptr(self.inv_freq),
+                    Ptr(self.pos_ptr()),
+                    I32(nh as i32),
+                    I32(d as i32),
+                    I32(m.qk_nope_head_dim as i32),
+                    I32(m.cache_row() as i32),
+                    I32(m.kv_lora_rank as i32),
+                    I32(c.rope.dim as i32),
+                    F32(c.rope.attention_scaling),
+                    I32(c.rope.interleaved as i32),
+                ];
+                dev.launch("mla_rope", ((mm * (nh + 1)) as u32, 1, 1), 32, &a)?;
+            }
+            Step::LatentAppend { layer } => {
+                let w = self.st.width(Buf::Kva);
+                let a = [Ptr(self.buf(Buf::Kva)), Ptr(self.layers[layer].k_cache), Ptr(self.pos_ptr()), I32(w as i32)];
+                dev.launch("cache_append", (mm as u32, 1, 1), 256, &a)?;
+            }
+            Step::MlaQAbsorb { layer } => {
+                let w = self.mla(layer)?.embed_q;
+                self.head_matvec(&w, Buf::Q, d, Buf::QLat, mm)?;
+            }
+            Step::MlaVUp { layer } => {
+                let w = self.mla(layer)?.unembed_out;
+                self.head_matvec(&w, Buf::OLat, w.cols, Buf::Attn, mm)?;
+            }
+            Step::MlaAttention { layer } => {
+                let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("mla_attention without MLA dims".into()))?;
+                let a = [
+                    Ptr(self.buf(Buf::QLat)),
+                    Ptr(self.buf(Buf::Q)),
+                    Ptr(self.layers[layer].k_cache),
+                    Ptr(self.pos_ptr()),
+                    Ptr(self.st.part_o),
+                    Ptr(self.st.part_ml),
+                    Ptr(self.st.tickets),
+                    Ptr(self.buf(Buf::OLat)),
+                    I32(nh as i32),
+                    I32(d as i32),
+                    I32(m.qk_nope_head_dim as i32),
+                    I32(m.kv_lora_rank as i32),
+                    I32(m.qk_rope_head_dim as i32),
+                    F32(c.attn_scale()),
+                    I32(ATTN_SPLITS as i32),
+                ];
+                dev.launch("mla_attention", ((mm * nh) as u32, ATTN_SPLITS as u32, 1), ATTN_THREADS, &a)?;
+            }
+            Step::MlaAttentionExpanded { .. } => {
+                return Err(unsupported("the expanded MLA form (a CPU oracle)".into()));
             }
             Step::LastRow => {
                 if !all_logits && mm > 1 {
@@ -632,8 +890,8 @@ impl CudaBackend {
         let same = |a: &DMat, b: &DMat| (a.fmt, a.bits, a.group) == (b.fmt, b.bits, b.group);
         Ok(match *step {
             Step::QkvProj { layer } => {
-                let ly = &self.layers[layer];
-                same(&ly.q.m, &ly.k.m) && same(&ly.q.m, &ly.v.m)
+                let (q, k, v, _, _) = self.gqa(layer)?;
+                same(&q.m, &k.m) && same(&q.m, &v.m)
             }
             Step::MoeGateUpSwiglu { layer } => {
                 let ex = self.experts(layer)?;
@@ -641,6 +899,13 @@ impl CudaBackend {
             }
             Step::DenseGateUpSwiglu { layer } => {
                 same(&self.linear(LinRef::DenseGate(layer))?.m, &self.linear(LinRef::DenseUp(layer))?.m)
+            }
+            Step::SharedGateUpSwiglu { layer } => {
+                same(&self.linear(LinRef::SharedGate(layer))?.m, &self.linear(LinRef::SharedUp(layer))?.m)
+            }
+            Step::MlaInProj { layer, q_lora } => {
+                let first = if q_lora { LinRef::QA(layer) } else { LinRef::Q(layer) };
+                same(&self.linear(first)?.m, &self.linear(LinRef::KvA(layer))?.m)
             }
             _ => true,
         })
@@ -671,6 +936,22 @@ impl CudaBackend {
         } else {
             self.dev.launch("expert_matvec", (gx, rows as u32, 1), 128, &a)
         }
+    }
+
+    /// Per-head mat-vecs of MLA: row (token, head) of `dst` = `w[head] · src_row[0:w.cols]`,
+    /// source rows `x_ld` elements apart (`head_matvec` in primitives.cu).
+    fn head_matvec(&self, w: &DMat, src: Buf, x_ld: usize, dst: Buf, m: usize) -> Result<()> {
+        let mut a = w.args().to_vec();
+        a.extend([Arg::I64(w.w_stride), Arg::I64(w.sb_stride), Arg::Ptr(self.buf(src)), Arg::I64(x_ld as i64)]);
+        a.extend([
+            Arg::I32(self.cfg.num_heads as i32),
+            Arg::Ptr(self.buf(dst)),
+            Arg::I32(w.rows as i32),
+            Arg::I32(w.cols as i32),
+            Arg::I32(m as i32),
+        ]);
+        let name = if m == 1 { "head_matvec1" } else { "head_matvec" };
+        self.dev.launch(name, (w.rows.div_ceil(4) as u32, self.cfg.num_heads as u32, 1), 128, &a)
     }
 
     /// Runs every step of the plan over `m` rows; returns the rows of logits produced.

@@ -35,7 +35,7 @@ use rayon::prelude::*;
 use crate::checkpoint::{Checkpoint, Mat};
 use crate::config::{Family, ModelConfig};
 use crate::error::{Error, Result};
-use crate::model::{Linear, Mlp, Weights};
+use crate::model::{Attn, Linear, Mlp, Weights};
 use gguf::{GgmlType, GgufFile, GgufWriter, TensorSpec, Value};
 
 /// The GGUF type of the exported weight matrices.
@@ -280,15 +280,18 @@ fn plan<'a>(w: &'a Weights, tied: bool, quant: GgmlType) -> Vec<Item<'a>> {
     for (i, l) in w.layers.iter().enumerate() {
         let b = format!("blk.{i}");
         p.vector(format!("{b}.attn_norm.weight"), &l.input_norm);
-        p.linear(&format!("{b}.attn_q"), &l.q);
-        p.linear(&format!("{b}.attn_k"), &l.k);
-        p.linear(&format!("{b}.attn_v"), &l.v);
-        p.linear(&format!("{b}.attn_output"), &l.o);
-        p.vector(format!("{b}.attn_q_norm.weight"), &l.q_norm);
-        p.vector(format!("{b}.attn_k_norm.weight"), &l.k_norm);
+        // GGUF_ARCHS has GQA families only: MLA models are refused before planning.
+        if let Attn::Gqa { q, k, v, q_norm, k_norm } = &l.attn {
+            p.linear(&format!("{b}.attn_q"), q);
+            p.linear(&format!("{b}.attn_k"), k);
+            p.linear(&format!("{b}.attn_v"), v);
+            p.linear(&format!("{b}.attn_output"), &l.o);
+            p.vector(format!("{b}.attn_q_norm.weight"), q_norm);
+            p.vector(format!("{b}.attn_k_norm.weight"), k_norm);
+        }
         p.vector(format!("{b}.ffn_norm.weight"), &l.post_norm);
         match &l.mlp {
-            Mlp::Moe { router, experts } => {
+            Mlp::Moe { router, experts, .. } => {
                 p.mat_f32(format!("{b}.ffn_gate_inp.weight"), &router.w);
                 if let Some(bias) = &router.b {
                     p.vector(format!("{b}.ffn_gate_inp.bias"), bias);
@@ -297,10 +300,10 @@ fn plan<'a>(w: &'a Weights, tied: bool, quant: GgmlType) -> Vec<Item<'a>> {
                 p.experts(format!("{b}.ffn_up_exps.weight"), &experts.up);
                 p.experts(format!("{b}.ffn_down_exps.weight"), &experts.down);
             }
-            Mlp::Dense { gate, up, down } => {
-                p.linear(&format!("{b}.ffn_gate"), gate);
-                p.linear(&format!("{b}.ffn_up"), up);
-                p.linear(&format!("{b}.ffn_down"), down);
+            Mlp::Dense(f) => {
+                p.linear(&format!("{b}.ffn_gate"), &f.gate);
+                p.linear(&format!("{b}.ffn_up"), &f.up);
+                p.linear(&format!("{b}.ffn_down"), &f.down);
             }
         }
     }

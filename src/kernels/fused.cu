@@ -27,6 +27,27 @@ extern "C" __global__ void moe_router(QMAT_ARGS, const bf16* x, float* logits, c
     if (threadIdx.x < WARP) router_topk_warp(logits + (long)m * E, E, K, norm, idx + m * K, wout + m * K);
 }
 
+// moe_mlp 1/3 for sigmoid routers (GLM / DeepSeek): the same logits, then in the last block
+// to finish the grouped sigmoid top-k of router_sigmoid.
+extern "C" __global__ void moe_router_sigmoid(QMAT_ARGS, const bf16* x, float* logits, const float* ebias, int E,
+                                              int H, int K, int n_group, int topk_group, int norm, float scale,
+                                              int* tickets, int* idx, float* wout) {
+    QMat W = QMAT_MAKE;
+    int m = blockIdx.z, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (r < E) {
+        const bf16* xs[1] = {x + (long)m * H};
+        float acc[1];
+        row_dot_partial<1>(W, r, H, xs, 1, lane, acc);
+        float v = warp_sum(acc[0]);
+        if (lane == 0) logits[(long)m * E + r] = v;
+    }
+    if (!last_to_finish(tickets + m, gridDim.x)) return;
+    if (threadIdx.x < WARP)
+        router_sigmoid_warp(logits + (long)m * E, ebias, E, K, n_group, topk_group, norm, scale, idx + m * K,
+                            wout + m * K);
+}
+
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
 // e = idx[q] and token q / K (= expert_matvec twice + swiglu). Grid (ceil(I/4), M·K).
 extern "C" __global__ void moe_gate_up_swiglu(QMAT_ARGS, const void* uw, const bf16* us, const bf16* ub, long w_stride,
@@ -57,8 +78,10 @@ extern "C" __global__ void moe_gate_up_swiglu(QMAT_ARGS, const void* uw, const b
 // slots in order. Measured slower on the H200 (bench/RESULTS.md): four rows per block with
 // each warp looping over them (23.7 vs 16.2 µs per step), and the next layer's input norm
 // folded in by the last block to finish (27.7 µs: a fence and an atomic in all H blocks).
+// With shared experts (shared != null) the combined output first takes the shared experts'
+// output: x += bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace).
 extern "C" __global__ void moe_down_combine_add(EXPERT_ARGS, const int* idx, const float* wts, int K, const bf16* act,
-                                                bf16* x, int H, int I) {
+                                                bf16* x, int H, int I, const bf16* shared) {
     __shared__ bf16 ys[32];
     int m = blockIdx.z, r = blockIdx.x, j = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int q = m * K + j;
@@ -72,7 +95,9 @@ extern "C" __global__ void moe_down_combine_add(EXPERT_ARGS, const int* idx, con
     if (threadIdx.x != 0) return;
     float a = 0.f;
     for (int s = 0; s < K; s++) a = combine_step(a, wts[m * K + s], ys[s]);
-    x[(long)m * H + r] = add_bf16(x[(long)m * H + r], f2bf(a));
+    bf16 out = f2bf(a);
+    if (shared) out = add_bf16(out, shared[(long)m * H + r]);
+    x[(long)m * H + r] = add_bf16(x[(long)m * H + r], out);
 }
 
 // residual_norm with o_proj (decode): x[r] = bf16(x[r] + bf16(o[r]·attn + b)) per row, then
@@ -192,4 +217,24 @@ extern "C" __global__ void qk_norm_rope_kv(bf16* q, bf16* k, const bf16* v, cons
     if (is_q) return;
     __syncthreads();
     for (int i = threadIdx.x; i < D; i += blockDim.x) kc[p * W + (long)(h - nh) * D + i] = hp[i];
+}
+
+// qk_norm_rope for MLA: per (token, head) block of 256 threads (as the rmsnorm launch):
+// query heads get RoPE on their rope slice; block nh normalises the latent of the Kva row in
+// place, ropes k_pe and appends the row to the latent cache (= rmsnorm + mla_rope +
+// cache_append). Grid M·(nh + 1).
+extern "C" __global__ void latent_norm_rope_append(bf16* q, bf16* kva, const float* nw, const float* inv_freq,
+                                                   const int* pos, bf16* cache, int nh, int dqk, int nope, int row,
+                                                   int lat, int d_rot, float scaling, int interleaved, float eps) {
+    int m = blockIdx.x / (nh + 1), h = blockIdx.x % (nh + 1), p = *pos + m;
+    if (h < nh) {
+        rope_slice(q + ((long)m * nh + h) * dqk + nope, d_rot, p, inv_freq, scaling, interleaved);
+        return;
+    }
+    bf16* v = kva + (long)m * row;
+    rmsnorm_row(v, nw, v, lat, eps);
+    __syncthreads();
+    rope_slice(v + lat, d_rot, p, inv_freq, scaling, interleaved);
+    __syncthreads();
+    for (int i = threadIdx.x; i < row; i += blockDim.x) cache[(long)p * row + i] = v[i];
 }

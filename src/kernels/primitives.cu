@@ -116,9 +116,10 @@ extern "C" __global__ void expert_matvec_grouped(EXPERT_ARGS, const int* off, co
     }
 }
 
-// y[rows, n] = rmsnorm(x) * w, one block per row (x == y allowed: per-head q/k norm).
-extern "C" __global__ void rmsnorm(const bf16* x, const float* w, bf16* y, int n, float eps) {
-    rmsnorm_row(x + (long)blockIdx.x * n, w, y + (long)blockIdx.x * n, n, eps);
+// y[rows, :n] = rmsnorm(x[rows, :n]) * w, one block per row; rows are ld elements apart in
+// x and y (x == y allowed: per-head q/k norms, MLA's latent norm inside the Kva row).
+extern "C" __global__ void rmsnorm(const bf16* x, const float* w, bf16* y, int n, int ld, float eps) {
+    rmsnorm_row(x + (long)blockIdx.x * ld, w, y + (long)blockIdx.x * ld, n, eps);
 }
 
 // Half-split RoPE in place on q[M, nh, D] and k[M, nkv, D] at positions *pos + m.
@@ -150,6 +151,31 @@ extern "C" __global__ void kv_append(const bf16* k, const bf16* v, bf16* kc, bf1
 // splits into bf16 out[M, nh·D].
 #define MAXD 256
 #define ATTN_THREADS 128
+
+// Merges the nsplit partial results of one (token, head) — po[nsplit, D] unnormalised
+// sums, ml[nsplit, 2] = (max, sum) — into bf16 out[D]: each split is rescaled to the common
+// maximum; empty splits (sum 0) drop out. Called by the whole block that finished last.
+__device__ void merge_splits(const float* po, const float* pml, int nsplit, int D, bf16* out) {
+    __shared__ float ml[2 * ATTN_THREADS];
+    int tid = threadIdx.x;
+    for (int i = tid; i < 2 * nsplit; i += ATTN_THREADS) ml[i] = __ldcg(pml + i);
+    __syncthreads();
+    float M2 = -INFINITY;
+    for (int s = 0; s < nsplit; s++) if (ml[2 * s + 1] > 0.f) M2 = fmaxf(M2, ml[2 * s]);
+    for (int d = tid; d < D; d += ATTN_THREADS) {
+        float num = 0.f, den = 0.f;
+#pragma unroll 4
+        for (int s = 0; s < nsplit; s++) {
+            float L = ml[2 * s + 1];
+            if (L > 0.f) {
+                float f = expf(ml[2 * s] - M2);
+                num += __ldcg(po + (long)s * D + d) * f;
+                den += L * f;
+            }
+        }
+        out[d] = f2bf(num / den);
+    }
+}
 extern "C" __global__ void attention(const bf16* q, const bf16* kc, const bf16* vc, const int* pos, float* part_o,
                                      float* part_ml, int* tickets, bf16* out, int nh, int nkv, int D, float scale,
                                      int nsplit) {
@@ -205,27 +231,213 @@ extern "C" __global__ void attention(const bf16* q, const bf16* kc, const bf16* 
     }
     if (tid == 0) { part_ml[slot * 2] = mx; part_ml[slot * 2 + 1] = l; }
     if (!last_to_finish(tickets + mh, nsplit)) return;
-    // Merge: rescale each split to the common maximum; empty splits (sum 0) drop out. The
-    // splits' (max, sum) pairs are read once into shared memory, in parallel.
-    __shared__ float ml[2 * ATTN_THREADS];
-    const float* po = part_o + (long)mh * nsplit * D;
-    for (int i = tid; i < 2 * nsplit; i += ATTN_THREADS) ml[i] = __ldcg(part_ml + (long)mh * nsplit * 2 + i);
+    merge_splits(part_o + (long)mh * nsplit * D, part_ml + (long)mh * nsplit * 2, nsplit, D, out + (long)mh * D);
+}
+
+// ---- Multi-head latent attention (GLM-4.7-Flash, DeepSeek-V3) -------------------------
+
+// Per-head mat-vecs with the heads' matrices stacked like experts (MLA's W_UKᵀ and W_UV):
+// row q = m·nh + h of y [M·nh, N] = W[h] · x_q[0:K], where x_q = x + q·x_ld (the first K
+// elements of a row wider than K: q_nope of a query head). Grid (ceil(N/4), nh); block h
+// takes the tokens MT at a time, so prefill reads each head's matrix once per MT tokens.
+// Both instantiations give each row the same arithmetic (row_dot_partial), bit for bit.
+#define HEAD_MATVEC_KERNEL(NAME, MT)                                                                                \
+    extern "C" __global__ void NAME(EXPERT_ARGS, const bf16* x, long x_ld, int nh, bf16* y, int N, int K, int M) {  \
+        int h = blockIdx.y, lane = threadIdx.x & 31;                                                                \
+        long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);                                       \
+        if (r >= N) return;                                                                                         \
+        QMat W = expert_slice(QMAT_MAKE, h, w_stride, sb_stride);                                                   \
+        for (int m0 = 0; m0 < M; m0 += MT) {                                                                        \
+            int mt = min(MT, M - m0);                                                                               \
+            const bf16* xs[MT];                                                                                     \
+            _Pragma("unroll") for (int m = 0; m < MT; m++) xs[m] = x + ((long)(m0 + min(m, mt - 1)) * nh + h) * x_ld; \
+            float acc[MT];                                                                                          \
+            row_dot_partial<MT>(W, r, K, xs, mt, lane, acc);                                                        \
+            _Pragma("unroll") for (int m = 0; m < MT; m++) {                                                        \
+                if (m < mt) {                                                                                       \
+                    float v = warp_sum(acc[m]);                                                                     \
+                    if (lane == 0) y[((long)(m0 + m) * nh + h) * N + r] = f2bf(v);                                  \
+                }                                                                                                   \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+HEAD_MATVEC_KERNEL(head_matvec, 8)
+HEAD_MATVEC_KERNEL(head_matvec1, 1)
+
+// RoPE in place (interleaved pairs (2i, 2i+1), or half-split (i, i + d_rot/2), rotated by
+// inv_freq[i], cos/sin times `scaling`) on the rope slice of every query head —
+// q[M, nh, dqk] at offset `nope` — and on the shared k_pe — kva[M, row] at offset `lat`.
+// Grid M·(nh + 1), one pair per thread.
+__device__ __forceinline__ void rope_slice(bf16* v, int d_rot, int p, const float* inv_freq, float scaling,
+                                           int interleaved) {
+    for (int i = threadIdx.x; i < d_rot / 2; i += blockDim.x) {
+        float sn, cs;
+        sincosf((float)p * inv_freq[i], &sn, &cs);
+        cs *= scaling;
+        sn *= scaling;
+        int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + d_rot / 2;
+        float a = bf2f(v[ia]), b = bf2f(v[ib]);
+        v[ia] = f2bf(a * cs - b * sn);
+        v[ib] = f2bf(b * cs + a * sn);
+    }
+}
+
+extern "C" __global__ void mla_rope(bf16* q, bf16* kva, const float* inv_freq, const int* pos, int nh, int dqk,
+                                    int nope, int row, int lat, int d_rot, float scaling, int interleaved) {
+    int m = blockIdx.x / (nh + 1), h = blockIdx.x % (nh + 1);
+    bf16* v = h < nh ? q + ((long)m * nh + h) * dqk + nope : kva + (long)m * row + lat;
+    rope_slice(v, d_rot, *pos + m, inv_freq, scaling, interleaved);
+}
+
+// Append M rows x[M, W] to cache rows *pos .. *pos+M-1 (MLA's latent cache).
+extern "C" __global__ void cache_append(const bf16* x, bf16* cache, const int* pos, int W) {
+    long dst = (long)(*pos + blockIdx.x) * W, src = (long)blockIdx.x * W;
+    for (int i = threadIdx.x; i < W; i += blockDim.x) cache[dst + i] = x[src + i];
+}
+
+// Split-KV causal attention over the latent cache (one KV row per position, shared by all
+// heads): for query (m, h), score_s = (qlat[m,h]·c_s + q_pe[m,h]·k_pe_s) · scale with
+// cache row s = [c_s (L) | k_pe_s (R)], and out[m,h] = Σ_s p_s c_s (L wide). Same scheme as
+// `attention`: grid (M·nh, nsplit), thread t scores key t of a pass, the last split block
+// to finish merges. L ≤ MLA_MAXL, L and R multiples of 8.
+#define MLA_MAXL 512
+#define MLA_MAXR 64
+extern "C" __global__ void mla_attention(const bf16* qlat, const bf16* q, const bf16* cache, const int* pos,
+                                         float* part_o, float* part_ml, int* tickets, bf16* out, int nh, int dqk,
+                                         int nope, int L, int R, float scale, int nsplit) {
+    __shared__ float qs[MLA_MAXL + MLA_MAXR];
+    __shared__ float p[ATTN_THREADS];
+    int mh = blockIdx.x, split = blockIdx.y, m = mh / nh, tid = threadIdx.x;
+    int row = L + R;
+    int n_keys = *pos + m + 1, chunk = (n_keys + nsplit - 1) / nsplit;
+    int s0 = split * chunk, s1 = min(s0 + chunk, n_keys);
+    for (int d = tid; d < L; d += ATTN_THREADS) qs[d] = bf2f(qlat[(long)mh * L + d]);
+    for (int d = tid; d < R; d += ATTN_THREADS) qs[L + d] = bf2f(q[(long)mh * dqk + nope + d]);
     __syncthreads();
-    float M2 = -INFINITY;
-    for (int s = 0; s < nsplit; s++) if (ml[2 * s + 1] > 0.f) M2 = fmaxf(M2, ml[2 * s]);
-    for (int d = tid; d < D; d += ATTN_THREADS) {
-        float num = 0.f, den = 0.f;
-#pragma unroll 4
-        for (int s = 0; s < nsplit; s++) {
-            float L = ml[2 * s + 1];
-            if (L > 0.f) {
-                float f = expf(ml[2 * s] - M2);
-                num += __ldcg(po + (long)s * D + d) * f;
-                den += L * f;
+    float mx = -INFINITY, l = 0.f, acc[MLA_MAXL / ATTN_THREADS] = {0.f, 0.f, 0.f, 0.f};
+    for (int base = s0; base < s1; base += ATTN_THREADS) {
+        int s = base + tid, cnt = min(ATTN_THREADS, s1 - base);
+        float sc = -INFINITY;
+        if (tid < cnt) {
+            const uint4* kr = (const uint4*)(cache + (long)s * row);
+            float dot = 0.f;
+#pragma unroll 8
+            for (int c = 0; c < row / 8; c++) {
+                float kf[8];
+                unpack8(kr[c], kf);
+#pragma unroll
+                for (int i = 0; i < 8; i++) dot += qs[c * 8 + i] * kf[i];
+            }
+            sc = dot * scale;
+        }
+        float mn = fmaxf(mx, block_max(sc));
+        float pe = tid < cnt ? expf(sc - mn) : 0.f;
+        float ps = block_sum(pe), a = expf(mx - mn);
+        p[tid] = pe;
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < MLA_MAXL / ATTN_THREADS; i++) {
+            int d = tid + i * ATTN_THREADS;
+            if (d < L) {
+                const bf16* vr = cache + (long)base * row + d;
+                float o = 0.f;
+#pragma unroll 8
+                for (int j = 0; j < cnt; j++) o += p[j] * bf2f(vr[(long)j * row]);
+                acc[i] = acc[i] * a + o;
             }
         }
-        out[(long)mh * D + d] = f2bf(num / den);
+        l = l * a + ps;
+        mx = mn;
+        __syncthreads();
     }
+    long slot = (long)mh * nsplit + split;
+#pragma unroll
+    for (int i = 0; i < MLA_MAXL / ATTN_THREADS; i++) {
+        int d = tid + i * ATTN_THREADS;
+        if (d < L) part_o[slot * L + d] = acc[i];
+    }
+    if (tid == 0) { part_ml[slot * 2] = mx; part_ml[slot * 2 + 1] = l; }
+    if (!last_to_finish(tickets + mh, nsplit)) return;
+    merge_splits(part_o + (long)mh * nsplit * L, part_ml + (long)mh * nsplit * 2, nsplit, L, out + (long)mh * L);
+}
+
+// GLM / DeepSeek router of one token by one warp (model-spec §3.6): s = sigmoid(logit);
+// selection on s + bias among the topk_group groups (of n_group ≤ 32) with the largest
+// sum of their two best biased scores (lowest group wins ties), top-K with the lowest
+// index winning ties; weights = s of the chosen experts, / (Σ + 1e-20) when norm, × scale.
+// E ≤ 1024.
+// Logits are read through L2 (__ldcg): the fused router reads what other blocks just wrote.
+__device__ void router_sigmoid_warp(const float* lg, const float* bias, int E, int K, int n_group, int topk_group,
+                                    int norm, float scale, int* idx, float* wout) {
+    __shared__ float gs[32];
+    __shared__ int keep[32];
+    int lane = threadIdx.x & 31;
+    float sg[32], c[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        int e = lane + 32 * i;
+        sg[i] = e < E ? 1.f / (1.f + expf(-__ldcg(lg + e))) : 0.f;
+        c[i] = e < E ? sg[i] + bias[e] : -INFINITY;
+    }
+    if (n_group > 1) {
+        // Group scores: top-2 sum of each group, lane g owning group g.
+        int per = E / n_group;
+        __shared__ float cs[1024];
+#pragma unroll
+        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E) cs[e] = c[i]; }
+        __syncwarp();
+        if (lane < n_group) {
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int e = lane * per; e < (lane + 1) * per; e++) {
+                float v = cs[e];
+                if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
+            }
+            gs[lane] = b1 + b2;
+            keep[lane] = 0;
+        }
+        __syncwarp();
+        if (lane == 0) {
+            for (int j = 0; j < topk_group; j++) {
+                int bi = -1;
+                for (int g = 0; g < n_group; g++) if (!keep[g] && (bi < 0 || gs[g] > gs[bi])) bi = g;
+                keep[bi] = 1;
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E && !keep[e / per]) c[i] = -INFINITY; }
+    }
+    float tot = 0.f, sel[16];
+    unsigned taken = 0;  // bit i: expert lane + 32·i already chosen
+    for (int j = 0; j < K; j++) {
+        float bv = -INFINITY, bs = 0.f;
+        int bi = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            int e = lane + 32 * i;
+            if (e < E && !(taken >> i & 1u) && c[i] > bv) { bv = c[i]; bs = sg[i]; bi = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bs = os; bi = oi; }
+        }
+        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        sel[j] = bs;
+        tot += bs;
+        if (lane == 0) idx[j] = bi;
+    }
+    if (lane == 0) {
+        float den = tot + 1e-20f;
+        for (int j = 0; j < K; j++) wout[j] = (norm ? sel[j] / den : sel[j]) * scale;
+    }
+}
+
+extern "C" __global__ void router_sigmoid(const float* logits, const float* bias, int E, int K, int n_group,
+                                          int topk_group, int norm, float scale, int* idx, float* wout) {
+    int m = blockIdx.x;
+    router_sigmoid_warp(logits + (long)m * E, bias, E, K, n_group, topk_group, norm, scale, idx + m * K, wout + m * K);
 }
 
 // Router: softmax over E f32 logits, top-K (largest first, lowest index wins ties),

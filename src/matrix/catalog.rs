@@ -259,7 +259,11 @@ mod tests {
         assert_eq!(rows[0].quant, "bf16|affine4|affine8");
         assert!(rows[0].default_patterns.contains(&"moe_mlp".to_string()));
         let text = render(&rows);
-        assert!(text.contains("qwen3_moe/qwen3-30b-a3b  qwen3_moe  30.53B         3.04B"), "{text}");
+        let row = text.lines().find(|l| l.starts_with("qwen3_moe/qwen3-30b-a3b")).unwrap();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells[..4], ["qwen3_moe/qwen3-30b-a3b", "qwen3_moe", "30.53B", "3.04B"], "{text}");
+        let glm = text.lines().find(|l| l.starts_with("glm4_moe_lite/glm-4.7-flash")).unwrap();
+        assert!(glm.contains("shared_expert"), "{text}");
         assert_eq!(fmt_params(950), "950");
         assert_eq!(fmt_params(6_306_304), "6.31M");
     }

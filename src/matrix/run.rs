@@ -356,7 +356,16 @@ mod tests {
         let ids: Vec<String> = sources(&a).unwrap().iter().map(Source::id).collect();
         assert_eq!(
             ids,
-            ["a", "qwen3_moe/tiny@bf16", "qwen3_moe/tiny@affine4", "qwen3_moe/qwen3-30b-a3b@affine4"],
+            [
+                "a",
+                "qwen3_moe/tiny@bf16",
+                "qwen3_moe/tiny@affine4",
+                "qwen3_moe/qwen3-30b-a3b@affine4",
+                "glm4_moe_lite/glm-tiny@affine4",
+                "glm4_moe_lite/glm-4.7-flash@affine4",
+                "deepseek_v3/deepseek-tiny@affine4",
+                "deepseek_v3/kimi-k2-tiny@affine4"
+            ],
             "folders first, then presets in order, --all adding the rest"
         );
         assert_eq!((a.runs, a.max_tokens, a.warmup, a.ledger.as_path()), (3, 200, 1, Path::new(DEFAULT_LEDGER)));

@@ -14,7 +14,7 @@ pub mod patterns;
 
 use std::fmt;
 
-use crate::config::{Family, ModelConfig};
+use crate::config::{Family, ModelConfig, RouterKind};
 
 /// Activation buffers. Widths per row; `T` rows = tokens in this forward call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,11 +45,22 @@ pub enum Buf {
     ExpertOut,
     /// Output logits `[T', V]` (T' = 1 unless every position's logits were asked for).
     Logits,
+    /// MLA query latent `[T, q_lora]` (q_a_proj output, normalised in place).
+    QA,
+    /// MLA `kv_a_proj_with_mqa` output `[T, kv_lora + rope]`: the latent `c` (normalised in
+    /// place) and the shared rope key `k_pe` (roped in place) — one KV-cache row per token.
+    Kva,
+    /// MLA absorbed queries `[T, nH·kv_lora]`: `W_UKᵀ q_nope` per head.
+    QLat,
+    /// MLA attention output in latent space `[T, nH·kv_lora]`: `Σ_s p_s c_s` per head.
+    OLat,
+    /// Shared-expert output `[T, H]`.
+    SharedOut,
 }
 
 impl Buf {
     /// Every buffer, for backends that allocate them up front.
-    pub const ALL: [Buf; 13] = [
+    pub const ALL: [Buf; 18] = [
         Buf::X,
         Buf::H,
         Buf::Q,
@@ -63,14 +74,23 @@ impl Buf {
         Buf::Act,
         Buf::ExpertOut,
         Buf::Logits,
+        Buf::QA,
+        Buf::Kva,
+        Buf::QLat,
+        Buf::OLat,
+        Buf::SharedOut,
     ];
 }
 
 /// A linear layer, by role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinRef {
-    /// Layer's q_proj.
+    /// Layer's q_proj (MLA: q_b_proj, or q_proj without a query LoRA).
     Q(usize),
+    /// MLA q_a_proj.
+    QA(usize),
+    /// MLA kv_a_proj_with_mqa.
+    KvA(usize),
     /// Layer's k_proj.
     K(usize),
     /// Layer's v_proj.
@@ -83,6 +103,12 @@ pub enum LinRef {
     DenseUp(usize),
     /// Dense MLP down_proj.
     DenseDown(usize),
+    /// Shared-expert gate_proj.
+    SharedGate(usize),
+    /// Shared-expert up_proj.
+    SharedUp(usize),
+    /// Shared-expert down_proj.
+    SharedDown(usize),
     /// MoE router.
     Router(usize),
     /// Output head.
@@ -100,6 +126,10 @@ pub enum NormRef {
     QHead(usize),
     /// Per-head k_norm.
     KHead(usize),
+    /// MLA q_a_layernorm (over the query latent).
+    QLatent(usize),
+    /// MLA kv_a_layernorm (over the KV latent, the first kv_lora columns of `Kva`).
+    KvLatent(usize),
     /// Final model.norm.
     Final,
 }
@@ -110,7 +140,8 @@ pub enum NormRef {
 pub enum Step {
     /// `X = embed[tokens]`.
     Embed,
-    /// `dst = rmsnorm(src) ⊙ w` row-wise.
+    /// `dst = rmsnorm(src) ⊙ w` row-wise over the first `w.len()` columns of each row (the
+    /// rest of the row is left as is; MLA normalises the latent part of `Kva` in place).
     RmsNorm {
         /// Weight.
         w: NormRef,
@@ -172,6 +203,44 @@ pub enum Step {
     Combine,
     /// Keep only the last row of `X` unless every position's logits were requested.
     LastRow,
+    /// MLA: interleaved RoPE on the rope slice of every query head (`Q`) and on the shared
+    /// `k_pe` (the last `rope` columns of `Kva`), positions `pos..pos+T`.
+    MlaRope,
+    /// MLA: append the `Kva` rows (latent + roped `k_pe`) to the layer's latent cache.
+    LatentAppend {
+        /// Layer.
+        layer: usize,
+    },
+    /// MLA: `QLat[t,h] = W_UK[h]ᵀ q_nope[t,h]` (weights absorbed into the query).
+    MlaQAbsorb {
+        /// Layer.
+        layer: usize,
+    },
+    /// MLA: causal attention of every head over the latent cache (one shared KV "head" of
+    /// width kv_lora + rope): `score = QLat·c_s + q_pe·k_pe_s`, scaled; `OLat = Σ p_s c_s`.
+    MlaAttention {
+        /// Layer.
+        layer: usize,
+    },
+    /// MLA: `Attn[t,h] = W_UV[h] OLat[t,h]`.
+    MlaVUp {
+        /// Layer.
+        layer: usize,
+    },
+    /// MLA as transformers writes it: expand every cached latent to per-head keys and values
+    /// (`kv_b_proj`), then attend — `Q` → `Attn`. Same math as `MlaQAbsorb`, `MlaAttention`,
+    /// `MlaVUp`, different rounding and O(S) projections per step (CPU only; see
+    /// [`Plan::with_expanded_mla`]).
+    MlaAttentionExpanded {
+        /// Layer.
+        layer: usize,
+    },
+    /// GLM / DeepSeek router on `RouterLogits`: sigmoid, correction bias for selection,
+    /// group limiting, top-k (lowest index wins ties), renormalise, scale.
+    SigmoidTopK {
+        /// Layer (its correction bias).
+        layer: usize,
+    },
 
     // Fused steps. Each is exactly its `components()`, run in order, bit for bit.
     /// `moe_mlp`: router projection + softmax-top-k in one kernel.
@@ -218,6 +287,33 @@ pub enum Step {
         /// Layer.
         layer: usize,
     },
+    /// `moe_mlp` (sigmoid routers): router projection + sigmoid-grouped top-k in one kernel.
+    MoeSigmoidRouter {
+        /// Layer.
+        layer: usize,
+    },
+    /// `moe_mlp` with shared experts: expert down, combine, `Out += SharedOut`, `X += Out`.
+    MoeDownCombineSharedAdd {
+        /// Layer.
+        layer: usize,
+    },
+    /// `shared_expert`: the shared experts' gate and up projections and SwiGLU.
+    SharedGateUpSwiglu {
+        /// Layer.
+        layer: usize,
+    },
+    /// `qkv_proj` for MLA: the projections of `H` (q_a or q, and kv_a) in one kernel.
+    MlaInProj {
+        /// Layer.
+        layer: usize,
+        /// Whether the query goes through q_a (a query LoRA) rather than q_proj.
+        q_lora: bool,
+    },
+    /// `qk_norm_rope` for MLA: the latent norm, RoPE of q_pe and k_pe, the latent-cache append.
+    LatentNormRopeAppend {
+        /// Layer.
+        layer: usize,
+    },
 }
 
 impl LinRef {
@@ -231,8 +327,23 @@ impl LinRef {
             LinRef::DenseGate(_) => "dense_gate",
             LinRef::DenseUp(_) => "dense_up",
             LinRef::DenseDown(_) => "dense_down",
+            LinRef::QA(_) => "q_a",
+            LinRef::KvA(_) => "kv_a",
+            LinRef::SharedGate(_) => "shared_gate",
+            LinRef::SharedUp(_) => "shared_up",
+            LinRef::SharedDown(_) => "shared_down",
             LinRef::Router(_) => "router",
             LinRef::LmHead => "lm_head",
+        }
+    }
+
+    /// The layer whose weight this is (`None` for the output head).
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            LinRef::Q(l) | LinRef::K(l) | LinRef::V(l) | LinRef::O(l) | LinRef::QA(l) | LinRef::KvA(l) => Some(l),
+            LinRef::DenseGate(l) | LinRef::DenseUp(l) | LinRef::DenseDown(l) | LinRef::Router(l) => Some(l),
+            LinRef::SharedGate(l) | LinRef::SharedUp(l) | LinRef::SharedDown(l) => Some(l),
+            LinRef::LmHead => None,
         }
     }
 }
@@ -245,7 +356,26 @@ impl NormRef {
             NormRef::Post(_) => "post",
             NormRef::QHead(_) => "q_head",
             NormRef::KHead(_) => "k_head",
+            NormRef::QLatent(_) => "q_latent",
+            NormRef::KvLatent(_) => "kv_latent",
             NormRef::Final => "final",
+        }
+    }
+
+    /// The layer whose weight this is (`None` for the final norm).
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            NormRef::Input(l) | NormRef::Post(l) | NormRef::QHead(l) | NormRef::KHead(l) => Some(l),
+            NormRef::QLatent(l) | NormRef::KvLatent(l) => Some(l),
+            NormRef::Final => None,
+        }
+    }
+
+    /// The norm's epsilon: `rms_norm_eps`, except MLA's latent norms (model-spec §3.8).
+    pub fn eps(self, cfg: &ModelConfig) -> f32 {
+        match (self, &cfg.mla) {
+            (NormRef::QLatent(_) | NormRef::KvLatent(_), Some(m)) => m.latent_norm_eps,
+            _ => cfg.rms_norm_eps,
         }
     }
 }
@@ -285,6 +415,33 @@ impl Step {
                 Step::Rope,
                 Step::KvAppend { layer },
             ],
+            Step::MoeSigmoidRouter { layer } => {
+                vec![Step::Linear { w: LinRef::Router(layer), src: H, dst: RouterLogits }, Step::SigmoidTopK { layer }]
+            }
+            Step::MoeDownCombineSharedAdd { layer } => vec![
+                Step::ExpertDown { layer },
+                Step::Combine,
+                Step::Add { dst: Out, src: SharedOut },
+                Step::Add { dst: X, src: Out },
+            ],
+            Step::SharedGateUpSwiglu { layer } => vec![
+                Step::Linear { w: LinRef::SharedGate(layer), src: H, dst: Gate },
+                Step::Linear { w: LinRef::SharedUp(layer), src: H, dst: Up },
+                Step::Swiglu,
+            ],
+            Step::MlaInProj { layer, q_lora } => vec![
+                if q_lora {
+                    Step::Linear { w: LinRef::QA(layer), src: H, dst: QA }
+                } else {
+                    Step::Linear { w: LinRef::Q(layer), src: H, dst: Q }
+                },
+                Step::Linear { w: LinRef::KvA(layer), src: H, dst: Kva },
+            ],
+            Step::LatentNormRopeAppend { layer } => vec![
+                Step::RmsNorm { w: NormRef::KvLatent(layer), src: Kva, dst: Kva },
+                Step::MlaRope,
+                Step::LatentAppend { layer },
+            ],
             _ => Vec::new(),
         }
     }
@@ -298,19 +455,16 @@ impl Step {
 
     /// The layer a step belongs to, if it reads one layer's weights or cache.
     pub fn layer(&self) -> Option<usize> {
-        let of_lin = |w: &LinRef| match *w {
-            LinRef::Q(l) | LinRef::K(l) | LinRef::V(l) | LinRef::O(l) => Some(l),
-            LinRef::DenseGate(l) | LinRef::DenseUp(l) | LinRef::DenseDown(l) | LinRef::Router(l) => Some(l),
-            LinRef::LmHead => None,
-        };
-        let of_norm = |w: &NormRef| match *w {
-            NormRef::Input(l) | NormRef::Post(l) | NormRef::QHead(l) | NormRef::KHead(l) => Some(l),
-            NormRef::Final => None,
-        };
         match self {
-            Step::Linear { w, .. } => of_lin(w),
-            Step::RmsNorm { w, .. } | Step::HeadNorm { w, .. } | Step::AddRmsNorm { w, .. } => of_norm(w),
-            Step::KvAppend { layer }
+            Step::Linear { w, .. } => w.layer(),
+            Step::RmsNorm { w, .. } | Step::HeadNorm { w, .. } | Step::AddRmsNorm { w, .. } => w.layer(),
+            Step::LatentAppend { layer }
+            | Step::MlaQAbsorb { layer }
+            | Step::MlaAttention { layer }
+            | Step::MlaVUp { layer }
+            | Step::MlaAttentionExpanded { layer }
+            | Step::SigmoidTopK { layer }
+            | Step::KvAppend { layer }
             | Step::Attention { layer }
             | Step::ExpertGateUp { layer }
             | Step::ExpertDown { layer }
@@ -320,7 +474,12 @@ impl Step {
             | Step::OProjAddRmsNorm { layer }
             | Step::DenseGateUpSwiglu { layer }
             | Step::QkvProj { layer }
-            | Step::QkNormRopeKv { layer } => Some(*layer),
+            | Step::QkNormRopeKv { layer }
+            | Step::MoeSigmoidRouter { layer }
+            | Step::MoeDownCombineSharedAdd { layer }
+            | Step::SharedGateUpSwiglu { layer }
+            | Step::MlaInProj { layer, .. }
+            | Step::LatentNormRopeAppend { layer } => Some(*layer),
             _ => None,
         }
     }
@@ -343,6 +502,13 @@ impl Step {
             Step::Swiglu => "swiglu".into(),
             Step::Combine => "combine".into(),
             Step::LastRow => "last_row".into(),
+            Step::MlaRope => "mla_rope".into(),
+            Step::LatentAppend { .. } => "latent_append".into(),
+            Step::MlaQAbsorb { .. } => "mla_q_absorb".into(),
+            Step::MlaAttention { .. } => "mla_attention".into(),
+            Step::MlaVUp { .. } => "mla_v_up".into(),
+            Step::MlaAttentionExpanded { .. } => "mla_attention_expanded".into(),
+            Step::SigmoidTopK { .. } => "sigmoid_topk".into(),
             Step::MoeRouter { .. } => "moe_router (fused)".into(),
             Step::MoeGateUpSwiglu { .. } => "moe_gate_up_swiglu (fused)".into(),
             Step::MoeDownCombineAdd { .. } => "moe_down_combine_add (fused)".into(),
@@ -351,6 +517,11 @@ impl Step {
             Step::AddRmsNorm { w, .. } => format!("add_rms_norm {} (fused)", w.role()),
             Step::QkvProj { .. } => "qkv_proj (fused)".into(),
             Step::QkNormRopeKv { .. } => "qk_norm_rope_kv (fused)".into(),
+            Step::MoeSigmoidRouter { .. } => "moe_sigmoid_router (fused)".into(),
+            Step::MoeDownCombineSharedAdd { .. } => "moe_down_combine_shared_add (fused)".into(),
+            Step::SharedGateUpSwiglu { .. } => "shared_gate_up_swiglu (fused)".into(),
+            Step::MlaInProj { .. } => "mla_in_proj (fused)".into(),
+            Step::LatentNormRopeAppend { .. } => "latent_norm_rope_append (fused)".into(),
         }
     }
 }
@@ -381,8 +552,112 @@ impl Plan {
     pub fn reference(cfg: &ModelConfig) -> Plan {
         match cfg.family {
             Family::Qwen3Moe => qwen3_moe(cfg),
+            Family::Glm4MoeLite | Family::DeepseekV3 => mla_moe(cfg),
         }
     }
+
+    /// The same plan with MLA attention in transformers' expanded form
+    /// ([`Step::MlaAttentionExpanded`]) instead of the absorbed steps: the oracle that the
+    /// absorbed form is checked against (same math, different rounding).
+    pub fn with_expanded_mla(&self) -> Plan {
+        let mut steps = Vec::with_capacity(self.steps.len());
+        for s in self.primitives_only().steps {
+            match s {
+                Step::MlaQAbsorb { .. } | Step::MlaVUp { .. } => {}
+                Step::MlaAttention { layer } => steps.push(Step::MlaAttentionExpanded { layer }),
+                other => steps.push(other),
+            }
+        }
+        Plan { name: format!("{} (expanded MLA)", self.name), steps }
+    }
+
+    /// Every fused step replaced by its primitives.
+    pub fn primitives_only(&self) -> Plan {
+        Plan { name: self.name.clone(), steps: self.steps.iter().flat_map(Step::primitives).collect() }
+    }
+}
+
+/// The MLP steps of layer `l` from `H` to `Out` (the residual add follows).
+fn mlp_steps(cfg: &ModelConfig, l: usize, s: &mut Vec<Step>) {
+    use Buf::*;
+    if cfg.is_moe_layer(l) {
+        // Shared experts first, so that the routed path ends in one run (down, combine,
+        // + shared, + residual) that `moe_mlp` fuses; the sum is the same either way.
+        if cfg.n_shared_experts > 0 {
+            s.extend([
+                Step::Linear { w: LinRef::SharedGate(l), src: H, dst: Gate },
+                Step::Linear { w: LinRef::SharedUp(l), src: H, dst: Up },
+                Step::Swiglu,
+                Step::Linear { w: LinRef::SharedDown(l), src: Act, dst: SharedOut },
+            ]);
+        }
+        let router = match cfg.router {
+            RouterKind::Softmax => Step::RouterTopK,
+            RouterKind::SigmoidGrouped { .. } => Step::SigmoidTopK { layer: l },
+        };
+        s.extend([
+            Step::Linear { w: LinRef::Router(l), src: H, dst: RouterLogits },
+            router,
+            Step::ExpertGateUp { layer: l },
+            Step::Swiglu,
+            Step::ExpertDown { layer: l },
+            Step::Combine,
+        ]);
+        if cfg.n_shared_experts > 0 {
+            s.push(Step::Add { dst: Out, src: SharedOut });
+        }
+    } else {
+        s.extend([
+            Step::Linear { w: LinRef::DenseGate(l), src: H, dst: Gate },
+            Step::Linear { w: LinRef::DenseUp(l), src: H, dst: Up },
+            Step::Swiglu,
+            Step::Linear { w: LinRef::DenseDown(l), src: Act, dst: Out },
+        ]);
+    }
+}
+
+/// GLM-4.7-Flash / DeepSeek-V3 (model-spec §3.4–3.6): MLA attention in the absorbed form
+/// over a latent cache, sigmoid-grouped routing, shared experts.
+fn mla_moe(cfg: &ModelConfig) -> Plan {
+    use Buf::*;
+    let m = cfg.mla.as_ref().expect("MLA family");
+    let mut s = vec![Step::Embed];
+    for l in 0..cfg.num_layers {
+        s.push(Step::RmsNorm { w: NormRef::Input(l), src: X, dst: H });
+        // Both projections of H first (q_a or q, then kv_a): `qkv_proj` fuses them.
+        if m.q_lora_rank.is_some() {
+            s.extend([
+                Step::Linear { w: LinRef::QA(l), src: H, dst: QA },
+                Step::Linear { w: LinRef::KvA(l), src: H, dst: Kva },
+                Step::RmsNorm { w: NormRef::QLatent(l), src: QA, dst: QA },
+                Step::Linear { w: LinRef::Q(l), src: QA, dst: Q },
+            ]);
+        } else {
+            s.extend([
+                Step::Linear { w: LinRef::Q(l), src: H, dst: Q },
+                Step::Linear { w: LinRef::KvA(l), src: H, dst: Kva },
+            ]);
+        }
+        s.extend([
+            Step::RmsNorm { w: NormRef::KvLatent(l), src: Kva, dst: Kva },
+            Step::MlaRope,
+            Step::LatentAppend { layer: l },
+            Step::MlaQAbsorb { layer: l },
+            Step::MlaAttention { layer: l },
+            Step::MlaVUp { layer: l },
+            Step::Linear { w: LinRef::O(l), src: Attn, dst: Out },
+            Step::Add { dst: X, src: Out },
+            Step::RmsNorm { w: NormRef::Post(l), src: X, dst: H },
+        ]);
+        mlp_steps(cfg, l, &mut s);
+        s.push(Step::Add { dst: X, src: Out });
+    }
+    s.extend([
+        Step::LastRow,
+        Step::RmsNorm { w: NormRef::Final, src: X, dst: H },
+        Step::Linear { w: LinRef::LmHead, src: H, dst: Logits },
+    ]);
+    Plan { name: "reference".into(), steps: s }
 }
 
 fn qwen3_moe(cfg: &ModelConfig) -> Plan {
@@ -403,23 +678,7 @@ fn qwen3_moe(cfg: &ModelConfig) -> Plan {
             Step::Add { dst: X, src: Out },
             Step::RmsNorm { w: NormRef::Post(l), src: X, dst: H },
         ]);
-        if cfg.is_moe_layer(l) {
-            s.extend([
-                Step::Linear { w: LinRef::Router(l), src: H, dst: RouterLogits },
-                Step::RouterTopK,
-                Step::ExpertGateUp { layer: l },
-                Step::Swiglu,
-                Step::ExpertDown { layer: l },
-                Step::Combine,
-            ]);
-        } else {
-            s.extend([
-                Step::Linear { w: LinRef::DenseGate(l), src: H, dst: Gate },
-                Step::Linear { w: LinRef::DenseUp(l), src: H, dst: Up },
-                Step::Swiglu,
-                Step::Linear { w: LinRef::DenseDown(l), src: Act, dst: Out },
-            ]);
-        }
+        mlp_steps(cfg, l, &mut s);
         s.push(Step::Add { dst: X, src: Out });
     }
     s.extend([

@@ -32,13 +32,21 @@ pub enum Pattern {
     QkNormRope,
     /// Residual add + the RMSNorm that follows it in one kernel.
     ResidualNorm,
+    /// Shared experts' gate+up+SwiGLU in one kernel (GLM / DeepSeek).
+    SharedExpert,
 }
 
 impl Pattern {
     /// Every pattern, in the order rewrites are applied (`moe_mlp` claims the residual add
     /// after the expert combine before `residual_norm` looks for adds).
-    pub const ALL: [Pattern; 5] =
-        [Pattern::MoeMlp, Pattern::SwigluMlp, Pattern::QkvProj, Pattern::QkNormRope, Pattern::ResidualNorm];
+    pub const ALL: [Pattern; 6] = [
+        Pattern::MoeMlp,
+        Pattern::SwigluMlp,
+        Pattern::QkvProj,
+        Pattern::QkNormRope,
+        Pattern::ResidualNorm,
+        Pattern::SharedExpert,
+    ];
 
     /// The CLI name.
     pub fn name(self) -> &'static str {
@@ -48,17 +56,19 @@ impl Pattern {
             Pattern::QkvProj => "qkv_proj",
             Pattern::QkNormRope => "qk_norm_rope",
             Pattern::ResidualNorm => "residual_norm",
+            Pattern::SharedExpert => "shared_expert",
         }
     }
 
     /// One line on what it fuses.
     pub fn summary(self) -> &'static str {
         match self {
-            Pattern::MoeMlp => "router+top-k | expert gate+up+SwiGLU | expert down+combine+residual add",
+            Pattern::MoeMlp => "router+top-k | expert gate+up+SwiGLU | expert down+combine(+shared)+residual add",
             Pattern::SwigluMlp => "dense gate+up+SwiGLU",
-            Pattern::QkvProj => "q, k and v projections",
-            Pattern::QkNormRope => "q/k head norms + RoPE + KV-cache append",
+            Pattern::QkvProj => "q, k and v projections (MLA: q_a/q and kv_a)",
+            Pattern::QkNormRope => "q/k head norms + RoPE + KV-cache append (MLA: latent norm + RoPE + append)",
             Pattern::ResidualNorm => "residual add + RMSNorm (with o_proj before it after attention)",
+            Pattern::SharedExpert => "shared experts' gate+up+SwiGLU",
         }
     }
 
@@ -74,9 +84,29 @@ impl Pattern {
     /// exactly the run of primitive steps that fused step stands for.
     fn fuse_at(self, rest: &[Step]) -> Option<Step> {
         let fused = match (self, rest.first()?) {
-            (Pattern::MoeMlp, Step::Linear { w: LinRef::Router(l), .. }) => Step::MoeRouter { layer: *l },
             (Pattern::MoeMlp, Step::ExpertGateUp { layer }) => Step::MoeGateUpSwiglu { layer: *layer },
-            (Pattern::MoeMlp, Step::ExpertDown { layer }) => Step::MoeDownCombineAdd { layer: *layer },
+            (Pattern::MoeMlp, Step::Linear { w: LinRef::Router(l), .. })
+                if matches!(rest.get(1), Some(Step::SigmoidTopK { .. })) =>
+            {
+                Step::MoeSigmoidRouter { layer: *l }
+            }
+            (Pattern::MoeMlp, Step::Linear { w: LinRef::Router(l), .. }) => Step::MoeRouter { layer: *l },
+            (Pattern::MoeMlp, Step::ExpertDown { layer }) => match rest.get(2) {
+                Some(Step::Add { src: Buf::SharedOut, .. }) => Step::MoeDownCombineSharedAdd { layer: *layer },
+                _ => Step::MoeDownCombineAdd { layer: *layer },
+            },
+            (Pattern::SharedExpert, Step::Linear { w: LinRef::SharedGate(l), .. }) => {
+                Step::SharedGateUpSwiglu { layer: *l }
+            }
+            (Pattern::QkvProj, Step::Linear { w: LinRef::QA(l), .. }) => Step::MlaInProj { layer: *l, q_lora: true },
+            (Pattern::QkvProj, Step::Linear { w: LinRef::Q(l), .. })
+                if matches!(rest.get(1), Some(Step::Linear { w: LinRef::KvA(_), .. })) =>
+            {
+                Step::MlaInProj { layer: *l, q_lora: false }
+            }
+            (Pattern::QkNormRope, Step::RmsNorm { w: NormRef::KvLatent(l), .. }) => {
+                Step::LatentNormRopeAppend { layer: *l }
+            }
             (Pattern::SwigluMlp, Step::Linear { w: LinRef::DenseGate(l), .. }) => Step::DenseGateUpSwiglu { layer: *l },
             (Pattern::QkvProj, Step::Linear { w: LinRef::Q(l), .. }) => Step::QkvProj { layer: *l },
             (Pattern::QkNormRope, Step::HeadNorm { w: NormRef::QHead(l), .. }) => Step::QkNormRopeKv { layer: *l },
@@ -111,7 +141,14 @@ pub fn policy(family: Family) -> FamilyPolicy {
     match family {
         // All five are bit-identical; measured on the H200 (bench/RESULTS.md, "patched vs
         // reference"), none costs speed on the qwen3-30b-a3b preset.
-        Family::Qwen3Moe => FamilyPolicy { defaults: Pattern::ALL.to_vec(), excluded: Vec::new() },
+        Family::Qwen3Moe => FamilyPolicy {
+            defaults: Pattern::ALL.into_iter().filter(|&p| p != Pattern::SharedExpert).collect(),
+            excluded: vec![(Pattern::SharedExpert, "no shared experts in this family")],
+        },
+        // The same six, in their MLA / sigmoid-router / shared-expert forms (bit-identical).
+        Family::Glm4MoeLite | Family::DeepseekV3 => {
+            FamilyPolicy { defaults: Pattern::ALL.to_vec(), excluded: Vec::new() }
+        }
     }
 }
 
@@ -228,6 +265,8 @@ fn not_applied_reason(cfg: &ModelConfig, pattern: Pattern, layer: usize) -> &'st
     match pattern {
         Pattern::MoeMlp if !moe => "dense MLP layer (no router)",
         Pattern::SwigluMlp if moe => "MoE layer (its MLP is moe_mlp's)",
+        Pattern::SharedExpert if cfg.n_shared_experts == 0 => "the family has no shared experts",
+        Pattern::SharedExpert if !moe => "dense MLP layer (no shared experts)",
         _ => "the steps it replaces are not in this layer's plan",
     }
 }
@@ -323,9 +362,42 @@ mod tests {
             assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
             let replaced: usize = applied.iter().map(|a| a.step.components().len() - 1).sum();
             assert_eq!(plan.steps.len() + replaced, reference.steps.len());
-            for p in &pats {
+            for p in pats.iter().filter(|&&p| p != Pattern::SharedExpert) {
                 assert!(applied.iter().any(|a| a.pattern == *p), "{p} fused nothing");
             }
+        }
+    }
+
+    #[test]
+    fn mla_subsets_expand_back_and_every_pattern_fires() {
+        for q_lora in ["128", "null"] {
+            let c = ModelConfig::parse(
+                &format!(
+                    r#"{{"model_type":"glm4_moe_lite","vocab_size":64,"hidden_size":64,"num_hidden_layers":3,
+                       "num_attention_heads":2,"q_lora_rank":{q_lora},"kv_lora_rank":32,"qk_nope_head_dim":16,
+                       "qk_rope_head_dim":8,"v_head_dim":16,"n_routed_experts":8,"num_experts_per_tok":2,
+                       "moe_intermediate_size":16,"intermediate_size":48}}"#
+                ),
+                std::path::Path::new("config.json"),
+            )
+            .unwrap();
+            let reference = Plan::reference(&c);
+            for mask in 0..1u32 << Pattern::ALL.len() {
+                let pats: Vec<Pattern> =
+                    Pattern::ALL.into_iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, p)| p).collect();
+                let (plan, applied) = apply(&reference, &pats);
+                assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
+                for p in &pats {
+                    assert!(applied.iter().any(|a| a.pattern == *p), "{p} fused nothing (q_lora {q_lora})");
+                }
+            }
+            let (plan, _) = apply(&reference, &Pattern::ALL);
+            let has = |f: fn(&Step) -> bool| plan.steps.iter().any(f);
+            assert!(has(|s| matches!(s, Step::MoeSigmoidRouter { .. })));
+            assert!(has(|s| matches!(s, Step::MoeDownCombineSharedAdd { .. })));
+            assert!(has(|s| matches!(s, Step::LatentNormRopeAppend { .. })));
+            assert!(has(|s| matches!(s, Step::MlaInProj { .. })));
+            assert!(!has(|s| matches!(s, Step::SigmoidTopK { .. } | Step::Combine)));
         }
     }
 

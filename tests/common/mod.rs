@@ -9,16 +9,22 @@ use zmoe::checkpoint::synth::{self, SynthQuant, SynthSpec};
 
 /// Writes a synthetic tiny qwen3_moe model into `dir/name` and returns its path.
 pub fn synth_tiny(dir: &Path, name: &str, quant: SynthQuant, seed: u64) -> PathBuf {
+    synth_preset(dir, name, "qwen3_moe/tiny", quant, seed)
+}
+
+/// Writes synthetic preset `family/preset` (e.g. `glm4_moe_lite/glm-tiny`) into `dir/name`.
+pub fn synth_preset(dir: &Path, name: &str, family_preset: &str, quant: SynthQuant, seed: u64) -> PathBuf {
     let out = dir.join(name);
+    let (family, preset) = family_preset.split_once('/').expect("family/preset");
     let spec = SynthSpec {
-        family: "qwen3_moe".into(),
-        preset: "tiny".into(),
+        family: family.into(),
+        preset: preset.into(),
         quant,
         group_size: 64,
         seed,
         max_shard_bytes: synth::SHARD_BYTES,
     };
-    synth::write(&spec, &out, false).expect("synth tiny");
+    synth::write(&spec, &out, false).expect("synth preset");
     out
 }
 
