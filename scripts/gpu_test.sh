@@ -35,7 +35,13 @@ OUT=${OUT:-$(mktemp -d)}
 export ZMOE_REPO=$PWD ZMOE_CACHE=${ZMOE_CACHE:-/tmp/zmoe-cache}
 export ZMOE_GIT_COMMIT=$(cat scratch/gpu/COMMIT 2>/dev/null)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# GPU_TESTS=0 skips the tests (a benchmark-only call); GPU_TESTS=name1,name2 runs those.
 tests=$(scratch/gpu/gpu-tests --list --ignored 2>/dev/null | sed -n 's/: test$//p')
+case "${GPU_TESTS:-all}" in
+    all) ;;
+    0) tests="" ;;
+    *) tests=$(echo "$GPU_TESTS" | tr ',' ' ') ;;
+esac
 declare -A result
 for t in $tests; do
     if scratch/gpu/gpu-tests --ignored --exact "$t" --nocapture --test-threads 1 >"$OUT/$t.log" 2>&1; then
