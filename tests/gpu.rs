@@ -122,6 +122,38 @@ fn kernel_router_topk_matches_cpu() {
         assert_eq!(gi.iter().map(|&i| i as usize).collect::<Vec<_>>(), wi, "e {e} k {k}");
         assert!(rel_err(&gw, &ww) < 1e-5);
     }
+    // Sigmoid + correction bias + group limiting (GLM / DeepSeek / Kimi shapes).
+    for (e, k, ng, tg, norm) in
+        [(64usize, 4usize, 1usize, 1usize, 1), (256, 8, 8, 4, 1), (48, 8, 1, 1, 0), (16, 3, 2, 1, 1)]
+    {
+        let m = 6;
+        let logits: Vec<f32> = (0..m * e).map(|_| rng.normal()).collect();
+        let bias: Vec<f32> = (0..e).map(|_| 0.1 * rng.normal()).collect();
+        let (pl, pb) = (dev.upload(&logits).unwrap(), dev.upload(&bias).unwrap());
+        let (pi, pw) = (dev.alloc(m * k * 4).unwrap(), dev.alloc(m * k * 4).unwrap());
+        dev.fill(pi, 0xFF, m * k * 4).unwrap();
+        dev.fill(pw, 0xFF, m * k * 4).unwrap();
+        let kind = zmoe::config::RouterKind::SigmoidGrouped { n_group: ng, topk_group: tg, routed_scaling_factor: 2.5 };
+        let args = [
+            Arg::Ptr(pl),
+            Arg::Ptr(pb),
+            Arg::I32(e as i32),
+            Arg::I32(k as i32),
+            Arg::I32(ng as i32),
+            Arg::I32(tg as i32),
+            Arg::I32(norm),
+            Arg::F32(2.5),
+            Arg::Ptr(pi),
+            Arg::Ptr(pw),
+        ];
+        dev.launch("router_sigmoid", (m as u32, 1, 1), 32, &args).unwrap();
+        let (mut gi, mut gw) = (vec![0i32; m * k], vec![0f32; m * k]);
+        dev.read(pi, &mut gi).unwrap();
+        dev.read(pw, &mut gw).unwrap();
+        let (wi, ww) = zmoe::cpu::ops::sigmoid_topk(&logits, &bias, k, norm == 1, kind);
+        assert_eq!(gi.iter().map(|&i| i as usize).collect::<Vec<_>>(), wi, "sigmoid e {e} k {k} groups {ng}/{tg}");
+        assert!(rel_err(&gw, &ww) < 1e-5, "sigmoid weights {}", rel_err(&gw, &ww));
+    }
 }
 
 /// RMSNorm, SwiGLU and combine on fresh random data vs f32 formulas.
@@ -141,7 +173,7 @@ fn kernel_elementwise_match_cpu() {
         "rmsnorm",
         (rows as u32, 1, 1),
         256,
-        &[Arg::Ptr(px), Arg::Ptr(pw), Arg::Ptr(py), Arg::I32(n as i32), Arg::F32(1e-6)],
+        &[Arg::Ptr(px), Arg::Ptr(pw), Arg::Ptr(py), Arg::I32(n as i32), Arg::I32(n as i32), Arg::F32(1e-6)],
     )
     .unwrap();
     let mut got = vec![0u16; rows * n];
@@ -151,6 +183,26 @@ fn kernel_elementwise_match_cpu() {
     let got = from_bf16(&got);
     assert!(got.iter().all(|v| v.is_finite()));
     assert!(rel_err(&got, &want) < 8e-3, "rmsnorm {}", rel_err(&got, &want));
+
+    // In place over the first 1536 columns of 2048-wide rows (MLA's latent inside Kva):
+    // the tail of each row is left as it was.
+    let nl = 1536;
+    dev.launch(
+        "rmsnorm",
+        (rows as u32, 1, 1),
+        256,
+        &[Arg::Ptr(px), Arg::Ptr(pw), Arg::Ptr(px), Arg::I32(nl), Arg::I32(n as i32), Arg::F32(1e-5)],
+    )
+    .unwrap();
+    let mut got = vec![0u16; rows * n];
+    dev.read(px, &mut got).unwrap();
+    let mut want = x.clone();
+    zmoe::cpu::ops::rms_norm_prefix(&x, n, &w[..nl as usize], 1e-5, &mut want);
+    let got = from_bf16(&got);
+    assert!(rel_err(&got, &want) < 8e-3, "strided rmsnorm {}", rel_err(&got, &want));
+    for r in 0..rows {
+        assert_eq!(&got[r * n + nl as usize..(r + 1) * n], &x[r * n + nl as usize..(r + 1) * n], "row tail");
+    }
 
     let len = 5000usize;
     let g: Vec<f32> = (0..len).map(|_| half::bf16::from_f32(rng.normal() * 2.0).to_f32()).collect();
@@ -224,7 +276,12 @@ fn model_logits_match_cpu() {
             "{}: logits rel err median {median:.1e}, worst {worst:.1e}, spikes >5e-2: {spikes}/100",
             dir.display()
         );
-        if median > 2e-2 || spikes > 10 || !got.iter().all(|x| x.is_finite()) {
+        // Sigmoid routers are looser: scores near 0.5 plus the correction bias put many
+        // experts within bf16 noise of the k-th, and a flipped group (n_group > 1) swaps
+        // several experts at once, so the golden fixtures (init std 0.2) see more spikes.
+        // teacher_forced_greedy_agrees is the margin-aware check for them.
+        let (max_median, max_spikes) = if model.config().family.is_mla() { (3e-2, 20) } else { (2e-2, 10) };
+        if median > max_median || spikes > max_spikes || !got.iter().all(|x| x.is_finite()) {
             failures.push(format!("{}: median {median}, spikes {spikes}", dir.display()));
         }
     }
