@@ -209,13 +209,18 @@ struct RunArgs {
     /// CUDA: launch decode kernels one by one instead of replaying a captured graph.
     #[arg(long)]
     eager: bool,
+    /// MLA models, CPU only: run attention in transformers' expanded form (every cached
+    /// latent expanded to per-head K/V each step) instead of the absorbed reference form.
+    #[arg(long)]
+    mla_expanded: bool,
 }
 
 /// Which fused patterns to apply (default: the family's policy; see `zmoe patterns`).
 #[derive(clap::Args)]
 struct PatternArgs {
     /// Patterns to apply, comma-separated (moe_mlp, swiglu_mlp, qkv_proj, qk_norm_rope,
-    /// residual_norm), or `none` for the reference plan. Default: the family's defaults.
+    /// residual_norm, shared_expert), or `none` for the reference plan. Default: the
+    /// family's defaults.
     #[arg(long)]
     patterns: Option<String>,
     /// Patterns to leave out, comma-separated.
@@ -233,7 +238,13 @@ impl RunArgs {
     fn open(&self) -> Result<(Model, Box<dyn zmoe::Backend>)> {
         let sel = self.patterns.selection()?;
         let model = Model::load(&self.model)?;
-        let (plan, _) = patched_plan(model.config(), &sel);
+        let (mut plan, _) = patched_plan(model.config(), &sel);
+        if self.mla_expanded {
+            if model.config().mla.is_none() {
+                bail!("--mla-expanded: {} has no MLA attention", self.model.display());
+            }
+            plan = plan.with_expanded_mla();
+        }
         let backend = model.backend_with(self.backend, plan, !self.eager)?;
         Ok((model, backend))
     }
@@ -508,6 +519,9 @@ fn run(cli: Cli) -> Result<()> {
                 zmoe::output::check_out_path("--capsule", path, force)?;
             }
             let sel = run.patterns.selection()?;
+            if run.mla_expanded {
+                bail!("--mla-expanded is not a validate option: validate compares the reference and patched plans");
+            }
             let model = Model::load(&run.model)?;
             let cfg = model.config();
             let prompt = match (prompt, prompt_tokens) {

@@ -91,3 +91,46 @@ fn synthetic_weights_are_not_trivial() {
     }
     assert!(matches!(w.layers[0].mlp, zmoe::model::Mlp::Dense(_)), "layer 0 of tiny is dense");
 }
+
+/// MLA: the absorbed form (the reference plan: `W_UKᵀ` folded into the query, attention over
+/// the latent cache, `W_UV` after it) and transformers' expanded form (every cached latent
+/// expanded to per-head keys and values) are the same math: on every MLA golden fixture and
+/// MLA preset, prefill + decode logits agree to f32 rounding and greedy tokens are identical.
+#[test]
+fn mla_absorbed_equals_expanded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dirs: Vec<_> = common::golden_dirs(std::path::Path::new(env!("CARGO_MANIFEST_DIR")))
+        .into_iter()
+        .filter(|d| !d.to_string_lossy().contains("qwen3_moe"))
+        .collect();
+    dirs.push(common::synth_preset(tmp.path(), "g", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 7));
+    dirs.push(common::synth_preset(tmp.path(), "d", "deepseek_v3/deepseek-tiny", SynthQuant::Bf16, 8));
+    assert!(dirs.len() >= 7, "MLA fixtures and presets: {dirs:?}");
+    for dir in dirs {
+        let model = Model::load(&dir).unwrap();
+        assert!(model.config().mla.is_some(), "{}", dir.display());
+        let v = model.config().vocab_size;
+        let absorbed = Plan::reference(model.config());
+        let expanded = absorbed.with_expanded_mla();
+        assert!(expanded.steps.iter().any(|s| matches!(s, zmoe::plan::Step::MlaAttentionExpanded { .. })));
+        let run = |plan: Plan| {
+            let mut be = model.backend(BackendKind::Cpu, plan).unwrap();
+            let tokens: Vec<u32> = (0..9).map(|k| (k * 389 + 5) % v as u32).collect();
+            let mut out = be.forward(&tokens, true).unwrap();
+            let mut greedy = Vec::new();
+            let mut t = zmoe::sample::argmax(&out[out.len() - v..]) as u32;
+            for _ in 0..12 {
+                greedy.push(t);
+                let step = be.forward(&[t], false).unwrap();
+                t = zmoe::sample::argmax(&step) as u32;
+                out.extend(step);
+            }
+            (out, greedy)
+        };
+        let ((a, ga), (e, ge)) = (run(absorbed), run(expanded));
+        assert_eq!(ga, ge, "{}: greedy tokens", dir.display());
+        let scale = e.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = a.iter().zip(&e).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4 * scale.max(1.0), "{}: max |Δ| {worst} (scale {scale})", dir.display());
+    }
+}

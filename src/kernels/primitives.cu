@@ -315,21 +315,25 @@ extern "C" __global__ void mla_attention(const bf16* qlat, const bf16* q, const 
     for (int d = tid; d < R; d += ATTN_THREADS) qs[L + d] = bf2f(q[(long)mh * dqk + nope + d]);
     __syncthreads();
     float mx = -INFINITY, l = 0.f, acc[MLA_MAXL / ATTN_THREADS] = {0.f, 0.f, 0.f, 0.f};
+    const int warp = tid >> 5, lane = tid & 31, nwarps = ATTN_THREADS / 32;
     for (int base = s0; base < s1; base += ATTN_THREADS) {
-        int s = base + tid, cnt = min(ATTN_THREADS, s1 - base);
-        float sc = -INFINITY;
-        if (tid < cnt) {
-            const uint4* kr = (const uint4*)(cache + (long)s * row);
+        int cnt = min(ATTN_THREADS, s1 - base);
+        // Scores: a warp per key (the row is long: 72 16-byte chunks at GLM's 512 + 64),
+        // lanes split its chunks, then a warp sum; p[j] holds key j's scaled score.
+        for (int j = warp; j < cnt; j += nwarps) {
+            const uint4* kr = (const uint4*)(cache + (long)(base + j) * row);
             float dot = 0.f;
-#pragma unroll 8
-            for (int c = 0; c < row / 8; c++) {
+            for (int c = lane; c < row / 8; c += 32) {
                 float kf[8];
                 unpack8(kr[c], kf);
 #pragma unroll
                 for (int i = 0; i < 8; i++) dot += qs[c * 8 + i] * kf[i];
             }
-            sc = dot * scale;
+            dot = warp_sum(dot);
+            if (lane == 0) p[j] = dot * scale;
         }
+        __syncthreads();
+        float sc = tid < cnt ? p[tid] : -INFINITY;
         float mn = fmaxf(mx, block_max(sc));
         float pe = tid < cnt ? expf(sc - mn) : 0.f;
         float ps = block_sum(pe), a = expf(mx - mn);
