@@ -247,6 +247,9 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// MLX quantization block, if the checkpoint is quantized.
     pub quantization: Option<QuantConfig>,
+    /// A non-MLX `quantization_config.quant_method` (e.g. DeepSeek-V3's `fp8`): the config
+    /// parses (plans, catalogs, patterns work), loading its weights is refused by name.
+    pub foreign_quantization: Option<String>,
 }
 
 impl ModelConfig {
@@ -269,9 +272,14 @@ impl ModelConfig {
         let num_heads = c.usize(&["num_attention_heads"])?;
         let num_layers = c.usize(&["num_hidden_layers"])?;
         let num_experts = c.opt_usize(&["num_experts", "num_local_experts", "n_routed_experts"])?.unwrap_or(0);
-        let quantization = match v.get("quantization").or_else(|| v.get("quantization_config")) {
-            Some(q) => parse_quant(q, path)?,
-            None => None,
+        let block = v.get("quantization").or_else(|| v.get("quantization_config"));
+        let method = block.and_then(|q| q.get("quant_method")).and_then(Value::as_str).map(str::to_owned);
+        let (quantization, foreign_quantization) = match (block, method) {
+            // transformers-style blocks (fp8, compressed-tensors, ...) describe weights zmoe
+            // cannot read; MLX blocks carry no quant_method (or "mlx").
+            (Some(_), Some(m)) if m != "mlx" => (None, Some(m)),
+            (Some(q), _) => (parse_quant(q, path)?, None),
+            (None, _) => (None, None),
         };
         let mla = if family.is_mla() { Some(c.mla(family)?) } else { None };
         let (head_dim, v_head_dim, rope) = match &mla {
@@ -330,6 +338,7 @@ impl ModelConfig {
             bos_token_id: c.opt_usize(&["bos_token_id"])?.map(|x| x as u32),
             max_position_embeddings: c.opt_usize(&["max_position_embeddings"])?.unwrap_or(32768),
             quantization,
+            foreign_quantization,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -419,7 +428,7 @@ impl ModelConfig {
 }
 
 /// Parses an MLX `quantization` block (model-spec §6.3). transformers-style blocks
-/// (`quant_method`) without MLX fields are rejected: zmoe reads MLX layouts only.
+/// (`quant_method` other than `mlx`) never get here: see `ModelConfig::foreign_quantization`.
 fn parse_quant(q: &Value, path: &Path) -> Result<Option<QuantConfig>> {
     let Some(obj) = q.as_object() else {
         return Err(Error::format(path, "`quantization` must be an object"));
@@ -727,6 +736,96 @@ mod tests {
         assert_eq!(q.for_module("model.layers.0.mlp.gate").unwrap().bits, 8);
         assert_eq!(q.for_module("model.layers.1.mlp.gate"), None);
         assert_eq!(q.for_module("model.layers.0.self_attn.q_proj").unwrap().group_size, 32);
+    }
+
+    /// DeepSeek-V3 as released (legacy `rope_scaling` spelling, fp8 quantization_config).
+    fn deepseek_v3_released() -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+            "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+            "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1,
+            "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+            "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+            "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+            "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+            "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": true,
+            "scoring_func": "sigmoid", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+            "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 1,
+            "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+            "weight_block_size": [128, 128]}
+        })
+    }
+
+    #[test]
+    fn deepseek_v3_and_kimi_k2_released_configs() {
+        let c = parse(&deepseek_v3_released()).unwrap();
+        assert_eq!(c.family, Family::DeepseekV3);
+        assert_eq!((c.head_dim, c.v_head_dim, c.num_kv_heads, c.rope.dim), (192, 128, 128, 64));
+        assert_eq!(c.moe_layers.iter().filter(|&&m| !m).count(), 3, "first_k_dense_replace 3");
+        assert!(!c.is_moe_layer(2) && c.is_moe_layer(3) && c.is_moe_layer(60));
+        assert_eq!(c.router, RouterKind::SigmoidGrouped { n_group: 8, topk_group: 4, routed_scaling_factor: 2.5 });
+        assert_eq!(c.foreign_quantization.as_deref(), Some("fp8"));
+        assert!(c.quantization.is_none());
+        // YaRN (worked values from transformers' _compute_yarn_parameters): the original
+        // frequency below the ramp, /40 above it, cos/sin unscaled, softmax scale × mscale².
+        let f = &c.rope.inv_freq;
+        assert_eq!(f.len(), 32);
+        for (i, want) in [(0, 1.0), (1, 0.74989), (2, 0.56234), (3, 0.42170), (9, 0.074989), (10, 0.056234)] {
+            assert!((f[i] - want).abs() < 2e-5 * want, "inv_freq[{i}] {} vs {want}", f[i]);
+        }
+        assert!((f[11] - 0.039007).abs() < 1e-5 && (f[31] - 3.3338e-6).abs() < 1e-9, "{} {}", f[11], f[31]);
+        assert_eq!(c.rope.attention_scaling, 1.0);
+        assert!((c.attn_scale() - 0.135_233_78).abs() < 1e-7, "{}", c.attn_scale());
+        let plan = crate::plan::Plan::reference(&c);
+        assert!(plan.steps.iter().any(|s| matches!(s, crate::plan::Step::SigmoidTopK { layer: 3 })));
+
+        // Kimi-K2: the same architecture under model_type kimi_k2.
+        let mut k = deepseek_v3_released();
+        for (f, v) in [
+            ("model_type", serde_json::json!("kimi_k2")),
+            ("num_attention_heads", 64.into()),
+            ("num_key_value_heads", 64.into()),
+            ("n_routed_experts", 384.into()),
+            ("n_group", 1.into()),
+            ("topk_group", 1.into()),
+            ("first_k_dense_replace", 1.into()),
+            ("routed_scaling_factor", 2.827.into()),
+            ("vocab_size", 163840.into()),
+            ("rope_theta", 50000.0.into()),
+            ("max_position_embeddings", 131072.into()),
+            ("eos_token_id", 163585.into()),
+        ] {
+            k[f] = v;
+        }
+        k["rope_scaling"]["factor"] = 32.0.into();
+        k["rope_scaling"]["beta_fast"] = 1.0.into();
+        let k = parse(&k).unwrap();
+        assert_eq!((k.family, k.num_experts, k.top_k, k.num_heads), (Family::DeepseekV3, 384, 8, 64));
+        assert_eq!(k.moe_layers.iter().filter(|&&m| !m).count(), 1);
+        // beta_fast = beta_slow = 1: original frequency up to pair 19, /32 from pair 20.
+        let base = RopeConfig::default_type(50000.0, 64, true).inv_freq;
+        assert_eq!(k.rope.inv_freq[..20], base[..20]);
+        assert!((k.rope.inv_freq[20] - base[20] / 32.0).abs() <= 1e-6 * base[20]);
+
+        // GLM-4.7-Flash as released: no head_dim, no mlp_layer_types (layer 0 dense).
+        let json = crate::checkpoint::synth::preset_config("glm4_moe_lite", "glm-4.7-flash").unwrap();
+        let mut g = json.clone();
+        g.as_object_mut().unwrap().remove("mlp_layer_types");
+        let g = parse(&g).unwrap();
+        assert_eq!((g.head_dim, g.v_head_dim, g.rope.dim, g.top_k), (256, 256, 64, 4));
+        assert!(!g.is_moe_layer(0) && g.is_moe_layer(1) && g.is_moe_layer(46));
+        assert_eq!(g.mla.as_ref().unwrap().cache_row() * 2 * 47, 54_144, "latent cache bytes per token");
+    }
+
+    #[test]
+    fn foreign_quantization_is_refused_at_load_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        std::fs::write(&p, deepseek_v3_released().to_string()).unwrap();
+        let e = crate::checkpoint::Checkpoint::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("config.json") && e.contains("`fp8`"), "{e}");
     }
 
     #[test]

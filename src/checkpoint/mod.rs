@@ -86,6 +86,15 @@ impl Checkpoint {
             ));
         }
         let config = ModelConfig::load(dir)?;
+        if let Some(m) = &config.foreign_quantization {
+            return Err(Error::format(
+                dir.join("config.json"),
+                format!(
+                    "weights are quantized with quant_method `{m}`; zmoe reads bf16/f16/f32 and MLX affine/MXFP4 \
+                     checkpoints (dequantize to bf16 or convert with mlx-lm first)"
+                ),
+            ));
+        }
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let (files, weight_map) = if index.exists() {

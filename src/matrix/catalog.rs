@@ -39,18 +39,36 @@ use crate::plan::patterns::{FamilyPolicy, policy};
 /// for what is counted).
 pub fn param_counts(cfg: &ModelConfig) -> (u64, u64) {
     let n = |x: usize| x as u64;
-    let (v, h, d) = (n(cfg.vocab_size), n(cfg.hidden_size), n(cfg.head_dim));
-    let (q_out, kv_out) = (n(cfg.num_heads) * d, n(cfg.num_kv_heads) * d);
-    let mut attention = h * q_out + 2 * h * kv_out + q_out * h;
-    if cfg.attention_bias {
-        attention += q_out + 2 * kv_out + h;
-    }
-    let norms = 2 * h + 2 * d;
+    let (v, h, d, nh) = (n(cfg.vocab_size), n(cfg.hidden_size), n(cfg.head_dim), n(cfg.num_heads));
+    let o_in = nh * n(cfg.v_head_dim);
+    let bias = |x: u64| if cfg.attention_bias { x } else { 0 };
+    let (attention, norms) = match &cfg.mla {
+        None => {
+            let kv_out = n(cfg.num_kv_heads) * d;
+            let q_out = nh * d;
+            let attention = h * q_out + 2 * h * kv_out + o_in * h + bias(q_out + 2 * kv_out + h);
+            (attention, 2 * h + 2 * d)
+        }
+        Some(m) => {
+            // q_a (+ its norm) and q_b, or q_proj; kv_a; kv_b (= embed_q + unembed_out); o.
+            let (lat, rope, nope, vd) =
+                (n(m.kv_lora_rank), n(m.qk_rope_head_dim), n(m.qk_nope_head_dim), n(m.v_head_dim));
+            let q = match m.q_lora_rank.map(n) {
+                Some(r) => h * r + r * nh * d + bias(r),
+                None => h * nh * d,
+            };
+            let attention = q + h * (lat + rope) + lat * nh * (nope + vd) + o_in * h + bias(lat + rope + h);
+            (attention, 2 * h + lat + m.q_lora_rank.map_or(0, n))
+        }
+    };
     let expert = 3 * h * n(cfg.moe_intermediate_size);
+    // Shared experts run on every token; sigmoid routers carry a correction bias.
+    let shared = 3 * h * n(cfg.shared_intermediate_size());
+    let router_bias = if cfg.family.is_mla() { n(cfg.num_experts) } else { 0 };
     let (mut total, mut active) = (0u64, 0u64);
     for l in 0..cfg.num_layers {
         let (all_mlp, used_mlp) = if cfg.is_moe_layer(l) {
-            let router = n(cfg.num_experts) * h;
+            let router = n(cfg.num_experts) * h + router_bias + shared;
             (router + n(cfg.num_experts) * expert, router + n(cfg.top_k) * expert)
         } else {
             let dense = 3 * h * n(cfg.intermediate_size);
@@ -206,6 +224,32 @@ mod tests {
     fn preset(name: &str) -> ModelConfig {
         let json = synth::preset_config("qwen3_moe", name).unwrap();
         ModelConfig::parse(&json.to_string(), Path::new("config.json")).unwrap()
+    }
+
+    /// MLA presets: the total equals the element count of a synthesised bf16 checkpoint
+    /// (an independent count: the tensors actually written).
+    #[test]
+    fn mla_totals_equal_checkpoint_elements() {
+        use crate::checkpoint::synth::{SynthSpec, write};
+        let tmp = tempfile::tempdir().unwrap();
+        for (family, preset) in [("glm4_moe_lite", "glm-tiny"), ("deepseek_v3", "deepseek-tiny")] {
+            let out = tmp.path().join(preset);
+            let spec = SynthSpec {
+                family: family.into(),
+                preset: preset.into(),
+                quant: SynthQuant::Bf16,
+                group_size: 64,
+                seed: 1,
+                max_shard_bytes: synth::SHARD_BYTES,
+            };
+            write(&spec, &out, false).unwrap();
+            let ck = crate::checkpoint::Checkpoint::open(&out).unwrap();
+            let elems: u64 = ck.names().map(|n| ck.tensor(n).unwrap().shape.iter().product::<usize>() as u64).sum();
+            assert_eq!(param_counts(&ck.config).0, elems, "{family}/{preset}");
+        }
+        let json = synth::preset_config("glm4_moe_lite", "glm-4.7-flash").unwrap();
+        let (total, active) = param_counts(&ModelConfig::parse(&json.to_string(), Path::new("c")).unwrap());
+        assert!((29.5e9..30.5e9).contains(&(total as f64)) && (3.0e9..4.0e9).contains(&(active as f64)));
     }
 
     #[test]
