@@ -227,6 +227,21 @@ fn upload_linear(dev: &mut Device, l: &Linear) -> Result<DLinear> {
     Ok(DLinear { m, bias })
 }
 
+/// The shape arguments `mla_rope` and `latent_norm_rope_append` share:
+/// `nh, dqk, nope, row, lat, d_rot, scaling, interleaved`.
+fn mla_rope_dims(c: &ModelConfig, m: &crate::config::MlaConfig) -> [Arg; 8] {
+    [
+        Arg::I32(c.num_heads as i32),
+        Arg::I32(c.head_dim as i32),
+        Arg::I32(m.qk_nope_head_dim as i32),
+        Arg::I32(m.cache_row() as i32),
+        Arg::I32(m.kv_lora_rank as i32),
+        Arg::I32(c.rope.dim as i32),
+        Arg::F32(c.rope.attention_scaling),
+        Arg::I32(c.rope.interleaved as i32),
+    ]
+}
+
 fn upload_ffn(dev: &mut Device, f: &Ffn) -> Result<[DLinear; 3]> {
     Ok([upload_linear(dev, &f.gate)?, upload_linear(dev, &f.up)?, upload_linear(dev, &f.down)?])
 }
@@ -706,23 +721,16 @@ impl CudaBackend {
             }
             Step::LatentNormRopeAppend { layer } => {
                 let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("latent norm without MLA dims".into()))?;
-                let a = [
+                let mut a = vec![
                     Ptr(self.buf(Buf::Q)),
                     Ptr(self.buf(Buf::Kva)),
                     Ptr(self.norm(NormRef::KvLatent(layer))?),
                     Ptr(self.inv_freq),
                     Ptr(self.pos_ptr()),
                     Ptr(self.layers[layer].k_cache),
-                    I32(nh as i32),
-                    I32(d as i32),
-                    I32(m.qk_nope_head_dim as i32),
-                    I32(m.cache_row() as i32),
-                    I32(m.kv_lora_rank as i32),
-                    I32(c.rope.dim as i32),
-                    F32(c.rope.attention_scaling),
-                    I32(c.rope.interleaved as i32),
-                    F32(NormRef::KvLatent(layer).eps(c)),
                 ];
+                a.extend(mla_rope_dims(c, m));
+                a.push(F32(NormRef::KvLatent(layer).eps(c)));
                 dev.launch("latent_norm_rope_append", ((mm * (nh + 1)) as u32, 1, 1), 256, &a)?;
             }
             Step::OProjAddRmsNorm { layer } => {
@@ -818,20 +826,9 @@ impl CudaBackend {
             }
             Step::MlaRope => {
                 let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("mla_rope without MLA dims".into()))?;
-                let a = [
-                    Ptr(self.buf(Buf::Q)),
-                    Ptr(self.buf(Buf::Kva)),
-                    Ptr(self.inv_freq),
-                    Ptr(self.pos_ptr()),
-                    I32(nh as i32),
-                    I32(d as i32),
-                    I32(m.qk_nope_head_dim as i32),
-                    I32(m.cache_row() as i32),
-                    I32(m.kv_lora_rank as i32),
-                    I32(c.rope.dim as i32),
-                    F32(c.rope.attention_scaling),
-                    I32(c.rope.interleaved as i32),
-                ];
+                let mut a =
+                    vec![Ptr(self.buf(Buf::Q)), Ptr(self.buf(Buf::Kva)), Ptr(self.inv_freq), Ptr(self.pos_ptr())];
+                a.extend(mla_rope_dims(c, m));
                 dev.launch("mla_rope", ((mm * (nh + 1)) as u32, 1, 1), 32, &a)?;
             }
             Step::LatentAppend { layer } => {

@@ -5,24 +5,30 @@
 // o_proj_add_rmsnorm are decode kernels (prefill runs their components, whose expert path
 // is grouped); qkv_proj, dense_gate_up_swiglu, add_rmsnorm and qk_norm_rope_kv take any M.
 
+// The router logits rows of this block (one warp per expert row) of token m: the f32
+// result of matvec1 for those rows.
+__device__ __forceinline__ void router_logits_rows(const QMat& W, const bf16* x, float* logits, const float* bias,
+                                                   int E, int H, int m) {
+    int lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (r >= E) return;
+    const bf16* xs[1] = {x + (long)m * H};
+    float acc[1];
+    row_dot_partial<1>(W, r, H, xs, 1, lane, acc);
+    float v = warp_sum(acc[0]);
+    if (lane == 0) {
+        if (bias) v += bias[r];
+        logits[(long)m * E + r] = v;
+    }
+}
+
 // moe_mlp 1/3: router logits (= matvec, f32 out) and, in the last block to finish, the
 // softmax-top-k of router_topk. Grid (ceil(E/4), 1, M), 128 threads. tickets[m] counts
 // finished blocks and is reset by the last one, so the kernel can be replayed in a graph.
 extern "C" __global__ void moe_router(QMAT_ARGS, const bf16* x, float* logits, const float* bias, int E, int H, int K,
                                       int norm, int* tickets, int* idx, float* wout) {
-    QMat W = QMAT_MAKE;
-    int m = blockIdx.z, lane = threadIdx.x & 31;
-    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
-    if (r < E) {
-        const bf16* xs[1] = {x + (long)m * H};
-        float acc[1];
-        row_dot_partial<1>(W, r, H, xs, 1, lane, acc);
-        float v = warp_sum(acc[0]);
-        if (lane == 0) {
-            if (bias) v += bias[r];
-            logits[(long)m * E + r] = v;
-        }
-    }
+    int m = blockIdx.z;
+    router_logits_rows(QMAT_MAKE, x, logits, bias, E, H, m);
     if (!last_to_finish(tickets + m, gridDim.x)) return;
     if (threadIdx.x < WARP) router_topk_warp(logits + (long)m * E, E, K, norm, idx + m * K, wout + m * K);
 }
@@ -32,16 +38,8 @@ extern "C" __global__ void moe_router(QMAT_ARGS, const bf16* x, float* logits, c
 extern "C" __global__ void moe_router_sigmoid(QMAT_ARGS, const bf16* x, float* logits, const float* ebias, int E,
                                               int H, int K, int n_group, int topk_group, int norm, float scale,
                                               int* tickets, int* idx, float* wout) {
-    QMat W = QMAT_MAKE;
-    int m = blockIdx.z, lane = threadIdx.x & 31;
-    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
-    if (r < E) {
-        const bf16* xs[1] = {x + (long)m * H};
-        float acc[1];
-        row_dot_partial<1>(W, r, H, xs, 1, lane, acc);
-        float v = warp_sum(acc[0]);
-        if (lane == 0) logits[(long)m * E + r] = v;
-    }
+    int m = blockIdx.z;
+    router_logits_rows(QMAT_MAKE, x, logits, nullptr, E, H, m);
     if (!last_to_finish(tickets + m, gridDim.x)) return;
     if (threadIdx.x < WARP)
         router_sigmoid_warp(logits + (long)m * E, ebias, E, K, n_group, topk_group, norm, scale, idx + m * K,

@@ -645,19 +645,33 @@ fn mla_moe(cfg: &ModelConfig) -> Plan {
             Step::MlaQAbsorb { layer: l },
             Step::MlaAttention { layer: l },
             Step::MlaVUp { layer: l },
-            Step::Linear { w: LinRef::O(l), src: Attn, dst: Out },
-            Step::Add { dst: X, src: Out },
-            Step::RmsNorm { w: NormRef::Post(l), src: X, dst: H },
         ]);
-        mlp_steps(cfg, l, &mut s);
-        s.push(Step::Add { dst: X, src: Out });
+        ffn_block(cfg, l, &mut s);
     }
+    head(&mut s);
+    Plan { name: "reference".into(), steps: s }
+}
+
+/// After attention: o_proj, residual add, post-attention norm, the MLP, residual add.
+fn ffn_block(cfg: &ModelConfig, l: usize, s: &mut Vec<Step>) {
+    use Buf::*;
+    s.extend([
+        Step::Linear { w: LinRef::O(l), src: Attn, dst: Out },
+        Step::Add { dst: X, src: Out },
+        Step::RmsNorm { w: NormRef::Post(l), src: X, dst: H },
+    ]);
+    mlp_steps(cfg, l, s);
+    s.push(Step::Add { dst: X, src: Out });
+}
+
+/// The output head: last row, final norm, lm_head.
+fn head(s: &mut Vec<Step>) {
+    use Buf::*;
     s.extend([
         Step::LastRow,
         Step::RmsNorm { w: NormRef::Final, src: X, dst: H },
         Step::Linear { w: LinRef::LmHead, src: H, dst: Logits },
     ]);
-    Plan { name: "reference".into(), steps: s }
 }
 
 fn qwen3_moe(cfg: &ModelConfig) -> Plan {
@@ -674,18 +688,10 @@ fn qwen3_moe(cfg: &ModelConfig) -> Plan {
             Step::Rope,
             Step::KvAppend { layer: l },
             Step::Attention { layer: l },
-            Step::Linear { w: LinRef::O(l), src: Attn, dst: Out },
-            Step::Add { dst: X, src: Out },
-            Step::RmsNorm { w: NormRef::Post(l), src: X, dst: H },
         ]);
-        mlp_steps(cfg, l, &mut s);
-        s.push(Step::Add { dst: X, src: Out });
+        ffn_block(cfg, l, &mut s);
     }
-    s.extend([
-        Step::LastRow,
-        Step::RmsNorm { w: NormRef::Final, src: X, dst: H },
-        Step::Linear { w: LinRef::LmHead, src: H, dst: Logits },
-    ]);
+    head(&mut s);
     Plan { name: "reference".into(), steps: s }
 }
 
