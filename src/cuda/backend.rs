@@ -25,6 +25,10 @@ pub const CHUNK: usize = 64;
 const ATTN_SPLITS: usize = 16;
 /// Threads of an attention block (`ATTN_THREADS` in primitives.cu).
 const ATTN_THREADS: u32 = 128;
+/// MLA attention: key splits, and query heads per block (`MLA_HB` in primitives.cu; the
+/// heads of a block share each latent row they load, so fewer blocks take more splits).
+const MLA_SPLITS: usize = 32;
+const MLA_HB: usize = 4;
 /// Default KV-cache capacity (tokens) when the model allows more.
 const DEFAULT_MAX_CTX: usize = 8192;
 
@@ -380,8 +384,8 @@ impl CudaBackend {
             sample_out: dev.alloc(8)?,
             tickets: dev.alloc(CHUNK * nh.max(1) * 4)?,
             io: dev.alloc((1 + CHUNK) * 4)?,
-            part_o: dev.alloc(CHUNK * nh * ATTN_SPLITS * d.max(lat) * 4)?,
-            part_ml: dev.alloc(CHUNK * nh * ATTN_SPLITS * 2 * 4)?,
+            part_o: dev.alloc(CHUNK * nh * (ATTN_SPLITS * d).max(MLA_SPLITS * lat) * 4)?,
+            part_ml: dev.alloc(CHUNK * nh * ATTN_SPLITS.max(MLA_SPLITS) * 2 * 4)?,
             act_elems: 0,
         };
         dev.fill(st.tickets, 0, CHUNK * nh.max(1) * 4)?;
@@ -861,9 +865,10 @@ impl CudaBackend {
                     I32(m.kv_lora_rank as i32),
                     I32(m.qk_rope_head_dim as i32),
                     F32(c.attn_scale()),
-                    I32(ATTN_SPLITS as i32),
+                    I32(MLA_SPLITS as i32),
                 ];
-                dev.launch("mla_attention", ((mm * nh) as u32, ATTN_SPLITS as u32, 1), ATTN_THREADS, &a)?;
+                let grid = ((mm * nh / MLA_HB) as u32, MLA_SPLITS as u32, 1);
+                dev.launch("mla_attention", grid, ATTN_THREADS, &a)?;
             }
             Step::MlaAttentionExpanded { .. } => {
                 return Err(unsupported("the expanded MLA form (a CPU oracle)".into()));
