@@ -312,7 +312,9 @@ extern "C" __global__ void cache_append(const bf16* x, bf16* cache, const int* p
 extern "C" __global__ void mla_attention(const bf16* qlat, const bf16* q, const bf16* cache, const int* pos,
                                          float* part_o, float* part_ml, int* tickets, bf16* out, int nh, int dqk,
                                          int nope, int L, int R, float scale, int nsplit) {
-    __shared__ float qs[MLA_HB][MLA_MAXL + MLA_MAXR];
+    // qs[h][i][c] = query element 8c + i of head h: lanes reading consecutive chunks c of
+    // one i hit consecutive banks (row-major [8c + i] would be an 8-way bank conflict).
+    __shared__ float qs[MLA_HB][8][(MLA_MAXL + MLA_MAXR) / 8];
     __shared__ float p[MLA_HB][ATTN_THREADS];
     __shared__ float rescale[MLA_HB];
     const int groups = nh / MLA_HB;
@@ -323,8 +325,8 @@ extern "C" __global__ void mla_attention(const bf16* qlat, const bf16* q, const 
     int s0 = split * chunk, s1 = min(s0 + chunk, n_keys);
     for (int h = 0; h < MLA_HB; h++) {
         long mh = (long)m * nh + h0 + h;
-        for (int d = tid; d < L; d += ATTN_THREADS) qs[h][d] = bf2f(qlat[mh * L + d]);
-        for (int d = tid; d < R; d += ATTN_THREADS) qs[h][L + d] = bf2f(q[mh * dqk + nope + d]);
+        for (int d = tid; d < L; d += ATTN_THREADS) qs[h][d % 8][d / 8] = bf2f(qlat[mh * L + d]);
+        for (int d = tid; d < R; d += ATTN_THREADS) qs[h][(L + d) % 8][(L + d) / 8] = bf2f(q[mh * dqk + nope + d]);
     }
     __syncthreads();
     // Warp h < MLA_HB owns head h's running (max, sum).
@@ -345,7 +347,7 @@ extern "C" __global__ void mla_attention(const bf16* qlat, const bf16* q, const 
 #pragma unroll
                 for (int h = 0; h < MLA_HB; h++)
 #pragma unroll
-                    for (int i = 0; i < 8; i++) dot[h] += qs[h][c * 8 + i] * kf[i];
+                    for (int i = 0; i < 8; i++) dot[h] += qs[h][i][c] * kf[i];
             }
 #pragma unroll
             for (int h = 0; h < MLA_HB; h++) {
