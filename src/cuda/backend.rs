@@ -25,10 +25,8 @@ pub const CHUNK: usize = 64;
 const ATTN_SPLITS: usize = 16;
 /// Threads of an attention block (`ATTN_THREADS` in primitives.cu).
 const ATTN_THREADS: u32 = 128;
-/// MLA attention: key splits, and query heads per block (`MLA_HB` in primitives.cu; the
-/// heads of a block share each latent row they load, so fewer blocks take more splits).
-const MLA_SPLITS: usize = 32;
-const MLA_HB: usize = 4;
+/// MLA attention: key splits per (token, head).
+const MLA_SPLITS: usize = 16;
 /// Default KV-cache capacity (tokens) when the model allows more.
 const DEFAULT_MAX_CTX: usize = 8192;
 
@@ -867,7 +865,7 @@ impl CudaBackend {
                     F32(c.attn_scale()),
                     I32(MLA_SPLITS as i32),
                 ];
-                let grid = ((mm * nh / MLA_HB) as u32, MLA_SPLITS as u32, 1);
+                let grid = ((mm * nh) as u32, MLA_SPLITS as u32, 1);
                 dev.launch("mla_attention", grid, ATTN_THREADS, &a)?;
             }
             Step::MlaAttentionExpanded { .. } => {

@@ -297,114 +297,72 @@ extern "C" __global__ void cache_append(const bf16* x, bf16* cache, const int* p
 
 // Split-KV causal attention over the latent cache (one KV row per position, shared by all
 // heads): for query (m, h), score_s = (qlat[m,h]·c_s + q_pe[m,h]·k_pe_s) · scale with
-// cache row s = [c_s (L) | k_pe_s (R)], and out[m,h] = Σ_s p_s c_s (L wide).
-// Grid (M · nh/MLA_HB, nsplit), ATTN_THREADS threads: a block takes MLA_HB heads of one
-// token — they read the same latent rows, so each row is loaded once for all of them — and
-// the split-th of nsplit equal runs of keys (run length follows the position at run time).
-// Per pass of ≤ ATTN_THREADS keys: a warp per key computes its MLA_HB scores (lanes split
-// the row's 16-byte chunks, then warp sums); warp h keeps head h's running max and sum;
-// thread t accumulates dims t, t + ATTN_THREADS, ... of every head's Σ p·c in key order.
-// The last split block of a (token, head group) to finish merges the splits of its heads.
-// nh % MLA_HB == 0, L ≤ MLA_MAXL, R ≤ MLA_MAXR, both multiples of 8.
+// cache row s = [c_s (L) | k_pe_s (R)], and out[m,h] = Σ_s p_s c_s (L wide). Same scheme as
+// `attention`: grid (M·nh, nsplit), thread t scores key t of a pass, the last split block
+// to finish merges. L ≤ MLA_MAXL, L and R multiples of 8.
 #define MLA_MAXL 512
 #define MLA_MAXR 64
-#define MLA_HB 4
 extern "C" __global__ void mla_attention(const bf16* qlat, const bf16* q, const bf16* cache, const int* pos,
                                          float* part_o, float* part_ml, int* tickets, bf16* out, int nh, int dqk,
                                          int nope, int L, int R, float scale, int nsplit) {
-    // qs[h][i][c] = query element 8c + i of head h: lanes reading consecutive chunks c of
-    // one i hit consecutive banks (row-major [8c + i] would be an 8-way bank conflict).
-    __shared__ float qs[MLA_HB][8][(MLA_MAXL + MLA_MAXR) / 8];
-    __shared__ float p[MLA_HB][ATTN_THREADS];
-    __shared__ float rescale[MLA_HB];
-    const int groups = nh / MLA_HB;
-    int mg = blockIdx.x, split = blockIdx.y, m = mg / groups, h0 = (mg % groups) * MLA_HB, tid = threadIdx.x;
-    const int warp = tid >> 5, lane = tid & 31, nwarps = ATTN_THREADS / 32;
+    __shared__ float qs[MLA_MAXL + MLA_MAXR];
+    __shared__ float p[ATTN_THREADS];
+    int mh = blockIdx.x, split = blockIdx.y, m = mh / nh, tid = threadIdx.x;
     int row = L + R;
     int n_keys = *pos + m + 1, chunk = (n_keys + nsplit - 1) / nsplit;
     int s0 = split * chunk, s1 = min(s0 + chunk, n_keys);
-    for (int h = 0; h < MLA_HB; h++) {
-        long mh = (long)m * nh + h0 + h;
-        for (int d = tid; d < L; d += ATTN_THREADS) qs[h][d % 8][d / 8] = bf2f(qlat[mh * L + d]);
-        for (int d = tid; d < R; d += ATTN_THREADS) qs[h][(L + d) % 8][(L + d) / 8] = bf2f(q[mh * dqk + nope + d]);
-    }
+    for (int d = tid; d < L; d += ATTN_THREADS) qs[d] = bf2f(qlat[(long)mh * L + d]);
+    for (int d = tid; d < R; d += ATTN_THREADS) qs[L + d] = bf2f(q[(long)mh * dqk + nope + d]);
     __syncthreads();
-    // Warp h < MLA_HB owns head h's running (max, sum).
-    float mx = -INFINITY, l = 0.f;
-    float acc[MLA_HB][MLA_MAXL / ATTN_THREADS];
-#pragma unroll
-    for (int h = 0; h < MLA_HB; h++)
-#pragma unroll
-        for (int i = 0; i < MLA_MAXL / ATTN_THREADS; i++) acc[h][i] = 0.f;
+    float mx = -INFINITY, l = 0.f, acc[MLA_MAXL / ATTN_THREADS] = {0.f, 0.f, 0.f, 0.f};
+    const int warp = tid >> 5, lane = tid & 31, nwarps = ATTN_THREADS / 32;
     for (int base = s0; base < s1; base += ATTN_THREADS) {
         int cnt = min(ATTN_THREADS, s1 - base);
+        // Scores: a warp per key (the row is long: 72 16-byte chunks at GLM's 512 + 64),
+        // lanes split its chunks, then a warp sum; p[j] holds key j's scaled score.
         for (int j = warp; j < cnt; j += nwarps) {
             const uint4* kr = (const uint4*)(cache + (long)(base + j) * row);
-            float dot[MLA_HB] = {};
+            float dot = 0.f;
             for (int c = lane; c < row / 8; c += 32) {
                 float kf[8];
                 unpack8(kr[c], kf);
 #pragma unroll
-                for (int h = 0; h < MLA_HB; h++)
-#pragma unroll
-                    for (int i = 0; i < 8; i++) dot[h] += qs[h][i][c] * kf[i];
+                for (int i = 0; i < 8; i++) dot += qs[c * 8 + i] * kf[i];
             }
-#pragma unroll
-            for (int h = 0; h < MLA_HB; h++) {
-                float v = warp_sum(dot[h]);
-                if (lane == 0) p[h][j] = v * scale;
-            }
+            dot = warp_sum(dot);
+            if (lane == 0) p[j] = dot * scale;
         }
         __syncthreads();
-        if (warp < MLA_HB) {
-            float pm = -INFINITY;
-            for (int j = lane; j < cnt; j += 32) pm = fmaxf(pm, p[warp][j]);
-            float mn = fmaxf(mx, warp_max(pm));
-            float ps = 0.f;
-            for (int j = lane; j < cnt; j += 32) {
-                float e = expf(p[warp][j] - mn);
-                p[warp][j] = e;
-                ps += e;
-            }
-            float a = expf(mx - mn);
-            l = l * a + warp_sum(ps);
-            mx = mn;
-            if (lane == 0) rescale[warp] = a;
-        }
+        float sc = tid < cnt ? p[tid] : -INFINITY;
+        float mn = fmaxf(mx, block_max(sc));
+        float pe = tid < cnt ? expf(sc - mn) : 0.f;
+        float ps = block_sum(pe), a = expf(mx - mn);
+        p[tid] = pe;
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < MLA_MAXL / ATTN_THREADS; i++) {
             int d = tid + i * ATTN_THREADS;
             if (d < L) {
                 const bf16* vr = cache + (long)base * row + d;
-                float o[MLA_HB] = {};
-#pragma unroll 4
-                for (int j = 0; j < cnt; j++) {
-                    float c = bf2f(vr[(long)j * row]);
-#pragma unroll
-                    for (int h = 0; h < MLA_HB; h++) o[h] += p[h][j] * c;
-                }
-#pragma unroll
-                for (int h = 0; h < MLA_HB; h++) acc[h][i] = acc[h][i] * rescale[h] + o[h];
+                float o = 0.f;
+#pragma unroll 8
+                for (int j = 0; j < cnt; j++) o += p[j] * bf2f(vr[(long)j * row]);
+                acc[i] = acc[i] * a + o;
             }
         }
+        l = l * a + ps;
+        mx = mn;
         __syncthreads();
     }
-    for (int h = 0; h < MLA_HB; h++) {
-        long slot = ((long)m * nh + h0 + h) * nsplit + split;
+    long slot = (long)mh * nsplit + split;
 #pragma unroll
-        for (int i = 0; i < MLA_MAXL / ATTN_THREADS; i++) {
-            int d = tid + i * ATTN_THREADS;
-            if (d < L) part_o[slot * L + d] = acc[h][i];
-        }
-        if (warp == h && lane == 0) { part_ml[slot * 2] = mx; part_ml[slot * 2 + 1] = l; }
+    for (int i = 0; i < MLA_MAXL / ATTN_THREADS; i++) {
+        int d = tid + i * ATTN_THREADS;
+        if (d < L) part_o[slot * L + d] = acc[i];
     }
-    if (!last_to_finish(tickets + mg, nsplit)) return;
-    for (int h = 0; h < MLA_HB; h++) {
-        long mh = (long)m * nh + h0 + h;
-        merge_splits(part_o + mh * nsplit * L, part_ml + mh * nsplit * 2, nsplit, L, out + mh * L);
-        __syncthreads();
-    }
+    if (tid == 0) { part_ml[slot * 2] = mx; part_ml[slot * 2 + 1] = l; }
+    if (!last_to_finish(tickets + mh, nsplit)) return;
+    merge_splits(part_o + (long)mh * nsplit * L, part_ml + (long)mh * nsplit * 2, nsplit, L, out + (long)mh * L);
 }
 
 // GLM / DeepSeek router of one token by one warp (model-spec §3.6): s = sigmoid(logit);
