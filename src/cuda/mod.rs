@@ -12,6 +12,7 @@
 
 pub mod backend;
 mod compile;
+mod packs;
 
 use std::collections::HashMap;
 use std::ffi::c_void;

@@ -28,7 +28,7 @@ pub const FILE_NAME: &str = "attempts.ndjson";
 /// Which campaign and case an attempt belongs to, and where it ran in the case's order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CampaignInfo {
-    /// Campaign id (`<UTC time>-s<seed>`): cases are matched within a campaign.
+    /// Campaign id (`<UTC time>-s<seed>-<4 hex>`): cases are matched within a campaign.
     pub id: String,
     /// Campaign seed.
     pub seed: u64,

@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// Largest token count sampled.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
+    /// Fix a template's knobs instead of sampling them, e.g. `t1_vec:TPB=128,VEC=8,UNROLL=2`
+    /// (repeatable): a confirmation campaign for one candidate.
+    #[arg(long = "pin", value_name = "TEMPLATE:KNOBS")]
+    pub pin: Vec<String>,
 }
 
 /// `zmoe foundry …`.
@@ -225,6 +229,15 @@ fn run(args: &RunArgs, stdout: &mut dyn FnMut(&str), stderr: &mut dyn FnMut(&str
     } else {
         args.presets.iter().map(|n| preset(n.trim())).collect::<Result<_>>()?
     };
+    let mut pinned = std::collections::BTreeMap::new();
+    for p in &args.pin {
+        let (name, ks) =
+            p.split_once(':').ok_or_else(|| Error::Arg(format!("--pin {p}: expected TEMPLATE:NAME=VALUE,...")))?;
+        let t = templates::find(op, name.trim())?;
+        let k = knobs::parse(ks)?;
+        knobs::check(t.space, &k).map_err(|e| Error::Arg(format!("--pin {p}: {e}")))?;
+        pinned.insert(t.name.to_string(), k);
+    }
     if args.cases == 0 || args.repeats == 0 {
         return Err(Error::Arg("--cases and --repeats must be at least 1".into()));
     }
@@ -279,6 +292,7 @@ fn run(args: &RunArgs, stdout: &mut dyn FnMut(&str), stderr: &mut dyn FnMut(&str
         templates: chosen,
         presets,
         max_tokens: args.max_tokens,
+        pinned,
     };
     let settings = Settings { warmup: args.warmup, repeats: args.repeats };
     let sum = run_campaign(runner.as_mut(), &spec, &settings, &ledger, &mut |l| stderr(l))?;

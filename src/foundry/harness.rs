@@ -532,7 +532,10 @@ pub fn run_campaign(
     let dev = runner.device();
     let prov = crate::bench::Provenance::now();
     let started = crate::bench::rfc3339_utc(SystemTime::now());
-    let id = format!("{}-s{}", started.replace(':', ""), spec.seed);
+    // Unique even for two campaigns started in the same second with the same seed.
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let tag = mix64(nanos as u64 ^ ((std::process::id() as u64) << 32)) & 0xffff;
+    let id = format!("{}-s{}-{tag:04x}", started.replace(':', ""), spec.seed);
     let cases = sample(spec);
     let mut out = Appender::open(ledger)?;
     let mut counts: HashMap<Status, usize> = HashMap::new();
@@ -629,6 +632,7 @@ mod tests {
                 templates: for_op(op),
                 presets: PRESETS.iter().collect(),
                 max_tokens: 256,
+                pinned: Default::default(),
             };
             let mut lines = Vec::new();
             let sum =

@@ -84,6 +84,9 @@ pub struct SampleSpec {
     pub presets: Vec<&'static Preset>,
     /// Largest token count (≤ 256 keeps to the decode regimes).
     pub max_tokens: usize,
+    /// Templates whose knobs are fixed instead of sampled (a confirmation campaign for a
+    /// promoted candidate), by template name.
+    pub pinned: std::collections::BTreeMap<String, Knobs>,
 }
 
 /// Decode-centric token counts: half in 1..8, 30 % in 9..32, 20 % log-uniform in 33..256.
@@ -126,6 +129,9 @@ pub fn sample(spec: &SampleSpec) -> Vec<Case> {
             .templates
             .iter()
             .filter_map(|t| {
+                if let Some(k) = spec.pinned.get(t.name) {
+                    return (t.fits)(&shape, k).then(|| Candidate { template: t, knobs: k.clone() });
+                }
                 let combos = t.combos(&shape);
                 if combos.is_empty() {
                     return None;
@@ -163,6 +169,7 @@ mod tests {
             templates: for_op(OpId::MoeCombine),
             presets: PRESETS.iter().collect(),
             max_tokens: 256,
+            pinned: Default::default(),
         }
     }
 
@@ -213,5 +220,16 @@ mod tests {
             assert!(cases.iter().any(|c| c.shape.preset == p.name));
         }
         assert!(cases.iter().any(|c| c.shape.tokens == 256) && cases.iter().any(|c| c.shape.tokens == 1));
+    }
+
+    #[test]
+    fn pinned_knobs_are_used_in_every_case() {
+        let mut sp = spec(Mode::Mix, 2);
+        let k = crate::foundry::knobs::knobs(&[("TPB", 64), ("VEC", 4), ("UNROLL", 2)]);
+        sp.pinned.insert("t1_vec".into(), k.clone());
+        for c in sample(&sp) {
+            let t1 = c.candidates.iter().find(|x| x.template.name == "t1_vec").unwrap();
+            assert_eq!(t1.knobs, k);
+        }
     }
 }
