@@ -50,6 +50,7 @@ pub struct BuildInfo {
     /// Whether it compiled and loaded.
     pub ok: bool,
     /// Milliseconds (render + compile or cache load + module load).
+    #[serde(with = "crate::foundry::num")]
     pub ms: f64,
     /// The compiler log (truncated) or the load error.
     pub error: Option<String>,
@@ -65,18 +66,25 @@ pub struct BenchInfo {
     /// Timed launches (each after an L2 flush).
     pub repeats: usize,
     /// Microseconds: 10th percentile.
+    #[serde(with = "crate::foundry::num")]
     pub p10_us: f64,
     /// Median.
+    #[serde(with = "crate::foundry::num")]
     pub p50_us: f64,
     /// 90th percentile.
+    #[serde(with = "crate::foundry::num")]
     pub p90_us: f64,
     /// Fastest.
+    #[serde(with = "crate::foundry::num")]
     pub min_us: f64,
     /// Mean.
+    #[serde(with = "crate::foundry::num")]
     pub mean_us: f64,
     /// The op's bytes at p50, GB/s.
+    #[serde(with = "crate::foundry::num")]
     pub gb_s: f64,
     /// The op's FLOPs at p50, GFLOP/s.
+    #[serde(with = "crate::foundry::num")]
     pub gflop_s: f64,
     /// Why timing failed.
     pub error: Option<String>,
@@ -136,8 +144,10 @@ pub struct Attempt {
     /// Timing (absent if it did not build or was incorrect).
     pub bench: Option<BenchInfo>,
     /// The op's bytes for this shape.
+    #[serde(with = "crate::foundry::num")]
     pub bytes: f64,
     /// The op's FLOPs for this shape.
+    #[serde(with = "crate::foundry::num")]
     pub flops: f64,
     /// zmoe version.
     pub zmoe_version: String,
@@ -372,6 +382,21 @@ mod tests {
         assert_eq!(b.status(), Status::BenchError);
         assert_eq!(a.p50(), Some(3.5));
         assert_eq!(b.p50(), None);
+    }
+
+    #[test]
+    fn non_finite_numbers_survive_a_round_trip() {
+        let mut a = sample_attempt(0, "t0_basic", Some(f64::NAN));
+        if let Some(c) = a.correctness.as_mut() {
+            c.check.max_abs_err = f64::INFINITY;
+            c.check.rel_l2 = f64::NAN;
+        }
+        let line = serde_json::to_string(&a).unwrap();
+        assert!(line.contains("\"max_abs_err\":null") && line.contains("\"p50_us\":null"), "{line}");
+        let (got, bad) = parse(format!("{line}\n").as_bytes());
+        assert!(bad.is_empty(), "{bad:?}");
+        assert!(got[0].correctness.as_ref().unwrap().check.max_abs_err.is_nan());
+        assert!(got[0].bench.as_ref().unwrap().p50_us.is_nan());
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod attempts;
 pub mod cli;
 pub mod harness;
 pub mod knobs;
+mod num;
 pub mod ops;
 pub mod pack;
 pub mod report;

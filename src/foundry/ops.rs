@@ -342,10 +342,13 @@ pub struct CheckResult {
     /// Whether every output is within tolerance (and exact where it must be).
     pub ok: bool,
     /// Largest |got − want| over float outputs.
+    #[serde(with = "crate::foundry::num")]
     pub max_abs_err: f64,
     /// Largest |got − want| / |want| over float outputs with want ≠ 0.
+    #[serde(with = "crate::foundry::num")]
     pub max_rel_err: f64,
     /// ‖got − want‖ / ‖want‖ over float outputs.
+    #[serde(with = "crate::foundry::num")]
     pub rel_l2: f64,
     /// Elements outside tolerance (NaN — a poisoned output never written — counts).
     pub bad_elements: usize,

@@ -48,8 +48,10 @@ pub struct Opponent {
     /// Its losses.
     pub losses: usize,
     /// Median p50(opponent) / p50(promoted) (> 1: the promoted one is faster).
+    #[serde(with = "crate::foundry::num")]
     pub median_ratio: f64,
     /// Sign-test p.
+    #[serde(with = "crate::foundry::num")]
     pub p: f64,
 }
 
@@ -65,8 +67,10 @@ pub struct Evidence {
     /// Of which it was the fastest.
     pub knob_wins: usize,
     /// Median p50 / (fastest other template in the case) of this knob setting.
+    #[serde(with = "crate::foundry::num")]
     pub knob_median_ratio: f64,
     /// Its median p50 (µs).
+    #[serde(with = "crate::foundry::num")]
     pub median_p50_us: f64,
 }
 
@@ -147,6 +151,7 @@ pub struct KernelPack {
     /// The campaign folder.
     pub source: String,
     /// Significance level used.
+    #[serde(with = "crate::foundry::num")]
     pub alpha: f64,
     /// Promoted kernels.
     pub entries: Vec<Entry>,

@@ -482,7 +482,7 @@ pub fn render_report(an: &Analysis) -> String {
             ts.attempts.to_string(),
             ts.built.to_string(),
             ts.correct.to_string(),
-            ts.ok.to_string(),
+            format!("{} ({:.0}%)", ts.ok, 100.0 * ts.ok as f64 / ts.attempts.max(1) as f64),
             fmt_us(ts.median_p50),
             fmt_us(ts.iqr_p50),
             if ts.median_gb_s.is_finite() { format!("{:.1}", ts.median_gb_s) } else { "-".into() },
