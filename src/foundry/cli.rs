@@ -457,21 +457,42 @@ fn promote(
             let json = serde_json::to_string_pretty(&pp).map_err(|e| Error::format(&pending, e.to_string()))?;
             crate::output::write_new("--out", &pending, format!("{json}\n").as_bytes(), force)?;
             text += &format!(
-                "\n{} numerics-changing winner{} pending a token-fidelity check. Validate with the pending pack (pack \
-                 kernels replace built-in ones only in patched plans; exclude the fused pattern that covers the op, \
-                 e.g. moe_mlp for moe_combine), then promote again with the capsule:\n  ZMOE_KERNEL_PACK={} zmoe \
-                 validate --model MODEL --backend cuda --exclude moe_mlp --capsule fidelity.json\n  zmoe foundry \
-                 promote {} --fidelity fidelity.json --force\nwrote {}\n",
+                "\n{} numerics-changing winner{} pending a token-fidelity check. Pack kernels replace built-in \
+                 ones only in patched plans, and only where the plan has their step: validate with the pending \
+                 pack, then promote again with the capsule(s):\n",
                 p.pending.len(),
                 if p.pending.len() == 1 { "" } else { "s" },
-                pending.display(),
+            );
+            let mut flags: Vec<&str> = p.pending.iter().map(|e| validate_flags(&e.op)).collect();
+            flags.sort_unstable();
+            flags.dedup();
+            for (i, f) in flags.iter().enumerate() {
+                text += &format!(
+                    "  ZMOE_KERNEL_PACK={} zmoe validate --model MODEL --backend cuda{f} --capsule fidelity{i}.json\n",
+                    pending.display()
+                );
+            }
+            let caps: Vec<String> = (0..flags.len()).map(|i| format!("--fidelity fidelity{i}.json")).collect();
+            text += &format!(
+                "  zmoe foundry promote {} {} --force\nwrote {}\n",
                 cdir.display(),
+                caps.join(" "),
                 pending.display()
             );
         }
         stdout(&text);
     }
     Ok(())
+}
+
+/// The `zmoe validate` flags under which a pack kernel of `op` runs: its step must be in
+/// the patched plan (Combine, RouterTopK and AddRmsNorm appear when the moe_mlp fusion is
+/// excluded; MoeGateUpSwiglu is part of it).
+fn validate_flags(op: &str) -> &'static str {
+    match op {
+        "gather_qmm_swiglu" => "",
+        _ => " --exclude moe_mlp",
+    }
 }
 
 #[cfg(test)]
