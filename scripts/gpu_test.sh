@@ -3,10 +3,14 @@
 #
 #   scripts/gpu_test.sh build        # here (no GPU needed): release binary + GPU test binary
 #                                    # into scratch/gpu/ (ignored; carry it to the device)
-#   scripts/gpu_test.sh run [bench|glm]  # on the GPU machine, from the repo root: runs every GPU
-#                                    # test, prints a PASS/FAIL table; `bench` adds the
-#                                    # qwen3-30b-a3b affine4 benchmark, `glm` the
-#                                    # glm-4.7-flash affine4 one. Full logs in $OUT.
+#   scripts/gpu_test.sh run [bench|glm|foundry]  # on the GPU machine, from the repo root:
+#                                    # runs every GPU test, prints a PASS/FAIL table; `bench`
+#                                    # adds the qwen3-30b-a3b affine4 benchmark and one
+#                                    # kernel-foundry campaign per op, `glm` the glm-4.7-flash
+#                                    # affine4 benchmark, `foundry` only the campaigns
+#                                    # (FOUNDRY_CASES=48 cases per op by default).
+#                                    # GPU_TESTS=0 skips the tests, GPU_TESTS=a,b runs those.
+#                                    # Full logs in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
@@ -18,9 +22,15 @@ if [ "$mode" = build ]; then
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="gpu" and m.get("executable"): print(m["executable"])')
+    fexe=$(cargo test --release --no-run --test foundry_gpu --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="foundry_gpu" and m.get("executable"): print(m["executable"])')
     mkdir -p scratch/gpu
     cp target/release/zmoe scratch/gpu/zmoe
     cp "$exe" scratch/gpu/gpu-tests
+    cp "$fexe" scratch/gpu/foundry-gpu-tests
     if git diff --quiet HEAD -- src tests; then
         git rev-parse --short HEAD > scratch/gpu/COMMIT
     else
@@ -35,23 +45,41 @@ OUT=${OUT:-$(mktemp -d)}
 export ZMOE_REPO=$PWD ZMOE_CACHE=${ZMOE_CACHE:-/tmp/zmoe-cache}
 export ZMOE_GIT_COMMIT=$(cat scratch/gpu/COMMIT 2>/dev/null)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-# GPU_TESTS=0 skips the tests (a benchmark-only call); GPU_TESTS=name1,name2 runs those.
-tests=$(scratch/gpu/gpu-tests --list --ignored 2>/dev/null | sed -n 's/: test$//p')
+declare -A result bin
+tests=""
+for b in gpu-tests foundry-gpu-tests; do
+    [ -x "scratch/gpu/$b" ] || continue
+    for t in $(scratch/gpu/$b --list --ignored 2>/dev/null | sed -n 's/: test$//p'); do
+        tests="$tests $t"
+        bin[$t]=$b
+    done
+done
 case "${GPU_TESTS:-all}" in
     all) ;;
     0) tests="" ;;
     *) tests=$(echo "$GPU_TESTS" | tr ',' ' ') ;;
 esac
-declare -A result
 for t in $tests; do
-    if scratch/gpu/gpu-tests --ignored --exact "$t" --nocapture --test-threads 1 >"$OUT/$t.log" 2>&1; then
+    if scratch/gpu/${bin[$t]} --ignored --exact "$t" --nocapture --test-threads 1 >"$OUT/$t.log" 2>&1; then
         result[$t]=PASS
     else
         result[$t]=FAIL
         tail -25 "$OUT/$t.log" | sed "s/^/  [$t FAIL] /"
     fi
-    grep -E "rel err|disagreements|graph ==|bit-exact|differ from|profile:" "$OUT/$t.log" | sed "s/^/  [$t] /" | tail -12
+    grep -E "rel err|disagreements|graph ==|bit-exact|differ from|profile:|foundry gpu:" "$OUT/$t.log" | sed "s/^/  [$t] /" | tail -14
 done
+if [ "${2:-}" = bench ] || [ "${2:-}" = foundry ] || [ "$mode" = bench ]; then
+    # Kernel foundry: one real campaign per op (templates x knobs on decode-centric shapes),
+    # then its report (pairwise sign tests, winners per token bucket) and promotion.
+    for op in moe_combine topk_gating gather_qmm_swiglu rmsnorm_residual; do
+        F="$OUT/foundry/$op"
+        scratch/gpu/zmoe foundry run --op "$op" --backend cuda --mode mix --cases "${FOUNDRY_CASES:-48}" \
+            --seed 1 --warmup 5 --repeats 20 --out "$F" 2>"$OUT/foundry-$op.log" | tail -3
+        tail -3 "$OUT/foundry-$op.log"
+        scratch/gpu/zmoe foundry report "$F" 2>&1 | tee "$F/report.txt"
+        scratch/gpu/zmoe foundry promote "$F" --force 2>&1 | tee "$F/promote.txt"
+    done
+fi
 if [ "${2:-}" = bench ] || [ "$mode" = bench ]; then
     M=/tmp/zmoe-q30b-a4
     [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --preset qwen3-30b-a3b --quant affine4 --seed 0 --out "$M" 2>&1 | tail -2

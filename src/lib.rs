@@ -24,6 +24,8 @@
 //! - [`cuda`]: the GPU executor (NVRTC kernels, arena, graphs).
 //! - [`backend`], [`generate`], [`sample`], [`tokenizer`]: running a model.
 //! - [`bench`], [`validate`], [`matrix`]: measuring it (throughput, fidelity, the ledger).
+//! - [`foundry`]: searching kernel variants, measuring them honestly, promoting winners into
+//!   per-GPU kernel packs.
 
 #![deny(missing_docs)]
 
@@ -35,6 +37,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod export;
+pub mod foundry;
 pub mod generate;
 pub mod matrix;
 pub mod model;

@@ -188,6 +188,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: zmoe::matrix::cli::MatrixCmd,
     },
+    /// The kernel foundry: search kernel variants (templates × knobs), measure them honestly
+    /// (list, run, report, compare), and promote winners into a per-GPU kernel pack.
+    Foundry {
+        #[command(subcommand)]
+        cmd: zmoe::foundry::cli::FoundryCmd,
+    },
     /// Write a zmoe model in another engine's format (GGUF for llama.cpp).
     Export {
         #[command(subcommand)]
@@ -563,6 +569,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Matrix { cmd } => run_matrix(&cmd)?,
+        Cmd::Foundry { cmd } => zmoe::foundry::cli::execute_with(&cmd, &mut emit, &mut |l| eprintln!("{l}"))?,
         Cmd::Export { cmd } => run_export(cmd)?,
     }
     Ok(())

@@ -150,6 +150,8 @@ pub struct CudaBackend {
     pos: usize,
     use_graph: bool,
     graph: Option<cudarc::driver::CudaGraph>,
+    /// Foundry kernel-pack kernels (src/cuda/packs.rs; patched plans only).
+    packs: super::packs::PackKernels,
 }
 
 fn unsupported(what: String) -> Error {
@@ -387,6 +389,7 @@ impl CudaBackend {
             act_elems: 0,
         };
         dev.fill(st.tickets, 0, CHUNK * nh.max(1) * 4)?;
+        let packs = super::packs::PackKernels::load(&dev);
         Ok(CudaBackend {
             dev,
             cfg,
@@ -401,6 +404,7 @@ impl CudaBackend {
             pos: 0,
             use_graph,
             graph: None,
+            packs,
         })
     }
 
@@ -517,6 +521,10 @@ impl CudaBackend {
         let (h, d, nh, nkv, k) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.top_k);
         let eps = c.rms_norm_eps;
         let mm = *m;
+        // A foundry kernel-pack entry for this step and token bucket replaces the built-in kernel.
+        if self.pack_step(step, mm)? {
+            return Ok(());
+        }
         let dev = &self.dev;
         match *step {
             Step::Embed => {
@@ -911,6 +919,51 @@ impl CudaBackend {
         })
     }
 
+    /// Launches the kernel-pack kernel for `step` at `mm` tokens if the plan is a patched one
+    /// and the pack has an entry for it (src/cuda/packs.rs); `false` otherwise.
+    fn pack_step(&self, step: &Step, mm: usize) -> Result<bool> {
+        use crate::foundry::ops::{Gating, OpId, Shape};
+        if self.packs.is_empty() || self.plan.name == "reference" {
+            return Ok(false);
+        }
+        let c = &self.cfg;
+        let gating = if c.norm_topk_prob { Gating::SoftmaxNorm } else { Gating::Softmax };
+        let mut shape = Shape {
+            preset: "model".into(),
+            tokens: mm,
+            hidden: c.hidden_size,
+            experts: c.num_experts,
+            k: c.top_k,
+            inter: c.moe_intermediate_size,
+            bits: 0,
+            group: 0,
+            gating,
+            scale: 1.0,
+            eps: c.rms_norm_eps,
+        };
+        // The op's tensors in the foundry's order (crate::foundry::ops::OpId::inputs).
+        let (op, ptrs) = match *step {
+            Step::Combine => (OpId::MoeCombine, vec![self.buf(Buf::ExpertOut), self.st.topk_w, self.buf(Buf::Out)]),
+            Step::RouterTopK => {
+                (OpId::TopkGating, vec![self.buf(Buf::RouterLogits), 0, self.st.topk_idx, self.st.topk_w])
+            }
+            Step::AddRmsNorm { w, src, dst } => {
+                (OpId::RmsnormResidual, vec![self.buf(Buf::X), self.buf(src), self.norm(w)?, self.buf(dst)])
+            }
+            Step::MoeGateUpSwiglu { layer } => {
+                let [g, u, _] = *self.experts(layer)?;
+                if g.fmt != 1 {
+                    return Ok(false); // the templates read MLX affine weights only
+                }
+                (shape.bits, shape.group) = (g.bits as u32, g.group as usize);
+                let (idx, h, act) = (self.st.topk_idx, self.buf(Buf::H), self.buf(Buf::Act));
+                (OpId::GatherQmmSwiglu, vec![g.w, g.s, g.b, u.w, u.s, u.b, idx, h, act])
+            }
+            _ => return Ok(false),
+        };
+        self.packs.launch(&self.dev, op, &shape, &ptrs)
+    }
+
     /// `rows` selected-expert mat-vecs: row q reads x row q / per and expert topk_idx[q].
     /// One token (decode) launches a block column per row; more tokens (prefill) use the
     /// grouping `moe_group` made, so each expert's weights are read once per 8 of its rows.
@@ -956,10 +1009,11 @@ impl CudaBackend {
 
     /// Runs every step of the plan over `m` rows; returns the rows of logits produced.
     fn run_plan(&mut self, m: usize, all_logits: bool) -> Result<usize> {
-        let plan = std::mem::replace(&mut self.plan, Plan { name: String::new(), steps: Vec::new() });
+        // Only the steps are taken out: the plan's name stays (pack_step reads it).
+        let steps = std::mem::take(&mut self.plan.steps);
         let mut rows = m;
-        let r = plan.steps.iter().try_for_each(|s| self.step(s, &mut rows, all_logits));
-        self.plan = plan;
+        let r = steps.iter().try_for_each(|s| self.step(s, &mut rows, all_logits));
+        self.plan.steps = steps;
         r.map(|_| rows)
     }
 
@@ -1053,7 +1107,8 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     fn name(&self) -> String {
-        format!("cuda ({}{})", self.dev.name, if self.use_graph { ", graph" } else { ", eager" })
+        let pack = self.packs.summary().map(|s| format!(", {s}")).unwrap_or_default();
+        format!("cuda ({}{}{pack})", self.dev.name, if self.use_graph { ", graph" } else { ", eager" })
     }
 
     fn config(&self) -> &ModelConfig {

@@ -12,6 +12,7 @@
 
 pub mod backend;
 mod compile;
+mod packs;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -69,6 +70,15 @@ pub struct Device {
     pub driver: String,
     /// Total device memory in bytes.
     pub total_mem: usize,
+    /// Compute capability (major, minor).
+    cc: (i32, i32),
+}
+
+/// Kernels compiled at run time from a source of their own (foundry candidates, kernel-pack
+/// entries), next to the built-in module.
+pub struct Module {
+    _module: Arc<CudaModule>,
+    funcs: HashMap<String, CudaFunction>,
 }
 
 impl Device {
@@ -105,7 +115,56 @@ impl Device {
             allocs: Vec::new(),
             in_use: 0,
             peak: 0,
+            cc: (major, minor),
         })
+    }
+
+    /// The GPU architecture as NVRTC names it, e.g. `sm_90`.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.cc.0, self.cc.1)
+    }
+
+    /// Compiles `src` (or loads its cached CUBIN) into a module of its own and loads the
+    /// kernels `names` from it. A compile failure is [`Error::Compile`] with the log.
+    pub fn load_module(&self, src: &str, names: &[&str]) -> Result<Module> {
+        let cubin = compile::cubin(src, self.cc.0, self.cc.1)?;
+        let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cuda_err)?;
+        let mut funcs = HashMap::new();
+        for &name in names {
+            let f = module.load_function(name).map_err(|e| Error::Cuda(format!("kernel `{name}`: {e}")))?;
+            funcs.insert(name.to_string(), f);
+        }
+        Ok(Module { _module: module, funcs })
+    }
+
+    /// Launches kernel `name` of `module` on the stream.
+    pub fn launch_in(
+        &self,
+        module: &Module,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = module.funcs.get(name).ok_or_else(|| Error::Cuda(format!("no kernel `{name}` in the module")))?;
+        self.launch_fn(f, name, grid, block, args)
+    }
+
+    /// Copies `bytes` from `src` to `dst` on the device (on the stream).
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the caller sized both buffers.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.map_err(cuda_err)
+    }
+
+    /// How many allocations the arena holds: a mark for [`Device::release_to`].
+    pub fn mark(&self) -> usize {
+        self.allocs.len()
+    }
+
+    /// Frees every allocation made after `mark` (scratch buffers of one measurement).
+    pub fn release_to(&mut self, mark: usize) -> Result<()> {
+        let n = self.allocs.len().saturating_sub(mark);
+        self.free_last(n)
     }
 
     /// Allocates `bytes` (rounded up to 256) of device memory owned by the arena.
@@ -157,6 +216,10 @@ impl Device {
     /// Launches kernel `name` on the stream.
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
         let f = self.funcs.get(name).ok_or_else(|| Error::Cuda(format!("no kernel `{name}`")))?;
+        self.launch_fn(f, name, grid, block, args)
+    }
+
+    fn launch_fn(&self, f: &CudaFunction, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
         let mut vals: Vec<[u8; 8]> = args
             .iter()
             .map(|a| {
