@@ -44,6 +44,9 @@ impl PackKernels {
         }
         let path = default_path(&arch);
         if !path.exists() {
+            if std::env::var_os("ZMOE_KERNEL_PACK").is_some() {
+                eprintln!("warning: ZMOE_KERNEL_PACK={}: no such file; no kernel pack used", path.display());
+            }
             return PackKernels::default();
         }
         let warn = |w: String| eprintln!("warning: {}: {w}", path.display());

@@ -3,7 +3,7 @@
 //!
 //! Why append-only lines: a campaign can run for an hour on a borrowed GPU; if it dies, every
 //! attempt already written is intact, and the next campaign appends to the same ledger.
-//! [`append`] writes each line with one `write_all` on an `O_APPEND` descriptor under an
+//! [`Appender::append`] writes each line with one `write_all` on an `O_APPEND` descriptor under an
 //! advisory lock, after a newline if an earlier write was cut off, so a torn line stays a
 //! single bad line. [`read`] reports such a line with its number and skips it.
 

@@ -111,7 +111,7 @@ pub enum FoundryCmd {
         #[arg(long)]
         op: Option<String>,
     },
-    /// Write a kernel pack per GPU architecture (DIR/pack-<arch>.json): per op and token
+    /// Write a kernel pack per GPU architecture (DIR/pack-ARCH.json): per op and token
     /// bucket, the template that beats every other at p < alpha, with its best knobs and
     /// source hash. Numerics-changing winners also need a `zmoe validate` PASS (--fidelity).
     Promote {
@@ -123,7 +123,7 @@ pub enum FoundryCmd {
         /// A `zmoe validate --capsule` file that passed with the pending pack (repeatable).
         #[arg(long = "fidelity", value_name = "CAPSULE")]
         fidelity: Vec<PathBuf>,
-        /// Pack file to write (default DIR/pack-<arch>.json; only with one architecture).
+        /// Pack file to write (default DIR/pack-ARCH.json; only with one architecture).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Replace existing pack files.

@@ -883,7 +883,7 @@ fn dequant_row(m: &AffineStack, s: &Shape, rows: usize, e: usize, r: usize, out:
     }
 }
 
-/// gather_qmm_swiglu reference: per slot q (expert idx[q], token q / K) and row r, the gate
+/// gather_qmm_swiglu reference: per slot q (expert `idx[q]`, token q / K) and row r, the gate
 /// and up dot products in f64, each rounded to f32 then bf16, then `bf16(bf16(silu(g))·u)`.
 pub fn gather_ref(s: &Shape, ins: &[Tensor]) -> Vec<u16> {
     let get_u32 = |i: usize| match &ins[i].data {
