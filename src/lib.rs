@@ -39,6 +39,7 @@ pub mod error;
 pub mod export;
 pub mod foundry;
 pub mod generate;
+pub mod jsonl;
 pub mod matrix;
 pub mod model;
 pub mod output;

@@ -7,8 +7,7 @@
 //! advisory lock, after a newline if an earlier write was cut off, so a torn line stays a
 //! single bad line. [`read`] reports such a line with its number and skips it.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::File;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -198,21 +197,7 @@ impl Attempt {
     }
 }
 
-/// A line that was skipped, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Corrupt {
-    /// 1-based line number.
-    pub line_no: usize,
-    /// What is wrong.
-    pub why: String,
-}
-
-impl Corrupt {
-    /// `warning: <path>:<line>: <why>, skipped`.
-    pub fn warning(&self, path: &Path) -> String {
-        format!("warning: {}:{}: {}, skipped", path.display(), self.line_no, self.why)
-    }
-}
+pub use crate::jsonl::Corrupt;
 
 /// An open ledger to append to.
 pub struct Appender {
@@ -223,39 +208,15 @@ pub struct Appender {
 impl Appender {
     /// Opens (creating if needed) the ledger at `path`.
     pub fn open(path: &Path) -> Result<Appender> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let file =
-            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| Error::io(path, e))?;
-        Ok(Appender { file, path: path.to_path_buf() })
+        Ok(Appender { file: crate::jsonl::open_append(path)?, path: path.to_path_buf() })
     }
 
     /// Appends one attempt as one line (see the module docs), then syncs the data.
     pub fn append(&mut self, a: &Attempt) -> Result<()> {
         let json = serde_json::to_string(a)
             .map_err(|e| Error::format(&self.path, format!("cannot serialise an attempt: {e}")))?;
-        let _ = self.file.lock();
-        let mut buf = Vec::with_capacity(json.len() + 2);
-        if !ends_with_newline(&mut self.file).map_err(|e| Error::io(&self.path, e))? {
-            buf.push(b'\n');
-        }
-        buf.extend_from_slice(json.as_bytes());
-        buf.push(b'\n');
-        let r = self.file.write_all(&buf).and_then(|_| self.file.sync_data());
-        let _ = self.file.unlock();
-        r.map_err(|e| Error::io(&self.path, e))
+        crate::jsonl::append_line(&mut self.file, &self.path, &json)
     }
-}
-
-fn ends_with_newline(f: &mut File) -> std::io::Result<bool> {
-    if f.metadata()?.len() == 0 {
-        return Ok(true);
-    }
-    f.seek(SeekFrom::End(-1))?;
-    let mut last = [0u8];
-    f.read_exact(&mut last)?;
-    Ok(last[0] == b'\n')
 }
 
 /// Reads every attempt of the ledger at `path` and the lines it skipped.
@@ -266,45 +227,14 @@ pub fn read(path: &Path) -> Result<(Vec<Attempt>, Vec<Corrupt>)> {
 
 /// [`read`] on bytes.
 pub fn parse(bytes: &[u8]) -> (Vec<Attempt>, Vec<Corrupt>) {
-    let (mut out, mut bad) = (Vec::new(), Vec::new());
-    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
-    let unterminated = lines.last().is_some_and(|l| !l.is_empty());
-    if !unterminated {
-        lines.pop();
-    }
-    let n = lines.len();
-    for (i, raw) in lines.into_iter().enumerate() {
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if raw.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match parse_line(raw) {
-            Ok(a) => out.push(a),
-            Err(mut why) => {
-                if unterminated && i + 1 == n {
-                    why = format!("incomplete last line (an interrupted append?): {why}");
-                }
-                bad.push(Corrupt { line_no: i + 1, why });
-            }
-        }
-    }
-    (out, bad)
-}
-
-fn parse_line(raw: &[u8]) -> std::result::Result<Attempt, String> {
-    let text = std::str::from_utf8(raw).map_err(|e| format!("not UTF-8 text ({e})"))?;
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
-    if let Some(s) = v.get("schema_version").and_then(serde_json::Value::as_u64).filter(|&s| s > SCHEMA_VERSION as u64)
-    {
-        return Err(format!("written by a newer zmoe (schema_version {s}; this build reads up to {SCHEMA_VERSION})"));
-    }
-    serde_json::from_value(v).map_err(|e| format!("not a foundry attempt ({e})"))
+    crate::jsonl::parse(bytes, SCHEMA_VERSION, "a foundry attempt")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::foundry::ops::PRESETS;
+    use std::io::Write;
 
     pub(crate) fn sample_attempt(case: usize, template: &str, p50: Option<f64>) -> Attempt {
         Attempt {

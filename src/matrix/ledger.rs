@@ -4,31 +4,14 @@
 //! and [`Ledger::read`] reports (and skips) lines it cannot use instead of failing or
 //! repairing them. See the [module docs](super) for why.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use super::{Entry, SCHEMA_VERSION};
 use crate::error::{Error, Result};
+pub use crate::jsonl::Corrupt;
 
 /// The ledger file operations (the file itself is the state).
 pub struct Ledger;
-
-/// A ledger line that was skipped, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Corrupt {
-    /// 1-based line number in the file.
-    pub line_no: usize,
-    /// What is wrong with it.
-    pub why: String,
-}
-
-impl Corrupt {
-    /// The warning callers print to stderr: `warning: <path>:<line>: <why>, skipped`.
-    pub fn warning(&self, path: &Path) -> String {
-        format!("warning: {}:{}: {}, skipped", path.display(), self.line_no, self.why)
-    }
-}
 
 impl Ledger {
     /// Appends `entry` as one line to the ledger at `path`, creating the file and its
@@ -43,29 +26,13 @@ impl Ledger {
     pub fn append(path: &Path, entry: &Entry) -> Result<()> {
         let json = serde_json::to_string(entry)
             .map_err(|e| Error::format(path, format!("cannot serialise a ledger entry: {e}")))?;
-        // Compact JSON escapes control characters inside strings, so this is one line.
-        debug_assert!(!json.contains('\n'));
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
         let existed = path.exists();
-        let mut f =
-            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| Error::io(path, e))?;
-        // Serialises appenders (the newline check below and the write belong together).
-        // Released when `f` is closed. Failure (e.g. a network file system) is not fatal.
-        let _ = f.lock();
-        let mut buf = Vec::with_capacity(json.len() + 2);
-        if !ends_with_newline(&mut f).map_err(|e| Error::io(path, e))? {
-            buf.push(b'\n');
-        }
-        buf.extend_from_slice(json.as_bytes());
-        buf.push(b'\n');
-        f.write_all(&buf).map_err(|e| Error::io(path, e))?;
-        f.sync_data().map_err(|e| Error::io(path, e))?;
+        let mut f = crate::jsonl::open_append(path)?;
+        crate::jsonl::append_line(&mut f, path, &json)?;
         if !existed {
             // Make the new file's directory entry durable too (best effort; not on every OS).
             if let Some(dir) = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }) {
-                let _ = File::open(dir).and_then(|d| d.sync_all());
+                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
             }
         }
         Ok(())
@@ -83,57 +50,8 @@ impl Ledger {
 
     /// [`Ledger::read`] on the bytes of a ledger.
     pub fn parse(bytes: &[u8]) -> (Vec<Entry>, Vec<Corrupt>) {
-        let mut entries = Vec::new();
-        let mut corrupt = Vec::new();
-        let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
-        // After a final newline `split` yields an empty piece; otherwise the last piece is
-        // an unterminated line.
-        let unterminated = lines.last().is_some_and(|l| !l.is_empty());
-        if !unterminated {
-            lines.pop();
-        }
-        let n = lines.len();
-        for (i, raw) in lines.into_iter().enumerate() {
-            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-            if raw.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match parse_line(raw) {
-                Ok(e) => entries.push(e),
-                Err(mut why) => {
-                    if unterminated && i + 1 == n {
-                        why = format!(
-                            "incomplete last line (no newline at the end of the file: an interrupted append?): {why}"
-                        );
-                    }
-                    corrupt.push(Corrupt { line_no: i + 1, why });
-                }
-            }
-        }
-        (entries, corrupt)
+        crate::jsonl::parse(bytes, SCHEMA_VERSION, "a ledger entry")
     }
-}
-
-/// Whether the file is empty or its last byte is `\n`.
-fn ends_with_newline(f: &mut File) -> std::io::Result<bool> {
-    if f.metadata()?.len() == 0 {
-        return Ok(true);
-    }
-    f.seek(SeekFrom::End(-1))?;
-    let mut last = [0u8];
-    f.read_exact(&mut last)?;
-    Ok(last[0] == b'\n')
-}
-
-/// One line → an entry, or why not.
-fn parse_line(raw: &[u8]) -> std::result::Result<Entry, String> {
-    let text = std::str::from_utf8(raw).map_err(|e| format!("not UTF-8 text ({e})"))?;
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
-    let version = value.get("schema_version").and_then(serde_json::Value::as_u64);
-    if let Some(v) = version.filter(|&v| v > u64::from(SCHEMA_VERSION)) {
-        return Err(format!("written by a newer zmoe (schema_version {v}; this build reads up to {SCHEMA_VERSION})"));
-    }
-    serde_json::from_value(value).map_err(|e| format!("not a ledger entry ({e})"))
 }
 
 #[cfg(test)]
