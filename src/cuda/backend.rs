@@ -926,40 +926,43 @@ impl CudaBackend {
         if self.packs.is_empty() || self.plan.name == "reference" {
             return Ok(false);
         }
-        let c = &self.cfg;
-        let gating = if c.norm_topk_prob { Gating::SoftmaxNorm } else { Gating::Softmax };
-        let mut shape = Shape {
-            preset: "model".into(),
-            tokens: mm,
-            hidden: c.hidden_size,
-            experts: c.num_experts,
-            k: c.top_k,
-            inter: c.moe_intermediate_size,
-            bits: 0,
-            group: 0,
-            gating,
-            scale: 1.0,
-            eps: c.rms_norm_eps,
-        };
-        // The op's tensors in the foundry's order (crate::foundry::ops::OpId::inputs).
-        let (op, ptrs) = match *step {
-            Step::Combine => (OpId::MoeCombine, vec![self.buf(Buf::ExpertOut), self.st.topk_w, self.buf(Buf::Out)]),
+        // The op's tensors in the foundry's order (crate::foundry::ops::OpId::inputs), and the
+        // expert weights' (bits, group) for the gather op; other steps have no pack kernel.
+        let (op, ptrs, quant) = match *step {
+            Step::Combine => {
+                (OpId::MoeCombine, vec![self.buf(Buf::ExpertOut), self.st.topk_w, self.buf(Buf::Out)], None)
+            }
             Step::RouterTopK => {
-                (OpId::TopkGating, vec![self.buf(Buf::RouterLogits), 0, self.st.topk_idx, self.st.topk_w])
+                (OpId::TopkGating, vec![self.buf(Buf::RouterLogits), 0, self.st.topk_idx, self.st.topk_w], None)
             }
             Step::AddRmsNorm { w, src, dst } => {
-                (OpId::RmsnormResidual, vec![self.buf(Buf::X), self.buf(src), self.norm(w)?, self.buf(dst)])
+                (OpId::RmsnormResidual, vec![self.buf(Buf::X), self.buf(src), self.norm(w)?, self.buf(dst)], None)
             }
             Step::MoeGateUpSwiglu { layer } => {
                 let [g, u, _] = *self.experts(layer)?;
                 if g.fmt != 1 {
                     return Ok(false); // the templates read MLX affine weights only
                 }
-                (shape.bits, shape.group) = (g.bits as u32, g.group as usize);
                 let (idx, h, act) = (self.st.topk_idx, self.buf(Buf::H), self.buf(Buf::Act));
-                (OpId::GatherQmmSwiglu, vec![g.w, g.s, g.b, u.w, u.s, u.b, idx, h, act])
+                let ptrs = vec![g.w, g.s, g.b, u.w, u.s, u.b, idx, h, act];
+                (OpId::GatherQmmSwiglu, ptrs, Some((g.bits as u32, g.group as usize)))
             }
             _ => return Ok(false),
+        };
+        let c = &self.cfg;
+        let (bits, group) = quant.unwrap_or((0, 0));
+        let shape = Shape {
+            preset: "model".into(),
+            tokens: mm,
+            hidden: c.hidden_size,
+            experts: c.num_experts,
+            k: c.top_k,
+            inter: c.moe_intermediate_size,
+            bits,
+            group,
+            gating: if c.norm_topk_prob { Gating::SoftmaxNorm } else { Gating::Softmax },
+            scale: 1.0,
+            eps: c.rms_norm_eps,
         };
         self.packs.launch(&self.dev, op, &shape, &ptrs)
     }
