@@ -63,6 +63,24 @@ pub trait Backend {
     }
 }
 
+/// Rejects empty input, out-of-vocabulary ids and contexts beyond the model's limit.
+pub fn check_tokens(cfg: &ModelConfig, tokens: &[u32], pos: usize) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(Error::Arg("no input tokens".into()));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= cfg.vocab_size) {
+        return Err(Error::Arg(format!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size)));
+    }
+    if pos + tokens.len() > cfg.max_position_embeddings {
+        return Err(Error::Arg(format!(
+            "context of {} tokens exceeds max_position_embeddings {}",
+            pos + tokens.len(),
+            cfg.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
 /// Time of one step of a profiled decode step.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepTime {

@@ -115,3 +115,35 @@ fn parse_line<T: DeserializeOwned>(raw: &[u8], max_schema: u32, what: &str) -> s
     }
     serde_json::from_value(value).map_err(|e| format!("not {what} ({e})"))
 }
+
+/// Serde for an `f64` that may be NaN or infinite (a poisoned output's error, a failed
+/// timing): written as `null`, read back as NaN. JSON has no NaN, and without this one odd
+/// number would make a whole line unreadable. Use as `#[serde(with = "crate::jsonl::nan_as_null")]`.
+pub mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes a finite number as is, anything else as `null`.
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if x.is_finite() { s.serialize_f64(*x) } else { s.serialize_none() }
+    }
+
+    /// Reads `null` as NaN.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
+/// [`nan_as_null`] for a list of numbers.
+pub mod nans_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes finite numbers as is, anything else as `null`.
+    pub fn serialize<S: Serializer>(xs: &[f64], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(xs.iter().map(|x| x.is_finite().then_some(*x)))
+    }
+
+    /// Reads `null`s as NaN.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Ok(Vec::<Option<f64>>::deserialize(d)?.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
+    }
+}

@@ -40,6 +40,7 @@ pub mod export;
 pub mod foundry;
 pub mod generate;
 pub mod jsonl;
+pub mod kernels;
 pub mod matrix;
 pub mod model;
 pub mod output;

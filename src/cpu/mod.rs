@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{Attn, Linear, MlaWeights, Mlp, Weights};
 use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
 
@@ -301,7 +301,7 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        check_tokens(&self.cfg, tokens, self.st.pos)?;
+        crate::backend::check_tokens(&self.cfg, tokens, self.st.pos)?;
         let plan = std::mem::replace(&mut self.plan, Plan { name: String::new(), steps: Vec::new() });
         let mut t = tokens.len();
         for step in &plan.steps {
@@ -311,22 +311,4 @@ impl Backend for CpuBackend {
         self.st.pos += tokens.len();
         Ok(self.st.take(Buf::Logits))
     }
-}
-
-/// Rejects empty input, out-of-vocabulary ids and contexts beyond the model's limit.
-pub fn check_tokens(cfg: &ModelConfig, tokens: &[u32], pos: usize) -> Result<()> {
-    if tokens.is_empty() {
-        return Err(Error::Arg("no input tokens".into()));
-    }
-    if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= cfg.vocab_size) {
-        return Err(Error::Arg(format!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size)));
-    }
-    if pos + tokens.len() > cfg.max_position_embeddings {
-        return Err(Error::Arg(format!(
-            "context of {} tokens exceeds max_position_embeddings {}",
-            pos + tokens.len(),
-            cfg.max_position_embeddings
-        )));
-    }
-    Ok(())
 }

@@ -922,11 +922,11 @@ impl CudaBackend {
     /// Launches the kernel-pack kernel for `step` at `mm` tokens if the plan is a patched one
     /// and the pack has an entry for it (src/cuda/packs.rs); `false` otherwise.
     fn pack_step(&self, step: &Step, mm: usize) -> Result<bool> {
-        use crate::foundry::ops::{Gating, OpId, Shape};
+        use crate::kernels::ops::{Gating, OpId, Shape};
         if self.packs.is_empty() || self.plan.name == "reference" {
             return Ok(false);
         }
-        // The op's tensors in the foundry's order (crate::foundry::ops::OpId::inputs), and the
+        // The op's tensors in the order of its kernel signature (crate::kernels::ops), and the
         // expert weights' (bits, group) for the gather op; other steps have no pack kernel.
         let (op, ptrs, quant) = match *step {
             Step::Combine => {
@@ -1031,7 +1031,7 @@ impl CudaBackend {
     /// copies the logits (every row, or the last token's) to `out` when given. A single
     /// token is a decode step: replayed from the captured graph when graphs are on.
     fn run_tokens(&mut self, tokens: &[u32], all_logits: bool, mut out: Option<&mut Vec<f32>>) -> Result<()> {
-        crate::cpu::check_tokens(&self.cfg, tokens, self.pos)?;
+        crate::backend::check_tokens(&self.cfg, tokens, self.pos)?;
         if self.pos + tokens.len() > self.max_ctx {
             return Err(Error::Arg(format!(
                 "context of {} tokens exceeds the CUDA KV cache ({})",

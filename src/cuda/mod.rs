@@ -25,12 +25,7 @@ use crate::error::{Error, Result};
 
 pub use backend::CudaBackend;
 
-/// Kernel sources, compiled together into one module.
-const SOURCES: [&str; 3] = [
-    include_str!("../kernels/common.cuh"),
-    include_str!("../kernels/primitives.cu"),
-    include_str!("../kernels/fused.cu"),
-];
+use crate::kernels::SOURCES;
 
 fn cuda_err(e: DriverError) -> Error {
     Error::Cuda(e.to_string())
@@ -42,18 +37,7 @@ pub fn available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// A kernel argument.
-#[derive(Debug, Clone, Copy)]
-pub enum Arg {
-    /// Device pointer (0 = null).
-    Ptr(u64),
-    /// `int`.
-    I32(i32),
-    /// `long`.
-    I64(i64),
-    /// `float`.
-    F32(f32),
-}
+pub use crate::kernels::Arg;
 
 /// One GPU: context, the stream every kernel runs on, the compiled kernels, the arena.
 pub struct Device {

@@ -1,6 +1,6 @@
 //! Foundry kernel packs in the CUDA backend: the promoted kernels of this GPU architecture,
 //! compiled at start-up and launched in place of the built-in kernel of a step for the
-//! token bucket they won (see `crate::foundry::pack`).
+//! token bucket they won (see `crate::kernels::pack`).
 //!
 //! Why only in patched plans: a pack kernel is a patch. `zmoe validate` runs the reference
 //! plan (always the built-in kernels) against the patched plan on one backend, so its
@@ -16,10 +16,10 @@ use std::cell::Cell;
 
 use super::{Arg, Device, Module};
 use crate::error::Result;
-use crate::foundry::knobs;
-use crate::foundry::ops::{OpId, Shape};
-use crate::foundry::pack::{Entry, KernelPack, default_path};
-use crate::foundry::templates::{self, Template};
+use crate::kernels::knobs;
+use crate::kernels::ops::{OpId, Shape};
+use crate::kernels::pack::{Entry, KernelPack, default_path};
+use crate::kernels::templates::{self, Template};
 
 struct Loaded {
     entry: Entry,
@@ -94,7 +94,7 @@ impl PackKernels {
     /// Launches the pack kernel for `op` at `shape.tokens` on `ptrs` (the op's tensors, in
     /// the foundry's order); `false` if the pack has none (the caller launches the built-in).
     pub(crate) fn launch(&self, dev: &Device, op: OpId, shape: &Shape, ptrs: &[u64]) -> Result<bool> {
-        let b = crate::foundry::Bucket::of(shape.tokens);
+        let b = crate::kernels::Bucket::of(shape.tokens);
         let Some(l) = self.loaded.iter().find(|l| l.op == op && l.entry.bucket == b) else { return Ok(false) };
         if !(l.template.fits)(shape, &l.entry.knobs) || op.supports(shape).is_err() {
             return Ok(false);

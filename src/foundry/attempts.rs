@@ -49,7 +49,7 @@ pub struct BuildInfo {
     /// Whether it compiled and loaded.
     pub ok: bool,
     /// Milliseconds (render + compile or cache load + module load).
-    #[serde(with = "crate::foundry::num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub ms: f64,
     /// The compiler log (truncated) or the load error.
     pub error: Option<String>,
@@ -65,25 +65,25 @@ pub struct BenchInfo {
     /// Timed launches (each after an L2 flush).
     pub repeats: usize,
     /// Microseconds: 10th percentile.
-    #[serde(with = "crate::foundry::num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub p10_us: f64,
     /// Median.
-    #[serde(with = "crate::foundry::num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub p50_us: f64,
     /// 90th percentile.
-    #[serde(with = "crate::foundry::num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub p90_us: f64,
     /// Fastest.
-    #[serde(with = "crate::foundry::num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub min_us: f64,
     /// Mean.
-    #[serde(with = "crate::foundry::num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub mean_us: f64,
     /// The op's bytes at p50, GB/s.
-    #[serde(with = "crate::foundry::num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub gb_s: f64,
     /// The op's FLOPs at p50, GFLOP/s.
-    #[serde(with = "crate::foundry::num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub gflop_s: f64,
     /// Why timing failed.
     pub error: Option<String>,
@@ -143,10 +143,10 @@ pub struct Attempt {
     /// Timing (absent if it did not build or was incorrect).
     pub bench: Option<BenchInfo>,
     /// The op's bytes for this shape.
-    #[serde(with = "crate::foundry::num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub bytes: f64,
     /// The op's FLOPs for this shape.
-    #[serde(with = "crate::foundry::num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub flops: f64,
     /// zmoe version.
     pub zmoe_version: String,

@@ -35,96 +35,50 @@
 pub mod attempts;
 pub mod cli;
 pub mod harness;
-pub mod knobs;
-mod num;
 pub mod ops;
 pub mod pack;
 pub mod report;
 pub mod sample;
 pub mod stats;
-pub mod templates;
 
-use serde::{Deserialize, Serialize};
-
-/// Whether a candidate reproduces the production kernel's results bit for bit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Numerics {
-    /// Same reductions in the same order as the production kernel: bit-identical outputs
-    /// (the harness checks it bit for bit against the production configuration).
-    Preserving,
-    /// Another rounding (a different reduction order, block size, compensation...): within
-    /// tolerance of the CPU reference, and needs a token-fidelity PASS to be promoted.
-    Changing,
-}
-
-impl Numerics {
-    /// `preserving` / `changing`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Numerics::Preserving => "preserving",
-            Numerics::Changing => "changing",
-        }
-    }
-}
-
-/// A token-count bucket: decode-centric regimes that are analysed (and promoted) separately.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Bucket {
-    /// 1..8 tokens (single-sequence and small-batch decode).
-    #[serde(rename = "1..8")]
-    Small,
-    /// 9..32 tokens.
-    #[serde(rename = "9..32")]
-    Medium,
-    /// 33..256 tokens (and more: prefill chunks).
-    #[serde(rename = "33..256")]
-    Large,
-}
-
-impl Bucket {
-    /// Every bucket, smallest first.
-    pub const ALL: [Bucket; 3] = [Bucket::Small, Bucket::Medium, Bucket::Large];
-
-    /// The bucket of a token count (0 counts as 1; more than 256 as the large bucket).
-    pub fn of(tokens: usize) -> Bucket {
-        match tokens {
-            0..=8 => Bucket::Small,
-            9..=32 => Bucket::Medium,
-            _ => Bucket::Large,
-        }
-    }
-
-    /// `1..8`, `9..32`, `33..256`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Bucket::Small => "1..8",
-            Bucket::Medium => "9..32",
-            Bucket::Large => "33..256",
-        }
-    }
-
-    /// Inclusive token range (the large bucket is open-ended at run time).
-    pub fn range(self) -> (usize, usize) {
-        match self {
-            Bucket::Small => (1, 8),
-            Bucket::Medium => (9, 32),
-            Bucket::Large => (33, 256),
-        }
-    }
-}
+pub use crate::kernels::{Bucket, Numerics, knobs, templates};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::foundry::ops::{OpId, PRESETS};
 
     #[test]
-    fn buckets_cover_the_token_range() {
-        for t in 1..=300 {
-            let b = Bucket::of(t);
-            let (lo, hi) = b.range();
-            assert!(t >= lo && (t <= hi || b == Bucket::Large), "{t} in {b:?}");
+    fn every_template_renders_every_combo_and_defaults_are_valid() {
+        for op in OpId::ALL {
+            let ts = templates::for_op(op);
+            assert!(ts.len() >= 3, "{op:?} has {} templates", ts.len());
+            assert!(ts[0].name.starts_with("t0_"));
+            assert_eq!(
+                templates::baseline(op).0.numerics(&templates::baseline(op).1),
+                Numerics::Preserving,
+                "{op:?} t0 defaults"
+            );
+            let mut hashes = std::collections::BTreeSet::new();
+            for t in ts {
+                let d = t.default_knobs();
+                knobs::check(t.space, &d).unwrap_or_else(|e| panic!("{} defaults: {e}", t.name));
+                assert!(t.text.contains(&format!("foundry_{}(", op.name())), "{} entry point", t.name);
+                for kn in knobs::enumerate(t.space) {
+                    let r = t.render(&kn).unwrap_or_else(|e| panic!("{}: {e}", t.label(&kn)));
+                    assert!(!r.source.contains("{{"));
+                    assert!(hashes.insert(r.hash.clone()), "duplicate hash {}", t.label(&kn));
+                }
+                for p in &PRESETS {
+                    let s = p.shape(3);
+                    let combos = t.combos(&s);
+                    assert!(!combos.is_empty(), "{} has no combo for {}", t.name, p.name);
+                    for kn in combos {
+                        let l = (t.launch)(&s, &kn);
+                        assert!(l.block >= 32 && l.block <= 1024 && l.grid.iter().all(|&g| g >= 1), "{}", t.label(&kn));
+                    }
+                }
+            }
         }
-        assert_eq!(serde_json::to_string(&Bucket::Medium).unwrap(), "\"9..32\"");
     }
 }

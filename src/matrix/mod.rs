@@ -208,7 +208,7 @@ pub struct Divergence {
     pub patched_token: u32,
     /// The reference's logit of its own (top-1) token minus its logit of the patched token
     /// there (a near-tie makes a divergence less alarming); NaN (`null`) if unknown.
-    #[serde(with = "num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub margin: f64,
 }
 
@@ -216,27 +216,27 @@ pub struct Divergence {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanRun {
     /// Decode tok/s of every timed run, in order.
-    #[serde(with = "nums")]
+    #[serde(with = "crate::jsonl::nans_as_null")]
     pub decode_tps: Vec<f64>,
     /// Their median.
-    #[serde(with = "num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub decode_median: f64,
     /// Prefill tok/s of every timed run, in order.
-    #[serde(with = "nums")]
+    #[serde(with = "crate::jsonl::nans_as_null")]
     pub prefill_tps: Vec<f64>,
     /// Their median.
-    #[serde(with = "num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub prefill_median: f64,
     /// Peak device memory in bytes, if the backend tracks it.
     pub peak_memory_bytes: Option<u64>,
     /// Bytes of weights read per decoded token × median decode tok/s, in GB/s.
-    #[serde(with = "num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub achieved_gbps: f64,
     /// Copy bandwidth measured in the same run (the roofline), GB/s.
-    #[serde(with = "num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub copy_gbps: f64,
     /// `achieved_gbps / copy_gbps × 100`.
-    #[serde(with = "num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub roofline_pct: f64,
 }
 
@@ -270,10 +270,10 @@ impl PlanRun {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Speedup {
     /// Decode tok/s ratio.
-    #[serde(with = "num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub decode: f64,
     /// Prefill tok/s ratio.
-    #[serde(with = "num")]
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub prefill: f64,
 }
 
@@ -403,33 +403,6 @@ pub fn latest(entries: &[Entry]) -> Vec<&Entry> {
     let mut v: Vec<&Entry> = by_key.into_values().collect();
     v.sort_by_cached_key(|e| (e.model.id.to_lowercase(), e.hardware.name.to_lowercase()));
     v
-}
-
-/// Serde for an `f64` that may be NaN or infinite: written as `null`, read back as NaN
-/// (JSON has no NaN; without this one odd number would make the whole line unreadable).
-mod num {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
-        if x.is_finite() { s.serialize_f64(*x) } else { s.serialize_none() }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
-    }
-}
-
-/// [`num`] for a list of numbers.
-mod nums {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(xs: &[f64], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(xs.iter().map(|x| x.is_finite().then_some(*x)))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
-        Ok(Vec::<Option<f64>>::deserialize(d)?.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
-    }
 }
 
 #[cfg(test)]
