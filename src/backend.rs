@@ -14,6 +14,7 @@ use crate::cuda::CudaBackend;
 use crate::error::{Error, Result};
 use crate::model::Weights;
 use crate::plan::Plan;
+use crate::plan::lower::ExecPlans;
 use crate::sample::Sampler;
 
 /// Executes a plan for one sequence.
@@ -26,10 +27,14 @@ pub trait Backend {
     fn position(&self) -> usize;
     /// Empties the KV cache.
     fn reset(&mut self);
-    /// The plan being run.
+    /// The plan being run, as chosen (reference or patched).
     fn plan(&self) -> &Plan;
-    /// Runs `plan` from now on (same weights and buffers); empties the KV cache.
-    fn set_plan(&mut self, plan: Plan);
+    /// What actually runs for it on this backend: the prefill and decode plans
+    /// ([`crate::plan::lower`]), built once when the plan is set.
+    fn exec_plans(&self) -> &ExecPlans;
+    /// Runs `plan` from now on (same weights and buffers); empties the KV cache. A plan that
+    /// names weights the model lacks is an error.
+    fn set_plan(&mut self, plan: Plan) -> Result<()>;
     /// Runs `tokens` at positions `position()..position()+T` and appends them to the cache.
     /// Returns logits `[T, V]` if `all_logits`, else `[1, V]` for the last token.
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>>;
@@ -231,7 +236,7 @@ impl Model {
     pub fn backend_with(&self, kind: BackendKind, plan: Plan, cuda_graph: bool) -> Result<Box<dyn Backend>> {
         let cuda = |plan| CudaBackend::new(self.config().clone(), &self.weights, plan, cuda_graph);
         match kind {
-            BackendKind::Cpu => Ok(Box::new(CpuBackend::new(self.config().clone(), self.weights.clone(), plan))),
+            BackendKind::Cpu => Ok(Box::new(CpuBackend::new(self.config().clone(), self.weights.clone(), plan)?)),
             BackendKind::Cuda => Ok(Box::new(cuda(plan)?)),
             // The best available: CUDA when a GPU can run this model, else the CPU.
             BackendKind::Auto => match cuda(plan.clone()) {

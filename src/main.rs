@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use zmoe::bench::{BenchOptions, BenchReport, RunPhase, run_bench_with};
 use zmoe::checkpoint::synth::{self, SynthQuant, SynthSpec};
 use zmoe::generate::{GenerateOptions, GenerateStats, generate};
+use zmoe::plan::lower::PackKernel;
 use zmoe::plan::patterns::{Selection, describe, patched_plan};
 use zmoe::sample::SamplingParams;
 use zmoe::tokenizer::{self, StreamDecoder};
@@ -137,11 +138,19 @@ enum Cmd {
     },
     /// Show which fused patterns apply to a model's layers, and why others do not.
     Patterns {
-        /// Model folder (only config.json is read).
+        /// Model folder (only config.json is read, unless --exec).
         #[arg(long)]
         model: PathBuf,
         #[command(flatten)]
         patterns: PatternArgs,
+        /// Also print, step by step, the prefill and decode plans the CUDA backend runs for
+        /// the patched plan (fused steps it runs as their parts, kernel-pack kernels); loads
+        /// the weights (their formats decide), needs no GPU.
+        #[arg(long)]
+        exec: bool,
+        /// With --exec: the kernel pack to apply (default: none).
+        #[arg(long, requires = "exec")]
+        pack: Option<PathBuf>,
     },
     /// Check that the patched plan generates exactly the reference plan's tokens, and how much
     /// faster it decodes (one model load, both plans, greedy, EOS ignored).
@@ -516,9 +525,24 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("wrote {}", path.display());
             }
         }
-        Cmd::Patterns { model, patterns } => {
+        Cmd::Patterns { model, patterns, exec, pack } => {
             let cfg = zmoe::config::ModelConfig::load(&model)?;
-            emit(&describe(&cfg, &patterns.selection()?));
+            let sel = patterns.selection()?;
+            emit(&describe(&cfg, &sel));
+            if exec {
+                let m = Model::load(&model)?;
+                let kernels = match &pack {
+                    Some(p) => {
+                        let pack = zmoe::kernels::pack::KernelPack::load(p)?;
+                        pack.warnings().iter().for_each(|w| eprintln!("warning: {}: {w}", p.display()));
+                        PackKernel::from_pack(&pack)
+                    }
+                    None => Vec::new(),
+                };
+                let exec = zmoe::plan::lower::cuda(&patched_plan(m.config(), &sel).0, &m.weights, &kernels)?;
+                emit(&format!("\nCUDA prefill plan ({} steps):\n{}", exec.prefill.steps.len(), exec.prefill.listing()));
+                emit(&format!("\nCUDA decode plan ({} steps):\n{}", exec.decode.steps.len(), exec.decode.listing()));
+            }
         }
         Cmd::Validate { run, max_tokens, runs, warmup, prompt, prompt_tokens, prompt_len, capsule, force } => {
             if let Some(path) = &capsule {

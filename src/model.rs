@@ -244,6 +244,22 @@ impl Weights {
         })
     }
 
+    /// The routed experts of MoE layer `l`.
+    pub fn experts(&self, l: usize) -> Result<&Experts> {
+        match &self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")))?.mlp {
+            Mlp::Moe { experts, .. } => Ok(experts),
+            Mlp::Dense(_) => Err(missing(format!("experts in dense layer {l}"))),
+        }
+    }
+
+    /// The MLA weights of layer `l`.
+    pub fn mla(&self, l: usize) -> Result<&MlaWeights> {
+        match &self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")))?.attn {
+            Attn::Mla(m) => Ok(m),
+            Attn::Gqa { .. } => Err(missing(format!("MLA weights in GQA layer {l}"))),
+        }
+    }
+
     /// Bytes of weights read to decode one token: everything but the unselected experts
     /// and the embedding table (one row of it is read).
     pub fn bytes_per_token(&self, cfg: &ModelConfig) -> usize {

@@ -192,7 +192,7 @@ fn run_plan(
     progress: &mut dyn FnMut(Progress, &RunResult),
 ) -> Result<(Vec<RunResult>, Vec<Vec<u32>>)> {
     let name = plan.name.clone();
-    backend.set_plan(plan);
+    backend.set_plan(plan)?;
     let gen_opts =
         GenerateOptions { max_tokens: opts.max_tokens, sampling: SamplingParams::default(), ignore_eos: true };
     let (mut runs, mut tokens) = (Vec::new(), Vec::new());
@@ -288,7 +288,7 @@ pub fn run_validate(
     let total = ref_tokens.len();
     let first_divergence = if identical < total.max(pat_tokens.len()) {
         // The reference's logits where the choice was made: prompt + the common prefix.
-        backend.set_plan(reference);
+        backend.set_plan(reference)?;
         let mut ctx = opts.prompt.clone();
         ctx.extend_from_slice(&ref_tokens[..identical]);
         let logits = backend.forward(&ctx, false)?;

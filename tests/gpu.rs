@@ -238,7 +238,7 @@ fn as_bf16_weights(dir: &std::path::Path) -> tempfile::TempDir {
 
 fn backends(model: &Model, graph: bool) -> (CpuBackend, CudaBackend) {
     let plan = Plan::reference(model.config());
-    let cpu = CpuBackend::new(model.config().clone(), model.weights.clone(), plan.clone());
+    let cpu = CpuBackend::new(model.config().clone(), model.weights.clone(), plan.clone()).unwrap();
     let gpu = CudaBackend::new(model.config().clone(), &model.weights, plan, graph).unwrap();
     (cpu, gpu)
 }

@@ -116,3 +116,58 @@ fn selection_none_is_the_reference_plan() {
     let (plan, _) = zmoe::plan::patterns::patched_plan(model.config(), &Selection::none());
     assert_eq!(plan, Plan::reference(model.config()));
 }
+
+/// The CUDA backend's prefill and decode plans are the chosen plan rewritten once, visibly:
+/// decode runs it as written, prefill runs the decode-only fused steps as their parts, pack
+/// kernels wrap the steps they replace (never in the reference plan), and a plan for
+/// another model is refused up front by `Plan::check`.
+#[test]
+fn cuda_exec_plans_are_the_chosen_plan_rewritten_once() {
+    use zmoe::kernels::{Bucket, ops::OpId};
+    use zmoe::plan::Step;
+    use zmoe::plan::lower::{self, PackKernel};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::synth_tiny(tmp.path(), "t", SynthQuant::Affine4, 91);
+    let model = Model::load(&dir).unwrap();
+    let (plan, _) = zmoe::plan::patterns::patched_plan(model.config(), &Selection::default());
+    let exec = lower::cuda(&plan, &model.weights, &[]).unwrap();
+    assert_eq!(exec.decode, plan);
+    assert_eq!(exec.prefill.primitives_only().steps, plan.primitives_only().steps);
+    assert!(!exec.prefill.steps.iter().any(|s| matches!(s, Step::MoeRouter { .. } | Step::MoeDownCombineAdd { .. })));
+    assert!(exec.prefill.steps.iter().any(|s| matches!(s, Step::QkvProj { .. })), "prefill keeps multi-token fusions");
+
+    let packs = [
+        PackKernel { op: OpId::MoeCombine, bucket: Bucket::Small, tag: "moe_combine/t@1".into() },
+        PackKernel { op: OpId::TopkGating, bucket: Bucket::Large, tag: "topk_gating/t@2".into() },
+    ];
+    let exec = lower::cuda(&plan, &model.weights, &packs).unwrap();
+    let packed = |p: &Plan| p.steps.iter().filter(|s| matches!(s, Step::Packed { .. })).count();
+    let moe_layers = (0..model.config().num_layers).filter(|&l| model.config().is_moe_layer(l)).count();
+    // Prefill: every combine and router top-k of a MoE layer is packed; decode: the fused
+    // MoE steps have no pack op and the large bucket never serves one token.
+    assert_eq!(packed(&exec.prefill), 2 * moe_layers);
+    assert_eq!(packed(&exec.decode), 0);
+    assert_eq!(exec.prefill.primitives_only().steps, plan.primitives_only().steps, "a pack keeps the meaning");
+    assert!(exec.prefill.listing().contains("[pack: moe_combine/t@1 at 1..8]"));
+    let reference = Plan::reference(model.config());
+    assert_eq!(packed(&lower::cuda(&reference, &model.weights, &packs).unwrap().prefill), 0);
+
+    let glm = common::synth_preset(tmp.path(), "g", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 92);
+    let glm_plan = Plan::reference(Model::load(&glm).unwrap().config());
+    let err = lower::cuda(&glm_plan, &model.weights, &[]).unwrap_err().to_string();
+    assert!(err.contains("step") && err.contains("does not have"), "{err}");
+    let err = model.backend(BackendKind::Cpu, glm_plan).err().expect("refused").to_string();
+    assert!(err.contains("does not have"), "{err}");
+}
+
+#[test]
+fn patterns_exec_prints_the_plans_that_run_with_the_pack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::synth_tiny(tmp.path(), "t", SynthQuant::Affine4, 93);
+    let pack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/foundry/pack-sm_90.json");
+    let out = ok(&["patterns", "--model", dir.to_str().unwrap(), "--exec", "--pack", pack.to_str().unwrap()]);
+    assert!(out.contains("CUDA prefill plan") && out.contains("CUDA decode plan"), "{out}");
+    assert!(out.contains("RouterTopK [pack: topk_gating/t1_lane_regs@"), "{out}");
+    let decode = &out[out.find("CUDA decode plan").unwrap()..];
+    assert!(decode.contains("MoeRouter") && !decode.contains("[pack"), "{decode}");
+}

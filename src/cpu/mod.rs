@@ -13,6 +13,7 @@ use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::{Attn, Linear, MlaWeights, Mlp, Weights};
+use crate::plan::lower::ExecPlans;
 use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
 
 /// Per-sequence state: activation buffers, router choices and the KV cache.
@@ -48,18 +49,23 @@ pub struct CpuBackend {
     cfg: ModelConfig,
     weights: Arc<Weights>,
     plan: Plan,
+    /// The CPU runs every step as written: both plans are `plan`.
+    exec: ExecPlans,
     rope: ops::Rope,
     st: RunState,
 }
 
 impl CpuBackend {
     /// A backend running `plan` over `weights`.
-    pub fn new(cfg: ModelConfig, weights: Arc<Weights>, plan: Plan) -> CpuBackend {
+    /// The plan is checked against the weights first (every step's weights exist).
+    pub fn new(cfg: ModelConfig, weights: Arc<Weights>, plan: Plan) -> Result<CpuBackend> {
+        plan.check(&weights)?;
         let rope = ops::Rope::new(&cfg);
         let mut st = RunState { bufs: vec![Vec::new(); Buf::ALL.len()], ..Default::default() };
         st.k_cache = vec![Vec::new(); cfg.num_layers];
         st.v_cache = vec![Vec::new(); cfg.num_layers];
-        CpuBackend { cfg, weights, plan, rope, st }
+        let exec = ExecPlans::same(&plan);
+        Ok(CpuBackend { cfg, weights, plan, exec, rope, st })
     }
 
     fn linear(&self, r: LinRef) -> &Linear {
@@ -268,7 +274,8 @@ impl CpuBackend {
             | Step::MoeDownCombineSharedAdd { .. }
             | Step::SharedGateUpSwiglu { .. }
             | Step::MlaInProj { .. }
-            | Step::LatentNormRopeAppend { .. } => unreachable!("fused steps run as their components"),
+            | Step::LatentNormRopeAppend { .. }
+            | Step::Packed { .. } => unreachable!("fused steps run as their components"),
         }
     }
 }
@@ -295,9 +302,16 @@ impl Backend for CpuBackend {
         &self.plan
     }
 
-    fn set_plan(&mut self, plan: Plan) {
+    fn exec_plans(&self) -> &ExecPlans {
+        &self.exec
+    }
+
+    fn set_plan(&mut self, plan: Plan) -> Result<()> {
+        plan.check(&self.weights)?;
+        self.exec = ExecPlans::same(&plan);
         self.plan = plan;
         self.reset();
+        Ok(())
     }
 
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {

@@ -16,6 +16,7 @@ use crate::checkpoint::{Mat, MatKind};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{Attn, Ffn, Linear, MlaWeights, Mlp, Weights};
+use crate::plan::lower::{self, ExecPlans};
 use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
 use crate::sample::Sampler;
 
@@ -139,7 +140,11 @@ struct RunState {
 pub struct CudaBackend {
     dev: Device,
     cfg: ModelConfig,
+    /// The plan chosen (`Backend::plan`), and what runs for it (`plan::lower::cuda`).
     plan: Plan,
+    exec: ExecPlans,
+    /// Host weights, kept to re-lower on `set_plan` (shared, not copied).
+    weights: Arc<Weights>,
     embed: DMat,
     lm_head: DLinear,
     final_norm: u64,
@@ -390,10 +395,13 @@ impl CudaBackend {
         };
         dev.fill(st.tickets, 0, CHUNK * nh.max(1) * 4)?;
         let packs = super::packs::PackKernels::load(&dev);
+        let exec = lower::cuda(&plan, weights, &packs.available())?;
         Ok(CudaBackend {
             dev,
             cfg,
             plan,
+            exec,
+            weights: weights.clone(),
             embed,
             lm_head,
             final_norm,
@@ -501,32 +509,23 @@ impl CudaBackend {
     /// Launches one step over `m` rows (m may shrink to 1 at `LastRow`).
     fn step(&mut self, step: &Step, m: &mut usize, all_logits: bool) -> Result<()> {
         use Arg::{F32, I32, I64, Ptr};
-        // The fused MoE and residual-norm kernels are decode kernels; prefill runs their
-        // components (expert mat-vecs grouped by expert). Same results either way, bit for bit.
-        // The fused gate+up and qkv kernels read their matrices with one format: if a
-        // checkpoint quantizes them differently, run the components too.
-        let decode_only = matches!(
-            step,
-            Step::MoeRouter { .. }
-                | Step::MoeSigmoidRouter { .. }
-                | Step::MoeGateUpSwiglu { .. }
-                | Step::MoeDownCombineAdd { .. }
-                | Step::MoeDownCombineSharedAdd { .. }
-                | Step::OProjAddRmsNorm { .. }
-        );
-        if decode_only && *m > 1 || !self.fused_formats_match(step)? {
-            return step.components().iter().try_for_each(|s| self.step(s, m, all_logits));
-        }
         let c = &self.cfg;
         let (h, d, nh, nkv, k) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.top_k);
         let eps = c.rms_norm_eps;
         let mm = *m;
-        // A foundry kernel-pack entry for this step and token bucket replaces the built-in kernel.
-        if self.pack_step(step, mm)? {
-            return Ok(());
-        }
         let dev = &self.dev;
         match *step {
+            Step::Packed { ref step, ref kernels } => {
+                // The pack kernel of this chunk's token bucket, else the built-in one.
+                let b = crate::kernels::Bucket::of(mm);
+                let done = match kernels.iter().find(|k| k.bucket == b) {
+                    Some(k) => self.pack_step(step, k, mm)?,
+                    None => false,
+                };
+                if !done {
+                    self.step(step, m, all_logits)?;
+                }
+            }
             Step::Embed => {
                 let mut a = self.embed.args().to_vec();
                 a.extend([Ptr(self.tokens_ptr()), Ptr(self.buf(Buf::X)), I32(h as i32)]);
@@ -893,39 +892,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Whether the matrices a fused kernel reads with one format share it (other steps: true).
-    fn fused_formats_match(&self, step: &Step) -> Result<bool> {
-        let same = |a: &DMat, b: &DMat| (a.fmt, a.bits, a.group) == (b.fmt, b.bits, b.group);
-        Ok(match *step {
-            Step::QkvProj { layer } => {
-                let (q, k, v, _, _) = self.gqa(layer)?;
-                same(&q.m, &k.m) && same(&q.m, &v.m)
-            }
-            Step::MoeGateUpSwiglu { layer } => {
-                let ex = self.experts(layer)?;
-                same(&ex[0], &ex[1])
-            }
-            Step::DenseGateUpSwiglu { layer } => {
-                same(&self.linear(LinRef::DenseGate(layer))?.m, &self.linear(LinRef::DenseUp(layer))?.m)
-            }
-            Step::SharedGateUpSwiglu { layer } => {
-                same(&self.linear(LinRef::SharedGate(layer))?.m, &self.linear(LinRef::SharedUp(layer))?.m)
-            }
-            Step::MlaInProj { layer, q_lora } => {
-                let first = if q_lora { LinRef::QA(layer) } else { LinRef::Q(layer) };
-                same(&self.linear(first)?.m, &self.linear(LinRef::KvA(layer))?.m)
-            }
-            _ => true,
-        })
-    }
-
-    /// Launches the kernel-pack kernel for `step` at `mm` tokens if the plan is a patched one
-    /// and the pack has an entry for it (src/cuda/packs.rs); `false` otherwise.
-    fn pack_step(&self, step: &Step, mm: usize) -> Result<bool> {
+    /// Launches pack kernel `k` in place of `step` at `mm` tokens (src/cuda/packs.rs);
+    /// `false` if its knobs cannot run this shape (the built-in kernel runs instead).
+    fn pack_step(&self, step: &Step, k: &lower::PackKernel, mm: usize) -> Result<bool> {
         use crate::kernels::ops::{Gating, OpId, Shape};
-        if self.packs.is_empty() || self.plan.name == "reference" {
-            return Ok(false);
-        }
         // The op's tensors in the order of its kernel signature (crate::kernels::ops), and the
         // expert weights' (bits, group) for the gather op; other steps have no pack kernel.
         let (op, ptrs, quant) = match *step {
@@ -940,15 +910,13 @@ impl CudaBackend {
             }
             Step::MoeGateUpSwiglu { layer } => {
                 let [g, u, _] = *self.experts(layer)?;
-                if g.fmt != 1 {
-                    return Ok(false); // the templates read MLX affine weights only
-                }
                 let (idx, h, act) = (self.st.topk_idx, self.buf(Buf::H), self.buf(Buf::Act));
                 let ptrs = vec![g.w, g.s, g.b, u.w, u.s, u.b, idx, h, act];
                 (OpId::GatherQmmSwiglu, ptrs, Some((g.bits as u32, g.group as usize)))
             }
-            _ => return Ok(false),
+            _ => return Err(Error::Cuda(format!("no pack op for step `{step}`"))),
         };
+        debug_assert_eq!(op, k.op, "plan::lower pairs steps and ops the same way");
         let c = &self.cfg;
         let (bits, group) = quant.unwrap_or((0, 0));
         let shape = Shape {
@@ -964,7 +932,7 @@ impl CudaBackend {
             scale: 1.0,
             eps: c.rms_norm_eps,
         };
-        self.packs.launch(&self.dev, op, &shape, &ptrs)
+        self.packs.launch(&self.dev, k, &shape, &ptrs)
     }
 
     /// `rows` selected-expert mat-vecs: row q reads x row q / per and expert topk_idx[q].
@@ -1012,11 +980,13 @@ impl CudaBackend {
 
     /// Runs every step of the plan over `m` rows; returns the rows of logits produced.
     fn run_plan(&mut self, m: usize, all_logits: bool) -> Result<usize> {
-        // Only the steps are taken out: the plan's name stays (pack_step reads it).
-        let steps = std::mem::take(&mut self.plan.steps);
+        // The steps are taken out for the loop (`step` borrows the backend mutably).
+        let plan = if m == 1 { &mut self.exec.decode } else { &mut self.exec.prefill };
+        let steps = std::mem::take(&mut plan.steps);
         let mut rows = m;
         let r = steps.iter().try_for_each(|s| self.step(s, &mut rows, all_logits));
-        self.plan.steps = steps;
+        let plan = if m == 1 { &mut self.exec.decode } else { &mut self.exec.prefill };
+        plan.steps = steps;
         r.map(|_| rows)
     }
 
@@ -1076,7 +1046,7 @@ impl CudaBackend {
         if self.pos >= self.max_ctx {
             return Err(Error::Arg("profile: the KV cache is full".into()));
         }
-        let steps = self.plan.steps.clone();
+        let steps = self.exec.decode.steps.clone();
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
         self.dev.write(self.st.io, &[self.pos as i32, 0])?;
         self.dev.begin_capture()?;
@@ -1130,10 +1100,16 @@ impl Backend for CudaBackend {
         &self.plan
     }
 
-    fn set_plan(&mut self, plan: Plan) {
+    fn exec_plans(&self) -> &ExecPlans {
+        &self.exec
+    }
+
+    fn set_plan(&mut self, plan: Plan) -> Result<()> {
+        self.exec = lower::cuda(&plan, &self.weights, &self.packs.available())?;
         self.plan = plan;
         self.graph = None;
         self.pos = 0;
+        Ok(())
     }
 
     fn device_info(&self) -> DeviceInfo {

@@ -20,6 +20,7 @@ use crate::kernels::knobs;
 use crate::kernels::ops::{OpId, Shape};
 use crate::kernels::pack::{Entry, KernelPack, default_path};
 use crate::kernels::templates::{self, Template};
+use crate::plan::lower::PackKernel;
 
 struct Loaded {
     entry: Entry,
@@ -86,16 +87,20 @@ impl PackKernels {
         PackKernels { loaded }
     }
 
-    /// Whether no pack kernel is loaded.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.loaded.is_empty()
+    /// The kernels compiled and ready, for the plan rewrite (`plan::lower::cuda`).
+    pub(crate) fn available(&self) -> Vec<PackKernel> {
+        self.loaded.iter().map(|l| PackKernel { op: l.op, bucket: l.entry.bucket, tag: l.entry.tag() }).collect()
     }
 
-    /// Launches the pack kernel for `op` at `shape.tokens` on `ptrs` (the op's tensors, in
-    /// the foundry's order); `false` if the pack has none (the caller launches the built-in).
-    pub(crate) fn launch(&self, dev: &Device, op: OpId, shape: &Shape, ptrs: &[u64]) -> Result<bool> {
-        let b = crate::kernels::Bucket::of(shape.tokens);
-        let Some(l) = self.loaded.iter().find(|l| l.op == op && l.entry.bucket == b) else { return Ok(false) };
+    /// Launches pack kernel `k` at `shape.tokens` on `ptrs` (the op's tensors, in the order
+    /// of its kernel signature); `false` if its knobs cannot run this shape (the caller
+    /// launches the built-in kernel).
+    pub(crate) fn launch(&self, dev: &Device, k: &PackKernel, shape: &Shape, ptrs: &[u64]) -> Result<bool> {
+        let op = k.op;
+        let Some(l) = self.loaded.iter().find(|l| l.op == op && l.entry.bucket == k.bucket && l.entry.tag() == k.tag)
+        else {
+            return Err(crate::error::Error::Cuda(format!("plan names pack kernel {}, which is not loaded", k.tag)));
+        };
         if !(l.template.fits)(shape, &l.entry.knobs) || op.supports(shape).is_err() {
             return Ok(false);
         }

@@ -203,4 +203,22 @@ impl OpId {
             }
         }
     }
+
+    /// Whether this op can run `shape` (the kernels' limits).
+    pub fn supports(self, s: &Shape) -> std::result::Result<(), String> {
+        let need = |ok: bool, why: &str| if ok { Ok(()) } else { Err(why.to_string()) };
+        need(s.tokens >= 1, "at least one token")?;
+        match self {
+            OpId::MoeCombine => need(s.hidden.is_multiple_of(8) && s.k <= 16, "H a multiple of 8 and K ≤ 16"),
+            OpId::TopkGating => need(s.experts <= 1024 && s.k <= 16 && s.k <= s.experts, "E ≤ 1024, K ≤ min(16, E)"),
+            OpId::GatherQmmSwiglu => need(
+                matches!(s.bits, 4 | 8)
+                    && s.group.is_multiple_of(32)
+                    && s.hidden.is_multiple_of(s.group)
+                    && s.k <= s.experts,
+                "affine 4/8-bit, group a multiple of 32 dividing H",
+            ),
+            OpId::RmsnormResidual => need(s.hidden.is_multiple_of(8), "n a multiple of 8"),
+        }
+    }
 }

@@ -10,6 +10,7 @@
 //! Steps refer to weights by role ([`LinRef`], [`NormRef`]) and read dimensions from the
 //! [`ModelConfig`]; buffers hold `T` rows (tokens in this call) of a fixed width.
 
+pub mod lower;
 pub mod patterns;
 
 use std::fmt;
@@ -314,6 +315,14 @@ pub enum Step {
         /// Layer.
         layer: usize,
     },
+    /// A kernel-pack kernel in place of `step` at the token buckets of `kernels` (the
+    /// built-in kernel at the others). Only in the plans a backend runs ([`lower`]).
+    Packed {
+        /// The step it replaces (its only component).
+        step: Box<Step>,
+        /// The pack kernels, one per bucket served.
+        kernels: Vec<lower::PackKernel>,
+    },
 }
 
 impl LinRef {
@@ -442,6 +451,7 @@ impl Step {
                 Step::MlaRope,
                 Step::LatentAppend { layer },
             ],
+            Step::Packed { ref step, .. } => vec![(**step).clone()],
             _ => Vec::new(),
         }
     }
@@ -480,6 +490,7 @@ impl Step {
             | Step::SharedGateUpSwiglu { layer }
             | Step::MlaInProj { layer, .. }
             | Step::LatentNormRopeAppend { layer } => Some(*layer),
+            Step::Packed { step, .. } => step.layer(),
             _ => None,
         }
     }
@@ -522,6 +533,7 @@ impl Step {
             Step::SharedGateUpSwiglu { .. } => "shared_gate_up_swiglu (fused)".into(),
             Step::MlaInProj { .. } => "mla_in_proj (fused)".into(),
             Step::LatentNormRopeAppend { .. } => "latent_norm_rope_append (fused)".into(),
+            Step::Packed { step, .. } => format!("{} [pack]", step.kind()),
         }
     }
 }
@@ -533,6 +545,10 @@ impl fmt::Display for Step {
             Step::Linear { w, src, dst } => write!(f, "linear {w:?}: {src:?} -> {dst:?}"),
             Step::HeadNorm { w, buf } => write!(f, "head_norm {w:?}: {buf:?}"),
             Step::Add { dst, src } => write!(f, "add {dst:?} += {src:?}"),
+            Step::Packed { step, kernels } => {
+                let ks: Vec<String> = kernels.iter().map(|k| format!("{} at {}", k.tag, k.bucket.name())).collect();
+                write!(f, "{step} [pack: {}]", ks.join(", "))
+            }
             other => write!(f, "{other:?}"),
         }
     }

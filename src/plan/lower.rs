@@ -1,0 +1,191 @@
+//! From the plan a user chose to the plans a backend runs: [`ExecPlans`], built once when a
+//! backend is made (and again on `set_plan`), printed by `zmoe patterns --exec`.
+//!
+//! Why a separate step: a fused step is a promise about *what* is computed, but a backend
+//! may not have a kernel for every case of it. The CUDA backend's fused MoE and
+//! residual-norm kernels are decode kernels (one token), its fused two-matrix kernels read
+//! both matrices in one weight format, and a kernel pack may replace a built-in kernel at
+//! some token counts. Deciding that while running (as the executor once did) meant the plan
+//! printed was not always the plan run. Here it is decided once, as a rewrite that keeps
+//! the meaning: a fused step the backend cannot run becomes its [components](Step::components)
+//! (bit-identical by the numerics contract), and a pack kernel wraps the step it replaces
+//! ([`Step::Packed`]), naming the kernel and the token buckets it serves.
+
+use super::{LinRef, Plan, Step};
+use crate::checkpoint::{Mat, MatKind};
+use crate::error::{Error, Result};
+use crate::kernels::Bucket;
+use crate::kernels::ops::OpId;
+use crate::kernels::pack::KernelPack;
+use crate::model::Weights;
+
+/// The name of the reference plan; kernel packs are patches and never apply to it.
+pub const REFERENCE: &str = "reference";
+
+/// A kernel-pack kernel a backend has ready (compiled) for an op at a token bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackKernel {
+    /// The op it implements.
+    pub op: OpId,
+    /// Token bucket it serves.
+    pub bucket: Bucket,
+    /// `op/template@hash`, e.g. `moe_combine/t0_basic@0123456789abcdef`.
+    pub tag: String,
+}
+
+impl PackKernel {
+    /// The usable entries of a kernel pack (what a backend would compile from it).
+    pub fn from_pack(pack: &KernelPack) -> Vec<PackKernel> {
+        pack.entries
+            .iter()
+            .filter_map(|e| Some(PackKernel { op: OpId::parse(&e.op).ok()?, bucket: e.bucket, tag: e.tag() }))
+            .collect()
+    }
+}
+
+/// The two plans a backend runs: one for prompt chunks (more than one token), one for a
+/// single token (decode; also the last one-token chunk of a prompt).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecPlans {
+    /// Run for chunks of more than one token.
+    pub prefill: Plan,
+    /// Run for one token (captured into the CUDA decode graph).
+    pub decode: Plan,
+}
+
+impl ExecPlans {
+    /// Both plans the same: a backend that runs every step as written (the CPU).
+    pub fn same(plan: &Plan) -> ExecPlans {
+        ExecPlans { prefill: plan.clone(), decode: plan.clone() }
+    }
+
+    /// The plan for a chunk of `tokens` tokens.
+    pub fn for_tokens(&self, tokens: usize) -> &Plan {
+        if tokens == 1 { &self.decode } else { &self.prefill }
+    }
+}
+
+/// The op a kernel-pack kernel can stand in for at this step, if any.
+fn pack_op(step: &Step, w: &Weights) -> Option<OpId> {
+    match step {
+        Step::Combine => Some(OpId::MoeCombine),
+        Step::RouterTopK => Some(OpId::TopkGating),
+        Step::AddRmsNorm { .. } => Some(OpId::RmsnormResidual),
+        // The gather templates read MLX affine experts only.
+        Step::MoeGateUpSwiglu { layer } => match w.experts(*layer).ok()?.gate.first()?.kind {
+            MatKind::Affine { .. } => Some(OpId::GatherQmmSwiglu),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether two matrices share the weight format a fused CUDA kernel reads both with: any
+/// float dtype (uploaded as bf16), or MLX affine with the same bits and group size.
+fn same_format(a: &Mat, b: &Mat) -> bool {
+    match (&a.kind, &b.kind) {
+        (MatKind::Float(_), MatKind::Float(_)) => true,
+        (MatKind::Affine { bits: ba, group: ga, .. }, MatKind::Affine { bits: bb, group: gb, .. }) => {
+            (ba, ga) == (bb, gb)
+        }
+        _ => false,
+    }
+}
+
+/// Whether the CUDA kernel of fused step `s` can read its matrices (other steps: true).
+fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
+    let lin = |r: LinRef| w.linear(r).map(|l| &l.w);
+    Ok(match *s {
+        Step::QkvProj { layer } => {
+            let q = lin(LinRef::Q(layer))?;
+            same_format(q, lin(LinRef::K(layer))?) && same_format(q, lin(LinRef::V(layer))?)
+        }
+        Step::MoeGateUpSwiglu { layer } => {
+            let ex = w.experts(layer)?;
+            ex.gate.iter().chain(&ex.up).all(|m| same_format(m, &ex.gate[0]))
+        }
+        Step::DenseGateUpSwiglu { layer } => same_format(lin(LinRef::DenseGate(layer))?, lin(LinRef::DenseUp(layer))?),
+        Step::SharedGateUpSwiglu { layer } => {
+            same_format(lin(LinRef::SharedGate(layer))?, lin(LinRef::SharedUp(layer))?)
+        }
+        Step::MlaInProj { layer, q_lora } => {
+            let first = if q_lora { LinRef::QA(layer) } else { LinRef::Q(layer) };
+            same_format(lin(first)?, lin(LinRef::KvA(layer))?)
+        }
+        _ => true,
+    })
+}
+
+/// Fused steps whose CUDA kernels handle one token only: prefill runs their components
+/// (expert mat-vecs grouped by expert), bit for bit the same.
+fn decode_only(s: &Step) -> bool {
+    matches!(
+        s,
+        Step::MoeRouter { .. }
+            | Step::MoeSigmoidRouter { .. }
+            | Step::MoeGateUpSwiglu { .. }
+            | Step::MoeDownCombineAdd { .. }
+            | Step::MoeDownCombineSharedAdd { .. }
+            | Step::OProjAddRmsNorm { .. }
+    )
+}
+
+/// The plans the CUDA backend runs for `plan` over `w`, with the pack kernels it has
+/// compiled (`packs`; ignored for the reference plan).
+pub fn cuda(plan: &Plan, w: &Weights, packs: &[PackKernel]) -> Result<ExecPlans> {
+    plan.check(w)?;
+    let packs = if plan.name == REFERENCE { &[][..] } else { packs };
+    let lower = |prefill: bool| -> Result<Plan> {
+        let mut steps = Vec::with_capacity(plan.steps.len());
+        for s in &plan.steps {
+            let keep = !(prefill && decode_only(s)) && cuda_formats_ok(s, w)?;
+            let parts = if keep { vec![s.clone()] } else { s.components() };
+            for p in parts {
+                // A pack kernel serves the buckets this plan can see: decode one token only.
+                let kernels: Vec<PackKernel> = pack_op(&p, w)
+                    .map(|op| {
+                        packs.iter().filter(|k| k.op == op && (prefill || k.bucket == Bucket::of(1))).cloned().collect()
+                    })
+                    .unwrap_or_default();
+                steps.push(if kernels.is_empty() { p } else { Step::Packed { step: Box::new(p), kernels } });
+            }
+        }
+        Ok(Plan { name: plan.name.clone(), steps })
+    };
+    Ok(ExecPlans { prefill: lower(true)?, decode: lower(false)? })
+}
+
+impl Plan {
+    /// Checks that every weight and cache the plan names exists in `w` (a plan built for
+    /// another model is one clear error here, not a failure halfway through a forward pass).
+    pub fn check(&self, w: &Weights) -> Result<()> {
+        let bad = |s: &Step, e: Error| Error::Arg(format!("plan `{}`, step `{s}`: {e}", self.name));
+        for s in self.steps.iter().flat_map(Step::primitives) {
+            let r = match s {
+                Step::Linear { w: r, .. } => w.linear(r).map(drop),
+                Step::RmsNorm { w: r, .. } | Step::HeadNorm { w: r, .. } => w.norm(r).map(drop),
+                Step::ExpertGateUp { layer } | Step::ExpertDown { layer } | Step::SigmoidTopK { layer } => {
+                    w.experts(layer).map(drop)
+                }
+                Step::KvAppend { layer } | Step::Attention { layer } => w.linear(LinRef::K(layer)).map(drop),
+                Step::LatentAppend { layer }
+                | Step::MlaQAbsorb { layer }
+                | Step::MlaAttention { layer }
+                | Step::MlaVUp { layer }
+                | Step::MlaAttentionExpanded { layer } => w.mla(layer).map(drop),
+                _ => Ok(()),
+            };
+            r.map_err(|e| bad(&s, e))?;
+        }
+        Ok(())
+    }
+
+    /// The plan one line per step (`zmoe patterns --exec`): fused and pack steps marked.
+    pub fn listing(&self) -> String {
+        let mut out = String::new();
+        for (i, s) in self.steps.iter().enumerate() {
+            out.push_str(&format!("{i:5}  {s}\n"));
+        }
+        out
+    }
+}
