@@ -10,7 +10,8 @@ use std::path::PathBuf;
 
 use zmoe::checkpoint::synth::SynthQuant;
 use zmoe::cpu::CpuBackend;
-use zmoe::cuda::{Arg, CudaBackend, Device};
+use zmoe::cuda::ops::{self, linear, moe, norm, rd, sample, wr};
+use zmoe::cuda::{CudaBackend, Device};
 use zmoe::plan::Plan;
 use zmoe::rng::Rng;
 use zmoe::{Backend, Model};
@@ -75,22 +76,18 @@ fn kernel_matvec_matches_cpu() {
             let px = dev.upload(&xb).unwrap();
             let py = dev.alloc(m * n * 4).unwrap();
             dev.fill(py, 0xFF, m * n * 4).unwrap(); // poison: NaN
-            let args = [
-                Arg::Ptr(pw),
-                Arg::Ptr(ps),
-                Arg::Ptr(pb),
-                Arg::I32(fmt),
-                Arg::I32(bits as i32),
-                Arg::I32(64),
-                Arg::Ptr(px),
-                Arg::Ptr(py),
-                Arg::Ptr(0),
-                Arg::I32(n as i32),
-                Arg::I32(k as i32),
-                Arg::I32(m as i32),
-                Arg::I32(1),
-            ];
-            dev.launch("matvec", (n.div_ceil(4) as u32, 1, m.div_ceil(8) as u32), 128, &args).unwrap();
+            let w = ops::QMat { w: rd(pw), s: rd(ps), b: rd(pb), fmt, bits: bits as i32, group: 64 };
+            let a = linear::MatvecArgs {
+                w,
+                x: rd(px),
+                y: wr(py),
+                bias: rd(0),
+                n: n as i32,
+                k: k as i32,
+                m: m as i32,
+                out_f32: 1,
+            };
+            linear::matvec(&dev, &a).unwrap();
             let mut got = vec![0f32; m * n];
             dev.read(py, &mut got).unwrap();
             assert!(got.iter().all(|v| v.is_finite()), "fmt {fmt} bits {bits} m {m}: unwritten output");
@@ -113,8 +110,8 @@ fn kernel_router_topk_matches_cpu() {
         let pl = dev.upload(&logits).unwrap();
         let (pi, pw) = (dev.alloc(m * k * 4).unwrap(), dev.alloc(m * k * 4).unwrap());
         dev.fill(pi, 0xFF, m * k * 4).unwrap();
-        let args = [Arg::Ptr(pl), Arg::I32(e as i32), Arg::I32(k as i32), Arg::I32(1), Arg::Ptr(pi), Arg::Ptr(pw)];
-        dev.launch("router_topk", (m as u32, 1, 1), 32, &args).unwrap();
+        let a = moe::RouterTopkArgs { logits: rd(pl), e: e as i32, k: k as i32, norm: 1, idx: wr(pi), wout: wr(pw) };
+        moe::router_topk(&dev, &a, m).unwrap();
         let (mut gi, mut gw) = (vec![0i32; m * k], vec![0f32; m * k]);
         dev.read(pi, &mut gi).unwrap();
         dev.read(pw, &mut gw).unwrap();
@@ -134,19 +131,19 @@ fn kernel_router_topk_matches_cpu() {
         dev.fill(pi, 0xFF, m * k * 4).unwrap();
         dev.fill(pw, 0xFF, m * k * 4).unwrap();
         let kind = zmoe::config::RouterKind::SigmoidGrouped { n_group: ng, topk_group: tg, routed_scaling_factor: 2.5 };
-        let args = [
-            Arg::Ptr(pl),
-            Arg::Ptr(pb),
-            Arg::I32(e as i32),
-            Arg::I32(k as i32),
-            Arg::I32(ng as i32),
-            Arg::I32(tg as i32),
-            Arg::I32(norm),
-            Arg::F32(2.5),
-            Arg::Ptr(pi),
-            Arg::Ptr(pw),
-        ];
-        dev.launch("router_sigmoid", (m as u32, 1, 1), 32, &args).unwrap();
+        let a = moe::RouterSigmoidArgs {
+            logits: rd(pl),
+            bias: rd(pb),
+            e: e as i32,
+            k: k as i32,
+            n_group: ng as i32,
+            topk_group: tg as i32,
+            norm,
+            scale: 2.5,
+            idx: wr(pi),
+            wout: wr(pw),
+        };
+        moe::router_sigmoid(&dev, &a, m).unwrap();
         let (mut gi, mut gw) = (vec![0i32; m * k], vec![0f32; m * k]);
         dev.read(pi, &mut gi).unwrap();
         dev.read(pw, &mut gw).unwrap();
@@ -169,13 +166,8 @@ fn kernel_elementwise_match_cpu() {
     let pw = dev.upload(&w).unwrap();
     let py = dev.alloc(rows * n * 2).unwrap();
     dev.fill(py, 0xFF, rows * n * 2).unwrap();
-    dev.launch(
-        "rmsnorm",
-        (rows as u32, 1, 1),
-        256,
-        &[Arg::Ptr(px), Arg::Ptr(pw), Arg::Ptr(py), Arg::I32(n as i32), Arg::I32(n as i32), Arg::F32(1e-6)],
-    )
-    .unwrap();
+    let a = norm::RmsnormArgs { x: rd(px), w: rd(pw), y: wr(py), n: n as i32, ld: n as i32, eps: 1e-6 };
+    norm::rmsnorm(&dev, &a, rows, norm::NORM_THREADS).unwrap();
     let mut got = vec![0u16; rows * n];
     dev.read(py, &mut got).unwrap();
     let mut want = vec![0f32; rows * n];
@@ -187,13 +179,8 @@ fn kernel_elementwise_match_cpu() {
     // In place over the first 1536 columns of 2048-wide rows (MLA's latent inside Kva):
     // the tail of each row is left as it was.
     let nl = 1536;
-    dev.launch(
-        "rmsnorm",
-        (rows as u32, 1, 1),
-        256,
-        &[Arg::Ptr(px), Arg::Ptr(pw), Arg::Ptr(px), Arg::I32(nl), Arg::I32(n as i32), Arg::F32(1e-5)],
-    )
-    .unwrap();
+    let a = norm::RmsnormArgs { x: rd(px), w: rd(pw), y: wr(px), n: nl, ld: n as i32, eps: 1e-5 };
+    norm::rmsnorm(&dev, &a, rows, norm::NORM_THREADS).unwrap();
     let mut got = vec![0u16; rows * n];
     dev.read(px, &mut got).unwrap();
     let mut want = x.clone();
@@ -210,7 +197,7 @@ fn kernel_elementwise_match_cpu() {
     let (pg, pu) = (dev.upload(&to_bf16(&g)).unwrap(), dev.upload(&to_bf16(&u)).unwrap());
     let pa = dev.alloc(len * 2).unwrap();
     dev.fill(pa, 0xFF, len * 2).unwrap();
-    dev.launch("swiglu", (20, 1, 1), 256, &[Arg::Ptr(pg), Arg::Ptr(pu), Arg::Ptr(pa), Arg::I64(len as i64)]).unwrap();
+    moe::swiglu(&dev, &moe::SwigluArgs { g: rd(pg), u: rd(pu), act: wr(pa), n: len as i64 }).unwrap();
     let mut got = vec![0u16; len];
     dev.read(pa, &mut got).unwrap();
     let want: Vec<f32> = g.iter().zip(&u).map(|(&a, &b)| zmoe::cpu::ops::silu(a) * b).collect();
@@ -378,17 +365,17 @@ fn kernel_sample_token_matches_host() {
     let run = |dev: &mut Device, logits: &[f32], p: SamplingParams, step: u64| -> (i32, i32) {
         let pl = dev.upload(logits).unwrap();
         dev.fill(out, 0xFF, 8).unwrap();
-        let args = [
-            Arg::Ptr(pl),
-            Arg::I32(logits.len() as i32),
-            Arg::F32(p.temperature),
-            Arg::F32(p.top_p),
-            Arg::I32(p.top_k as i32),
-            Arg::I64(p.seed as i64),
-            Arg::I64(step as i64),
-            Arg::Ptr(out),
-        ];
-        dev.launch("sample_token", (1, 1, 1), 1024, &args).unwrap();
+        let a = sample::SampleArgs {
+            logits: rd(pl),
+            v: logits.len() as i32,
+            temp: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k as i32,
+            seed: p.seed,
+            step,
+            out: wr(out),
+        };
+        sample::sample(dev, &a).unwrap();
         let mut o = [0i32; 2];
         dev.read(out, &mut o).unwrap();
         (o[0], o[1])

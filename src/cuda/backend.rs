@@ -2,112 +2,36 @@
 //! accumulation (router and logits in f32).
 //!
 //! Every buffer and the KV cache are allocated once (the device `RunState`), sized for a
-//! prefill chunk of [`CHUNK`] tokens. Prefill runs the plan eagerly over chunks; decode
-//! (one token) runs the same plan captured once into a CUDA graph and replayed per token —
-//! the position and the token live in device memory, so replay needs no re-capture.
+//! prefill chunk of [`CHUNK`] tokens. Prefill runs the prefill plan eagerly over chunks;
+//! decode (one token) runs the decode plan captured once into a CUDA graph and replayed per
+//! token — the position and the token live in device memory, so replay needs no re-capture.
+//! Both plans are built once ([`crate::plan::lower::cuda`]); this file maps each step to
+//! buffers and weights and calls the typed launchers of [`super::ops`].
 
 use std::sync::Arc;
 
-use half::bf16;
-
-use super::{Arg, Device};
+use super::Device;
+use super::ops::{self, Bf16, I32, Void, attention as attn, int, linear, mla, moe, norm, rd, rope, sample, wr};
+use super::weights::{DLinear, DMat, DMlp, DeviceWeights, unsupported};
 use crate::backend::{Backend, DeviceInfo, StepTime};
-use crate::checkpoint::{Mat, MatKind};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RouterKind};
 use crate::error::{Error, Result};
-use crate::model::{Attn, Ffn, Linear, MlaWeights, Mlp, Weights};
+use crate::model::Weights;
 use crate::plan::lower::{self, ExecPlans};
 use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
 use crate::sample::Sampler;
 
 /// Most tokens per prefill launch (activation buffers are sized for it).
 pub const CHUNK: usize = 64;
-/// Blocks per (token, head) of attention: each takes 1/ATTN_SPLITS of the keys.
-const ATTN_SPLITS: usize = 16;
-/// Threads of an attention block (`ATTN_THREADS` in primitives.cu).
-const ATTN_THREADS: u32 = 128;
-/// MLA attention: key splits per (token, head).
-const MLA_SPLITS: usize = 16;
 /// Default KV-cache capacity (tokens) when the model allows more.
 const DEFAULT_MAX_CTX: usize = 8192;
 
-/// A weight matrix on the device (see `struct QMat` in common.cuh).
-#[derive(Debug, Clone, Copy)]
-struct DMat {
-    w: u64,
-    s: u64,
-    b: u64,
-    fmt: i32,
-    bits: i32,
-    group: i32,
-    rows: usize,
-    cols: usize,
-    /// Elements of storage per matrix (stacked experts: offset of expert e = e·w_stride).
-    w_stride: i64,
-    /// Scales/biases per matrix.
-    sb_stride: i64,
-}
-
-impl DMat {
-    fn args(&self) -> [Arg; 6] {
-        [
-            Arg::Ptr(self.w),
-            Arg::Ptr(self.s),
-            Arg::Ptr(self.b),
-            Arg::I32(self.fmt),
-            Arg::I32(self.bits),
-            Arg::I32(self.group),
-        ]
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct DLinear {
-    m: DMat,
-    /// f32 bias or 0.
-    bias: u64,
-}
-
-struct DLayer {
-    input_norm: u64,
-    post_norm: u64,
-    attn: DAttn,
-    o: DLinear,
-    mlp: DMlp,
-    /// bf16 `[max_ctx, nKV·D]`; MLA: the latent cache `[max_ctx, kv_lora + rope]`.
-    k_cache: u64,
-    /// bf16 `[max_ctx, nKV·D]` (0 for MLA).
-    v_cache: u64,
-}
-
-/// A layer's attention weights on the device (mirrors [`Attn`]).
-#[allow(clippy::large_enum_variant)] // one per layer
-enum DAttn {
-    Gqa { q: DLinear, k: DLinear, v: DLinear, q_norm: u64, k_norm: u64 },
-    Mla(DMla),
-}
-
-/// MLA weights (mirrors [`MlaWeights`]); per-head matrices stacked like experts.
-struct DMla {
-    q_a: Option<DLinear>,
-    q_a_norm: u64,
-    q: DLinear,
-    kv_a: DLinear,
-    kv_a_norm: u64,
-    /// `[nH, kv_lora, qk_nope]`.
-    embed_q: DMat,
-    /// `[nH, v_head, kv_lora]`.
-    unembed_out: DMat,
-}
-
-/// A layer's feed-forward block on the device (mirrors [`Mlp`]).
-#[allow(clippy::large_enum_variant)] // one per layer
-enum DMlp {
-    /// gate, up, down.
-    Dense([DLinear; 3]),
-    /// Router (+ f32 correction bias or 0), gate/up/down of all experts stacked
-    /// `[E, rows, ...]`, and the shared experts' gate/up/down.
-    Moe { router: DLinear, bias: u64, experts: [DMat; 3], shared: Option<[DLinear; 3]> },
+/// A layer's cache on the device: what one token leaves behind for the next.
+enum LayerCache {
+    /// GQA: K and V rows, bf16 `[max_ctx, nKV·D]` each.
+    Kv { k: u64, v: u64 },
+    /// MLA: the latent row (normalised latent + roped k_pe), bf16 `[max_ctx, kv_lora + rope]`.
+    Latent { rows: u64 },
 }
 
 /// Device activation buffers, one per [`Buf`], plus router state and scalars.
@@ -130,10 +54,17 @@ struct RunState {
     tickets: u64,
     /// `[pos, tokens[CHUNK]]` as i32: written by the host before each forward.
     io: u64,
+    /// Attention partials: `[CHUNK·nH, splits, D or kv_lora]` f32 and `[.., splits, 2]` f32.
     part_o: u64,
     part_ml: u64,
     /// Elements currently in Gate/Up/Act (dense and expert widths differ).
     act_elems: usize,
+}
+
+impl RunState {
+    fn width(&self, b: Buf) -> usize {
+        self.widths[b as usize]
+    }
 }
 
 /// The CUDA backend.
@@ -145,132 +76,17 @@ pub struct CudaBackend {
     exec: ExecPlans,
     /// Host weights, kept to re-lower on `set_plan` (shared, not copied).
     weights: Arc<Weights>,
-    embed: DMat,
-    lm_head: DLinear,
-    final_norm: u64,
+    w: DeviceWeights,
+    /// One cache per layer.
+    caches: Vec<LayerCache>,
     inv_freq: u64,
-    layers: Vec<DLayer>,
     st: RunState,
     max_ctx: usize,
     pos: usize,
     use_graph: bool,
     graph: Option<cudarc::driver::CudaGraph>,
-    /// Foundry kernel-pack kernels (src/cuda/packs.rs; patched plans only).
+    /// Foundry kernel-pack kernels (src/cuda/packs.rs; the plan's `Step::Packed` steps).
     packs: super::packs::PackKernels,
-}
-
-fn unsupported(what: String) -> Error {
-    Error::Unavailable(format!("CUDA backend: {what}; use --backend cpu"))
-}
-
-/// Uploads `mats` (one matrix, or E stacked experts) in a device format.
-fn upload_mats(dev: &mut Device, mats: &[Mat]) -> Result<DMat> {
-    let (rows, cols) = (mats[0].rows, mats[0].cols);
-    match &mats[0].kind {
-        MatKind::Float(_) => {
-            if cols % 8 != 0 {
-                return Err(unsupported(format!("bf16 matrix with {cols} columns (need a multiple of 8)")));
-            }
-            let mut host: Vec<u16> = Vec::with_capacity(mats.len() * rows * cols);
-            let mut row = vec![0f32; cols];
-            for m in mats {
-                for r in 0..rows {
-                    m.dequant_row(r, &mut row);
-                    host.extend(row.iter().map(|&x| bf16::from_f32(x).to_bits()));
-                }
-            }
-            let w = dev.upload(&host)?;
-            Ok(DMat {
-                w,
-                s: 0,
-                b: 0,
-                fmt: 0,
-                bits: 16,
-                group: 0,
-                rows,
-                cols,
-                w_stride: (rows * cols) as i64,
-                sb_stride: 0,
-            })
-        }
-        MatKind::Affine { bits, group, scales, .. } => {
-            if !matches!(bits, 4 | 8) || cols % 32 != 0 || group % 32 != 0 {
-                return Err(unsupported(format!("affine {bits}-bit group {group} with {cols} columns")));
-            }
-            if scales.dtype != crate::checkpoint::FloatType::Bf16 {
-                return Err(unsupported(format!("{} quantization scales (only bf16)", scales.dtype.name())));
-            }
-            let (mut w, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
-            for m in mats {
-                let MatKind::Affine { packed, scales, biases, .. } = &m.kind else {
-                    return Err(unsupported("mixed expert formats".into()));
-                };
-                w.extend_from_slice(packed.as_slice());
-                s.extend_from_slice(scales.data.as_slice());
-                b.extend_from_slice(biases.data.as_slice());
-            }
-            let groups = rows * cols / group;
-            Ok(DMat {
-                w: dev.upload(&w)?,
-                s: dev.upload(&s)?,
-                b: dev.upload(&b)?,
-                fmt: 1,
-                bits: *bits as i32,
-                group: *group as i32,
-                rows,
-                cols,
-                w_stride: (rows * cols * *bits as usize / 32) as i64,
-                sb_stride: groups as i64,
-            })
-        }
-        MatKind::Mxfp4 { .. } => Err(unsupported("MXFP4 weights".into())),
-    }
-}
-
-fn upload_linear(dev: &mut Device, l: &Linear) -> Result<DLinear> {
-    let m = upload_mats(dev, std::slice::from_ref(&l.w))?;
-    let bias = match &l.b {
-        Some(b) => dev.upload(b)?,
-        None => 0,
-    };
-    Ok(DLinear { m, bias })
-}
-
-/// The shape arguments `mla_rope` and `latent_norm_rope_append` share:
-/// `nh, dqk, nope, row, lat, d_rot, scaling, interleaved`.
-fn mla_rope_dims(c: &ModelConfig, m: &crate::config::MlaConfig) -> [Arg; 8] {
-    [
-        Arg::I32(c.num_heads as i32),
-        Arg::I32(c.head_dim as i32),
-        Arg::I32(m.qk_nope_head_dim as i32),
-        Arg::I32(m.cache_row() as i32),
-        Arg::I32(m.kv_lora_rank as i32),
-        Arg::I32(c.rope.dim as i32),
-        Arg::F32(c.rope.attention_scaling),
-        Arg::I32(c.rope.interleaved as i32),
-    ]
-}
-
-fn upload_ffn(dev: &mut Device, f: &Ffn) -> Result<[DLinear; 3]> {
-    Ok([upload_linear(dev, &f.gate)?, upload_linear(dev, &f.up)?, upload_linear(dev, &f.down)?])
-}
-
-fn upload_mla(dev: &mut Device, m: &MlaWeights) -> Result<DMla> {
-    Ok(DMla {
-        q_a: m.q_a.as_ref().map(|l| upload_linear(dev, l)).transpose()?,
-        q_a_norm: if m.q_a_norm.is_empty() { 0 } else { dev.upload(&m.q_a_norm)? },
-        q: upload_linear(dev, &m.q)?,
-        kv_a: upload_linear(dev, &m.kv_a)?,
-        kv_a_norm: dev.upload(&m.kv_a_norm)?,
-        embed_q: upload_mats(dev, &m.embed_q)?,
-        unembed_out: upload_mats(dev, &m.unembed_out)?,
-    })
-}
-
-impl RunState {
-    fn width(&self, b: Buf) -> usize {
-        self.widths[b as usize]
-    }
 }
 
 impl CudaBackend {
@@ -280,23 +96,26 @@ impl CudaBackend {
         let c = &cfg;
         let (h, d) = (c.hidden_size, c.head_dim);
         match &c.mla {
-            None if d % 8 != 0 || d > 256 => {
-                return Err(unsupported(format!("head_dim {d} (need a multiple of 8, at most 256)")));
+            None if d % 8 != 0 || d > ops::MAX_HEAD_DIM => {
+                return Err(unsupported(format!("head_dim {d} (need a multiple of 8, at most {})", ops::MAX_HEAD_DIM)));
             }
             Some(m)
                 if m.kv_lora_rank % 8 != 0
-                    || m.kv_lora_rank > 512
+                    || m.kv_lora_rank > ops::MLA_MAX_LATENT
                     || m.qk_rope_head_dim % 8 != 0
-                    || m.qk_rope_head_dim > 64 =>
+                    || m.qk_rope_head_dim > ops::MLA_MAX_ROPE =>
             {
                 return Err(unsupported(format!(
-                    "MLA kv_lora_rank {} / qk_rope_head_dim {} (need multiples of 8, at most 512 / 64)",
-                    m.kv_lora_rank, m.qk_rope_head_dim
+                    "MLA kv_lora_rank {} / qk_rope_head_dim {} (need multiples of 8, at most {} / {})",
+                    m.kv_lora_rank,
+                    m.qk_rope_head_dim,
+                    ops::MLA_MAX_LATENT,
+                    ops::MLA_MAX_ROPE
                 )));
             }
             _ => {}
         }
-        if let crate::config::RouterKind::SigmoidGrouped { n_group, .. } = c.router
+        if let RouterKind::SigmoidGrouped { n_group, .. } = c.router
             && n_group > 32
         {
             return Err(unsupported(format!("n_group {n_group} (at most 32)")));
@@ -305,48 +124,17 @@ impl CudaBackend {
             return Err(unsupported(format!("{} experts / top-{} (at most 1024 / 16)", c.num_experts, c.top_k)));
         }
         let max_ctx = c.max_position_embeddings.min(DEFAULT_MAX_CTX);
-        let embed = upload_mats(&mut dev, std::slice::from_ref(&weights.embed))?;
-        let lm_head = upload_linear(&mut dev, &weights.lm_head)?;
-        let final_norm = dev.upload(&weights.norm)?;
+        let w = DeviceWeights::upload(&mut dev, weights)?;
         let inv_freq = dev.upload(&c.rope.inv_freq)?;
         // Cached bf16 values per token and layer: K and V rows, or MLA's latent row.
-        let (k_row, v_row) = match &c.mla {
-            Some(m) => (m.cache_row(), 0),
-            None => (c.num_kv_heads * d, c.num_kv_heads * d),
-        };
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for lw in &weights.layers {
-            let mlp = match &lw.mlp {
-                Mlp::Dense(f) => DMlp::Dense(upload_ffn(&mut dev, f)?),
-                Mlp::Moe { router, correction_bias, experts, shared } => DMlp::Moe {
-                    router: upload_linear(&mut dev, router)?,
-                    bias: correction_bias.as_ref().map(|b| dev.upload(b)).transpose()?.unwrap_or(0),
-                    experts: [
-                        upload_mats(&mut dev, &experts.gate)?,
-                        upload_mats(&mut dev, &experts.up)?,
-                        upload_mats(&mut dev, &experts.down)?,
-                    ],
-                    shared: shared.as_deref().map(|f| upload_ffn(&mut dev, f)).transpose()?,
-                },
-            };
-            let attn = match &lw.attn {
-                Attn::Gqa { q, k, v, q_norm, k_norm } => DAttn::Gqa {
-                    q: upload_linear(&mut dev, q)?,
-                    k: upload_linear(&mut dev, k)?,
-                    v: upload_linear(&mut dev, v)?,
-                    q_norm: dev.upload(q_norm)?,
-                    k_norm: dev.upload(k_norm)?,
-                },
-                Attn::Mla(m) => DAttn::Mla(upload_mla(&mut dev, m)?),
-            };
-            layers.push(DLayer {
-                input_norm: dev.upload(&lw.input_norm)?,
-                post_norm: dev.upload(&lw.post_norm)?,
-                attn,
-                o: upload_linear(&mut dev, &lw.o)?,
-                mlp,
-                k_cache: dev.alloc(max_ctx * k_row * 2)?,
-                v_cache: if v_row > 0 { dev.alloc(max_ctx * v_row * 2)? } else { 0 },
+        let mut caches = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            caches.push(match &c.mla {
+                Some(m) => LayerCache::Latent { rows: dev.alloc(max_ctx * m.cache_row() * 2)? },
+                None => {
+                    let row = c.num_kv_heads * d;
+                    LayerCache::Kv { k: dev.alloc(max_ctx * row * 2)?, v: dev.alloc(max_ctx * row * 2)? }
+                }
             });
         }
         // Activation buffers for CHUNK rows.
@@ -354,6 +142,7 @@ impl CudaBackend {
         let ffn = (k * c.moe_intermediate_size).max(c.intermediate_size).max(c.shared_intermediate_size());
         let (q_lora, lat) = c.mla.as_ref().map_or((0, 0), |m| (m.q_lora_rank.unwrap_or(0), m.kv_lora_rank));
         let kv_row = c.num_kv_heads * d;
+        let kva_row = c.mla.as_ref().map_or(0, |m| m.cache_row());
         let widths: [(Buf, usize, usize); Buf::ALL.len()] = [
             (Buf::X, h, 2),
             (Buf::H, h, 2),
@@ -369,7 +158,7 @@ impl CudaBackend {
             (Buf::ExpertOut, k * h, 2),
             (Buf::Logits, c.vocab_size, 4),
             (Buf::QA, q_lora, 2),
-            (Buf::Kva, k_row, 2),
+            (Buf::Kva, kva_row, 2),
             (Buf::QLat, nh * lat, 2),
             (Buf::OLat, nh * lat, 2),
             (Buf::SharedOut, if c.n_shared_experts > 0 { h } else { 0 }, 2),
@@ -379,6 +168,7 @@ impl CudaBackend {
             bufs[b as usize] = if width > 0 { dev.alloc(CHUNK * width * elem)? } else { 0 };
             buf_widths[b as usize] = width;
         }
+        let splits = attn::ATTN_SPLITS.max(mla::MLA_SPLITS);
         let st = RunState {
             bufs,
             widths: buf_widths,
@@ -389,8 +179,8 @@ impl CudaBackend {
             sample_out: dev.alloc(8)?,
             tickets: dev.alloc(CHUNK * nh.max(1) * 4)?,
             io: dev.alloc((1 + CHUNK) * 4)?,
-            part_o: dev.alloc(CHUNK * nh * (ATTN_SPLITS * d).max(MLA_SPLITS * lat) * 4)?,
-            part_ml: dev.alloc(CHUNK * nh * ATTN_SPLITS.max(MLA_SPLITS) * 2 * 4)?,
+            part_o: dev.alloc(CHUNK * nh * (attn::ATTN_SPLITS * d).max(mla::MLA_SPLITS * lat) * 4)?,
+            part_ml: dev.alloc(CHUNK * nh * splits * 2 * 4)?,
             act_elems: 0,
         };
         dev.fill(st.tickets, 0, CHUNK * nh.max(1) * 4)?;
@@ -402,11 +192,9 @@ impl CudaBackend {
             plan,
             exec,
             weights: weights.clone(),
-            embed,
-            lm_head,
-            final_norm,
+            w,
+            caches,
             inv_freq,
-            layers,
             st,
             max_ctx,
             pos: 0,
@@ -420,100 +208,89 @@ impl CudaBackend {
         self.st.bufs[b as usize]
     }
 
+    /// `*pos` on the device (i32).
     fn pos_ptr(&self) -> u64 {
         self.st.io
     }
 
+    /// The chunk's token ids on the device (i32).
     fn tokens_ptr(&self) -> u64 {
         self.st.io + 4
     }
 
-    fn linear(&self, r: LinRef) -> Result<&DLinear> {
-        let miss = |what: &str| Error::Cuda(format!("plan asks for {what} of layer {:?}, which has none", r.layer()));
-        let layer = |l: usize| &self.layers[l];
-        let ffn = |l: usize, shared: bool| match (&layer(l).mlp, shared) {
-            (DMlp::Dense(w), false) => Ok(w),
-            (DMlp::Moe { shared: Some(w), .. }, true) => Ok(w),
-            _ => Err(miss(if shared { "shared experts" } else { "a dense MLP" })),
-        };
-        Ok(match r {
-            LinRef::Q(l) => match &layer(l).attn {
-                DAttn::Gqa { q, .. } => q,
-                DAttn::Mla(m) => &m.q,
-            },
-            LinRef::K(l) | LinRef::V(l) => match &layer(l).attn {
-                DAttn::Gqa { k, v, .. } => {
-                    if matches!(r, LinRef::K(_)) {
-                        k
-                    } else {
-                        v
-                    }
-                }
-                DAttn::Mla(_) => return Err(miss("k/v projections")),
-            },
-            LinRef::QA(l) => self.mla(l)?.q_a.as_ref().ok_or_else(|| miss("q_a_proj"))?,
-            LinRef::KvA(l) => &self.mla(l)?.kv_a,
-            LinRef::O(l) => &layer(l).o,
-            LinRef::DenseGate(l) => &ffn(l, false)?[0],
-            LinRef::DenseUp(l) => &ffn(l, false)?[1],
-            LinRef::DenseDown(l) => &ffn(l, false)?[2],
-            LinRef::SharedGate(l) => &ffn(l, true)?[0],
-            LinRef::SharedUp(l) => &ffn(l, true)?[1],
-            LinRef::SharedDown(l) => &ffn(l, true)?[2],
-            LinRef::Router(l) => match &layer(l).mlp {
-                DMlp::Moe { router, .. } => router,
-                DMlp::Dense(_) => return Err(miss("a router")),
-            },
-            LinRef::LmHead => &self.lm_head,
+    /// `(K cache, V cache)` of GQA layer `l`.
+    fn kv_cache(&self, l: usize) -> Result<(u64, u64)> {
+        match self.caches[l] {
+            LayerCache::Kv { k, v } => Ok((k, v)),
+            LayerCache::Latent { .. } => Err(Error::Cuda(format!("plan asks for the KV cache of MLA layer {l}"))),
+        }
+    }
+
+    /// The latent cache of MLA layer `l`.
+    fn latent_cache(&self, l: usize) -> Result<u64> {
+        match self.caches[l] {
+            LayerCache::Latent { rows } => Ok(rows),
+            LayerCache::Kv { .. } => Err(Error::Cuda(format!("plan asks for the latent cache of GQA layer {l}"))),
+        }
+    }
+
+    /// The MLA dims of this model, as the rope kernels take them.
+    fn mla_dims(&self) -> Result<mla::MlaDims> {
+        let c = &self.cfg;
+        let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("MLA step on a model without MLA".into()))?;
+        Ok(mla::MlaDims {
+            nh: int(c.num_heads),
+            dqk: int(c.head_dim),
+            nope: int(m.qk_nope_head_dim),
+            row: int(m.cache_row()),
+            lat: int(m.kv_lora_rank),
+            d_rot: int(c.rope.dim),
+            scaling: c.rope.attention_scaling,
+            interleaved: c.rope.interleaved as i32,
         })
     }
 
-    fn norm(&self, r: NormRef) -> Result<u64> {
-        let gqa = |l: usize, q: bool| match &self.layers[l].attn {
-            DAttn::Gqa { q_norm, k_norm, .. } => Ok(if q { *q_norm } else { *k_norm }),
-            DAttn::Mla(_) => Err(Error::Cuda(format!("plan asks for per-head q/k norms of MLA layer {l}"))),
+    /// The sigmoid router's parameters, or an error on a softmax-router model.
+    fn sigmoid_router(&self) -> Result<(usize, usize, f32)> {
+        match self.cfg.router {
+            RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } => {
+                Ok((n_group, topk_group, routed_scaling_factor))
+            }
+            _ => Err(Error::Cuda("sigmoid router step on a softmax-router model".into())),
+        }
+    }
+
+    /// The router and its f32 correction bias (or 0) of MoE layer `l`.
+    fn router(&self, l: usize) -> Result<(DLinear, u64)> {
+        match &self.w.layers[l].mlp {
+            DMlp::Moe { router, bias, .. } => Ok((*router, *bias)),
+            DMlp::Dense(_) => Err(Error::Cuda(format!("plan asks for the router of dense layer {l}"))),
+        }
+    }
+
+    /// A mat-vec of `lin` over `m` rows of `src` into `dst` (f32 for logits).
+    fn linear_step(&self, lin: &DLinear, src: Buf, dst: Buf, m: usize) -> Result<()> {
+        let a = linear::MatvecArgs {
+            w: lin.m.q,
+            x: rd(self.buf(src)),
+            y: wr::<Void>(self.buf(dst)),
+            bias: rd(lin.bias),
+            n: int(lin.m.rows),
+            k: int(lin.m.cols),
+            m: int(m),
+            out_f32: matches!(dst, Buf::RouterLogits | Buf::Logits) as i32,
         };
-        Ok(match r {
-            NormRef::Input(l) => self.layers[l].input_norm,
-            NormRef::Post(l) => self.layers[l].post_norm,
-            NormRef::QHead(l) => gqa(l, true)?,
-            NormRef::KHead(l) => gqa(l, false)?,
-            NormRef::QLatent(l) => self.mla(l)?.q_a_norm,
-            NormRef::KvLatent(l) => self.mla(l)?.kv_a_norm,
-            NormRef::Final => self.final_norm,
-        })
-    }
-
-    fn mla(&self, l: usize) -> Result<&DMla> {
-        match &self.layers[l].attn {
-            DAttn::Mla(m) => Ok(m),
-            DAttn::Gqa { .. } => Err(Error::Cuda(format!("plan asks for MLA weights of GQA layer {l}"))),
-        }
-    }
-
-    /// `(q, k, v, q_norm, k_norm)` of a GQA layer.
-    fn gqa(&self, l: usize) -> Result<(DLinear, DLinear, DLinear, u64, u64)> {
-        match &self.layers[l].attn {
-            DAttn::Gqa { q, k, v, q_norm, k_norm } => Ok((*q, *k, *v, *q_norm, *k_norm)),
-            DAttn::Mla(_) => Err(Error::Cuda(format!("plan asks for q/k/v projections of MLA layer {l}"))),
-        }
-    }
-
-    fn experts(&self, l: usize) -> Result<&[DMat; 3]> {
-        match &self.layers[l].mlp {
-            DMlp::Moe { experts, .. } => Ok(experts),
-            DMlp::Dense(_) => Err(Error::Cuda(format!("plan asks for experts of dense layer {l}"))),
-        }
+        linear::matvec(&self.dev, &a)
     }
 
     /// Launches one step over `m` rows (m may shrink to 1 at `LastRow`).
     fn step(&mut self, step: &Step, m: &mut usize, all_logits: bool) -> Result<()> {
-        use Arg::{F32, I32, I64, Ptr};
         let c = &self.cfg;
         let (h, d, nh, nkv, k) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.top_k);
         let eps = c.rms_norm_eps;
         let mm = *m;
         let dev = &self.dev;
+        let (pos, x_buf) = (rd::<I32>(self.pos_ptr()), self.buf(Buf::X));
         match *step {
             Step::Packed { ref step, ref kernels } => {
                 // The pack kernel of this chunk's token bucket, else the built-in one.
@@ -527,9 +304,13 @@ impl CudaBackend {
                 }
             }
             Step::Embed => {
-                let mut a = self.embed.args().to_vec();
-                a.extend([Ptr(self.tokens_ptr()), Ptr(self.buf(Buf::X)), I32(h as i32)]);
-                dev.launch("embed", (mm as u32, 1, 1), 256, &a)?;
+                let a = linear::EmbedArgs {
+                    table: self.w.embed.q,
+                    tokens: rd(self.tokens_ptr()),
+                    out: wr(x_buf),
+                    h: int(h),
+                };
+                linear::embed(dev, &a, mm)?;
             }
             Step::RmsNorm { w, src, dst } => {
                 // Width: the norm's; row stride: the source buffer's (Kva rows are wider).
@@ -538,105 +319,116 @@ impl CudaBackend {
                     NormRef::KvLatent(_) => (c.mla.as_ref().map_or(0, |m| m.kv_lora_rank), self.st.width(Buf::Kva)),
                     _ => (h, h),
                 };
-                let a = [Ptr(self.buf(src)), Ptr(self.norm(w)?), Ptr(self.buf(dst)), I32(n as i32), I32(ld as i32)];
-                dev.launch("rmsnorm", (mm as u32, 1, 1), 256, &[&a[..], &[F32(w.eps(c))]].concat())?;
+                let a = norm::RmsnormArgs {
+                    x: rd(self.buf(src)),
+                    w: rd(self.w.norm(w)?),
+                    y: wr(self.buf(dst)),
+                    n: int(n),
+                    ld: int(ld),
+                    eps: w.eps(c),
+                };
+                norm::rmsnorm(dev, &a, mm, norm::NORM_THREADS)?;
             }
             Step::HeadNorm { w, buf } => {
                 let heads = if buf == Buf::Q { nh } else { nkv };
                 let p = self.buf(buf);
-                let a = [Ptr(p), Ptr(self.norm(w)?), Ptr(p), I32(d as i32), I32(d as i32), F32(eps)];
-                dev.launch("rmsnorm", ((mm * heads) as u32, 1, 1), 128, &a)?;
+                let a = norm::RmsnormArgs { x: rd(p), w: rd(self.w.norm(w)?), y: wr(p), n: int(d), ld: int(d), eps };
+                norm::rmsnorm(dev, &a, mm * heads, norm::HEAD_NORM_THREADS)?;
             }
             Step::Linear { w, src, dst } => {
-                let lin = *self.linear(w)?;
-                let out_f32 = matches!(dst, Buf::RouterLogits | Buf::Logits);
-                let (n, kk) = (lin.m.rows, lin.m.cols);
-                let mut a = lin.m.args().to_vec();
-                a.extend([
-                    Ptr(self.buf(src)),
-                    Ptr(self.buf(dst)),
-                    Ptr(lin.bias),
-                    I32(n as i32),
-                    I32(kk as i32),
-                    I32(mm as i32),
-                    I32(out_f32 as i32),
-                ]);
-                let name = if mm == 1 { "matvec1" } else { "matvec" };
-                dev.launch(name, (n.div_ceil(4) as u32, 1, mm.div_ceil(8) as u32), 128, &a)?;
+                let lin = *self.w.linear(w)?;
+                self.linear_step(&lin, src, dst, mm)?;
                 if matches!(dst, Buf::Gate | Buf::Up) {
-                    self.st.act_elems = mm * n;
+                    self.st.act_elems = mm * lin.m.rows;
                 }
             }
             Step::Rope => {
-                let a = [
-                    Ptr(self.buf(Buf::Q)),
-                    Ptr(self.buf(Buf::K)),
-                    Ptr(self.inv_freq),
-                    Ptr(self.pos_ptr()),
-                    I32(nh as i32),
-                    I32(nkv as i32),
-                    I32(d as i32),
-                    I32(c.rope.dim as i32),
-                ];
-                dev.launch("rope", ((mm * (nh + nkv)) as u32, 1, 1), 64, &a)?;
+                let a = rope::RopeArgs {
+                    q: wr(self.buf(Buf::Q)),
+                    k: wr(self.buf(Buf::K)),
+                    inv_freq: rd(self.inv_freq),
+                    pos,
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    d_rot: int(c.rope.dim),
+                };
+                rope::rope(dev, &a, mm)?;
             }
             Step::KvAppend { layer } => {
-                let ly = &self.layers[layer];
-                let a = [
-                    Ptr(self.buf(Buf::K)),
-                    Ptr(self.buf(Buf::V)),
-                    Ptr(ly.k_cache),
-                    Ptr(ly.v_cache),
-                    Ptr(self.pos_ptr()),
-                    I32((nkv * d) as i32),
-                ];
-                dev.launch("kv_append", (mm as u32, 1, 1), 256, &a)?;
+                let (kc, vc) = self.kv_cache(layer)?;
+                let a = rope::KvAppendArgs {
+                    k: rd(self.buf(Buf::K)),
+                    v: rd(self.buf(Buf::V)),
+                    kc: wr(kc),
+                    vc: wr(vc),
+                    pos,
+                    w: int(nkv * d),
+                };
+                rope::kv_append(dev, &a, mm)?;
             }
             Step::Attention { layer } => {
-                let ly = &self.layers[layer];
-                let a = [
-                    Ptr(self.buf(Buf::Q)),
-                    Ptr(ly.k_cache),
-                    Ptr(ly.v_cache),
-                    Ptr(self.pos_ptr()),
-                    Ptr(self.st.part_o),
-                    Ptr(self.st.part_ml),
-                    Ptr(self.st.tickets),
-                    Ptr(self.buf(Buf::Attn)),
-                    I32(nh as i32),
-                    I32(nkv as i32),
-                    I32(d as i32),
-                    F32(c.attn_scale()),
-                    I32(ATTN_SPLITS as i32),
-                ];
-                dev.launch("attention", ((mm * nh) as u32, ATTN_SPLITS as u32, 1), ATTN_THREADS, &a)?;
+                let (kc, vc) = self.kv_cache(layer)?;
+                let a = attn::AttentionArgs {
+                    q: rd(self.buf(Buf::Q)),
+                    kc: rd(kc),
+                    vc: rd(vc),
+                    pos,
+                    part_o: wr(self.st.part_o),
+                    part_ml: wr(self.st.part_ml),
+                    tickets: wr(self.st.tickets),
+                    out: wr(self.buf(Buf::Attn)),
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    scale: c.attn_scale(),
+                    nsplit: int(attn::ATTN_SPLITS),
+                };
+                attn::attention(dev, &a, mm)?;
             }
             Step::Add { dst, src } => {
-                let n = (mm * h) as i64;
-                dev.launch(
-                    "add_inplace",
-                    ((mm * h).div_ceil(256) as u32, 1, 1),
-                    256,
-                    &[Ptr(self.buf(dst)), Ptr(self.buf(src)), I64(n)],
-                )?;
+                let a = norm::AddArgs { x: wr(self.buf(dst)), y: rd(self.buf(src)), n: (mm * h) as i64 };
+                norm::add(dev, &a)?;
             }
             Step::RouterTopK => {
-                let a = [
-                    Ptr(self.buf(Buf::RouterLogits)),
-                    I32(c.num_experts as i32),
-                    I32(k as i32),
-                    I32(c.norm_topk_prob as i32),
-                    Ptr(self.st.topk_idx),
-                    Ptr(self.st.topk_w),
-                ];
-                dev.launch("router_topk", (mm as u32, 1, 1), 32, &a)?;
+                let a = moe::RouterTopkArgs {
+                    logits: rd(self.buf(Buf::RouterLogits)),
+                    e: int(c.num_experts),
+                    k: int(k),
+                    norm: c.norm_topk_prob as i32,
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
+                };
+                moe::router_topk(dev, &a, mm)?;
+            }
+            Step::SigmoidTopK { layer } => {
+                let (_, bias) = self.router(layer)?;
+                let (n_group, topk_group, scale) = self.sigmoid_router()?;
+                let a = moe::RouterSigmoidArgs {
+                    logits: rd(self.buf(Buf::RouterLogits)),
+                    bias: rd(bias),
+                    e: int(c.num_experts),
+                    k: int(k),
+                    n_group: int(n_group),
+                    topk_group: int(topk_group),
+                    norm: c.norm_topk_prob as i32,
+                    scale,
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
+                };
+                moe::router_sigmoid(dev, &a, mm)?;
             }
             Step::ExpertGateUp { layer } => {
-                let ex = *self.experts(layer)?;
+                let ex = *self.w.experts(layer)?;
                 if mm > 1 {
-                    let (idx, off, rows) = (self.st.topk_idx, self.st.grp_off, self.st.grp_rows);
-                    let a = [Ptr(idx), I32((mm * k) as i32), I32(c.num_experts as i32), Ptr(off), Ptr(rows)];
-                    dev.launch("moe_group", (1, 1, 1), c.num_experts.next_multiple_of(32) as u32, &a)?;
+                    let a = moe::MoeGroupArgs {
+                        idx: rd(self.st.topk_idx),
+                        r: int(mm * k),
+                        e: int(c.num_experts),
+                        off: wr(self.st.grp_off),
+                        rows: wr(self.st.grp_rows),
+                    };
+                    moe::moe_group(dev, &a)?;
                 }
                 for (w, dst) in [(ex[0], Buf::Gate), (ex[1], Buf::Up)] {
                     self.expert_matvec(&w, Buf::H, k, dst, mm * k)?;
@@ -644,247 +436,279 @@ impl CudaBackend {
                 self.st.act_elems = mm * k * c.moe_intermediate_size;
             }
             Step::Swiglu => {
-                let n = self.st.act_elems;
-                let a = [Ptr(self.buf(Buf::Gate)), Ptr(self.buf(Buf::Up)), Ptr(self.buf(Buf::Act)), I64(n as i64)];
-                dev.launch("swiglu", (n.div_ceil(256).min(4096) as u32, 1, 1), 256, &a)?;
+                let a = moe::SwigluArgs {
+                    g: rd(self.buf(Buf::Gate)),
+                    u: rd(self.buf(Buf::Up)),
+                    act: wr(self.buf(Buf::Act)),
+                    n: self.st.act_elems as i64,
+                };
+                moe::swiglu(dev, &a)?;
             }
             Step::ExpertDown { layer } => {
-                let ex = *self.experts(layer)?;
+                let ex = *self.w.experts(layer)?;
                 self.expert_matvec(&ex[2], Buf::Act, 1, Buf::ExpertOut, mm * k)?;
             }
             Step::Combine => {
-                let a = [
-                    Ptr(self.buf(Buf::ExpertOut)),
-                    Ptr(self.st.topk_w),
-                    Ptr(self.buf(Buf::Out)),
-                    I32(k as i32),
-                    I32(h as i32),
-                ];
-                dev.launch("combine", (mm as u32, h.div_ceil(256) as u32, 1), 256, &a)?;
+                let a = moe::CombineArgs {
+                    y: rd(self.buf(Buf::ExpertOut)),
+                    w: rd(self.st.topk_w),
+                    out: wr(self.buf(Buf::Out)),
+                    k: int(k),
+                    h: int(h),
+                };
+                moe::combine(dev, &a, mm)?;
             }
             Step::MoeRouter { layer } => {
-                let DMlp::Moe { router, .. } = &self.layers[layer].mlp else {
-                    return Err(Error::Cuda(format!("plan asks for the router of dense layer {layer}")));
+                let (router, _) = self.router(layer)?;
+                let a = moe::MoeRouterArgs {
+                    w: router.m.q,
+                    x: rd(self.buf(Buf::H)),
+                    logits: wr(self.buf(Buf::RouterLogits)),
+                    bias: rd(router.bias),
+                    e: int(c.num_experts),
+                    h: int(h),
+                    k: int(k),
+                    norm: c.norm_topk_prob as i32,
+                    tickets: wr(self.st.tickets),
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
                 };
-                let e = c.num_experts;
-                let mut a = router.m.args().to_vec();
-                a.extend([
-                    Ptr(self.buf(Buf::H)),
-                    Ptr(self.buf(Buf::RouterLogits)),
-                    Ptr(router.bias),
-                    I32(e as i32),
-                    I32(h as i32),
-                    I32(k as i32),
-                    I32(c.norm_topk_prob as i32),
-                    Ptr(self.st.tickets),
-                    Ptr(self.st.topk_idx),
-                    Ptr(self.st.topk_w),
-                ]);
-                dev.launch("moe_router", (e.div_ceil(4) as u32, 1, mm as u32), 128, &a)?;
-            }
-            Step::MoeGateUpSwiglu { layer } => {
-                let [g, u, _] = *self.experts(layer)?;
-                let i = c.moe_intermediate_size;
-                let mut a = g.args().to_vec();
-                a.extend([Ptr(u.w), Ptr(u.s), Ptr(u.b), I64(g.w_stride), I64(g.sb_stride), Ptr(self.st.topk_idx)]);
-                a.extend([I32(k as i32), Ptr(self.buf(Buf::H)), Ptr(self.buf(Buf::Act)), I32(i as i32), I32(h as i32)]);
-                dev.launch("moe_gate_up_swiglu", (i.div_ceil(4) as u32, (mm * k) as u32, 1), 128, &a)?;
-            }
-            Step::MoeDownCombineAdd { layer } | Step::MoeDownCombineSharedAdd { layer } => {
-                let [_, _, dn] = *self.experts(layer)?;
-                let shared =
-                    if matches!(step, Step::MoeDownCombineSharedAdd { .. }) { self.buf(Buf::SharedOut) } else { 0 };
-                let mut a = dn.args().to_vec();
-                a.extend([I64(dn.w_stride), I64(dn.sb_stride), Ptr(self.st.topk_idx), Ptr(self.st.topk_w)]);
-                a.extend([I32(k as i32), Ptr(self.buf(Buf::Act)), Ptr(self.buf(Buf::X)), I32(h as i32)]);
-                a.extend([I32(c.moe_intermediate_size as i32), Ptr(shared)]);
-                dev.launch("moe_down_combine_add", (h as u32, 1, mm as u32), 32 * k as u32, &a)?;
+                moe::moe_router(dev, &a, mm)?;
             }
             Step::MoeSigmoidRouter { layer } => {
-                let DMlp::Moe { router, bias, .. } = &self.layers[layer].mlp else {
-                    return Err(Error::Cuda(format!("plan asks for the router of dense layer {layer}")));
+                let (router, bias) = self.router(layer)?;
+                let (n_group, topk_group, scale) = self.sigmoid_router()?;
+                let a = moe::MoeRouterSigmoidArgs {
+                    w: router.m.q,
+                    x: rd(self.buf(Buf::H)),
+                    logits: wr(self.buf(Buf::RouterLogits)),
+                    ebias: rd(bias),
+                    e: int(c.num_experts),
+                    h: int(h),
+                    k: int(k),
+                    n_group: int(n_group),
+                    topk_group: int(topk_group),
+                    norm: c.norm_topk_prob as i32,
+                    scale,
+                    tickets: wr(self.st.tickets),
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
                 };
-                let crate::config::RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } = c.router
-                else {
-                    return Err(Error::Cuda("moe_router_sigmoid on a softmax-router model".into()));
+                moe::moe_router_sigmoid(dev, &a, mm)?;
+            }
+            Step::MoeGateUpSwiglu { layer } => {
+                let [g, u, _] = *self.w.experts(layer)?;
+                let a = moe::MoeGateUpArgs {
+                    gate: g.q,
+                    up: u.q,
+                    w_stride: g.w_stride,
+                    sb_stride: g.sb_stride,
+                    idx: rd(self.st.topk_idx),
+                    k: int(k),
+                    x: rd(self.buf(Buf::H)),
+                    act: wr(self.buf(Buf::Act)),
+                    i: int(c.moe_intermediate_size),
+                    h: int(h),
                 };
-                let e = c.num_experts;
-                let mut a = router.m.args().to_vec();
-                a.extend([Ptr(self.buf(Buf::H)), Ptr(self.buf(Buf::RouterLogits)), Ptr(*bias)]);
-                a.extend([I32(e as i32), I32(h as i32), I32(k as i32), I32(n_group as i32), I32(topk_group as i32)]);
-                a.extend([I32(c.norm_topk_prob as i32), F32(routed_scaling_factor), Ptr(self.st.tickets)]);
-                a.extend([Ptr(self.st.topk_idx), Ptr(self.st.topk_w)]);
-                dev.launch("moe_router_sigmoid", (e.div_ceil(4) as u32, 1, mm as u32), 128, &a)?;
+                moe::moe_gate_up_swiglu(dev, &a, mm * k)?;
+            }
+            Step::MoeDownCombineAdd { layer } | Step::MoeDownCombineSharedAdd { layer } => {
+                let [_, _, dn] = *self.w.experts(layer)?;
+                let shared =
+                    if matches!(step, Step::MoeDownCombineSharedAdd { .. }) { self.buf(Buf::SharedOut) } else { 0 };
+                let a = moe::MoeDownCombineAddArgs {
+                    down: dn.stacked(),
+                    idx: rd(self.st.topk_idx),
+                    wts: rd(self.st.topk_w),
+                    k: int(k),
+                    act: rd(self.buf(Buf::Act)),
+                    x: wr(x_buf),
+                    h: int(h),
+                    i: int(c.moe_intermediate_size),
+                    shared: rd(shared),
+                };
+                moe::moe_down_combine_add(dev, &a, mm)?;
+            }
+            Step::QkvProj { layer } => {
+                let (q, kp, v, _, _) = self.w.gqa(layer)?;
+                let a = linear::QkvArgs {
+                    wq: q.m.q,
+                    wk: kp.m.q,
+                    wv: v.m.q,
+                    qbias: rd(q.bias),
+                    kbias: rd(kp.bias),
+                    vbias: rd(v.bias),
+                    x: rd(self.buf(Buf::H)),
+                    q: wr(self.buf(Buf::Q)),
+                    k: wr(self.buf(Buf::K)),
+                    v: wr(self.buf(Buf::V)),
+                    nq: int(q.m.rows),
+                    nk: int(kp.m.rows),
+                    nv: int(v.m.rows),
+                    kdim: int(h),
+                    m: int(mm),
+                };
+                linear::qkv(dev, &a)?;
             }
             Step::MlaInProj { layer, q_lora } => {
                 let (first, dst) = if q_lora { (LinRef::QA(layer), Buf::QA) } else { (LinRef::Q(layer), Buf::Q) };
-                let (q, kv) = (*self.linear(first)?, *self.linear(LinRef::KvA(layer))?);
-                let mut a = q.m.args().to_vec();
-                a.extend([Ptr(kv.m.w), Ptr(kv.m.s), Ptr(kv.m.b), Ptr(kv.m.w), Ptr(kv.m.s), Ptr(kv.m.b)]);
-                a.extend([Ptr(q.bias), Ptr(kv.bias), Ptr(0), Ptr(self.buf(Buf::H))]);
-                a.extend([Ptr(self.buf(dst)), Ptr(self.buf(Buf::Kva)), Ptr(0)]);
-                a.extend([I32(q.m.rows as i32), I32(kv.m.rows as i32), I32(0), I32(h as i32), I32(mm as i32)]);
-                let name = if mm == 1 { "qkv_proj1" } else { "qkv_proj" };
-                let rows = q.m.rows + kv.m.rows;
-                dev.launch(name, (rows.div_ceil(4) as u32, 1, mm.div_ceil(8) as u32), 128, &a)?;
-            }
-            Step::LatentNormRopeAppend { layer } => {
-                let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("latent norm without MLA dims".into()))?;
-                let mut a = vec![
-                    Ptr(self.buf(Buf::Q)),
-                    Ptr(self.buf(Buf::Kva)),
-                    Ptr(self.norm(NormRef::KvLatent(layer))?),
-                    Ptr(self.inv_freq),
-                    Ptr(self.pos_ptr()),
-                    Ptr(self.layers[layer].k_cache),
-                ];
-                a.extend(mla_rope_dims(c, m));
-                a.push(F32(NormRef::KvLatent(layer).eps(c)));
-                dev.launch("latent_norm_rope_append", ((mm * (nh + 1)) as u32, 1, 1), 256, &a)?;
-            }
-            Step::OProjAddRmsNorm { layer } => {
-                let ly = &self.layers[layer];
-                let mut a = ly.o.m.args().to_vec();
-                a.extend([Ptr(self.buf(Buf::Attn)), Ptr(ly.o.bias), Ptr(self.buf(Buf::X)), Ptr(ly.post_norm)]);
-                a.extend([
-                    Ptr(self.buf(Buf::H)),
-                    I32(h as i32),
-                    I32(ly.o.m.cols as i32),
-                    F32(eps),
-                    Ptr(self.st.tickets),
-                ]);
-                dev.launch("o_proj_add_rmsnorm", (h.div_ceil(8) as u32, 1, 1), 256, &a)?;
+                let (q, kv) = (*self.w.linear(first)?, *self.w.linear(LinRef::KvA(layer))?);
+                // Two matrices: the third slot repeats kv's with no rows (as before the split).
+                let a = linear::QkvArgs {
+                    wq: q.m.q,
+                    wk: kv.m.q,
+                    wv: kv.m.q,
+                    qbias: rd(q.bias),
+                    kbias: rd(kv.bias),
+                    vbias: rd(0),
+                    x: rd(self.buf(Buf::H)),
+                    q: wr(self.buf(dst)),
+                    k: wr(self.buf(Buf::Kva)),
+                    v: wr(0),
+                    nq: int(q.m.rows),
+                    nk: int(kv.m.rows),
+                    nv: 0,
+                    kdim: int(h),
+                    m: int(mm),
+                };
+                linear::qkv(dev, &a)?;
             }
             Step::DenseGateUpSwiglu { layer } | Step::SharedGateUpSwiglu { layer } => {
                 let (gr, ur) = match step {
                     Step::DenseGateUpSwiglu { .. } => (LinRef::DenseGate(layer), LinRef::DenseUp(layer)),
                     _ => (LinRef::SharedGate(layer), LinRef::SharedUp(layer)),
                 };
-                let (g, u) = (*self.linear(gr)?, *self.linear(ur)?);
-                let f = g.m.rows;
-                let mut a = g.m.args().to_vec();
-                a.extend([Ptr(u.m.w), Ptr(u.m.s), Ptr(u.m.b), Ptr(g.bias), Ptr(u.bias)]);
-                a.extend([
-                    Ptr(self.buf(Buf::H)),
-                    Ptr(self.buf(Buf::Act)),
-                    I32(f as i32),
-                    I32(h as i32),
-                    I32(mm as i32),
-                ]);
-                dev.launch("dense_gate_up_swiglu", (f.div_ceil(4) as u32, 1, mm.div_ceil(8) as u32), 128, &a)?;
-            }
-            Step::QkvProj { layer } => {
-                let (q, kp, v, _, _) = self.gqa(layer)?;
-                let rows = q.m.rows + kp.m.rows + v.m.rows;
-                let mut a = q.m.args().to_vec();
-                a.extend([Ptr(kp.m.w), Ptr(kp.m.s), Ptr(kp.m.b), Ptr(v.m.w), Ptr(v.m.s), Ptr(v.m.b)]);
-                a.extend([Ptr(q.bias), Ptr(kp.bias), Ptr(v.bias), Ptr(self.buf(Buf::H))]);
-                a.extend([Ptr(self.buf(Buf::Q)), Ptr(self.buf(Buf::K)), Ptr(self.buf(Buf::V))]);
-                a.extend([I32(q.m.rows as i32), I32(kp.m.rows as i32), I32(v.m.rows as i32), I32(h as i32)]);
-                a.push(I32(mm as i32));
-                let name = if mm == 1 { "qkv_proj1" } else { "qkv_proj" };
-                dev.launch(name, (rows.div_ceil(4) as u32, 1, mm.div_ceil(8) as u32), 128, &a)?;
+                let (g, u) = (*self.w.linear(gr)?, *self.w.linear(ur)?);
+                let a = linear::DenseGateUpArgs {
+                    gate: g.m.q,
+                    up: u.m.q,
+                    gbias: rd(g.bias),
+                    ubias: rd(u.bias),
+                    x: rd(self.buf(Buf::H)),
+                    act: wr(self.buf(Buf::Act)),
+                    f: int(g.m.rows),
+                    h: int(h),
+                    m: int(mm),
+                };
+                linear::dense_gate_up_swiglu(dev, &a)?;
             }
             Step::AddRmsNorm { w, src, dst } => {
-                let x = self.buf(Buf::X);
-                let a = [Ptr(x), Ptr(self.buf(src)), Ptr(self.norm(w)?), Ptr(self.buf(dst)), I32(h as i32), F32(eps)];
-                dev.launch("add_rmsnorm", (mm as u32, 1, 1), 256, &a)?;
+                let a = norm::AddRmsnormArgs {
+                    x: wr(x_buf),
+                    src: rd(self.buf(src)),
+                    w: rd(self.w.norm(w)?),
+                    y: wr(self.buf(dst)),
+                    n: int(h),
+                    eps,
+                };
+                norm::add_rmsnorm(dev, &a, mm)?;
+            }
+            Step::OProjAddRmsNorm { layer } => {
+                let ly = &self.w.layers[layer];
+                let a = norm::OProjAddRmsnormArgs {
+                    o: ly.o.m.q,
+                    attn: rd(self.buf(Buf::Attn)),
+                    bias: rd(ly.o.bias),
+                    x: wr(x_buf),
+                    nw: rd(ly.post_norm),
+                    h: wr(self.buf(Buf::H)),
+                    hidden: int(h),
+                    k: int(ly.o.m.cols),
+                    eps,
+                    ticket: wr(self.st.tickets),
+                };
+                norm::o_proj_add_rmsnorm(dev, &a)?;
             }
             Step::QkNormRopeKv { layer } => {
-                let (_, _, _, qn, kn) = self.gqa(layer)?;
-                let ly = &self.layers[layer];
-                let a = [
-                    Ptr(self.buf(Buf::Q)),
-                    Ptr(self.buf(Buf::K)),
-                    Ptr(self.buf(Buf::V)),
-                    Ptr(qn),
-                    Ptr(kn),
-                    Ptr(self.inv_freq),
-                    Ptr(self.pos_ptr()),
-                    Ptr(ly.k_cache),
-                    Ptr(ly.v_cache),
-                    I32(nh as i32),
-                    I32(nkv as i32),
-                    I32(d as i32),
-                    I32(c.rope.dim as i32),
-                    F32(eps),
-                ];
-                dev.launch("qk_norm_rope_kv", ((mm * (nh + 2 * nkv)) as u32, 1, 1), 128, &a)?;
-            }
-            Step::SigmoidTopK { layer } => {
-                let DMlp::Moe { bias, .. } = &self.layers[layer].mlp else {
-                    return Err(Error::Cuda(format!("plan asks for the router bias of dense layer {layer}")));
+                let (_, _, _, qn, kn) = self.w.gqa(layer)?;
+                let (kc, vc) = self.kv_cache(layer)?;
+                let a = rope::QkNormRopeKvArgs {
+                    q: wr(self.buf(Buf::Q)),
+                    k: wr(self.buf(Buf::K)),
+                    v: rd(self.buf(Buf::V)),
+                    qw: rd(qn),
+                    kw: rd(kn),
+                    inv_freq: rd(self.inv_freq),
+                    pos,
+                    kc: wr(kc),
+                    vc: wr(vc),
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    d_rot: int(c.rope.dim),
+                    eps,
                 };
-                let crate::config::RouterKind::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } = c.router
-                else {
-                    return Err(Error::Cuda("sigmoid_topk on a softmax-router model".into()));
-                };
-                let a = [
-                    Ptr(self.buf(Buf::RouterLogits)),
-                    Ptr(*bias),
-                    I32(c.num_experts as i32),
-                    I32(k as i32),
-                    I32(n_group as i32),
-                    I32(topk_group as i32),
-                    I32(c.norm_topk_prob as i32),
-                    F32(routed_scaling_factor),
-                    Ptr(self.st.topk_idx),
-                    Ptr(self.st.topk_w),
-                ];
-                dev.launch("router_sigmoid", (mm as u32, 1, 1), 32, &a)?;
+                rope::qk_norm_rope_kv(dev, &a, mm)?;
             }
             Step::MlaRope => {
-                let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("mla_rope without MLA dims".into()))?;
-                let mut a =
-                    vec![Ptr(self.buf(Buf::Q)), Ptr(self.buf(Buf::Kva)), Ptr(self.inv_freq), Ptr(self.pos_ptr())];
-                a.extend(mla_rope_dims(c, m));
-                dev.launch("mla_rope", ((mm * (nh + 1)) as u32, 1, 1), 32, &a)?;
+                let a = mla::MlaRopeArgs {
+                    q: wr(self.buf(Buf::Q)),
+                    kva: wr(self.buf(Buf::Kva)),
+                    inv_freq: rd(self.inv_freq),
+                    pos,
+                    dims: self.mla_dims()?,
+                };
+                mla::mla_rope(dev, &a, mm)?;
             }
             Step::LatentAppend { layer } => {
-                let w = self.st.width(Buf::Kva);
-                let a = [Ptr(self.buf(Buf::Kva)), Ptr(self.layers[layer].k_cache), Ptr(self.pos_ptr()), I32(w as i32)];
-                dev.launch("cache_append", (mm as u32, 1, 1), 256, &a)?;
+                let a = mla::CacheAppendArgs {
+                    x: rd(self.buf(Buf::Kva)),
+                    cache: wr(self.latent_cache(layer)?),
+                    pos,
+                    w: int(self.st.width(Buf::Kva)),
+                };
+                mla::cache_append(dev, &a, mm)?;
+            }
+            Step::LatentNormRopeAppend { layer } => {
+                let a = mla::LatentNormRopeAppendArgs {
+                    q: wr(self.buf(Buf::Q)),
+                    kva: wr(self.buf(Buf::Kva)),
+                    nw: rd(self.w.norm(NormRef::KvLatent(layer))?),
+                    inv_freq: rd(self.inv_freq),
+                    pos,
+                    cache: wr(self.latent_cache(layer)?),
+                    dims: self.mla_dims()?,
+                    eps: NormRef::KvLatent(layer).eps(c),
+                };
+                mla::latent_norm_rope_append(dev, &a, mm)?;
             }
             Step::MlaQAbsorb { layer } => {
-                let w = self.mla(layer)?.embed_q;
+                let w = self.w.mla(layer)?.embed_q;
                 self.head_matvec(&w, Buf::Q, d, Buf::QLat, mm)?;
             }
             Step::MlaVUp { layer } => {
-                let w = self.mla(layer)?.unembed_out;
+                let w = self.w.mla(layer)?.unembed_out;
                 self.head_matvec(&w, Buf::OLat, w.cols, Buf::Attn, mm)?;
             }
             Step::MlaAttention { layer } => {
                 let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("mla_attention without MLA dims".into()))?;
-                let a = [
-                    Ptr(self.buf(Buf::QLat)),
-                    Ptr(self.buf(Buf::Q)),
-                    Ptr(self.layers[layer].k_cache),
-                    Ptr(self.pos_ptr()),
-                    Ptr(self.st.part_o),
-                    Ptr(self.st.part_ml),
-                    Ptr(self.st.tickets),
-                    Ptr(self.buf(Buf::OLat)),
-                    I32(nh as i32),
-                    I32(d as i32),
-                    I32(m.qk_nope_head_dim as i32),
-                    I32(m.kv_lora_rank as i32),
-                    I32(m.qk_rope_head_dim as i32),
-                    F32(c.attn_scale()),
-                    I32(MLA_SPLITS as i32),
-                ];
-                let grid = ((mm * nh) as u32, MLA_SPLITS as u32, 1);
-                dev.launch("mla_attention", grid, ATTN_THREADS, &a)?;
+                let a = mla::MlaAttentionArgs {
+                    qlat: rd(self.buf(Buf::QLat)),
+                    q: rd(self.buf(Buf::Q)),
+                    cache: rd(self.latent_cache(layer)?),
+                    pos,
+                    part_o: wr(self.st.part_o),
+                    part_ml: wr(self.st.part_ml),
+                    tickets: wr(self.st.tickets),
+                    out: wr(self.buf(Buf::OLat)),
+                    nh: int(nh),
+                    dqk: int(d),
+                    nope: int(m.qk_nope_head_dim),
+                    l: int(m.kv_lora_rank),
+                    r: int(m.qk_rope_head_dim),
+                    scale: c.attn_scale(),
+                    nsplit: int(mla::MLA_SPLITS),
+                };
+                mla::mla_attention(dev, &a, mm)?;
             }
             Step::MlaAttentionExpanded { .. } => {
                 return Err(unsupported("the expanded MLA form (a CPU oracle)".into()));
             }
             Step::LastRow => {
                 if !all_logits && mm > 1 {
-                    let x = self.buf(Buf::X);
-                    let a = [Ptr(x), Ptr(self.buf(Buf::Out)), I32((mm - 1) as i32), I32(h as i32)];
-                    dev.launch("take_row", (1, 1, 1), 256, &a)?;
-                    let a = [Ptr(self.buf(Buf::Out)), Ptr(x), I32(0), I32(h as i32)];
-                    dev.launch("take_row", (1, 1, 1), 256, &a)?;
+                    let (x, out) = (x_buf, self.buf(Buf::Out));
+                    sample::take_row(dev, &sample::TakeRowArgs { x: rd(x), y: wr(out), row: int(mm - 1), n: int(h) })?;
+                    sample::take_row(dev, &sample::TakeRowArgs { x: rd(out), y: wr(x), row: 0, n: int(h) })?;
                     *m = 1;
                 }
             }
@@ -906,13 +730,13 @@ impl CudaBackend {
                 (OpId::TopkGating, vec![self.buf(Buf::RouterLogits), 0, self.st.topk_idx, self.st.topk_w], None)
             }
             Step::AddRmsNorm { w, src, dst } => {
-                (OpId::RmsnormResidual, vec![self.buf(Buf::X), self.buf(src), self.norm(w)?, self.buf(dst)], None)
+                (OpId::RmsnormResidual, vec![self.buf(Buf::X), self.buf(src), self.w.norm(w)?, self.buf(dst)], None)
             }
             Step::MoeGateUpSwiglu { layer } => {
-                let [g, u, _] = *self.experts(layer)?;
+                let [g, u, _] = *self.w.experts(layer)?;
                 let (idx, h, act) = (self.st.topk_idx, self.buf(Buf::H), self.buf(Buf::Act));
-                let ptrs = vec![g.w, g.s, g.b, u.w, u.s, u.b, idx, h, act];
-                (OpId::GatherQmmSwiglu, ptrs, Some((g.bits as u32, g.group as usize)))
+                let ptrs = vec![g.q.w.0, g.q.s.0, g.q.b.0, u.q.w.0, u.q.s.0, u.q.b.0, idx, h, act];
+                (OpId::GatherQmmSwiglu, ptrs, Some((g.q.bits as u32, g.q.group as usize)))
             }
             _ => return Err(Error::Cuda(format!("no pack op for step `{step}`"))),
         };
@@ -939,43 +763,40 @@ impl CudaBackend {
     /// One token (decode) launches a block column per row; more tokens (prefill) use the
     /// grouping `moe_group` made, so each expert's weights are read once per 8 of its rows.
     fn expert_matvec(&self, w: &DMat, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
-        let mut a = w.args().to_vec();
-        a.extend([Arg::I64(w.w_stride), Arg::I64(w.sb_stride)]);
-        let grouped = rows > self.cfg.top_k;
-        if grouped {
-            a.extend([Arg::Ptr(self.st.grp_off), Arg::Ptr(self.st.grp_rows)]);
+        let (x, y) = (rd::<Bf16>(self.buf(src)), wr::<Bf16>(self.buf(dst)));
+        let (n, k, per) = (int(w.rows), int(w.cols), int(per));
+        if rows > self.cfg.top_k {
+            let a = moe::ExpertMatvecGroupedArgs {
+                w: w.stacked(),
+                off: rd(self.st.grp_off),
+                rows: rd(self.st.grp_rows),
+                per,
+                x,
+                y,
+                n,
+                k,
+            };
+            moe::expert_matvec_grouped(&self.dev, &a, self.cfg.num_experts)
         } else {
-            a.push(Arg::Ptr(self.st.topk_idx));
-        }
-        a.extend([
-            Arg::I32(per as i32),
-            Arg::Ptr(self.buf(src)),
-            Arg::Ptr(self.buf(dst)),
-            Arg::I32(w.rows as i32),
-            Arg::I32(w.cols as i32),
-        ]);
-        let gx = w.rows.div_ceil(4) as u32;
-        if grouped {
-            self.dev.launch("expert_matvec_grouped", (gx, self.cfg.num_experts as u32, 1), 128, &a)
-        } else {
-            self.dev.launch("expert_matvec", (gx, rows as u32, 1), 128, &a)
+            let a = moe::ExpertMatvecArgs { w: w.stacked(), idx: rd(self.st.topk_idx), per, x, y, n, k };
+            moe::expert_matvec(&self.dev, &a, rows)
         }
     }
 
     /// Per-head mat-vecs of MLA: row (token, head) of `dst` = `w[head] · src_row[0:w.cols]`,
-    /// source rows `x_ld` elements apart (`head_matvec` in primitives.cu).
+    /// source rows `x_ld` elements apart (`head_matvec` in mla.cu).
     fn head_matvec(&self, w: &DMat, src: Buf, x_ld: usize, dst: Buf, m: usize) -> Result<()> {
-        let mut a = w.args().to_vec();
-        a.extend([Arg::I64(w.w_stride), Arg::I64(w.sb_stride), Arg::Ptr(self.buf(src)), Arg::I64(x_ld as i64)]);
-        a.extend([
-            Arg::I32(self.cfg.num_heads as i32),
-            Arg::Ptr(self.buf(dst)),
-            Arg::I32(w.rows as i32),
-            Arg::I32(w.cols as i32),
-            Arg::I32(m as i32),
-        ]);
-        let name = if m == 1 { "head_matvec1" } else { "head_matvec" };
-        self.dev.launch(name, (w.rows.div_ceil(4) as u32, self.cfg.num_heads as u32, 1), 128, &a)
+        let a = mla::HeadMatvecArgs {
+            w: w.stacked(),
+            x: rd(self.buf(src)),
+            x_ld: x_ld as i64,
+            nh: int(self.cfg.num_heads),
+            y: wr(self.buf(dst)),
+            n: int(w.rows),
+            k: int(w.cols),
+            m: int(m),
+        };
+        mla::head_matvec(&self.dev, &a)
     }
 
     /// Runs every step of the plan over `m` rows; returns the rows of logits produced.
@@ -1135,20 +956,19 @@ impl Backend for CudaBackend {
     }
 
     fn forward_sample(&mut self, tokens: &[u32], sampler: &mut Sampler) -> Result<u32> {
-        use Arg::{F32, I32, I64, Ptr};
         self.run_tokens(tokens, false, None)?;
         let p = sampler.params;
-        let a = [
-            Ptr(self.buf(Buf::Logits)),
-            I32(self.cfg.vocab_size as i32),
-            F32(p.temperature),
-            F32(p.top_p),
-            I32(p.top_k.min(i32::MAX as usize) as i32),
-            I64(p.seed as i64),
-            I64(sampler.step() as i64),
-            Ptr(self.st.sample_out),
-        ];
-        self.dev.launch("sample_token", (1, 1, 1), 1024, &a)?;
+        let a = sample::SampleArgs {
+            logits: rd(self.buf(Buf::Logits)),
+            v: int(self.cfg.vocab_size),
+            temp: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k.min(i32::MAX as usize) as i32,
+            seed: p.seed,
+            step: sampler.step(),
+            out: wr(self.st.sample_out),
+        };
+        sample::sample(&self.dev, &a)?;
         let mut out = [0i32; 2];
         self.dev.read(self.st.sample_out, &mut out)?;
         if out[1] != 0 {

@@ -12,7 +12,9 @@
 
 pub mod backend;
 mod compile;
+pub mod ops;
 mod packs;
+mod weights;
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -24,8 +26,6 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverEr
 use crate::error::{Error, Result};
 
 pub use backend::CudaBackend;
-
-use crate::kernels::SOURCES;
 
 fn cuda_err(e: DriverError) -> Error {
     Error::Cuda(e.to_string())
@@ -77,7 +77,7 @@ impl Device {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err)?;
         let (major, minor) = ctx.compute_capability().map_err(cuda_err)?;
-        let src = SOURCES.join("\n");
+        let src = ops::module_source();
         let cubin = compile::cubin(&src, major, minor)?;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cuda_err)?;
         let mut funcs = HashMap::new();
@@ -201,6 +201,16 @@ impl Device {
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
         let f = self.funcs.get(name).ok_or_else(|| Error::Cuda(format!("no kernel `{name}`")))?;
         self.launch_fn(f, name, grid, block, args)
+    }
+
+    /// Launches kernel `name` with one by-value struct parameter at `params` (see `ops`).
+    fn launch_struct(&self, name: &str, grid: (u32, u32, u32), block: u32, params: *mut c_void) -> Result<()> {
+        let f = self.funcs.get(name).ok_or_else(|| Error::Cuda(format!("no kernel `{name}`")))?;
+        let mut p = [params];
+        // SAFETY: `params` points at a live `#[repr(C)]` struct whose C twin is the kernel's
+        // only parameter (declared from the same Rust definition, size asserted at compile).
+        unsafe { result::launch_kernel(f.cu_function(), grid, (block, 1, 1), 0, self.stream.cu_stream(), &mut p) }
+            .map_err(|e| Error::Cuda(format!("launching {name}: {e}")))
     }
 
     fn launch_fn(&self, f: &CudaFunction, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
@@ -330,7 +340,7 @@ impl Drop for Device {
 /// Names of the `extern "C" __global__` functions in the sources: written out, or stamped
 /// by a `*_KERNEL(name, ...)` macro invocation at the start of a line (the macro's own
 /// parameter, upper case, is not a kernel).
-fn kernel_names(src: &str) -> Vec<String> {
+pub(crate) fn kernel_names(src: &str) -> Vec<String> {
     let written = src
         .split("extern \"C\" __global__ void ")
         .skip(1)
@@ -351,7 +361,7 @@ mod tests {
         let src = "#define K_KERNEL(NAME, MT) extern \"C\" __global__ void NAME(int a) {}\nK_KERNEL(foo1, 1)\n\
                    extern \"C\" __global__ void bar(int x) {}\n";
         assert_eq!(super::kernel_names(src), vec!["bar".to_string(), "foo1".to_string()]);
-        let all = super::kernel_names(&super::SOURCES.join("\n"));
+        let all = super::kernel_names(&super::ops::module_source());
         for k in ["matvec", "matvec1", "qkv_proj", "qkv_proj1", "moe_router", "sample_token"] {
             assert!(all.iter().any(|n| n == k), "{k} missing from {all:?}");
         }

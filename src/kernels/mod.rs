@@ -1,6 +1,6 @@
-//! The kernels: CUDA C++ sources of the built-in module (`common.cuh` building blocks,
-//! `primitives.cu`, `fused.cu`) and, in Rust, what the runtime needs to know about kernel
-//! *variants*: the template registry ([`templates`], `templates/<op>/*.cu`), knob rendering
+//! The kernels' shared side: `common.cuh`, the CUDA building blocks every kernel is made of
+//! (the built-in kernels in `src/cuda/ops/*.cu` and the foundry's templates alike), and, in
+//! Rust, what the runtime needs to know about kernel *variants*: the template registry ([`templates`], `templates/<op>/*.cu`), knob rendering
 //! and source hashes ([`knobs`]), the ops a variant can stand for ([`ops`]) and the kernel
 //! pack file format ([`pack`]).
 //!
@@ -17,8 +17,9 @@ pub mod templates;
 
 use serde::{Deserialize, Serialize};
 
-/// The sources of the built-in kernel module, compiled together (building blocks first).
-pub const SOURCES: [&str; 3] = [include_str!("common.cuh"), include_str!("primitives.cu"), include_str!("fused.cu")];
+/// The shared device functions: compiled first into the built-in module and into every
+/// foundry template.
+pub const COMMON: &str = include_str!("common.cuh");
 
 /// A kernel argument, passed by value (8 bytes of parameter space each).
 #[derive(Debug, Clone, Copy)]

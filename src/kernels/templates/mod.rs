@@ -16,7 +16,7 @@ use super::ops::{OpId, Shape};
 use crate::error::{Error, Result};
 
 /// The shared device functions every template is compiled with.
-pub const COMMON: &str = include_str!("../common.cuh");
+pub use super::COMMON;
 
 /// A kernel launch: grid and (1-D) block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

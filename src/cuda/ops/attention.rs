@@ -1,0 +1,30 @@
+//! Causal GQA attention over the KV cache (`attention.cu`), split over the keys: grid
+//! (tokens·heads, [`ATTN_SPLITS`]), the last split block of a (token, head) to finish merges
+//! (`merge_splits`, shared with MLA attention).
+
+use super::{ATTN_THREADS, Bf16, F32, I32, In, KernelArgs, Out, kernel_args};
+use crate::cuda::Device;
+use crate::error::Result;
+
+/// Key splits per (token, head).
+pub const ATTN_SPLITS: usize = 16;
+
+kernel_args! {
+    /// `attention`: q `[M, nh, d]` over the caches `[S, nkv, d]` → out `[M, nh·d]`.
+    pub struct AttentionArgs {
+        q: In<Bf16>, kc: In<Bf16>, vc: In<Bf16>, pos: In<I32>,
+        part_o: Out<F32>, part_ml: Out<F32>, tickets: Out<I32>, out: Out<Bf16>,
+        nh: i32, nkv: i32, d: i32, scale: f32, nsplit: i32,
+    }
+}
+
+/// The C declarations of this file's argument structs.
+pub fn decls() -> String {
+    AttentionArgs::c_decl()
+}
+
+/// Attention of `m` tokens (`a.nsplit` must be [`ATTN_SPLITS`]; the partials are sized for it).
+pub fn attention(dev: &Device, a: &AttentionArgs, m: usize) -> Result<()> {
+    let grid = ((m * a.nh as usize) as u32, a.nsplit as u32, 1);
+    dev.launch_args("attention", grid, ATTN_THREADS, a)
+}

@@ -1,0 +1,89 @@
+//! Multi-head latent attention (`mla.cu`): per-head absorbed projections (`head_matvec`),
+//! RoPE of the rope slices, the latent cache append, split attention over the latent cache,
+//! and the fused `latent_norm_rope_append` (`qk_norm_rope` for MLA).
+
+use super::{ATTN_THREADS, Bf16, F32, I32, In, KernelArgs, Out, Stacked, blocks, kernel_args};
+use crate::cuda::Device;
+use crate::error::Result;
+
+/// MLA attention: key splits per (token, head).
+pub const MLA_SPLITS: usize = 16;
+
+kernel_args! {
+    /// The shapes `mla_rope` and `latent_norm_rope_append` share.
+    pub struct MlaDims {
+        /// Query heads.
+        nh: i32,
+        /// Query head width (nope + rope).
+        dqk: i32,
+        /// Offset of the rope slice in a query head.
+        nope: i32,
+        /// Width of a Kva / latent-cache row (latent + rope).
+        row: i32,
+        /// Latent width (offset of k_pe in the row).
+        lat: i32,
+        /// Rotated dims.
+        d_rot: i32,
+        /// YaRN attention factor on cos and sin.
+        scaling: f32,
+        /// 1 = interleaved pairs, 0 = half-split.
+        interleaved: i32,
+    }
+    /// `head_matvec` / `head_matvec1`: row (m, h) of y `[M·nh, n]` = `W[h] · x[m, h][0:k]`.
+    pub struct HeadMatvecArgs { w: Stacked, x: In<Bf16>, x_ld: i64, nh: i32, y: Out<Bf16>, n: i32, k: i32, m: i32 }
+    /// `mla_rope`: the rope slices of q and of Kva's k_pe, in place.
+    pub struct MlaRopeArgs { q: Out<Bf16>, kva: Out<Bf16>, inv_freq: In<F32>, pos: In<I32>, dims: MlaDims }
+    /// `cache_append`: rows `[M, w]` to the cache at `*pos..`.
+    pub struct CacheAppendArgs { x: In<Bf16>, cache: Out<Bf16>, pos: In<I32>, w: i32 }
+    /// `mla_attention`: absorbed queries over the latent cache → `[M, nh·l]`.
+    pub struct MlaAttentionArgs {
+        qlat: In<Bf16>, q: In<Bf16>, cache: In<Bf16>, pos: In<I32>,
+        part_o: Out<F32>, part_ml: Out<F32>, tickets: Out<I32>, out: Out<Bf16>,
+        nh: i32, dqk: i32, nope: i32, l: i32, r: i32, scale: f32, nsplit: i32,
+    }
+    /// `latent_norm_rope_append`: latent norm, RoPE of q_pe and k_pe, latent-cache append.
+    pub struct LatentNormRopeAppendArgs {
+        q: Out<Bf16>, kva: Out<Bf16>, nw: In<F32>, inv_freq: In<F32>, pos: In<I32>, cache: Out<Bf16>,
+        dims: MlaDims, eps: f32,
+    }
+}
+
+/// The C declarations of this file's argument structs.
+pub fn decls() -> String {
+    [
+        MlaDims::c_decl(),
+        HeadMatvecArgs::c_decl(),
+        MlaRopeArgs::c_decl(),
+        CacheAppendArgs::c_decl(),
+        MlaAttentionArgs::c_decl(),
+        LatentNormRopeAppendArgs::c_decl(),
+    ]
+    .concat()
+}
+
+/// Per-head mat-vecs of `a.m` tokens: grid (rows / 4, heads).
+pub fn head_matvec(dev: &Device, a: &HeadMatvecArgs) -> Result<()> {
+    let name = if a.m == 1 { "head_matvec1" } else { "head_matvec" };
+    dev.launch_args(name, (blocks(a.n as usize, 4), a.nh as u32, 1), 128, a)
+}
+
+/// RoPE of `m` tokens: a block per (token, query head) plus one for k_pe.
+pub fn mla_rope(dev: &Device, a: &MlaRopeArgs, m: usize) -> Result<()> {
+    dev.launch_args("mla_rope", ((m * (a.dims.nh as usize + 1)) as u32, 1, 1), 32, a)
+}
+
+/// Appends `m` rows to the latent cache.
+pub fn cache_append(dev: &Device, a: &CacheAppendArgs, m: usize) -> Result<()> {
+    dev.launch_args("cache_append", (m as u32, 1, 1), 256, a)
+}
+
+/// MLA attention of `m` tokens (`a.nsplit` must be [`MLA_SPLITS`]).
+pub fn mla_attention(dev: &Device, a: &MlaAttentionArgs, m: usize) -> Result<()> {
+    dev.launch_args("mla_attention", ((m * a.nh as usize) as u32, a.nsplit as u32, 1), ATTN_THREADS, a)
+}
+
+/// The fused latent norm, RoPE and append of `m` tokens.
+pub fn latent_norm_rope_append(dev: &Device, a: &LatentNormRopeAppendArgs, m: usize) -> Result<()> {
+    let grid = ((m * (a.dims.nh as usize + 1)) as u32, 1, 1);
+    dev.launch_args("latent_norm_rope_append", grid, super::norm::NORM_THREADS, a)
+}

@@ -1,0 +1,268 @@
+// Mixture of experts: routers (softmax top-k; grouped sigmoid with a selection bias),
+// selected-expert mat-vecs (decode: one block column per slot; prefill: grouped by expert),
+// SwiGLU, the weighted combine, and the fused moe_mlp kernels (router + top-k; gate + up +
+// SwiGLU; down + combine + residual).
+
+// Selected-expert rows (decode): row q of y [R, N] = W[idx[q]] · x[q / per]  (R = M·K rows,
+// per = K for gate/up reading the token's input, 1 for down reading the slot's activation).
+extern "C" __global__ void expert_matvec(const ExpertMatvecArgs p) {
+    const int per = p.per, N = p.n, K = p.k;
+    int q = blockIdx.y, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (r >= N) return;
+    QMat W = expert_slice(p.w.w, p.idx[q], p.w.w_stride, p.w.sb_stride);
+    const bf16* xs[1] = {p.x + (long)(q / per) * K};
+    float acc[1];
+    row_dot_partial<1>(W, r, K, xs, 1, lane, acc);
+    float v = warp_sum(acc[0]);
+    if (lane == 0) p.y[(long)q * N + r] = f2bf(v);
+}
+
+// Groups the R = M·K (token, slot) rows by expert for prefill: off[E + 1] is the exclusive
+// prefix sum of rows per expert, rows[off[e] .. off[e+1]) the rows routed to e in
+// ascending order. One block; thread e owns expert e (E ≤ 1024).
+extern "C" __global__ void moe_group(const MoeGroupArgs p) {
+    const int* idx = p.idx;
+    const int R = p.r, E = p.e;
+    int *off = p.off, *rows = p.rows;
+    __shared__ int cnt[1024];
+    int e = threadIdx.x;
+    int c = 0;
+    if (e < E) for (int q = 0; q < R; q++) c += idx[q] == e;
+    cnt[e] = c;
+    __syncthreads();
+    if (e == 0) {
+        int acc = 0;
+        for (int i = 0; i < E; i++) { int n = cnt[i]; off[i] = acc; cnt[i] = acc; acc += n; }
+        off[E] = acc;
+    }
+    __syncthreads();
+    if (e < E) {
+        int o = cnt[e];
+        for (int q = 0; q < R; q++) if (idx[q] == e) rows[o++] = q;
+    }
+}
+
+// Selected-expert rows (prefill), grouped: block (x, e) computes rows blockIdx.x·4.. of
+// expert e for every (token, slot) row routed to e, 8 at a time, so each expert's weights
+// are read once per 8 routed rows instead of once per row. Same per-row arithmetic as
+// expert_matvec, hence bit-identical outputs.
+extern "C" __global__ void expert_matvec_grouped(const ExpertMatvecGroupedArgs p) {
+    const int *off = p.off, *rows = p.rows;
+    const int per = p.per, N = p.n, K = p.k;
+    const bf16* x = p.x;
+    bf16* y = p.y;
+    int e = blockIdx.y, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    int q0 = off[e], q1 = off[e + 1];
+    if (r >= N || q0 == q1) return;
+    QMat W = expert_slice(p.w.w, e, p.w.w_stride, p.w.sb_stride);
+    for (int j = q0; j < q1; j += 8) {
+        int mt = min(8, q1 - j);
+        const bf16* xs[8];
+#pragma unroll
+        for (int m = 0; m < 8; m++) xs[m] = x + (long)(rows[j + min(m, mt - 1)] / per) * K;
+        float acc[8];
+        row_dot_partial<8>(W, r, K, xs, mt, lane, acc);
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            if (m < mt) {
+                float v = warp_sum(acc[m]);
+                if (lane == 0) y[(long)rows[j + m] * N + r] = f2bf(v);
+            }
+        }
+    }
+}
+
+// GLM / DeepSeek router of one token by one warp (model-spec §3.6): s = sigmoid(logit);
+// selection on s + bias among the topk_group groups (of n_group ≤ 32) with the largest
+// sum of their two best biased scores (lowest group wins ties), top-K with the lowest
+// index winning ties; weights = s of the chosen experts, / (Σ + 1e-20) when norm, × scale.
+// E ≤ 1024.
+// Logits are read through L2 (__ldcg): the fused router reads what other blocks just wrote.
+__device__ void router_sigmoid_warp(const float* lg, const float* bias, int E, int K, int n_group, int topk_group,
+                                    int norm, float scale, int* idx, float* wout) {
+    __shared__ float gs[32];
+    __shared__ int keep[32];
+    int lane = threadIdx.x & 31;
+    float sg[32], c[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        int e = lane + 32 * i;
+        sg[i] = e < E ? 1.f / (1.f + expf(-__ldcg(lg + e))) : 0.f;
+        c[i] = e < E ? sg[i] + bias[e] : -INFINITY;
+    }
+    if (n_group > 1) {
+        // Group scores: top-2 sum of each group, lane g owning group g.
+        int per = E / n_group;
+        __shared__ float cs[1024];
+#pragma unroll
+        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E) cs[e] = c[i]; }
+        __syncwarp();
+        if (lane < n_group) {
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int e = lane * per; e < (lane + 1) * per; e++) {
+                float v = cs[e];
+                if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
+            }
+            gs[lane] = b1 + b2;
+            keep[lane] = 0;
+        }
+        __syncwarp();
+        if (lane == 0) {
+            for (int j = 0; j < topk_group; j++) {
+                int bi = -1;
+                for (int g = 0; g < n_group; g++) if (!keep[g] && (bi < 0 || gs[g] > gs[bi])) bi = g;
+                keep[bi] = 1;
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E && !keep[e / per]) c[i] = -INFINITY; }
+    }
+    float tot = 0.f, sel[16];
+    unsigned taken = 0;  // bit i: expert lane + 32·i already chosen
+    for (int j = 0; j < K; j++) {
+        float bv = -INFINITY, bs = 0.f;
+        int bi = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            int e = lane + 32 * i;
+            if (e < E && !(taken >> i & 1u) && c[i] > bv) { bv = c[i]; bs = sg[i]; bi = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bs = os; bi = oi; }
+        }
+        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        sel[j] = bs;
+        tot += bs;
+        if (lane == 0) idx[j] = bi;
+    }
+    if (lane == 0) {
+        float den = tot + 1e-20f;
+        for (int j = 0; j < K; j++) wout[j] = (norm ? sel[j] / den : sel[j]) * scale;
+    }
+}
+
+extern "C" __global__ void router_sigmoid(const RouterSigmoidArgs p) {
+    int m = blockIdx.x, E = p.e, K = p.k;
+    router_sigmoid_warp(p.logits + (long)m * E, p.bias, E, K, p.n_group, p.topk_group, p.norm, p.scale, p.idx + m * K,
+                        p.wout + m * K);
+}
+
+// Router: softmax over E f32 logits, top-K (largest first, lowest index wins ties),
+// optional renormalisation. One warp per token; E ≤ 1024.
+extern "C" __global__ void router_topk(const RouterTopkArgs p) {
+    int m = blockIdx.x, E = p.e, K = p.k;
+    router_topk_warp(p.logits + (long)m * E, E, K, p.norm, p.idx + m * K, p.wout + m * K);
+}
+
+// act = bf16(bf16(silu(g)) * u), elementwise over n.
+extern "C" __global__ void swiglu(const SwigluArgs p) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (long)gridDim.x * blockDim.x)
+        p.act[i] = swiglu_elem(p.g[i], p.u[i]);
+}
+
+// out[m, :] = bf16(sum_j w[m, j] * y[m·K + j, :]), f32 accumulation in slot order.
+// Grid (M, ceil(H / blockDim)).
+extern "C" __global__ void combine(const CombineArgs p) {
+    const int K = p.k, H = p.h;
+    int m = blockIdx.x, h = blockIdx.y * blockDim.x + threadIdx.x;
+    if (h >= H) return;
+    float a = 0.f;
+    for (int j = 0; j < K; j++) a = combine_step(a, p.w[m * K + j], p.y[((long)m * K + j) * H + h]);
+    p.out[(long)m * H + h] = f2bf(a);
+}
+
+// The router logits rows of this block (one warp per expert row) of token m: the f32
+// result of matvec1 for those rows.
+__device__ __forceinline__ void router_logits_rows(const QMat& W, const bf16* x, float* logits, const float* bias,
+                                                   int E, int H, int m) {
+    int lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (r >= E) return;
+    const bf16* xs[1] = {x + (long)m * H};
+    float acc[1];
+    row_dot_partial<1>(W, r, H, xs, 1, lane, acc);
+    float v = warp_sum(acc[0]);
+    if (lane == 0) {
+        if (bias) v += bias[r];
+        logits[(long)m * E + r] = v;
+    }
+}
+
+// moe_mlp 1/3: router logits (= matvec, f32 out) and, in the last block to finish, the
+// softmax-top-k of router_topk. Grid (ceil(E/4), 1, M), 128 threads. tickets[m] counts
+// finished blocks and is reset by the last one, so the kernel can be replayed in a graph.
+extern "C" __global__ void moe_router(const MoeRouterArgs p) {
+    int m = blockIdx.z, E = p.e, K = p.k;
+    router_logits_rows(p.w, p.x, p.logits, p.bias, E, p.h, m);
+    if (!last_to_finish(p.tickets + m, gridDim.x)) return;
+    if (threadIdx.x < WARP) router_topk_warp(p.logits + (long)m * E, E, K, p.norm, p.idx + m * K, p.wout + m * K);
+}
+
+// moe_mlp 1/3 for sigmoid routers (GLM / DeepSeek): the same logits, then in the last block
+// to finish the grouped sigmoid top-k of router_sigmoid.
+extern "C" __global__ void moe_router_sigmoid(const MoeRouterSigmoidArgs p) {
+    int m = blockIdx.z, E = p.e, K = p.k;
+    router_logits_rows(p.w, p.x, p.logits, nullptr, E, p.h, m);
+    if (!last_to_finish(p.tickets + m, gridDim.x)) return;
+    if (threadIdx.x < WARP)
+        router_sigmoid_warp(p.logits + (long)m * E, p.ebias, E, K, p.n_group, p.topk_group, p.norm, p.scale,
+                            p.idx + m * K, p.wout + m * K);
+}
+
+// moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
+// e = idx[q] and token q / K (= expert_matvec twice + swiglu). Grid (ceil(I/4), M·K).
+extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
+    const int K = p.k, I = p.i, H = p.h, fmt = p.gate.fmt, bits = p.gate.bits;
+    int q = blockIdx.y, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (r >= I) return;
+    QMat G = expert_slice(p.gate, p.idx[q], p.w_stride, p.sb_stride);
+    QMat U = expert_slice(p.up, p.idx[q], p.w_stride, p.sb_stride);
+    const bf16* xs[1] = {p.x + (long)(q / K) * H};
+    float ag[1], au[1];
+    if (fmt == FMT_AFFINE && bits == 4) {
+        affine_partial_pair<4>(G, U, r, H, xs[0], lane, ag, au);
+    } else if (fmt == FMT_AFFINE && bits == 8) {
+        affine_partial_pair<8>(G, U, r, H, xs[0], lane, ag, au);
+    } else {
+        row_dot_partial<1>(G, r, H, xs, 1, lane, ag);
+        row_dot_partial<1>(U, r, H, xs, 1, lane, au);
+    }
+    bf16 g = f2bf(warp_sum(ag[0])), u = f2bf(warp_sum(au[0]));
+    if (lane == 0) p.act[(long)q * I + r] = swiglu_elem(g, u);
+}
+
+// moe_mlp 3/3: x[m, r] += bf16(Σ_j w[m,j] · bf16(down_{idx[m,j]}[r] · act[m·K + j])), slots
+// in order (= expert_matvec + combine + add_inplace). Grid (H, 1, M), one warp per slot
+// (blockDim = 32·K), so the K expert rows are read in parallel; thread 0 then combines the
+// slots in order. Measured slower on the H200 (bench/RESULTS.md): four rows per block with
+// each warp looping over them (23.7 vs 16.2 µs per step), and the next layer's input norm
+// folded in by the last block to finish (27.7 µs: a fence and an atomic in all H blocks).
+// With shared experts (shared != null) the combined output first takes the shared experts'
+// output: x += bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace).
+extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
+    __shared__ bf16 ys[32];
+    const int K = p.k, H = p.h, I = p.i;
+    int m = blockIdx.z, r = blockIdx.x, j = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int q = m * K + j;
+    QMat D = expert_slice(p.down.w, p.idx[q], p.down.w_stride, p.down.sb_stride);
+    const bf16* xs[1] = {p.act + (long)q * I};
+    float acc[1];
+    row_dot_partial<1>(D, r, I, xs, 1, lane, acc);
+    bf16 y = f2bf(warp_sum(acc[0]));
+    if (lane == 0) ys[j] = y;
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    float a = 0.f;
+    for (int s = 0; s < K; s++) a = combine_step(a, p.wts[m * K + s], ys[s]);
+    bf16 out = f2bf(a);
+    if (p.shared) out = add_bf16(out, p.shared[(long)m * H + r]);
+    p.x[(long)m * H + r] = add_bf16(p.x[(long)m * H + r], out);
+}
+
