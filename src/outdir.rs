@@ -245,22 +245,26 @@ impl Staging {
         let parent = parent_of(&out);
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         clean_stale(&parent);
-        let dir = sibling(&out, STAGING[0]);
-        std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mp = dir.join(MARKER);
-        let marker = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&mp);
-        let marker = match marker {
+        // Made under a name the cleanup ignores, its marker locked, then renamed: no other
+        // run ever sees this staging folder with an unlocked marker while it is written.
+        let init = sibling(&out, ".zmoe-init-");
+        std::fs::create_dir(&init).map_err(|e| Error::io(&init, e))?;
+        let mp = init.join(MARKER);
+        let marker = match std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&mp) {
             Ok(f) => f,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = std::fs::remove_dir_all(&init);
                 return Err(Error::io(&mp, e));
             }
         };
-        // Best effort: without file locks, a killed run's folder is cleaned up as soon as a
-        // later run looks (which a concurrent run into the same parent would notice).
+        // Without file locks (some network file systems) nothing is ever found stale: the
+        // cleanup's own lock attempt fails too.
         let _ = marker.try_lock();
-        let mut s = Staging { dir, out, target, marker, wrote, done: false };
+        let mut s = Staging { dir: init, out, target, marker, wrote, done: false };
         s.write_marker(false, Vec::new())?;
+        let dir = sibling(&s.out, STAGING[0]);
+        std::fs::rename(&s.dir, &dir).map_err(|e| Error::io(&dir, e))?;
+        s.dir = dir;
         Ok(s)
     }
 

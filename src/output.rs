@@ -136,17 +136,28 @@ pub struct TempFile {
 }
 
 impl TempFile {
-    /// Creates the temporary file for `dest` (given with `flag`) in `dest`'s folder.
+    /// Creates the temporary file for `dest` (given with `flag`) in `dest`'s folder, after
+    /// removing the temporary files killed runs left there (see [`clean_stale_temps`]).
     pub fn new(flag: &str, dest: &Path) -> Result<TempFile> {
+        clean_stale_temps(folder_of(dest));
         let name = dest.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned());
         let name: String = name.chars().take(64).collect();
-        let path = dest.with_file_name(format!(".{name}.zmoe-tmp-{}", random_hex()));
+        let hex = random_hex();
+        // Created under a name the cleanup ignores, locked, then renamed (a rename replaces a
+        // link planted at the new name; it never follows it).
+        let init = dest.with_file_name(format!(".{name}.zmoe-new-{hex}"));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&path)
-            .map_err(|e| arg(flag, dest, format!("cannot create {}: {e}", path.display())))?;
+            .open(&init)
+            .map_err(|e| arg(flag, dest, format!("cannot create {}: {e}", init.display())))?;
+        let _ = file.try_lock();
+        let path = dest.with_file_name(format!(".{name}.zmoe-tmp-{hex}"));
+        if let Err(e) = std::fs::rename(&init, &path) {
+            let _ = std::fs::remove_file(&init);
+            return Err(arg(flag, dest, format!("cannot create {}: {e}", path.display())));
+        }
         Ok(TempFile { file, path, dest: dest.to_path_buf(), flag: flag.into(), committed: false })
     }
 
@@ -206,6 +217,26 @@ impl Drop for TempFile {
     }
 }
 
+/// Removes the temporary files killed runs left in `dir`: regular files named
+/// `.<name>.zmoe-tmp-<16 hex digits>` that no running zmoe holds locked (a [`TempFile`] is
+/// locked from its creation; the lock ends with its process). Best effort; without file
+/// locks nothing is removed.
+pub fn clean_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((head, hex)) = name.rsplit_once(".zmoe-tmp-") else { continue };
+        let ours = head.starts_with('.') && hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        if !ours || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let Ok(f) = File::open(e.path()) else { continue };
+        if f.try_lock().is_ok() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Writes `bytes` to `path` through a [`TempFile`]: without `force` the file must not exist
 /// (checked atomically, so a file created meanwhile is not replaced either); with `force` an
 /// existing regular file is replaced in one rename, so a reader never sees half a file.
@@ -243,6 +274,24 @@ mod tests {
         assert!(check_out_path("--out", tmp.path(), true).unwrap_err().to_string().contains("is a folder"));
         let e = check_out_path("--json", &tmp.path().join("no/x.json"), false).unwrap_err().to_string();
         assert!(e.contains("--json") && e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn stale_temporary_files_of_killed_runs_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let stale = tmp.path().join(".a.json.zmoe-tmp-0123456789abcdef");
+        std::fs::write(&stale, "half").unwrap();
+        let mine = tmp.path().join(".a.json.zmoe-tmp-mine");
+        std::fs::write(&mine, "mine").unwrap();
+        let live = TempFile::new("--out", &tmp.path().join("b.json")).unwrap();
+        write_new("--out", &tmp.path().join("a.json"), b"x", false).unwrap();
+        assert!(!stale.exists(), "a killed run's temporary file is left");
+        assert!(mine.exists() && live.path().exists(), "removed a file that is not stale");
+        drop(live);
+        let mut names: Vec<String> =
+            std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, [".a.json.zmoe-tmp-mine", "a.json"]);
     }
 
     #[cfg(unix)]
