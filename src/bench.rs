@@ -233,10 +233,10 @@ fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
 pub struct Provenance {
     /// zmoe's crate version.
     pub zmoe_version: String,
-    /// `ZMOE_GIT_COMMIT` if set, else `git rev-parse --short HEAD` in the working directory,
-    /// else `unknown` (see [`git_state`]).
+    /// The short commit this zmoe binary was built from, embedded at build time, or `unknown`
+    /// (see [`build_commit`]).
     pub git_commit: String,
-    /// Whether that working tree had uncommitted changes to tracked files (None if unknown).
+    /// Whether its tree had uncommitted changes to tracked files when built (None if unknown).
     pub git_dirty: Option<bool>,
     /// When the run finished, UTC, RFC 3339 (`2025-01-31T12:00:00Z`).
     pub timestamp_utc: String,
@@ -247,7 +247,7 @@ pub struct Provenance {
 impl Provenance {
     /// This process, now.
     pub fn now() -> Provenance {
-        let (git_commit, git_dirty) = git_state(Path::new("."));
+        let (git_commit, git_dirty) = build_commit();
         Provenance {
             zmoe_version: env!("CARGO_PKG_VERSION").into(),
             git_commit,
@@ -444,6 +444,19 @@ pub fn run_bench_with(
         roofline_tok_s: copy_gb_s * 1e9 / bytes_per_token.max(1) as f64,
         profile,
     })
+}
+
+/// The commit this binary was built from and whether its tree had uncommitted changes to
+/// tracked files then, as `build.rs` embedded them (`("unknown", None)` when built outside a
+/// git checkout). Capsules and ledger entries record this, never the git state of the folder
+/// zmoe happens to run in.
+pub fn build_commit() -> (String, Option<bool>) {
+    let dirty = match env!("ZMOE_BUILD_DIRTY") {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    };
+    (env!("ZMOE_BUILD_COMMIT").to_string(), dirty)
 }
 
 /// `ZMOE_GIT_COMMIT` if set (the commit a carried binary was built from); else the short

@@ -256,7 +256,7 @@ impl ModelConfig {
     /// Reads and parses `dir/config.json`.
     pub fn load(dir: &Path) -> Result<ModelConfig> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = crate::input::read_to_string(&path)?;
         ModelConfig::parse(&text, &path)
     }
 

@@ -33,11 +33,53 @@ impl Corrupt {
 }
 
 /// Opens (creating it and its parent folders if needed) the file at `path` for appending.
+/// Only a regular file: a symbolic link is refused (appending through it would change the
+/// file it points to), and so is a pipe or a device (opening one can block forever). A new
+/// file is created with `create_new`, so a link planted meanwhile is never followed; an
+/// existing one is checked before it is opened and again on the open handle.
 pub fn open_append(path: &Path) -> Result<File> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    OpenOptions::new().read(true).append(true).create(true).open(path).map_err(|e| Error::io(path, e))
+    let mut opts = OpenOptions::new();
+    opts.read(true).append(true);
+    match opts.clone().create_new(true).open(path) {
+        Ok(f) => return Ok(f),
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(Error::io(path, e)),
+        Err(_) => {}
+    }
+    let before = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+    let refuse = |m: &std::fs::Metadata| {
+        let ft = m.file_type();
+        let why = if ft.is_symlink() {
+            "is a symbolic link; zmoe never appends through a link (give the real path)".to_string()
+        } else {
+            format!("is {}, not a regular file", crate::input::kind(&ft))
+        };
+        Error::format(path, why)
+    };
+    if !before.is_file() {
+        return Err(refuse(&before));
+    }
+    let f = opts.open(path).map_err(|e| Error::io(path, e))?;
+    let after = f.metadata().map_err(|e| Error::io(path, e))?;
+    if !same_file(&before, &after) {
+        return Err(Error::format(path, "was replaced while being opened; not appending"));
+    }
+    Ok(f)
+}
+
+/// Whether two metadata describe the same file.
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        a.dev() == b.dev() && a.ino() == b.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        a.is_file() && b.is_file()
+    }
 }
 
 /// Appends `json` (one line of compact JSON, no newline) to `f`, opened by [`open_append`]

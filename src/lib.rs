@@ -24,6 +24,8 @@
 //! - [`cuda`]: the GPU executor (NVRTC kernels, arena, graphs).
 //! - [`backend`], [`generate`], [`sample`], [`tokenizer`]: running a model.
 //! - [`bench`], [`validate`], [`matrix`]: measuring it (throughput, fidelity, the ledger).
+//! - [`input`], [`output`], [`outdir`]: the files zmoe reads (regular files only) and writes
+//!   (never through a link; `--force` replaces only what zmoe wrote).
 //! - [`foundry`]: searching kernel variants, measuring them honestly, promoting winners into
 //!   per-GPU kernel packs.
 
@@ -39,10 +41,12 @@ pub mod error;
 pub mod export;
 pub mod foundry;
 pub mod generate;
+pub mod input;
 pub mod jsonl;
 pub mod kernels;
 pub mod matrix;
 pub mod model;
+pub mod outdir;
 pub mod output;
 pub mod plan;
 pub mod rng;

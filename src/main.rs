@@ -56,7 +56,8 @@ enum Cmd {
         /// Output folder (must not exist or be empty).
         #[arg(long)]
         out: PathBuf,
-        /// Replace an existing model folder at --out.
+        /// Replace a folder at --out that zmoe synth wrote (it carries a .zmoe-synth marker and
+        /// nothing else); any other folder is never replaced.
         #[arg(long)]
         force: bool,
         /// Largest safetensors shard in MiB (bigger models get an index + shards).
@@ -429,14 +430,13 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Demo { backend, max_tokens } => {
             // The tiny preset, synthesised once into the cache (as `matrix run --preset` does).
-            let dir = zmoe::matrix::run::ensure_preset(
+            let (_, model) = zmoe::matrix::run::load_preset(
                 &zmoe::cache_dir(),
                 "qwen3_moe",
                 "tiny",
                 SynthQuant::Affine4,
                 &mut |l| eprintln!("{l}"),
             )?;
-            let model = Model::load(&dir)?;
             let (plan, _) = patched_plan(model.config(), &Selection::default());
             let mut be = model.backend(backend, plan)?;
             let tok = tokenizer::load(&model.tokenizer_path())?;
@@ -572,7 +572,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Report { capsules } => {
             for (i, path) in capsules.iter().enumerate() {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = zmoe::input::read_to_string(path)?;
                 let v: serde_json::Value =
                     serde_json::from_str(&text).with_context(|| format!("{}: not a JSON capsule", path.display()))?;
                 let table = match v.get("kind").and_then(|k| k.as_str()) {
@@ -702,12 +702,30 @@ fn run_export(cmd: ExportCmd) -> Result<()> {
 
 // ---- end of zmoe export ----
 
+/// The error and its causes joined with `: `, each cause only if its text is not already in
+/// what comes before it: a library [`zmoe::Error::Io`] prints its OS message itself and also
+/// hands it on as its source, and an anyhow context may quote its cause, so `{:#}` would
+/// print the same OS message twice.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if text.is_empty() {
+            text = s;
+        } else if !text.contains(&s) {
+            text += ": ";
+            text += &s;
+        }
+    }
+    text
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }

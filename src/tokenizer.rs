@@ -39,7 +39,8 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
             "tokenizer.json not found (needed to encode --prompt / decode text; use --prompt-tokens and --json to run without one)",
         ));
     }
-    Tokenizer::from_file(path).map_err(|e| Error::format(path, format!("cannot load tokenizer: {e}")))
+    let bytes = crate::input::read(path)?;
+    Tokenizer::from_bytes(bytes).map_err(|e| Error::format(path, format!("cannot load tokenizer: {e}")))
 }
 
 /// Encodes text to ids (no special tokens added).

@@ -207,7 +207,7 @@ fn synth_never_overwrites_without_asking() {
     let e = zmoe_err(&["synth", "--preset", "tiny", "--out", s(&user)]);
     assert!(e.contains("not empty") && e.contains("--force"), "{e}");
     let e = zmoe_err(&["synth", "--preset", "tiny", "--out", s(&user), "--force"]);
-    assert!(e.contains("does not look like a model folder"), "{e}");
+    assert!(e.contains("refusing") && e.contains(".zmoe-synth"), "{e}");
     assert_eq!(std::fs::read_to_string(user.join("mine.txt")).unwrap(), "precious");
     let e = zmoe_err(&["synth", "--preset", "huge", "--out", s(&tmp.path().join("x"))]);
     assert!(e.contains("unknown family/preset"), "{e}");

@@ -98,7 +98,7 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let (files, weight_map) = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let text = crate::input::read_to_string(&index)?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&index, format!("not valid JSON: {e}")))?;
             let map = v
@@ -133,7 +133,7 @@ impl Checkpoint {
         let mut tensors = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             let path = dir.join(f);
-            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let file = crate::input::open(&path)?;
             // SAFETY: the map is read-only; a checkpoint modified while we run is the user's
             // problem as with every mmap-based loader.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;

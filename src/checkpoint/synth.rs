@@ -15,7 +15,7 @@
 //! Output is written to a temporary sibling folder and renamed into place at the end.
 
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use half::{bf16, f16};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -371,10 +371,12 @@ impl Builder {
     }
 }
 
-/// Writes a complete synthetic model folder to `out`. Refuses to replace an existing
-/// non-empty folder unless `force` is set and that folder is itself a model folder.
+/// Writes a complete synthetic model folder to `out` (given as `--out`), marked as zmoe's
+/// (see [`crate::outdir`]). Refuses to replace an existing non-empty folder unless `force` is
+/// set and zmoe wrote that folder; the new folder is built beside it and swapped in when
+/// complete.
 pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
-    check_target(out, force)?;
+    crate::outdir::check_target("--out", out, force)?;
     let mut cfg_json = preset_config(&spec.family, &spec.preset)?;
     let quant =
         spec.quant.bits().map(|bits| QuantParams { mode: QuantMode::Affine, bits, group_size: spec.group_size });
@@ -495,19 +497,12 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
         bar.set_message(format!("synth {}", spec.preset));
     }
 
-    let tmp = sibling(out, &format!(".partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_files(&b.tensors, &cfg_json, &cfg, spec, &tmp);
+    let wrote = json!({"family": spec.family, "preset": spec.preset, "quant": spec.quant.name(), "seed": spec.seed});
+    let staging = crate::outdir::Staging::begin("--out", out, force, wrote)?;
+    let result = write_files(&b.tensors, &cfg_json, &cfg, spec, staging.path());
     bar.finish_and_clear();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+    result?;
+    staging.finish()
 }
 
 /// Default shard size: checkpoints above it are split into model-0000i-of-0000n files.
@@ -555,37 +550,6 @@ fn write_files(tensors: &[Lazy], cfg_json: &Value, cfg: &ModelConfig, spec: &Syn
         let p = dir.join("model.safetensors.index.json");
         std::fs::write(&p, serde_json::to_string_pretty(&idx).expect("index serialises"))
             .map_err(|e| Error::io(&p, e))?;
-    }
-    Ok(())
-}
-
-fn sibling(out: &Path, suffix: &str) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    out.with_file_name(format!("{name}{suffix}"))
-}
-
-fn check_target(out: &Path, force: bool) -> Result<()> {
-    if !out.exists() {
-        return Ok(());
-    }
-    if !out.is_dir() {
-        return Err(Error::format(out, "exists and is not a folder; choose another --out"));
-    }
-    let empty = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_none();
-    if empty {
-        return Ok(());
-    }
-    if !force {
-        return Err(Error::format(
-            out,
-            "folder exists and is not empty; pass --force to replace it (only model folders are replaced)",
-        ));
-    }
-    if !out.join("config.json").exists() {
-        return Err(Error::format(
-            out,
-            "refusing to replace a folder that does not look like a model folder (no config.json)",
-        ));
     }
     Ok(())
 }

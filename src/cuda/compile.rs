@@ -35,11 +35,9 @@ pub fn cubin(src: &str, major: i32, minor: i32) -> Result<Vec<u8>> {
     }
     let bin = compile(src, &opts)?;
     // Best effort: a read-only cache folder only costs a recompile next time.
+    // Written through a random temporary name, never through a link (crate::output).
     if std::fs::create_dir_all(path.parent().expect("has parent")).is_ok() {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &bin).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
-        }
+        let _ = crate::output::write_new("kernel cache", &path, &bin, true);
     }
     Ok(bin)
 }

@@ -630,7 +630,7 @@ impl GgufFile {
     /// Opens and validates `path`: magic, version 3, metadata, tensor infos (known types,
     /// whole blocks per row, consecutive aligned offsets) and that the data fits in the file.
     pub fn open(path: &Path) -> Result<GgufFile> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::input::open(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 24 {
             return Err(Error::format(path, format!("not a GGUF file: {len} bytes is shorter than the header")));

@@ -444,24 +444,12 @@ pub fn export_gguf(
     let name = name.file_name().map_or("zmoe model".into(), |n| n.to_string_lossy().into_owned());
     let kv = metadata(arch, &cfg, &name, opts.quant);
 
-    let file_name = out.file_name().map_or("out.gguf".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = out.with_file_name(format!(".{file_name}.partial-{}", std::process::id()));
-    let result = write_file(&tmp, &ck.dir, &items, &kv, opts).and_then(|_| verify(&tmp, &items, &kv, opts.check));
-    let checked_rows = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    if out.exists() && !opts.force {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::format(out, "file appeared while exporting; pass --force to overwrite it"));
-    }
-    std::fs::rename(&tmp, out).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(out, e)
-    })?;
+    // A new file with a random name beside `out`, never a planted link (see crate::output).
+    let tmp = crate::output::TempFile::new("--out", out)?;
+    let file = tmp.file().try_clone().map_err(|e| Error::io(tmp.path(), e))?;
+    let checked_rows = write_file(file, tmp.path(), &ck.dir, &items, &kv, opts)
+        .and_then(|_| verify(tmp.path(), &items, &kv, opts.check))?;
+    tmp.commit(opts.force)?;
     let bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
     Ok(ExportSummary {
         out: out.to_path_buf(),
@@ -480,13 +468,13 @@ pub fn export_gguf(
 const CHUNK_F32_BYTES: usize = 32 << 20;
 
 fn write_file(
+    file: std::fs::File,
     path: &Path,
     model_dir: &Path,
     items: &[Item],
     kv: &[(String, Value)],
     opts: &ExportOptions,
 ) -> Result<()> {
-    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let specs: Vec<TensorSpec> = items.iter().map(|i| i.spec.clone()).collect();
     let mut w = GgufWriter::new(BufWriter::with_capacity(8 << 20, file), path, kv, &specs)?;
     let total = w.file_size();
@@ -689,5 +677,37 @@ mod tests {
         assert!(e.contains("t.gguf") && e.contains("truncated"), "{e}");
         std::fs::write(&path, b"GGML not a gguf file at all, really").unwrap();
         assert!(GgufFile::open(&path).unwrap_err().to_string().contains("not a GGUF file"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn export_never_writes_through_a_planted_link() {
+        use crate::checkpoint::synth::{self, SynthQuant, SynthSpec};
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("m");
+        let spec = SynthSpec {
+            family: "qwen3_moe".into(),
+            preset: "tiny".into(),
+            quant: SynthQuant::Bf16,
+            group_size: 64,
+            seed: 1,
+            max_shard_bytes: synth::SHARD_BYTES,
+        };
+        synth::write(&spec, &model, false).unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        // A link at the temporary name older builds used (`.<name>.partial-<pid>`).
+        let out = tmp.path().join("x.gguf");
+        let planted = tmp.path().join(format!(".x.gguf.partial-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let opts = crate::export::ExportOptions {
+            quant: crate::export::GgufQuant::Q8_0,
+            force: false,
+            check: false,
+            progress: false,
+        };
+        crate::export::export_gguf(&model, &out, &opts, &mut |_| {}).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"secret");
+        assert!(GgufFile::open(&out).is_ok());
     }
 }

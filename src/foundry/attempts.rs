@@ -221,7 +221,7 @@ impl Appender {
 
 /// Reads every attempt of the ledger at `path` and the lines it skipped.
 pub fn read(path: &Path) -> Result<(Vec<Attempt>, Vec<Corrupt>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::input::read(path)?;
     Ok(parse(&bytes))
 }
 

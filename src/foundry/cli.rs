@@ -246,6 +246,8 @@ fn run(args: &RunArgs, stdout: &mut dyn FnMut(&str), stderr: &mut dyn FnMut(&str
         return Err(Error::Arg(format!("--out {}: is a file; give a folder", dir.display())));
     }
     let ledger = dir.join(attempts::FILE_NAME);
+    // Before the campaign: a ledger that cannot take the attempts fails now, not after.
+    crate::output::check_appendable("--out", &ledger)?;
     if ledger.exists() {
         let (prev, _) = attempts::read(&ledger)?;
         stderr(&format!(
@@ -366,9 +368,16 @@ fn report(
         text += &render_report(&an);
         if plot {
             let path = campaign_dir(dir).join(format!("latency-{op}-{arch}.svg"));
-            let ours = std::fs::read_to_string(&path).map(|s| s.starts_with(PLOT_MARKER)).unwrap_or(true);
+            // Nothing there, or a regular file this command wrote (never a link or a pipe).
+            let ours = match std::fs::symlink_metadata(&path) {
+                Err(_) => true,
+                Ok(m) if m.is_file() => {
+                    crate::input::read_to_string(&path).map(|s| s.starts_with(PLOT_MARKER)).unwrap_or(false)
+                }
+                Ok(_) => false,
+            };
             if ours {
-                std::fs::write(&path, svg(&an, &g)).map_err(|e| Error::io(&path, e))?;
+                crate::output::write_new("plot", &path, svg(&an, &g).as_bytes(), true)?;
                 text += &format!("\nplot: {}\n", path.display());
             } else {
                 stderr(&format!("warning: not replacing {} (not written by zmoe foundry report)", path.display()));
@@ -420,7 +429,7 @@ fn promote(
     }
     let mut caps = Vec::new();
     for p in fidelity {
-        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        let text = crate::input::read_to_string(p)?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| Error::format(p, format!("not a JSON capsule: {e}")))?;
         if v.get("kind").and_then(|k| k.as_str()) != Some(crate::validate::CAPSULE_KIND) {

@@ -157,7 +157,7 @@ impl KernelPack {
     /// and template, valid knobs, a source hash equal to what the template renders to now,
     /// one entry per (op, bucket). The others move to [`KernelPack::dropped`] with the reason.
     pub fn load(path: &Path) -> Result<KernelPack> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::input::read_to_string(path)?;
         let mut pack: KernelPack =
             serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not a kernel pack: {e}")))?;
         if pack.kind != PACK_KIND {

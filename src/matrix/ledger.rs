@@ -44,7 +44,7 @@ impl Ledger {
     /// a newer [`SCHEMA_VERSION`] becomes a [`Corrupt`] with its line number; callers print
     /// [`Corrupt::warning`] for each. Fails only if the file cannot be read.
     pub fn read(path: &Path) -> Result<(Vec<Entry>, Vec<Corrupt>)> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::input::read(path)?;
         Ok(Ledger::parse(&bytes))
     }
 

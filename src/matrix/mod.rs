@@ -123,7 +123,7 @@ impl From<&DeviceInfo> for Hardware {
 pub struct Software {
     /// zmoe's crate version.
     pub zmoe_version: String,
-    /// Short git commit of the build (see [`crate::bench::git_state`]), or `unknown`.
+    /// Short git commit of the build (see [`crate::bench::build_commit`]), or `unknown`.
     pub git_commit: String,
     /// Whether that checkout had uncommitted changes to tracked files (None if unknown).
     pub git_dirty: Option<bool>,

@@ -159,16 +159,59 @@ pub fn ensure_preset(
     stderr(&format!("synthesising preset {family}/{preset} ({}, seed 0) into {}", quant.name(), dir.display()));
     let parent = dir.parent().expect("preset folders have a parent");
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let spec = SynthSpec {
+    synth::write(&preset_spec(family, preset, quant), &dir, true).map_err(|e| {
+        Error::Arg(format!("cached preset {}: {e} (to start over, clear it: {})", dir.display(), rm_rf(&dir)))
+    })?;
+    Ok(dir)
+}
+
+/// What [`ensure_preset`] synthesises.
+fn preset_spec(family: &str, preset: &str, quant: SynthQuant) -> SynthSpec {
+    SynthSpec {
         family: family.into(),
         preset: preset.into(),
         quant,
         group_size: 64,
         seed: 0,
         max_shard_bytes: synth::SHARD_BYTES,
+    }
+}
+
+/// `rm -rf <dir>`, quoted for a shell.
+fn rm_rf(dir: &Path) -> String {
+    format!("`rm -rf {}`", crate::outdir::shell_quote(dir))
+}
+
+/// A cached preset, loaded: [`ensure_preset`], then [`Model::load`]. A cache folder that does
+/// not load is re-synthesised once if zmoe wrote it (it carries zmoe's marker and nothing
+/// else); any other is left alone, and the error names it and the command that clears it.
+pub fn load_preset(
+    cache: &Path,
+    family: &str,
+    preset: &str,
+    quant: SynthQuant,
+    stderr: &mut dyn FnMut(&str),
+) -> Result<(PathBuf, Model)> {
+    let dir = ensure_preset(cache, family, preset, quant, stderr)?;
+    let e = match Model::load(&dir) {
+        Ok(m) => return Ok((dir, m)),
+        Err(e) => e,
     };
-    synth::write(&spec, &dir, true)?;
-    Ok(dir)
+    if !crate::outdir::is_ours(&dir) {
+        return Err(Error::Arg(format!(
+            "cached preset {} does not load ({e}); zmoe did not write that folder (no {} marker), so it is not \
+             replaced: clear it with {} and run again",
+            dir.display(),
+            crate::outdir::MARKER,
+            rm_rf(&dir)
+        )));
+    }
+    stderr(&format!("cached preset {} does not load ({e}); re-synthesising it", dir.display()));
+    synth::write(&preset_spec(family, preset, quant), &dir, true)?;
+    let model = Model::load(&dir).map_err(|e| {
+        Error::Arg(format!("cached preset {} does not load ({e}); clear it with {}", dir.display(), rm_rf(&dir)))
+    })?;
+    Ok((dir, model))
 }
 
 /// The NVIDIA kernel driver's version (`580.95.05`) from `/proc/driver/nvidia/version`, if
@@ -209,9 +252,8 @@ pub fn run_all(
     // Argument errors stop everything before any model runs.
     let sel = Selection::parse(args.patterns.as_deref(), args.exclude.as_deref())?;
     let sources = sources(args)?;
-    if args.ledger.is_dir() {
-        return Err(Error::Arg(format!("--ledger {}: is a folder, not a file", args.ledger.display())));
-    }
+    // Before any model runs: a ledger that cannot take the entries fails now, not after.
+    crate::output::check_appendable("--ledger", &args.ledger)?;
     let n = sources.len();
     let mut outcomes = Vec::with_capacity(n);
     for (i, source) in sources.iter().enumerate() {
@@ -271,17 +313,15 @@ fn run_one(
     stdout: &mut dyn FnMut(&str),
     stderr: &mut dyn FnMut(&str),
 ) -> Result<Entry> {
-    let dir = match source {
+    let model = match source {
         Source::Folder(dir) => {
             if !dir.is_dir() {
                 return Err(Error::Arg(format!("--model {}: no such model folder", dir.display())));
             }
-            dir.clone()
+            Model::load(dir).map_err(|e| Error::Arg(format!("cannot load model folder {}: {e}", dir.display())))?
         }
-        Source::Preset { family, preset, quant } => ensure_preset(cache, family, preset, *quant, stderr)?,
+        Source::Preset { family, preset, quant } => load_preset(cache, family, preset, *quant, stderr)?.1,
     };
-    let model =
-        Model::load(&dir).map_err(|e| Error::Arg(format!("cannot load model folder {}: {e}", dir.display())))?;
     let cfg = model.config();
     let opts = ValidateOptions {
         prompt: crate::bench::bench_prompt(cfg, args.prompt_len, 1),
