@@ -3,12 +3,18 @@
 #
 #   scripts/gpu_test.sh build        # here (no GPU needed): release binary + GPU test binary
 #                                    # into scratch/gpu/ (ignored; carry it to the device)
-#   scripts/gpu_test.sh run [bench|glm|foundry]  # on the GPU machine, from the repo root:
+#   scripts/gpu_test.sh base REV     # here: builds zmoe at git revision REV into
+#                                    # scratch/gpu-base/ (for `run compare`)
+#   scripts/gpu_test.sh run [bench|glm|foundry|compare]  # on the GPU machine, from the repo root:
 #                                    # runs every GPU test, prints a PASS/FAIL table; `bench`
 #                                    # adds the qwen3-30b-a3b affine4 benchmark and one
 #                                    # kernel-foundry campaign per op, `glm` the glm-4.7-flash
 #                                    # affine4 benchmark, `foundry` only the campaigns
-#                                    # (FOUNDRY_CASES=48 cases per op by default).
+#                                    # (FOUNDRY_CASES=48 cases per op by default);
+#                                    # `compare` times scratch/gpu-base/zmoe against
+#                                    # scratch/gpu/zmoe (patched plan, ABAB, 512-token prompt)
+#                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
+#                                    # and validates the new binary on each.
 #                                    # GPU_TESTS=0 skips the tests, GPU_TESTS=a,b runs those.
 #                                    # Full logs in $OUT.
 set -uo pipefail
@@ -38,6 +44,21 @@ for l in sys.stdin:
         echo "$(git rev-parse --short HEAD)-dirty" > scratch/gpu/COMMIT
     fi
     ls -la scratch/gpu
+    exit 0
+fi
+
+if [ "$mode" = base ]; then
+    set -e
+    rev=${2:?usage: scripts/gpu_test.sh base REV}
+    wt=scratch/base-src
+    rm -rf "$wt"
+    mkdir -p "$wt" scratch/gpu-base
+    git archive "$rev" | tar -x -C "$wt"
+    # The dependencies are the same crates: reuse this checkout's compiled ones.
+    CARGO_TARGET_DIR=$PWD/target/base cargo build --release --manifest-path "$wt/Cargo.toml"
+    cp target/base/release/zmoe scratch/gpu-base/zmoe
+    git rev-parse --short "$rev" > scratch/gpu-base/COMMIT
+    rm -rf "$wt"
     exit 0
 fi
 
@@ -115,6 +136,34 @@ if [ "${2:-}" = glm ]; then
         --capsule "$OUT/validate-glm47-a4.json" --force 2>&1 | tee "$OUT/validate-glm.txt" | tail -16
     scratch/gpu/zmoe matrix run --model "$M" --backend cuda --runs 3 --max-tokens 200 \
         --ledger "$OUT/matrix.jsonl" --notes "scripts/gpu_test.sh run glm" 2>&1 | tail -6
+fi
+if [ "${2:-}" = compare ]; then
+    # Old vs new binary, same GPU, same model files, alternating (ABAB) so drift hits both.
+    echo "| preset | binary | run | prefill tok/s | decode tok/s | GB/s | % roofline |" > "$OUT/compare.md"
+    echo "|---|---|---|---|---|---|---|" >> "$OUT/compare.md"
+    for preset in ${COMPARE_PRESETS:-qwen3-30b-a3b glm-4.7-flash}; do
+        fam=qwen3_moe; [ "$preset" = glm-4.7-flash ] && fam=glm4_moe_lite
+        M=/tmp/zmoe-$preset
+        [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family $fam --preset "$preset" --quant affine4 \
+            --seed 0 --out "$M" 2>&1 | tail -1
+        for i in 1 2; do
+            for b in base new; do
+                exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
+                j="$OUT/cmp-$preset-$b-$i.json"
+                $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
+                    --json "$j" --force >"$OUT/cmp-$preset-$b-$i.txt" 2>&1 || echo "bench $b failed"
+                python3 - "$j" "$preset" "$b" "$i" >> "$OUT/compare.md" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+pf, dc = r["prefill_tok_s"]["median"], r["decode_tok_s"]["median"]
+print(f"| {sys.argv[2]} | {sys.argv[3]} | {sys.argv[4]} | {pf:.1f} | {dc:.1f} | {r['achieved_gb_s']:.0f} | {r['roofline_pct']:.1f} |")
+PY
+            done
+        done
+        scratch/gpu/zmoe validate --model "$M" --backend cuda --max-tokens 200 --runs 3 \
+            --capsule "$OUT/validate-$preset.json" --force 2>&1 | tee "$OUT/validate-$preset.txt" | tail -12
+    done
+    cat "$OUT/compare.md"
 fi
 echo
 echo "| GPU test | result |"
