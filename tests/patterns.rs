@@ -6,7 +6,7 @@ mod common;
 
 use zmoe::checkpoint::synth::SynthQuant;
 use zmoe::plan::Plan;
-use zmoe::plan::patterns::{Pattern, Selection, apply};
+use zmoe::plan::patterns::Selection;
 use zmoe::{BackendKind, Model};
 
 /// Runs zmoe, asserts success, returns stdout.
@@ -17,17 +17,7 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Prefill logits of every position, then 6 decode steps, under `plan`.
-fn run(model: &Model, plan: Plan, tokens: &[u32]) -> Vec<f32> {
-    let mut be = model.backend(BackendKind::Cpu, plan).unwrap();
-    let mut out = be.forward(tokens, true).unwrap();
-    for i in 0..6 {
-        let t = tokens[i % tokens.len()];
-        out.extend(be.forward(&[t], false).unwrap());
-    }
-    out
-}
-
+/// The one bit-identity test body (tests/common), on the CPU; tests/gpu.rs runs it on CUDA.
 #[test]
 fn patched_plans_are_bit_identical_on_cpu() {
     let tmp = tempfile::tempdir().unwrap();
@@ -35,31 +25,8 @@ fn patched_plans_are_bit_identical_on_cpu() {
     for (i, q) in [SynthQuant::Affine4, SynthQuant::Affine8, SynthQuant::Bf16].into_iter().enumerate() {
         dirs.push(common::synth_tiny(tmp.path(), &format!("t{i}"), q, 70 + i as u64));
     }
-    let mut subsets: Vec<Vec<Pattern>> = Pattern::ALL.iter().map(|p| vec![*p]).collect();
-    subsets.push(Pattern::ALL.to_vec());
-    for dir in dirs {
-        let model = Model::load(&dir).unwrap();
-        let v = model.config().vocab_size as u32;
-        let tokens: Vec<u32> = (0..11).map(|i| (i * 7919 + 3) % v).collect();
-        let reference = Plan::reference(model.config());
-        let want = run(&model, reference.clone(), &tokens);
-        assert!(want.iter().all(|x| x.is_finite()));
-        for pats in &subsets {
-            let (plan, applied) = apply(&reference, pats);
-            // Every pattern fires on every model, except shared_expert on families without
-            // shared experts.
-            let inapplicable = model.config().n_shared_experts == 0 && pats == &[Pattern::SharedExpert];
-            if inapplicable {
-                assert!(applied.is_empty());
-                continue;
-            }
-            assert!(!applied.is_empty(), "{}: {pats:?} fused nothing", dir.display());
-            assert!(plan.steps.len() < reference.steps.len());
-            let got = run(&model, plan, &tokens);
-            let same = got.len() == want.len() && got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{}: {pats:?} changes the logits", dir.display());
-        }
-    }
+    dirs.push(common::synth_preset(tmp.path(), "k4", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine4, 74));
+    common::assert_patterns_bitexact(BackendKind::Cpu, &dirs, 11, 6);
 }
 
 #[test]

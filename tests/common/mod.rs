@@ -88,3 +88,52 @@ pub fn golden_dirs(repo: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// The bit-identity test body, one for every backend: for each model folder, the logits of
+/// the reference plan — a prefill of `prompt` tokens (every position) and `decode` greedy
+/// decode steps — against those of every pattern alone and of all patterns together, bit for
+/// bit. Every pattern must fire, except where the model has nothing for it to fuse.
+pub fn assert_patterns_bitexact(kind: zmoe::BackendKind, dirs: &[PathBuf], prompt: usize, decode: usize) {
+    use zmoe::plan::Plan;
+    use zmoe::plan::patterns::{Pattern, apply};
+    let mut subsets: Vec<Vec<Pattern>> = Pattern::ALL.iter().map(|p| vec![*p]).collect();
+    subsets.push(Pattern::ALL.to_vec());
+    for dir in dirs {
+        let model = zmoe::Model::load(dir).unwrap();
+        let cfg = model.config();
+        let v = cfg.vocab_size as u32;
+        let tokens: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 11) % v).collect();
+        let run = |plan: Plan| {
+            let mut be = model.backend(kind, plan).unwrap();
+            let mut out = be.forward(&tokens, true).unwrap();
+            let mut last = out[out.len() - v as usize..].to_vec();
+            for _ in 0..decode {
+                let t = zmoe::sample::argmax(&last) as u32;
+                last = be.forward(&[t], false).unwrap();
+                out.extend_from_slice(&last);
+            }
+            out
+        };
+        let reference = Plan::reference(cfg);
+        let want = run(reference.clone());
+        assert!(want.iter().all(|x| x.is_finite()), "{}: non-finite reference logits", dir.display());
+        for pats in &subsets {
+            let (plan, applied) = apply(&reference, pats);
+            let nothing_to_fuse = match pats.as_slice() {
+                [Pattern::SharedExpert] => cfg.n_shared_experts == 0,
+                [Pattern::SwigluMlp] => (0..cfg.num_layers).all(|l| cfg.is_moe_layer(l)),
+                _ => false,
+            };
+            if nothing_to_fuse {
+                assert!(applied.is_empty(), "{}: {pats:?} fused something", dir.display());
+                continue;
+            }
+            assert!(!applied.is_empty(), "{}: {pats:?} fused nothing", dir.display());
+            assert!(plan.steps.len() < reference.steps.len());
+            let got = run(plan);
+            let diff = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert!(diff == 0 && got.len() == want.len(), "{}: {pats:?}: {diff} logits differ", dir.display());
+        }
+        println!("{}: every pattern bit-exact (prefill {prompt} + decode {decode})", dir.display());
+    }
+}

@@ -36,10 +36,43 @@ __device__ void merge_splits(const float* po, const float* pml, int nsplit, int 
         out[d] = f2bf(num / den);
     }
 }
+// One pass of the online softmax over cnt ≤ ATTN_THREADS keys, thread t holding key t's
+// scaled score sc (-INF past cnt): updates the running max mx and sum l, leaves p[t] =
+// e^(sc - max) for the value pass, and returns the factor the value sums are rescaled by.
+// Shared by GQA and MLA attention, so both reduce in the same order.
+__device__ __forceinline__ float softmax_pass(float sc, int cnt, float* p, float& mx, float& l) {
+    int tid = threadIdx.x;
+    float mn = fmaxf(mx, block_max(sc));
+    float pe = tid < cnt ? expf(sc - mn) : 0.f;
+    float ps = block_sum(pe), f = expf(mx - mn);
+    p[tid] = pe;
+    __syncthreads();
+    l = l * f + ps;
+    mx = mn;
+    return f;
+}
+
+// The end of split `split` of (token, head) mh: its unnormalised value sums acc (thread t
+// holds columns t, t + ATTN_THREADS, ... of W) and (max, sum) go to the partials; the block
+// that finishes last for mh merges every split into bf16 out[mh, W].
+template <int NACC>
+__device__ __forceinline__ void finish_split(const float (&acc)[NACC], int W, float mx, float l, float* part_o,
+                                             float* part_ml, int* tickets, int mh, int split, int nsplit, bf16* out) {
+    int tid = threadIdx.x;
+    long slot = (long)mh * nsplit + split;
+#pragma unroll
+    for (int i = 0; i < NACC; i++) {
+        int d = tid + i * ATTN_THREADS;
+        if (d < W) part_o[slot * W + d] = acc[i];
+    }
+    if (tid == 0) { part_ml[slot * 2] = mx; part_ml[slot * 2 + 1] = l; }
+    if (!last_to_finish(tickets + mh, nsplit)) return;
+    merge_splits(part_o + (long)mh * nsplit * W, part_ml + (long)mh * nsplit * 2, nsplit, W, out + (long)mh * W);
+}
+
 extern "C" __global__ void attention(const AttentionArgs a) {
     const bf16 *q = a.q, *kc = a.kc, *vc = a.vc;
     const int* pos = a.pos;
-    float *part_o = a.part_o, *part_ml = a.part_ml;
     const int nh = a.nh, nkv = a.nkv, D = a.d, nsplit = a.nsplit;
     const float scale = a.scale;
     __shared__ float qs[MAXD];
@@ -66,11 +99,7 @@ extern "C" __global__ void attention(const AttentionArgs a) {
             }
             sc = dot * scale;
         }
-        float mn = fmaxf(mx, block_max(sc));
-        float pe = tid < cnt ? expf(sc - mn) : 0.f;
-        float ps = block_sum(pe), a = expf(mx - mn);
-        p[tid] = pe;
-        __syncthreads();
+        float f = softmax_pass(sc, cnt, p, mx, l);
 #pragma unroll
         for (int i = 0; i < MAXD / ATTN_THREADS; i++) {
             int d = tid + i * ATTN_THREADS;
@@ -79,21 +108,11 @@ extern "C" __global__ void attention(const AttentionArgs a) {
                 float o = 0.f;
 #pragma unroll 8
                 for (int j = 0; j < cnt; j++) o += p[j] * bf2f(vr[(long)j * nkv * D]);
-                acc[i] = acc[i] * a + o;
+                acc[i] = acc[i] * f + o;
             }
         }
-        l = l * a + ps;
-        mx = mn;
         __syncthreads();
     }
-    long slot = (long)mh * nsplit + split;
-#pragma unroll
-    for (int i = 0; i < MAXD / ATTN_THREADS; i++) {
-        int d = tid + i * ATTN_THREADS;
-        if (d < D) part_o[slot * D + d] = acc[i];
-    }
-    if (tid == 0) { part_ml[slot * 2] = mx; part_ml[slot * 2 + 1] = l; }
-    if (!last_to_finish(a.tickets + mh, nsplit)) return;
-    merge_splits(part_o + (long)mh * nsplit * D, part_ml + (long)mh * nsplit * 2, nsplit, D, a.out + (long)mh * D);
+    finish_split(acc, D, mx, l, a.part_o, a.part_ml, a.tickets, mh, split, nsplit, a.out);
 }
 

@@ -74,7 +74,6 @@ extern "C" __global__ void cache_append(const CacheAppendArgs p) {
 extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
     const bf16 *qlat = a.qlat, *q = a.q, *cache = a.cache;
     const int* pos = a.pos;
-    float *part_o = a.part_o, *part_ml = a.part_ml;
     const int nh = a.nh, dqk = a.dqk, nope = a.nope, L = a.l, R = a.r, nsplit = a.nsplit;
     const float scale = a.scale;
     __shared__ float qs[MLA_MAXL + MLA_MAXR];
@@ -106,11 +105,7 @@ extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
         }
         __syncthreads();
         float sc = tid < cnt ? p[tid] : -INFINITY;
-        float mn = fmaxf(mx, block_max(sc));
-        float pe = tid < cnt ? expf(sc - mn) : 0.f;
-        float ps = block_sum(pe), a = expf(mx - mn);
-        p[tid] = pe;
-        __syncthreads();
+        float f = softmax_pass(sc, cnt, p, mx, l);
 #pragma unroll
         for (int i = 0; i < MLA_MAXL / ATTN_THREADS; i++) {
             int d = tid + i * ATTN_THREADS;
@@ -119,22 +114,12 @@ extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
                 float o = 0.f;
 #pragma unroll 8
                 for (int j = 0; j < cnt; j++) o += p[j] * bf2f(vr[(long)j * row]);
-                acc[i] = acc[i] * a + o;
+                acc[i] = acc[i] * f + o;
             }
         }
-        l = l * a + ps;
-        mx = mn;
         __syncthreads();
     }
-    long slot = (long)mh * nsplit + split;
-#pragma unroll
-    for (int i = 0; i < MLA_MAXL / ATTN_THREADS; i++) {
-        int d = tid + i * ATTN_THREADS;
-        if (d < L) part_o[slot * L + d] = acc[i];
-    }
-    if (tid == 0) { part_ml[slot * 2] = mx; part_ml[slot * 2 + 1] = l; }
-    if (!last_to_finish(a.tickets + mh, nsplit)) return;
-    merge_splits(part_o + (long)mh * nsplit * L, part_ml + (long)mh * nsplit * 2, nsplit, L, a.out + (long)mh * L);
+    finish_split(acc, L, mx, l, a.part_o, a.part_ml, a.tickets, mh, split, nsplit, a.out);
 }
 
 // qk_norm_rope for MLA: per (token, head) block of 256 threads (as the rmsnorm launch):
