@@ -1,18 +1,12 @@
-//! The backend interface and model loading.
+//! The backend interface: what every executor (CPU, CUDA) offers. Loading a model and
+//! picking a backend is [`crate::runtime`]'s job, above the executors.
 //!
 //! A backend is small on purpose (candle's lesson): run some tokens through the plan,
 //! append them to the cache, hand back logits. Generation, validation and benchmarks are
 //! written once against [`Backend`] and work on every device.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::cpu::CpuBackend;
-use crate::cuda::CudaBackend;
 use crate::error::{Error, Result};
-use crate::model::Weights;
 use crate::plan::Plan;
 use crate::plan::lower::ExecPlans;
 use crate::sample::Sampler;
@@ -176,76 +170,6 @@ pub fn measure_host_copy_bandwidth() -> Result<f64> {
         return Err(Error::Unavailable("copy-bandwidth test: the copy did not happen".into()));
     }
     Ok(2.0 * BYTES as f64 / best.max(1e-9) / 1e9)
-}
-
-/// Which device to run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    /// The best available (CUDA when present, else CPU).
-    Auto,
-    /// The f32 CPU reference.
-    Cpu,
-    /// NVIDIA GPU.
-    Cuda,
-}
-
-impl std::str::FromStr for BackendKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<BackendKind> {
-        match s {
-            "auto" => Ok(BackendKind::Auto),
-            "cpu" => Ok(BackendKind::Cpu),
-            "cuda" => Ok(BackendKind::Cuda),
-            _ => Err(Error::Arg(format!("unknown backend `{s}` (expected auto, cpu or cuda)"))),
-        }
-    }
-}
-
-/// A loaded model: checkpoint (memory-mapped) and typed weights.
-pub struct Model {
-    /// The opened checkpoint.
-    pub checkpoint: Checkpoint,
-    /// Its weights, shared with backends.
-    pub weights: Arc<Weights>,
-}
-
-impl Model {
-    /// Opens a model folder and checks every tensor the plan needs.
-    pub fn load(dir: &Path) -> Result<Model> {
-        let checkpoint = Checkpoint::open(dir)?;
-        let weights = Arc::new(Weights::load(&checkpoint)?);
-        Ok(Model { checkpoint, weights })
-    }
-
-    /// The config.
-    pub fn config(&self) -> &ModelConfig {
-        &self.checkpoint.config
-    }
-
-    /// `tokenizer.json` beside the weights.
-    pub fn tokenizer_path(&self) -> PathBuf {
-        self.checkpoint.dir.join("tokenizer.json")
-    }
-
-    /// A backend of the given kind running `plan` (CUDA decode graph-captured).
-    pub fn backend(&self, kind: BackendKind, plan: Plan) -> Result<Box<dyn Backend>> {
-        self.backend_with(kind, plan, true)
-    }
-
-    /// Like [`Model::backend`]; `cuda_graph: false` launches every decode kernel eagerly.
-    pub fn backend_with(&self, kind: BackendKind, plan: Plan, cuda_graph: bool) -> Result<Box<dyn Backend>> {
-        let cuda = |plan| CudaBackend::new(self.config().clone(), &self.weights, plan, cuda_graph);
-        match kind {
-            BackendKind::Cpu => Ok(Box::new(CpuBackend::new(self.config().clone(), self.weights.clone(), plan)?)),
-            BackendKind::Cuda => Ok(Box::new(cuda(plan)?)),
-            // The best available: CUDA when a GPU can run this model, else the CPU.
-            BackendKind::Auto => match cuda(plan.clone()) {
-                Ok(b) => Ok(Box::new(b)),
-                Err(Error::Unavailable(_)) => self.backend(BackendKind::Cpu, plan),
-                Err(e) => Err(e),
-            },
-        }
-    }
 }
 
 #[cfg(test)]

@@ -18,12 +18,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, DeviceInfo, Model, StepTime};
+use crate::backend::{Backend, DeviceInfo, StepTime};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, GenerateStats, generate};
 use crate::model::{Attn, Ffn, Mlp, Weights};
 use crate::rng::Rng;
+use crate::runtime::Model;
 use crate::sample::SamplingParams;
 
 /// The `kind` field of every bench capsule.

@@ -33,6 +33,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
@@ -50,23 +51,12 @@ pub mod outdir;
 pub mod output;
 pub mod plan;
 pub mod rng;
+pub mod runtime;
 pub mod sample;
 pub mod tokenizer;
 pub mod validate;
 
-pub use backend::{Backend, BackendKind, Model};
+pub use backend::Backend;
+pub use cache::cache_dir;
 pub use error::{Error, Result};
-
-/// zmoe's cache folder: `$ZMOE_CACHE` if set, else `$XDG_CACHE_HOME/zmoe`, else
-/// `~/.cache/zmoe` (the system temp folder if there is no home). It holds the demo model,
-/// the synthesised `zmoe matrix` presets (`presets/`) and compiled kernels (`kernels/`).
-pub fn cache_dir() -> std::path::PathBuf {
-    use std::path::{Path, PathBuf};
-    if let Some(d) = std::env::var_os("ZMOE_CACHE") {
-        return PathBuf::from(d);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
-    base.unwrap_or_else(std::env::temp_dir).join("zmoe")
-}
+pub use runtime::{BackendKind, Model};

@@ -10,12 +10,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, BackendKind, DeviceInfo, Model};
+use crate::backend::{Backend, DeviceInfo};
 use crate::bench::{ModelSummary, Provenance, RunResult, Spread};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, generate};
 use crate::plan::Plan;
 use crate::plan::patterns::{Applied, Selection, patched_plan};
+use crate::runtime::{BackendKind, Model};
 use crate::sample::SamplingParams;
 
 /// The `kind` field of a validate capsule.

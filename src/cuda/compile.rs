@@ -13,7 +13,7 @@ use cudarc::nvrtc::sys;
 use crate::error::{Error, Result};
 
 fn cache_dir() -> PathBuf {
-    crate::cache_dir().join("kernels")
+    crate::cache::cache_dir().join("kernels")
 }
 
 fn nvrtc_version() -> (i32, i32) {

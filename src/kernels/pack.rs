@@ -225,6 +225,6 @@ impl KernelPack {
 pub fn default_path(arch: &str) -> PathBuf {
     match std::env::var_os("ZMOE_KERNEL_PACK") {
         Some(p) => PathBuf::from(p),
-        None => crate::cache_dir().join("packs").join(format!("{arch}.json")),
+        None => crate::cache::cache_dir().join("packs").join(format!("{arch}.json")),
     }
 }

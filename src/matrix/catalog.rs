@@ -28,12 +28,12 @@
 use std::path::{Path, PathBuf};
 
 use super::report::{Table, one_line};
-use crate::backend::Model;
 use crate::bench::ModelSummary;
 use crate::checkpoint::synth::{self, SynthQuant};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::plan::patterns::{FamilyPolicy, policy};
+use crate::runtime::Model;
 
 /// `(total, active per token)` parameters of a model with config `cfg` (see the module docs
 /// for what is counted).

@@ -79,10 +79,10 @@ pub struct LedgerArgs {
 
 /// Runs a `matrix` subcommand, handing stdout text to `stdout` as it is produced (`matrix
 /// run` reports each model when it finishes) and warnings (`warning: <path>:<line>: <why>,
-/// skipped`) and progress lines to `stderr`. Presets are cached under [`crate::cache_dir`].
+/// skipped`) and progress lines to `stderr`. Presets are cached under [`crate::cache::cache_dir`].
 pub fn execute_with(cmd: &MatrixCmd, stdout: &mut dyn FnMut(&str), stderr: &mut dyn FnMut(&str)) -> Result<()> {
     match cmd {
-        MatrixCmd::Run(args) => run::run(args, &crate::cache_dir(), stdout, stderr),
+        MatrixCmd::Run(args) => run::run(args, &crate::cache::cache_dir(), stdout, stderr),
         other => {
             stdout(&execute(other, stderr)?);
             Ok(())
@@ -98,7 +98,7 @@ pub fn execute(cmd: &MatrixCmd, stderr: &mut dyn FnMut(&str)) -> Result<String> 
         MatrixCmd::Catalog { models } => catalog::catalog(models),
         MatrixCmd::Run(args) => {
             let mut out = String::new();
-            run::run(args, &crate::cache_dir(), &mut |s| out.push_str(s), stderr)?;
+            run::run(args, &crate::cache::cache_dir(), &mut |s| out.push_str(s), stderr)?;
             Ok(out)
         }
         MatrixCmd::History { substring, ledger } => {

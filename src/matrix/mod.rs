@@ -26,7 +26,7 @@
 //!   it opens offline and as a CI artifact), and [`cli`] wires both to the command line so
 //!   the binary only dispatches.
 //! - **Writing is validation plus one conversion**: [`run`] loads each model (a folder, or a
-//!   synthetic preset from [`crate::checkpoint::synth`] cached under [`crate::cache_dir`]),
+//!   synthetic preset from [`crate::checkpoint::synth`] cached under [`crate::cache::cache_dir`]),
 //!   runs [`crate::validate::run_validate`] and appends [`Entry::from_validate`] of the
 //!   result; [`catalog`] lists what can be run, with parameter counts from the config
 //!   ([`catalog::param_counts`]) and each family's pattern policy.

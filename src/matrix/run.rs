@@ -2,7 +2,7 @@
 //!
 //! Models are model folders (`--model DIR`, id = the folder's name) and synthetic presets
 //! (`--preset NAME`, `--all`; id = `family/preset@quant`). A preset is synthesised once into
-//! `<cache>/presets/<family>-<preset>-<quant>-seed0` ([`crate::cache_dir`]) and reused after
+//! `<cache>/presets/<family>-<preset>-<quant>-seed0` ([`crate::cache::cache_dir`]) and reused after
 //! that. Each model is loaded, validated exactly as `zmoe validate` does (same prompt, both
 //! plans on one backend) and recorded; a FAIL is recorded too — that is what a ledger is for.
 //! One model's error (it does not load, no pattern applies) is reported and the others
@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 
 use super::report::{one_line, report_table};
 use super::{DEFAULT_LEDGER, Entry, Ledger, Verdict};
-use crate::backend::{BackendKind, Model};
 use crate::checkpoint::synth::{self, SynthQuant, SynthSpec};
 use crate::error::{Error, Result};
 use crate::plan::patterns::Selection;
+use crate::runtime::{BackendKind, Model};
 use crate::validate::{ValidateOptions, validate_model};
 
 /// `zmoe matrix run` options.

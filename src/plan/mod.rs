@@ -16,6 +16,7 @@ pub mod patterns;
 use std::fmt;
 
 use crate::config::{Family, ModelConfig, RouterKind};
+pub use crate::model::{LinRef, NormRef};
 
 /// Activation buffers. Widths per row; `T` rows = tokens in this forward call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,58 +82,6 @@ impl Buf {
         Buf::OLat,
         Buf::SharedOut,
     ];
-}
-
-/// A linear layer, by role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinRef {
-    /// Layer's q_proj (MLA: q_b_proj, or q_proj without a query LoRA).
-    Q(usize),
-    /// MLA q_a_proj.
-    QA(usize),
-    /// MLA kv_a_proj_with_mqa.
-    KvA(usize),
-    /// Layer's k_proj.
-    K(usize),
-    /// Layer's v_proj.
-    V(usize),
-    /// Layer's o_proj.
-    O(usize),
-    /// Dense MLP gate_proj.
-    DenseGate(usize),
-    /// Dense MLP up_proj.
-    DenseUp(usize),
-    /// Dense MLP down_proj.
-    DenseDown(usize),
-    /// Shared-expert gate_proj.
-    SharedGate(usize),
-    /// Shared-expert up_proj.
-    SharedUp(usize),
-    /// Shared-expert down_proj.
-    SharedDown(usize),
-    /// MoE router.
-    Router(usize),
-    /// Output head.
-    LmHead,
-}
-
-/// A norm weight, by role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NormRef {
-    /// input_layernorm of a layer.
-    Input(usize),
-    /// post_attention_layernorm of a layer.
-    Post(usize),
-    /// Per-head q_norm.
-    QHead(usize),
-    /// Per-head k_norm.
-    KHead(usize),
-    /// MLA q_a_layernorm (over the query latent).
-    QLatent(usize),
-    /// MLA kv_a_layernorm (over the KV latent, the first kv_lora columns of `Kva`).
-    KvLatent(usize),
-    /// Final model.norm.
-    Final,
 }
 
 /// One step of a plan: a primitive op of the reference plan, or a fused step that a
@@ -323,70 +272,6 @@ pub enum Step {
         /// The pack kernels, one per bucket served.
         kernels: Vec<lower::PackKernel>,
     },
-}
-
-impl LinRef {
-    /// The role without the layer, e.g. `q` or `router`.
-    pub fn role(self) -> &'static str {
-        match self {
-            LinRef::Q(_) => "q",
-            LinRef::K(_) => "k",
-            LinRef::V(_) => "v",
-            LinRef::O(_) => "o",
-            LinRef::DenseGate(_) => "dense_gate",
-            LinRef::DenseUp(_) => "dense_up",
-            LinRef::DenseDown(_) => "dense_down",
-            LinRef::QA(_) => "q_a",
-            LinRef::KvA(_) => "kv_a",
-            LinRef::SharedGate(_) => "shared_gate",
-            LinRef::SharedUp(_) => "shared_up",
-            LinRef::SharedDown(_) => "shared_down",
-            LinRef::Router(_) => "router",
-            LinRef::LmHead => "lm_head",
-        }
-    }
-
-    /// The layer whose weight this is (`None` for the output head).
-    pub fn layer(self) -> Option<usize> {
-        match self {
-            LinRef::Q(l) | LinRef::K(l) | LinRef::V(l) | LinRef::O(l) | LinRef::QA(l) | LinRef::KvA(l) => Some(l),
-            LinRef::DenseGate(l) | LinRef::DenseUp(l) | LinRef::DenseDown(l) | LinRef::Router(l) => Some(l),
-            LinRef::SharedGate(l) | LinRef::SharedUp(l) | LinRef::SharedDown(l) => Some(l),
-            LinRef::LmHead => None,
-        }
-    }
-}
-
-impl NormRef {
-    /// The role without the layer, e.g. `input` or `q_head`.
-    pub fn role(self) -> &'static str {
-        match self {
-            NormRef::Input(_) => "input",
-            NormRef::Post(_) => "post",
-            NormRef::QHead(_) => "q_head",
-            NormRef::KHead(_) => "k_head",
-            NormRef::QLatent(_) => "q_latent",
-            NormRef::KvLatent(_) => "kv_latent",
-            NormRef::Final => "final",
-        }
-    }
-
-    /// The layer whose weight this is (`None` for the final norm).
-    pub fn layer(self) -> Option<usize> {
-        match self {
-            NormRef::Input(l) | NormRef::Post(l) | NormRef::QHead(l) | NormRef::KHead(l) => Some(l),
-            NormRef::QLatent(l) | NormRef::KvLatent(l) => Some(l),
-            NormRef::Final => None,
-        }
-    }
-
-    /// The norm's epsilon: `rms_norm_eps`, except MLA's latent norms (model-spec §3.8).
-    pub fn eps(self, cfg: &ModelConfig) -> f32 {
-        match (self, &cfg.mla) {
-            (NormRef::QLatent(_) | NormRef::KvLatent(_), Some(m)) => m.latent_norm_eps,
-            _ => cfg.rms_norm_eps,
-        }
-    }
 }
 
 impl Step {
