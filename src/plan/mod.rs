@@ -10,12 +10,13 @@
 //! Steps refer to weights by role ([`LinRef`], [`NormRef`]) and read dimensions from the
 //! [`ModelConfig`]; buffers hold `T` rows (tokens in this call) of a fixed width.
 
+mod family;
 pub mod lower;
 pub mod patterns;
 
 use std::fmt;
 
-use crate::config::{Family, ModelConfig, RouterKind};
+use crate::config::{Family, ModelConfig};
 pub use crate::model::{LinRef, NormRef};
 
 /// Activation buffers. Widths per row; `T` rows = tokens in this forward call.
@@ -452,8 +453,8 @@ impl Plan {
     /// The reference plan of a model: primitive steps only (model-spec §2.4 for Qwen3-MoE).
     pub fn reference(cfg: &ModelConfig) -> Plan {
         match cfg.family {
-            Family::Qwen3Moe => qwen3_moe(cfg),
-            Family::Glm4MoeLite | Family::DeepseekV3 => mla_moe(cfg),
+            Family::Qwen3Moe => family::qwen3_moe::reference(cfg),
+            Family::Glm4MoeLite | Family::DeepseekV3 => family::mla_moe::reference(cfg),
         }
     }
 
@@ -476,124 +477,6 @@ impl Plan {
     pub fn primitives_only(&self) -> Plan {
         Plan { name: self.name.clone(), steps: self.steps.iter().flat_map(Step::primitives).collect() }
     }
-}
-
-/// The MLP steps of layer `l` from `H` to `Out` (the residual add follows).
-fn mlp_steps(cfg: &ModelConfig, l: usize, s: &mut Vec<Step>) {
-    use Buf::*;
-    if cfg.is_moe_layer(l) {
-        // Shared experts first, so that the routed path ends in one run (down, combine,
-        // + shared, + residual) that `moe_mlp` fuses; the sum is the same either way.
-        if cfg.n_shared_experts > 0 {
-            s.extend([
-                Step::Linear { w: LinRef::SharedGate(l), src: H, dst: Gate },
-                Step::Linear { w: LinRef::SharedUp(l), src: H, dst: Up },
-                Step::Swiglu,
-                Step::Linear { w: LinRef::SharedDown(l), src: Act, dst: SharedOut },
-            ]);
-        }
-        let router = match cfg.router {
-            RouterKind::Softmax => Step::RouterTopK,
-            RouterKind::SigmoidGrouped { .. } => Step::SigmoidTopK { layer: l },
-        };
-        s.extend([
-            Step::Linear { w: LinRef::Router(l), src: H, dst: RouterLogits },
-            router,
-            Step::ExpertGateUp { layer: l },
-            Step::Swiglu,
-            Step::ExpertDown { layer: l },
-            Step::Combine,
-        ]);
-        if cfg.n_shared_experts > 0 {
-            s.push(Step::Add { dst: Out, src: SharedOut });
-        }
-    } else {
-        s.extend([
-            Step::Linear { w: LinRef::DenseGate(l), src: H, dst: Gate },
-            Step::Linear { w: LinRef::DenseUp(l), src: H, dst: Up },
-            Step::Swiglu,
-            Step::Linear { w: LinRef::DenseDown(l), src: Act, dst: Out },
-        ]);
-    }
-}
-
-/// GLM-4.7-Flash / DeepSeek-V3 (model-spec §3.4–3.6): MLA attention in the absorbed form
-/// over a latent cache, sigmoid-grouped routing, shared experts.
-fn mla_moe(cfg: &ModelConfig) -> Plan {
-    use Buf::*;
-    let m = cfg.mla.as_ref().expect("MLA family");
-    let mut s = vec![Step::Embed];
-    for l in 0..cfg.num_layers {
-        s.push(Step::RmsNorm { w: NormRef::Input(l), src: X, dst: H });
-        // Both projections of H first (q_a or q, then kv_a): `qkv_proj` fuses them.
-        if m.q_lora_rank.is_some() {
-            s.extend([
-                Step::Linear { w: LinRef::QA(l), src: H, dst: QA },
-                Step::Linear { w: LinRef::KvA(l), src: H, dst: Kva },
-                Step::RmsNorm { w: NormRef::QLatent(l), src: QA, dst: QA },
-                Step::Linear { w: LinRef::Q(l), src: QA, dst: Q },
-            ]);
-        } else {
-            s.extend([
-                Step::Linear { w: LinRef::Q(l), src: H, dst: Q },
-                Step::Linear { w: LinRef::KvA(l), src: H, dst: Kva },
-            ]);
-        }
-        s.extend([
-            Step::RmsNorm { w: NormRef::KvLatent(l), src: Kva, dst: Kva },
-            Step::MlaRope,
-            Step::LatentAppend { layer: l },
-            Step::MlaQAbsorb { layer: l },
-            Step::MlaAttention { layer: l },
-            Step::MlaVUp { layer: l },
-        ]);
-        ffn_block(cfg, l, &mut s);
-    }
-    head(&mut s);
-    Plan { name: "reference".into(), steps: s }
-}
-
-/// After attention: o_proj, residual add, post-attention norm, the MLP, residual add.
-fn ffn_block(cfg: &ModelConfig, l: usize, s: &mut Vec<Step>) {
-    use Buf::*;
-    s.extend([
-        Step::Linear { w: LinRef::O(l), src: Attn, dst: Out },
-        Step::Add { dst: X, src: Out },
-        Step::RmsNorm { w: NormRef::Post(l), src: X, dst: H },
-    ]);
-    mlp_steps(cfg, l, s);
-    s.push(Step::Add { dst: X, src: Out });
-}
-
-/// The output head: last row, final norm, lm_head.
-fn head(s: &mut Vec<Step>) {
-    use Buf::*;
-    s.extend([
-        Step::LastRow,
-        Step::RmsNorm { w: NormRef::Final, src: X, dst: H },
-        Step::Linear { w: LinRef::LmHead, src: H, dst: Logits },
-    ]);
-}
-
-fn qwen3_moe(cfg: &ModelConfig) -> Plan {
-    use Buf::*;
-    let mut s = vec![Step::Embed];
-    for l in 0..cfg.num_layers {
-        s.extend([
-            Step::RmsNorm { w: NormRef::Input(l), src: X, dst: H },
-            Step::Linear { w: LinRef::Q(l), src: H, dst: Q },
-            Step::Linear { w: LinRef::K(l), src: H, dst: K },
-            Step::Linear { w: LinRef::V(l), src: H, dst: V },
-            Step::HeadNorm { w: NormRef::QHead(l), buf: Q },
-            Step::HeadNorm { w: NormRef::KHead(l), buf: K },
-            Step::Rope,
-            Step::KvAppend { layer: l },
-            Step::Attention { layer: l },
-        ]);
-        ffn_block(cfg, l, &mut s);
-    }
-    head(&mut s);
-    Plan { name: "reference".into(), steps: s }
 }
 
 #[cfg(test)]
