@@ -7,7 +7,9 @@
 //! in-memory shape, so backends never care where a checkpoint came from.
 //!
 //! Backends look weights up by role ([`Weights::linear`], [`Weights::norm`]): the plan names
-//! roles, and a plan that names a weight the model lacks is an error, not a panic.
+//! roles ([`LinRef`], [`NormRef`], defined here with the weights they name), and a plan that
+//! names a weight the model lacks is an error, not a panic. The tree is generic over where
+//! its tensors live ([`Store`]): the CUDA backend holds the same tree on the device.
 
 use crate::checkpoint::{Checkpoint, Mat};
 use crate::config::{Family, ModelConfig};
@@ -129,122 +131,158 @@ impl NormRef {
     }
 }
 
-/// A linear layer: weight `[out, in]` and optional bias `[out]`.
+/// Where a weight tree keeps its tensors, and in which form: the host (checkpoint matrices
+/// in their on-disk formats, f32 vectors) or a device (see `cuda::weights`).
+///
+/// Why one tree generic over the store: the shape of a model — which layer has which
+/// weights, and the role lookup the plans use ([`Weights::linear`], [`Weights::norm`]) —
+/// is written once, here; a backend only says how one matrix, one stack of matrices and one
+/// vector are held, and converts the host tree with [`Convert`].
+pub trait Store: Clone + std::fmt::Debug {
+    /// One matrix `[rows, cols]`.
+    type Mat: Clone + std::fmt::Debug;
+    /// `E` matrices of one shape, stacked (experts, MLA heads).
+    type Stack: Clone + std::fmt::Debug;
+    /// An f32 vector (norm weights, biases).
+    type Vector: Clone + std::fmt::Debug;
+}
+
+/// The host store: what [`Weights::load`] reads (memory-mapped, exactly as on disk).
 #[derive(Debug, Clone)]
-pub struct Linear {
+pub struct Host;
+
+impl Store for Host {
+    type Mat = Mat;
+    type Stack = Vec<Mat>;
+    type Vector = Vec<f32>;
+}
+
+/// A conversion of the host tree's tensors into another store (e.g. an upload to a GPU).
+pub trait Convert<T: Store> {
+    /// One matrix.
+    fn mat(&mut self, m: &Mat) -> Result<T::Mat>;
+    /// A stack of matrices of one shape.
+    fn stack(&mut self, ms: &[Mat]) -> Result<T::Stack>;
+    /// An f32 vector (possibly empty: a weight the model has not got).
+    fn vector(&mut self, v: &[f32]) -> Result<T::Vector>;
+}
+
+/// A linear layer: weight `[out, in]` and optional bias `[out]` (f32).
+#[derive(Debug, Clone)]
+pub struct Linear<S: Store = Host> {
     /// Weight `[out, in]`.
-    pub w: Mat,
+    pub w: S::Mat,
     /// Bias `[out]`, decoded to f32.
-    pub b: Option<Vec<f32>>,
+    pub b: Option<S::Vector>,
 }
 
 /// Routed experts of one MoE layer.
 #[derive(Debug, Clone)]
-pub struct Experts {
+pub struct Experts<S: Store = Host> {
     /// `E × [I, H]`.
-    pub gate: Vec<Mat>,
+    pub gate: S::Stack,
     /// `E × [I, H]`.
-    pub up: Vec<Mat>,
+    pub up: S::Stack,
     /// `E × [H, I]`.
-    pub down: Vec<Mat>,
+    pub down: S::Stack,
 }
 
 /// A SwiGLU feed-forward block (dense MLPs and shared experts).
 #[derive(Debug, Clone)]
-pub struct Ffn {
+pub struct Ffn<S: Store = Host> {
     /// gate_proj `[F, H]`.
-    pub gate: Linear,
+    pub gate: Linear<S>,
     /// up_proj `[F, H]`.
-    pub up: Linear,
+    pub up: Linear<S>,
     /// down_proj `[H, F]`.
-    pub down: Linear,
+    pub down: Linear<S>,
 }
 
 /// A layer's feed-forward block.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // one per layer; boxing would only add indirection
-pub enum Mlp {
+pub enum Mlp<S: Store = Host> {
     /// SwiGLU MLP: gate/up `[F, H]`, down `[H, F]`.
-    Dense(Ffn),
+    Dense(Ffn<S>),
     /// Router + routed experts (+ shared experts).
     Moe {
         /// Router `[E, H]`.
-        router: Linear,
+        router: Linear<S>,
         /// Sigmoid routers: `e_score_correction_bias [E]` (f32), added for selection only.
-        correction_bias: Option<Vec<f32>>,
+        correction_bias: Option<S::Vector>,
         /// The experts.
-        experts: Experts,
+        experts: Experts<S>,
         /// Shared experts `[Fs, H]` / `[H, Fs]`, run on every token (GLM / DeepSeek).
-        shared: Option<Box<Ffn>>,
+        shared: Option<Box<Ffn<S>>>,
     },
 }
 
 /// Multi-head latent attention weights (model-spec §3.3–3.4), in the absorbed layout.
 #[derive(Debug, Clone)]
-pub struct MlaWeights {
+pub struct MlaWeights<S: Store = Host> {
     /// q_a_proj `[q_lora, H]` (absent without a query LoRA).
-    pub q_a: Option<Linear>,
+    pub q_a: Option<Linear<S>>,
     /// q_a_layernorm `[q_lora]` (empty without a query LoRA).
-    pub q_a_norm: Vec<f32>,
+    pub q_a_norm: S::Vector,
     /// q_b_proj `[nH·Dqk, q_lora]`, or q_proj `[nH·Dqk, H]` without a query LoRA.
-    pub q: Linear,
+    pub q: Linear<S>,
     /// kv_a_proj_with_mqa `[kv_lora + rope, H]`.
-    pub kv_a: Linear,
+    pub kv_a: Linear<S>,
     /// kv_a_layernorm `[kv_lora]`.
-    pub kv_a_norm: Vec<f32>,
+    pub kv_a_norm: S::Vector,
     /// Per head, `W_UKᵀ`: `nH × [kv_lora, qk_nope]` (mlx-lm's `embed_q`): `q_lat = W_UKᵀ q_nope`.
-    pub embed_q: Vec<Mat>,
+    pub embed_q: S::Stack,
     /// Per head, `W_UV`: `nH × [v_head, kv_lora]` (mlx-lm's `unembed_out`).
-    pub unembed_out: Vec<Mat>,
+    pub unembed_out: S::Stack,
 }
 
 /// A layer's attention projections.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)]
-pub enum Attn {
+pub enum Attn<S: Store = Host> {
     /// Grouped-query attention with per-head q/k norms (Qwen3).
     Gqa {
         /// `[nH·D, H]`.
-        q: Linear,
+        q: Linear<S>,
         /// `[nKV·D, H]`.
-        k: Linear,
+        k: Linear<S>,
         /// `[nKV·D, H]`.
-        v: Linear,
+        v: Linear<S>,
         /// Per-head q norm `[D]`.
-        q_norm: Vec<f32>,
+        q_norm: S::Vector,
         /// Per-head k norm `[D]`.
-        k_norm: Vec<f32>,
+        k_norm: S::Vector,
     },
     /// Multi-head latent attention (GLM / DeepSeek).
-    Mla(MlaWeights),
+    Mla(MlaWeights<S>),
 }
 
 /// One decoder layer.
 #[derive(Debug, Clone)]
-pub struct Layer {
+pub struct Layer<S: Store = Host> {
     /// `[H]`.
-    pub input_norm: Vec<f32>,
+    pub input_norm: S::Vector,
     /// Attention projections.
-    pub attn: Attn,
+    pub attn: Attn<S>,
     /// o_proj `[H, nH·Dv]`.
-    pub o: Linear,
+    pub o: Linear<S>,
     /// `[H]`.
-    pub post_norm: Vec<f32>,
+    pub post_norm: S::Vector,
     /// Feed-forward block.
-    pub mlp: Mlp,
+    pub mlp: Mlp<S>,
 }
 
 /// All weights of a model.
 #[derive(Debug, Clone)]
-pub struct Weights {
+pub struct Weights<S: Store = Host> {
     /// Token embedding `[V, H]` (possibly quantized).
-    pub embed: Mat,
+    pub embed: S::Mat,
     /// Decoder layers.
-    pub layers: Vec<Layer>,
+    pub layers: Vec<Layer<S>>,
     /// Final norm `[H]`.
-    pub norm: Vec<f32>,
+    pub norm: S::Vector,
     /// Output head `[V, H]` (the embedding matrix when tied; never has a bias).
-    pub lm_head: Linear,
+    pub lm_head: Linear<S>,
 }
 
 fn missing(what: String) -> Error {
@@ -291,14 +329,103 @@ impl Weights {
         Ok(Weights { embed, layers, norm: ck.vector("model.norm.weight", h)?, lm_head })
     }
 
+    /// The same tree in another store: every tensor converted once, the shape kept.
+    pub fn convert<T: Store>(&self, c: &mut impl Convert<T>) -> Result<Weights<T>> {
+        fn lin<T: Store>(c: &mut impl Convert<T>, l: &Linear) -> Result<Linear<T>> {
+            Ok(Linear { w: c.mat(&l.w)?, b: l.b.as_deref().map(|b| c.vector(b)).transpose()? })
+        }
+        fn ffn<T: Store>(c: &mut impl Convert<T>, f: &Ffn) -> Result<Ffn<T>> {
+            Ok(Ffn { gate: lin(c, &f.gate)?, up: lin(c, &f.up)?, down: lin(c, &f.down)? })
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for ly in &self.layers {
+            let attn = match &ly.attn {
+                Attn::Gqa { q, k, v, q_norm, k_norm } => Attn::Gqa {
+                    q: lin(c, q)?,
+                    k: lin(c, k)?,
+                    v: lin(c, v)?,
+                    q_norm: c.vector(q_norm)?,
+                    k_norm: c.vector(k_norm)?,
+                },
+                Attn::Mla(m) => Attn::Mla(MlaWeights {
+                    q_a: m.q_a.as_ref().map(|l| lin(c, l)).transpose()?,
+                    q_a_norm: c.vector(&m.q_a_norm)?,
+                    q: lin(c, &m.q)?,
+                    kv_a: lin(c, &m.kv_a)?,
+                    kv_a_norm: c.vector(&m.kv_a_norm)?,
+                    embed_q: c.stack(&m.embed_q)?,
+                    unembed_out: c.stack(&m.unembed_out)?,
+                }),
+            };
+            let mlp = match &ly.mlp {
+                Mlp::Dense(f) => Mlp::Dense(ffn(c, f)?),
+                Mlp::Moe { router, correction_bias, experts, shared } => Mlp::Moe {
+                    router: lin(c, router)?,
+                    correction_bias: correction_bias.as_deref().map(|b| c.vector(b)).transpose()?,
+                    experts: Experts {
+                        gate: c.stack(&experts.gate)?,
+                        up: c.stack(&experts.up)?,
+                        down: c.stack(&experts.down)?,
+                    },
+                    shared: shared.as_deref().map(|f| ffn(c, f).map(Box::new)).transpose()?,
+                },
+            };
+            layers.push(Layer {
+                input_norm: c.vector(&ly.input_norm)?,
+                attn,
+                o: lin(c, &ly.o)?,
+                post_norm: c.vector(&ly.post_norm)?,
+                mlp,
+            });
+        }
+        Ok(Weights { embed: c.mat(&self.embed)?, layers, norm: c.vector(&self.norm)?, lm_head: lin(c, &self.lm_head)? })
+    }
+
+    /// Bytes of weights read to decode one token: everything but the unselected experts
+    /// and the embedding table (one row of it is read).
+    pub fn bytes_per_token(&self, cfg: &ModelConfig) -> usize {
+        let lin = |l: &Linear| l.w.nbytes() + l.b.as_ref().map_or(0, |b| b.len() * 4);
+        let ffn = |f: &Ffn| lin(&f.gate) + lin(&f.up) + lin(&f.down);
+        let mats = |m: &[Mat]| m.iter().map(Mat::nbytes).sum::<usize>();
+        let mut total = self.embed.nbytes() / self.embed.rows + lin(&self.lm_head) + 4 * self.norm.len();
+        for layer in &self.layers {
+            total += lin(&layer.o) + 4 * (layer.input_norm.len() + layer.post_norm.len());
+            total += match &layer.attn {
+                Attn::Gqa { q, k, v, q_norm, k_norm } => lin(q) + lin(k) + lin(v) + 4 * (q_norm.len() + k_norm.len()),
+                Attn::Mla(m) => {
+                    m.q_a.as_ref().map_or(0, lin)
+                        + lin(&m.q)
+                        + lin(&m.kv_a)
+                        + 4 * (m.q_a_norm.len() + m.kv_a_norm.len())
+                        + mats(&m.embed_q)
+                        + mats(&m.unembed_out)
+                }
+            };
+            total += match &layer.mlp {
+                Mlp::Dense(f) => ffn(f),
+                Mlp::Moe { router, correction_bias, experts, shared } => {
+                    let one = experts.gate[0].nbytes() + experts.up[0].nbytes() + experts.down[0].nbytes();
+                    lin(router)
+                        + correction_bias.as_ref().map_or(0, |b| 4 * b.len())
+                        + cfg.top_k * one
+                        + shared.as_deref().map_or(0, ffn)
+                }
+            };
+        }
+        total
+    }
+}
+
+/// The role lookups, for every store: the plan names roles, the tree answers.
+impl<S: Store> Weights<S> {
     /// The linear layer with role `r`.
-    pub fn linear(&self, r: LinRef) -> Result<&Linear> {
+    pub fn linear(&self, r: LinRef) -> Result<&Linear<S>> {
         let layer = |l: usize| self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")));
         let mla = |l: usize| match &layer(l)?.attn {
             Attn::Mla(m) => Ok(m),
             Attn::Gqa { .. } => Err(missing(format!("MLA weights in layer {l}"))),
         };
-        let ffn = |l: usize, shared: bool| -> Result<&Ffn> {
+        let ffn = |l: usize, shared: bool| -> Result<&Ffn<S>> {
             match (&layer(l)?.mlp, shared) {
                 (Mlp::Dense(f), false) => Ok(f),
                 (Mlp::Moe { shared: Some(f), .. }, true) => Ok(f),
@@ -338,7 +465,7 @@ impl Weights {
     }
 
     /// The norm weight with role `r`.
-    pub fn norm(&self, r: NormRef) -> Result<&[f32]> {
+    pub fn norm(&self, r: NormRef) -> Result<&S::Vector> {
         let layer = |l: usize| self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")));
         let gqa = |l: usize, q: bool| match &layer(l)?.attn {
             Attn::Gqa { q_norm, k_norm, .. } => Ok(if q { q_norm } else { k_norm }),
@@ -360,7 +487,7 @@ impl Weights {
     }
 
     /// The routed experts of MoE layer `l`.
-    pub fn experts(&self, l: usize) -> Result<&Experts> {
+    pub fn experts(&self, l: usize) -> Result<&Experts<S>> {
         match &self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")))?.mlp {
             Mlp::Moe { experts, .. } => Ok(experts),
             Mlp::Dense(_) => Err(missing(format!("experts in dense layer {l}"))),
@@ -368,45 +495,11 @@ impl Weights {
     }
 
     /// The MLA weights of layer `l`.
-    pub fn mla(&self, l: usize) -> Result<&MlaWeights> {
+    pub fn mla(&self, l: usize) -> Result<&MlaWeights<S>> {
         match &self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")))?.attn {
             Attn::Mla(m) => Ok(m),
             Attn::Gqa { .. } => Err(missing(format!("MLA weights in GQA layer {l}"))),
         }
-    }
-
-    /// Bytes of weights read to decode one token: everything but the unselected experts
-    /// and the embedding table (one row of it is read).
-    pub fn bytes_per_token(&self, cfg: &ModelConfig) -> usize {
-        let lin = |l: &Linear| l.w.nbytes() + l.b.as_ref().map_or(0, |b| b.len() * 4);
-        let ffn = |f: &Ffn| lin(&f.gate) + lin(&f.up) + lin(&f.down);
-        let mats = |m: &[Mat]| m.iter().map(Mat::nbytes).sum::<usize>();
-        let mut total = self.embed.nbytes() / self.embed.rows + lin(&self.lm_head) + 4 * self.norm.len();
-        for layer in &self.layers {
-            total += lin(&layer.o) + 4 * (layer.input_norm.len() + layer.post_norm.len());
-            total += match &layer.attn {
-                Attn::Gqa { q, k, v, q_norm, k_norm } => lin(q) + lin(k) + lin(v) + 4 * (q_norm.len() + k_norm.len()),
-                Attn::Mla(m) => {
-                    m.q_a.as_ref().map_or(0, lin)
-                        + lin(&m.q)
-                        + lin(&m.kv_a)
-                        + 4 * (m.q_a_norm.len() + m.kv_a_norm.len())
-                        + mats(&m.embed_q)
-                        + mats(&m.unembed_out)
-                }
-            };
-            total += match &layer.mlp {
-                Mlp::Dense(f) => ffn(f),
-                Mlp::Moe { router, correction_bias, experts, shared } => {
-                    let one = experts.gate[0].nbytes() + experts.up[0].nbytes() + experts.down[0].nbytes();
-                    lin(router)
-                        + correction_bias.as_ref().map_or(0, |b| 4 * b.len())
-                        + cfg.top_k * one
-                        + shared.as_deref().map_or(0, ffn)
-                }
-            };
-        }
-        total
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::Device;
 use super::ops::{self, Bf16, I32, Void, attention as attn, int, linear, mla, moe, norm, rd, rope, sample, wr};
-use super::weights::{DLinear, DMat, DMlp, DeviceWeights, unsupported};
+use super::weights::{DLinear, DMat, DeviceWeights, Upload, unsupported};
 use crate::backend::{Backend, DeviceInfo, StepTime};
 use crate::config::{ModelConfig, RouterKind};
 use crate::error::{Error, Result};
@@ -124,7 +124,7 @@ impl CudaBackend {
             return Err(unsupported(format!("{} experts / top-{} (at most 1024 / 16)", c.num_experts, c.top_k)));
         }
         let max_ctx = c.max_position_embeddings.min(DEFAULT_MAX_CTX);
-        let w = DeviceWeights::upload(&mut dev, weights)?;
+        let w = weights.convert(&mut Upload(&mut dev))?;
         let inv_freq = dev.upload(&c.rope.inv_freq)?;
         // Cached bf16 values per token and layer: K and V rows, or MLA's latent row.
         let mut caches = Vec::with_capacity(c.num_layers);
@@ -260,23 +260,15 @@ impl CudaBackend {
         }
     }
 
-    /// The router and its f32 correction bias (or 0) of MoE layer `l`.
-    fn router(&self, l: usize) -> Result<(DLinear, u64)> {
-        match &self.w.layers[l].mlp {
-            DMlp::Moe { router, bias, .. } => Ok((*router, *bias)),
-            DMlp::Dense(_) => Err(Error::Cuda(format!("plan asks for the router of dense layer {l}"))),
-        }
-    }
-
     /// A mat-vec of `lin` over `m` rows of `src` into `dst` (f32 for logits).
     fn linear_step(&self, lin: &DLinear, src: Buf, dst: Buf, m: usize) -> Result<()> {
         let a = linear::MatvecArgs {
-            w: lin.m.q,
+            w: lin.w.q,
             x: rd(self.buf(src)),
             y: wr::<Void>(self.buf(dst)),
-            bias: rd(lin.bias),
-            n: int(lin.m.rows),
-            k: int(lin.m.cols),
+            bias: rd(lin.bias()),
+            n: int(lin.w.rows),
+            k: int(lin.w.cols),
             m: int(m),
             out_f32: matches!(dst, Buf::RouterLogits | Buf::Logits) as i32,
         };
@@ -321,7 +313,7 @@ impl CudaBackend {
                 };
                 let a = norm::RmsnormArgs {
                     x: rd(self.buf(src)),
-                    w: rd(self.w.norm(w)?),
+                    w: rd(*self.w.norm(w)?),
                     y: wr(self.buf(dst)),
                     n: int(n),
                     ld: int(ld),
@@ -332,14 +324,14 @@ impl CudaBackend {
             Step::HeadNorm { w, buf } => {
                 let heads = if buf == Buf::Q { nh } else { nkv };
                 let p = self.buf(buf);
-                let a = norm::RmsnormArgs { x: rd(p), w: rd(self.w.norm(w)?), y: wr(p), n: int(d), ld: int(d), eps };
+                let a = norm::RmsnormArgs { x: rd(p), w: rd(*self.w.norm(w)?), y: wr(p), n: int(d), ld: int(d), eps };
                 norm::rmsnorm(dev, &a, mm * heads, norm::HEAD_NORM_THREADS)?;
             }
             Step::Linear { w, src, dst } => {
-                let lin = *self.w.linear(w)?;
+                let lin = self.w.linear(w)?.clone();
                 self.linear_step(&lin, src, dst, mm)?;
                 if matches!(dst, Buf::Gate | Buf::Up) {
-                    self.st.act_elems = mm * lin.m.rows;
+                    self.st.act_elems = mm * lin.w.rows;
                 }
             }
             Step::Rope => {
@@ -402,7 +394,7 @@ impl CudaBackend {
                 moe::router_topk(dev, &a, mm)?;
             }
             Step::SigmoidTopK { layer } => {
-                let (_, bias) = self.router(layer)?;
+                let (_, bias) = self.w.router(layer)?;
                 let (n_group, topk_group, scale) = self.sigmoid_router()?;
                 let a = moe::RouterSigmoidArgs {
                     logits: rd(self.buf(Buf::RouterLogits)),
@@ -419,7 +411,7 @@ impl CudaBackend {
                 moe::router_sigmoid(dev, &a, mm)?;
             }
             Step::ExpertGateUp { layer } => {
-                let ex = *self.w.experts(layer)?;
+                let ex = self.w.experts(layer)?.clone();
                 if mm > 1 {
                     let a = moe::MoeGroupArgs {
                         idx: rd(self.st.topk_idx),
@@ -430,7 +422,7 @@ impl CudaBackend {
                     };
                     moe::moe_group(dev, &a)?;
                 }
-                for (w, dst) in [(ex[0], Buf::Gate), (ex[1], Buf::Up)] {
+                for (w, dst) in [(ex.gate, Buf::Gate), (ex.up, Buf::Up)] {
                     self.expert_matvec(&w, Buf::H, k, dst, mm * k)?;
                 }
                 self.st.act_elems = mm * k * c.moe_intermediate_size;
@@ -445,8 +437,8 @@ impl CudaBackend {
                 moe::swiglu(dev, &a)?;
             }
             Step::ExpertDown { layer } => {
-                let ex = *self.w.experts(layer)?;
-                self.expert_matvec(&ex[2], Buf::Act, 1, Buf::ExpertOut, mm * k)?;
+                let down = self.w.experts(layer)?.down;
+                self.expert_matvec(&down, Buf::Act, 1, Buf::ExpertOut, mm * k)?;
             }
             Step::Combine => {
                 let a = moe::CombineArgs {
@@ -459,12 +451,12 @@ impl CudaBackend {
                 moe::combine(dev, &a, mm)?;
             }
             Step::MoeRouter { layer } => {
-                let (router, _) = self.router(layer)?;
+                let (router, _) = self.w.router(layer)?;
                 let a = moe::MoeRouterArgs {
-                    w: router.m.q,
+                    w: router.w.q,
                     x: rd(self.buf(Buf::H)),
                     logits: wr(self.buf(Buf::RouterLogits)),
-                    bias: rd(router.bias),
+                    bias: rd(router.bias()),
                     e: int(c.num_experts),
                     h: int(h),
                     k: int(k),
@@ -476,10 +468,10 @@ impl CudaBackend {
                 moe::moe_router(dev, &a, mm)?;
             }
             Step::MoeSigmoidRouter { layer } => {
-                let (router, bias) = self.router(layer)?;
+                let (router, bias) = self.w.router(layer)?;
                 let (n_group, topk_group, scale) = self.sigmoid_router()?;
                 let a = moe::MoeRouterSigmoidArgs {
-                    w: router.m.q,
+                    w: router.w.q,
                     x: rd(self.buf(Buf::H)),
                     logits: wr(self.buf(Buf::RouterLogits)),
                     ebias: rd(bias),
@@ -497,7 +489,8 @@ impl CudaBackend {
                 moe::moe_router_sigmoid(dev, &a, mm)?;
             }
             Step::MoeGateUpSwiglu { layer } => {
-                let [g, u, _] = *self.w.experts(layer)?;
+                let ex = self.w.experts(layer)?;
+                let (g, u) = (ex.gate, ex.up);
                 let a = moe::MoeGateUpArgs {
                     gate: g.q,
                     up: u.q,
@@ -513,7 +506,7 @@ impl CudaBackend {
                 moe::moe_gate_up_swiglu(dev, &a, mm * k)?;
             }
             Step::MoeDownCombineAdd { layer } | Step::MoeDownCombineSharedAdd { layer } => {
-                let [_, _, dn] = *self.w.experts(layer)?;
+                let dn = self.w.experts(layer)?.down;
                 let shared =
                     if matches!(step, Step::MoeDownCombineSharedAdd { .. }) { self.buf(Buf::SharedOut) } else { 0 };
                 let a = moe::MoeDownCombineAddArgs {
@@ -532,19 +525,19 @@ impl CudaBackend {
             Step::QkvProj { layer } => {
                 let (q, kp, v, _, _) = self.w.gqa(layer)?;
                 let a = linear::QkvArgs {
-                    wq: q.m.q,
-                    wk: kp.m.q,
-                    wv: v.m.q,
-                    qbias: rd(q.bias),
-                    kbias: rd(kp.bias),
-                    vbias: rd(v.bias),
+                    wq: q.w.q,
+                    wk: kp.w.q,
+                    wv: v.w.q,
+                    qbias: rd(q.bias()),
+                    kbias: rd(kp.bias()),
+                    vbias: rd(v.bias()),
                     x: rd(self.buf(Buf::H)),
                     q: wr(self.buf(Buf::Q)),
                     k: wr(self.buf(Buf::K)),
                     v: wr(self.buf(Buf::V)),
-                    nq: int(q.m.rows),
-                    nk: int(kp.m.rows),
-                    nv: int(v.m.rows),
+                    nq: int(q.w.rows),
+                    nk: int(kp.w.rows),
+                    nv: int(v.w.rows),
                     kdim: int(h),
                     m: int(mm),
                 };
@@ -552,21 +545,21 @@ impl CudaBackend {
             }
             Step::MlaInProj { layer, q_lora } => {
                 let (first, dst) = if q_lora { (LinRef::QA(layer), Buf::QA) } else { (LinRef::Q(layer), Buf::Q) };
-                let (q, kv) = (*self.w.linear(first)?, *self.w.linear(LinRef::KvA(layer))?);
+                let (q, kv) = (self.w.linear(first)?, self.w.linear(LinRef::KvA(layer))?);
                 // Two matrices: the third slot repeats kv's with no rows (as before the split).
                 let a = linear::QkvArgs {
-                    wq: q.m.q,
-                    wk: kv.m.q,
-                    wv: kv.m.q,
-                    qbias: rd(q.bias),
-                    kbias: rd(kv.bias),
+                    wq: q.w.q,
+                    wk: kv.w.q,
+                    wv: kv.w.q,
+                    qbias: rd(q.bias()),
+                    kbias: rd(kv.bias()),
                     vbias: rd(0),
                     x: rd(self.buf(Buf::H)),
                     q: wr(self.buf(dst)),
                     k: wr(self.buf(Buf::Kva)),
                     v: wr(0),
-                    nq: int(q.m.rows),
-                    nk: int(kv.m.rows),
+                    nq: int(q.w.rows),
+                    nk: int(kv.w.rows),
                     nv: 0,
                     kdim: int(h),
                     m: int(mm),
@@ -578,15 +571,15 @@ impl CudaBackend {
                     Step::DenseGateUpSwiglu { .. } => (LinRef::DenseGate(layer), LinRef::DenseUp(layer)),
                     _ => (LinRef::SharedGate(layer), LinRef::SharedUp(layer)),
                 };
-                let (g, u) = (*self.w.linear(gr)?, *self.w.linear(ur)?);
+                let (g, u) = (self.w.linear(gr)?, self.w.linear(ur)?);
                 let a = linear::DenseGateUpArgs {
-                    gate: g.m.q,
-                    up: u.m.q,
-                    gbias: rd(g.bias),
-                    ubias: rd(u.bias),
+                    gate: g.w.q,
+                    up: u.w.q,
+                    gbias: rd(g.bias()),
+                    ubias: rd(u.bias()),
                     x: rd(self.buf(Buf::H)),
                     act: wr(self.buf(Buf::Act)),
-                    f: int(g.m.rows),
+                    f: int(g.w.rows),
                     h: int(h),
                     m: int(mm),
                 };
@@ -596,7 +589,7 @@ impl CudaBackend {
                 let a = norm::AddRmsnormArgs {
                     x: wr(x_buf),
                     src: rd(self.buf(src)),
-                    w: rd(self.w.norm(w)?),
+                    w: rd(*self.w.norm(w)?),
                     y: wr(self.buf(dst)),
                     n: int(h),
                     eps,
@@ -606,14 +599,14 @@ impl CudaBackend {
             Step::OProjAddRmsNorm { layer } => {
                 let ly = &self.w.layers[layer];
                 let a = norm::OProjAddRmsnormArgs {
-                    o: ly.o.m.q,
+                    o: ly.o.w.q,
                     attn: rd(self.buf(Buf::Attn)),
-                    bias: rd(ly.o.bias),
+                    bias: rd(ly.o.bias()),
                     x: wr(x_buf),
                     nw: rd(ly.post_norm),
                     h: wr(self.buf(Buf::H)),
                     hidden: int(h),
-                    k: int(ly.o.m.cols),
+                    k: int(ly.o.w.cols),
                     eps,
                     ticket: wr(self.st.tickets),
                 };
@@ -663,7 +656,7 @@ impl CudaBackend {
                 let a = mla::LatentNormRopeAppendArgs {
                     q: wr(self.buf(Buf::Q)),
                     kva: wr(self.buf(Buf::Kva)),
-                    nw: rd(self.w.norm(NormRef::KvLatent(layer))?),
+                    nw: rd(*self.w.norm(NormRef::KvLatent(layer))?),
                     inv_freq: rd(self.inv_freq),
                     pos,
                     cache: wr(self.latent_cache(layer)?),
@@ -730,10 +723,11 @@ impl CudaBackend {
                 (OpId::TopkGating, vec![self.buf(Buf::RouterLogits), 0, self.st.topk_idx, self.st.topk_w], None)
             }
             Step::AddRmsNorm { w, src, dst } => {
-                (OpId::RmsnormResidual, vec![self.buf(Buf::X), self.buf(src), self.w.norm(w)?, self.buf(dst)], None)
+                (OpId::RmsnormResidual, vec![self.buf(Buf::X), self.buf(src), *self.w.norm(w)?, self.buf(dst)], None)
             }
             Step::MoeGateUpSwiglu { layer } => {
-                let [g, u, _] = *self.w.experts(layer)?;
+                let ex = self.w.experts(layer)?;
+                let (g, u) = (ex.gate, ex.up);
                 let (idx, h, act) = (self.st.topk_idx, self.buf(Buf::H), self.buf(Buf::Act));
                 let ptrs = vec![g.q.w.0, g.q.s.0, g.q.b.0, u.q.w.0, u.q.s.0, u.q.b.0, idx, h, act];
                 (OpId::GatherQmmSwiglu, ptrs, Some((g.q.bits as u32, g.q.group as usize)))
