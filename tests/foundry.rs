@@ -248,3 +248,14 @@ fn every_op_runs_on_the_mock_and_bad_input_is_a_clean_error() {
             .contains("TPB=100")
     );
 }
+
+#[test]
+fn source_builtin_prints_the_module_the_cuda_backend_compiles() {
+    let out = common::zmoe(&["foundry", "source", "--builtin"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let src = String::from_utf8_lossy(&out.stdout);
+    assert!(src.contains("struct MatvecArgs {") && src.contains("static_assert(sizeof(MatvecArgs)"), "prelude");
+    assert!(src.contains("MATVEC_KERNEL(matvec1, 1)") && src.contains("void mla_attention(const MlaAttentionArgs a)"));
+    let err = common::zmoe_err(&["foundry", "source"]);
+    assert!(err.contains("--op") || err.contains("--builtin"), "{err}");
+}

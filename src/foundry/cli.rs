@@ -133,11 +133,15 @@ pub enum FoundryCmd {
     /// Print the full source of a candidate (what NVRTC compiles) and its hash.
     Source {
         /// The op.
-        #[arg(long)]
-        op: String,
+        #[arg(long, required_unless_present = "builtin")]
+        op: Option<String>,
         /// The template.
-        #[arg(long)]
-        template: String,
+        #[arg(long, required_unless_present = "builtin")]
+        template: Option<String>,
+        /// Print the built-in kernel module instead (common.cuh, the argument-struct prelude,
+        /// src/cuda/ops/*.cu): what the CUDA backend compiles (scripts/nvrtc_check.sh).
+        #[arg(long, conflicts_with_all = ["op", "template", "knobs"])]
+        builtin: bool,
         /// Knobs, e.g. TPB=128,VEC=8 (default: the template's defaults).
         #[arg(long)]
         knobs: Option<String>,
@@ -155,7 +159,8 @@ pub fn execute_with(cmd: &FoundryCmd, stdout: &mut dyn FnMut(&str), stderr: &mut
         FoundryCmd::Promote { dir, alpha, fidelity, out, force } => {
             promote(dir, *alpha, fidelity, out.as_deref(), *force, stdout, stderr)?
         }
-        FoundryCmd::Source { op, template, knobs: k } => {
+        FoundryCmd::Source { builtin: true, .. } => stdout(&crate::cuda::ops::module_source()),
+        FoundryCmd::Source { op: Some(op), template: Some(template), knobs: k, .. } => {
             let t = templates::find(OpId::parse(op)?, template)?;
             let k = match k {
                 Some(s) => knobs::parse(s)?,
@@ -164,6 +169,9 @@ pub fn execute_with(cmd: &FoundryCmd, stdout: &mut dyn FnMut(&str), stderr: &mut
             let r = t.render(&k).map_err(|e| Error::Arg(format!("{}: {e}", t.label(&k))))?;
             stderr(&format!("{} [{}] {}", t.label(&k), t.numerics(&k).name(), r.hash));
             stdout(&r.source);
+        }
+        FoundryCmd::Source { .. } => {
+            return Err(Error::Arg("foundry source: give --op and --template, or --builtin".into()));
         }
     }
     Ok(())
