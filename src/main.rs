@@ -243,7 +243,7 @@ impl PatternArgs {
 impl RunArgs {
     fn open(&self) -> Result<(Model, Box<dyn zmoe::Backend>)> {
         let sel = self.patterns.selection()?;
-        let model = Model::load(&self.model)?;
+        let model = load_model(&self.model)?;
         let (mut plan, _) = patched_plan(model.config(), &sel);
         if self.mla_expanded {
             if model.config().mla.is_none() {
@@ -254,6 +254,15 @@ impl RunArgs {
         let backend = model.backend_with(self.backend, plan, !self.eager)?;
         Ok((model, backend))
     }
+}
+
+/// Loads a model folder and prints the checkpoint's warnings (once, to stderr).
+fn load_model(dir: &Path) -> Result<Model> {
+    let model = Model::load(dir)?;
+    for w in &model.checkpoint.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(model)
 }
 
 /// Parses `1,2,3` into token ids.
@@ -528,7 +537,7 @@ fn run(cli: Cli) -> Result<()> {
             if run.mla_expanded {
                 bail!("--mla-expanded is not a validate option: validate compares the reference and patched plans");
             }
-            let model = Model::load(&run.model)?;
+            let model = load_model(&run.model)?;
             let cfg = model.config();
             let prompt = match (prompt, prompt_tokens) {
                 (Some(text), _) => tokenizer::encode(&tokenizer::load(&model.tokenizer_path())?, &text)?,

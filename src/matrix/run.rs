@@ -282,6 +282,9 @@ fn run_one(
     };
     let model =
         Model::load(&dir).map_err(|e| Error::Arg(format!("cannot load model folder {}: {e}", dir.display())))?;
+    for w in &model.checkpoint.warnings {
+        stderr(&format!("warning: {w}"));
+    }
     let cfg = model.config();
     let opts = ValidateOptions {
         prompt: crate::bench::bench_prompt(cfg, args.prompt_len, 1),
