@@ -53,6 +53,7 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<GenerateStats> {
+    opts.sampling.check()?;
     backend.reset();
     let eos = backend.config().eos_token_ids.clone();
     let mut sampler = Sampler::new(opts.sampling);

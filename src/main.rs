@@ -17,11 +17,25 @@ use zmoe::validate::{ValidateOptions, ValidateReport, validate_model};
 use zmoe::{BackendKind, Model};
 
 #[derive(Parser)]
-#[command(name = "zmoe", version, about = "Fast, token-faithful Mixture-of-Experts decode", long_about = None)]
+#[command(
+    name = "zmoe",
+    version,
+    about = "Fast, token-faithful Mixture-of-Experts decode",
+    long_about = None,
+    after_help = EXIT_STATUS
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// The exit statuses, for `zmoe --help` (and the README).
+const EXIT_STATUS: &str = "Exit status:
+  0  success
+  1  error: bad input (model folder, config.json, flags), I/O, non-finite (NaN/inf) output
+  2  command-line usage error (unknown flag, missing or malformed value)
+  3  fidelity FAIL (validate, matrix run): the patched plan's tokens differ from the
+     reference plan's, or a plan's output was not finite";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -461,20 +475,15 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {} ({}/{}, {quant}, seed {seed})", out.display(), spec.family, spec.preset);
         }
         Cmd::Generate { run, prompt, prompt_tokens, max_tokens, temperature, top_p, top_k, seed, ignore_eos, json } => {
-            if !(top_p > 0.0 && top_p <= 1.0) {
-                bail!("--top-p must be in (0, 1], got {top_p}");
-            }
+            let sampling = SamplingParams { temperature, top_p, top_k, seed };
+            sampling.check()?;
             let (model, mut be) = run.open()?;
             let ids = match (prompt, prompt_tokens) {
                 (_, Some(t)) => parse_tokens("--prompt-tokens", &t)?,
                 (Some(p), None) => tokenizer::encode(&tokenizer::load(&model.tokenizer_path())?, &p)?,
                 (None, None) => bail!("give --prompt TEXT or --prompt-tokens 1,2,3"),
             };
-            let opts = GenerateOptions {
-                max_tokens,
-                sampling: SamplingParams { temperature, top_p, top_k, seed },
-                ignore_eos,
-            };
+            let opts = GenerateOptions { max_tokens, sampling, ignore_eos };
             run_generate(&model, be.as_mut(), ids, &opts, json)?;
         }
         Cmd::Forward { run, tokens, json } => {
@@ -552,7 +561,11 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("wrote {}", path.display());
             }
             if !report.fidelity.passed() {
-                bail!("fidelity FAIL: the patched plan's tokens differ from the reference plan's");
+                let why = match &report.fidelity.non_finite {
+                    Some(e) => format!("non-finite output ({e})"),
+                    None => "the patched plan's tokens differ from the reference plan's".into(),
+                };
+                return Err(zmoe::Error::Fidelity(format!("fidelity FAIL: {why}")).into());
             }
         }
         Cmd::Report { capsules } => {
@@ -693,7 +706,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // 3: fidelity FAIL (see EXIT_STATUS); every other error 1.
+            match e.downcast_ref::<zmoe::Error>() {
+                Some(zmoe::Error::Fidelity(_)) => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

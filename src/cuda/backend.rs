@@ -1155,6 +1155,7 @@ impl Backend for CudaBackend {
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let mut logits = Vec::new();
         self.run_tokens(tokens, all_logits, Some(&mut logits))?;
+        crate::sample::check_finite(&logits, self.cfg.vocab_size, self.pos, crate::sample::NON_FINITE_HINT)?;
         Ok(logits)
     }
 
@@ -1175,10 +1176,16 @@ impl Backend for CudaBackend {
         self.dev.launch("sample_token", (1, 1, 1), 1024, &a)?;
         let mut out = [0i32; 2];
         self.dev.read(self.st.sample_out, &mut out)?;
+        if out[1] == 2 {
+            // sample_token found a NaN or infinite logit.
+            let origin = crate::sample::NON_FINITE_HINT.into();
+            return Err(Error::NonFinite { position: self.pos - 1, origin });
+        }
         if out[1] != 0 {
             // Too many candidates for the device sort: sample the copied logits on the host.
             let mut logits = Vec::new();
             self.read_logits(1, &mut logits)?;
+            crate::sample::check_finite(&logits, self.cfg.vocab_size, self.pos, crate::sample::NON_FINITE_HINT)?;
             return Ok(sampler.sample(&logits));
         }
         sampler.advance();

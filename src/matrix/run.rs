@@ -258,7 +258,13 @@ pub fn run(args: &RunArgs, cache: &Path, stdout: &mut dyn FnMut(&str), stderr: &
     if !errors.is_empty() {
         why.push(format!("could not run (not recorded): {}", errors.join(", ")));
     }
-    if why.is_empty() { Ok(()) } else { Err(Error::Arg(format!("matrix run: {}", why.join("; ")))) }
+    let msg = format!("matrix run: {}", why.join("; "));
+    match (fail.is_empty(), errors.is_empty()) {
+        (true, true) => Ok(()),
+        // Only fidelity FAILs: exit status 3, like `zmoe validate`.
+        (false, true) => Err(Error::Fidelity(msg)),
+        _ => Err(Error::Arg(msg)),
+    }
 }
 
 /// Validates one model and appends its entry.
