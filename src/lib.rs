@@ -22,13 +22,15 @@
 //!   rewrites it with fused steps, per family policy.
 //! - [`cpu`]: the reference executor.
 //! - [`cuda`]: the GPU executor (NVRTC kernels, arena, graphs).
-//! - [`backend`], [`generate`], [`sample`], [`tokenizer`]: running a model.
+//! - [`backend`], [`generate`], [`sample`], [`tokenizer`]: running a model ([`args`]: the
+//!   CLI's numeric flag parsers).
 //! - [`bench`], [`validate`], [`matrix`]: measuring it (throughput, fidelity, the ledger).
 //! - [`foundry`]: searching kernel variants, measuring them honestly, promoting winners into
 //!   per-GPU kernel packs.
 
 #![deny(missing_docs)]
 
+pub mod args;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;

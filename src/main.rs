@@ -45,7 +45,7 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         backend: BackendKind,
         /// Tokens to generate.
-        #[arg(long, default_value_t = 48)]
+        #[arg(long, default_value_t = 48, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         max_tokens: usize,
     },
     /// Write a synthetic model folder (config.json, safetensors, tokenizer.json).
@@ -61,10 +61,10 @@ enum Cmd {
         #[arg(long, default_value = "affine4")]
         quant: String,
         /// Quantization group size (affine): 32, 64 or 128.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         group_size: usize,
         /// RNG seed for the weights.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zmoe::args::seed, allow_negative_numbers = true)]
         seed: u64,
         /// Output folder (must not exist or be empty).
         #[arg(long)]
@@ -73,7 +73,7 @@ enum Cmd {
         #[arg(long)]
         force: bool,
         /// Largest safetensors shard in MiB (bigger models get an index + shards).
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         max_shard_mb: usize,
     },
     /// Generate text (streamed) from a prompt.
@@ -87,19 +87,19 @@ enum Cmd {
         #[arg(long)]
         prompt_tokens: Option<String>,
         /// Most tokens to generate.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         max_tokens: usize,
         /// Sampling temperature; 0 = greedy.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = zmoe::args::non_negative, allow_negative_numbers = true)]
         temperature: f32,
         /// Nucleus sampling mass (1 = off).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = zmoe::args::number, allow_negative_numbers = true)]
         top_p: f32,
         /// Keep only the k most likely tokens (0 = off).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         top_k: usize,
         /// Sampling seed.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zmoe::args::seed, allow_negative_numbers = true)]
         seed: u64,
         /// Do not stop at end-of-sequence tokens.
         #[arg(long)]
@@ -128,16 +128,16 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
         /// Prompt length in tokens (prefill).
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         prompt_tokens: usize,
         /// Tokens to generate per run (the first comes from prefill; at least 2).
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         gen_tokens: usize,
         /// Timed runs (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         runs: usize,
         /// Untimed warm-up runs before the timed ones.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         warmup: usize,
         /// Write the results as a JSON capsule to this file.
         #[arg(long)]
@@ -166,13 +166,13 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
         /// Tokens generated and compared per run.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 200, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         max_tokens: usize,
         /// Timed runs per plan (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         runs: usize,
         /// Untimed warm-up runs per plan.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         warmup: usize,
         /// Prompt text (needs tokenizer.json); default: a fixed pseudo-random prompt.
         #[arg(long, conflicts_with = "prompt_tokens")]
@@ -181,7 +181,7 @@ enum Cmd {
         #[arg(long)]
         prompt_tokens: Option<String>,
         /// Length of the default pseudo-random prompt.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         prompt_len: usize,
         /// Write a repro capsule (JSON) to this file.
         #[arg(long)]

@@ -39,16 +39,16 @@ pub struct RunArgs {
     #[arg(long, default_value = "auto")]
     pub backend: BackendKind,
     /// Timed runs per plan (the median is recorded, and every run).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub runs: usize,
     /// Greedy tokens generated and compared per run.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub max_tokens: usize,
     /// Untimed warm-up runs per plan.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub warmup: usize,
     /// Length of the fixed pseudo-random prompt (the one `zmoe validate` uses).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub prompt_len: usize,
     /// Patterns to apply, comma-separated, instead of each family's defaults.
     #[arg(long)]
