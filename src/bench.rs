@@ -371,6 +371,7 @@ pub fn run_bench_with(
 ) -> Result<BenchReport> {
     let cfg = model.config();
     opts.validate(Some(cfg))?;
+    crate::generate::check_context(backend, opts.prompt_tokens, opts.gen_tokens)?;
     if opts.profile && !backend.supports_profile() {
         return Err(Error::Unavailable(format!(
             "--profile times kernels inside a CUDA graph; the {} backend has none",

@@ -13,7 +13,7 @@ use zmoe::generate::{GenerateOptions, GenerateStats, generate};
 use zmoe::plan::patterns::{Selection, describe, patched_plan};
 use zmoe::sample::SamplingParams;
 use zmoe::tokenizer::{self, StreamDecoder};
-use zmoe::validate::{ValidateOptions, ValidateReport, validate_model};
+use zmoe::validate::{ValidateOptions, ValidateReport, validate_model_ctx};
 use zmoe::{BackendKind, Model};
 
 #[derive(Parser)]
@@ -233,6 +233,11 @@ struct RunArgs {
     /// latent expanded to per-head K/V each step) instead of the absorbed reference form.
     #[arg(long)]
     mla_expanded: bool,
+    /// Context length in tokens (KV-cache capacity; generation stops there with finish reason
+    /// `length`). Default: the model's max_position_embeddings; on CUDA at most 8192 and what
+    /// fits in free device memory.
+    #[arg(long, value_parser = zmoe::args::count, allow_negative_numbers = true)]
+    ctx: Option<usize>,
 }
 
 /// Which fused patterns to apply (default: the family's policy; see `zmoe patterns`).
@@ -265,7 +270,7 @@ impl RunArgs {
             }
             plan = plan.with_expanded_mla();
         }
-        let backend = model.backend_with(self.backend, plan, !self.eager)?;
+        let backend = model.backend_ctx(self.backend, plan, !self.eager, self.ctx)?;
         Ok((model, backend))
     }
 }
@@ -313,7 +318,13 @@ fn print_stats(backend: &str, s: &GenerateStats) {
         s.tokens.len(),
         s.decode_secs,
         s.decode_tps(),
-        if s.hit_eos { " | stopped at EOS" } else { "" }
+        if s.hit_eos {
+            " | stopped at EOS".to_string()
+        } else if s.context_full {
+            format!(" | stopped at the end of the context ({} tokens; --ctx)", s.prompt_tokens + s.tokens.len())
+        } else {
+            String::new()
+        }
     );
 }
 
@@ -333,7 +344,8 @@ fn run_generate(
         }
     })?;
     if json {
-        emit(&format!("{}\n", serde_json::json!({ "tokens": stats.tokens })));
+        let v = serde_json::json!({ "tokens": stats.tokens, "finish_reason": stats.finish_reason.as_str() });
+        emit(&format!("{v}\n"));
     }
     print_stats(&backend.name(), &stats);
     Ok(())
@@ -489,6 +501,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Forward { run, tokens, json } => {
             let ids = parse_tokens("--tokens", &tokens)?;
             let (model, mut be) = run.open()?;
+            if ids.len() > be.max_context() {
+                bail!("--tokens: {} tokens exceed the context of {} tokens (--ctx)", ids.len(), be.max_context());
+            }
             let logits = be.forward(&ids, true)?;
             let v = model.config().vocab_size;
             if json {
@@ -554,7 +569,8 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => zmoe::bench::bench_prompt(cfg, prompt_len, 1),
             };
             let opts = ValidateOptions { prompt, max_tokens, runs, warmup };
-            let report = validate_model(&model, run.backend, !run.eager, &sel, &opts, &mut |l| eprintln!("{l}"))?;
+            let report =
+                validate_model_ctx(&model, run.backend, !run.eager, run.ctx, &sel, &opts, &mut |l| eprintln!("{l}"))?;
             emit(&validate_table(&report));
             if let Some(path) = &capsule {
                 write_capsule("--capsule", path, &report, force)?;

@@ -236,6 +236,20 @@ pub fn validate_model(
     opts: &ValidateOptions,
     log: &mut dyn FnMut(&str),
 ) -> Result<ValidateReport> {
+    validate_model_ctx(model, kind, cuda_graph, None, sel, opts, log)
+}
+
+/// [`validate_model`] on a backend with a context of `ctx` tokens (`--ctx`, see
+/// [`Model::backend_ctx`]).
+pub fn validate_model_ctx(
+    model: &Model,
+    kind: BackendKind,
+    cuda_graph: bool,
+    ctx: Option<usize>,
+    sel: &Selection,
+    opts: &ValidateOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<ValidateReport> {
     let cfg = model.config();
     opts.check(cfg)?;
     let reference = Plan::reference(cfg);
@@ -246,7 +260,7 @@ pub fn validate_model(
             model.checkpoint.dir.display()
         )));
     }
-    let mut backend = model.backend_with(kind, reference.clone(), cuda_graph)?;
+    let mut backend = model.backend_ctx(kind, reference.clone(), cuda_graph, ctx)?;
     log(&format!(
         "validate: {} on {} — reference ({} steps) vs `{}` ({} steps), prompt {} tokens, {} greedy tokens, \
          {} warm-up + {} timed per plan",
@@ -284,6 +298,7 @@ pub fn run_validate(
 ) -> Result<ValidateReport> {
     let cfg = model.config();
     opts.check(cfg)?;
+    crate::generate::check_context(backend, opts.prompt.len(), opts.max_tokens)?;
     let (ref_name, ref_steps) = (reference.name.clone(), reference.steps.len());
     let (pat_name, pat_steps) = (patched.name.clone(), patched.steps.len());
     let pat_fused = crate::plan::patterns::fused_primitives(&patched);

@@ -233,7 +233,6 @@ fn gen_json(m: &str, extra: &[&str]) -> (Output, serde_json::Value) {
 }
 
 #[test]
-#[ignore = "not fixed yet"]
 fn generate_stops_at_the_context_limit_with_finish_reason_length() {
     let m = s(model());
     let (out, v) = gen_json(m, &["--prompt-tokens", "1,2,3", "--max-tokens", "20", "--ignore-eos", "--ctx", "8"]);
@@ -265,7 +264,6 @@ fn generate_stops_at_the_context_limit_with_finish_reason_length() {
 }
 
 #[test]
-#[ignore = "not fixed yet"]
 fn ctx_flag_is_checked() {
     let m = s(model());
     let out = zmoe(&["generate", "--model", m, "--prompt-tokens", "1", "--backend", "cpu", "--ctx", "100000"]);

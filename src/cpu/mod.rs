@@ -50,6 +50,9 @@ pub struct CpuBackend {
     plan: Plan,
     rope: ops::Rope,
     st: RunState,
+    /// [`Backend::max_context`]: the cache itself grows as needed, so this is the limit
+    /// generation stops at (`--ctx`).
+    max_ctx: usize,
 }
 
 impl CpuBackend {
@@ -59,7 +62,14 @@ impl CpuBackend {
         let mut st = RunState { bufs: vec![Vec::new(); Buf::ALL.len()], ..Default::default() };
         st.k_cache = vec![Vec::new(); cfg.num_layers];
         st.v_cache = vec![Vec::new(); cfg.num_layers];
-        CpuBackend { cfg, weights, plan, rope, st }
+        let max_ctx = cfg.max_position_embeddings;
+        CpuBackend { cfg, weights, plan, rope, st, max_ctx }
+    }
+
+    /// The same backend with a context of `n` tokens ([`Backend::max_context`], `--ctx`).
+    pub fn with_max_context(mut self, n: usize) -> CpuBackend {
+        self.max_ctx = n;
+        self
     }
 
     fn linear(&self, r: LinRef) -> &Linear {
@@ -350,6 +360,10 @@ impl Backend for CpuBackend {
 
     fn position(&self) -> usize {
         self.st.pos
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_ctx
     }
 
     fn reset(&mut self) {

@@ -27,8 +27,32 @@ const ATTN_SPLITS: usize = 16;
 const ATTN_THREADS: u32 = 128;
 /// MLA attention: key splits per (token, head).
 const MLA_SPLITS: usize = 16;
-/// Default KV-cache capacity (tokens) when the model allows more.
+/// Default KV-cache capacity (tokens) when the model allows more (`--ctx` overrides it).
 const DEFAULT_MAX_CTX: usize = 8192;
+/// Device memory left free after the KV cache, for the activation buffers (CHUNK rows).
+const CTX_RESERVE_BYTES: usize = 512 << 20;
+
+/// The KV-cache capacity in tokens, given `free` bytes of device memory after the weights and
+/// `token_bytes` of cache per token (all layers): `--ctx` when given (an error naming the
+/// sizes if its cache does not fit), else [`DEFAULT_MAX_CTX`] bounded by the model's
+/// `max_position_embeddings` and by what fits.
+fn kv_capacity(c: &ModelConfig, requested: Option<usize>, token_bytes: usize, free: usize) -> Result<usize> {
+    let avail = free.saturating_sub(CTX_RESERVE_BYTES);
+    let fits = avail / token_bytes.max(1);
+    let mib = |b: usize| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let n = requested.unwrap_or(c.max_position_embeddings.min(DEFAULT_MAX_CTX).min(fits)).max(1);
+    if n > fits {
+        return Err(Error::Arg(format!(
+            "{}: a KV cache of {n} tokens needs {} ({token_bytes} B per token) but {} of device memory are free \
+             after the weights ({} kept for activations); pass a smaller --ctx (at most {fits})",
+            if requested.is_some() { format!("--ctx {n}") } else { "CUDA".into() },
+            mib(n.saturating_mul(token_bytes)),
+            mib(free),
+            mib(CTX_RESERVE_BYTES)
+        )));
+    }
+    Ok(n)
+}
 
 /// A weight matrix on the device (see `struct QMat` in common.cuh).
 #[derive(Debug, Clone, Copy)]
@@ -271,6 +295,18 @@ impl RunState {
 impl CudaBackend {
     /// Opens the GPU and uploads `weights`; `use_graph` captures decode steps into a graph.
     pub fn new(cfg: ModelConfig, weights: &Arc<Weights>, plan: Plan, use_graph: bool) -> Result<CudaBackend> {
+        CudaBackend::with_context(cfg, weights, plan, use_graph, None)
+    }
+
+    /// Like [`CudaBackend::new`], with a KV cache of `ctx` tokens (`--ctx`; default 8192
+    /// bounded by `max_position_embeddings` and free memory, see `kv_capacity`).
+    pub fn with_context(
+        cfg: ModelConfig,
+        weights: &Arc<Weights>,
+        plan: Plan,
+        use_graph: bool,
+        ctx: Option<usize>,
+    ) -> Result<CudaBackend> {
         let mut dev = Device::open()?;
         let c = &cfg;
         let (h, d) = (c.hidden_size, c.head_dim);
@@ -299,7 +335,6 @@ impl CudaBackend {
         if c.num_experts > 1024 || c.top_k > 16 {
             return Err(unsupported(format!("{} experts / top-{} (at most 1024 / 16)", c.num_experts, c.top_k)));
         }
-        let max_ctx = c.max_position_embeddings.min(DEFAULT_MAX_CTX);
         let embed = upload_mats(&mut dev, std::slice::from_ref(&weights.embed))?;
         let lm_head = upload_linear(&mut dev, &weights.lm_head)?;
         let final_norm = dev.upload(&weights.norm)?;
@@ -340,9 +375,16 @@ impl CudaBackend {
                 attn,
                 o: upload_linear(&mut dev, &lw.o)?,
                 mlp,
-                k_cache: dev.alloc(max_ctx * k_row * 2)?,
-                v_cache: if v_row > 0 { dev.alloc(max_ctx * v_row * 2)? } else { 0 },
+                k_cache: 0,
+                v_cache: 0,
             });
+        }
+        // The KV cache after the weights, sized to the memory they left free.
+        let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
+        let max_ctx = kv_capacity(c, ctx, (k_row + v_row) * 2 * c.num_layers, free)?;
+        for ly in &mut layers {
+            ly.k_cache = dev.alloc(max_ctx * k_row * 2)?;
+            ly.v_cache = if v_row > 0 { dev.alloc(max_ctx * v_row * 2)? } else { 0 };
         }
         // Activation buffers for CHUNK rows.
         let (k, nh) = (c.top_k.max(1), c.num_heads);
@@ -1198,5 +1240,31 @@ impl Backend for CudaBackend {
 
     fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
         CudaBackend::profile_decode(self, replays)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_capacity_defaults_bounds_and_refuses() {
+        let mut c = crate::checkpoint::synth::preset_config("qwen3_moe", "tiny")
+            .map(|v| ModelConfig::parse(&v.to_string(), std::path::Path::new("config.json")).unwrap())
+            .unwrap();
+        let gib = 1usize << 30;
+        // Plenty of memory: the default, bounded by max_position_embeddings.
+        assert_eq!(kv_capacity(&c, None, 4096, 80 * gib).unwrap(), DEFAULT_MAX_CTX);
+        c.max_position_embeddings = 1000;
+        assert_eq!(kv_capacity(&c, None, 4096, 80 * gib).unwrap(), 1000);
+        assert_eq!(kv_capacity(&c, Some(20), 4096, 80 * gib).unwrap(), 20);
+        // Little memory: the default shrinks to what fits; an explicit --ctx is refused.
+        c.max_position_embeddings = 1 << 20;
+        let free = CTX_RESERVE_BYTES + 100 * 4096;
+        assert_eq!(kv_capacity(&c, None, 4096, free).unwrap(), 100);
+        let e = kv_capacity(&c, Some(101), 4096, free).unwrap_err().to_string();
+        assert!(e.contains("--ctx 101") && e.contains("at most 100"), "{e}");
+        let e = kv_capacity(&c, None, 4096, CTX_RESERVE_BYTES).unwrap_err().to_string();
+        assert!(e.contains("KV cache") && e.contains("smaller --ctx"), "{e}");
     }
 }
