@@ -122,10 +122,13 @@ impl RunResult {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
     /// Median over the timed runs (mean of the middle two for an even count).
+    #[serde(with = "crate::matrix::num")]
     pub median: f64,
     /// Smallest.
+    #[serde(with = "crate::matrix::num")]
     pub min: f64,
     /// Largest.
+    #[serde(with = "crate::matrix::num")]
     pub max: f64,
 }
 

@@ -78,8 +78,10 @@ pub struct PlanResult {
     /// one backend, so this is the peak over everything run so far.
     pub peak_memory_bytes: Option<usize>,
     /// `bytes_per_token × median decode tok/s`, GB/s.
+    #[serde(with = "crate::matrix::num")]
     pub achieved_gb_s: f64,
     /// `achieved / copy bandwidth × 100`.
+    #[serde(with = "crate::matrix::num")]
     pub roofline_pct: f64,
     /// The greedy tokens of the first timed run.
     pub tokens: Vec<u32>,
@@ -170,8 +172,10 @@ pub struct ValidateReport {
     /// Token fidelity.
     pub fidelity: Fidelity,
     /// Patched / reference median decode tok/s.
+    #[serde(with = "crate::matrix::num")]
     pub decode_speedup: f64,
     /// Patched / reference median prefill tok/s.
+    #[serde(with = "crate::matrix::num")]
     pub prefill_speedup: f64,
     /// Bytes of weights read per decoded token.
     pub bytes_per_token: usize,

@@ -130,6 +130,7 @@ fn nan_weights_stop_forward_and_generate_naming_the_layer() {
 fn validate_bench_and_matrix_fail_on_non_finite_output() {
     let dir = nan_model("model.norm.weight");
     let m = s(dir.path());
+    let capsule = dir.path().join("validate.json");
     let out = zmoe(&[
         "validate",
         "--model",
@@ -144,11 +145,16 @@ fn validate_bench_and_matrix_fail_on_non_finite_output() {
         "0",
         "--prompt-len",
         "4",
+        "--capsule",
+        s(&capsule),
     ]);
     let err = expect_exit(&out, 3, "validate");
     let stdout = text(&out.stdout);
     assert!(stdout.contains("[FAIL]") && !stdout.contains("[PASS]") && stdout.contains("non-finite"), "{stdout}");
     assert!(err.contains("fidelity FAIL"), "{err}");
+    // The capsule of such a run (no timed runs: NaN medians, written as null) reads back.
+    let out = zmoe(&["report", s(&capsule)]);
+    assert!(out.status.success() && text(&out.stdout).contains("non-finite"), "{}", text(&out.stderr));
 
     let out = zmoe(&[
         "bench",

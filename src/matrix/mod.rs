@@ -414,7 +414,7 @@ pub fn latest(entries: &[Entry]) -> Vec<&Entry> {
 
 /// Serde for an `f64` that may be NaN or infinite: written as `null`, read back as NaN
 /// (JSON has no NaN; without this one odd number would make the whole line unreadable).
-mod num {
+pub(crate) mod num {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
