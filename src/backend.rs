@@ -19,6 +19,11 @@ pub trait Backend {
     fn config(&self) -> &ModelConfig;
     /// Tokens already in the KV cache.
     fn position(&self) -> usize;
+    /// The most tokens the KV cache holds (`--ctx`; at most the model's
+    /// `max_position_embeddings`). [`crate::generate::generate`] stops there.
+    fn max_context(&self) -> usize {
+        self.config().max_position_embeddings
+    }
     /// Empties the KV cache.
     fn reset(&mut self);
     /// The plan being run, as chosen (reference or patched).

@@ -123,10 +123,13 @@ impl RunResult {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
     /// Median over the timed runs (mean of the middle two for an even count).
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub median: f64,
     /// Smallest.
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub min: f64,
     /// Largest.
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub max: f64,
 }
 
@@ -372,6 +375,7 @@ pub fn run_bench_with(
 ) -> Result<BenchReport> {
     let cfg = model.config();
     opts.validate(Some(cfg))?;
+    crate::generate::check_context(backend, opts.prompt_tokens, opts.gen_tokens)?;
     if opts.profile && !backend.supports_profile() {
         return Err(Error::Unavailable(format!(
             "--profile times kernels inside a CUDA graph; the {} backend has none",

@@ -55,6 +55,36 @@ impl Family {
 /// The `model_type` values zmoe reads, for error messages.
 pub const SUPPORTED_MODEL_TYPES: &str = "qwen3_moe, glm4_moe_lite, deepseek_v3, kimi_k2";
 
+/// The largest sizes zmoe reads from a config.json, checked as each field is read, before
+/// anything is allocated from it. They admit every real model with a wide margin
+/// (DeepSeek-V3 / Kimi-K2: 61 layers, hidden 7168, 128 heads, 256 / 384 experts, vocab
+/// 163,840) and keep every product of them — parameter counts, byte sizes — far below
+/// `u64::MAX`; [`MAX_PARAMS`] bounds the product of them all (checked arithmetic).
+pub mod limits {
+    /// `num_hidden_layers` (and `num_nextn_predict_layers`).
+    pub const MAX_LAYERS: usize = 1024;
+    /// `hidden_size`.
+    pub const MAX_HIDDEN: usize = 1 << 16;
+    /// `num_attention_heads`, `num_key_value_heads`.
+    pub const MAX_HEADS: usize = 1024;
+    /// `head_dim`, MLA's `qk_nope_head_dim`, `qk_rope_head_dim` and `v_head_dim`.
+    pub const MAX_HEAD_DIM: usize = 4096;
+    /// `vocab_size` (2^24).
+    pub const MAX_VOCAB: usize = 1 << 24;
+    /// Routed experts per layer.
+    pub const MAX_EXPERTS: usize = 4096;
+    /// `n_shared_experts`.
+    pub const MAX_SHARED_EXPERTS: usize = 64;
+    /// `intermediate_size`, `moe_intermediate_size` (2^20).
+    pub const MAX_FFN: usize = 1 << 20;
+    /// MLA's `kv_lora_rank` and `q_lora_rank`.
+    pub const MAX_LORA_RANK: usize = 1 << 16;
+    /// `max_position_embeddings` (2^24).
+    pub const MAX_POSITIONS: usize = 1 << 24;
+    /// Weight elements of the whole model (2^44, about 17.6 trillion).
+    pub const MAX_PARAMS: u64 = 1 << 44;
+}
+
 /// Multi-head latent attention dimensions (model-spec §3.4).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MlaConfig {
@@ -245,6 +275,9 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// Longest supported context.
     pub max_position_embeddings: usize,
+    /// Multi-token-prediction layers stored after the decoder layers
+    /// (`num_nextn_predict_layers`, GLM / DeepSeek-V3): in the checkpoint, never run.
+    pub mtp_layers: usize,
     /// MLX quantization block, if the checkpoint is quantized.
     pub quantization: Option<QuantConfig>,
     /// A non-MLX `quantization_config.quant_method` (e.g. DeepSeek-V3's `fp8`): the config
@@ -253,11 +286,28 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Reads and parses `dir/config.json`.
+    /// Reads and parses `dir/config.json`, adding the `eos_token_id`s of
+    /// `dir/generation_config.json` when there is one (as transformers' `generate` does).
     pub fn load(dir: &Path) -> Result<ModelConfig> {
         let path = dir.join("config.json");
         let text = crate::input::read_to_string(&path)?;
-        ModelConfig::parse(&text, &path)
+        let mut cfg = ModelConfig::parse(&text, &path)?;
+        let gen_path = dir.join("generation_config.json");
+        if gen_path.is_file() {
+            let text = crate::input::read_to_string(&gen_path)?;
+            for id in generation_eos_ids(&text, &gen_path)? {
+                if id as usize >= cfg.vocab_size {
+                    return Err(Error::format(
+                        &gen_path,
+                        format!("eos_token_id {id} is outside the vocabulary ({})", cfg.vocab_size),
+                    ));
+                }
+                if !cfg.eos_token_ids.contains(&id) {
+                    cfg.eos_token_ids.push(id);
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     /// Parses config.json text; `path` is only used in error messages.
@@ -268,10 +318,12 @@ impl ModelConfig {
         let family = Family::from_model_type(&model_type).ok_or_else(|| {
             Error::format(path, format!("unknown model_type `{model_type}` (supported: {SUPPORTED_MODEL_TYPES})"))
         })?;
-        let hidden_size = c.usize(&["hidden_size"])?;
-        let num_heads = c.usize(&["num_attention_heads"])?;
-        let num_layers = c.usize(&["num_hidden_layers"])?;
-        let num_experts = c.opt_usize(&["num_experts", "num_local_experts", "n_routed_experts"])?.unwrap_or(0);
+        use limits::*;
+        let hidden_size = c.size(&["hidden_size"], MAX_HIDDEN)?;
+        let num_heads = c.size(&["num_attention_heads"], MAX_HEADS)?;
+        let num_layers = c.size(&["num_hidden_layers"], MAX_LAYERS)?;
+        let num_experts =
+            c.opt_size(&["num_experts", "num_local_experts", "n_routed_experts"], MAX_EXPERTS)?.unwrap_or(0);
         let block = v.get("quantization").or_else(|| v.get("quantization_config"));
         let method = block.and_then(|q| q.get("quant_method")).and_then(Value::as_str).map(str::to_owned);
         let (quantization, foreign_quantization) = match (block, method) {
@@ -288,7 +340,7 @@ impl ModelConfig {
                 (m.qk_head_dim(), m.v_head_dim, c.rope(m.qk_rope_head_dim, interleaved, true)?)
             }
             None => {
-                let d = c.opt_usize(&["head_dim"])?.unwrap_or(hidden_size / num_heads.max(1));
+                let d = c.opt_size(&["head_dim"], MAX_HEAD_DIM)?.unwrap_or(hidden_size / num_heads.max(1));
                 (d, d, c.rope(d, false, false)?)
             }
         };
@@ -298,9 +350,9 @@ impl ModelConfig {
                 _ => (1, 1, 1.8),
             };
             RouterKind::SigmoidGrouped {
-                n_group: c.opt_usize(&["n_group"])?.unwrap_or(g),
-                topk_group: c.opt_usize(&["topk_group"])?.unwrap_or(tg),
-                routed_scaling_factor: c.opt_f64(&["routed_scaling_factor"])?.unwrap_or(s) as f32,
+                n_group: c.opt_size(&["n_group"], MAX_EXPERTS)?.unwrap_or(g),
+                topk_group: c.opt_size(&["topk_group"], MAX_EXPERTS)?.unwrap_or(tg),
+                routed_scaling_factor: c.positive(&["routed_scaling_factor"], 1e6)?.unwrap_or(s) as f32,
             }
         } else {
             RouterKind::Softmax
@@ -308,7 +360,7 @@ impl ModelConfig {
         let moe_layers = c.moe_layers(family, num_layers, num_experts)?;
         let cfg = ModelConfig {
             family,
-            vocab_size: c.usize(&["vocab_size"])?,
+            vocab_size: c.size(&["vocab_size"], MAX_VOCAB)?,
             hidden_size,
             num_layers,
             num_heads,
@@ -317,26 +369,31 @@ impl ModelConfig {
             num_kv_heads: if family.is_mla() {
                 num_heads
             } else {
-                c.opt_usize(&["num_key_value_heads"])?.unwrap_or(num_heads)
+                c.opt_size(&["num_key_value_heads"], MAX_HEADS)?.unwrap_or(num_heads)
             },
             head_dim,
             v_head_dim,
-            rms_norm_eps: c.opt_f64(&["rms_norm_eps"])?.unwrap_or(1e-6) as f32,
+            rms_norm_eps: c.positive(&["rms_norm_eps"], 1.0)?.unwrap_or(1e-6) as f32,
             rope,
             attention_bias: c.opt_bool(&["attention_bias"])?.unwrap_or(false),
             mla,
             num_experts,
-            top_k: c.opt_usize(&["num_experts_per_tok"])?.unwrap_or(if num_experts > 0 { 1 } else { 0 }),
+            top_k: c.opt_size(&["num_experts_per_tok"], MAX_EXPERTS)?.unwrap_or(if num_experts > 0 { 1 } else { 0 }),
             router,
-            n_shared_experts: if family.is_mla() { c.opt_usize(&["n_shared_experts"])?.unwrap_or(1) } else { 0 },
-            moe_intermediate_size: c.opt_usize(&["moe_intermediate_size"])?.unwrap_or(0),
-            intermediate_size: c.opt_usize(&["intermediate_size"])?.unwrap_or(0),
+            n_shared_experts: if family.is_mla() {
+                c.opt_size(&["n_shared_experts"], MAX_SHARED_EXPERTS)?.unwrap_or(1)
+            } else {
+                0
+            },
+            moe_intermediate_size: c.opt_size(&["moe_intermediate_size"], MAX_FFN)?.unwrap_or(0),
+            intermediate_size: c.opt_size(&["intermediate_size"], MAX_FFN)?.unwrap_or(0),
             norm_topk_prob: c.opt_bool(&["norm_topk_prob"])?.unwrap_or(family.is_mla()),
             moe_layers,
             tie_word_embeddings: c.opt_bool(&["tie_word_embeddings"])?.unwrap_or(false),
-            eos_token_ids: c.opt_usize_or_list(&["eos_token_id"])?.unwrap_or_default(),
-            bos_token_id: c.opt_usize(&["bos_token_id"])?.map(|x| x as u32),
-            max_position_embeddings: c.opt_usize(&["max_position_embeddings"])?.unwrap_or(32768),
+            eos_token_ids: c.token_ids(&["eos_token_id"])?.unwrap_or_default(),
+            bos_token_id: c.token_ids(&["bos_token_id"])?.and_then(|ids| ids.first().copied()),
+            max_position_embeddings: c.opt_size(&["max_position_embeddings"], MAX_POSITIONS)?.unwrap_or(32768),
+            mtp_layers: c.opt_bounded(&["num_nextn_predict_layers"], 0, MAX_LAYERS)?.unwrap_or(0),
             quantization,
             foreign_quantization,
         };
@@ -423,8 +480,62 @@ impl ModelConfig {
         if let Some(&t) = self.eos_token_ids.iter().find(|&&t| t as usize >= self.vocab_size) {
             return bad(format!("eos_token_id {t} is outside the vocabulary ({})", self.vocab_size));
         }
-        Ok(())
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return bad(format!("`rms_norm_eps` must be a finite number > 0, got {}", self.rms_norm_eps));
+        }
+        if let RouterKind::SigmoidGrouped { routed_scaling_factor: s, .. } = self.router
+            && !(s.is_finite() && s > 0.0)
+        {
+            return bad(format!("`routed_scaling_factor` must be a finite number > 0, got {s}"));
+        }
+        if !self.attn_scale().is_finite() {
+            return bad(format!("the attention scale {} is not finite (head dims / rope scaling)", self.attn_scale()));
+        }
+        match self.weight_elements() {
+            Some(n) if n <= limits::MAX_PARAMS => Ok(()),
+            n => bad(format!(
+                "the shapes describe {} weights, more than zmoe reads ({} = 2^44; see the README, What loads)",
+                n.map_or("over 2^64".to_string(), |n| n.to_string()),
+                limits::MAX_PARAMS
+            )),
+        }
     }
+
+    /// Weight elements the shapes describe (an upper bound: every layer counted with both a
+    /// dense and an MoE MLP), in checked arithmetic; `None` on overflow. Once this is below
+    /// [`limits::MAX_PARAMS`], no product of config sizes anywhere (counts, byte sizes)
+    /// can overflow.
+    pub fn weight_elements(&self) -> Option<u64> {
+        let n = |x: usize| x as u64;
+        let mul = |xs: &[u64]| xs.iter().try_fold(1u64, |a, &x| a.checked_mul(x));
+        let (h, nh, l) = (n(self.hidden_size), n(self.num_heads), n(self.num_layers));
+        let q = mul(&[h, nh, n(self.head_dim)])?;
+        let kv = mul(&[2, h, n(self.num_kv_heads), n(self.head_dim)])?;
+        let o = mul(&[h, nh, n(self.v_head_dim)])?;
+        let mla = match &self.mla {
+            Some(m) => {
+                let lat = n(m.kv_lora_rank);
+                let r = n(m.q_lora_rank.unwrap_or(0));
+                mul(&[r, h])?
+                    .checked_add(mul(&[r, nh, n(self.head_dim)])?)?
+                    .checked_add(mul(&[h, lat + n(m.qk_rope_head_dim)])?)?
+                    .checked_add(mul(&[lat, nh, n(m.qk_nope_head_dim) + n(m.v_head_dim)])?)?
+            }
+            None => 0,
+        };
+        let experts = mul(&[3, n(self.num_experts) + n(self.n_shared_experts), h, n(self.moe_intermediate_size)])?;
+        let router = mul(&[n(self.num_experts) + 1, h])?;
+        let dense = mul(&[3, h, n(self.intermediate_size)])?;
+        let per_layer = [kv, o, mla, experts, router, dense, 8 * h].iter().try_fold(q, |a, &x| a.checked_add(x))?;
+        mul(&[per_layer, l])?.checked_add(mul(&[2, n(self.vocab_size), h])?)
+    }
+}
+
+/// The `eos_token_id`s of a generation_config.json (none if it has no such field).
+fn generation_eos_ids(text: &str, path: &Path) -> Result<Vec<u32>> {
+    let v: Value = serde_json::from_str(text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+    let c = Fields { v: &v, path: path.to_path_buf() };
+    Ok(c.token_ids(&["eos_token_id"])?.unwrap_or_default())
 }
 
 /// Parses an MLX `quantization` block (model-spec §6.3). transformers-style blocks
@@ -483,6 +594,15 @@ fn parse_quant_params(v: &Value, path: &Path, what: &str) -> Result<QuantParams>
     }
 }
 
+/// `5` or `[5, 6]` as u32 token ids; `None` if any is not an integer in `0..=u32::MAX`.
+fn parse_token_ids(v: &Value) -> Option<Vec<u32>> {
+    let one = |x: &Value| x.as_u64().and_then(|x| u32::try_from(x).ok());
+    match v {
+        Value::Array(a) => a.iter().map(one).collect(),
+        x => one(x).map(|id| vec![id]),
+    }
+}
+
 /// Field accessor with aliases and error messages naming the file.
 struct Fields<'a> {
     v: &'a Value,
@@ -503,13 +623,44 @@ impl Fields<'_> {
         let (n, v) = self.get(names).ok_or_else(|| self.missing(names))?;
         v.as_str().map(str::to_owned).ok_or_else(|| self.err(n, "a string", v))
     }
-    fn usize(&self, names: &[&str]) -> Result<usize> {
-        self.opt_usize(names)?.ok_or_else(|| self.missing(names))
-    }
     fn opt_usize(&self, names: &[&str]) -> Result<Option<usize>> {
         self.get(names)
             .map(|(n, v)| v.as_u64().map(|x| x as usize).ok_or_else(|| self.err(n, "a non-negative integer", v)))
             .transpose()
+    }
+    /// A size in `0..=max`: bounded here, before anything is allocated from it.
+    fn size(&self, names: &[&str], max: usize) -> Result<usize> {
+        self.bounded(names, 0, max)
+    }
+    fn opt_size(&self, names: &[&str], max: usize) -> Result<Option<usize>> {
+        self.opt_bounded(names, 0, max)
+    }
+    fn bounded(&self, names: &[&str], min: usize, max: usize) -> Result<usize> {
+        self.opt_bounded(names, min, max)?.ok_or_else(|| self.missing(names))
+    }
+    fn opt_bounded(&self, names: &[&str], min: usize, max: usize) -> Result<Option<usize>> {
+        let Some((n, v)) = self.get(names) else { return Ok(None) };
+        let x = v.as_u64().ok_or_else(|| self.err(n, "a non-negative integer", v))?;
+        if x < min as u64 || x > max as u64 {
+            return Err(Error::format(
+                &self.path,
+                format!("field `{n}` is {x}, outside the range zmoe reads ({min}..={max}; see the README, What loads)"),
+            ));
+        }
+        Ok(Some(x as usize))
+    }
+    /// A finite number in `(0, max]`.
+    fn positive(&self, names: &[&str], max: f64) -> Result<Option<f64>> {
+        let Some((n, v)) = self.get(names) else { return Ok(None) };
+        match v.as_f64() {
+            Some(x) if x.is_finite() && x > 0.0 && x <= max => Ok(Some(x)),
+            _ => Err(self.err(n, &format!("a finite number in (0, {max}]"), v)),
+        }
+    }
+    /// A token id (`0..=u32::MAX`) or a list of them, as `eos_token_id` is spelled.
+    fn token_ids(&self, names: &[&str]) -> Result<Option<Vec<u32>>> {
+        let Some((n, v)) = self.get(names) else { return Ok(None) };
+        parse_token_ids(v).map(Some).ok_or_else(|| self.err(n, "a token id 0..=4294967295 or a list of them", v))
     }
     fn opt_f64(&self, names: &[&str]) -> Result<Option<f64>> {
         self.get(names).map(|(n, v)| v.as_f64().ok_or_else(|| self.err(n, "a number", v))).transpose()
@@ -524,13 +675,6 @@ impl Fields<'_> {
             .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(|| self.err(n, "a list of integers", v)))
             .collect::<Result<Vec<_>>>()
             .map(Some)
-    }
-    fn opt_usize_or_list(&self, names: &[&str]) -> Result<Option<Vec<u32>>> {
-        let Some((n, v)) = self.get(names) else { return Ok(None) };
-        if let Some(x) = v.as_u64() {
-            return Ok(Some(vec![x as u32]));
-        }
-        Ok(self.opt_usize_list(&[n])?.map(|l| l.into_iter().map(|x| x as u32).collect()))
     }
     /// RoPE from `rope_theta` (4.x) or `rope_parameters` / `rope_scaling` (5.x / older):
     /// the default type, or YaRN where the family allows it (model-spec §5.4).
@@ -547,10 +691,22 @@ impl Fields<'_> {
             Some(t) => t,
             None => num("rope_theta")?.unwrap_or(10000.0),
         };
+        if !(theta.is_finite() && theta > 1.0) {
+            return Err(Error::format(
+                &self.path,
+                format!("field `rope_theta` must be a finite number > 1, got {theta}"),
+            ));
+        }
         let factor = match self.opt_f64(&["partial_rotary_factor"])? {
             Some(f) => f,
             None => num("partial_rotary_factor")?.unwrap_or(1.0),
         };
+        if !(factor > 0.0 && factor <= 1.0) {
+            return Err(Error::format(
+                &self.path,
+                format!("field `partial_rotary_factor` must be in (0, 1], got {factor}"),
+            ));
+        }
         let dim = (head_dim as f64 * factor) as usize;
         let mut rope = RopeConfig::default_type(theta, dim, interleaved);
         match kind.as_str() {
@@ -563,6 +719,18 @@ impl Fields<'_> {
                     Some(f) => f,
                     None => self.opt_f64(&["max_position_embeddings"])?.ok_or_else(|| missing("factor"))? / orig,
                 };
+                let positive = |k: &str, x: f64| {
+                    if x.is_finite() && x > 0.0 {
+                        Ok(())
+                    } else {
+                        Err(Error::format(
+                            &self.path,
+                            format!("yarn rope: `rope_parameters.{k}` must be a finite number > 0, got {x}"),
+                        ))
+                    }
+                };
+                positive("original_max_position_embeddings", orig)?;
+                positive("factor", factor)?;
                 let (mscale, mscale_all) = (num("mscale")?, num("mscale_all_dim")?);
                 let attention_factor = match num("attention_factor")? {
                     Some(a) => a,
@@ -575,12 +743,30 @@ impl Fields<'_> {
                 };
                 let beta_fast = num("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0);
                 let beta_slow = num("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0);
+                positive("beta_fast", beta_fast)?;
+                positive("beta_slow", beta_slow)?;
                 let truncate = pf("truncate").and_then(Value::as_bool).unwrap_or(true);
                 rope.inv_freq = yarn_inv_freq(theta, dim, factor, orig, beta_fast, beta_slow, truncate);
                 rope.attention_scaling = attention_factor as f32;
                 // MLA attention multiplies its softmax scale by mscale(factor, mscale_all_dim)².
                 if let Some(ma) = mscale_all.filter(|&m| m != 0.0) {
                     rope.softmax_mscale = (yarn_mscale(factor, ma) * yarn_mscale(factor, ma)) as f32;
+                }
+                // Whatever mscale / attention_factor say, the numbers the kernels use must be finite.
+                let finite = rope.inv_freq.iter().all(|f| f.is_finite())
+                    && rope.attention_scaling.is_finite()
+                    && rope.attention_scaling > 0.0
+                    && rope.softmax_mscale.is_finite()
+                    && rope.softmax_mscale > 0.0;
+                if !finite {
+                    return Err(Error::format(
+                        &self.path,
+                        format!(
+                            "yarn rope parameters give non-finite or non-positive scales (attention factor {}, \
+                             softmax mscale {}); check `rope_parameters`",
+                            rope.attention_scaling, rope.softmax_mscale
+                        ),
+                    ));
                 }
             }
             other => {
@@ -602,14 +788,14 @@ impl Fields<'_> {
         let q_lora_rank = match self.v.get("q_lora_rank") {
             None => Some(if family == Family::DeepseekV3 { 1536 } else { 768 }),
             Some(Value::Null) => None,
-            Some(x) => Some(x.as_u64().ok_or_else(|| self.err("q_lora_rank", "an integer or null", x))? as usize),
+            Some(_) => Some(self.size(&["q_lora_rank"], limits::MAX_LORA_RANK)?),
         };
         Ok(MlaConfig {
             q_lora_rank,
-            kv_lora_rank: self.usize(&["kv_lora_rank"])?,
-            qk_nope_head_dim: self.usize(&["qk_nope_head_dim"])?,
-            qk_rope_head_dim: self.usize(&["qk_rope_head_dim"])?,
-            v_head_dim: self.usize(&["v_head_dim"])?,
+            kv_lora_rank: self.size(&["kv_lora_rank"], limits::MAX_LORA_RANK)?,
+            qk_nope_head_dim: self.size(&["qk_nope_head_dim"], limits::MAX_HEAD_DIM)?,
+            qk_rope_head_dim: self.bounded(&["qk_rope_head_dim"], 0, limits::MAX_HEAD_DIM)?,
+            v_head_dim: self.size(&["v_head_dim"], limits::MAX_HEAD_DIM)?,
             latent_norm_eps: 1e-6,
         })
     }
@@ -826,6 +1012,85 @@ mod tests {
         std::fs::write(&p, deepseek_v3_released().to_string()).unwrap();
         let e = crate::checkpoint::Checkpoint::open(dir.path()).err().unwrap().to_string();
         assert!(e.contains("config.json") && e.contains("`fp8`"), "{e}");
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_by_field_before_allocation() {
+        for (field, value) in [
+            ("num_hidden_layers", serde_json::json!(1_000_000_000_000u64)),
+            ("num_hidden_layers", serde_json::json!(1025)),
+            ("head_dim", serde_json::json!(1_000_000_000_000u64)),
+            ("hidden_size", serde_json::json!(1u64 << 40)),
+            ("vocab_size", serde_json::json!((1u64 << 24) + 1)),
+            ("num_experts", serde_json::json!(5000)),
+            ("moe_intermediate_size", serde_json::json!(1u64 << 21)),
+            ("max_position_embeddings", serde_json::json!(1u64 << 40)),
+        ] {
+            let mut v = base();
+            v[field] = value.clone();
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(e.contains("x/config.json") && e.contains(&format!("`{field}`")), "{field}={value}: {e}");
+        }
+        // Every size within its bound, but the product is too large: checked, not wrapped.
+        let mut v = base();
+        for (f, x) in [
+            ("hidden_size", 1u64 << 16),
+            ("num_hidden_layers", 1024),
+            ("num_experts", 4096),
+            ("moe_intermediate_size", 1 << 20),
+        ] {
+            v[f] = x.into();
+        }
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("weights, more than zmoe reads"), "{e}");
+        // The largest real models load (also checked in deepseek_v3_and_kimi_k2_released_configs).
+        let c = parse(&deepseek_v3_released()).unwrap();
+        assert!(c.weight_elements().unwrap() > 600_000_000_000 && c.weight_elements().unwrap() < limits::MAX_PARAMS);
+    }
+
+    #[test]
+    fn impossible_numbers_are_refused() {
+        for (field, value, want) in [
+            ("rope_theta", serde_json::json!(0.0), "`rope_theta`"),
+            ("rope_theta", serde_json::json!(-1.0), "`rope_theta`"),
+            ("rms_norm_eps", serde_json::json!(-1e-6), "`rms_norm_eps`"),
+            ("rms_norm_eps", serde_json::json!(0.0), "`rms_norm_eps`"),
+            ("partial_rotary_factor", serde_json::json!(1e12), "`partial_rotary_factor`"),
+            ("partial_rotary_factor", serde_json::json!(0.0), "`partial_rotary_factor`"),
+            ("eos_token_id", serde_json::json!(4_294_967_296u64), "`eos_token_id`"),
+            ("eos_token_id", serde_json::json!(-1), "`eos_token_id`"),
+            ("eos_token_id", serde_json::json!([5, -1]), "`eos_token_id`"),
+            ("bos_token_id", serde_json::json!(1u64 << 33), "`bos_token_id`"),
+        ] {
+            let mut v = base();
+            v[field] = value.clone();
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(e.contains("x/config.json") && e.contains(want), "{field}={value}: {e}");
+        }
+        for (k, x) in
+            [("factor", 0.0), ("factor", -2.0), ("original_max_position_embeddings", 0.0), ("beta_fast", -1.0)]
+        {
+            let mut v = deepseek_v3_released();
+            v["rope_scaling"][k] = x.into();
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(e.contains(&format!("rope_parameters.{k}")), "{k}={x}: {e}");
+        }
+        let mut v = deepseek_v3_released();
+        v["routed_scaling_factor"] = (-1.0).into();
+        assert!(parse(&v).unwrap_err().to_string().contains("routed_scaling_factor"));
+    }
+
+    #[test]
+    fn generation_config_eos_ids_are_added_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), base().to_string()).unwrap();
+        std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [6, 7]}"#).unwrap();
+        assert_eq!(ModelConfig::load(dir.path()).unwrap().eos_token_ids, vec![5, 6, 7]);
+        for bad in [r#"{"eos_token_id": 4294967296}"#, r#"{"eos_token_id": [-1]}"#, r#"{"eos_token_id": 100}"#] {
+            std::fs::write(dir.path().join("generation_config.json"), bad).unwrap();
+            let e = ModelConfig::load(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("generation_config.json") && e.contains("eos_token_id"), "{bad}: {e}");
+        }
     }
 
     #[test]

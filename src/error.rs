@@ -54,6 +54,18 @@ pub enum Error {
     /// A CUDA driver or runtime call failed.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A forward pass produced NaN or infinite logits: broken weights or config, never a
+    /// result to sample from.
+    #[error("non-finite logits (NaN or infinity) for the token at position {position}{origin}")]
+    NonFinite {
+        /// Sequence position (0-based) of the first token whose logits are not finite.
+        position: usize,
+        /// Where the first non-finite value came from, if known (`; first non-finite value: …`).
+        origin: String,
+    },
+    /// A fidelity check failed (`zmoe validate`, `zmoe matrix run`): exit status 3.
+    #[error("{0}")]
+    Fidelity(String),
     /// A kernel failed to compile.
     #[error("kernel compilation failed:\n{log}")]
     Compile {

@@ -22,7 +22,8 @@
 //!   rewrites it with fused steps, per family policy.
 //! - [`cpu`]: the reference executor.
 //! - [`cuda`]: the GPU executor (NVRTC kernels, arena, graphs).
-//! - [`backend`], [`generate`], [`sample`], [`tokenizer`]: running a model.
+//! - [`backend`], [`generate`], [`sample`], [`tokenizer`]: running a model ([`args`]: the
+//!   CLI's numeric flag parsers).
 //! - [`bench`], [`validate`], [`matrix`]: measuring it (throughput, fidelity, the ledger).
 //! - [`input`], [`output`], [`outdir`]: the files zmoe reads (regular files only) and writes
 //!   (never through a link; `--force` replaces only what zmoe wrote).
@@ -31,6 +32,7 @@
 
 #![deny(missing_docs)]
 
+pub mod args;
 pub mod backend;
 pub mod bench;
 pub mod cache;

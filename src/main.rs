@@ -14,15 +14,29 @@ use zmoe::plan::lower::PackKernel;
 use zmoe::plan::patterns::{Selection, describe, patched_plan};
 use zmoe::sample::SamplingParams;
 use zmoe::tokenizer::{self, StreamDecoder};
-use zmoe::validate::{ValidateOptions, ValidateReport, validate_model};
+use zmoe::validate::{ValidateOptions, ValidateReport, validate_model_ctx};
 use zmoe::{BackendKind, Model};
 
 #[derive(Parser)]
-#[command(name = "zmoe", version, about = "Fast, token-faithful Mixture-of-Experts decode", long_about = None)]
+#[command(
+    name = "zmoe",
+    version,
+    about = "Fast, token-faithful Mixture-of-Experts decode",
+    long_about = None,
+    after_help = EXIT_STATUS
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// The exit statuses, for `zmoe --help` (and the README).
+const EXIT_STATUS: &str = "Exit status:
+  0  success
+  1  error: bad input (model folder, config.json, flags), I/O, non-finite (NaN/inf) output
+  2  command-line usage error (unknown flag, missing or malformed value)
+  3  fidelity FAIL (validate, matrix run): the patched plan's tokens differ from the
+     reference plan's, or a plan's output was not finite";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -32,7 +46,7 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         backend: BackendKind,
         /// Tokens to generate.
-        #[arg(long, default_value_t = 48)]
+        #[arg(long, default_value_t = 48, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         max_tokens: usize,
     },
     /// Write a synthetic model folder (config.json, safetensors, tokenizer.json).
@@ -48,10 +62,10 @@ enum Cmd {
         #[arg(long, default_value = "affine4")]
         quant: String,
         /// Quantization group size (affine): 32, 64 or 128.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         group_size: usize,
         /// RNG seed for the weights.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zmoe::args::seed, allow_negative_numbers = true)]
         seed: u64,
         /// Output folder (must not exist or be empty).
         #[arg(long)]
@@ -61,7 +75,7 @@ enum Cmd {
         #[arg(long)]
         force: bool,
         /// Largest safetensors shard in MiB (bigger models get an index + shards).
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         max_shard_mb: usize,
     },
     /// Generate text (streamed) from a prompt.
@@ -75,19 +89,19 @@ enum Cmd {
         #[arg(long)]
         prompt_tokens: Option<String>,
         /// Most tokens to generate.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         max_tokens: usize,
         /// Sampling temperature; 0 = greedy.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = zmoe::args::non_negative, allow_negative_numbers = true)]
         temperature: f32,
         /// Nucleus sampling mass (1 = off).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = zmoe::args::number, allow_negative_numbers = true)]
         top_p: f32,
         /// Keep only the k most likely tokens (0 = off).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         top_k: usize,
         /// Sampling seed.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = zmoe::args::seed, allow_negative_numbers = true)]
         seed: u64,
         /// Do not stop at end-of-sequence tokens.
         #[arg(long)]
@@ -116,16 +130,16 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
         /// Prompt length in tokens (prefill).
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         prompt_tokens: usize,
         /// Tokens to generate per run (the first comes from prefill; at least 2).
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         gen_tokens: usize,
         /// Timed runs (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         runs: usize,
         /// Untimed warm-up runs before the timed ones.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         warmup: usize,
         /// Write the results as a JSON capsule to this file.
         #[arg(long)]
@@ -162,13 +176,13 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
         /// Tokens generated and compared per run.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 200, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         max_tokens: usize,
         /// Timed runs per plan (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         runs: usize,
         /// Untimed warm-up runs per plan.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         warmup: usize,
         /// Prompt text (needs tokenizer.json); default: a fixed pseudo-random prompt.
         #[arg(long, conflicts_with = "prompt_tokens")]
@@ -177,7 +191,7 @@ enum Cmd {
         #[arg(long)]
         prompt_tokens: Option<String>,
         /// Length of the default pseudo-random prompt.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         prompt_len: usize,
         /// Write a repro capsule (JSON) to this file.
         #[arg(long)]
@@ -229,6 +243,11 @@ struct RunArgs {
     /// latent expanded to per-head K/V each step) instead of the absorbed reference form.
     #[arg(long)]
     mla_expanded: bool,
+    /// Context length in tokens (KV-cache capacity; generation stops there with finish reason
+    /// `length`). Default: the model's max_position_embeddings; on CUDA at most 8192 and what
+    /// fits in free device memory.
+    #[arg(long, value_parser = zmoe::args::count, allow_negative_numbers = true)]
+    ctx: Option<usize>,
 }
 
 /// Which fused patterns to apply (default: the family's policy; see `zmoe patterns`).
@@ -253,7 +272,7 @@ impl PatternArgs {
 impl RunArgs {
     fn open(&self) -> Result<(Model, Box<dyn zmoe::Backend>)> {
         let sel = self.patterns.selection()?;
-        let model = Model::load(&self.model)?;
+        let model = load_model(&self.model)?;
         let (mut plan, _) = patched_plan(model.config(), &sel);
         if self.mla_expanded {
             if model.config().mla.is_none() {
@@ -261,9 +280,18 @@ impl RunArgs {
             }
             plan = plan.with_expanded_mla();
         }
-        let backend = model.backend_with(self.backend, plan, !self.eager)?;
+        let backend = model.backend_ctx(self.backend, plan, !self.eager, self.ctx)?;
         Ok((model, backend))
     }
+}
+
+/// Loads a model folder and prints the checkpoint's warnings (once, to stderr).
+fn load_model(dir: &Path) -> Result<Model> {
+    let model = Model::load(dir)?;
+    for w in &model.checkpoint.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(model)
 }
 
 /// Parses `1,2,3` into token ids.
@@ -300,7 +328,13 @@ fn print_stats(backend: &str, s: &GenerateStats) {
         s.tokens.len(),
         s.decode_secs,
         s.decode_tps(),
-        if s.hit_eos { " | stopped at EOS" } else { "" }
+        if s.hit_eos {
+            " | stopped at EOS".to_string()
+        } else if s.context_full {
+            format!(" | stopped at the end of the context ({} tokens; --ctx)", s.prompt_tokens + s.tokens.len())
+        } else {
+            String::new()
+        }
     );
 }
 
@@ -320,7 +354,8 @@ fn run_generate(
         }
     })?;
     if json {
-        emit(&format!("{}\n", serde_json::json!({ "tokens": stats.tokens })));
+        let v = serde_json::json!({ "tokens": stats.tokens, "finish_reason": stats.finish_reason.as_str() });
+        emit(&format!("{v}\n"));
     }
     print_stats(&backend.name(), &stats);
     Ok(())
@@ -461,25 +496,23 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {} ({}/{}, {quant}, seed {seed})", out.display(), spec.family, spec.preset);
         }
         Cmd::Generate { run, prompt, prompt_tokens, max_tokens, temperature, top_p, top_k, seed, ignore_eos, json } => {
-            if !(top_p > 0.0 && top_p <= 1.0) {
-                bail!("--top-p must be in (0, 1], got {top_p}");
-            }
+            let sampling = SamplingParams { temperature, top_p, top_k, seed };
+            sampling.check()?;
             let (model, mut be) = run.open()?;
             let ids = match (prompt, prompt_tokens) {
                 (_, Some(t)) => parse_tokens("--prompt-tokens", &t)?,
                 (Some(p), None) => tokenizer::encode(&tokenizer::load(&model.tokenizer_path())?, &p)?,
                 (None, None) => bail!("give --prompt TEXT or --prompt-tokens 1,2,3"),
             };
-            let opts = GenerateOptions {
-                max_tokens,
-                sampling: SamplingParams { temperature, top_p, top_k, seed },
-                ignore_eos,
-            };
+            let opts = GenerateOptions { max_tokens, sampling, ignore_eos };
             run_generate(&model, be.as_mut(), ids, &opts, json)?;
         }
         Cmd::Forward { run, tokens, json } => {
             let ids = parse_tokens("--tokens", &tokens)?;
             let (model, mut be) = run.open()?;
+            if ids.len() > be.max_context() {
+                bail!("--tokens: {} tokens exceed the context of {} tokens (--ctx)", ids.len(), be.max_context());
+            }
             let logits = be.forward(&ids, true)?;
             let v = model.config().vocab_size;
             if json {
@@ -552,7 +585,7 @@ fn run(cli: Cli) -> Result<()> {
             if run.mla_expanded {
                 bail!("--mla-expanded is not a validate option: validate compares the reference and patched plans");
             }
-            let model = Model::load(&run.model)?;
+            let model = load_model(&run.model)?;
             let cfg = model.config();
             let prompt = match (prompt, prompt_tokens) {
                 (Some(text), _) => tokenizer::encode(&tokenizer::load(&model.tokenizer_path())?, &text)?,
@@ -560,14 +593,19 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => zmoe::bench::bench_prompt(cfg, prompt_len, 1),
             };
             let opts = ValidateOptions { prompt, max_tokens, runs, warmup };
-            let report = validate_model(&model, run.backend, !run.eager, &sel, &opts, &mut |l| eprintln!("{l}"))?;
+            let report =
+                validate_model_ctx(&model, run.backend, !run.eager, run.ctx, &sel, &opts, &mut |l| eprintln!("{l}"))?;
             emit(&validate_table(&report));
             if let Some(path) = &capsule {
                 write_capsule("--capsule", path, &report, force)?;
                 eprintln!("wrote {}", path.display());
             }
             if !report.fidelity.passed() {
-                bail!("fidelity FAIL: the patched plan's tokens differ from the reference plan's");
+                let why = match &report.fidelity.non_finite {
+                    Some(e) => format!("non-finite output ({e})"),
+                    None => "the patched plan's tokens differ from the reference plan's".into(),
+                };
+                return Err(zmoe::Error::Fidelity(format!("fidelity FAIL: {why}")).into());
             }
         }
         Cmd::Report { capsules } => {
@@ -726,7 +764,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", error_text(&e));
-            ExitCode::FAILURE
+            // 3: fidelity FAIL (see EXIT_STATUS); every other error 1.
+            match e.downcast_ref::<zmoe::Error>() {
+                Some(zmoe::Error::Fidelity(_)) => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -72,14 +72,37 @@ impl Model {
 
     /// Like [`Model::backend`]; `cuda_graph: false` launches every decode kernel eagerly.
     pub fn backend_with(&self, kind: BackendKind, plan: Plan, cuda_graph: bool) -> Result<Box<dyn Backend>> {
-        let cuda = |plan| CudaBackend::new(self.config().clone(), &self.weights, plan, cuda_graph);
+        self.backend_ctx(kind, plan, cuda_graph, None)
+    }
+
+    /// Like [`Model::backend_with`], with a context of `ctx` tokens (`--ctx`; default: the
+    /// model's `max_position_embeddings`, on CUDA at most 8192 and what fits in free memory).
+    pub fn backend_ctx(
+        &self,
+        kind: BackendKind,
+        plan: Plan,
+        cuda_graph: bool,
+        ctx: Option<usize>,
+    ) -> Result<Box<dyn Backend>> {
+        let mpe = self.config().max_position_embeddings;
+        if let Some(n) = ctx
+            && (n == 0 || n > mpe)
+        {
+            return Err(Error::Arg(format!(
+                "--ctx {n}: the context must be 1..={mpe} tokens (the model's max_position_embeddings)"
+            )));
+        }
+        let cuda = |plan| CudaBackend::with_context(self.config().clone(), &self.weights, plan, cuda_graph, ctx);
         match kind {
-            BackendKind::Cpu => Ok(Box::new(CpuBackend::new(self.config().clone(), self.weights.clone(), plan)?)),
+            BackendKind::Cpu => {
+                let cpu = CpuBackend::new(self.config().clone(), self.weights.clone(), plan)?;
+                Ok(Box::new(cpu.with_max_context(ctx.unwrap_or(mpe))))
+            }
             BackendKind::Cuda => Ok(Box::new(cuda(plan)?)),
             // The best available: CUDA when a GPU can run this model, else the CPU.
             BackendKind::Auto => match cuda(plan.clone()) {
                 Ok(b) => Ok(Box::new(b)),
-                Err(Error::Unavailable(_)) => self.backend(BackendKind::Cpu, plan),
+                Err(Error::Unavailable(_)) => self.backend_ctx(BackendKind::Cpu, plan, cuda_graph, ctx),
                 Err(e) => Err(e),
             },
         }

@@ -6,6 +6,7 @@
 //! rank where float rounding moves a cumulative boundary.
 
 use crate::cpu::ops::softmax;
+use crate::error::{Error, Result};
 use crate::rng::mix64;
 
 /// Sampling settings.
@@ -24,6 +25,38 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+    }
+}
+
+impl SamplingParams {
+    /// Checks the settings (messages name the `zmoe generate` flags): temperature finite and
+    /// ≥ 0, top_p in (0, 1].
+    pub fn check(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::Arg(format!(
+                "--temperature must be a finite number ≥ 0 (0 = greedy), got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Arg(format!("--top-p must be in (0, 1], got {}", self.top_p)));
+        }
+        Ok(())
+    }
+}
+
+/// Hint for a non-finite result found where the layer cannot be told (the GPU).
+pub const NON_FINITE_HINT: &str = "; run it with --backend cpu to find the layer that produced it";
+
+/// Checks rows of logits (`[rows, vocab]`, the last row at sequence position `end - 1`): an
+/// [`Error::NonFinite`] naming the first row with a NaN or infinite logit.
+pub fn check_finite(logits: &[f32], vocab: usize, end: usize, origin: &str) -> Result<()> {
+    match logits.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            let rows = logits.len() / vocab.max(1);
+            Err(Error::NonFinite { position: (end + i / vocab.max(1)).saturating_sub(rows), origin: origin.into() })
+        }
     }
 }
 

@@ -50,23 +50,43 @@ pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 }
 
 /// Incremental detokenizer: feed ids one at a time, get back the newly printable text.
-/// Holds back output while the tail is an incomplete UTF-8 sequence (shown as U+FFFD).
+///
+/// O(1) per token (the prefix-offset / read-offset scheme of HF's `DecodeStream` and TGI):
+/// each push decodes only a short window — the last printed token(s) as context, then the
+/// ids not yet printed — and prints what the new ids add to the context's text. The context
+/// keeps decoders that look at neighbours (SentencePiece's leading-space strip, byte
+/// fallback) right. Output is held back while the tail is an incomplete UTF-8 sequence
+/// (U+FFFD), but never for more than [`StreamDecoder::MAX_PENDING`] ids.
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
+    /// The window: context ids, then ids not printed yet.
     ids: Vec<u32>,
-    printed: usize,
+    /// `ids[..read]` are printed (the context of the next decode).
+    read: usize,
 }
 
 impl StreamDecoder {
+    /// Unprinted ids after which the text is printed even if it ends in U+FFFD (no UTF-8
+    /// character needs more than 4 byte tokens, so only invalid bytes get here).
+    pub const MAX_PENDING: usize = 16;
+
     /// Adds `id` and returns the text that became complete.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
         self.ids.push(id);
-        let text = tok.decode(&self.ids, true).unwrap_or_default();
-        if text.ends_with('\u{FFFD}') || text.len() <= self.printed || !text.is_char_boundary(self.printed) {
-            return String::new();
-        }
-        let new = text[self.printed..].to_string();
-        self.printed = text.len();
+        let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
+        let context = decode(&self.ids[..self.read]);
+        let text = decode(&self.ids);
+        let pending = self.ids.len() - self.read;
+        let held = text.ends_with('\u{FFFD}') && pending < Self::MAX_PENDING;
+        let new = match text.get(context.len()..) {
+            Some(new) if !new.is_empty() && !held && text.starts_with(&context) => new.to_string(),
+            _ if pending < Self::MAX_PENDING => return String::new(),
+            // The context no longer decodes to a prefix (should not happen): restart the window.
+            _ => text.chars().skip(context.chars().count()).collect(),
+        };
+        // The ids just printed become the context of the next decode.
+        self.ids.drain(..self.read);
+        self.read = self.ids.len();
         new
     }
 }
@@ -166,5 +186,92 @@ mod tests {
         let mut sd = StreamDecoder::default();
         let streamed: String = ids.iter().map(|&i| sd.push(&tok, i)).collect();
         assert_eq!(streamed, text);
+    }
+
+    /// GPT-2's byte → printable-char map (what a byte-level BPE's single-byte tokens are).
+    fn byte_token(b: u8) -> String {
+        let printable = |c: u32| (33..=126).contains(&c) || (161..=172).contains(&c) || (174..=255).contains(&c);
+        if printable(b as u32) {
+            return char::from(b).to_string();
+        }
+        let n = (0..b as u32).filter(|&c| !printable(c)).count() as u32;
+        char::from_u32(256 + n).unwrap().to_string()
+    }
+
+    fn stream(tok: &Tokenizer, ids: &[u32]) -> String {
+        let mut sd = StreamDecoder::default();
+        ids.iter().map(|&i| sd.push(tok, i)).collect()
+    }
+
+    #[test]
+    fn streamed_text_equals_the_full_decode_byte_level() {
+        let tok = synthetic(700, 1).unwrap();
+        // Multi-byte characters split into single-byte tokens: the tail is incomplete UTF-8
+        // between them, and nothing may be printed until the character is whole.
+        let text = "naïve ✓ 日本語 🎉 — ok";
+        let ids: Vec<u32> =
+            text.bytes().map(|b| tok.token_to_id(&byte_token(b)).unwrap_or_else(|| panic!("byte {b}"))).collect();
+        assert_eq!(tok.decode(&ids, true).unwrap(), text);
+        assert_eq!(stream(&tok, &ids), text);
+        // Merged tokens mixed with bytes, repeated: the same text either way.
+        let mut mixed = encode(&tok, "The router picks experts ").unwrap();
+        mixed.extend(&ids);
+        mixed.extend(encode(&tok, " and the cache grows").unwrap());
+        let long: Vec<u32> = mixed.iter().copied().cycle().take(mixed.len() * 20).collect();
+        assert_eq!(stream(&tok, &long), tok.decode(&long, true).unwrap());
+    }
+
+    #[test]
+    fn streamed_text_equals_the_full_decode_byte_fallback() {
+        // A SentencePiece-style tokenizer (Llama, Mistral): `▁` for spaces, <0xNN> byte-fallback
+        // tokens, and a decoder that strips the leading space of the whole text.
+        let mut vocab = serde_json::Map::new();
+        vocab.insert("<unk>".into(), 0.into());
+        for b in 0..=255u32 {
+            vocab.insert(format!("<0x{b:02X}>"), (1 + b).into());
+        }
+        for (i, t) in ["▁Hello", "▁world", "▁", "é", "▁naïve"].iter().enumerate() {
+            vocab.insert(t.to_string(), (257 + i).into());
+        }
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+            ]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                "vocab": vocab, "merges": []}
+        });
+        let tok: Tokenizer = json.to_string().parse().unwrap();
+        let b = |x: u8| 1 + x as u32;
+        // ▁Hello ▁world 日(3 bytes) ▁ 🎉(4 bytes) é ▁world ▁naïve, twice.
+        let seq = [257, 258, b(0xE6), b(0x97), b(0xA5), 259, b(0xF0), b(0x9F), b(0x8E), b(0x89), 260, 258, 261];
+        let ids: Vec<u32> = seq.iter().chain(&seq).copied().collect();
+        let full = tok.decode(&ids, true).unwrap();
+        assert_eq!(full, "Hello world日 🎉é world naïve Hello world日 🎉é world naïve");
+        assert_eq!(stream(&tok, &ids), full);
+    }
+
+    #[test]
+    fn stream_decoder_keeps_a_bounded_window() {
+        // O(1) per token: only the last few ids are decoded again, however long the text.
+        let tok = synthetic(700, 1).unwrap();
+        let ids = encode(&tok, "the quick brown fox jumps over the lazy dog ").unwrap();
+        let mut sd = StreamDecoder::default();
+        let mut out = String::new();
+        for &id in ids.iter().cycle().take(5000) {
+            out += &sd.push(&tok, id);
+            assert!(sd.ids.len() <= 8, "window of {} ids", sd.ids.len());
+        }
+        assert!(out.starts_with("the quick brown fox") && out.len() > 20_000, "{}", out.len());
+        // A byte sequence that never becomes valid UTF-8 is printed (as U+FFFD) rather than
+        // held back for ever.
+        let bad = tok.token_to_id(&byte_token(0xE6)).unwrap();
+        let mut sd = StreamDecoder::default();
+        let out: String = (0..100).map(|_| sd.push(&tok, bad)).collect();
+        assert!(out.contains('\u{FFFD}') && sd.ids.len() <= 32, "{} ids held", sd.ids.len());
     }
 }

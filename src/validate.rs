@@ -79,8 +79,10 @@ pub struct PlanResult {
     /// one backend, so this is the peak over everything run so far.
     pub peak_memory_bytes: Option<usize>,
     /// `bytes_per_token × median decode tok/s`, GB/s.
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub achieved_gb_s: f64,
     /// `achieved / copy bandwidth × 100`.
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub roofline_pct: f64,
     /// The greedy tokens of the first timed run.
     pub tokens: Vec<u32>,
@@ -114,6 +116,10 @@ pub struct Fidelity {
     pub total: usize,
     /// The first divergence, if any.
     pub first_divergence: Option<Divergence>,
+    /// Set when a plan's output was not finite (NaN / infinite logits): the error, naming
+    /// the plan. Always a FAIL, however many tokens agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub non_finite: Option<String>,
 }
 
 impl Fidelity {
@@ -130,6 +136,9 @@ impl Fidelity {
                 " — first divergence at token {}: reference {} vs patched {} (reference logit margin {:.4})",
                 d.position, d.reference_token, d.patched_token, d.margin
             );
+        }
+        if let Some(why) = &self.non_finite {
+            s += &format!(" — non-finite output: {why}");
         }
         s
     }
@@ -164,8 +173,10 @@ pub struct ValidateReport {
     /// Token fidelity.
     pub fidelity: Fidelity,
     /// Patched / reference median decode tok/s.
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub decode_speedup: f64,
     /// Patched / reference median prefill tok/s.
+    #[serde(with = "crate::jsonl::nan_as_null")]
     pub prefill_speedup: f64,
     /// Bytes of weights read per decoded token.
     pub bytes_per_token: usize,
@@ -184,21 +195,26 @@ pub struct Progress<'a> {
     pub warmup: bool,
 }
 
-/// Runs `plan`'s warm-ups and timed runs on `backend`: the timed runs' timings, and the
-/// tokens of every run (warm-ups first).
+/// Runs `plan`'s warm-ups and timed runs on `backend`: the timed runs' timings, the tokens
+/// of every run (warm-ups first), and the error of a run whose logits were not finite (the
+/// runs stop there).
 fn run_plan(
     backend: &mut dyn Backend,
     plan: Plan,
     opts: &ValidateOptions,
     progress: &mut dyn FnMut(Progress, &RunResult),
-) -> Result<(Vec<RunResult>, Vec<Vec<u32>>)> {
+) -> Result<(Vec<RunResult>, Vec<Vec<u32>>, Option<String>)> {
     let name = plan.name.clone();
     backend.set_plan(plan)?;
     let gen_opts =
         GenerateOptions { max_tokens: opts.max_tokens, sampling: SamplingParams::default(), ignore_eos: true };
     let (mut runs, mut tokens) = (Vec::new(), Vec::new());
     for i in 0..opts.warmup + opts.runs {
-        let stats = generate(backend, &opts.prompt, &gen_opts, |_| {})?;
+        let stats = match generate(backend, &opts.prompt, &gen_opts, |_| {}) {
+            Ok(s) => s,
+            Err(e @ Error::NonFinite { .. }) => return Ok((runs, tokens, Some(format!("{name} plan: {e}")))),
+            Err(e) => return Err(e),
+        };
         let r = RunResult::from_stats(&stats);
         let warmup = i < opts.warmup;
         progress(Progress { plan: &name, run: if warmup { i } else { i - opts.warmup }, warmup }, &r);
@@ -207,7 +223,7 @@ fn run_plan(
             runs.push(r);
         }
     }
-    Ok((runs, tokens))
+    Ok((runs, tokens, None))
 }
 
 /// Length of the common prefix of two token sequences.
@@ -225,6 +241,20 @@ pub fn validate_model(
     opts: &ValidateOptions,
     log: &mut dyn FnMut(&str),
 ) -> Result<ValidateReport> {
+    validate_model_ctx(model, kind, cuda_graph, None, sel, opts, log)
+}
+
+/// [`validate_model`] on a backend with a context of `ctx` tokens (`--ctx`, see
+/// [`Model::backend_ctx`]).
+pub fn validate_model_ctx(
+    model: &Model,
+    kind: BackendKind,
+    cuda_graph: bool,
+    ctx: Option<usize>,
+    sel: &Selection,
+    opts: &ValidateOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<ValidateReport> {
     let cfg = model.config();
     opts.check(cfg)?;
     let reference = Plan::reference(cfg);
@@ -235,7 +265,7 @@ pub fn validate_model(
             model.checkpoint.dir.display()
         )));
     }
-    let mut backend = model.backend_with(kind, reference.clone(), cuda_graph)?;
+    let mut backend = model.backend_ctx(kind, reference.clone(), cuda_graph, ctx)?;
     log(&format!(
         "validate: {} on {} — reference ({} steps) vs `{}` ({} steps), prompt {} tokens, {} greedy tokens, \
          {} warm-up + {} timed per plan",
@@ -273,21 +303,23 @@ pub fn run_validate(
 ) -> Result<ValidateReport> {
     let cfg = model.config();
     opts.check(cfg)?;
+    crate::generate::check_context(backend, opts.prompt.len(), opts.max_tokens)?;
     let (ref_name, ref_steps) = (reference.name.clone(), reference.steps.len());
     let (pat_name, pat_steps) = (patched.name.clone(), patched.steps.len());
     let pat_fused = crate::plan::patterns::fused_primitives(&patched);
-    let (ref_runs, ref_all) = run_plan(backend, reference.clone(), opts, progress)?;
-    let (pat_runs, pat_all) = run_plan(backend, patched, opts, progress)?;
+    let (ref_runs, ref_all, ref_bad) = run_plan(backend, reference.clone(), opts, progress)?;
+    let (pat_runs, pat_all, pat_bad) = run_plan(backend, patched, opts, progress)?;
+    let non_finite = ref_bad.or(pat_bad);
     let same = |all: &[Vec<u32>]| all.iter().all(|t| *t == all[0]);
     let (ref_same, pat_same) = (same(&ref_all), same(&pat_all));
     // The reference's first timed run against every patched run (warm-ups too): the worst
     // patched run is the one judged, so a run-to-run difference cannot hide.
-    let ref_tokens = ref_all[opts.warmup].clone();
+    let ref_tokens = ref_all.get(opts.warmup).cloned().unwrap_or_default();
     let pat_tokens =
         pat_all.iter().min_by_key(|t| (common_prefix(&ref_tokens, t), t.len())).cloned().unwrap_or_default();
     let identical = common_prefix(&ref_tokens, &pat_tokens);
     let total = ref_tokens.len();
-    let first_divergence = if identical < total.max(pat_tokens.len()) {
+    let first_divergence = if non_finite.is_none() && identical < total.max(pat_tokens.len()) {
         // The reference's logits where the choice was made: prompt + the common prefix.
         backend.set_plan(reference)?;
         let mut ctx = opts.prompt.clone();
@@ -309,7 +341,12 @@ pub fn run_validate(
     };
     let fidelity = Fidelity {
         // PASS needs every run of both plans to give the same max_tokens tokens.
-        verdict: if first_divergence.is_none() && total == opts.max_tokens && ref_same && pat_same {
+        verdict: if non_finite.is_none()
+            && first_divergence.is_none()
+            && total == opts.max_tokens
+            && ref_same
+            && pat_same
+        {
             "PASS"
         } else {
             "FAIL"
@@ -318,6 +355,7 @@ pub fn run_validate(
         identical,
         total,
         first_divergence,
+        non_finite,
     };
 
     backend.reset();
@@ -342,7 +380,8 @@ pub fn run_validate(
         }
     };
     let reference = result(ref_name, ref_steps, ref_runs, ref_tokens, ref_same);
-    let patched = result(pat_name, pat_steps, pat_runs, pat_all[opts.warmup].clone(), pat_same);
+    let pat_first = pat_all.get(opts.warmup).cloned().unwrap_or_default();
+    let patched = result(pat_name, pat_steps, pat_runs, pat_first, pat_same);
     let mut per_pattern: Vec<(String, usize)> = Vec::new();
     for a in applied {
         match per_pattern.iter_mut().find(|(n, _)| n == a.pattern.name()) {

@@ -504,3 +504,52 @@ fn patched_plan_bitexact_on_gpu() {
     let dirs: Vec<PathBuf> = bf.iter().map(|t| t.path().to_path_buf()).collect();
     common::assert_patterns_bitexact(zmoe::BackendKind::Cuda, &dirs, 40, 40);
 }
+
+/// Issue 14 on the GPU: a NaN logit stops decoding with an error (sample_token flags it on the
+/// device; greedy and sampled, graph and eager), forward checks its copied logits, and
+/// `--ctx` sizes the KV cache (generation stops at its end; a cache that cannot fit in device
+/// memory is a clear error).
+#[test]
+#[ignore]
+fn non_finite_logits_and_context_on_gpu() {
+    use zmoe::generate::{GenerateOptions, generate};
+    use zmoe::sample::SamplingParams;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::synth_tiny(tmp.path(), "tiny", SynthQuant::Bf16, 1);
+    let nan = common::copy_with_tensors(&dir, |l| {
+        let t = l.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
+        t.3.chunks_exact_mut(2).for_each(|c| c.copy_from_slice(&0x7FC0u16.to_le_bytes()));
+    });
+    let opts = |temperature: f32, max_tokens: usize| GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams { temperature, top_p: 1.0, top_k: 0, seed: 1 },
+        ignore_eos: true,
+    };
+    let model = Model::load(nan.path()).unwrap();
+    for graph in [true, false] {
+        let cfg = model.config().clone();
+        let mut be = CudaBackend::new(cfg.clone(), &model.weights, Plan::reference(&cfg), graph).unwrap();
+        for temperature in [0.0, 0.9] {
+            let e = generate(&mut be, &[1, 2, 3], &opts(temperature, 4), |_| {}).unwrap_err();
+            assert!(matches!(e, zmoe::Error::NonFinite { position: 2, .. }), "graph {graph}, t {temperature}: {e}");
+        }
+        be.reset();
+        let e = be.forward(&[1, 2, 3], true).unwrap_err();
+        assert!(matches!(e, zmoe::Error::NonFinite { position: 0, .. }), "{e}");
+    }
+
+    let model = Model::load(&dir).unwrap();
+    let cfg = model.config().clone();
+    let mut be = CudaBackend::with_context(cfg.clone(), &model.weights, Plan::reference(&cfg), true, Some(8)).unwrap();
+    assert_eq!(be.max_context(), 8);
+    let stats = generate(&mut be, &[1, 2, 3], &opts(0.0, 20), |_| {}).unwrap();
+    assert_eq!((stats.tokens.len(), stats.context_full), (5, true));
+    let default = CudaBackend::new(cfg.clone(), &model.weights, Plan::reference(&cfg), true).unwrap();
+    assert_eq!(default.max_context(), 8192, "the default: 8192 (max_position_embeddings is 40960)");
+    drop(default);
+    let e = CudaBackend::with_context(cfg.clone(), &model.weights, Plan::reference(&cfg), true, Some(1 << 28))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--ctx 268435456") && e.contains("free"), "{e}");
+}

@@ -56,6 +56,7 @@ fn sample(notes: &str) -> Entry {
                 patched_token: 9906,
                 margin: 0.0125,
             }),
+            non_finite: None,
         },
         speedup: Speedup::of(&reference, &patched),
         reference,

@@ -49,6 +49,9 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     /// Parsed config.json.
     pub config: ModelConfig,
+    /// Things worth a warning that do not stop loading (e.g. layers the config does not
+    /// use), one line each; the caller prints them.
+    pub warnings: Vec<String>,
     shards: Vec<Shard>,
     tensors: HashMap<String, TensorRef>,
 }
@@ -166,7 +169,8 @@ impl Checkpoint {
                 format!("listed in {} but not present in the shard", index.display()),
             ));
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), config, shards, tensors })
+        let warnings = check_layers(dir, &config, tensors.keys().map(String::as_str))?;
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, warnings, shards, tensors })
     }
 
     /// Whether a tensor exists.
@@ -230,7 +234,7 @@ impl Checkpoint {
         let shape = |last: usize| -> Vec<usize> { lead.iter().copied().chain([out, last]).collect() };
         if !self.has(&sname) {
             let f = self.floats(&wname, &shape(inp))?;
-            let per = out * inp * f.dtype.size();
+            let per = self.product(&wname, &[out, inp, f.dtype.size()])?;
             return Ok((0..n)
                 .map(|e| Mat {
                     rows: out,
@@ -251,7 +255,7 @@ impl Checkpoint {
         }
         let groups = inp / q.group_size;
         let w = self.tensor(&wname)?;
-        let want_w = shape(inp * q.bits as usize / 32);
+        let want_w = shape(self.product(&wname, &[inp, q.bits as usize])? / 32);
         if w.dtype != Dtype::U32 || w.shape != want_w {
             return Err(self.bad(
                 &wname,
@@ -262,7 +266,7 @@ impl Checkpoint {
             ));
         }
         let wb = self.bytes(w);
-        let row_bytes = out * inp * q.bits as usize / 8;
+        let row_bytes = self.product(&wname, &[out, inp, q.bits as usize])? / 8;
         match q.mode {
             QuantMode::Affine => {
                 let s = self.floats(&sname, &shape(groups))?;
@@ -312,10 +316,56 @@ impl Checkpoint {
         }
     }
 
+    /// `xs` multiplied in checked arithmetic (sizes that come from config.json and headers).
+    fn product(&self, name: &str, xs: &[usize]) -> Result<usize> {
+        xs.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or_else(|| {
+            self.bad(
+                name,
+                format!("the size {} overflows", xs.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" × ")),
+            )
+        })
+    }
+
     /// A single (unstacked) linear weight `[out, in]`.
     pub fn mat(&self, path: &str, out: usize, inp: usize) -> Result<Mat> {
         Ok(self.linear(path, None, out, inp)?.remove(0))
     }
+}
+
+/// Checks config.json's `num_hidden_layers` against the `model.layers.N.*` tensors: an
+/// error if the checkpoint stops short of it, a warning (returned) if it holds layers the
+/// config does not use — beyond the `num_nextn_predict_layers` MTP layers GLM and DeepSeek-V3
+/// store after the decoder layers, which are expected and ignored.
+fn check_layers<'a>(dir: &Path, cfg: &ModelConfig, names: impl Iterator<Item = &'a str>) -> Result<Vec<String>> {
+    let mut found = std::collections::BTreeSet::new();
+    for name in names {
+        if let Some(l) = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()?.parse::<usize>().ok()) {
+            found.insert(l);
+        }
+    }
+    let held = match (found.first(), found.last()) {
+        (Some(a), Some(b)) => format!("holds layers {a}..={b} only"),
+        _ => "holds no `model.layers.N.*` tensors".into(),
+    };
+    if found.last().is_none_or(|&last| last + 1 < cfg.num_layers) {
+        return Err(Error::format(
+            dir.join("config.json"),
+            format!("field `num_hidden_layers` is {}, but the checkpoint {held}", cfg.num_layers),
+        ));
+    }
+    let expected = cfg.num_layers.saturating_add(cfg.mtp_layers);
+    let unused: Vec<usize> = found.range(expected..).copied().collect();
+    Ok(match unused.as_slice() {
+        [] => Vec::new(),
+        [first, rest @ ..] => vec![format!(
+            "{}: the checkpoint holds model.layers.{first}{} that config.json does not use \
+             (num_hidden_layers {}, num_nextn_predict_layers {}); ignored",
+            dir.display(),
+            if rest.is_empty() { String::new() } else { format!(" and {} more layers", rest.len()) },
+            cfg.num_layers,
+            cfg.mtp_layers
+        )],
+    })
 }
 
 /// Maps a safetensors dtype to a float storage type.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Attn, Linear, MlaWeights, Mlp, Weights};
 use crate::plan::lower::ExecPlans;
 use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
@@ -53,6 +53,9 @@ pub struct CpuBackend {
     exec: ExecPlans,
     rope: ops::Rope,
     st: RunState,
+    /// [`Backend::max_context`]: the cache itself grows as needed, so this is the limit
+    /// generation stops at (`--ctx`).
+    max_ctx: usize,
 }
 
 impl CpuBackend {
@@ -65,7 +68,14 @@ impl CpuBackend {
         st.k_cache = vec![Vec::new(); cfg.num_layers];
         st.v_cache = vec![Vec::new(); cfg.num_layers];
         let exec = ExecPlans::same(&plan);
-        Ok(CpuBackend { cfg, weights, plan, exec, rope, st })
+        let max_ctx = cfg.max_position_embeddings;
+        Ok(CpuBackend { cfg, weights, plan, exec, rope, st, max_ctx })
+    }
+
+    /// The same backend with a context of `n` tokens ([`Backend::max_context`], `--ctx`).
+    pub fn with_max_context(mut self, n: usize) -> CpuBackend {
+        self.max_ctx = n;
+        self
     }
 
     fn linear(&self, r: LinRef) -> &Linear {
@@ -280,6 +290,72 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// The logits of the forward that just ran over `tokens`, or [`Error::NonFinite`] naming
+    /// the first position with a NaN or infinite logit and the layer and step that first
+    /// produced a non-finite value. Finding those re-runs the forward with a check after every
+    /// primitive step, so the normal case costs one scan of the logits. A failed forward
+    /// leaves the cache as it was before it.
+    fn finite_logits(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let logits = self.st.take(Buf::Logits);
+        let Err(Error::NonFinite { position, .. }) =
+            crate::sample::check_finite(&logits, self.cfg.vocab_size, self.st.pos, "")
+        else {
+            return Ok(logits);
+        };
+        let t = tokens.len();
+        let pos0 = self.st.pos - t;
+        // Cache rows per layer before this forward (every layer appended t rows).
+        let keep: Vec<(usize, usize)> = (self.st.k_cache.iter().zip(&self.st.v_cache))
+            .map(|(k, v)| (k.len() / (pos0 + t) * pos0, v.len() / (pos0 + t) * pos0))
+            .collect();
+        let restore = |st: &mut RunState| {
+            st.pos = pos0;
+            for (l, &(k, v)) in keep.iter().enumerate() {
+                st.k_cache[l].truncate(k);
+                st.v_cache[l].truncate(v);
+            }
+        };
+        restore(&mut self.st);
+        let origin = self.locate_non_finite(tokens, all_logits);
+        restore(&mut self.st);
+        Err(Error::NonFinite { position, origin })
+    }
+
+    /// Runs the plan over `tokens` primitive step by primitive step from empty buffers and
+    /// names the first step after which a buffer holds a NaN or an infinity.
+    fn locate_non_finite(&mut self, tokens: &[u32], all_logits: bool) -> String {
+        let plan = std::mem::replace(&mut self.plan, Plan { name: String::new(), steps: Vec::new() });
+        self.st.bufs.iter_mut().for_each(Vec::clear);
+        let (mut t, mut layer, mut found) = (tokens.len(), None, None);
+        'steps: for step in &plan.steps {
+            for p in step.primitives() {
+                self.step(&p, tokens, &mut t, all_logits);
+                // Steps without a weight of their own (adds, SwiGLU, ...) belong to the layer
+                // they run in; the embedding, the final norm and the head to none.
+                let outside = matches!(
+                    p,
+                    Step::Embed
+                        | Step::LastRow
+                        | Step::Linear { w: LinRef::LmHead, .. }
+                        | Step::RmsNorm { w: NormRef::Final, .. }
+                );
+                layer = p.layer().or(layer);
+                if self.st.bufs.iter().any(|b| b.iter().any(|x| !x.is_finite())) {
+                    found = Some((if outside { None } else { layer }, p.kind()));
+                    break 'steps;
+                }
+            }
+        }
+        self.plan = plan;
+        match found {
+            Some((Some(l), kind)) => format!("; first non-finite value: layer {l}, step `{kind}`"),
+            Some((None, kind)) => format!("; first non-finite value: step `{kind}` (outside the layers)"),
+            None => String::new(),
+        }
+    }
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -291,6 +367,10 @@ impl Backend for CpuBackend {
 
     fn position(&self) -> usize {
         self.st.pos
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_ctx
     }
 
     fn reset(&mut self) {
@@ -323,6 +403,6 @@ impl Backend for CpuBackend {
         }
         self.plan = plan;
         self.st.pos += tokens.len();
-        Ok(self.st.take(Buf::Logits))
+        self.finite_logits(tokens, all_logits)
     }
 }

@@ -23,8 +23,32 @@ use crate::sample::Sampler;
 
 /// Most tokens per prefill launch (activation buffers are sized for it).
 pub const CHUNK: usize = 64;
-/// Default KV-cache capacity (tokens) when the model allows more.
+/// Default KV-cache capacity (tokens) when the model allows more (`--ctx` overrides it).
 const DEFAULT_MAX_CTX: usize = 8192;
+/// Device memory left free after the KV cache, for the activation buffers (CHUNK rows).
+const CTX_RESERVE_BYTES: usize = 512 << 20;
+
+/// The KV-cache capacity in tokens, given `free` bytes of device memory after the weights and
+/// `token_bytes` of cache per token (all layers): `--ctx` when given (an error naming the
+/// sizes if its cache does not fit), else [`DEFAULT_MAX_CTX`] bounded by the model's
+/// `max_position_embeddings` and by what fits.
+fn kv_capacity(c: &ModelConfig, requested: Option<usize>, token_bytes: usize, free: usize) -> Result<usize> {
+    let avail = free.saturating_sub(CTX_RESERVE_BYTES);
+    let fits = avail / token_bytes.max(1);
+    let mib = |b: usize| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let n = requested.unwrap_or(c.max_position_embeddings.min(DEFAULT_MAX_CTX).min(fits)).max(1);
+    if n > fits {
+        return Err(Error::Arg(format!(
+            "{}: a KV cache of {n} tokens needs {} ({token_bytes} B per token) but {} of device memory are free \
+             after the weights ({} kept for activations); pass a smaller --ctx (at most {fits})",
+            if requested.is_some() { format!("--ctx {n}") } else { "CUDA".into() },
+            mib(n.saturating_mul(token_bytes)),
+            mib(free),
+            mib(CTX_RESERVE_BYTES)
+        )));
+    }
+    Ok(n)
+}
 
 /// A layer's cache on the device: what one token leaves behind for the next.
 enum LayerCache {
@@ -92,6 +116,18 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// Opens the GPU and uploads `weights`; `use_graph` captures decode steps into a graph.
     pub fn new(cfg: ModelConfig, weights: &Arc<Weights>, plan: Plan, use_graph: bool) -> Result<CudaBackend> {
+        CudaBackend::with_context(cfg, weights, plan, use_graph, None)
+    }
+
+    /// Like [`CudaBackend::new`], with a KV cache of `ctx` tokens (`--ctx`; default 8192
+    /// bounded by `max_position_embeddings` and free memory, see `kv_capacity`).
+    pub fn with_context(
+        cfg: ModelConfig,
+        weights: &Arc<Weights>,
+        plan: Plan,
+        use_graph: bool,
+        ctx: Option<usize>,
+    ) -> Result<CudaBackend> {
         let mut dev = Device::open()?;
         let c = &cfg;
         let (h, d) = (c.hidden_size, c.head_dim);
@@ -123,10 +159,16 @@ impl CudaBackend {
         if c.num_experts > 1024 || c.top_k > 16 {
             return Err(unsupported(format!("{} experts / top-{} (at most 1024 / 16)", c.num_experts, c.top_k)));
         }
-        let max_ctx = c.max_position_embeddings.min(DEFAULT_MAX_CTX);
         let w = weights.convert(&mut Upload(&mut dev))?;
         let inv_freq = dev.upload(&c.rope.inv_freq)?;
-        // Cached bf16 values per token and layer: K and V rows, or MLA's latent row.
+        // The KV cache after the weights, sized to the memory they left free. Cached bf16
+        // values per token and layer: K and V rows, or MLA's latent row.
+        let row = match &c.mla {
+            Some(m) => m.cache_row(),
+            None => 2 * c.num_kv_heads * d,
+        };
+        let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
+        let max_ctx = kv_capacity(c, ctx, row * 2 * c.num_layers, free)?;
         let mut caches = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
             caches.push(match &c.mla {
@@ -907,6 +949,10 @@ impl Backend for CudaBackend {
         self.pos
     }
 
+    fn max_context(&self) -> usize {
+        self.max_ctx
+    }
+
     fn reset(&mut self) {
         self.pos = 0;
     }
@@ -946,6 +992,7 @@ impl Backend for CudaBackend {
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let mut logits = Vec::new();
         self.run_tokens(tokens, all_logits, Some(&mut logits))?;
+        crate::sample::check_finite(&logits, self.cfg.vocab_size, self.pos, crate::sample::NON_FINITE_HINT)?;
         Ok(logits)
     }
 
@@ -965,10 +1012,16 @@ impl Backend for CudaBackend {
         sample::sample(&self.dev, &a)?;
         let mut out = [0i32; 2];
         self.dev.read(self.st.sample_out, &mut out)?;
+        if out[1] == 2 {
+            // sample_token found a NaN or infinite logit.
+            let origin = crate::sample::NON_FINITE_HINT.into();
+            return Err(Error::NonFinite { position: self.pos - 1, origin });
+        }
         if out[1] != 0 {
             // Too many candidates for the device sort: sample the copied logits on the host.
             let mut logits = Vec::new();
             self.read_logits(1, &mut logits)?;
+            crate::sample::check_finite(&logits, self.cfg.vocab_size, self.pos, crate::sample::NON_FINITE_HINT)?;
             return Ok(sampler.sample(&logits));
         }
         sampler.advance();
@@ -981,5 +1034,31 @@ impl Backend for CudaBackend {
 
     fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
         CudaBackend::profile_decode(self, replays)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_capacity_defaults_bounds_and_refuses() {
+        let mut c = crate::checkpoint::synth::preset_config("qwen3_moe", "tiny")
+            .map(|v| ModelConfig::parse(&v.to_string(), std::path::Path::new("config.json")).unwrap())
+            .unwrap();
+        let gib = 1usize << 30;
+        // Plenty of memory: the default, bounded by max_position_embeddings.
+        assert_eq!(kv_capacity(&c, None, 4096, 80 * gib).unwrap(), DEFAULT_MAX_CTX);
+        c.max_position_embeddings = 1000;
+        assert_eq!(kv_capacity(&c, None, 4096, 80 * gib).unwrap(), 1000);
+        assert_eq!(kv_capacity(&c, Some(20), 4096, 80 * gib).unwrap(), 20);
+        // Little memory: the default shrinks to what fits; an explicit --ctx is refused.
+        c.max_position_embeddings = 1 << 20;
+        let free = CTX_RESERVE_BYTES + 100 * 4096;
+        assert_eq!(kv_capacity(&c, None, 4096, free).unwrap(), 100);
+        let e = kv_capacity(&c, Some(101), 4096, free).unwrap_err().to_string();
+        assert!(e.contains("--ctx 101") && e.contains("at most 100"), "{e}");
+        let e = kv_capacity(&c, None, 4096, CTX_RESERVE_BYTES).unwrap_err().to_string();
+        assert!(e.contains("KV cache") && e.contains("smaller --ctx"), "{e}");
     }
 }

@@ -416,6 +416,9 @@ pub fn export_gguf(
     let t0 = Instant::now();
     crate::output::check_out_path("--out", out, opts.force)?;
     let ck = Checkpoint::open(model)?;
+    for w in &ck.warnings {
+        warn(w);
+    }
     let cfg = ck.config.clone();
     let arch = GgufArch::for_family(cfg.family)?;
     let weights = Weights::load(&ck)?;

@@ -43,16 +43,16 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "mix")]
     pub mode: Mode,
     /// Cases; each runs every template once on the same inputs, in a random order.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 24, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub cases: usize,
     /// Campaign seed (same seed, same cases).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::args::seed, allow_negative_numbers = true)]
     pub seed: u64,
     /// Untimed launches before timing each candidate.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub warmup: usize,
     /// Timed launches per candidate (each after an L2 flush); p10/p50/p90 over them.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub repeats: usize,
     /// Campaign folder (attempts.ndjson is appended to); default `foundry/<op>`.
     #[arg(long)]
@@ -67,7 +67,7 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     pub presets: Vec<String>,
     /// Largest token count sampled.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub max_tokens: usize,
     /// Fix a template's knobs instead of sampling them, e.g. `t1_vec:TPB=128,VEC=8,UNROLL=2`
     /// (repeatable): a confirmation campaign for one candidate.

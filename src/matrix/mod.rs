@@ -173,6 +173,9 @@ pub struct Fidelity {
     pub total: usize,
     /// The first position where they differ (None on PASS).
     pub first_divergence: Option<Divergence>,
+    /// Why the output was not finite (NaN / infinite logits), if it was: always a FAIL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub non_finite: Option<String>,
 }
 
 impl Fidelity {
@@ -187,6 +190,9 @@ impl Fidelity {
             if d.margin.is_finite() {
                 s += &format!(" (reference logit margin {:.4})", d.margin);
             }
+        }
+        if let Some(why) = &self.non_finite {
+            s += &format!("; non-finite output: {why}");
         }
         s
     }
@@ -355,6 +361,7 @@ impl Entry {
                     patched_token: d.patched_token,
                     margin: d.margin as f64,
                 }),
+                non_finite: f.non_finite.clone(),
             },
             speedup: Speedup::of(&reference, &patched),
             reference,
@@ -441,7 +448,8 @@ mod tests {
 
     #[test]
     fn fidelity_detail_and_verdict_spelling() {
-        let mut f = Fidelity { verdict: Verdict::Pass, identical: 200, total: 200, first_divergence: None };
+        let mut f =
+            Fidelity { verdict: Verdict::Pass, identical: 200, total: 200, first_divergence: None, non_finite: None };
         assert_eq!(f.detail(), "200/200 tokens identical");
         assert_eq!(f.short(), "PASS 200/200");
         f.verdict = Verdict::Fail;
@@ -518,6 +526,7 @@ mod tests {
                 identical: 5,
                 total: 200,
                 first_divergence: Some(VDiv { position: 5, reference_token: 11, patched_token: 12, margin: 0.5 }),
+                non_finite: None,
             },
             decode_speedup: 123.0 / 105.0,
             prefill_speedup: 1250.0 / 1050.0,

@@ -39,16 +39,16 @@ pub struct RunArgs {
     #[arg(long, default_value = "auto")]
     pub backend: BackendKind,
     /// Timed runs per plan (the median is recorded, and every run).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub runs: usize,
     /// Greedy tokens generated and compared per run.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub max_tokens: usize,
     /// Untimed warm-up runs per plan.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub warmup: usize,
     /// Length of the fixed pseudo-random prompt (the one `zmoe validate` uses).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::args::count, allow_negative_numbers = true)]
     pub prompt_len: usize,
     /// Patterns to apply, comma-separated, instead of each family's defaults.
     #[arg(long)]
@@ -300,7 +300,13 @@ pub fn run(args: &RunArgs, cache: &Path, stdout: &mut dyn FnMut(&str), stderr: &
     if !errors.is_empty() {
         why.push(format!("could not run (not recorded): {}", errors.join(", ")));
     }
-    if why.is_empty() { Ok(()) } else { Err(Error::Arg(format!("matrix run: {}", why.join("; ")))) }
+    let msg = format!("matrix run: {}", why.join("; "));
+    match (fail.is_empty(), errors.is_empty()) {
+        (true, true) => Ok(()),
+        // Only fidelity FAILs: exit status 3, like `zmoe validate`.
+        (false, true) => Err(Error::Fidelity(msg)),
+        _ => Err(Error::Arg(msg)),
+    }
 }
 
 /// Validates one model and appends its entry.
@@ -322,6 +328,9 @@ fn run_one(
         }
         Source::Preset { family, preset, quant } => load_preset(cache, family, preset, *quant, stderr)?.1,
     };
+    for w in &model.checkpoint.warnings {
+        stderr(&format!("warning: {w}"));
+    }
     let cfg = model.config();
     let opts = ValidateOptions {
         prompt: crate::bench::bench_prompt(cfg, args.prompt_len, 1),

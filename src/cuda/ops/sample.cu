@@ -30,7 +30,8 @@ __device__ __forceinline__ bool ranks_before(float av, int ai, float bv, int bi)
 // moves a cumulative boundary). Tokens beyond SAMPLE_NATS carry < V·e^-24 of the top
 // token's probability and are left out. out = [token, 0], or [-, 1] when the answer may lie outside the candidates
 // (top_k larger than the slice, or the nucleus / the draw reaching past it): the host then
-// samples the logits itself.
+// samples the logits itself; or [0, 2] when a logit is NaN or infinite (the forward is broken:
+// the host reports an error instead of a token).
 extern "C" __global__ void sample_token(const SampleArgs a) {
     const float* logits = a.logits;
     const int V = a.v, top_k = a.top_k;
@@ -46,9 +47,16 @@ extern "C" __global__ void sample_token(const SampleArgs a) {
     int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nt = blockDim.x;
     float bv = -INFINITY;
     int bi = 0x7fffffff;
+    int bad = 0;
     for (int i = tid; i < V; i += nt) {
         float v = logits[i];
+        bad |= (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u;  // NaN or ±inf: exponent all ones
         if (bi == 0x7fffffff || v > bv) { bv = v; bi = i; }
+    }
+    // Block-uniform: every thread leaves together.
+    if (__syncthreads_or(bad)) {
+        if (tid == 0) { out[0] = 0; out[1] = 2; }
+        return;
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
