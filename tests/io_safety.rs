@@ -6,27 +6,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{copy_model, zmoe, zmoe_err};
+use common::{copy_model, s, zmoe, zmoe_err};
 use zmoe::checkpoint::synth::SynthQuant;
 
-/// One tiny affine-4 model shared by the tests of this binary (read-only).
+/// The tiny model this binary's tests share (read-only).
 fn model() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = common::synth_tiny(tmp.path(), "tiny", SynthQuant::Affine4, 3);
-        (tmp, p)
-    })
-    .1
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    common::shared_tiny(SynthQuant::Affine4, 3)
 }
 
 /// Runs zmoe in `cwd` with extra environment variables.

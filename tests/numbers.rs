@@ -4,26 +4,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
-use common::{copy_model, copy_with_tensors, zmoe};
+use common::{copy_model, copy_with_tensors, s, zmoe};
 use zmoe::checkpoint::synth::SynthQuant;
 
-/// One tiny bf16 model shared by the tests of this binary (read-only).
+/// The tiny model this binary's tests share (read-only).
 fn model() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let p = common::synth_tiny(tmp.path(), "tiny", SynthQuant::Bf16, 5);
-        (tmp, p)
-    })
-    .1
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    common::shared_tiny(SynthQuant::Bf16, 5)
 }
 
 fn text(b: &[u8]) -> String {

@@ -137,3 +137,22 @@ pub fn assert_patterns_bitexact(kind: zmoe::BackendKind, dirs: &[PathBuf], promp
         println!("{}: every pattern bit-exact (prefill {prompt} + decode {decode})", dir.display());
     }
 }
+
+/// A tiny qwen3_moe model synthesised once per test binary, quant and seed (read-only; its
+/// temporary folder lives until the process exits).
+pub fn shared_tiny(quant: SynthQuant, seed: u64) -> &'static Path {
+    static DIRS: std::sync::Mutex<Vec<(SynthQuant, u64, &'static Path)>> = std::sync::Mutex::new(Vec::new());
+    let mut dirs = DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, _, p)) = dirs.iter().find(|d| d.0 == quant && d.1 == seed) {
+        return p;
+    }
+    let tmp = Box::leak(Box::new(tempfile::tempdir().unwrap()));
+    let p: &'static Path = Box::leak(synth_tiny(tmp.path(), "tiny", quant, seed).into_boxed_path());
+    dirs.push((quant, seed, p));
+    p
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
