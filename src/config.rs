@@ -965,7 +965,11 @@ mod tests {
         assert_eq!(c.rope.attention_scaling, 1.0);
         assert!((c.attn_scale() - 0.135_233_78).abs() < 1e-7, "{}", c.attn_scale());
         let plan = crate::plan::Plan::reference(&c);
-        assert!(plan.steps.iter().any(|s| matches!(s, crate::plan::Step::SigmoidTopK { layer: 3 })));
+        assert!(
+            plan.steps
+                .iter()
+                .any(|s| matches!(s, crate::plan::Step::Moe { layer: 3, op: crate::plan::MoeOp::SigmoidTopK }))
+        );
 
         // Kimi-K2: the same architecture under model_type kimi_k2.
         let mut k = deepseek_v3_released();

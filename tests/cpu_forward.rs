@@ -112,7 +112,12 @@ fn mla_absorbed_equals_expanded() {
         let v = model.config().vocab_size;
         let absorbed = Plan::reference(model.config());
         let expanded = absorbed.with_expanded_mla();
-        assert!(expanded.steps.iter().any(|s| matches!(s, zmoe::plan::Step::MlaAttentionExpanded { .. })));
+        assert!(
+            expanded
+                .steps
+                .iter()
+                .any(|s| matches!(s, zmoe::plan::Step::Attn { op: zmoe::plan::AttnOp::MlaAttentionExpanded, .. }))
+        );
         let run = |plan: Plan| {
             let mut be = model.backend(BackendKind::Cpu, plan).unwrap();
             let tokens: Vec<u32> = (0..9).map(|k| (k * 389 + 5) % v as u32).collect();

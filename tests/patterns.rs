@@ -100,8 +100,10 @@ fn cuda_exec_plans_are_the_chosen_plan_rewritten_once() {
     let exec = lower::cuda(&plan, &model.weights, &[]).unwrap();
     assert_eq!(exec.decode, plan);
     assert_eq!(exec.prefill.primitives_only().steps, plan.primitives_only().steps);
-    assert!(!exec.prefill.steps.iter().any(|s| matches!(s, Step::MoeRouter { .. } | Step::MoeDownCombineAdd { .. })));
-    assert!(exec.prefill.steps.iter().any(|s| matches!(s, Step::QkvProj { .. })), "prefill keeps multi-token fusions");
+    use zmoe::plan::Fusion;
+    let has = |p: &Plan, f: Fusion| p.steps.iter().any(|s| matches!(s, Step::Fused { op, .. } if *op == f));
+    assert!(!has(&exec.prefill, Fusion::MoeRouter) && !has(&exec.prefill, Fusion::MoeDownCombineAdd));
+    assert!(has(&exec.prefill, Fusion::InProj), "prefill keeps multi-token fusions");
 
     let packs = [
         PackKernel { op: OpId::MoeCombine, bucket: Bucket::Small, tag: "moe_combine/t@1".into() },
@@ -134,7 +136,7 @@ fn patterns_exec_prints_the_plans_that_run_with_the_pack() {
     let pack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/foundry/pack-sm_90.json");
     let out = ok(&["patterns", "--model", dir.to_str().unwrap(), "--exec", "--pack", pack.to_str().unwrap()]);
     assert!(out.contains("CUDA prefill plan") && out.contains("CUDA decode plan"), "{out}");
-    assert!(out.contains("RouterTopK [pack: topk_gating/t1_lane_regs@"), "{out}");
+    assert!(out.contains("router_topk (layer 1) [pack: topk_gating/t1_lane_regs@"), "{out}");
     let decode = &out[out.find("CUDA decode plan").unwrap()..];
-    assert!(decode.contains("MoeRouter") && !decode.contains("[pack"), "{decode}");
+    assert!(decode.contains("moe_router (fused: linear Router(1)") && !decode.contains("[pack"), "{decode}");
 }

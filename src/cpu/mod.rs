@@ -14,7 +14,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{Attn, Linear, MlaWeights, Mlp, Weights};
 use crate::plan::lower::ExecPlans;
-use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
+use crate::plan::{AttnOp, Buf, LinRef, MoeOp, NormRef, Plan, Step};
 
 /// Per-sequence state: activation buffers, router choices and the KV cache.
 #[derive(Debug, Default)]
@@ -138,19 +138,19 @@ impl CpuBackend {
                 ops::rms_norm(&src, self.norm(w), w.eps(c), &mut x);
                 self.st.put(buf, x);
             }
-            Step::Rope => {
+            Step::Attn { op: AttnOp::Rope, .. } => {
                 let (mut q, mut kk) = (self.st.take(Buf::Q), self.st.take(Buf::K));
                 self.rope.apply(&mut q, c.num_heads, d, 0, self.st.pos);
                 self.rope.apply(&mut kk, c.num_kv_heads, d, 0, self.st.pos);
                 self.st.put(Buf::Q, q);
                 self.st.put(Buf::K, kk);
             }
-            Step::KvAppend { layer } => {
+            Step::Attn { layer, op: AttnOp::KvAppend } => {
                 let st = &mut self.st;
                 st.k_cache[layer].extend_from_slice(&st.bufs[Buf::K as usize]);
                 st.v_cache[layer].extend_from_slice(&st.bufs[Buf::V as usize]);
             }
-            Step::Attention { layer } => {
+            Step::Attn { layer, op: AttnOp::Attention } => {
                 let mut out = vec![0.0; *t * c.num_heads * d];
                 let st = &self.st;
                 ops::attention(&st.bufs[Buf::Q as usize], &st.k_cache[layer], &st.v_cache[layer], st.pos, c, &mut out);
@@ -164,7 +164,7 @@ impl CpuBackend {
                 }
                 self.st.put(src, s);
             }
-            Step::SigmoidTopK { layer } => {
+            Step::Moe { layer, op: MoeOp::SigmoidTopK } => {
                 let Mlp::Moe { correction_bias: Some(bias), .. } = &self.layer(layer).mlp else {
                     panic!("plan asks for the correction bias of layer {layer}, which has none")
                 };
@@ -173,7 +173,7 @@ impl CpuBackend {
                 self.st.topk_idx = idx;
                 self.st.topk_w = w;
             }
-            Step::MlaRope => {
+            Step::Attn { op: AttnOp::MlaRope, .. } => {
                 let m = c.mla.as_ref().expect("MLA config");
                 let (mut q, mut kva) = (self.st.take(Buf::Q), self.st.take(Buf::Kva));
                 let pos = self.st.pos;
@@ -182,11 +182,11 @@ impl CpuBackend {
                 self.st.put(Buf::Q, q);
                 self.st.put(Buf::Kva, kva);
             }
-            Step::LatentAppend { layer } => {
+            Step::Attn { layer, op: AttnOp::LatentAppend } => {
                 let st = &mut self.st;
                 st.k_cache[layer].extend_from_slice(&st.bufs[Buf::Kva as usize]);
             }
-            Step::MlaQAbsorb { layer } => {
+            Step::Attn { layer, op: AttnOp::MlaQAbsorb } => {
                 let m = c.mla.as_ref().expect("MLA config");
                 let nope = m.qk_nope_head_dim;
                 let q = &self.st.bufs[Buf::Q as usize];
@@ -198,7 +198,7 @@ impl CpuBackend {
                 ops::grouped_experts(&heads, 1, &x, &self.mla(layer).embed_q, &mut out);
                 self.st.put(Buf::QLat, out);
             }
-            Step::MlaAttention { layer } => {
+            Step::Attn { layer, op: AttnOp::MlaAttention } => {
                 let m = c.mla.as_ref().expect("MLA config");
                 let st = &self.st;
                 let mut out = vec![0.0; *t * c.num_heads * m.kv_lora_rank];
@@ -206,7 +206,7 @@ impl CpuBackend {
                 ops::mla_attention(ql, q, &st.k_cache[layer], st.pos, c, &mut out);
                 self.st.put(Buf::OLat, out);
             }
-            Step::MlaVUp { layer } => {
+            Step::Attn { layer, op: AttnOp::MlaVUp } => {
                 let rows = *t * c.num_heads;
                 let heads: Vec<usize> = (0..rows).map(|r| r % c.num_heads).collect();
                 let mut out = vec![0.0; rows * c.v_head_dim];
@@ -219,7 +219,7 @@ impl CpuBackend {
                 );
                 self.st.put(Buf::Attn, out);
             }
-            Step::MlaAttentionExpanded { layer } => {
+            Step::Attn { layer, op: AttnOp::MlaAttentionExpanded } => {
                 let st = &self.st;
                 let mut out = vec![0.0; *t * c.num_heads * c.v_head_dim];
                 ops::mla_attention_expanded(
@@ -232,13 +232,13 @@ impl CpuBackend {
                 );
                 self.st.put(Buf::Attn, out);
             }
-            Step::RouterTopK => {
+            Step::Moe { op: MoeOp::RouterTopK, .. } => {
                 let logits = &self.st.bufs[Buf::RouterLogits as usize];
                 let (idx, w) = ops::softmax_topk(logits, c.num_experts, k, c.norm_topk_prob);
                 self.st.topk_idx = idx;
                 self.st.topk_w = w;
             }
-            Step::ExpertGateUp { layer } => {
+            Step::Moe { layer, op: MoeOp::ExpertGateUp } => {
                 let ex = self.experts(layer);
                 let i = c.moe_intermediate_size;
                 let (mut g, mut u) = (vec![0.0; *t * k * i], vec![0.0; *t * k * i]);
@@ -253,14 +253,14 @@ impl CpuBackend {
                 let act = g.iter().zip(u).map(|(&g, &u)| ops::silu(g) * u).collect();
                 self.st.put(Buf::Act, act);
             }
-            Step::ExpertDown { layer } => {
+            Step::Moe { layer, op: MoeOp::ExpertDown } => {
                 let ex = self.experts(layer);
                 let mut y = vec![0.0; *t * k * h];
                 // Row t·K+j of Act is slot j of token t, i.e. expert topk_idx[t·K+j].
                 ops::grouped_experts(&self.st.topk_idx, 1, &self.st.bufs[Buf::Act as usize], &ex.down, &mut y);
                 self.st.put(Buf::ExpertOut, y);
             }
-            Step::Combine => {
+            Step::Moe { op: MoeOp::Combine, .. } => {
                 let mut out = vec![0.0; *t * h];
                 ops::combine(&self.st.bufs[Buf::ExpertOut as usize], &self.st.topk_w, k, &mut out);
                 self.st.put(Buf::Out, out);
@@ -272,20 +272,7 @@ impl CpuBackend {
                     *t = 1;
                 }
             }
-            Step::MoeRouter { .. }
-            | Step::MoeGateUpSwiglu { .. }
-            | Step::MoeDownCombineAdd { .. }
-            | Step::DenseGateUpSwiglu { .. }
-            | Step::AddRmsNorm { .. }
-            | Step::OProjAddRmsNorm { .. }
-            | Step::QkvProj { .. }
-            | Step::QkNormRopeKv { .. }
-            | Step::MoeSigmoidRouter { .. }
-            | Step::MoeDownCombineSharedAdd { .. }
-            | Step::SharedGateUpSwiglu { .. }
-            | Step::MlaInProj { .. }
-            | Step::LatentNormRopeAppend { .. }
-            | Step::Packed { .. } => unreachable!("fused steps run as their components"),
+            Step::Fused { .. } | Step::Packed { .. } => unreachable!("fused steps run as their components"),
         }
     }
 }

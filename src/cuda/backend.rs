@@ -18,7 +18,7 @@ use crate::config::{ModelConfig, RouterKind};
 use crate::error::{Error, Result};
 use crate::model::Weights;
 use crate::plan::lower::{self, ExecPlans};
-use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
+use crate::plan::{AttnOp, Buf, Fusion, LinRef, MoeOp, NormRef, Plan, Step};
 use crate::sample::Sampler;
 
 /// Most tokens per prefill launch (activation buffers are sized for it).
@@ -326,6 +326,7 @@ impl CudaBackend {
         let dev = &self.dev;
         let (pos, x_buf) = (rd::<I32>(self.pos_ptr()), self.buf(Buf::X));
         match *step {
+            Step::Fused { op, ref parts } => self.fused(op, parts, mm)?,
             Step::Packed { ref step, ref kernels } => {
                 // The pack kernel of this chunk's token bucket, else the built-in one.
                 let b = crate::kernels::Bucket::of(mm);
@@ -376,7 +377,7 @@ impl CudaBackend {
                     self.st.act_elems = mm * lin.w.rows;
                 }
             }
-            Step::Rope => {
+            Step::Attn { op: AttnOp::Rope, .. } => {
                 let a = rope::RopeArgs {
                     q: wr(self.buf(Buf::Q)),
                     k: wr(self.buf(Buf::K)),
@@ -389,7 +390,7 @@ impl CudaBackend {
                 };
                 rope::rope(dev, &a, mm)?;
             }
-            Step::KvAppend { layer } => {
+            Step::Attn { layer, op: AttnOp::KvAppend } => {
                 let (kc, vc) = self.kv_cache(layer)?;
                 let a = rope::KvAppendArgs {
                     k: rd(self.buf(Buf::K)),
@@ -401,7 +402,7 @@ impl CudaBackend {
                 };
                 rope::kv_append(dev, &a, mm)?;
             }
-            Step::Attention { layer } => {
+            Step::Attn { layer, op: AttnOp::Attention } => {
                 let (kc, vc) = self.kv_cache(layer)?;
                 let a = attn::AttentionArgs {
                     q: rd(self.buf(Buf::Q)),
@@ -424,7 +425,7 @@ impl CudaBackend {
                 let a = norm::AddArgs { x: wr(self.buf(dst)), y: rd(self.buf(src)), n: (mm * h) as i64 };
                 norm::add(dev, &a)?;
             }
-            Step::RouterTopK => {
+            Step::Moe { op: MoeOp::RouterTopK, .. } => {
                 let a = moe::RouterTopkArgs {
                     logits: rd(self.buf(Buf::RouterLogits)),
                     e: int(c.num_experts),
@@ -435,7 +436,7 @@ impl CudaBackend {
                 };
                 moe::router_topk(dev, &a, mm)?;
             }
-            Step::SigmoidTopK { layer } => {
+            Step::Moe { layer, op: MoeOp::SigmoidTopK } => {
                 let (_, bias) = self.w.router(layer)?;
                 let (n_group, topk_group, scale) = self.sigmoid_router()?;
                 let a = moe::RouterSigmoidArgs {
@@ -452,7 +453,7 @@ impl CudaBackend {
                 };
                 moe::router_sigmoid(dev, &a, mm)?;
             }
-            Step::ExpertGateUp { layer } => {
+            Step::Moe { layer, op: MoeOp::ExpertGateUp } => {
                 let ex = self.w.experts(layer)?.clone();
                 if mm > 1 {
                     let a = moe::MoeGroupArgs {
@@ -478,11 +479,11 @@ impl CudaBackend {
                 };
                 moe::swiglu(dev, &a)?;
             }
-            Step::ExpertDown { layer } => {
+            Step::Moe { layer, op: MoeOp::ExpertDown } => {
                 let down = self.w.experts(layer)?.down;
                 self.expert_matvec(&down, Buf::Act, 1, Buf::ExpertOut, mm * k)?;
             }
-            Step::Combine => {
+            Step::Moe { op: MoeOp::Combine, .. } => {
                 let a = moe::CombineArgs {
                     y: rd(self.buf(Buf::ExpertOut)),
                     w: rd(self.st.topk_w),
@@ -492,190 +493,7 @@ impl CudaBackend {
                 };
                 moe::combine(dev, &a, mm)?;
             }
-            Step::MoeRouter { layer } => {
-                let (router, _) = self.w.router(layer)?;
-                let a = moe::MoeRouterArgs {
-                    w: router.w.q,
-                    x: rd(self.buf(Buf::H)),
-                    logits: wr(self.buf(Buf::RouterLogits)),
-                    bias: rd(router.bias()),
-                    e: int(c.num_experts),
-                    h: int(h),
-                    k: int(k),
-                    norm: c.norm_topk_prob as i32,
-                    tickets: wr(self.st.tickets),
-                    idx: wr(self.st.topk_idx),
-                    wout: wr(self.st.topk_w),
-                };
-                moe::moe_router(dev, &a, mm)?;
-            }
-            Step::MoeSigmoidRouter { layer } => {
-                let (router, bias) = self.w.router(layer)?;
-                let (n_group, topk_group, scale) = self.sigmoid_router()?;
-                let a = moe::MoeRouterSigmoidArgs {
-                    w: router.w.q,
-                    x: rd(self.buf(Buf::H)),
-                    logits: wr(self.buf(Buf::RouterLogits)),
-                    ebias: rd(bias),
-                    e: int(c.num_experts),
-                    h: int(h),
-                    k: int(k),
-                    n_group: int(n_group),
-                    topk_group: int(topk_group),
-                    norm: c.norm_topk_prob as i32,
-                    scale,
-                    tickets: wr(self.st.tickets),
-                    idx: wr(self.st.topk_idx),
-                    wout: wr(self.st.topk_w),
-                };
-                moe::moe_router_sigmoid(dev, &a, mm)?;
-            }
-            Step::MoeGateUpSwiglu { layer } => {
-                let ex = self.w.experts(layer)?;
-                let (g, u) = (ex.gate, ex.up);
-                let a = moe::MoeGateUpArgs {
-                    gate: g.q,
-                    up: u.q,
-                    w_stride: g.w_stride,
-                    sb_stride: g.sb_stride,
-                    idx: rd(self.st.topk_idx),
-                    k: int(k),
-                    x: rd(self.buf(Buf::H)),
-                    act: wr(self.buf(Buf::Act)),
-                    i: int(c.moe_intermediate_size),
-                    h: int(h),
-                };
-                moe::moe_gate_up_swiglu(dev, &a, mm * k)?;
-            }
-            Step::MoeDownCombineAdd { layer } | Step::MoeDownCombineSharedAdd { layer } => {
-                let dn = self.w.experts(layer)?.down;
-                let shared =
-                    if matches!(step, Step::MoeDownCombineSharedAdd { .. }) { self.buf(Buf::SharedOut) } else { 0 };
-                let a = moe::MoeDownCombineAddArgs {
-                    down: dn.stacked(),
-                    idx: rd(self.st.topk_idx),
-                    wts: rd(self.st.topk_w),
-                    k: int(k),
-                    act: rd(self.buf(Buf::Act)),
-                    x: wr(x_buf),
-                    h: int(h),
-                    i: int(c.moe_intermediate_size),
-                    shared: rd(shared),
-                };
-                moe::moe_down_combine_add(dev, &a, mm)?;
-            }
-            Step::QkvProj { layer } => {
-                let (q, kp, v, _, _) = self.w.gqa(layer)?;
-                let a = linear::QkvArgs {
-                    wq: q.w.q,
-                    wk: kp.w.q,
-                    wv: v.w.q,
-                    qbias: rd(q.bias()),
-                    kbias: rd(kp.bias()),
-                    vbias: rd(v.bias()),
-                    x: rd(self.buf(Buf::H)),
-                    q: wr(self.buf(Buf::Q)),
-                    k: wr(self.buf(Buf::K)),
-                    v: wr(self.buf(Buf::V)),
-                    nq: int(q.w.rows),
-                    nk: int(kp.w.rows),
-                    nv: int(v.w.rows),
-                    kdim: int(h),
-                    m: int(mm),
-                };
-                linear::qkv(dev, &a)?;
-            }
-            Step::MlaInProj { layer, q_lora } => {
-                let (first, dst) = if q_lora { (LinRef::QA(layer), Buf::QA) } else { (LinRef::Q(layer), Buf::Q) };
-                let (q, kv) = (self.w.linear(first)?, self.w.linear(LinRef::KvA(layer))?);
-                // Two matrices: the third slot repeats kv's with no rows (as before the split).
-                let a = linear::QkvArgs {
-                    wq: q.w.q,
-                    wk: kv.w.q,
-                    wv: kv.w.q,
-                    qbias: rd(q.bias()),
-                    kbias: rd(kv.bias()),
-                    vbias: rd(0),
-                    x: rd(self.buf(Buf::H)),
-                    q: wr(self.buf(dst)),
-                    k: wr(self.buf(Buf::Kva)),
-                    v: wr(0),
-                    nq: int(q.w.rows),
-                    nk: int(kv.w.rows),
-                    nv: 0,
-                    kdim: int(h),
-                    m: int(mm),
-                };
-                linear::qkv(dev, &a)?;
-            }
-            Step::DenseGateUpSwiglu { layer } | Step::SharedGateUpSwiglu { layer } => {
-                let (gr, ur) = match step {
-                    Step::DenseGateUpSwiglu { .. } => (LinRef::DenseGate(layer), LinRef::DenseUp(layer)),
-                    _ => (LinRef::SharedGate(layer), LinRef::SharedUp(layer)),
-                };
-                let (g, u) = (self.w.linear(gr)?, self.w.linear(ur)?);
-                let a = linear::DenseGateUpArgs {
-                    gate: g.w.q,
-                    up: u.w.q,
-                    gbias: rd(g.bias()),
-                    ubias: rd(u.bias()),
-                    x: rd(self.buf(Buf::H)),
-                    act: wr(self.buf(Buf::Act)),
-                    f: int(g.w.rows),
-                    h: int(h),
-                    m: int(mm),
-                };
-                linear::dense_gate_up_swiglu(dev, &a)?;
-            }
-            Step::AddRmsNorm { w, src, dst } => {
-                let a = norm::AddRmsnormArgs {
-                    x: wr(x_buf),
-                    src: rd(self.buf(src)),
-                    w: rd(*self.w.norm(w)?),
-                    y: wr(self.buf(dst)),
-                    n: int(h),
-                    eps,
-                };
-                norm::add_rmsnorm(dev, &a, mm)?;
-            }
-            Step::OProjAddRmsNorm { layer } => {
-                let ly = &self.w.layers[layer];
-                let a = norm::OProjAddRmsnormArgs {
-                    o: ly.o.w.q,
-                    attn: rd(self.buf(Buf::Attn)),
-                    bias: rd(ly.o.bias()),
-                    x: wr(x_buf),
-                    nw: rd(ly.post_norm),
-                    h: wr(self.buf(Buf::H)),
-                    hidden: int(h),
-                    k: int(ly.o.w.cols),
-                    eps,
-                    ticket: wr(self.st.tickets),
-                };
-                norm::o_proj_add_rmsnorm(dev, &a)?;
-            }
-            Step::QkNormRopeKv { layer } => {
-                let (_, _, _, qn, kn) = self.w.gqa(layer)?;
-                let (kc, vc) = self.kv_cache(layer)?;
-                let a = rope::QkNormRopeKvArgs {
-                    q: wr(self.buf(Buf::Q)),
-                    k: wr(self.buf(Buf::K)),
-                    v: rd(self.buf(Buf::V)),
-                    qw: rd(qn),
-                    kw: rd(kn),
-                    inv_freq: rd(self.inv_freq),
-                    pos,
-                    kc: wr(kc),
-                    vc: wr(vc),
-                    nh: int(nh),
-                    nkv: int(nkv),
-                    d: int(d),
-                    d_rot: int(c.rope.dim),
-                    eps,
-                };
-                rope::qk_norm_rope_kv(dev, &a, mm)?;
-            }
-            Step::MlaRope => {
+            Step::Attn { op: AttnOp::MlaRope, .. } => {
                 let a = mla::MlaRopeArgs {
                     q: wr(self.buf(Buf::Q)),
                     kva: wr(self.buf(Buf::Kva)),
@@ -685,7 +503,7 @@ impl CudaBackend {
                 };
                 mla::mla_rope(dev, &a, mm)?;
             }
-            Step::LatentAppend { layer } => {
+            Step::Attn { layer, op: AttnOp::LatentAppend } => {
                 let a = mla::CacheAppendArgs {
                     x: rd(self.buf(Buf::Kva)),
                     cache: wr(self.latent_cache(layer)?),
@@ -694,28 +512,15 @@ impl CudaBackend {
                 };
                 mla::cache_append(dev, &a, mm)?;
             }
-            Step::LatentNormRopeAppend { layer } => {
-                let a = mla::LatentNormRopeAppendArgs {
-                    q: wr(self.buf(Buf::Q)),
-                    kva: wr(self.buf(Buf::Kva)),
-                    nw: rd(*self.w.norm(NormRef::KvLatent(layer))?),
-                    inv_freq: rd(self.inv_freq),
-                    pos,
-                    cache: wr(self.latent_cache(layer)?),
-                    dims: self.mla_dims()?,
-                    eps: NormRef::KvLatent(layer).eps(c),
-                };
-                mla::latent_norm_rope_append(dev, &a, mm)?;
-            }
-            Step::MlaQAbsorb { layer } => {
+            Step::Attn { layer, op: AttnOp::MlaQAbsorb } => {
                 let w = self.w.mla(layer)?.embed_q;
                 self.head_matvec(&w, Buf::Q, d, Buf::QLat, mm)?;
             }
-            Step::MlaVUp { layer } => {
+            Step::Attn { layer, op: AttnOp::MlaVUp } => {
                 let w = self.w.mla(layer)?.unembed_out;
                 self.head_matvec(&w, Buf::OLat, w.cols, Buf::Attn, mm)?;
             }
-            Step::MlaAttention { layer } => {
+            Step::Attn { layer, op: AttnOp::MlaAttention } => {
                 let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("mla_attention without MLA dims".into()))?;
                 let a = mla::MlaAttentionArgs {
                     qlat: rd(self.buf(Buf::QLat)),
@@ -736,7 +541,7 @@ impl CudaBackend {
                 };
                 mla::mla_attention(dev, &a, mm)?;
             }
-            Step::MlaAttentionExpanded { .. } => {
+            Step::Attn { op: AttnOp::MlaAttentionExpanded, .. } => {
                 return Err(unsupported("the expanded MLA form (a CPU oracle)".into()));
             }
             Step::LastRow => {
@@ -751,24 +556,224 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Launches the kernel of fused step `op` over `mm` rows: what it reads and writes comes
+    /// from its parts, the primitive run it replaces (`plan::patterns`).
+    fn fused(&self, op: Fusion, parts: &[Step], mm: usize) -> Result<()> {
+        let c = &self.cfg;
+        let (h, d, nh, nkv, k) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.top_k);
+        let eps = c.rms_norm_eps;
+        let dev = &self.dev;
+        let (pos, x_buf) = (rd::<I32>(self.pos_ptr()), self.buf(Buf::X));
+        let layer = parts.iter().find_map(Step::layer).ok_or_else(|| Error::Cuda(format!("{op:?} without a layer")))?;
+        // The projections among the parts: (weight, output buffer), in order.
+        let lins: Vec<(LinRef, Buf)> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Step::Linear { w, dst, .. } => Some((*w, *dst)),
+                _ => None,
+            })
+            .collect();
+        match op {
+            Fusion::MoeRouter => {
+                let (router, bias) = self.w.router(layer)?;
+                if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::SigmoidTopK, .. })) {
+                    let (n_group, topk_group, scale) = self.sigmoid_router()?;
+                    let a = moe::MoeRouterSigmoidArgs {
+                        w: router.w.q,
+                        x: rd(self.buf(Buf::H)),
+                        logits: wr(self.buf(Buf::RouterLogits)),
+                        ebias: rd(bias),
+                        e: int(c.num_experts),
+                        h: int(h),
+                        k: int(k),
+                        n_group: int(n_group),
+                        topk_group: int(topk_group),
+                        norm: c.norm_topk_prob as i32,
+                        scale,
+                        tickets: wr(self.st.tickets),
+                        idx: wr(self.st.topk_idx),
+                        wout: wr(self.st.topk_w),
+                    };
+                    moe::moe_router_sigmoid(dev, &a, mm)
+                } else {
+                    let a = moe::MoeRouterArgs {
+                        w: router.w.q,
+                        x: rd(self.buf(Buf::H)),
+                        logits: wr(self.buf(Buf::RouterLogits)),
+                        bias: rd(router.bias()),
+                        e: int(c.num_experts),
+                        h: int(h),
+                        k: int(k),
+                        norm: c.norm_topk_prob as i32,
+                        tickets: wr(self.st.tickets),
+                        idx: wr(self.st.topk_idx),
+                        wout: wr(self.st.topk_w),
+                    };
+                    moe::moe_router(dev, &a, mm)
+                }
+            }
+            Fusion::MoeGateUpSwiglu => {
+                let ex = self.w.experts(layer)?;
+                let (g, u) = (ex.gate, ex.up);
+                let a = moe::MoeGateUpArgs {
+                    gate: g.q,
+                    up: u.q,
+                    w_stride: g.w_stride,
+                    sb_stride: g.sb_stride,
+                    idx: rd(self.st.topk_idx),
+                    k: int(k),
+                    x: rd(self.buf(Buf::H)),
+                    act: wr(self.buf(Buf::Act)),
+                    i: int(c.moe_intermediate_size),
+                    h: int(h),
+                };
+                moe::moe_gate_up_swiglu(dev, &a, mm * k)
+            }
+            Fusion::MoeDownCombineAdd => {
+                let dn = self.w.experts(layer)?.down;
+                let with_shared = parts.iter().any(|p| matches!(p, Step::Add { src: Buf::SharedOut, .. }));
+                let shared = if with_shared { self.buf(Buf::SharedOut) } else { 0 };
+                let a = moe::MoeDownCombineAddArgs {
+                    down: dn.stacked(),
+                    idx: rd(self.st.topk_idx),
+                    wts: rd(self.st.topk_w),
+                    k: int(k),
+                    act: rd(self.buf(Buf::Act)),
+                    x: wr(x_buf),
+                    h: int(h),
+                    i: int(c.moe_intermediate_size),
+                    shared: rd(shared),
+                };
+                moe::moe_down_combine_add(dev, &a, mm)
+            }
+            Fusion::InProj => {
+                // Two or three projections of H; with two (MLA), the third slot repeats the
+                // second's matrix with no rows.
+                let (&(w0, d0), &(w1, d1)) = (lins.first().ok_or_else(bad_parts)?, lins.get(1).ok_or_else(bad_parts)?);
+                let (p0, p1) = (self.w.linear(w0)?, self.w.linear(w1)?);
+                let (p2, d2) = match lins.get(2) {
+                    Some(&(w2, d2)) => (Some(self.w.linear(w2)?), self.buf(d2)),
+                    None => (None, 0),
+                };
+                let a = linear::QkvArgs {
+                    wq: p0.w.q,
+                    wk: p1.w.q,
+                    wv: p2.unwrap_or(p1).w.q,
+                    qbias: rd(p0.bias()),
+                    kbias: rd(p1.bias()),
+                    vbias: rd(p2.map_or(0, |p| p.bias())),
+                    x: rd(self.buf(Buf::H)),
+                    q: wr(self.buf(d0)),
+                    k: wr(self.buf(d1)),
+                    v: wr(d2),
+                    nq: int(p0.w.rows),
+                    nk: int(p1.w.rows),
+                    nv: p2.map_or(0, |p| int(p.w.rows)),
+                    kdim: int(h),
+                    m: int(mm),
+                };
+                linear::qkv(dev, &a)
+            }
+            Fusion::GateUpSwiglu => {
+                let (&(gr, _), &(ur, _)) = (lins.first().ok_or_else(bad_parts)?, lins.get(1).ok_or_else(bad_parts)?);
+                let (g, u) = (self.w.linear(gr)?, self.w.linear(ur)?);
+                let a = linear::DenseGateUpArgs {
+                    gate: g.w.q,
+                    up: u.w.q,
+                    gbias: rd(g.bias()),
+                    ubias: rd(u.bias()),
+                    x: rd(self.buf(Buf::H)),
+                    act: wr(self.buf(Buf::Act)),
+                    f: int(g.w.rows),
+                    h: int(h),
+                    m: int(mm),
+                };
+                linear::dense_gate_up_swiglu(dev, &a)
+            }
+            Fusion::AddRmsNorm => {
+                let (src, w, dst) = add_rms_norm_parts(parts)?;
+                let a = norm::AddRmsnormArgs {
+                    x: wr(x_buf),
+                    src: rd(self.buf(src)),
+                    w: rd(*self.w.norm(w)?),
+                    y: wr(self.buf(dst)),
+                    n: int(h),
+                    eps,
+                };
+                norm::add_rmsnorm(dev, &a, mm)
+            }
+            Fusion::OProjAddRmsNorm => {
+                let ly = &self.w.layers[layer];
+                let a = norm::OProjAddRmsnormArgs {
+                    o: ly.o.w.q,
+                    attn: rd(self.buf(Buf::Attn)),
+                    bias: rd(ly.o.bias()),
+                    x: wr(x_buf),
+                    nw: rd(ly.post_norm),
+                    h: wr(self.buf(Buf::H)),
+                    hidden: int(h),
+                    k: int(ly.o.w.cols),
+                    eps,
+                    ticket: wr(self.st.tickets),
+                };
+                norm::o_proj_add_rmsnorm(dev, &a)
+            }
+            Fusion::QkNormRopeKv => {
+                let (_, _, _, qn, kn) = self.w.gqa(layer)?;
+                let (kc, vc) = self.kv_cache(layer)?;
+                let a = rope::QkNormRopeKvArgs {
+                    q: wr(self.buf(Buf::Q)),
+                    k: wr(self.buf(Buf::K)),
+                    v: rd(self.buf(Buf::V)),
+                    qw: rd(qn),
+                    kw: rd(kn),
+                    inv_freq: rd(self.inv_freq),
+                    pos,
+                    kc: wr(kc),
+                    vc: wr(vc),
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    d_rot: int(c.rope.dim),
+                    eps,
+                };
+                rope::qk_norm_rope_kv(dev, &a, mm)
+            }
+            Fusion::LatentNormRopeAppend => {
+                let a = mla::LatentNormRopeAppendArgs {
+                    q: wr(self.buf(Buf::Q)),
+                    kva: wr(self.buf(Buf::Kva)),
+                    nw: rd(*self.w.norm(NormRef::KvLatent(layer))?),
+                    inv_freq: rd(self.inv_freq),
+                    pos,
+                    cache: wr(self.latent_cache(layer)?),
+                    dims: self.mla_dims()?,
+                    eps: NormRef::KvLatent(layer).eps(c),
+                };
+                mla::latent_norm_rope_append(dev, &a, mm)
+            }
+        }
+    }
+
     /// Launches pack kernel `k` in place of `step` at `mm` tokens (src/cuda/packs.rs);
     /// `false` if its knobs cannot run this shape (the built-in kernel runs instead).
     fn pack_step(&self, step: &Step, k: &lower::PackKernel, mm: usize) -> Result<bool> {
         use crate::kernels::ops::{Gating, OpId, Shape};
         // The op's tensors in the order of its kernel signature (crate::kernels::ops), and the
         // expert weights' (bits, group) for the gather op; other steps have no pack kernel.
-        let (op, ptrs, quant) = match *step {
-            Step::Combine => {
+        let (op, ptrs, quant) = match step {
+            Step::Moe { op: MoeOp::Combine, .. } => {
                 (OpId::MoeCombine, vec![self.buf(Buf::ExpertOut), self.st.topk_w, self.buf(Buf::Out)], None)
             }
-            Step::RouterTopK => {
+            Step::Moe { op: MoeOp::RouterTopK, .. } => {
                 (OpId::TopkGating, vec![self.buf(Buf::RouterLogits), 0, self.st.topk_idx, self.st.topk_w], None)
             }
-            Step::AddRmsNorm { w, src, dst } => {
+            Step::Fused { op: Fusion::AddRmsNorm, parts } => {
+                let (src, w, dst) = add_rms_norm_parts(parts)?;
                 (OpId::RmsnormResidual, vec![self.buf(Buf::X), self.buf(src), *self.w.norm(w)?, self.buf(dst)], None)
             }
-            Step::MoeGateUpSwiglu { layer } => {
-                let ex = self.w.experts(layer)?;
+            Step::Fused { op: Fusion::MoeGateUpSwiglu, .. } => {
+                let ex = self.w.experts(fused_layer(step)?)?;
                 let (g, u) = (ex.gate, ex.up);
                 let (idx, h, act) = (self.st.topk_idx, self.buf(Buf::H), self.buf(Buf::Act));
                 let ptrs = vec![g.q.w.0, g.q.s.0, g.q.b.0, u.q.w.0, u.q.s.0, u.q.b.0, idx, h, act];
@@ -933,6 +938,24 @@ impl CudaBackend {
     pub fn set_use_graph(&mut self, on: bool) {
         self.use_graph = on;
     }
+}
+
+/// A fused step's parts do not have the shape its kernel expects (a bug in `plan::patterns`).
+fn bad_parts() -> Error {
+    Error::Cuda("a fused step's parts do not match its kernel".into())
+}
+
+/// `(src, w, dst)` of an `AddRmsNorm` fused step: `X += src`, `dst = rmsnorm(X) ⊙ w`.
+fn add_rms_norm_parts(parts: &[Step]) -> Result<(Buf, NormRef, Buf)> {
+    match parts {
+        [Step::Add { src, .. }, Step::RmsNorm { w, dst, .. }] => Ok((*src, *w, *dst)),
+        _ => Err(bad_parts()),
+    }
+}
+
+/// The layer of a fused step.
+fn fused_layer(step: &Step) -> Result<usize> {
+    step.layer().ok_or_else(bad_parts)
 }
 
 impl Backend for CudaBackend {

@@ -11,7 +11,7 @@
 //! (bit-identical by the numerics contract), and a pack kernel wraps the step it replaces
 //! ([`Step::Packed`]), naming the kernel and the token buckets it serves.
 
-use super::{LinRef, Plan, Step};
+use super::{AttnOp, Fusion, LinRef, MoeOp, Plan, Step};
 use crate::checkpoint::{Mat, MatKind};
 use crate::error::{Error, Result};
 use crate::kernels::Bucket;
@@ -68,11 +68,11 @@ impl ExecPlans {
 /// The op a kernel-pack kernel can stand in for at this step, if any.
 fn pack_op(step: &Step, w: &Weights) -> Option<OpId> {
     match step {
-        Step::Combine => Some(OpId::MoeCombine),
-        Step::RouterTopK => Some(OpId::TopkGating),
-        Step::AddRmsNorm { .. } => Some(OpId::RmsnormResidual),
+        Step::Moe { op: MoeOp::Combine, .. } => Some(OpId::MoeCombine),
+        Step::Moe { op: MoeOp::RouterTopK, .. } => Some(OpId::TopkGating),
+        Step::Fused { op: Fusion::AddRmsNorm, .. } => Some(OpId::RmsnormResidual),
         // The gather templates read MLX affine experts only.
-        Step::MoeGateUpSwiglu { layer } => match w.experts(*layer).ok()?.gate.first()?.kind {
+        Step::Fused { op: Fusion::MoeGateUpSwiglu, .. } => match w.experts(step.layer()?).ok()?.gate.first()?.kind {
             MatKind::Affine { .. } => Some(OpId::GatherQmmSwiglu),
             _ => None,
         },
@@ -92,28 +92,26 @@ fn same_format(a: &Mat, b: &Mat) -> bool {
     }
 }
 
-/// Whether the CUDA kernel of fused step `s` can read its matrices (other steps: true).
+/// Whether the CUDA kernel of fused step `s` can read its matrices (other steps: true):
+/// `moe_gate_up_swiglu` reads gate and up rows with the gate's format; the two- and
+/// three-matrix projections are held to the same rule until a GPU test covers mixed formats.
 fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
-    let lin = |r: LinRef| w.linear(r).map(|l| &l.w);
-    Ok(match *s {
-        Step::QkvProj { layer } => {
-            let q = lin(LinRef::Q(layer))?;
-            same_format(q, lin(LinRef::K(layer))?) && same_format(q, lin(LinRef::V(layer))?)
+    let Step::Fused { op, parts } = s else { return Ok(true) };
+    let mats: Vec<&Mat> = match op {
+        Fusion::MoeGateUpSwiglu => {
+            let ex = w.experts(s.layer().unwrap_or(usize::MAX))?;
+            ex.gate.iter().chain(&ex.up).collect()
         }
-        Step::MoeGateUpSwiglu { layer } => {
-            let ex = w.experts(layer)?;
-            ex.gate.iter().chain(&ex.up).all(|m| same_format(m, &ex.gate[0]))
-        }
-        Step::DenseGateUpSwiglu { layer } => same_format(lin(LinRef::DenseGate(layer))?, lin(LinRef::DenseUp(layer))?),
-        Step::SharedGateUpSwiglu { layer } => {
-            same_format(lin(LinRef::SharedGate(layer))?, lin(LinRef::SharedUp(layer))?)
-        }
-        Step::MlaInProj { layer, q_lora } => {
-            let first = if q_lora { LinRef::QA(layer) } else { LinRef::Q(layer) };
-            same_format(lin(first)?, lin(LinRef::KvA(layer))?)
-        }
-        _ => true,
-    })
+        Fusion::InProj | Fusion::GateUpSwiglu => parts
+            .iter()
+            .filter_map(|p| match p {
+                Step::Linear { w: r, .. } => Some(w.linear(*r).map(|l| &l.w)),
+                _ => None,
+            })
+            .collect::<Result<_>>()?,
+        _ => return Ok(true),
+    };
+    Ok(mats.iter().all(|m| same_format(m, mats[0])))
 }
 
 /// Fused steps whose CUDA kernels handle one token only: prefill runs their components
@@ -121,12 +119,10 @@ fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
 fn decode_only(s: &Step) -> bool {
     matches!(
         s,
-        Step::MoeRouter { .. }
-            | Step::MoeSigmoidRouter { .. }
-            | Step::MoeGateUpSwiglu { .. }
-            | Step::MoeDownCombineAdd { .. }
-            | Step::MoeDownCombineSharedAdd { .. }
-            | Step::OProjAddRmsNorm { .. }
+        Step::Fused {
+            op: Fusion::MoeRouter | Fusion::MoeGateUpSwiglu | Fusion::MoeDownCombineAdd | Fusion::OProjAddRmsNorm,
+            ..
+        }
     )
 }
 
@@ -164,15 +160,13 @@ impl Plan {
             let r = match s {
                 Step::Linear { w: r, .. } => w.linear(r).map(drop),
                 Step::RmsNorm { w: r, .. } | Step::HeadNorm { w: r, .. } => w.norm(r).map(drop),
-                Step::ExpertGateUp { layer } | Step::ExpertDown { layer } | Step::SigmoidTopK { layer } => {
+                Step::Moe { layer, op: MoeOp::ExpertGateUp | MoeOp::ExpertDown | MoeOp::SigmoidTopK } => {
                     w.experts(layer).map(drop)
                 }
-                Step::KvAppend { layer } | Step::Attention { layer } => w.linear(LinRef::K(layer)).map(drop),
-                Step::LatentAppend { layer }
-                | Step::MlaQAbsorb { layer }
-                | Step::MlaAttention { layer }
-                | Step::MlaVUp { layer }
-                | Step::MlaAttentionExpanded { layer } => w.mla(layer).map(drop),
+                Step::Attn { layer, op: AttnOp::Rope | AttnOp::KvAppend | AttnOp::Attention } => {
+                    w.linear(LinRef::K(layer)).map(drop)
+                }
+                Step::Attn { layer, .. } => w.mla(layer).map(drop),
                 _ => Ok(()),
             };
             r.map_err(|e| bad(&s, e))?;

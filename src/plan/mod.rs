@@ -86,7 +86,15 @@ impl Buf {
 }
 
 /// One step of a plan: a primitive op of the reference plan, or a fused step that a
-/// [pattern](patterns) put in place of a run of primitives ([`Step::components`]).
+/// [pattern](patterns) put in place of a run of primitives, carrying that run as its
+/// [`parts`](Step::components).
+///
+/// Why this shape: the ops that belong to one layer's mixer or experts are grouped
+/// ([`AttnOp`], [`MoeOp`]) under `Step::Attn` / `Step::Moe` with the layer once; a new mixer
+/// (LFM2's short convolution, GPT-OSS's sliding window) adds variants to its own sub-enum,
+/// not to `Step`. A fused step is [`Step::Fused`]: which kernel ([`Fusion`]) and the exact
+/// primitive run it replaces, as data — so "a fused step is exactly its components" holds by
+/// construction, and its kernel reads its weights and buffers from its parts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     /// `X = embed[tokens]`.
@@ -117,18 +125,6 @@ pub enum Step {
         /// Q or K.
         buf: Buf,
     },
-    /// Rotary embedding of Q and K in place at positions `pos..pos+T`.
-    Rope,
-    /// Append K and V rows to the layer's cache.
-    KvAppend {
-        /// Layer.
-        layer: usize,
-    },
-    /// Causal GQA attention of Q over the layer's cache → `Attn`.
-    Attention {
-        /// Layer.
-        layer: usize,
-    },
     /// `dst += src`.
     Add {
         /// Accumulator.
@@ -136,134 +132,30 @@ pub enum Step {
         /// Addend.
         src: Buf,
     },
-    /// Softmax over experts, top-k (lowest index wins ties), optional renormalisation.
-    RouterTopK,
-    /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`.
-    ExpertGateUp {
-        /// Layer.
-        layer: usize,
-    },
     /// `Act = silu(Gate) ⊙ Up`.
     Swiglu,
-    /// Down projection of each selected expert: `Act` → `ExpertOut` `[T·K, H]`.
-    ExpertDown {
-        /// Layer.
-        layer: usize,
-    },
-    /// `Out[t] = Σ_j w[t,j] · ExpertOut[t·K+j]`, f32 accumulation in slot order.
-    Combine,
     /// Keep only the last row of `X` unless every position's logits were requested.
     LastRow,
-    /// MLA: interleaved RoPE on the rope slice of every query head (`Q`) and on the shared
-    /// `k_pe` (the last `rope` columns of `Kva`), positions `pos..pos+T`.
-    MlaRope,
-    /// MLA: append the `Kva` rows (latent + roped `k_pe`) to the layer's latent cache.
-    LatentAppend {
+    /// An op of a layer's attention (its mixer).
+    Attn {
         /// Layer.
         layer: usize,
+        /// The op.
+        op: AttnOp,
     },
-    /// MLA: `QLat[t,h] = W_UK[h]ᵀ q_nope[t,h]` (weights absorbed into the query).
-    MlaQAbsorb {
+    /// An op of a layer's routed experts.
+    Moe {
         /// Layer.
         layer: usize,
+        /// The op.
+        op: MoeOp,
     },
-    /// MLA: causal attention of every head over the latent cache (one shared KV "head" of
-    /// width kv_lora + rope): `score = QLat·c_s + q_pe·k_pe_s`, scaled; `OLat = Σ p_s c_s`.
-    MlaAttention {
-        /// Layer.
-        layer: usize,
-    },
-    /// MLA: `Attn[t,h] = W_UV[h] OLat[t,h]`.
-    MlaVUp {
-        /// Layer.
-        layer: usize,
-    },
-    /// MLA as transformers writes it: expand every cached latent to per-head keys and values
-    /// (`kv_b_proj`), then attend — `Q` → `Attn`. Same math as `MlaQAbsorb`, `MlaAttention`,
-    /// `MlaVUp`, different rounding and O(S) projections per step (CPU only; see
-    /// [`Plan::with_expanded_mla`]).
-    MlaAttentionExpanded {
-        /// Layer.
-        layer: usize,
-    },
-    /// GLM / DeepSeek router on `RouterLogits`: sigmoid, correction bias for selection,
-    /// group limiting, top-k (lowest index wins ties), renormalise, scale.
-    SigmoidTopK {
-        /// Layer (its correction bias).
-        layer: usize,
-    },
-
-    // Fused steps. Each is exactly its `components()`, run in order, bit for bit.
-    /// `moe_mlp`: router projection + softmax-top-k in one kernel.
-    MoeRouter {
-        /// Layer.
-        layer: usize,
-    },
-    /// `moe_mlp`: gate and up projections of the selected experts and SwiGLU, reading `H` once.
-    MoeGateUpSwiglu {
-        /// Layer.
-        layer: usize,
-    },
-    /// `moe_mlp`: down projection of the selected experts, weighted combine and `X += Out`.
-    MoeDownCombineAdd {
-        /// Layer.
-        layer: usize,
-    },
-    /// `swiglu_mlp`: dense gate and up projections and SwiGLU.
-    DenseGateUpSwiglu {
-        /// Layer.
-        layer: usize,
-    },
-    /// `residual_norm`: `X += src`, then `dst = rmsnorm(X) ⊙ w`.
-    AddRmsNorm {
-        /// Weight.
-        w: NormRef,
-        /// Addend of the residual.
-        src: Buf,
-        /// Normalised output.
-        dst: Buf,
-    },
-    /// `residual_norm`: o_proj, the residual add and the post-attention norm in one kernel.
-    OProjAddRmsNorm {
-        /// Layer.
-        layer: usize,
-    },
-    /// `qkv_proj`: the q, k and v projections of `H` in one kernel.
-    QkvProj {
-        /// Layer.
-        layer: usize,
-    },
-    /// `qk_norm_rope`: per-head q and k norms, RoPE and the KV-cache append.
-    QkNormRopeKv {
-        /// Layer.
-        layer: usize,
-    },
-    /// `moe_mlp` (sigmoid routers): router projection + sigmoid-grouped top-k in one kernel.
-    MoeSigmoidRouter {
-        /// Layer.
-        layer: usize,
-    },
-    /// `moe_mlp` with shared experts: expert down, combine, `Out += SharedOut`, `X += Out`.
-    MoeDownCombineSharedAdd {
-        /// Layer.
-        layer: usize,
-    },
-    /// `shared_expert`: the shared experts' gate and up projections and SwiGLU.
-    SharedGateUpSwiglu {
-        /// Layer.
-        layer: usize,
-    },
-    /// `qkv_proj` for MLA: the projections of `H` (q_a or q, and kv_a) in one kernel.
-    MlaInProj {
-        /// Layer.
-        layer: usize,
-        /// Whether the query goes through q_a (a query LoRA) rather than q_proj.
-        q_lora: bool,
-    },
-    /// `qk_norm_rope` for MLA: the latent norm, RoPE of q_pe and k_pe, the latent-cache append.
-    LatentNormRopeAppend {
-        /// Layer.
-        layer: usize,
+    /// One kernel for exactly `parts` (primitive steps), run in order, bit for bit.
+    Fused {
+        /// Which fused kernel.
+        op: Fusion,
+        /// The primitive run it replaces, in order.
+        parts: Vec<Step>,
     },
     /// A kernel-pack kernel in place of `step` at the token buckets of `kernels` (the
     /// built-in kernel at the others). Only in the plans a backend runs ([`lower`]).
@@ -275,69 +167,82 @@ pub enum Step {
     },
 }
 
+/// The ops of a layer's attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnOp {
+    /// GQA: rotary embedding of Q and K in place at positions `pos..pos+T`.
+    Rope,
+    /// GQA: append K and V rows to the layer's cache.
+    KvAppend,
+    /// GQA: causal attention of Q over the layer's cache → `Attn`.
+    Attention,
+    /// MLA: interleaved RoPE on the rope slice of every query head (`Q`) and on the shared
+    /// `k_pe` (the last `rope` columns of `Kva`), positions `pos..pos+T`.
+    MlaRope,
+    /// MLA: append the `Kva` rows (latent + roped `k_pe`) to the layer's latent cache.
+    LatentAppend,
+    /// MLA: `QLat[t,h] = W_UK[h]ᵀ q_nope[t,h]` (weights absorbed into the query).
+    MlaQAbsorb,
+    /// MLA: causal attention of every head over the latent cache (one shared KV "head" of
+    /// width kv_lora + rope): `score = QLat·c_s + q_pe·k_pe_s`, scaled; `OLat = Σ p_s c_s`.
+    MlaAttention,
+    /// MLA: `Attn[t,h] = W_UV[h] OLat[t,h]`.
+    MlaVUp,
+    /// MLA as transformers writes it: expand every cached latent to per-head keys and values
+    /// (`kv_b_proj`), then attend — `Q` → `Attn`. Same math as `MlaQAbsorb`, `MlaAttention`,
+    /// `MlaVUp`, different rounding and O(S) projections per step (CPU only; see
+    /// [`Plan::with_expanded_mla`]).
+    MlaAttentionExpanded,
+}
+
+/// The ops of a layer's routed experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeOp {
+    /// Softmax over experts, top-k (lowest index wins ties), optional renormalisation.
+    RouterTopK,
+    /// GLM / DeepSeek router on `RouterLogits`: sigmoid, the layer's correction bias for
+    /// selection, group limiting, top-k (lowest index wins ties), renormalise, scale.
+    SigmoidTopK,
+    /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`.
+    ExpertGateUp,
+    /// Down projection of each selected expert: `Act` → `ExpertOut` `[T·K, H]`.
+    ExpertDown,
+    /// `Out[t] = Σ_j w[t,j] · ExpertOut[t·K+j]`, f32 accumulation in slot order.
+    Combine,
+}
+
+/// The fused kernels, each standing for one shape of primitive run (`patterns` builds them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fusion {
+    /// `moe_mlp`: router projection + top-k (softmax, or the grouped sigmoid router).
+    MoeRouter,
+    /// `moe_mlp`: gate and up projections of the selected experts and SwiGLU.
+    MoeGateUpSwiglu,
+    /// `moe_mlp`: down projection of the selected experts, weighted combine (+ shared
+    /// experts' output) and `X += Out`.
+    MoeDownCombineAdd,
+    /// `swiglu_mlp` / `shared_expert`: a dense gate and up projection and SwiGLU.
+    GateUpSwiglu,
+    /// `residual_norm`: `X += src`, then `dst = rmsnorm(X) ⊙ w`.
+    AddRmsNorm,
+    /// `residual_norm`: o_proj, the residual add and the post-attention norm.
+    OProjAddRmsNorm,
+    /// `qkv_proj`: two or three projections of `H` in one kernel (q, k, v; MLA: q_a or q,
+    /// and kv_a).
+    InProj,
+    /// `qk_norm_rope`: per-head q and k norms, RoPE and the KV-cache append.
+    QkNormRopeKv,
+    /// `qk_norm_rope` for MLA: the latent norm, RoPE of q_pe and k_pe, the latent-cache append.
+    LatentNormRopeAppend,
+}
+
 impl Step {
-    /// The primitive steps a fused step stands for, in order (empty for a primitive step).
-    /// A backend may run a fused step as these; the CPU reference does exactly that.
+    /// The primitive steps a fused (or packed) step stands for, in order (empty for a
+    /// primitive step). A backend may run a fused step as these; the CPU reference does.
     pub fn components(&self) -> Vec<Step> {
-        use Buf::*;
-        match *self {
-            Step::MoeRouter { layer } => {
-                vec![Step::Linear { w: LinRef::Router(layer), src: H, dst: RouterLogits }, Step::RouterTopK]
-            }
-            Step::MoeGateUpSwiglu { layer } => vec![Step::ExpertGateUp { layer }, Step::Swiglu],
-            Step::MoeDownCombineAdd { layer } => {
-                vec![Step::ExpertDown { layer }, Step::Combine, Step::Add { dst: X, src: Out }]
-            }
-            Step::OProjAddRmsNorm { layer } => vec![
-                Step::Linear { w: LinRef::O(layer), src: Attn, dst: Out },
-                Step::Add { dst: X, src: Out },
-                Step::RmsNorm { w: NormRef::Post(layer), src: X, dst: H },
-            ],
-            Step::DenseGateUpSwiglu { layer } => vec![
-                Step::Linear { w: LinRef::DenseGate(layer), src: H, dst: Gate },
-                Step::Linear { w: LinRef::DenseUp(layer), src: H, dst: Up },
-                Step::Swiglu,
-            ],
-            Step::AddRmsNorm { w, src, dst } => vec![Step::Add { dst: X, src }, Step::RmsNorm { w, src: X, dst }],
-            Step::QkvProj { layer } => vec![
-                Step::Linear { w: LinRef::Q(layer), src: H, dst: Q },
-                Step::Linear { w: LinRef::K(layer), src: H, dst: K },
-                Step::Linear { w: LinRef::V(layer), src: H, dst: V },
-            ],
-            Step::QkNormRopeKv { layer } => vec![
-                Step::HeadNorm { w: NormRef::QHead(layer), buf: Q },
-                Step::HeadNorm { w: NormRef::KHead(layer), buf: K },
-                Step::Rope,
-                Step::KvAppend { layer },
-            ],
-            Step::MoeSigmoidRouter { layer } => {
-                vec![Step::Linear { w: LinRef::Router(layer), src: H, dst: RouterLogits }, Step::SigmoidTopK { layer }]
-            }
-            Step::MoeDownCombineSharedAdd { layer } => vec![
-                Step::ExpertDown { layer },
-                Step::Combine,
-                Step::Add { dst: Out, src: SharedOut },
-                Step::Add { dst: X, src: Out },
-            ],
-            Step::SharedGateUpSwiglu { layer } => vec![
-                Step::Linear { w: LinRef::SharedGate(layer), src: H, dst: Gate },
-                Step::Linear { w: LinRef::SharedUp(layer), src: H, dst: Up },
-                Step::Swiglu,
-            ],
-            Step::MlaInProj { layer, q_lora } => vec![
-                if q_lora {
-                    Step::Linear { w: LinRef::QA(layer), src: H, dst: QA }
-                } else {
-                    Step::Linear { w: LinRef::Q(layer), src: H, dst: Q }
-                },
-                Step::Linear { w: LinRef::KvA(layer), src: H, dst: Kva },
-            ],
-            Step::LatentNormRopeAppend { layer } => vec![
-                Step::RmsNorm { w: NormRef::KvLatent(layer), src: Kva, dst: Kva },
-                Step::MlaRope,
-                Step::LatentAppend { layer },
-            ],
-            Step::Packed { ref step, .. } => vec![(**step).clone()],
+        match self {
+            Step::Fused { parts, .. } => parts.clone(),
+            Step::Packed { step, .. } => vec![(**step).clone()],
             _ => Vec::new(),
         }
     }
@@ -353,31 +258,11 @@ impl Step {
     pub fn layer(&self) -> Option<usize> {
         match self {
             Step::Linear { w, .. } => w.layer(),
-            Step::RmsNorm { w, .. } | Step::HeadNorm { w, .. } | Step::AddRmsNorm { w, .. } => w.layer(),
-            Step::LatentAppend { layer }
-            | Step::MlaQAbsorb { layer }
-            | Step::MlaAttention { layer }
-            | Step::MlaVUp { layer }
-            | Step::MlaAttentionExpanded { layer }
-            | Step::SigmoidTopK { layer }
-            | Step::KvAppend { layer }
-            | Step::Attention { layer }
-            | Step::ExpertGateUp { layer }
-            | Step::ExpertDown { layer }
-            | Step::MoeRouter { layer }
-            | Step::MoeGateUpSwiglu { layer }
-            | Step::MoeDownCombineAdd { layer }
-            | Step::OProjAddRmsNorm { layer }
-            | Step::DenseGateUpSwiglu { layer }
-            | Step::QkvProj { layer }
-            | Step::QkNormRopeKv { layer }
-            | Step::MoeSigmoidRouter { layer }
-            | Step::MoeDownCombineSharedAdd { layer }
-            | Step::SharedGateUpSwiglu { layer }
-            | Step::MlaInProj { layer, .. }
-            | Step::LatentNormRopeAppend { layer } => Some(*layer),
+            Step::RmsNorm { w, .. } | Step::HeadNorm { w, .. } => w.layer(),
+            Step::Attn { layer, .. } | Step::Moe { layer, .. } => Some(*layer),
+            Step::Fused { parts, .. } => parts.iter().find_map(Step::layer),
             Step::Packed { step, .. } => step.layer(),
-            _ => None,
+            Step::Embed | Step::Add { .. } | Step::Swiglu | Step::LastRow => None,
         }
     }
 
@@ -389,37 +274,75 @@ impl Step {
             Step::Linear { w, .. } => format!("linear {}", w.role()),
             Step::HeadNorm { w, .. } => format!("head_norm {}", w.role()),
             Step::Add { dst, src } => format!("add {dst:?} += {src:?}"),
-            Step::KvAppend { .. } => "kv_append".into(),
-            Step::Attention { .. } => "attention".into(),
-            Step::ExpertGateUp { .. } => "expert_gate_up".into(),
-            Step::ExpertDown { .. } => "expert_down".into(),
             Step::Embed => "embed".into(),
-            Step::Rope => "rope".into(),
-            Step::RouterTopK => "router_topk".into(),
             Step::Swiglu => "swiglu".into(),
-            Step::Combine => "combine".into(),
             Step::LastRow => "last_row".into(),
-            Step::MlaRope => "mla_rope".into(),
-            Step::LatentAppend { .. } => "latent_append".into(),
-            Step::MlaQAbsorb { .. } => "mla_q_absorb".into(),
-            Step::MlaAttention { .. } => "mla_attention".into(),
-            Step::MlaVUp { .. } => "mla_v_up".into(),
-            Step::MlaAttentionExpanded { .. } => "mla_attention_expanded".into(),
-            Step::SigmoidTopK { .. } => "sigmoid_topk".into(),
-            Step::MoeRouter { .. } => "moe_router (fused)".into(),
-            Step::MoeGateUpSwiglu { .. } => "moe_gate_up_swiglu (fused)".into(),
-            Step::MoeDownCombineAdd { .. } => "moe_down_combine_add (fused)".into(),
-            Step::OProjAddRmsNorm { .. } => "o_proj_add_rms_norm (fused)".into(),
-            Step::DenseGateUpSwiglu { .. } => "dense_gate_up_swiglu (fused)".into(),
-            Step::AddRmsNorm { w, .. } => format!("add_rms_norm {} (fused)", w.role()),
-            Step::QkvProj { .. } => "qkv_proj (fused)".into(),
-            Step::QkNormRopeKv { .. } => "qk_norm_rope_kv (fused)".into(),
-            Step::MoeSigmoidRouter { .. } => "moe_sigmoid_router (fused)".into(),
-            Step::MoeDownCombineSharedAdd { .. } => "moe_down_combine_shared_add (fused)".into(),
-            Step::SharedGateUpSwiglu { .. } => "shared_gate_up_swiglu (fused)".into(),
-            Step::MlaInProj { .. } => "mla_in_proj (fused)".into(),
-            Step::LatentNormRopeAppend { .. } => "latent_norm_rope_append (fused)".into(),
+            Step::Attn { op, .. } => op.name().into(),
+            Step::Moe { op, .. } => op.name().into(),
+            Step::Fused { op, parts } => format!("{} (fused)", op.name(parts)),
             Step::Packed { step, .. } => format!("{} [pack]", step.kind()),
+        }
+    }
+}
+
+impl AttnOp {
+    /// The op's name in plans and profiles.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttnOp::Rope => "rope",
+            AttnOp::KvAppend => "kv_append",
+            AttnOp::Attention => "attention",
+            AttnOp::MlaRope => "mla_rope",
+            AttnOp::LatentAppend => "latent_append",
+            AttnOp::MlaQAbsorb => "mla_q_absorb",
+            AttnOp::MlaAttention => "mla_attention",
+            AttnOp::MlaVUp => "mla_v_up",
+            AttnOp::MlaAttentionExpanded => "mla_attention_expanded",
+        }
+    }
+}
+
+impl MoeOp {
+    /// The op's name in plans and profiles.
+    pub fn name(self) -> &'static str {
+        match self {
+            MoeOp::RouterTopK => "router_topk",
+            MoeOp::SigmoidTopK => "sigmoid_topk",
+            MoeOp::ExpertGateUp => "expert_gate_up",
+            MoeOp::ExpertDown => "expert_down",
+            MoeOp::Combine => "combine",
+        }
+    }
+}
+
+impl Fusion {
+    /// The fused kernel's name for these parts (the same kernel serves related runs: the
+    /// sigmoid router, the shared-expert add, the shared experts' gate/up, MLA's in-proj).
+    pub fn name(self, parts: &[Step]) -> String {
+        let has = |f: &dyn Fn(&Step) -> bool| parts.iter().any(f);
+        match self {
+            Fusion::MoeRouter if has(&|s| matches!(s, Step::Moe { op: MoeOp::SigmoidTopK, .. })) => {
+                "moe_sigmoid_router".into()
+            }
+            Fusion::MoeRouter => "moe_router".into(),
+            Fusion::MoeGateUpSwiglu => "moe_gate_up_swiglu".into(),
+            Fusion::MoeDownCombineAdd if has(&|s| matches!(s, Step::Add { src: Buf::SharedOut, .. })) => {
+                "moe_down_combine_shared_add".into()
+            }
+            Fusion::MoeDownCombineAdd => "moe_down_combine_add".into(),
+            Fusion::GateUpSwiglu if has(&|s| matches!(s, Step::Linear { w: LinRef::SharedGate(_), .. })) => {
+                "shared_gate_up_swiglu".into()
+            }
+            Fusion::GateUpSwiglu => "dense_gate_up_swiglu".into(),
+            Fusion::AddRmsNorm => match parts.get(1) {
+                Some(Step::RmsNorm { w, .. }) => format!("add_rms_norm {}", w.role()),
+                _ => "add_rms_norm".into(),
+            },
+            Fusion::OProjAddRmsNorm => "o_proj_add_rms_norm".into(),
+            Fusion::InProj if has(&|s| matches!(s, Step::Linear { w: LinRef::KvA(_), .. })) => "mla_in_proj".into(),
+            Fusion::InProj => "qkv_proj".into(),
+            Fusion::QkNormRopeKv => "qk_norm_rope_kv".into(),
+            Fusion::LatentNormRopeAppend => "latent_norm_rope_append".into(),
         }
     }
 }
@@ -431,11 +354,19 @@ impl fmt::Display for Step {
             Step::Linear { w, src, dst } => write!(f, "linear {w:?}: {src:?} -> {dst:?}"),
             Step::HeadNorm { w, buf } => write!(f, "head_norm {w:?}: {buf:?}"),
             Step::Add { dst, src } => write!(f, "add {dst:?} += {src:?}"),
+            Step::Attn { layer, op } => write!(f, "{} (layer {layer})", op.name()),
+            Step::Moe { layer, op } => write!(f, "{} (layer {layer})", op.name()),
+            Step::Fused { op, parts } => {
+                let ps: Vec<String> = parts.iter().map(|p| p.to_string()).collect();
+                write!(f, "{} (fused: {})", op.name(parts), ps.join("; "))
+            }
             Step::Packed { step, kernels } => {
                 let ks: Vec<String> = kernels.iter().map(|k| format!("{} at {}", k.tag, k.bucket.name())).collect();
                 write!(f, "{step} [pack: {}]", ks.join(", "))
             }
-            other => write!(f, "{other:?}"),
+            Step::Embed => f.write_str("embed"),
+            Step::Swiglu => f.write_str("swiglu"),
+            Step::LastRow => f.write_str("last_row"),
         }
     }
 }
@@ -465,8 +396,10 @@ impl Plan {
         let mut steps = Vec::with_capacity(self.steps.len());
         for s in self.primitives_only().steps {
             match s {
-                Step::MlaQAbsorb { .. } | Step::MlaVUp { .. } => {}
-                Step::MlaAttention { layer } => steps.push(Step::MlaAttentionExpanded { layer }),
+                Step::Attn { op: AttnOp::MlaQAbsorb | AttnOp::MlaVUp, .. } => {}
+                Step::Attn { layer, op: AttnOp::MlaAttention } => {
+                    steps.push(Step::Attn { layer, op: AttnOp::MlaAttentionExpanded })
+                }
                 other => steps.push(other),
             }
         }
@@ -495,7 +428,7 @@ mod tests {
         )
         .unwrap();
         let p = Plan::reference(&cfg);
-        let moe = p.steps.iter().filter(|s| matches!(s, Step::RouterTopK)).count();
+        let moe = p.steps.iter().filter(|s| matches!(s, Step::Moe { op: MoeOp::RouterTopK, .. })).count();
         let dense = p.steps.iter().filter(|s| matches!(s, Step::Linear { w: LinRef::DenseGate(_), .. })).count();
         assert_eq!((moe, dense), (2, 1));
         assert_eq!(p.steps.first(), Some(&Step::Embed));

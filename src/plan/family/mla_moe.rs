@@ -3,7 +3,7 @@
 
 use super::{ffn_block, head};
 use crate::config::ModelConfig;
-use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
+use crate::plan::{AttnOp, Buf, LinRef, NormRef, Plan, Step};
 
 /// GLM-4.7-Flash / DeepSeek-V3 (model-spec §3.4–3.6): MLA attention in the absorbed form
 /// over a latent cache, sigmoid-grouped routing, shared experts.
@@ -29,11 +29,11 @@ pub fn reference(cfg: &ModelConfig) -> Plan {
         }
         s.extend([
             Step::RmsNorm { w: NormRef::KvLatent(l), src: Kva, dst: Kva },
-            Step::MlaRope,
-            Step::LatentAppend { layer: l },
-            Step::MlaQAbsorb { layer: l },
-            Step::MlaAttention { layer: l },
-            Step::MlaVUp { layer: l },
+            Step::Attn { layer: l, op: AttnOp::MlaRope },
+            Step::Attn { layer: l, op: AttnOp::LatentAppend },
+            Step::Attn { layer: l, op: AttnOp::MlaQAbsorb },
+            Step::Attn { layer: l, op: AttnOp::MlaAttention },
+            Step::Attn { layer: l, op: AttnOp::MlaVUp },
         ]);
         ffn_block(cfg, l, &mut s);
     }

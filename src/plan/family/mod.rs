@@ -6,7 +6,7 @@ pub mod mla_moe;
 pub mod qwen3_moe;
 
 use crate::config::{ModelConfig, RouterKind};
-use crate::plan::{Buf, LinRef, NormRef, Step};
+use crate::plan::{Buf, LinRef, MoeOp, NormRef, Step};
 
 /// The MLP steps of layer `l` from `H` to `Out` (the residual add follows).
 pub(super) fn mlp_steps(cfg: &ModelConfig, l: usize, s: &mut Vec<Step>) {
@@ -23,16 +23,16 @@ pub(super) fn mlp_steps(cfg: &ModelConfig, l: usize, s: &mut Vec<Step>) {
             ]);
         }
         let router = match cfg.router {
-            RouterKind::Softmax => Step::RouterTopK,
-            RouterKind::SigmoidGrouped { .. } => Step::SigmoidTopK { layer: l },
+            RouterKind::Softmax => Step::Moe { layer: l, op: MoeOp::RouterTopK },
+            RouterKind::SigmoidGrouped { .. } => Step::Moe { layer: l, op: MoeOp::SigmoidTopK },
         };
         s.extend([
             Step::Linear { w: LinRef::Router(l), src: H, dst: RouterLogits },
             router,
-            Step::ExpertGateUp { layer: l },
+            Step::Moe { layer: l, op: MoeOp::ExpertGateUp },
             Step::Swiglu,
-            Step::ExpertDown { layer: l },
-            Step::Combine,
+            Step::Moe { layer: l, op: MoeOp::ExpertDown },
+            Step::Moe { layer: l, op: MoeOp::Combine },
         ]);
         if cfg.n_shared_experts > 0 {
             s.push(Step::Add { dst: Out, src: SharedOut });

@@ -2,7 +2,7 @@
 
 use super::{ffn_block, head};
 use crate::config::ModelConfig;
-use crate::plan::{Buf, LinRef, NormRef, Plan, Step};
+use crate::plan::{AttnOp, Buf, LinRef, NormRef, Plan, Step};
 
 /// The reference plan.
 pub fn reference(cfg: &ModelConfig) -> Plan {
@@ -16,9 +16,9 @@ pub fn reference(cfg: &ModelConfig) -> Plan {
             Step::Linear { w: LinRef::V(l), src: H, dst: V },
             Step::HeadNorm { w: NormRef::QHead(l), buf: Q },
             Step::HeadNorm { w: NormRef::KHead(l), buf: K },
-            Step::Rope,
-            Step::KvAppend { layer: l },
-            Step::Attention { layer: l },
+            Step::Attn { layer: l, op: AttnOp::Rope },
+            Step::Attn { layer: l, op: AttnOp::KvAppend },
+            Step::Attn { layer: l, op: AttnOp::Attention },
         ]);
         ffn_block(cfg, l, &mut s);
     }
