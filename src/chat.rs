@@ -11,7 +11,8 @@
 //!   and the globals transformers passes: `messages`, `add_generation_prompt`, `bos_token` /
 //!   `eos_token` (from tokenizer_config.json, given as strings or as `{content: ...}` added-token
 //!   objects; left undefined when absent, as transformers does), `raise_exception(msg)` and
-//!   `strftime_now(format)`.
+//!   `strftime_now(format)`; `tojson` is transformers' (Python's `json.dumps`), not
+//!   minijinja's HTML-safe one.
 //! - Templates are written as if they were Python: they call `.startswith`, `.split`,
 //!   `.strip`, `.items()` on values. minijinja has none of these methods, so the
 //!   `minijinja-contrib` `pycompat` callback supplies them.
@@ -24,6 +25,7 @@
 
 use std::path::{Path, PathBuf};
 
+use minijinja::value::Kwargs;
 use minijinja::{Environment, ErrorKind, Value, context};
 use serde::{Deserialize, Serialize};
 
@@ -210,7 +212,66 @@ fn environment() -> Environment<'static> {
         Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("{RAISED}{msg}")))
     });
     env.add_function("strftime_now", |fmt: String| strftime(&fmt, now_unix()));
+    env.add_filter("tojson", tojson);
     env
+}
+
+/// transformers' `tojson`: Python's `json.dumps` (`", "` / `": "` separators, no HTML
+/// escaping, non-ASCII kept unless `ensure_ascii=True`, `indent=N` pretty-printing), which
+/// tool-calling templates write into the prompt. minijinja's own `tojson` escapes `<`, `>`,
+/// `&` and `'` for HTML and refuses `ensure_ascii`, so its text would differ from the one the
+/// model was trained on.
+fn tojson(value: Value, indent: Option<usize>, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+    let indent = match indent {
+        Some(i) => Some(i),
+        None => kwargs.get::<Option<usize>>("indent")?,
+    };
+    let ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
+    // Accepted for compatibility; maps keep minijinja's order.
+    let _ = kwargs.get::<Option<bool>>("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let res = match indent {
+        Some(n) => {
+            let pad = vec![b' '; n];
+            let mut ser =
+                serde_json::Serializer::with_formatter(&mut out, serde_json::ser::PrettyFormatter::with_indent(&pad));
+            serde::Serialize::serialize(&value, &mut ser)
+        }
+        None => serde::Serialize::serialize(&value, &mut serde_json::Serializer::with_formatter(&mut out, PyCompact)),
+    };
+    res.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let text = String::from_utf8(out).expect("serde_json writes UTF-8");
+    if !ensure_ascii {
+        return Ok(Value::from_safe_string(text));
+    }
+    let mut ascii = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_ascii() {
+            ascii.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                ascii += &format!("\\u{u:04x}");
+            }
+        }
+    }
+    Ok(Value::from_safe_string(ascii))
+}
+
+/// `json.dumps`' default separators: `", "` between items, `": "` after keys.
+struct PyCompact;
+
+impl serde_json::ser::Formatter for PyCompact {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first { Ok(()) } else { w.write_all(b", ") }
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
 }
 
 /// Seconds since the Unix epoch (UTC).
@@ -404,6 +465,22 @@ mod tests {
         assert!(e.contains(TOKENIZER_CONFIG) && e.contains("not valid JSON"), "{e}");
         write_config(tmp.path(), serde_json::json!({"chat_template": 7}));
         assert!(ChatTemplate::load(tmp.path()).is_err());
+    }
+
+    #[test]
+    fn tojson_is_python_json_dumps() {
+        let src = "{{ messages | tojson }}|{{ messages[0] | tojson(ensure_ascii=True) }}|{{ [1, {'a': 'x'}] | tojson(indent=2) }}";
+        let t = ChatTemplate::from_source(src, "x.jinja", None, None).unwrap();
+        let out = t.render(&[Message::new("user", "<a> & 'é'")], false).unwrap();
+        // What Python's json.dumps writes (ensure_ascii=False unless asked; no HTML escaping).
+        let want = [
+            r#"[{"role": "user", "content": "<a> & 'é'"}]"#,
+            r#"{"role": "user", "content": "<a> & '\u00e9'"}"#,
+            "[\n  1,\n  {\n    \"a\": \"x\"\n  }\n]",
+        ];
+        assert_eq!(out, want.join("|"));
+        let bad = ChatTemplate::from_source("{{ 1 | tojson(nope=1) }}", "x.jinja", None, None).unwrap();
+        assert!(bad.render(&[], false).is_err());
     }
 
     #[test]
