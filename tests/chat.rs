@@ -89,7 +89,7 @@ fn chat_generates_on_every_family_with_its_special_tokens() {
         let tok = zmoe::tokenizer::load(&model.join("tokenizer.json")).unwrap();
         let want: &[&str] = match family {
             "qwen3_moe" => &["<|im_start|>", "<|im_end|>"],
-            "glm4_moe_lite" => &["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"],
+            "glm4_moe_lite" => &["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<think>"],
             _ => &["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "</think>"],
         };
         for name in want {
@@ -134,7 +134,7 @@ fn family_templates_render_as_transformers_does() {
     let want = [
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\nanswer<|im_end|>\n\
          <|im_start|>user\n U x <|im_end|>\n<|im_start|>assistant\n",
-        "[gMASK]<sop><|system|>\nS<|user|>\nq1<|assistant|>\n<think></think>\nanswer<|user|>\n U x <|assistant|>",
+        "[gMASK]<sop><|system|>S<|user|>q1<|assistant|></think>answer<|user|> U x <|assistant|><think>",
         "<｜begin▁of▁sentence｜>S<｜User｜>q1<｜Assistant｜></think>\n\nanswer<｜end▁of▁sentence｜><｜User｜> U x \
          <｜Assistant｜></think>",
     ];
