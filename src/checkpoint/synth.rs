@@ -5,7 +5,10 @@
 //! HF bf16 with per-expert keys, or mlx-community affine 4/8-bit with stacked `switch_mlp`
 //! experts and an 8-bit router override — so loading a synthetic model exercises the same
 //! code as loading a downloaded one. Nothing is trivially 1 or 0: norm weights are
-//! `1 + 0.1·N(0,1)`, quantization scales have random signs.
+//! `1 + 0.1·N(0,1)`, quantization scales have random signs. The folder also has a real
+//! tokenizer.json (a byte-level BPE ending in the family's chat special tokens) and a
+//! tokenizer_config.json with the family's released chat template ([`family_chat`]), so the
+//! tiny models chat through the same code as downloaded ones.
 //!
 //! The full-size presets (tens of GB) are streamed: each tensor is a lazy safetensors
 //! [`View`] whose bytes are generated (in parallel chunks, each chunk its own RNG stream)
