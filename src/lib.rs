@@ -22,7 +22,7 @@
 //!   rewrites it with fused steps, per family policy.
 //! - [`cpu`]: the reference executor.
 //! - [`cuda`]: the GPU executor (NVRTC kernels, arena, graphs).
-//! - [`backend`], [`generate`], [`sample`], [`tokenizer`]: running a model ([`args`]: the
+//! - [`backend`], [`generate`], [`sample`], [`tokenizer`], [`chat`]: running a model ([`args`]: the
 //!   CLI's numeric flag parsers).
 //! - [`bench`], [`validate`], [`matrix`]: measuring it (throughput, fidelity, the ledger).
 //! - [`input`], [`output`], [`outdir`]: the files zmoe reads (regular files only) and writes
@@ -36,6 +36,7 @@ pub mod args;
 pub mod backend;
 pub mod bench;
 pub mod cache;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;

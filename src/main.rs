@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use zmoe::bench::{BenchOptions, BenchReport, RunPhase, run_bench_with};
+use zmoe::chat::Message;
 use zmoe::checkpoint::synth::{self, SynthQuant, SynthSpec};
 use zmoe::generate::{GenerateOptions, GenerateStats, generate};
 use zmoe::plan::lower::PackKernel;
@@ -82,12 +83,27 @@ enum Cmd {
     Generate {
         #[command(flatten)]
         run: RunArgs,
-        /// Prompt text (needs tokenizer.json in the model folder).
-        #[arg(long, conflicts_with = "prompt_tokens", required_unless_present = "prompt_tokens")]
+        /// Prompt text (needs tokenizer.json in the model folder); `-` reads it from stdin.
+        #[arg(
+            long,
+            conflicts_with_all = ["prompt_tokens", "prompt_file"],
+            required_unless_present_any = ["prompt_tokens", "prompt_file"]
+        )]
         prompt: Option<String>,
+        /// Read the prompt text from this file (a regular file, taken as it is).
+        #[arg(long, conflicts_with = "prompt_tokens")]
+        prompt_file: Option<PathBuf>,
         /// Prompt as comma-separated token ids, e.g. 1,2,3.
         #[arg(long)]
         prompt_tokens: Option<String>,
+        /// Chat: render the prompt as a user message through the model's chat template
+        /// (chat_template.jinja or tokenizer_config.json's chat_template), ending with the
+        /// opening of the assistant's turn.
+        #[arg(long, conflicts_with = "prompt_tokens")]
+        chat: bool,
+        /// With --chat: a system message before the user's.
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
         /// Most tokens to generate.
         #[arg(long, default_value_t = 128, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         max_tokens: usize,
@@ -106,7 +122,8 @@ enum Cmd {
         /// Do not stop at end-of-sequence tokens.
         #[arg(long)]
         ignore_eos: bool,
-        /// Print {"tokens": [...]} (generated ids) instead of text.
+        /// Print {"tokens": [...], "prompt_tokens": [...]} (generated and prompt ids) instead
+        /// of text.
         #[arg(long)]
         json: bool,
     },
@@ -311,6 +328,27 @@ fn parse_tokens(flag: &str, s: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// The prompt text of `--prompt TEXT` (`-`: all of stdin) or `--prompt-file PATH`, if given.
+fn prompt_text(prompt: Option<String>, file: Option<PathBuf>) -> Result<Option<String>> {
+    Ok(match (prompt, file) {
+        (Some(p), _) if p == "-" => {
+            Some(std::io::read_to_string(std::io::stdin()).context("--prompt -: cannot read the prompt from stdin")?)
+        }
+        (Some(p), _) => Some(p),
+        (None, Some(path)) => Some(zmoe::input::read_to_string(&path).context("--prompt-file")?),
+        (None, None) => None,
+    })
+}
+
+/// `user` (after an optional `system` message) rendered through the chat template of model
+/// folder `dir`, opening the assistant's turn.
+fn chat_prompt(dir: &Path, system: Option<String>, user: String) -> Result<String> {
+    let template = zmoe::chat::ChatTemplate::load(dir).context("--chat")?;
+    let mut messages: Vec<Message> = system.into_iter().map(|s| Message::new("system", s)).collect();
+    messages.push(Message::new("user", user));
+    Ok(template.render(&messages, true)?)
+}
+
 /// Writes to stdout; a closed pipe (e.g. `| head`) ends the program quietly.
 fn emit(s: &str) {
     let mut out = std::io::stdout().lock();
@@ -354,7 +392,11 @@ fn run_generate(
         }
     })?;
     if json {
-        let v = serde_json::json!({ "tokens": stats.tokens, "finish_reason": stats.finish_reason.as_str() });
+        let v = serde_json::json!({
+            "tokens": stats.tokens,
+            "finish_reason": stats.finish_reason.as_str(),
+            "prompt_tokens": prompt,
+        });
         emit(&format!("{v}\n"));
     }
     print_stats(&backend.name(), &stats);
@@ -495,14 +537,35 @@ fn run(cli: Cli) -> Result<()> {
             synth::write(&spec, &out, force)?;
             eprintln!("wrote {} ({}/{}, {quant}, seed {seed})", out.display(), spec.family, spec.preset);
         }
-        Cmd::Generate { run, prompt, prompt_tokens, max_tokens, temperature, top_p, top_k, seed, ignore_eos, json } => {
+        Cmd::Generate {
+            run,
+            prompt,
+            prompt_file,
+            prompt_tokens,
+            chat,
+            system,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            ignore_eos,
+            json,
+        } => {
             let sampling = SamplingParams { temperature, top_p, top_k, seed };
             sampling.check()?;
+            // The prompt text and the chat template before the weights: their errors come first.
+            let text = prompt_text(prompt, prompt_file)?;
+            let text = match (text, chat) {
+                (Some(user), true) => Some(chat_prompt(&run.model, system, user)?),
+                (text, _) => text,
+            };
             let (model, mut be) = run.open()?;
-            let ids = match (prompt, prompt_tokens) {
+            let ids = match (text, prompt_tokens) {
                 (_, Some(t)) => parse_tokens("--prompt-tokens", &t)?,
+                // No special tokens are added: a chat template writes its own BOS.
                 (Some(p), None) => tokenizer::encode(&tokenizer::load(&model.tokenizer_path())?, &p)?,
-                (None, None) => bail!("give --prompt TEXT or --prompt-tokens 1,2,3"),
+                (None, None) => bail!("give --prompt TEXT, --prompt-file PATH or --prompt-tokens 1,2,3"),
             };
             let opts = GenerateOptions { max_tokens, sampling, ignore_eos };
             run_generate(&model, be.as_mut(), ids, &opts, json)?;

@@ -94,10 +94,16 @@ impl StreamDecoder {
 /// Builds a byte-level BPE tokenizer with exactly `vocab_size` ids: 256 byte tokens,
 /// trained merges, deterministic filler merges, then [`SPECIALS`] as the last ids.
 pub fn synthetic(vocab_size: usize, seed: u64) -> Result<Tokenizer> {
-    let regular = vocab_size.checked_sub(SPECIALS.len()).filter(|&r| r >= 256).ok_or_else(|| {
+    synthetic_with(vocab_size, seed, &SPECIALS)
+}
+
+/// [`synthetic`] with the given special tokens as the last ids, in order (a family's chat
+/// template needs its own: `<|im_start|>` for Qwen, `<|user|>` for GLM, ...).
+pub fn synthetic_with(vocab_size: usize, seed: u64, specials: &[&str]) -> Result<Tokenizer> {
+    let regular = vocab_size.checked_sub(specials.len()).filter(|&r| r >= 256).ok_or_else(|| {
         Error::Arg(format!(
             "vocab_size {vocab_size} is too small for a byte-level tokenizer (need ≥ {})",
-            256 + SPECIALS.len()
+            256 + specials.len()
         ))
     })?;
     let mut trainer = BpeTrainer::builder()
@@ -116,7 +122,7 @@ pub fn synthetic(vocab_size: usize, seed: u64) -> Result<Tokenizer> {
         .map_err(|e| Error::Arg(e.to_string()))?;
     extend_vocab(&mut json["model"], regular, seed)?;
     let mut tok: Tokenizer = json.to_string().parse().map_err(|e| Error::Arg(format!("tokenizer rebuild: {e}")))?;
-    let specials: Vec<AddedToken> = SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect();
+    let specials: Vec<AddedToken> = specials.iter().map(|s| AddedToken::from(*s, true)).collect();
     tok.add_special_tokens(specials).map_err(|e| Error::Arg(format!("special tokens: {e}")))?;
     debug_assert_eq!(tok.get_vocab_size(true), vocab_size);
     Ok(tok)

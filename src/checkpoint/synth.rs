@@ -5,7 +5,10 @@
 //! HF bf16 with per-expert keys, or mlx-community affine 4/8-bit with stacked `switch_mlp`
 //! experts and an 8-bit router override — so loading a synthetic model exercises the same
 //! code as loading a downloaded one. Nothing is trivially 1 or 0: norm weights are
-//! `1 + 0.1·N(0,1)`, quantization scales have random signs.
+//! `1 + 0.1·N(0,1)`, quantization scales have random signs. The folder also has a real
+//! tokenizer.json (a byte-level BPE ending in the family's chat special tokens) and a
+//! tokenizer_config.json with the family's released chat template ([`family_chat`]), so the
+//! tiny models chat through the same code as downloaded ones.
 //!
 //! The full-size presets (tens of GB) are streamed: each tensor is a lazy safetensors
 //! [`View`] whose bytes are generated (in parallel chunks, each chunk its own RNG stream)
@@ -104,6 +107,110 @@ pub const PRESETS: [(&str, &str, &str); 6] = [
     ("deepseek_v3", "kimi-k2-tiny", "Kimi-K2-shaped (model_type kimi_k2), small: 4 layers, 48 experts top-8, YaRN"),
 ];
 
+/// The chat side of a family's synthetic tokenizer: the special tokens its released chat
+/// template writes (the last ids of the vocabulary, in this order), the tokens
+/// tokenizer_config.json names, and the template itself, so a synthetic model chats through
+/// the same code path as a downloaded one and its rendered prompts tokenize to real special
+/// tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct FamilyChat {
+    /// Special tokens, appended in this order at the end of the vocabulary.
+    pub specials: &'static [&'static str],
+    /// tokenizer_config.json's `bos_token` (and config.json's `bos_token_id`), if the family
+    /// has one.
+    pub bos: Option<&'static str>,
+    /// tokenizer_config.json's `eos_token` (and config.json's `eos_token_id`).
+    pub eos: &'static str,
+    /// The family's released chat template (see the comment at its top).
+    pub template: &'static str,
+    /// Write bos/eos as `{"__type": "AddedToken", "content": ...}` objects, as the family's
+    /// release does.
+    pub token_objects: bool,
+}
+
+/// The chat tokens and template of `family` (qwen3_moe, glm4_moe_lite, deepseek_v3).
+pub fn family_chat(family: &str) -> Result<FamilyChat> {
+    match family {
+        "qwen3_moe" => Ok(FamilyChat {
+            specials: &crate::tokenizer::SPECIALS,
+            bos: None,
+            eos: "<|im_end|>",
+            template: include_str!("templates/qwen3_moe.jinja"),
+            token_objects: false,
+        }),
+        "glm4_moe_lite" => Ok(FamilyChat {
+            specials: &[
+                "<|endoftext|>",
+                "[MASK]",
+                "[gMASK]",
+                "[sMASK]",
+                "<sop>",
+                "<eop>",
+                "<|system|>",
+                "<|user|>",
+                "<|assistant|>",
+                "<|observation|>",
+                "<think>",
+                "</think>",
+            ],
+            bos: None,
+            eos: "<|endoftext|>",
+            template: include_str!("templates/glm4_moe_lite.jinja"),
+            token_objects: false,
+        }),
+        "deepseek_v3" => Ok(FamilyChat {
+            specials: &[
+                "<｜begin▁of▁sentence｜>",
+                "<｜end▁of▁sentence｜>",
+                "<｜User｜>",
+                "<｜Assistant｜>",
+                "<think>",
+                "</think>",
+                "<｜tool▁calls▁begin｜>",
+                "<｜tool▁calls▁end｜>",
+                "<｜tool▁call▁begin｜>",
+                "<｜tool▁call▁end｜>",
+                "<｜tool▁sep｜>",
+                "<｜tool▁output▁begin｜>",
+                "<｜tool▁output▁end｜>",
+            ],
+            bos: Some("<｜begin▁of▁sentence｜>"),
+            eos: "<｜end▁of▁sentence｜>",
+            template: include_str!("templates/deepseek_v3.jinja"),
+            token_objects: true,
+        }),
+        _ => Err(Error::Arg(format!("unknown family `{family}` (known: qwen3_moe, glm4_moe_lite, deepseek_v3)"))),
+    }
+}
+
+impl FamilyChat {
+    /// The id of special token `name` in a synthetic vocabulary of `vocab` ids.
+    pub fn id(&self, vocab: usize, name: &str) -> Option<usize> {
+        self.specials.iter().position(|s| *s == name).map(|i| vocab - self.specials.len() + i)
+    }
+
+    /// The tokenizer_config.json of a synthetic model of this family.
+    pub fn tokenizer_config(&self, max_len: Option<u64>) -> Value {
+        let token = |t: &str| {
+            if self.token_objects {
+                json!({"__type": "AddedToken", "content": t, "lstrip": false, "normalized": true,
+                       "rstrip": false, "single_word": false})
+            } else {
+                json!(t)
+            }
+        };
+        json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos.map(token),
+            "eos_token": token(self.eos),
+            "pad_token": token(self.specials[0]),
+            "model_max_length": max_len,
+            "clean_up_tokenization_spaces": false,
+            "chat_template": self.template,
+        })
+    }
+}
+
 /// The HF-style config.json of a preset (without quantization block).
 pub fn preset_config(family: &str, preset: &str) -> Result<Value> {
     if family != "qwen3_moe" {
@@ -147,7 +254,7 @@ pub fn preset_config(family: &str, preset: &str) -> Result<Value> {
 
 /// MLA presets (model-spec §3.2 for GLM-4.7-Flash; DeepSeek-V3 / Kimi-K2 shaped small ones).
 fn mla_preset_config(family: &str, preset: &str) -> Result<Value> {
-    let n_special = crate::tokenizer::SPECIALS.len();
+    let chat = family_chat(family)?;
     let yarn = json!({"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
                       "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                       "rope_theta": 10000.0});
@@ -200,8 +307,11 @@ fn mla_preset_config(family: &str, preset: &str) -> Result<Value> {
         "n_group": ng, "topk_group": tg, "routed_scaling_factor": scale, "norm_topk_prob": true,
         "rope_interleave": true, "attention_bias": false, "tie_word_embeddings": false,
         "hidden_act": "silu", "torch_dtype": "bfloat16",
-        "bos_token_id": vocab - n_special, "eos_token_id": vocab - 1,
+        "eos_token_id": chat.id(vocab, chat.eos),
     });
+    if let Some(bos) = chat.bos {
+        c["bos_token_id"] = json!(chat.id(vocab, bos));
+    }
     if family == "glm4_moe_lite" {
         c["architectures"] = json!(["Glm4MoeLiteForCausalLM"]);
         c["rms_norm_eps"] = json!(1e-5);
@@ -513,9 +623,14 @@ fn write_files(tensors: &[Lazy], cfg_json: &Value, cfg: &ModelConfig, spec: &Syn
     let text = serde_json::to_string_pretty(cfg_json).expect("config serialises");
     std::fs::write(&cfg_path, text).map_err(|e| Error::io(&cfg_path, e))?;
     let tok_path = dir.join("tokenizer.json");
-    crate::tokenizer::synthetic(cfg.vocab_size, spec.seed)?
+    let chat = family_chat(&spec.family)?;
+    crate::tokenizer::synthetic_with(cfg.vocab_size, spec.seed, chat.specials)?
         .save(&tok_path, false)
         .map_err(|e| Error::format(&tok_path, format!("cannot write tokenizer: {e}")))?;
+    let tc_path = dir.join(crate::chat::TOKENIZER_CONFIG);
+    let tc = chat.tokenizer_config(cfg_json["max_position_embeddings"].as_u64());
+    std::fs::write(&tc_path, serde_json::to_string_pretty(&tc).expect("tokenizer config serialises"))
+        .map_err(|e| Error::io(&tc_path, e))?;
 
     let mut shards: Vec<Vec<&Lazy>> = vec![Vec::new()];
     let mut size = 0;
