@@ -64,7 +64,6 @@ fi
 
 OUT=${OUT:-$(mktemp -d)}
 export ZMOE_REPO=$PWD ZMOE_CACHE=${ZMOE_CACHE:-/tmp/zmoe-cache}
-export ZMOE_GIT_COMMIT=$(cat scratch/gpu/COMMIT 2>/dev/null)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 declare -A result bin
 tests=""

@@ -12,8 +12,6 @@
 //! CLI writes it as a JSON *capsule* (`zmoe bench --json FILE`) for the benchmark ledger.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -464,39 +462,9 @@ pub fn build_commit() -> (String, Option<bool>) {
     (env!("ZMOE_BUILD_COMMIT").to_string(), dirty)
 }
 
-/// `ZMOE_GIT_COMMIT` if set (the commit a carried binary was built from); else the short
-/// commit of the git checkout at `dir` and whether its tracked files are modified;
-/// `("unknown", None)` outside a checkout or without git.
-pub fn git_state(dir: &Path) -> (String, Option<bool>) {
-    // Binaries carried to another machine run in a copy whose git state is not theirs: the
-    // commit they were built from, when given, wins.
-    if let Ok(c) = std::env::var("ZMOE_GIT_COMMIT")
-        && !c.is_empty()
-    {
-        return (c, None);
-    }
-    let git = |args: &[&str]| -> Option<String> {
-        let out = Command::new("git").args(args).current_dir(dir).output().ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-    match git(&["rev-parse", "--short", "HEAD"]).filter(|c| !c.is_empty()) {
-        Some(commit) => {
-            let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
-            (commit, dirty)
-        }
-        None => ("unknown".into(), None),
-    }
-}
-
 /// `std::env::args`, joined with spaces; arguments that need it are single-quoted.
 fn command_line() -> String {
-    std::env::args()
-        .map(|a| {
-            let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-            if plain { a } else { format!("'{}'", a.replace('\'', r"'\''")) }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    std::env::args().map(|a| crate::outdir::shell_word(&a)).collect::<Vec<_>>().join(" ")
 }
 
 /// `t` as RFC 3339 UTC with whole seconds, e.g. `2023-11-14T22:13:20Z`.
@@ -557,7 +525,7 @@ mod tests {
         let mut v = crate::checkpoint::synth::preset_config("qwen3_moe", "tiny").unwrap();
         v["vocab_size"] = vocab.into();
         v["eos_token_id"] = serde_json::json!([0, 1, vocab as u64 - 1]);
-        ModelConfig::parse(&v.to_string(), Path::new("config.json")).unwrap()
+        ModelConfig::parse(&v.to_string(), std::path::Path::new("config.json")).unwrap()
     }
 
     #[test]

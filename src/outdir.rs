@@ -64,9 +64,13 @@ pub enum Target {
 
 /// Shell-quotes a path for a command shown to the user (`rm -rf <path>`).
 pub fn shell_quote(p: &Path) -> String {
-    let s = p.display().to_string();
+    shell_word(&p.display().to_string())
+}
+
+/// One shell word: as it is when plain, else single-quoted (a capsule's command line too).
+pub fn shell_word(s: &str) -> String {
     let plain = !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
-    if plain { s } else { format!("'{}'", s.replace('\'', r"'\''")) }
+    if plain { s.to_string() } else { format!("'{}'", s.replace('\'', r"'\''")) }
 }
 
 /// Reads the marker of `dir`, if it has a valid one.

@@ -58,11 +58,6 @@ impl ExecPlans {
     pub fn same(plan: &Plan) -> ExecPlans {
         ExecPlans { prefill: plan.clone(), decode: plan.clone() }
     }
-
-    /// The plan for a chunk of `tokens` tokens.
-    pub fn for_tokens(&self, tokens: usize) -> &Plan {
-        if tokens == 1 { &self.decode } else { &self.prefill }
-    }
 }
 
 /// The op a kernel-pack kernel can stand in for at this step, if any.
