@@ -172,17 +172,7 @@ pub fn check_target(flag: &str, out: &Path, force: bool) -> Result<Target> {
 
 /// `.<name><infix><random>` beside `path`.
 fn sibling(path: &Path, infix: &str) -> PathBuf {
-    let name = path.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned());
-    let name: String = name.chars().take(64).collect();
-    path.with_file_name(format!(".{name}{infix}{}", crate::output::random_hex()))
-}
-
-/// The folder holding `path` (`.` for a bare name).
-fn parent_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
+    crate::output::hidden_sibling(path, infix, &crate::output::random_hex())
 }
 
 /// Removes the staging folders left in `parent` by killed runs (see the module docs):
@@ -246,7 +236,7 @@ impl Staging {
     pub fn begin(flag: &str, out: &Path, force: bool, wrote: serde_json::Value) -> Result<Staging> {
         let target = check_target(flag, out, force)?;
         let out = normal(out).expect("checked by check_target");
-        let parent = parent_of(&out);
+        let parent = crate::output::folder_of(&out).to_path_buf();
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         clean_stale(&parent);
         // Made under a name the cleanup ignores, its marker locked, then renamed: no other

@@ -36,11 +36,19 @@ pub fn random_hex() -> String {
 }
 
 /// The folder holding `path` (`.` for a bare file name).
-fn folder_of(path: &Path) -> &Path {
+pub(crate) fn folder_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     }
+}
+
+/// `.<name><infix><suffix>` beside `path` (the name cut to 64 characters): the hidden
+/// siblings zmoe writes through (temporary files, staging folders).
+pub(crate) fn hidden_sibling(path: &Path, infix: &str, suffix: &str) -> PathBuf {
+    let name = path.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned());
+    let name: String = name.chars().take(64).collect();
+    path.with_file_name(format!(".{name}{infix}{suffix}"))
 }
 
 /// `flag path: why` as an argument error.
@@ -65,25 +73,32 @@ fn probe_folder(flag: &str, path: &Path, dir: &Path) -> Result<()> {
     }
 }
 
+/// What may be at a destination file `path` (given with `flag`): nothing, or a regular file
+/// when `force`; never a symbolic link, a folder or another non-regular file. Checked before
+/// the work, before the temporary file is made and again when it is moved into place.
+fn check_dest(flag: &str, path: &Path, force: bool) -> Result<()> {
+    let Ok(m) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let ft = m.file_type();
+    if ft.is_symlink() {
+        return Err(link_refused(flag, path));
+    }
+    if ft.is_dir() {
+        return Err(arg(flag, path, "is a folder; give a file name"));
+    }
+    if !ft.is_file() {
+        return Err(arg(flag, path, format!("is {}, not a regular file", crate::input::kind(&ft))));
+    }
+    if !force {
+        return Err(arg(flag, path, "file exists; pass --force to overwrite it"));
+    }
+    Ok(())
+}
+
 /// Checks an output path given with `flag` (e.g. `--out`) before any work is done: not a
 /// folder, not a symbolic link or another non-regular file, not an existing file unless
 /// `force`, in a folder that exists and takes new files.
 pub fn check_out_path(flag: &str, path: &Path, force: bool) -> Result<()> {
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        let ft = m.file_type();
-        if ft.is_symlink() {
-            return Err(link_refused(flag, path));
-        }
-        if ft.is_dir() {
-            return Err(arg(flag, path, "is a folder; give a file name"));
-        }
-        if !ft.is_file() {
-            return Err(arg(flag, path, format!("is {}, not a regular file", crate::input::kind(&ft))));
-        }
-        if !force {
-            return Err(arg(flag, path, "file exists; pass --force to overwrite it"));
-        }
-    }
+    check_dest(flag, path, force)?;
     let dir = folder_of(path);
     if !dir.is_dir() {
         return Err(arg(flag, path, format!("folder {} does not exist", dir.display())));
@@ -140,12 +155,10 @@ impl TempFile {
     /// removing the temporary files killed runs left there (see [`clean_stale_temps`]).
     pub fn new(flag: &str, dest: &Path) -> Result<TempFile> {
         clean_stale_temps(folder_of(dest));
-        let name = dest.file_name().map_or("out".into(), |n| n.to_string_lossy().into_owned());
-        let name: String = name.chars().take(64).collect();
         let hex = random_hex();
         // Created under a name the cleanup ignores, locked, then renamed (a rename replaces a
         // link planted at the new name; it never follows it).
-        let init = dest.with_file_name(format!(".{name}.zmoe-new-{hex}"));
+        let init = hidden_sibling(dest, ".zmoe-new-", &hex);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -153,7 +166,7 @@ impl TempFile {
             .open(&init)
             .map_err(|e| arg(flag, dest, format!("cannot create {}: {e}", init.display())))?;
         let _ = file.try_lock();
-        let path = dest.with_file_name(format!(".{name}.zmoe-tmp-{hex}"));
+        let path = hidden_sibling(dest, ".zmoe-tmp-", &hex);
         if let Err(e) = std::fs::rename(&init, &path) {
             let _ = std::fs::remove_file(&init);
             return Err(arg(flag, dest, format!("cannot create {}: {e}", path.display())));
@@ -177,18 +190,7 @@ impl TempFile {
     pub fn commit(mut self, force: bool) -> Result<()> {
         self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
         let (flag, dest) = (self.flag.as_str(), self.dest.as_path());
-        if let Ok(m) = std::fs::symlink_metadata(dest) {
-            let ft = m.file_type();
-            if ft.is_symlink() {
-                return Err(link_refused(flag, dest));
-            }
-            if !ft.is_file() {
-                return Err(arg(flag, dest, format!("is {}, not a regular file", crate::input::kind(&ft))));
-            }
-            if !force {
-                return Err(arg(flag, dest, "file exists; pass --force to overwrite it"));
-            }
-        }
+        check_dest(flag, dest, force)?;
         if force {
             std::fs::rename(&self.path, dest).map_err(|e| Error::io(dest, e))?;
         } else {
@@ -241,14 +243,7 @@ pub fn clean_stale_temps(dir: &Path) {
 /// (checked atomically, so a file created meanwhile is not replaced either); with `force` an
 /// existing regular file is replaced in one rename, so a reader never sees half a file.
 pub fn write_new(flag: &str, path: &Path, bytes: &[u8], force: bool) -> Result<()> {
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if m.file_type().is_symlink() {
-            return Err(link_refused(flag, path));
-        }
-        if m.is_file() && !force {
-            return Err(arg(flag, path, "file exists; pass --force to overwrite it"));
-        }
-    }
+    check_dest(flag, path, force)?;
     let tmp = TempFile::new(flag, path)?;
     tmp.file().write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
     tmp.commit(force)
