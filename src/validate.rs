@@ -195,15 +195,23 @@ pub struct Progress<'a> {
     pub warmup: bool,
 }
 
-/// Runs `plan`'s warm-ups and timed runs on `backend`: the timed runs' timings, the tokens
-/// of every run (warm-ups first), and the error of a run whose logits were not finite (the
-/// runs stop there).
+/// What one plan's runs gave.
+struct PlanRuns {
+    /// The timed runs' timings.
+    runs: Vec<RunResult>,
+    /// The tokens of every run, warm-ups first.
+    tokens: Vec<Vec<u32>>,
+    /// The error of a run whose logits were not finite (the runs stop there).
+    non_finite: Option<String>,
+}
+
+/// Runs `plan`'s warm-ups and timed runs on `backend` (see [`PlanRuns`]).
 fn run_plan(
     backend: &mut dyn Backend,
     plan: Plan,
     opts: &ValidateOptions,
     progress: &mut dyn FnMut(Progress, &RunResult),
-) -> Result<(Vec<RunResult>, Vec<Vec<u32>>, Option<String>)> {
+) -> Result<PlanRuns> {
     let name = plan.name.clone();
     backend.set_plan(plan)?;
     let gen_opts =
@@ -212,7 +220,9 @@ fn run_plan(
     for i in 0..opts.warmup + opts.runs {
         let stats = match generate(backend, &opts.prompt, &gen_opts, |_| {}) {
             Ok(s) => s,
-            Err(e @ Error::NonFinite { .. }) => return Ok((runs, tokens, Some(format!("{name} plan: {e}")))),
+            Err(e @ Error::NonFinite { .. }) => {
+                return Ok(PlanRuns { runs, tokens, non_finite: Some(format!("{name} plan: {e}")) });
+            }
             Err(e) => return Err(e),
         };
         let r = RunResult::from_stats(&stats);
@@ -223,7 +233,7 @@ fn run_plan(
             runs.push(r);
         }
     }
-    Ok((runs, tokens, None))
+    Ok(PlanRuns { runs, tokens, non_finite: None })
 }
 
 /// Length of the common prefix of two token sequences.
@@ -307,8 +317,9 @@ pub fn run_validate(
     let (ref_name, ref_steps) = (reference.name.clone(), reference.steps.len());
     let (pat_name, pat_steps) = (patched.name.clone(), patched.steps.len());
     let pat_fused = crate::plan::patterns::fused_primitives(&patched);
-    let (ref_runs, ref_all, ref_bad) = run_plan(backend, reference.clone(), opts, progress)?;
-    let (pat_runs, pat_all, pat_bad) = run_plan(backend, patched, opts, progress)?;
+    let PlanRuns { runs: ref_runs, tokens: ref_all, non_finite: ref_bad } =
+        run_plan(backend, reference.clone(), opts, progress)?;
+    let PlanRuns { runs: pat_runs, tokens: pat_all, non_finite: pat_bad } = run_plan(backend, patched, opts, progress)?;
     let non_finite = ref_bad.or(pat_bad);
     let same = |all: &[Vec<u32>]| all.iter().all(|t| *t == all[0]);
     let (ref_same, pat_same) = (same(&ref_all), same(&pat_all));
