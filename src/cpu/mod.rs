@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::{Attn, Linear, MlaWeights, Mlp, Weights};
+use crate::model::{Linear, MlaWeights, Mlp, Weights};
 use crate::plan::lower::ExecPlans;
 use crate::plan::{AttnOp, Buf, LinRef, MoeOp, NormRef, Plan, Step};
 
@@ -91,17 +91,11 @@ impl CpuBackend {
     }
 
     fn experts(&self, l: usize) -> &crate::model::Experts {
-        match &self.layer(l).mlp {
-            Mlp::Moe { experts, .. } => experts,
-            Mlp::Dense(_) => panic!("plan asks for the experts of dense layer {l}"),
-        }
+        self.weights.experts(l).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"))
     }
 
     fn mla(&self, l: usize) -> &MlaWeights {
-        match &self.layer(l).attn {
-            Attn::Mla(m) => m,
-            Attn::Gqa { .. } => panic!("plan asks for MLA weights of GQA layer {l}"),
-        }
+        self.weights.mla(l).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"))
     }
 
     /// Executes one step over `t` rows; a fused step runs as its primitive components.
