@@ -41,6 +41,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
+pub mod date;
 pub mod error;
 pub mod export;
 pub mod foundry;
