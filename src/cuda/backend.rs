@@ -58,6 +58,25 @@ enum LayerCache {
     Latent { rows: u64 },
 }
 
+impl LayerCache {
+    /// bf16 values one token leaves in one layer's cache: its K and V rows, or MLA's latent row.
+    fn row(c: &ModelConfig) -> usize {
+        match &c.mla {
+            Some(m) => m.cache_row(),
+            None => 2 * c.num_kv_heads * c.head_dim,
+        }
+    }
+
+    /// One layer's cache for `max_ctx` tokens.
+    fn alloc(dev: &mut Device, c: &ModelConfig, max_ctx: usize) -> Result<LayerCache> {
+        let bytes = max_ctx * LayerCache::row(c) * 2;
+        Ok(match c.mla {
+            Some(_) => LayerCache::Latent { rows: dev.alloc(bytes)? },
+            None => LayerCache::Kv { k: dev.alloc(bytes / 2)?, v: dev.alloc(bytes / 2)? },
+        })
+    }
+}
+
 /// Device activation buffers, one per [`Buf`], plus router state and scalars.
 struct RunState {
     bufs: [u64; Buf::ALL.len()],
@@ -163,22 +182,9 @@ impl CudaBackend {
         let inv_freq = dev.upload(&c.rope.inv_freq)?;
         // The KV cache after the weights, sized to the memory they left free. Cached bf16
         // values per token and layer: K and V rows, or MLA's latent row.
-        let row = match &c.mla {
-            Some(m) => m.cache_row(),
-            None => 2 * c.num_kv_heads * d,
-        };
         let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
-        let max_ctx = kv_capacity(c, ctx, row * 2 * c.num_layers, free)?;
-        let mut caches = Vec::with_capacity(c.num_layers);
-        for _ in 0..c.num_layers {
-            caches.push(match &c.mla {
-                Some(m) => LayerCache::Latent { rows: dev.alloc(max_ctx * m.cache_row() * 2)? },
-                None => {
-                    let row = c.num_kv_heads * d;
-                    LayerCache::Kv { k: dev.alloc(max_ctx * row * 2)?, v: dev.alloc(max_ctx * row * 2)? }
-                }
-            });
-        }
+        let max_ctx = kv_capacity(c, ctx, LayerCache::row(c) * 2 * c.num_layers, free)?;
+        let caches = (0..c.num_layers).map(|_| LayerCache::alloc(&mut dev, c, max_ctx)).collect::<Result<Vec<_>>>()?;
         // Activation buffers for CHUNK rows.
         let (k, nh) = (c.top_k.max(1), c.num_heads);
         let ffn = (k * c.moe_intermediate_size).max(c.intermediate_size).max(c.shared_intermediate_size());
