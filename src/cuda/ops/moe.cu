@@ -74,79 +74,6 @@ extern "C" __global__ void expert_matvec_grouped(const ExpertMatvecGroupedArgs p
     }
 }
 
-// GLM / DeepSeek router of one token by one warp (model-spec §3.6): s = sigmoid(logit);
-// selection on s + bias among the topk_group groups (of n_group ≤ 32) with the largest
-// sum of their two best biased scores (lowest group wins ties), top-K with the lowest
-// index winning ties; weights = s of the chosen experts, / (Σ + 1e-20) when norm, × scale.
-// E ≤ 1024.
-// Logits are read through L2 (__ldcg): the fused router reads what other blocks just wrote.
-__device__ void router_sigmoid_warp(const float* lg, const float* bias, int E, int K, int n_group, int topk_group,
-                                    int norm, float scale, int* idx, float* wout) {
-    __shared__ float gs[32];
-    __shared__ int keep[32];
-    int lane = threadIdx.x & 31;
-    float sg[32], c[32];
-#pragma unroll
-    for (int i = 0; i < 32; i++) {
-        int e = lane + 32 * i;
-        sg[i] = e < E ? 1.f / (1.f + expf(-__ldcg(lg + e))) : 0.f;
-        c[i] = e < E ? sg[i] + bias[e] : -INFINITY;
-    }
-    if (n_group > 1) {
-        // Group scores: top-2 sum of each group, lane g owning group g.
-        int per = E / n_group;
-        __shared__ float cs[1024];
-#pragma unroll
-        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E) cs[e] = c[i]; }
-        __syncwarp();
-        if (lane < n_group) {
-            float b1 = -INFINITY, b2 = -INFINITY;
-            for (int e = lane * per; e < (lane + 1) * per; e++) {
-                float v = cs[e];
-                if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
-            }
-            gs[lane] = b1 + b2;
-            keep[lane] = 0;
-        }
-        __syncwarp();
-        if (lane == 0) {
-            for (int j = 0; j < topk_group; j++) {
-                int bi = -1;
-                for (int g = 0; g < n_group; g++) if (!keep[g] && (bi < 0 || gs[g] > gs[bi])) bi = g;
-                keep[bi] = 1;
-            }
-        }
-        __syncwarp();
-#pragma unroll
-        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E && !keep[e / per]) c[i] = -INFINITY; }
-    }
-    float tot = 0.f, sel[16];
-    unsigned taken = 0;  // bit i: expert lane + 32·i already chosen
-    for (int j = 0; j < K; j++) {
-        float bv = -INFINITY, bs = 0.f;
-        int bi = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            int e = lane + 32 * i;
-            if (e < E && !(taken >> i & 1u) && c[i] > bv) { bv = c[i]; bs = sg[i]; bi = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bs = os; bi = oi; }
-        }
-        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-        sel[j] = bs;
-        tot += bs;
-        if (lane == 0) idx[j] = bi;
-    }
-    if (lane == 0) {
-        float den = tot + 1e-20f;
-        for (int j = 0; j < K; j++) wout[j] = (norm ? sel[j] / den : sel[j]) * scale;
-    }
-}
-
 extern "C" __global__ void router_sigmoid(const RouterSigmoidArgs p) {
     int m = blockIdx.x, E = p.e, K = p.k;
     router_sigmoid_warp(p.logits + (long)m * E, p.bias, E, K, p.n_group, p.topk_group, p.norm, p.scale, p.idx + m * K,
@@ -172,9 +99,7 @@ extern "C" __global__ void combine(const CombineArgs p) {
     const int K = p.k, H = p.h;
     int m = blockIdx.x, h = blockIdx.y * blockDim.x + threadIdx.x;
     if (h >= H) return;
-    float a = 0.f;
-    for (int j = 0; j < K; j++) a = combine_step(a, p.w[m * K + j], p.y[((long)m * K + j) * H + h]);
-    p.out[(long)m * H + h] = f2bf(a);
+    p.out[(long)m * H + h] = f2bf(combine_slots(p.w + m * K, p.y + (long)m * K * H + h, K, H));
 }
 
 // The router logits rows of this block (one warp per expert row) of token m: the f32
@@ -218,24 +143,14 @@ extern "C" __global__ void moe_router_sigmoid(const MoeRouterSigmoidArgs p) {
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
 // e = idx[q] and token q / K (= expert_matvec twice + swiglu). Grid (ceil(I/4), M·K).
 extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
-    const int K = p.k, I = p.i, H = p.h, fmt = p.gate.fmt, bits = p.gate.bits;
+    const int K = p.k, I = p.i, H = p.h;
     int q = blockIdx.y, lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
     if (r >= I) return;
     QMat G = expert_slice(p.gate, p.idx[q], p.w_stride, p.sb_stride);
     QMat U = expert_slice(p.up, p.idx[q], p.w_stride, p.sb_stride);
-    const bf16* xs[1] = {p.x + (long)(q / K) * H};
-    float ag[1], au[1];
-    if (fmt == FMT_AFFINE && bits == 4) {
-        affine_partial_pair<4>(G, U, r, H, xs[0], lane, ag, au);
-    } else if (fmt == FMT_AFFINE && bits == 8) {
-        affine_partial_pair<8>(G, U, r, H, xs[0], lane, ag, au);
-    } else {
-        row_dot_partial<1>(G, r, H, xs, 1, lane, ag);
-        row_dot_partial<1>(U, r, H, xs, 1, lane, au);
-    }
-    bf16 g = f2bf(warp_sum(ag[0])), u = f2bf(warp_sum(au[0]));
-    if (lane == 0) p.act[(long)q * I + r] = swiglu_elem(g, u);
+    bf16 a = gate_up_swiglu_row(G, U, r, H, p.x + (long)(q / K) * H, lane);
+    if (lane == 0) p.act[(long)q * I + r] = a;
 }
 
 // moe_mlp 3/3: x[m, r] += bf16(Σ_j w[m,j] · bf16(down_{idx[m,j]}[r] · act[m·K + j])), slots

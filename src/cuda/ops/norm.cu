@@ -16,22 +16,8 @@ extern "C" __global__ void add_inplace(const AddArgs p) {
 // residual_norm: x = bf16(x + src) row-wise, then y = rmsnorm(x) ⊙ w (= add_inplace +
 // rmsnorm). One block of 256 threads per row, as the rmsnorm launch.
 extern "C" __global__ void add_rmsnorm(const AddRmsnormArgs p) {
-    bf16* xr = p.x + (long)blockIdx.x * p.n;
-    const bf16* sr = p.src + (long)blockIdx.x * p.n;
-    const int t = threadIdx.x, nt = blockDim.x, n = p.n;
-    bf16 xv[RMS_REG], sv[RMS_REG];
-#pragma unroll
-    for (int j = 0; j < RMS_REG; j++) {
-        if (t + j * nt < n) {
-            xv[j] = xr[t + j * nt];
-            sv[j] = sr[t + j * nt];
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) xr[t + j * nt] = add_bf16(xv[j], sv[j]);
-    for (int i = t + RMS_REG * nt; i < n; i += nt) xr[i] = add_bf16(xr[i], sr[i]);
-    __syncthreads();
-    rmsnorm_row(xr, p.w, p.y + (long)blockIdx.x * n, n, p.eps);
+    long off = (long)blockIdx.x * p.n;
+    add_rmsnorm_row(p.x + off, p.src + off, p.w, p.y + off, p.n, p.eps);
 }
 
 // residual_norm with o_proj (decode): x[r] = bf16(x[r] + bf16(o[r]·attn + b)) per row, then
