@@ -494,10 +494,22 @@ fn bench_table(r: &BenchReport) -> String {
             total,
             1e6 / r.decode_tok_s.median
         );
-        out += &format!("  {:<28} {:>6} {:>10} {:>7} {:>9}\n", "step kind", "steps", "µs/token", "%", "µs/step");
-        for (kind, n, us) in zmoe::bench::profile_by_kind(&r.profile) {
-            let pct = us / total * 100.0;
-            out += &format!("  {kind:<28} {n:>6} {us:>10.1} {pct:>6.1}% {:>9.2}\n", us / n as f64);
+        out += &format!(
+            "  {:<28} {:>6} {:>10} {:>7} {:>9} {:>10} {:>8}\n",
+            "step kind", "steps", "µs/token", "%", "µs/step", "MB/step", "GB/s"
+        );
+        for k in zmoe::bench::profile_by_kind(&r.profile) {
+            let pct = k.us / total * 100.0;
+            let mb = k.bytes as f64 / k.steps.max(1) as f64 / 1e6;
+            out += &format!(
+                "  {:<28} {:>6} {:>10.1} {:>6.1}% {:>9.2} {mb:>10.3} {:>8.0}\n",
+                k.kind,
+                k.steps,
+                k.us,
+                pct,
+                k.us_per_step(),
+                k.gb_s()
+            );
         }
     }
     out

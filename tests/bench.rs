@@ -132,3 +132,33 @@ fn profile_needs_cuda_and_says_so_before_running() {
     assert!(err.contains("--profile") && err.contains("CUDA graph"), "{err}");
     assert!(!err.contains("run 1/1"), "the runs must not happen first: {err}");
 }
+
+/// The profile's per-step bytes add up to the bench's bytes per token: at context 0 every
+/// byte a decode step reads is a weight, and `step_bytes` over the decode plan (reference or
+/// patched, whose fused steps read what their parts read) counts each weight once — for Qwen3
+/// (GQA, softmax router, a dense layer) and GLM (MLA, sigmoid router with a correction bias,
+/// shared experts). At context `c` attention adds exactly its cache.
+#[test]
+fn profile_step_bytes_add_up_to_the_bytes_per_token() {
+    use zmoe::plan::patterns::{Selection, patched_plan};
+    use zmoe::plan::{Plan, lower};
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, preset) in [("q", "qwen3_moe/tiny"), ("g", "glm4_moe_lite/glm-tiny")] {
+        let dir = common::synth_preset(tmp.path(), name, preset, SynthQuant::Affine4, 31);
+        let model = zmoe::Model::load(&dir).unwrap();
+        let cfg = model.config();
+        let want = model.weights.bytes_per_token(cfg);
+        for plan in [Plan::reference(cfg), patched_plan(cfg, &Selection::default()).0] {
+            let exec = lower::cuda(&plan, &model.weights, &[]).unwrap();
+            let sum = |ctx| -> usize {
+                exec.decode.steps.iter().map(|s| zmoe::bench::step_bytes(s, &model.weights, cfg, ctx)).sum()
+            };
+            assert_eq!(sum(0), want, "{preset} {}", plan.name);
+            let cache_row = match &cfg.mla {
+                Some(m) => 2 * m.cache_row(),
+                None => 2 * cfg.num_kv_heads * (cfg.head_dim + cfg.v_head_dim),
+            };
+            assert_eq!(sum(7) - sum(0), 7 * cfg.num_layers * cache_row, "{preset} {}", plan.name);
+        }
+    }
+}

@@ -937,7 +937,7 @@ impl CudaBackend {
                 }
             }
         }
-        Ok(steps.iter().zip(us).map(|(s, us)| StepTime { kind: s.kind(), us }).collect())
+        Ok(steps.iter().zip(us).map(|(s, us)| StepTime { kind: s.kind(), us, bytes: 0 }).collect())
     }
 
     /// Switches graph capture of decode steps on or off (for eager-vs-graph comparisons).
