@@ -17,6 +17,7 @@
 #   MODEL=DIR                        reuse this zmoe model folder instead of synthesising
 #   WORK=/tmp/zmoe-peers             llama.cpp source + build, models and GGUFs (large)
 #   OUT=$WORK/out                    results: run.log env.txt zmoe.json llama-<quant>.json table.md
+#                                    peer-<family>.json (commit under bench/peers/results/)
 #   QUANTS="q4_0 q8_0"  REPS=10  KEEP_GGUF=0
 #   ZMOE_BENCH_ARGS=""               extra `zmoe bench` flags (e.g. a plan)
 #   ZMOE_BACKEND=cuda                (cpu: a local smoke test of this script with a CPU llama-bench)
@@ -128,4 +129,6 @@ for q in $QUANTS; do
 done
 
 say "== table"
-python3 "$HERE/table.py" --env "$OUT/env.txt" --zmoe "$OUT/zmoe.json" --llama "${LLAMA_JSONS[@]}" | tee "$OUT/table.md" | tee -a "$LOG"
+python3 "$HERE/table.py" --env "$OUT/env.txt" --zmoe "$OUT/zmoe.json" --llama "${LLAMA_JSONS[@]}" \
+    --json "$OUT/peer-$FAMILY.json" | tee "$OUT/table.md" | tee -a "$LOG"
+say "JSON: $OUT/peer-$FAMILY.json (commit it under bench/peers/results/)"
