@@ -12,7 +12,9 @@
 #                                    # affine4 benchmark, `foundry` only the campaigns
 #                                    # (FOUNDRY_CASES=48 cases per op by default);
 #                                    # `compare` times scratch/gpu-base/zmoe against
-#                                    # scratch/gpu/zmoe (patched plan, ABAB, 512-token prompt)
+#                                    # scratch/gpu/zmoe with ZMOE_PDL=0 (nopdl) and with
+#                                    # programmatic dependent launch (new), patched plan,
+#                                    # alternating twice, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
 #                                    # and validates the new binary on each.
 #                                    # GPU_TESTS=0 skips the tests, GPU_TESTS=a,b runs those.
@@ -146,10 +148,11 @@ if [ "${2:-}" = compare ]; then
         [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family $fam --preset "$preset" --quant affine4 \
             --seed 0 --out "$M" 2>&1 | tail -1
         for i in 1 2; do
-            for b in base new; do
+            for b in base nopdl new; do
                 exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
+                pdl=1; [ $b = nopdl ] && pdl=0
                 j="$OUT/cmp-$preset-$b-$i.json"
-                $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
+                ZMOE_PDL=$pdl $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
                     --json "$j" --force >"$OUT/cmp-$preset-$b-$i.txt" 2>&1 || echo "bench $b failed"
                 python3 - "$j" "$preset" "$b" "$i" >> "$OUT/compare.md" <<'PY'
 import json, sys

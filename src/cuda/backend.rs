@@ -967,7 +967,8 @@ fn fused_layer(step: &Step) -> Result<usize> {
 impl Backend for CudaBackend {
     fn name(&self) -> String {
         let pack = self.packs.summary().map(|s| format!(", {s}")).unwrap_or_default();
-        format!("cuda ({}{}{pack})", self.dev.name, if self.use_graph { ", graph" } else { ", eager" })
+        let pdl = if self.dev.pdl() { ", pdl" } else { "" };
+        format!("cuda ({}{}{pdl}{pack})", self.dev.name, if self.use_graph { ", graph" } else { ", eager" })
     }
 
     fn config(&self) -> &ModelConfig {

@@ -350,6 +350,20 @@ __device__ __forceinline__ void router_topk_warp(const float* l, int E, int K, i
     if (lane == 0) for (int j = 0; j < K; j++) wout[j] = norm ? sel[j] / tot : sel[j];
 }
 
+// Programmatic dependent launch (sm_90+): the first statement of every built-in kernel.
+// griddepcontrol.wait returns once the kernel before this one in the stream has finished and
+// its writes are visible — so nothing after it reads a stale input or overwrites an input
+// still being read, and the arithmetic is untouched — and launch_dependents then lets the
+// next kernel's blocks be scheduled while this grid's last wave runs (they wait in their own
+// pdl_entry). Launched without the PDL attribute (ZMOE_PDL=0, GPUs before sm_90, foundry
+// and pack kernels) both instructions return at once.
+__device__ __forceinline__ void pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 // GLM / DeepSeek router of one token by one warp (model-spec §3.6): s = sigmoid(logit);
 // selection on s + bias among the topk_group groups (of n_group ≤ 32) with the largest
 // sum of their two best biased scores (lowest group wins ties), top-K with the lowest

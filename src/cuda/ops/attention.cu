@@ -71,6 +71,7 @@ __device__ __forceinline__ void finish_split(const float (&acc)[NACC], int W, fl
 }
 
 extern "C" __global__ void attention(const AttentionArgs a) {
+    pdl_entry();
     const bf16 *q = a.q, *kc = a.kc, *vc = a.vc;
     const int* pos = a.pos;
     const int nh = a.nh, nkv = a.nkv, D = a.d, nsplit = a.nsplit;

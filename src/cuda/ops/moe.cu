@@ -6,6 +6,7 @@
 // Selected-expert rows (decode): row q of y [R, N] = W[idx[q]] · x[q / per]  (R = M·K rows,
 // per = K for gate/up reading the token's input, 1 for down reading the slot's activation).
 extern "C" __global__ void expert_matvec(const ExpertMatvecArgs p) {
+    pdl_entry();
     const int per = p.per, N = p.n, K = p.k;
     int q = blockIdx.y, lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
@@ -22,6 +23,7 @@ extern "C" __global__ void expert_matvec(const ExpertMatvecArgs p) {
 // prefix sum of rows per expert, rows[off[e] .. off[e+1]) the rows routed to e in
 // ascending order. One block; thread e owns expert e (E ≤ 1024).
 extern "C" __global__ void moe_group(const MoeGroupArgs p) {
+    pdl_entry();
     const int* idx = p.idx;
     const int R = p.r, E = p.e;
     int *off = p.off, *rows = p.rows;
@@ -48,6 +50,7 @@ extern "C" __global__ void moe_group(const MoeGroupArgs p) {
 // are read once per 8 routed rows instead of once per row. Same per-row arithmetic as
 // expert_matvec, hence bit-identical outputs.
 extern "C" __global__ void expert_matvec_grouped(const ExpertMatvecGroupedArgs p) {
+    pdl_entry();
     const int *off = p.off, *rows = p.rows;
     const int per = p.per, N = p.n, K = p.k;
     const bf16* x = p.x;
@@ -75,6 +78,7 @@ extern "C" __global__ void expert_matvec_grouped(const ExpertMatvecGroupedArgs p
 }
 
 extern "C" __global__ void router_sigmoid(const RouterSigmoidArgs p) {
+    pdl_entry();
     int m = blockIdx.x, E = p.e, K = p.k;
     router_sigmoid_warp(p.logits + (long)m * E, p.bias, E, K, p.n_group, p.topk_group, p.norm, p.scale, p.idx + m * K,
                         p.wout + m * K);
@@ -83,12 +87,14 @@ extern "C" __global__ void router_sigmoid(const RouterSigmoidArgs p) {
 // Router: softmax over E f32 logits, top-K (largest first, lowest index wins ties),
 // optional renormalisation. One warp per token; E ≤ 1024.
 extern "C" __global__ void router_topk(const RouterTopkArgs p) {
+    pdl_entry();
     int m = blockIdx.x, E = p.e, K = p.k;
     router_topk_warp(p.logits + (long)m * E, E, K, p.norm, p.idx + m * K, p.wout + m * K);
 }
 
 // act = bf16(bf16(silu(g)) * u), elementwise over n.
 extern "C" __global__ void swiglu(const SwigluArgs p) {
+    pdl_entry();
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (long)gridDim.x * blockDim.x)
         p.act[i] = swiglu_elem(p.g[i], p.u[i]);
 }
@@ -96,6 +102,7 @@ extern "C" __global__ void swiglu(const SwigluArgs p) {
 // out[m, :] = bf16(sum_j w[m, j] * y[m·K + j, :]), f32 accumulation in slot order.
 // Grid (M, ceil(H / blockDim)).
 extern "C" __global__ void combine(const CombineArgs p) {
+    pdl_entry();
     const int K = p.k, H = p.h;
     int m = blockIdx.x, h = blockIdx.y * blockDim.x + threadIdx.x;
     if (h >= H) return;
@@ -123,6 +130,7 @@ __device__ __forceinline__ void router_logits_rows(const QMat& W, const bf16* x,
 // softmax-top-k of router_topk. Grid (ceil(E/4), 1, M), 128 threads. tickets[m] counts
 // finished blocks and is reset by the last one, so the kernel can be replayed in a graph.
 extern "C" __global__ void moe_router(const MoeRouterArgs p) {
+    pdl_entry();
     int m = blockIdx.z, E = p.e, K = p.k;
     router_logits_rows(p.w, p.x, p.logits, p.bias, E, p.h, m);
     if (!last_to_finish(p.tickets + m, gridDim.x)) return;
@@ -132,6 +140,7 @@ extern "C" __global__ void moe_router(const MoeRouterArgs p) {
 // moe_mlp 1/3 for sigmoid routers (GLM / DeepSeek): the same logits, then in the last block
 // to finish the grouped sigmoid top-k of router_sigmoid.
 extern "C" __global__ void moe_router_sigmoid(const MoeRouterSigmoidArgs p) {
+    pdl_entry();
     int m = blockIdx.z, E = p.e, K = p.k;
     router_logits_rows(p.w, p.x, p.logits, nullptr, E, p.h, m);
     if (!last_to_finish(p.tickets + m, gridDim.x)) return;
@@ -143,6 +152,7 @@ extern "C" __global__ void moe_router_sigmoid(const MoeRouterSigmoidArgs p) {
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
 // e = idx[q] and token q / K (= expert_matvec twice + swiglu). Grid (ceil(I/4), M·K).
 extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
+    pdl_entry();
     const int K = p.k, I = p.i, H = p.h;
     int q = blockIdx.y, lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
@@ -162,6 +172,7 @@ extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
 // With shared experts (shared != null) the combined output first takes the shared experts'
 // output: x += bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace).
 extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
+    pdl_entry();
     __shared__ bf16 ys[32];
     const int K = p.k, H = p.h, I = p.i;
     int m = blockIdx.z, r = blockIdx.x, j = threadIdx.x >> 5, lane = threadIdx.x & 31;
