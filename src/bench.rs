@@ -211,6 +211,7 @@ fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
                     add("mla_heads", x.format_name());
                 }
             }
+            Attn::Conv(cv) => add("short_conv", cv.in_proj.w.format_name()),
         }
         let ffn = |f: &Ffn| [f.gate.w.format_name(), f.up.w.format_name(), f.down.w.format_name()];
         match &layer.mlp {

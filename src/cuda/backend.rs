@@ -210,6 +210,7 @@ impl CudaBackend {
             (Buf::QLat, nh * lat, 2),
             (Buf::OLat, nh * lat, 2),
             (Buf::SharedOut, if c.n_shared_experts > 0 { h } else { 0 }, 2),
+            (Buf::Bcx, if c.conv.is_some() { 3 * h } else { 0 }, 2),
         ];
         let (mut bufs, mut buf_widths) = ([0u64; Buf::ALL.len()], [0usize; Buf::ALL.len()]);
         for (b, width, elem) in widths {
@@ -546,6 +547,9 @@ impl CudaBackend {
                     nsplit: int(mla::MLA_SPLITS),
                 };
                 mla::mla_attention(dev, &a, mm)?;
+            }
+            Step::Attn { op: AttnOp::ShortConv, .. } | Step::Moe { op: MoeOp::SigmoidBiasTopK, .. } => {
+                return Err(unsupported("LFM2 short conv / router (not yet on CUDA)".into()));
             }
             Step::Attn { op: AttnOp::MlaAttentionExpanded, .. } => {
                 return Err(unsupported("the expanded MLA form (a CPU oracle)".into()));

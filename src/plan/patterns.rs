@@ -91,7 +91,7 @@ impl Pattern {
         let (op, parts): (Fusion, Vec<Step>) = match (self, rest.first()?) {
             (Pattern::MoeMlp, Step::Linear { w: LinRef::Router(l), .. }) => {
                 let top_k = match rest.get(1)? {
-                    Step::Moe { op: MoeOp::SigmoidTopK, .. } => MoeOp::SigmoidTopK,
+                    Step::Moe { op: op @ (MoeOp::SigmoidTopK | MoeOp::SigmoidBiasTopK), .. } => *op,
                     _ => MoeOp::RouterTopK,
                 };
                 (Fusion::MoeRouter, vec![lin(LinRef::Router(*l), H, RouterLogits), moe(*l, top_k)])
@@ -192,6 +192,12 @@ pub fn policy(family: Family) -> FamilyPolicy {
         Family::Glm4MoeLite | Family::DeepseekV3 => {
             FamilyPolicy { defaults: Pattern::ALL.to_vec(), excluded: Vec::new() }
         }
+        // LFM2: the Qwen3 five on its attention layers, its dense and MoE FFNs; o_proj +
+        // residual + norm also after every short conv (its out_proj is the layer's `O`).
+        Family::Lfm2Moe => FamilyPolicy {
+            defaults: Pattern::ALL.into_iter().filter(|&p| p != Pattern::SharedExpert).collect(),
+            excluded: vec![(Pattern::SharedExpert, "no shared experts in this family")],
+        },
     }
 }
 
