@@ -1,0 +1,239 @@
+//! LFM2-MoE on the CPU reference: the conv state across prefill chunks and decode steps
+//! (where bugs hide: model-spec §4.6), config parsing of both `layer_types` spellings and the
+//! aliases, and clear errors for configs and checkpoints that cannot be right.
+
+mod common;
+
+use std::path::Path;
+
+use zmoe::checkpoint::synth::SynthQuant;
+use zmoe::config::{Family, ModelConfig, RouterKind};
+use zmoe::plan::{AttnOp, Plan, Step};
+use zmoe::{BackendKind, Model};
+
+/// Fresh per run, so no test passes on one lucky model.
+fn fresh_seed() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    (t.as_nanos() as u64 ^ u64::from(std::process::id())) % 100_000
+}
+
+/// Tokens spread over the vocabulary, different per seed.
+fn tokens(n: usize, v: usize, seed: u64) -> Vec<u32> {
+    (0..n as u64).map(|k| ((k * 389 + 7 * seed + 5) % v as u64) as u32).collect()
+}
+
+/// The tiny preset in every format plus every golden fixture of the family.
+fn models(tmp: &Path, seed: u64) -> Vec<std::path::PathBuf> {
+    let mut dirs: Vec<_> = [SynthQuant::Bf16, SynthQuant::Affine4, SynthQuant::Affine8]
+        .into_iter()
+        .enumerate()
+        .map(|(i, q)| common::synth_preset(tmp, &format!("m{i}"), "lfm2_moe/tiny", q, seed + i as u64))
+        .collect();
+    let golden = common::golden_dirs(Path::new(env!("CARGO_MANIFEST_DIR")));
+    dirs.extend(golden.into_iter().filter(|d| d.to_string_lossy().contains("lfm2_moe")));
+    assert!(dirs.len() >= 6, "{dirs:?}");
+    dirs
+}
+
+#[test]
+fn prefill_equals_step_by_step_decode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seed = fresh_seed();
+    for dir in models(tmp.path(), seed) {
+        let model = Model::load(&dir).unwrap();
+        let cfg = model.config();
+        assert_eq!(cfg.family, Family::Lfm2Moe);
+        let v = cfg.vocab_size;
+        let toks = tokens(11, v, seed);
+        let mut be = model.backend(BackendKind::Cpu, Plan::reference(cfg)).unwrap();
+        let prefill = be.forward(&toks, true).unwrap();
+        be.reset();
+        for (p, &t) in toks.iter().enumerate() {
+            let step = be.forward(&[t], false).unwrap();
+            let want = &prefill[p * v..(p + 1) * v];
+            let worst = step.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            // The same products summed in the same order: equal, not close.
+            assert!(worst == 0.0, "{}: position {p}: max |Δ| {worst}", dir.display());
+        }
+    }
+}
+
+/// A prompt prefilled in chunks of every shape, then decoded, equals one long prefill: the
+/// conv state carries the last L − 1 gated inputs across chunk boundaries.
+#[test]
+fn chunked_prefill_then_decode_equals_one_prefill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seed = fresh_seed();
+    for dir in models(tmp.path(), seed) {
+        let model = Model::load(&dir).unwrap();
+        let v = model.config().vocab_size;
+        let toks = tokens(14, v, seed + 1);
+        let mut be = model.backend(BackendKind::Cpu, Plan::reference(model.config())).unwrap();
+        let want = be.forward(&toks, true).unwrap();
+        for chunks in [&[1usize, 1, 12][..], &[2, 5, 1, 6], &[7, 7], &[3, 3, 3, 3, 1, 1]] {
+            be.reset();
+            let mut got = Vec::new();
+            let mut at = 0;
+            for &n in chunks {
+                got.extend(be.forward(&toks[at..at + n], true).unwrap());
+                at += n;
+            }
+            assert_eq!(be.position(), toks.len());
+            let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst == 0.0, "{}: chunks {chunks:?}: max |Δ| {worst} (scale {scale})", dir.display());
+        }
+        // The state matters: the last token after a reset (no left context) differs.
+        be.reset();
+        let alone = be.forward(&toks[toks.len() - 1..], false).unwrap();
+        assert_ne!(alone, want[(toks.len() - 1) * v..].to_vec(), "{}", dir.display());
+        // And reset really clears it: the same prompt again gives the same logits.
+        be.reset();
+        assert_eq!(be.forward(&toks, true).unwrap(), want, "{}", dir.display());
+    }
+}
+
+#[test]
+fn plan_has_a_short_conv_per_conv_layer() {
+    let json = zmoe::checkpoint::synth::preset_config("lfm2_moe", "lfm2-8b-a1b").unwrap();
+    let cfg = ModelConfig::parse(&json.to_string(), Path::new("config.json")).unwrap();
+    let plan = Plan::reference(&cfg);
+    let conv: Vec<usize> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Attn { layer, op: AttnOp::ShortConv } => Some(*layer),
+            _ => None,
+        })
+        .collect();
+    let attn: Vec<usize> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Attn { layer, op: AttnOp::Attention } => Some(*layer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attn, vec![2, 6, 10, 14, 18, 21]);
+    assert_eq!(conv.len(), 18);
+    assert!(conv.iter().all(|l| !attn.contains(l)));
+    assert_eq!((0..24).filter(|&l| cfg.is_moe_layer(l)).count(), 22, "num_dense_layers 2");
+    assert!(cfg.tie_word_embeddings && cfg.norm_topk_prob && (cfg.head_dim, cfg.num_kv_heads) == (64, 8));
+}
+
+/// A small LFM2 config.json in the HF v5 spelling.
+fn base() -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "lfm2_moe", "vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
+        "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2,
+        "num_dense_layers": 1, "layer_types": ["conv", "full_attention", "conv", "conv"],
+        "norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        "tie_word_embeddings": true, "eos_token_id": 7
+    })
+}
+
+fn parse(v: &serde_json::Value) -> zmoe::Result<ModelConfig> {
+    ModelConfig::parse(&v.to_string(), Path::new("m/config.json"))
+}
+
+#[test]
+fn both_spellings_and_aliases_parse_to_one_config() {
+    let v5 = parse(&base()).unwrap();
+    // The older LFM2 spelling: full_attn_idxs, tie_embedding, top-level rope_theta.
+    let mut old = base();
+    let o = old.as_object_mut().unwrap();
+    o.remove("layer_types");
+    o.remove("tie_word_embeddings");
+    o.remove("rope_parameters");
+    o.insert("full_attn_idxs".into(), serde_json::json!([1]));
+    o.insert("tie_embedding".into(), true.into());
+    o.insert("rope_theta".into(), 1e6.into());
+    assert_eq!(parse(&old).unwrap(), v5);
+    let cv = v5.conv.as_ref().unwrap();
+    assert_eq!((cv.layers.clone(), cv.kernel, cv.bias), (vec![true, false, true, true], 3, false));
+    assert_eq!((v5.rms_norm_eps, v5.head_dim), (1e-5, 16));
+    assert_eq!(v5.router, RouterKind::SigmoidBias { expert_bias: true, routed_scaling_factor: 1.0 });
+    assert!(!v5.is_moe_layer(0) && v5.is_moe_layer(1) && v5.is_moe_layer(3));
+    // Defaults as transformers' Lfm2MoeConfig: tied, two dense layers, L = 3, normalised top-k.
+    let mut d = base();
+    for k in ["tie_word_embeddings", "num_dense_layers"] {
+        d.as_object_mut().unwrap().remove(k);
+    }
+    let d = parse(&d).unwrap();
+    assert!(d.tie_word_embeddings && !d.is_moe_layer(1) && d.is_moe_layer(2) && d.norm_topk_prob);
+    // Explicit values win over the aliases' defaults.
+    let mut x = base();
+    x["tie_embedding"] = false.into();
+    x.as_object_mut().unwrap().remove("tie_word_embeddings");
+    x["conv_L_cache"] = 4.into();
+    x["conv_bias"] = true.into();
+    x["use_expert_bias"] = false.into();
+    x["routed_scaling_factor"] = 2.5.into();
+    let x = parse(&x).unwrap();
+    assert!(!x.tie_word_embeddings);
+    assert_eq!((x.conv.as_ref().unwrap().kernel, x.conv.as_ref().unwrap().state_len()), (4, 3));
+    assert_eq!(x.router, RouterKind::SigmoidBias { expert_bias: false, routed_scaling_factor: 2.5 });
+}
+
+#[test]
+fn bad_configs_are_refused_by_field() {
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("layer_types", serde_json::Value::Null, "missing required field `layer_types` / `full_attn_idxs`"),
+        ("layer_types", serde_json::json!(["conv", "conv"]), "`layer_types` has 2 entries for 4 layers"),
+        ("layer_types", serde_json::json!(["conv", "mamba", "conv", "conv"]), "field `layer_types`"),
+        ("layer_types", serde_json::json!("conv"), "field `layer_types`"),
+        ("conv_L_cache", serde_json::json!(0), "`conv_L_cache`"),
+        ("conv_L_cache", serde_json::json!(1000), "`conv_L_cache`"),
+        ("num_attention_heads", serde_json::json!(3), "num_attention_heads"),
+        ("routed_scaling_factor", serde_json::json!(-1.0), "`routed_scaling_factor`"),
+        ("use_expert_bias", serde_json::json!("yes"), "`use_expert_bias`"),
+        ("norm_eps", serde_json::json!(0.0), "`norm_eps`"),
+        ("num_dense_layers", serde_json::json!(-1), "`num_dense_layers`"),
+    ];
+    for (field, value, want) in cases {
+        let mut v = base();
+        if value.is_null() {
+            v.as_object_mut().unwrap().remove(field);
+        } else {
+            v[field] = value.clone();
+        }
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("m/config.json") && e.contains(want), "{field}={value}: {e}");
+    }
+    let mut v = base();
+    v.as_object_mut().unwrap().remove("layer_types");
+    v["full_attn_idxs"] = serde_json::json!([1, 9]);
+    let e = parse(&v).unwrap_err().to_string();
+    assert!(e.contains("`full_attn_idxs` names layer 9"), "{e}");
+    // hidden_size must be heads × head_dim (the conv mixer and attention share H).
+    let mut v = base();
+    v["head_dim"] = 8.into();
+    let e = parse(&v).unwrap_err().to_string();
+    assert!(e.contains("num_attention_heads (4) × head_dim (8)"), "{e}");
+}
+
+/// A conv kernel of the wrong shape, a missing expert bias or a missing conv weight: one
+/// clear error naming the file and the tensor, not a panic.
+#[test]
+fn bad_checkpoints_are_refused_by_tensor() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/lfm2_moe/bf16_hf");
+    let conv = "model.layers.0.conv.conv.weight";
+    type Edit = Box<dyn Fn(&mut Vec<common::RawTensor>)>;
+    let edits: Vec<(&str, Edit)> = vec![
+        (
+            "expected shape [64, 3, 1]",
+            Box::new(move |ts| {
+                let t = ts.iter_mut().find(|t| t.0 == conv).unwrap();
+                t.2 = vec![64, 3];
+            }),
+        ),
+        ("missing from the checkpoint", Box::new(move |ts| ts.retain(|t| t.0 != conv))),
+        ("missing from the checkpoint", Box::new(|ts| ts.retain(|t| t.0 != "model.layers.2.feed_forward.expert_bias"))),
+    ];
+    for (want, edit) in edits {
+        let dir = common::copy_with_tensors(&fixture, |ts| edit(ts));
+        let e = Model::load(dir.path()).err().expect("load must fail").to_string();
+        assert!(e.contains(want) && (e.contains("conv.conv.weight") || e.contains("expert_bias")), "{e}");
+    }
+}
