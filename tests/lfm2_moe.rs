@@ -237,3 +237,47 @@ fn bad_checkpoints_are_refused_by_tensor() {
         assert!(e.contains(want) && (e.contains("conv.conv.weight") || e.contains("expert_bias")), "{e}");
     }
 }
+
+/// Every pattern alone and all together is bit-identical to the reference plan on the CPU
+/// (prefill and decode), on the tiny preset in every format and on every golden fixture.
+#[test]
+fn patched_plans_are_bit_identical_on_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::assert_patterns_bitexact(BackendKind::Cpu, &models(tmp.path(), fresh_seed()), 11, 6);
+}
+
+/// Where each pattern fires in an LFM2 plan: the attention projections and norms only in
+/// attention layers, o_proj + residual + norm after every mixer (conv layers too: out_proj is
+/// the layer's `O`), the MoE fusions with the expert-bias router; every subset expands back.
+#[test]
+fn patterns_fire_where_expected_and_expand_back() {
+    use zmoe::plan::Fusion;
+    use zmoe::plan::patterns::{Pattern, apply, expand, policy};
+    let json = zmoe::checkpoint::synth::preset_config("lfm2_moe", "tiny").unwrap();
+    let cfg = ModelConfig::parse(&json.to_string(), Path::new("config.json")).unwrap();
+    let reference = Plan::reference(&cfg);
+    for mask in 0..1u32 << Pattern::ALL.len() {
+        let pats: Vec<Pattern> =
+            Pattern::ALL.into_iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, p)| p).collect();
+        assert_eq!(expand(&apply(&reference, &pats).0).steps, reference.steps, "{pats:?}");
+    }
+    let defaults = policy(Family::Lfm2Moe).defaults;
+    assert!(!defaults.contains(&Pattern::SharedExpert) && defaults.len() == 5);
+    let (plan, applied) = apply(&reference, &defaults);
+    let count = |p: Pattern| applied.iter().filter(|a| a.pattern == p).count();
+    let (layers, attn, moe) = (6, 2, 5);
+    assert_eq!(count(Pattern::QkvProj), attn);
+    assert_eq!(count(Pattern::QkNormRope), attn);
+    assert_eq!(count(Pattern::MoeMlp), 3 * moe);
+    assert_eq!(count(Pattern::SwigluMlp), layers - moe);
+    let fused_at = |op: Fusion, l: usize| {
+        plan.steps.iter().any(|s| matches!(s, Step::Fused { op: o, .. } if *o == op && s.layer() == Some(l)))
+    };
+    for l in 0..layers {
+        assert!(fused_at(Fusion::OProjAddRmsNorm, l), "o_proj + residual + norm in layer {l}");
+    }
+    let kinds: Vec<String> = plan.steps.iter().map(Step::kind).collect();
+    assert!(kinds.iter().any(|k| k == "moe_sigmoid_bias_router (fused)"), "{kinds:?}");
+    let text = zmoe::plan::patterns::describe(&cfg, &zmoe::plan::patterns::Selection::default());
+    assert!(text.contains("not in layers 0-1,3,5: short-conv layer (no attention)"), "{text}");
+}

@@ -316,6 +316,7 @@ fn not_applied_reason(cfg: &ModelConfig, pattern: Pattern, layer: usize) -> &'st
         Pattern::SwigluMlp if moe => "MoE layer (its MLP is moe_mlp's)",
         Pattern::SharedExpert if cfg.n_shared_experts == 0 => "the family has no shared experts",
         Pattern::SharedExpert if !moe => "dense MLP layer (no shared experts)",
+        Pattern::QkvProj | Pattern::QkNormRope if cfg.is_conv_layer(layer) => "short-conv layer (no attention)",
         _ => "the steps it replaces are not in this layer's plan",
     }
 }
