@@ -12,7 +12,8 @@ use zmoe::chat::{ChatTemplate, Message};
 use zmoe::checkpoint::synth::{SynthQuant, family_chat};
 
 /// The tiny preset of every family.
-const PRESETS: [&str; 4] = ["qwen3_moe/tiny", "glm4_moe_lite/glm-tiny", "deepseek_v3/deepseek-tiny", "lfm2_moe/tiny"];
+const PRESETS: [&str; 4] =
+    ["qwen3_moe/tiny", "glm4_moe_lite/glm-tiny", "deepseek_v3/deepseek-tiny", "lfm2_moe/lfm2-tiny"];
 
 /// A seed that differs between runs, so no test passes on one lucky model or prompt.
 fn fresh_seed() -> u64 {

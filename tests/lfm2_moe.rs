@@ -27,7 +27,7 @@ fn models(tmp: &Path, seed: u64) -> Vec<std::path::PathBuf> {
     let mut dirs: Vec<_> = [SynthQuant::Bf16, SynthQuant::Affine4, SynthQuant::Affine8]
         .into_iter()
         .enumerate()
-        .map(|(i, q)| common::synth_preset(tmp, &format!("m{i}"), "lfm2_moe/tiny", q, seed + i as u64))
+        .map(|(i, q)| common::synth_preset(tmp, &format!("m{i}"), "lfm2_moe/lfm2-tiny", q, seed + i as u64))
         .collect();
     let golden = common::golden_dirs(Path::new(env!("CARGO_MANIFEST_DIR")));
     dirs.extend(golden.into_iter().filter(|d| d.to_string_lossy().contains("lfm2_moe")));
@@ -253,7 +253,7 @@ fn patched_plans_are_bit_identical_on_cpu() {
 fn patterns_fire_where_expected_and_expand_back() {
     use zmoe::plan::Fusion;
     use zmoe::plan::patterns::{Pattern, apply, expand, policy};
-    let json = zmoe::checkpoint::synth::preset_config("lfm2_moe", "tiny").unwrap();
+    let json = zmoe::checkpoint::synth::preset_config("lfm2_moe", "lfm2-tiny").unwrap();
     let cfg = ModelConfig::parse(&json.to_string(), Path::new("config.json")).unwrap();
     let reference = Plan::reference(&cfg);
     for mask in 0..1u32 << Pattern::ALL.len() {
@@ -280,4 +280,123 @@ fn patterns_fire_where_expected_and_expand_back() {
     assert!(kinds.iter().any(|k| k == "moe_sigmoid_bias_router (fused)"), "{kinds:?}");
     let text = zmoe::plan::patterns::describe(&cfg, &zmoe::plan::patterns::Selection::default());
     assert!(text.contains("not in layers 0-1,3,5: short-conv layer (no attention)"), "{text}");
+}
+
+/// `zmoe export gguf` writes llama.cpp's `lfm2moe` layout (src/models/lfm2moe.cpp, written
+/// out here independently of the exporter): `shortconv.{in_proj,conv,out_proj}` in conv
+/// layers, the attention tensors elsewhere, `ffn_exp_probs_b.bias` for the expert bias,
+/// `token_embd_norm` as the final norm, no `output` (tied), per-layer KV heads (0 = conv),
+/// and the file reads back with every tensor within its type's error bound (`--check`).
+#[test]
+fn export_gguf_writes_llama_cpp_lfm2moe() {
+    use zmoe::export::gguf::{GgmlType, GgufFile, Value};
+    use zmoe::model::{Attn, Mlp, Weights};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::synth_preset(tmp.path(), "m", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4, fresh_seed());
+    let out = tmp.path().join("m.gguf");
+    let o = common::zmoe(&[
+        "export",
+        "gguf",
+        "--model",
+        common::s(&dir),
+        "--quant",
+        "q8_0",
+        "--out",
+        common::s(&out),
+        "--check",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("lfm2moe") && !err.contains("warning"), "{err}");
+
+    let ck = zmoe::checkpoint::Checkpoint::open(&dir).unwrap();
+    let (c, w) = (&ck.config, Weights::load(&ck).unwrap());
+    let f = GgufFile::open(&out).unwrap();
+    let a = "lfm2moe";
+    let u = |k: &str| f.get(&format!("{a}.{k}")).and_then(Value::as_u32).unwrap_or_else(|| panic!("u32 {k}")) as usize;
+    assert_eq!(f.get("general.architecture").and_then(Value::as_str), Some(a));
+    assert_eq!((u("shortconv.l_cache"), u("leading_dense_block_count"), u("expert_gating_func")), (3, 1, 2));
+    assert_eq!((u("block_count"), u("attention.head_count"), u("expert_count")), (6, 8, 16));
+    let Some(Value::Array(_, kv)) = f.get(&format!("{a}.attention.head_count_kv")) else {
+        panic!("per-layer kv heads")
+    };
+    let kv: Vec<u32> = kv.iter().map(|v| v.as_u32().unwrap()).collect();
+    assert_eq!(kv, vec![0, 0, 2, 0, 2, 0]);
+
+    let (h, q8) = (c.hidden_size as u64, GgmlType::Q8_0);
+    let mut want: Vec<(String, Vec<u64>, GgmlType)> =
+        vec![("token_embd.weight".into(), vec![h, c.vocab_size as u64], q8)];
+    for (l, layer) in w.layers.iter().enumerate() {
+        let b = |n: &str| format!("blk.{l}.{n}");
+        want.push((b("attn_norm.weight"), vec![h], GgmlType::F32));
+        match &layer.attn {
+            Attn::Conv(_) => {
+                want.push((b("shortconv.in_proj.weight"), vec![h, 3 * h], q8));
+                want.push((b("shortconv.conv.weight"), vec![3, h], GgmlType::F32));
+                want.push((b("shortconv.out_proj.weight"), vec![h, h], q8));
+            }
+            _ => {
+                let (d, kvd) = (c.head_dim as u64, (c.num_kv_heads * c.head_dim) as u64);
+                want.push((b("attn_q.weight"), vec![h, h], q8));
+                want.push((b("attn_k.weight"), vec![h, kvd], q8));
+                want.push((b("attn_v.weight"), vec![h, kvd], q8));
+                want.push((b("attn_output.weight"), vec![h, h], q8));
+                want.push((b("attn_q_norm.weight"), vec![d], GgmlType::F32));
+                want.push((b("attn_k_norm.weight"), vec![d], GgmlType::F32));
+            }
+        }
+        want.push((b("ffn_norm.weight"), vec![h], GgmlType::F32));
+        let (e, i, fi) = (c.num_experts as u64, c.moe_intermediate_size as u64, c.intermediate_size as u64);
+        match &layer.mlp {
+            Mlp::Moe { .. } => {
+                want.push((b("ffn_gate_inp.weight"), vec![h, e], GgmlType::F32));
+                want.push((b("ffn_exp_probs_b.bias"), vec![e], GgmlType::F32));
+                want.push((b("ffn_gate_exps.weight"), vec![h, i, e], q8));
+                want.push((b("ffn_up_exps.weight"), vec![h, i, e], q8));
+                want.push((b("ffn_down_exps.weight"), vec![i, h, e], q8));
+            }
+            Mlp::Dense(_) => {
+                want.push((b("ffn_gate.weight"), vec![h, fi], q8));
+                want.push((b("ffn_up.weight"), vec![h, fi], q8));
+                want.push((b("ffn_down.weight"), vec![fi, h], q8));
+            }
+        }
+    }
+    want.push(("token_embd_norm.weight".into(), vec![h], GgmlType::F32));
+    let got: Vec<(String, Vec<u64>, GgmlType)> =
+        f.tensors.iter().map(|t| (t.name.clone(), t.dims.clone(), t.ty)).collect();
+    assert_eq!(got, want);
+    // The conv kernel and the expert bias are copied exactly (f32): row c of the GGUF conv
+    // tensor is channel c's L taps, oldest first, as the HF kernel [H, 1, L].
+    let Attn::Conv(cv) = &w.layers[0].attn else { panic!("layer 0 is conv") };
+    let t = f.tensor("blk.0.shortconv.conv.weight").unwrap();
+    let mut row = vec![0f32; 3];
+    for ch in [0, 17, c.hidden_size - 1] {
+        f.dequant_row(t, ch, &mut row).unwrap();
+        assert_eq!(row, cv.kernel[ch * 3..ch * 3 + 3].to_vec());
+    }
+    let Mlp::Moe { correction_bias: Some(bias), .. } = &w.layers[1].mlp else { panic!("layer 1 is MoE") };
+    let mut row = vec![0f32; bias.len()];
+    f.dequant_row(f.tensor("blk.1.ffn_exp_probs_b.bias").unwrap(), 0, &mut row).unwrap();
+    assert_eq!(&row, bias);
+
+    // What llama.cpp's graph cannot compute is said: conv biases, routing-weight scaling,
+    // raw (unnormalised) weights — the f32 golden fixture has all three (and experts of
+    // width 24, which no 32-element GGUF block holds: a clear error, no file).
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/lfm2_moe/f32_untied_convbias_l4");
+    let out = tmp.path().join("f.gguf");
+    let err = common::zmoe_err(&[
+        "export",
+        "gguf",
+        "--model",
+        common::s(&fixture),
+        "--quant",
+        "q8_0",
+        "--out",
+        common::s(&out),
+    ]);
+    for w in ["conv_bias", "routed_scaling_factor 2", "norm_topk_prob = true", "row length 24 is not a multiple of 32"]
+    {
+        assert!(err.contains(w), "{w}: {err}");
+    }
+    assert!(!out.exists());
 }

@@ -107,7 +107,7 @@ pub const PRESETS: [(&str, &str, &str); 9] = [
         "DeepSeek-V3-shaped, small: 4 layers, YaRN, 32 experts in 4 groups (2 kept) top-4",
     ),
     ("deepseek_v3", "kimi-k2-tiny", "Kimi-K2-shaped (model_type kimi_k2), small: 4 layers, 48 experts top-8, YaRN"),
-    ("lfm2_moe", "tiny", "6 layers (4 short conv, 2 attention), H 256, 16 experts top-4, one dense layer"),
+    ("lfm2_moe", "lfm2-tiny", "6 layers (4 short conv, 2 attention), H 256, 16 experts top-4, one dense layer"),
     (
         "lfm2_moe",
         "lfm2-8b-a1b",

@@ -242,7 +242,8 @@ mod tests {
     fn mla_totals_equal_checkpoint_elements() {
         use crate::checkpoint::synth::{SynthSpec, write};
         let tmp = tempfile::tempdir().unwrap();
-        for (family, preset) in [("glm4_moe_lite", "glm-tiny"), ("deepseek_v3", "deepseek-tiny"), ("lfm2_moe", "tiny")]
+        for (family, preset) in
+            [("glm4_moe_lite", "glm-tiny"), ("deepseek_v3", "deepseek-tiny"), ("lfm2_moe", "lfm2-tiny")]
         {
             let out = tmp.path().join(preset);
             let spec = SynthSpec {

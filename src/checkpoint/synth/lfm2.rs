@@ -42,7 +42,7 @@ pub(super) fn preset_config(preset: &str) -> Result<Value> {
         usize,
         usize,
     ) = match preset {
-        "tiny" => (1024, 256, 6, vec![2, 4], 8, 2, 1, 512, 16, 4, 128),
+        "lfm2-tiny" => (1024, 256, 6, vec![2, 4], 8, 2, 1, 512, 16, 4, 128),
         "lfm2-8b-a1b" => (65536, 2048, 24, vec![2, 6, 10, 14, 18, 21], 32, 8, 2, 7168, 32, 4, 1792),
         "lfm2-24b-a2b" => (65536, 2048, 40, vec![2, 6, 10, 14, 18, 22, 26, 30, 34, 37], 32, 8, 2, 7168, 64, 4, 1536),
         _ => return Err(unknown_preset("lfm2_moe", preset)),

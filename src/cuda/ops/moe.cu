@@ -74,6 +74,36 @@ extern "C" __global__ void expert_matvec_grouped(const ExpertMatvecGroupedArgs p
     }
 }
 
+// Top-K of one token's selection scores c (expert lane + 32·i in slot i of each lane's
+// arrays; -inf never chosen), largest first, the lowest index winning ties: writes the
+// chosen experts to idx (lane 0) and their weights sg to sel; returns Σ sel in slot order.
+__device__ __forceinline__ float select_topk_warp(const float (&sg)[32], const float (&c)[32], int E, int K, int* idx,
+                                                  float* sel) {
+    int lane = threadIdx.x & 31;
+    float tot = 0.f;
+    unsigned taken = 0;  // bit i: expert lane + 32·i already chosen
+    for (int j = 0; j < K; j++) {
+        float bv = -INFINITY, bs = 0.f;
+        int bi = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            int e = lane + 32 * i;
+            if (e < E && !(taken >> i & 1u) && c[i] > bv) { bv = c[i]; bs = sg[i]; bi = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bs = os; bi = oi; }
+        }
+        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        sel[j] = bs;
+        tot += bs;
+        if (lane == 0) idx[j] = bi;
+    }
+    return tot;
+}
+
 // GLM / DeepSeek router of one token by one warp (model-spec §3.6): s = sigmoid(logit);
 // selection on s + bias among the topk_group groups (of n_group ≤ 32) with the largest
 // sum of their two best biased scores (lowest group wins ties), top-K with the lowest
@@ -120,31 +150,44 @@ __device__ void router_sigmoid_warp(const float* lg, const float* bias, int E, i
 #pragma unroll
         for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E && !keep[e / per]) c[i] = -INFINITY; }
     }
-    float tot = 0.f, sel[16];
-    unsigned taken = 0;  // bit i: expert lane + 32·i already chosen
-    for (int j = 0; j < K; j++) {
-        float bv = -INFINITY, bs = 0.f;
-        int bi = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            int e = lane + 32 * i;
-            if (e < E && !(taken >> i & 1u) && c[i] > bv) { bv = c[i]; bs = sg[i]; bi = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bs = os; bi = oi; }
-        }
-        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-        sel[j] = bs;
-        tot += bs;
-        if (lane == 0) idx[j] = bi;
-    }
+    float sel[16];
+    float tot = select_topk_warp(sg, c, E, K, idx, sel);
     if (lane == 0) {
         float den = tot + 1e-20f;
         for (int j = 0; j < K; j++) wout[j] = (norm ? sel[j] / den : sel[j]) * scale;
     }
+}
+
+// LFM2 router of one token by one warp (model-spec §4.5), rounded where transformers' bf16
+// model rounds: r = bf16(logit), s = bf16(sigmoid(r)); selection on s + bias (f32; on s
+// without a bias), top-K with the lowest index winning ties; weights = s of the chosen,
+// when norm renormalised in bf16 (den = bf16(bf16(Σ) + 1e-6), w = bf16(w / den)), then
+// w = bf16(w · scale). E ≤ 1024.
+__device__ void router_sigmoid_bias_warp(const float* lg, const float* bias, int E, int K, int norm, float scale,
+                                         int* idx, float* wout) {
+    int lane = threadIdx.x & 31;
+    float sg[32], c[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        int e = lane + 32 * i;
+        float r = e < E ? bf2f(f2bf(__ldcg(lg + e))) : 0.f;
+        sg[i] = e < E ? bf2f(f2bf(1.f / (1.f + expf(-r)))) : 0.f;
+        c[i] = e < E ? sg[i] + (bias ? bias[e] : 0.f) : -INFINITY;
+    }
+    float sel[16];
+    float tot = select_topk_warp(sg, c, E, K, idx, sel);
+    if (lane == 0) {
+        float den = bf2f(f2bf(bf2f(f2bf(tot)) + 1e-6f));
+        for (int j = 0; j < K; j++) {
+            float w = norm ? bf2f(f2bf(sel[j] / den)) : sel[j];
+            wout[j] = bf2f(f2bf(w * scale));
+        }
+    }
+}
+
+extern "C" __global__ void router_sigmoid_bias(const RouterSigmoidBiasArgs p) {
+    int m = blockIdx.x, E = p.e, K = p.k;
+    router_sigmoid_bias_warp(p.logits + (long)m * E, p.bias, E, K, p.norm, p.scale, p.idx + m * K, p.wout + m * K);
 }
 
 extern "C" __global__ void router_sigmoid(const RouterSigmoidArgs p) {
@@ -213,6 +256,17 @@ extern "C" __global__ void moe_router_sigmoid(const MoeRouterSigmoidArgs p) {
     if (threadIdx.x < WARP)
         router_sigmoid_warp(p.logits + (long)m * E, p.ebias, E, K, p.n_group, p.topk_group, p.norm, p.scale,
                             p.idx + m * K, p.wout + m * K);
+}
+
+// moe_mlp 1/3 for LFM2's router: the same logits, then in the last block to finish the
+// bf16-rounded sigmoid top-k with the expert bias of router_sigmoid_bias.
+extern "C" __global__ void moe_router_sigmoid_bias(const MoeRouterSigmoidBiasArgs p) {
+    int m = blockIdx.z, E = p.e, K = p.k;
+    router_logits_rows(p.w, p.x, p.logits, nullptr, E, p.h, m);
+    if (!last_to_finish(p.tickets + m, gridDim.x)) return;
+    if (threadIdx.x < WARP)
+        router_sigmoid_bias_warp(p.logits + (long)m * E, p.ebias, E, K, p.norm, p.scale, p.idx + m * K,
+                                 p.wout + m * K);
 }
 
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
