@@ -280,6 +280,18 @@ fn patterns_fire_where_expected_and_expand_back() {
     assert!(kinds.iter().any(|k| k == "moe_sigmoid_bias_router (fused)"), "{kinds:?}");
     let text = zmoe::plan::patterns::describe(&cfg, &zmoe::plan::patterns::Selection::default());
     assert!(text.contains("not in layers 0-1,3,5: short-conv layer (no attention)"), "{text}");
+    assert!(text.contains("conv_mixer     opt-in (--patterns)"), "{text}");
+    // conv_mixer, asked for: in_proj + short conv in every conv layer, nowhere else; a
+    // decode-only kernel, so the CUDA prefill plan runs its parts.
+    let (plan, applied) = apply(&reference, &[Pattern::ConvMixer]);
+    let layers: Vec<usize> = applied.iter().filter_map(|a| a.step.layer()).collect();
+    assert_eq!(layers, vec![0, 1, 3, 5]);
+    assert!(plan.steps.iter().any(|s| s.kind() == "conv_in_short_conv (fused)"));
+    let text = zmoe::plan::patterns::describe(
+        &cfg,
+        &zmoe::plan::patterns::Selection::parse(Some("conv_mixer"), None).unwrap(),
+    );
+    assert!(text.contains("not in layers 2,4: attention layer (no short conv)"), "{text}");
 }
 
 /// `zmoe export gguf` writes llama.cpp's `lfm2moe` layout (src/models/lfm2moe.cpp, written

@@ -836,6 +836,22 @@ impl CudaBackend {
                 };
                 rope::qk_norm_rope_kv(dev, &a, mm)
             }
+            Fusion::ConvMixer => {
+                let cv = self.w.conv(layer)?;
+                let a = conv::ConvMixerArgs {
+                    in_proj: cv.in_proj.w.q,
+                    in_bias: rd(cv.in_proj.bias()),
+                    x: rd(self.buf(Buf::H)),
+                    w: rd(cv.kernel),
+                    bias: rd(cv.bias.unwrap_or(0)),
+                    state: wr(self.conv_state(layer)?),
+                    pos,
+                    out: wr(self.buf(Buf::Attn)),
+                    h: int(h),
+                    l: int(c.conv.as_ref().map_or(0, |cv| cv.kernel)),
+                };
+                conv::conv_mixer(dev, &a)
+            }
             Fusion::LatentNormRopeAppend => {
                 let a = mla::LatentNormRopeAppendArgs {
                     q: wr(self.buf(Buf::Q)),

@@ -115,7 +115,11 @@ fn decode_only(s: &Step) -> bool {
     matches!(
         s,
         Step::Fused {
-            op: Fusion::MoeRouter | Fusion::MoeGateUpSwiglu | Fusion::MoeDownCombineAdd | Fusion::OProjAddRmsNorm,
+            op: Fusion::MoeRouter
+                | Fusion::MoeGateUpSwiglu
+                | Fusion::MoeDownCombineAdd
+                | Fusion::OProjAddRmsNorm
+                | Fusion::ConvMixer,
             ..
         }
     )

@@ -245,6 +245,8 @@ pub enum Fusion {
     QkNormRopeKv,
     /// `qk_norm_rope` for MLA: the latent norm, RoPE of q_pe and k_pe, the latent-cache append.
     LatentNormRopeAppend,
+    /// `conv_mixer`: LFM2's in_proj and gated short convolution (one token).
+    ConvMixer,
 }
 
 impl Step {
@@ -359,6 +361,7 @@ impl Fusion {
             Fusion::InProj => "qkv_proj".into(),
             Fusion::QkNormRopeKv => "qk_norm_rope_kv".into(),
             Fusion::LatentNormRopeAppend => "latent_norm_rope_append".into(),
+            Fusion::ConvMixer => "conv_in_short_conv".into(),
         }
     }
 }
