@@ -379,7 +379,16 @@ impl ModelConfig {
             }
             None => {
                 let d = c.opt_size(&["head_dim"], MAX_HEAD_DIM)?.unwrap_or(hidden_size / num_heads.max(1));
-                (d, d, c.rope(d, false, false)?)
+                let mut rope = c.rope(d, false, false)?;
+                // transformers' LFM2-MoE default θ is 1e6 (the others': 1e4).
+                let theta_given = c.get(&["rope_theta"]).is_some()
+                    || ["rope_parameters", "rope_scaling"]
+                        .iter()
+                        .any(|k| v.get(k).and_then(|p| p.get("rope_theta")).is_some());
+                if family == Family::Lfm2Moe && !theta_given {
+                    rope = RopeConfig::default_type(1e6, rope.dim, false);
+                }
+                (d, d, rope)
             }
         };
         let router = if family == Family::Lfm2Moe {

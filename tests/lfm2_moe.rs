@@ -155,13 +155,16 @@ fn both_spellings_and_aliases_parse_to_one_config() {
     assert_eq!((v5.rms_norm_eps, v5.head_dim), (1e-5, 16));
     assert_eq!(v5.router, RouterKind::SigmoidBias { expert_bias: true, routed_scaling_factor: 1.0 });
     assert!(!v5.is_moe_layer(0) && v5.is_moe_layer(1) && v5.is_moe_layer(3));
-    // Defaults as transformers' Lfm2MoeConfig: tied, two dense layers, L = 3, normalised top-k.
+    // Defaults as transformers' Lfm2MoeConfig: tied, two dense layers, L = 3, normalised
+    // top-k, rope θ 1e6.
     let mut d = base();
     for k in ["tie_word_embeddings", "num_dense_layers"] {
         d.as_object_mut().unwrap().remove(k);
     }
+    d.as_object_mut().unwrap().remove("rope_parameters");
     let d = parse(&d).unwrap();
     assert!(d.tie_word_embeddings && !d.is_moe_layer(1) && d.is_moe_layer(2) && d.norm_topk_prob);
+    assert_eq!(d.rope, v5.rope, "default rope θ 1e6");
     // Explicit values win over the aliases' defaults.
     let mut x = base();
     x["tie_embedding"] = false.into();
