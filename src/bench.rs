@@ -212,6 +212,7 @@ fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
                     add("mla_heads", x.format_name());
                 }
             }
+            Attn::Conv(cv) => add("short_conv", cv.in_proj.w.format_name()),
         }
         let ffn = |f: &Ffn| [f.gate.w.format_name(), f.up.w.format_name(), f.down.w.format_name()];
         match &layer.mlp {
@@ -335,12 +336,15 @@ pub fn step_bytes(step: &Step, w: &Weights, cfg: &ModelConfig, ctx: usize) -> us
             }
             AttnOp::MlaQAbsorb => w.mla(*layer).map_or(0, |m| m.embed_q.iter().map(|x| x.nbytes()).sum()),
             AttnOp::MlaVUp => w.mla(*layer).map_or(0, |m| m.unembed_out.iter().map(|x| x.nbytes()).sum()),
+            AttnOp::ShortConv => {
+                w.conv(*layer).map_or(0, |c| 4 * (c.kernel.len() + c.bias.as_ref().map_or(0, Vec::len)))
+            }
             AttnOp::Rope | AttnOp::KvAppend | AttnOp::MlaRope | AttnOp::LatentAppend => 0,
         },
         Step::Moe { layer, op } => match op {
             MoeOp::ExpertGateUp => expert(*layer, |e| &e.gate) + expert(*layer, |e| &e.up),
             MoeOp::ExpertDown => expert(*layer, |e| &e.down),
-            MoeOp::SigmoidTopK => match w.layers.get(*layer).map(|l| &l.mlp) {
+            MoeOp::SigmoidTopK | MoeOp::SigmoidBiasTopK => match w.layers.get(*layer).map(|l| &l.mlp) {
                 Some(Mlp::Moe { correction_bias: Some(b), .. }) => 4 * b.len(),
                 _ => 0,
             },

@@ -24,6 +24,9 @@ pub enum Family {
     /// DeepSeek-V3 (`deepseek_v3`) and Kimi-K2 (`kimi_k2`, the same architecture): the GLM
     /// code path with `first_k_dense_replace` choosing the dense layers.
     DeepseekV3,
+    /// LFM2-MoE (`lfm2_moe`, LFM2-8B-A1B / LFM2-24B-A2B): gated short-convolution layers
+    /// beside GQA layers, a sigmoid router with an expert bias (model-spec §4).
+    Lfm2Moe,
 }
 
 impl Family {
@@ -33,6 +36,7 @@ impl Family {
             Family::Qwen3Moe => "qwen3_moe",
             Family::Glm4MoeLite => "glm4_moe_lite",
             Family::DeepseekV3 => "deepseek_v3",
+            Family::Lfm2Moe => "lfm2_moe",
         }
     }
 
@@ -42,6 +46,7 @@ impl Family {
             "qwen3_moe" => Some(Family::Qwen3Moe),
             "glm4_moe_lite" => Some(Family::Glm4MoeLite),
             "deepseek_v3" | "kimi_k2" => Some(Family::DeepseekV3),
+            "lfm2_moe" => Some(Family::Lfm2Moe),
             _ => None,
         }
     }
@@ -53,7 +58,7 @@ impl Family {
 }
 
 /// The `model_type` values zmoe reads, for error messages.
-pub const SUPPORTED_MODEL_TYPES: &str = "qwen3_moe, glm4_moe_lite, deepseek_v3, kimi_k2";
+pub const SUPPORTED_MODEL_TYPES: &str = "qwen3_moe, glm4_moe_lite, deepseek_v3, kimi_k2, lfm2_moe";
 
 /// The largest sizes zmoe reads from a config.json, checked as each field is read, before
 /// anything is allocated from it. They admit every real model with a wide margin
@@ -81,6 +86,8 @@ pub mod limits {
     pub const MAX_LORA_RANK: usize = 1 << 16;
     /// `max_position_embeddings` (2^24).
     pub const MAX_POSITIONS: usize = 1 << 24;
+    /// LFM2's `conv_L_cache` (the short convolution's kernel width; 3 in every release).
+    pub const MAX_CONV_KERNEL: usize = 64;
     /// Weight elements of the whole model (2^44, about 17.6 trillion).
     pub const MAX_PARAMS: u64 = 1 << 44;
 }
@@ -131,6 +138,35 @@ pub enum RouterKind {
         /// Multiplier of the routing weights.
         routed_scaling_factor: f32,
     },
+    /// LFM2-MoE (model-spec §4.5): sigmoid scores; selection on scores plus the layer's
+    /// `expert_bias` (when `use_expert_bias`); weights are the unbiased scores, optionally
+    /// renormalised (`/ (sum + 1e-6)`), times `routed_scaling_factor`.
+    SigmoidBias {
+        /// Whether the layers carry an `expert_bias` used for selection.
+        expert_bias: bool,
+        /// Multiplier of the routing weights.
+        routed_scaling_factor: f32,
+    },
+}
+
+/// LFM2's gated short convolution (model-spec §4.4): which layers use it instead of
+/// attention and the kernel's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShortConvConfig {
+    /// Per layer: a short-convolution mixer (`true`) or GQA attention (`false`), from
+    /// `layer_types` (`"conv"` / `"full_attention"`) or the older `full_attn_idxs`.
+    pub layers: Vec<bool>,
+    /// Kernel width `L` (`conv_L_cache`); the cache holds the last `L − 1` gated inputs.
+    pub kernel: usize,
+    /// `conv_bias`: in_proj, the convolution and out_proj carry biases.
+    pub bias: bool,
+}
+
+impl ShortConvConfig {
+    /// Values the conv state keeps per channel: the last `L − 1` gated inputs `B ⊙ X`.
+    pub fn state_len(&self) -> usize {
+        self.kernel - 1
+    }
 }
 
 /// How one module's weights are quantized (MLX conventions, model-spec §6).
@@ -248,6 +284,8 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// Multi-head latent attention dims (GLM / DeepSeek); `None` for standard GQA.
     pub mla: Option<MlaConfig>,
+    /// LFM2's short-convolution layers; `None` for families whose every layer is attention.
+    pub conv: Option<ShortConvConfig>,
     /// Routed experts per MoE layer (0 = dense model).
     pub num_experts: usize,
     /// Experts selected per token.
@@ -341,10 +379,24 @@ impl ModelConfig {
             }
             None => {
                 let d = c.opt_size(&["head_dim"], MAX_HEAD_DIM)?.unwrap_or(hidden_size / num_heads.max(1));
-                (d, d, c.rope(d, false, false)?)
+                let mut rope = c.rope(d, false, false)?;
+                // transformers' LFM2-MoE default θ is 1e6 (the others': 1e4).
+                let theta_given = c.get(&["rope_theta"]).is_some()
+                    || ["rope_parameters", "rope_scaling"]
+                        .iter()
+                        .any(|k| v.get(k).and_then(|p| p.get("rope_theta")).is_some());
+                if family == Family::Lfm2Moe && !theta_given {
+                    rope = RopeConfig::default_type(1e6, rope.dim, false);
+                }
+                (d, d, rope)
             }
         };
-        let router = if family.is_mla() {
+        let router = if family == Family::Lfm2Moe {
+            RouterKind::SigmoidBias {
+                expert_bias: c.opt_bool(&["use_expert_bias"])?.unwrap_or(true),
+                routed_scaling_factor: c.positive(&["routed_scaling_factor"], 1e6)?.unwrap_or(1.0) as f32,
+            }
+        } else if family.is_mla() {
             let (g, tg, s) = match family {
                 Family::DeepseekV3 => (8, 4, 2.5),
                 _ => (1, 1, 1.8),
@@ -358,6 +410,7 @@ impl ModelConfig {
             RouterKind::Softmax
         };
         let moe_layers = c.moe_layers(family, num_layers, num_experts)?;
+        let conv = if family == Family::Lfm2Moe { Some(c.short_conv(num_layers)?) } else { None };
         let cfg = ModelConfig {
             family,
             vocab_size: c.size(&["vocab_size"], MAX_VOCAB)?,
@@ -373,10 +426,11 @@ impl ModelConfig {
             },
             head_dim,
             v_head_dim,
-            rms_norm_eps: c.positive(&["rms_norm_eps"], 1.0)?.unwrap_or(1e-6) as f32,
+            rms_norm_eps: c.positive(&["rms_norm_eps", "norm_eps"], 1.0)?.unwrap_or(1e-6) as f32,
             rope,
             attention_bias: c.opt_bool(&["attention_bias"])?.unwrap_or(false),
             mla,
+            conv,
             num_experts,
             top_k: c.opt_size(&["num_experts_per_tok"], MAX_EXPERTS)?.unwrap_or(if num_experts > 0 { 1 } else { 0 }),
             router,
@@ -387,9 +441,12 @@ impl ModelConfig {
             },
             moe_intermediate_size: c.opt_size(&["moe_intermediate_size"], MAX_FFN)?.unwrap_or(0),
             intermediate_size: c.opt_size(&["intermediate_size"], MAX_FFN)?.unwrap_or(0),
-            norm_topk_prob: c.opt_bool(&["norm_topk_prob"])?.unwrap_or(family.is_mla()),
+            norm_topk_prob: c.opt_bool(&["norm_topk_prob"])?.unwrap_or(family.is_mla() || family == Family::Lfm2Moe),
             moe_layers,
-            tie_word_embeddings: c.opt_bool(&["tie_word_embeddings"])?.unwrap_or(false),
+            // LFM2 configs spell it `tie_embedding` too, and tie by default.
+            tie_word_embeddings: c
+                .opt_bool(&["tie_word_embeddings", "tie_embedding"])?
+                .unwrap_or(family == Family::Lfm2Moe),
             eos_token_ids: c.token_ids(&["eos_token_id"])?.unwrap_or_default(),
             bos_token_id: c.token_ids(&["bos_token_id"])?.and_then(|ids| ids.first().copied()),
             max_position_embeddings: c.opt_size(&["max_position_embeddings"], MAX_POSITIONS)?.unwrap_or(32768),
@@ -404,6 +461,11 @@ impl ModelConfig {
     /// Whether layer `l` has a routed-experts MLP.
     pub fn is_moe_layer(&self, l: usize) -> bool {
         self.num_experts > 0 && self.moe_layers.get(l).copied().unwrap_or(false)
+    }
+
+    /// Whether layer `l` mixes tokens with LFM2's short convolution instead of attention.
+    pub fn is_conv_layer(&self, l: usize) -> bool {
+        self.conv.as_ref().is_some_and(|c| c.layers.get(l).copied().unwrap_or(false))
     }
 
     /// Attention softmax scale: `head_dim^-1/2`, times YaRN's `mscale²` where it applies.
@@ -483,7 +545,14 @@ impl ModelConfig {
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
             return bad(format!("`rms_norm_eps` must be a finite number > 0, got {}", self.rms_norm_eps));
         }
-        if let RouterKind::SigmoidGrouped { routed_scaling_factor: s, .. } = self.router
+        if self.family == Family::Lfm2Moe && self.num_heads * self.head_dim != self.hidden_size {
+            return bad(format!(
+                "hidden_size {} must be num_attention_heads ({}) × head_dim ({}) for lfm2_moe",
+                self.hidden_size, self.num_heads, self.head_dim
+            ));
+        }
+        if let RouterKind::SigmoidGrouped { routed_scaling_factor: s, .. }
+        | RouterKind::SigmoidBias { routed_scaling_factor: s, .. } = self.router
             && !(s.is_finite() && s > 0.0)
         {
             return bad(format!("`routed_scaling_factor` must be a finite number > 0, got {s}"));
@@ -526,7 +595,13 @@ impl ModelConfig {
         let experts = mul(&[3, n(self.num_experts) + n(self.n_shared_experts), h, n(self.moe_intermediate_size)])?;
         let router = mul(&[n(self.num_experts) + 1, h])?;
         let dense = mul(&[3, h, n(self.intermediate_size)])?;
-        let per_layer = [kv, o, mla, experts, router, dense, 8 * h].iter().try_fold(q, |a, &x| a.checked_add(x))?;
+        // LFM2 short conv: in_proj [3H, H], out_proj [H, H], the kernel [H, L].
+        let conv = match &self.conv {
+            Some(cv) => mul(&[4, h, h])?.checked_add(mul(&[h, n(cv.kernel)])?)?,
+            None => 0,
+        };
+        let per_layer =
+            [kv, o, mla, conv, experts, router, dense, 8 * h].iter().try_fold(q, |a, &x| a.checked_add(x))?;
         mul(&[per_layer, l])?.checked_add(mul(&[2, n(self.vocab_size), h])?)
     }
 }
@@ -838,7 +913,53 @@ impl Fields<'_> {
                 let k = self.opt_usize(&["first_k_dense_replace"])?.unwrap_or(3);
                 Ok((0..layers).map(|l| l >= k).collect())
             }
+            Family::Lfm2Moe => {
+                let k = self.opt_bounded(&["num_dense_layers"], 0, limits::MAX_LAYERS)?.unwrap_or(2);
+                Ok((0..layers).map(|l| l >= k).collect())
+            }
         }
+    }
+
+    /// LFM2's short-convolution layers (model-spec §4.1): `layer_types` (`"conv"` /
+    /// `"full_attention"`, required by transformers v5) or the older `full_attn_idxs` (the
+    /// attention layers' indices, every other layer conv).
+    fn short_conv(&self, layers: usize) -> Result<ShortConvConfig> {
+        let kinds = match (self.get(&["layer_types"]), self.get(&["full_attn_idxs"])) {
+            (Some((n, v)), _) => {
+                let want = "a list of \"conv\" / \"full_attention\"";
+                let kinds = v.as_array().ok_or_else(|| self.err(n, want, v))?;
+                if kinds.len() != layers {
+                    return Err(Error::format(
+                        &self.path,
+                        format!("`layer_types` has {} entries for {layers} layers", kinds.len()),
+                    ));
+                }
+                kinds
+                    .iter()
+                    .map(|k| match k.as_str() {
+                        Some("conv") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(self.err(n, want, k)),
+                    })
+                    .collect::<Result<Vec<bool>>>()?
+            }
+            (None, Some(_)) => {
+                let idx = self.opt_usize_list(&["full_attn_idxs"])?.unwrap_or_default();
+                if let Some(&bad) = idx.iter().find(|&&i| i >= layers) {
+                    return Err(Error::format(
+                        &self.path,
+                        format!("`full_attn_idxs` names layer {bad}, but the model has {layers} layers"),
+                    ));
+                }
+                (0..layers).map(|l| !idx.contains(&l)).collect()
+            }
+            (None, None) => return Err(self.missing(&["layer_types", "full_attn_idxs"])),
+        };
+        Ok(ShortConvConfig {
+            layers: kinds,
+            kernel: self.opt_bounded(&["conv_L_cache"], 1, limits::MAX_CONV_KERNEL)?.unwrap_or(3),
+            bias: self.opt_bool(&["conv_bias"])?.unwrap_or(false),
+        })
     }
 }
 

@@ -52,11 +52,12 @@ enum Cmd {
     },
     /// Write a synthetic model folder (config.json, safetensors, tokenizer.json).
     Synth {
-        /// Model family: qwen3_moe, glm4_moe_lite, deepseek_v3.
+        /// Model family: qwen3_moe, glm4_moe_lite, deepseek_v3, lfm2_moe.
         #[arg(long, default_value = "qwen3_moe")]
         family: String,
         /// Shape preset: tiny, qwen3-30b-a3b (qwen3_moe); glm-tiny, glm-4.7-flash
-        /// (glm4_moe_lite); deepseek-tiny, kimi-k2-tiny (deepseek_v3).
+        /// (glm4_moe_lite); deepseek-tiny, kimi-k2-tiny (deepseek_v3); lfm2-tiny, lfm2-8b-a1b,
+        /// lfm2-24b-a2b (lfm2_moe).
         #[arg(long, default_value = "tiny")]
         preset: String,
         /// Weight format: bf16, affine4, affine8.

@@ -136,14 +136,14 @@ fn profile_needs_cuda_and_says_so_before_running() {
 /// The profile's per-step bytes add up to the bench's bytes per token: at context 0 every
 /// byte a decode step reads is a weight, and `step_bytes` over the decode plan (reference or
 /// patched, whose fused steps read what their parts read) counts each weight once — for Qwen3
-/// (GQA, softmax router, a dense layer) and GLM (MLA, sigmoid router with a correction bias,
-/// shared experts). At context `c` attention adds exactly its cache.
+/// (GQA, softmax router, a dense layer), GLM (MLA, sigmoid router with a correction bias,
+/// shared experts) and LFM2 (short-conv layers beside attention, the expert-bias router). At context `c` attention adds exactly its cache.
 #[test]
 fn profile_step_bytes_add_up_to_the_bytes_per_token() {
     use zmoe::plan::patterns::{Selection, patched_plan};
-    use zmoe::plan::{Plan, lower};
+    use zmoe::plan::{AttnOp, Plan, Step, lower};
     let tmp = tempfile::tempdir().unwrap();
-    for (name, preset) in [("q", "qwen3_moe/tiny"), ("g", "glm4_moe_lite/glm-tiny")] {
+    for (name, preset) in [("q", "qwen3_moe/tiny"), ("g", "glm4_moe_lite/glm-tiny"), ("l", "lfm2_moe/lfm2-tiny")] {
         let dir = common::synth_preset(tmp.path(), name, preset, SynthQuant::Affine4, 31);
         let model = zmoe::Model::load(&dir).unwrap();
         let cfg = model.config();
@@ -158,7 +158,16 @@ fn profile_step_bytes_add_up_to_the_bytes_per_token() {
                 Some(m) => 2 * m.cache_row(),
                 None => 2 * cfg.num_kv_heads * (cfg.head_dim + cfg.v_head_dim),
             };
-            assert_eq!(sum(7) - sum(0), 7 * cfg.num_layers * cache_row, "{preset} {}", plan.name);
+            // Layers with a KV or latent cache (LFM2's conv layers keep only a conv state).
+            let attending = (0..cfg.num_layers)
+                .filter(|&l| {
+                    exec.decode.steps.iter().flat_map(|s| s.primitives()).any(|p| {
+                        matches!(p, Step::Attn { layer, op: AttnOp::Attention | AttnOp::MlaAttention } if layer == l)
+                    })
+                })
+                .count();
+            assert!(attending > 0 && attending <= cfg.num_layers);
+            assert_eq!(sum(7) - sum(0), 7 * attending * cache_row, "{preset} {}", plan.name);
         }
     }
 }

@@ -12,7 +12,8 @@ use zmoe::chat::{ChatTemplate, Message};
 use zmoe::checkpoint::synth::{SynthQuant, family_chat};
 
 /// The tiny preset of every family.
-const PRESETS: [&str; 3] = ["qwen3_moe/tiny", "glm4_moe_lite/glm-tiny", "deepseek_v3/deepseek-tiny"];
+const PRESETS: [&str; 4] =
+    ["qwen3_moe/tiny", "glm4_moe_lite/glm-tiny", "deepseek_v3/deepseek-tiny", "lfm2_moe/lfm2-tiny"];
 
 /// A seed that differs between runs, so no test passes on one lucky model or prompt.
 fn fresh_seed() -> u64 {
@@ -90,6 +91,7 @@ fn chat_generates_on_every_family_with_its_special_tokens() {
         let want: &[&str] = match family {
             "qwen3_moe" => &["<|im_start|>", "<|im_end|>"],
             "glm4_moe_lite" => &["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<think>"],
+            "lfm2_moe" => &["<|startoftext|>", "<|im_start|>", "<|im_end|>"],
             _ => &["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "</think>"],
         };
         for name in want {
@@ -137,6 +139,8 @@ fn family_templates_render_as_transformers_does() {
         "[gMASK]<sop><|system|>S<|user|>q1<|assistant|></think>answer<|user|> U x <|assistant|><think>",
         "<｜begin▁of▁sentence｜>S<｜User｜>q1<｜Assistant｜></think>\n\nanswer<｜end▁of▁sentence｜><｜User｜> U x \
          <｜Assistant｜></think>",
+        "<|startoftext|><|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\n\
+         <think>\nreason\n</think>\n\nanswer<|im_end|>\n<|im_start|>user\n U x <|im_end|>\n<|im_start|>assistant\n",
     ];
     for (preset, want) in PRESETS.iter().zip(want) {
         let family = preset.split('/').next().unwrap();

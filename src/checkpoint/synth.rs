@@ -31,6 +31,8 @@ use crate::config::{ModelConfig, QuantMode, QuantParams};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
+mod lfm2;
+
 /// Weight storage of a synthetic checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SynthQuant {
@@ -90,7 +92,7 @@ pub struct SynthSpec {
 }
 
 /// Known (family, preset) pairs with a one-line description.
-pub const PRESETS: [(&str, &str, &str); 6] = [
+pub const PRESETS: [(&str, &str, &str); 9] = [
     ("qwen3_moe", "tiny", "4 layers, H 256, 16 experts top-4, one dense layer; for tests and the demo"),
     ("qwen3_moe", "qwen3-30b-a3b", "Qwen3-30B-A3B shapes: 48 layers, H 2048, 128 experts top-8, vocab 151936"),
     ("glm4_moe_lite", "glm-tiny", "4 layers, H 256, MLA (q_lora 128, kv_lora 128), 16 experts top-4 + 1 shared"),
@@ -105,7 +107,24 @@ pub const PRESETS: [(&str, &str, &str); 6] = [
         "DeepSeek-V3-shaped, small: 4 layers, YaRN, 32 experts in 4 groups (2 kept) top-4",
     ),
     ("deepseek_v3", "kimi-k2-tiny", "Kimi-K2-shaped (model_type kimi_k2), small: 4 layers, 48 experts top-8, YaRN"),
+    ("lfm2_moe", "lfm2-tiny", "6 layers (4 short conv, 2 attention), H 256, 16 experts top-4, one dense layer"),
+    (
+        "lfm2_moe",
+        "lfm2-8b-a1b",
+        "LFM2-8B-A1B shapes: 24 layers (18 conv + 6 attention), H 2048, 32 experts top-4, vocab 65536",
+    ),
+    (
+        "lfm2_moe",
+        "lfm2-24b-a2b",
+        "LFM2-24B-A2B shapes: 40 layers (30 conv + 10 attention), H 2048, 64 experts top-4, vocab 65536",
+    ),
 ];
+
+/// The error for a family/preset pair not in [`PRESETS`].
+fn unknown_preset(family: &str, preset: &str) -> Error {
+    let known: Vec<String> = PRESETS.iter().map(|(f, p, _)| format!("{f}/{p}")).collect();
+    Error::Arg(format!("unknown family/preset `{family}/{preset}` (known: {})", known.join(", ")))
+}
 
 /// The chat side of a family's synthetic tokenizer: the special tokens its released chat
 /// template writes (the last ids of the vocabulary, in this order), the tokens
@@ -128,7 +147,7 @@ pub struct FamilyChat {
     pub token_objects: bool,
 }
 
-/// The chat tokens and template of `family` (qwen3_moe, glm4_moe_lite, deepseek_v3).
+/// The chat tokens and template of `family` (qwen3_moe, glm4_moe_lite, deepseek_v3, lfm2_moe).
 pub fn family_chat(family: &str) -> Result<FamilyChat> {
     match family {
         "qwen3_moe" => Ok(FamilyChat {
@@ -179,7 +198,28 @@ pub fn family_chat(family: &str) -> Result<FamilyChat> {
             template: include_str!("templates/deepseek_v3.jinja"),
             token_objects: true,
         }),
-        _ => Err(Error::Arg(format!("unknown family `{family}` (known: qwen3_moe, glm4_moe_lite, deepseek_v3)"))),
+        "lfm2_moe" => Ok(FamilyChat {
+            specials: &[
+                "<|pad|>",
+                "<|startoftext|>",
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|im_end|>",
+                "<|tool_list_start|>",
+                "<|tool_list_end|>",
+                "<|tool_call_start|>",
+                "<|tool_call_end|>",
+                "<|tool_response_start|>",
+                "<|tool_response_end|>",
+            ],
+            bos: Some("<|startoftext|>"),
+            eos: "<|im_end|>",
+            template: include_str!("templates/lfm2_moe.jinja"),
+            token_objects: false,
+        }),
+        _ => Err(Error::Arg(format!(
+            "unknown family `{family}` (known: qwen3_moe, glm4_moe_lite, deepseek_v3, lfm2_moe)"
+        ))),
     }
 }
 
@@ -213,6 +253,9 @@ impl FamilyChat {
 
 /// The HF-style config.json of a preset (without quantization block).
 pub fn preset_config(family: &str, preset: &str) -> Result<Value> {
+    if family == "lfm2_moe" {
+        return lfm2::preset_config(preset);
+    }
     if family != "qwen3_moe" {
         return mla_preset_config(family, preset);
     }
@@ -231,10 +274,7 @@ pub fn preset_config(family: &str, preset: &str) -> Result<Value> {
     ) = match (family, preset) {
         ("qwen3_moe", "tiny") => (1024, 256, 4, 8, 2, 32, 16, 4, 128, 512, vec![0]),
         ("qwen3_moe", "qwen3-30b-a3b") => (151936, 2048, 48, 32, 4, 128, 128, 8, 768, 6144, vec![]),
-        _ => {
-            let known: Vec<String> = PRESETS.iter().map(|(f, p, _)| format!("{f}/{p}")).collect();
-            return Err(Error::Arg(format!("unknown family/preset `{family}/{preset}` (known: {})", known.join(", "))));
-        }
+        _ => return Err(unknown_preset(family, preset)),
     };
     let n_special = crate::tokenizer::SPECIALS.len();
     Ok(json!({
@@ -291,10 +331,7 @@ fn mla_preset_config(family: &str, preset: &str) -> Result<Value> {
         ("deepseek_v3", "kimi-k2-tiny") => {
             ("kimi_k2", 1024, 256, 4, 4, 192, 128, 64, 32, 64, 48, 8, 64, 512, 1, 1, 2.827, 1)
         }
-        _ => {
-            let known: Vec<String> = PRESETS.iter().map(|(f, p, _)| format!("{f}/{p}")).collect();
-            return Err(Error::Arg(format!("unknown family/preset `{family}/{preset}` (known: {})", known.join(", "))));
-        }
+        _ => return Err(unknown_preset(family, preset)),
     };
     let mut c = json!({
         "model_type": mt,
@@ -502,6 +539,10 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
             if spec.family == "qwen3_moe" {
                 block[format!("model.layers.{l}.mlp.gate")] = json!({"group_size": 64, "bits": 8});
             }
+            // mlx-lm's LFM2-MoE default likewise: `feed_forward.gate` 8-bit.
+            if spec.family == "lfm2_moe" {
+                block[format!("model.layers.{l}.feed_forward.gate")] = json!({"group_size": 64, "bits": 8});
+            }
         }
         cfg_json["quantization"] = block.clone();
         cfg_json["quantization_config"] = block;
@@ -513,87 +554,91 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
     let mut b = Builder { tensors: Vec::new(), seed: spec.seed, bar: bar.clone(), quant };
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
     let router_q = quant.map(|_| QuantParams { mode: QuantMode::Affine, bits: 8, group_size: 64 });
-    b.linear("model.embed_tokens", None, cfg.vocab_size, h, None);
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        b.norm(format!("{p}.input_layernorm.weight"), h);
-        b.norm(format!("{p}.post_attention_layernorm.weight"), h);
-        match &cfg.mla {
-            None => {
-                b.linear(&format!("{p}.self_attn.q_proj"), None, cfg.num_heads * d, h, None);
-                b.linear(&format!("{p}.self_attn.k_proj"), None, cfg.num_kv_heads * d, h, None);
-                b.linear(&format!("{p}.self_attn.v_proj"), None, cfg.num_kv_heads * d, h, None);
-                b.norm(format!("{p}.self_attn.q_norm.weight"), d);
-                b.norm(format!("{p}.self_attn.k_norm.weight"), d);
-            }
-            Some(m) => {
-                let a = format!("{p}.self_attn");
-                let (nh, lat, nope, v) = (cfg.num_heads, m.kv_lora_rank, m.qk_nope_head_dim, m.v_head_dim);
-                let q_in = match m.q_lora_rank {
-                    Some(r) => {
-                        b.linear(&format!("{a}.q_a_proj"), None, r, h, None);
-                        b.norm(format!("{a}.q_a_layernorm.weight"), r);
-                        b.linear(&format!("{a}.q_b_proj"), None, nh * d, r, None);
-                        r
+    if spec.family == "lfm2_moe" {
+        lfm2::tensors(&mut b, &cfg, router_q);
+    } else {
+        b.linear("model.embed_tokens", None, cfg.vocab_size, h, None);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            b.norm(format!("{p}.input_layernorm.weight"), h);
+            b.norm(format!("{p}.post_attention_layernorm.weight"), h);
+            match &cfg.mla {
+                None => {
+                    b.linear(&format!("{p}.self_attn.q_proj"), None, cfg.num_heads * d, h, None);
+                    b.linear(&format!("{p}.self_attn.k_proj"), None, cfg.num_kv_heads * d, h, None);
+                    b.linear(&format!("{p}.self_attn.v_proj"), None, cfg.num_kv_heads * d, h, None);
+                    b.norm(format!("{p}.self_attn.q_norm.weight"), d);
+                    b.norm(format!("{p}.self_attn.k_norm.weight"), d);
+                }
+                Some(m) => {
+                    let a = format!("{p}.self_attn");
+                    let (nh, lat, nope, v) = (cfg.num_heads, m.kv_lora_rank, m.qk_nope_head_dim, m.v_head_dim);
+                    let q_in = match m.q_lora_rank {
+                        Some(r) => {
+                            b.linear(&format!("{a}.q_a_proj"), None, r, h, None);
+                            b.norm(format!("{a}.q_a_layernorm.weight"), r);
+                            b.linear(&format!("{a}.q_b_proj"), None, nh * d, r, None);
+                            r
+                        }
+                        None => h,
+                    };
+                    if m.q_lora_rank.is_none() {
+                        b.linear(&format!("{a}.q_proj"), None, nh * d, q_in, None);
                     }
-                    None => h,
-                };
-                if m.q_lora_rank.is_none() {
-                    b.linear(&format!("{a}.q_proj"), None, nh * d, q_in, None);
+                    b.linear(&format!("{a}.kv_a_proj_with_mqa"), None, m.cache_row(), h, None);
+                    b.norm(format!("{a}.kv_a_layernorm.weight"), lat);
+                    if quant.is_some() {
+                        // mlx-lm's layout: kv_b_proj split per head (model-spec §6.5).
+                        b.linear(&format!("{a}.embed_q"), Some(nh), lat, nope, None);
+                        b.linear(&format!("{a}.unembed_out"), Some(nh), v, lat, None);
+                    } else {
+                        b.linear(&format!("{a}.kv_b_proj"), None, nh * (nope + v), lat, None);
+                    }
                 }
-                b.linear(&format!("{a}.kv_a_proj_with_mqa"), None, m.cache_row(), h, None);
-                b.norm(format!("{a}.kv_a_layernorm.weight"), lat);
-                if quant.is_some() {
-                    // mlx-lm's layout: kv_b_proj split per head (model-spec §6.5).
-                    b.linear(&format!("{a}.embed_q"), Some(nh), lat, nope, None);
-                    b.linear(&format!("{a}.unembed_out"), Some(nh), v, lat, None);
+            }
+            b.linear(&format!("{p}.self_attn.o_proj"), None, h, cfg.num_heads * cfg.v_head_dim, None);
+            if cfg.is_moe_layer(l) {
+                let (e, i) = (cfg.num_experts, cfg.moe_intermediate_size);
+                if cfg.mla.is_some() {
+                    // GLM / DeepSeek: the router stays bf16 in mlx-lm (not an nn.Linear), its
+                    // correction bias f32 and large enough to change selections.
+                    b.linear_float(&format!("{p}.mlp.gate"), e, h);
+                    b.push(
+                        format!("{p}.mlp.gate.e_score_correction_bias"),
+                        Dtype::F32,
+                        vec![e],
+                        Gen::Float { center: 0.0, std: 0.05, dtype: FloatType::F32 },
+                    );
+                    let sh = format!("{p}.mlp.shared_experts");
+                    let fs = cfg.shared_intermediate_size();
+                    b.linear(&format!("{sh}.gate_proj"), None, fs, h, None);
+                    b.linear(&format!("{sh}.up_proj"), None, fs, h, None);
+                    b.linear(&format!("{sh}.down_proj"), None, h, fs, None);
                 } else {
-                    b.linear(&format!("{a}.kv_b_proj"), None, nh * (nope + v), lat, None);
+                    b.linear(&format!("{p}.mlp.gate"), None, e, h, router_q);
                 }
+                if quant.is_some() {
+                    let sw = format!("{p}.mlp.switch_mlp");
+                    b.linear(&format!("{sw}.gate_proj"), Some(e), i, h, None);
+                    b.linear(&format!("{sw}.up_proj"), Some(e), i, h, None);
+                    b.linear(&format!("{sw}.down_proj"), Some(e), h, i, None);
+                } else {
+                    for x in 0..e {
+                        b.linear(&format!("{p}.mlp.experts.{x}.gate_proj"), None, i, h, None);
+                        b.linear(&format!("{p}.mlp.experts.{x}.up_proj"), None, i, h, None);
+                        b.linear(&format!("{p}.mlp.experts.{x}.down_proj"), None, h, i, None);
+                    }
+                }
+            } else {
+                let f = cfg.intermediate_size;
+                b.linear(&format!("{p}.mlp.gate_proj"), None, f, h, None);
+                b.linear(&format!("{p}.mlp.up_proj"), None, f, h, None);
+                b.linear(&format!("{p}.mlp.down_proj"), None, h, f, None);
             }
         }
-        b.linear(&format!("{p}.self_attn.o_proj"), None, h, cfg.num_heads * cfg.v_head_dim, None);
-        if cfg.is_moe_layer(l) {
-            let (e, i) = (cfg.num_experts, cfg.moe_intermediate_size);
-            if cfg.mla.is_some() {
-                // GLM / DeepSeek: the router stays bf16 in mlx-lm (not an nn.Linear), its
-                // correction bias f32 and large enough to change selections.
-                b.linear_float(&format!("{p}.mlp.gate"), e, h);
-                b.push(
-                    format!("{p}.mlp.gate.e_score_correction_bias"),
-                    Dtype::F32,
-                    vec![e],
-                    Gen::Float { center: 0.0, std: 0.05, dtype: FloatType::F32 },
-                );
-                let sh = format!("{p}.mlp.shared_experts");
-                let fs = cfg.shared_intermediate_size();
-                b.linear(&format!("{sh}.gate_proj"), None, fs, h, None);
-                b.linear(&format!("{sh}.up_proj"), None, fs, h, None);
-                b.linear(&format!("{sh}.down_proj"), None, h, fs, None);
-            } else {
-                b.linear(&format!("{p}.mlp.gate"), None, e, h, router_q);
-            }
-            if quant.is_some() {
-                let sw = format!("{p}.mlp.switch_mlp");
-                b.linear(&format!("{sw}.gate_proj"), Some(e), i, h, None);
-                b.linear(&format!("{sw}.up_proj"), Some(e), i, h, None);
-                b.linear(&format!("{sw}.down_proj"), Some(e), h, i, None);
-            } else {
-                for x in 0..e {
-                    b.linear(&format!("{p}.mlp.experts.{x}.gate_proj"), None, i, h, None);
-                    b.linear(&format!("{p}.mlp.experts.{x}.up_proj"), None, i, h, None);
-                    b.linear(&format!("{p}.mlp.experts.{x}.down_proj"), None, h, i, None);
-                }
-            }
-        } else {
-            let f = cfg.intermediate_size;
-            b.linear(&format!("{p}.mlp.gate_proj"), None, f, h, None);
-            b.linear(&format!("{p}.mlp.up_proj"), None, f, h, None);
-            b.linear(&format!("{p}.mlp.down_proj"), None, h, f, None);
-        }
+        b.norm("model.norm.weight".into(), h);
+        b.linear("lm_head", None, cfg.vocab_size, h, None);
     }
-    b.norm("model.norm.weight".into(), h);
-    b.linear("lm_head", None, cfg.vocab_size, h, None);
 
     let total: usize = b.tensors.iter().map(|t| (&t).data_len()).sum();
     if total > 64 << 20 {

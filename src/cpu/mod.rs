@@ -5,6 +5,7 @@
 //! parallel (rayon) where that costs no clarity — over weight rows, heads and experts —
 //! and every reduction has a fixed order, so results are deterministic run to run.
 
+pub mod conv;
 pub mod ops;
 
 use std::sync::Arc;
@@ -30,6 +31,9 @@ struct RunState {
     k_cache: Vec<Vec<f32>>,
     /// Per layer: V rows `[S, nKV·D]` (unused by MLA).
     v_cache: Vec<Vec<f32>>,
+    /// Per LFM2 short-conv layer: the last `L − 1` gated inputs `[L−1, H]` (zeros on a
+    /// fresh sequence); empty for attention layers.
+    conv_state: Vec<Vec<f32>>,
     /// Tokens already in the cache.
     pos: usize,
 }
@@ -67,6 +71,7 @@ impl CpuBackend {
         let mut st = RunState { bufs: vec![Vec::new(); Buf::ALL.len()], ..Default::default() };
         st.k_cache = vec![Vec::new(); cfg.num_layers];
         st.v_cache = vec![Vec::new(); cfg.num_layers];
+        st.conv_state = conv_states(&cfg);
         let exec = ExecPlans::same(&plan);
         let max_ctx = cfg.max_position_embeddings;
         Ok(CpuBackend { cfg, weights, plan, exec, rope, st, max_ctx })
@@ -226,6 +231,32 @@ impl CpuBackend {
                 );
                 self.st.put(Buf::Attn, out);
             }
+            Step::Attn { layer, op: AttnOp::ShortConv } => {
+                let cv = self.weights.conv(layer).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"));
+                let mut out = vec![0.0; *t * h];
+                let (bcx, state) = (&self.st.bufs[Buf::Bcx as usize], &mut self.st.conv_state[layer]);
+                conv::short_conv(bcx, h, &cv.kernel, cv.bias.as_deref(), state, &mut out);
+                self.st.put(Buf::Attn, out);
+            }
+            Step::Moe { layer, op: MoeOp::SigmoidBiasTopK } => {
+                let crate::config::RouterKind::SigmoidBias { routed_scaling_factor, .. } = c.router else {
+                    panic!("plan asks for the LFM2 router of a model without one")
+                };
+                let Mlp::Moe { correction_bias, .. } = &self.layer(layer).mlp else {
+                    panic!("plan asks for the router of dense layer {layer}")
+                };
+                let logits = &self.st.bufs[Buf::RouterLogits as usize];
+                let (idx, w) = conv::sigmoid_bias_topk(
+                    logits,
+                    c.num_experts,
+                    correction_bias.as_deref(),
+                    k,
+                    c.norm_topk_prob,
+                    routed_scaling_factor,
+                );
+                self.st.topk_idx = idx;
+                self.st.topk_w = w;
+            }
             Step::Moe { op: MoeOp::RouterTopK, .. } => {
                 let logits = &self.st.bufs[Buf::RouterLogits as usize];
                 let (idx, w) = ops::softmax_topk(logits, c.num_experts, k, c.norm_topk_prob);
@@ -277,7 +308,7 @@ impl CpuBackend {
     /// produced a non-finite value. Finding those re-runs the forward with a check after every
     /// primitive step, so the normal case costs one scan of the logits. A failed forward
     /// leaves the cache as it was before it.
-    fn finite_logits(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+    fn finite_logits(&mut self, tokens: &[u32], all_logits: bool, conv_before: Vec<Vec<f32>>) -> Result<Vec<f32>> {
         let logits = self.st.take(Buf::Logits);
         let Err(Error::NonFinite { position, .. }) =
             crate::sample::check_finite(&logits, self.cfg.vocab_size, self.st.pos, "")
@@ -292,6 +323,7 @@ impl CpuBackend {
             .collect();
         let restore = |st: &mut RunState| {
             st.pos = pos0;
+            st.conv_state.clone_from(&conv_before);
             for (l, &(k, v)) in keep.iter().enumerate() {
                 st.k_cache[l].truncate(k);
                 st.v_cache[l].truncate(v);
@@ -357,6 +389,7 @@ impl Backend for CpuBackend {
     fn reset(&mut self) {
         self.st.pos = 0;
         self.st.k_cache.iter_mut().chain(self.st.v_cache.iter_mut()).for_each(Vec::clear);
+        self.st.conv_state.iter_mut().for_each(|s| s.fill(0.0));
     }
 
     fn plan(&self) -> &Plan {
@@ -378,12 +411,24 @@ impl Backend for CpuBackend {
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         crate::backend::check_tokens(&self.cfg, tokens, self.st.pos)?;
         let plan = std::mem::replace(&mut self.plan, Plan { name: String::new(), steps: Vec::new() });
+        // The conv states before this forward (a few KiB), to restore if it fails.
+        let conv_before = self.st.conv_state.clone();
         let mut t = tokens.len();
         for step in &plan.steps {
             self.step(step, tokens, &mut t, all_logits);
         }
         self.plan = plan;
         self.st.pos += tokens.len();
-        self.finite_logits(tokens, all_logits)
+        self.finite_logits(tokens, all_logits, conv_before)
     }
+}
+
+/// Zeroed conv states: `[L−1, H]` for each short-conv layer, empty for the others.
+fn conv_states(cfg: &ModelConfig) -> Vec<Vec<f32>> {
+    (0..cfg.num_layers)
+        .map(|l| match &cfg.conv {
+            Some(cv) if cfg.is_conv_layer(l) => vec![0.0; cv.state_len() * cfg.hidden_size],
+            _ => Vec::new(),
+        })
+        .collect()
 }

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use super::Device;
-use super::ops::{self, Bf16, I32, Void, attention as attn, int, linear, mla, moe, norm, rd, rope, sample, wr};
+use super::ops::{self, Bf16, I32, Void, attention as attn, conv, int, linear, mla, moe, norm, rd, rope, sample, wr};
 use super::weights::{DLinear, DMat, DeviceWeights, Upload, unsupported};
 use crate::backend::{Backend, DeviceInfo, StepTime};
 use crate::config::{ModelConfig, RouterKind};
@@ -56,20 +56,30 @@ enum LayerCache {
     Kv { k: u64, v: u64 },
     /// MLA: the latent row (normalised latent + roped k_pe), bf16 `[max_ctx, kv_lora + rope]`.
     Latent { rows: u64 },
+    /// LFM2 short conv: the last `L − 1` gated inputs, bf16 `[L − 1, H]`, whatever the
+    /// context (read as zeros at position 0, so a new sequence needs no reset launch), and
+    /// room for a copy of it (`saved`, kept across `profile_decode`).
+    Conv { state: u64, saved: u64 },
 }
 
 impl LayerCache {
-    /// bf16 values one token leaves in one layer's cache: its K and V rows, or MLA's latent row.
-    fn row(c: &ModelConfig) -> usize {
+    /// bf16 values one token leaves in layer `l`'s cache: its K and V rows, MLA's latent
+    /// row, or nothing (a conv layer's state does not grow).
+    fn row(c: &ModelConfig, l: usize) -> usize {
         match &c.mla {
+            _ if c.is_conv_layer(l) => 0,
             Some(m) => m.cache_row(),
             None => 2 * c.num_kv_heads * c.head_dim,
         }
     }
 
-    /// One layer's cache for `max_ctx` tokens.
-    fn alloc(dev: &mut Device, c: &ModelConfig, max_ctx: usize) -> Result<LayerCache> {
-        let bytes = max_ctx * LayerCache::row(c) * 2;
+    /// Layer `l`'s cache for `max_ctx` tokens.
+    fn alloc(dev: &mut Device, c: &ModelConfig, l: usize, max_ctx: usize) -> Result<LayerCache> {
+        if let Some(cv) = c.conv.as_ref().filter(|_| c.is_conv_layer(l)) {
+            let bytes = cv.state_len().max(1) * c.hidden_size * 2;
+            return Ok(LayerCache::Conv { state: dev.alloc(bytes)?, saved: dev.alloc(bytes)? });
+        }
+        let bytes = max_ctx * LayerCache::row(c, l) * 2;
         Ok(match c.mla {
             Some(_) => LayerCache::Latent { rows: dev.alloc(bytes)? },
             None => LayerCache::Kv { k: dev.alloc(bytes / 2)?, v: dev.alloc(bytes / 2)? },
@@ -175,6 +185,11 @@ impl CudaBackend {
         {
             return Err(unsupported(format!("n_group {n_group} (at most 32)")));
         }
+        if let Some(cv) = &c.conv
+            && cv.kernel > conv::CONV_MAX_KERNEL
+        {
+            return Err(unsupported(format!("conv_L_cache {} (at most {})", cv.kernel, conv::CONV_MAX_KERNEL)));
+        }
         if c.num_experts > 1024 || c.top_k > 16 {
             return Err(unsupported(format!("{} experts / top-{} (at most 1024 / 16)", c.num_experts, c.top_k)));
         }
@@ -183,8 +198,10 @@ impl CudaBackend {
         // The KV cache after the weights, sized to the memory they left free. Cached bf16
         // values per token and layer: K and V rows, or MLA's latent row.
         let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
-        let max_ctx = kv_capacity(c, ctx, LayerCache::row(c) * 2 * c.num_layers, free)?;
-        let caches = (0..c.num_layers).map(|_| LayerCache::alloc(&mut dev, c, max_ctx)).collect::<Result<Vec<_>>>()?;
+        let token_bytes = (0..c.num_layers).map(|l| LayerCache::row(c, l)).sum::<usize>() * 2;
+        let max_ctx = kv_capacity(c, ctx, token_bytes, free)?;
+        let caches =
+            (0..c.num_layers).map(|l| LayerCache::alloc(&mut dev, c, l, max_ctx)).collect::<Result<Vec<_>>>()?;
         // Activation buffers for CHUNK rows.
         let (k, nh) = (c.top_k.max(1), c.num_heads);
         let ffn = (k * c.moe_intermediate_size).max(c.intermediate_size).max(c.shared_intermediate_size());
@@ -210,6 +227,7 @@ impl CudaBackend {
             (Buf::QLat, nh * lat, 2),
             (Buf::OLat, nh * lat, 2),
             (Buf::SharedOut, if c.n_shared_experts > 0 { h } else { 0 }, 2),
+            (Buf::Bcx, if c.conv.is_some() { 3 * h } else { 0 }, 2),
         ];
         let (mut bufs, mut buf_widths) = ([0u64; Buf::ALL.len()], [0usize; Buf::ALL.len()]);
         for (b, width, elem) in widths {
@@ -270,7 +288,7 @@ impl CudaBackend {
     fn kv_cache(&self, l: usize) -> Result<(u64, u64)> {
         match self.caches[l] {
             LayerCache::Kv { k, v } => Ok((k, v)),
-            LayerCache::Latent { .. } => Err(Error::Cuda(format!("plan asks for the KV cache of MLA layer {l}"))),
+            _ => Err(Error::Cuda(format!("plan asks for the KV cache of layer {l}, which has none"))),
         }
     }
 
@@ -278,8 +296,28 @@ impl CudaBackend {
     fn latent_cache(&self, l: usize) -> Result<u64> {
         match self.caches[l] {
             LayerCache::Latent { rows } => Ok(rows),
-            LayerCache::Kv { .. } => Err(Error::Cuda(format!("plan asks for the latent cache of GQA layer {l}"))),
+            _ => Err(Error::Cuda(format!("plan asks for the latent cache of layer {l}, which has none"))),
         }
+    }
+
+    /// The conv state of LFM2 short-conv layer `l`.
+    fn conv_state(&self, l: usize) -> Result<u64> {
+        match self.caches[l] {
+            LayerCache::Conv { state, .. } => Ok(state),
+            _ => Err(Error::Cuda(format!("plan asks for the conv state of layer {l}, which has none"))),
+        }
+    }
+
+    /// Copies every conv state to its `saved` slot (`back`: the other way).
+    fn save_conv_states(&self, back: bool) -> Result<()> {
+        let bytes = self.cfg.conv.as_ref().map_or(0, |cv| cv.state_len().max(1) * self.cfg.hidden_size * 2);
+        for cache in &self.caches {
+            if let LayerCache::Conv { state, saved } = *cache {
+                let (dst, src) = if back { (state, saved) } else { (saved, state) };
+                self.dev.copy(dst, src, bytes)?;
+            }
+        }
+        Ok(())
     }
 
     /// The MLA dims of this model, as the rope kernels take them.
@@ -296,6 +334,14 @@ impl CudaBackend {
             scaling: c.rope.attention_scaling,
             interleaved: c.rope.interleaved as i32,
         })
+    }
+
+    /// LFM2's routing-weight multiplier, or an error on a model without its router.
+    fn bias_router_scale(&self) -> Result<f32> {
+        match self.cfg.router {
+            RouterKind::SigmoidBias { routed_scaling_factor, .. } => Ok(routed_scaling_factor),
+            _ => Err(Error::Cuda("LFM2 router step on a model without it".into())),
+        }
     }
 
     /// The sigmoid router's parameters, or an error on a softmax-router model.
@@ -547,6 +593,35 @@ impl CudaBackend {
                 };
                 mla::mla_attention(dev, &a, mm)?;
             }
+            Step::Attn { layer, op: AttnOp::ShortConv } => {
+                let cv = self.w.conv(layer)?;
+                let a = conv::ShortConvArgs {
+                    bcx: rd(self.buf(Buf::Bcx)),
+                    w: rd(cv.kernel),
+                    bias: rd(cv.bias.unwrap_or(0)),
+                    state: wr(self.conv_state(layer)?),
+                    pos,
+                    out: wr(self.buf(Buf::Attn)),
+                    h: int(h),
+                    l: int(c.conv.as_ref().map_or(0, |cv| cv.kernel)),
+                    m: int(mm),
+                };
+                conv::short_conv(dev, &a)?;
+            }
+            Step::Moe { layer, op: MoeOp::SigmoidBiasTopK } => {
+                let (_, bias) = self.w.router(layer)?;
+                let a = moe::RouterSigmoidBiasArgs {
+                    logits: rd(self.buf(Buf::RouterLogits)),
+                    bias: rd(bias),
+                    e: int(c.num_experts),
+                    k: int(k),
+                    norm: c.norm_topk_prob as i32,
+                    scale: self.bias_router_scale()?,
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
+                };
+                moe::router_sigmoid_bias(dev, &a, mm)?;
+            }
             Step::Attn { op: AttnOp::MlaAttentionExpanded, .. } => {
                 return Err(unsupported("the expanded MLA form (a CPU oracle)".into()));
             }
@@ -582,7 +657,23 @@ impl CudaBackend {
         match op {
             Fusion::MoeRouter => {
                 let (router, bias) = self.w.router(layer)?;
-                if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::SigmoidTopK, .. })) {
+                if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::SigmoidBiasTopK, .. })) {
+                    let a = moe::MoeRouterSigmoidBiasArgs {
+                        w: router.w.q,
+                        x: rd(self.buf(Buf::H)),
+                        logits: wr(self.buf(Buf::RouterLogits)),
+                        ebias: rd(bias),
+                        e: int(c.num_experts),
+                        h: int(h),
+                        k: int(k),
+                        norm: c.norm_topk_prob as i32,
+                        scale: self.bias_router_scale()?,
+                        tickets: wr(self.st.tickets),
+                        idx: wr(self.st.topk_idx),
+                        wout: wr(self.st.topk_w),
+                    };
+                    moe::moe_router_sigmoid_bias(dev, &a, mm)
+                } else if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::SigmoidTopK, .. })) {
                     let (n_group, topk_group, scale) = self.sigmoid_router()?;
                     let a = moe::MoeRouterSigmoidArgs {
                         w: router.w.q,
@@ -744,6 +835,22 @@ impl CudaBackend {
                     eps,
                 };
                 rope::qk_norm_rope_kv(dev, &a, mm)
+            }
+            Fusion::ConvMixer => {
+                let cv = self.w.conv(layer)?;
+                let a = conv::ConvMixerArgs {
+                    in_proj: cv.in_proj.w.q,
+                    in_bias: rd(cv.in_proj.bias()),
+                    x: rd(self.buf(Buf::H)),
+                    w: rd(cv.kernel),
+                    bias: rd(cv.bias.unwrap_or(0)),
+                    state: wr(self.conv_state(layer)?),
+                    pos,
+                    out: wr(self.buf(Buf::Attn)),
+                    h: int(h),
+                    l: int(c.conv.as_ref().map_or(0, |cv| cv.kernel)),
+                };
+                conv::conv_mixer(dev, &a)
             }
             Fusion::LatentNormRopeAppend => {
                 let a = mla::LatentNormRopeAppendArgs {
@@ -909,11 +1016,19 @@ impl CudaBackend {
     /// a captured graph with a timing event between consecutive steps (so launch gaps count
     /// as they do in real decode), averaged over `replays` replays after one warm-up. The
     /// token at the current position is written to the cache but the position does not
-    /// advance.
+    /// advance, and the conv states (which every replay moves on) are restored after.
     pub fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
         if self.pos >= self.max_ctx {
             return Err(Error::Arg("profile: the KV cache is full".into()));
         }
+        self.save_conv_states(false)?;
+        let r = self.profile_replays(replays);
+        self.save_conv_states(true)?;
+        r
+    }
+
+    /// [`CudaBackend::profile_decode`] without the conv-state restore.
+    fn profile_replays(&mut self, replays: usize) -> Result<Vec<StepTime>> {
         let steps = self.exec.decode.steps.clone();
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
         self.dev.write(self.st.io, &[self.pos as i32, 0])?;

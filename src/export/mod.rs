@@ -33,7 +33,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use crate::checkpoint::{Checkpoint, Mat};
-use crate::config::{Family, ModelConfig};
+use crate::config::{Family, ModelConfig, RouterKind};
 use crate::error::{Error, Result};
 use crate::model::{Attn, Linear, Mlp, Weights};
 use gguf::{GgmlType, GgufFile, GgufWriter, TensorSpec, Value};
@@ -113,7 +113,23 @@ pub const GGUF_ARCHS: &[GgufArch] = &[
         partial_rope: false,
         topk_norm: Some(true),
     },
+    // src/models/lfm2moe.cpp + lfm2.cpp: `n_layer_dense_lead` dense layers, short-conv
+    // layers where `attention.head_count_kv[l] == 0` (`shortconv.{in_proj,conv,out_proj}`),
+    // q/k norms, no biases; build_moe_ffn(..., exp_probs_b, norm_w = true, scale_w = false,
+    // expert_gating_func); the final norm is `token_embd_norm`.
+    GgufArch {
+        family: Family::Lfm2Moe,
+        arch: "lfm2moe",
+        dense_ffn: true,
+        qkv_bias: false,
+        out_bias: false,
+        partial_rope: false,
+        topk_norm: Some(true),
+    },
 ];
+
+/// llama.cpp's `LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID` (`<arch>.expert_gating_func`).
+const GATING_SIGMOID: u32 = 2;
 
 impl GgufArch {
     /// The entry for `family`.
@@ -159,6 +175,27 @@ impl GgufArch {
                 "llama.cpp's `{a}` graph uses norm_topk_prob = {norm}, the model {} (outputs will differ)",
                 cfg.norm_topk_prob
             ));
+        }
+        if cfg.conv.as_ref().is_some_and(|cv| cv.bias) {
+            out.push(format!(
+                "conv_bias: llama.cpp's `{a}` graph has no short-conv biases (they are not written; outputs will differ)"
+            ));
+        }
+        if cfg.conv.as_ref().is_some_and(|cv| cv.kernel < 2) {
+            out.push(format!("conv_L_cache 1: llama.cpp's `{a}` graph needs a kernel of 2 or more (will not load)"));
+        }
+        if let RouterKind::SigmoidBias { expert_bias, routed_scaling_factor } = cfg.router {
+            if routed_scaling_factor != 1.0 {
+                out.push(format!(
+                    "routed_scaling_factor {routed_scaling_factor}: llama.cpp's `{a}` graph does not scale the \
+                     routing weights (outputs will differ)"
+                ));
+            }
+            if !expert_bias {
+                out.push(format!(
+                    "use_expert_bias false: llama.cpp's `{a}` loader requires ffn_exp_probs_b (will not load)"
+                ));
+            }
         }
         out
     }
@@ -207,6 +244,8 @@ enum Src<'a> {
     Mats(Vec<&'a Mat>),
     /// A single row.
     Vector(&'a [f32]),
+    /// An f32 matrix stored row-major, rows of this many values (LFM2's conv kernel).
+    Grid(&'a [f32], usize),
 }
 
 impl Src<'_> {
@@ -214,6 +253,7 @@ impl Src<'_> {
         match self {
             Src::Mats(ms) => ms.iter().map(|m| m.rows).sum(),
             Src::Vector(_) => 1,
+            Src::Grid(v, cols) => v.len() / cols,
         }
     }
 
@@ -224,6 +264,7 @@ impl Src<'_> {
                 ms[r / per].dequant_row(r % per, out);
             }
             Src::Vector(v) => out.copy_from_slice(v),
+            Src::Grid(v, cols) => out.copy_from_slice(&v[r * cols..(r + 1) * cols]),
         }
     }
 }
@@ -274,27 +315,43 @@ impl<'a> Planner<'a> {
     }
 }
 
-fn plan<'a>(w: &'a Weights, tied: bool, quant: GgmlType) -> Vec<Item<'a>> {
+fn plan<'a>(w: &'a Weights, arch: &GgufArch, tied: bool, quant: GgmlType) -> Vec<Item<'a>> {
     let mut p = Planner { items: Vec::new(), quant };
     p.mat("token_embd.weight".into(), &w.embed);
     for (i, l) in w.layers.iter().enumerate() {
         let b = format!("blk.{i}");
         p.vector(format!("{b}.attn_norm.weight"), &l.input_norm);
-        // GGUF_ARCHS has GQA families only: MLA models are refused before planning.
-        if let Attn::Gqa { q, k, v, q_norm, k_norm } = &l.attn {
-            p.linear(&format!("{b}.attn_q"), q);
-            p.linear(&format!("{b}.attn_k"), k);
-            p.linear(&format!("{b}.attn_v"), v);
-            p.linear(&format!("{b}.attn_output"), &l.o);
-            p.vector(format!("{b}.attn_q_norm.weight"), q_norm);
-            p.vector(format!("{b}.attn_k_norm.weight"), k_norm);
+        // GGUF_ARCHS has GQA and short-conv families only: MLA models are refused before
+        // planning.
+        match &l.attn {
+            Attn::Gqa { q, k, v, q_norm, k_norm } => {
+                p.linear(&format!("{b}.attn_q"), q);
+                p.linear(&format!("{b}.attn_k"), k);
+                p.linear(&format!("{b}.attn_v"), v);
+                p.linear(&format!("{b}.attn_output"), &l.o);
+                p.vector(format!("{b}.attn_q_norm.weight"), q_norm);
+                p.vector(format!("{b}.attn_k_norm.weight"), k_norm);
+            }
+            Attn::Conv(cv) => {
+                // Weights only (llama.cpp's graph has no conv biases: a `gaps` warning).
+                p.mat(format!("{b}.shortconv.in_proj.weight"), &cv.in_proj.w);
+                let width = cv.kernel.len() / l.input_norm.len();
+                let dims = vec![width as u64, l.input_norm.len() as u64];
+                p.push(format!("{b}.shortconv.conv.weight"), dims, GgmlType::F32, Src::Grid(&cv.kernel, width));
+                p.mat(format!("{b}.shortconv.out_proj.weight"), &l.o.w);
+            }
+            Attn::Mla(_) => {}
         }
         p.vector(format!("{b}.ffn_norm.weight"), &l.post_norm);
         match &l.mlp {
-            Mlp::Moe { router, experts, .. } => {
+            Mlp::Moe { router, experts, correction_bias, .. } => {
                 p.mat_f32(format!("{b}.ffn_gate_inp.weight"), &router.w);
                 if let Some(bias) = &router.b {
                     p.vector(format!("{b}.ffn_gate_inp.bias"), bias);
+                }
+                // A selection-only bias (LFM2's expert_bias): llama.cpp's `exp_probs_b`.
+                if let Some(bias) = correction_bias {
+                    p.vector(format!("{b}.ffn_exp_probs_b.bias"), bias);
                 }
                 p.experts(format!("{b}.ffn_gate_exps.weight"), &experts.gate);
                 p.experts(format!("{b}.ffn_up_exps.weight"), &experts.up);
@@ -307,7 +364,9 @@ fn plan<'a>(w: &'a Weights, tied: bool, quant: GgmlType) -> Vec<Item<'a>> {
             }
         }
     }
-    p.vector("output_norm.weight".into(), &w.norm);
+    // llama.cpp names LFM2's final norm (transformers' `embedding_norm`) `token_embd_norm`.
+    let norm = if arch.family == Family::Lfm2Moe { "token_embd_norm.weight" } else { "output_norm.weight" };
+    p.vector(norm.into(), &w.norm);
     if !tied {
         p.linear("output", &w.lm_head);
     }
@@ -335,7 +394,13 @@ fn metadata(a: &GgufArch, cfg: &ModelConfig, name: &str, quant: GgufQuant) -> Ve
         add("feed_forward_length", u(cfg.intermediate_size));
     }
     add("attention.head_count", u(cfg.num_heads));
-    add("attention.head_count_kv", u(cfg.num_kv_heads));
+    if cfg.conv.is_some() {
+        // Hybrid models: per layer, 0 KV heads marks a short-conv (recurrent) layer.
+        let kv = (0..cfg.num_layers).map(|l| u(if cfg.is_conv_layer(l) { 0 } else { cfg.num_kv_heads })).collect();
+        add("attention.head_count_kv", Value::Array(gguf::ValueType::U32, kv));
+    } else {
+        add("attention.head_count_kv", u(cfg.num_kv_heads));
+    }
     add("attention.key_length", u(cfg.head_dim));
     add("attention.value_length", u(cfg.head_dim));
     add("attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps));
@@ -346,6 +411,11 @@ fn metadata(a: &GgufArch, cfg: &ModelConfig, name: &str, quant: GgufQuant) -> Ve
         add("expert_used_count", u(cfg.top_k));
         add("expert_feed_forward_length", u(cfg.moe_intermediate_size));
         add("expert_weights_norm", Value::Bool(cfg.norm_topk_prob));
+    }
+    if let Some(cv) = &cfg.conv {
+        add("shortconv.l_cache", u(cv.kernel));
+        add("leading_dense_block_count", u((0..cfg.num_layers).take_while(|&l| !cfg.is_moe_layer(l)).count()));
+        add("expert_gating_func", Value::U32(GATING_SIGMOID));
     }
     add("vocab_size", u(cfg.vocab_size));
     kv.push(("tokenizer.ggml.model".into(), Value::Str("none".into())));
@@ -427,7 +497,7 @@ pub fn export_gguf(
         warn(w);
     }
     let tied = cfg.tie_word_embeddings && !ck.has("lm_head.weight");
-    let items = plan(&weights, tied, opts.quant.ggml_type());
+    let items = plan(&weights, arch, tied, opts.quant.ggml_type());
     for it in &items {
         if it.spec.ty.row_bytes(it.spec.dims[0] as usize).is_none() {
             return Err(Error::tensor(

@@ -364,6 +364,36 @@ __device__ __forceinline__ void pdl_entry() {
 #endif
 }
 
+// Top-K of one token's selection scores c (expert lane + 32·i in slot i of each lane's
+// arrays; -inf never chosen), largest first, the lowest index winning ties: writes the
+// chosen experts to idx (lane 0) and their weights sg to sel; returns Σ sel in slot order.
+__device__ __forceinline__ float select_topk_warp(const float (&sg)[32], const float (&c)[32], int E, int K, int* idx,
+                                                  float* sel) {
+    int lane = threadIdx.x & 31;
+    float tot = 0.f;
+    unsigned taken = 0;  // bit i: expert lane + 32·i already chosen
+    for (int j = 0; j < K; j++) {
+        float bv = -INFINITY, bs = 0.f;
+        int bi = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            int e = lane + 32 * i;
+            if (e < E && !(taken >> i & 1u) && c[i] > bv) { bv = c[i]; bs = sg[i]; bi = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bs = os; bi = oi; }
+        }
+        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        sel[j] = bs;
+        tot += bs;
+        if (lane == 0) idx[j] = bi;
+    }
+    return tot;
+}
+
 // GLM / DeepSeek router of one token by one warp (model-spec §3.6): s = sigmoid(logit);
 // selection on s + bias among the topk_group groups (of n_group ≤ 32) with the largest
 // sum of their two best biased scores (lowest group wins ties), top-K with the lowest
@@ -410,27 +440,8 @@ __device__ void router_sigmoid_warp(const float* lg, const float* bias, int E, i
 #pragma unroll
         for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E && !keep[e / per]) c[i] = -INFINITY; }
     }
-    float tot = 0.f, sel[16];
-    unsigned taken = 0;  // bit i: expert lane + 32·i already chosen
-    for (int j = 0; j < K; j++) {
-        float bv = -INFINITY, bs = 0.f;
-        int bi = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            int e = lane + 32 * i;
-            if (e < E && !(taken >> i & 1u) && c[i] > bv) { bv = c[i]; bs = sg[i]; bi = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bs = os; bi = oi; }
-        }
-        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-        sel[j] = bs;
-        tot += bs;
-        if (lane == 0) idx[j] = bi;
-    }
+    float sel[16];
+    float tot = select_topk_warp(sg, c, E, K, idx, sel);
     if (lane == 0) {
         float den = tot + 1e-20f;
         for (int j = 0; j < K; j++) wout[j] = (norm ? sel[j] / den : sel[j]) * scale;

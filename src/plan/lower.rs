@@ -115,7 +115,11 @@ fn decode_only(s: &Step) -> bool {
     matches!(
         s,
         Step::Fused {
-            op: Fusion::MoeRouter | Fusion::MoeGateUpSwiglu | Fusion::MoeDownCombineAdd | Fusion::OProjAddRmsNorm,
+            op: Fusion::MoeRouter
+                | Fusion::MoeGateUpSwiglu
+                | Fusion::MoeDownCombineAdd
+                | Fusion::OProjAddRmsNorm
+                | Fusion::ConvMixer,
             ..
         }
     )
@@ -155,9 +159,11 @@ impl Plan {
             let r = match s {
                 Step::Linear { w: r, .. } => w.linear(r).map(drop),
                 Step::RmsNorm { w: r, .. } | Step::HeadNorm { w: r, .. } => w.norm(r).map(drop),
-                Step::Moe { layer, op: MoeOp::ExpertGateUp | MoeOp::ExpertDown | MoeOp::SigmoidTopK } => {
-                    w.experts(layer).map(drop)
-                }
+                Step::Moe {
+                    layer,
+                    op: MoeOp::ExpertGateUp | MoeOp::ExpertDown | MoeOp::SigmoidTopK | MoeOp::SigmoidBiasTopK,
+                } => w.experts(layer).map(drop),
+                Step::Attn { layer, op: AttnOp::ShortConv } => w.conv(layer).map(drop),
                 Step::Attn { layer, op: AttnOp::Rope | AttnOp::KvAppend | AttnOp::Attention } => {
                     w.linear(LinRef::K(layer)).map(drop)
                 }

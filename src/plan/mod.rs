@@ -59,11 +59,13 @@ pub enum Buf {
     OLat,
     /// Shared-expert output `[T, H]`.
     SharedOut,
+    /// LFM2 short conv's in_proj output `[T, 3H]`: the gates B, C and the input X.
+    Bcx,
 }
 
 impl Buf {
     /// Every buffer, for backends that allocate them up front.
-    pub const ALL: [Buf; 18] = [
+    pub const ALL: [Buf; 19] = [
         Buf::X,
         Buf::H,
         Buf::Q,
@@ -82,6 +84,7 @@ impl Buf {
         Buf::QLat,
         Buf::OLat,
         Buf::SharedOut,
+        Buf::Bcx,
     ];
 }
 
@@ -193,6 +196,10 @@ pub enum AttnOp {
     /// `MlaVUp`, different rounding and O(S) projections per step (CPU only; see
     /// [`Plan::with_expanded_mla`]).
     MlaAttentionExpanded,
+    /// LFM2 gated short convolution (model-spec §4.4) of `Bcx` → `Attn` `[T, H]`:
+    /// `u = B ⊙ X`, causal depthwise convolution of `u` over the layer's conv state (the last
+    /// `L − 1` values of `u`) and this chunk, `Attn = C ⊙ conv`; the state moves on by `T`.
+    ShortConv,
 }
 
 /// The ops of a layer's routed experts.
@@ -203,6 +210,10 @@ pub enum MoeOp {
     /// GLM / DeepSeek router on `RouterLogits`: sigmoid, the layer's correction bias for
     /// selection, group limiting, top-k (lowest index wins ties), renormalise, scale.
     SigmoidTopK,
+    /// LFM2 router on `RouterLogits`: sigmoid, the layer's expert bias for selection, top-k
+    /// (lowest index wins ties), weights the unbiased scores renormalised (`/ (sum + 1e-6)`)
+    /// and scaled.
+    SigmoidBiasTopK,
     /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`.
     ExpertGateUp,
     /// Down projection of each selected expert: `Act` → `ExpertOut` `[T·K, H]`.
@@ -234,6 +245,8 @@ pub enum Fusion {
     QkNormRopeKv,
     /// `qk_norm_rope` for MLA: the latent norm, RoPE of q_pe and k_pe, the latent-cache append.
     LatentNormRopeAppend,
+    /// `conv_mixer`: LFM2's in_proj and gated short convolution (one token).
+    ConvMixer,
 }
 
 impl Step {
@@ -298,6 +311,7 @@ impl AttnOp {
             AttnOp::MlaAttention => "mla_attention",
             AttnOp::MlaVUp => "mla_v_up",
             AttnOp::MlaAttentionExpanded => "mla_attention_expanded",
+            AttnOp::ShortConv => "short_conv",
         }
     }
 }
@@ -308,6 +322,7 @@ impl MoeOp {
         match self {
             MoeOp::RouterTopK => "router_topk",
             MoeOp::SigmoidTopK => "sigmoid_topk",
+            MoeOp::SigmoidBiasTopK => "sigmoid_bias_topk",
             MoeOp::ExpertGateUp => "expert_gate_up",
             MoeOp::ExpertDown => "expert_down",
             MoeOp::Combine => "combine",
@@ -323,6 +338,9 @@ impl Fusion {
         match self {
             Fusion::MoeRouter if has(&|s| matches!(s, Step::Moe { op: MoeOp::SigmoidTopK, .. })) => {
                 "moe_sigmoid_router".into()
+            }
+            Fusion::MoeRouter if has(&|s| matches!(s, Step::Moe { op: MoeOp::SigmoidBiasTopK, .. })) => {
+                "moe_sigmoid_bias_router".into()
             }
             Fusion::MoeRouter => "moe_router".into(),
             Fusion::MoeGateUpSwiglu => "moe_gate_up_swiglu".into(),
@@ -343,6 +361,7 @@ impl Fusion {
             Fusion::InProj => "qkv_proj".into(),
             Fusion::QkNormRopeKv => "qk_norm_rope_kv".into(),
             Fusion::LatentNormRopeAppend => "latent_norm_rope_append".into(),
+            Fusion::ConvMixer => "conv_in_short_conv".into(),
         }
     }
 }
@@ -386,6 +405,7 @@ impl Plan {
         match cfg.family {
             Family::Qwen3Moe => family::qwen3_moe::reference(cfg),
             Family::Glm4MoeLite | Family::DeepseekV3 => family::mla_moe::reference(cfg),
+            Family::Lfm2Moe => family::lfm2_moe::reference(cfg),
         }
     }
 

@@ -34,18 +34,21 @@ pub enum Pattern {
     ResidualNorm,
     /// Shared experts' gate+up+SwiGLU in one kernel (GLM / DeepSeek).
     SharedExpert,
+    /// LFM2's in_proj and gated short convolution in one kernel (decode).
+    ConvMixer,
 }
 
 impl Pattern {
     /// Every pattern, in the order rewrites are applied (`moe_mlp` claims the residual add
     /// after the expert combine before `residual_norm` looks for adds).
-    pub const ALL: [Pattern; 6] = [
+    pub const ALL: [Pattern; 7] = [
         Pattern::MoeMlp,
         Pattern::SwigluMlp,
         Pattern::QkvProj,
         Pattern::QkNormRope,
         Pattern::ResidualNorm,
         Pattern::SharedExpert,
+        Pattern::ConvMixer,
     ];
 
     /// The CLI name.
@@ -57,6 +60,7 @@ impl Pattern {
             Pattern::QkNormRope => "qk_norm_rope",
             Pattern::ResidualNorm => "residual_norm",
             Pattern::SharedExpert => "shared_expert",
+            Pattern::ConvMixer => "conv_mixer",
         }
     }
 
@@ -69,6 +73,7 @@ impl Pattern {
             Pattern::QkNormRope => "q/k head norms + RoPE + KV-cache append (MLA: latent norm + RoPE + append)",
             Pattern::ResidualNorm => "residual add + RMSNorm (with o_proj before it after attention)",
             Pattern::SharedExpert => "shared experts' gate+up+SwiGLU",
+            Pattern::ConvMixer => "short conv's in_proj + gating + causal conv + gating (one token)",
         }
     }
 
@@ -91,7 +96,7 @@ impl Pattern {
         let (op, parts): (Fusion, Vec<Step>) = match (self, rest.first()?) {
             (Pattern::MoeMlp, Step::Linear { w: LinRef::Router(l), .. }) => {
                 let top_k = match rest.get(1)? {
-                    Step::Moe { op: MoeOp::SigmoidTopK, .. } => MoeOp::SigmoidTopK,
+                    Step::Moe { op: op @ (MoeOp::SigmoidTopK | MoeOp::SigmoidBiasTopK), .. } => *op,
                     _ => MoeOp::RouterTopK,
                 };
                 (Fusion::MoeRouter, vec![lin(LinRef::Router(*l), H, RouterLogits), moe(*l, top_k)])
@@ -106,6 +111,9 @@ impl Pattern {
                 }
                 run.push(Step::Add { dst: X, src: Out });
                 (Fusion::MoeDownCombineAdd, run)
+            }
+            (Pattern::ConvMixer, Step::Linear { w: LinRef::ConvIn(l), .. }) => {
+                (Fusion::ConvMixer, vec![lin(LinRef::ConvIn(*l), H, Bcx), attn(*l, AttnOp::ShortConv)])
             }
             (Pattern::SharedExpert, Step::Linear { w: LinRef::SharedGate(l), .. }) => (
                 Fusion::GateUpSwiglu,
@@ -185,13 +193,33 @@ pub fn policy(family: Family) -> FamilyPolicy {
         // All five are bit-identical; measured on the H200 (bench/RESULTS.md, "patched vs
         // reference"), none costs speed on the qwen3-30b-a3b preset.
         Family::Qwen3Moe => FamilyPolicy {
-            defaults: Pattern::ALL.into_iter().filter(|&p| p != Pattern::SharedExpert).collect(),
-            excluded: vec![(Pattern::SharedExpert, "no shared experts in this family")],
+            defaults: Pattern::ALL
+                .into_iter()
+                .filter(|&p| !matches!(p, Pattern::SharedExpert | Pattern::ConvMixer))
+                .collect(),
+            excluded: vec![
+                (Pattern::SharedExpert, "no shared experts in this family"),
+                (Pattern::ConvMixer, "no short-conv layers in this family"),
+            ],
         },
         // The same six, in their MLA / sigmoid-router / shared-expert forms (bit-identical).
-        Family::Glm4MoeLite | Family::DeepseekV3 => {
-            FamilyPolicy { defaults: Pattern::ALL.to_vec(), excluded: Vec::new() }
-        }
+        Family::Glm4MoeLite | Family::DeepseekV3 => FamilyPolicy {
+            defaults: Pattern::ALL.into_iter().filter(|&p| p != Pattern::ConvMixer).collect(),
+            excluded: vec![(Pattern::ConvMixer, "no short-conv layers in this family")],
+        },
+        // LFM2: the Qwen3 five on its attention layers, its dense and MoE FFNs; o_proj +
+        // residual + norm also after every short conv (its out_proj is the layer's `O`).
+        // conv_mixer is bit-identical but opt-in until its decode speedup is measured on a GPU.
+        Family::Lfm2Moe => FamilyPolicy {
+            defaults: Pattern::ALL
+                .into_iter()
+                .filter(|&p| !matches!(p, Pattern::SharedExpert | Pattern::ConvMixer))
+                .collect(),
+            excluded: vec![
+                (Pattern::SharedExpert, "no shared experts in this family"),
+                (Pattern::ConvMixer, "opt-in (--patterns): decode speedup not yet measured"),
+            ],
+        },
     }
 }
 
@@ -310,6 +338,8 @@ fn not_applied_reason(cfg: &ModelConfig, pattern: Pattern, layer: usize) -> &'st
         Pattern::SwigluMlp if moe => "MoE layer (its MLP is moe_mlp's)",
         Pattern::SharedExpert if cfg.n_shared_experts == 0 => "the family has no shared experts",
         Pattern::SharedExpert if !moe => "dense MLP layer (no shared experts)",
+        Pattern::QkvProj | Pattern::QkNormRope if cfg.is_conv_layer(layer) => "short-conv layer (no attention)",
+        Pattern::ConvMixer if !cfg.is_conv_layer(layer) => "attention layer (no short conv)",
         _ => "the steps it replaces are not in this layer's plan",
     }
 }
@@ -405,7 +435,7 @@ mod tests {
             assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
             let replaced: usize = applied.iter().map(|a| a.step.components().len() - 1).sum();
             assert_eq!(plan.steps.len() + replaced, reference.steps.len());
-            for p in pats.iter().filter(|&&p| p != Pattern::SharedExpert) {
+            for p in pats.iter().filter(|&&p| !matches!(p, Pattern::SharedExpert | Pattern::ConvMixer)) {
                 assert!(applied.iter().any(|a| a.pattern == *p), "{p} fused nothing");
             }
         }
@@ -430,7 +460,7 @@ mod tests {
                     Pattern::ALL.into_iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, p)| p).collect();
                 let (plan, applied) = apply(&reference, &pats);
                 assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
-                for p in &pats {
+                for p in pats.iter().filter(|&&p| p != Pattern::ConvMixer) {
                     assert!(applied.iter().any(|a| a.pattern == *p), "{p} fused nothing (q_lora {q_lora})");
                 }
             }

@@ -29,6 +29,7 @@ HERE=bench/peers/llama_cpp
 # family   zmoe synth preset   llama.cpp arch   (one line per family)
 FAMILIES="
 qwen3_moe  qwen3-30b-a3b  qwen3moe
+lfm2_moe   lfm2-8b-a1b    lfm2moe
 "
 PREPARE_ONLY=0
 if [ "${1:-}" = --prepare-only ]; then PREPARE_ONLY=1; shift; fi

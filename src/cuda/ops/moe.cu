@@ -77,6 +77,39 @@ extern "C" __global__ void expert_matvec_grouped(const ExpertMatvecGroupedArgs p
     }
 }
 
+// LFM2 router of one token by one warp (model-spec §4.5), rounded where transformers' bf16
+// model rounds: r = bf16(logit), s = bf16(sigmoid(r)); selection on s + bias (f32; on s
+// without a bias), top-K with the lowest index winning ties; weights = s of the chosen,
+// when norm renormalised in bf16 (den = bf16(bf16(Σ) + 1e-6), w = bf16(w / den)), then
+// w = bf16(w · scale). E ≤ 1024.
+__device__ void router_sigmoid_bias_warp(const float* lg, const float* bias, int E, int K, int norm, float scale,
+                                         int* idx, float* wout) {
+    int lane = threadIdx.x & 31;
+    float sg[32], c[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        int e = lane + 32 * i;
+        float r = e < E ? bf2f(f2bf(__ldcg(lg + e))) : 0.f;
+        sg[i] = e < E ? bf2f(f2bf(1.f / (1.f + expf(-r)))) : 0.f;
+        c[i] = e < E ? sg[i] + (bias ? bias[e] : 0.f) : -INFINITY;
+    }
+    float sel[16];
+    float tot = select_topk_warp(sg, c, E, K, idx, sel);
+    if (lane == 0) {
+        float den = bf2f(f2bf(bf2f(f2bf(tot)) + 1e-6f));
+        for (int j = 0; j < K; j++) {
+            float w = norm ? bf2f(f2bf(sel[j] / den)) : sel[j];
+            wout[j] = bf2f(f2bf(w * scale));
+        }
+    }
+}
+
+extern "C" __global__ void router_sigmoid_bias(const RouterSigmoidBiasArgs p) {
+    pdl_entry();
+    int m = blockIdx.x, E = p.e, K = p.k;
+    router_sigmoid_bias_warp(p.logits + (long)m * E, p.bias, E, K, p.norm, p.scale, p.idx + m * K, p.wout + m * K);
+}
+
 extern "C" __global__ void router_sigmoid(const RouterSigmoidArgs p) {
     pdl_entry();
     int m = blockIdx.x, E = p.e, K = p.k;
@@ -147,6 +180,18 @@ extern "C" __global__ void moe_router_sigmoid(const MoeRouterSigmoidArgs p) {
     if (threadIdx.x < WARP)
         router_sigmoid_warp(p.logits + (long)m * E, p.ebias, E, K, p.n_group, p.topk_group, p.norm, p.scale,
                             p.idx + m * K, p.wout + m * K);
+}
+
+// moe_mlp 1/3 for LFM2's router: the same logits, then in the last block to finish the
+// bf16-rounded sigmoid top-k with the expert bias of router_sigmoid_bias.
+extern "C" __global__ void moe_router_sigmoid_bias(const MoeRouterSigmoidBiasArgs p) {
+    pdl_entry();
+    int m = blockIdx.z, E = p.e, K = p.k;
+    router_logits_rows(p.w, p.x, p.logits, nullptr, E, p.h, m);
+    if (!last_to_finish(p.tickets + m, gridDim.x)) return;
+    if (threadIdx.x < WARP)
+        router_sigmoid_bias_warp(p.logits + (long)m * E, p.ebias, E, K, p.norm, p.scale, p.idx + m * K,
+                                 p.wout + m * K);
 }
 
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
