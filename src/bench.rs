@@ -202,7 +202,9 @@ fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
     for layer in &w.layers {
         add("attention", layer.o.w.format_name());
         match &layer.attn {
-            Attn::Gqa { q, k, v, .. } => [q, k, v].iter().for_each(|l| add("attention", l.w.format_name())),
+            Attn::Gqa { q, k, v, .. } | Attn::Sink { q, k, v, .. } => {
+                [q, k, v].iter().for_each(|l| add("attention", l.w.format_name()))
+            }
             Attn::Mla(m) => {
                 for l in m.q_a.iter().chain([&m.q, &m.kv_a]) {
                     add("attention", l.w.format_name());

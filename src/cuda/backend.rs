@@ -170,6 +170,9 @@ impl CudaBackend {
             }
             _ => {}
         }
+        if c.gpt_oss.is_some() {
+            return Err(unsupported("GPT-OSS (sinks, sliding windows, MXFP4 experts) runs on the CPU only".into()));
+        }
         if let RouterKind::SigmoidGrouped { n_group, .. } = c.router
             && n_group > 32
         {
@@ -430,6 +433,10 @@ impl CudaBackend {
             Step::Add { dst, src } => {
                 let a = norm::AddArgs { x: wr(self.buf(dst)), y: rd(self.buf(src)), n: (mm * h) as i64 };
                 norm::add(dev, &a)?;
+            }
+            Step::Attn { op: AttnOp::SinkAttention, .. }
+            | Step::Moe { op: MoeOp::TopKSoftmax | MoeOp::ClampSwiglu, .. } => {
+                return Err(unsupported(format!("step `{}`", step.kind())));
             }
             Step::Moe { op: MoeOp::RouterTopK, .. } => {
                 let a = moe::RouterTopkArgs {

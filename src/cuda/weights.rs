@@ -79,7 +79,7 @@ impl DeviceWeights {
     pub(crate) fn gqa(&self, l: usize) -> Result<(&DLinear, &DLinear, &DLinear, u64, u64)> {
         match &self.layers[l].attn {
             Attn::Gqa { q, k, v, q_norm, k_norm } => Ok((q, k, v, *q_norm, *k_norm)),
-            Attn::Mla(_) => Err(Error::Cuda(format!("plan asks for q/k/v projections of MLA layer {l}"))),
+            _ => Err(Error::Cuda(format!("plan asks for the q/k/v projections and q/k norms of layer {l}"))),
         }
     }
 

@@ -155,12 +155,14 @@ impl Plan {
             let r = match s {
                 Step::Linear { w: r, .. } => w.linear(r).map(drop),
                 Step::RmsNorm { w: r, .. } | Step::HeadNorm { w: r, .. } => w.norm(r).map(drop),
-                Step::Moe { layer, op: MoeOp::ExpertGateUp | MoeOp::ExpertDown | MoeOp::SigmoidTopK } => {
-                    w.experts(layer).map(drop)
-                }
+                Step::Moe {
+                    layer,
+                    op: MoeOp::ExpertGateUp | MoeOp::ExpertDown | MoeOp::SigmoidTopK | MoeOp::ClampSwiglu,
+                } => w.experts(layer).map(drop),
                 Step::Attn { layer, op: AttnOp::Rope | AttnOp::KvAppend | AttnOp::Attention } => {
                     w.linear(LinRef::K(layer)).map(drop)
                 }
+                Step::Attn { layer, op: AttnOp::SinkAttention } => w.sinks(layer).map(drop),
                 Step::Attn { layer, .. } => w.mla(layer).map(drop),
                 _ => Ok(()),
             };

@@ -193,6 +193,10 @@ pub enum AttnOp {
     /// `MlaVUp`, different rounding and O(S) projections per step (CPU only; see
     /// [`Plan::with_expanded_mla`]).
     MlaAttentionExpanded,
+    /// GPT-OSS: causal attention of Q over the layer's cache with one sink logit per query
+    /// head as an extra softmax column that is then dropped, over the layer's sliding
+    /// window (`ModelConfig::window`) or all keys → `Attn`.
+    SinkAttention,
 }
 
 /// The ops of a layer's routed experts.
@@ -203,9 +207,17 @@ pub enum MoeOp {
     /// GLM / DeepSeek router on `RouterLogits`: sigmoid, the layer's correction bias for
     /// selection, group limiting, top-k (lowest index wins ties), renormalise, scale.
     SigmoidTopK,
-    /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`.
+    /// GPT-OSS router on `RouterLogits` (bias included): top-k on the logits (lowest index
+    /// wins ties), softmax over the k selected.
+    TopKSoftmax,
+    /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`
+    /// (+ the experts' biases where they have them).
     ExpertGateUp,
-    /// Down projection of each selected expert: `Act` → `ExpertOut` `[T·K, H]`.
+    /// GPT-OSS expert activation: `Act = (clamp(Up, ±L) + 1) · g · σ(α·g)` with
+    /// `g = min(Gate, L)` (model-spec §5.5 step 8).
+    ClampSwiglu,
+    /// Down projection of each selected expert: `Act` → `ExpertOut` `[T·K, H]` (+ the down
+    /// bias, before the routing weight).
     ExpertDown,
     /// `Out[t] = Σ_j w[t,j] · ExpertOut[t·K+j]`, f32 accumulation in slot order.
     Combine,
@@ -298,6 +310,7 @@ impl AttnOp {
             AttnOp::MlaAttention => "mla_attention",
             AttnOp::MlaVUp => "mla_v_up",
             AttnOp::MlaAttentionExpanded => "mla_attention_expanded",
+            AttnOp::SinkAttention => "sink_attention",
         }
     }
 }
@@ -308,6 +321,8 @@ impl MoeOp {
         match self {
             MoeOp::RouterTopK => "router_topk",
             MoeOp::SigmoidTopK => "sigmoid_topk",
+            MoeOp::TopKSoftmax => "topk_softmax",
+            MoeOp::ClampSwiglu => "clamp_swiglu",
             MoeOp::ExpertGateUp => "expert_gate_up",
             MoeOp::ExpertDown => "expert_down",
             MoeOp::Combine => "combine",
@@ -386,6 +401,7 @@ impl Plan {
         match cfg.family {
             Family::Qwen3Moe => family::qwen3_moe::reference(cfg),
             Family::Glm4MoeLite | Family::DeepseekV3 => family::mla_moe::reference(cfg),
+            Family::GptOss => family::gpt_oss::reference(cfg),
         }
     }
 

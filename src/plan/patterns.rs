@@ -192,6 +192,7 @@ pub fn policy(family: Family) -> FamilyPolicy {
         Family::Glm4MoeLite | Family::DeepseekV3 => {
             FamilyPolicy { defaults: Pattern::ALL.to_vec(), excluded: Vec::new() }
         }
+        Family::GptOss => FamilyPolicy { defaults: Vec::new(), excluded: Vec::new() },
     }
 }
 
