@@ -204,11 +204,13 @@ fn kernel_elementwise_match_cpu() {
     assert!(rel_err(&from_bf16(&got), &want) < 8e-3);
 }
 
+/// The golden fixtures of the families the CUDA backend runs (GPT-OSS is CPU-only so far:
+/// `CudaBackend` refuses it by name).
 fn golden_dirs() -> Vec<PathBuf> {
     // The binary may run on another machine (scripts/gpu_test.sh sets ZMOE_REPO there).
     let repo =
         std::env::var_os("ZMOE_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    common::golden_dirs(&repo)
+    common::golden_dirs(&repo).into_iter().filter(|d| !d.to_string_lossy().contains("gpt_oss")).collect()
 }
 
 /// A copy of a model folder with every f32 tensor rounded to bf16 — the GPU stores float

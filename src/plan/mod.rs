@@ -339,7 +339,13 @@ impl Fusion {
             Fusion::MoeRouter if has(&|s| matches!(s, Step::Moe { op: MoeOp::SigmoidTopK, .. })) => {
                 "moe_sigmoid_router".into()
             }
+            Fusion::MoeRouter if has(&|s| matches!(s, Step::Moe { op: MoeOp::TopKSoftmax, .. })) => {
+                "moe_topk_softmax_router".into()
+            }
             Fusion::MoeRouter => "moe_router".into(),
+            Fusion::MoeGateUpSwiglu if has(&|s| matches!(s, Step::Moe { op: MoeOp::ClampSwiglu, .. })) => {
+                "moe_gate_up_clamp_swiglu".into()
+            }
             Fusion::MoeGateUpSwiglu => "moe_gate_up_swiglu".into(),
             Fusion::MoeDownCombineAdd if has(&|s| matches!(s, Step::Add { src: Buf::SharedOut, .. })) => {
                 "moe_down_combine_shared_add".into()
