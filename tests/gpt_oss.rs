@@ -193,3 +193,25 @@ fn bad_gpt_oss_checkpoints_name_the_tensor() {
     let e = load(sinks.path());
     assert!(e.contains("model.layers.3.self_attn.sinks") && e.contains("missing"), "{e}");
 }
+
+/// The CUDA lowering runs GPT-OSS's `moe_mlp` steps as their components (no fused kernel
+/// for its router, clamped SwiGLU and biased experts yet) and keeps the fused projections;
+/// `zmoe patterns --exec` prints exactly this.
+#[test]
+fn cuda_lowering_runs_gpt_oss_moe_as_components() {
+    use zmoe::plan::patterns::{Selection, patched_plan};
+    use zmoe::plan::{Fusion, Step, lower};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Model::load(&tiny(tmp.path(), "m", SynthQuant::Mxfp4, 9)).unwrap();
+    let (plan, applied) = patched_plan(model.config(), &Selection::default());
+    assert!(!applied.is_empty());
+    let exec = lower::cuda(&plan, &model.weights, &[]).unwrap();
+    let fused =
+        |p: &Plan, op: Fusion| p.steps.iter().filter(|s| matches!(s, Step::Fused { op: o, .. } if *o == op)).count();
+    for op in [Fusion::MoeRouter, Fusion::MoeGateUpSwiglu, Fusion::MoeDownCombineAdd] {
+        assert!(fused(&plan, op) > 0 && fused(&exec.decode, op) == 0, "{op:?}");
+    }
+    assert_eq!(fused(&exec.decode, Fusion::InProj), 4);
+    assert_eq!(fused(&exec.decode, Fusion::OProjAddRmsNorm), 4);
+    assert_eq!(zmoe::plan::patterns::expand(&exec.decode).steps, Plan::reference(model.config()).steps);
+}

@@ -11,7 +11,9 @@
 use std::sync::Arc;
 
 use super::Device;
-use super::ops::{self, Bf16, I32, Void, attention as attn, int, linear, mla, moe, norm, rd, rope, sample, wr};
+use super::ops::{
+    self, Bf16, I32, Void, attention as attn, gpt_oss, int, linear, mla, moe, norm, rd, rope, sample, wr,
+};
 use super::weights::{DLinear, DMat, DeviceWeights, Upload, unsupported};
 use crate::backend::{Backend, DeviceInfo, StepTime};
 use crate::config::{ModelConfig, RouterKind};
@@ -56,6 +58,10 @@ enum LayerCache {
     Kv { k: u64, v: u64 },
     /// MLA: the latent row (normalised latent + roped k_pe), bf16 `[max_ctx, kv_lora + rope]`.
     Latent { rows: u64 },
+    /// A sliding-window layer (GPT-OSS): K and V rows `[ring, nKV·D]`, token p in row
+    /// p mod ring. `ring` = window + CHUNK − 1: a prefill chunk appends all its rows before
+    /// its first query reads the oldest key it still needs.
+    Ring { k: u64, v: u64, ring: usize },
 }
 
 impl LayerCache {
@@ -67,12 +73,30 @@ impl LayerCache {
         }
     }
 
-    /// One layer's cache for `max_ctx` tokens.
-    fn alloc(dev: &mut Device, c: &ModelConfig, max_ctx: usize) -> Result<LayerCache> {
+    /// Rows of layer `l`'s ring, if it slides.
+    fn ring(c: &ModelConfig, l: usize) -> Option<usize> {
+        c.window(l).map(|w| w + CHUNK - 1)
+    }
+
+    /// Cache bytes per token of context (the layers without a ring), and the bytes of the
+    /// rings (fixed, whatever the context).
+    fn bytes(c: &ModelConfig) -> (usize, usize) {
+        let row = LayerCache::row(c) * 2;
+        let rings: usize = (0..c.num_layers).filter_map(|l| LayerCache::ring(c, l)).sum();
+        let growing = (0..c.num_layers).filter(|&l| c.window(l).is_none()).count();
+        (row * growing, row * rings)
+    }
+
+    /// Layer `l`'s cache for `max_ctx` tokens.
+    fn alloc(dev: &mut Device, c: &ModelConfig, l: usize, max_ctx: usize) -> Result<LayerCache> {
         let bytes = max_ctx * LayerCache::row(c) * 2;
-        Ok(match c.mla {
-            Some(_) => LayerCache::Latent { rows: dev.alloc(bytes)? },
-            None => LayerCache::Kv { k: dev.alloc(bytes / 2)?, v: dev.alloc(bytes / 2)? },
+        Ok(match (c.mla.is_some(), LayerCache::ring(c, l)) {
+            (true, _) => LayerCache::Latent { rows: dev.alloc(bytes)? },
+            (false, Some(ring)) => {
+                let half = ring * LayerCache::row(c);
+                LayerCache::Ring { k: dev.alloc(half)?, v: dev.alloc(half)?, ring }
+            }
+            (false, None) => LayerCache::Kv { k: dev.alloc(bytes / 2)?, v: dev.alloc(bytes / 2)? },
         })
     }
 }
@@ -170,8 +194,20 @@ impl CudaBackend {
             }
             _ => {}
         }
-        if c.gpt_oss.is_some() {
-            return Err(unsupported("GPT-OSS (sinks, sliding windows, MXFP4 experts) runs on the CPU only".into()));
+        // MXFP4 stacks are read by GPT-OSS's expert kernels only.
+        let mxfp4 =
+            |m: &[crate::checkpoint::Mat]| m.iter().any(|m| matches!(m.kind, crate::checkpoint::MatKind::Mxfp4 { .. }));
+        for (l, ly) in weights.layers.iter().enumerate() {
+            let stacks_mxfp4 = match (&ly.mlp, &ly.attn) {
+                (_, crate::model::Attn::Mla(m)) if mxfp4(&m.embed_q) || mxfp4(&m.unembed_out) => true,
+                (crate::model::Mlp::Moe { experts: e, .. }, _) => {
+                    c.gpt_oss.is_none() && (mxfp4(&e.gate) || mxfp4(&e.up) || mxfp4(&e.down))
+                }
+                _ => false,
+            };
+            if stacks_mxfp4 {
+                return Err(unsupported(format!("MXFP4 expert or head weights in layer {l} of a non-GPT-OSS model")));
+            }
         }
         if let RouterKind::SigmoidGrouped { n_group, .. } = c.router
             && n_group > 32
@@ -186,8 +222,10 @@ impl CudaBackend {
         // The KV cache after the weights, sized to the memory they left free. Cached bf16
         // values per token and layer: K and V rows, or MLA's latent row.
         let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
-        let max_ctx = kv_capacity(c, ctx, LayerCache::row(c) * 2 * c.num_layers, free)?;
-        let caches = (0..c.num_layers).map(|_| LayerCache::alloc(&mut dev, c, max_ctx)).collect::<Result<Vec<_>>>()?;
+        let (token_bytes, ring_bytes) = LayerCache::bytes(c);
+        let max_ctx = kv_capacity(c, ctx, token_bytes, free.saturating_sub(ring_bytes))?;
+        let caches =
+            (0..c.num_layers).map(|l| LayerCache::alloc(&mut dev, c, l, max_ctx)).collect::<Result<Vec<_>>>()?;
         // Activation buffers for CHUNK rows.
         let (k, nh) = (c.top_k.max(1), c.num_heads);
         let ffn = (k * c.moe_intermediate_size).max(c.intermediate_size).max(c.shared_intermediate_size());
@@ -274,6 +312,16 @@ impl CudaBackend {
         match self.caches[l] {
             LayerCache::Kv { k, v } => Ok((k, v)),
             LayerCache::Latent { .. } => Err(Error::Cuda(format!("plan asks for the KV cache of MLA layer {l}"))),
+            LayerCache::Ring { .. } => Err(Error::Cuda(format!("plan asks for the linear KV cache of ring layer {l}"))),
+        }
+    }
+
+    /// `(K cache, V cache, ring rows or 0)` of GQA layer `l`, linear or a ring.
+    fn kv_ring(&self, l: usize) -> Result<(u64, u64, usize)> {
+        match self.caches[l] {
+            LayerCache::Kv { k, v } => Ok((k, v, 0)),
+            LayerCache::Ring { k, v, ring } => Ok((k, v, ring)),
+            LayerCache::Latent { .. } => Err(Error::Cuda(format!("plan asks for the KV cache of MLA layer {l}"))),
         }
     }
 
@@ -281,7 +329,7 @@ impl CudaBackend {
     fn latent_cache(&self, l: usize) -> Result<u64> {
         match self.caches[l] {
             LayerCache::Latent { rows } => Ok(rows),
-            LayerCache::Kv { .. } => Err(Error::Cuda(format!("plan asks for the latent cache of GQA layer {l}"))),
+            _ => Err(Error::Cuda(format!("plan asks for the latent cache of GQA layer {l}"))),
         }
     }
 
@@ -386,6 +434,20 @@ impl CudaBackend {
                     self.st.act_elems = mm * lin.w.rows;
                 }
             }
+            Step::Attn { op: AttnOp::Rope, .. } if c.rope.attention_scaling != 1.0 => {
+                let a = gpt_oss::RopeScaledArgs {
+                    q: wr(self.buf(Buf::Q)),
+                    k: wr(self.buf(Buf::K)),
+                    inv_freq: rd(self.inv_freq),
+                    pos,
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    d_rot: int(c.rope.dim),
+                    scaling: c.rope.attention_scaling,
+                };
+                gpt_oss::rope_scaled(dev, &a, mm)?;
+            }
             Step::Attn { op: AttnOp::Rope, .. } => {
                 let a = rope::RopeArgs {
                     q: wr(self.buf(Buf::Q)),
@@ -398,6 +460,19 @@ impl CudaBackend {
                     d_rot: int(c.rope.dim),
                 };
                 rope::rope(dev, &a, mm)?;
+            }
+            Step::Attn { layer, op: AttnOp::KvAppend } if c.gpt_oss.is_some() => {
+                let (kc, vc, ring) = self.kv_ring(layer)?;
+                let a = gpt_oss::KvAppendRingArgs {
+                    k: rd(self.buf(Buf::K)),
+                    v: rd(self.buf(Buf::V)),
+                    kc: wr(kc),
+                    vc: wr(vc),
+                    pos,
+                    w: int(nkv * d),
+                    ring: int(ring),
+                };
+                gpt_oss::kv_append_ring(dev, &a, mm)?;
             }
             Step::Attn { layer, op: AttnOp::KvAppend } => {
                 let (kc, vc) = self.kv_cache(layer)?;
@@ -434,9 +509,58 @@ impl CudaBackend {
                 let a = norm::AddArgs { x: wr(self.buf(dst)), y: rd(self.buf(src)), n: (mm * h) as i64 };
                 norm::add(dev, &a)?;
             }
-            Step::Attn { op: AttnOp::SinkAttention, .. }
-            | Step::Moe { op: MoeOp::TopKSoftmax | MoeOp::ClampSwiglu, .. } => {
-                return Err(unsupported(format!("step `{}`", step.kind())));
+            Step::Attn { layer, op: AttnOp::SinkAttention } => {
+                let (kc, vc, ring) = self.kv_ring(layer)?;
+                let a = gpt_oss::SinkAttentionArgs {
+                    q: rd(self.buf(Buf::Q)),
+                    kc: rd(kc),
+                    vc: rd(vc),
+                    sinks: rd(*self.w.sinks(layer)?),
+                    pos,
+                    out: wr(self.buf(Buf::Attn)),
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    window: int(c.window(layer).unwrap_or(0)),
+                    ring: int(ring),
+                    scale: c.attn_scale(),
+                };
+                gpt_oss::sink_attention(dev, &a, mm)?;
+            }
+            Step::Moe { op: MoeOp::TopKSoftmax, .. } => {
+                let a = gpt_oss::TopkSoftmaxArgs {
+                    logits: rd(self.buf(Buf::RouterLogits)),
+                    e: int(c.num_experts),
+                    k: int(k),
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
+                };
+                gpt_oss::router_topk_softmax(dev, &a, mm)?;
+            }
+            Step::Moe { op: MoeOp::ClampSwiglu, .. } => {
+                let g = c.gpt_oss.as_ref().ok_or_else(|| Error::Cuda("clamp_swiglu without GPT-OSS config".into()))?;
+                let a = gpt_oss::ClampSwigluArgs {
+                    g: rd(self.buf(Buf::Gate)),
+                    u: rd(self.buf(Buf::Up)),
+                    act: wr(self.buf(Buf::Act)),
+                    n: self.st.act_elems as i64,
+                    limit: g.swiglu_limit,
+                    alpha: g.swiglu_alpha,
+                };
+                gpt_oss::clamp_swiglu(dev, &a)?;
+            }
+            Step::Moe { layer, op: MoeOp::ExpertGateUp } if self.w.experts(layer)?.bias.is_some() => {
+                let ex = self.w.experts(layer)?.clone();
+                let b = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?;
+                for (w, bias, dst) in [(ex.gate, b.gate, Buf::Gate), (ex.up, b.up, Buf::Up)] {
+                    self.expert_bias_matvec(&w, bias, Buf::H, k, dst, mm * k)?;
+                }
+                self.st.act_elems = mm * k * c.moe_intermediate_size;
+            }
+            Step::Moe { layer, op: MoeOp::ExpertDown } if self.w.experts(layer)?.bias.is_some() => {
+                let ex = self.w.experts(layer)?;
+                let bias = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?.down;
+                self.expert_bias_matvec(&ex.down, bias, Buf::Act, 1, Buf::ExpertOut, mm * k)?;
             }
             Step::Moe { op: MoeOp::RouterTopK, .. } => {
                 let a = moe::RouterTopkArgs {
@@ -835,6 +959,22 @@ impl CudaBackend {
             let a = moe::ExpertMatvecArgs { w: w.stacked(), idx: rd(self.st.topk_idx), per, x, y, n, k };
             moe::expert_matvec(&self.dev, &a, rows)
         }
+    }
+
+    /// Selected-expert rows with the experts' biases (`bias [E, rows]` f32): GPT-OSS, any
+    /// expert format incl. MXFP4; decode and prefill alike (a block column per routed row).
+    fn expert_bias_matvec(&self, w: &DMat, bias: u64, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
+        let a = gpt_oss::ExpertBiasMatvecArgs {
+            w: w.stacked(),
+            idx: rd(self.st.topk_idx),
+            per: int(per),
+            x: rd(self.buf(src)),
+            bias: rd(bias),
+            y: wr(self.buf(dst)),
+            n: int(w.rows),
+            k: int(w.cols),
+        };
+        gpt_oss::expert_bias_matvec(&self.dev, &a, rows)
     }
 
     /// Per-head mat-vecs of MLA: row (token, head) of `dst` = `w[head] · src_row[0:w.cols]`,

@@ -1,5 +1,5 @@
 //! The CUDA executor's kernels, ggml-cuda style: one file per family of ops — [`linear`],
-//! [`norm`], [`rope`], [`attention`], [`mla`], [`moe`], [`sample`] — each `.rs` beside its
+//! [`norm`], [`rope`], [`attention`], [`mla`], [`moe`], [`gpt_oss`], [`sample`] — each `.rs` beside its
 //! `.cu`, primitive and fused kernels of an op side by side. Every kernel has a typed
 //! launcher that owns its argument struct and its launch rule (grid and block).
 //!
@@ -12,6 +12,7 @@
 //! written into that prelude, from here.
 
 pub mod attention;
+pub mod gpt_oss;
 pub mod linear;
 pub mod mla;
 pub mod moe;
@@ -34,14 +35,15 @@ pub const MLA_MAX_LATENT: usize = 512;
 pub const MLA_MAX_ROPE: usize = 64;
 
 /// The kernel sources of the built-in module after `common.cuh`, in dependency order
-/// (MLA attention reuses attention's split merge).
-pub const SOURCES: [&str; 7] = [
+/// (MLA attention reuses attention's split merge; GPT-OSS's RoPE reuses MLA's `rope_slice`).
+pub const SOURCES: [&str; 8] = [
     include_str!("linear.cu"),
     include_str!("norm.cu"),
     include_str!("rope.cu"),
     include_str!("attention.cu"),
     include_str!("mla.cu"),
     include_str!("moe.cu"),
+    include_str!("gpt_oss.cu"),
     include_str!("sample.cu"),
 ];
 
@@ -196,7 +198,8 @@ kernel_args! {
         s: In<Bf16>,
         /// Affine biases `[rows, K/group]` (0 for bf16).
         b: In<Bf16>,
-        /// 0 = bf16, 1 = MLX affine.
+        /// 0 = bf16, 1 = MLX affine, 2 = MXFP4 (GPT-OSS expert kernels only, see
+        /// [`gpt_oss::FMT_MXFP4`]).
         fmt: i32,
         /// Bits per code (16 for bf16).
         bits: i32,
@@ -221,9 +224,16 @@ pub fn c_prelude() -> String {
     // QMat itself is declared in common.cuh (the foundry's templates use it): check it.
     s += &format!("static_assert(sizeof(QMat) == {}, \"QMat differs from src/cuda/ops\");\n", size_of::<QMat>());
     s += &Stacked::c_decl();
-    for decl in
-        [linear::decls(), norm::decls(), rope::decls(), attention::decls(), mla::decls(), moe::decls(), sample::decls()]
-    {
+    for decl in [
+        linear::decls(),
+        norm::decls(),
+        rope::decls(),
+        attention::decls(),
+        mla::decls(),
+        moe::decls(),
+        gpt_oss::decls(),
+        sample::decls(),
+    ] {
         s += &decl;
     }
     s
