@@ -214,6 +214,8 @@ pub struct RopeConfig {
     pub attention_scaling: f32,
     /// YaRN's softmax-scale factor `mscale(factor, mscale_all_dim)²` (1 when unused).
     pub softmax_mscale: f32,
+    /// YaRN's `(factor, original_max_position_embeddings)` when scaled (exporters write them).
+    pub yarn: Option<(f64, f64)>,
 }
 
 impl RopeConfig {
@@ -226,6 +228,7 @@ impl RopeConfig {
             inv_freq: base_inv_freq(theta, dim),
             attention_scaling: 1.0,
             softmax_mscale: 1.0,
+            yarn: None,
         }
     }
 }
@@ -790,6 +793,7 @@ impl Fields<'_> {
                 let truncate = pf("truncate").and_then(Value::as_bool).unwrap_or(true);
                 rope.inv_freq = yarn_inv_freq(theta, dim, factor, orig, beta_fast, beta_slow, truncate);
                 rope.attention_scaling = attention_factor as f32;
+                rope.yarn = Some((factor, orig));
                 // MLA attention multiplies its softmax scale by mscale(factor, mscale_all_dim)².
                 if let Some(ma) = mscale_all.filter(|&m| m != 0.0) {
                     rope.softmax_mscale = (yarn_mscale(factor, ma) * yarn_mscale(factor, ma)) as f32;

@@ -757,8 +757,9 @@ fn run_matrix(cmd: &zmoe::matrix::cli::MatrixCmd) -> Result<()> {
 /// `zmoe export <format>`.
 #[derive(Subcommand)]
 enum ExportCmd {
-    /// GGUF for llama.cpp: matrices re-quantized to Q4_0 or Q8_0, norms and router f32,
-    /// no vocabulary (`tokenizer.ggml.model = none`; enough for llama-bench, not for text).
+    /// GGUF for llama.cpp: matrices re-quantized to Q4_0 or Q8_0 (GPT-OSS experts: MXFP4,
+    /// an MXFP4 source carried over exactly), norms and router f32, no vocabulary
+    /// (`tokenizer.ggml.model = none`; enough for llama-bench, not for text).
     Gguf {
         /// Model folder (config.json + safetensors).
         #[arg(long)]
