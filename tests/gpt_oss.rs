@@ -194,12 +194,14 @@ fn bad_gpt_oss_checkpoints_name_the_tensor() {
     assert!(e.contains("model.layers.3.self_attn.sinks") && e.contains("missing"), "{e}");
 }
 
-/// The CUDA lowering runs GPT-OSS's `moe_mlp` steps as their components (no fused kernel
-/// for its router, clamped SwiGLU and biased experts yet) and keeps the fused projections;
-/// `zmoe patterns --exec` prints exactly this.
+/// The CUDA lowering of GPT-OSS's patched plan: the fused `moe_mlp` kernels (router with
+/// top-k-then-softmax, gate + up + clamped SwiGLU, down + bias + combine + add) and the
+/// fused projections in the decode plan, MXFP4 experts included; prefill runs the moe_mlp
+/// components (decode-only kernels). Both expand to the reference plan; `zmoe patterns
+/// --exec` prints exactly these.
 #[test]
-fn cuda_lowering_runs_gpt_oss_moe_as_components() {
-    use zmoe::plan::patterns::{Selection, patched_plan};
+fn cuda_lowering_of_gpt_oss() {
+    use zmoe::plan::patterns::{Selection, expand, patched_plan};
     use zmoe::plan::{Fusion, Step, lower};
     let tmp = tempfile::tempdir().unwrap();
     let model = Model::load(&tiny(tmp.path(), "m", SynthQuant::Mxfp4, 9)).unwrap();
@@ -209,9 +211,11 @@ fn cuda_lowering_runs_gpt_oss_moe_as_components() {
     let fused =
         |p: &Plan, op: Fusion| p.steps.iter().filter(|s| matches!(s, Step::Fused { op: o, .. } if *o == op)).count();
     for op in [Fusion::MoeRouter, Fusion::MoeGateUpSwiglu, Fusion::MoeDownCombineAdd] {
-        assert!(fused(&plan, op) > 0 && fused(&exec.decode, op) == 0, "{op:?}");
+        assert_eq!((fused(&exec.decode, op), fused(&exec.prefill, op)), (4, 0), "{op:?}");
     }
     assert_eq!(fused(&exec.decode, Fusion::InProj), 4);
     assert_eq!(fused(&exec.decode, Fusion::OProjAddRmsNorm), 4);
-    assert_eq!(zmoe::plan::patterns::expand(&exec.decode).steps, Plan::reference(model.config()).steps);
+    for p in [&exec.decode, &exec.prefill] {
+        assert_eq!(expand(p).steps, Plan::reference(model.config()).steps);
+    }
 }

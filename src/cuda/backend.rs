@@ -551,6 +551,17 @@ impl CudaBackend {
             }
             Step::Moe { layer, op: MoeOp::ExpertGateUp } if self.w.experts(layer)?.bias.is_some() => {
                 let ex = self.w.experts(layer)?.clone();
+                if mm > 1 {
+                    // Prefill: group the routed rows by expert (read by gate, up and down).
+                    let a = moe::MoeGroupArgs {
+                        idx: rd(self.st.topk_idx),
+                        r: int(mm * k),
+                        e: int(c.num_experts),
+                        off: wr(self.st.grp_off),
+                        rows: wr(self.st.grp_rows),
+                    };
+                    moe::moe_group(dev, &a)?;
+                }
                 let b = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?;
                 for (w, bias, dst) in [(ex.gate, b.gate, Buf::Gate), (ex.up, b.up, Buf::Up)] {
                     self.expert_bias_matvec(&w, bias, Buf::H, k, dst, mm * k)?;
@@ -711,6 +722,61 @@ impl CudaBackend {
             })
             .collect();
         match op {
+            Fusion::MoeRouter if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::TopKSoftmax, .. })) => {
+                let (router, _) = self.w.router(layer)?;
+                let a = gpt_oss::MoeRouterTopkSoftmaxArgs {
+                    w: router.w.q,
+                    x: rd(self.buf(Buf::H)),
+                    logits: wr(self.buf(Buf::RouterLogits)),
+                    bias: rd(router.bias()),
+                    e: int(c.num_experts),
+                    h: int(h),
+                    k: int(k),
+                    tickets: wr(self.st.tickets),
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
+                };
+                gpt_oss::moe_router_topk_softmax(dev, &a, mm)
+            }
+            Fusion::MoeGateUpSwiglu if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::ClampSwiglu, .. })) => {
+                let ex = self.w.experts(layer)?;
+                let b = ex.bias.as_ref().ok_or_else(|| Error::Cuda("GPT-OSS experts without biases".into()))?;
+                let g = c.gpt_oss.as_ref().ok_or_else(|| Error::Cuda("clamp_swiglu without GPT-OSS config".into()))?;
+                let a = gpt_oss::MoeGateUpClampArgs {
+                    gate: ex.gate.stacked(),
+                    up: ex.up.stacked(),
+                    gbias: rd(b.gate),
+                    ubias: rd(b.up),
+                    idx: rd(self.st.topk_idx),
+                    k: int(k),
+                    x: rd(self.buf(Buf::H)),
+                    act: wr(self.buf(Buf::Act)),
+                    i: int(c.moe_intermediate_size),
+                    h: int(h),
+                    limit: g.swiglu_limit,
+                    alpha: g.swiglu_alpha,
+                };
+                gpt_oss::moe_gate_up_clamp(dev, &a, mm * k)
+            }
+            Fusion::MoeDownCombineAdd if self.w.experts(layer)?.bias.is_some() => {
+                if parts.iter().any(|p| matches!(p, Step::Add { src: Buf::SharedOut, .. })) {
+                    return Err(unsupported("shared experts beside experts with biases".into()));
+                }
+                let ex = self.w.experts(layer)?;
+                let bias = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?.down;
+                let a = gpt_oss::MoeDownBiasCombineAddArgs {
+                    down: ex.down.stacked(),
+                    bias: rd(bias),
+                    idx: rd(self.st.topk_idx),
+                    wts: rd(self.st.topk_w),
+                    k: int(k),
+                    act: rd(self.buf(Buf::Act)),
+                    x: wr(x_buf),
+                    h: int(h),
+                    i: int(c.moe_intermediate_size),
+                };
+                gpt_oss::moe_down_bias_combine_add(dev, &a, mm)
+            }
             Fusion::MoeRouter => {
                 let (router, bias) = self.w.router(layer)?;
                 if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::SigmoidTopK, .. })) {
@@ -962,8 +1028,23 @@ impl CudaBackend {
     }
 
     /// Selected-expert rows with the experts' biases (`bias [E, rows]` f32): GPT-OSS, any
-    /// expert format incl. MXFP4; decode and prefill alike (a block column per routed row).
+    /// expert format incl. MXFP4; decode a block column per routed row, prefill grouped by
+    /// expert (the grouping `ExpertGateUp` computed), bit-identical either way.
     fn expert_bias_matvec(&self, w: &DMat, bias: u64, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
+        if rows > self.cfg.top_k {
+            let a = gpt_oss::ExpertBiasMatvecGroupedArgs {
+                w: w.stacked(),
+                off: rd(self.st.grp_off),
+                rows: rd(self.st.grp_rows),
+                per: int(per),
+                x: rd(self.buf(src)),
+                bias: rd(bias),
+                y: wr(self.buf(dst)),
+                n: int(w.rows),
+                k: int(w.cols),
+            };
+            return gpt_oss::expert_bias_matvec_grouped(&self.dev, &a, self.cfg.num_experts);
+        }
         let a = gpt_oss::ExpertBiasMatvecArgs {
             w: w.stacked(),
             idx: rd(self.st.topk_idx),

@@ -93,6 +93,11 @@ fn same_format(a: &Mat, b: &Mat) -> bool {
 fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
     let Step::Fused { op, parts } = s else { return Ok(true) };
     let mats: Vec<&Mat> = match op {
+        // GPT-OSS's kernel (moe_gate_up_clamp) reads the gate and up stacks each in its own
+        // format, MXFP4 included.
+        Fusion::MoeGateUpSwiglu if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::ClampSwiglu, .. })) => {
+            return Ok(true);
+        }
         Fusion::MoeGateUpSwiglu => {
             let ex = w.experts(s.layer().unwrap_or(usize::MAX))?;
             ex.gate.iter().chain(&ex.up).collect()
@@ -107,19 +112,6 @@ fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
         _ => return Ok(true),
     };
     Ok(mats.iter().all(|m| same_format(m, mats[0])))
-}
-
-/// Whether the CUDA backend has a kernel for fused step `s` at all: GPT-OSS's `moe_mlp`
-/// steps (top-k-then-softmax router, clamped SwiGLU, experts with biases, MXFP4) have none
-/// yet and run as their components — bit-identical, one launch per component.
-fn cuda_kernel_exists(s: &Step, w: &Weights) -> Result<bool> {
-    let Step::Fused { op, parts } = s else { return Ok(true) };
-    let gpt_oss_op = |p: &Step| matches!(p, Step::Moe { op: MoeOp::TopKSoftmax | MoeOp::ClampSwiglu, .. });
-    Ok(match op {
-        Fusion::MoeRouter | Fusion::MoeGateUpSwiglu => !parts.iter().any(gpt_oss_op),
-        Fusion::MoeDownCombineAdd => w.experts(s.layer().unwrap_or(usize::MAX))?.bias.is_none(),
-        _ => true,
-    })
 }
 
 /// Fused steps whose CUDA kernels handle one token only: prefill runs their components
@@ -142,7 +134,7 @@ pub fn cuda(plan: &Plan, w: &Weights, packs: &[PackKernel]) -> Result<ExecPlans>
     let lower = |prefill: bool| -> Result<Plan> {
         let mut steps = Vec::with_capacity(plan.steps.len());
         for s in &plan.steps {
-            let keep = !(prefill && decode_only(s)) && cuda_formats_ok(s, w)? && cuda_kernel_exists(s, w)?;
+            let keep = !(prefill && decode_only(s)) && cuda_formats_ok(s, w)?;
             let parts = if keep { vec![s.clone()] } else { s.components() };
             for p in parts {
                 // A pack kernel serves the buckets this plan can see: decode one token only.

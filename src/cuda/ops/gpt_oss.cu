@@ -27,41 +27,53 @@ __device__ __forceinline__ QMat stack_slice(QMat W, long e, long w_stride, long 
     return W;
 }
 
-// One lane's partial dot product of MXFP4 row r ([rows, K]) with x[K]: lane l takes the
-// 32-element blocks l, l+32, ...; per block Σ code·x in f32 (ascending), times the block's
-// scale, added to the lane's sum (blocks ascending). The caller reduces with warp_sum.
-__device__ __forceinline__ float mxfp4_partial(const QMat& W, long r, int K, const bf16* x, int lane) {
+// One lane's partial dot products of MXFP4 row r ([rows, K]) with up to MT token rows
+// xs[0..M): lane l takes the 32-element blocks l, l+32, ...; a block's codes are decoded to
+// floats once (in registers) and reused for every token; per token Σ code·x in f32
+// (ascending), times the block's scale, added to the lane's sum (blocks ascending). A
+// token's sum never depends on MT or on the other tokens (decode == prefill, bit for bit).
+// The caller reduces with warp_sum.
+template <int MT>
+__device__ __forceinline__ void mxfp4_partial(const QMat& W, long r, int K, const bf16* const* xs, int M, int lane,
+                                              float* acc) {
     const int nb = K / 32;
     const uint4* codes = (const uint4*)W.w + r * nb;
     const unsigned char* sc = (const unsigned char*)W.s + r * nb;
-    const uint4* xv = (const uint4*)x;
-    float acc = 0.f;
+#pragma unroll
+    for (int m = 0; m < MT; m++) acc[m] = 0.f;
     for (int b = lane; b < nb; b += WARP) {
         uint4 cv = codes[b];
+        float scale = e8m0_to_float(sc[b]);
         u32 cw[4] = {cv.x, cv.y, cv.z, cv.w};
-        float s = 0.f;
+        float cf[32];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            float xf[8];
-            unpack8(xv[b * 4 + j], xf);
+        for (int i = 0; i < 32; i++) cf[i] = fp4_to_float((cw[i / 8] >> (4 * (i % 8))) & 15u);
 #pragma unroll
-            for (int i = 0; i < 8; i++) s = __fmaf_rn(fp4_to_float((cw[j] >> (4 * i)) & 15u), xf[i], s);
+        for (int m = 0; m < MT; m++) {
+            if (m >= M) continue;
+            const uint4* xv = (const uint4*)xs[m] + b * 4;
+            float s = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float xf[8];
+                unpack8(xv[j], xf);
+#pragma unroll
+                for (int i = 0; i < 8; i++) s = __fmaf_rn(cf[j * 8 + i], xf[i], s);
+            }
+            acc[m] = __fmaf_rn(scale, s, acc[m]);
         }
-        acc = __fmaf_rn(e8m0_to_float(sc[b]), s, acc);
     }
-    return acc;
 }
 
-// The lane partial of row r of any expert format.
-__device__ __forceinline__ float any_row_partial(const QMat& W, long r, int K, const bf16* x, int lane) {
-    if (W.fmt == FMT_MXFP4) return mxfp4_partial(W, r, K, x, lane);
-    const bf16* xs[1] = {x};
-    float acc[1];
-    row_dot_partial<1>(W, r, K, xs, 1, lane, acc);
-    return acc[0];
+// The lane partials of row r of any expert format for up to MT tokens.
+template <int MT>
+__device__ __forceinline__ void any_row_partial(const QMat& W, long r, int K, const bf16* const* xs, int M, int lane,
+                                                float* acc) {
+    if (W.fmt == FMT_MXFP4) mxfp4_partial<MT>(W, r, K, xs, M, lane, acc);
+    else row_dot_partial<MT>(W, r, K, xs, M, lane, acc);
 }
 
-// Selected-expert rows with the expert's bias: row q of y [R, N] =
+// Selected-expert rows with the expert's bias (decode): row q of y [R, N] =
 // bf16(W[idx[q]] · x[q / per] + bias[idx[q], :]) (R = M·K rows; per = K for gate/up, 1 for
 // down). A warp per output row, a block column per (token, slot) row.
 extern "C" __global__ void expert_bias_matvec(const ExpertBiasMatvecArgs p) {
@@ -71,27 +83,62 @@ extern "C" __global__ void expert_bias_matvec(const ExpertBiasMatvecArgs p) {
     if (r >= N) return;
     int e = p.idx[q];
     QMat W = stack_slice(p.w.w, e, p.w.w_stride, p.w.sb_stride);
-    float v = warp_sum(any_row_partial(W, r, K, p.x + (long)(q / p.per) * K, lane));
+    const bf16* xs[1] = {p.x + (long)(q / p.per) * K};
+    float acc[1];
+    any_row_partial<1>(W, r, K, xs, 1, lane, acc);
+    float v = warp_sum(acc[0]);
     if (lane == 0) p.y[(long)q * N + r] = f2bf(v + p.bias[(long)e * N + r]);
 }
 
-// act = bf16((clamp(u, ±L) + 1) · g·σ(α·g)) with g = min(g, L), over n elements.
-extern "C" __global__ void clamp_swiglu(const ClampSwigluArgs p) {
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (long)gridDim.x * blockDim.x) {
-        float g = fminf(bf2f(p.g[i]), p.limit), u = fminf(fmaxf(bf2f(p.u[i]), -p.limit), p.limit);
-        p.act[i] = f2bf((u + 1.f) * (g / (1.f + expf(-p.alpha * g))));
+// The same rows for prefill, grouped by expert (moe_group's off/rows): block (x, e) computes
+// rows blockIdx.x·4.. of expert e for every (token, slot) row routed to e, 8 at a time, so
+// an expert's weights are read once per 8 routed rows. Same per-row arithmetic as
+// expert_bias_matvec, hence bit-identical outputs.
+extern "C" __global__ void expert_bias_matvec_grouped(const ExpertBiasMatvecGroupedArgs p) {
+    const int N = p.n, K = p.k;
+    int e = blockIdx.y, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    int q0 = p.off[e], q1 = p.off[e + 1];
+    if (r >= N || q0 == q1) return;
+    QMat W = stack_slice(p.w.w, e, p.w.w_stride, p.w.sb_stride);
+    float bias = p.bias[(long)e * N + r];
+    for (int j = q0; j < q1; j += 8) {
+        int mt = min(8, q1 - j);
+        const bf16* xs[8];
+#pragma unroll
+        for (int m = 0; m < 8; m++) xs[m] = p.x + (long)(p.rows[j + min(m, mt - 1)] / p.per) * K;
+        float acc[8];
+        any_row_partial<8>(W, r, K, xs, mt, lane, acc);
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            if (m < mt) {
+                float v = warp_sum(acc[m]);
+                if (lane == 0) p.y[(long)p.rows[j + m] * N + r] = f2bf(v + bias);
+            }
+        }
     }
 }
 
+// bf16((clamp(u, ±L) + 1) · g·σ(α·g)) with g = min(g, L): one element of the clamped SwiGLU.
+__device__ __forceinline__ bf16 clamp_swiglu_elem(bf16 gb, bf16 ub, float limit, float alpha) {
+    float g = fminf(bf2f(gb), limit), u = fminf(fmaxf(bf2f(ub), -limit), limit);
+    return f2bf((u + 1.f) * (g / (1.f + expf(-alpha * g))));
+}
+
+// act = clamp_swiglu(g, u) over n elements.
+extern "C" __global__ void clamp_swiglu(const ClampSwigluArgs p) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (long)gridDim.x * blockDim.x)
+        p.act[i] = clamp_swiglu_elem(p.g[i], p.u[i], p.limit, p.alpha);
+}
+
 // Router of one token by one warp: top-K of E ≤ 1024 f32 logits (largest first, lowest index
-// wins ties), then softmax over the K selected logits.
-extern "C" __global__ void router_topk_softmax(const TopkSoftmaxArgs p) {
-    const int E = p.e, K = p.k;
-    const float* lg = p.logits + (long)blockIdx.x * E;
+// wins ties), then softmax over the K selected logits. Logits are read through L2 (__ldcg):
+// the fused router reads what other blocks just wrote.
+__device__ void topk_softmax_warp(const float* lg, int E, int K, int* idx, float* wout) {
     int lane = threadIdx.x & 31;
     float v[32];
 #pragma unroll
-    for (int i = 0; i < 32; i++) { int e = lane + 32 * i; v[i] = e < E ? lg[e] : -INFINITY; }
+    for (int i = 0; i < 32; i++) { int e = lane + 32 * i; v[i] = e < E ? __ldcg(lg + e) : -INFINITY; }
     float sel[16];
     int sid[16];
     unsigned taken = 0;
@@ -117,10 +164,68 @@ extern "C" __global__ void router_topk_softmax(const TopkSoftmaxArgs p) {
         float sum = 0.f;
         for (int j = 0; j < K; j++) { sel[j] = expf(sel[j] - sel[0]); sum += sel[j]; }
         for (int j = 0; j < K; j++) {
-            p.idx[(long)blockIdx.x * K + j] = sid[j];
-            p.wout[(long)blockIdx.x * K + j] = sel[j] / sum;
+            idx[j] = sid[j];
+            wout[j] = sel[j] / sum;
         }
     }
+}
+
+extern "C" __global__ void router_topk_softmax(const TopkSoftmaxArgs p) {
+    long m = blockIdx.x;
+    topk_softmax_warp(p.logits + m * p.e, p.e, p.k, p.idx + m * p.k, p.wout + m * p.k);
+}
+
+// moe_mlp 1/3 for GPT-OSS (decode): router logits with the router bias (= matvec, f32 out)
+// and, in the last block to finish, the top-k-then-softmax of router_topk_softmax. Grid
+// (ceil(E/4), 1, M), 128 threads; tickets[m] is reset by the last block (graph replay).
+extern "C" __global__ void moe_router_topk_softmax(const MoeRouterTopkSoftmaxArgs p) {
+    int m = blockIdx.z, E = p.e, K = p.k;
+    router_logits_rows(p.w, p.x, p.logits, p.bias, E, p.h, m);
+    if (!last_to_finish(p.tickets + m, gridDim.x)) return;
+    if (threadIdx.x < WARP) topk_softmax_warp(p.logits + (long)m * E, E, K, p.idx + m * K, p.wout + m * K);
+}
+
+// moe_mlp 2/3 for GPT-OSS (decode): gate and up rows r of slot q's expert with their biases,
+// each rounded to bf16 as expert_bias_matvec stores them, then the clamped SwiGLU
+// (= expert_bias_matvec ×2 + clamp_swiglu). Grid (ceil(I/4), slots), 128 threads.
+extern "C" __global__ void moe_gate_up_clamp(const MoeGateUpClampArgs p) {
+    const int I = p.i, H = p.h;
+    int q = blockIdx.y, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (r >= I) return;
+    int e = p.idx[q];
+    const bf16* xs[1] = {p.x + (long)(q / p.k) * H};
+    QMat G = stack_slice(p.gate.w, e, p.gate.w_stride, p.gate.sb_stride);
+    QMat U = stack_slice(p.up.w, e, p.up.w_stride, p.up.sb_stride);
+    float ag[1], au[1];
+    any_row_partial<1>(G, r, H, xs, 1, lane, ag);
+    any_row_partial<1>(U, r, H, xs, 1, lane, au);
+    float g = warp_sum(ag[0]), u = warp_sum(au[0]);
+    if (lane == 0) {
+        bf16 gb = f2bf(g + p.gbias[(long)e * I + r]), ub = f2bf(u + p.ubias[(long)e * I + r]);
+        p.act[(long)q * I + r] = clamp_swiglu_elem(gb, ub, p.limit, p.alpha);
+    }
+}
+
+// moe_mlp 3/3 for GPT-OSS (decode): down row r of each slot's expert plus its bias (bf16, as
+// expert_bias_matvec), the weighted combine in slot order (as combine), and x += out (as
+// add_inplace). Grid (H, 1, M), a warp per slot.
+extern "C" __global__ void moe_down_bias_combine_add(const MoeDownBiasCombineAddArgs p) {
+    __shared__ bf16 ys[32];
+    const int K = p.k, H = p.h, I = p.i;
+    int m = blockIdx.z, r = blockIdx.x, j = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int q = m * K + j, e = p.idx[q];
+    QMat D = stack_slice(p.down.w, e, p.down.w_stride, p.down.sb_stride);
+    const bf16* xs[1] = {p.act + (long)q * I};
+    float acc[1];
+    any_row_partial<1>(D, r, I, xs, 1, lane, acc);
+    float v = warp_sum(acc[0]);
+    if (lane == 0) ys[j] = f2bf(v + p.bias[(long)e * H + r]);
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    float a = 0.f;
+    for (int s = 0; s < K; s++) a = combine_step(a, p.wts[m * K + s], ys[s]);
+    p.x[(long)m * H + r] = add_bf16(p.x[(long)m * H + r], f2bf(a));
 }
 
 // Half-split RoPE with YaRN's attention factor on cos and sin, in place on q[M, nh, D] and
