@@ -52,14 +52,15 @@ enum Cmd {
     },
     /// Write a synthetic model folder (config.json, safetensors, tokenizer.json).
     Synth {
-        /// Model family: qwen3_moe, glm4_moe_lite, deepseek_v3.
+        /// Model family: qwen3_moe, glm4_moe_lite, deepseek_v3, gpt_oss.
         #[arg(long, default_value = "qwen3_moe")]
         family: String,
         /// Shape preset: tiny, qwen3-30b-a3b (qwen3_moe); glm-tiny, glm-4.7-flash
-        /// (glm4_moe_lite); deepseek-tiny, kimi-k2-tiny (deepseek_v3).
+        /// (glm4_moe_lite); deepseek-tiny, kimi-k2-tiny (deepseek_v3); gpt-oss-tiny,
+        /// gpt-oss-20b (gpt_oss).
         #[arg(long, default_value = "tiny")]
         preset: String,
-        /// Weight format: bf16, affine4, affine8.
+        /// Weight format: bf16, affine4, affine8, mxfp4 (gpt_oss: the openai release layout).
         #[arg(long, default_value = "affine4")]
         quant: String,
         /// Quantization group size (affine): 32, 64 or 128.
