@@ -1332,6 +1332,130 @@ def save_gpt_oss_mlx(expert_mode: str):
     return writer
 
 
+def gpt_oss_np_check(fixture_dir: Path, prompt: list[int], golden: dict) -> str:
+    """Independent float64 numpy forward from the fixture files and the spec (model-spec.md 5.4-5.8,
+    6.2): its own YaRN table (checked against the spec's sanity values on the released shape),
+    all three expert layouts (fused [E, in, out], MXFP4 blocks/scales, mlx split experts in
+    MXFP4 or affine), sinks, sliding windows, top-k on logits, the clamped SwiGLU."""
+    cfg = json.loads((fixture_dir / "config.json").read_text())
+    raw = read_safetensors(fixture_dir / "model.safetensors")
+    qcfg = cfg.get("quantization")
+    t: dict[str, np.ndarray] = {}
+    for name, arr in raw.items():
+        if name.endswith((".scales", ".biases")) or name.endswith("_scales"):
+            continue
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if name.endswith("_blocks"):  # openai release: [E, out, in/32, 16] + [E, out, in/32]
+            base = name[: -len("_blocks")]
+            e, o = arr.shape[:2]
+            t[base] = mxfp4_dequantize(arr.reshape(e, o, -1), raw[base + "_scales"]).astype(np.float64)
+        elif module is not None and module + ".scales" in raw:
+            mode = (qcfg.get(module) or qcfg)
+            if mode.get("mode", "affine") == "mxfp4":
+                t[name] = mxfp4_dequantize(arr.view(np.uint8), raw[module + ".scales"]).astype(np.float64)
+            else:
+                t[name] = mlx_affine_dequantize(arr, raw[module + ".scales"], raw[module + ".biases"],
+                                                mode["group_size"], mode["bits"]).astype(np.float64)
+        else:
+            t[name] = arr.astype(np.float64)
+
+    H, nH, nKV, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    L, E, K, I = cfg["num_hidden_layers"], cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["intermediate_size"]
+    eps, W = cfg["rms_norm_eps"], cfg["sliding_window"]
+    limit, alpha = cfg.get("swiglu_limit", 7.0), cfg.get("swiglu_alpha", 1.702)
+    sliding = [lt == "sliding_attention" for lt in cfg["layer_types"]]
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+
+    def yarn(dim, base, factor, orig, fast, slow):
+        pos = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        corr = lambda r: dim * np.log(orig / (r * 2 * np.pi)) / (2 * np.log(base))  # noqa: E731
+        low, high = max(corr(fast), 0.0), min(corr(slow), dim - 1.0)  # truncate = false
+        ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+        return (1 / (factor * pos)) * ramp + (1 / pos) * (1 - ramp), 0.1 * np.log(factor) + 1
+
+    ref, ref_scale = yarn(64, 150000.0, 32.0, 4096.0, 32.0, 1.0)  # gpt-oss-20b, spec 5.4
+    assert np.allclose(ref[:4], [1.0, 0.68904430, 0.47478205, 0.32714587], rtol=1e-7), ref[:4]
+    assert abs(ref[31] - 3.0235114e-7) < 1e-13 and abs(ref_scale - 1.3465736) < 1e-7
+    assert rp["rope_type"] == "yarn" and rp.get("truncate") is False
+    inv_freq, att = yarn(d, rp["rope_theta"], rp["factor"], rp["original_max_position_embeddings"],
+                         rp["beta_fast"], rp["beta_slow"])
+
+    def experts(p):
+        x = p + "mlp.experts."
+        if x + "gate_proj.weight" in t:  # mlx-community: split [E, out, in] + .bias
+            return (t[x + "gate_proj.weight"], t[x + "up_proj.weight"], t[x + "down_proj.weight"],
+                    t[x + "gate_proj.bias"], t[x + "up_proj.bias"], t[x + "down_proj.bias"])
+        gu, dn = t[x + "gate_up_proj"], t[x + "down_proj"]
+        if gu.shape[1] == H:  # transformers fused [E, in, out] -> [E, out, in]
+            gu, dn = gu.transpose(0, 2, 1), dn.transpose(0, 2, 1)
+        b = t[x + "gate_up_proj_bias"]
+        return gu[:, 0::2], gu[:, 1::2], dn, b[:, 0::2], b[:, 1::2], t[x + "down_proj_bias"]
+
+    def rms(x, w):
+        return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+    def lin(x, name):
+        return x @ t[name + ".weight"].T + t[name + ".bias"]
+
+    ex = [experts(f"model.layers.{l}.") for l in range(L)]
+    gaps = []
+
+    def forward(tokens):
+        T = len(tokens)
+        x = t["model.embed_tokens.weight"][np.asarray(tokens)]
+        ang = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]
+        cos, sin = (np.cos(ang) * att)[:, None, :], (np.sin(ang) * att)[:, None, :]
+
+        def rope(v):
+            a, b = v[..., : d // 2], v[..., d // 2:]
+            return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+        i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+        for l in range(L):
+            p = f"model.layers.{l}."
+            visible = (j <= i) & ((i - j < W) if sliding[l] else True)
+            h = rms(x, t[p + "input_layernorm.weight"])
+            q = rope(lin(h, p + "self_attn.q_proj").reshape(T, nH, d))
+            k = rope(lin(h, p + "self_attn.k_proj").reshape(T, nKV, d))
+            v = lin(h, p + "self_attn.v_proj").reshape(T, nKV, d)
+            out = np.empty((T, nH, d))
+            for hh in range(nH):
+                kv = hh // (nH // nKV)
+                z = np.where(visible, (q[:, hh] @ k[:, kv].T) * d ** -0.5, -np.inf)
+                sink = t[p + "self_attn.sinks"][hh]
+                m = np.maximum(z.max(axis=-1, keepdims=True), sink)
+                ez = np.exp(z - m)
+                out[:, hh] = (ez / (ez.sum(axis=-1, keepdims=True) + np.exp(sink - m))) @ v[:, kv]
+            x = x + lin(out.reshape(T, nH * d), p + "self_attn.o_proj")
+            h2 = rms(x, t[p + "post_attention_layernorm.weight"])
+            r = lin(h2, p + "mlp.router")
+            wg, wu, wd, bg, bu, bd = ex[l]
+            y = np.zeros_like(h2)
+            for n in range(T):
+                order = np.argsort(-r[n], kind="stable")  # ties -> lowest expert id
+                gaps.append(r[n, order[K - 1]] - r[n, order[K]])
+                sel = order[:K]
+                w = np.exp(r[n, sel] - r[n, sel].max())
+                w = w / w.sum()
+                for e, we in zip(sel, w):
+                    g = np.minimum(wg[e] @ h2[n] + bg[e], limit)
+                    u = np.clip(wu[e] @ h2[n] + bu[e], -limit, limit)
+                    y[n] += we * (wd[e] @ ((u + 1) * g / (1 + np.exp(-alpha * g))) + bd[e])
+            x = x + y
+        return rms(x, t["model.norm.weight"]) @ t["lm_head.weight"].T
+
+    logits = forward(prompt)
+    want = np.asarray(golden["logits"], dtype=np.float64)
+    err = np.abs(logits - want) / np.maximum(1.0, np.abs(want))
+    assert err.max() < 1e-4, f"numpy forward disagrees with transformers: max rel err {err.max():.3g}"
+    seq = list(prompt)
+    for _ in range(len(golden["greedy_tokens"])):
+        seq.append(int(np.argmax(forward(seq)[-1])))
+    assert seq[len(prompt):] == golden["greedy_tokens"], (seq[len(prompt):], golden["greedy_tokens"])
+    return (f"numpy f64 forward (own YaRN, MXFP4 and MLX decoding): max |dlogit|/max(1,|e|) = {err.max():.2e}, "
+            f"greedy identical, min router logit gap {min(gaps):.2e}")
+
+
 def gpt_oss_variants() -> list[Variant]:
     from transformers import GptOssForCausalLM
 
@@ -1341,7 +1465,7 @@ def gpt_oss_variants() -> list[Variant]:
     variants.append(Variant(
         name="bf16_hf", config=gpt_oss_config(), model_cls=GptOssForCausalLM,
         randomise=randomise_gpt_oss(), writer=save_hf(torch.bfloat16), seed=18000, prompt_len=16, gen_len=20,
-        router_probe=probe,
+        router_probe=probe, np_check=gpt_oss_np_check,
         notes="HF layout saved by save_pretrained, bfloat16: experts fused gate_up_proj [E, H, 2I] (interleaved "
               "gate/up columns) + gate_up_proj_bias, down_proj [E, I, H] + down_proj_bias; q/k/v/o biases, "
               "sinks N(0,1), router bias; layer_types sliding/full alternating from layer 0 with sliding_window 5 "
@@ -1354,14 +1478,14 @@ def gpt_oss_variants() -> list[Variant]:
                               sliding_window=3, num_local_experts=8, num_experts_per_tok=4, intermediate_size=32,
                               layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
         randomise=randomise_gpt_oss(gate_up_scale=4.0), writer=save_hf(torch.float32), seed=18100,
-        prompt_len=12, gen_len=20, router_probe=probe,
+        prompt_len=12, gen_len=20, router_probe=probe, np_check=gpt_oss_np_check,
         notes="HF layout, float32. gate_up_proj scaled x4 so gate values exceed swiglu_limit 7 (clamped from "
               "above) and up values leave [-7, 7]; sliding_window 3, GQA 8 q heads / 2 kv heads; 8 experts top-4."))
     # 3. The original MXFP4 release layout (blocks/scales), loaded by transformers itself.
     variants.append(Variant(
         name="mxfp4_release", config=gpt_oss_config(intermediate_size=96), model_cls=GptOssForCausalLM,
         randomise=randomise_gpt_oss(), writer=save_gpt_oss_mxfp4_release(), seed=18200, prompt_len=14,
-        gen_len=20, router_probe=probe,
+        gen_len=20, router_probe=probe, np_check=gpt_oss_np_check,
         notes="openai/gpt-oss release layout: mlp.experts.{gate_up,down}_proj_blocks u8 [E, out, in/32, 16] + "
               "_scales u8 [E, out, in/32] (E2M1 codes, low nibble first; E8M0 scales), biases/attention/router/"
               "embeddings bf16, quantization_config quant_method mxfp4. Reference = transformers loading this "
@@ -1371,7 +1495,7 @@ def gpt_oss_variants() -> list[Variant]:
         name="mlx_mxfp4_q8", config=gpt_oss_config(hidden_size=128, intermediate_size=64, num_attention_heads=4,
                                                    head_dim=32, vocab_size=256),
         model_cls=GptOssForCausalLM, randomise=randomise_gpt_oss(), writer=save_gpt_oss_mlx("mxfp4"),
-        seed=18300, prompt_len=14, gen_len=20, router_probe=probe,
+        seed=18300, prompt_len=14, gen_len=20, router_probe=probe, np_check=gpt_oss_np_check,
         notes="mlx-community layout (metadata format=mlx): mlp.experts.{gate,up,down}_proj.{weight u32 [E, out, "
               "in/8], scales u8 [E, out, in/32], bias} in MXFP4 mode via per-module overrides; attention, router, "
               "embedding, lm_head MLX-affine 8-bit group 64; norms, sinks, linear biases bf16. Reference on the "
