@@ -203,7 +203,9 @@ fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
     for layer in &w.layers {
         add("attention", layer.o.w.format_name());
         match &layer.attn {
-            Attn::Gqa { q, k, v, .. } => [q, k, v].iter().for_each(|l| add("attention", l.w.format_name())),
+            Attn::Gqa { q, k, v, .. } | Attn::Sink { q, k, v, .. } => {
+                [q, k, v].iter().for_each(|l| add("attention", l.w.format_name()))
+            }
             Attn::Mla(m) => {
                 for l in m.q_a.iter().chain([&m.q, &m.kv_a]) {
                     add("attention", l.w.format_name());
@@ -321,8 +323,14 @@ pub struct BenchReport {
 /// read. This is the numerator of `zmoe bench --profile`'s per-step GB/s.
 pub fn step_bytes(step: &Step, w: &Weights, cfg: &ModelConfig, ctx: usize) -> usize {
     let lin = |r| w.linear(r).map_or(0, |l| l.w.nbytes() + l.b.as_ref().map_or(0, |b| 4 * b.len()));
-    let expert = |l: usize, pick: fn(&crate::model::Experts) -> &Vec<crate::checkpoint::mat::Mat>| {
-        w.experts(l).map_or(0, |e| cfg.top_k * pick(e).first().map_or(0, |m| m.nbytes()))
+    // The selected experts' matrices of one projection, and their biases where they have them.
+    type Pick = fn(&crate::model::Experts) -> (&Vec<crate::checkpoint::mat::Mat>, Option<&Vec<f32>>);
+    let expert = |l: usize, pick: Pick| {
+        w.experts(l).map_or(0, |e| {
+            let (mats, bias) = pick(e);
+            let one = mats.first().map_or(0, |m| m.nbytes()) + bias.map_or(0, |b| 4 * b.len() / mats.len().max(1));
+            cfg.top_k * one
+        })
     };
     match step {
         Step::Embed => w.embed.nbytes() / w.embed.rows.max(1),
@@ -331,6 +339,11 @@ pub fn step_bytes(step: &Step, w: &Weights, cfg: &ModelConfig, ctx: usize) -> us
         Step::Add { .. } | Step::Swiglu | Step::LastRow => 0,
         Step::Attn { layer, op } => match op {
             AttnOp::Attention => 2 * cfg.num_kv_heads * (cfg.head_dim + cfg.v_head_dim) * ctx,
+            AttnOp::SinkAttention => {
+                let keys = cfg.window(*layer).map_or(ctx, |win| ctx.min(win));
+                2 * cfg.num_kv_heads * (cfg.head_dim + cfg.v_head_dim) * keys
+                    + w.sinks(*layer).map_or(0, |v| 4 * v.len())
+            }
             AttnOp::MlaAttention | AttnOp::MlaAttentionExpanded => {
                 2 * cfg.mla.as_ref().map_or(0, |m| m.cache_row()) * ctx
             }
@@ -342,13 +355,16 @@ pub fn step_bytes(step: &Step, w: &Weights, cfg: &ModelConfig, ctx: usize) -> us
             AttnOp::Rope | AttnOp::KvAppend | AttnOp::MlaRope | AttnOp::LatentAppend => 0,
         },
         Step::Moe { layer, op } => match op {
-            MoeOp::ExpertGateUp => expert(*layer, |e| &e.gate) + expert(*layer, |e| &e.up),
-            MoeOp::ExpertDown => expert(*layer, |e| &e.down),
+            MoeOp::ExpertGateUp => {
+                expert(*layer, |e| (&e.gate, e.bias.as_ref().map(|b| &b.gate)))
+                    + expert(*layer, |e| (&e.up, e.bias.as_ref().map(|b| &b.up)))
+            }
+            MoeOp::ExpertDown => expert(*layer, |e| (&e.down, e.bias.as_ref().map(|b| &b.down))),
             MoeOp::SigmoidTopK | MoeOp::SigmoidBiasTopK => match w.layers.get(*layer).map(|l| &l.mlp) {
                 Some(Mlp::Moe { correction_bias: Some(b), .. }) => 4 * b.len(),
                 _ => 0,
             },
-            MoeOp::RouterTopK | MoeOp::Combine => 0,
+            MoeOp::RouterTopK | MoeOp::TopKSoftmax | MoeOp::ClampSwiglu | MoeOp::Combine => 0,
         },
         Step::Fused { parts, .. } => parts.iter().map(|p| step_bytes(p, w, cfg, ctx)).sum(),
         Step::Packed { step, .. } => step_bytes(step, w, cfg, ctx),

@@ -27,6 +27,9 @@ pub enum Family {
     /// LFM2-MoE (`lfm2_moe`, LFM2-8B-A1B / LFM2-24B-A2B): gated short-convolution layers
     /// beside GQA layers, a sigmoid router with an expert bias (model-spec §4).
     Lfm2Moe,
+    /// GPT-OSS (`gpt_oss`, gpt-oss-20b / 120b): attention sinks, alternating sliding-window
+    /// and full layers, biases everywhere, top-k-then-softmax router, clamped SwiGLU.
+    GptOss,
 }
 
 impl Family {
@@ -37,6 +40,7 @@ impl Family {
             Family::Glm4MoeLite => "glm4_moe_lite",
             Family::DeepseekV3 => "deepseek_v3",
             Family::Lfm2Moe => "lfm2_moe",
+            Family::GptOss => "gpt_oss",
         }
     }
 
@@ -47,6 +51,7 @@ impl Family {
             "glm4_moe_lite" => Some(Family::Glm4MoeLite),
             "deepseek_v3" | "kimi_k2" => Some(Family::DeepseekV3),
             "lfm2_moe" => Some(Family::Lfm2Moe),
+            "gpt_oss" => Some(Family::GptOss),
             _ => None,
         }
     }
@@ -58,7 +63,7 @@ impl Family {
 }
 
 /// The `model_type` values zmoe reads, for error messages.
-pub const SUPPORTED_MODEL_TYPES: &str = "qwen3_moe, glm4_moe_lite, deepseek_v3, kimi_k2, lfm2_moe";
+pub const SUPPORTED_MODEL_TYPES: &str = "qwen3_moe, glm4_moe_lite, deepseek_v3, kimi_k2, lfm2_moe, gpt_oss";
 
 /// The largest sizes zmoe reads from a config.json, checked as each field is read, before
 /// anything is allocated from it. They admit every real model with a wide margin
@@ -122,6 +127,20 @@ impl MlaConfig {
     }
 }
 
+/// GPT-OSS specifics (model-spec §5.1): which layers attend through a sliding window, and
+/// the clamped SwiGLU of its experts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptOssConfig {
+    /// Keys a sliding layer sees, the current token included (`sliding_window`, 128 released).
+    pub sliding_window: usize,
+    /// Per layer: `layer_types[l] == "sliding_attention"` (default: even layers).
+    pub sliding: Vec<bool>,
+    /// `swiglu_limit`: the gate is clamped from above and the linear branch to ±limit.
+    pub swiglu_limit: f32,
+    /// `swiglu_alpha` (1.702): `glu = g · σ(alpha · g)`.
+    pub swiglu_alpha: f32,
+}
+
 /// How a MoE layer picks its experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RouterKind {
@@ -147,6 +166,9 @@ pub enum RouterKind {
         /// Multiplier of the routing weights.
         routed_scaling_factor: f32,
     },
+    /// GPT-OSS (model-spec §5.5 step 7): top-k on the raw logits (router bias included),
+    /// then softmax over the k selected logits.
+    TopKSoftmax,
 }
 
 /// LFM2's gated short convolution (model-spec §4.4): which layers use it instead of
@@ -228,6 +250,8 @@ pub struct RopeConfig {
     pub attention_scaling: f32,
     /// YaRN's softmax-scale factor `mscale(factor, mscale_all_dim)²` (1 when unused).
     pub softmax_mscale: f32,
+    /// YaRN's `(factor, original_max_position_embeddings)` when scaled (exporters write them).
+    pub yarn: Option<(f64, f64)>,
 }
 
 impl RopeConfig {
@@ -240,6 +264,7 @@ impl RopeConfig {
             inv_freq: base_inv_freq(theta, dim),
             attention_scaling: 1.0,
             softmax_mscale: 1.0,
+            yarn: None,
         }
     }
 }
@@ -286,6 +311,8 @@ pub struct ModelConfig {
     pub mla: Option<MlaConfig>,
     /// LFM2's short-convolution layers; `None` for families whose every layer is attention.
     pub conv: Option<ShortConvConfig>,
+    /// GPT-OSS sliding windows and clamped SwiGLU; `None` for other families.
+    pub gpt_oss: Option<GptOssConfig>,
     /// Routed experts per MoE layer (0 = dense model).
     pub num_experts: usize,
     /// Experts selected per token.
@@ -367,6 +394,8 @@ impl ModelConfig {
         let (quantization, foreign_quantization) = match (block, method) {
             // transformers-style blocks (fp8, compressed-tensors, ...) describe weights zmoe
             // cannot read; MLX blocks carry no quant_method (or "mlx").
+            // The original gpt-oss release: MXFP4 `*_blocks` / `*_scales` experts, read as such.
+            (Some(_), Some(m)) if m == "mxfp4" && family == Family::GptOss => (None, None),
             (Some(_), Some(m)) if m != "mlx" => (None, Some(m)),
             (Some(q), _) => (parse_quant(q, path)?, None),
             (None, _) => (None, None),
@@ -379,7 +408,7 @@ impl ModelConfig {
             }
             None => {
                 let d = c.opt_size(&["head_dim"], MAX_HEAD_DIM)?.unwrap_or(hidden_size / num_heads.max(1));
-                let mut rope = c.rope(d, false, false)?;
+                let mut rope = c.rope(d, false, family == Family::GptOss)?;
                 // transformers' LFM2-MoE default θ is 1e6 (the others': 1e4).
                 let theta_given = c.get(&["rope_theta"]).is_some()
                     || ["rope_parameters", "rope_scaling"]
@@ -406,11 +435,17 @@ impl ModelConfig {
                 topk_group: c.opt_size(&["topk_group"], MAX_EXPERTS)?.unwrap_or(tg),
                 routed_scaling_factor: c.positive(&["routed_scaling_factor"], 1e6)?.unwrap_or(s) as f32,
             }
+        } else if family == Family::GptOss {
+            RouterKind::TopKSoftmax
         } else {
             RouterKind::Softmax
         };
         let moe_layers = c.moe_layers(family, num_layers, num_experts)?;
         let conv = if family == Family::Lfm2Moe { Some(c.short_conv(num_layers)?) } else { None };
+        let gpt_oss = if family == Family::GptOss { Some(c.gpt_oss(num_layers)?) } else { None };
+        // GPT-OSS names the expert width `intermediate_size` (it has no dense layers).
+        let moe_i_names: &[&str] =
+            if family == Family::GptOss { &["intermediate_size"] } else { &["moe_intermediate_size"] };
         let cfg = ModelConfig {
             family,
             vocab_size: c.size(&["vocab_size"], MAX_VOCAB)?,
@@ -431,15 +466,18 @@ impl ModelConfig {
             attention_bias: c.opt_bool(&["attention_bias"])?.unwrap_or(false),
             mla,
             conv,
+            gpt_oss,
             num_experts,
-            top_k: c.opt_size(&["num_experts_per_tok"], MAX_EXPERTS)?.unwrap_or(if num_experts > 0 { 1 } else { 0 }),
+            top_k: c
+                .opt_size(&["num_experts_per_tok", "experts_per_token"], MAX_EXPERTS)?
+                .unwrap_or(if num_experts > 0 { 1 } else { 0 }),
             router,
             n_shared_experts: if family.is_mla() {
                 c.opt_size(&["n_shared_experts"], MAX_SHARED_EXPERTS)?.unwrap_or(1)
             } else {
                 0
             },
-            moe_intermediate_size: c.opt_size(&["moe_intermediate_size"], MAX_FFN)?.unwrap_or(0),
+            moe_intermediate_size: c.opt_size(moe_i_names, MAX_FFN)?.unwrap_or(0),
             intermediate_size: c.opt_size(&["intermediate_size"], MAX_FFN)?.unwrap_or(0),
             norm_topk_prob: c.opt_bool(&["norm_topk_prob"])?.unwrap_or(family.is_mla() || family == Family::Lfm2Moe),
             moe_layers,
@@ -471,6 +509,13 @@ impl ModelConfig {
     /// Attention softmax scale: `head_dim^-1/2`, times YaRN's `mscale²` where it applies.
     pub fn attn_scale(&self) -> f32 {
         ((self.head_dim as f64).powf(-0.5) * self.rope.softmax_mscale as f64) as f32
+    }
+
+    /// The sliding window of layer `l` (keys seen, the current token included), or `None`
+    /// for full attention.
+    pub fn window(&self, l: usize) -> Option<usize> {
+        let g = self.gpt_oss.as_ref()?;
+        g.sliding.get(l).copied().unwrap_or(false).then_some(g.sliding_window)
     }
 
     /// FFN width of a layer's shared experts (0 without them).
@@ -823,6 +868,7 @@ impl Fields<'_> {
                 let truncate = pf("truncate").and_then(Value::as_bool).unwrap_or(true);
                 rope.inv_freq = yarn_inv_freq(theta, dim, factor, orig, beta_fast, beta_slow, truncate);
                 rope.attention_scaling = attention_factor as f32;
+                rope.yarn = Some((factor, orig));
                 // MLA attention multiplies its softmax scale by mscale(factor, mscale_all_dim)².
                 if let Some(ma) = mscale_all.filter(|&m| m != 0.0) {
                     rope.softmax_mscale = (yarn_mscale(factor, ma) * yarn_mscale(factor, ma)) as f32;
@@ -917,6 +963,7 @@ impl Fields<'_> {
                 let k = self.opt_bounded(&["num_dense_layers"], 0, limits::MAX_LAYERS)?.unwrap_or(2);
                 Ok((0..layers).map(|l| l >= k).collect())
             }
+            Family::GptOss => Ok(vec![true; layers]),
         }
     }
 
@@ -959,6 +1006,39 @@ impl Fields<'_> {
             layers: kinds,
             kernel: self.opt_bounded(&["conv_L_cache"], 1, limits::MAX_CONV_KERNEL)?.unwrap_or(3),
             bias: self.opt_bool(&["conv_bias"])?.unwrap_or(false),
+        })
+    }
+
+    /// GPT-OSS fields (model-spec §5.1): `sliding_window`, `layer_types` (default: even
+    /// layers slide), `swiglu_limit` (7), `swiglu_alpha` (1.702).
+    fn gpt_oss(&self, layers: usize) -> Result<GptOssConfig> {
+        let sliding_window = self.opt_bounded(&["sliding_window"], 1, limits::MAX_POSITIONS)?.unwrap_or(128);
+        let sliding = match self.get(&["layer_types"]) {
+            None => (0..layers).map(|l| l % 2 == 0).collect(),
+            Some((n, v)) => {
+                let want = "a list of \"sliding_attention\"/\"full_attention\"";
+                let kinds = v.as_array().ok_or_else(|| self.err(n, want, v))?;
+                if kinds.len() != layers {
+                    return Err(Error::format(
+                        &self.path,
+                        format!("`layer_types` has {} entries for {layers} layers", kinds.len()),
+                    ));
+                }
+                kinds
+                    .iter()
+                    .map(|k| match k.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(self.err(n, want, v)),
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        Ok(GptOssConfig {
+            sliding_window,
+            sliding,
+            swiglu_limit: self.positive(&["swiglu_limit"], 1e6)?.unwrap_or(7.0) as f32,
+            swiglu_alpha: self.positive(&["swiglu_alpha"], 1e6)?.unwrap_or(1.702) as f32,
         })
     }
 }
@@ -1128,6 +1208,69 @@ mod tests {
         assert_eq!((g.head_dim, g.v_head_dim, g.rope.dim, g.top_k), (256, 256, 64, 4));
         assert!(!g.is_moe_layer(0) && g.is_moe_layer(1) && g.is_moe_layer(46));
         assert_eq!(g.mla.as_ref().unwrap().cache_row() * 2 * 47, 54_144, "latent cache bytes per token");
+    }
+
+    /// gpt-oss-20b as released (model-spec §5.2): YaRN with truncate false and the attention
+    /// factor on cos/sin, alternating sliding/full layers, the MXFP4 quantization_config read
+    /// as the release layout (not refused), the expert width from `intermediate_size`.
+    #[test]
+    fn gpt_oss_20b_released_config() {
+        let json = crate::checkpoint::synth::preset_config("gpt_oss", "gpt-oss-20b").unwrap();
+        let mut v = json.clone();
+        v["quantization_config"] = serde_json::json!({"quant_method": "mxfp4",
+            "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]});
+        let c = parse(&v).unwrap();
+        assert_eq!(c.family, Family::GptOss);
+        assert!(c.quantization.is_none() && c.foreign_quantization.is_none());
+        assert_eq!((c.num_experts, c.top_k, c.moe_intermediate_size, c.head_dim), (32, 4, 2880, 64));
+        assert_eq!(c.router, RouterKind::TopKSoftmax);
+        assert!((0..24).all(|l| c.is_moe_layer(l)));
+        assert_eq!((c.window(0), c.window(1), c.window(22), c.window(23)), (Some(128), None, Some(128), None));
+        // model-spec §5.4 sanity values.
+        let f = &c.rope.inv_freq;
+        assert_eq!(f.len(), 32);
+        for (i, want) in [(0, 1.0f32), (1, 0.689_044_3), (2, 0.474_782_05), (3, 0.327_145_87), (31, 3.023_511_4e-7)] {
+            assert!((f[i] - want).abs() <= 2e-6 * want, "inv_freq[{i}] {} vs {want}", f[i]);
+        }
+        // Below the ramp (i ≤ 8) the original frequency, above it (i ≥ 18) divided by 32.
+        let base = RopeConfig::default_type(150000.0, 64, false).inv_freq;
+        assert_eq!(f[..9], base[..9]);
+        assert!((18..32).all(|i| (f[i] - base[i] / 32.0).abs() <= 1e-6 * base[i]));
+        assert!((c.rope.attention_scaling - 1.346_573_6).abs() < 1e-6, "{}", c.rope.attention_scaling);
+        assert_eq!(c.attn_scale(), 0.125);
+        let g = c.gpt_oss.as_ref().unwrap();
+        assert_eq!((g.swiglu_limit, g.swiglu_alpha), (7.0, 1.702));
+
+        // Without layer_types: even layers slide. The other mxfp4-less spellings parse too.
+        let mut d = json.clone();
+        d.as_object_mut().unwrap().remove("layer_types");
+        let d = parse(&d).unwrap();
+        assert_eq!(d.gpt_oss.as_ref().unwrap().sliding, (0..24).map(|l| l % 2 == 0).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn gpt_oss_config_errors_name_the_field() {
+        let json = crate::checkpoint::synth::preset_config("gpt_oss", "gpt-oss-tiny").unwrap();
+        for (field, value, want) in [
+            ("layer_types", serde_json::json!(["sliding_attention"]), "`layer_types` has 1 entries for 4 layers"),
+            (
+                "layer_types",
+                serde_json::json!(["sliding_attention", "x", "full_attention", "full_attention"]),
+                "`layer_types`",
+            ),
+            ("sliding_window", serde_json::json!(0), "`sliding_window`"),
+            ("swiglu_limit", serde_json::json!(-7.0), "`swiglu_limit`"),
+            ("num_experts_per_tok", serde_json::json!(17), "num_experts_per_tok 17"),
+        ] {
+            let mut v = json.clone();
+            v[field] = value;
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(e.contains("x/config.json") && e.contains(want), "{field}: {e}");
+        }
+        // A quant_method other than mxfp4 is still refused by name at load.
+        let mut v = json.clone();
+        v["quantization_config"] = serde_json::json!({"quant_method": "fp8"});
+        assert_eq!(parse(&v).unwrap().foreign_quantization.as_deref(), Some("fp8"));
     }
 
     #[test]

@@ -52,15 +52,15 @@ enum Cmd {
     },
     /// Write a synthetic model folder (config.json, safetensors, tokenizer.json).
     Synth {
-        /// Model family: qwen3_moe, glm4_moe_lite, deepseek_v3, lfm2_moe.
+        /// Model family: qwen3_moe, glm4_moe_lite, deepseek_v3, lfm2_moe, gpt_oss.
         #[arg(long, default_value = "qwen3_moe")]
         family: String,
         /// Shape preset: tiny, qwen3-30b-a3b (qwen3_moe); glm-tiny, glm-4.7-flash
         /// (glm4_moe_lite); deepseek-tiny, kimi-k2-tiny (deepseek_v3); lfm2-tiny, lfm2-8b-a1b,
-        /// lfm2-24b-a2b (lfm2_moe).
+        /// lfm2-24b-a2b (lfm2_moe); gpt-oss-tiny, gpt-oss-20b (gpt_oss).
         #[arg(long, default_value = "tiny")]
         preset: String,
-        /// Weight format: bf16, affine4, affine8.
+        /// Weight format: bf16, affine4, affine8, mxfp4 (gpt_oss: the openai release layout).
         #[arg(long, default_value = "affine4")]
         quant: String,
         /// Quantization group size (affine): 32, 64 or 128.
@@ -770,8 +770,9 @@ fn run_matrix(cmd: &zmoe::matrix::cli::MatrixCmd) -> Result<()> {
 /// `zmoe export <format>`.
 #[derive(Subcommand)]
 enum ExportCmd {
-    /// GGUF for llama.cpp: matrices re-quantized to Q4_0 or Q8_0, norms and router f32,
-    /// no vocabulary (`tokenizer.ggml.model = none`; enough for llama-bench, not for text).
+    /// GGUF for llama.cpp: matrices re-quantized to Q4_0 or Q8_0 (GPT-OSS experts: MXFP4,
+    /// an MXFP4 source carried over exactly), norms and router f32, no vocabulary
+    /// (`tokenizer.ggml.model = none`; enough for llama-bench, not for text).
     Gguf {
         /// Model folder (config.json + safetensors).
         #[arg(long)]

@@ -3,8 +3,10 @@
 //! Like llama2.c's `TransformerWeights`, each field carries its shape. Loading resolves the
 //! on-disk layouts of the same model — HF per-expert keys (`mlp.experts.{e}.gate_proj.weight`)
 //! and mlx-community stacked keys (`mlp.switch_mlp.gate_proj.weight [E, I, H·bits/32]`); for
-//! MLA, HF's `kv_b_proj` and mlx-lm's per-head `embed_q` / `unembed_out` — into one
-//! in-memory shape, so backends never care where a checkpoint came from.
+//! MLA, HF's `kv_b_proj` and mlx-lm's per-head `embed_q` / `unembed_out`; for GPT-OSS, the
+//! fused `[E, in, out]` tensors, the MXFP4 release and mlx-community's split experts (see
+//! [`crate::checkpoint::gpt_oss`]) — into one in-memory shape, so backends never care where
+//! a checkpoint came from.
 //!
 //! Backends look weights up by role ([`Weights::linear`], [`Weights::norm`]): the plan names
 //! roles ([`LinRef`], [`NormRef`], defined here with the weights they name), and a plan that
@@ -188,6 +190,19 @@ pub struct Experts<S: Store = Host> {
     pub up: S::Stack,
     /// `E × [H, I]`.
     pub down: S::Stack,
+    /// Per-expert biases (GPT-OSS); `None` for bias-free experts.
+    pub bias: Option<ExpertBias<S>>,
+}
+
+/// Per-expert biases of the gate, up and down projections (f32, experts stacked).
+#[derive(Debug, Clone)]
+pub struct ExpertBias<S: Store = Host> {
+    /// `[E, I]`.
+    pub gate: S::Vector,
+    /// `[E, I]`.
+    pub up: S::Vector,
+    /// `[E, H]`, added before the routing weight scales the expert output.
+    pub down: S::Vector,
 }
 
 /// A SwiGLU feed-forward block (dense MLPs and shared experts).
@@ -273,6 +288,18 @@ pub enum Attn<S: Store = Host> {
     Mla(MlaWeights<S>),
     /// LFM2's short convolution in place of attention.
     Conv(ShortConv<S>),
+    /// Grouped-query attention with one attention-sink logit per query head and no q/k
+    /// norms (GPT-OSS).
+    Sink {
+        /// `[nH·D, H]`.
+        q: Linear<S>,
+        /// `[nKV·D, H]`.
+        k: Linear<S>,
+        /// `[nKV·D, H]`.
+        v: Linear<S>,
+        /// Sink logits `[nH]`.
+        sinks: S::Vector,
+    },
 }
 
 /// One decoder layer.
@@ -333,6 +360,15 @@ impl Weights {
                 }
                 Family::Glm4MoeLite | Family::DeepseekV3 => Attn::Mla(mla(ck, &p)?),
                 Family::Lfm2Moe => unreachable!("loaded by load_lfm2"),
+                Family::GptOss => {
+                    let (d, kv) = (c.head_dim, c.num_kv_heads * c.head_dim);
+                    Attn::Sink {
+                        q: linear(ck, &format!("{p}.self_attn.q_proj"), c.num_heads * d, h, ab)?,
+                        k: linear(ck, &format!("{p}.self_attn.k_proj"), kv, h, ab)?,
+                        v: linear(ck, &format!("{p}.self_attn.v_proj"), kv, h, ab)?,
+                        sinks: ck.vector(&format!("{p}.self_attn.sinks"), c.num_heads)?,
+                    }
+                }
             };
             layers.push(Layer {
                 input_norm: ck.vector(&format!("{p}.input_layernorm.weight"), h)?,
@@ -383,6 +419,9 @@ impl Weights {
                     kernel: c.vector(&cv.kernel)?,
                     bias: cv.bias.as_deref().map(|b| c.vector(b)).transpose()?,
                 }),
+                Attn::Sink { q, k, v, sinks } => {
+                    Attn::Sink { q: lin(c, q)?, k: lin(c, k)?, v: lin(c, v)?, sinks: c.vector(sinks)? }
+                }
             };
             let mlp = match &ly.mlp {
                 Mlp::Dense(f) => Mlp::Dense(ffn(c, f)?),
@@ -393,6 +432,14 @@ impl Weights {
                         gate: c.stack(&experts.gate)?,
                         up: c.stack(&experts.up)?,
                         down: c.stack(&experts.down)?,
+                        bias: match &experts.bias {
+                            Some(b) => Some(ExpertBias {
+                                gate: c.vector(&b.gate)?,
+                                up: c.vector(&b.up)?,
+                                down: c.vector(&b.down)?,
+                            }),
+                            None => None,
+                        },
                     },
                     shared: shared.as_deref().map(|f| ffn(c, f).map(Box::new)).transpose()?,
                 },
@@ -419,6 +466,7 @@ impl Weights {
             total += lin(&layer.o) + 4 * (layer.input_norm.len() + layer.post_norm.len());
             total += match &layer.attn {
                 Attn::Gqa { q, k, v, q_norm, k_norm } => lin(q) + lin(k) + lin(v) + 4 * (q_norm.len() + k_norm.len()),
+                Attn::Sink { q, k, v, sinks } => lin(q) + lin(k) + lin(v) + 4 * sinks.len(),
                 Attn::Mla(m) => {
                     m.q_a.as_ref().map_or(0, lin)
                         + lin(&m.q)
@@ -432,7 +480,11 @@ impl Weights {
             total += match &layer.mlp {
                 Mlp::Dense(f) => ffn(f),
                 Mlp::Moe { router, correction_bias, experts, shared } => {
-                    let one = experts.gate[0].nbytes() + experts.up[0].nbytes() + experts.down[0].nbytes();
+                    let bias = experts.bias.as_ref().map_or(0, |b| 4 * (b.gate.len() + b.up.len() + b.down.len()));
+                    let one = experts.gate[0].nbytes()
+                        + experts.up[0].nbytes()
+                        + experts.down[0].nbytes()
+                        + bias / experts.gate.len();
                     lin(router)
                         + correction_bias.as_ref().map_or(0, |b| 4 * b.len())
                         + cfg.top_k * one
@@ -462,12 +514,12 @@ impl<S: Store> Weights<S> {
         };
         Ok(match r {
             LinRef::Q(l) => match &layer(l)?.attn {
-                Attn::Gqa { q, .. } => q,
+                Attn::Gqa { q, .. } | Attn::Sink { q, .. } => q,
                 Attn::Mla(m) => &m.q,
                 Attn::Conv(_) => return Err(missing(format!("q_proj in short-conv layer {l}"))),
             },
             LinRef::K(l) | LinRef::V(l) => match &layer(l)?.attn {
-                Attn::Gqa { k, v, .. } => {
+                Attn::Gqa { k, v, .. } | Attn::Sink { k, v, .. } => {
                     if matches!(r, LinRef::K(_)) {
                         k
                     } else {
@@ -539,9 +591,17 @@ impl<S: Store> Weights<S> {
             _ => Err(missing(format!("short-conv weights in attention layer {l}"))),
         }
     }
+
+    /// The attention-sink logits `[nH]` of layer `l`.
+    pub fn sinks(&self, l: usize) -> Result<&S::Vector> {
+        match &self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")))?.attn {
+            Attn::Sink { sinks, .. } => Ok(sinks),
+            _ => Err(missing(format!("attention sinks in layer {l}"))),
+        }
+    }
 }
 
-fn linear(ck: &Checkpoint, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+pub(crate) fn linear(ck: &Checkpoint, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     let w = ck.mat(path, out, inp)?;
     let b = if bias { Some(ck.vector(&format!("{path}.bias"), out)?) } else { None };
     Ok(Linear { w, b })
@@ -564,6 +624,7 @@ fn experts(ck: &Checkpoint, prefix: &str, e: usize, inter: usize, hidden: usize,
             gate: ck.linear(&format!("{stacked}.gate_proj"), Some(e), inter, hidden)?,
             up: ck.linear(&format!("{stacked}.up_proj"), Some(e), inter, hidden)?,
             down: ck.linear(&format!("{stacked}.down_proj"), Some(e), hidden, inter)?,
+            bias: None,
         });
     }
     let one = |name: &str, out, inp| -> Result<Vec<Mat>> {
@@ -573,6 +634,7 @@ fn experts(ck: &Checkpoint, prefix: &str, e: usize, inter: usize, hidden: usize,
         gate: one(names[0], inter, hidden)?,
         up: one(names[1], inter, hidden)?,
         down: one(names[2], hidden, inter)?,
+        bias: None,
     })
 }
 
@@ -585,6 +647,9 @@ fn mlp(ck: &Checkpoint, p: &str, l: usize) -> Result<Mlp> {
     let h = c.hidden_size;
     if !c.is_moe_layer(l) {
         return Ok(Mlp::Dense(ffn(ck, &format!("{p}.mlp"), c.intermediate_size, h)?));
+    }
+    if c.family == Family::GptOss {
+        return crate::checkpoint::gpt_oss::moe(ck, p);
     }
     let sigmoid = c.family.is_mla();
     Ok(Mlp::Moe {

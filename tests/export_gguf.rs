@@ -272,3 +272,92 @@ fn help_mentions_formats() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("q4_0 or q8_0") && text.contains("--force"), "{text}");
 }
+
+/// gpt-oss (llama.cpp's `gpt-oss` architecture): the tensors its loader creates — biases,
+/// `attn_sinks`, `post_attention_norm`, MXFP4 experts with `[n, E]` bias tensors — and the
+/// keys it reads (sliding window, YaRN). From the MXFP4 release layout the expert rows are
+/// carried over exactly; from bf16 they are re-quantized to MXFP4 within its bound (`--check`).
+#[test]
+fn gpt_oss_exports_mxfp4_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (q, seed) in [(SynthQuant::Mxfp4, 11u64), (SynthQuant::Bf16, 12)] {
+        let dir = common::synth_preset(tmp.path(), q.name(), "gpt_oss/gpt-oss-tiny", q, seed);
+        let out = tmp.path().join(format!("{}.gguf", q.name()));
+        export(&dir, "q8_0", &out, &["--check"]);
+        let f = GgufFile::open(&out).unwrap();
+        let ck = Checkpoint::open(&dir).unwrap();
+        let c = &ck.config;
+        let w = Weights::load(&ck).unwrap();
+        let (h, e, i, d) =
+            (c.hidden_size as u64, c.num_experts as u64, c.moe_intermediate_size as u64, c.head_dim as u64);
+        let (nh, nkv) = (c.num_heads as u64, c.num_kv_heads as u64);
+        assert_eq!(f.get("general.architecture").and_then(Value::as_str), Some("gpt-oss"));
+        for (k, want) in [
+            ("gpt-oss.attention.sliding_window", 6),
+            ("gpt-oss.expert_count", e as u32),
+            ("gpt-oss.expert_used_count", 4),
+            ("gpt-oss.expert_feed_forward_length", i as u32),
+            ("gpt-oss.rope.scaling.original_context_length", 4096),
+        ] {
+            assert_eq!(f.get(k).and_then(Value::as_u32), Some(want), "{k}");
+        }
+        assert_eq!(f.get("gpt-oss.rope.scaling.type").and_then(Value::as_str), Some("yarn"));
+        assert_eq!(f.get("gpt-oss.rope.scaling.factor").and_then(Value::as_f32), Some(32.0));
+        for (name, dims, ty) in [
+            ("blk.1.attn_q.weight", vec![h, nh * d], GgmlType::Q8_0),
+            ("blk.1.attn_q.bias", vec![nh * d], GgmlType::F32),
+            ("blk.1.attn_k.bias", vec![nkv * d], GgmlType::F32),
+            ("blk.1.attn_output.bias", vec![h], GgmlType::F32),
+            ("blk.1.attn_sinks.weight", vec![nh], GgmlType::F32),
+            ("blk.1.post_attention_norm.weight", vec![h], GgmlType::F32),
+            ("blk.1.ffn_gate_inp.weight", vec![h, e], GgmlType::F32),
+            ("blk.1.ffn_gate_inp.bias", vec![e], GgmlType::F32),
+            ("blk.1.ffn_gate_exps.weight", vec![h, i, e], GgmlType::Mxfp4),
+            ("blk.1.ffn_up_exps.weight", vec![h, i, e], GgmlType::Mxfp4),
+            ("blk.1.ffn_down_exps.weight", vec![i, h, e], GgmlType::Mxfp4),
+            ("blk.1.ffn_gate_exps.bias", vec![i, e], GgmlType::F32),
+            ("blk.1.ffn_down_exps.bias", vec![h, e], GgmlType::F32),
+        ] {
+            let t = f.tensor(name).unwrap_or_else(|| panic!("{q:?}: no {name}"));
+            assert_eq!((&t.dims, t.ty), (&dims, ty), "{q:?}: {name}");
+        }
+        assert!(f.tensor("blk.1.ffn_norm.weight").is_none() && f.tensor("blk.1.attn_q_norm.weight").is_none());
+        let Mlp::Moe { experts, .. } = &w.layers[1].mlp else { panic!("gpt-oss layers are MoE") };
+        let t = f.tensor("blk.1.ffn_up_exps.weight").unwrap();
+        let (mut got, mut want) = (vec![0f32; h as usize], vec![0f32; h as usize]);
+        let mut worst = 0f32;
+        for r in [0usize, 5, 3 * i as usize + 7, (e * i) as usize - 1] {
+            f.dequant_row(t, r, &mut got).unwrap();
+            experts.up[r / i as usize].dequant_row(r % i as usize, &mut want);
+            worst = got.iter().zip(&want).fold(worst, |m, (a, b)| m.max((a - b).abs()));
+        }
+        if q == SynthQuant::Mxfp4 {
+            assert_eq!(worst, 0.0, "MXFP4 source rows must be carried over exactly");
+        }
+        let b = f.tensor("blk.1.ffn_down_exps.bias").unwrap();
+        f.dequant_row(b, 3, &mut got).unwrap();
+        assert_eq!(got, experts.bias.as_ref().unwrap().down[3 * h as usize..][..h as usize]);
+        let Attn::Sink { sinks, .. } = &w.layers[1].attn else { panic!("gpt-oss attention has sinks") };
+        let mut s = vec![0f32; nh as usize];
+        f.dequant_row(f.tensor("blk.1.attn_sinks.weight").unwrap(), 0, &mut s).unwrap();
+        assert_eq!(&s, sinks);
+    }
+}
+
+/// ggml's MXFP4 block by hand: exponent byte first, then element j in the low nibble of
+/// byte j and element j+16 in its high nibble (not the checkpoint's 2k / 2k+1 pairing).
+#[test]
+fn mxfp4_block_layout_by_hand() {
+    // Block max 3 → e = ceil(log2(3/6)) = -1 → byte 126; x / 2^-1 = 2x: 0.5 → 1.0 (code 2),
+    // -3 → -6 (code 15), 0.25 → 0.5 (code 1), 1.25 → 2.5 (a tie between 2 and 3: code 4).
+    let mut x = [0f32; 32];
+    (x[0], x[16], x[1], x[17]) = (0.5, -3.0, 0.25, 1.25);
+    let mut b = [0u8; 17];
+    zmoe::export::gguf::quantize_row_mxfp4(&x, &mut b).unwrap();
+    assert_eq!(b[0], 126);
+    assert_eq!((b[1], b[2]), (0x2 | (0xF << 4), 0x1 | (0x4 << 4)));
+    assert!(b[3..].iter().all(|&v| v == 0));
+    let mut back = [0f32; 32];
+    zmoe::export::gguf::dequantize_row(GgmlType::Mxfp4, &b, &mut back).unwrap();
+    assert_eq!((back[0], back[16], back[1], back[17]), (0.5, -3.0, 0.25, 1.0));
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use zmoe::checkpoint::synth::SynthQuant;
 use zmoe::cpu::CpuBackend;
-use zmoe::cuda::ops::{self, linear, moe, norm, rd, sample, wr};
+use zmoe::cuda::ops::{self, gpt_oss, linear, moe, norm, rd, sample, wr};
 use zmoe::cuda::{CudaBackend, Device};
 use zmoe::plan::Plan;
 use zmoe::rng::Rng;
@@ -151,6 +151,103 @@ fn kernel_router_topk_matches_cpu() {
         assert_eq!(gi.iter().map(|&i| i as usize).collect::<Vec<_>>(), wi, "sigmoid e {e} k {k} groups {ng}/{tg}");
         assert!(rel_err(&gw, &ww) < 1e-5, "sigmoid weights {}", rel_err(&gw, &ww));
     }
+}
+
+/// GPT-OSS kernels vs the CPU on fresh random data: the MXFP4 expert mat-vec with biases
+/// (dequantisation in registers) for decode and prefill row counts, the top-k-then-softmax
+/// router (with a tie), the clamped SwiGLU (values beyond the limit).
+#[test]
+#[ignore]
+fn kernel_gpt_oss_match_cpu() {
+    let mut dev = Device::open().unwrap();
+    let mut rng = Rng::new(0x6F55);
+    let (e, n, k) = (6usize, 72usize, 320usize);
+    // E experts [n, k] MXFP4: random codes, scales around 2^-6 (no 255: NaN is refused at load).
+    let codes: Vec<u8> = (0..e * n * k / 2).map(|_| rng.next_u64() as u8).collect();
+    let scales: Vec<u8> = (0..e * n * k / 32).map(|_| 118 + (rng.next_u64() % 5) as u8).collect();
+    let bias: Vec<f32> = (0..e * n).map(|_| 0.1 * rng.normal()).collect();
+    let w = ops::QMat {
+        w: rd(dev.upload(&codes).unwrap()),
+        s: rd(dev.upload(&scales).unwrap()),
+        b: rd(0),
+        fmt: gpt_oss::FMT_MXFP4,
+        bits: 4,
+        group: 32,
+    };
+    let stacked = ops::Stacked { w, w_stride: (n * k / 8) as i64, sb_stride: (n * k / 32) as i64 };
+    let pbias = dev.upload(&bias).unwrap();
+    for (tokens, top) in [(1usize, 4usize), (13, 2)] {
+        let rows = tokens * top;
+        let idx: Vec<i32> = (0..rows).map(|_| (rng.next_u64() % e as u64) as i32).collect();
+        let x: Vec<f32> = (0..tokens * k).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
+        let (px, pi) = (dev.upload(&to_bf16(&x)).unwrap(), dev.upload(&idx).unwrap());
+        let py = dev.alloc(rows * n * 2).unwrap();
+        dev.fill(py, 0xFF, rows * n * 2).unwrap();
+        let a = gpt_oss::ExpertBiasMatvecArgs {
+            w: stacked,
+            idx: rd(pi),
+            per: top as i32,
+            x: rd(px),
+            bias: rd(pbias),
+            y: wr(py),
+            n: n as i32,
+            k: k as i32,
+        };
+        gpt_oss::expert_bias_matvec(&dev, &a, rows).unwrap();
+        let mut got = vec![0u16; rows * n];
+        dev.read(py, &mut got).unwrap();
+        let got = from_bf16(&got);
+        let mut want = vec![0f32; rows * n];
+        let mut row = vec![0f32; k];
+        for q in 0..rows {
+            let ex = idx[q] as usize;
+            for r in 0..n {
+                let at = ex * n + r;
+                zmoe::checkpoint::quant::mxfp4_dequant_row(
+                    &codes[at * k / 2..][..k / 2],
+                    &scales[at * k / 32..][..k / 32],
+                    &mut row,
+                );
+                let xr = &x[(q / top) * k..][..k];
+                want[q * n + r] = row.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>() + bias[at];
+            }
+        }
+        assert!(got.iter().all(|v| v.is_finite()), "rows {rows}: unwritten output");
+        let err = rel_err(&got, &want);
+        assert!(err < 8e-3, "MXFP4 expert mat-vec, rows {rows}: rel err {err}");
+    }
+
+    // Router: top-k on logits, softmax over the k; an exact tie at the boundary.
+    for (ne, kk) in [(32usize, 4usize), (128, 4), (8, 2)] {
+        let m = 5;
+        let mut logits: Vec<f32> = (0..m * ne).map(|_| rng.normal()).collect();
+        logits[3] = logits[5];
+        let pl = dev.upload(&logits).unwrap();
+        let (pi, pw) = (dev.alloc(m * kk * 4).unwrap(), dev.alloc(m * kk * 4).unwrap());
+        dev.fill(pi, 0xFF, m * kk * 4).unwrap();
+        let a = gpt_oss::TopkSoftmaxArgs { logits: rd(pl), e: ne as i32, k: kk as i32, idx: wr(pi), wout: wr(pw) };
+        gpt_oss::router_topk_softmax(&dev, &a, m).unwrap();
+        let (mut gi, mut gw) = (vec![0i32; m * kk], vec![0f32; m * kk]);
+        dev.read(pi, &mut gi).unwrap();
+        dev.read(pw, &mut gw).unwrap();
+        let (wi, ww) = zmoe::cpu::ops::topk_softmax(&logits, ne, kk);
+        assert_eq!(gi.iter().map(|&i| i as usize).collect::<Vec<_>>(), wi, "e {ne} k {kk}");
+        assert!(rel_err(&gw, &ww) < 1e-5);
+    }
+
+    // Clamped SwiGLU: gate and up spread well past ±7.
+    let len = 5000;
+    let g: Vec<f32> = (0..len).map(|_| half::bf16::from_f32(6.0 * rng.normal()).to_f32()).collect();
+    let u: Vec<f32> = (0..len).map(|_| half::bf16::from_f32(6.0 * rng.normal()).to_f32()).collect();
+    assert!(g.iter().any(|&v| v > 7.0) && u.iter().any(|&v| v < -7.0));
+    let (pg, pu, pa) =
+        (dev.upload(&to_bf16(&g)).unwrap(), dev.upload(&to_bf16(&u)).unwrap(), dev.alloc(len * 2).unwrap());
+    let a = gpt_oss::ClampSwigluArgs { g: rd(pg), u: rd(pu), act: wr(pa), n: len as i64, limit: 7.0, alpha: 1.702 };
+    gpt_oss::clamp_swiglu(&dev, &a).unwrap();
+    let mut got = vec![0u16; len];
+    dev.read(pa, &mut got).unwrap();
+    let want: Vec<f32> = g.iter().zip(&u).map(|(&a, &b)| zmoe::cpu::ops::clamp_swiglu(a, b, 7.0, 1.702)).collect();
+    assert!(rel_err(&from_bf16(&got), &want) < 8e-3);
 }
 
 /// RMSNorm, SwiGLU and combine on fresh random data vs f32 formulas.
@@ -439,6 +536,9 @@ fn model_logits_match_cpu() {
     dirs.push(common::synth_preset(tmp.path(), "kimi8", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine8, 26));
     dirs.push(common::synth_preset(tmp.path(), "lfm4", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4, 27));
     dirs.push(common::synth_preset(tmp.path(), "lfmbf", "lfm2_moe/lfm2-tiny", SynthQuant::Bf16, 28));
+    dirs.push(common::synth_preset(tmp.path(), "goss4", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4, 37));
+    dirs.push(common::synth_preset(tmp.path(), "gossbf", "gpt_oss/gpt-oss-tiny", SynthQuant::Bf16, 38));
+    dirs.push(common::synth_preset(tmp.path(), "goss8", "gpt_oss/gpt-oss-tiny", SynthQuant::Affine8, 39));
     let mut failures = Vec::new();
     for dir in dirs {
         let bf = as_bf16_weights(&dir);
@@ -533,9 +633,14 @@ fn teacher_forced_greedy_agrees() {
 fn graph_replay_equals_eager() {
     let tmp = tempfile::tempdir().unwrap();
     // LFM2: the conv states move on inside the graph; a second sequence after reset() reads
-    // them as zeros again (position 0), with no reset launch.
-    for (name, preset) in [("tiny", "qwen3_moe/tiny"), ("lfm2", "lfm2_moe/lfm2-tiny")] {
-        let dir = common::synth_preset(tmp.path(), name, preset, SynthQuant::Affine4, 31);
+    // them as zeros again (position 0), with no reset launch. GPT-OSS: 40 decode steps cross
+    // its 6-key window (ring cache) many times.
+    for (name, preset, quant) in [
+        ("tiny", "qwen3_moe/tiny", SynthQuant::Affine4),
+        ("lfm2", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4),
+        ("goss", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4),
+    ] {
+        let dir = common::synth_preset(tmp.path(), name, preset, quant, 31);
         let model = Model::load(&dir).unwrap();
         let plan = Plan::reference(model.config());
         let mut eager = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), false).unwrap();
@@ -648,6 +753,9 @@ fn prefill_equals_decode_bitexact() {
         // LFM2: the conv state crosses the 64-token prefill chunks and feeds decode.
         ("l4", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4, 46),
         ("lb", "lfm2_moe/lfm2-tiny", SynthQuant::Bf16, 47),
+        // GPT-OSS: 150 tokens cross the 6-key window and the 64-token prefill chunks (ring).
+        ("o4", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4, 48),
+        ("ob", "gpt_oss/gpt-oss-tiny", SynthQuant::Bf16, 49),
     ] {
         let dir = common::synth_preset(tmp.path(), name, preset, q, seed);
         let model = Model::load(&dir).unwrap();
@@ -715,6 +823,7 @@ fn patched_plan_bitexact_on_gpu() {
     dirs.push(common::synth_preset(tmp.path(), "k4", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine4, 66));
     dirs.push(common::synth_preset(tmp.path(), "l4", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4, 67));
     dirs.push(common::synth_preset(tmp.path(), "lb", "lfm2_moe/lfm2-tiny", SynthQuant::Bf16, 68));
+    dirs.push(common::synth_preset(tmp.path(), "o4", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4, 69));
     // The GPU reads f32 checkpoints as bf16: convert first, so the reference is the same model.
     let bf: Vec<tempfile::TempDir> = dirs.iter().map(|d| as_bf16_weights(d)).collect();
     let dirs: Vec<PathBuf> = bf.iter().map(|t| t.path().to_path_buf()).collect();

@@ -26,6 +26,7 @@ fn patched_plans_are_bit_identical_on_cpu() {
         dirs.push(common::synth_tiny(tmp.path(), &format!("t{i}"), q, 70 + i as u64));
     }
     dirs.push(common::synth_preset(tmp.path(), "k4", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine4, 74));
+    dirs.push(common::synth_preset(tmp.path(), "go", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4, 75));
     common::assert_patterns_bitexact(BackendKind::Cpu, &dirs, 11, 6);
 }
 

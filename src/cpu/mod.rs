@@ -149,6 +149,14 @@ impl CpuBackend {
                 st.k_cache[layer].extend_from_slice(&st.bufs[Buf::K as usize]);
                 st.v_cache[layer].extend_from_slice(&st.bufs[Buf::V as usize]);
             }
+            Step::Attn { layer, op: AttnOp::SinkAttention } => {
+                let mut out = vec![0.0; *t * c.num_heads * d];
+                let st = &self.st;
+                let sinks = self.weights.sinks(layer).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"));
+                let (q, kc, vc) = (&st.bufs[Buf::Q as usize], &st.k_cache[layer], &st.v_cache[layer]);
+                ops::attention_with(q, kc, vc, st.pos, c, c.window(layer), Some(sinks), &mut out);
+                self.st.put(Buf::Attn, out);
+            }
             Step::Attn { layer, op: AttnOp::Attention } => {
                 let mut out = vec![0.0; *t * c.num_heads * d];
                 let st = &self.st;
@@ -257,6 +265,19 @@ impl CpuBackend {
                 self.st.topk_idx = idx;
                 self.st.topk_w = w;
             }
+            Step::Moe { op: MoeOp::TopKSoftmax, .. } => {
+                let logits = &self.st.bufs[Buf::RouterLogits as usize];
+                let (idx, w) = ops::topk_softmax(logits, c.num_experts, k);
+                self.st.topk_idx = idx;
+                self.st.topk_w = w;
+            }
+            Step::Moe { op: MoeOp::ClampSwiglu, .. } => {
+                let g = c.gpt_oss.as_ref().expect("GPT-OSS config");
+                let (gate, up) = (&self.st.bufs[Buf::Gate as usize], &self.st.bufs[Buf::Up as usize]);
+                let act = gate.iter().zip(up).map(|(&x, &u)| ops::clamp_swiglu(x, u, g.swiglu_limit, g.swiglu_alpha));
+                let act = act.collect();
+                self.st.put(Buf::Act, act);
+            }
             Step::Moe { op: MoeOp::RouterTopK, .. } => {
                 let logits = &self.st.bufs[Buf::RouterLogits as usize];
                 let (idx, w) = ops::softmax_topk(logits, c.num_experts, k, c.norm_topk_prob);
@@ -270,6 +291,10 @@ impl CpuBackend {
                 let x = &self.st.bufs[Buf::H as usize];
                 ops::grouped_experts(&self.st.topk_idx, k, x, &ex.gate, &mut g);
                 ops::grouped_experts(&self.st.topk_idx, k, x, &ex.up, &mut u);
+                if let Some(b) = &ex.bias {
+                    ops::add_expert_bias(&self.st.topk_idx, &b.gate, &mut g);
+                    ops::add_expert_bias(&self.st.topk_idx, &b.up, &mut u);
+                }
                 self.st.put(Buf::Gate, g);
                 self.st.put(Buf::Up, u);
             }
@@ -283,6 +308,9 @@ impl CpuBackend {
                 let mut y = vec![0.0; *t * k * h];
                 // Row t·K+j of Act is slot j of token t, i.e. expert topk_idx[t·K+j].
                 ops::grouped_experts(&self.st.topk_idx, 1, &self.st.bufs[Buf::Act as usize], &ex.down, &mut y);
+                if let Some(b) = &ex.bias {
+                    ops::add_expert_bias(&self.st.topk_idx, &b.down, &mut y);
+                }
                 self.st.put(Buf::ExpertOut, y);
             }
             Step::Moe { op: MoeOp::Combine, .. } => {

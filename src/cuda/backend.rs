@@ -11,7 +11,9 @@
 use std::sync::Arc;
 
 use super::Device;
-use super::ops::{self, Bf16, I32, Void, attention as attn, conv, int, linear, mla, moe, norm, rd, rope, sample, wr};
+use super::ops::{
+    self, Bf16, I32, Void, attention as attn, conv, gpt_oss, int, linear, mla, moe, norm, rd, rope, sample, wr,
+};
 use super::weights::{DLinear, DMat, DeviceWeights, Upload, unsupported};
 use crate::backend::{Backend, DeviceInfo, StepTime};
 use crate::config::{ModelConfig, RouterKind};
@@ -60,6 +62,10 @@ enum LayerCache {
     /// context (read as zeros at position 0, so a new sequence needs no reset launch), and
     /// room for a copy of it (`saved`, kept across `profile_decode`).
     Conv { state: u64, saved: u64 },
+    /// A sliding-window layer (GPT-OSS): K and V rows `[ring, nKV·D]`, token p in row
+    /// p mod ring. `ring` = window + CHUNK − 1: a prefill chunk appends all its rows before
+    /// its first query reads the oldest key it still needs.
+    Ring { k: u64, v: u64, ring: usize },
 }
 
 impl LayerCache {
@@ -73,16 +79,35 @@ impl LayerCache {
         }
     }
 
+    /// Rows of layer `l`'s ring, if it slides.
+    fn ring(c: &ModelConfig, l: usize) -> Option<usize> {
+        c.window(l).map(|w| w + CHUNK - 1)
+    }
+
+    /// Cache bytes per token of context (the layers whose cache grows with it), and the
+    /// bytes of the rings (fixed, whatever the context). Conv states are a few KB: not counted.
+    fn bytes(c: &ModelConfig) -> (usize, usize) {
+        let layer = |l: usize| LayerCache::row(c, l) * 2;
+        let rings = (0..c.num_layers).filter_map(|l| LayerCache::ring(c, l).map(|r| r * layer(l))).sum();
+        let growing = (0..c.num_layers).filter(|&l| c.window(l).is_none()).map(layer).sum();
+        (growing, rings)
+    }
+
     /// Layer `l`'s cache for `max_ctx` tokens.
     fn alloc(dev: &mut Device, c: &ModelConfig, l: usize, max_ctx: usize) -> Result<LayerCache> {
         if let Some(cv) = c.conv.as_ref().filter(|_| c.is_conv_layer(l)) {
             let bytes = cv.state_len().max(1) * c.hidden_size * 2;
             return Ok(LayerCache::Conv { state: dev.alloc(bytes)?, saved: dev.alloc(bytes)? });
         }
-        let bytes = max_ctx * LayerCache::row(c, l) * 2;
-        Ok(match c.mla {
-            Some(_) => LayerCache::Latent { rows: dev.alloc(bytes)? },
-            None => LayerCache::Kv { k: dev.alloc(bytes / 2)?, v: dev.alloc(bytes / 2)? },
+        let row = LayerCache::row(c, l);
+        let bytes = max_ctx * row * 2;
+        Ok(match (c.mla.is_some(), LayerCache::ring(c, l)) {
+            (true, _) => LayerCache::Latent { rows: dev.alloc(bytes)? },
+            (false, Some(ring)) => {
+                let half = ring * row;
+                LayerCache::Ring { k: dev.alloc(half)?, v: dev.alloc(half)?, ring }
+            }
+            (false, None) => LayerCache::Kv { k: dev.alloc(bytes / 2)?, v: dev.alloc(bytes / 2)? },
         })
     }
 }
@@ -180,6 +205,21 @@ impl CudaBackend {
             }
             _ => {}
         }
+        // MXFP4 stacks are read by GPT-OSS's expert kernels only.
+        let mxfp4 =
+            |m: &[crate::checkpoint::Mat]| m.iter().any(|m| matches!(m.kind, crate::checkpoint::MatKind::Mxfp4 { .. }));
+        for (l, ly) in weights.layers.iter().enumerate() {
+            let stacks_mxfp4 = match (&ly.mlp, &ly.attn) {
+                (_, crate::model::Attn::Mla(m)) if mxfp4(&m.embed_q) || mxfp4(&m.unembed_out) => true,
+                (crate::model::Mlp::Moe { experts: e, .. }, _) => {
+                    c.gpt_oss.is_none() && (mxfp4(&e.gate) || mxfp4(&e.up) || mxfp4(&e.down))
+                }
+                _ => false,
+            };
+            if stacks_mxfp4 {
+                return Err(unsupported(format!("MXFP4 expert or head weights in layer {l} of a non-GPT-OSS model")));
+            }
+        }
         if let RouterKind::SigmoidGrouped { n_group, .. } = c.router
             && n_group > 32
         {
@@ -198,8 +238,8 @@ impl CudaBackend {
         // The KV cache after the weights, sized to the memory they left free. Cached bf16
         // values per token and layer: K and V rows, or MLA's latent row.
         let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
-        let token_bytes = (0..c.num_layers).map(|l| LayerCache::row(c, l)).sum::<usize>() * 2;
-        let max_ctx = kv_capacity(c, ctx, token_bytes, free)?;
+        let (token_bytes, ring_bytes) = LayerCache::bytes(c);
+        let max_ctx = kv_capacity(c, ctx, token_bytes, free.saturating_sub(ring_bytes))?;
         let caches =
             (0..c.num_layers).map(|l| LayerCache::alloc(&mut dev, c, l, max_ctx)).collect::<Result<Vec<_>>>()?;
         // Activation buffers for CHUNK rows.
@@ -288,6 +328,15 @@ impl CudaBackend {
     fn kv_cache(&self, l: usize) -> Result<(u64, u64)> {
         match self.caches[l] {
             LayerCache::Kv { k, v } => Ok((k, v)),
+            _ => Err(Error::Cuda(format!("plan asks for the linear KV cache of layer {l}, which has none"))),
+        }
+    }
+
+    /// `(K cache, V cache, ring rows or 0)` of GQA layer `l`, linear or a ring.
+    fn kv_ring(&self, l: usize) -> Result<(u64, u64, usize)> {
+        match self.caches[l] {
+            LayerCache::Kv { k, v } => Ok((k, v, 0)),
+            LayerCache::Ring { k, v, ring } => Ok((k, v, ring)),
             _ => Err(Error::Cuda(format!("plan asks for the KV cache of layer {l}, which has none"))),
         }
     }
@@ -429,6 +478,20 @@ impl CudaBackend {
                     self.st.act_elems = mm * lin.w.rows;
                 }
             }
+            Step::Attn { op: AttnOp::Rope, .. } if c.rope.attention_scaling != 1.0 => {
+                let a = gpt_oss::RopeScaledArgs {
+                    q: wr(self.buf(Buf::Q)),
+                    k: wr(self.buf(Buf::K)),
+                    inv_freq: rd(self.inv_freq),
+                    pos,
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    d_rot: int(c.rope.dim),
+                    scaling: c.rope.attention_scaling,
+                };
+                gpt_oss::rope_scaled(dev, &a, mm)?;
+            }
             Step::Attn { op: AttnOp::Rope, .. } => {
                 let a = rope::RopeArgs {
                     q: wr(self.buf(Buf::Q)),
@@ -441,6 +504,19 @@ impl CudaBackend {
                     d_rot: int(c.rope.dim),
                 };
                 rope::rope(dev, &a, mm)?;
+            }
+            Step::Attn { layer, op: AttnOp::KvAppend } if c.gpt_oss.is_some() => {
+                let (kc, vc, ring) = self.kv_ring(layer)?;
+                let a = gpt_oss::KvAppendRingArgs {
+                    k: rd(self.buf(Buf::K)),
+                    v: rd(self.buf(Buf::V)),
+                    kc: wr(kc),
+                    vc: wr(vc),
+                    pos,
+                    w: int(nkv * d),
+                    ring: int(ring),
+                };
+                gpt_oss::kv_append_ring(dev, &a, mm)?;
             }
             Step::Attn { layer, op: AttnOp::KvAppend } => {
                 let (kc, vc) = self.kv_cache(layer)?;
@@ -476,6 +552,70 @@ impl CudaBackend {
             Step::Add { dst, src } => {
                 let a = norm::AddArgs { x: wr(self.buf(dst)), y: rd(self.buf(src)), n: (mm * h) as i64 };
                 norm::add(dev, &a)?;
+            }
+            Step::Attn { layer, op: AttnOp::SinkAttention } => {
+                let (kc, vc, ring) = self.kv_ring(layer)?;
+                let a = gpt_oss::SinkAttentionArgs {
+                    q: rd(self.buf(Buf::Q)),
+                    kc: rd(kc),
+                    vc: rd(vc),
+                    sinks: rd(*self.w.sinks(layer)?),
+                    pos,
+                    out: wr(self.buf(Buf::Attn)),
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    window: int(c.window(layer).unwrap_or(0)),
+                    ring: int(ring),
+                    scale: c.attn_scale(),
+                };
+                gpt_oss::sink_attention(dev, &a, mm)?;
+            }
+            Step::Moe { op: MoeOp::TopKSoftmax, .. } => {
+                let a = gpt_oss::TopkSoftmaxArgs {
+                    logits: rd(self.buf(Buf::RouterLogits)),
+                    e: int(c.num_experts),
+                    k: int(k),
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
+                };
+                gpt_oss::router_topk_softmax(dev, &a, mm)?;
+            }
+            Step::Moe { op: MoeOp::ClampSwiglu, .. } => {
+                let g = c.gpt_oss.as_ref().ok_or_else(|| Error::Cuda("clamp_swiglu without GPT-OSS config".into()))?;
+                let a = gpt_oss::ClampSwigluArgs {
+                    g: rd(self.buf(Buf::Gate)),
+                    u: rd(self.buf(Buf::Up)),
+                    act: wr(self.buf(Buf::Act)),
+                    n: self.st.act_elems as i64,
+                    limit: g.swiglu_limit,
+                    alpha: g.swiglu_alpha,
+                };
+                gpt_oss::clamp_swiglu(dev, &a)?;
+            }
+            Step::Moe { layer, op: MoeOp::ExpertGateUp } if self.w.experts(layer)?.bias.is_some() => {
+                let ex = self.w.experts(layer)?.clone();
+                if mm > 1 {
+                    // Prefill: group the routed rows by expert (read by gate, up and down).
+                    let a = moe::MoeGroupArgs {
+                        idx: rd(self.st.topk_idx),
+                        r: int(mm * k),
+                        e: int(c.num_experts),
+                        off: wr(self.st.grp_off),
+                        rows: wr(self.st.grp_rows),
+                    };
+                    moe::moe_group(dev, &a)?;
+                }
+                let b = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?;
+                for (w, bias, dst) in [(ex.gate, b.gate, Buf::Gate), (ex.up, b.up, Buf::Up)] {
+                    self.expert_bias_matvec(&w, bias, Buf::H, k, dst, mm * k)?;
+                }
+                self.st.act_elems = mm * k * c.moe_intermediate_size;
+            }
+            Step::Moe { layer, op: MoeOp::ExpertDown } if self.w.experts(layer)?.bias.is_some() => {
+                let ex = self.w.experts(layer)?;
+                let bias = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?.down;
+                self.expert_bias_matvec(&ex.down, bias, Buf::Act, 1, Buf::ExpertOut, mm * k)?;
             }
             Step::Moe { op: MoeOp::RouterTopK, .. } => {
                 let a = moe::RouterTopkArgs {
@@ -655,6 +795,61 @@ impl CudaBackend {
             })
             .collect();
         match op {
+            Fusion::MoeRouter if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::TopKSoftmax, .. })) => {
+                let (router, _) = self.w.router(layer)?;
+                let a = gpt_oss::MoeRouterTopkSoftmaxArgs {
+                    w: router.w.q,
+                    x: rd(self.buf(Buf::H)),
+                    logits: wr(self.buf(Buf::RouterLogits)),
+                    bias: rd(router.bias()),
+                    e: int(c.num_experts),
+                    h: int(h),
+                    k: int(k),
+                    tickets: wr(self.st.tickets),
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
+                };
+                gpt_oss::moe_router_topk_softmax(dev, &a, mm)
+            }
+            Fusion::MoeGateUpSwiglu if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::ClampSwiglu, .. })) => {
+                let ex = self.w.experts(layer)?;
+                let b = ex.bias.as_ref().ok_or_else(|| Error::Cuda("GPT-OSS experts without biases".into()))?;
+                let g = c.gpt_oss.as_ref().ok_or_else(|| Error::Cuda("clamp_swiglu without GPT-OSS config".into()))?;
+                let a = gpt_oss::MoeGateUpClampArgs {
+                    gate: ex.gate.stacked(),
+                    up: ex.up.stacked(),
+                    gbias: rd(b.gate),
+                    ubias: rd(b.up),
+                    idx: rd(self.st.topk_idx),
+                    k: int(k),
+                    x: rd(self.buf(Buf::H)),
+                    act: wr(self.buf(Buf::Act)),
+                    i: int(c.moe_intermediate_size),
+                    h: int(h),
+                    limit: g.swiglu_limit,
+                    alpha: g.swiglu_alpha,
+                };
+                gpt_oss::moe_gate_up_clamp(dev, &a, mm * k)
+            }
+            Fusion::MoeDownCombineAdd if self.w.experts(layer)?.bias.is_some() => {
+                if parts.iter().any(|p| matches!(p, Step::Add { src: Buf::SharedOut, .. })) {
+                    return Err(unsupported("shared experts beside experts with biases".into()));
+                }
+                let ex = self.w.experts(layer)?;
+                let bias = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?.down;
+                let a = gpt_oss::MoeDownBiasCombineAddArgs {
+                    down: ex.down.stacked(),
+                    bias: rd(bias),
+                    idx: rd(self.st.topk_idx),
+                    wts: rd(self.st.topk_w),
+                    k: int(k),
+                    act: rd(self.buf(Buf::Act)),
+                    x: wr(x_buf),
+                    h: int(h),
+                    i: int(c.moe_intermediate_size),
+                };
+                gpt_oss::moe_down_bias_combine_add(dev, &a, mm)
+            }
             Fusion::MoeRouter => {
                 let (router, bias) = self.w.router(layer)?;
                 if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::SigmoidBiasTopK, .. })) {
@@ -935,6 +1130,37 @@ impl CudaBackend {
             let a = moe::ExpertMatvecArgs { w: w.stacked(), idx: rd(self.st.topk_idx), per, x, y, n, k };
             moe::expert_matvec(&self.dev, &a, rows)
         }
+    }
+
+    /// Selected-expert rows with the experts' biases (`bias [E, rows]` f32): GPT-OSS, any
+    /// expert format incl. MXFP4; decode a block column per routed row, prefill grouped by
+    /// expert (the grouping `ExpertGateUp` computed), bit-identical either way.
+    fn expert_bias_matvec(&self, w: &DMat, bias: u64, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
+        if rows > self.cfg.top_k {
+            let a = gpt_oss::ExpertBiasMatvecGroupedArgs {
+                w: w.stacked(),
+                off: rd(self.st.grp_off),
+                rows: rd(self.st.grp_rows),
+                per: int(per),
+                x: rd(self.buf(src)),
+                bias: rd(bias),
+                y: wr(self.buf(dst)),
+                n: int(w.rows),
+                k: int(w.cols),
+            };
+            return gpt_oss::expert_bias_matvec_grouped(&self.dev, &a, self.cfg.num_experts);
+        }
+        let a = gpt_oss::ExpertBiasMatvecArgs {
+            w: w.stacked(),
+            idx: rd(self.st.topk_idx),
+            per: int(per),
+            x: rd(self.buf(src)),
+            bias: rd(bias),
+            y: wr(self.buf(dst)),
+            n: int(w.rows),
+            k: int(w.cols),
+        };
+        gpt_oss::expert_bias_matvec(&self.dev, &a, rows)
     }
 
     /// Per-head mat-vecs of MLA: row (token, head) of `dst` = `w[head] · src_row[0:w.cols]`,

@@ -8,7 +8,8 @@
 //!   loader the backends use, so every on-disk layout zmoe reads (HF per-expert keys, MLX
 //!   stacked experts, affine 2–8 bit, MXFP4, bf16) exports the same way, and each matrix is
 //!   dequantized exactly ([`Mat::dequant_row`]) before being re-quantized to Q4_0 / Q8_0
-//!   with ggml's reference rounding ([`gguf`]). Norms and the router stay f32, as llama.cpp's
+//!   with ggml's reference rounding ([`gguf`]); gpt-oss experts go to MXFP4, which an
+//!   MXFP4 source survives bit for bit. Norms and the router stay f32, as llama.cpp's
 //!   converter keeps them.
 //! - **One table entry per family** ([`GGUF_ARCHS`]): the llama.cpp architecture name and
 //!   what that architecture's loader can represent (dense layers, biases, partial rotary,
@@ -95,8 +96,15 @@ pub struct GgufArch {
     /// The graph supports rotary on fewer dims than the head (`rope.dimension_count`).
     pub partial_rope: bool,
     /// `Some(b)`: the graph always renormalises the top-k router weights (`b = true`) or
-    /// never does; `None`: it reads `<arch>.expert_weights_norm`.
+    /// never does; `None`: it reads `<arch>.expert_weights_norm` (or, like `gpt-oss`,
+    /// routes in a way that has no renormalisation switch).
     pub topk_norm: Option<bool>,
+    /// The tensor name of the norm before the MLP: `ffn_norm`, or `post_attention_norm`
+    /// (`gpt-oss`).
+    pub post_norm: &'static str,
+    /// Experts are written as MXFP4 whatever `--quant` says (the `gpt-oss` release format;
+    /// an MXFP4 source is carried over exactly), with their biases.
+    pub experts_mxfp4: bool,
 }
 
 /// Family → llama.cpp architecture. Adding a family is one entry here (read its loader in
@@ -112,6 +120,23 @@ pub const GGUF_ARCHS: &[GgufArch] = &[
         out_bias: false,
         partial_rope: false,
         topk_norm: Some(true),
+        post_norm: "ffn_norm",
+        experts_mxfp4: false,
+    },
+    // src/models/openai-moe-iswa.cpp ("gpt-oss"): q/k/v/o and expert biases, attn_sinks,
+    // post_attention_norm, every other layer sliding (set_swa_pattern(2), window from
+    // `attention.sliding_window`), YaRN from `rope.scaling.*`, top-k on the router logits
+    // with softmax over the k, the clamped SwiGLU (its limit 7 and alpha 1.702 built in).
+    GgufArch {
+        family: Family::GptOss,
+        arch: "gpt-oss",
+        dense_ffn: false,
+        qkv_bias: true,
+        out_bias: true,
+        partial_rope: false,
+        topk_norm: None,
+        post_norm: "post_attention_norm",
+        experts_mxfp4: true,
     },
     // src/models/lfm2moe.cpp + lfm2.cpp: `n_layer_dense_lead` dense layers, short-conv
     // layers where `attention.head_count_kv[l] == 0` (`shortconv.{in_proj,conv,out_proj}`),
@@ -125,6 +150,8 @@ pub const GGUF_ARCHS: &[GgufArch] = &[
         out_bias: false,
         partial_rope: false,
         topk_norm: Some(true),
+        post_norm: "ffn_norm",
+        experts_mxfp4: false,
     },
 ];
 
@@ -166,6 +193,17 @@ impl GgufArch {
                 "rotary on {} of {} head dims is not supported by llama.cpp's `{a}` graph",
                 cfg.rope.dim, cfg.head_dim
             ));
+        }
+        if let Some(g) = &cfg.gpt_oss {
+            let alternating = g.sliding.iter().enumerate().all(|(l, &s)| s == (l % 2 == 0));
+            if !alternating {
+                out.push(format!(
+                    "llama.cpp's `{a}` graph slides every other layer from layer 0; this model's layer_types differ"
+                ));
+            }
+            if g.swiglu_limit != 7.0 || g.swiglu_alpha != 1.702 {
+                out.push(format!("llama.cpp's `{a}` graph has swiglu_limit 7 and alpha 1.702 built in"));
+            }
         }
         if let Some(norm) = self.topk_norm
             && cfg.num_experts > 0
@@ -244,8 +282,9 @@ enum Src<'a> {
     Mats(Vec<&'a Mat>),
     /// A single row.
     Vector(&'a [f32]),
-    /// An f32 matrix stored row-major, rows of this many values (LFM2's conv kernel).
-    Grid(&'a [f32], usize),
+    /// A row-major matrix of rows of `width` (LFM2's conv kernel `[H, L]`, stacked expert
+    /// biases `[E, width]`).
+    Rows(&'a [f32], usize),
 }
 
 impl Src<'_> {
@@ -253,7 +292,7 @@ impl Src<'_> {
         match self {
             Src::Mats(ms) => ms.iter().map(|m| m.rows).sum(),
             Src::Vector(_) => 1,
-            Src::Grid(v, cols) => v.len() / cols,
+            Src::Rows(v, w) => v.len() / w,
         }
     }
 
@@ -264,7 +303,7 @@ impl Src<'_> {
                 ms[r / per].dequant_row(r % per, out);
             }
             Src::Vector(v) => out.copy_from_slice(v),
-            Src::Grid(v, cols) => out.copy_from_slice(&v[r * cols..(r + 1) * cols]),
+            Src::Rows(v, w) => out.copy_from_slice(&v[r * w..][..*w]),
         }
     }
 }
@@ -296,10 +335,16 @@ impl<'a> Planner<'a> {
         self.push(name, vec![m.cols as u64, m.rows as u64], GgmlType::F32, Src::Mats(vec![m]));
     }
 
-    /// Stacked experts `E × [out, in]` → `ne = [in, out, E]`.
-    fn experts(&mut self, name: String, ms: &'a [Mat]) {
+    /// Stacked experts `E × [out, in]` → `ne = [in, out, E]`, in `ty`.
+    fn experts(&mut self, name: String, ms: &'a [Mat], ty: GgmlType) {
         let (r, c) = (ms[0].rows as u64, ms[0].cols as u64);
-        self.push(name, vec![c, r, ms.len() as u64], self.quant, Src::Mats(ms.iter().collect()));
+        self.push(name, vec![c, r, ms.len() as u64], ty, Src::Mats(ms.iter().collect()));
+    }
+
+    /// Stacked expert biases `[E, n]` (f32) → `ne = [n, E]`.
+    fn expert_bias(&mut self, name: String, b: &'a [f32], experts: usize) {
+        let n = b.len() / experts;
+        self.push(name, vec![n as u64, experts as u64], GgmlType::F32, Src::Rows(b, n));
     }
 
     fn vector(&mut self, name: String, v: &'a [f32]) {
@@ -315,8 +360,9 @@ impl<'a> Planner<'a> {
     }
 }
 
-fn plan<'a>(w: &'a Weights, arch: &GgufArch, tied: bool, quant: GgmlType) -> Vec<Item<'a>> {
+fn plan<'a>(a: &GgufArch, w: &'a Weights, tied: bool, quant: GgmlType) -> Vec<Item<'a>> {
     let mut p = Planner { items: Vec::new(), quant };
+    let expert_ty = if a.experts_mxfp4 { GgmlType::Mxfp4 } else { quant };
     p.mat("token_embd.weight".into(), &w.embed);
     for (i, l) in w.layers.iter().enumerate() {
         let b = format!("blk.{i}");
@@ -337,12 +383,19 @@ fn plan<'a>(w: &'a Weights, arch: &GgufArch, tied: bool, quant: GgmlType) -> Vec
                 p.mat(format!("{b}.shortconv.in_proj.weight"), &cv.in_proj.w);
                 let width = cv.kernel.len() / l.input_norm.len();
                 let dims = vec![width as u64, l.input_norm.len() as u64];
-                p.push(format!("{b}.shortconv.conv.weight"), dims, GgmlType::F32, Src::Grid(&cv.kernel, width));
+                p.push(format!("{b}.shortconv.conv.weight"), dims, GgmlType::F32, Src::Rows(&cv.kernel, width));
                 p.mat(format!("{b}.shortconv.out_proj.weight"), &l.o.w);
+            }
+            Attn::Sink { q, k, v, sinks } => {
+                p.linear(&format!("{b}.attn_q"), q);
+                p.linear(&format!("{b}.attn_k"), k);
+                p.linear(&format!("{b}.attn_v"), v);
+                p.linear(&format!("{b}.attn_output"), &l.o);
+                p.vector(format!("{b}.attn_sinks.weight"), sinks);
             }
             Attn::Mla(_) => {}
         }
-        p.vector(format!("{b}.ffn_norm.weight"), &l.post_norm);
+        p.vector(format!("{b}.{}.weight", a.post_norm), &l.post_norm);
         match &l.mlp {
             Mlp::Moe { router, experts, correction_bias, .. } => {
                 p.mat_f32(format!("{b}.ffn_gate_inp.weight"), &router.w);
@@ -353,9 +406,15 @@ fn plan<'a>(w: &'a Weights, arch: &GgufArch, tied: bool, quant: GgmlType) -> Vec
                 if let Some(bias) = correction_bias {
                     p.vector(format!("{b}.ffn_exp_probs_b.bias"), bias);
                 }
-                p.experts(format!("{b}.ffn_gate_exps.weight"), &experts.gate);
-                p.experts(format!("{b}.ffn_up_exps.weight"), &experts.up);
-                p.experts(format!("{b}.ffn_down_exps.weight"), &experts.down);
+                p.experts(format!("{b}.ffn_gate_exps.weight"), &experts.gate, expert_ty);
+                p.experts(format!("{b}.ffn_up_exps.weight"), &experts.up, expert_ty);
+                p.experts(format!("{b}.ffn_down_exps.weight"), &experts.down, expert_ty);
+                if let Some(eb) = &experts.bias {
+                    let e = experts.gate.len();
+                    p.expert_bias(format!("{b}.ffn_gate_exps.bias"), &eb.gate, e);
+                    p.expert_bias(format!("{b}.ffn_up_exps.bias"), &eb.up, e);
+                    p.expert_bias(format!("{b}.ffn_down_exps.bias"), &eb.down, e);
+                }
             }
             Mlp::Dense(f) => {
                 p.linear(&format!("{b}.ffn_gate"), &f.gate);
@@ -365,7 +424,7 @@ fn plan<'a>(w: &'a Weights, arch: &GgufArch, tied: bool, quant: GgmlType) -> Vec
         }
     }
     // llama.cpp names LFM2's final norm (transformers' `embedding_norm`) `token_embd_norm`.
-    let norm = if arch.family == Family::Lfm2Moe { "token_embd_norm.weight" } else { "output_norm.weight" };
+    let norm = if a.family == Family::Lfm2Moe { "token_embd_norm.weight" } else { "output_norm.weight" };
     p.vector(norm.into(), &w.norm);
     if !tied {
         p.linear("output", &w.lm_head);
@@ -416,6 +475,14 @@ fn metadata(a: &GgufArch, cfg: &ModelConfig, name: &str, quant: GgufQuant) -> Ve
         add("shortconv.l_cache", u(cv.kernel));
         add("leading_dense_block_count", u((0..cfg.num_layers).take_while(|&l| !cfg.is_moe_layer(l)).count()));
         add("expert_gating_func", Value::U32(GATING_SIGMOID));
+    }
+    if let Some(g) = &cfg.gpt_oss {
+        add("attention.sliding_window", u(g.sliding_window));
+    }
+    if let Some((factor, orig)) = cfg.rope.yarn {
+        add("rope.scaling.type", Value::Str("yarn".into()));
+        add("rope.scaling.factor", Value::F32(factor as f32));
+        add("rope.scaling.original_context_length", u(orig as usize));
     }
     add("vocab_size", u(cfg.vocab_size));
     kv.push(("tokenizer.ggml.model".into(), Value::Str("none".into())));
@@ -497,7 +564,7 @@ pub fn export_gguf(
         warn(w);
     }
     let tied = cfg.tie_word_embeddings && !ck.has("lm_head.weight");
-    let items = plan(&weights, arch, tied, opts.quant.ggml_type());
+    let items = plan(arch, &weights, tied, opts.quant.ggml_type());
     for it in &items {
         if it.spec.ty.row_bytes(it.spec.dims[0] as usize).is_none() {
             return Err(Error::tensor(

@@ -145,13 +145,15 @@ impl CatalogRow {
 
 /// The catalog row of every preset in [`synth::PRESETS`], in that order.
 pub fn preset_rows() -> Result<Vec<CatalogRow>> {
-    let formats = SynthQuant::ALL.map(SynthQuant::name).join("|");
     synth::PRESETS
         .iter()
         .map(|(family, preset, about)| {
+            let formats: Vec<&str> =
+                SynthQuant::ALL.into_iter().filter(|q| q.fits(family)).map(SynthQuant::name).collect();
+            let formats = formats.join("|");
             let json = synth::preset_config(family, preset)?;
             let cfg = ModelConfig::parse(&json.to_string(), Path::new(&format!("<preset {family}/{preset}>")))?;
-            Ok(CatalogRow::new(format!("{family}/{preset}"), &cfg, formats.clone(), (*about).into()))
+            Ok(CatalogRow::new(format!("{family}/{preset}"), &cfg, formats, (*about).into()))
         })
         .collect()
 }

@@ -416,7 +416,9 @@ mod tests {
                 "deepseek_v3/kimi-k2-tiny@affine4",
                 "lfm2_moe/lfm2-tiny@affine4",
                 "lfm2_moe/lfm2-8b-a1b@affine4",
-                "lfm2_moe/lfm2-24b-a2b@affine4"
+                "lfm2_moe/lfm2-24b-a2b@affine4",
+                "gpt_oss/gpt-oss-tiny@affine4",
+                "gpt_oss/gpt-oss-20b@affine4"
             ],
             "folders first, then presets in order, --all adding the rest"
         );

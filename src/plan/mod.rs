@@ -200,6 +200,10 @@ pub enum AttnOp {
     /// `u = B ⊙ X`, causal depthwise convolution of `u` over the layer's conv state (the last
     /// `L − 1` values of `u`) and this chunk, `Attn = C ⊙ conv`; the state moves on by `T`.
     ShortConv,
+    /// GPT-OSS: causal attention of Q over the layer's cache with one sink logit per query
+    /// head as an extra softmax column that is then dropped, over the layer's sliding
+    /// window (`ModelConfig::window`) or all keys → `Attn`.
+    SinkAttention,
 }
 
 /// The ops of a layer's routed experts.
@@ -214,9 +218,17 @@ pub enum MoeOp {
     /// (lowest index wins ties), weights the unbiased scores renormalised (`/ (sum + 1e-6)`)
     /// and scaled.
     SigmoidBiasTopK,
-    /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`.
+    /// GPT-OSS router on `RouterLogits` (bias included): top-k on the logits (lowest index
+    /// wins ties), softmax over the k selected.
+    TopKSoftmax,
+    /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`
+    /// (+ the experts' biases where they have them).
     ExpertGateUp,
-    /// Down projection of each selected expert: `Act` → `ExpertOut` `[T·K, H]`.
+    /// GPT-OSS expert activation: `Act = (clamp(Up, ±L) + 1) · g · σ(α·g)` with
+    /// `g = min(Gate, L)` (model-spec §5.5 step 8).
+    ClampSwiglu,
+    /// Down projection of each selected expert: `Act` → `ExpertOut` `[T·K, H]` (+ the down
+    /// bias, before the routing weight).
     ExpertDown,
     /// `Out[t] = Σ_j w[t,j] · ExpertOut[t·K+j]`, f32 accumulation in slot order.
     Combine,
@@ -312,6 +324,7 @@ impl AttnOp {
             AttnOp::MlaVUp => "mla_v_up",
             AttnOp::MlaAttentionExpanded => "mla_attention_expanded",
             AttnOp::ShortConv => "short_conv",
+            AttnOp::SinkAttention => "sink_attention",
         }
     }
 }
@@ -323,6 +336,8 @@ impl MoeOp {
             MoeOp::RouterTopK => "router_topk",
             MoeOp::SigmoidTopK => "sigmoid_topk",
             MoeOp::SigmoidBiasTopK => "sigmoid_bias_topk",
+            MoeOp::TopKSoftmax => "topk_softmax",
+            MoeOp::ClampSwiglu => "clamp_swiglu",
             MoeOp::ExpertGateUp => "expert_gate_up",
             MoeOp::ExpertDown => "expert_down",
             MoeOp::Combine => "combine",
@@ -342,7 +357,13 @@ impl Fusion {
             Fusion::MoeRouter if has(&|s| matches!(s, Step::Moe { op: MoeOp::SigmoidBiasTopK, .. })) => {
                 "moe_sigmoid_bias_router".into()
             }
+            Fusion::MoeRouter if has(&|s| matches!(s, Step::Moe { op: MoeOp::TopKSoftmax, .. })) => {
+                "moe_topk_softmax_router".into()
+            }
             Fusion::MoeRouter => "moe_router".into(),
+            Fusion::MoeGateUpSwiglu if has(&|s| matches!(s, Step::Moe { op: MoeOp::ClampSwiglu, .. })) => {
+                "moe_gate_up_clamp_swiglu".into()
+            }
             Fusion::MoeGateUpSwiglu => "moe_gate_up_swiglu".into(),
             Fusion::MoeDownCombineAdd if has(&|s| matches!(s, Step::Add { src: Buf::SharedOut, .. })) => {
                 "moe_down_combine_shared_add".into()
@@ -406,6 +427,7 @@ impl Plan {
             Family::Qwen3Moe => family::qwen3_moe::reference(cfg),
             Family::Glm4MoeLite | Family::DeepseekV3 => family::mla_moe::reference(cfg),
             Family::Lfm2Moe => family::lfm2_moe::reference(cfg),
+            Family::GptOss => family::gpt_oss::reference(cfg),
         }
     }
 

@@ -96,13 +96,20 @@ impl Pattern {
         let (op, parts): (Fusion, Vec<Step>) = match (self, rest.first()?) {
             (Pattern::MoeMlp, Step::Linear { w: LinRef::Router(l), .. }) => {
                 let top_k = match rest.get(1)? {
-                    Step::Moe { op: op @ (MoeOp::SigmoidTopK | MoeOp::SigmoidBiasTopK), .. } => *op,
+                    Step::Moe {
+                        op: op @ (MoeOp::SigmoidTopK | MoeOp::SigmoidBiasTopK | MoeOp::TopKSoftmax), ..
+                    } => *op,
                     _ => MoeOp::RouterTopK,
                 };
                 (Fusion::MoeRouter, vec![lin(LinRef::Router(*l), H, RouterLogits), moe(*l, top_k)])
             }
             (Pattern::MoeMlp, Step::Moe { layer, op: MoeOp::ExpertGateUp }) => {
-                (Fusion::MoeGateUpSwiglu, vec![moe(*layer, MoeOp::ExpertGateUp), Step::Swiglu])
+                // GPT-OSS's experts end in the clamped SwiGLU instead.
+                let act = match rest.get(1)? {
+                    Step::Moe { op: MoeOp::ClampSwiglu, .. } => moe(*layer, MoeOp::ClampSwiglu),
+                    _ => Step::Swiglu,
+                };
+                (Fusion::MoeGateUpSwiglu, vec![moe(*layer, MoeOp::ExpertGateUp), act])
             }
             (Pattern::MoeMlp, Step::Moe { layer, op: MoeOp::ExpertDown }) => {
                 let mut run = vec![moe(*layer, MoeOp::ExpertDown), moe(*layer, MoeOp::Combine)];
@@ -218,6 +225,17 @@ pub fn policy(family: Family) -> FamilyPolicy {
             excluded: vec![
                 (Pattern::SharedExpert, "no shared experts in this family"),
                 (Pattern::ConvMixer, "opt-in (--patterns): decode speedup not yet measured"),
+            ],
+        },
+        // GPT-OSS: its router (top-k on logits, softmax over k) and clamped SwiGLU in the
+        // moe_mlp kernels, the biased q/k/v projections in one, o_proj + residual + norm.
+        Family::GptOss => FamilyPolicy {
+            defaults: vec![Pattern::MoeMlp, Pattern::QkvProj, Pattern::ResidualNorm],
+            excluded: vec![
+                (Pattern::SwigluMlp, "no dense MLP layers in this family"),
+                (Pattern::QkNormRope, "no q/k norms in this family (RoPE and the KV append stay two steps)"),
+                (Pattern::SharedExpert, "no shared experts in this family"),
+                (Pattern::ConvMixer, "no short-conv layers in this family"),
             ],
         },
     }
@@ -340,6 +358,7 @@ fn not_applied_reason(cfg: &ModelConfig, pattern: Pattern, layer: usize) -> &'st
         Pattern::SharedExpert if !moe => "dense MLP layer (no shared experts)",
         Pattern::QkvProj | Pattern::QkNormRope if cfg.is_conv_layer(layer) => "short-conv layer (no attention)",
         Pattern::ConvMixer if !cfg.is_conv_layer(layer) => "attention layer (no short conv)",
+        Pattern::QkNormRope if cfg.gpt_oss.is_some() => "no q/k head norms (GPT-OSS)",
         _ => "the steps it replaces are not in this layer's plan",
     }
 }
@@ -477,6 +496,32 @@ mod tests {
             let has = |f: fn(&Step) -> bool| plan.steps.iter().any(f);
             assert!(!has(|s| matches!(s, Step::Moe { op: MoeOp::SigmoidTopK | MoeOp::Combine, .. })));
         }
+    }
+
+    #[test]
+    fn gpt_oss_subsets_expand_back_and_policy_patterns_fire() {
+        let json = crate::checkpoint::synth::preset_config("gpt_oss", "gpt-oss-tiny").unwrap();
+        let c = ModelConfig::parse(&json.to_string(), Path::new("config.json")).unwrap();
+        let reference = Plan::reference(&c);
+        for mask in 0..1u32 << Pattern::ALL.len() {
+            let pats: Vec<Pattern> =
+                Pattern::ALL.into_iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, p)| p).collect();
+            let (plan, _) = apply(&reference, &pats);
+            assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
+        }
+        let (plan, applied) = patched_plan(&c, &Selection::default());
+        let count = |p: Pattern| applied.iter().filter(|a| a.pattern == p).count();
+        // 4 layers × (router, gate/up + clamped SwiGLU, down + combine + add); q/k/v per layer;
+        // o_proj + add + norm per layer and the MoE add feeding the next input norm: none
+        // (moe_mlp claims it).
+        assert_eq!((count(Pattern::MoeMlp), count(Pattern::QkvProj), count(Pattern::ResidualNorm)), (12, 4, 4));
+        let kinds: Vec<String> = plan.steps.iter().map(Step::kind).collect();
+        for k in ["moe_topk_softmax_router (fused)", "moe_gate_up_clamp_swiglu (fused)", "qkv_proj (fused)"] {
+            assert!(kinds.iter().any(|x| x == k), "{k} missing: {kinds:?}");
+        }
+        assert!(!plan.steps.iter().any(|s| matches!(s, Step::Moe { op: MoeOp::TopKSoftmax | MoeOp::ClampSwiglu, .. })));
+        let text = describe(&c, &Selection::default());
+        assert!(text.contains("no q/k norms in this family"), "{text}");
     }
 
     #[test]

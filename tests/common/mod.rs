@@ -123,6 +123,8 @@ pub fn assert_patterns_bitexact(kind: zmoe::BackendKind, dirs: &[PathBuf], promp
                 [Pattern::SharedExpert] => cfg.n_shared_experts == 0,
                 [Pattern::SwigluMlp] => (0..cfg.num_layers).all(|l| cfg.is_moe_layer(l)),
                 [Pattern::ConvMixer] => cfg.conv.is_none(),
+                // GPT-OSS has no q/k head norms for qk_norm_rope to start from.
+                [Pattern::QkNormRope] => cfg.gpt_oss.is_some(),
                 _ => false,
             };
             if nothing_to_fuse {

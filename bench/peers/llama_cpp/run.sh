@@ -6,7 +6,8 @@
 # --prepare-only: build llama-bench if needed and synthesise the model, nothing else (the
 # first of two device calls when the build and the benchmark would not fit one command).
 #
-# Steps: synthesise the family's preset with zmoe (MLX affine 4-bit, seed 0; or reuse $MODEL),
+# Steps: synthesise the family's preset with zmoe (its format in the table: MLX affine 4-bit, or
+# gpt-oss's MXFP4 release layout; seed 0; or reuse $MODEL),
 # `zmoe bench` it on CUDA, then for each GGUF quant: `zmoe export gguf` the same weights
 # (re-quantized), `llama-bench` it (flash attention off and on), delete the GGUF (disk: the
 # 30B preset is 17 GB as affine4, 17 GB as Q4_0 and 32 GB as Q8_0). Prints one table.
@@ -26,16 +27,18 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."          # repo root
 HERE=bench/peers/llama_cpp
 
-# family   zmoe synth preset   llama.cpp arch   (one line per family)
+# family   zmoe synth preset   llama.cpp arch   synth format   (one line per family)
+# (gpt-oss GGUFs keep MXFP4 experts whatever the quant: QUANTS picks the other matrices)
 FAMILIES="
-qwen3_moe  qwen3-30b-a3b  qwen3moe
-lfm2_moe   lfm2-8b-a1b    lfm2moe
+qwen3_moe  qwen3-30b-a3b  qwen3moe  affine4
+lfm2_moe   lfm2-8b-a1b    lfm2moe   affine4
+gpt_oss    gpt-oss-20b    gpt-oss   mxfp4
 "
 PREPARE_ONLY=0
 if [ "${1:-}" = --prepare-only ]; then PREPARE_ONLY=1; shift; fi
 case "${1:-}" in -*) echo "error: unknown option $1 (usage: run.sh [--prepare-only] [FAMILY])" >&2; exit 1;; esac
 FAMILY=${1:-qwen3_moe}
-read -r _ PRESET ARCH < <(echo "$FAMILIES" | awk -v f="$FAMILY" '$1 == f') || true
+read -r _ PRESET ARCH SYNTH_QUANT < <(echo "$FAMILIES" | awk -v f="$FAMILY" '$1 == f') || true
 if [ -z "${PRESET:-}" ]; then
     echo "error: unknown family \`$FAMILY\` (known: $(echo "$FAMILIES" | awk 'NF {printf "%s ", $1}'))" >&2
     exit 1
@@ -48,7 +51,7 @@ LLAMA_BENCH=${LLAMA_BENCH:-$WORK/llama.cpp-build/bin/llama-bench}
 OUT=${OUT:-$WORK/out}
 QUANTS=${QUANTS:-q4_0 q8_0}
 REPS=${REPS:-10}
-MODEL=${MODEL:-$WORK/$FAMILY-$PRESET-affine4-seed0}
+MODEL=${MODEL:-$WORK/$FAMILY-$PRESET-$SYNTH_QUANT-seed0}
 mkdir -p "$WORK" "$OUT"
 LOG=$OUT/run.log
 : > "$LOG"
@@ -84,9 +87,9 @@ fi
 
 # ---- the zmoe model (synthesised once; reused while the machine stays warm) ----
 if [ ! -f "$MODEL/config.json" ]; then
-    say "== synthesise $FAMILY/$PRESET (affine4, seed 0) -> $MODEL"
+    say "== synthesise $FAMILY/$PRESET ($SYNTH_QUANT, seed 0) -> $MODEL"
     t=$(date +%s)
-    "$ZMOE" synth --family "$FAMILY" --preset "$PRESET" --quant affine4 --seed 0 --out "$MODEL" 2>&1 | tail -3 | tee -a "$LOG" \
+    "$ZMOE" synth --family "$FAMILY" --preset "$PRESET" --quant "$SYNTH_QUANT" --seed 0 --out "$MODEL" 2>&1 | tail -3 | tee -a "$LOG" \
         || die "zmoe synth failed (see $LOG)"
     say "synth took $(( $(date +%s) - t )) s"
 fi

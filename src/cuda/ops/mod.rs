@@ -1,5 +1,5 @@
 //! The CUDA executor's kernels, ggml-cuda style: one file per family of ops — [`linear`],
-//! [`norm`], [`rope`], [`attention`], [`mla`], [`moe`], [`sample`], [`conv`] — each `.rs` beside its
+//! [`norm`], [`rope`], [`attention`], [`mla`], [`moe`], [`conv`], [`gpt_oss`], [`sample`] — each `.rs` beside its
 //! `.cu`, primitive and fused kernels of an op side by side. Every kernel has a typed
 //! launcher that owns its argument struct and its launch rule (grid and block).
 //!
@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod gpt_oss;
 pub mod linear;
 pub mod mla;
 pub mod moe;
@@ -35,14 +36,15 @@ pub const MLA_MAX_LATENT: usize = 512;
 pub const MLA_MAX_ROPE: usize = 64;
 
 /// The kernel sources of the built-in module after `common.cuh`, in dependency order
-/// (MLA attention reuses attention's split merge).
-pub const SOURCES: [&str; 8] = [
+/// (MLA attention reuses attention's split merge; GPT-OSS's RoPE reuses MLA's `rope_slice`).
+pub const SOURCES: [&str; 9] = [
     include_str!("linear.cu"),
     include_str!("norm.cu"),
     include_str!("rope.cu"),
     include_str!("attention.cu"),
     include_str!("mla.cu"),
     include_str!("moe.cu"),
+    include_str!("gpt_oss.cu"),
     include_str!("sample.cu"),
     include_str!("conv.cu"),
 ];
@@ -198,7 +200,8 @@ kernel_args! {
         s: In<Bf16>,
         /// Affine biases `[rows, K/group]` (0 for bf16).
         b: In<Bf16>,
-        /// 0 = bf16, 1 = MLX affine.
+        /// 0 = bf16, 1 = MLX affine, 2 = MXFP4 (GPT-OSS expert kernels only, see
+        /// [`gpt_oss::FMT_MXFP4`]).
         fmt: i32,
         /// Bits per code (16 for bf16).
         bits: i32,
@@ -231,8 +234,9 @@ pub fn c_prelude() -> String {
         attention::decls(),
         mla::decls(),
         moe::decls(),
-        sample::decls(),
         conv::decls(),
+        gpt_oss::decls(),
+        sample::decls(),
     ] {
         s += &decl;
     }
