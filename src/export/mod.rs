@@ -91,7 +91,7 @@ impl GgufQuant {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DenseLayers {
     /// None: every layer must be MoE.
-    None,
+    Never,
     /// The first `<arch>.leading_dense_block_count` layers (DeepSeek's
     /// `first_k_dense_replace`); every later layer must be MoE.
     Leading,
@@ -139,7 +139,7 @@ pub const GGUF_ARCHS: &[GgufArch] = &[
     GgufArch {
         family: Family::Qwen3Moe,
         arch: "qwen3moe",
-        dense_ffn: DenseLayers::None,
+        dense_ffn: DenseLayers::Never,
         qkv_bias: true,
         out_bias: false,
         partial_rope: false,
@@ -191,7 +191,7 @@ impl GgufArch {
         let mut out = Vec::new();
         let dense: Vec<usize> = (0..cfg.num_layers).filter(|&l| !cfg.is_moe_layer(l)).collect();
         match self.dense_ffn {
-            DenseLayers::None if !dense.is_empty() => out.push(format!(
+            DenseLayers::Never if !dense.is_empty() => out.push(format!(
                 "layers {dense:?} have a dense MLP, which llama.cpp's `{a}` loader does not accept \
                  (written as blk.N.ffn_gate/ffn_up/ffn_down; the file will not load in llama.cpp)"
             )),
@@ -206,7 +206,7 @@ impl GgufArch {
                     ));
                 }
             }
-            DenseLayers::None => {}
+            DenseLayers::Never => {}
         }
         if cfg.attention_bias && !self.qkv_bias {
             out.push(format!("attention biases are not read by llama.cpp's `{a}` loader (file will not load)"));
@@ -412,7 +412,8 @@ impl<'a> Planner<'a> {
 /// which [`Weights::load`] builds from either on-disk layout (HF's `kv_b_proj` is split and
 /// transposed there; mlx-community checkpoints store the two stacks), so both layouts export
 /// the same file. The unsplit `attn_kv_b` is llama.cpp's legacy non-MLA path (full K/V
-/// cache) and is not written.
+/// cache) and is not written. Multi-token-prediction layers are never run and not in
+/// [`Weights`]; llama.cpp's converter skips them for deepseek2 as well.
 fn plan<'a>(w: &'a Weights, tied: bool, quant: GgmlType) -> Vec<Item<'a>> {
     let mut p = Planner { items: Vec::new(), quant };
     p.mat("token_embd.weight".into(), &w.embed);
