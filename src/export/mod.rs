@@ -90,7 +90,7 @@ impl GgufQuant {
 /// Which layers llama.cpp's loader for an architecture lets have a dense MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DenseLayers {
-    /// None: every layer must be MoE.
+    /// No layer: every layer must be MoE.
     Never,
     /// The first `<arch>.leading_dense_block_count` layers (DeepSeek's
     /// `first_k_dense_replace`); every later layer must be MoE.
