@@ -250,8 +250,31 @@ pub struct RopeConfig {
     pub attention_scaling: f32,
     /// YaRN's softmax-scale factor `mscale(factor, mscale_all_dim)²` (1 when unused).
     pub softmax_mscale: f32,
-    /// YaRN's `(factor, original_max_position_embeddings)` when scaled (exporters write them).
-    pub yarn: Option<(f64, f64)>,
+    /// The YaRN parameters the three fields above were derived from (`None`: default type).
+    pub yarn: Option<YarnParams>,
+}
+
+/// YaRN's parameters as config.json gives them (defaults filled in). The backends use only
+/// the derived [`RopeConfig`] numbers; these are kept for writers of other engines' formats
+/// (GGUF), which describe the same rotation by its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct YarnParams {
+    /// Context extension factor.
+    pub factor: f64,
+    /// `original_max_position_embeddings`.
+    pub original_max_position_embeddings: f64,
+    /// Ramp bound in rotations (default 32).
+    pub beta_fast: f64,
+    /// Ramp bound in rotations (default 1).
+    pub beta_slow: f64,
+    /// `mscale`, if given (non-zero).
+    pub mscale: Option<f64>,
+    /// `mscale_all_dim`, if given (non-zero).
+    pub mscale_all_dim: Option<f64>,
+    /// An explicit `attention_factor`, if given.
+    pub attention_factor: Option<f64>,
+    /// Whether the ramp bounds are rounded to whole dims (transformers' `truncate`).
+    pub truncate: bool,
 }
 
 impl RopeConfig {
@@ -276,7 +299,7 @@ fn base_inv_freq(theta: f64, dim: usize) -> Vec<f32> {
 }
 
 /// YaRN `get_mscale`: `0.1 · m · ln(scale) + 1` for scale > 1, else 1.
-fn yarn_mscale(scale: f64, m: f64) -> f64 {
+pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
     if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 }
 }
 
@@ -852,7 +875,8 @@ impl Fields<'_> {
                 positive("original_max_position_embeddings", orig)?;
                 positive("factor", factor)?;
                 let (mscale, mscale_all) = (num("mscale")?, num("mscale_all_dim")?);
-                let attention_factor = match num("attention_factor")? {
+                let explicit_factor = num("attention_factor")?;
+                let attention_factor = match explicit_factor {
                     Some(a) => a,
                     None => match (mscale, mscale_all) {
                         (Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
@@ -868,11 +892,20 @@ impl Fields<'_> {
                 let truncate = pf("truncate").and_then(Value::as_bool).unwrap_or(true);
                 rope.inv_freq = yarn_inv_freq(theta, dim, factor, orig, beta_fast, beta_slow, truncate);
                 rope.attention_scaling = attention_factor as f32;
-                rope.yarn = Some((factor, orig));
                 // MLA attention multiplies its softmax scale by mscale(factor, mscale_all_dim)².
                 if let Some(ma) = mscale_all.filter(|&m| m != 0.0) {
                     rope.softmax_mscale = (yarn_mscale(factor, ma) * yarn_mscale(factor, ma)) as f32;
                 }
+                rope.yarn = Some(YarnParams {
+                    factor,
+                    original_max_position_embeddings: orig,
+                    beta_fast,
+                    beta_slow,
+                    mscale: mscale.filter(|&m| m != 0.0),
+                    mscale_all_dim: mscale_all.filter(|&m| m != 0.0),
+                    attention_factor: explicit_factor,
+                    truncate,
+                });
                 // Whatever mscale / attention_factor say, the numbers the kernels use must be finite.
                 let finite = rope.inv_freq.iter().all(|f| f.is_finite())
                     && rope.attention_scaling.is_finite()

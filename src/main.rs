@@ -770,14 +770,15 @@ fn run_matrix(cmd: &zmoe::matrix::cli::MatrixCmd) -> Result<()> {
 /// `zmoe export <format>`.
 #[derive(Subcommand)]
 enum ExportCmd {
-    /// GGUF for llama.cpp: matrices re-quantized to Q4_0 or Q8_0 (GPT-OSS experts: MXFP4,
-    /// an MXFP4 source carried over exactly), norms and router f32, no vocabulary
+    /// GGUF for llama.cpp (`qwen3moe`, `lfm2moe`, `gpt-oss`; GLM / DeepSeek / Kimi as
+    /// `deepseek2`): matrices re-quantized to Q4_0, Q8_0 or BF16 (GPT-OSS experts: MXFP4, an
+    /// MXFP4 source carried over exactly), norms and router f32, no vocabulary
     /// (`tokenizer.ggml.model = none`; enough for llama-bench, not for text).
     Gguf {
         /// Model folder (config.json + safetensors).
         #[arg(long)]
         model: PathBuf,
-        /// Matrix format: q4_0 or q8_0.
+        /// Matrix format: q4_0, q8_0 or bf16.
         #[arg(long)]
         quant: String,
         /// Output .gguf file (must not exist unless --force).

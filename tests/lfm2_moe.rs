@@ -299,7 +299,7 @@ fn patterns_fire_where_expected_and_expand_back() {
 
 /// `zmoe export gguf` writes llama.cpp's `lfm2moe` layout (src/models/lfm2moe.cpp, written
 /// out here independently of the exporter): `shortconv.{in_proj,conv,out_proj}` in conv
-/// layers, the attention tensors elsewhere, `ffn_exp_probs_b.bias` for the expert bias,
+/// layers, the attention tensors elsewhere, `exp_probs_b.bias` for the expert bias,
 /// `token_embd_norm` as the final norm, no `output` (tied), per-layer KV heads (0 = conv),
 /// and the file reads back with every tensor within its type's error bound (`--check`).
 #[test]
@@ -364,7 +364,7 @@ fn export_gguf_writes_llama_cpp_lfm2moe() {
         match &layer.mlp {
             Mlp::Moe { .. } => {
                 want.push((b("ffn_gate_inp.weight"), vec![h, e], GgmlType::F32));
-                want.push((b("ffn_exp_probs_b.bias"), vec![e], GgmlType::F32));
+                want.push((b("exp_probs_b.bias"), vec![e], GgmlType::F32));
                 want.push((b("ffn_gate_exps.weight"), vec![h, i, e], q8));
                 want.push((b("ffn_up_exps.weight"), vec![h, i, e], q8));
                 want.push((b("ffn_down_exps.weight"), vec![i, h, e], q8));
@@ -391,7 +391,7 @@ fn export_gguf_writes_llama_cpp_lfm2moe() {
     }
     let Mlp::Moe { correction_bias: Some(bias), .. } = &w.layers[1].mlp else { panic!("layer 1 is MoE") };
     let mut row = vec![0f32; bias.len()];
-    f.dequant_row(f.tensor("blk.1.ffn_exp_probs_b.bias").unwrap(), 0, &mut row).unwrap();
+    f.dequant_row(f.tensor("blk.1.exp_probs_b.bias").unwrap(), 0, &mut row).unwrap();
     assert_eq!(&row, bias);
 
     // What llama.cpp's graph cannot compute is said: conv biases, routing-weight scaling,

@@ -1,5 +1,5 @@
 //! The GGUF file format (version 3), as llama.cpp reads it: a writer that streams tensor
-//! data, a small reader, and the Q4_0 / Q8_0 block quantizers.
+//! data, a small reader, the Q4_0 / Q8_0 block quantizers and BF16 rounding.
 //!
 //! Layout of a file (little-endian throughout; `ggml/src/gguf.cpp` is the authority):
 //!
@@ -26,7 +26,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use half::f16;
+use half::{bf16, f16};
 use memmap2::Mmap;
 
 use crate::checkpoint::FloatType;
@@ -851,7 +851,7 @@ pub fn quantize_row_mxfp4(x: &[f32], out: &mut [u8]) -> std::result::Result<(), 
     Ok(())
 }
 
-/// Encodes one row of f32 values as `ty` (f32, f16, q4_0, q8_0 or mxfp4) into `out`.
+/// Encodes one row of f32 values as `ty` (f32, f16, bf16, q4_0, q8_0 or mxfp4) into `out`.
 pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) -> std::result::Result<(), String> {
     match ty {
         GgmlType::Q4_0 => quantize_row_q4_0(x, out),
@@ -868,6 +868,18 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) -> std::result::Res
             check_finite(x)?;
             for (o, v) in out.chunks_exact_mut(2).zip(x) {
                 o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+            }
+            Ok(())
+        }
+        GgmlType::Bf16 => {
+            // Round to nearest even, as ggml_compute_fp32_to_bf16 does for finite values.
+            check_finite(x)?;
+            for (o, v) in out.chunks_exact_mut(2).zip(x) {
+                let b = bf16::from_f32(*v);
+                if !b.is_finite() {
+                    return Err(format!("{v} overflows bf16"));
+                }
+                o.copy_from_slice(&b.to_le_bytes());
             }
             Ok(())
         }

@@ -2,6 +2,7 @@
 # Device machine: zmoe vs llama.cpp on the same GPU and the same model shape, in one call.
 #
 #   bench/peers/llama_cpp/run.sh [--prepare-only] [FAMILY]   # FAMILY: table below (default qwen3_moe)
+#   PRESET=glm-tiny bench/peers/llama_cpp/run.sh glm4_moe_lite  # another zmoe preset of the family
 #
 # --prepare-only: build llama-bench if needed and synthesise the model, nothing else (the
 # first of two device calls when the build and the benchmark would not fit one command).
@@ -13,6 +14,7 @@
 # 30B preset is 17 GB as affine4, 17 GB as Q4_0 and 32 GB as Q8_0). Prints one table.
 #
 # Environment (all optional):
+#   PRESET=<the family's row>        zmoe synth preset (e.g. glm-tiny for a quick smoke test)
 #   ZMOE=scratch/gpu/zmoe            zmoe binary (needs `zmoe export gguf`)
 #   LLAMA_BENCH=$WORK/llama.cpp-build/bin/llama-bench   (built by build.sh if missing)
 #   MODEL=DIR                        reuse this zmoe model folder instead of synthesising
@@ -30,19 +32,22 @@ HERE=bench/peers/llama_cpp
 # family   zmoe synth preset   llama.cpp arch   synth format   (one line per family)
 # (gpt-oss GGUFs keep MXFP4 experts whatever the quant: QUANTS picks the other matrices)
 FAMILIES="
-qwen3_moe  qwen3-30b-a3b  qwen3moe  affine4
-lfm2_moe   lfm2-8b-a1b    lfm2moe   affine4
-gpt_oss    gpt-oss-20b    gpt-oss   mxfp4
+qwen3_moe      qwen3-30b-a3b  qwen3moe   affine4
+glm4_moe_lite  glm-4.7-flash  deepseek2  affine4
+lfm2_moe       lfm2-8b-a1b    lfm2moe    affine4
+gpt_oss        gpt-oss-20b    gpt-oss    mxfp4
 "
 PREPARE_ONLY=0
 if [ "${1:-}" = --prepare-only ]; then PREPARE_ONLY=1; shift; fi
 case "${1:-}" in -*) echo "error: unknown option $1 (usage: run.sh [--prepare-only] [FAMILY])" >&2; exit 1;; esac
 FAMILY=${1:-qwen3_moe}
-read -r _ PRESET ARCH SYNTH_QUANT < <(echo "$FAMILIES" | awk -v f="$FAMILY" '$1 == f') || true
-if [ -z "${PRESET:-}" ]; then
+read -r _ ROW_PRESET ARCH SYNTH_QUANT < <(echo "$FAMILIES" | awk -v f="$FAMILY" '$1 == f') || true
+if [ -z "${ROW_PRESET:-}" ]; then
     echo "error: unknown family \`$FAMILY\` (known: $(echo "$FAMILIES" | awk 'NF {printf "%s ", $1}'))" >&2
     exit 1
 fi
+PRESET=${PRESET:-$ROW_PRESET}
+AGAIN=""; [ "$PRESET" = "$ROW_PRESET" ] || AGAIN="PRESET=$PRESET "
 
 ZMOE=${ZMOE:-scratch/gpu/zmoe}
 WORK=${WORK:-/tmp/zmoe-peers}
@@ -95,7 +100,7 @@ if [ ! -f "$MODEL/config.json" ]; then
 fi
 MODEL_BYTES=$(du -sb "$MODEL" | cut -f1)
 if [ "$PREPARE_ONLY" = 1 ]; then
-    say "prepared: $LLAMA_BENCH and $MODEL ($(( MODEL_BYTES >> 30 )) GiB); now run $HERE/run.sh $FAMILY"
+    say "prepared: $LLAMA_BENCH and $MODEL ($(( MODEL_BYTES >> 30 )) GiB); now run $AGAIN$HERE/run.sh $FAMILY"
     exit 0
 fi
 
@@ -110,7 +115,7 @@ echo "${ZB[*]}" >> "$OUT/env.txt"
 LLAMA_JSONS=()
 for q in $QUANTS; do
     gguf=$WORK/$FAMILY-$PRESET-$q.gguf
-    case $q in q4_0) need=$(( MODEL_BYTES * 11 / 10 ));; q8_0) need=$(( MODEL_BYTES * 2 ));; *) need=$MODEL_BYTES;; esac
+    case $q in q4_0) need=$(( MODEL_BYTES * 11 / 10 ));; q8_0) need=$(( MODEL_BYTES * 2 ));; bf16) need=$(( MODEL_BYTES * 4 ));; *) need=$MODEL_BYTES;; esac
     avail=$(df --output=avail -B1 "$WORK" | tail -1)
     if [ ! -f "$gguf" ] && [ "$avail" -lt "$need" ]; then
         die "not enough disk in $WORK for $gguf: $(( avail >> 30 )) GiB free, ~$(( need >> 30 )) GiB needed"
