@@ -559,6 +559,9 @@ impl View for &Lazy {
     }
 }
 
+/// The SwiGLU projection names of HF and mlx-community checkpoints.
+const PROJ: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
 /// Collects the tensor list of a checkpoint.
 struct Builder {
     tensors: Vec<Lazy>,
@@ -586,6 +589,31 @@ impl Builder {
     fn linear_float(&mut self, path: &str, out: usize, inp: usize) {
         let source = Gen::Float { center: 0.0, std: 0.02, dtype: FloatType::Bf16 };
         self.push(format!("{path}.weight"), Dtype::BF16, vec![out, inp], source);
+    }
+
+    /// A dense SwiGLU FFN `{p}.{gate,up,down}` of width `f` over hidden `h`; `names` are the
+    /// family's projection names (`gate_proj`, `up_proj`, `down_proj`; LFM2's HF `w1`, `w3`, `w2`).
+    fn ffn(&mut self, p: &str, names: [&str; 3], f: usize, h: usize) {
+        let [gate, up, down] = names;
+        self.linear(&format!("{p}.{gate}"), None, f, h, None);
+        self.linear(&format!("{p}.{up}"), None, f, h, None);
+        self.linear(&format!("{p}.{down}"), None, h, f, None);
+    }
+
+    /// `e` routed experts of width `i` under the MLP prefix `p`: mlx-community's stacked
+    /// `{p}.switch_mlp.*` when `stacked`, else HF's per-expert `{p}.experts.{x}.*`.
+    fn experts(&mut self, p: &str, names: [&str; 3], (e, i, h): (usize, usize, usize), stacked: bool) {
+        let [gate, up, down] = names;
+        if stacked {
+            let sw = format!("{p}.switch_mlp");
+            self.linear(&format!("{sw}.{gate}"), Some(e), i, h, None);
+            self.linear(&format!("{sw}.{up}"), Some(e), i, h, None);
+            self.linear(&format!("{sw}.{down}"), Some(e), h, i, None);
+        } else {
+            for x in 0..e {
+                self.ffn(&format!("{p}.experts.{x}"), names, i, h);
+            }
+        }
     }
 
     /// A linear module `[stack?, out, in]`, quantized with `q` (or the builder's default).
@@ -725,29 +753,13 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
                     );
                     let sh = format!("{p}.mlp.shared_experts");
                     let fs = cfg.shared_intermediate_size();
-                    b.linear(&format!("{sh}.gate_proj"), None, fs, h, None);
-                    b.linear(&format!("{sh}.up_proj"), None, fs, h, None);
-                    b.linear(&format!("{sh}.down_proj"), None, h, fs, None);
+                    b.ffn(&sh, PROJ, fs, h);
                 } else {
                     b.linear(&format!("{p}.mlp.gate"), None, e, h, router_q);
                 }
-                if quant.is_some() {
-                    let sw = format!("{p}.mlp.switch_mlp");
-                    b.linear(&format!("{sw}.gate_proj"), Some(e), i, h, None);
-                    b.linear(&format!("{sw}.up_proj"), Some(e), i, h, None);
-                    b.linear(&format!("{sw}.down_proj"), Some(e), h, i, None);
-                } else {
-                    for x in 0..e {
-                        b.linear(&format!("{p}.mlp.experts.{x}.gate_proj"), None, i, h, None);
-                        b.linear(&format!("{p}.mlp.experts.{x}.up_proj"), None, i, h, None);
-                        b.linear(&format!("{p}.mlp.experts.{x}.down_proj"), None, h, i, None);
-                    }
-                }
+                b.experts(&format!("{p}.mlp"), PROJ, (e, i, h), quant.is_some());
             } else {
-                let f = cfg.intermediate_size;
-                b.linear(&format!("{p}.mlp.gate_proj"), None, f, h, None);
-                b.linear(&format!("{p}.mlp.up_proj"), None, f, h, None);
-                b.linear(&format!("{p}.mlp.down_proj"), None, h, f, None);
+                b.ffn(&format!("{p}.mlp"), PROJ, cfg.intermediate_size, h);
             }
         }
         b.norm("model.norm.weight".into(), h);

@@ -91,30 +91,16 @@ pub(super) fn tensors(b: &mut Builder, cfg: &ModelConfig, router_q: Option<Quant
             b.norm(format!("{a}.k_layernorm.weight"), d);
         }
         let f = format!("{p}.feed_forward");
-        let [gate, up, down] = if mlx { ["gate_proj", "up_proj", "down_proj"] } else { ["w1", "w3", "w2"] };
+        let names = if mlx { ["gate_proj", "up_proj", "down_proj"] } else { ["w1", "w3", "w2"] };
         if cfg.is_moe_layer(l) {
             let (e, i) = (cfg.num_experts, cfg.moe_intermediate_size);
             b.linear(&format!("{f}.gate"), None, e, h, router_q);
             // f32 and large enough to change selections (model-spec §7).
             let source = Gen::Float { center: 0.0, std: 0.05, dtype: FloatType::F32 };
             b.push(format!("{f}.expert_bias"), Dtype::F32, vec![e], source);
-            if mlx {
-                let sw = format!("{f}.switch_mlp");
-                b.linear(&format!("{sw}.{gate}"), Some(e), i, h, None);
-                b.linear(&format!("{sw}.{up}"), Some(e), i, h, None);
-                b.linear(&format!("{sw}.{down}"), Some(e), h, i, None);
-            } else {
-                for x in 0..e {
-                    b.linear(&format!("{f}.experts.{x}.{gate}"), None, i, h, None);
-                    b.linear(&format!("{f}.experts.{x}.{up}"), None, i, h, None);
-                    b.linear(&format!("{f}.experts.{x}.{down}"), None, h, i, None);
-                }
-            }
+            b.experts(&f, names, (e, i, h), mlx);
         } else {
-            let fi = cfg.intermediate_size;
-            b.linear(&format!("{f}.{gate}"), None, fi, h, None);
-            b.linear(&format!("{f}.{up}"), None, fi, h, None);
-            b.linear(&format!("{f}.{down}"), None, h, fi, None);
+            b.ffn(&f, names, cfg.intermediate_size, h);
         }
     }
     b.norm("model.embedding_norm.weight".into(), h);

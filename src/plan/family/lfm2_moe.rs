@@ -8,7 +8,7 @@
 //! post norm, FFN) are the ones every family shares, and `residual_norm` / `moe_mlp` fuse
 //! them unchanged.
 
-use super::{ffn_block, head};
+use super::{ffn_block, gqa_qk_norm_attention, head};
 use crate::config::ModelConfig;
 use crate::plan::{AttnOp, Buf, LinRef, NormRef, Plan, Step};
 
@@ -24,16 +24,7 @@ pub fn reference(cfg: &ModelConfig) -> Plan {
                 Step::Attn { layer: l, op: AttnOp::ShortConv },
             ]);
         } else {
-            s.extend([
-                Step::Linear { w: LinRef::Q(l), src: H, dst: Q },
-                Step::Linear { w: LinRef::K(l), src: H, dst: K },
-                Step::Linear { w: LinRef::V(l), src: H, dst: V },
-                Step::HeadNorm { w: NormRef::QHead(l), buf: Q },
-                Step::HeadNorm { w: NormRef::KHead(l), buf: K },
-                Step::Attn { layer: l, op: AttnOp::Rope },
-                Step::Attn { layer: l, op: AttnOp::KvAppend },
-                Step::Attn { layer: l, op: AttnOp::Attention },
-            ]);
+            gqa_qk_norm_attention(l, &mut s);
         }
         ffn_block(cfg, l, &mut s);
     }

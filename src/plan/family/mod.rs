@@ -1,6 +1,7 @@
 //! Reference plans, one file per family: the forward pass of model-spec, one primitive step
 //! per op. A new family adds a file here and one arm in [`Plan::reference`](super::Plan::reference);
-//! the blocks every MoE family shares (the FFN block and the output head) live in this file.
+//! the blocks several families share (Qwen3-style attention, the FFN block, the output head)
+//! live in this file.
 
 pub mod gpt_oss;
 pub mod lfm2_moe;
@@ -8,7 +9,23 @@ pub mod mla_moe;
 pub mod qwen3_moe;
 
 use crate::config::{ModelConfig, RouterKind};
-use crate::plan::{Buf, LinRef, MoeOp, NormRef, Step};
+use crate::plan::{AttnOp, Buf, LinRef, MoeOp, NormRef, Step};
+
+/// Qwen3-style GQA attention of layer `l` from `H` to `Attn`: q/k/v projections, per-head
+/// q/k RMSNorm, RoPE, KV append, attention (Qwen3-MoE, and LFM2-MoE's attention layers).
+pub(super) fn gqa_qk_norm_attention(l: usize, s: &mut Vec<Step>) {
+    use Buf::*;
+    s.extend([
+        Step::Linear { w: LinRef::Q(l), src: H, dst: Q },
+        Step::Linear { w: LinRef::K(l), src: H, dst: K },
+        Step::Linear { w: LinRef::V(l), src: H, dst: V },
+        Step::HeadNorm { w: NormRef::QHead(l), buf: Q },
+        Step::HeadNorm { w: NormRef::KHead(l), buf: K },
+        Step::Attn { layer: l, op: AttnOp::Rope },
+        Step::Attn { layer: l, op: AttnOp::KvAppend },
+        Step::Attn { layer: l, op: AttnOp::Attention },
+    ]);
+}
 
 /// The MLP steps of layer `l` from `H` to `Out` (the residual add follows).
 pub(super) fn mlp_steps(cfg: &ModelConfig, l: usize, s: &mut Vec<Step>) {
