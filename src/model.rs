@@ -5,13 +5,15 @@
 //! and mlx-community stacked keys (`mlp.switch_mlp.gate_proj.weight [E, I, H·bits/32]`); for
 //! MLA, HF's `kv_b_proj` and mlx-lm's per-head `embed_q` / `unembed_out`; for GPT-OSS, the
 //! fused `[E, in, out]` tensors, the MXFP4 release and mlx-community's split experts (see
-//! [`crate::checkpoint::gpt_oss`]) — into one in-memory shape, so backends never care where
+//! [`gpt_oss`]) — into one in-memory shape, so backends never care where
 //! a checkpoint came from.
 //!
 //! Backends look weights up by role ([`Weights::linear`], [`Weights::norm`]): the plan names
 //! roles ([`LinRef`], [`NormRef`], defined here with the weights they name), and a plan that
 //! names a weight the model lacks is an error, not a panic. The tree is generic over where
 //! its tensors live ([`Store`]): the CUDA backend holds the same tree on the device.
+
+mod gpt_oss;
 
 use crate::checkpoint::{Checkpoint, Mat};
 use crate::config::{Family, ModelConfig};
@@ -649,7 +651,7 @@ fn mlp(ck: &Checkpoint, p: &str, l: usize) -> Result<Mlp> {
         return Ok(Mlp::Dense(ffn(ck, &format!("{p}.mlp"), c.intermediate_size, h)?));
     }
     if c.family == Family::GptOss {
-        return crate::checkpoint::gpt_oss::moe(ck, p);
+        return gpt_oss::moe(ck, p);
     }
     let sigmoid = c.family.is_mla();
     Ok(Mlp::Moe {

@@ -7,7 +7,6 @@
 //! Tensor lookups then check shape and dtype against what the plan expects and name the
 //! shard and the tensor on any mismatch.
 
-pub(crate) mod gpt_oss;
 pub mod mat;
 pub mod quant;
 pub mod synth;
@@ -199,7 +198,18 @@ impl Checkpoint {
         Bytes::new(self.shards[t.shard].map.clone(), t.start, t.len)
     }
 
-    fn bad(&self, name: &str, why: String) -> Error {
+    /// Refuses E8M0 scale bytes of 255 (NaN in the OCP MX format): a weight would be NaN,
+    /// not a number. The error names the tensor and the byte.
+    pub(crate) fn check_e8m0(&self, name: &str, scales: &[u8]) -> Result<()> {
+        use rayon::prelude::*;
+        match scales.par_iter().position_first(|&s| s == 255) {
+            Some(at) => Err(self.bad(name, format!("E8M0 scale byte {at} is 255 (NaN in the OCP MX format)"))),
+            None => Ok(()),
+        }
+    }
+
+    /// An error about tensor `name` of this checkpoint.
+    pub(crate) fn bad(&self, name: &str, why: String) -> Error {
         let path = self.tensors.get(name).map(|t| self.path_of(t).to_path_buf()).unwrap_or_else(|| self.dir.clone());
         Error::tensor(path, name, why)
     }
@@ -302,7 +312,7 @@ impl Checkpoint {
                     ));
                 }
                 let sb = self.bytes(st);
-                gpt_oss::check_e8m0(self, &sname, sb.as_slice())?;
+                self.check_e8m0(&sname, sb.as_slice())?;
                 let per = out * groups;
                 Ok((0..n)
                     .map(|e| Mat {

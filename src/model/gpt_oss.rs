@@ -21,15 +21,15 @@
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use super::{Bytes, Checkpoint, FloatBytes, Mat, MatKind};
+use super::{ExpertBias, Experts, Mlp};
+use crate::checkpoint::{Bytes, Checkpoint, FloatBytes, Mat, MatKind};
 use crate::error::Result;
-use crate::model::{ExpertBias, Experts, Mlp};
 
 /// Router and experts of GPT-OSS layer `p` (`model.layers.{l}`), whichever layout it is in.
 pub(crate) fn moe(ck: &Checkpoint, p: &str) -> Result<Mlp> {
     let c = &ck.config;
     let (h, e, i) = (c.hidden_size, c.num_experts, c.moe_intermediate_size);
-    let router = crate::model::linear(ck, &format!("{p}.mlp.router"), e, h, true)?;
+    let router = super::linear(ck, &format!("{p}.mlp.router"), e, h, true)?;
     let x = format!("{p}.mlp.experts");
     let experts = if ck.has(&format!("{x}.gate_up_proj_blocks")) {
         release_mxfp4(ck, &x, e, i, h)?
@@ -155,16 +155,8 @@ fn mxfp4_tensor(ck: &Checkpoint, path: &str, e: usize, out: usize, inp: usize) -
         }
     }
     let scales = ck.bytes(ck.tensor(&sn)?);
-    check_e8m0(ck, &sn, scales.as_slice())?;
+    ck.check_e8m0(&sn, scales.as_slice())?;
     Ok(Mxfp4Tensor { blocks: ck.bytes(ck.tensor(&bn)?), scales, out, inp })
-}
-
-/// Refuses E8M0 scale bytes of 255 (NaN): a weight would be NaN, not a number.
-pub(crate) fn check_e8m0(ck: &Checkpoint, name: &str, scales: &[u8]) -> Result<()> {
-    match scales.par_iter().position_first(|&s| s == 255) {
-        Some(at) => Err(ck.bad(name, format!("E8M0 scale byte {at} is 255 (NaN in the OCP MX format)"))),
-        None => Ok(()),
-    }
 }
 
 /// mlx-community: split, stacked experts in an MLX mode, plus `.bias` vectors.
