@@ -151,10 +151,10 @@ enum Cmd {
         /// Port to listen on (0: a free one, printed at start).
         #[arg(long, default_value_t = 8080)]
         port: u16,
-        /// Sequences decoded together, each its own KV-cache slot of --ctx tokens. Default:
-        /// 4 where the backend has slots (CPU), else 1 (CUDA, for now: more is an error).
-        #[arg(long, value_parser = zmoe::args::count, allow_negative_numbers = true)]
-        parallel: Option<usize>,
+        /// Sequences decoded together, each its own KV-cache slot of --ctx tokens (CUDA: the
+        /// default --ctx shrinks so that every slot fits in device memory).
+        #[arg(long, default_value_t = 4, value_parser = zmoe::args::count, allow_negative_numbers = true)]
+        parallel: usize,
         /// Requests that may wait for a slot; beyond that a request gets 429 with Retry-After.
         #[arg(long, default_value_t = 64, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         queue: usize,

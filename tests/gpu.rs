@@ -555,22 +555,20 @@ fn non_finite_logits_and_context_on_gpu() {
 }
 
 /// Batch invariance on the GPU (issue 20): the shared body of tests/batch.rs — 20 greedy
-/// sequences through 16 slots with continuous batching and chunked prefill equal each
-/// sequence alone, bit for bit. Until the CUDA backend has sequence slots it refuses them
-/// (`zmoe serve --backend cuda` then needs `--parallel 1`); this test says so loudly and
-/// checks that the refusal is the clear `Unavailable` error.
+/// sequences through 16 CUDA slots with continuous batching and chunked prefill (batches of
+/// several rows run the eager prefill plan, single rows the decode graph, of any slot) equal
+/// each sequence alone, bit for bit; GQA and MLA caches, patched plans.
 #[test]
 #[ignore]
 fn batch_invariant_on_gpu() {
     let tmp = tempfile::tempdir().unwrap();
-    for (name, preset, quant, seed) in
-        [("q4", "qwen3_moe/tiny", SynthQuant::Affine4, 81), ("g4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 82)]
-    {
+    for (name, preset, quant, seed) in [
+        ("q4", "qwen3_moe/tiny", SynthQuant::Affine4, 81),
+        ("qb", "qwen3_moe/tiny", SynthQuant::Bf16, 83),
+        ("g4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 82),
+        ("k4", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine4, 84),
+    ] {
         let dir = common::synth_preset(tmp.path(), name, preset, quant, seed);
-        if !common::assert_batch_invariant(zmoe::BackendKind::Cuda, &dir, 16, 20, 6) {
-            println!(
-                "LOUD: {name}: the CUDA backend has no sequence slots yet; batch invariance not tested on the GPU"
-            );
-        }
+        assert!(common::assert_batch_invariant(zmoe::BackendKind::Cuda, &dir, 16, 20, 6), "{name}: CUDA slots");
     }
 }

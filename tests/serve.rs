@@ -26,8 +26,14 @@ struct Server {
 
 impl Server {
     fn start(model: &Path, args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_zmoe"))
-            .args(["serve", "--model", common::s(model), "--backend", "cpu", "--port", "0"])
+        Server::start_on("cpu", model, args)
+    }
+
+    fn start_on(backend: &str, model: &Path, args: &[&str]) -> Server {
+        // On the GPU machine the binary is elsewhere (scripts/gpu_test.sh sets ZMOE_BIN).
+        let exe = std::env::var_os("ZMOE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_zmoe").into());
+        let mut child = Command::new(exe)
+            .args(["serve", "--model", common::s(model), "--backend", backend, "--port", "0"])
             .args(args)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -481,8 +487,19 @@ fn api_key_is_required_when_set() {
 /// lost, and each greedy result is the same request's result run alone (batch invariance).
 #[test]
 fn thirty_two_concurrent_streams_are_batch_invariant() {
+    concurrent_streams("cpu");
+}
+
+/// The load test on the GPU (CUDA slots), through `zmoe serve --backend cuda`.
+#[test]
+#[ignore]
+fn thirty_two_concurrent_streams_on_gpu() {
+    concurrent_streams("cuda");
+}
+
+fn concurrent_streams(backend: &str) {
     let dir = model_dir();
-    let srv = Arc::new(Server::start(dir, &["--parallel", "16", "--prefill-chunk", "16"]));
+    let srv = Arc::new(Server::start_on(backend, dir, &["--parallel", "16", "--prefill-chunk", "16"]));
     let m = name(dir);
     let body = |i: usize| {
         let words: Vec<String> = (0..1 + i % 7).map(|k| format!("w{}", (i * 31 + k * 7) % 97)).collect();

@@ -5,6 +5,13 @@
 //! prefill chunk of [`CHUNK`] tokens. Prefill runs the prefill plan eagerly over chunks;
 //! decode (one token) runs the decode plan captured once into a CUDA graph and replayed per
 //! token — the position and the token live in device memory, so replay needs no re-capture.
+//!
+//! Sequence slots ([`Backend::set_slots`]): each layer's cache is one allocation of
+//! `slots × slot_ctx` rows, slot s owning rows `s·slot_ctx..`. Every row of a batch carries
+//! its position and its slot's first cache row on the device (`io`), read by rope, the cache
+//! append and attention, so one launch serves rows of any sequences and the single-row
+//! decode graph serves any slot. A batch of several rows runs the prefill plan eagerly
+//! (per-batch-size decode graphs are a follow-up).
 //! Both plans are built once ([`crate::plan::lower::cuda`]); this file maps each step to
 //! buffers and weights and calls the typed launchers of [`super::ops`].
 
@@ -13,7 +20,7 @@ use std::sync::Arc;
 use super::Device;
 use super::ops::{self, Bf16, I32, Void, attention as attn, int, linear, mla, moe, norm, rd, rope, sample, wr};
 use super::weights::{DLinear, DMat, DeviceWeights, Upload, unsupported};
-use crate::backend::{Backend, DeviceInfo, StepTime};
+use crate::backend::{Backend, DeviceInfo, Row, StepTime};
 use crate::config::{ModelConfig, RouterKind};
 use crate::error::{Error, Result};
 use crate::model::Weights;
@@ -95,7 +102,8 @@ struct RunState {
     /// attention merge, the fused router and o_proj_add_rmsnorm: each kernel leaves them at
     /// zero, and kernels on the one stream never overlap.
     tickets: u64,
-    /// `[pos, tokens[CHUNK]]` as i32: written by the host before each forward.
+    /// `[pos[CHUNK], base[CHUNK], tokens[CHUNK]]` as i32, written by the host before each
+    /// forward: each row's position, its slot's first cache row, its token.
     io: u64,
     /// Attention partials: `[CHUNK·nH, splits, D or kv_lora]` f32 and `[.., splits, 2]` f32.
     part_o: u64,
@@ -120,12 +128,16 @@ pub struct CudaBackend {
     /// Host weights, kept to re-lower on `set_plan` (shared, not copied).
     weights: Arc<Weights>,
     w: DeviceWeights,
-    /// One cache per layer.
+    /// One cache per layer, `slots × slot_ctx` rows.
     caches: Vec<LayerCache>,
     inv_freq: u64,
     st: RunState,
-    max_ctx: usize,
-    pos: usize,
+    /// Cache rows allocated per layer.
+    cache_rows: usize,
+    /// Tokens per sequence slot ([`Backend::max_context`]).
+    slot_ctx: usize,
+    /// Tokens in each slot's cache (`slots()` entries).
+    seqs: Vec<usize>,
     use_graph: bool,
     graph: Option<cudarc::driver::CudaGraph>,
     /// Foundry kernel-pack kernels (src/cuda/packs.rs; the plan's `Step::Packed` steps).
@@ -147,6 +159,20 @@ impl CudaBackend {
         use_graph: bool,
         ctx: Option<usize>,
     ) -> Result<CudaBackend> {
+        CudaBackend::with_slots(cfg, weights, plan, use_graph, ctx, 1)
+    }
+
+    /// Like [`CudaBackend::with_context`], with caches for `slots` sequences of `ctx` tokens
+    /// each (default: as `with_context`, bounded so that all slots fit).
+    pub fn with_slots(
+        cfg: ModelConfig,
+        weights: &Arc<Weights>,
+        plan: Plan,
+        use_graph: bool,
+        ctx: Option<usize>,
+        slots: usize,
+    ) -> Result<CudaBackend> {
+        let slots = slots.max(1);
         let mut dev = Device::open()?;
         let c = &cfg;
         let (h, d) = (c.hidden_size, c.head_dim);
@@ -183,8 +209,10 @@ impl CudaBackend {
         // The KV cache after the weights, sized to the memory they left free. Cached bf16
         // values per token and layer: K and V rows, or MLA's latent row.
         let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
-        let max_ctx = kv_capacity(c, ctx, LayerCache::row(c) * 2 * c.num_layers, free)?;
-        let caches = (0..c.num_layers).map(|_| LayerCache::alloc(&mut dev, c, max_ctx)).collect::<Result<Vec<_>>>()?;
+        let slot_ctx = kv_capacity(c, ctx, LayerCache::row(c) * 2 * c.num_layers * slots, free)?;
+        let cache_rows = slot_ctx * slots;
+        let caches =
+            (0..c.num_layers).map(|_| LayerCache::alloc(&mut dev, c, cache_rows)).collect::<Result<Vec<_>>>()?;
         // Activation buffers for CHUNK rows.
         let (k, nh) = (c.top_k.max(1), c.num_heads);
         let ffn = (k * c.moe_intermediate_size).max(c.intermediate_size).max(c.shared_intermediate_size());
@@ -226,7 +254,7 @@ impl CudaBackend {
             grp_rows: dev.alloc(CHUNK * k * 4)?,
             sample_out: dev.alloc(8)?,
             tickets: dev.alloc(CHUNK * nh.max(1) * 4)?,
-            io: dev.alloc((1 + CHUNK) * 4)?,
+            io: dev.alloc(3 * CHUNK * 4)?,
             part_o: dev.alloc(CHUNK * nh * (attn::ATTN_SPLITS * d).max(mla::MLA_SPLITS * lat) * 4)?,
             part_ml: dev.alloc(CHUNK * nh * splits * 2 * 4)?,
             act_elems: 0,
@@ -244,8 +272,9 @@ impl CudaBackend {
             caches,
             inv_freq,
             st,
-            max_ctx,
-            pos: 0,
+            cache_rows,
+            slot_ctx,
+            seqs: vec![0; slots],
             use_graph,
             graph: None,
             packs,
@@ -256,14 +285,30 @@ impl CudaBackend {
         self.st.bufs[b as usize]
     }
 
-    /// `*pos` on the device (i32).
+    /// The chunk's row positions on the device (i32 `[CHUNK]`).
     fn pos_ptr(&self) -> u64 {
         self.st.io
     }
 
-    /// The chunk's token ids on the device (i32).
+    /// The first cache row of each row's slot on the device (i32 `[CHUNK]`).
+    fn base_ptr(&self) -> u64 {
+        self.st.io + (CHUNK * 4) as u64
+    }
+
+    /// The chunk's token ids on the device (i32 `[CHUNK]`).
     fn tokens_ptr(&self) -> u64 {
-        self.st.io + 4
+        self.st.io + (2 * CHUNK * 4) as u64
+    }
+
+    /// Writes `io` for `rows` (at most [`CHUNK`]).
+    fn write_io(&self, rows: &[Row]) -> Result<()> {
+        let mut io = vec![0i32; 3 * CHUNK];
+        for (i, r) in rows.iter().enumerate() {
+            io[i] = r.pos as i32;
+            io[CHUNK + i] = (r.slot * self.slot_ctx) as i32;
+            io[2 * CHUNK + i] = r.token as i32;
+        }
+        self.dev.write(self.st.io, &io)
     }
 
     /// `(K cache, V cache)` of GQA layer `l`.
@@ -330,7 +375,7 @@ impl CudaBackend {
         let eps = c.rms_norm_eps;
         let mm = *m;
         let dev = &self.dev;
-        let (pos, x_buf) = (rd::<I32>(self.pos_ptr()), self.buf(Buf::X));
+        let (pos, base, x_buf) = (rd::<I32>(self.pos_ptr()), rd::<I32>(self.base_ptr()), self.buf(Buf::X));
         match *step {
             Step::Fused { op, ref parts } => self.fused(op, parts, mm)?,
             Step::Packed { ref step, ref kernels } => {
@@ -404,6 +449,7 @@ impl CudaBackend {
                     kc: wr(kc),
                     vc: wr(vc),
                     pos,
+                    base,
                     w: int(nkv * d),
                 };
                 rope::kv_append(dev, &a, mm)?;
@@ -415,6 +461,7 @@ impl CudaBackend {
                     kc: rd(kc),
                     vc: rd(vc),
                     pos,
+                    base,
                     part_o: wr(self.st.part_o),
                     part_ml: wr(self.st.part_ml),
                     tickets: wr(self.st.tickets),
@@ -514,6 +561,7 @@ impl CudaBackend {
                     x: rd(self.buf(Buf::Kva)),
                     cache: wr(self.latent_cache(layer)?),
                     pos,
+                    base,
                     w: int(self.st.width(Buf::Kva)),
                 };
                 mla::cache_append(dev, &a, mm)?;
@@ -533,6 +581,7 @@ impl CudaBackend {
                     q: rd(self.buf(Buf::Q)),
                     cache: rd(self.latent_cache(layer)?),
                     pos,
+                    base,
                     part_o: wr(self.st.part_o),
                     part_ml: wr(self.st.part_ml),
                     tickets: wr(self.st.tickets),
@@ -569,7 +618,7 @@ impl CudaBackend {
         let (h, d, nh, nkv, k) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.top_k);
         let eps = c.rms_norm_eps;
         let dev = &self.dev;
-        let (pos, x_buf) = (rd::<I32>(self.pos_ptr()), self.buf(Buf::X));
+        let (pos, base, x_buf) = (rd::<I32>(self.pos_ptr()), rd::<I32>(self.base_ptr()), self.buf(Buf::X));
         let layer = parts.iter().find_map(Step::layer).ok_or_else(|| Error::Cuda(format!("{op:?} without a layer")))?;
         // The projections among the parts: (weight, output buffer), in order.
         let lins: Vec<(LinRef, Buf)> = parts
@@ -735,6 +784,7 @@ impl CudaBackend {
                     kw: rd(kn),
                     inv_freq: rd(self.inv_freq),
                     pos,
+                    base,
                     kc: wr(kc),
                     vc: wr(vc),
                     nh: int(nh),
@@ -752,6 +802,7 @@ impl CudaBackend {
                     nw: rd(*self.w.norm(NormRef::KvLatent(layer))?),
                     inv_freq: rd(self.inv_freq),
                     pos,
+                    base,
                     cache: wr(self.latent_cache(layer)?),
                     dims: self.mla_dims()?,
                     eps: NormRef::KvLatent(layer).eps(c),
@@ -865,24 +916,33 @@ impl CudaBackend {
         self.dev.read(self.buf(Buf::Logits), &mut out[start..])
     }
 
-    /// Runs `tokens` through the plan in chunks of [`CHUNK`], appending them to the cache;
-    /// copies the logits (every row, or the last token's) to `out` when given. A single
+    /// Runs `tokens` through the plan in chunks of [`CHUNK`], appending them to slot 0's
+    /// cache; copies the logits (every row, or the last token's) to `out` when given. A single
     /// token is a decode step: replayed from the captured graph when graphs are on.
-    fn run_tokens(&mut self, tokens: &[u32], all_logits: bool, mut out: Option<&mut Vec<f32>>) -> Result<()> {
-        crate::backend::check_tokens(&self.cfg, tokens, self.pos)?;
-        if self.pos + tokens.len() > self.max_ctx {
+    fn run_tokens(&mut self, tokens: &[u32], all_logits: bool, out: Option<&mut Vec<f32>>) -> Result<()> {
+        let pos0 = self.seqs[0];
+        crate::backend::check_tokens(&self.cfg, tokens, pos0)?;
+        if pos0 + tokens.len() > self.slot_ctx {
             return Err(Error::Arg(format!(
                 "context of {} tokens exceeds the CUDA KV cache ({})",
-                self.pos + tokens.len(),
-                self.max_ctx
+                pos0 + tokens.len(),
+                self.slot_ctx
             )));
         }
-        for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
-            let last = (ci + 1) * CHUNK >= tokens.len();
-            let mut io = vec![self.pos as i32];
-            io.extend(chunk.iter().map(|&t| t as i32));
-            self.dev.write(self.st.io, &io)?;
-            let rows = if chunk.len() == 1 && self.use_graph {
+        let rows: Vec<Row> = (tokens.iter().enumerate())
+            .map(|(i, &token)| Row { slot: 0, pos: pos0 + i, token, logits: true })
+            .collect();
+        self.run_rows(&rows, all_logits, out)
+    }
+
+    /// Runs checked `rows` through the plan in chunks of [`CHUNK`], appending each to its
+    /// slot's cache; copies the logits (every row, or the last row's) to `out` when given. A
+    /// single row is a decode step: replayed from the captured graph when graphs are on.
+    fn run_rows(&mut self, rows: &[Row], all_logits: bool, mut out: Option<&mut Vec<f32>>) -> Result<()> {
+        for (ci, chunk) in rows.chunks(CHUNK).enumerate() {
+            let last = (ci + 1) * CHUNK >= rows.len();
+            self.write_io(chunk)?;
+            let n = if chunk.len() == 1 && self.use_graph {
                 if self.graph.is_none() {
                     self.dev.begin_capture()?;
                     let r = self.run_plan(1, false);
@@ -895,11 +955,13 @@ impl CudaBackend {
             } else {
                 self.run_plan(chunk.len(), all_logits)?
             };
-            self.pos += chunk.len();
+            for r in chunk {
+                self.seqs[r.slot] = r.pos + 1;
+            }
             if let Some(out) = out.as_deref_mut()
                 && (all_logits || last)
             {
-                self.read_logits(rows, out)?;
+                self.read_logits(n, out)?;
             }
         }
         Ok(())
@@ -911,12 +973,12 @@ impl CudaBackend {
     /// token at the current position is written to the cache but the position does not
     /// advance.
     pub fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
-        if self.pos >= self.max_ctx {
+        if self.seqs[0] >= self.slot_ctx {
             return Err(Error::Arg("profile: the KV cache is full".into()));
         }
         let steps = self.exec.decode.steps.clone();
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
-        self.dev.write(self.st.io, &[self.pos as i32, 0])?;
+        self.write_io(&[Row { slot: 0, pos: self.seqs[0], token: 0, logits: true }])?;
         self.dev.begin_capture()?;
         let mut rows = 1;
         let r = steps.iter().zip(&events).try_for_each(|(s, e)| {
@@ -975,15 +1037,68 @@ impl Backend for CudaBackend {
     }
 
     fn position(&self) -> usize {
-        self.pos
+        self.seqs[0]
     }
 
     fn max_context(&self) -> usize {
-        self.max_ctx
+        self.slot_ctx
     }
 
     fn reset(&mut self) {
-        self.pos = 0;
+        self.seqs.iter_mut().for_each(|p| *p = 0);
+    }
+
+    fn slots(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Splits the allocated cache rows into `n` slots (each `rows / n` tokens: build the
+    /// backend with [`CudaBackend::with_slots`] to size every slot's context up front).
+    fn set_slots(&mut self, n: usize) -> Result<()> {
+        if n == 0 || self.cache_rows / n == 0 {
+            return Err(Error::Arg(format!(
+                "{n} sequence slots: the CUDA KV cache holds {} tokens in all (at least one per slot)",
+                self.cache_rows
+            )));
+        }
+        self.slot_ctx = self.cache_rows / n;
+        self.seqs = vec![0; n];
+        Ok(())
+    }
+
+    fn slot_position(&self, slot: usize) -> usize {
+        self.seqs[slot]
+    }
+
+    fn reset_slot(&mut self, slot: usize) {
+        self.seqs[slot] = 0;
+    }
+
+    fn forward_rows(&mut self, rows: &[Row]) -> Result<Vec<f32>> {
+        crate::backend::check_rows(&self.cfg, rows, self.seqs.len(), self.slot_ctx, |s| self.seqs[s])?;
+        // Only the last row's logits: the plan's LastRow keeps it; else every row's, picked here.
+        let only_last = rows.iter().rev().skip(1).all(|r| !r.logits);
+        // A failed forward leaves the slots where they were (the rows it wrote past them are
+        // overwritten by the next).
+        let before = self.seqs.clone();
+        let mut all = Vec::new();
+        let r = self.run_rows(rows, !only_last, Some(&mut all)).and_then(|_| {
+            let v = self.cfg.vocab_size;
+            let picked: Vec<&Row> = if only_last { vec![&rows[rows.len() - 1]] } else { rows.iter().collect() };
+            let mut logits = Vec::with_capacity(rows.iter().filter(|r| r.logits).count() * v);
+            for (r, l) in picked.iter().zip(all.chunks_exact(v)).filter(|(r, _)| r.logits) {
+                if l.iter().any(|x| !x.is_finite()) {
+                    let origin = crate::sample::NON_FINITE_HINT.into();
+                    return Err(Error::NonFinite { position: r.pos, origin });
+                }
+                logits.extend_from_slice(l);
+            }
+            Ok(logits)
+        });
+        if r.is_err() {
+            self.seqs = before;
+        }
+        r
     }
 
     fn plan(&self) -> &Plan {
@@ -998,7 +1113,7 @@ impl Backend for CudaBackend {
         self.exec = lower::cuda(&plan, &self.weights, &self.packs.available())?;
         self.plan = plan;
         self.graph = None;
-        self.pos = 0;
+        self.reset();
         Ok(())
     }
 
@@ -1021,7 +1136,7 @@ impl Backend for CudaBackend {
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let mut logits = Vec::new();
         self.run_tokens(tokens, all_logits, Some(&mut logits))?;
-        crate::sample::check_finite(&logits, self.cfg.vocab_size, self.pos, crate::sample::NON_FINITE_HINT)?;
+        crate::sample::check_finite(&logits, self.cfg.vocab_size, self.seqs[0], crate::sample::NON_FINITE_HINT)?;
         Ok(logits)
     }
 
@@ -1044,13 +1159,13 @@ impl Backend for CudaBackend {
         if out[1] == 2 {
             // sample_token found a NaN or infinite logit.
             let origin = crate::sample::NON_FINITE_HINT.into();
-            return Err(Error::NonFinite { position: self.pos - 1, origin });
+            return Err(Error::NonFinite { position: self.seqs[0] - 1, origin });
         }
         if out[1] != 0 {
             // Too many candidates for the device sort: sample the copied logits on the host.
             let mut logits = Vec::new();
             self.read_logits(1, &mut logits)?;
-            crate::sample::check_finite(&logits, self.cfg.vocab_size, self.pos, crate::sample::NON_FINITE_HINT)?;
+            crate::sample::check_finite(&logits, self.cfg.vocab_size, self.seqs[0], crate::sample::NON_FINITE_HINT)?;
             return Ok(sampler.sample(&logits));
         }
         sampler.advance();

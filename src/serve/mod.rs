@@ -1,7 +1,7 @@
 //! `zmoe serve`: an OpenAI-compatible HTTP server with continuous batching.
 //!
 //! Serving sits above the runtime, beside `generate`'s CLI: it only uses the runtime's
-//! public API ([`Backend::forward_rows`] and sequence slots, the tokenizer, the chat
+//! public API ([`crate::backend::Backend::forward_rows`] and sequence slots, the tokenizer, the chat
 //! template), and the runtime never imports it. Three parts, each its own module:
 //!
 //! - [`engine`]: one thread owns the backend and steps every running sequence together
@@ -19,7 +19,6 @@ pub mod metrics;
 
 use std::sync::Arc;
 
-use crate::backend::Backend;
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
@@ -32,8 +31,8 @@ pub struct ServeOptions {
     pub host: String,
     /// Port (`--port`; 0 picks a free one, printed at start).
     pub port: u16,
-    /// Sequence slots (`--parallel`); `None`: 4 where the backend has slots, else 1.
-    pub parallel: Option<usize>,
+    /// Sequence slots (`--parallel`; default 4).
+    pub parallel: usize,
     /// Requests waiting for a slot before new ones get 429 (`--queue`).
     pub queue: usize,
     /// Most prompt tokens run per step (`--prefill-chunk`).
@@ -51,13 +50,10 @@ struct Ready {
     ctx: usize,
 }
 
-/// Default slots where the backend has them.
-const DEFAULT_PARALLEL: usize = 4;
-
 /// Serves `model` until the process is stopped: binds, builds the backend (`kind`, `plan`,
 /// `cuda_graph`, `ctx` as [`Model::backend_ctx`]) on the engine thread, then answers HTTP.
-/// Errors (address in use, no tokenizer, a backend without slots asked for `--parallel` > 1)
-/// come before the server prints that it listens.
+/// Errors (address in use, no tokenizer, KV caches that do not fit) come before the server
+/// prints that it listens.
 pub fn serve(
     model: Model,
     kind: BackendKind,
@@ -66,7 +62,7 @@ pub fn serve(
     ctx: Option<usize>,
     opts: ServeOptions,
 ) -> Result<()> {
-    if opts.parallel == Some(0) || opts.queue == 0 || opts.prefill_chunk == 0 {
+    if opts.parallel == 0 || opts.queue == 0 || opts.prefill_chunk == 0 {
         return Err(Error::Arg("--parallel, --queue and --prefill-chunk must be at least 1".into()));
     }
     let dir = model.checkpoint.dir.clone();
@@ -100,10 +96,7 @@ pub fn serve(
     let engine = std::thread::Builder::new()
         .name("zmoe-engine".into())
         .spawn(move || {
-            let built = model.backend_ctx(kind, plan, cuda_graph, ctx).and_then(|mut be| {
-                set_slots(be.as_mut(), o.parallel)?;
-                Ok(be)
-            });
+            let built = model.backend_slots(kind, plan, cuda_graph, ctx, o.parallel);
             let mut be = match built {
                 Ok(be) => be,
                 Err(e) => return drop(ready_tx.send(Err(e))),
@@ -140,18 +133,4 @@ pub fn serve(
     let served = rt.block_on(async move { axum::serve(listener, http::router(state)).await });
     drop(engine);
     served.map_err(|e| Error::Unavailable(format!("the server stopped: {e}")))
-}
-
-/// Gives the backend `parallel` slots (default: [`DEFAULT_PARALLEL`] where it has slots).
-fn set_slots(be: &mut dyn Backend, parallel: Option<usize>) -> Result<()> {
-    match parallel {
-        Some(n) => be.set_slots(n).map_err(|e| match e {
-            Error::Unavailable(why) => Error::Arg(format!("--parallel {n}: {why}")),
-            e => e,
-        }),
-        None => match be.set_slots(DEFAULT_PARALLEL) {
-            Err(Error::Unavailable(_)) => be.set_slots(1),
-            r => r,
-        },
-    }
 }

@@ -165,7 +165,7 @@ pub fn s(p: &Path) -> &str {
 /// decode step bit for bit equal to the same sequence run alone through [`Backend::forward`].
 ///
 /// Returns `false` (without asserting) only when the backend refuses `slots` slots with
-/// [`zmoe::Error::Unavailable`], so a backend without slots can say so loudly.
+/// [`zmoe::Error::Unavailable`] (a backend without slots).
 pub fn assert_batch_invariant(kind: zmoe::BackendKind, dir: &Path, slots: usize, seqs: usize, decode: usize) -> bool {
     use zmoe::backend::Row;
     use zmoe::plan::patterns::{Selection, patched_plan};
