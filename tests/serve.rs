@@ -552,3 +552,19 @@ fn openai_python_client() {
     assert!(stdout.contains("openai client: all checks passed"), "{stdout}");
     println!("{stdout}");
 }
+
+#[test]
+fn a_non_streaming_client_that_leaves_frees_its_slot() {
+    let dir = model_dir();
+    let srv = Server::start(dir, &["--parallel", "1"]);
+    let body = json!({"model": name(dir), "prompt": "go", "max_tokens": 1_000_000, "ignore_eos": true}).to_string();
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    let req = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).unwrap();
+    wait_for("the request to take the slot", &srv, |s| s.metric("zmoe_active_slots") == 1.0);
+    drop(s);
+    wait_for("the slot to be freed", &srv, |s| {
+        s.metric("zmoe_active_slots") == 0.0 && s.metric("zmoe_requests_cancelled_total") == 1.0
+    });
+    assert_eq!(srv.metric("zmoe_requests_finished_total"), 0.0);
+}
