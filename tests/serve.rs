@@ -251,6 +251,20 @@ fn chat_and_completions_streaming_and_not() {
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
     assert_eq!(r["usage"]["completion_tokens"], 5);
     assert_eq!(r["choices"][0]["text"], tok.decode(&ids[..3], true).unwrap().as_str());
+    // Stops that only begin to match are held back, then output after all: a token sequence
+    // whose first id appears but not the second, a string whose start ends the output.
+    let tail: String = want.chars().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect();
+    let mut almost = comp.clone();
+    almost["stop"] = json!([[ids[2], (ids[3] + 1) % 1000], format!("{tail}\u{1}never")]);
+    for stream in [false, true] {
+        almost["stream"] = json!(stream);
+        let text = if stream {
+            check_stream(&srv.stream("/v1/completions", &almost), false, false).0
+        } else {
+            srv.ok("/v1/completions", &almost)["choices"][0]["text"].as_str().unwrap().to_string()
+        };
+        assert_eq!(text, want, "held-back stops must be released (stream {stream})");
+    }
     // Stop string: a piece of the greedy text; the output is what comes before it.
     let cut = want.char_indices().nth(want.chars().count() / 2).unwrap().0;
     let stop: String = want[cut..].chars().take(3).collect();
