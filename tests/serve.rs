@@ -300,6 +300,10 @@ fn chat_and_completions_streaming_and_not() {
     let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(content.len(), 12);
     assert!(content.iter().all(|e| e["top_logprobs"].as_array().unwrap().len() == 3 && e["bytes"].is_array()));
+    // The tokens' bytes spell the text (a token inside a multi-byte character has its bytes).
+    let bytes: Vec<u8> =
+        content.iter().flat_map(|e| e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8)).collect();
+    assert_eq!(String::from_utf8_lossy(&bytes), r["choices"][0]["message"]["content"].as_str().unwrap());
 
     // /metrics counted all of it.
     assert!(srv.metric("zmoe_requests_finished_total") >= 10.0);

@@ -349,25 +349,17 @@ pub fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// One token's text as OpenAI's `bytes` (UTF-8).
-fn bytes(s: &str) -> Value {
-    Value::from(s.as_bytes().to_vec())
-}
-
 /// Chat `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}`.
 pub fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
     let content: Vec<Value> = lps
         .iter()
         .map(|lp| {
-            let top: Vec<Value> = lp
-                .top
-                .iter()
-                .map(|t| json!({"token": t.token, "logprob": t.logprob, "bytes": bytes(&t.token)}))
-                .collect();
+            let top: Vec<Value> =
+                lp.top.iter().map(|t| json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes})).collect();
             json!({
                 "token": lp.chosen.token,
                 "logprob": lp.chosen.logprob,
-                "bytes": bytes(&lp.chosen.token),
+                "bytes": lp.chosen.bytes,
                 "top_logprobs": top,
             })
         })
@@ -566,7 +558,7 @@ mod tests {
     #[test]
     fn logprob_shapes() {
         use crate::serve::engine::TopLogprob;
-        let t = |s: &str, l: f32| TopLogprob { token: s.into(), logprob: l };
+        let t = |s: &str, l: f32| TopLogprob { token: s.into(), bytes: s.as_bytes().to_vec(), logprob: l };
         let lps = vec![
             TokenLogprob { chosen: t("ab", -0.5), top: vec![t("ab", -0.5), t("c", -1.5)] },
             TokenLogprob { chosen: t("é", -2.0), top: vec![t("x", -0.1), t("é", -2.0)] },

@@ -66,8 +66,10 @@ pub struct Job {
 /// One candidate token with its log-probability.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopLogprob {
-    /// The token's text.
+    /// The token's text (its bytes read as UTF-8, lossily where it is part of a character).
     pub token: String,
+    /// The token's raw bytes ([`crate::tokenizer::token_bytes`]).
+    pub bytes: Vec<u8>,
     /// Natural-log probability under the model's distribution (before temperature).
     pub logprob: f32,
 }
@@ -368,7 +370,10 @@ fn logprob_entry(logits: &[f32], id: u32, n: usize, tok: &Tokenizer) -> TokenLog
     let mut p = logits.to_vec();
     softmax(&mut p);
     let lp = |i: usize| p[i].max(f32::MIN_POSITIVE).ln();
-    let text = |i: u32| tok.decode(&[i], false).unwrap_or_default();
-    let top = crate::cpu::ops::topk(&p, n).into_iter().map(|i| TopLogprob { token: text(i as u32), logprob: lp(i) });
-    TokenLogprob { chosen: TopLogprob { token: text(id), logprob: lp(id as usize) }, top: top.collect() }
+    let entry = |i: usize| {
+        let bytes = crate::tokenizer::token_bytes(tok, i as u32);
+        TopLogprob { token: String::from_utf8_lossy(&bytes).into_owned(), bytes, logprob: lp(i) }
+    };
+    let top = crate::cpu::ops::topk(&p, n).into_iter().map(entry).collect();
+    TokenLogprob { chosen: entry(id as usize), top }
 }
