@@ -2,8 +2,9 @@
 
 // Split-KV causal attention. Grid (M·nh, nsplit), ATTN_THREADS threads. Query m
 // (position pos[m] of the sequence whose cache rows start at base[m]) of head h attends to
-// keys [0, n) of that sequence, KV head h / (nh/nkv), n = pos[m] + 1; split s takes the s-th of nsplit equal runs of them (the run length
-// follows the position at run time, so a captured graph stays right as the context grows).
+// keys [0, n) of that sequence, KV head h / (nh/nkv), n = pos[m] + 1; split s takes the
+// s-th of nsplit equal runs of them (the run length follows the position at run time, so a
+// captured graph stays right as the context grows).
 // Per pass of ATTN_THREADS keys: thread t scores key t (a whole 16-byte-vectorised dot
 // product, so the key loads of a pass are independent), the block takes max and sum of
 // the pass, then thread t accumulates dimensions t, t + ATTN_THREADS of Σ p·V in key order.
