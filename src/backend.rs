@@ -68,53 +68,20 @@ pub trait Backend {
         let logits = self.forward(tokens, false)?;
         Ok(sampler.sample(&logits))
     }
-    /// Sequence slots this backend holds ([`Backend::set_slots`]); 1 unless set.
-    fn slots(&self) -> usize {
-        1
-    }
-    /// Holds `n` sequence slots from now on, all empty. Backends without multi-sequence
-    /// execution accept only `n == 1`.
-    fn set_slots(&mut self, n: usize) -> Result<()> {
-        if n == 1 {
-            self.reset();
-            return Ok(());
-        }
-        Err(Error::Unavailable(format!(
-            "the {} backend runs one sequence at a time ({n} slots asked; use --parallel 1)",
-            self.name()
-        )))
-    }
+    /// Sequence slots this backend holds ([`Backend::set_slots`]; 1 when built).
+    fn slots(&self) -> usize;
+    /// Holds `n ≥ 1` sequence slots from now on, all empty.
+    fn set_slots(&mut self, n: usize) -> Result<()>;
     /// Tokens already in slot `slot`'s cache (slot 0 is [`Backend::position`]).
-    fn slot_position(&self, slot: usize) -> usize {
-        debug_assert_eq!(slot, 0, "single-slot backend");
-        self.position()
-    }
+    fn slot_position(&self, slot: usize) -> usize;
     /// Empties slot `slot`'s cache.
-    fn reset_slot(&mut self, slot: usize) {
-        debug_assert_eq!(slot, 0, "single-slot backend");
-        self.reset();
-    }
+    fn reset_slot(&mut self, slot: usize);
     /// Runs one batch of rows (any slots, each slot's rows at consecutive positions from
     /// [`Backend::slot_position`], in order) and appends every row to its slot's cache.
     /// Returns the logits `[R, V]` of the `R` rows with `logits` set, in row order (at least
-    /// one row must ask). Checked by [`check_rows`]; a failed forward leaves every cache as it
-    /// was. The default runs single-slot backends through [`Backend::forward`].
-    fn forward_rows(&mut self, rows: &[Row]) -> Result<Vec<f32>> {
-        check_rows(self.config(), rows, self.slots(), self.max_context(), |s| self.slot_position(s))?;
-        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
-        let only_last = rows.iter().rev().skip(1).all(|r| !r.logits);
-        let logits = self.forward(&tokens, !only_last)?;
-        if only_last {
-            return Ok(logits);
-        }
-        let v = self.config().vocab_size;
-        Ok(rows
-            .iter()
-            .zip(logits.chunks_exact(v))
-            .filter(|(r, _)| r.logits)
-            .flat_map(|(_, l)| l.iter().copied())
-            .collect())
-    }
+    /// one row must ask). Checked by [`check_rows`]; a failed forward leaves every slot's
+    /// position as it was.
+    fn forward_rows(&mut self, rows: &[Row]) -> Result<Vec<f32>>;
     /// Whether [`Backend::profile_decode`] is supported.
     fn supports_profile(&self) -> bool {
         false
