@@ -138,6 +138,9 @@ pub struct CudaBackend {
     slot_ctx: usize,
     /// Tokens in each slot's cache (`slots()` entries).
     seqs: Vec<usize>,
+    /// Rows of the running chunk whose logits are computed: `Step::LastRow` gathers them to
+    /// the front of X (set by `run_rows` before each chunk).
+    keep: Vec<usize>,
     use_graph: bool,
     graph: Option<cudarc::driver::CudaGraph>,
     /// Foundry kernel-pack kernels (src/cuda/packs.rs; the plan's `Step::Packed` steps).
@@ -275,6 +278,7 @@ impl CudaBackend {
             cache_rows,
             slot_ctx,
             seqs: vec![0; slots],
+            keep: Vec::new(),
             use_graph,
             graph: None,
             packs,
@@ -369,7 +373,7 @@ impl CudaBackend {
     }
 
     /// Launches one step over `m` rows (m may shrink to 1 at `LastRow`).
-    fn step(&mut self, step: &Step, m: &mut usize, all_logits: bool) -> Result<()> {
+    fn step(&mut self, step: &Step, m: &mut usize) -> Result<()> {
         let c = &self.cfg;
         let (h, d, nh, nkv, k) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.top_k);
         let eps = c.rms_norm_eps;
@@ -386,7 +390,7 @@ impl CudaBackend {
                     None => false,
                 };
                 if !done {
-                    self.step(step, m, all_logits)?;
+                    self.step(step, m)?;
                 }
             }
             Step::Embed => {
@@ -600,11 +604,15 @@ impl CudaBackend {
                 return Err(unsupported("the expanded MLA form (a CPU oracle)".into()));
             }
             Step::LastRow => {
-                if !all_logits && mm > 1 {
-                    let (x, out) = (x_buf, self.buf(Buf::Out));
-                    sample::take_row(dev, &sample::TakeRowArgs { x: rd(x), y: wr(out), row: int(mm - 1), n: int(h) })?;
-                    sample::take_row(dev, &sample::TakeRowArgs { x: rd(out), y: wr(x), row: 0, n: int(h) })?;
-                    *m = 1;
+                // Gather the rows whose logits are wanted to the front of X (through Out).
+                if self.keep.len() < mm {
+                    let (x, out, row_bytes) = (x_buf, self.buf(Buf::Out), (h * 2) as u64);
+                    for (j, &r) in self.keep.iter().enumerate() {
+                        let y = wr(out + j as u64 * row_bytes);
+                        sample::take_row(dev, &sample::TakeRowArgs { x: rd(x), y, row: int(r), n: int(h) })?;
+                    }
+                    dev.copy(x, out, self.keep.len() * h * 2)?;
+                    *m = self.keep.len();
                 }
             }
         }
@@ -897,13 +905,14 @@ impl CudaBackend {
         mla::head_matvec(&self.dev, &a)
     }
 
-    /// Runs every step of the plan over `m` rows; returns the rows of logits produced.
-    fn run_plan(&mut self, m: usize, all_logits: bool) -> Result<usize> {
+    /// Runs every step of the plan over `m` rows, keeping the rows `self.keep` at
+    /// `LastRow`; returns the rows of logits produced.
+    fn run_plan(&mut self, m: usize) -> Result<usize> {
         // The steps are taken out for the loop (`step` borrows the backend mutably).
         let plan = if m == 1 { &mut self.exec.decode } else { &mut self.exec.prefill };
         let steps = std::mem::take(&mut plan.steps);
         let mut rows = m;
-        let r = steps.iter().try_for_each(|s| self.step(s, &mut rows, all_logits));
+        let r = steps.iter().try_for_each(|s| self.step(s, &mut rows));
         let plan = if m == 1 { &mut self.exec.decode } else { &mut self.exec.prefill };
         plan.steps = steps;
         r.map(|_| rows)
@@ -929,23 +938,30 @@ impl CudaBackend {
                 self.slot_ctx
             )));
         }
+        let n = tokens.len();
         let rows: Vec<Row> = (tokens.iter().enumerate())
-            .map(|(i, &token)| Row { slot: 0, pos: pos0 + i, token, logits: true })
+            .map(|(i, &token)| Row { slot: 0, pos: pos0 + i, token, logits: all_logits || i + 1 == n })
             .collect();
-        self.run_rows(&rows, all_logits, out)
+        self.run_rows(&rows, out)
     }
 
     /// Runs checked `rows` through the plan in chunks of [`CHUNK`], appending each to its
-    /// slot's cache; copies the logits (every row, or the last row's) to `out` when given. A
+    /// slot's cache; copies the logits of the rows that ask, in order, to `out` when given
+    /// (the plan's `LastRow` keeps only those rows, so the head runs for them alone). A
     /// single row is a decode step: replayed from the captured graph when graphs are on.
-    fn run_rows(&mut self, rows: &[Row], all_logits: bool, mut out: Option<&mut Vec<f32>>) -> Result<()> {
-        for (ci, chunk) in rows.chunks(CHUNK).enumerate() {
-            let last = (ci + 1) * CHUNK >= rows.len();
+    fn run_rows(&mut self, rows: &[Row], mut out: Option<&mut Vec<f32>>) -> Result<()> {
+        for chunk in rows.chunks(CHUNK) {
+            // A chunk with no row asking still runs its head for one (LastRow keeps ≥ 1 row).
+            self.keep = (0..chunk.len()).filter(|&i| chunk[i].logits).collect();
+            let read = !self.keep.is_empty();
+            if !read {
+                self.keep.push(chunk.len() - 1);
+            }
             self.write_io(chunk)?;
             let n = if chunk.len() == 1 && self.use_graph {
                 if self.graph.is_none() {
                     self.dev.begin_capture()?;
-                    let r = self.run_plan(1, false);
+                    let r = self.run_plan(1);
                     let g = self.dev.end_capture();
                     r?;
                     self.graph = Some(g?);
@@ -953,13 +969,13 @@ impl CudaBackend {
                 self.graph.as_ref().expect("captured").launch().map_err(|e| Error::Cuda(e.to_string()))?;
                 1
             } else {
-                self.run_plan(chunk.len(), all_logits)?
+                self.run_plan(chunk.len())?
             };
             for r in chunk {
                 self.seqs[r.slot] = r.pos + 1;
             }
             if let Some(out) = out.as_deref_mut()
-                && (all_logits || last)
+                && read
             {
                 self.read_logits(n, out)?;
             }
@@ -979,11 +995,12 @@ impl CudaBackend {
         let steps = self.exec.decode.steps.clone();
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
         self.write_io(&[Row { slot: 0, pos: self.seqs[0], token: 0, logits: true }])?;
+        self.keep = vec![0];
         self.dev.begin_capture()?;
         let mut rows = 1;
         let r = steps.iter().zip(&events).try_for_each(|(s, e)| {
             self.dev.record_in_graph(e)?;
-            self.step(s, &mut rows, false)
+            self.step(s, &mut rows)
         });
         let r = r.and_then(|_| self.dev.record_in_graph(&events[steps.len()]));
         let g = self.dev.end_capture();
@@ -1076,24 +1093,19 @@ impl Backend for CudaBackend {
 
     fn forward_rows(&mut self, rows: &[Row]) -> Result<Vec<f32>> {
         crate::backend::check_rows(&self.cfg, rows, self.seqs.len(), self.slot_ctx, |s| self.seqs[s])?;
-        // Only the last row's logits: the plan's LastRow keeps it; else every row's, picked here.
-        let only_last = rows.iter().rev().skip(1).all(|r| !r.logits);
         // A failed forward leaves the slots where they were (the rows it wrote past them are
         // overwritten by the next).
         let before = self.seqs.clone();
-        let mut all = Vec::new();
-        let r = self.run_rows(rows, !only_last, Some(&mut all)).and_then(|_| {
+        let mut logits = Vec::new();
+        let r = self.run_rows(rows, Some(&mut logits)).and_then(|_| {
             let v = self.cfg.vocab_size;
-            let picked: Vec<&Row> = if only_last { vec![&rows[rows.len() - 1]] } else { rows.iter().collect() };
-            let mut logits = Vec::with_capacity(rows.iter().filter(|r| r.logits).count() * v);
-            for (r, l) in picked.iter().zip(all.chunks_exact(v)).filter(|(r, _)| r.logits) {
-                if l.iter().any(|x| !x.is_finite()) {
-                    let origin = crate::sample::NON_FINITE_HINT.into();
-                    return Err(Error::NonFinite { position: r.pos, origin });
+            let asked = rows.iter().filter(|r| r.logits);
+            match asked.zip(logits.chunks_exact(v)).find(|(_, l)| l.iter().any(|x| !x.is_finite())) {
+                Some((r, _)) => {
+                    Err(Error::NonFinite { position: r.pos, origin: crate::sample::NON_FINITE_HINT.into() })
                 }
-                logits.extend_from_slice(l);
+                None => Ok(std::mem::take(&mut logits)),
             }
-            Ok(logits)
         });
         if r.is_err() {
             self.seqs = before;
