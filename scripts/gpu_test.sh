@@ -5,14 +5,17 @@
 #                                    # into scratch/gpu/ (ignored; carry it to the device)
 #   scripts/gpu_test.sh base REV     # here: builds zmoe at git revision REV into
 #                                    # scratch/gpu-base/ (for `run compare`)
-#   scripts/gpu_test.sh run [bench|glm|foundry|compare|serve]  # on the GPU machine, from the repo root:
+#   scripts/gpu_test.sh run [bench|glm|lfm2|foundry|compare|serve]  # on the GPU machine, from the repo root:
 #                                    # runs every GPU test, prints a PASS/FAIL table; `bench`
 #                                    # adds the qwen3-30b-a3b affine4 benchmark and one
 #                                    # kernel-foundry campaign per op, `glm` the glm-4.7-flash
-#                                    # affine4 benchmark, `foundry` only the campaigns
+#                                    # affine4 benchmark, `lfm2` the lfm2-8b-a1b affine4
+#                                    # benchmark (with and without conv_mixer), `foundry` only the campaigns
 #                                    # (FOUNDRY_CASES=48 cases per op by default);
 #                                    # `compare` times scratch/gpu-base/zmoe against
-#                                    # scratch/gpu/zmoe (patched plan, ABAB, 512-token prompt)
+#                                    # scratch/gpu/zmoe with ZMOE_PDL=0 (nopdl) and with
+#                                    # programmatic dependent launch (new), patched plan,
+#                                    # alternating twice, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
 #                                    # and validates the new binary on each; `serve` runs
 #                                    # zmoe serve --parallel 16 on qwen3-30b-a3b affine4 and
@@ -144,20 +147,44 @@ if [ "${2:-}" = glm ]; then
     scratch/gpu/zmoe matrix run --model "$M" --backend cuda --runs 3 --max-tokens 200 \
         --ledger "$OUT/matrix.jsonl" --notes "scripts/gpu_test.sh run glm" 2>&1 | tail -6
 fi
+if [ "${2:-}" = lfm2 ]; then
+    M=/tmp/zmoe-lfm2-8b-a4
+    [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family lfm2_moe --preset lfm2-8b-a1b \
+        --quant affine4 --seed 0 --out "$M" 2>&1 | tail -2
+    # Reference, the family defaults, and the defaults + the opt-in conv_mixer (in_proj + short
+    # conv in one decode kernel), each with a per-step profile; then validate both patched
+    # plans (200 tokens, token-identical to the reference) and a ledger entry.
+    all=moe_mlp,swiglu_mlp,qkv_proj,qk_norm_rope,residual_norm,conv_mixer
+    for v in "reference:--patterns none" "patched:" "conv-mixer:--patterns $all"; do
+        name=${v%%:*}; flags=${v#*:}
+        scratch/gpu/zmoe bench --model "$M" --backend cuda $flags --prompt-tokens 512 --gen-tokens 128 \
+            --runs 3 --json "$OUT/bench-lfm2-8b-$name.json" --force --profile 2>&1 |
+            tee "$OUT/bench-lfm2-$name.txt" | tail -40
+    done
+    scratch/gpu/zmoe validate --model "$M" --backend cuda --max-tokens 200 --runs 3 \
+        --capsule "$OUT/validate-lfm2-8b-a4.json" --force 2>&1 | tee "$OUT/validate-lfm2.txt" | tail -16
+    scratch/gpu/zmoe validate --model "$M" --backend cuda --max-tokens 200 --runs 3 --patterns "$all" \
+        --capsule "$OUT/validate-lfm2-8b-a4-conv-mixer.json" --force 2>&1 |
+        tee "$OUT/validate-lfm2-conv-mixer.txt" | tail -16
+    scratch/gpu/zmoe matrix run --model "$M" --backend cuda --runs 3 --max-tokens 200 \
+        --ledger "$OUT/matrix.jsonl" --notes "scripts/gpu_test.sh run lfm2" 2>&1 | tail -6
+fi
 if [ "${2:-}" = compare ]; then
     # Old vs new binary, same GPU, same model files, alternating (ABAB) so drift hits both.
     echo "| preset | binary | run | prefill tok/s | decode tok/s | GB/s | % roofline |" > "$OUT/compare.md"
     echo "|---|---|---|---|---|---|---|" >> "$OUT/compare.md"
     for preset in ${COMPARE_PRESETS:-qwen3-30b-a3b glm-4.7-flash}; do
         fam=qwen3_moe; [ "$preset" = glm-4.7-flash ] && fam=glm4_moe_lite
+        case $preset in lfm2-*) fam=lfm2_moe ;; esac
         M=/tmp/zmoe-$preset
         [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family $fam --preset "$preset" --quant affine4 \
             --seed 0 --out "$M" 2>&1 | tail -1
         for i in 1 2; do
-            for b in base new; do
+            for b in base nopdl new; do
                 exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
+                pdl=1; [ $b = nopdl ] && pdl=0
                 j="$OUT/cmp-$preset-$b-$i.json"
-                $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
+                ZMOE_PDL=$pdl $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
                     --json "$j" --force >"$OUT/cmp-$preset-$b-$i.txt" 2>&1 || echo "bench $b failed"
                 python3 - "$j" "$preset" "$b" "$i" >> "$OUT/compare.md" <<'PY'
 import json, sys

@@ -172,6 +172,9 @@ pub struct StepTime {
     pub kind: String,
     /// Microseconds (mean over replays).
     pub us: f64,
+    /// Bytes the step reads (weights and cache; filled in by `zmoe bench`, 0 if unknown).
+    #[serde(default)]
+    pub bytes: usize,
 }
 
 /// What a backend runs on, as recorded in benchmark capsules.

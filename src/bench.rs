@@ -21,6 +21,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, GenerateStats, generate};
 use crate::model::{Attn, Ffn, Mlp, Weights};
+use crate::plan::{AttnOp, MoeOp, Step};
 use crate::rng::Rng;
 use crate::runtime::Model;
 use crate::sample::SamplingParams;
@@ -202,7 +203,9 @@ fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
     for layer in &w.layers {
         add("attention", layer.o.w.format_name());
         match &layer.attn {
-            Attn::Gqa { q, k, v, .. } => [q, k, v].iter().for_each(|l| add("attention", l.w.format_name())),
+            Attn::Gqa { q, k, v, .. } | Attn::Sink { q, k, v, .. } => {
+                [q, k, v].iter().for_each(|l| add("attention", l.w.format_name()))
+            }
             Attn::Mla(m) => {
                 for l in m.q_a.iter().chain([&m.q, &m.kv_a]) {
                     add("attention", l.w.format_name());
@@ -211,6 +214,7 @@ fn quant_formats(w: &Weights) -> BTreeMap<String, String> {
                     add("mla_heads", x.format_name());
                 }
             }
+            Attn::Conv(cv) => add("short_conv", cv.in_proj.w.format_name()),
         }
         let ffn = |f: &Ffn| [f.gate.w.format_name(), f.up.w.format_name(), f.down.w.format_name()];
         match &layer.mlp {
@@ -312,16 +316,97 @@ pub struct BenchReport {
     pub profile: Vec<StepTime>,
 }
 
-/// Per-kind totals of a decode profile: `(kind, steps per token, µs per token)`, slowest first.
-pub fn profile_by_kind(steps: &[StepTime]) -> Vec<(String, usize, f64)> {
-    let mut by: BTreeMap<&str, (usize, f64)> = BTreeMap::new();
-    for s in steps {
-        let e = by.entry(&s.kind).or_default();
-        e.0 += 1;
-        e.1 += s.us;
+/// Bytes that one decode step's `step` reads from device memory at context `ctx`: its
+/// weights (for the routed-expert ops only the `top_k` selected experts; for the embedding
+/// one row) and, for attention, the layer's cache up to `ctx` (bf16). Activations are left
+/// out: kilobytes at batch 1, against megabytes of weights. A fused step reads what its parts
+/// read. This is the numerator of `zmoe bench --profile`'s per-step GB/s.
+pub fn step_bytes(step: &Step, w: &Weights, cfg: &ModelConfig, ctx: usize) -> usize {
+    let lin = |r| w.linear(r).map_or(0, |l| l.w.nbytes() + l.b.as_ref().map_or(0, |b| 4 * b.len()));
+    // The selected experts' matrices of one projection, and their biases where they have them.
+    type Pick = fn(&crate::model::Experts) -> (&Vec<crate::checkpoint::mat::Mat>, Option<&Vec<f32>>);
+    let expert = |l: usize, pick: Pick| {
+        w.experts(l).map_or(0, |e| {
+            let (mats, bias) = pick(e);
+            let one = mats.first().map_or(0, |m| m.nbytes()) + bias.map_or(0, |b| 4 * b.len() / mats.len().max(1));
+            cfg.top_k * one
+        })
+    };
+    match step {
+        Step::Embed => w.embed.nbytes() / w.embed.rows.max(1),
+        Step::RmsNorm { w: n, .. } | Step::HeadNorm { w: n, .. } => w.norm(*n).map_or(0, |v| 4 * v.len()),
+        Step::Linear { w: r, .. } => lin(*r),
+        Step::Add { .. } | Step::Swiglu | Step::LastRow => 0,
+        Step::Attn { layer, op } => match op {
+            AttnOp::Attention => 2 * cfg.num_kv_heads * (cfg.head_dim + cfg.v_head_dim) * ctx,
+            AttnOp::SinkAttention => {
+                let keys = cfg.window(*layer).map_or(ctx, |win| ctx.min(win));
+                2 * cfg.num_kv_heads * (cfg.head_dim + cfg.v_head_dim) * keys
+                    + w.sinks(*layer).map_or(0, |v| 4 * v.len())
+            }
+            AttnOp::MlaAttention | AttnOp::MlaAttentionExpanded => {
+                2 * cfg.mla.as_ref().map_or(0, |m| m.cache_row()) * ctx
+            }
+            AttnOp::MlaQAbsorb => w.mla(*layer).map_or(0, |m| m.embed_q.iter().map(|x| x.nbytes()).sum()),
+            AttnOp::MlaVUp => w.mla(*layer).map_or(0, |m| m.unembed_out.iter().map(|x| x.nbytes()).sum()),
+            AttnOp::ShortConv => {
+                w.conv(*layer).map_or(0, |c| 4 * (c.kernel.len() + c.bias.as_ref().map_or(0, Vec::len)))
+            }
+            AttnOp::Rope | AttnOp::KvAppend | AttnOp::MlaRope | AttnOp::LatentAppend => 0,
+        },
+        Step::Moe { layer, op } => match op {
+            MoeOp::ExpertGateUp => {
+                expert(*layer, |e| (&e.gate, e.bias.as_ref().map(|b| &b.gate)))
+                    + expert(*layer, |e| (&e.up, e.bias.as_ref().map(|b| &b.up)))
+            }
+            MoeOp::ExpertDown => expert(*layer, |e| (&e.down, e.bias.as_ref().map(|b| &b.down))),
+            MoeOp::SigmoidTopK | MoeOp::SigmoidBiasTopK => match w.layers.get(*layer).map(|l| &l.mlp) {
+                Some(Mlp::Moe { correction_bias: Some(b), .. }) => 4 * b.len(),
+                _ => 0,
+            },
+            MoeOp::RouterTopK | MoeOp::TopKSoftmax | MoeOp::ClampSwiglu | MoeOp::Combine => 0,
+        },
+        Step::Fused { parts, .. } => parts.iter().map(|p| step_bytes(p, w, cfg, ctx)).sum(),
+        Step::Packed { step, .. } => step_bytes(step, w, cfg, ctx),
     }
-    let mut v: Vec<(String, usize, f64)> = by.into_iter().map(|(k, (n, us))| (k.to_string(), n, us)).collect();
-    v.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+}
+
+/// One step kind's share of a decode profile (see [`profile_by_kind`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KindTotal {
+    /// [`Step::kind`], e.g. `fused moe_gate_up_swiglu`.
+    pub kind: String,
+    /// Steps of this kind per token (one per layer for most kinds).
+    pub steps: usize,
+    /// Microseconds per token, all steps of the kind.
+    pub us: f64,
+    /// Bytes those steps read per token ([`step_bytes`]).
+    pub bytes: usize,
+}
+
+impl KindTotal {
+    /// Microseconds per step (per layer when the kind runs once a layer).
+    pub fn us_per_step(&self) -> f64 {
+        self.us / self.steps.max(1) as f64
+    }
+
+    /// Achieved GB/s: bytes read ÷ time.
+    pub fn gb_s(&self) -> f64 {
+        if self.us > 0.0 { self.bytes as f64 / (self.us * 1e3) } else { 0.0 }
+    }
+}
+
+/// Per-kind totals of a decode profile, slowest first.
+pub fn profile_by_kind(steps: &[StepTime]) -> Vec<KindTotal> {
+    let mut by: BTreeMap<&str, KindTotal> = BTreeMap::new();
+    for s in steps {
+        let e = by.entry(&s.kind).or_insert_with(|| KindTotal { kind: s.kind.clone(), steps: 0, us: 0.0, bytes: 0 });
+        e.steps += 1;
+        e.us += s.us;
+        e.bytes += s.bytes;
+    }
+    let mut v: Vec<KindTotal> = by.into_values().collect();
+    v.sort_by(|a, b| b.us.total_cmp(&a.us).then(a.kind.cmp(&b.kind)));
     v
 }
 
@@ -412,7 +497,10 @@ pub fn run_bench_with(
     backend.reset();
     let profile = if opts.profile {
         backend.forward(&prompt, false)?;
-        let p = backend.profile_decode(5)?;
+        let mut p = backend.profile_decode(5)?;
+        for (t, s) in p.iter_mut().zip(&backend.exec_plans().decode.steps) {
+            t.bytes = step_bytes(s, &model.weights, cfg, opts.prompt_tokens);
+        }
         backend.reset();
         p
     } else {

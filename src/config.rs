@@ -24,6 +24,12 @@ pub enum Family {
     /// DeepSeek-V3 (`deepseek_v3`) and Kimi-K2 (`kimi_k2`, the same architecture): the GLM
     /// code path with `first_k_dense_replace` choosing the dense layers.
     DeepseekV3,
+    /// LFM2-MoE (`lfm2_moe`, LFM2-8B-A1B / LFM2-24B-A2B): gated short-convolution layers
+    /// beside GQA layers, a sigmoid router with an expert bias (model-spec §4).
+    Lfm2Moe,
+    /// GPT-OSS (`gpt_oss`, gpt-oss-20b / 120b): attention sinks, alternating sliding-window
+    /// and full layers, biases everywhere, top-k-then-softmax router, clamped SwiGLU.
+    GptOss,
 }
 
 impl Family {
@@ -33,6 +39,8 @@ impl Family {
             Family::Qwen3Moe => "qwen3_moe",
             Family::Glm4MoeLite => "glm4_moe_lite",
             Family::DeepseekV3 => "deepseek_v3",
+            Family::Lfm2Moe => "lfm2_moe",
+            Family::GptOss => "gpt_oss",
         }
     }
 
@@ -42,6 +50,8 @@ impl Family {
             "qwen3_moe" => Some(Family::Qwen3Moe),
             "glm4_moe_lite" => Some(Family::Glm4MoeLite),
             "deepseek_v3" | "kimi_k2" => Some(Family::DeepseekV3),
+            "lfm2_moe" => Some(Family::Lfm2Moe),
+            "gpt_oss" => Some(Family::GptOss),
             _ => None,
         }
     }
@@ -53,7 +63,7 @@ impl Family {
 }
 
 /// The `model_type` values zmoe reads, for error messages.
-pub const SUPPORTED_MODEL_TYPES: &str = "qwen3_moe, glm4_moe_lite, deepseek_v3, kimi_k2";
+pub const SUPPORTED_MODEL_TYPES: &str = "qwen3_moe, glm4_moe_lite, deepseek_v3, kimi_k2, lfm2_moe, gpt_oss";
 
 /// The largest sizes zmoe reads from a config.json, checked as each field is read, before
 /// anything is allocated from it. They admit every real model with a wide margin
@@ -81,6 +91,8 @@ pub mod limits {
     pub const MAX_LORA_RANK: usize = 1 << 16;
     /// `max_position_embeddings` (2^24).
     pub const MAX_POSITIONS: usize = 1 << 24;
+    /// LFM2's `conv_L_cache` (the short convolution's kernel width; 3 in every release).
+    pub const MAX_CONV_KERNEL: usize = 64;
     /// Weight elements of the whole model (2^44, about 17.6 trillion).
     pub const MAX_PARAMS: u64 = 1 << 44;
 }
@@ -115,6 +127,20 @@ impl MlaConfig {
     }
 }
 
+/// GPT-OSS specifics (model-spec §5.1): which layers attend through a sliding window, and
+/// the clamped SwiGLU of its experts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptOssConfig {
+    /// Keys a sliding layer sees, the current token included (`sliding_window`, 128 released).
+    pub sliding_window: usize,
+    /// Per layer: `layer_types[l] == "sliding_attention"` (default: even layers).
+    pub sliding: Vec<bool>,
+    /// `swiglu_limit`: the gate is clamped from above and the linear branch to ±limit.
+    pub swiglu_limit: f32,
+    /// `swiglu_alpha` (1.702): `glu = g · σ(alpha · g)`.
+    pub swiglu_alpha: f32,
+}
+
 /// How a MoE layer picks its experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RouterKind {
@@ -131,6 +157,38 @@ pub enum RouterKind {
         /// Multiplier of the routing weights.
         routed_scaling_factor: f32,
     },
+    /// LFM2-MoE (model-spec §4.5): sigmoid scores; selection on scores plus the layer's
+    /// `expert_bias` (when `use_expert_bias`); weights are the unbiased scores, optionally
+    /// renormalised (`/ (sum + 1e-6)`), times `routed_scaling_factor`.
+    SigmoidBias {
+        /// Whether the layers carry an `expert_bias` used for selection.
+        expert_bias: bool,
+        /// Multiplier of the routing weights.
+        routed_scaling_factor: f32,
+    },
+    /// GPT-OSS (model-spec §5.5 step 7): top-k on the raw logits (router bias included),
+    /// then softmax over the k selected logits.
+    TopKSoftmax,
+}
+
+/// LFM2's gated short convolution (model-spec §4.4): which layers use it instead of
+/// attention and the kernel's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShortConvConfig {
+    /// Per layer: a short-convolution mixer (`true`) or GQA attention (`false`), from
+    /// `layer_types` (`"conv"` / `"full_attention"`) or the older `full_attn_idxs`.
+    pub layers: Vec<bool>,
+    /// Kernel width `L` (`conv_L_cache`); the cache holds the last `L − 1` gated inputs.
+    pub kernel: usize,
+    /// `conv_bias`: in_proj, the convolution and out_proj carry biases.
+    pub bias: bool,
+}
+
+impl ShortConvConfig {
+    /// Values the conv state keeps per channel: the last `L − 1` gated inputs `B ⊙ X`.
+    pub fn state_len(&self) -> usize {
+        self.kernel - 1
+    }
 }
 
 /// How one module's weights are quantized (MLX conventions, model-spec §6).
@@ -192,6 +250,31 @@ pub struct RopeConfig {
     pub attention_scaling: f32,
     /// YaRN's softmax-scale factor `mscale(factor, mscale_all_dim)²` (1 when unused).
     pub softmax_mscale: f32,
+    /// The YaRN parameters the three fields above were derived from (`None`: default type).
+    pub yarn: Option<YarnParams>,
+}
+
+/// YaRN's parameters as config.json gives them (defaults filled in). The backends use only
+/// the derived [`RopeConfig`] numbers; these are kept for writers of other engines' formats
+/// (GGUF), which describe the same rotation by its parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct YarnParams {
+    /// Context extension factor.
+    pub factor: f64,
+    /// `original_max_position_embeddings`.
+    pub original_max_position_embeddings: f64,
+    /// Ramp bound in rotations (default 32).
+    pub beta_fast: f64,
+    /// Ramp bound in rotations (default 1).
+    pub beta_slow: f64,
+    /// `mscale`, if given (non-zero).
+    pub mscale: Option<f64>,
+    /// `mscale_all_dim`, if given (non-zero).
+    pub mscale_all_dim: Option<f64>,
+    /// An explicit `attention_factor`, if given.
+    pub attention_factor: Option<f64>,
+    /// Whether the ramp bounds are rounded to whole dims (transformers' `truncate`).
+    pub truncate: bool,
 }
 
 impl RopeConfig {
@@ -204,6 +287,7 @@ impl RopeConfig {
             inv_freq: base_inv_freq(theta, dim),
             attention_scaling: 1.0,
             softmax_mscale: 1.0,
+            yarn: None,
         }
     }
 }
@@ -215,7 +299,7 @@ fn base_inv_freq(theta: f64, dim: usize) -> Vec<f32> {
 }
 
 /// YaRN `get_mscale`: `0.1 · m · ln(scale) + 1` for scale > 1, else 1.
-fn yarn_mscale(scale: f64, m: f64) -> f64 {
+pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
     if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 }
 }
 
@@ -248,6 +332,10 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// Multi-head latent attention dims (GLM / DeepSeek); `None` for standard GQA.
     pub mla: Option<MlaConfig>,
+    /// LFM2's short-convolution layers; `None` for families whose every layer is attention.
+    pub conv: Option<ShortConvConfig>,
+    /// GPT-OSS sliding windows and clamped SwiGLU; `None` for other families.
+    pub gpt_oss: Option<GptOssConfig>,
     /// Routed experts per MoE layer (0 = dense model).
     pub num_experts: usize,
     /// Experts selected per token.
@@ -329,6 +417,8 @@ impl ModelConfig {
         let (quantization, foreign_quantization) = match (block, method) {
             // transformers-style blocks (fp8, compressed-tensors, ...) describe weights zmoe
             // cannot read; MLX blocks carry no quant_method (or "mlx").
+            // The original gpt-oss release: MXFP4 `*_blocks` / `*_scales` experts, read as such.
+            (Some(_), Some(m)) if m == "mxfp4" && family == Family::GptOss => (None, None),
             (Some(_), Some(m)) if m != "mlx" => (None, Some(m)),
             (Some(q), _) => (parse_quant(q, path)?, None),
             (None, _) => (None, None),
@@ -341,10 +431,24 @@ impl ModelConfig {
             }
             None => {
                 let d = c.opt_size(&["head_dim"], MAX_HEAD_DIM)?.unwrap_or(hidden_size / num_heads.max(1));
-                (d, d, c.rope(d, false, false)?)
+                let mut rope = c.rope(d, false, family == Family::GptOss)?;
+                // transformers' LFM2-MoE default θ is 1e6 (the others': 1e4).
+                let theta_given = c.get(&["rope_theta"]).is_some()
+                    || ["rope_parameters", "rope_scaling"]
+                        .iter()
+                        .any(|k| v.get(k).and_then(|p| p.get("rope_theta")).is_some());
+                if family == Family::Lfm2Moe && !theta_given {
+                    rope = RopeConfig::default_type(1e6, rope.dim, false);
+                }
+                (d, d, rope)
             }
         };
-        let router = if family.is_mla() {
+        let router = if family == Family::Lfm2Moe {
+            RouterKind::SigmoidBias {
+                expert_bias: c.opt_bool(&["use_expert_bias"])?.unwrap_or(true),
+                routed_scaling_factor: c.positive(&["routed_scaling_factor"], 1e6)?.unwrap_or(1.0) as f32,
+            }
+        } else if family.is_mla() {
             let (g, tg, s) = match family {
                 Family::DeepseekV3 => (8, 4, 2.5),
                 _ => (1, 1, 1.8),
@@ -354,10 +458,17 @@ impl ModelConfig {
                 topk_group: c.opt_size(&["topk_group"], MAX_EXPERTS)?.unwrap_or(tg),
                 routed_scaling_factor: c.positive(&["routed_scaling_factor"], 1e6)?.unwrap_or(s) as f32,
             }
+        } else if family == Family::GptOss {
+            RouterKind::TopKSoftmax
         } else {
             RouterKind::Softmax
         };
         let moe_layers = c.moe_layers(family, num_layers, num_experts)?;
+        let conv = if family == Family::Lfm2Moe { Some(c.short_conv(num_layers)?) } else { None };
+        let gpt_oss = if family == Family::GptOss { Some(c.gpt_oss(num_layers)?) } else { None };
+        // GPT-OSS names the expert width `intermediate_size` (it has no dense layers).
+        let moe_i_names: &[&str] =
+            if family == Family::GptOss { &["intermediate_size"] } else { &["moe_intermediate_size"] };
         let cfg = ModelConfig {
             family,
             vocab_size: c.size(&["vocab_size"], MAX_VOCAB)?,
@@ -373,23 +484,30 @@ impl ModelConfig {
             },
             head_dim,
             v_head_dim,
-            rms_norm_eps: c.positive(&["rms_norm_eps"], 1.0)?.unwrap_or(1e-6) as f32,
+            rms_norm_eps: c.positive(&["rms_norm_eps", "norm_eps"], 1.0)?.unwrap_or(1e-6) as f32,
             rope,
             attention_bias: c.opt_bool(&["attention_bias"])?.unwrap_or(false),
             mla,
+            conv,
+            gpt_oss,
             num_experts,
-            top_k: c.opt_size(&["num_experts_per_tok"], MAX_EXPERTS)?.unwrap_or(if num_experts > 0 { 1 } else { 0 }),
+            top_k: c
+                .opt_size(&["num_experts_per_tok", "experts_per_token"], MAX_EXPERTS)?
+                .unwrap_or(if num_experts > 0 { 1 } else { 0 }),
             router,
             n_shared_experts: if family.is_mla() {
                 c.opt_size(&["n_shared_experts"], MAX_SHARED_EXPERTS)?.unwrap_or(1)
             } else {
                 0
             },
-            moe_intermediate_size: c.opt_size(&["moe_intermediate_size"], MAX_FFN)?.unwrap_or(0),
+            moe_intermediate_size: c.opt_size(moe_i_names, MAX_FFN)?.unwrap_or(0),
             intermediate_size: c.opt_size(&["intermediate_size"], MAX_FFN)?.unwrap_or(0),
-            norm_topk_prob: c.opt_bool(&["norm_topk_prob"])?.unwrap_or(family.is_mla()),
+            norm_topk_prob: c.opt_bool(&["norm_topk_prob"])?.unwrap_or(family.is_mla() || family == Family::Lfm2Moe),
             moe_layers,
-            tie_word_embeddings: c.opt_bool(&["tie_word_embeddings"])?.unwrap_or(false),
+            // LFM2 configs spell it `tie_embedding` too, and tie by default.
+            tie_word_embeddings: c
+                .opt_bool(&["tie_word_embeddings", "tie_embedding"])?
+                .unwrap_or(family == Family::Lfm2Moe),
             eos_token_ids: c.token_ids(&["eos_token_id"])?.unwrap_or_default(),
             bos_token_id: c.token_ids(&["bos_token_id"])?.and_then(|ids| ids.first().copied()),
             max_position_embeddings: c.opt_size(&["max_position_embeddings"], MAX_POSITIONS)?.unwrap_or(32768),
@@ -406,9 +524,21 @@ impl ModelConfig {
         self.num_experts > 0 && self.moe_layers.get(l).copied().unwrap_or(false)
     }
 
+    /// Whether layer `l` mixes tokens with LFM2's short convolution instead of attention.
+    pub fn is_conv_layer(&self, l: usize) -> bool {
+        self.conv.as_ref().is_some_and(|c| c.layers.get(l).copied().unwrap_or(false))
+    }
+
     /// Attention softmax scale: `head_dim^-1/2`, times YaRN's `mscale²` where it applies.
     pub fn attn_scale(&self) -> f32 {
         ((self.head_dim as f64).powf(-0.5) * self.rope.softmax_mscale as f64) as f32
+    }
+
+    /// The sliding window of layer `l` (keys seen, the current token included), or `None`
+    /// for full attention.
+    pub fn window(&self, l: usize) -> Option<usize> {
+        let g = self.gpt_oss.as_ref()?;
+        g.sliding.get(l).copied().unwrap_or(false).then_some(g.sliding_window)
     }
 
     /// FFN width of a layer's shared experts (0 without them).
@@ -483,7 +613,14 @@ impl ModelConfig {
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
             return bad(format!("`rms_norm_eps` must be a finite number > 0, got {}", self.rms_norm_eps));
         }
-        if let RouterKind::SigmoidGrouped { routed_scaling_factor: s, .. } = self.router
+        if self.family == Family::Lfm2Moe && self.num_heads * self.head_dim != self.hidden_size {
+            return bad(format!(
+                "hidden_size {} must be num_attention_heads ({}) × head_dim ({}) for lfm2_moe",
+                self.hidden_size, self.num_heads, self.head_dim
+            ));
+        }
+        if let RouterKind::SigmoidGrouped { routed_scaling_factor: s, .. }
+        | RouterKind::SigmoidBias { routed_scaling_factor: s, .. } = self.router
             && !(s.is_finite() && s > 0.0)
         {
             return bad(format!("`routed_scaling_factor` must be a finite number > 0, got {s}"));
@@ -526,7 +663,13 @@ impl ModelConfig {
         let experts = mul(&[3, n(self.num_experts) + n(self.n_shared_experts), h, n(self.moe_intermediate_size)])?;
         let router = mul(&[n(self.num_experts) + 1, h])?;
         let dense = mul(&[3, h, n(self.intermediate_size)])?;
-        let per_layer = [kv, o, mla, experts, router, dense, 8 * h].iter().try_fold(q, |a, &x| a.checked_add(x))?;
+        // LFM2 short conv: in_proj [3H, H], out_proj [H, H], the kernel [H, L].
+        let conv = match &self.conv {
+            Some(cv) => mul(&[4, h, h])?.checked_add(mul(&[h, n(cv.kernel)])?)?,
+            None => 0,
+        };
+        let per_layer =
+            [kv, o, mla, conv, experts, router, dense, 8 * h].iter().try_fold(q, |a, &x| a.checked_add(x))?;
         mul(&[per_layer, l])?.checked_add(mul(&[2, n(self.vocab_size), h])?)
     }
 }
@@ -732,7 +875,8 @@ impl Fields<'_> {
                 positive("original_max_position_embeddings", orig)?;
                 positive("factor", factor)?;
                 let (mscale, mscale_all) = (num("mscale")?, num("mscale_all_dim")?);
-                let attention_factor = match num("attention_factor")? {
+                let explicit_factor = num("attention_factor")?;
+                let attention_factor = match explicit_factor {
                     Some(a) => a,
                     None => match (mscale, mscale_all) {
                         (Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
@@ -752,6 +896,16 @@ impl Fields<'_> {
                 if let Some(ma) = mscale_all.filter(|&m| m != 0.0) {
                     rope.softmax_mscale = (yarn_mscale(factor, ma) * yarn_mscale(factor, ma)) as f32;
                 }
+                rope.yarn = Some(YarnParams {
+                    factor,
+                    original_max_position_embeddings: orig,
+                    beta_fast,
+                    beta_slow,
+                    mscale: mscale.filter(|&m| m != 0.0),
+                    mscale_all_dim: mscale_all.filter(|&m| m != 0.0),
+                    attention_factor: explicit_factor,
+                    truncate,
+                });
                 // Whatever mscale / attention_factor say, the numbers the kernels use must be finite.
                 let finite = rope.inv_freq.iter().all(|f| f.is_finite())
                     && rope.attention_scaling.is_finite()
@@ -838,7 +992,87 @@ impl Fields<'_> {
                 let k = self.opt_usize(&["first_k_dense_replace"])?.unwrap_or(3);
                 Ok((0..layers).map(|l| l >= k).collect())
             }
+            Family::Lfm2Moe => {
+                let k = self.opt_bounded(&["num_dense_layers"], 0, limits::MAX_LAYERS)?.unwrap_or(2);
+                Ok((0..layers).map(|l| l >= k).collect())
+            }
+            Family::GptOss => Ok(vec![true; layers]),
         }
+    }
+
+    /// LFM2's short-convolution layers (model-spec §4.1): `layer_types` (`"conv"` /
+    /// `"full_attention"`, required by transformers v5) or the older `full_attn_idxs` (the
+    /// attention layers' indices, every other layer conv).
+    fn short_conv(&self, layers: usize) -> Result<ShortConvConfig> {
+        let kinds = match (self.get(&["layer_types"]), self.get(&["full_attn_idxs"])) {
+            (Some((n, v)), _) => {
+                let want = "a list of \"conv\" / \"full_attention\"";
+                let kinds = v.as_array().ok_or_else(|| self.err(n, want, v))?;
+                if kinds.len() != layers {
+                    return Err(Error::format(
+                        &self.path,
+                        format!("`layer_types` has {} entries for {layers} layers", kinds.len()),
+                    ));
+                }
+                kinds
+                    .iter()
+                    .map(|k| match k.as_str() {
+                        Some("conv") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(self.err(n, want, k)),
+                    })
+                    .collect::<Result<Vec<bool>>>()?
+            }
+            (None, Some(_)) => {
+                let idx = self.opt_usize_list(&["full_attn_idxs"])?.unwrap_or_default();
+                if let Some(&bad) = idx.iter().find(|&&i| i >= layers) {
+                    return Err(Error::format(
+                        &self.path,
+                        format!("`full_attn_idxs` names layer {bad}, but the model has {layers} layers"),
+                    ));
+                }
+                (0..layers).map(|l| !idx.contains(&l)).collect()
+            }
+            (None, None) => return Err(self.missing(&["layer_types", "full_attn_idxs"])),
+        };
+        Ok(ShortConvConfig {
+            layers: kinds,
+            kernel: self.opt_bounded(&["conv_L_cache"], 1, limits::MAX_CONV_KERNEL)?.unwrap_or(3),
+            bias: self.opt_bool(&["conv_bias"])?.unwrap_or(false),
+        })
+    }
+
+    /// GPT-OSS fields (model-spec §5.1): `sliding_window`, `layer_types` (default: even
+    /// layers slide), `swiglu_limit` (7), `swiglu_alpha` (1.702).
+    fn gpt_oss(&self, layers: usize) -> Result<GptOssConfig> {
+        let sliding_window = self.opt_bounded(&["sliding_window"], 1, limits::MAX_POSITIONS)?.unwrap_or(128);
+        let sliding = match self.get(&["layer_types"]) {
+            None => (0..layers).map(|l| l % 2 == 0).collect(),
+            Some((n, v)) => {
+                let want = "a list of \"sliding_attention\"/\"full_attention\"";
+                let kinds = v.as_array().ok_or_else(|| self.err(n, want, v))?;
+                if kinds.len() != layers {
+                    return Err(Error::format(
+                        &self.path,
+                        format!("`layer_types` has {} entries for {layers} layers", kinds.len()),
+                    ));
+                }
+                kinds
+                    .iter()
+                    .map(|k| match k.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(self.err(n, want, v)),
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        Ok(GptOssConfig {
+            sliding_window,
+            sliding,
+            swiglu_limit: self.positive(&["swiglu_limit"], 1e6)?.unwrap_or(7.0) as f32,
+            swiglu_alpha: self.positive(&["swiglu_alpha"], 1e6)?.unwrap_or(1.702) as f32,
+        })
     }
 }
 
@@ -1007,6 +1241,69 @@ mod tests {
         assert_eq!((g.head_dim, g.v_head_dim, g.rope.dim, g.top_k), (256, 256, 64, 4));
         assert!(!g.is_moe_layer(0) && g.is_moe_layer(1) && g.is_moe_layer(46));
         assert_eq!(g.mla.as_ref().unwrap().cache_row() * 2 * 47, 54_144, "latent cache bytes per token");
+    }
+
+    /// gpt-oss-20b as released (model-spec §5.2): YaRN with truncate false and the attention
+    /// factor on cos/sin, alternating sliding/full layers, the MXFP4 quantization_config read
+    /// as the release layout (not refused), the expert width from `intermediate_size`.
+    #[test]
+    fn gpt_oss_20b_released_config() {
+        let json = crate::checkpoint::synth::preset_config("gpt_oss", "gpt-oss-20b").unwrap();
+        let mut v = json.clone();
+        v["quantization_config"] = serde_json::json!({"quant_method": "mxfp4",
+            "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]});
+        let c = parse(&v).unwrap();
+        assert_eq!(c.family, Family::GptOss);
+        assert!(c.quantization.is_none() && c.foreign_quantization.is_none());
+        assert_eq!((c.num_experts, c.top_k, c.moe_intermediate_size, c.head_dim), (32, 4, 2880, 64));
+        assert_eq!(c.router, RouterKind::TopKSoftmax);
+        assert!((0..24).all(|l| c.is_moe_layer(l)));
+        assert_eq!((c.window(0), c.window(1), c.window(22), c.window(23)), (Some(128), None, Some(128), None));
+        // model-spec §5.4 sanity values.
+        let f = &c.rope.inv_freq;
+        assert_eq!(f.len(), 32);
+        for (i, want) in [(0, 1.0f32), (1, 0.689_044_3), (2, 0.474_782_05), (3, 0.327_145_87), (31, 3.023_511_4e-7)] {
+            assert!((f[i] - want).abs() <= 2e-6 * want, "inv_freq[{i}] {} vs {want}", f[i]);
+        }
+        // Below the ramp (i ≤ 8) the original frequency, above it (i ≥ 18) divided by 32.
+        let base = RopeConfig::default_type(150000.0, 64, false).inv_freq;
+        assert_eq!(f[..9], base[..9]);
+        assert!((18..32).all(|i| (f[i] - base[i] / 32.0).abs() <= 1e-6 * base[i]));
+        assert!((c.rope.attention_scaling - 1.346_573_6).abs() < 1e-6, "{}", c.rope.attention_scaling);
+        assert_eq!(c.attn_scale(), 0.125);
+        let g = c.gpt_oss.as_ref().unwrap();
+        assert_eq!((g.swiglu_limit, g.swiglu_alpha), (7.0, 1.702));
+
+        // Without layer_types: even layers slide. The other mxfp4-less spellings parse too.
+        let mut d = json.clone();
+        d.as_object_mut().unwrap().remove("layer_types");
+        let d = parse(&d).unwrap();
+        assert_eq!(d.gpt_oss.as_ref().unwrap().sliding, (0..24).map(|l| l % 2 == 0).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn gpt_oss_config_errors_name_the_field() {
+        let json = crate::checkpoint::synth::preset_config("gpt_oss", "gpt-oss-tiny").unwrap();
+        for (field, value, want) in [
+            ("layer_types", serde_json::json!(["sliding_attention"]), "`layer_types` has 1 entries for 4 layers"),
+            (
+                "layer_types",
+                serde_json::json!(["sliding_attention", "x", "full_attention", "full_attention"]),
+                "`layer_types`",
+            ),
+            ("sliding_window", serde_json::json!(0), "`sliding_window`"),
+            ("swiglu_limit", serde_json::json!(-7.0), "`swiglu_limit`"),
+            ("num_experts_per_tok", serde_json::json!(17), "num_experts_per_tok 17"),
+        ] {
+            let mut v = json.clone();
+            v[field] = value;
+            let e = parse(&v).unwrap_err().to_string();
+            assert!(e.contains("x/config.json") && e.contains(want), "{field}: {e}");
+        }
+        // A quant_method other than mxfp4 is still refused by name at load.
+        let mut v = json.clone();
+        v["quantization_config"] = serde_json::json!({"quant_method": "fp8"});
+        assert_eq!(parse(&v).unwrap().foreign_quantization.as_deref(), Some("fp8"));
     }
 
     #[test]

@@ -63,14 +63,15 @@ enum Cmd {
     },
     /// Write a synthetic model folder (config.json, safetensors, tokenizer.json).
     Synth {
-        /// Model family: qwen3_moe, glm4_moe_lite, deepseek_v3.
+        /// Model family: qwen3_moe, glm4_moe_lite, deepseek_v3, lfm2_moe, gpt_oss.
         #[arg(long, default_value = "qwen3_moe")]
         family: String,
         /// Shape preset: tiny, qwen3-30b-a3b (qwen3_moe); glm-tiny, glm-4.7-flash
-        /// (glm4_moe_lite); deepseek-tiny, kimi-k2-tiny (deepseek_v3).
+        /// (glm4_moe_lite); deepseek-tiny, kimi-k2-tiny (deepseek_v3); lfm2-tiny, lfm2-8b-a1b,
+        /// lfm2-24b-a2b (lfm2_moe); gpt-oss-tiny, gpt-oss-20b (gpt_oss).
         #[arg(long, default_value = "tiny")]
         preset: String,
-        /// Weight format: bf16, affine4, affine8.
+        /// Weight format: bf16, affine4, affine8, mxfp4 (gpt_oss: the openai release layout).
         #[arg(long, default_value = "affine4")]
         quant: String,
         /// Quantization group size (affine): 32, 64 or 128.
@@ -542,10 +543,22 @@ fn bench_table(r: &BenchReport) -> String {
             total,
             1e6 / r.decode_tok_s.median
         );
-        out += &format!("  {:<28} {:>6} {:>10} {:>7} {:>9}\n", "step kind", "steps", "µs/token", "%", "µs/step");
-        for (kind, n, us) in zmoe::bench::profile_by_kind(&r.profile) {
-            let pct = us / total * 100.0;
-            out += &format!("  {kind:<28} {n:>6} {us:>10.1} {pct:>6.1}% {:>9.2}\n", us / n as f64);
+        out += &format!(
+            "  {:<28} {:>6} {:>10} {:>7} {:>9} {:>10} {:>8}\n",
+            "step kind", "steps", "µs/token", "%", "µs/step", "MB/step", "GB/s"
+        );
+        for k in zmoe::bench::profile_by_kind(&r.profile) {
+            let pct = k.us / total * 100.0;
+            let mb = k.bytes as f64 / k.steps.max(1) as f64 / 1e6;
+            out += &format!(
+                "  {:<28} {:>6} {:>10.1} {:>6.1}% {:>9.2} {mb:>10.3} {:>8.0}\n",
+                k.kind,
+                k.steps,
+                k.us,
+                pct,
+                k.us_per_step(),
+                k.gb_s()
+            );
         }
     }
     out
@@ -810,13 +823,15 @@ fn run_matrix(cmd: &zmoe::matrix::cli::MatrixCmd) -> Result<()> {
 /// `zmoe export <format>`.
 #[derive(Subcommand)]
 enum ExportCmd {
-    /// GGUF for llama.cpp: matrices re-quantized to Q4_0 or Q8_0, norms and router f32,
-    /// no vocabulary (`tokenizer.ggml.model = none`; enough for llama-bench, not for text).
+    /// GGUF for llama.cpp (`qwen3moe`, `lfm2moe`, `gpt-oss`; GLM / DeepSeek / Kimi as
+    /// `deepseek2`): matrices re-quantized to Q4_0, Q8_0 or BF16 (GPT-OSS experts: MXFP4, an
+    /// MXFP4 source carried over exactly), norms and router f32, no vocabulary
+    /// (`tokenizer.ggml.model = none`; enough for llama-bench, not for text).
     Gguf {
         /// Model folder (config.json + safetensors).
         #[arg(long)]
         model: PathBuf,
-        /// Matrix format: q4_0 or q8_0.
+        /// Matrix format: q4_0, q8_0 or bf16.
         #[arg(long)]
         quant: String,
         /// Output .gguf file (must not exist unless --force).

@@ -3,8 +3,10 @@
 //! Like llama2.c's `TransformerWeights`, each field carries its shape. Loading resolves the
 //! on-disk layouts of the same model — HF per-expert keys (`mlp.experts.{e}.gate_proj.weight`)
 //! and mlx-community stacked keys (`mlp.switch_mlp.gate_proj.weight [E, I, H·bits/32]`); for
-//! MLA, HF's `kv_b_proj` and mlx-lm's per-head `embed_q` / `unembed_out` — into one
-//! in-memory shape, so backends never care where a checkpoint came from.
+//! MLA, HF's `kv_b_proj` and mlx-lm's per-head `embed_q` / `unembed_out`; for GPT-OSS, the
+//! fused `[E, in, out]` tensors, the MXFP4 release and mlx-community's split experts (see
+//! [`crate::checkpoint::gpt_oss`]) — into one in-memory shape, so backends never care where
+//! a checkpoint came from.
 //!
 //! Backends look weights up by role ([`Weights::linear`], [`Weights::norm`]): the plan names
 //! roles ([`LinRef`], [`NormRef`], defined here with the weights they name), and a plan that
@@ -44,6 +46,8 @@ pub enum LinRef {
     SharedDown(usize),
     /// MoE router.
     Router(usize),
+    /// LFM2 short conv's in_proj `[3H, H]` (its out_proj is the layer's `O`).
+    ConvIn(usize),
     /// Output head.
     LmHead,
 }
@@ -84,6 +88,7 @@ impl LinRef {
             LinRef::SharedUp(_) => "shared_up",
             LinRef::SharedDown(_) => "shared_down",
             LinRef::Router(_) => "router",
+            LinRef::ConvIn(_) => "conv_in",
             LinRef::LmHead => "lm_head",
         }
     }
@@ -93,7 +98,7 @@ impl LinRef {
         match self {
             LinRef::Q(l) | LinRef::K(l) | LinRef::V(l) | LinRef::O(l) | LinRef::QA(l) | LinRef::KvA(l) => Some(l),
             LinRef::DenseGate(l) | LinRef::DenseUp(l) | LinRef::DenseDown(l) | LinRef::Router(l) => Some(l),
-            LinRef::SharedGate(l) | LinRef::SharedUp(l) | LinRef::SharedDown(l) => Some(l),
+            LinRef::SharedGate(l) | LinRef::SharedUp(l) | LinRef::SharedDown(l) | LinRef::ConvIn(l) => Some(l),
             LinRef::LmHead => None,
         }
     }
@@ -185,6 +190,19 @@ pub struct Experts<S: Store = Host> {
     pub up: S::Stack,
     /// `E × [H, I]`.
     pub down: S::Stack,
+    /// Per-expert biases (GPT-OSS); `None` for bias-free experts.
+    pub bias: Option<ExpertBias<S>>,
+}
+
+/// Per-expert biases of the gate, up and down projections (f32, experts stacked).
+#[derive(Debug, Clone)]
+pub struct ExpertBias<S: Store = Host> {
+    /// `[E, I]`.
+    pub gate: S::Vector,
+    /// `[E, I]`.
+    pub up: S::Vector,
+    /// `[E, H]`, added before the routing weight scales the expert output.
+    pub down: S::Vector,
 }
 
 /// A SwiGLU feed-forward block (dense MLPs and shared experts).
@@ -236,6 +254,19 @@ pub struct MlaWeights<S: Store = Host> {
     pub unembed_out: S::Stack,
 }
 
+/// LFM2's gated short convolution (model-spec §4.4): `in_proj` → `B, C, X`; a causal
+/// depthwise convolution of `B ⊙ X`; gated by `C` (its out_proj is the layer's `o`).
+#[derive(Debug, Clone)]
+pub struct ShortConv<S: Store = Host> {
+    /// in_proj `[3H, H]` (rows: B, then C, then X).
+    pub in_proj: Linear<S>,
+    /// Depthwise kernel `[H, L]` row-major (`w[c·L + k]`; `k = L − 1` multiplies the current
+    /// token), f32. HF stores it `[H, 1, L]`, MLX `[H, L, 1]`: the same order in memory.
+    pub kernel: S::Vector,
+    /// Convolution bias `[H]` (`conv_bias`).
+    pub bias: Option<S::Vector>,
+}
+
 /// A layer's attention projections.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)]
@@ -255,6 +286,20 @@ pub enum Attn<S: Store = Host> {
     },
     /// Multi-head latent attention (GLM / DeepSeek).
     Mla(MlaWeights<S>),
+    /// LFM2's short convolution in place of attention.
+    Conv(ShortConv<S>),
+    /// Grouped-query attention with one attention-sink logit per query head and no q/k
+    /// norms (GPT-OSS).
+    Sink {
+        /// `[nH·D, H]`.
+        q: Linear<S>,
+        /// `[nKV·D, H]`.
+        k: Linear<S>,
+        /// `[nKV·D, H]`.
+        v: Linear<S>,
+        /// Sink logits `[nH]`.
+        sinks: S::Vector,
+    },
 }
 
 /// One decoder layer.
@@ -293,6 +338,9 @@ impl Weights {
     /// Loads and checks every tensor the family's plan needs.
     pub fn load(ck: &Checkpoint) -> Result<Weights> {
         let c = &ck.config;
+        if c.family == Family::Lfm2Moe {
+            return load_lfm2(ck);
+        }
         let h = c.hidden_size;
         let embed = ck.mat("model.embed_tokens", c.vocab_size, h)?;
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -311,6 +359,16 @@ impl Weights {
                     }
                 }
                 Family::Glm4MoeLite | Family::DeepseekV3 => Attn::Mla(mla(ck, &p)?),
+                Family::Lfm2Moe => unreachable!("loaded by load_lfm2"),
+                Family::GptOss => {
+                    let (d, kv) = (c.head_dim, c.num_kv_heads * c.head_dim);
+                    Attn::Sink {
+                        q: linear(ck, &format!("{p}.self_attn.q_proj"), c.num_heads * d, h, ab)?,
+                        k: linear(ck, &format!("{p}.self_attn.k_proj"), kv, h, ab)?,
+                        v: linear(ck, &format!("{p}.self_attn.v_proj"), kv, h, ab)?,
+                        sinks: ck.vector(&format!("{p}.self_attn.sinks"), c.num_heads)?,
+                    }
+                }
             };
             layers.push(Layer {
                 input_norm: ck.vector(&format!("{p}.input_layernorm.weight"), h)?,
@@ -356,6 +414,14 @@ impl Weights {
                     embed_q: c.stack(&m.embed_q)?,
                     unembed_out: c.stack(&m.unembed_out)?,
                 }),
+                Attn::Conv(cv) => Attn::Conv(ShortConv {
+                    in_proj: lin(c, &cv.in_proj)?,
+                    kernel: c.vector(&cv.kernel)?,
+                    bias: cv.bias.as_deref().map(|b| c.vector(b)).transpose()?,
+                }),
+                Attn::Sink { q, k, v, sinks } => {
+                    Attn::Sink { q: lin(c, q)?, k: lin(c, k)?, v: lin(c, v)?, sinks: c.vector(sinks)? }
+                }
             };
             let mlp = match &ly.mlp {
                 Mlp::Dense(f) => Mlp::Dense(ffn(c, f)?),
@@ -366,6 +432,14 @@ impl Weights {
                         gate: c.stack(&experts.gate)?,
                         up: c.stack(&experts.up)?,
                         down: c.stack(&experts.down)?,
+                        bias: match &experts.bias {
+                            Some(b) => Some(ExpertBias {
+                                gate: c.vector(&b.gate)?,
+                                up: c.vector(&b.up)?,
+                                down: c.vector(&b.down)?,
+                            }),
+                            None => None,
+                        },
                     },
                     shared: shared.as_deref().map(|f| ffn(c, f).map(Box::new)).transpose()?,
                 },
@@ -392,6 +466,7 @@ impl Weights {
             total += lin(&layer.o) + 4 * (layer.input_norm.len() + layer.post_norm.len());
             total += match &layer.attn {
                 Attn::Gqa { q, k, v, q_norm, k_norm } => lin(q) + lin(k) + lin(v) + 4 * (q_norm.len() + k_norm.len()),
+                Attn::Sink { q, k, v, sinks } => lin(q) + lin(k) + lin(v) + 4 * sinks.len(),
                 Attn::Mla(m) => {
                     m.q_a.as_ref().map_or(0, lin)
                         + lin(&m.q)
@@ -400,11 +475,16 @@ impl Weights {
                         + mats(&m.embed_q)
                         + mats(&m.unembed_out)
                 }
+                Attn::Conv(cv) => lin(&cv.in_proj) + 4 * (cv.kernel.len() + cv.bias.as_ref().map_or(0, Vec::len)),
             };
             total += match &layer.mlp {
                 Mlp::Dense(f) => ffn(f),
                 Mlp::Moe { router, correction_bias, experts, shared } => {
-                    let one = experts.gate[0].nbytes() + experts.up[0].nbytes() + experts.down[0].nbytes();
+                    let bias = experts.bias.as_ref().map_or(0, |b| 4 * (b.gate.len() + b.up.len() + b.down.len()));
+                    let one = experts.gate[0].nbytes()
+                        + experts.up[0].nbytes()
+                        + experts.down[0].nbytes()
+                        + bias / experts.gate.len();
                     lin(router)
                         + correction_bias.as_ref().map_or(0, |b| 4 * b.len())
                         + cfg.top_k * one
@@ -423,7 +503,7 @@ impl<S: Store> Weights<S> {
         let layer = |l: usize| self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")));
         let mla = |l: usize| match &layer(l)?.attn {
             Attn::Mla(m) => Ok(m),
-            Attn::Gqa { .. } => Err(missing(format!("MLA weights in layer {l}"))),
+            _ => Err(missing(format!("MLA weights in layer {l}"))),
         };
         let ffn = |l: usize, shared: bool| -> Result<&Ffn<S>> {
             match (&layer(l)?.mlp, shared) {
@@ -434,21 +514,23 @@ impl<S: Store> Weights<S> {
         };
         Ok(match r {
             LinRef::Q(l) => match &layer(l)?.attn {
-                Attn::Gqa { q, .. } => q,
+                Attn::Gqa { q, .. } | Attn::Sink { q, .. } => q,
                 Attn::Mla(m) => &m.q,
+                Attn::Conv(_) => return Err(missing(format!("q_proj in short-conv layer {l}"))),
             },
             LinRef::K(l) | LinRef::V(l) => match &layer(l)?.attn {
-                Attn::Gqa { k, v, .. } => {
+                Attn::Gqa { k, v, .. } | Attn::Sink { k, v, .. } => {
                     if matches!(r, LinRef::K(_)) {
                         k
                     } else {
                         v
                     }
                 }
-                Attn::Mla(_) => return Err(missing(format!("k/v projections in MLA layer {l}"))),
+                _ => return Err(missing(format!("k/v projections in layer {l}"))),
             },
             LinRef::QA(l) => mla(l)?.q_a.as_ref().ok_or_else(|| missing(format!("q_a_proj in layer {l}")))?,
             LinRef::KvA(l) => &mla(l)?.kv_a,
+            LinRef::ConvIn(l) => &self.conv(l)?.in_proj,
             LinRef::O(l) => &layer(l)?.o,
             LinRef::DenseGate(l) => &ffn(l, false)?.gate,
             LinRef::DenseUp(l) => &ffn(l, false)?.up,
@@ -469,11 +551,11 @@ impl<S: Store> Weights<S> {
         let layer = |l: usize| self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")));
         let gqa = |l: usize, q: bool| match &layer(l)?.attn {
             Attn::Gqa { q_norm, k_norm, .. } => Ok(if q { q_norm } else { k_norm }),
-            Attn::Mla(_) => Err(missing(format!("per-head q/k norms in MLA layer {l}"))),
+            _ => Err(missing(format!("per-head q/k norms in layer {l}"))),
         };
         let mla = |l: usize| match &layer(l)?.attn {
             Attn::Mla(m) => Ok(m),
-            Attn::Gqa { .. } => Err(missing(format!("MLA norms in layer {l}"))),
+            _ => Err(missing(format!("MLA norms in layer {l}"))),
         };
         Ok(match r {
             NormRef::Input(l) => &layer(l)?.input_norm,
@@ -498,12 +580,28 @@ impl<S: Store> Weights<S> {
     pub fn mla(&self, l: usize) -> Result<&MlaWeights<S>> {
         match &self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")))?.attn {
             Attn::Mla(m) => Ok(m),
-            Attn::Gqa { .. } => Err(missing(format!("MLA weights in GQA layer {l}"))),
+            _ => Err(missing(format!("MLA weights in layer {l}"))),
+        }
+    }
+
+    /// The short-convolution weights of LFM2 conv layer `l`.
+    pub fn conv(&self, l: usize) -> Result<&ShortConv<S>> {
+        match &self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")))?.attn {
+            Attn::Conv(cv) => Ok(cv),
+            _ => Err(missing(format!("short-conv weights in attention layer {l}"))),
+        }
+    }
+
+    /// The attention-sink logits `[nH]` of layer `l`.
+    pub fn sinks(&self, l: usize) -> Result<&S::Vector> {
+        match &self.layers.get(l).ok_or_else(|| missing(format!("layer {l}")))?.attn {
+            Attn::Sink { sinks, .. } => Ok(sinks),
+            _ => Err(missing(format!("attention sinks in layer {l}"))),
         }
     }
 }
 
-fn linear(ck: &Checkpoint, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+pub(crate) fn linear(ck: &Checkpoint, path: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     let w = ck.mat(path, out, inp)?;
     let b = if bias { Some(ck.vector(&format!("{path}.bias"), out)?) } else { None };
     Ok(Linear { w, b })
@@ -517,25 +615,31 @@ fn ffn(ck: &Checkpoint, p: &str, f: usize, h: usize) -> Result<Ffn> {
     })
 }
 
-/// Experts in either layout: per-expert HF keys or stacked MLX `switch_mlp` tensors.
-fn experts(ck: &Checkpoint, prefix: &str, e: usize, inter: usize, hidden: usize) -> Result<Experts> {
+/// Experts in either layout: per-expert HF keys (`{prefix}.experts.{e}.{names}`: gate, up,
+/// down) or stacked MLX `switch_mlp` tensors.
+fn experts(ck: &Checkpoint, prefix: &str, e: usize, inter: usize, hidden: usize, names: [&str; 3]) -> Result<Experts> {
     let stacked = format!("{prefix}.switch_mlp");
     if ck.has(&format!("{stacked}.gate_proj.weight")) {
         return Ok(Experts {
             gate: ck.linear(&format!("{stacked}.gate_proj"), Some(e), inter, hidden)?,
             up: ck.linear(&format!("{stacked}.up_proj"), Some(e), inter, hidden)?,
             down: ck.linear(&format!("{stacked}.down_proj"), Some(e), hidden, inter)?,
+            bias: None,
         });
     }
     let one = |name: &str, out, inp| -> Result<Vec<Mat>> {
         (0..e).map(|i| ck.mat(&format!("{prefix}.experts.{i}.{name}"), out, inp)).collect()
     };
     Ok(Experts {
-        gate: one("gate_proj", inter, hidden)?,
-        up: one("up_proj", inter, hidden)?,
-        down: one("down_proj", hidden, inter)?,
+        gate: one(names[0], inter, hidden)?,
+        up: one(names[1], inter, hidden)?,
+        down: one(names[2], hidden, inter)?,
+        bias: None,
     })
 }
+
+/// The names of HF's per-expert SwiGLU projections, most families' (LFM2 says w1, w3, w2).
+const GATE_UP_DOWN: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
 /// Layer `l`'s MLP (`p` = `model.layers.{l}`): dense, or router + experts (+ shared).
 fn mlp(ck: &Checkpoint, p: &str, l: usize) -> Result<Mlp> {
@@ -543,6 +647,9 @@ fn mlp(ck: &Checkpoint, p: &str, l: usize) -> Result<Mlp> {
     let h = c.hidden_size;
     if !c.is_moe_layer(l) {
         return Ok(Mlp::Dense(ffn(ck, &format!("{p}.mlp"), c.intermediate_size, h)?));
+    }
+    if c.family == Family::GptOss {
+        return crate::checkpoint::gpt_oss::moe(ck, p);
     }
     let sigmoid = c.family.is_mla();
     Ok(Mlp::Moe {
@@ -552,7 +659,7 @@ fn mlp(ck: &Checkpoint, p: &str, l: usize) -> Result<Mlp> {
         } else {
             None
         },
-        experts: experts(ck, &format!("{p}.mlp"), c.num_experts, c.moe_intermediate_size, h)?,
+        experts: experts(ck, &format!("{p}.mlp"), c.num_experts, c.moe_intermediate_size, h, GATE_UP_DOWN)?,
         shared: if c.n_shared_experts > 0 {
             Some(Box::new(ffn(ck, &format!("{p}.mlp.shared_experts"), c.shared_intermediate_size(), h)?))
         } else {
@@ -599,5 +706,87 @@ fn mla(ck: &Checkpoint, p: &str) -> Result<MlaWeights> {
         kv_a_norm: ck.vector(&format!("{a}.kv_a_layernorm.weight"), lat)?,
         embed_q,
         unembed_out,
+    })
+}
+
+/// LFM2-MoE (model-spec §4.3; MLX names §6.5): `operator_norm` / `ffn_norm` are the layer's
+/// input / post norms and `embedding_norm` the final norm; attention layers have `out_proj`
+/// and `q_layernorm` / `k_layernorm`; conv layers `conv.{in_proj, conv, out_proj}`; the FFN
+/// is `feed_forward` with HF's `w1`/`w3`/`w2` or MLX's `gate_proj`/`up_proj`/`down_proj`, the
+/// router `feed_forward.gate` and its selection bias `feed_forward.expert_bias` (f32).
+fn load_lfm2(ck: &Checkpoint) -> Result<Weights> {
+    let c = &ck.config;
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let cv = c.conv.as_ref().expect("lfm2_moe has a short-conv config");
+    let embed = ck.mat("model.embed_tokens", c.vocab_size, h)?;
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        let (attn, o) = if c.is_conv_layer(l) {
+            let k = format!("{p}.conv.conv.weight");
+            let kernel = match ck.tensor(&k)?.shape.as_slice() {
+                [_, 1, n] if *n == cv.kernel => ck.floats(&k, &[h, 1, cv.kernel])?.to_vec(),
+                _ => ck.floats(&k, &[h, cv.kernel, 1])?.to_vec(),
+            };
+            let conv = ShortConv {
+                in_proj: linear(ck, &format!("{p}.conv.in_proj"), 3 * h, h, cv.bias)?,
+                kernel,
+                bias: if cv.bias { Some(ck.vector(&format!("{p}.conv.conv.bias"), h)?) } else { None },
+            };
+            (Attn::Conv(conv), linear(ck, &format!("{p}.conv.out_proj"), h, h, cv.bias)?)
+        } else {
+            let a = format!("{p}.self_attn");
+            let gqa = Attn::Gqa {
+                q: linear(ck, &format!("{a}.q_proj"), c.num_heads * d, h, false)?,
+                k: linear(ck, &format!("{a}.k_proj"), c.num_kv_heads * d, h, false)?,
+                v: linear(ck, &format!("{a}.v_proj"), c.num_kv_heads * d, h, false)?,
+                q_norm: ck.vector(&format!("{a}.q_layernorm.weight"), d)?,
+                k_norm: ck.vector(&format!("{a}.k_layernorm.weight"), d)?,
+            };
+            (gqa, linear(ck, &format!("{a}.out_proj"), h, c.num_heads * d, false)?)
+        };
+        let f = format!("{p}.feed_forward");
+        let mlp = if c.is_moe_layer(l) {
+            let expert_bias = matches!(c.router, crate::config::RouterKind::SigmoidBias { expert_bias: true, .. });
+            let names = if ck.has(&format!("{f}.experts.0.w1.weight")) { ["w1", "w3", "w2"] } else { GATE_UP_DOWN };
+            Mlp::Moe {
+                router: linear(ck, &format!("{f}.gate"), c.num_experts, h, false)?,
+                correction_bias: if expert_bias {
+                    Some(ck.vector(&format!("{f}.expert_bias"), c.num_experts)?)
+                } else {
+                    None
+                },
+                experts: experts(ck, &f, c.num_experts, c.moe_intermediate_size, h, names)?,
+                shared: None,
+            }
+        } else {
+            let (fi, names) = (
+                c.intermediate_size,
+                if ck.has(&format!("{f}.w1.weight")) { ["w1", "w3", "w2"] } else { GATE_UP_DOWN },
+            );
+            Mlp::Dense(Ffn {
+                gate: linear(ck, &format!("{f}.{}", names[0]), fi, h, false)?,
+                up: linear(ck, &format!("{f}.{}", names[1]), fi, h, false)?,
+                down: linear(ck, &format!("{f}.{}", names[2]), h, fi, false)?,
+            })
+        };
+        layers.push(Layer {
+            input_norm: ck.vector(&format!("{p}.operator_norm.weight"), h)?,
+            attn,
+            o,
+            post_norm: ck.vector(&format!("{p}.ffn_norm.weight"), h)?,
+            mlp,
+        });
+    }
+    let head = if c.tie_word_embeddings && !ck.has("lm_head.weight") {
+        embed.clone()
+    } else {
+        ck.mat("lm_head", c.vocab_size, h)?
+    };
+    Ok(Weights {
+        embed,
+        layers,
+        norm: ck.vector("model.embedding_norm.weight", h)?,
+        lm_head: Linear { w: head, b: None },
     })
 }

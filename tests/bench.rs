@@ -132,3 +132,124 @@ fn profile_needs_cuda_and_says_so_before_running() {
     assert!(err.contains("--profile") && err.contains("CUDA graph"), "{err}");
     assert!(!err.contains("run 1/1"), "the runs must not happen first: {err}");
 }
+
+/// The profile's per-step bytes add up to the bench's bytes per token: at context 0 every
+/// byte a decode step reads is a weight, and `step_bytes` over the decode plan (reference or
+/// patched, whose fused steps read what their parts read) counts each weight once — for Qwen3
+/// (GQA, softmax router, a dense layer), GLM (MLA, sigmoid router with a correction bias,
+/// shared experts), LFM2 (short-conv layers beside attention, the expert-bias router) and
+/// GPT-OSS (sinks, expert biases). At context `c` (below the sliding window) attention adds
+/// exactly its cache.
+#[test]
+fn profile_step_bytes_add_up_to_the_bytes_per_token() {
+    use zmoe::plan::patterns::{Selection, patched_plan};
+    use zmoe::plan::{AttnOp, Plan, Step, lower};
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, preset) in [
+        ("q", "qwen3_moe/tiny"),
+        ("g", "glm4_moe_lite/glm-tiny"),
+        ("l", "lfm2_moe/lfm2-tiny"),
+        ("o", "gpt_oss/gpt-oss-tiny"),
+    ] {
+        let dir = common::synth_preset(tmp.path(), name, preset, SynthQuant::Affine4, 31);
+        let model = zmoe::Model::load(&dir).unwrap();
+        let cfg = model.config();
+        let want = model.weights.bytes_per_token(cfg);
+        for plan in [Plan::reference(cfg), patched_plan(cfg, &Selection::default()).0] {
+            let exec = lower::cuda(&plan, &model.weights, &[]).unwrap();
+            let sum = |ctx| -> usize {
+                exec.decode.steps.iter().map(|s| zmoe::bench::step_bytes(s, &model.weights, cfg, ctx)).sum()
+            };
+            assert_eq!(sum(0), want, "{preset} {}", plan.name);
+            let cache_row = match &cfg.mla {
+                Some(m) => 2 * m.cache_row(),
+                None => 2 * cfg.num_kv_heads * (cfg.head_dim + cfg.v_head_dim),
+            };
+            // Layers with a KV or latent cache (LFM2's conv layers keep only a conv state).
+            let attending = (0..cfg.num_layers)
+                .filter(|&l| {
+                    exec.decode.steps.iter().flat_map(|s| s.primitives()).any(|p| {
+                        matches!(p, Step::Attn { layer, op: AttnOp::Attention | AttnOp::MlaAttention | AttnOp::SinkAttention } if layer == l)
+                    })
+                })
+                .count();
+            assert!(attending > 0 && attending <= cfg.num_layers);
+            assert_eq!(sum(5) - sum(0), 5 * attending * cache_row, "{preset} {}", plan.name);
+        }
+    }
+}
+
+/// The peer script's table maker (`bench/peers/llama_cpp/table.py`, python3 stdlib) on a
+/// real zmoe capsule and a llama-bench JSON: the markdown ratios and the `--json` record
+/// committed under bench/peers/results/ agree with the inputs.
+#[test]
+fn peer_table_writes_the_comparison_as_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::synth_tiny(tmp.path(), "tiny", SynthQuant::Affine4, 6);
+    let capsule = tmp.path().join("zmoe.json");
+    let out = zmoe(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--backend",
+        "cpu",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--json",
+        s(&capsule),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: BenchReport = serde_json::from_str(&std::fs::read_to_string(&capsule).unwrap()).unwrap();
+    // llama-bench -o json: pp512 and tg128 with flash attention on, depth 0 and 512; the
+    // first sample of each is dropped, so the rates are exactly 2000/200 and 1000/100.
+    let entry = |n_prompt: u32, n_gen: u32, depth: u32, samples: [f64; 3]| {
+        serde_json::json!({"build_commit": "abc1234", "model_type": "qwen3moe 30B.A3B Q4_0",
+            "model_size": 1_000_000_000u64, "model_n_params": 2_000_000_000u64, "n_gpu_layers": 99,
+            "flash_attn": 1, "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": depth,
+            "samples_ts": samples, "avg_ts": samples[0], "gpu_info": "NVIDIA H200"})
+    };
+    let llama = serde_json::json!([
+        entry(512, 0, 0, [1.0, 2000.0, 2000.0]),
+        entry(0, 128, 0, [1.0, 200.0, 200.0]),
+        entry(512, 0, 512, [1.0, 1000.0, 1000.0]),
+        entry(0, 128, 512, [1.0, 100.0, 100.0]),
+    ]);
+    let llama_path = tmp.path().join("llama-q4_0.json");
+    std::fs::write(&llama_path, llama.to_string()).unwrap();
+    let env = tmp.path().join("env.txt");
+    std::fs::write(
+        &env,
+        "date: 2026-12-07T00:00:00Z\ngpu: NVIDIA H200, 580.1, 143771 MiB\nzmoe: zmoe 0.1.0 (scratch/gpu/zmoe, built at commit 4a13f7b)\nfamily: qwen3_moe  preset: tiny\n",
+    )
+    .unwrap();
+    let json = tmp.path().join("peer.json");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("python3")
+        .arg(repo.join("bench/peers/llama_cpp/table.py"))
+        .args(["--zmoe", s(&capsule), "--llama", s(&llama_path), "--env", s(&env), "--json", s(&json)])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| llama.cpp | Q4_0 | 4.00 | on | 512 |"), "{table}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["kind"], "zmoe-peer-run");
+    assert_eq!((v["gpu"].as_str(), v["driver"].as_str()), (Some("NVIDIA H200"), Some("580.1")));
+    assert_eq!(v["zmoe"]["commit"], "4a13f7b");
+    assert_eq!(v["llama_cpp"]["commit"], "abc1234");
+    let (zp, zd) = (r.prefill_tok_s.median, r.decode_tok_s.median);
+    assert_eq!(v["zmoe"]["decode_tok_s"].as_f64(), Some(zd));
+    let runs = v["llama_cpp"]["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (run, depth, pp, tg) in [(&runs[0], 0, 2000.0, 200.0), (&runs[1], 512, 1000.0, 100.0)] {
+        assert_eq!((run["quant"].as_str(), run["flash_attn"].as_str()), (Some("q4_0"), Some("on")));
+        assert_eq!(run["depth"].as_u64(), Some(depth));
+        assert_eq!((run["prefill_tok_s"].as_f64(), run["decode_tok_s"].as_f64()), (Some(pp), Some(tg)));
+        assert!((run["prefill_ratio"].as_f64().unwrap() - zp / pp).abs() < 1e-12);
+        assert!((run["decode_ratio"].as_f64().unwrap() - zd / tg).abs() < 1e-12);
+    }
+}

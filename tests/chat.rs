@@ -12,7 +12,13 @@ use zmoe::chat::{ChatTemplate, Message};
 use zmoe::checkpoint::synth::{SynthQuant, family_chat};
 
 /// The tiny preset of every family.
-const PRESETS: [&str; 3] = ["qwen3_moe/tiny", "glm4_moe_lite/glm-tiny", "deepseek_v3/deepseek-tiny"];
+const PRESETS: [&str; 5] = [
+    "qwen3_moe/tiny",
+    "glm4_moe_lite/glm-tiny",
+    "deepseek_v3/deepseek-tiny",
+    "lfm2_moe/lfm2-tiny",
+    "gpt_oss/gpt-oss-tiny",
+];
 
 /// A seed that differs between runs, so no test passes on one lucky model or prompt.
 fn fresh_seed() -> u64 {
@@ -90,6 +96,8 @@ fn chat_generates_on_every_family_with_its_special_tokens() {
         let want: &[&str] = match family {
             "qwen3_moe" => &["<|im_start|>", "<|im_end|>"],
             "glm4_moe_lite" => &["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<think>"],
+            "lfm2_moe" => &["<|startoftext|>", "<|im_start|>", "<|im_end|>"],
+            "gpt_oss" => &["<|start|>", "<|message|>", "<|end|>"],
             _ => &["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "</think>"],
         };
         for name in want {
@@ -131,18 +139,43 @@ fn family_templates_render_as_transformers_does() {
         Message::new("assistant", "<think>\nreason\n</think>\n\nanswer"),
         Message::new("user", " U x "),
     ];
+    // gpt-oss's harmony header carries today's date (strftime_now, UTC).
+    let harmony = |date: String| {
+        format!(
+            "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n\
+             Knowledge cutoff: 2024-06\nCurrent date: {date}\n\nReasoning: medium\n\n\
+             # Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>\
+             <|start|>developer<|message|># Instructions\n\nS\n\n<|end|><|start|>user<|message|>q1<|end|>\
+             <|start|>assistant<|channel|>final<|message|>answer<|end|><|start|>user<|message|> U x <|end|>\
+             <|start|>assistant"
+        )
+    };
+    let today = || {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let (y, m, d) = zmoe::date::civil_date(secs.div_euclid(86_400));
+        format!("{y:04}-{m:02}-{d:02}")
+    };
     let want = [
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\nanswer<|im_end|>\n\
          <|im_start|>user\n U x <|im_end|>\n<|im_start|>assistant\n",
         "[gMASK]<sop><|system|>S<|user|>q1<|assistant|></think>answer<|user|> U x <|assistant|><think>",
         "<｜begin▁of▁sentence｜>S<｜User｜>q1<｜Assistant｜></think>\n\nanswer<｜end▁of▁sentence｜><｜User｜> U x \
          <｜Assistant｜></think>",
+        "<|startoftext|><|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\n\
+         <think>\nreason\n</think>\n\nanswer<|im_end|>\n<|im_start|>user\n U x <|im_end|>\n<|im_start|>assistant\n",
     ];
-    for (preset, want) in PRESETS.iter().zip(want) {
+    // The three fixed texts, then gpt-oss's (dated) one.
+    for (preset, want) in PRESETS.iter().zip(want.into_iter().map(Some).chain([None])) {
         let family = preset.split('/').next().unwrap();
         let model = common::synth_preset(tmp.path(), family, preset, SynthQuant::Affine8, fresh_seed() % 1000);
         let t = ChatTemplate::load(&model).unwrap();
-        assert_eq!(t.render(&msgs, true).unwrap(), want, "{preset}");
+        let before = today();
+        let got = t.render(&msgs, true).unwrap();
+        match want {
+            Some(want) => assert_eq!(got, want, "{preset}"),
+            // Either side of a midnight that falls during the render.
+            None => assert!(got == harmony(before) || got == harmony(today()), "{preset}: {got:?}"),
+        }
         // synth writes it into tokenizer_config.json, with the family's EOS token.
         assert!(t.origin().ends_with("tokenizer_config.json"));
         assert_eq!(t.eos_token(), Some(family_chat(family).unwrap().eos));

@@ -259,3 +259,41 @@ fn source_builtin_prints_the_module_the_cuda_backend_compiles() {
     let err = common::zmoe_err(&["foundry", "source"]);
     assert!(err.contains("--op") || err.contains("--builtin"), "{err}");
 }
+
+/// No copied kernels: each op's `t0` baseline and the production kernel it stands for call
+/// one device function of `common.cuh` for the whole algorithm, and neither defines it
+/// (only `common.cuh` does), so the baseline cannot drift from production.
+#[test]
+fn t0_baselines_call_the_production_device_functions() {
+    use zmoe::kernels::{COMMON, templates};
+    let module = zmoe::cuda::ops::module_source();
+    // (op, the production kernel, the device functions both must call)
+    let cases: [(OpId, &str, &[&str]); 4] = [
+        (OpId::MoeCombine, "combine", &["combine_slots"]),
+        (OpId::RmsnormResidual, "add_rmsnorm", &["add_rmsnorm_row"]),
+        (OpId::TopkGating, "router_topk", &["router_topk_warp"]),
+        (OpId::GatherQmmSwiglu, "moe_gate_up_swiglu", &["gate_up_swiglu_row"]),
+    ];
+    let kernel_body = |name: &str| -> String {
+        let start = module
+            .find(&format!("__global__ void {name}("))
+            .unwrap_or_else(|| panic!("production kernel {name} not in the built-in module"));
+        let end = module[start..].find("\n}\n").expect("kernel end") + start;
+        module[start..end].to_string()
+    };
+    for (op, kernel, fns) in cases {
+        let (t0, _) = templates::baseline(op);
+        assert!(t0.name.starts_with("t0"), "{op:?}: baseline {}", t0.name);
+        let body = kernel_body(kernel);
+        for f in fns {
+            assert!(t0.text.contains(&format!("{f}(")), "{op:?}: {} does not call {f}", t0.name);
+            assert!(body.contains(&format!("{f}(")), "production {kernel} does not call {f}");
+            assert!(COMMON.contains(&format!(" {f}(")), "{f} is not defined in common.cuh");
+            let defs = module.matches(&format!(" {f}(const")).count() + module.matches(&format!(" {f}(bf16")).count();
+            assert!(defs <= 1, "{f} is defined {defs} times in the built-in module");
+        }
+    }
+    // Sigmoid mode of the topk_gating baseline is the production GLM router.
+    let (t0, _) = templates::baseline(OpId::TopkGating);
+    assert!(t0.text.contains("router_sigmoid_warp(") && kernel_body("router_sigmoid").contains("router_sigmoid_warp("));
+}

@@ -26,7 +26,7 @@ use std::process::Command;
 /// Relative tolerance on logits: `|got - want| <= REL_TOL * max(1, |want|)`.
 const REL_TOL: f64 = 1e-3;
 /// Families with a `#[test]` below; a fixture directory of any other family fails the suite.
-const TESTED_FAMILIES: &[&str] = &["qwen3_moe", "glm4_moe_lite", "deepseek_v3"];
+const TESTED_FAMILIES: &[&str] = &["qwen3_moe", "glm4_moe_lite", "deepseek_v3", "lfm2_moe", "gpt_oss"];
 /// How many individual logit mismatches to print per fixture.
 const SHOW_MISMATCHES: usize = 8;
 
@@ -43,6 +43,16 @@ fn glm4_moe_lite_matches_transformers() {
 #[test]
 fn deepseek_v3_matches_transformers() {
     check_family("deepseek_v3", 2);
+}
+
+#[test]
+fn lfm2_moe_matches_transformers() {
+    check_family("lfm2_moe", 3);
+}
+
+#[test]
+fn gpt_oss_matches_transformers() {
+    check_family("gpt_oss", 4);
 }
 
 /// Guards against a broken glob passing vacuously and against fixtures nobody tests.

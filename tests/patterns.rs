@@ -26,6 +26,7 @@ fn patched_plans_are_bit_identical_on_cpu() {
         dirs.push(common::synth_tiny(tmp.path(), &format!("t{i}"), q, 70 + i as u64));
     }
     dirs.push(common::synth_preset(tmp.path(), "k4", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine4, 74));
+    dirs.push(common::synth_preset(tmp.path(), "go", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4, 75));
     common::assert_patterns_bitexact(BackendKind::Cpu, &dirs, 11, 6);
 }
 
@@ -129,12 +130,34 @@ fn cuda_exec_plans_are_the_chosen_plan_rewritten_once() {
     assert!(err.contains("does not have"), "{err}");
 }
 
+/// `zmoe patterns --exec --pack` prints the plans that run with a kernel pack. The committed
+/// H200 pack (bench/foundry/pack-sm_90.json) was measured on older kernel sources: its entries
+/// are refused by hash, loudly. The same entries re-hashed to the current sources (what a
+/// re-run campaign would promote) are substituted and printed.
 #[test]
 fn patterns_exec_prints_the_plans_that_run_with_the_pack() {
+    use zmoe::kernels::{knobs::Knobs, ops::OpId, templates};
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::synth_tiny(tmp.path(), "t", SynthQuant::Affine4, 93);
-    let pack = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/foundry/pack-sm_90.json");
-    let out = ok(&["patterns", "--model", dir.to_str().unwrap(), "--exec", "--pack", pack.to_str().unwrap()]);
+    let committed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/foundry/pack-sm_90.json");
+    let args = |pack: &std::path::Path| {
+        ["patterns", "--model", dir.to_str().unwrap(), "--exec", "--pack", pack.to_str().unwrap()].map(String::from)
+    };
+    let run = common::zmoe(&args(&committed).each_ref().map(String::as_str));
+    let (out, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success() && !out.contains("[pack"), "{out}");
+    assert!(err.contains("source hash mismatch") && err.contains("re-run it"), "{err}");
+
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&committed).unwrap()).unwrap();
+    for e in v["entries"].as_array_mut().unwrap() {
+        let op = OpId::parse(e["op"].as_str().unwrap()).unwrap();
+        let t = templates::find(op, e["template"].as_str().unwrap()).unwrap();
+        let knobs: Knobs = serde_json::from_value(e["knobs"].clone()).unwrap();
+        e["source_hash"] = t.render(&knobs).unwrap().hash.into();
+    }
+    let pack = tmp.path().join("pack.json");
+    std::fs::write(&pack, v.to_string()).unwrap();
+    let out = ok(&args(&pack).each_ref().map(String::as_str));
     assert!(out.contains("CUDA prefill plan") && out.contains("CUDA decode plan"), "{out}");
     assert!(out.contains("router_topk (layer 1) [pack: topk_gating/t1_lane_regs@"), "{out}");
     let decode = &out[out.find("CUDA decode plan").unwrap()..];

@@ -269,7 +269,8 @@ def save_mlx_affine(*, group_size: int, bits: int, override: Callable[[str], dic
                     stacked_experts: Callable[[str, tuple], list | None],
                     unquantised: Callable[[str], bool] | None = None,
                     keep_fp32: Callable[[str], bool] | None = None,
-                    remap: Callable[[str, np.ndarray], tuple[list, Callable[[list], np.ndarray]] | None] | None = None):
+                    remap: Callable[[str, np.ndarray], tuple[list, Callable[[list], np.ndarray]] | None] | None = None,
+                    reshaped: Callable[[str, tuple], tuple | None] | None = None):
     """Writer for the mlx-community layout (model-spec.md 6.3-6.5).
 
     Every 2-D weight (Linear, embedding, router) and every fused 3-D expert tensor is
@@ -283,7 +284,9 @@ def save_mlx_affine(*, group_size: int, bits: int, override: Callable[[str], dic
     unchanged (``e_score_correction_bias``); ``remap(name, array)`` -> ([(mlx_module_path,
     array), ...], inverse) splits one HF tensor into differently shaped MLX tensors, each
     quantised along its last axis, and ``inverse(list of dequantised arrays)`` rebuilds the HF
-    tensor (GLM ``kv_b_proj`` -> ``embed_q`` / ``unembed_out``).
+    tensor (GLM ``kv_b_proj`` -> ``embed_q`` / ``unembed_out``); ``reshaped(name, shape)`` -> a new
+    shape of the same elements in the same order, stored unquantised as bfloat16 (the LFM2 conv
+    kernel: HF ``[H, 1, L]``, MLX ``[H, L, 1]``).
     The dequantised (and bf16-rounded) weights are loaded back into the model, saved as a
     float32 HF checkpoint in tmp_dir, and that is what the reference runs on.
     """
@@ -312,9 +315,14 @@ def save_mlx_affine(*, group_size: int, bits: int, override: Callable[[str], dic
                 continue  # tied: not stored; filled from the embedding below
             parts = stacked_experts(name, w.shape)
             mapped = remap(name, w) if remap else None
+            new_shape = reshaped(name, w.shape) if reshaped else None
             if keep_fp32 and keep_fp32(name):
                 out[name] = (np.ascontiguousarray(w, dtype=np.float32), "float32")
                 deq[name] = w.astype(np.float32)
+            elif new_shape is not None:
+                bits16 = f32_to_bf16_bits(w)
+                out[name] = (bits16.reshape(new_shape), "bfloat16")
+                deq[name] = bf16_bits_to_f32(bits16)
             elif mapped:
                 pieces, inverse = mapped
                 deq[name] = inverse([put(module, arr) for module, arr in pieces])
@@ -365,6 +373,9 @@ def save_mlx_affine(*, group_size: int, bits: int, override: Callable[[str], dic
                 got = np.concatenate([rebuilt[m + ".weight"] for m, _ in parts], axis=1)
             elif tied and name == "lm_head.weight":
                 got = rebuilt["model.embed_tokens.weight"]
+            elif reshaped and reshaped(name, w.shape) is not None:
+                assert rebuilt[name].shape == tuple(reshaped(name, w.shape)), name
+                got = rebuilt[name].reshape(w.shape)
             else:
                 got = rebuilt[name]
             assert got.dtype == np.float32 and got.shape == w.shape, name
@@ -1121,6 +1132,674 @@ def deepseek_v3_variants() -> list[Variant]:
 
 
 # ----------------------------------------------------------------------------------------
+# Family: gpt_oss  (model-spec.md section 5; MXFP4 sections 5.8 and 6.2)
+# ----------------------------------------------------------------------------------------
+
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                      dtype=np.float32)
+
+
+def mxfp4_quantize(w: np.ndarray):
+    """[..., n] float -> (codes u8 [..., n/2] low nibble = even element, E8M0 scales u8 [..., n/32]).
+    Per 32-block the exponent puts the block's largest magnitude at or below 6 (the largest E2M1
+    value); each element is then the nearest E2M1 value (ties to the even code)."""
+    blocks = w.reshape(*w.shape[:-1], -1, 32).astype(np.float64)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    e = np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)).clip(-127, 127)
+    scaled = blocks / np.exp2(e)
+    mags = FP4_VALUES[:8].astype(np.float64)
+    idx = np.abs(np.abs(scaled)[..., None] - mags).argmin(axis=-1)  # first (= smaller, even) on ties
+    codes = (idx | np.where(scaled < 0, 8, 0)).astype(np.uint8).reshape(*w.shape[:-1], -1)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    scales = (e[..., 0] + 127).astype(np.uint8)
+    return packed, scales
+
+
+def mxfp4_dequantize(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Model-spec 5.8 / 6.2, written independently of transformers: [..., n/2] u8 + [..., n/32] u8."""
+    codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    vals = FP4_VALUES[codes].reshape(*packed.shape[:-1], -1, 32)
+    return (vals * np.exp2(scales.astype(np.float64) - 127)[..., None]).astype(np.float32).reshape(vals.shape[:-2] + (-1,))
+
+
+def randomise_gpt_oss(gate_up_scale: float = 1.0):
+    """Norms 1+0.1N, linear/router/expert biases 0.1N, sinks N(0,1) (init leaves zeros and ones:
+    a bias or sink bug would pass); optionally scale gate_up_proj so that the clamp at
+    swiglu_limit (gate from above, up on both sides) is hit."""
+
+    def randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
+        randomise_norms_and_biases(model, gen)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("_bias"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+                elif name.endswith("self_attn.sinks"):
+                    p.copy_(torch.randn(p.shape, generator=gen))
+                elif name.endswith("experts.gate_up_proj"):
+                    p.mul_(gate_up_scale)
+
+    return randomise
+
+
+def topk_logit_router_probe():
+    """GPT-OSS selects on raw router logits (bias included): gap = logit_(k) - logit_(k+1).
+    Also counts gate/up values beyond swiglu_limit (the clamp must be exercised)."""
+
+    def probe(model: torch.nn.Module):
+        gaps: list[float] = []
+        handles = []
+
+        def hook(mod, _inp, out):
+            logits = out[0].detach().double()
+            top = torch.topk(logits, mod.top_k + 1, dim=-1).values
+            gaps.extend((top[:, mod.top_k - 1] - top[:, mod.top_k]).tolist())
+
+        for _name, mod in model.named_modules():
+            if type(mod).__name__ == "GptOssTopKRouter":
+                handles.append(mod.register_forward_hook(hook))
+        assert handles, "router probe found no GptOssTopKRouter"
+        return gaps, lambda: [h.remove() for h in handles]
+
+    return probe
+
+
+def gpt_oss_config(**kw):
+    from transformers import GptOssConfig
+    base = dict(vocab_size=384, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, sliding_window=5,
+                max_position_embeddings=4096, initializer_range=0.2, rms_norm_eps=1e-5, attention_bias=True,
+                tie_word_embeddings=False, bos_token_id=None, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "original_max_position_embeddings": 4096, "truncate": False,
+                                 "rope_theta": 150000.0})
+    base.update(kw)
+    return GptOssConfig(**base)
+
+
+def save_gpt_oss_mxfp4_release():
+    """Writer: the original openai/gpt-oss layout (model-spec 5.8): experts as
+    ``*_blocks`` u8 [E, out, in/32, 16] + ``*_scales`` u8 [E, out, in/32] in the [out, in]
+    orientation (gate/up interleaved by rows), everything else bf16, quantization_config
+    quant_method mxfp4. The reference is transformers loading *this folder* with
+    ``Mxfp4Config(dequantize=True)`` (its own dequantisation), after checking that it equals an
+    independent numpy dequantisation bit for bit."""
+
+    def writer(model: torch.nn.Module, fixture_dir: Path, tmp: Path) -> Path:
+        from transformers import Mxfp4Config
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+        sd = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+        out: dict[str, tuple[np.ndarray, str]] = {}
+        deq: dict[str, np.ndarray] = {}
+        for name, w in sd.items():
+            if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+                rows = np.ascontiguousarray(np.swapaxes(w, 1, 2))  # [E, in, out] -> [E, out, in]
+                packed, scales = mxfp4_quantize(rows)
+                e, o, _ = rows.shape
+                out[name + "_blocks"] = (packed.reshape(e, o, -1, 16), "uint8")
+                out[name + "_scales"] = (scales, "uint8")
+                mine = np.swapaxes(mxfp4_dequantize(packed, scales), 1, 2)
+                theirs = convert_moe_packed_tensors(torch.from_numpy(packed.reshape(e, o, -1, 16)),
+                                                    torch.from_numpy(scales), dtype=torch.float32).numpy()
+                assert np.array_equal(mine, theirs), f"MXFP4 dequantisation differs from transformers in {name}"
+                deq[name] = mine
+            else:
+                bits16 = f32_to_bf16_bits(w)
+                out[name] = (bits16, "bfloat16")
+                deq[name] = bf16_bits_to_f32(bits16)
+        fixture_dir.mkdir(parents=True, exist_ok=True)
+        write_safetensors(fixture_dir / "model.safetensors", out, metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+        cfg["dtype"] = "bfloat16"
+        (fixture_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        # transformers reads the fixture itself, dequantising the blocks on the CPU; it must
+        # hold exactly the weights above.
+        ref = type(model).from_pretrained(fixture_dir, dtype=torch.float32,
+                                          quantization_config=Mxfp4Config(dequantize=True))
+        for name, t in ref.state_dict().items():
+            assert np.array_equal(t.float().numpy(), deq[name]), f"transformers loaded {name} differently"
+        ref_dir = tmp / "dequantized_f32"
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in deq.items()}, strict=True)
+        model.save_pretrained(ref_dir)
+        return ref_dir
+
+    return writer
+
+
+def save_gpt_oss_mlx(expert_mode: str):
+    """Writer: mlx-community layout (model-spec 6.5): experts split from the interleaved HF
+    tensors into ``mlp.experts.{gate,up,down}_proj`` [E, out, ...] (even rows -> gate, odd ->
+    up; biases likewise, as ``.bias``), quantised in ``expert_mode`` (``mxfp4``: uint32
+    [E, out, in/8] + uint8 E8M0 scales; per-module overrides in config.json); every other
+    Linear, the embedding and lm_head MLX-affine 8-bit group 64 (the router too, as mlx-lm's
+    predicate does); norms, sinks and linear biases bf16. The reference runs on exactly the
+    dequantised weights."""
+
+    def writer(model: torch.nn.Module, fixture_dir: Path, tmp: Path) -> Path:
+        cfg = model.config
+        sd = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+        out: dict[str, tuple[np.ndarray, str]] = {}
+        deq: dict[str, np.ndarray] = {}
+        qcfg: dict = {"group_size": 64, "bits": 8, "mode": "affine"}
+
+        def affine(module: str, w: np.ndarray) -> np.ndarray:
+            packed, s, b = mlx_affine_quantize(w, 64, 8)
+            out[module + ".weight"] = (packed, "uint32")
+            out[module + ".scales"] = (s, "bfloat16")
+            out[module + ".biases"] = (b, "bfloat16")
+            return mlx_affine_dequantize(packed, bf16_bits_to_f32(s), bf16_bits_to_f32(b), 64, 8)
+
+        def experts(module: str, w: np.ndarray) -> np.ndarray:  # w [E, out, in]
+            assert expert_mode == "mxfp4"
+            packed, scales = mxfp4_quantize(w)
+            qcfg[module] = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+            out[module + ".weight"] = (np.ascontiguousarray(packed).view(np.uint32), "uint32")
+            out[module + ".scales"] = (scales, "uint8")
+            return mxfp4_dequantize(packed, scales)
+
+        def vec(name: str, w: np.ndarray) -> np.ndarray:
+            bits16 = f32_to_bf16_bits(w)
+            out[name] = (bits16, "bfloat16")
+            return bf16_bits_to_f32(bits16)
+
+        for name, w in sd.items():
+            if name.endswith("experts.gate_up_proj"):
+                x = name[: -len("gate_up_proj")]
+                rows = np.swapaxes(w, 1, 2)  # [E, 2I, H]
+                g = experts(x + "gate_proj", np.ascontiguousarray(rows[:, 0::2]))
+                u = experts(x + "up_proj", np.ascontiguousarray(rows[:, 1::2]))
+                both = np.empty_like(rows)
+                both[:, 0::2], both[:, 1::2] = g, u
+                deq[name] = np.ascontiguousarray(np.swapaxes(both, 1, 2))
+            elif name.endswith("experts.gate_up_proj_bias"):
+                x = name[: -len("gate_up_proj_bias")]
+                both = np.empty_like(w)
+                both[:, 0::2] = vec(x + "gate_proj.bias", np.ascontiguousarray(w[:, 0::2]))
+                both[:, 1::2] = vec(x + "up_proj.bias", np.ascontiguousarray(w[:, 1::2]))
+                deq[name] = both
+            elif name.endswith("experts.down_proj"):
+                d = experts(name, np.ascontiguousarray(np.swapaxes(w, 1, 2)))
+                deq[name] = np.ascontiguousarray(np.swapaxes(d, 1, 2))
+            elif name.endswith("experts.down_proj_bias"):
+                deq[name] = vec(name[: -len("_bias")] + ".bias", w)
+            elif w.ndim >= 2:
+                deq[name] = affine(name[: -len(".weight")], w)
+            else:
+                deq[name] = vec(name, w)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in deq.items()}, strict=True)
+        ref_dir = tmp / "dequantized_f32"
+        model.save_pretrained(ref_dir)
+        fixture_dir.mkdir(parents=True, exist_ok=True)
+        write_safetensors(fixture_dir / "model.safetensors", out, metadata={"format": "mlx"})
+        mlx_cfg = json.loads((ref_dir / "config.json").read_text())
+        mlx_cfg["quantization"] = qcfg
+        mlx_cfg["quantization_config"] = copy.deepcopy(qcfg)
+        mlx_cfg["dtype"] = "bfloat16"
+        (fixture_dir / "config.json").write_text(json.dumps(mlx_cfg, indent=2, sort_keys=True) + "\n")
+        del cfg
+        return ref_dir
+
+    return writer
+
+
+def gpt_oss_np_check(fixture_dir: Path, prompt: list[int], golden: dict) -> str:
+    """Independent float64 numpy forward from the fixture files and the spec (model-spec.md 5.4-5.8,
+    6.2): its own YaRN table (checked against the spec's sanity values on the released shape),
+    all three expert layouts (fused [E, in, out], MXFP4 blocks/scales, mlx split experts in
+    MXFP4 or affine), sinks, sliding windows, top-k on logits, the clamped SwiGLU."""
+    cfg = json.loads((fixture_dir / "config.json").read_text())
+    raw = read_safetensors(fixture_dir / "model.safetensors")
+    qcfg = cfg.get("quantization")
+    t: dict[str, np.ndarray] = {}
+    for name, arr in raw.items():
+        if name.endswith((".scales", ".biases")) or name.endswith("_scales"):
+            continue
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if name.endswith("_blocks"):  # openai release: [E, out, in/32, 16] + [E, out, in/32]
+            base = name[: -len("_blocks")]
+            e, o = arr.shape[:2]
+            t[base] = mxfp4_dequantize(arr.reshape(e, o, -1), raw[base + "_scales"]).astype(np.float64)
+        elif module is not None and module + ".scales" in raw:
+            mode = (qcfg.get(module) or qcfg)
+            if mode.get("mode", "affine") == "mxfp4":
+                t[name] = mxfp4_dequantize(arr.view(np.uint8), raw[module + ".scales"]).astype(np.float64)
+            else:
+                t[name] = mlx_affine_dequantize(arr, raw[module + ".scales"], raw[module + ".biases"],
+                                                mode["group_size"], mode["bits"]).astype(np.float64)
+        else:
+            t[name] = arr.astype(np.float64)
+
+    H, nH, nKV, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    L, E, K, I = cfg["num_hidden_layers"], cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["intermediate_size"]
+    eps, W = cfg["rms_norm_eps"], cfg["sliding_window"]
+    limit, alpha = cfg.get("swiglu_limit", 7.0), cfg.get("swiglu_alpha", 1.702)
+    sliding = [lt == "sliding_attention" for lt in cfg["layer_types"]]
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+
+    def yarn(dim, base, factor, orig, fast, slow):
+        pos = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        corr = lambda r: dim * np.log(orig / (r * 2 * np.pi)) / (2 * np.log(base))  # noqa: E731
+        low, high = max(corr(fast), 0.0), min(corr(slow), dim - 1.0)  # truncate = false
+        ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+        return (1 / (factor * pos)) * ramp + (1 / pos) * (1 - ramp), 0.1 * np.log(factor) + 1
+
+    ref, ref_scale = yarn(64, 150000.0, 32.0, 4096.0, 32.0, 1.0)  # gpt-oss-20b, spec 5.4
+    assert np.allclose(ref[:4], [1.0, 0.68904430, 0.47478205, 0.32714587], rtol=1e-7), ref[:4]
+    assert abs(ref[31] - 3.0235114e-7) < 1e-13 and abs(ref_scale - 1.3465736) < 1e-7
+    assert rp["rope_type"] == "yarn" and rp.get("truncate") is False
+    inv_freq, att = yarn(d, rp["rope_theta"], rp["factor"], rp["original_max_position_embeddings"],
+                         rp["beta_fast"], rp["beta_slow"])
+
+    def experts(p):
+        x = p + "mlp.experts."
+        if x + "gate_proj.weight" in t:  # mlx-community: split [E, out, in] + .bias
+            return (t[x + "gate_proj.weight"], t[x + "up_proj.weight"], t[x + "down_proj.weight"],
+                    t[x + "gate_proj.bias"], t[x + "up_proj.bias"], t[x + "down_proj.bias"])
+        gu, dn = t[x + "gate_up_proj"], t[x + "down_proj"]
+        if gu.shape[1] == H:  # transformers fused [E, in, out] -> [E, out, in]
+            gu, dn = gu.transpose(0, 2, 1), dn.transpose(0, 2, 1)
+        b = t[x + "gate_up_proj_bias"]
+        return gu[:, 0::2], gu[:, 1::2], dn, b[:, 0::2], b[:, 1::2], t[x + "down_proj_bias"]
+
+    def rms(x, w):
+        return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+    def lin(x, name):
+        return x @ t[name + ".weight"].T + t[name + ".bias"]
+
+    ex = [experts(f"model.layers.{l}.") for l in range(L)]
+    gaps = []
+
+    def forward(tokens):
+        T = len(tokens)
+        x = t["model.embed_tokens.weight"][np.asarray(tokens)]
+        ang = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]
+        cos, sin = (np.cos(ang) * att)[:, None, :], (np.sin(ang) * att)[:, None, :]
+
+        def rope(v):
+            a, b = v[..., : d // 2], v[..., d // 2:]
+            return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+        i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+        for l in range(L):
+            p = f"model.layers.{l}."
+            visible = (j <= i) & ((i - j < W) if sliding[l] else True)
+            h = rms(x, t[p + "input_layernorm.weight"])
+            q = rope(lin(h, p + "self_attn.q_proj").reshape(T, nH, d))
+            k = rope(lin(h, p + "self_attn.k_proj").reshape(T, nKV, d))
+            v = lin(h, p + "self_attn.v_proj").reshape(T, nKV, d)
+            out = np.empty((T, nH, d))
+            for hh in range(nH):
+                kv = hh // (nH // nKV)
+                z = np.where(visible, (q[:, hh] @ k[:, kv].T) * d ** -0.5, -np.inf)
+                sink = t[p + "self_attn.sinks"][hh]
+                m = np.maximum(z.max(axis=-1, keepdims=True), sink)
+                ez = np.exp(z - m)
+                out[:, hh] = (ez / (ez.sum(axis=-1, keepdims=True) + np.exp(sink - m))) @ v[:, kv]
+            x = x + lin(out.reshape(T, nH * d), p + "self_attn.o_proj")
+            h2 = rms(x, t[p + "post_attention_layernorm.weight"])
+            r = lin(h2, p + "mlp.router")
+            wg, wu, wd, bg, bu, bd = ex[l]
+            y = np.zeros_like(h2)
+            for n in range(T):
+                order = np.argsort(-r[n], kind="stable")  # ties -> lowest expert id
+                gaps.append(r[n, order[K - 1]] - r[n, order[K]])
+                sel = order[:K]
+                w = np.exp(r[n, sel] - r[n, sel].max())
+                w = w / w.sum()
+                for e, we in zip(sel, w):
+                    g = np.minimum(wg[e] @ h2[n] + bg[e], limit)
+                    u = np.clip(wu[e] @ h2[n] + bu[e], -limit, limit)
+                    y[n] += we * (wd[e] @ ((u + 1) * g / (1 + np.exp(-alpha * g))) + bd[e])
+            x = x + y
+        return rms(x, t["model.norm.weight"]) @ t["lm_head.weight"].T
+
+    logits = forward(prompt)
+    want = np.asarray(golden["logits"], dtype=np.float64)
+    err = np.abs(logits - want) / np.maximum(1.0, np.abs(want))
+    assert err.max() < 1e-4, f"numpy forward disagrees with transformers: max rel err {err.max():.3g}"
+    seq = list(prompt)
+    for _ in range(len(golden["greedy_tokens"])):
+        seq.append(int(np.argmax(forward(seq)[-1])))
+    assert seq[len(prompt):] == golden["greedy_tokens"], (seq[len(prompt):], golden["greedy_tokens"])
+    return (f"numpy f64 forward (own YaRN, MXFP4 and MLX decoding): max |dlogit|/max(1,|e|) = {err.max():.2e}, "
+            f"greedy identical, min router logit gap {min(gaps):.2e}")
+
+
+def gpt_oss_variants() -> list[Variant]:
+    from transformers import GptOssForCausalLM
+
+    probe = topk_logit_router_probe()
+    variants = []
+    # 1. HF bf16 (transformers-5 fused [E, in, out] experts), window 5 crossed by the prompt.
+    variants.append(Variant(
+        name="bf16_hf", config=gpt_oss_config(), model_cls=GptOssForCausalLM,
+        randomise=randomise_gpt_oss(), writer=save_hf(torch.bfloat16), seed=18000, prompt_len=16, gen_len=20,
+        router_probe=probe, np_check=gpt_oss_np_check,
+        notes="HF layout saved by save_pretrained, bfloat16: experts fused gate_up_proj [E, H, 2I] (interleaved "
+              "gate/up columns) + gate_up_proj_bias, down_proj [E, I, H] + down_proj_bias; q/k/v/o biases, "
+              "sinks N(0,1), router bias; layer_types sliding/full alternating from layer 0 with sliding_window 5 "
+              "(prompt 16 and greedy 20 tokens cross it); YaRN factor 32 truncate=false (attention factor on "
+              "cos and sin); 8 experts top-2 (top-k on logits, softmax over the k)."))
+    # 2. float32, gate_up scaled x4 so the clamp at 7 is hit, 3-key window, 4 q heads per kv head.
+    variants.append(Variant(
+        name="f32_clamp_window3", model_cls=GptOssForCausalLM,
+        config=gpt_oss_config(vocab_size=256, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                              sliding_window=3, num_local_experts=8, num_experts_per_tok=4, intermediate_size=32,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        randomise=randomise_gpt_oss(gate_up_scale=4.0), writer=save_hf(torch.float32), seed=18100,
+        prompt_len=12, gen_len=20, router_probe=probe, np_check=gpt_oss_np_check,
+        notes="HF layout, float32. gate_up_proj scaled x4 so gate values exceed swiglu_limit 7 (clamped from "
+              "above) and up values leave [-7, 7]; sliding_window 3, GQA 8 q heads / 2 kv heads; 8 experts top-4."))
+    # 3. The original MXFP4 release layout (blocks/scales), loaded by transformers itself.
+    variants.append(Variant(
+        name="mxfp4_release", config=gpt_oss_config(intermediate_size=96), model_cls=GptOssForCausalLM,
+        randomise=randomise_gpt_oss(), writer=save_gpt_oss_mxfp4_release(), seed=18200, prompt_len=14,
+        gen_len=20, router_probe=probe, np_check=gpt_oss_np_check,
+        notes="openai/gpt-oss release layout: mlp.experts.{gate_up,down}_proj_blocks u8 [E, out, in/32, 16] + "
+              "_scales u8 [E, out, in/32] (E2M1 codes, low nibble first; E8M0 scales), biases/attention/router/"
+              "embeddings bf16, quantization_config quant_method mxfp4. Reference = transformers loading this "
+              "folder with Mxfp4Config(dequantize=True), checked equal to an independent numpy dequantisation."))
+    # 4. mlx-community: split experts in MXFP4 mode, everything else affine 8-bit.
+    variants.append(Variant(
+        name="mlx_mxfp4_q8", config=gpt_oss_config(hidden_size=128, intermediate_size=64, num_attention_heads=4,
+                                                   head_dim=32, vocab_size=256),
+        model_cls=GptOssForCausalLM, randomise=randomise_gpt_oss(), writer=save_gpt_oss_mlx("mxfp4"),
+        seed=18300, prompt_len=14, gen_len=20, router_probe=probe, np_check=gpt_oss_np_check,
+        notes="mlx-community layout (metadata format=mlx): mlp.experts.{gate,up,down}_proj.{weight u32 [E, out, "
+              "in/8], scales u8 [E, out, in/32], bias} in MXFP4 mode via per-module overrides; attention, router, "
+              "embedding, lm_head MLX-affine 8-bit group 64; norms, sinks, linear biases bf16. Reference on the "
+              "dequantised weights."))
+    return variants
+
+
+
+# ----------------------------------------------------------------------------------------
+# Family: lfm2_moe  (LFM2-8B-A1B / LFM2-24B-A2B; model-spec.md section 4)
+# ----------------------------------------------------------------------------------------
+
+
+def lfm2_router_probe():
+    """Probe for ``Lfm2MoeTopKRouter`` (forward(hidden, expert_bias) -> (logits, weights, indices)):
+    recomputes the routing in float64 from the router logits and records, in biased-score units
+    (sigmoid(logit) + expert_bias, what selection is made on), the gap between the k-th and
+    (k+1)-th score. Asserts the recomputation reproduces transformers' selected sets and weights,
+    and counts selections the bias changes (a seed where none does on the prompt is rejected)."""
+
+    def probe(model: torch.nn.Module):
+        gaps = RouterGaps()
+        st = gaps.stats
+        st.update(routings=0, selections_changed_by_bias=0, prompt_routings=0, prompt_selections_changed_by_bias=0)
+        seen: set[int] = set()
+        handles = []
+
+        def hook(mod, inp, out):
+            logits, weights, indices = (o.detach() for o in out[:3])
+            bias = inp[1].detach().double() if len(inp) > 1 and inp[1] is not None else None
+            s = torch.sigmoid(logits.double())
+            sc = s + bias if bias is not None else s
+            k = mod.top_k
+            top = sc.sort(dim=-1, descending=True)
+            gaps.extend((top.values[:, k - 1] - top.values[:, k]).tolist())
+            idx = top.indices[:, :k]
+            assert torch.equal(idx.sort(dim=-1).values, indices.sort(dim=-1).values.to(idx.dtype)), \
+                "float64 re-routing disagrees with transformers' selection"
+            w = s.gather(1, indices.long())
+            if mod.norm_topk_prob:
+                w = w / (w.sum(dim=-1, keepdim=True) + 1e-6)
+            w = w * mod.routed_scaling_factor
+            assert torch.allclose(w, weights.double(), rtol=1e-5, atol=1e-7), "routing weights disagree"
+            idx0 = s.topk(k, dim=-1).indices
+            changed = int((idx0.sort(dim=-1).values != idx.sort(dim=-1).values).any(dim=-1).sum())
+            st["routings"] += idx.shape[0]
+            st["selections_changed_by_bias"] += changed
+            if id(mod) not in seen:
+                seen.add(id(mod))
+                st["prompt_routings"] += idx.shape[0]
+                st["prompt_selections_changed_by_bias"] += changed
+
+        for _name, mod in model.named_modules():
+            if type(mod).__name__ == "Lfm2MoeTopKRouter":
+                handles.append(mod.register_forward_hook(hook))
+        assert handles, "router probe found no router modules"
+        return gaps, lambda: [h.remove() for h in handles]
+
+    return probe
+
+
+def randomise_lfm2(bias_range: float):
+    """Norms (incl. q/k_layernorm, embedding_norm) and conv biases as usual, plus expert_bias ~
+    U(-bias_range, bias_range) (init leaves it 0)."""
+
+    def randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
+        randomise_norms_and_biases(model, gen)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name.endswith("expert_bias"):
+                    b.copy_((torch.rand(b.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bias_range)
+
+    return randomise
+
+
+def lfm2_np_check(fixture_dir: Path, prompt: list[int], golden: dict) -> str:
+    """Independent float64 numpy forward for LFM2-MoE (model-spec.md 4.4/4.5) from the fixture
+    files only (HF or mlx-community layout, `layer_types` or `full_attn_idxs`); must reproduce
+    transformers' logits and greedy tokens."""
+    cfg = json.loads((fixture_dir / "config.json").read_text())
+    t = read_safetensors(fixture_dir / "model.safetensors")
+    if "quantization" in cfg:
+        t = dequantize_mlx_state(t, cfg["quantization"])
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    H, nH, nKV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = H // nH
+    eps = cfg["norm_eps"]
+    L = cfg["num_hidden_layers"]
+    E, K = cfg["num_experts"], cfg["num_experts_per_tok"]
+    if "layer_types" in cfg:
+        conv = [k == "conv" for k in cfg["layer_types"]]
+    else:
+        conv = [l not in cfg["full_attn_idxs"] for l in range(L)]
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
+    tied = cfg.get("tie_word_embeddings", cfg.get("tie_embedding", True))
+    embed = t["model.embed_tokens.weight"]
+    lm_head = embed if tied else t["lm_head.weight"]
+    dense_names = ("w1", "w3", "w2") if "model.layers.0.feed_forward.w1.weight" in t else ("gate_proj", "up_proj", "down_proj")
+
+    def rms(x, w):
+        return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+    def lin(x, name):
+        y = x @ t[name + ".weight"].T
+        return y + t[name + ".bias"] if name + ".bias" in t else y
+
+    def silu(x):
+        return x / (1.0 + np.exp(-x))
+
+    def experts(p, hf, mlx):
+        stacked = p + f"feed_forward.switch_mlp.{mlx}.weight"
+        if stacked in t:
+            return t[stacked]
+        return np.stack([t[p + f"feed_forward.experts.{e}.{hf}.weight"] for e in range(E)])
+
+    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    changed = [0]
+
+    def forward(tokens):
+        T = len(tokens)
+        x = embed[np.asarray(tokens)]
+        freqs = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+
+        def rope(v):
+            return v * cos + np.concatenate([-v[..., d // 2:], v[..., : d // 2]], axis=-1) * sin
+
+        causal = np.triu(np.full((T, T), -np.inf), k=1)
+        for l in range(L):
+            p = f"model.layers.{l}."
+            h = rms(x, t[p + "operator_norm.weight"])
+            if conv[l]:
+                bcx = lin(h, p + "conv.in_proj")
+                B, C, X = bcx[:, :H], bcx[:, H:2 * H], bcx[:, 2 * H:]
+                u = B * X
+                w = t[p + "conv.conv.weight"].reshape(H, -1)  # [H,1,L] (HF) or [H,L,1] (MLX)
+                Lk = w.shape[1]
+                up = np.concatenate([np.zeros((Lk - 1, H)), u], axis=0)
+                y = sum(w[:, k][None, :] * up[k:k + T] for k in range(Lk))
+                if p + "conv.conv.bias" in t:
+                    y = y + t[p + "conv.conv.bias"]
+                out = lin(C * y, p + "conv.out_proj")
+            else:
+                a = p + "self_attn."
+                q = rope(rms(lin(h, a + "q_proj").reshape(T, nH, d), t[a + "q_layernorm.weight"]))
+                k = rope(rms(lin(h, a + "k_proj").reshape(T, nKV, d), t[a + "k_layernorm.weight"]))
+                v = lin(h, a + "v_proj").reshape(T, nKV, d)
+                o = np.empty((T, nH, d))
+                for hh in range(nH):
+                    kv = hh // (nH // nKV)
+                    sc = (q[:, hh] @ k[:, kv].T) * d ** -0.5 + causal
+                    sc = np.exp(sc - sc.max(-1, keepdims=True))
+                    o[:, hh] = (sc / sc.sum(-1, keepdims=True)) @ v[:, kv]
+                out = lin(o.reshape(T, H), a + "out_proj")
+            x = x + out
+            h2 = rms(x, t[p + "ffn_norm.weight"])
+            f = p + "feed_forward."
+            if l < cfg["num_dense_layers"]:
+                g, u_, dn = dense_names
+                y = lin(silu(lin(h2, f + g)) * lin(h2, f + u_), f + dn)
+            else:
+                s = 1.0 / (1.0 + np.exp(-(h2 @ t[f + "gate.weight"].T)))
+                bias = t.get(f + "expert_bias") if cfg.get("use_expert_bias", True) else None
+                wg, wu, wd = experts(p, "w1", "gate_proj"), experts(p, "w3", "up_proj"), experts(p, "w2", "down_proj")
+                y = np.zeros_like(h2)
+                for n in range(T):
+                    sc = s[n] + bias if bias is not None else s[n]
+                    sel = np.argsort(-sc, kind="stable")[:K]
+                    changed[0] += set(sel) != set(np.argsort(-s[n], kind="stable")[:K])
+                    w = s[n, sel]
+                    if cfg.get("norm_topk_prob", True):
+                        w = w / (w.sum() + 1e-6)
+                    w = w * cfg.get("routed_scaling_factor", 1.0)
+                    for e, we in zip(sel, w):
+                        y[n] += we * (wd[e] @ (silu(wg[e] @ h2[n]) * (wu[e] @ h2[n])))
+            x = x + y
+        return rms(x, t["model.embedding_norm.weight"]) @ lm_head.T
+
+    logits = forward(prompt)
+    prompt_changed = changed[0]
+    want = np.asarray(golden["logits"], dtype=np.float64)
+    err = np.abs(logits - want) / np.maximum(1.0, np.abs(want))
+    assert err.max() < 1e-4, f"numpy forward disagrees with transformers: max rel err {err.max():.3g}"
+    seq = list(prompt)
+    for _ in range(len(golden["greedy_tokens"])):
+        seq.append(int(np.argmax(forward(seq)[-1])))
+    assert seq[len(prompt):] == golden["greedy_tokens"], (seq[len(prompt):], golden["greedy_tokens"])
+    return (f"numpy f64 forward: max |dlogit|/max(1,|e|) = {err.max():.2e}, greedy identical, "
+            f"expert bias changed {prompt_changed} prompt token-layer selections")
+
+
+def lfm2_moe_variants() -> list[Variant]:
+    from transformers import Lfm2MoeConfig, Lfm2MoeForCausalLM
+
+    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                  norm_eps=1e-5, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  max_position_embeddings=512)
+    probe = lfm2_router_probe()
+    variants = []
+
+    # 1. bf16 HF layout (per-expert w1/w3/w2), tied, conv L=3, one dense layer, attention at 1.
+    cfg = Lfm2MoeConfig(vocab_size=512, num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "conv"],
+                        num_dense_layers=1, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                        use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.0, conv_L_cache=3,
+                        conv_bias=False, tie_word_embeddings=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, **common)
+    variants.append(Variant(
+        name="bf16_hf", config=cfg, model_cls=Lfm2MoeForCausalLM, randomise=randomise_lfm2(0.1),
+        writer=save_hf(torch.bfloat16, keep_fp32=("expert_bias",)), seed=9000, prompt_len=16, gen_len=20,
+        router_probe=probe, np_check=lfm2_np_check,
+        notes="HF layout saved by save_pretrained, bfloat16 on disk except feed_forward.expert_bias (F32). "
+              "layer_types [conv, full_attention, conv, conv] (conv followed by conv: the conv state of each layer "
+              "is its own), num_dense_layers 1 (feed_forward.w1/w3/w2, intermediate 96), MoE layers 1-3: "
+              "feed_forward.gate [8,64], expert_bias ~U(-0.1,0.1) for selection only, experts.{e}.w1/w3/w2 "
+              "(intermediate 32), top-2 of 8, norm_topk_prob true (/ (sum + 1e-6)), routed_scaling_factor 1.0. "
+              "conv_L_cache 3, no conv bias: conv.in_proj [192,64] (rows B, C, X), conv.conv.weight [64,1,3], "
+              "conv.out_proj. Attention: 4 q heads / 2 kv heads, head_dim 16, q_layernorm / k_layernorm, out_proj. "
+              "Tied (no lm_head key); embedding_norm is the final norm. norm_eps 1e-5, rope theta 1e6."))
+
+    # 2. f32, untied, conv bias, conv L=4, two dense layers, raw weights scaled 2.0, attention first.
+    cfg = Lfm2MoeConfig(vocab_size=384, num_hidden_layers=5,
+                        layer_types=["full_attention", "conv", "conv", "full_attention", "conv"],
+                        num_dense_layers=2, moe_intermediate_size=24, num_experts=16, num_experts_per_tok=3,
+                        use_expert_bias=True, norm_topk_prob=False, routed_scaling_factor=2.0, conv_L_cache=4,
+                        conv_bias=True, tie_word_embeddings=False,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, **common)
+    variants.append(Variant(
+        name="f32_untied_convbias_l4", config=cfg, model_cls=Lfm2MoeForCausalLM, randomise=randomise_lfm2(0.1),
+        writer=save_hf(torch.float32), seed=9100, prompt_len=13, gen_len=20, router_probe=probe,
+        np_check=lfm2_np_check,
+        notes="HF layout saved by save_pretrained, float32. layer_types [full_attention, conv, conv, full_attention, "
+              "conv], num_dense_layers 2 (layers 0-1 dense), MoE layers 2-4: 16 experts top-3, norm_topk_prob false "
+              "(raw sigmoid weights), routed_scaling_factor 2.0, expert_bias ~U(-0.1,0.1). conv_L_cache 4 (state of 3 "
+              "gated inputs), conv_bias true: .bias on conv.in_proj, conv.conv and conv.out_proj (~0.1N). Untied "
+              "lm_head. rope theta 1e4."))
+
+    # 3. mlx-community layout, affine 4-bit gs 32 (router 8-bit gs 64), legacy config spelling.
+    cfg = Lfm2MoeConfig(vocab_size=512, num_hidden_layers=4, layer_types=["conv", "conv", "full_attention", "conv"],
+                        num_dense_layers=1, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                        use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.0, conv_L_cache=3,
+                        conv_bias=False, tie_word_embeddings=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, **common)
+
+    def mlx_config(hf: dict) -> dict:
+        """HF v5 config -> the older spelling LFM2 configs carry: `full_attn_idxs` instead of
+        `layer_types`, `tie_embedding`, top-level `rope_theta`."""
+        cfg = {k: v for k, v in hf.items() if k not in ("layer_types", "tie_word_embeddings", "rope_parameters", "dtype")}
+        cfg["full_attn_idxs"] = [i for i, k in enumerate(hf["layer_types"]) if k != "conv"]
+        cfg["tie_embedding"] = hf["tie_word_embeddings"]
+        assert hf["rope_parameters"]["rope_type"] == "default"
+        cfg["rope_theta"] = hf["rope_parameters"]["rope_theta"]
+        cfg["torch_dtype"] = "bfloat16"
+        return cfg
+
+    def experts_split(name: str, shape: tuple):
+        if name.endswith(".feed_forward.experts.gate_up_proj"):
+            prefix = name[: -len("experts.gate_up_proj")]
+            i = shape[1] // 2
+            return [(prefix + "switch_mlp.gate_proj", slice(0, i)), (prefix + "switch_mlp.up_proj", slice(i, 2 * i))]
+        if name.endswith(".feed_forward.experts.down_proj"):
+            return [(name[: -len("experts.down_proj")] + "switch_mlp.down_proj", slice(None))]
+        return None
+
+    def dense_rename(name: str, w: np.ndarray):
+        """mlx-lm renames the dense FFN: w1 -> gate_proj, w3 -> up_proj, w2 -> down_proj."""
+        for hf, mlx in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            if name.endswith(f".feed_forward.{hf}.weight"):
+                return [(name[: -len(f"{hf}.weight")] + mlx, w)], lambda arrs: arrs[0]
+        return None
+
+    variants.append(Variant(
+        name="mlx_affine_q4", config=cfg, model_cls=Lfm2MoeForCausalLM, randomise=randomise_lfm2(0.1),
+        writer=save_mlx_affine(
+            group_size=32, bits=4,
+            override=lambda m: {"group_size": 64, "bits": 8} if m.endswith(".feed_forward.gate") else None,
+            config_transform=mlx_config, stacked_experts=experts_split,
+            keep_fp32=lambda n: n.endswith(".feed_forward.expert_bias"), remap=dense_rename,
+            reshaped=lambda n, shape: (shape[0], shape[2], shape[1]) if n.endswith(".conv.conv.weight") else None),
+        seed=9200, prompt_len=20, gen_len=20, router_probe=probe, np_check=lfm2_np_check,
+        notes="mlx-community layout (safetensors metadata format=mlx). MLX-affine 4-bit group 32: model.embed_tokens "
+              "(tied, no lm_head), conv.in_proj, conv.out_proj, self_attn.{q,k,v,out}_proj, the layer-0 dense FFN "
+              "renamed feed_forward.{gate,up,down}_proj (down: 3 groups), feed_forward.switch_mlp.{gate,up,down}_proj "
+              "[8,out,in*4/32]; routers feed_forward.gate 8-bit group 64 (per-module overrides). NOT quantised: "
+              "conv.conv.weight stored bf16 in MLX's layout [64,3,1] (HF [64,1,3]), feed_forward.expert_bias F32, "
+              "norms bf16. Config in the older spelling: full_attn_idxs [2] instead of layer_types, tie_embedding, "
+              "top-level rope_theta. layer_types [conv, conv, full_attention, conv], num_dense_layers 1, top-2 of 8, "
+              "norm_topk_prob true. Reference = transformers on the dequantised weights, w = f32(scale_bf16)*q + "
+              "f32(bias_bf16) in float32."))
+    return variants
+
+
+# ----------------------------------------------------------------------------------------
 # Registry + harness
 # ----------------------------------------------------------------------------------------
 
@@ -1128,7 +1807,11 @@ FAMILIES: dict[str, Callable[[], list[Variant]]] = {
     "qwen3_moe": qwen3_moe_variants,
     "glm4_moe_lite": glm4_moe_lite_variants,
     "deepseek_v3": deepseek_v3_variants,
+    "lfm2_moe": lfm2_moe_variants,
+    "gpt_oss": gpt_oss_variants,
 }
+
+
 
 
 def load_reference(model_cls, ref_dir: Path):

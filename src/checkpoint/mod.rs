@@ -7,6 +7,7 @@
 //! Tensor lookups then check shape and dtype against what the plan expects and name the
 //! shard and the tensor on any mismatch.
 
+pub(crate) mod gpt_oss;
 pub mod mat;
 pub mod quant;
 pub mod synth;
@@ -301,6 +302,7 @@ impl Checkpoint {
                     ));
                 }
                 let sb = self.bytes(st);
+                gpt_oss::check_e8m0(self, &sname, sb.as_slice())?;
                 let per = out * groups;
                 Ok((0..n)
                     .map(|e| Mat {

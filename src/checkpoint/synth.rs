@@ -3,8 +3,10 @@
 //!
 //! Shapes come from presets (`tiny`, and the real shapes of released models); formats are
 //! HF bf16 with per-expert keys, or mlx-community affine 4/8-bit with stacked `switch_mlp`
-//! experts and an 8-bit router override — so loading a synthetic model exercises the same
-//! code as loading a downloaded one. Nothing is trivially 1 or 0: norm weights are
+//! experts and an 8-bit router override; GPT-OSS in its own layouts (transformers-5 fused
+//! `[E, in, out]` bf16 experts, the MXFP4 release's `*_blocks`/`*_scales`, mlx-community's
+//! split experts) — so loading a synthetic model exercises the same code as loading a
+//! downloaded one. Nothing is trivially 1 or 0: norm weights are
 //! `1 + 0.1·N(0,1)`, quantization scales have random signs. The folder also has a real
 //! tokenizer.json (a byte-level BPE ending in the family's chat special tokens) and a
 //! tokenizer_config.json with the family's released chat template ([`family_chat`]), so the
@@ -31,6 +33,8 @@ use crate::config::{ModelConfig, QuantMode, QuantParams};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
+mod lfm2;
+
 /// Weight storage of a synthetic checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SynthQuant {
@@ -40,32 +44,41 @@ pub enum SynthQuant {
     Affine4,
     /// MLX affine 8-bit, stacked experts.
     Affine8,
+    /// GPT-OSS only: the original release, MXFP4 experts (`*_blocks` / `*_scales`, E8M0
+    /// scales), everything else bf16, `quantization_config.quant_method = "mxfp4"`.
+    Mxfp4,
 }
 
 impl SynthQuant {
     /// Every format `synth` can write, in CLI order.
-    pub const ALL: [SynthQuant; 3] = [SynthQuant::Bf16, SynthQuant::Affine4, SynthQuant::Affine8];
+    pub const ALL: [SynthQuant; 4] = [SynthQuant::Bf16, SynthQuant::Affine4, SynthQuant::Affine8, SynthQuant::Mxfp4];
 
-    /// The CLI name: `bf16`, `affine4` or `affine8`.
+    /// The CLI name: `bf16`, `affine4`, `affine8` or `mxfp4`.
     pub fn name(self) -> &'static str {
         match self {
             SynthQuant::Bf16 => "bf16",
             SynthQuant::Affine4 => "affine4",
             SynthQuant::Affine8 => "affine8",
+            SynthQuant::Mxfp4 => "mxfp4",
         }
     }
 
-    /// Parses `bf16|affine4|affine8`.
+    /// Parses `bf16|affine4|affine8|mxfp4`.
     pub fn parse(s: &str) -> Result<SynthQuant> {
         SynthQuant::ALL
             .into_iter()
             .find(|q| q.name() == s)
-            .ok_or_else(|| Error::Arg(format!("unknown --quant `{s}` (expected bf16, affine4 or affine8)")))
+            .ok_or_else(|| Error::Arg(format!("unknown --quant `{s}` (expected bf16, affine4, affine8 or mxfp4)")))
+    }
+
+    /// Whether `synth` writes this format for `family` (MXFP4 is the gpt-oss release's).
+    pub fn fits(self, family: &str) -> bool {
+        self != SynthQuant::Mxfp4 || family == "gpt_oss"
     }
 
     fn bits(self) -> Option<u32> {
         match self {
-            SynthQuant::Bf16 => None,
+            SynthQuant::Bf16 | SynthQuant::Mxfp4 => None,
             SynthQuant::Affine4 => Some(4),
             SynthQuant::Affine8 => Some(8),
         }
@@ -90,7 +103,7 @@ pub struct SynthSpec {
 }
 
 /// Known (family, preset) pairs with a one-line description.
-pub const PRESETS: [(&str, &str, &str); 6] = [
+pub const PRESETS: [(&str, &str, &str); 11] = [
     ("qwen3_moe", "tiny", "4 layers, H 256, 16 experts top-4, one dense layer; for tests and the demo"),
     ("qwen3_moe", "qwen3-30b-a3b", "Qwen3-30B-A3B shapes: 48 layers, H 2048, 128 experts top-8, vocab 151936"),
     ("glm4_moe_lite", "glm-tiny", "4 layers, H 256, MLA (q_lora 128, kv_lora 128), 16 experts top-4 + 1 shared"),
@@ -105,7 +118,34 @@ pub const PRESETS: [(&str, &str, &str); 6] = [
         "DeepSeek-V3-shaped, small: 4 layers, YaRN, 32 experts in 4 groups (2 kept) top-4",
     ),
     ("deepseek_v3", "kimi-k2-tiny", "Kimi-K2-shaped (model_type kimi_k2), small: 4 layers, 48 experts top-8, YaRN"),
+    ("lfm2_moe", "lfm2-tiny", "6 layers (4 short conv, 2 attention), H 256, 16 experts top-4, one dense layer"),
+    (
+        "lfm2_moe",
+        "lfm2-8b-a1b",
+        "LFM2-8B-A1B shapes: 24 layers (18 conv + 6 attention), H 2048, 32 experts top-4, vocab 65536",
+    ),
+    (
+        "lfm2_moe",
+        "lfm2-24b-a2b",
+        "LFM2-24B-A2B shapes: 40 layers (30 conv + 10 attention), H 2048, 64 experts top-4, vocab 65536",
+    ),
+    (
+        "gpt_oss",
+        "gpt-oss-tiny",
+        "GPT-OSS-shaped, small: 4 layers (sliding window 6 / full), H 256, sinks, YaRN, 16 experts top-4",
+    ),
+    (
+        "gpt_oss",
+        "gpt-oss-20b",
+        "gpt-oss-20b shapes: 24 layers (sliding 128 / full), H 2880, 64 heads, 32 experts top-4, vocab 201088",
+    ),
 ];
+
+/// The error for a family/preset pair not in [`PRESETS`].
+fn unknown_preset(family: &str, preset: &str) -> Error {
+    let known: Vec<String> = PRESETS.iter().map(|(f, p, _)| format!("{f}/{p}")).collect();
+    Error::Arg(format!("unknown family/preset `{family}/{preset}` (known: {})", known.join(", ")))
+}
 
 /// The chat side of a family's synthetic tokenizer: the special tokens its released chat
 /// template writes (the last ids of the vocabulary, in this order), the tokens
@@ -128,7 +168,7 @@ pub struct FamilyChat {
     pub token_objects: bool,
 }
 
-/// The chat tokens and template of `family` (qwen3_moe, glm4_moe_lite, deepseek_v3).
+/// The chat tokens and template of `family` (qwen3_moe, glm4_moe_lite, deepseek_v3, lfm2_moe).
 pub fn family_chat(family: &str) -> Result<FamilyChat> {
     match family {
         "qwen3_moe" => Ok(FamilyChat {
@@ -179,7 +219,45 @@ pub fn family_chat(family: &str) -> Result<FamilyChat> {
             template: include_str!("templates/deepseek_v3.jinja"),
             token_objects: true,
         }),
-        _ => Err(Error::Arg(format!("unknown family `{family}` (known: qwen3_moe, glm4_moe_lite, deepseek_v3)"))),
+        "lfm2_moe" => Ok(FamilyChat {
+            specials: &[
+                "<|pad|>",
+                "<|startoftext|>",
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|im_end|>",
+                "<|tool_list_start|>",
+                "<|tool_list_end|>",
+                "<|tool_call_start|>",
+                "<|tool_call_end|>",
+                "<|tool_response_start|>",
+                "<|tool_response_end|>",
+            ],
+            bos: Some("<|startoftext|>"),
+            eos: "<|im_end|>",
+            template: include_str!("templates/lfm2_moe.jinja"),
+            token_objects: false,
+        }),
+        "gpt_oss" => Ok(FamilyChat {
+            specials: &[
+                "<|endoftext|>",
+                "<|startoftext|>",
+                "<|return|>",
+                "<|constrain|>",
+                "<|channel|>",
+                "<|start|>",
+                "<|end|>",
+                "<|message|>",
+                "<|call|>",
+            ],
+            bos: None,
+            eos: "<|return|>",
+            template: include_str!("templates/gpt_oss.jinja"),
+            token_objects: false,
+        }),
+        _ => Err(Error::Arg(format!(
+            "unknown family `{family}` (known: qwen3_moe, glm4_moe_lite, deepseek_v3, lfm2_moe, gpt_oss)"
+        ))),
     }
 }
 
@@ -213,6 +291,12 @@ impl FamilyChat {
 
 /// The HF-style config.json of a preset (without quantization block).
 pub fn preset_config(family: &str, preset: &str) -> Result<Value> {
+    if family == "lfm2_moe" {
+        return lfm2::preset_config(preset);
+    }
+    if family == "gpt_oss" {
+        return gpt_oss_preset_config(preset);
+    }
     if family != "qwen3_moe" {
         return mla_preset_config(family, preset);
     }
@@ -231,10 +315,7 @@ pub fn preset_config(family: &str, preset: &str) -> Result<Value> {
     ) = match (family, preset) {
         ("qwen3_moe", "tiny") => (1024, 256, 4, 8, 2, 32, 16, 4, 128, 512, vec![0]),
         ("qwen3_moe", "qwen3-30b-a3b") => (151936, 2048, 48, 32, 4, 128, 128, 8, 768, 6144, vec![]),
-        _ => {
-            let known: Vec<String> = PRESETS.iter().map(|(f, p, _)| format!("{f}/{p}")).collect();
-            return Err(Error::Arg(format!("unknown family/preset `{family}/{preset}` (known: {})", known.join(", "))));
-        }
+        _ => return Err(unknown_preset(family, preset)),
     };
     let n_special = crate::tokenizer::SPECIALS.len();
     Ok(json!({
@@ -291,10 +372,7 @@ fn mla_preset_config(family: &str, preset: &str) -> Result<Value> {
         ("deepseek_v3", "kimi-k2-tiny") => {
             ("kimi_k2", 1024, 256, 4, 4, 192, 128, 64, 32, 64, 48, 8, 64, 512, 1, 1, 2.827, 1)
         }
-        _ => {
-            let known: Vec<String> = PRESETS.iter().map(|(f, p, _)| format!("{f}/{p}")).collect();
-            return Err(Error::Arg(format!("unknown family/preset `{family}/{preset}` (known: {})", known.join(", "))));
-        }
+        _ => return Err(unknown_preset(family, preset)),
     };
     let mut c = json!({
         "model_type": mt,
@@ -329,6 +407,50 @@ fn mla_preset_config(family: &str, preset: &str) -> Result<Value> {
     Ok(c)
 }
 
+/// GPT-OSS presets (model-spec §5.2 for gpt-oss-20b; the tiny one keeps its structure —
+/// alternating sliding/full layers starting with sliding, sinks, YaRN with truncate false —
+/// with a window of 6 so that short prompts cross it).
+fn gpt_oss_preset_config(preset: &str) -> Result<Value> {
+    let chat = family_chat("gpt_oss")?;
+    // (vocab, hidden, layers, heads, kv heads, head_dim, experts, top-k, intermediate, window)
+    let (vocab, hidden, layers, heads, kv, hd, e, k, inter, window): (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+    ) = match preset {
+        "gpt-oss-tiny" => (1024, 256, 4, 8, 2, 32, 16, 4, 256, 6),
+        "gpt-oss-20b" => (201088, 2880, 24, 64, 8, 64, 32, 4, 2880, 128),
+        _ => {
+            let known: Vec<String> = PRESETS.iter().map(|(f, p, _)| format!("{f}/{p}")).collect();
+            return Err(Error::Arg(format!("unknown family/preset `gpt_oss/{preset}` (known: {})", known.join(", "))));
+        }
+    };
+    let kinds: Vec<&str> =
+        (0..layers).map(|l| if l % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect();
+    Ok(json!({
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+        "num_local_experts": e, "num_experts_per_tok": k, "experts_per_token": k,
+        "intermediate_size": inter, "sliding_window": window, "layer_types": kinds,
+        "rms_norm_eps": 1e-5, "rope_theta": 150000.0,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "original_max_position_embeddings": 4096, "truncate": false},
+        "max_position_embeddings": 131072, "initial_context_length": 4096,
+        "swiglu_limit": 7.0, "attention_bias": true, "tie_word_embeddings": false,
+        "hidden_act": "silu", "torch_dtype": "bfloat16",
+        "pad_token_id": chat.id(vocab, "<|endoftext|>"), "eos_token_id": chat.id(vocab, chat.eos),
+    }))
+}
+
 /// How a tensor's bytes are produced.
 #[derive(Debug, Clone)]
 enum Gen {
@@ -340,6 +462,8 @@ enum Gen {
     Scales { bits: u32, std: f32 },
     /// Per-group biases centring each group: `−scale·(2^bits−1)/2 + noise`, bf16.
     Biases { bits: u32, std: f32, scales: String },
+    /// E8M0 exponent bytes, uniform in `lo..=hi` (MXFP4 block scales).
+    E8m0 { lo: u8, hi: u8 },
 }
 
 /// A lazily generated tensor.
@@ -367,6 +491,7 @@ impl Lazy {
     fn elem_size(&self) -> usize {
         match self.dtype {
             Dtype::F32 | Dtype::U32 => 4,
+            Dtype::U8 => 1,
             _ => 2,
         }
     }
@@ -395,6 +520,11 @@ impl Lazy {
                 Gen::Scales { bits, std } => {
                     for e in buf.chunks_exact_mut(2) {
                         e.copy_from_slice(&bf16::from_f32(scale_of(&mut r, *bits, *std)).to_le_bytes());
+                    }
+                }
+                Gen::E8m0 { lo, hi } => {
+                    for e in buf.iter_mut() {
+                        *e = lo + (r.next_u64() % (*hi - *lo + 1) as u64) as u8;
                     }
                 }
                 Gen::Biases { bits, std, scales } => {
@@ -447,6 +577,11 @@ impl Builder {
         self.push(name, Dtype::BF16, vec![n], Gen::Float { center: 1.0, std: 0.1, dtype: FloatType::Bf16 });
     }
 
+    /// A bf16 vector (linear biases, sinks): `std·N(0,1)`.
+    fn bias(&mut self, name: String, shape: Vec<usize>, std: f32) {
+        self.push(name, Dtype::BF16, shape, Gen::Float { center: 0.0, std, dtype: FloatType::Bf16 });
+    }
+
     /// An unquantized bf16 linear weight `[out, in]`, whatever the checkpoint's format.
     fn linear_float(&mut self, path: &str, out: usize, inp: usize) {
         let source = Gen::Float { center: 0.0, std: 0.02, dtype: FloatType::Bf16 };
@@ -488,6 +623,14 @@ impl Builder {
 pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
     crate::outdir::check_target("--out", out, force)?;
     let mut cfg_json = preset_config(&spec.family, &spec.preset)?;
+    let gpt_oss = spec.family == "gpt_oss";
+    if !spec.quant.fits(&spec.family) {
+        return Err(Error::Arg("--quant mxfp4 is the gpt-oss release format: use it with --family gpt_oss".into()));
+    }
+    if spec.quant == SynthQuant::Mxfp4 {
+        cfg_json["quantization_config"] = json!({"quant_method": "mxfp4", "modules_to_not_convert":
+            ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]});
+    }
     let quant =
         spec.quant.bits().map(|bits| QuantParams { mode: QuantMode::Affine, bits, group_size: spec.group_size });
     if let Some(q) = quant {
@@ -502,6 +645,13 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
             if spec.family == "qwen3_moe" {
                 block[format!("model.layers.{l}.mlp.gate")] = json!({"group_size": 64, "bits": 8});
             }
+            // mlx-lm's LFM2-MoE default likewise: `feed_forward.gate` 8-bit.
+            if spec.family == "lfm2_moe" {
+                block[format!("model.layers.{l}.feed_forward.gate")] = json!({"group_size": 64, "bits": 8});
+            }
+            if gpt_oss {
+                block[format!("model.layers.{l}.mlp.router")] = json!({"group_size": 64, "bits": 8});
+            }
         }
         cfg_json["quantization"] = block.clone();
         cfg_json["quantization_config"] = block;
@@ -513,87 +663,96 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
     let mut b = Builder { tensors: Vec::new(), seed: spec.seed, bar: bar.clone(), quant };
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
     let router_q = quant.map(|_| QuantParams { mode: QuantMode::Affine, bits: 8, group_size: 64 });
-    b.linear("model.embed_tokens", None, cfg.vocab_size, h, None);
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        b.norm(format!("{p}.input_layernorm.weight"), h);
-        b.norm(format!("{p}.post_attention_layernorm.weight"), h);
-        match &cfg.mla {
-            None => {
-                b.linear(&format!("{p}.self_attn.q_proj"), None, cfg.num_heads * d, h, None);
-                b.linear(&format!("{p}.self_attn.k_proj"), None, cfg.num_kv_heads * d, h, None);
-                b.linear(&format!("{p}.self_attn.v_proj"), None, cfg.num_kv_heads * d, h, None);
-                b.norm(format!("{p}.self_attn.q_norm.weight"), d);
-                b.norm(format!("{p}.self_attn.k_norm.weight"), d);
-            }
-            Some(m) => {
-                let a = format!("{p}.self_attn");
-                let (nh, lat, nope, v) = (cfg.num_heads, m.kv_lora_rank, m.qk_nope_head_dim, m.v_head_dim);
-                let q_in = match m.q_lora_rank {
-                    Some(r) => {
-                        b.linear(&format!("{a}.q_a_proj"), None, r, h, None);
-                        b.norm(format!("{a}.q_a_layernorm.weight"), r);
-                        b.linear(&format!("{a}.q_b_proj"), None, nh * d, r, None);
-                        r
+    if spec.family == "lfm2_moe" {
+        lfm2::tensors(&mut b, &cfg, router_q);
+    } else if gpt_oss {
+        b.linear("model.embed_tokens", None, cfg.vocab_size, h, None);
+        gpt_oss_layers(&mut b, &cfg, spec.quant, router_q);
+        b.norm("model.norm.weight".into(), h);
+        b.linear("lm_head", None, cfg.vocab_size, h, None);
+    } else {
+        b.linear("model.embed_tokens", None, cfg.vocab_size, h, None);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            b.norm(format!("{p}.input_layernorm.weight"), h);
+            b.norm(format!("{p}.post_attention_layernorm.weight"), h);
+            match &cfg.mla {
+                None => {
+                    b.linear(&format!("{p}.self_attn.q_proj"), None, cfg.num_heads * d, h, None);
+                    b.linear(&format!("{p}.self_attn.k_proj"), None, cfg.num_kv_heads * d, h, None);
+                    b.linear(&format!("{p}.self_attn.v_proj"), None, cfg.num_kv_heads * d, h, None);
+                    b.norm(format!("{p}.self_attn.q_norm.weight"), d);
+                    b.norm(format!("{p}.self_attn.k_norm.weight"), d);
+                }
+                Some(m) => {
+                    let a = format!("{p}.self_attn");
+                    let (nh, lat, nope, v) = (cfg.num_heads, m.kv_lora_rank, m.qk_nope_head_dim, m.v_head_dim);
+                    let q_in = match m.q_lora_rank {
+                        Some(r) => {
+                            b.linear(&format!("{a}.q_a_proj"), None, r, h, None);
+                            b.norm(format!("{a}.q_a_layernorm.weight"), r);
+                            b.linear(&format!("{a}.q_b_proj"), None, nh * d, r, None);
+                            r
+                        }
+                        None => h,
+                    };
+                    if m.q_lora_rank.is_none() {
+                        b.linear(&format!("{a}.q_proj"), None, nh * d, q_in, None);
                     }
-                    None => h,
-                };
-                if m.q_lora_rank.is_none() {
-                    b.linear(&format!("{a}.q_proj"), None, nh * d, q_in, None);
+                    b.linear(&format!("{a}.kv_a_proj_with_mqa"), None, m.cache_row(), h, None);
+                    b.norm(format!("{a}.kv_a_layernorm.weight"), lat);
+                    if quant.is_some() {
+                        // mlx-lm's layout: kv_b_proj split per head (model-spec §6.5).
+                        b.linear(&format!("{a}.embed_q"), Some(nh), lat, nope, None);
+                        b.linear(&format!("{a}.unembed_out"), Some(nh), v, lat, None);
+                    } else {
+                        b.linear(&format!("{a}.kv_b_proj"), None, nh * (nope + v), lat, None);
+                    }
                 }
-                b.linear(&format!("{a}.kv_a_proj_with_mqa"), None, m.cache_row(), h, None);
-                b.norm(format!("{a}.kv_a_layernorm.weight"), lat);
-                if quant.is_some() {
-                    // mlx-lm's layout: kv_b_proj split per head (model-spec §6.5).
-                    b.linear(&format!("{a}.embed_q"), Some(nh), lat, nope, None);
-                    b.linear(&format!("{a}.unembed_out"), Some(nh), v, lat, None);
+            }
+            b.linear(&format!("{p}.self_attn.o_proj"), None, h, cfg.num_heads * cfg.v_head_dim, None);
+            if cfg.is_moe_layer(l) {
+                let (e, i) = (cfg.num_experts, cfg.moe_intermediate_size);
+                if cfg.mla.is_some() {
+                    // GLM / DeepSeek: the router stays bf16 in mlx-lm (not an nn.Linear), its
+                    // correction bias f32 and large enough to change selections.
+                    b.linear_float(&format!("{p}.mlp.gate"), e, h);
+                    b.push(
+                        format!("{p}.mlp.gate.e_score_correction_bias"),
+                        Dtype::F32,
+                        vec![e],
+                        Gen::Float { center: 0.0, std: 0.05, dtype: FloatType::F32 },
+                    );
+                    let sh = format!("{p}.mlp.shared_experts");
+                    let fs = cfg.shared_intermediate_size();
+                    b.linear(&format!("{sh}.gate_proj"), None, fs, h, None);
+                    b.linear(&format!("{sh}.up_proj"), None, fs, h, None);
+                    b.linear(&format!("{sh}.down_proj"), None, h, fs, None);
                 } else {
-                    b.linear(&format!("{a}.kv_b_proj"), None, nh * (nope + v), lat, None);
+                    b.linear(&format!("{p}.mlp.gate"), None, e, h, router_q);
                 }
+                if quant.is_some() {
+                    let sw = format!("{p}.mlp.switch_mlp");
+                    b.linear(&format!("{sw}.gate_proj"), Some(e), i, h, None);
+                    b.linear(&format!("{sw}.up_proj"), Some(e), i, h, None);
+                    b.linear(&format!("{sw}.down_proj"), Some(e), h, i, None);
+                } else {
+                    for x in 0..e {
+                        b.linear(&format!("{p}.mlp.experts.{x}.gate_proj"), None, i, h, None);
+                        b.linear(&format!("{p}.mlp.experts.{x}.up_proj"), None, i, h, None);
+                        b.linear(&format!("{p}.mlp.experts.{x}.down_proj"), None, h, i, None);
+                    }
+                }
+            } else {
+                let f = cfg.intermediate_size;
+                b.linear(&format!("{p}.mlp.gate_proj"), None, f, h, None);
+                b.linear(&format!("{p}.mlp.up_proj"), None, f, h, None);
+                b.linear(&format!("{p}.mlp.down_proj"), None, h, f, None);
             }
         }
-        b.linear(&format!("{p}.self_attn.o_proj"), None, h, cfg.num_heads * cfg.v_head_dim, None);
-        if cfg.is_moe_layer(l) {
-            let (e, i) = (cfg.num_experts, cfg.moe_intermediate_size);
-            if cfg.mla.is_some() {
-                // GLM / DeepSeek: the router stays bf16 in mlx-lm (not an nn.Linear), its
-                // correction bias f32 and large enough to change selections.
-                b.linear_float(&format!("{p}.mlp.gate"), e, h);
-                b.push(
-                    format!("{p}.mlp.gate.e_score_correction_bias"),
-                    Dtype::F32,
-                    vec![e],
-                    Gen::Float { center: 0.0, std: 0.05, dtype: FloatType::F32 },
-                );
-                let sh = format!("{p}.mlp.shared_experts");
-                let fs = cfg.shared_intermediate_size();
-                b.linear(&format!("{sh}.gate_proj"), None, fs, h, None);
-                b.linear(&format!("{sh}.up_proj"), None, fs, h, None);
-                b.linear(&format!("{sh}.down_proj"), None, h, fs, None);
-            } else {
-                b.linear(&format!("{p}.mlp.gate"), None, e, h, router_q);
-            }
-            if quant.is_some() {
-                let sw = format!("{p}.mlp.switch_mlp");
-                b.linear(&format!("{sw}.gate_proj"), Some(e), i, h, None);
-                b.linear(&format!("{sw}.up_proj"), Some(e), i, h, None);
-                b.linear(&format!("{sw}.down_proj"), Some(e), h, i, None);
-            } else {
-                for x in 0..e {
-                    b.linear(&format!("{p}.mlp.experts.{x}.gate_proj"), None, i, h, None);
-                    b.linear(&format!("{p}.mlp.experts.{x}.up_proj"), None, i, h, None);
-                    b.linear(&format!("{p}.mlp.experts.{x}.down_proj"), None, h, i, None);
-                }
-            }
-        } else {
-            let f = cfg.intermediate_size;
-            b.linear(&format!("{p}.mlp.gate_proj"), None, f, h, None);
-            b.linear(&format!("{p}.mlp.up_proj"), None, f, h, None);
-            b.linear(&format!("{p}.mlp.down_proj"), None, h, f, None);
-        }
+        b.norm("model.norm.weight".into(), h);
+        b.linear("lm_head", None, cfg.vocab_size, h, None);
     }
-    b.norm("model.norm.weight".into(), h);
-    b.linear("lm_head", None, cfg.vocab_size, h, None);
 
     let total: usize = b.tensors.iter().map(|t| (&t).data_len()).sum();
     if total > 64 << 20 {
@@ -613,6 +772,57 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
     bar.finish_and_clear();
     result?;
     staging.finish()
+}
+
+/// GPT-OSS decoder layers in the layout of `quant`: HF bf16 (fused `[E, in, out]` experts with
+/// interleaved gate/up columns), the MXFP4 release (`*_blocks [E, out, in/32, 16]`,
+/// `*_scales [E, out, in/32]`), or mlx-community (split `mlp.experts.{gate,up,down}_proj`
+/// in the builder's MLX mode, router 8-bit). Biases and sinks are random, never zero.
+fn gpt_oss_layers(b: &mut Builder, cfg: &ModelConfig, quant: SynthQuant, router_q: Option<QuantParams>) {
+    let (h, d, e, i) = (cfg.hidden_size, cfg.head_dim, cfg.num_experts, cfg.moe_intermediate_size);
+    let (qo, kvo) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        b.norm(format!("{p}.input_layernorm.weight"), h);
+        b.norm(format!("{p}.post_attention_layernorm.weight"), h);
+        let a = format!("{p}.self_attn");
+        for (name, out, inp) in [("q_proj", qo, h), ("k_proj", kvo, h), ("v_proj", kvo, h), ("o_proj", h, qo)] {
+            b.linear(&format!("{a}.{name}"), None, out, inp, None);
+            b.bias(format!("{a}.{name}.bias"), vec![out], 0.05);
+        }
+        b.bias(format!("{a}.sinks"), vec![cfg.num_heads], 1.0);
+        b.linear(&format!("{p}.mlp.router"), None, e, h, router_q);
+        b.bias(format!("{p}.mlp.router.bias"), vec![e], 0.1);
+        let x = format!("{p}.mlp.experts");
+        match quant {
+            SynthQuant::Bf16 => {
+                let w = Gen::Float { center: 0.0, std: 0.02, dtype: FloatType::Bf16 };
+                b.push(format!("{x}.gate_up_proj"), Dtype::BF16, vec![e, h, 2 * i], w.clone());
+                b.push(format!("{x}.down_proj"), Dtype::BF16, vec![e, i, h], w);
+            }
+            SynthQuant::Mxfp4 => {
+                for (name, out, inp) in [("gate_up_proj", 2 * i, h), ("down_proj", h, i)] {
+                    b.push(format!("{x}.{name}_blocks"), Dtype::U8, vec![e, out, inp / 32, 16], Gen::Codes);
+                    b.push(
+                        format!("{x}.{name}_scales"),
+                        Dtype::U8,
+                        vec![e, out, inp / 32],
+                        Gen::E8m0 { lo: 118, hi: 121 },
+                    );
+                }
+            }
+            SynthQuant::Affine4 | SynthQuant::Affine8 => {
+                for (name, out, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+                    b.linear(&format!("{x}.{name}"), Some(e), out, inp, None);
+                    b.bias(format!("{x}.{name}.bias"), vec![e, out], 0.05);
+                }
+            }
+        }
+        if matches!(quant, SynthQuant::Bf16 | SynthQuant::Mxfp4) {
+            b.bias(format!("{x}.gate_up_proj_bias"), vec![e, 2 * i], 0.05);
+            b.bias(format!("{x}.down_proj_bias"), vec![e, h], 0.05);
+        }
+    }
 }
 
 /// Default shard size: checkpoints above it are split into model-0000i-of-0000n files.

@@ -5,6 +5,7 @@
 //! parallel (rayon) where that costs no clarity — over weight rows, heads and experts —
 //! and every reduction has a fixed order, so results are deterministic run to run.
 
+pub mod conv;
 pub mod ops;
 
 use std::sync::Arc;
@@ -24,18 +25,23 @@ struct SeqCache {
     k: Vec<Vec<f32>>,
     /// Per layer: V rows `[S, nKV·D]` (unused by MLA).
     v: Vec<Vec<f32>>,
+    /// Per LFM2 short-conv layer: the last `L − 1` gated inputs `[L−1, H]` (zeros on a
+    /// fresh sequence); empty for attention layers.
+    conv: Vec<Vec<f32>>,
     /// Tokens already in the cache (S).
     pos: usize,
 }
 
 impl SeqCache {
-    fn new(layers: usize) -> SeqCache {
-        SeqCache { k: vec![Vec::new(); layers], v: vec![Vec::new(); layers], pos: 0 }
+    fn new(cfg: &ModelConfig) -> SeqCache {
+        let layers = cfg.num_layers;
+        SeqCache { k: vec![Vec::new(); layers], v: vec![Vec::new(); layers], conv: conv_states(cfg), pos: 0 }
     }
 
     fn clear(&mut self) {
         self.pos = 0;
         self.k.iter_mut().chain(self.v.iter_mut()).for_each(Vec::clear);
+        self.conv.iter_mut().for_each(|s| s.fill(0.0));
     }
 }
 
@@ -105,11 +111,8 @@ impl CpuBackend {
     pub fn new(cfg: ModelConfig, weights: Arc<Weights>, plan: Plan) -> Result<CpuBackend> {
         plan.check(&weights)?;
         let rope = ops::Rope::new(&cfg);
-        let st = RunState {
-            bufs: vec![Vec::new(); Buf::ALL.len()],
-            seqs: vec![SeqCache::new(cfg.num_layers)],
-            ..Default::default()
-        };
+        let st =
+            RunState { bufs: vec![Vec::new(); Buf::ALL.len()], seqs: vec![SeqCache::new(&cfg)], ..Default::default() };
         let exec = ExecPlans::same(&plan);
         let max_ctx = cfg.max_position_embeddings;
         Ok(CpuBackend { cfg, weights, plan, exec, rope, st, max_ctx })
@@ -187,6 +190,15 @@ impl CpuBackend {
             Step::Attn { layer, op: AttnOp::KvAppend } => {
                 self.st.append(Buf::K, |s| &mut s.k[layer]);
                 self.st.append(Buf::V, |s| &mut s.v[layer]);
+            }
+            Step::Attn { layer, op: AttnOp::SinkAttention } => {
+                let mut out = vec![0.0; *t * c.num_heads * d];
+                let st = &self.st;
+                let sinks = self.weights.sinks(layer).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"));
+                let (kc, vc) = st.caches(layer);
+                let (q, pos) = (&st.bufs[Buf::Q as usize], st.positions());
+                ops::attention_with(q, &kc, &vc, &pos, c, c.window(layer), Some(sinks), &mut out);
+                self.st.put(Buf::Attn, out);
             }
             Step::Attn { layer, op: AttnOp::Attention } => {
                 let mut out = vec![0.0; *t * c.num_heads * d];
@@ -270,6 +282,54 @@ impl CpuBackend {
                 );
                 self.st.put(Buf::Attn, out);
             }
+            Step::Attn { layer, op: AttnOp::ShortConv } => {
+                let cv = self.weights.conv(layer).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"));
+                let mut out = vec![0.0; *t * h];
+                let st = &mut self.st;
+                let bcx = &st.bufs[Buf::Bcx as usize];
+                // Each run of consecutive rows of one slot moves that slot's state on.
+                let mut at = 0;
+                for run in st.rows.chunk_by(|a, b| a.slot == b.slot) {
+                    let n = run.len();
+                    let state = &mut st.seqs[run[0].slot].conv[layer];
+                    let (x, o) = (&bcx[at * 3 * h..(at + n) * 3 * h], &mut out[at * h..(at + n) * h]);
+                    conv::short_conv(x, h, &cv.kernel, cv.bias.as_deref(), state, o);
+                    at += n;
+                }
+                self.st.put(Buf::Attn, out);
+            }
+            Step::Moe { layer, op: MoeOp::SigmoidBiasTopK } => {
+                let crate::config::RouterKind::SigmoidBias { routed_scaling_factor, .. } = c.router else {
+                    panic!("plan asks for the LFM2 router of a model without one")
+                };
+                let Mlp::Moe { correction_bias, .. } = &self.layer(layer).mlp else {
+                    panic!("plan asks for the router of dense layer {layer}")
+                };
+                let logits = &self.st.bufs[Buf::RouterLogits as usize];
+                let (idx, w) = conv::sigmoid_bias_topk(
+                    logits,
+                    c.num_experts,
+                    correction_bias.as_deref(),
+                    k,
+                    c.norm_topk_prob,
+                    routed_scaling_factor,
+                );
+                self.st.topk_idx = idx;
+                self.st.topk_w = w;
+            }
+            Step::Moe { op: MoeOp::TopKSoftmax, .. } => {
+                let logits = &self.st.bufs[Buf::RouterLogits as usize];
+                let (idx, w) = ops::topk_softmax(logits, c.num_experts, k);
+                self.st.topk_idx = idx;
+                self.st.topk_w = w;
+            }
+            Step::Moe { op: MoeOp::ClampSwiglu, .. } => {
+                let g = c.gpt_oss.as_ref().expect("GPT-OSS config");
+                let (gate, up) = (&self.st.bufs[Buf::Gate as usize], &self.st.bufs[Buf::Up as usize]);
+                let act = gate.iter().zip(up).map(|(&x, &u)| ops::clamp_swiglu(x, u, g.swiglu_limit, g.swiglu_alpha));
+                let act = act.collect();
+                self.st.put(Buf::Act, act);
+            }
             Step::Moe { op: MoeOp::RouterTopK, .. } => {
                 let logits = &self.st.bufs[Buf::RouterLogits as usize];
                 let (idx, w) = ops::softmax_topk(logits, c.num_experts, k, c.norm_topk_prob);
@@ -283,6 +343,10 @@ impl CpuBackend {
                 let x = &self.st.bufs[Buf::H as usize];
                 ops::grouped_experts(&self.st.topk_idx, k, x, &ex.gate, &mut g);
                 ops::grouped_experts(&self.st.topk_idx, k, x, &ex.up, &mut u);
+                if let Some(b) = &ex.bias {
+                    ops::add_expert_bias(&self.st.topk_idx, &b.gate, &mut g);
+                    ops::add_expert_bias(&self.st.topk_idx, &b.up, &mut u);
+                }
                 self.st.put(Buf::Gate, g);
                 self.st.put(Buf::Up, u);
             }
@@ -296,6 +360,9 @@ impl CpuBackend {
                 let mut y = vec![0.0; *t * k * h];
                 // Row t·K+j of Act is slot j of token t, i.e. expert topk_idx[t·K+j].
                 ops::grouped_experts(&self.st.topk_idx, 1, &self.st.bufs[Buf::Act as usize], &ex.down, &mut y);
+                if let Some(b) = &ex.bias {
+                    ops::add_expert_bias(&self.st.topk_idx, &b.down, &mut y);
+                }
                 self.st.put(Buf::ExpertOut, y);
             }
             Step::Moe { op: MoeOp::Combine, .. } => {
@@ -340,7 +407,7 @@ impl CpuBackend {
     /// the first position with a NaN or infinite logit and the layer and step that first
     /// produced a non-finite value. Finding those re-runs the forward with a check after every
     /// primitive step, so the normal case costs one scan of the logits. A failed forward
-    /// leaves every cache as it was before it (`before`: the slots' caches' lengths then).
+    /// leaves every cache as it was before it (`before`: the slots' caches then).
     fn finite_logits(&mut self, rows: &[Row], before: &[CacheMark]) -> Result<Vec<f32>> {
         let logits = self.st.take(Buf::Logits);
         let Some(i) = logits.iter().position(|x| !x.is_finite()) else {
@@ -351,6 +418,7 @@ impl CpuBackend {
             for m in before {
                 let seq = &mut st.seqs[m.slot];
                 seq.pos = m.pos;
+                seq.conv.clone_from(&m.conv);
                 for (l, &(k, v)) in m.lens.iter().enumerate() {
                     seq.k[l].truncate(k);
                     seq.v[l].truncate(v);
@@ -375,6 +443,7 @@ impl CpuBackend {
                     slot,
                     pos: seq.pos,
                     lens: seq.k.iter().zip(&seq.v).map(|(k, v)| (k.len(), v.len())).collect(),
+                    conv: seq.conv.clone(),
                 }
             })
             .collect()
@@ -415,11 +484,13 @@ impl CpuBackend {
     }
 }
 
-/// A slot's cache lengths before a forward: (slot, position, per layer (K len, V len)).
+/// A slot's cache before a forward: (slot, position, per layer (K len, V len), its conv
+/// states — a few KiB, copied since a forward overwrites them in place).
 struct CacheMark {
     slot: usize,
     pos: usize,
     lens: Vec<(usize, usize)>,
+    conv: Vec<Vec<f32>>,
 }
 
 impl Backend for CpuBackend {
@@ -451,7 +522,7 @@ impl Backend for CpuBackend {
         if n == 0 {
             return Err(Error::Arg("a backend needs at least one sequence slot".into()));
         }
-        self.st.seqs = vec![SeqCache::new(self.cfg.num_layers); n];
+        self.st.seqs = vec![SeqCache::new(&self.cfg); n];
         Ok(())
     }
 
@@ -502,4 +573,14 @@ impl CpuBackend {
         self.run(rows);
         self.finite_logits(rows, &before)
     }
+}
+
+/// Zeroed conv states: `[L−1, H]` for each short-conv layer, empty for the others.
+fn conv_states(cfg: &ModelConfig) -> Vec<Vec<f32>> {
+    (0..cfg.num_layers)
+        .map(|l| match &cfg.conv {
+            Some(cv) if cfg.is_conv_layer(l) => vec![0.0; cv.state_len() * cfg.hidden_size],
+            _ => Vec::new(),
+        })
+        .collect()
 }

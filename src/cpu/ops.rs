@@ -106,6 +106,24 @@ impl Rope {
 /// q `[T, nH·D]`, out `[T, nH·D]`. Query head h uses KV head h / (nH / nKV); scale D^-1/2;
 /// f32 softmax. Each row's result depends only on its own query and cache.
 pub fn attention(q: &[f32], kc: &[&[f32]], vc: &[&[f32]], pos: &[usize], c: &ModelConfig, out: &mut [f32]) {
+    attention_with(q, kc, vc, pos, c, None, None, out)
+}
+
+/// [`attention`] with GPT-OSS's two additions (model-spec §5.5): a sliding `window` (query
+/// at position t sees keys `t − W < s ≤ t`, W keys including itself) and per-head `sinks`
+/// `[nH]`: one extra logit per head in the softmax denominator whose probability is
+/// dropped, `p_s = exp(z_s) / (exp(sink_h) + Σ exp(z_s'))`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    q: &[f32],
+    kc: &[&[f32]],
+    vc: &[&[f32]],
+    pos: &[usize],
+    c: &ModelConfig,
+    window: Option<usize>,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
     let rep = nh / nkv;
     let scale = c.attn_scale();
@@ -115,16 +133,34 @@ pub fn attention(q: &[f32], kc: &[&[f32]], vc: &[&[f32]], pos: &[usize], c: &Mod
         let kvh = h / rep;
         let (kc, vc) = (kc[t], vc[t]);
         let n_keys = pos[t] + 1; // causal: keys 0..=pos
+        let first = window.map_or(0, |w| n_keys.saturating_sub(w));
         let key = |s: usize| &kc[(s * nkv + kvh) * d..][..d];
-        let mut scores: Vec<f32> = (0..n_keys).map(|s| dot(qh, key(s)) * scale).collect();
-        softmax(&mut scores);
+        let mut scores: Vec<f32> = (first..n_keys).map(|s| dot(qh, key(s)) * scale).collect();
+        match sinks {
+            Some(sk) => softmax_with_sink(&mut scores, sk[h]),
+            None => softmax(&mut scores),
+        }
         o.fill(0.0);
-        for (s, &p) in scores.iter().enumerate() {
+        for (s, &p) in (first..n_keys).zip(&scores) {
             for (ov, &vv) in o.iter_mut().zip(&vc[(s * nkv + kvh) * d..][..d]) {
                 *ov += p * vv;
             }
         }
     });
+}
+
+/// Softmax over `x` plus one extra logit `sink` whose probability is dropped (the result
+/// sums to less than one).
+pub fn softmax_with_sink(x: &mut [f32], sink: f32) {
+    let m = x.iter().copied().fold(sink, f32::max);
+    let mut sum = (sink - m).exp();
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
 }
 
 /// Causal MLA attention in the absorbed form (model-spec §3.4) for `T` queries, query `t` at
@@ -244,6 +280,38 @@ pub fn softmax_topk(logits: &[f32], e: usize, k: usize, norm: bool) -> (Vec<usiz
     (idx, w)
 }
 
+/// GPT-OSS router (model-spec §5.5 step 7): top-k on the logits `[T, E]` (lowest index
+/// wins ties), then softmax over the k selected logits. Returns (indices, weights) `[T, K]`.
+pub fn topk_softmax(logits: &[f32], e: usize, k: usize) -> (Vec<usize>, Vec<f32>) {
+    let (mut idx, mut w) = (Vec::new(), Vec::new());
+    for row in logits.chunks_exact(e) {
+        let sel = topk(row, k);
+        let mut vals: Vec<f32> = sel.iter().map(|&i| row[i]).collect();
+        softmax(&mut vals);
+        idx.extend(sel);
+        w.extend(vals);
+    }
+    (idx, w)
+}
+
+/// GPT-OSS's clamped SwiGLU of one element (model-spec §5.5 step 8):
+/// `(clamp(u, −L, L) + 1) · g · σ(α·g)` with `g = min(g, L)`.
+pub fn clamp_swiglu(g: f32, u: f32, limit: f32, alpha: f32) -> f32 {
+    let g = g.min(limit);
+    let u = u.clamp(-limit, limit);
+    (u + 1.0) * (g / (1.0 + (-alpha * g).exp()))
+}
+
+/// Adds expert `choice[r]`'s bias row (`bias [E, width]`) to row `r` of `out` `[rows, width]`.
+pub fn add_expert_bias(choice: &[usize], bias: &[f32], out: &mut [f32]) {
+    let width = out.len() / choice.len().max(1);
+    for (row, &e) in out.chunks_exact_mut(width).zip(choice) {
+        for (o, b) in row.iter_mut().zip(&bias[e * width..][..width]) {
+            *o += b;
+        }
+    }
+}
+
 /// GLM / DeepSeek router (model-spec §3.6) on f32 logits `[T, E]`: `s = sigmoid(logits)`;
 /// selection on `s + bias`, restricted to the `topk_group` groups with the largest sum of
 /// their two best biased scores (lowest group index wins ties), top-k with the lowest index
@@ -346,6 +414,31 @@ mod tests {
         let x = [0.1, 0.5, 0.3, 0.5, 0.3, 0.5];
         assert_eq!(topk(&x, 2), vec![1, 3]);
         assert_eq!(topk(&x, 4), vec![1, 3, 5, 2]);
+    }
+
+    #[test]
+    fn gpt_oss_router_and_activation() {
+        // Top-k on logits, softmax over the k: ties go to the lowest index.
+        let (i, w) = topk_softmax(&[0.5, 2.0, -1.0, 2.0, 1.0], 5, 3);
+        assert_eq!(i, vec![1, 3, 4]);
+        let z = 1.0 + 1.0 + (-1f32).exp();
+        assert!((w[0] - 1.0 / z).abs() < 1e-6 && (w[2] - (-1f32).exp() / z).abs() < 1e-6);
+        // Gate clamped from above only, up to ±limit, +1 on the linear branch.
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        assert!((clamp_swiglu(9.0, 0.3, 7.0, 1.702) - 1.3 * 7.0 * sig(1.702 * 7.0)).abs() < 1e-5);
+        assert!((clamp_swiglu(-9.0, -8.0, 7.0, 1.702) - (-6.0) * (-9.0) * sig(-1.702 * 9.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sink_softmax_is_the_closed_form() {
+        let mut x = [0.3f32, -1.2, 2.5];
+        let sink = 1.7f32;
+        softmax_with_sink(&mut x, sink);
+        let denom = sink.exp() + 0.3f32.exp() + (-1.2f32).exp() + 2.5f32.exp();
+        for (p, z) in x.iter().zip([0.3f32, -1.2, 2.5]) {
+            assert!((p - z.exp() / denom).abs() < 1e-6);
+        }
+        assert!(x.iter().sum::<f32>() < 1.0);
     }
 
     #[test]

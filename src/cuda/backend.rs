@@ -18,7 +18,9 @@
 use std::sync::Arc;
 
 use super::Device;
-use super::ops::{self, Bf16, I32, Void, attention as attn, int, linear, mla, moe, norm, rd, rope, sample, wr};
+use super::ops::{
+    self, Bf16, I32, Void, attention as attn, conv, gpt_oss, int, linear, mla, moe, norm, rd, rope, sample, wr,
+};
 use super::weights::{DLinear, DMat, DeviceWeights, Upload, unsupported};
 use crate::backend::{Backend, DeviceInfo, Row, StepTime};
 use crate::config::{ModelConfig, RouterKind};
@@ -57,29 +59,71 @@ fn kv_capacity(c: &ModelConfig, requested: Option<usize>, token_bytes: usize, fr
     Ok(n)
 }
 
-/// A layer's cache on the device: what one token leaves behind for the next.
+/// A layer's cache on the device: what one token leaves behind for the next, for every
+/// sequence slot (slot s owns the s-th of `slots` equal parts).
 enum LayerCache {
-    /// GQA: K and V rows, bf16 `[max_ctx, nKV·D]` each.
+    /// GQA: K and V rows, bf16 `[slots · slot_ctx, nKV·D]` each.
     Kv { k: u64, v: u64 },
-    /// MLA: the latent row (normalised latent + roped k_pe), bf16 `[max_ctx, kv_lora + rope]`.
+    /// MLA: the latent row (normalised latent + roped k_pe), bf16
+    /// `[slots · slot_ctx, kv_lora + rope]`.
     Latent { rows: u64 },
+    /// LFM2 short conv: the last `L − 1` gated inputs, bf16 `[slots, L − 1, H]`, whatever the
+    /// context (read as zeros at position 0, so a new sequence needs no reset launch), and
+    /// room for a copy of it (`saved`, kept across `profile_decode`).
+    Conv { state: u64, saved: u64 },
+    /// A sliding-window layer (GPT-OSS): K and V rows `[slots · ring, nKV·D]`, token p of
+    /// slot s in row s·ring + p mod ring. `ring` = window + CHUNK − 1: a prefill chunk
+    /// appends all its rows before its first query reads the oldest key it still needs.
+    Ring { k: u64, v: u64, ring: usize },
 }
 
 impl LayerCache {
-    /// bf16 values one token leaves in one layer's cache: its K and V rows, or MLA's latent row.
-    fn row(c: &ModelConfig) -> usize {
+    /// bf16 values one token leaves in layer `l`'s cache: its K and V rows, MLA's latent
+    /// row, or nothing (a conv layer's state does not grow).
+    fn row(c: &ModelConfig, l: usize) -> usize {
         match &c.mla {
+            _ if c.is_conv_layer(l) => 0,
             Some(m) => m.cache_row(),
             None => 2 * c.num_kv_heads * c.head_dim,
         }
     }
 
-    /// One layer's cache for `max_ctx` tokens.
-    fn alloc(dev: &mut Device, c: &ModelConfig, max_ctx: usize) -> Result<LayerCache> {
-        let bytes = max_ctx * LayerCache::row(c) * 2;
-        Ok(match c.mla {
-            Some(_) => LayerCache::Latent { rows: dev.alloc(bytes)? },
-            None => LayerCache::Kv { k: dev.alloc(bytes / 2)?, v: dev.alloc(bytes / 2)? },
+    /// Rows of layer `l`'s ring, if it slides.
+    fn ring(c: &ModelConfig, l: usize) -> Option<usize> {
+        c.window(l).map(|w| w + CHUNK - 1)
+    }
+
+    /// Cache bytes per token of context (the layers whose cache grows with it), and the
+    /// bytes of the rings (fixed, whatever the context), both for one sequence slot. Conv
+    /// states are a few KB: not counted.
+    fn bytes(c: &ModelConfig) -> (usize, usize) {
+        let layer = |l: usize| LayerCache::row(c, l) * 2;
+        let rings = (0..c.num_layers).filter_map(|l| LayerCache::ring(c, l).map(|r| r * layer(l))).sum();
+        let growing = (0..c.num_layers).filter(|&l| c.window(l).is_none()).map(layer).sum();
+        (growing, rings)
+    }
+
+    /// Bytes of one slot's conv state in a short-conv layer, bf16 `[max(L − 1, 1), H]` (0
+    /// for a model without conv layers).
+    fn conv_bytes(c: &ModelConfig) -> usize {
+        c.conv.as_ref().map_or(0, |cv| cv.state_len().max(1) * c.hidden_size * 2)
+    }
+
+    /// Layer `l`'s cache for `slots` sequences of `slot_ctx` tokens.
+    fn alloc(dev: &mut Device, c: &ModelConfig, l: usize, slot_ctx: usize, slots: usize) -> Result<LayerCache> {
+        if c.conv.is_some() && c.is_conv_layer(l) {
+            let bytes = LayerCache::conv_bytes(c) * slots;
+            return Ok(LayerCache::Conv { state: dev.alloc(bytes)?, saved: dev.alloc(bytes)? });
+        }
+        let row = LayerCache::row(c, l);
+        let bytes = slots * slot_ctx * row * 2;
+        Ok(match (c.mla.is_some(), LayerCache::ring(c, l)) {
+            (true, _) => LayerCache::Latent { rows: dev.alloc(bytes)? },
+            (false, Some(ring)) => {
+                let half = slots * ring * row;
+                LayerCache::Ring { k: dev.alloc(half)?, v: dev.alloc(half)?, ring }
+            }
+            (false, None) => LayerCache::Kv { k: dev.alloc(bytes / 2)?, v: dev.alloc(bytes / 2)? },
         })
     }
 }
@@ -102,8 +146,9 @@ struct RunState {
     /// attention merge, the fused router and o_proj_add_rmsnorm: each kernel leaves them at
     /// zero, and kernels on the one stream never overlap.
     tickets: u64,
-    /// `[pos[CHUNK], base[CHUNK], tokens[CHUNK]]` as i32, written by the host before each
-    /// forward: each row's position, its slot's first cache row, its token.
+    /// `[pos[CHUNK], base[CHUNK], tokens[CHUNK], slot[CHUNK]]` as i32, written by the host
+    /// before each forward: each row's position, its slot's first cache row, its token, its
+    /// slot (for the caches that are not `slot_ctx` rows a slot: rings and conv states).
     io: u64,
     /// Attention partials: `[CHUNK·nH, splits, D or kv_lora]` f32 and `[.., splits, 2]` f32.
     part_o: u64,
@@ -132,8 +177,10 @@ pub struct CudaBackend {
     caches: Vec<LayerCache>,
     inv_freq: u64,
     st: RunState,
-    /// Cache rows allocated per layer.
+    /// Cache rows allocated per growing (KV or latent) layer.
     cache_rows: usize,
+    /// Slots the rings and conv states are allocated for (they grow with `set_slots`).
+    ring_slots: usize,
     /// Tokens per sequence slot ([`Backend::max_context`]).
     slot_ctx: usize,
     /// Tokens in each slot's cache (`slots()` entries).
@@ -199,10 +246,30 @@ impl CudaBackend {
             }
             _ => {}
         }
+        // MXFP4 stacks are read by GPT-OSS's expert kernels only.
+        let mxfp4 =
+            |m: &[crate::checkpoint::Mat]| m.iter().any(|m| matches!(m.kind, crate::checkpoint::MatKind::Mxfp4 { .. }));
+        for (l, ly) in weights.layers.iter().enumerate() {
+            let stacks_mxfp4 = match (&ly.mlp, &ly.attn) {
+                (_, crate::model::Attn::Mla(m)) if mxfp4(&m.embed_q) || mxfp4(&m.unembed_out) => true,
+                (crate::model::Mlp::Moe { experts: e, .. }, _) => {
+                    c.gpt_oss.is_none() && (mxfp4(&e.gate) || mxfp4(&e.up) || mxfp4(&e.down))
+                }
+                _ => false,
+            };
+            if stacks_mxfp4 {
+                return Err(unsupported(format!("MXFP4 expert or head weights in layer {l} of a non-GPT-OSS model")));
+            }
+        }
         if let RouterKind::SigmoidGrouped { n_group, .. } = c.router
             && n_group > 32
         {
             return Err(unsupported(format!("n_group {n_group} (at most 32)")));
+        }
+        if let Some(cv) = &c.conv
+            && cv.kernel > conv::CONV_MAX_KERNEL
+        {
+            return Err(unsupported(format!("conv_L_cache {} (at most {})", cv.kernel, conv::CONV_MAX_KERNEL)));
         }
         if c.num_experts > 1024 || c.top_k > 16 {
             return Err(unsupported(format!("{} experts / top-{} (at most 1024 / 16)", c.num_experts, c.top_k)));
@@ -212,10 +279,12 @@ impl CudaBackend {
         // The KV cache after the weights, sized to the memory they left free. Cached bf16
         // values per token and layer: K and V rows, or MLA's latent row.
         let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
-        let slot_ctx = kv_capacity(c, ctx, LayerCache::row(c) * 2 * c.num_layers * slots, free)?;
+        let (token_bytes, ring_bytes) = LayerCache::bytes(c);
+        let slot_ctx = kv_capacity(c, ctx, token_bytes * slots, free.saturating_sub(ring_bytes * slots))?;
         let cache_rows = slot_ctx * slots;
-        let caches =
-            (0..c.num_layers).map(|_| LayerCache::alloc(&mut dev, c, cache_rows)).collect::<Result<Vec<_>>>()?;
+        let caches = (0..c.num_layers)
+            .map(|l| LayerCache::alloc(&mut dev, c, l, slot_ctx, slots))
+            .collect::<Result<Vec<_>>>()?;
         // Activation buffers for CHUNK rows.
         let (k, nh) = (c.top_k.max(1), c.num_heads);
         let ffn = (k * c.moe_intermediate_size).max(c.intermediate_size).max(c.shared_intermediate_size());
@@ -241,6 +310,7 @@ impl CudaBackend {
             (Buf::QLat, nh * lat, 2),
             (Buf::OLat, nh * lat, 2),
             (Buf::SharedOut, if c.n_shared_experts > 0 { h } else { 0 }, 2),
+            (Buf::Bcx, if c.conv.is_some() { 3 * h } else { 0 }, 2),
         ];
         let (mut bufs, mut buf_widths) = ([0u64; Buf::ALL.len()], [0usize; Buf::ALL.len()]);
         for (b, width, elem) in widths {
@@ -257,7 +327,7 @@ impl CudaBackend {
             grp_rows: dev.alloc(CHUNK * k * 4)?,
             sample_out: dev.alloc(8)?,
             tickets: dev.alloc(CHUNK * nh.max(1) * 4)?,
-            io: dev.alloc(3 * CHUNK * 4)?,
+            io: dev.alloc(4 * CHUNK * 4)?,
             part_o: dev.alloc(CHUNK * nh * (attn::ATTN_SPLITS * d).max(mla::MLA_SPLITS * lat) * 4)?,
             part_ml: dev.alloc(CHUNK * nh * splits * 2 * 4)?,
             act_elems: 0,
@@ -276,6 +346,7 @@ impl CudaBackend {
             inv_freq,
             st,
             cache_rows,
+            ring_slots: slots,
             slot_ctx,
             seqs: vec![0; slots],
             keep: Vec::new(),
@@ -304,13 +375,19 @@ impl CudaBackend {
         self.st.io + (2 * CHUNK * 4) as u64
     }
 
+    /// The slot of each row on the device (i32 `[CHUNK]`).
+    fn slot_ptr(&self) -> u64 {
+        self.st.io + (3 * CHUNK * 4) as u64
+    }
+
     /// Writes `io` for `rows` (at most [`CHUNK`]).
     fn write_io(&self, rows: &[Row]) -> Result<()> {
-        let mut io = vec![0i32; 3 * CHUNK];
+        let mut io = vec![0i32; 4 * CHUNK];
         for (i, r) in rows.iter().enumerate() {
             io[i] = r.pos as i32;
             io[CHUNK + i] = (r.slot * self.slot_ctx) as i32;
             io[2 * CHUNK + i] = r.token as i32;
+            io[3 * CHUNK + i] = r.slot as i32;
         }
         self.dev.write(self.st.io, &io)
     }
@@ -319,7 +396,16 @@ impl CudaBackend {
     fn kv_cache(&self, l: usize) -> Result<(u64, u64)> {
         match self.caches[l] {
             LayerCache::Kv { k, v } => Ok((k, v)),
-            LayerCache::Latent { .. } => Err(Error::Cuda(format!("plan asks for the KV cache of MLA layer {l}"))),
+            _ => Err(Error::Cuda(format!("plan asks for the linear KV cache of layer {l}, which has none"))),
+        }
+    }
+
+    /// `(K cache, V cache, ring rows or 0)` of GQA layer `l`, linear or a ring.
+    fn kv_ring(&self, l: usize) -> Result<(u64, u64, usize)> {
+        match self.caches[l] {
+            LayerCache::Kv { k, v } => Ok((k, v, 0)),
+            LayerCache::Ring { k, v, ring } => Ok((k, v, ring)),
+            _ => Err(Error::Cuda(format!("plan asks for the KV cache of layer {l}, which has none"))),
         }
     }
 
@@ -327,8 +413,28 @@ impl CudaBackend {
     fn latent_cache(&self, l: usize) -> Result<u64> {
         match self.caches[l] {
             LayerCache::Latent { rows } => Ok(rows),
-            LayerCache::Kv { .. } => Err(Error::Cuda(format!("plan asks for the latent cache of GQA layer {l}"))),
+            _ => Err(Error::Cuda(format!("plan asks for the latent cache of layer {l}, which has none"))),
         }
+    }
+
+    /// The conv states of LFM2 short-conv layer `l`, `[slots, L − 1, H]`.
+    fn conv_state(&self, l: usize) -> Result<u64> {
+        match self.caches[l] {
+            LayerCache::Conv { state, .. } => Ok(state),
+            _ => Err(Error::Cuda(format!("plan asks for the conv state of layer {l}, which has none"))),
+        }
+    }
+
+    /// Copies every conv state to its `saved` slot (`back`: the other way).
+    fn save_conv_states(&self, back: bool) -> Result<()> {
+        let bytes = LayerCache::conv_bytes(&self.cfg) * self.seqs.len();
+        for cache in &self.caches {
+            if let LayerCache::Conv { state, saved } = *cache {
+                let (dst, src) = if back { (state, saved) } else { (saved, state) };
+                self.dev.copy(dst, src, bytes)?;
+            }
+        }
+        Ok(())
     }
 
     /// The MLA dims of this model, as the rope kernels take them.
@@ -345,6 +451,14 @@ impl CudaBackend {
             scaling: c.rope.attention_scaling,
             interleaved: c.rope.interleaved as i32,
         })
+    }
+
+    /// LFM2's routing-weight multiplier, or an error on a model without its router.
+    fn bias_router_scale(&self) -> Result<f32> {
+        match self.cfg.router {
+            RouterKind::SigmoidBias { routed_scaling_factor, .. } => Ok(routed_scaling_factor),
+            _ => Err(Error::Cuda("LFM2 router step on a model without it".into())),
+        }
     }
 
     /// The sigmoid router's parameters, or an error on a softmax-router model.
@@ -432,6 +546,20 @@ impl CudaBackend {
                     self.st.act_elems = mm * lin.w.rows;
                 }
             }
+            Step::Attn { op: AttnOp::Rope, .. } if c.rope.attention_scaling != 1.0 => {
+                let a = gpt_oss::RopeScaledArgs {
+                    q: wr(self.buf(Buf::Q)),
+                    k: wr(self.buf(Buf::K)),
+                    inv_freq: rd(self.inv_freq),
+                    pos,
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    d_rot: int(c.rope.dim),
+                    scaling: c.rope.attention_scaling,
+                };
+                gpt_oss::rope_scaled(dev, &a, mm)?;
+            }
             Step::Attn { op: AttnOp::Rope, .. } => {
                 let a = rope::RopeArgs {
                     q: wr(self.buf(Buf::Q)),
@@ -444,6 +572,21 @@ impl CudaBackend {
                     d_rot: int(c.rope.dim),
                 };
                 rope::rope(dev, &a, mm)?;
+            }
+            Step::Attn { layer, op: AttnOp::KvAppend } if c.gpt_oss.is_some() => {
+                let (kc, vc, ring) = self.kv_ring(layer)?;
+                let a = gpt_oss::KvAppendRingArgs {
+                    k: rd(self.buf(Buf::K)),
+                    v: rd(self.buf(Buf::V)),
+                    kc: wr(kc),
+                    vc: wr(vc),
+                    pos,
+                    slot: rd(self.slot_ptr()),
+                    w: int(nkv * d),
+                    slot_rows: int(if ring > 0 { ring } else { self.slot_ctx }),
+                    ring: int(ring),
+                };
+                gpt_oss::kv_append_ring(dev, &a, mm)?;
             }
             Step::Attn { layer, op: AttnOp::KvAppend } => {
                 let (kc, vc) = self.kv_cache(layer)?;
@@ -481,6 +624,72 @@ impl CudaBackend {
             Step::Add { dst, src } => {
                 let a = norm::AddArgs { x: wr(self.buf(dst)), y: rd(self.buf(src)), n: (mm * h) as i64 };
                 norm::add(dev, &a)?;
+            }
+            Step::Attn { layer, op: AttnOp::SinkAttention } => {
+                let (kc, vc, ring) = self.kv_ring(layer)?;
+                let a = gpt_oss::SinkAttentionArgs {
+                    q: rd(self.buf(Buf::Q)),
+                    kc: rd(kc),
+                    vc: rd(vc),
+                    sinks: rd(*self.w.sinks(layer)?),
+                    pos,
+                    slot: rd(self.slot_ptr()),
+                    out: wr(self.buf(Buf::Attn)),
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    window: int(c.window(layer).unwrap_or(0)),
+                    slot_rows: int(if ring > 0 { ring } else { self.slot_ctx }),
+                    ring: int(ring),
+                    scale: c.attn_scale(),
+                };
+                gpt_oss::sink_attention(dev, &a, mm)?;
+            }
+            Step::Moe { op: MoeOp::TopKSoftmax, .. } => {
+                let a = gpt_oss::TopkSoftmaxArgs {
+                    logits: rd(self.buf(Buf::RouterLogits)),
+                    e: int(c.num_experts),
+                    k: int(k),
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
+                };
+                gpt_oss::router_topk_softmax(dev, &a, mm)?;
+            }
+            Step::Moe { op: MoeOp::ClampSwiglu, .. } => {
+                let g = c.gpt_oss.as_ref().ok_or_else(|| Error::Cuda("clamp_swiglu without GPT-OSS config".into()))?;
+                let a = gpt_oss::ClampSwigluArgs {
+                    g: rd(self.buf(Buf::Gate)),
+                    u: rd(self.buf(Buf::Up)),
+                    act: wr(self.buf(Buf::Act)),
+                    n: self.st.act_elems as i64,
+                    limit: g.swiglu_limit,
+                    alpha: g.swiglu_alpha,
+                };
+                gpt_oss::clamp_swiglu(dev, &a)?;
+            }
+            Step::Moe { layer, op: MoeOp::ExpertGateUp } if self.w.experts(layer)?.bias.is_some() => {
+                let ex = self.w.experts(layer)?.clone();
+                if mm > 1 {
+                    // Prefill: group the routed rows by expert (read by gate, up and down).
+                    let a = moe::MoeGroupArgs {
+                        idx: rd(self.st.topk_idx),
+                        r: int(mm * k),
+                        e: int(c.num_experts),
+                        off: wr(self.st.grp_off),
+                        rows: wr(self.st.grp_rows),
+                    };
+                    moe::moe_group(dev, &a)?;
+                }
+                let b = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?;
+                for (w, bias, dst) in [(ex.gate, b.gate, Buf::Gate), (ex.up, b.up, Buf::Up)] {
+                    self.expert_bias_matvec(&w, bias, Buf::H, k, dst, mm * k)?;
+                }
+                self.st.act_elems = mm * k * c.moe_intermediate_size;
+            }
+            Step::Moe { layer, op: MoeOp::ExpertDown } if self.w.experts(layer)?.bias.is_some() => {
+                let ex = self.w.experts(layer)?;
+                let bias = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?.down;
+                self.expert_bias_matvec(&ex.down, bias, Buf::Act, 1, Buf::ExpertOut, mm * k)?;
             }
             Step::Moe { op: MoeOp::RouterTopK, .. } => {
                 let a = moe::RouterTopkArgs {
@@ -600,6 +809,36 @@ impl CudaBackend {
                 };
                 mla::mla_attention(dev, &a, mm)?;
             }
+            Step::Attn { layer, op: AttnOp::ShortConv } => {
+                let cv = self.w.conv(layer)?;
+                let a = conv::ShortConvArgs {
+                    bcx: rd(self.buf(Buf::Bcx)),
+                    w: rd(cv.kernel),
+                    bias: rd(cv.bias.unwrap_or(0)),
+                    state: wr(self.conv_state(layer)?),
+                    pos,
+                    slot: rd(self.slot_ptr()),
+                    out: wr(self.buf(Buf::Attn)),
+                    h: int(h),
+                    l: int(c.conv.as_ref().map_or(0, |cv| cv.kernel)),
+                    m: int(mm),
+                };
+                conv::short_conv(dev, &a)?;
+            }
+            Step::Moe { layer, op: MoeOp::SigmoidBiasTopK } => {
+                let (_, bias) = self.w.router(layer)?;
+                let a = moe::RouterSigmoidBiasArgs {
+                    logits: rd(self.buf(Buf::RouterLogits)),
+                    bias: rd(bias),
+                    e: int(c.num_experts),
+                    k: int(k),
+                    norm: c.norm_topk_prob as i32,
+                    scale: self.bias_router_scale()?,
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
+                };
+                moe::router_sigmoid_bias(dev, &a, mm)?;
+            }
             Step::Attn { op: AttnOp::MlaAttentionExpanded, .. } => {
                 return Err(unsupported("the expanded MLA form (a CPU oracle)".into()));
             }
@@ -637,9 +876,80 @@ impl CudaBackend {
             })
             .collect();
         match op {
+            Fusion::MoeRouter if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::TopKSoftmax, .. })) => {
+                let (router, _) = self.w.router(layer)?;
+                let a = gpt_oss::MoeRouterTopkSoftmaxArgs {
+                    w: router.w.q,
+                    x: rd(self.buf(Buf::H)),
+                    logits: wr(self.buf(Buf::RouterLogits)),
+                    bias: rd(router.bias()),
+                    e: int(c.num_experts),
+                    h: int(h),
+                    k: int(k),
+                    tickets: wr(self.st.tickets),
+                    idx: wr(self.st.topk_idx),
+                    wout: wr(self.st.topk_w),
+                };
+                gpt_oss::moe_router_topk_softmax(dev, &a, mm)
+            }
+            Fusion::MoeGateUpSwiglu if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::ClampSwiglu, .. })) => {
+                let ex = self.w.experts(layer)?;
+                let b = ex.bias.as_ref().ok_or_else(|| Error::Cuda("GPT-OSS experts without biases".into()))?;
+                let g = c.gpt_oss.as_ref().ok_or_else(|| Error::Cuda("clamp_swiglu without GPT-OSS config".into()))?;
+                let a = gpt_oss::MoeGateUpClampArgs {
+                    gate: ex.gate.stacked(),
+                    up: ex.up.stacked(),
+                    gbias: rd(b.gate),
+                    ubias: rd(b.up),
+                    idx: rd(self.st.topk_idx),
+                    k: int(k),
+                    x: rd(self.buf(Buf::H)),
+                    act: wr(self.buf(Buf::Act)),
+                    i: int(c.moe_intermediate_size),
+                    h: int(h),
+                    limit: g.swiglu_limit,
+                    alpha: g.swiglu_alpha,
+                };
+                gpt_oss::moe_gate_up_clamp(dev, &a, mm * k)
+            }
+            Fusion::MoeDownCombineAdd if self.w.experts(layer)?.bias.is_some() => {
+                if parts.iter().any(|p| matches!(p, Step::Add { src: Buf::SharedOut, .. })) {
+                    return Err(unsupported("shared experts beside experts with biases".into()));
+                }
+                let ex = self.w.experts(layer)?;
+                let bias = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?.down;
+                let a = gpt_oss::MoeDownBiasCombineAddArgs {
+                    down: ex.down.stacked(),
+                    bias: rd(bias),
+                    idx: rd(self.st.topk_idx),
+                    wts: rd(self.st.topk_w),
+                    k: int(k),
+                    act: rd(self.buf(Buf::Act)),
+                    x: wr(x_buf),
+                    h: int(h),
+                    i: int(c.moe_intermediate_size),
+                };
+                gpt_oss::moe_down_bias_combine_add(dev, &a, mm)
+            }
             Fusion::MoeRouter => {
                 let (router, bias) = self.w.router(layer)?;
-                if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::SigmoidTopK, .. })) {
+                if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::SigmoidBiasTopK, .. })) {
+                    let a = moe::MoeRouterSigmoidBiasArgs {
+                        w: router.w.q,
+                        x: rd(self.buf(Buf::H)),
+                        logits: wr(self.buf(Buf::RouterLogits)),
+                        ebias: rd(bias),
+                        e: int(c.num_experts),
+                        h: int(h),
+                        k: int(k),
+                        norm: c.norm_topk_prob as i32,
+                        scale: self.bias_router_scale()?,
+                        tickets: wr(self.st.tickets),
+                        idx: wr(self.st.topk_idx),
+                        wout: wr(self.st.topk_w),
+                    };
+                    moe::moe_router_sigmoid_bias(dev, &a, mm)
+                } else if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::SigmoidTopK, .. })) {
                     let (n_group, topk_group, scale) = self.sigmoid_router()?;
                     let a = moe::MoeRouterSigmoidArgs {
                         w: router.w.q,
@@ -803,6 +1113,23 @@ impl CudaBackend {
                 };
                 rope::qk_norm_rope_kv(dev, &a, mm)
             }
+            Fusion::ConvMixer => {
+                let cv = self.w.conv(layer)?;
+                let a = conv::ConvMixerArgs {
+                    in_proj: cv.in_proj.w.q,
+                    in_bias: rd(cv.in_proj.bias()),
+                    x: rd(self.buf(Buf::H)),
+                    w: rd(cv.kernel),
+                    bias: rd(cv.bias.unwrap_or(0)),
+                    state: wr(self.conv_state(layer)?),
+                    pos,
+                    slot: rd(self.slot_ptr()),
+                    out: wr(self.buf(Buf::Attn)),
+                    h: int(h),
+                    l: int(c.conv.as_ref().map_or(0, |cv| cv.kernel)),
+                };
+                conv::conv_mixer(dev, &a)
+            }
             Fusion::LatentNormRopeAppend => {
                 let a = mla::LatentNormRopeAppendArgs {
                     q: wr(self.buf(Buf::Q)),
@@ -887,6 +1214,37 @@ impl CudaBackend {
             let a = moe::ExpertMatvecArgs { w: w.stacked(), idx: rd(self.st.topk_idx), per, x, y, n, k };
             moe::expert_matvec(&self.dev, &a, rows)
         }
+    }
+
+    /// Selected-expert rows with the experts' biases (`bias [E, rows]` f32): GPT-OSS, any
+    /// expert format incl. MXFP4; decode a block column per routed row, prefill grouped by
+    /// expert (the grouping `ExpertGateUp` computed), bit-identical either way.
+    fn expert_bias_matvec(&self, w: &DMat, bias: u64, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
+        if rows > self.cfg.top_k {
+            let a = gpt_oss::ExpertBiasMatvecGroupedArgs {
+                w: w.stacked(),
+                off: rd(self.st.grp_off),
+                rows: rd(self.st.grp_rows),
+                per: int(per),
+                x: rd(self.buf(src)),
+                bias: rd(bias),
+                y: wr(self.buf(dst)),
+                n: int(w.rows),
+                k: int(w.cols),
+            };
+            return gpt_oss::expert_bias_matvec_grouped(&self.dev, &a, self.cfg.num_experts);
+        }
+        let a = gpt_oss::ExpertBiasMatvecArgs {
+            w: w.stacked(),
+            idx: rd(self.st.topk_idx),
+            per: int(per),
+            x: rd(self.buf(src)),
+            bias: rd(bias),
+            y: wr(self.buf(dst)),
+            n: int(w.rows),
+            k: int(w.cols),
+        };
+        gpt_oss::expert_bias_matvec(&self.dev, &a, rows)
     }
 
     /// Per-head mat-vecs of MLA: row (token, head) of `dst` = `w[head] · src_row[0:w.cols]`,
@@ -987,11 +1345,19 @@ impl CudaBackend {
     /// a captured graph with a timing event between consecutive steps (so launch gaps count
     /// as they do in real decode), averaged over `replays` replays after one warm-up. The
     /// token at the current position is written to the cache but the position does not
-    /// advance.
+    /// advance, and the conv states (which every replay moves on) are restored after.
     pub fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
         if self.seqs[0] >= self.slot_ctx {
             return Err(Error::Arg("profile: the KV cache is full".into()));
         }
+        self.save_conv_states(false)?;
+        let r = self.profile_replays(replays);
+        self.save_conv_states(true)?;
+        r
+    }
+
+    /// [`CudaBackend::profile_decode`] without the conv-state restore.
+    fn profile_replays(&mut self, replays: usize) -> Result<Vec<StepTime>> {
         let steps = self.exec.decode.steps.clone();
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
         self.write_io(&[Row { slot: 0, pos: self.seqs[0], token: 0, logits: true }])?;
@@ -1016,7 +1382,7 @@ impl CudaBackend {
                 }
             }
         }
-        Ok(steps.iter().zip(us).map(|(s, us)| StepTime { kind: s.kind(), us }).collect())
+        Ok(steps.iter().zip(us).map(|(s, us)| StepTime { kind: s.kind(), us, bytes: 0 }).collect())
     }
 
     /// Switches graph capture of decode steps on or off (for eager-vs-graph comparisons).
@@ -1046,7 +1412,8 @@ fn fused_layer(step: &Step) -> Result<usize> {
 impl Backend for CudaBackend {
     fn name(&self) -> String {
         let pack = self.packs.summary().map(|s| format!(", {s}")).unwrap_or_default();
-        format!("cuda ({}{}{pack})", self.dev.name, if self.use_graph { ", graph" } else { ", eager" })
+        let pdl = if self.dev.pdl() { ", pdl" } else { "" };
+        format!("cuda ({}{}{pdl}{pack})", self.dev.name, if self.use_graph { ", graph" } else { ", eager" })
     }
 
     fn config(&self) -> &ModelConfig {
@@ -1070,7 +1437,8 @@ impl Backend for CudaBackend {
     }
 
     /// Splits the allocated cache rows into `n` slots (each `rows / n` tokens: build the
-    /// backend with [`CudaBackend::with_slots`] to size every slot's context up front).
+    /// backend with [`CudaBackend::with_slots`] to size every slot's context up front); the
+    /// rings and conv states, a fixed size per slot, grow to `n` slots.
     fn set_slots(&mut self, n: usize) -> Result<()> {
         if n == 0 || self.cache_rows / n == 0 {
             return Err(Error::Arg(format!(
@@ -1078,8 +1446,21 @@ impl Backend for CudaBackend {
                 self.cache_rows
             )));
         }
+        if n > self.ring_slots {
+            // Rings and conv states are a fixed size per slot: room for the new slots. The
+            // old ones stay in the device arena until the backend drops (set_slots is a
+            // start-up call).
+            for l in 0..self.caches.len() {
+                if matches!(self.caches[l], LayerCache::Ring { .. } | LayerCache::Conv { .. }) {
+                    self.caches[l] = LayerCache::alloc(&mut self.dev, &self.cfg, l, 0, n)?;
+                }
+            }
+            self.ring_slots = n;
+        }
         self.slot_ctx = self.cache_rows / n;
         self.seqs = vec![0; n];
+        // The decode graph holds cache pointers and slot sizes.
+        self.graph = None;
         Ok(())
     }
 

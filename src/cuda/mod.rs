@@ -56,6 +56,8 @@ pub struct Device {
     pub total_mem: usize,
     /// Compute capability (major, minor).
     cc: (i32, i32),
+    /// Built-in kernels are launched with programmatic dependent launch (see [`Device::pdl`]).
+    pdl: bool,
 }
 
 /// Kernels compiled at run time from a source of their own (foundry candidates, kernel-pack
@@ -100,7 +102,16 @@ impl Device {
             in_use: 0,
             peak: 0,
             cc: (major, minor),
+            pdl: major >= 9 && std::env::var("ZMOE_PDL").map_or(true, |v| v != "0"),
         })
+    }
+
+    /// Whether built-in kernels are launched with programmatic dependent launch: on sm_90 and
+    /// newer unless `ZMOE_PDL=0`. Each kernel's blocks may then be scheduled while the
+    /// previous kernel's last wave runs, and wait in `pdl_entry` (common.cuh) for its results;
+    /// the arithmetic is the same either way (`ZMOE_PDL=0` is the A/B switch for benchmarks).
+    pub fn pdl(&self) -> bool {
+        self.pdl
     }
 
     /// The GPU architecture as NVRTC names it, e.g. `sm_90`.
@@ -207,9 +218,34 @@ impl Device {
     fn launch_struct(&self, name: &str, grid: (u32, u32, u32), block: u32, params: *mut c_void) -> Result<()> {
         let f = self.funcs.get(name).ok_or_else(|| Error::Cuda(format!("no kernel `{name}`")))?;
         let mut p = [params];
-        // SAFETY: `params` points at a live `#[repr(C)]` struct whose C twin is the kernel's
-        // only parameter (declared from the same Rust definition, size asserted at compile).
-        unsafe { result::launch_kernel(f.cu_function(), grid, (block, 1, 1), 0, self.stream.cu_stream(), &mut p) }
+        if !self.pdl {
+            // SAFETY: `params` points at a live `#[repr(C)]` struct whose C twin is the kernel's
+            // only parameter (declared from the same Rust definition, size asserted at compile).
+            return unsafe {
+                result::launch_kernel(f.cu_function(), grid, (block, 1, 1), 0, self.stream.cu_stream(), &mut p)
+            }
+            .map_err(|e| Error::Cuda(format!("launching {name}: {e}")));
+        }
+        // SAFETY: zeroed bytes are a valid value of this plain C union.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as above for `params`; `cfg` and `attr` outlive the call, and every built-in
+        // kernel starts with pdl_entry, which waits for the previous kernel's results.
+        unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), p.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
             .map_err(|e| Error::Cuda(format!("launching {name}: {e}")))
     }
 

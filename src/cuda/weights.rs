@@ -62,6 +62,9 @@ pub(crate) struct Upload<'a>(pub &'a mut Device);
 
 impl Convert<Gpu> for Upload<'_> {
     fn mat(&mut self, m: &Mat) -> Result<DMat> {
+        if matches!(m.kind, MatKind::Mxfp4 { .. }) {
+            return Err(unsupported("MXFP4 outside the experts (only GPT-OSS's expert kernels read it)".into()));
+        }
         upload_mats(self.0, std::slice::from_ref(m))
     }
 
@@ -79,7 +82,7 @@ impl DeviceWeights {
     pub(crate) fn gqa(&self, l: usize) -> Result<(&DLinear, &DLinear, &DLinear, u64, u64)> {
         match &self.layers[l].attn {
             Attn::Gqa { q, k, v, q_norm, k_norm } => Ok((q, k, v, *q_norm, *k_norm)),
-            Attn::Mla(_) => Err(Error::Cuda(format!("plan asks for q/k/v projections of MLA layer {l}"))),
+            _ => Err(Error::Cuda(format!("plan asks for the q/k/v projections and q/k norms of layer {l}"))),
         }
     }
 
@@ -139,6 +142,20 @@ fn upload_mats(dev: &mut Device, mats: &[Mat]) -> Result<DMat> {
             let w_stride = (rows * cols * *bits as usize / 32) as i64;
             Ok(DMat { q, rows, cols, w_stride, sb_stride: groups as i64 })
         }
-        MatKind::Mxfp4 { .. } => Err(unsupported("MXFP4 weights".into())),
+        MatKind::Mxfp4 { .. } => {
+            // As stored: codes [rows, cols/2] bytes (16-byte blocks), E8M0 scales [rows, cols/32].
+            let (mut w, mut s) = (Vec::new(), Vec::new());
+            for m in mats {
+                let MatKind::Mxfp4 { packed, scales } = &m.kind else {
+                    return Err(unsupported("mixed expert formats".into()));
+                };
+                w.extend_from_slice(packed.as_slice());
+                s.extend_from_slice(scales.as_slice());
+            }
+            let (w, s) = (dev.upload(&w)?, dev.upload(&s)?);
+            let fmt = super::ops::gpt_oss::FMT_MXFP4;
+            let q = QMat { w: rd(w), s: rd(s), b: rd(0), fmt, bits: 4, group: 32 };
+            Ok(DMat { q, rows, cols, w_stride: (rows * cols / 8) as i64, sb_stride: (rows * cols / 32) as i64 })
+        }
     }
 }

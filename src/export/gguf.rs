@@ -1,5 +1,5 @@
 //! The GGUF file format (version 3), as llama.cpp reads it: a writer that streams tensor
-//! data, a small reader, and the Q4_0 / Q8_0 block quantizers.
+//! data, a small reader, the Q4_0 / Q8_0 block quantizers and BF16 rounding.
 //!
 //! Layout of a file (little-endian throughout; `ggml/src/gguf.cpp` is the authority):
 //!
@@ -26,7 +26,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use half::f16;
+use half::{bf16, f16};
 use memmap2::Mmap;
 
 use crate::checkpoint::FloatType;
@@ -87,11 +87,14 @@ pub enum GgmlType {
     I64,
     /// IEEE double.
     F64,
+    /// OCP MXFP4: 32 elements, an E8M0 exponent byte + 16 bytes of E2M1 codes (element j in
+    /// the low nibble of byte j, element j+16 in its high nibble — ggml's `block_mxfp4`).
+    Mxfp4,
 }
 
 /// (type, ggml id, name, elements per block, bytes per block) — from `ggml.h` /
 /// `ggml-common.h`.
-const TYPES: [(GgmlType, u32, &str, usize, usize); 20] = [
+const TYPES: [(GgmlType, u32, &str, usize, usize); 21] = [
     (GgmlType::F32, 0, "f32", 1, 4),
     (GgmlType::F16, 1, "f16", 1, 2),
     (GgmlType::Q4_0, 2, "q4_0", 32, 18),
@@ -112,6 +115,7 @@ const TYPES: [(GgmlType, u32, &str, usize, usize); 20] = [
     (GgmlType::I64, 27, "i64", 1, 8),
     (GgmlType::F64, 28, "f64", 1, 8),
     (GgmlType::Bf16, 30, "bf16", 1, 2),
+    (GgmlType::Mxfp4, 39, "mxfp4", 32, 17),
 ];
 
 impl GgmlType {
@@ -821,11 +825,38 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [u8]) -> std::result::Result<(), S
     Ok(())
 }
 
-/// Encodes one row of f32 values as `ty` (f32, f16, q4_0 or q8_0) into `out`.
+/// Quantizes `x` (a multiple of 32 long) to MXFP4 blocks in `out` (17 bytes per block): per
+/// block the E8M0 exponent `e = ceil(log2(amax / 6))` (the smallest that fits the largest
+/// magnitude in E2M1's ±6), each element the nearest E2M1 value of `x / 2^e` (the smaller
+/// magnitude on ties). Values that are already MXFP4 (`LUT · 2^s` per block, as dequantized
+/// from an MXFP4 checkpoint) come back exactly: `e ≤ s`, and `LUT · 2^(s−e) ≤ 6` is in the LUT.
+pub fn quantize_row_mxfp4(x: &[f32], out: &mut [u8]) -> std::result::Result<(), String> {
+    assert!(x.len().is_multiple_of(QK) && out.len() == x.len() / QK * 17, "mxfp4 row shape");
+    check_finite(x)?;
+    const MAGS: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    for (xb, yb) in x.chunks_exact(QK).zip(out.chunks_exact_mut(17)) {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let e = if amax == 0.0 { -127 } else { ((amax as f64 / 6.0).log2().ceil() as i32).clamp(-127, 127) };
+        let inv = 2f64.powi(-e);
+        let code = |v: f32| -> u8 {
+            let a = (v.abs() as f64 * inv) as f32;
+            let m = (0..8).min_by(|&i, &j| (MAGS[i] - a).abs().total_cmp(&(MAGS[j] - a).abs())).unwrap_or(0) as u8;
+            if v < 0.0 && m != 0 { m | 8 } else { m }
+        };
+        yb[0] = (e + 127) as u8;
+        for j in 0..QK / 2 {
+            yb[1 + j] = code(xb[j]) | (code(xb[j + QK / 2]) << 4);
+        }
+    }
+    Ok(())
+}
+
+/// Encodes one row of f32 values as `ty` (f32, f16, bf16, q4_0, q8_0 or mxfp4) into `out`.
 pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) -> std::result::Result<(), String> {
     match ty {
         GgmlType::Q4_0 => quantize_row_q4_0(x, out),
         GgmlType::Q8_0 => quantize_row_q8_0(x, out),
+        GgmlType::Mxfp4 => quantize_row_mxfp4(x, out),
         GgmlType::F32 => {
             check_finite(x)?;
             for (o, v) in out.chunks_exact_mut(4).zip(x) {
@@ -840,11 +871,23 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) -> std::result::Res
             }
             Ok(())
         }
+        GgmlType::Bf16 => {
+            // Round to nearest even, as ggml_compute_fp32_to_bf16 does for finite values.
+            check_finite(x)?;
+            for (o, v) in out.chunks_exact_mut(2).zip(x) {
+                let b = bf16::from_f32(*v);
+                if !b.is_finite() {
+                    return Err(format!("{v} overflows bf16"));
+                }
+                o.copy_from_slice(&b.to_le_bytes());
+            }
+            Ok(())
+        }
         other => Err(format!("writing {} is not supported", other.name())),
     }
 }
 
-/// Decodes one row of `ty` (f32, f16, bf16, q4_0 or q8_0) from `bytes` into `out`.
+/// Decodes one row of `ty` (f32, f16, bf16, q4_0, q8_0 or mxfp4) from `bytes` into `out`.
 pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
     if ty.row_bytes(out.len()) != Some(bytes.len()) {
         return Err(format!("{} bytes are not a {} row of {} elements", bytes.len(), ty.name(), out.len()));
@@ -860,6 +903,15 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> std::resul
                 for j in 0..QK / 2 {
                     ob[j] = ((b[2 + j] & 0x0f) as i32 - 8) as f32 * d;
                     ob[j + QK / 2] = ((b[2 + j] >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+        }
+        GgmlType::Mxfp4 => {
+            for (ob, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(17)) {
+                let s = crate::checkpoint::quant::e8m0_to_f32(b[0]);
+                for j in 0..QK / 2 {
+                    ob[j] = crate::checkpoint::quant::FP4_LUT[(b[1 + j] & 0x0f) as usize] * s;
+                    ob[j + QK / 2] = crate::checkpoint::quant::FP4_LUT[(b[1 + j] >> 4) as usize] * s;
                 }
             }
         }
@@ -897,6 +949,8 @@ pub fn block_error_bound(ty: GgmlType, x: &[f32]) -> f32 {
         }
         GgmlType::F16 => amax * 2f32.powi(-11) + 2f32.powi(-24),
         GgmlType::Bf16 => amax * 2f32.powi(-8),
+        // Half the widest E2M1 gap (4 → 6) at the block's exponent.
+        GgmlType::Mxfp4 => 2f32.powf((amax / 6.0).log2().ceil()) + amax * 1e-6,
         _ => 0.0,
     }
 }

@@ -287,6 +287,24 @@ __device__ __forceinline__ bf16 add_bf16(bf16 a, bf16 b) { return f2bf(bf2f(a) +
 // bf16(bf16(silu(g)) * u): SwiGLU of bf16 gate and up values.
 __device__ __forceinline__ bf16 swiglu_elem(bf16 g, bf16 u) { return f2bf(bf2f(f2bf(silu(bf2f(g)))) * bf2f(u)); }
 
+// swiglu(bf16(G[r]·x), bf16(U[r]·x)) for one warp (every lane gets the result): MLX affine
+// rows share each chunk of x (affine_partial_pair), other formats take two row_dot_partial.
+// The production moe_gate_up_swiglu and the foundry's gather_qmm_swiglu baseline call this.
+__device__ __forceinline__ bf16 gate_up_swiglu_row(const QMat& G, const QMat& U, long r, int K, const bf16* x,
+                                                   int lane) {
+    float ag[1], au[1];
+    if (G.fmt == FMT_AFFINE && G.bits == 4) {
+        affine_partial_pair<4>(G, U, r, K, x, lane, ag, au);
+    } else if (G.fmt == FMT_AFFINE && G.bits == 8) {
+        affine_partial_pair<8>(G, U, r, K, x, lane, ag, au);
+    } else {
+        const bf16* xs[1] = {x};
+        row_dot_partial<1>(G, r, K, xs, 1, lane, ag);
+        row_dot_partial<1>(U, r, K, xs, 1, lane, au);
+    }
+    return swiglu_elem(f2bf(warp_sum(ag[0])), f2bf(warp_sum(au[0])));
+}
+
 // Rotates the pair (i, i + half) of a bf16 head in place by angle pos·inv_freq (half-split RoPE).
 __device__ __forceinline__ void rope_pair(bf16* v, int i, int half, int pos, float inv_freq) {
     float sn, cs;
@@ -332,9 +350,116 @@ __device__ __forceinline__ void router_topk_warp(const float* l, int E, int K, i
     if (lane == 0) for (int j = 0; j < K; j++) wout[j] = norm ? sel[j] / tot : sel[j];
 }
 
+// Programmatic dependent launch (sm_90+): the first statement of every built-in kernel.
+// griddepcontrol.wait returns once the kernel before this one in the stream has finished and
+// its writes are visible — so nothing after it reads a stale input or overwrites an input
+// still being read, and the arithmetic is untouched — and launch_dependents then lets the
+// next kernel's blocks be scheduled while this grid's last wave runs (they wait in their own
+// pdl_entry). Launched without the PDL attribute (ZMOE_PDL=0, GPUs before sm_90, foundry
+// and pack kernels) both instructions return at once.
+__device__ __forceinline__ void pdl_entry() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Top-K of one token's selection scores c (expert lane + 32·i in slot i of each lane's
+// arrays; -inf never chosen), largest first, the lowest index winning ties: writes the
+// chosen experts to idx (lane 0) and their weights sg to sel; returns Σ sel in slot order.
+__device__ __forceinline__ float select_topk_warp(const float (&sg)[32], const float (&c)[32], int E, int K, int* idx,
+                                                  float* sel) {
+    int lane = threadIdx.x & 31;
+    float tot = 0.f;
+    unsigned taken = 0;  // bit i: expert lane + 32·i already chosen
+    for (int j = 0; j < K; j++) {
+        float bv = -INFINITY, bs = 0.f;
+        int bi = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            int e = lane + 32 * i;
+            if (e < E && !(taken >> i & 1u) && c[i] > bv) { bv = c[i]; bs = sg[i]; bi = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bs = os; bi = oi; }
+        }
+        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        sel[j] = bs;
+        tot += bs;
+        if (lane == 0) idx[j] = bi;
+    }
+    return tot;
+}
+
+// GLM / DeepSeek router of one token by one warp (model-spec §3.6): s = sigmoid(logit);
+// selection on s + bias among the topk_group groups (of n_group ≤ 32) with the largest
+// sum of their two best biased scores (lowest group wins ties), top-K with the lowest
+// index winning ties; weights = s of the chosen experts, / (Σ + 1e-20) when norm, × scale.
+// E ≤ 1024.
+// Logits are read through L2 (__ldcg): the fused router reads what other blocks just wrote.
+__device__ void router_sigmoid_warp(const float* lg, const float* bias, int E, int K, int n_group, int topk_group,
+                                    int norm, float scale, int* idx, float* wout) {
+    __shared__ float gs[32];
+    __shared__ int keep[32];
+    int lane = threadIdx.x & 31;
+    float sg[32], c[32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        int e = lane + 32 * i;
+        sg[i] = e < E ? 1.f / (1.f + expf(-__ldcg(lg + e))) : 0.f;
+        c[i] = e < E ? sg[i] + bias[e] : -INFINITY;
+    }
+    if (n_group > 1) {
+        // Group scores: top-2 sum of each group, lane g owning group g.
+        int per = E / n_group;
+        __shared__ float cs[1024];
+#pragma unroll
+        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E) cs[e] = c[i]; }
+        __syncwarp();
+        if (lane < n_group) {
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int e = lane * per; e < (lane + 1) * per; e++) {
+                float v = cs[e];
+                if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
+            }
+            gs[lane] = b1 + b2;
+            keep[lane] = 0;
+        }
+        __syncwarp();
+        if (lane == 0) {
+            for (int j = 0; j < topk_group; j++) {
+                int bi = -1;
+                for (int g = 0; g < n_group; g++) if (!keep[g] && (bi < 0 || gs[g] > gs[bi])) bi = g;
+                keep[bi] = 1;
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E && !keep[e / per]) c[i] = -INFINITY; }
+    }
+    float sel[16];
+    float tot = select_topk_warp(sg, c, E, K, idx, sel);
+    if (lane == 0) {
+        float den = tot + 1e-20f;
+        for (int j = 0; j < K; j++) wout[j] = (norm ? sel[j] / den : sel[j]) * scale;
+    }
+}
+
 // One slot of the expert combine: a + w·y with an explicit FMA (no contraction choice left
 // to the compiler, so every kernel that combines experts rounds identically).
 __device__ __forceinline__ float combine_step(float a, float w, bf16 y) { return __fmaf_rn(w, bf2f(y), a); }
+
+// One output element of the expert combine: Σ_j w[j] · y[j·stride] in slot order (f32,
+// combine_step), for K slots. Every combine kernel and the foundry's moe_combine baseline
+// call this.
+__device__ __forceinline__ float combine_slots(const float* w, const bf16* y, int K, long stride) {
+    float a = 0.f;
+    for (int j = 0; j < K; j++) a = combine_step(a, w[j], y[(long)j * stride]);
+    return a;
+}
 
 // Row RMSNorm of n elements by one block: y = bf16(w * (x * rsqrt(mean(x^2) + eps))).
 // x is read through L2, so a last-to-finish block may normalise rows other blocks wrote.
@@ -362,4 +487,23 @@ __device__ __forceinline__ void rmsnorm_row(const bf16* x, const float* w, bf16*
 #pragma unroll
     for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) y[t + j * nt] = f2bf(wv[j] * (v[j] * inv));
     for (int i = t + RMS_REG * nt; i < n; i += nt) y[i] = f2bf(w[i] * (bf2f(__ldcg(x + i)) * inv));
+}
+
+// residual_norm of one row by one block: x = bf16(x + src), then y = rmsnorm_row(x) ⊙ w.
+// Each thread loads its first RMS_REG elements of x and src together before any store.
+__device__ __forceinline__ void add_rmsnorm_row(bf16* x, const bf16* src, const float* w, bf16* y, int n, float eps) {
+    const int t = threadIdx.x, nt = blockDim.x;
+    bf16 xv[RMS_REG], sv[RMS_REG];
+#pragma unroll
+    for (int j = 0; j < RMS_REG; j++) {
+        if (t + j * nt < n) {
+            xv[j] = x[t + j * nt];
+            sv[j] = src[t + j * nt];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) x[t + j * nt] = add_bf16(xv[j], sv[j]);
+    for (int i = t + RMS_REG * nt; i < n; i += nt) x[i] = add_bf16(x[i], src[i]);
+    __syncthreads();
+    rmsnorm_row(x, w, y, n, eps);
 }

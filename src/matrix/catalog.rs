@@ -64,7 +64,16 @@ pub fn param_counts(cfg: &ModelConfig) -> (u64, u64) {
     let expert = 3 * h * n(cfg.moe_intermediate_size);
     // Shared experts run on every token; sigmoid routers carry a correction bias.
     let shared = 3 * h * n(cfg.shared_intermediate_size());
-    let router_bias = if cfg.family.is_mla() { n(cfg.num_experts) } else { 0 };
+    let router_bias = match cfg.router {
+        crate::config::RouterKind::Softmax | crate::config::RouterKind::SigmoidBias { expert_bias: false, .. } => 0,
+        _ => n(cfg.num_experts),
+    };
+    // LFM2 short conv in place of attention: in_proj [3H, H], kernel [H, L], out_proj
+    // (biases on all three with conv_bias), the layer's two norms.
+    let conv = cfg.conv.as_ref().map_or(0, |c| {
+        let l = n(c.kernel);
+        4 * h * h + h * l + if c.bias { 3 * h + h + h } else { 0 }
+    });
     let (mut total, mut active) = (0u64, 0u64);
     for l in 0..cfg.num_layers {
         let (all_mlp, used_mlp) = if cfg.is_moe_layer(l) {
@@ -74,8 +83,9 @@ pub fn param_counts(cfg: &ModelConfig) -> (u64, u64) {
             let dense = 3 * h * n(cfg.intermediate_size);
             (dense, dense)
         };
-        total += attention + norms + all_mlp;
-        active += attention + norms + used_mlp;
+        let (mixer, norms) = if cfg.is_conv_layer(l) { (conv, 2 * h) } else { (attention, norms) };
+        total += mixer + norms + all_mlp;
+        active += mixer + norms + used_mlp;
     }
     let (embed, head) = (v * h, v * h);
     total += h + embed + if cfg.tie_word_embeddings { 0 } else { head };
@@ -135,13 +145,15 @@ impl CatalogRow {
 
 /// The catalog row of every preset in [`synth::PRESETS`], in that order.
 pub fn preset_rows() -> Result<Vec<CatalogRow>> {
-    let formats = SynthQuant::ALL.map(SynthQuant::name).join("|");
     synth::PRESETS
         .iter()
         .map(|(family, preset, about)| {
+            let formats: Vec<&str> =
+                SynthQuant::ALL.into_iter().filter(|q| q.fits(family)).map(SynthQuant::name).collect();
+            let formats = formats.join("|");
             let json = synth::preset_config(family, preset)?;
             let cfg = ModelConfig::parse(&json.to_string(), Path::new(&format!("<preset {family}/{preset}>")))?;
-            Ok(CatalogRow::new(format!("{family}/{preset}"), &cfg, formats.clone(), (*about).into()))
+            Ok(CatalogRow::new(format!("{family}/{preset}"), &cfg, formats, (*about).into()))
         })
         .collect()
 }
@@ -232,7 +244,9 @@ mod tests {
     fn mla_totals_equal_checkpoint_elements() {
         use crate::checkpoint::synth::{SynthSpec, write};
         let tmp = tempfile::tempdir().unwrap();
-        for (family, preset) in [("glm4_moe_lite", "glm-tiny"), ("deepseek_v3", "deepseek-tiny")] {
+        for (family, preset) in
+            [("glm4_moe_lite", "glm-tiny"), ("deepseek_v3", "deepseek-tiny"), ("lfm2_moe", "lfm2-tiny")]
+        {
             let out = tmp.path().join(preset);
             let spec = SynthSpec {
                 family: family.into(),
@@ -250,6 +264,20 @@ mod tests {
         let json = synth::preset_config("glm4_moe_lite", "glm-4.7-flash").unwrap();
         let (total, active) = param_counts(&ModelConfig::parse(&json.to_string(), Path::new("c")).unwrap());
         assert!((29.5e9..30.5e9).contains(&(total as f64)) && (3.0e9..4.0e9).contains(&(active as f64)));
+        // LFM2-8B-A1B: 8.3B total, 1.5B active (Liquid AI's model card).
+        let json = synth::preset_config("lfm2_moe", "lfm2-8b-a1b").unwrap();
+        let (total, active) = param_counts(&ModelConfig::parse(&json.to_string(), Path::new("c")).unwrap());
+        assert!(
+            (8.2e9..8.5e9).contains(&(total as f64)) && (1.4e9..1.6e9).contains(&(active as f64)),
+            "{total} {active}"
+        );
+        // LFM2-24B-A2B: 24B total, 2.3B active (model card; our assumed dense width and layout).
+        let json = synth::preset_config("lfm2_moe", "lfm2-24b-a2b").unwrap();
+        let (total, active) = param_counts(&ModelConfig::parse(&json.to_string(), Path::new("c")).unwrap());
+        assert!(
+            (23.0e9..25.0e9).contains(&(total as f64)) && (2.1e9..2.5e9).contains(&(active as f64)),
+            "{total} {active}"
+        );
     }
 
     #[test]

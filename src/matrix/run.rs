@@ -413,7 +413,12 @@ mod tests {
                 "glm4_moe_lite/glm-tiny@affine4",
                 "glm4_moe_lite/glm-4.7-flash@affine4",
                 "deepseek_v3/deepseek-tiny@affine4",
-                "deepseek_v3/kimi-k2-tiny@affine4"
+                "deepseek_v3/kimi-k2-tiny@affine4",
+                "lfm2_moe/lfm2-tiny@affine4",
+                "lfm2_moe/lfm2-8b-a1b@affine4",
+                "lfm2_moe/lfm2-24b-a2b@affine4",
+                "gpt_oss/gpt-oss-tiny@affine4",
+                "gpt_oss/gpt-oss-20b@affine4"
             ],
             "folders first, then presets in order, --all adding the rest"
         );

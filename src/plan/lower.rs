@@ -93,6 +93,11 @@ fn same_format(a: &Mat, b: &Mat) -> bool {
 fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
     let Step::Fused { op, parts } = s else { return Ok(true) };
     let mats: Vec<&Mat> = match op {
+        // GPT-OSS's kernel (moe_gate_up_clamp) reads the gate and up stacks each in its own
+        // format, MXFP4 included.
+        Fusion::MoeGateUpSwiglu if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::ClampSwiglu, .. })) => {
+            return Ok(true);
+        }
         Fusion::MoeGateUpSwiglu => {
             let ex = w.experts(s.layer().unwrap_or(usize::MAX))?;
             ex.gate.iter().chain(&ex.up).collect()
@@ -115,7 +120,11 @@ fn decode_only(s: &Step) -> bool {
     matches!(
         s,
         Step::Fused {
-            op: Fusion::MoeRouter | Fusion::MoeGateUpSwiglu | Fusion::MoeDownCombineAdd | Fusion::OProjAddRmsNorm,
+            op: Fusion::MoeRouter
+                | Fusion::MoeGateUpSwiglu
+                | Fusion::MoeDownCombineAdd
+                | Fusion::OProjAddRmsNorm
+                | Fusion::ConvMixer,
             ..
         }
     )
@@ -155,12 +164,20 @@ impl Plan {
             let r = match s {
                 Step::Linear { w: r, .. } => w.linear(r).map(drop),
                 Step::RmsNorm { w: r, .. } | Step::HeadNorm { w: r, .. } => w.norm(r).map(drop),
-                Step::Moe { layer, op: MoeOp::ExpertGateUp | MoeOp::ExpertDown | MoeOp::SigmoidTopK } => {
-                    w.experts(layer).map(drop)
-                }
+                Step::Moe {
+                    layer,
+                    op:
+                        MoeOp::ExpertGateUp
+                        | MoeOp::ExpertDown
+                        | MoeOp::SigmoidTopK
+                        | MoeOp::SigmoidBiasTopK
+                        | MoeOp::ClampSwiglu,
+                } => w.experts(layer).map(drop),
+                Step::Attn { layer, op: AttnOp::ShortConv } => w.conv(layer).map(drop),
                 Step::Attn { layer, op: AttnOp::Rope | AttnOp::KvAppend | AttnOp::Attention } => {
                     w.linear(LinRef::K(layer)).map(drop)
                 }
+                Step::Attn { layer, op: AttnOp::SinkAttention } => w.sinks(layer).map(drop),
                 Step::Attn { layer, .. } => w.mla(layer).map(drop),
                 _ => Ok(()),
             };

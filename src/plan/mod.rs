@@ -59,11 +59,13 @@ pub enum Buf {
     OLat,
     /// Shared-expert output `[T, H]`.
     SharedOut,
+    /// LFM2 short conv's in_proj output `[T, 3H]`: the gates B, C and the input X.
+    Bcx,
 }
 
 impl Buf {
     /// Every buffer, for backends that allocate them up front.
-    pub const ALL: [Buf; 18] = [
+    pub const ALL: [Buf; 19] = [
         Buf::X,
         Buf::H,
         Buf::Q,
@@ -82,6 +84,7 @@ impl Buf {
         Buf::QLat,
         Buf::OLat,
         Buf::SharedOut,
+        Buf::Bcx,
     ];
 }
 
@@ -193,6 +196,14 @@ pub enum AttnOp {
     /// `MlaVUp`, different rounding and O(S) projections per step (CPU only; see
     /// [`Plan::with_expanded_mla`]).
     MlaAttentionExpanded,
+    /// LFM2 gated short convolution (model-spec §4.4) of `Bcx` → `Attn` `[T, H]`:
+    /// `u = B ⊙ X`, causal depthwise convolution of `u` over the layer's conv state (the last
+    /// `L − 1` values of `u`) and this chunk, `Attn = C ⊙ conv`; the state moves on by `T`.
+    ShortConv,
+    /// GPT-OSS: causal attention of Q over the layer's cache with one sink logit per query
+    /// head as an extra softmax column that is then dropped, over the layer's sliding
+    /// window (`ModelConfig::window`) or all keys → `Attn`.
+    SinkAttention,
 }
 
 /// The ops of a layer's routed experts.
@@ -203,9 +214,21 @@ pub enum MoeOp {
     /// GLM / DeepSeek router on `RouterLogits`: sigmoid, the layer's correction bias for
     /// selection, group limiting, top-k (lowest index wins ties), renormalise, scale.
     SigmoidTopK,
-    /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`.
+    /// LFM2 router on `RouterLogits`: sigmoid, the layer's expert bias for selection, top-k
+    /// (lowest index wins ties), weights the unbiased scores renormalised (`/ (sum + 1e-6)`)
+    /// and scaled.
+    SigmoidBiasTopK,
+    /// GPT-OSS router on `RouterLogits` (bias included): top-k on the logits (lowest index
+    /// wins ties), softmax over the k selected.
+    TopKSoftmax,
+    /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`
+    /// (+ the experts' biases where they have them).
     ExpertGateUp,
-    /// Down projection of each selected expert: `Act` → `ExpertOut` `[T·K, H]`.
+    /// GPT-OSS expert activation: `Act = (clamp(Up, ±L) + 1) · g · σ(α·g)` with
+    /// `g = min(Gate, L)` (model-spec §5.5 step 8).
+    ClampSwiglu,
+    /// Down projection of each selected expert: `Act` → `ExpertOut` `[T·K, H]` (+ the down
+    /// bias, before the routing weight).
     ExpertDown,
     /// `Out[t] = Σ_j w[t,j] · ExpertOut[t·K+j]`, f32 accumulation in slot order.
     Combine,
@@ -234,6 +257,8 @@ pub enum Fusion {
     QkNormRopeKv,
     /// `qk_norm_rope` for MLA: the latent norm, RoPE of q_pe and k_pe, the latent-cache append.
     LatentNormRopeAppend,
+    /// `conv_mixer`: LFM2's in_proj and gated short convolution (one token).
+    ConvMixer,
 }
 
 impl Step {
@@ -298,6 +323,8 @@ impl AttnOp {
             AttnOp::MlaAttention => "mla_attention",
             AttnOp::MlaVUp => "mla_v_up",
             AttnOp::MlaAttentionExpanded => "mla_attention_expanded",
+            AttnOp::ShortConv => "short_conv",
+            AttnOp::SinkAttention => "sink_attention",
         }
     }
 }
@@ -308,6 +335,9 @@ impl MoeOp {
         match self {
             MoeOp::RouterTopK => "router_topk",
             MoeOp::SigmoidTopK => "sigmoid_topk",
+            MoeOp::SigmoidBiasTopK => "sigmoid_bias_topk",
+            MoeOp::TopKSoftmax => "topk_softmax",
+            MoeOp::ClampSwiglu => "clamp_swiglu",
             MoeOp::ExpertGateUp => "expert_gate_up",
             MoeOp::ExpertDown => "expert_down",
             MoeOp::Combine => "combine",
@@ -324,7 +354,16 @@ impl Fusion {
             Fusion::MoeRouter if has(&|s| matches!(s, Step::Moe { op: MoeOp::SigmoidTopK, .. })) => {
                 "moe_sigmoid_router".into()
             }
+            Fusion::MoeRouter if has(&|s| matches!(s, Step::Moe { op: MoeOp::SigmoidBiasTopK, .. })) => {
+                "moe_sigmoid_bias_router".into()
+            }
+            Fusion::MoeRouter if has(&|s| matches!(s, Step::Moe { op: MoeOp::TopKSoftmax, .. })) => {
+                "moe_topk_softmax_router".into()
+            }
             Fusion::MoeRouter => "moe_router".into(),
+            Fusion::MoeGateUpSwiglu if has(&|s| matches!(s, Step::Moe { op: MoeOp::ClampSwiglu, .. })) => {
+                "moe_gate_up_clamp_swiglu".into()
+            }
             Fusion::MoeGateUpSwiglu => "moe_gate_up_swiglu".into(),
             Fusion::MoeDownCombineAdd if has(&|s| matches!(s, Step::Add { src: Buf::SharedOut, .. })) => {
                 "moe_down_combine_shared_add".into()
@@ -343,6 +382,7 @@ impl Fusion {
             Fusion::InProj => "qkv_proj".into(),
             Fusion::QkNormRopeKv => "qk_norm_rope_kv".into(),
             Fusion::LatentNormRopeAppend => "latent_norm_rope_append".into(),
+            Fusion::ConvMixer => "conv_in_short_conv".into(),
         }
     }
 }
@@ -386,6 +426,8 @@ impl Plan {
         match cfg.family {
             Family::Qwen3Moe => family::qwen3_moe::reference(cfg),
             Family::Glm4MoeLite | Family::DeepseekV3 => family::mla_moe::reference(cfg),
+            Family::Lfm2Moe => family::lfm2_moe::reference(cfg),
+            Family::GptOss => family::gpt_oss::reference(cfg),
         }
     }
 

@@ -34,18 +34,21 @@ pub enum Pattern {
     ResidualNorm,
     /// Shared experts' gate+up+SwiGLU in one kernel (GLM / DeepSeek).
     SharedExpert,
+    /// LFM2's in_proj and gated short convolution in one kernel (decode).
+    ConvMixer,
 }
 
 impl Pattern {
     /// Every pattern, in the order rewrites are applied (`moe_mlp` claims the residual add
     /// after the expert combine before `residual_norm` looks for adds).
-    pub const ALL: [Pattern; 6] = [
+    pub const ALL: [Pattern; 7] = [
         Pattern::MoeMlp,
         Pattern::SwigluMlp,
         Pattern::QkvProj,
         Pattern::QkNormRope,
         Pattern::ResidualNorm,
         Pattern::SharedExpert,
+        Pattern::ConvMixer,
     ];
 
     /// The CLI name.
@@ -57,6 +60,7 @@ impl Pattern {
             Pattern::QkNormRope => "qk_norm_rope",
             Pattern::ResidualNorm => "residual_norm",
             Pattern::SharedExpert => "shared_expert",
+            Pattern::ConvMixer => "conv_mixer",
         }
     }
 
@@ -69,6 +73,7 @@ impl Pattern {
             Pattern::QkNormRope => "q/k head norms + RoPE + KV-cache append (MLA: latent norm + RoPE + append)",
             Pattern::ResidualNorm => "residual add + RMSNorm (with o_proj before it after attention)",
             Pattern::SharedExpert => "shared experts' gate+up+SwiGLU",
+            Pattern::ConvMixer => "short conv's in_proj + gating + causal conv + gating (one token)",
         }
     }
 
@@ -91,13 +96,20 @@ impl Pattern {
         let (op, parts): (Fusion, Vec<Step>) = match (self, rest.first()?) {
             (Pattern::MoeMlp, Step::Linear { w: LinRef::Router(l), .. }) => {
                 let top_k = match rest.get(1)? {
-                    Step::Moe { op: MoeOp::SigmoidTopK, .. } => MoeOp::SigmoidTopK,
+                    Step::Moe {
+                        op: op @ (MoeOp::SigmoidTopK | MoeOp::SigmoidBiasTopK | MoeOp::TopKSoftmax), ..
+                    } => *op,
                     _ => MoeOp::RouterTopK,
                 };
                 (Fusion::MoeRouter, vec![lin(LinRef::Router(*l), H, RouterLogits), moe(*l, top_k)])
             }
             (Pattern::MoeMlp, Step::Moe { layer, op: MoeOp::ExpertGateUp }) => {
-                (Fusion::MoeGateUpSwiglu, vec![moe(*layer, MoeOp::ExpertGateUp), Step::Swiglu])
+                // GPT-OSS's experts end in the clamped SwiGLU instead.
+                let act = match rest.get(1)? {
+                    Step::Moe { op: MoeOp::ClampSwiglu, .. } => moe(*layer, MoeOp::ClampSwiglu),
+                    _ => Step::Swiglu,
+                };
+                (Fusion::MoeGateUpSwiglu, vec![moe(*layer, MoeOp::ExpertGateUp), act])
             }
             (Pattern::MoeMlp, Step::Moe { layer, op: MoeOp::ExpertDown }) => {
                 let mut run = vec![moe(*layer, MoeOp::ExpertDown), moe(*layer, MoeOp::Combine)];
@@ -106,6 +118,9 @@ impl Pattern {
                 }
                 run.push(Step::Add { dst: X, src: Out });
                 (Fusion::MoeDownCombineAdd, run)
+            }
+            (Pattern::ConvMixer, Step::Linear { w: LinRef::ConvIn(l), .. }) => {
+                (Fusion::ConvMixer, vec![lin(LinRef::ConvIn(*l), H, Bcx), attn(*l, AttnOp::ShortConv)])
             }
             (Pattern::SharedExpert, Step::Linear { w: LinRef::SharedGate(l), .. }) => (
                 Fusion::GateUpSwiglu,
@@ -185,13 +200,44 @@ pub fn policy(family: Family) -> FamilyPolicy {
         // All five are bit-identical; measured on the H200 (bench/RESULTS.md, "patched vs
         // reference"), none costs speed on the qwen3-30b-a3b preset.
         Family::Qwen3Moe => FamilyPolicy {
-            defaults: Pattern::ALL.into_iter().filter(|&p| p != Pattern::SharedExpert).collect(),
-            excluded: vec![(Pattern::SharedExpert, "no shared experts in this family")],
+            defaults: Pattern::ALL
+                .into_iter()
+                .filter(|&p| !matches!(p, Pattern::SharedExpert | Pattern::ConvMixer))
+                .collect(),
+            excluded: vec![
+                (Pattern::SharedExpert, "no shared experts in this family"),
+                (Pattern::ConvMixer, "no short-conv layers in this family"),
+            ],
         },
         // The same six, in their MLA / sigmoid-router / shared-expert forms (bit-identical).
-        Family::Glm4MoeLite | Family::DeepseekV3 => {
-            FamilyPolicy { defaults: Pattern::ALL.to_vec(), excluded: Vec::new() }
-        }
+        Family::Glm4MoeLite | Family::DeepseekV3 => FamilyPolicy {
+            defaults: Pattern::ALL.into_iter().filter(|&p| p != Pattern::ConvMixer).collect(),
+            excluded: vec![(Pattern::ConvMixer, "no short-conv layers in this family")],
+        },
+        // LFM2: the Qwen3 five on its attention layers, its dense and MoE FFNs; o_proj +
+        // residual + norm also after every short conv (its out_proj is the layer's `O`).
+        // conv_mixer is bit-identical but opt-in until its decode speedup is measured on a GPU.
+        Family::Lfm2Moe => FamilyPolicy {
+            defaults: Pattern::ALL
+                .into_iter()
+                .filter(|&p| !matches!(p, Pattern::SharedExpert | Pattern::ConvMixer))
+                .collect(),
+            excluded: vec![
+                (Pattern::SharedExpert, "no shared experts in this family"),
+                (Pattern::ConvMixer, "opt-in (--patterns): decode speedup not yet measured"),
+            ],
+        },
+        // GPT-OSS: its router (top-k on logits, softmax over k) and clamped SwiGLU in the
+        // moe_mlp kernels, the biased q/k/v projections in one, o_proj + residual + norm.
+        Family::GptOss => FamilyPolicy {
+            defaults: vec![Pattern::MoeMlp, Pattern::QkvProj, Pattern::ResidualNorm],
+            excluded: vec![
+                (Pattern::SwigluMlp, "no dense MLP layers in this family"),
+                (Pattern::QkNormRope, "no q/k norms in this family (RoPE and the KV append stay two steps)"),
+                (Pattern::SharedExpert, "no shared experts in this family"),
+                (Pattern::ConvMixer, "no short-conv layers in this family"),
+            ],
+        },
     }
 }
 
@@ -310,6 +356,9 @@ fn not_applied_reason(cfg: &ModelConfig, pattern: Pattern, layer: usize) -> &'st
         Pattern::SwigluMlp if moe => "MoE layer (its MLP is moe_mlp's)",
         Pattern::SharedExpert if cfg.n_shared_experts == 0 => "the family has no shared experts",
         Pattern::SharedExpert if !moe => "dense MLP layer (no shared experts)",
+        Pattern::QkvProj | Pattern::QkNormRope if cfg.is_conv_layer(layer) => "short-conv layer (no attention)",
+        Pattern::ConvMixer if !cfg.is_conv_layer(layer) => "attention layer (no short conv)",
+        Pattern::QkNormRope if cfg.gpt_oss.is_some() => "no q/k head norms (GPT-OSS)",
         _ => "the steps it replaces are not in this layer's plan",
     }
 }
@@ -405,7 +454,7 @@ mod tests {
             assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
             let replaced: usize = applied.iter().map(|a| a.step.components().len() - 1).sum();
             assert_eq!(plan.steps.len() + replaced, reference.steps.len());
-            for p in pats.iter().filter(|&&p| p != Pattern::SharedExpert) {
+            for p in pats.iter().filter(|&&p| !matches!(p, Pattern::SharedExpert | Pattern::ConvMixer)) {
                 assert!(applied.iter().any(|a| a.pattern == *p), "{p} fused nothing");
             }
         }
@@ -430,7 +479,7 @@ mod tests {
                     Pattern::ALL.into_iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, p)| p).collect();
                 let (plan, applied) = apply(&reference, &pats);
                 assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
-                for p in &pats {
+                for p in pats.iter().filter(|&&p| p != Pattern::ConvMixer) {
                     assert!(applied.iter().any(|a| a.pattern == *p), "{p} fused nothing (q_lora {q_lora})");
                 }
             }
@@ -447,6 +496,32 @@ mod tests {
             let has = |f: fn(&Step) -> bool| plan.steps.iter().any(f);
             assert!(!has(|s| matches!(s, Step::Moe { op: MoeOp::SigmoidTopK | MoeOp::Combine, .. })));
         }
+    }
+
+    #[test]
+    fn gpt_oss_subsets_expand_back_and_policy_patterns_fire() {
+        let json = crate::checkpoint::synth::preset_config("gpt_oss", "gpt-oss-tiny").unwrap();
+        let c = ModelConfig::parse(&json.to_string(), Path::new("config.json")).unwrap();
+        let reference = Plan::reference(&c);
+        for mask in 0..1u32 << Pattern::ALL.len() {
+            let pats: Vec<Pattern> =
+                Pattern::ALL.into_iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, p)| p).collect();
+            let (plan, _) = apply(&reference, &pats);
+            assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
+        }
+        let (plan, applied) = patched_plan(&c, &Selection::default());
+        let count = |p: Pattern| applied.iter().filter(|a| a.pattern == p).count();
+        // 4 layers × (router, gate/up + clamped SwiGLU, down + combine + add); q/k/v per layer;
+        // o_proj + add + norm per layer and the MoE add feeding the next input norm: none
+        // (moe_mlp claims it).
+        assert_eq!((count(Pattern::MoeMlp), count(Pattern::QkvProj), count(Pattern::ResidualNorm)), (12, 4, 4));
+        let kinds: Vec<String> = plan.steps.iter().map(Step::kind).collect();
+        for k in ["moe_topk_softmax_router (fused)", "moe_gate_up_clamp_swiglu (fused)", "qkv_proj (fused)"] {
+            assert!(kinds.iter().any(|x| x == k), "{k} missing: {kinds:?}");
+        }
+        assert!(!plan.steps.iter().any(|s| matches!(s, Step::Moe { op: MoeOp::TopKSoftmax | MoeOp::ClampSwiglu, .. })));
+        let text = describe(&c, &Selection::default());
+        assert!(text.contains("no q/k norms in this family"), "{text}");
     }
 
     #[test]

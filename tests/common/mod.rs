@@ -122,6 +122,9 @@ pub fn assert_patterns_bitexact(kind: zmoe::BackendKind, dirs: &[PathBuf], promp
             let nothing_to_fuse = match pats.as_slice() {
                 [Pattern::SharedExpert] => cfg.n_shared_experts == 0,
                 [Pattern::SwigluMlp] => (0..cfg.num_layers).all(|l| cfg.is_moe_layer(l)),
+                [Pattern::ConvMixer] => cfg.conv.is_none(),
+                // GPT-OSS has no q/k head norms for qk_norm_rope to start from.
+                [Pattern::QkNormRope] => cfg.gpt_oss.is_some(),
                 _ => false,
             };
             if nothing_to_fuse {

@@ -2,21 +2,25 @@
 # Device machine: zmoe vs llama.cpp on the same GPU and the same model shape, in one call.
 #
 #   bench/peers/llama_cpp/run.sh [--prepare-only] [FAMILY]   # FAMILY: table below (default qwen3_moe)
+#   PRESET=glm-tiny bench/peers/llama_cpp/run.sh glm4_moe_lite  # another zmoe preset of the family
 #
 # --prepare-only: build llama-bench if needed and synthesise the model, nothing else (the
 # first of two device calls when the build and the benchmark would not fit one command).
 #
-# Steps: synthesise the family's preset with zmoe (MLX affine 4-bit, seed 0; or reuse $MODEL),
+# Steps: synthesise the family's preset with zmoe (its format in the table: MLX affine 4-bit, or
+# gpt-oss's MXFP4 release layout; seed 0; or reuse $MODEL),
 # `zmoe bench` it on CUDA, then for each GGUF quant: `zmoe export gguf` the same weights
 # (re-quantized), `llama-bench` it (flash attention off and on), delete the GGUF (disk: the
 # 30B preset is 17 GB as affine4, 17 GB as Q4_0 and 32 GB as Q8_0). Prints one table.
 #
 # Environment (all optional):
+#   PRESET=<the family's row>        zmoe synth preset (e.g. glm-tiny for a quick smoke test)
 #   ZMOE=scratch/gpu/zmoe            zmoe binary (needs `zmoe export gguf`)
 #   LLAMA_BENCH=$WORK/llama.cpp-build/bin/llama-bench   (built by build.sh if missing)
 #   MODEL=DIR                        reuse this zmoe model folder instead of synthesising
 #   WORK=/tmp/zmoe-peers             llama.cpp source + build, models and GGUFs (large)
 #   OUT=$WORK/out                    results: run.log env.txt zmoe.json llama-<quant>.json table.md
+#                                    peer-<family>.json (commit under bench/peers/results/)
 #   QUANTS="q4_0 q8_0"  REPS=10  KEEP_GGUF=0
 #   ZMOE_BENCH_ARGS=""               extra `zmoe bench` flags (e.g. a plan)
 #   ZMOE_BACKEND=cuda                (cpu: a local smoke test of this script with a CPU llama-bench)
@@ -25,19 +29,25 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."          # repo root
 HERE=bench/peers/llama_cpp
 
-# family   zmoe synth preset   llama.cpp arch   (one line per family)
+# family   zmoe synth preset   llama.cpp arch   synth format   (one line per family)
+# (gpt-oss GGUFs keep MXFP4 experts whatever the quant: QUANTS picks the other matrices)
 FAMILIES="
-qwen3_moe  qwen3-30b-a3b  qwen3moe
+qwen3_moe      qwen3-30b-a3b  qwen3moe   affine4
+glm4_moe_lite  glm-4.7-flash  deepseek2  affine4
+lfm2_moe       lfm2-8b-a1b    lfm2moe    affine4
+gpt_oss        gpt-oss-20b    gpt-oss    mxfp4
 "
 PREPARE_ONLY=0
 if [ "${1:-}" = --prepare-only ]; then PREPARE_ONLY=1; shift; fi
 case "${1:-}" in -*) echo "error: unknown option $1 (usage: run.sh [--prepare-only] [FAMILY])" >&2; exit 1;; esac
 FAMILY=${1:-qwen3_moe}
-read -r _ PRESET ARCH < <(echo "$FAMILIES" | awk -v f="$FAMILY" '$1 == f') || true
-if [ -z "${PRESET:-}" ]; then
+read -r _ ROW_PRESET ARCH SYNTH_QUANT < <(echo "$FAMILIES" | awk -v f="$FAMILY" '$1 == f') || true
+if [ -z "${ROW_PRESET:-}" ]; then
     echo "error: unknown family \`$FAMILY\` (known: $(echo "$FAMILIES" | awk 'NF {printf "%s ", $1}'))" >&2
     exit 1
 fi
+PRESET=${PRESET:-$ROW_PRESET}
+AGAIN=""; [ "$PRESET" = "$ROW_PRESET" ] || AGAIN="PRESET=$PRESET "
 
 ZMOE=${ZMOE:-scratch/gpu/zmoe}
 WORK=${WORK:-/tmp/zmoe-peers}
@@ -46,7 +56,7 @@ LLAMA_BENCH=${LLAMA_BENCH:-$WORK/llama.cpp-build/bin/llama-bench}
 OUT=${OUT:-$WORK/out}
 QUANTS=${QUANTS:-q4_0 q8_0}
 REPS=${REPS:-10}
-MODEL=${MODEL:-$WORK/$FAMILY-$PRESET-affine4-seed0}
+MODEL=${MODEL:-$WORK/$FAMILY-$PRESET-$SYNTH_QUANT-seed0}
 mkdir -p "$WORK" "$OUT"
 LOG=$OUT/run.log
 : > "$LOG"
@@ -82,15 +92,15 @@ fi
 
 # ---- the zmoe model (synthesised once; reused while the machine stays warm) ----
 if [ ! -f "$MODEL/config.json" ]; then
-    say "== synthesise $FAMILY/$PRESET (affine4, seed 0) -> $MODEL"
+    say "== synthesise $FAMILY/$PRESET ($SYNTH_QUANT, seed 0) -> $MODEL"
     t=$(date +%s)
-    "$ZMOE" synth --family "$FAMILY" --preset "$PRESET" --quant affine4 --seed 0 --out "$MODEL" 2>&1 | tail -3 | tee -a "$LOG" \
+    "$ZMOE" synth --family "$FAMILY" --preset "$PRESET" --quant "$SYNTH_QUANT" --seed 0 --out "$MODEL" 2>&1 | tail -3 | tee -a "$LOG" \
         || die "zmoe synth failed (see $LOG)"
     say "synth took $(( $(date +%s) - t )) s"
 fi
 MODEL_BYTES=$(du -sb "$MODEL" | cut -f1)
 if [ "$PREPARE_ONLY" = 1 ]; then
-    say "prepared: $LLAMA_BENCH and $MODEL ($(( MODEL_BYTES >> 30 )) GiB); now run $HERE/run.sh $FAMILY"
+    say "prepared: $LLAMA_BENCH and $MODEL ($(( MODEL_BYTES >> 30 )) GiB); now run $AGAIN$HERE/run.sh $FAMILY"
     exit 0
 fi
 
@@ -105,7 +115,7 @@ echo "${ZB[*]}" >> "$OUT/env.txt"
 LLAMA_JSONS=()
 for q in $QUANTS; do
     gguf=$WORK/$FAMILY-$PRESET-$q.gguf
-    case $q in q4_0) need=$(( MODEL_BYTES * 11 / 10 ));; q8_0) need=$(( MODEL_BYTES * 2 ));; *) need=$MODEL_BYTES;; esac
+    case $q in q4_0) need=$(( MODEL_BYTES * 11 / 10 ));; q8_0) need=$(( MODEL_BYTES * 2 ));; bf16) need=$(( MODEL_BYTES * 4 ));; *) need=$MODEL_BYTES;; esac
     avail=$(df --output=avail -B1 "$WORK" | tail -1)
     if [ ! -f "$gguf" ] && [ "$avail" -lt "$need" ]; then
         die "not enough disk in $WORK for $gguf: $(( avail >> 30 )) GiB free, ~$(( need >> 30 )) GiB needed"
@@ -128,4 +138,6 @@ for q in $QUANTS; do
 done
 
 say "== table"
-python3 "$HERE/table.py" --env "$OUT/env.txt" --zmoe "$OUT/zmoe.json" --llama "${LLAMA_JSONS[@]}" | tee "$OUT/table.md" | tee -a "$LOG"
+python3 "$HERE/table.py" --env "$OUT/env.txt" --zmoe "$OUT/zmoe.json" --llama "${LLAMA_JSONS[@]}" \
+    --json "$OUT/peer-$FAMILY.json" | tee "$OUT/table.md" | tee -a "$LOG"
+say "JSON: $OUT/peer-$FAMILY.json (commit it under bench/peers/results/)"

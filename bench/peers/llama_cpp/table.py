@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
 """One markdown table from a zmoe bench capsule and llama-bench JSON files (stdlib only).
 
-    python3 bench/peers/llama_cpp/table.py --zmoe zmoe.json --llama llama-q4_0.json llama-q8_0.json [--env env.txt]
+    python3 bench/peers/llama_cpp/table.py --zmoe zmoe.json --llama llama-q4_0.json llama-q8_0.json \
+        [--env env.txt] [--json table.json]
 
 Rows: zmoe first, then llama.cpp per (quant, flash attention[, depth]). Columns: prefill and
 decode tok/s, and zmoe / llama.cpp for both (> 1: zmoe is faster).
+
+With --json, the same comparison is also written as one JSON object (kind "zmoe-peer-run"):
+the GPU and driver, both engines' commits, the model shape, zmoe's prefill and decode tok/s,
+and per llama.cpp configuration (quant, flash attention, depth) its prefill and decode tok/s
+and the zmoe / llama.cpp ratios — the machine-readable history kept in bench/peers/results/.
 
 Statistics: zmoe reports the median of its timed runs (after its warm-up). llama-bench runs
 its own warm-up, then -r repetitions; when its JSON carries per-repetition samples
@@ -99,6 +105,7 @@ def main():
     ap.add_argument("--zmoe", required=True, help="zmoe bench --json capsule")
     ap.add_argument("--llama", nargs="+", required=True, help="llama-bench -o json outputs")
     ap.add_argument("--env", help="env.txt written by run.sh (GPU, versions, commands)")
+    ap.add_argument("--json", help="also write the comparison as JSON to this file")
     a = ap.parse_args()
 
     z = load_json(a.zmoe)
@@ -110,6 +117,7 @@ def main():
     rows = llama_rows(a.llama)
     any_depth = any(k[2] for k in rows)
 
+    env = {}
     if a.env:
         try:
             with open(a.env) as f:
@@ -159,6 +167,62 @@ def main():
         f"(from an empty context unless a depth is shown), mean of {'/'.join(map(str, sorted(reps)))} "
         f"repetitions after dropping the first. zmoe decode follows its {s.get('prompt_tokens', '?')}-token prompt."
     )
+
+
+    if a.json:
+        write_json(a.json, env, z, zfmt, rows)
+
+
+def write_json(path, env, z, zfmt, rows):
+    """The comparison as one JSON object (see the module docstring)."""
+    e = next(iter(rows.values()))["entry"] if rows else {}
+    gpu = [x.strip() for x in env.get("gpu", "").split(",")]
+    zp, zd = z["prefill_tok_s"]["median"], z["decode_tok_s"]["median"]
+    zmoe_commit = re.search(r"commit (\S+?)\)", env.get("zmoe", ""))
+    out = {
+        "kind": "zmoe-peer-run",
+        "version": 1,
+        "date": env.get("date") or z.get("provenance", {}).get("timestamp_utc"),
+        "gpu": gpu[0] if gpu and gpu[0] else (z.get("device") or {}).get("name"),
+        "driver": gpu[1] if len(gpu) > 1 else (z.get("device") or {}).get("driver"),
+        "family": env.get("family", z["model"]["family"]),
+        "model": z["model"],
+        "zmoe": {
+            "version": env.get("zmoe"),
+            "commit": zmoe_commit.group(1) if zmoe_commit else z.get("provenance", {}).get("git_commit"),
+            "weights": zfmt,
+            "backend": z.get("backend"),
+            "plan": z.get("plan"),
+            "prompt_tokens": z.get("settings", {}).get("prompt_tokens"),
+            "prefill_tok_s": zp,
+            "decode_tok_s": zd,
+            "achieved_gb_s": z.get("achieved_gb_s"),
+            "roofline_pct": z.get("roofline_pct"),
+        },
+        "llama_cpp": {
+            "commit": e.get("build_commit") or env.get("llama.cpp"),
+            "runs": [
+                {
+                    "quant": quant,
+                    "flash_attn": fa,
+                    "depth": depth,
+                    "bits_per_weight": r.get("bpw"),
+                    "prefill_tok_s": r.get("pp", (None,))[0],
+                    "prompt_tokens": r.get("pp", (None, 0, None))[2],
+                    "decode_tok_s": r.get("tg", (None,))[0],
+                    "prefill_ratio": zp / r["pp"][0] if r.get("pp") and r["pp"][0] else None,
+                    "decode_ratio": zd / r["tg"][0] if r.get("tg") and r["tg"][0] else None,
+                }
+                for (quant, fa, depth), r in sorted(rows.items())
+            ],
+        },
+    }
+    try:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=2)
+            f.write("\n")
+    except OSError as err:
+        die(f"{path}: {err.strerror}")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ __device__ __forceinline__ void finish_split(const float (&acc)[NACC], int W, fl
 }
 
 extern "C" __global__ void attention(const AttentionArgs a) {
+    pdl_entry();
     const int nh = a.nh, nkv = a.nkv, D = a.d, nsplit = a.nsplit;
     const float scale = a.scale;
     __shared__ float qs[MAXD];

@@ -4,6 +4,7 @@
 
 // x[M, H] = dequant(table[tokens[m]])
 extern "C" __global__ void embed(const EmbedArgs p) {
+    pdl_entry();
     long r = p.tokens[blockIdx.x];
     for (int k = threadIdx.x; k < p.h; k += blockDim.x)
         p.out[(long)blockIdx.x * p.h + k] = f2bf(qmat_elem(p.table, r, p.h, k));
@@ -39,6 +40,7 @@ __device__ __forceinline__ void matvec_row(const QMat& W, long r, const bf16* x,
 // instance: same arithmetic, a fraction of the registers.
 #define MATVEC_KERNEL(NAME, MT)                                                                                     \
     extern "C" __global__ void NAME(const MatvecArgs p) {                                                           \
+        pdl_entry();                                                                                                \
         long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);                                       \
         int m0 = blockIdx.z * MT, mt = min(MT, p.m - m0);                                                           \
         if (r < p.n && mt > 0) matvec_row<MT>(p.w, r, p.x, p.y, p.bias, p.n, p.k, m0, mt, p.out_f32);               \
@@ -51,6 +53,7 @@ MATVEC_KERNEL(matvec1, 1)
 // ceil(M / MT)); qkv_proj1 is the M = 1 instance. MLA's in-projection uses two (nv = 0).
 #define QKV_KERNEL(NAME, MT)                                                                                        \
     extern "C" __global__ void NAME(const QkvArgs p) {                                                              \
+        pdl_entry();                                                                                                \
         long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);                                       \
         int m0 = blockIdx.z * MT, mt = min(MT, p.m - m0);                                                           \
         if (r >= p.nq + p.nk + p.nv || mt <= 0) return;                                                             \
@@ -71,6 +74,7 @@ QKV_KERNEL(qkv_proj1, 1)
 // swiglu_mlp: act[m, r] = swiglu(bf16(gate[r]·x_m + bg), bf16(up[r]·x_m + bu)) (= matvec
 // twice + swiglu). Grid (ceil(F/4), 1, ceil(M/8)), 8 tokens per block like matvec.
 extern "C" __global__ void dense_gate_up_swiglu(const DenseGateUpArgs p) {
+    pdl_entry();
     int lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
     int m0 = blockIdx.z * 8, mt = min(8, p.m - m0);

@@ -9,6 +9,7 @@
 // Both instantiations give each row the same arithmetic (row_dot_partial), bit for bit.
 #define HEAD_MATVEC_KERNEL(NAME, MT)                                                                                \
     extern "C" __global__ void NAME(const HeadMatvecArgs p) {                                                       \
+        pdl_entry();                                                                                                \
         const bf16* x = p.x;                                                                                        \
         const long x_ld = p.x_ld;                                                                                   \
         const int nh = p.nh, N = p.n, K = p.k, M = p.m;                                                             \
@@ -53,6 +54,7 @@ __device__ __forceinline__ void rope_slice(bf16* v, int d_rot, int p, const floa
 }
 
 extern "C" __global__ void mla_rope(const MlaRopeArgs p) {
+    pdl_entry();
     const MlaDims& d = p.dims;
     int m = blockIdx.x / (d.nh + 1), h = blockIdx.x % (d.nh + 1);
     bf16* v = h < d.nh ? p.q + ((long)m * d.nh + h) * d.dqk + d.nope : p.kva + (long)m * d.row + d.lat;
@@ -61,6 +63,7 @@ extern "C" __global__ void mla_rope(const MlaRopeArgs p) {
 
 // Append M rows x[M, W] to MLA's latent cache, row m at cache row base[m] + pos[m].
 extern "C" __global__ void cache_append(const CacheAppendArgs p) {
+    pdl_entry();
     long dst = ((long)p.base[blockIdx.x] + p.pos[blockIdx.x]) * p.w, src = (long)blockIdx.x * p.w;
     for (int i = threadIdx.x; i < p.w; i += blockDim.x) p.cache[dst + i] = p.x[src + i];
 }
@@ -72,6 +75,7 @@ extern "C" __global__ void cache_append(const CacheAppendArgs p) {
 // to finish merges. L ≤ MLA_MAXL, L and R multiples of 8.
 // MLA_MAXL and MLA_MAXR come from the prelude (src/cuda/ops/mod.rs).
 extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
+    pdl_entry();
     const int nh = a.nh, dqk = a.dqk, nope = a.nope, L = a.l, R = a.r, nsplit = a.nsplit;
     const float scale = a.scale;
     __shared__ float qs[MLA_MAXL + MLA_MAXR];
@@ -127,6 +131,7 @@ extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
 // place, ropes k_pe and appends the row to the latent cache (= rmsnorm + mla_rope +
 // cache_append). Grid M·(nh + 1).
 extern "C" __global__ void latent_norm_rope_append(const LatentNormRopeAppendArgs a) {
+    pdl_entry();
     const MlaDims& d = a.dims;
     int m = blockIdx.x / (d.nh + 1), h = blockIdx.x % (d.nh + 1), p = a.pos[m];
     if (h < d.nh) {

@@ -1,5 +1,5 @@
 //! The CUDA executor's kernels, ggml-cuda style: one file per family of ops — [`linear`],
-//! [`norm`], [`rope`], [`attention`], [`mla`], [`moe`], [`sample`] — each `.rs` beside its
+//! [`norm`], [`rope`], [`attention`], [`mla`], [`moe`], [`conv`], [`gpt_oss`], [`sample`] — each `.rs` beside its
 //! `.cu`, primitive and fused kernels of an op side by side. Every kernel has a typed
 //! launcher that owns its argument struct and its launch rule (grid and block).
 //!
@@ -12,6 +12,8 @@
 //! written into that prelude, from here.
 
 pub mod attention;
+pub mod conv;
+pub mod gpt_oss;
 pub mod linear;
 pub mod mla;
 pub mod moe;
@@ -34,15 +36,17 @@ pub const MLA_MAX_LATENT: usize = 512;
 pub const MLA_MAX_ROPE: usize = 64;
 
 /// The kernel sources of the built-in module after `common.cuh`, in dependency order
-/// (MLA attention reuses attention's split merge).
-pub const SOURCES: [&str; 7] = [
+/// (MLA attention reuses attention's split merge; GPT-OSS's RoPE reuses MLA's `rope_slice`).
+pub const SOURCES: [&str; 9] = [
     include_str!("linear.cu"),
     include_str!("norm.cu"),
     include_str!("rope.cu"),
     include_str!("attention.cu"),
     include_str!("mla.cu"),
     include_str!("moe.cu"),
+    include_str!("gpt_oss.cu"),
     include_str!("sample.cu"),
+    include_str!("conv.cu"),
 ];
 
 /// A type a kernel-argument field can have, with its C spelling.
@@ -196,7 +200,8 @@ kernel_args! {
         s: In<Bf16>,
         /// Affine biases `[rows, K/group]` (0 for bf16).
         b: In<Bf16>,
-        /// 0 = bf16, 1 = MLX affine.
+        /// 0 = bf16, 1 = MLX affine, 2 = MXFP4 (GPT-OSS expert kernels only, see
+        /// [`gpt_oss::FMT_MXFP4`]).
         fmt: i32,
         /// Bits per code (16 for bf16).
         bits: i32,
@@ -216,14 +221,23 @@ kernel_args! {
 pub fn c_prelude() -> String {
     let mut s = format!(
         "#define ATTN_THREADS {ATTN_THREADS}\n#define MAXD {MAX_HEAD_DIM}\n#define MLA_MAXL {MLA_MAX_LATENT}\n\
-         #define MLA_MAXR {MLA_MAX_ROPE}\n"
+         #define MLA_MAXR {MLA_MAX_ROPE}\n#define CONV_MAXL {}\n",
+        conv::CONV_MAX_KERNEL
     );
     // QMat itself is declared in common.cuh (the foundry's templates use it): check it.
     s += &format!("static_assert(sizeof(QMat) == {}, \"QMat differs from src/cuda/ops\");\n", size_of::<QMat>());
     s += &Stacked::c_decl();
-    for decl in
-        [linear::decls(), norm::decls(), rope::decls(), attention::decls(), mla::decls(), moe::decls(), sample::decls()]
-    {
+    for decl in [
+        linear::decls(),
+        norm::decls(),
+        rope::decls(),
+        attention::decls(),
+        mla::decls(),
+        moe::decls(),
+        conv::decls(),
+        gpt_oss::decls(),
+        sample::decls(),
+    ] {
         s += &decl;
     }
     s
@@ -280,5 +294,22 @@ mod tests {
             assert!(parts.len() == 3 && parts[0] == "const" && !params.contains(','), "{name}({params})");
             assert!(src.contains(&format!("struct {} {{", parts[1])), "{name}: {} is not declared", parts[1]);
         }
+    }
+
+    /// Under programmatic dependent launch a kernel may start while the previous one still
+    /// runs: one that read its inputs before `pdl_entry()` would read stale data. So the first
+    /// statement of every built-in kernel is `pdl_entry();`.
+    #[test]
+    fn every_kernel_starts_with_pdl_entry() {
+        let src = module_source();
+        let mut n = 0;
+        for rest in src.split("__global__ void ").skip(1) {
+            let name = rest.split('(').next().unwrap_or("?");
+            let body = rest.split_once('{').map(|(_, b)| b).unwrap_or("");
+            let first = body.trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+            assert!(first.starts_with("pdl_entry();"), "kernel {name} does not start with pdl_entry()");
+            n += 1;
+        }
+        assert!(n >= 30, "{n} kernels");
     }
 }

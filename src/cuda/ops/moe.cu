@@ -6,6 +6,7 @@
 // Selected-expert rows (decode): row q of y [R, N] = W[idx[q]] · x[q / per]  (R = M·K rows,
 // per = K for gate/up reading the token's input, 1 for down reading the slot's activation).
 extern "C" __global__ void expert_matvec(const ExpertMatvecArgs p) {
+    pdl_entry();
     const int per = p.per, N = p.n, K = p.k;
     int q = blockIdx.y, lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
@@ -22,6 +23,7 @@ extern "C" __global__ void expert_matvec(const ExpertMatvecArgs p) {
 // prefix sum of rows per expert, rows[off[e] .. off[e+1]) the rows routed to e in
 // ascending order. One block; thread e owns expert e (E ≤ 1024).
 extern "C" __global__ void moe_group(const MoeGroupArgs p) {
+    pdl_entry();
     const int* idx = p.idx;
     const int R = p.r, E = p.e;
     int *off = p.off, *rows = p.rows;
@@ -48,6 +50,7 @@ extern "C" __global__ void moe_group(const MoeGroupArgs p) {
 // are read once per 8 routed rows instead of once per row. Same per-row arithmetic as
 // expert_matvec, hence bit-identical outputs.
 extern "C" __global__ void expert_matvec_grouped(const ExpertMatvecGroupedArgs p) {
+    pdl_entry();
     const int *off = p.off, *rows = p.rows;
     const int per = p.per, N = p.n, K = p.k;
     const bf16* x = p.x;
@@ -74,80 +77,41 @@ extern "C" __global__ void expert_matvec_grouped(const ExpertMatvecGroupedArgs p
     }
 }
 
-// GLM / DeepSeek router of one token by one warp (model-spec §3.6): s = sigmoid(logit);
-// selection on s + bias among the topk_group groups (of n_group ≤ 32) with the largest
-// sum of their two best biased scores (lowest group wins ties), top-K with the lowest
-// index winning ties; weights = s of the chosen experts, / (Σ + 1e-20) when norm, × scale.
-// E ≤ 1024.
-// Logits are read through L2 (__ldcg): the fused router reads what other blocks just wrote.
-__device__ void router_sigmoid_warp(const float* lg, const float* bias, int E, int K, int n_group, int topk_group,
-                                    int norm, float scale, int* idx, float* wout) {
-    __shared__ float gs[32];
-    __shared__ int keep[32];
+// LFM2 router of one token by one warp (model-spec §4.5), rounded where transformers' bf16
+// model rounds: r = bf16(logit), s = bf16(sigmoid(r)); selection on s + bias (f32; on s
+// without a bias), top-K with the lowest index winning ties; weights = s of the chosen,
+// when norm renormalised in bf16 (den = bf16(bf16(Σ) + 1e-6), w = bf16(w / den)), then
+// w = bf16(w · scale). E ≤ 1024.
+__device__ void router_sigmoid_bias_warp(const float* lg, const float* bias, int E, int K, int norm, float scale,
+                                         int* idx, float* wout) {
     int lane = threadIdx.x & 31;
     float sg[32], c[32];
 #pragma unroll
     for (int i = 0; i < 32; i++) {
         int e = lane + 32 * i;
-        sg[i] = e < E ? 1.f / (1.f + expf(-__ldcg(lg + e))) : 0.f;
-        c[i] = e < E ? sg[i] + bias[e] : -INFINITY;
+        float r = e < E ? bf2f(f2bf(__ldcg(lg + e))) : 0.f;
+        sg[i] = e < E ? bf2f(f2bf(1.f / (1.f + expf(-r)))) : 0.f;
+        c[i] = e < E ? sg[i] + (bias ? bias[e] : 0.f) : -INFINITY;
     }
-    if (n_group > 1) {
-        // Group scores: top-2 sum of each group, lane g owning group g.
-        int per = E / n_group;
-        __shared__ float cs[1024];
-#pragma unroll
-        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E) cs[e] = c[i]; }
-        __syncwarp();
-        if (lane < n_group) {
-            float b1 = -INFINITY, b2 = -INFINITY;
-            for (int e = lane * per; e < (lane + 1) * per; e++) {
-                float v = cs[e];
-                if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
-            }
-            gs[lane] = b1 + b2;
-            keep[lane] = 0;
-        }
-        __syncwarp();
-        if (lane == 0) {
-            for (int j = 0; j < topk_group; j++) {
-                int bi = -1;
-                for (int g = 0; g < n_group; g++) if (!keep[g] && (bi < 0 || gs[g] > gs[bi])) bi = g;
-                keep[bi] = 1;
-            }
-        }
-        __syncwarp();
-#pragma unroll
-        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E && !keep[e / per]) c[i] = -INFINITY; }
-    }
-    float tot = 0.f, sel[16];
-    unsigned taken = 0;  // bit i: expert lane + 32·i already chosen
-    for (int j = 0; j < K; j++) {
-        float bv = -INFINITY, bs = 0.f;
-        int bi = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            int e = lane + 32 * i;
-            if (e < E && !(taken >> i & 1u) && c[i] > bv) { bv = c[i]; bs = sg[i]; bi = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o), os = __shfl_xor_sync(0xffffffffu, bs, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bs = os; bi = oi; }
-        }
-        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-        sel[j] = bs;
-        tot += bs;
-        if (lane == 0) idx[j] = bi;
-    }
+    float sel[16];
+    float tot = select_topk_warp(sg, c, E, K, idx, sel);
     if (lane == 0) {
-        float den = tot + 1e-20f;
-        for (int j = 0; j < K; j++) wout[j] = (norm ? sel[j] / den : sel[j]) * scale;
+        float den = bf2f(f2bf(bf2f(f2bf(tot)) + 1e-6f));
+        for (int j = 0; j < K; j++) {
+            float w = norm ? bf2f(f2bf(sel[j] / den)) : sel[j];
+            wout[j] = bf2f(f2bf(w * scale));
+        }
     }
 }
 
+extern "C" __global__ void router_sigmoid_bias(const RouterSigmoidBiasArgs p) {
+    pdl_entry();
+    int m = blockIdx.x, E = p.e, K = p.k;
+    router_sigmoid_bias_warp(p.logits + (long)m * E, p.bias, E, K, p.norm, p.scale, p.idx + m * K, p.wout + m * K);
+}
+
 extern "C" __global__ void router_sigmoid(const RouterSigmoidArgs p) {
+    pdl_entry();
     int m = blockIdx.x, E = p.e, K = p.k;
     router_sigmoid_warp(p.logits + (long)m * E, p.bias, E, K, p.n_group, p.topk_group, p.norm, p.scale, p.idx + m * K,
                         p.wout + m * K);
@@ -156,12 +120,14 @@ extern "C" __global__ void router_sigmoid(const RouterSigmoidArgs p) {
 // Router: softmax over E f32 logits, top-K (largest first, lowest index wins ties),
 // optional renormalisation. One warp per token; E ≤ 1024.
 extern "C" __global__ void router_topk(const RouterTopkArgs p) {
+    pdl_entry();
     int m = blockIdx.x, E = p.e, K = p.k;
     router_topk_warp(p.logits + (long)m * E, E, K, p.norm, p.idx + m * K, p.wout + m * K);
 }
 
 // act = bf16(bf16(silu(g)) * u), elementwise over n.
 extern "C" __global__ void swiglu(const SwigluArgs p) {
+    pdl_entry();
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (long)gridDim.x * blockDim.x)
         p.act[i] = swiglu_elem(p.g[i], p.u[i]);
 }
@@ -169,12 +135,11 @@ extern "C" __global__ void swiglu(const SwigluArgs p) {
 // out[m, :] = bf16(sum_j w[m, j] * y[m·K + j, :]), f32 accumulation in slot order.
 // Grid (M, ceil(H / blockDim)).
 extern "C" __global__ void combine(const CombineArgs p) {
+    pdl_entry();
     const int K = p.k, H = p.h;
     int m = blockIdx.x, h = blockIdx.y * blockDim.x + threadIdx.x;
     if (h >= H) return;
-    float a = 0.f;
-    for (int j = 0; j < K; j++) a = combine_step(a, p.w[m * K + j], p.y[((long)m * K + j) * H + h]);
-    p.out[(long)m * H + h] = f2bf(a);
+    p.out[(long)m * H + h] = f2bf(combine_slots(p.w + m * K, p.y + (long)m * K * H + h, K, H));
 }
 
 // The router logits rows of this block (one warp per expert row) of token m: the f32
@@ -198,6 +163,7 @@ __device__ __forceinline__ void router_logits_rows(const QMat& W, const bf16* x,
 // softmax-top-k of router_topk. Grid (ceil(E/4), 1, M), 128 threads. tickets[m] counts
 // finished blocks and is reset by the last one, so the kernel can be replayed in a graph.
 extern "C" __global__ void moe_router(const MoeRouterArgs p) {
+    pdl_entry();
     int m = blockIdx.z, E = p.e, K = p.k;
     router_logits_rows(p.w, p.x, p.logits, p.bias, E, p.h, m);
     if (!last_to_finish(p.tickets + m, gridDim.x)) return;
@@ -207,6 +173,7 @@ extern "C" __global__ void moe_router(const MoeRouterArgs p) {
 // moe_mlp 1/3 for sigmoid routers (GLM / DeepSeek): the same logits, then in the last block
 // to finish the grouped sigmoid top-k of router_sigmoid.
 extern "C" __global__ void moe_router_sigmoid(const MoeRouterSigmoidArgs p) {
+    pdl_entry();
     int m = blockIdx.z, E = p.e, K = p.k;
     router_logits_rows(p.w, p.x, p.logits, nullptr, E, p.h, m);
     if (!last_to_finish(p.tickets + m, gridDim.x)) return;
@@ -215,27 +182,30 @@ extern "C" __global__ void moe_router_sigmoid(const MoeRouterSigmoidArgs p) {
                             p.idx + m * K, p.wout + m * K);
 }
 
+// moe_mlp 1/3 for LFM2's router: the same logits, then in the last block to finish the
+// bf16-rounded sigmoid top-k with the expert bias of router_sigmoid_bias.
+extern "C" __global__ void moe_router_sigmoid_bias(const MoeRouterSigmoidBiasArgs p) {
+    pdl_entry();
+    int m = blockIdx.z, E = p.e, K = p.k;
+    router_logits_rows(p.w, p.x, p.logits, nullptr, E, p.h, m);
+    if (!last_to_finish(p.tickets + m, gridDim.x)) return;
+    if (threadIdx.x < WARP)
+        router_sigmoid_bias_warp(p.logits + (long)m * E, p.ebias, E, K, p.norm, p.scale, p.idx + m * K,
+                                 p.wout + m * K);
+}
+
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
 // e = idx[q] and token q / K (= expert_matvec twice + swiglu). Grid (ceil(I/4), M·K).
 extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
-    const int K = p.k, I = p.i, H = p.h, fmt = p.gate.fmt, bits = p.gate.bits;
+    pdl_entry();
+    const int K = p.k, I = p.i, H = p.h;
     int q = blockIdx.y, lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
     if (r >= I) return;
     QMat G = expert_slice(p.gate, p.idx[q], p.w_stride, p.sb_stride);
     QMat U = expert_slice(p.up, p.idx[q], p.w_stride, p.sb_stride);
-    const bf16* xs[1] = {p.x + (long)(q / K) * H};
-    float ag[1], au[1];
-    if (fmt == FMT_AFFINE && bits == 4) {
-        affine_partial_pair<4>(G, U, r, H, xs[0], lane, ag, au);
-    } else if (fmt == FMT_AFFINE && bits == 8) {
-        affine_partial_pair<8>(G, U, r, H, xs[0], lane, ag, au);
-    } else {
-        row_dot_partial<1>(G, r, H, xs, 1, lane, ag);
-        row_dot_partial<1>(U, r, H, xs, 1, lane, au);
-    }
-    bf16 g = f2bf(warp_sum(ag[0])), u = f2bf(warp_sum(au[0]));
-    if (lane == 0) p.act[(long)q * I + r] = swiglu_elem(g, u);
+    bf16 a = gate_up_swiglu_row(G, U, r, H, p.x + (long)(q / K) * H, lane);
+    if (lane == 0) p.act[(long)q * I + r] = a;
 }
 
 // moe_mlp 3/3: x[m, r] += bf16(Σ_j w[m,j] · bf16(down_{idx[m,j]}[r] · act[m·K + j])), slots
@@ -247,6 +217,7 @@ extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
 // With shared experts (shared != null) the combined output first takes the shared experts'
 // output: x += bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace).
 extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
+    pdl_entry();
     __shared__ bf16 ys[32];
     const int K = p.k, H = p.h, I = p.i;
     int m = blockIdx.z, r = blockIdx.x, j = threadIdx.x >> 5, lane = threadIdx.x & 31;

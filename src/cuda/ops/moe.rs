@@ -20,6 +20,11 @@ kernel_args! {
         logits: In<F32>, bias: In<F32>, e: i32, k: i32, n_group: i32, topk_group: i32, norm: i32, scale: f32,
         idx: Out<I32>, wout: Out<F32>,
     }
+    /// `router_sigmoid_bias`: LFM2's bf16-rounded sigmoid top-k with an f32 expert bias
+    /// (`bias` 0: none).
+    pub struct RouterSigmoidBiasArgs {
+        logits: In<F32>, bias: In<F32>, e: i32, k: i32, norm: i32, scale: f32, idx: Out<I32>, wout: Out<F32>,
+    }
     /// `router_topk`: softmax top-k (optionally renormalised).
     pub struct RouterTopkArgs { logits: In<F32>, e: i32, k: i32, norm: i32, idx: Out<I32>, wout: Out<F32> }
     /// `swiglu`: `act = bf16(bf16(silu(g)) · u)` over `n` elements.
@@ -35,6 +40,11 @@ kernel_args! {
     pub struct MoeRouterSigmoidArgs {
         w: QMat, x: In<Bf16>, logits: Out<F32>, ebias: In<F32>, e: i32, h: i32, k: i32, n_group: i32,
         topk_group: i32, norm: i32, scale: f32, tickets: Out<I32>, idx: Out<I32>, wout: Out<F32>,
+    }
+    /// `moe_router_sigmoid_bias` (decode): router logits, then LFM2's sigmoid top-k.
+    pub struct MoeRouterSigmoidBiasArgs {
+        w: QMat, x: In<Bf16>, logits: Out<F32>, ebias: In<F32>, e: i32, h: i32, k: i32, norm: i32, scale: f32,
+        tickets: Out<I32>, idx: Out<I32>, wout: Out<F32>,
     }
     /// `moe_gate_up_swiglu` (decode): gate, up and SwiGLU of each slot's expert.
     pub struct MoeGateUpArgs {
@@ -55,11 +65,13 @@ pub fn decls() -> String {
         MoeGroupArgs::c_decl(),
         ExpertMatvecGroupedArgs::c_decl(),
         RouterSigmoidArgs::c_decl(),
+        RouterSigmoidBiasArgs::c_decl(),
         RouterTopkArgs::c_decl(),
         SwigluArgs::c_decl(),
         CombineArgs::c_decl(),
         MoeRouterArgs::c_decl(),
         MoeRouterSigmoidArgs::c_decl(),
+        MoeRouterSigmoidBiasArgs::c_decl(),
         MoeGateUpArgs::c_decl(),
         MoeDownCombineAddArgs::c_decl(),
     ]
@@ -86,6 +98,11 @@ pub fn router_sigmoid(dev: &Device, a: &RouterSigmoidArgs, m: usize) -> Result<(
     dev.launch_args("router_sigmoid", (m as u32, 1, 1), 32, a)
 }
 
+/// LFM2's router of `m` tokens (a warp each).
+pub fn router_sigmoid_bias(dev: &Device, a: &RouterSigmoidBiasArgs, m: usize) -> Result<()> {
+    dev.launch_args("router_sigmoid_bias", (m as u32, 1, 1), 32, a)
+}
+
 /// The softmax router of `m` tokens (a warp each).
 pub fn router_topk(dev: &Device, a: &RouterTopkArgs, m: usize) -> Result<()> {
     dev.launch_args("router_topk", (m as u32, 1, 1), 32, a)
@@ -109,6 +126,11 @@ pub fn moe_router(dev: &Device, a: &MoeRouterArgs, m: usize) -> Result<()> {
 /// The fused sigmoid router of `m` tokens.
 pub fn moe_router_sigmoid(dev: &Device, a: &MoeRouterSigmoidArgs, m: usize) -> Result<()> {
     dev.launch_args("moe_router_sigmoid", (blocks(a.e as usize, 4), 1, m as u32), 128, a)
+}
+
+/// The fused LFM2 router of `m` tokens.
+pub fn moe_router_sigmoid_bias(dev: &Device, a: &MoeRouterSigmoidBiasArgs, m: usize) -> Result<()> {
+    dev.launch_args("moe_router_sigmoid_bias", (blocks(a.e as usize, 4), 1, m as u32), 128, a)
 }
 
 /// The fused gate, up and SwiGLU of `slots` (token, slot) rows.

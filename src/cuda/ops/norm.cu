@@ -4,11 +4,13 @@
 // y[rows, :n] = rmsnorm(x[rows, :n]) * w, one block per row; rows are ld elements apart in
 // x and y (x == y allowed: per-head q/k norms, MLA's latent norm inside the Kva row).
 extern "C" __global__ void rmsnorm(const RmsnormArgs p) {
+    pdl_entry();
     rmsnorm_row(p.x + (long)blockIdx.x * p.ld, p.w, p.y + (long)blockIdx.x * p.ld, p.n, p.eps);
 }
 
 // x = bf16(x + y) over n elements (residual add).
 extern "C" __global__ void add_inplace(const AddArgs p) {
+    pdl_entry();
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (long)gridDim.x * blockDim.x)
         p.x[i] = add_bf16(p.x[i], p.y[i]);
 }
@@ -16,28 +18,16 @@ extern "C" __global__ void add_inplace(const AddArgs p) {
 // residual_norm: x = bf16(x + src) row-wise, then y = rmsnorm(x) ⊙ w (= add_inplace +
 // rmsnorm). One block of 256 threads per row, as the rmsnorm launch.
 extern "C" __global__ void add_rmsnorm(const AddRmsnormArgs p) {
-    bf16* xr = p.x + (long)blockIdx.x * p.n;
-    const bf16* sr = p.src + (long)blockIdx.x * p.n;
-    const int t = threadIdx.x, nt = blockDim.x, n = p.n;
-    bf16 xv[RMS_REG], sv[RMS_REG];
-#pragma unroll
-    for (int j = 0; j < RMS_REG; j++) {
-        if (t + j * nt < n) {
-            xv[j] = xr[t + j * nt];
-            sv[j] = sr[t + j * nt];
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < RMS_REG; j++) if (t + j * nt < n) xr[t + j * nt] = add_bf16(xv[j], sv[j]);
-    for (int i = t + RMS_REG * nt; i < n; i += nt) xr[i] = add_bf16(xr[i], sr[i]);
-    __syncthreads();
-    rmsnorm_row(xr, p.w, p.y + (long)blockIdx.x * n, n, p.eps);
+    pdl_entry();
+    long off = (long)blockIdx.x * p.n;
+    add_rmsnorm_row(p.x + off, p.src + off, p.w, p.y + off, p.n, p.eps);
 }
 
 // residual_norm with o_proj (decode): x[r] = bf16(x[r] + bf16(o[r]·attn + b)) per row, then
 // the last block to finish writes h = rmsnorm(x) ⊙ nw (= matvec + add_inplace + rmsnorm).
 // 256 threads (8 rows) per block, as the rmsnorm launch, so the norm reduces identically.
 extern "C" __global__ void o_proj_add_rmsnorm(const OProjAddRmsnormArgs p) {
+    pdl_entry();
     int lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
     if (r < p.hidden) {

@@ -6,6 +6,7 @@
 // Half-split RoPE in place on q[M, nh, D] and k[M, nkv, D], row m at position pos[m].
 // Block = one (token, head) of q then k; thread i rotates the pair (i, i + d_rot/2).
 extern "C" __global__ void rope(const RopeArgs p) {
+    pdl_entry();
     int m = blockIdx.x / (p.nh + p.nkv), h = blockIdx.x % (p.nh + p.nkv);
     bf16* v = h < p.nh ? p.q + ((long)m * p.nh + h) * p.d : p.k + ((long)m * p.nkv + (h - p.nh)) * p.d;
     for (int i = threadIdx.x; i < p.d_rot / 2; i += blockDim.x) rope_pair(v, i, p.d_rot / 2, p.pos[m], p.inv_freq[i]);
@@ -13,6 +14,7 @@ extern "C" __global__ void rope(const RopeArgs p) {
 
 // Append M rows of K and V ([M, W] each) to the caches, row m at cache row base[m] + pos[m].
 extern "C" __global__ void kv_append(const KvAppendArgs p) {
+    pdl_entry();
     long dst = ((long)p.base[blockIdx.x] + p.pos[blockIdx.x]) * p.w, src = (long)blockIdx.x * p.w;
     for (int i = threadIdx.x; i < p.w; i += blockDim.x) {
         p.kc[dst + i] = p.k[src + i];
@@ -24,6 +26,7 @@ extern "C" __global__ void kv_append(const KvAppendArgs p) {
 // get q_norm then RoPE; k heads k_norm, RoPE, then the cache row; v heads are copied to the
 // cache (= rmsnorm ×2 + rope + kv_append). Grid (M·(nh + 2·nkv)).
 extern "C" __global__ void qk_norm_rope_kv(const QkNormRopeKvArgs a) {
+    pdl_entry();
     const int nh = a.nh, nkv = a.nkv, D = a.d, d_rot = a.d_rot;
     int per = nh + 2 * nkv, m = blockIdx.x / per, h = blockIdx.x % per;
     int p = a.pos[m];

@@ -2,6 +2,7 @@
 
 // Copies row `row` of x[rows, n] to the front (keep only the last token's hidden state).
 extern "C" __global__ void take_row(const TakeRowArgs p) {
+    pdl_entry();
     for (int i = threadIdx.x; i < p.n; i += blockDim.x) p.y[i] = p.x[(long)p.row * p.n + i];
 }
 
@@ -33,6 +34,7 @@ __device__ __forceinline__ bool ranks_before(float av, int ai, float bv, int bi)
 // samples the logits itself; or [0, 2] when a logit is NaN or infinite (the forward is broken:
 // the host reports an error instead of a token).
 extern "C" __global__ void sample_token(const SampleArgs a) {
+    pdl_entry();
     const float* logits = a.logits;
     const int V = a.v, top_k = a.top_k;
     const float temp = a.temp, top_p = a.top_p;

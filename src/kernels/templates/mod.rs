@@ -6,7 +6,10 @@
 //! `rmsnorm_row`...), so a template that keeps the production algorithm is bit-identical to
 //! the production kernel by construction, and a change to those functions changes every
 //! template's source hash (invalidating stale kernel-pack entries). Template `t0_*` of each
-//! op is the production kernel made knob-able; its default knobs are the production launch.
+//! op is the production kernel made knob-able: the production kernel and its `t0` are both
+//! thin wrappers around one `common.cuh` function (`combine_slots`, `add_rmsnorm_row`,
+//! `router_topk_warp` / `router_sigmoid_warp`, `gate_up_swiglu_row`), so the algorithm is
+//! written once (`tests/foundry.rs` checks it); its default knobs are the production launch.
 
 use serde::{Deserialize, Serialize};
 

@@ -2,6 +2,8 @@
 //! per op. A new family adds a file here and one arm in [`Plan::reference`](super::Plan::reference);
 //! the blocks every MoE family shares (the FFN block and the output head) live in this file.
 
+pub mod gpt_oss;
+pub mod lfm2_moe;
 pub mod mla_moe;
 pub mod qwen3_moe;
 
@@ -25,12 +27,15 @@ pub(super) fn mlp_steps(cfg: &ModelConfig, l: usize, s: &mut Vec<Step>) {
         let router = match cfg.router {
             RouterKind::Softmax => Step::Moe { layer: l, op: MoeOp::RouterTopK },
             RouterKind::SigmoidGrouped { .. } => Step::Moe { layer: l, op: MoeOp::SigmoidTopK },
+            RouterKind::SigmoidBias { .. } => Step::Moe { layer: l, op: MoeOp::SigmoidBiasTopK },
+            RouterKind::TopKSoftmax => Step::Moe { layer: l, op: MoeOp::TopKSoftmax },
         };
+        let act = if cfg.gpt_oss.is_some() { Step::Moe { layer: l, op: MoeOp::ClampSwiglu } } else { Step::Swiglu };
         s.extend([
             Step::Linear { w: LinRef::Router(l), src: H, dst: RouterLogits },
             router,
             Step::Moe { layer: l, op: MoeOp::ExpertGateUp },
-            Step::Swiglu,
+            act,
             Step::Moe { layer: l, op: MoeOp::ExpertDown },
             Step::Moe { layer: l, op: MoeOp::Combine },
         ]);

@@ -1,8 +1,7 @@
-// gather_qmm_swiglu t0_warp_row — the production `moe_gate_up_swiglu` (src/kernels/fused.cu)
+// gather_qmm_swiglu t0_warp_row — the production `moe_gate_up_swiglu` (src/cuda/ops/moe.cu)
 // for MLX affine weights, with rows per block as a knob: one warp per (slot, intermediate
-// row); the gate and up rows of the slot's expert share each chunk of x
-// (affine_partial_pair). act[q, r] = swiglu(bf16(gate_e[r]·x_t), bf16(up_e[r]·x_t)) with
-// e = idx[q], t = q / K. Bit-identical to production for every RPB.
+// row); both call gate_up_swiglu_row (common.cuh). act[q, r] = swiglu(bf16(gate_e[r]·x_t),
+// bf16(up_e[r]·x_t)) with e = idx[q], t = q / K. Bit-identical to production for every RPB.
 // Grid (ceil(I / RPB), M·K).
 constexpr int RPB = {{RPB}};
 
@@ -15,10 +14,6 @@ extern "C" __global__ void __launch_bounds__(32 * RPB)
     if (q >= M * K || r >= I) return;
     QMat G = expert_slice(QMat{gw, gs, gb, FMT_AFFINE, bits, group}, idx[q], w_stride, sb_stride);
     QMat U = expert_slice(QMat{uw, us, ub, FMT_AFFINE, bits, group}, idx[q], w_stride, sb_stride);
-    const bf16* xq = x + (long)(q / K) * H;
-    float ag, au;
-    if (bits == 4) affine_partial_pair<4>(G, U, r, H, xq, lane, &ag, &au);
-    else affine_partial_pair<8>(G, U, r, H, xq, lane, &ag, &au);
-    bf16 g = f2bf(warp_sum(ag)), u = f2bf(warp_sum(au));
-    if (lane == 0) act[(long)q * I + r] = swiglu_elem(g, u);
+    bf16 a = gate_up_swiglu_row(G, U, r, H, x + (long)(q / K) * H, lane);
+    if (lane == 0) act[(long)q * I + r] = a;
 }
