@@ -5,7 +5,7 @@
 #                                    # into scratch/gpu/ (ignored; carry it to the device)
 #   scripts/gpu_test.sh base REV     # here: builds zmoe at git revision REV into
 #                                    # scratch/gpu-base/ (for `run compare`)
-#   scripts/gpu_test.sh run [bench|glm|lfm2|foundry|compare]  # on the GPU machine, from the repo root:
+#   scripts/gpu_test.sh run [bench|glm|lfm2|foundry|compare|serve]  # on the GPU machine, from the repo root:
 #                                    # runs every GPU test, prints a PASS/FAIL table; `bench`
 #                                    # adds the qwen3-30b-a3b affine4 benchmark and one
 #                                    # kernel-foundry campaign per op, `glm` the glm-4.7-flash
@@ -17,7 +17,9 @@
 #                                    # programmatic dependent launch (new), patched plan,
 #                                    # alternating twice, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
-#                                    # and validates the new binary on each.
+#                                    # and validates the new binary on each; `serve` runs
+#                                    # zmoe serve --parallel 16 on qwen3-30b-a3b affine4 and
+#                                    # scripts/serve_bench.py at 1, 4 and 16 concurrent streams.
 #                                    # GPU_TESTS=0 skips the tests, GPU_TESTS=a,b runs those.
 #                                    # Full logs in $OUT.
 set -uo pipefail
@@ -36,10 +38,16 @@ for l in sys.stdin:
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="foundry_gpu" and m.get("executable"): print(m["executable"])')
+    sexe=$(cargo test --release --no-run --test serve --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="serve" and m.get("executable"): print(m["executable"])')
     mkdir -p scratch/gpu
     cp target/release/zmoe scratch/gpu/zmoe
     cp "$exe" scratch/gpu/gpu-tests
     cp "$fexe" scratch/gpu/foundry-gpu-tests
+    cp "$sexe" scratch/gpu/serve-tests
     if git diff --quiet HEAD -- src tests; then
         git rev-parse --short HEAD > scratch/gpu/COMMIT
     else
@@ -66,11 +74,11 @@ if [ "$mode" = base ]; then
 fi
 
 OUT=${OUT:-$(mktemp -d)}
-export ZMOE_REPO=$PWD ZMOE_CACHE=${ZMOE_CACHE:-/tmp/zmoe-cache}
+export ZMOE_REPO=$PWD ZMOE_CACHE=${ZMOE_CACHE:-/tmp/zmoe-cache} ZMOE_BIN=$PWD/scratch/gpu/zmoe
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 declare -A result bin
 tests=""
-for b in gpu-tests foundry-gpu-tests; do
+for b in gpu-tests foundry-gpu-tests serve-tests; do
     [ -x "scratch/gpu/$b" ] || continue
     for t in $(scratch/gpu/$b --list --ignored 2>/dev/null | sed -n 's/: test$//p'); do
         tests="$tests $t"
@@ -190,6 +198,27 @@ PY
             --capsule "$OUT/validate-$preset.json" --force 2>&1 | tee "$OUT/validate-$preset.txt" | tail -12
     done
     cat "$OUT/compare.md"
+fi
+if [ "${2:-}" = serve ]; then
+    # Serving: qwen3-30b-a3b on 16 CUDA slots; TTFT, per-stream and aggregate decode tok/s.
+    M=/tmp/zmoe-q30b-a4
+    [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --preset qwen3-30b-a3b --quant affine4 --seed 0 --out "$M" 2>&1 | tail -2
+    scratch/gpu/zmoe serve --model "$M" --backend cuda --parallel 16 --port 0 2>"$OUT/serve.log" &
+    spid=$!
+    addr=""
+    for _ in $(seq 600); do
+        addr=$(sed -n 's|.*listening on http://\([^ ]*\).*|\1|p' "$OUT/serve.log" | head -1)
+        [ -n "$addr" ] || ! kill -0 $spid 2>/dev/null && break
+        sleep 1
+    done
+    if [ -n "$addr" ]; then
+        python3 scripts/serve_bench.py --url "http://$addr" --concurrency 1,4,16 --json "$OUT/serve_bench.json" |
+            tee "$OUT/serve_bench.txt"
+    else
+        echo "zmoe serve did not start:"; tail -5 "$OUT/serve.log"
+    fi
+    kill $spid 2>/dev/null; wait $spid 2>/dev/null
+    grep -E "^zmoe serve: listening" "$OUT/serve.log"
 fi
 echo
 echo "| GPU test | result |"

@@ -4,6 +4,15 @@
 //! A backend is small on purpose (candle's lesson): run some tokens through the plan,
 //! append them to the cache, hand back logits. Generation, validation and benchmarks are
 //! written once against [`Backend`] and work on every device.
+//!
+//! Serving many sequences at once adds *slots*: a backend may hold several sequences, each
+//! its own per-layer cache and position, and [`Backend::forward_rows`] runs one batch of
+//! [`Row`]s, each naming its slot and position. A prompt's prefill (rows of one slot at
+//! consecutive positions) and a batched decode step (one row per slot) are the same call, so
+//! continuous batching mixes them freely. Row-wise steps (linears, norms, experts) run over
+//! every row; rope, the cache append and attention use each row's own slot and position.
+//! A row's arithmetic never depends on the other rows in the batch (batch invariance).
+//! [`Backend::forward`] is slot 0, so single-sequence callers see no slots at all.
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -11,7 +20,22 @@ use crate::plan::Plan;
 use crate::plan::lower::ExecPlans;
 use crate::sample::Sampler;
 
-/// Executes a plan for one sequence.
+/// One row of a batched forward ([`Backend::forward_rows`]): `token` of the sequence in
+/// `slot`, at position `pos` of that sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// The sequence slot (`0..slots()`).
+    pub slot: usize,
+    /// Position in that sequence: the slot's rows in a batch are at consecutive positions
+    /// starting at [`Backend::slot_position`].
+    pub pos: usize,
+    /// Token id.
+    pub token: u32,
+    /// Whether this row's logits are returned.
+    pub logits: bool,
+}
+
+/// Executes a plan for one sequence, or for several in slots.
 pub trait Backend {
     /// Human-readable device description (e.g. `cpu (2 threads)`).
     fn name(&self) -> String;
@@ -44,6 +68,20 @@ pub trait Backend {
         let logits = self.forward(tokens, false)?;
         Ok(sampler.sample(&logits))
     }
+    /// Sequence slots this backend holds ([`Backend::set_slots`]; 1 when built).
+    fn slots(&self) -> usize;
+    /// Holds `n ≥ 1` sequence slots from now on, all empty.
+    fn set_slots(&mut self, n: usize) -> Result<()>;
+    /// Tokens already in slot `slot`'s cache (slot 0 is [`Backend::position`]).
+    fn slot_position(&self, slot: usize) -> usize;
+    /// Empties slot `slot`'s cache.
+    fn reset_slot(&mut self, slot: usize);
+    /// Runs one batch of rows (any slots, each slot's rows at consecutive positions from
+    /// [`Backend::slot_position`], in order) and appends every row to its slot's cache.
+    /// Returns the logits `[R, V]` of the `R` rows with `logits` set, in row order (at least
+    /// one row must ask). Checked by [`check_rows`]; a failed forward leaves every slot's
+    /// position as it was.
+    fn forward_rows(&mut self, rows: &[Row]) -> Result<Vec<f32>>;
     /// Whether [`Backend::profile_decode`] is supported.
     fn supports_profile(&self) -> bool {
         false
@@ -81,6 +119,48 @@ pub fn check_tokens(cfg: &ModelConfig, tokens: &[u32], pos: usize) -> Result<()>
             pos + tokens.len(),
             cfg.max_position_embeddings
         )));
+    }
+    Ok(())
+}
+
+/// Checks a batch for [`Backend::forward_rows`]: not empty, at least one row asking for
+/// logits, every slot below `slots`, every token in the vocabulary, each slot's rows at
+/// consecutive positions starting at `position(slot)` and inside the context of `ctx` tokens.
+pub fn check_rows(
+    cfg: &ModelConfig,
+    rows: &[Row],
+    slots: usize,
+    ctx: usize,
+    position: impl Fn(usize) -> usize,
+) -> Result<()> {
+    if rows.is_empty() {
+        return Err(Error::Arg("no input rows".into()));
+    }
+    if !rows.iter().any(|r| r.logits) {
+        return Err(Error::Arg("no row asks for logits".into()));
+    }
+    let mut next: Vec<Option<usize>> = vec![None; slots];
+    for r in rows {
+        if r.slot >= slots {
+            return Err(Error::Arg(format!("slot {} does not exist (the backend holds {slots})", r.slot)));
+        }
+        if r.token as usize >= cfg.vocab_size {
+            return Err(Error::Arg(format!(
+                "token id {} is outside the vocabulary (size {})",
+                r.token, cfg.vocab_size
+            )));
+        }
+        let want = *next[r.slot].get_or_insert_with(|| position(r.slot));
+        if r.pos != want {
+            return Err(Error::Arg(format!("slot {}: row at position {} where {want} comes next", r.slot, r.pos)));
+        }
+        if r.pos >= ctx {
+            return Err(Error::Arg(format!(
+                "slot {}: position {} is beyond the context of {ctx} tokens",
+                r.slot, r.pos
+            )));
+        }
+        next[r.slot] = Some(want + 1);
     }
     Ok(())
 }

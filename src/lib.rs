@@ -24,6 +24,8 @@
 //! - [`cuda`]: the GPU executor (NVRTC kernels, arena, graphs).
 //! - [`backend`], [`generate`], [`sample`], [`tokenizer`], [`chat`]: running a model ([`args`]: the
 //!   CLI's numeric flag parsers).
+//! - [`serve`]: `zmoe serve`, the OpenAI-compatible server (continuous batching over
+//!   sequence slots), above the runtime.
 //! - [`bench`], [`validate`], [`matrix`]: measuring it (throughput, fidelity, the ledger).
 //! - [`input`], [`output`], [`outdir`]: the files zmoe reads (regular files only) and writes
 //!   (never through a link; `--force` replaces only what zmoe wrote).
@@ -57,6 +59,7 @@ pub mod plan;
 pub mod rng;
 pub mod runtime;
 pub mod sample;
+pub mod serve;
 pub mod tokenizer;
 pub mod validate;
 

@@ -31,6 +31,17 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `zmoe serve --help`'s closing notes.
+const SERVE_HELP: &str = "Examples:
+  zmoe serve --model DIR --port 8080
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{\"model\": \"NAME\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'
+
+Parameters: messages, prompt (text or token ids), max_tokens / max_completion_tokens,
+temperature (default 1), top_p, seed, stop (strings and token id arrays), n = 1, stream,
+stream_options.include_usage, logprobs / top_logprobs, user; extensions: top_k, ignore_eos.
+/health and /metrics (Prometheus text) need no API key.";
+
 /// The exit statuses, for `zmoe --help` (and the README).
 const EXIT_STATUS: &str = "Exit status:
   0  success
@@ -127,6 +138,37 @@ enum Cmd {
         /// of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve the model over HTTP: an OpenAI-compatible API (POST /v1/chat/completions and
+    /// /v1/completions, streaming or not; GET /v1/models, /health, /metrics) with continuous
+    /// batching. A request's tokens do not depend on what else is in the batch.
+    #[command(after_help = SERVE_HELP)]
+    Serve {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Address to listen on (use 0.0.0.0 to accept other machines).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on (0: a free one, printed at start).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Sequences decoded together, each its own KV-cache slot of --ctx tokens (CUDA: the
+        /// default --ctx shrinks so that every slot fits in device memory).
+        #[arg(long, default_value_t = 4, value_parser = zmoe::args::count, allow_negative_numbers = true)]
+        parallel: usize,
+        /// Requests that may wait for a slot; beyond that a request gets 429 with Retry-After.
+        #[arg(long, default_value_t = 64, value_parser = zmoe::args::count, allow_negative_numbers = true)]
+        queue: usize,
+        /// Most prompt tokens run per step: a long prompt's prefill is split so running
+        /// streams wait at most one chunk.
+        #[arg(long, default_value_t = 256, value_parser = zmoe::args::count, allow_negative_numbers = true)]
+        prefill_chunk: usize,
+        /// Require `Authorization: Bearer KEY` on /v1 requests (compared in constant time).
+        #[arg(long)]
+        api_key: Option<String>,
+        /// The model name clients send (default: the model folder's name).
+        #[arg(long)]
+        model_name: Option<String>,
     },
     /// Run a prefill over a token sequence and print the logits of every position.
     Forward {
@@ -288,7 +330,8 @@ impl PatternArgs {
 }
 
 impl RunArgs {
-    fn open(&self) -> Result<(Model, Box<dyn zmoe::Backend>)> {
+    /// The model and the plan the flags choose.
+    fn model_and_plan(&self) -> Result<(Model, zmoe::plan::Plan)> {
         let sel = self.patterns.selection()?;
         let model = load_model(&self.model)?;
         let (mut plan, _) = patched_plan(model.config(), &sel);
@@ -298,6 +341,11 @@ impl RunArgs {
             }
             plan = plan.with_expanded_mla();
         }
+        Ok((model, plan))
+    }
+
+    fn open(&self) -> Result<(Model, Box<dyn zmoe::Backend>)> {
+        let (model, plan) = self.model_and_plan()?;
         let backend = model.backend_ctx(self.backend, plan, !self.eager, self.ctx)?;
         Ok((model, backend))
     }
@@ -582,6 +630,11 @@ fn run(cli: Cli) -> Result<()> {
             };
             let opts = GenerateOptions { max_tokens, sampling, ignore_eos };
             run_generate(&model, be.as_mut(), ids, &opts, json)?;
+        }
+        Cmd::Serve { run, host, port, parallel, queue, prefill_chunk, api_key, model_name } => {
+            let (model, plan) = run.model_and_plan()?;
+            let opts = zmoe::serve::ServeOptions { host, port, parallel, queue, prefill_chunk, api_key, model_name };
+            zmoe::serve::serve(model, run.backend, plan, !run.eager, run.ctx, opts)?;
         }
         Cmd::Forward { run, tokens, json } => {
             let ids = parse_tokens("--tokens", &tokens)?;

@@ -84,6 +84,23 @@ impl Model {
         cuda_graph: bool,
         ctx: Option<usize>,
     ) -> Result<Box<dyn Backend>> {
+        self.backend_slots(kind, plan, cuda_graph, ctx, 1)
+    }
+
+    /// Like [`Model::backend_ctx`], holding `slots` sequences ([`Backend::set_slots`]) of
+    /// `ctx` tokens each (on CUDA the caches of every slot are allocated up front, and the
+    /// default context is bounded so that they all fit).
+    pub fn backend_slots(
+        &self,
+        kind: BackendKind,
+        plan: Plan,
+        cuda_graph: bool,
+        ctx: Option<usize>,
+        slots: usize,
+    ) -> Result<Box<dyn Backend>> {
+        if slots == 0 {
+            return Err(Error::Arg("a backend needs at least one sequence slot".into()));
+        }
         let mpe = self.config().max_position_embeddings;
         if let Some(n) = ctx
             && (n == 0 || n > mpe)
@@ -92,17 +109,18 @@ impl Model {
                 "--ctx {n}: the context must be 1..={mpe} tokens (the model's max_position_embeddings)"
             )));
         }
-        let cuda = |plan| CudaBackend::with_context(self.config().clone(), &self.weights, plan, cuda_graph, ctx);
+        let cuda = |plan| CudaBackend::with_slots(self.config().clone(), &self.weights, plan, cuda_graph, ctx, slots);
         match kind {
             BackendKind::Cpu => {
-                let cpu = CpuBackend::new(self.config().clone(), self.weights.clone(), plan)?;
+                let mut cpu = CpuBackend::new(self.config().clone(), self.weights.clone(), plan)?;
+                cpu.set_slots(slots)?;
                 Ok(Box::new(cpu.with_max_context(ctx.unwrap_or(mpe))))
             }
             BackendKind::Cuda => Ok(Box::new(cuda(plan)?)),
             // The best available: CUDA when a GPU can run this model, else the CPU.
             BackendKind::Auto => match cuda(plan.clone()) {
                 Ok(b) => Ok(Box::new(b)),
-                Err(Error::Unavailable(_)) => self.backend_ctx(BackendKind::Cpu, plan, cuda_graph, ctx),
+                Err(Error::Unavailable(_)) => self.backend_slots(BackendKind::Cpu, plan, cuda_graph, ctx, slots),
                 Err(e) => Err(e),
             },
         }

@@ -91,6 +91,34 @@ impl StreamDecoder {
     }
 }
 
+/// The raw bytes of token `id` (OpenAI's logprob `bytes`): its decoded text when that is
+/// whole UTF-8, else the bytes its vocabulary entry stands for — a byte-level BPE piece
+/// (GPT-2's byte ↔ printable-character map) or a byte-fallback piece `<0xAB>`. A token that
+/// is part of a multi-byte character decodes to nothing alone; these bytes are what it adds.
+pub fn token_bytes(tok: &Tokenizer, id: u32) -> Vec<u8> {
+    let text = tok.decode(&[id], false).unwrap_or_default();
+    if !text.is_empty() && !text.contains('\u{FFFD}') {
+        return text.into_bytes();
+    }
+    let Some(piece) = tok.id_to_token(id) else { return text.into_bytes() };
+    if let Some(b) =
+        piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok())
+    {
+        return vec![b];
+    }
+    piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>().unwrap_or_else(|| text.into_bytes())
+}
+
+/// The byte a byte-level BPE character stands for (the inverse of GPT-2's map: printable
+/// Latin-1 characters are themselves, the n-th other byte is character 256 + n).
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |c: u32| (33..=126).contains(&c) || (161..=172).contains(&c) || (174..=255).contains(&c);
+    match c as u32 {
+        c if c < 256 => printable(c).then_some(c as u8),
+        c => (0u32..256).filter(|&b| !printable(b)).nth((c - 256) as usize).map(|b| b as u8),
+    }
+}
+
 /// Builds a byte-level BPE tokenizer with exactly `vocab_size` ids: 256 byte tokens,
 /// trained merges, deterministic filler merges, then [`SPECIALS`] as the last ids.
 pub fn synthetic(vocab_size: usize, seed: u64) -> Result<Tokenizer> {
@@ -202,6 +230,20 @@ mod tests {
         }
         let n = (0..b as u32).filter(|&c| !printable(c)).count() as u32;
         char::from_u32(256 + n).unwrap().to_string()
+    }
+
+    #[test]
+    fn token_bytes_of_partial_characters() {
+        let tok = synthetic(700, 1).unwrap();
+        // "é" is two bytes; whatever ids encode it, their bytes concatenate to its UTF-8.
+        for text in ["é", "✓ ok", "plain"] {
+            let ids = encode(&tok, text).unwrap();
+            let bytes: Vec<u8> = ids.iter().flat_map(|&i| token_bytes(&tok, i)).collect();
+            assert_eq!(bytes, text.as_bytes(), "{text}: {ids:?}");
+        }
+        assert_eq!(byte_level_byte('Ġ'), Some(b' '));
+        assert_eq!(byte_level_byte('a'), Some(b'a'));
+        assert_eq!(byte_token(0xC3).chars().next().and_then(byte_level_byte), Some(0xC3));
     }
 
     fn stream(tok: &Tokenizer, ids: &[u32]) -> String {

@@ -301,9 +301,11 @@ fn kernel_elementwise_match_cpu() {
     assert!(rel_err(&from_bf16(&got), &want) < 8e-3);
 }
 
-/// LFM2's short convolution on the device vs the CPU reference over chunks of 1..13 tokens
-/// (the state carried on the device between launches; zeros at position 0), kernel widths
-/// 2..4, with and without a bias: bf16 tolerance (the GPU rounds u, y and the output).
+/// LFM2's short convolution on the device vs the CPU reference for two sequences in two
+/// slots, launched in chunks of 1..20 rows that mix both slots' rows (interleaved runs, so
+/// the kernel stores one slot's window and loads the other's mid-launch; the states carried
+/// on the device between launches; poisoned states read as zeros at position 0), kernel
+/// widths 2..4, with and without a bias: bf16 tolerance (the GPU rounds u, y and the output).
 #[test]
 #[ignore]
 fn kernel_short_conv_matches_cpu() {
@@ -311,29 +313,50 @@ fn kernel_short_conv_matches_cpu() {
     let mut dev = Device::open().unwrap();
     let mut rng = Rng::new(0x5C0);
     let h = 300usize;
+    // Each launch: runs of (slot, rows); each slot gets 29 rows in all.
+    let launches: [&[(usize, usize)]; 6] = [
+        &[(0, 1)],
+        &[(0, 5), (1, 3)],
+        &[(1, 1), (0, 13), (1, 4)],
+        &[(0, 1), (1, 1)],
+        &[(1, 8), (0, 1)],
+        &[(0, 8), (1, 12)],
+    ];
     for (l, with_bias) in [(3usize, false), (2, true), (4, true)] {
         let total = 29usize;
-        let bcx: Vec<f32> = (0..total * 3 * h).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
+        // bcx of slot s: [total, 3h].
+        let bcx: Vec<Vec<f32>> =
+            (0..2).map(|_| (0..total * 3 * h).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect()).collect();
         let kernel: Vec<f32> = (0..h * l).map(|_| half::bf16::from_f32(0.5 * rng.normal()).to_f32()).collect();
         let bias: Vec<f32> = (0..h).map(|_| 0.1 * rng.normal()).collect();
         let (pk, pb) = (dev.upload(&kernel).unwrap(), if with_bias { dev.upload(&bias).unwrap() } else { 0 });
-        let state = dev.alloc((l - 1) * h * 2).unwrap();
-        dev.fill(state, 0xFF, (l - 1) * h * 2).unwrap(); // poison: read as zeros at position 0
-        let pos = dev.alloc(4).unwrap();
-        let mut cpu_state = vec![0f32; (l - 1) * h];
-        let (mut at, mut got, mut want) = (0usize, Vec::new(), Vec::new());
-        for n in [1usize, 5, 13, 1, 1, 8] {
-            let chunk = &bcx[at * 3 * h..(at + n) * 3 * h];
-            let pin = dev.upload(&to_bf16(chunk)).unwrap();
+        let per = (l - 1).max(1) * h * 2;
+        let state = dev.alloc(2 * per).unwrap();
+        dev.fill(state, 0xFF, 2 * per).unwrap(); // poison: read as zeros at position 0
+        let (pos, slot) = (dev.alloc(64 * 4).unwrap(), dev.alloc(64 * 4).unwrap());
+        let mut cpu_state = vec![vec![0f32; (l - 1) * h]; 2];
+        let (mut at, mut got, mut want) = ([0usize; 2], vec![Vec::new(); 2], vec![Vec::new(); 2]);
+        for runs in launches {
+            let (mut rows_in, mut rows_pos, mut rows_slot) = (Vec::new(), Vec::new(), Vec::new());
+            for &(sl, n) in runs {
+                rows_in.extend_from_slice(&bcx[sl][at[sl] * 3 * h..(at[sl] + n) * 3 * h]);
+                rows_pos.extend((at[sl]..at[sl] + n).map(|p| p as i32));
+                rows_slot.extend(std::iter::repeat_n(sl as i32, n));
+                at[sl] += n;
+            }
+            let n = rows_pos.len();
+            let pin = dev.upload(&to_bf16(&rows_in)).unwrap();
             let pout = dev.alloc(n * h * 2).unwrap();
             dev.fill(pout, 0xFF, n * h * 2).unwrap();
-            dev.write(pos, &[at as i32]).unwrap();
+            dev.write(pos, &rows_pos).unwrap();
+            dev.write(slot, &rows_slot).unwrap();
             let a = conv::ShortConvArgs {
                 bcx: rd(pin),
                 w: rd(pk),
                 bias: rd(pb),
                 state: wr(state),
                 pos: rd(pos),
+                slot: rd(slot),
                 out: wr(pout),
                 h: h as i32,
                 l: l as i32,
@@ -342,22 +365,31 @@ fn kernel_short_conv_matches_cpu() {
             conv::short_conv(&dev, &a).unwrap();
             let mut out = vec![0u16; n * h];
             dev.read(pout, &mut out).unwrap();
-            got.extend(from_bf16(&out));
-            let mut o = vec![0f32; n * h];
-            let b = with_bias.then_some(&bias[..]);
-            zmoe::cpu::conv::short_conv(chunk, h, &kernel, b, &mut cpu_state, &mut o);
-            want.extend(o);
-            at += n;
+            let out = from_bf16(&out);
+            let mut r = 0;
+            for &(sl, n) in runs {
+                got[sl].extend_from_slice(&out[r * h..(r + n) * h]);
+                let chunk = &rows_in[r * 3 * h..(r + n) * 3 * h];
+                let mut o = vec![0f32; n * h];
+                let b = with_bias.then_some(&bias[..]);
+                zmoe::cpu::conv::short_conv(chunk, h, &kernel, b, &mut cpu_state[sl], &mut o);
+                want[sl].extend(o);
+                r += n;
+            }
         }
-        assert!(got.iter().all(|x| x.is_finite()), "L {l}: unwritten output");
-        let e = rel_err(&got, &want);
-        assert!(e < 1.5e-2, "L {l} bias {with_bias}: rel err {e}");
+        assert_eq!(at, [total; 2]);
+        for sl in 0..2 {
+            assert!(got[sl].iter().all(|x| x.is_finite()), "L {l} slot {sl}: unwritten output");
+            let e = rel_err(&got[sl], &want[sl]);
+            assert!(e < 1.5e-2, "L {l} bias {with_bias} slot {sl}: rel err {e}");
+        }
     }
 }
 
 /// `conv_mixer` (in_proj + short conv of one token, one launch) equals `matvec1` then
 /// `short_conv` bit for bit — outputs and the conv state — for a bf16 and an affine-4
-/// in_proj, with biases, over decode steps from position 0 (the state starts poisoned).
+/// in_proj, with biases, over decode steps from position 0 in slot 1 (the states start
+/// poisoned).
 #[test]
 #[ignore]
 fn kernel_conv_mixer_equals_its_parts() {
@@ -381,16 +413,19 @@ fn kernel_conv_mixer_equals_its_parts() {
         let kernel: Vec<f32> = (0..h * l).map(|_| half::bf16::from_f32(0.5 * rng.normal()).to_f32()).collect();
         let cbias: Vec<f32> = (0..h).map(|_| 0.1 * rng.normal()).collect();
         let (pib, pk, pcb) = (dev.upload(&in_bias).unwrap(), dev.upload(&kernel).unwrap(), dev.upload(&cbias).unwrap());
+        // Two slots' states [2, L-1, H]; the steps run in slot 1.
         let sbytes = (l - 1) * h * 2;
-        let (sa, sb) = (dev.alloc(sbytes).unwrap(), dev.alloc(sbytes).unwrap());
-        dev.fill(sa, 0xFF, sbytes).unwrap();
-        dev.fill(sb, 0x7F, sbytes).unwrap();
-        let (bcx, oa, ob, pos) = (
+        let (sa, sb) = (dev.alloc(2 * sbytes).unwrap(), dev.alloc(2 * sbytes).unwrap());
+        dev.fill(sa, 0xFF, 2 * sbytes).unwrap();
+        dev.fill(sb, 0x7F, 2 * sbytes).unwrap();
+        let (bcx, oa, ob, pos, slot) = (
             dev.alloc(3 * h * 2).unwrap(),
             dev.alloc(h * 2).unwrap(),
             dev.alloc(h * 2).unwrap(),
             dev.alloc(4).unwrap(),
+            dev.alloc(4).unwrap(),
         );
+        dev.write(slot, &[1i32]).unwrap();
         for step in 0..6 {
             let x: Vec<f32> = (0..h).map(|_| rng.normal()).collect();
             let px = dev.upload(&to_bf16(&x)).unwrap();
@@ -412,6 +447,7 @@ fn kernel_conv_mixer_equals_its_parts() {
                 bias: rd(pcb),
                 state: wr(sa),
                 pos: rd(pos),
+                slot: rd(slot),
                 out: wr(oa),
                 h: h as i32,
                 l: l as i32,
@@ -426,6 +462,7 @@ fn kernel_conv_mixer_equals_its_parts() {
                 bias: rd(pcb),
                 state: wr(sb),
                 pos: rd(pos),
+                slot: rd(slot),
                 out: wr(ob),
                 h: h as i32,
                 l: l as i32,
@@ -435,10 +472,11 @@ fn kernel_conv_mixer_equals_its_parts() {
             dev.read(oa, &mut ga).unwrap();
             dev.read(ob, &mut gb).unwrap();
             assert_eq!(ga, gb, "fmt {fmt} step {step}: conv_mixer output differs from its parts");
-            let (mut ta, mut tb) = (vec![0u16; (l - 1) * h], vec![0u16; (l - 1) * h]);
+            let (mut ta, mut tb) = (vec![0u16; 2 * (l - 1) * h], vec![0u16; 2 * (l - 1) * h]);
             dev.read(sa, &mut ta).unwrap();
             dev.read(sb, &mut tb).unwrap();
-            assert_eq!(ta, tb, "fmt {fmt} step {step}: conv states differ");
+            assert_eq!(ta[(l - 1) * h..], tb[(l - 1) * h..], "fmt {fmt} step {step}: slot 1's conv states differ");
+            assert!(ta[..(l - 1) * h].iter().all(|&v| v == 0xFFFF), "fmt {fmt} step {step}: slot 0 written");
             assert!(from_bf16(&ga).iter().all(|v| v.is_finite()), "fmt {fmt} step {step}: poisoned state read");
         }
     }
@@ -877,4 +915,31 @@ fn non_finite_logits_and_context_on_gpu() {
         .unwrap()
         .to_string();
     assert!(e.contains("--ctx 268435456") && e.contains("free"), "{e}");
+}
+
+/// Batch invariance on the GPU (issue 20): the shared body of tests/batch.rs — 20 greedy
+/// sequences through 16 CUDA slots with continuous batching and chunked prefill (batches of
+/// several rows run the eager prefill plan, single rows the decode graph, of any slot) equal
+/// each sequence alone, bit for bit; GQA and MLA caches, LFM2's conv states (per slot, read
+/// as zeros at a slot's position 0, rows of several slots in one short_conv launch), GPT-OSS's
+/// per-slot rings (window 6; 72 decode steps make sequences of up to 82 tokens, past the
+/// ring's window + CHUNK − 1 = 69 rows, so every slot's ring wraps), patched plans.
+#[test]
+#[ignore]
+fn batch_invariant_on_gpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, preset, quant, seed, decode) in [
+        ("q4", "qwen3_moe/tiny", SynthQuant::Affine4, 81, 6),
+        ("qb", "qwen3_moe/tiny", SynthQuant::Bf16, 83, 6),
+        ("g4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 82, 6),
+        ("k4", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine4, 84, 6),
+        ("l4", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4, 85, 6),
+        ("lb", "lfm2_moe/lfm2-tiny", SynthQuant::Bf16, 86, 6),
+        ("o4", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4, 87, 72),
+        ("ob", "gpt_oss/gpt-oss-tiny", SynthQuant::Bf16, 88, 72),
+    ] {
+        let dir = common::synth_preset(tmp.path(), name, preset, quant, seed);
+        let ok = common::assert_batch_invariant(zmoe::BackendKind::Cuda, &dir, 16, 20, decode);
+        assert!(ok, "{name}: CUDA slots");
+    }
 }

@@ -10,14 +10,43 @@ pub mod ops;
 
 use std::sync::Arc;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Row};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{Linear, MlaWeights, Mlp, Weights};
 use crate::plan::lower::ExecPlans;
 use crate::plan::{AttnOp, Buf, LinRef, MoeOp, NormRef, Plan, Step};
 
-/// Per-sequence state: activation buffers, router choices and the KV cache.
+/// One sequence slot's cache.
+#[derive(Debug, Default, Clone)]
+struct SeqCache {
+    /// Per layer: K rows `[S, nKV·D]`, post-norm, post-RoPE; for MLA the latent cache rows
+    /// `[S, kv_lora + rope]` (normalised latent, roped `k_pe`).
+    k: Vec<Vec<f32>>,
+    /// Per layer: V rows `[S, nKV·D]` (unused by MLA).
+    v: Vec<Vec<f32>>,
+    /// Per LFM2 short-conv layer: the last `L − 1` gated inputs `[L−1, H]` (zeros on a
+    /// fresh sequence); empty for attention layers.
+    conv: Vec<Vec<f32>>,
+    /// Tokens already in the cache (S).
+    pos: usize,
+}
+
+impl SeqCache {
+    fn new(cfg: &ModelConfig) -> SeqCache {
+        let layers = cfg.num_layers;
+        SeqCache { k: vec![Vec::new(); layers], v: vec![Vec::new(); layers], conv: conv_states(cfg), pos: 0 }
+    }
+
+    fn clear(&mut self) {
+        self.pos = 0;
+        self.k.iter_mut().chain(self.v.iter_mut()).for_each(Vec::clear);
+        self.conv.iter_mut().for_each(|s| s.fill(0.0));
+    }
+}
+
+/// Activation buffers, router choices, the rows of the forward being run and the sequence
+/// slots' caches.
 #[derive(Debug, Default)]
 struct RunState {
     /// One buffer per [`Buf`], row-major `[rows, width]`.
@@ -26,16 +55,10 @@ struct RunState {
     topk_idx: Vec<usize>,
     /// Their weights `[T, K]`.
     topk_w: Vec<f32>,
-    /// Per layer: K rows `[S, nKV·D]`, post-norm, post-RoPE; for MLA the latent cache rows
-    /// `[S, kv_lora + rope]` (normalised latent, roped `k_pe`).
-    k_cache: Vec<Vec<f32>>,
-    /// Per layer: V rows `[S, nKV·D]` (unused by MLA).
-    v_cache: Vec<Vec<f32>>,
-    /// Per LFM2 short-conv layer: the last `L − 1` gated inputs `[L−1, H]` (zeros on a
-    /// fresh sequence); empty for attention layers.
-    conv_state: Vec<Vec<f32>>,
-    /// Tokens already in the cache.
-    pos: usize,
+    /// The rows of the forward being run `[T]` (slot, position, token).
+    rows: Vec<Row>,
+    /// One cache per sequence slot ([`Backend::set_slots`]).
+    seqs: Vec<SeqCache>,
 }
 
 impl RunState {
@@ -45,6 +68,26 @@ impl RunState {
 
     fn put(&mut self, b: Buf, v: Vec<f32>) {
         self.bufs[b as usize] = v;
+    }
+
+    /// Positions of the rows `[T]`.
+    fn positions(&self) -> Vec<usize> {
+        self.rows.iter().map(|r| r.pos).collect()
+    }
+
+    /// Appends row `i` of `buf` (rows of width `buf.len() / T`) to the cache `pick` chooses
+    /// in its row's slot, for every row in order.
+    fn append(&mut self, buf: Buf, pick: impl Fn(&mut SeqCache) -> &mut Vec<f32>) {
+        let src = &self.bufs[buf as usize];
+        let w = src.len() / self.rows.len();
+        for (r, x) in self.rows.iter().zip(src.chunks_exact(w)) {
+            pick(&mut self.seqs[r.slot]).extend_from_slice(x);
+        }
+    }
+
+    /// Each row's view of layer `l`'s K (or latent) cache `[T]`, and of its V cache.
+    fn caches(&self, l: usize) -> (Vec<&[f32]>, Vec<&[f32]>) {
+        self.rows.iter().map(|r| (&self.seqs[r.slot].k[l][..], &self.seqs[r.slot].v[l][..])).unzip()
     }
 }
 
@@ -68,10 +111,8 @@ impl CpuBackend {
     pub fn new(cfg: ModelConfig, weights: Arc<Weights>, plan: Plan) -> Result<CpuBackend> {
         plan.check(&weights)?;
         let rope = ops::Rope::new(&cfg);
-        let mut st = RunState { bufs: vec![Vec::new(); Buf::ALL.len()], ..Default::default() };
-        st.k_cache = vec![Vec::new(); cfg.num_layers];
-        st.v_cache = vec![Vec::new(); cfg.num_layers];
-        st.conv_state = conv_states(&cfg);
+        let st =
+            RunState { bufs: vec![Vec::new(); Buf::ALL.len()], seqs: vec![SeqCache::new(&cfg)], ..Default::default() };
         let exec = ExecPlans::same(&plan);
         let max_ctx = cfg.max_position_embeddings;
         Ok(CpuBackend { cfg, weights, plan, exec, rope, st, max_ctx })
@@ -103,19 +144,20 @@ impl CpuBackend {
         self.weights.mla(l).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"))
     }
 
-    /// Executes one step over `t` rows; a fused step runs as its primitive components.
-    fn step(&mut self, step: &Step, tokens: &[u32], t: &mut usize, all_logits: bool) {
+    /// Executes one step over the `t` rows of `self.st.rows` (after [`Step::LastRow`], the
+    /// rows asking for logits); a fused step runs as its primitive components.
+    fn step(&mut self, step: &Step, t: &mut usize) {
         let parts = step.components();
         if !parts.is_empty() {
-            return parts.iter().for_each(|s| self.step(s, tokens, t, all_logits));
+            return parts.iter().for_each(|s| self.step(s, t));
         }
         let c = &self.cfg;
         let (h, d, k) = (c.hidden_size, c.head_dim, c.top_k);
         match *step {
             Step::Embed => {
-                let mut x = vec![0.0; tokens.len() * h];
-                for (row, &tok) in x.chunks_exact_mut(h).zip(tokens) {
-                    self.weights.embed.dequant_row(tok as usize, row);
+                let mut x = vec![0.0; self.st.rows.len() * h];
+                for (row, r) in x.chunks_exact_mut(h).zip(&self.st.rows) {
+                    self.weights.embed.dequant_row(r.token as usize, row);
                 }
                 self.st.put(Buf::X, x);
             }
@@ -139,28 +181,30 @@ impl CpuBackend {
             }
             Step::Attn { op: AttnOp::Rope, .. } => {
                 let (mut q, mut kk) = (self.st.take(Buf::Q), self.st.take(Buf::K));
-                self.rope.apply(&mut q, c.num_heads, d, 0, self.st.pos);
-                self.rope.apply(&mut kk, c.num_kv_heads, d, 0, self.st.pos);
+                let pos = self.st.positions();
+                self.rope.apply(&mut q, c.num_heads, d, 0, &pos);
+                self.rope.apply(&mut kk, c.num_kv_heads, d, 0, &pos);
                 self.st.put(Buf::Q, q);
                 self.st.put(Buf::K, kk);
             }
             Step::Attn { layer, op: AttnOp::KvAppend } => {
-                let st = &mut self.st;
-                st.k_cache[layer].extend_from_slice(&st.bufs[Buf::K as usize]);
-                st.v_cache[layer].extend_from_slice(&st.bufs[Buf::V as usize]);
+                self.st.append(Buf::K, |s| &mut s.k[layer]);
+                self.st.append(Buf::V, |s| &mut s.v[layer]);
             }
             Step::Attn { layer, op: AttnOp::SinkAttention } => {
                 let mut out = vec![0.0; *t * c.num_heads * d];
                 let st = &self.st;
                 let sinks = self.weights.sinks(layer).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"));
-                let (q, kc, vc) = (&st.bufs[Buf::Q as usize], &st.k_cache[layer], &st.v_cache[layer]);
-                ops::attention_with(q, kc, vc, st.pos, c, c.window(layer), Some(sinks), &mut out);
+                let (kc, vc) = st.caches(layer);
+                let (q, pos) = (&st.bufs[Buf::Q as usize], st.positions());
+                ops::attention_with(q, &kc, &vc, &pos, c, c.window(layer), Some(sinks), &mut out);
                 self.st.put(Buf::Attn, out);
             }
             Step::Attn { layer, op: AttnOp::Attention } => {
                 let mut out = vec![0.0; *t * c.num_heads * d];
                 let st = &self.st;
-                ops::attention(&st.bufs[Buf::Q as usize], &st.k_cache[layer], &st.v_cache[layer], st.pos, c, &mut out);
+                let (kc, vc) = st.caches(layer);
+                ops::attention(&st.bufs[Buf::Q as usize], &kc, &vc, &st.positions(), c, &mut out);
                 self.st.put(Buf::Attn, out);
             }
             Step::Add { dst, src } => {
@@ -183,15 +227,14 @@ impl CpuBackend {
             Step::Attn { op: AttnOp::MlaRope, .. } => {
                 let m = c.mla.as_ref().expect("MLA config");
                 let (mut q, mut kva) = (self.st.take(Buf::Q), self.st.take(Buf::Kva));
-                let pos = self.st.pos;
-                self.rope.apply(&mut q, c.num_heads, d, m.qk_nope_head_dim, pos);
-                self.rope.apply(&mut kva, 1, m.cache_row(), m.kv_lora_rank, pos);
+                let pos = self.st.positions();
+                self.rope.apply(&mut q, c.num_heads, d, m.qk_nope_head_dim, &pos);
+                self.rope.apply(&mut kva, 1, m.cache_row(), m.kv_lora_rank, &pos);
                 self.st.put(Buf::Q, q);
                 self.st.put(Buf::Kva, kva);
             }
             Step::Attn { layer, op: AttnOp::LatentAppend } => {
-                let st = &mut self.st;
-                st.k_cache[layer].extend_from_slice(&st.bufs[Buf::Kva as usize]);
+                self.st.append(Buf::Kva, |s| &mut s.k[layer]);
             }
             Step::Attn { layer, op: AttnOp::MlaQAbsorb } => {
                 let m = c.mla.as_ref().expect("MLA config");
@@ -210,7 +253,7 @@ impl CpuBackend {
                 let st = &self.st;
                 let mut out = vec![0.0; *t * c.num_heads * m.kv_lora_rank];
                 let (ql, q) = (&st.bufs[Buf::QLat as usize], &st.bufs[Buf::Q as usize]);
-                ops::mla_attention(ql, q, &st.k_cache[layer], st.pos, c, &mut out);
+                ops::mla_attention(ql, q, &st.caches(layer).0, &st.positions(), c, &mut out);
                 self.st.put(Buf::OLat, out);
             }
             Step::Attn { layer, op: AttnOp::MlaVUp } => {
@@ -231,8 +274,8 @@ impl CpuBackend {
                 let mut out = vec![0.0; *t * c.num_heads * c.v_head_dim];
                 ops::mla_attention_expanded(
                     &st.bufs[Buf::Q as usize],
-                    &st.k_cache[layer],
-                    st.pos,
+                    &st.caches(layer).0,
+                    &st.positions(),
                     self.mla(layer),
                     c,
                     &mut out,
@@ -242,8 +285,17 @@ impl CpuBackend {
             Step::Attn { layer, op: AttnOp::ShortConv } => {
                 let cv = self.weights.conv(layer).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"));
                 let mut out = vec![0.0; *t * h];
-                let (bcx, state) = (&self.st.bufs[Buf::Bcx as usize], &mut self.st.conv_state[layer]);
-                conv::short_conv(bcx, h, &cv.kernel, cv.bias.as_deref(), state, &mut out);
+                let st = &mut self.st;
+                let bcx = &st.bufs[Buf::Bcx as usize];
+                // Each run of consecutive rows of one slot moves that slot's state on.
+                let mut at = 0;
+                for run in st.rows.chunk_by(|a, b| a.slot == b.slot) {
+                    let n = run.len();
+                    let state = &mut st.seqs[run[0].slot].conv[layer];
+                    let (x, o) = (&bcx[at * 3 * h..(at + n) * 3 * h], &mut out[at * h..(at + n) * h]);
+                    conv::short_conv(x, h, &cv.kernel, cv.bias.as_deref(), state, o);
+                    at += n;
+                }
                 self.st.put(Buf::Attn, out);
             }
             Step::Moe { layer, op: MoeOp::SigmoidBiasTopK } => {
@@ -319,10 +371,16 @@ impl CpuBackend {
                 self.st.put(Buf::Out, out);
             }
             Step::LastRow => {
-                if !all_logits && *t > 1 {
+                // Keep the rows that ask for logits (all of them: nothing to do).
+                if self.st.rows.iter().any(|r| !r.logits) {
                     let x = self.st.take(Buf::X);
-                    self.st.put(Buf::X, x[(*t - 1) * h..].to_vec());
-                    *t = 1;
+                    let keep: Vec<f32> = (self.st.rows.iter().zip(x.chunks_exact(h)))
+                        .filter(|(r, _)| r.logits)
+                        .flat_map(|(_, x)| x.iter().copied())
+                        .collect();
+                    self.st.rows.retain(|r| r.logits);
+                    *t = self.st.rows.len();
+                    self.st.put(Buf::X, keep);
                 }
             }
             Step::Fused { .. } | Step::Packed { .. } => unreachable!("fused steps run as their components"),
@@ -331,47 +389,76 @@ impl CpuBackend {
 }
 
 impl CpuBackend {
-    /// The logits of the forward that just ran over `tokens`, or [`Error::NonFinite`] naming
+    /// Runs the plan over `rows` (checked by the caller) and appends them to their slots.
+    fn run(&mut self, rows: &[Row]) {
+        self.st.rows = rows.to_vec();
+        let plan = std::mem::replace(&mut self.plan, Plan { name: String::new(), steps: Vec::new() });
+        let mut t = rows.len();
+        for step in &plan.steps {
+            self.step(step, &mut t);
+        }
+        self.plan = plan;
+        for r in rows {
+            self.st.seqs[r.slot].pos += 1;
+        }
+    }
+
+    /// The logits of the forward that just ran over `rows`, or [`Error::NonFinite`] naming
     /// the first position with a NaN or infinite logit and the layer and step that first
     /// produced a non-finite value. Finding those re-runs the forward with a check after every
     /// primitive step, so the normal case costs one scan of the logits. A failed forward
-    /// leaves the cache as it was before it.
-    fn finite_logits(&mut self, tokens: &[u32], all_logits: bool, conv_before: Vec<Vec<f32>>) -> Result<Vec<f32>> {
+    /// leaves every cache as it was before it (`before`: the slots' caches then).
+    fn finite_logits(&mut self, rows: &[Row], before: &[CacheMark]) -> Result<Vec<f32>> {
         let logits = self.st.take(Buf::Logits);
-        let Err(Error::NonFinite { position, .. }) =
-            crate::sample::check_finite(&logits, self.cfg.vocab_size, self.st.pos, "")
-        else {
+        let Some(i) = logits.iter().position(|x| !x.is_finite()) else {
             return Ok(logits);
         };
-        let t = tokens.len();
-        let pos0 = self.st.pos - t;
-        // Cache rows per layer before this forward (every layer appended t rows).
-        let keep: Vec<(usize, usize)> = (self.st.k_cache.iter().zip(&self.st.v_cache))
-            .map(|(k, v)| (k.len() / (pos0 + t) * pos0, v.len() / (pos0 + t) * pos0))
-            .collect();
+        let position = rows.iter().filter(|r| r.logits).nth(i / self.cfg.vocab_size).map_or(0, |r| r.pos);
         let restore = |st: &mut RunState| {
-            st.pos = pos0;
-            st.conv_state.clone_from(&conv_before);
-            for (l, &(k, v)) in keep.iter().enumerate() {
-                st.k_cache[l].truncate(k);
-                st.v_cache[l].truncate(v);
+            for m in before {
+                let seq = &mut st.seqs[m.slot];
+                seq.pos = m.pos;
+                seq.conv.clone_from(&m.conv);
+                for (l, &(k, v)) in m.lens.iter().enumerate() {
+                    seq.k[l].truncate(k);
+                    seq.v[l].truncate(v);
+                }
             }
         };
         restore(&mut self.st);
-        let origin = self.locate_non_finite(tokens, all_logits);
+        let origin = self.locate_non_finite(rows);
         restore(&mut self.st);
         Err(Error::NonFinite { position, origin })
     }
 
-    /// Runs the plan over `tokens` primitive step by primitive step from empty buffers and
+    /// The cache lengths of every slot `rows` touch, to restore after a failed forward.
+    fn marks(&self, rows: &[Row]) -> Vec<CacheMark> {
+        let mut slots: Vec<usize> = rows.iter().map(|r| r.slot).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        (slots.into_iter())
+            .map(|slot| {
+                let seq = &self.st.seqs[slot];
+                CacheMark {
+                    slot,
+                    pos: seq.pos,
+                    lens: seq.k.iter().zip(&seq.v).map(|(k, v)| (k.len(), v.len())).collect(),
+                    conv: seq.conv.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs the plan over `rows` primitive step by primitive step from empty buffers and
     /// names the first step after which a buffer holds a NaN or an infinity.
-    fn locate_non_finite(&mut self, tokens: &[u32], all_logits: bool) -> String {
+    fn locate_non_finite(&mut self, rows: &[Row]) -> String {
         let plan = std::mem::replace(&mut self.plan, Plan { name: String::new(), steps: Vec::new() });
         self.st.bufs.iter_mut().for_each(Vec::clear);
-        let (mut t, mut layer, mut found) = (tokens.len(), None, None);
+        self.st.rows = rows.to_vec();
+        let (mut t, mut layer, mut found) = (rows.len(), None, None);
         'steps: for step in &plan.steps {
             for p in step.primitives() {
-                self.step(&p, tokens, &mut t, all_logits);
+                self.step(&p, &mut t);
                 // Steps without a weight of their own (adds, SwiGLU, ...) belong to the layer
                 // they run in; the embedding, the final norm and the head to none.
                 let outside = matches!(
@@ -397,6 +484,15 @@ impl CpuBackend {
     }
 }
 
+/// A slot's cache before a forward: (slot, position, per layer (K len, V len), its conv
+/// states — a few KiB, copied since a forward overwrites them in place).
+struct CacheMark {
+    slot: usize,
+    pos: usize,
+    lens: Vec<(usize, usize)>,
+    conv: Vec<Vec<f32>>,
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -407,7 +503,7 @@ impl Backend for CpuBackend {
     }
 
     fn position(&self) -> usize {
-        self.st.pos
+        self.st.seqs[0].pos
     }
 
     fn max_context(&self) -> usize {
@@ -415,9 +511,27 @@ impl Backend for CpuBackend {
     }
 
     fn reset(&mut self) {
-        self.st.pos = 0;
-        self.st.k_cache.iter_mut().chain(self.st.v_cache.iter_mut()).for_each(Vec::clear);
-        self.st.conv_state.iter_mut().for_each(|s| s.fill(0.0));
+        self.st.seqs.iter_mut().for_each(SeqCache::clear);
+    }
+
+    fn slots(&self) -> usize {
+        self.st.seqs.len()
+    }
+
+    fn set_slots(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Err(Error::Arg("a backend needs at least one sequence slot".into()));
+        }
+        self.st.seqs = vec![SeqCache::new(&self.cfg); n];
+        Ok(())
+    }
+
+    fn slot_position(&self, slot: usize) -> usize {
+        self.st.seqs[slot].pos
+    }
+
+    fn reset_slot(&mut self, slot: usize) {
+        self.st.seqs[slot].clear();
     }
 
     fn plan(&self) -> &Plan {
@@ -437,17 +551,27 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        crate::backend::check_tokens(&self.cfg, tokens, self.st.pos)?;
-        let plan = std::mem::replace(&mut self.plan, Plan { name: String::new(), steps: Vec::new() });
-        // The conv states before this forward (a few KiB), to restore if it fails.
-        let conv_before = self.st.conv_state.clone();
-        let mut t = tokens.len();
-        for step in &plan.steps {
-            self.step(step, tokens, &mut t, all_logits);
-        }
-        self.plan = plan;
-        self.st.pos += tokens.len();
-        self.finite_logits(tokens, all_logits, conv_before)
+        crate::backend::check_tokens(&self.cfg, tokens, self.st.seqs[0].pos)?;
+        let pos0 = self.st.seqs[0].pos;
+        let n = tokens.len();
+        let rows: Vec<Row> = (tokens.iter().enumerate())
+            .map(|(i, &token)| Row { slot: 0, pos: pos0 + i, token, logits: all_logits || i + 1 == n })
+            .collect();
+        self.forward_checked(&rows)
+    }
+
+    fn forward_rows(&mut self, rows: &[Row]) -> Result<Vec<f32>> {
+        crate::backend::check_rows(&self.cfg, rows, self.st.seqs.len(), self.max_ctx, |s| self.st.seqs[s].pos)?;
+        self.forward_checked(rows)
+    }
+}
+
+impl CpuBackend {
+    /// [`Backend::forward_rows`] on rows already checked.
+    fn forward_checked(&mut self, rows: &[Row]) -> Result<Vec<f32>> {
+        let before = self.marks(rows);
+        self.run(rows);
+        self.finite_logits(rows, &before)
     }
 }
 

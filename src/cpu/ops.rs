@@ -80,13 +80,13 @@ impl Rope {
     }
 
     /// Rotates the `d_rot` dims at offset `off` of each of the `heads` chunks (width
-    /// `stride`) of every row of `x` (`[T, heads·stride]`) for positions `pos0..pos0+T`,
+    /// `stride`) of every row of `x` (`[T, heads·stride]`), row `t` at position `pos[t]`,
     /// with the configured pairing. Interleaved pairs are rotated in place (`x[2i]`,
     /// `x[2i+1]` stay where they are: an output permutation shared by q and k leaves
     /// attention unchanged, model-spec §1.3).
-    pub fn apply(&self, x: &mut [f32], heads: usize, stride: usize, off: usize, pos0: usize) {
-        for (t, row) in x.chunks_exact_mut(heads * stride).enumerate() {
-            let cs = self.angles(pos0 + t);
+    pub fn apply(&self, x: &mut [f32], heads: usize, stride: usize, off: usize, pos: &[usize]) {
+        for (row, &p) in x.chunks_exact_mut(heads * stride).zip(pos) {
+            let cs = self.angles(p);
             for chunk in row.chunks_exact_mut(stride) {
                 let v = &mut chunk[off..off + 2 * cs.len()];
                 let half = cs.len();
@@ -101,11 +101,12 @@ impl Rope {
     }
 }
 
-/// Causal GQA attention for `T` new queries at positions `pos0..pos0+T` over a cache that
-/// already holds them: q `[T, nH·D]`, k/v cache `[S, nKV·D]` (S = pos0 + T),
-/// out `[T, nH·D]`. Query head h uses KV head h / (nH / nKV); scale D^-1/2; f32 softmax.
-pub fn attention(q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, c: &ModelConfig, out: &mut [f32]) {
-    attention_with(q, kc, vc, pos0, c, None, None, out)
+/// Causal GQA attention for `T` queries, query `t` at position `pos[t]` over its own
+/// sequence's cache `kc[t]`/`vc[t]` (`[S, nKV·D]`, already holding keys `0..=pos[t]`):
+/// q `[T, nH·D]`, out `[T, nH·D]`. Query head h uses KV head h / (nH / nKV); scale D^-1/2;
+/// f32 softmax. Each row's result depends only on its own query and cache.
+pub fn attention(q: &[f32], kc: &[&[f32]], vc: &[&[f32]], pos: &[usize], c: &ModelConfig, out: &mut [f32]) {
+    attention_with(q, kc, vc, pos, c, None, None, out)
 }
 
 /// [`attention`] with GPT-OSS's two additions (model-spec §5.5): a sliding `window` (query
@@ -115,9 +116,9 @@ pub fn attention(q: &[f32], kc: &[f32], vc: &[f32], pos0: usize, c: &ModelConfig
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with(
     q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    pos0: usize,
+    kc: &[&[f32]],
+    vc: &[&[f32]],
+    pos: &[usize],
     c: &ModelConfig,
     window: Option<usize>,
     sinks: Option<&[f32]>,
@@ -130,7 +131,8 @@ pub fn attention_with(
         let (t, h) = (th / nh, th % nh);
         let qh = &q[th * d..(th + 1) * d];
         let kvh = h / rep;
-        let n_keys = pos0 + t + 1; // causal: keys 0..=pos
+        let (kc, vc) = (kc[t], vc[t]);
+        let n_keys = pos[t] + 1; // causal: keys 0..=pos
         let first = window.map_or(0, |w| n_keys.saturating_sub(w));
         let key = |s: usize| &kc[(s * nkv + kvh) * d..][..d];
         let mut scores: Vec<f32> = (first..n_keys).map(|s| dot(qh, key(s)) * scale).collect();
@@ -161,12 +163,12 @@ pub fn softmax_with_sink(x: &mut [f32], sink: f32) {
     }
 }
 
-/// Causal MLA attention in the absorbed form (model-spec §3.4) for `T` queries at positions
-/// `pos0..pos0+T` over a latent cache that already holds them.
+/// Causal MLA attention in the absorbed form (model-spec §3.4) for `T` queries, query `t` at
+/// position `pos[t]` over its own sequence's latent cache `caches[t]` (already holding it).
 /// qlat `[T, nH·L]` (`W_UKᵀ q_nope` per head), q `[T, nH·Dqk]` (its rope slice is read),
 /// cache `[S, L + R]` (latent `c_s` | roped `k_pe_s`), out `[T, nH·L]` = `Σ_s p_s c_s`.
 /// Score = `(qlat·c_s + q_pe·k_pe_s) · scale`, f32 softmax.
-pub fn mla_attention(qlat: &[f32], q: &[f32], cache: &[f32], pos0: usize, c: &ModelConfig, out: &mut [f32]) {
+pub fn mla_attention(qlat: &[f32], q: &[f32], caches: &[&[f32]], pos: &[usize], c: &ModelConfig, out: &mut [f32]) {
     let m = c.mla.as_ref().expect("MLA config");
     let (nh, d, l, r) = (c.num_heads, c.head_dim, m.kv_lora_rank, m.qk_rope_head_dim);
     let row = l + r;
@@ -175,7 +177,8 @@ pub fn mla_attention(qlat: &[f32], q: &[f32], cache: &[f32], pos0: usize, c: &Mo
         let t = th / nh;
         let ql = &qlat[th * l..][..l];
         let qpe = &q[th * d + m.qk_nope_head_dim..][..r];
-        let n_keys = pos0 + t + 1;
+        let cache = caches[t];
+        let n_keys = pos[t] + 1;
         let mut scores: Vec<f32> = (0..n_keys)
             .map(|s| {
                 let kv = &cache[s * row..][..row];
@@ -194,11 +197,12 @@ pub fn mla_attention(qlat: &[f32], q: &[f32], cache: &[f32], pos0: usize, c: &Mo
 
 /// Causal MLA attention as transformers computes it: every cached latent is expanded to
 /// per-head `k_nope = W_UK c_s` and `v = W_UV c_s` (`W_UK[h] = embed_q[h]ᵀ`), keys are
-/// `[k_nope | k_pe]`. q `[T, nH·Dqk]`, cache `[S, L + R]`, out `[T, nH·Dv]`.
+/// `[k_nope | k_pe]`. q `[T, nH·Dqk]`, query `t` at position `pos[t]` over its own
+/// sequence's cache `caches[t]` (`[S, L + R]`), out `[T, nH·Dv]`.
 pub fn mla_attention_expanded(
     q: &[f32],
-    cache: &[f32],
-    pos0: usize,
+    caches: &[&[f32]],
+    pos: &[usize],
     w: &crate::model::MlaWeights,
     c: &ModelConfig,
     out: &mut [f32],
@@ -206,7 +210,6 @@ pub fn mla_attention_expanded(
     let m = c.mla.as_ref().expect("MLA config");
     let (nh, d, dv, l, nope) = (c.num_heads, c.head_dim, c.v_head_dim, m.kv_lora_rank, m.qk_nope_head_dim);
     let row = l + m.qk_rope_head_dim;
-    let s_len = cache.len() / row;
     let scale = c.attn_scale();
     // Per head: W_UK [nope, L] (row-major) and W_UV [Dv, L].
     let wuk: Vec<Vec<f32>> = w.embed_q.iter().map(|e| e.transposed_f32().to_f32()).collect();
@@ -214,7 +217,8 @@ pub fn mla_attention_expanded(
     out.par_chunks_mut(dv).enumerate().for_each(|(th, o)| {
         let (t, h) = (th / nh, th % nh);
         let qh = &q[th * d..][..d];
-        let n_keys = (pos0 + t + 1).min(s_len);
+        let cache = caches[t];
+        let n_keys = (pos[t] + 1).min(cache.len() / row);
         let mut v_all = vec![0.0; n_keys * dv];
         let mut scores = Vec::with_capacity(n_keys);
         for s in 0..n_keys {
@@ -458,7 +462,7 @@ mod tests {
         let rope = Rope::new(&cfg);
         let x0: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut x = x0.clone();
-        rope.apply(&mut x, 2, 8, 0, 0);
+        rope.apply(&mut x, 2, 8, 0, &[0, 1]);
         assert_eq!(&x[..16], &x0[..16]); // position 0: no rotation
         for (a, b) in x.chunks(8).zip(x0.chunks(8)) {
             let (na, nb) = (dot(a, a), dot(b, b));

@@ -5,6 +5,13 @@
 //! prefill chunk of [`CHUNK`] tokens. Prefill runs the prefill plan eagerly over chunks;
 //! decode (one token) runs the decode plan captured once into a CUDA graph and replayed per
 //! token — the position and the token live in device memory, so replay needs no re-capture.
+//!
+//! Sequence slots ([`Backend::set_slots`]): each layer's cache is one allocation of
+//! `slots × slot_ctx` rows, slot s owning rows `s·slot_ctx..`. Every row of a batch carries
+//! its position and its slot's first cache row on the device (`io`), read by rope, the cache
+//! append and attention, so one launch serves rows of any sequences and the single-row
+//! decode graph serves any slot. A batch of several rows runs the prefill plan eagerly
+//! (per-batch-size decode graphs are a follow-up).
 //! Both plans are built once ([`crate::plan::lower::cuda`]); this file maps each step to
 //! buffers and weights and calls the typed launchers of [`super::ops`].
 
@@ -15,7 +22,7 @@ use super::ops::{
     self, Bf16, I32, Void, attention as attn, conv, gpt_oss, int, linear, mla, moe, norm, rd, rope, sample, wr,
 };
 use super::weights::{DLinear, DMat, DeviceWeights, Upload, unsupported};
-use crate::backend::{Backend, DeviceInfo, StepTime};
+use crate::backend::{Backend, DeviceInfo, Row, StepTime};
 use crate::config::{ModelConfig, RouterKind};
 use crate::error::{Error, Result};
 use crate::model::Weights;
@@ -52,19 +59,21 @@ fn kv_capacity(c: &ModelConfig, requested: Option<usize>, token_bytes: usize, fr
     Ok(n)
 }
 
-/// A layer's cache on the device: what one token leaves behind for the next.
+/// A layer's cache on the device: what one token leaves behind for the next, for every
+/// sequence slot (slot s owns the s-th of `slots` equal parts).
 enum LayerCache {
-    /// GQA: K and V rows, bf16 `[max_ctx, nKV·D]` each.
+    /// GQA: K and V rows, bf16 `[slots · slot_ctx, nKV·D]` each.
     Kv { k: u64, v: u64 },
-    /// MLA: the latent row (normalised latent + roped k_pe), bf16 `[max_ctx, kv_lora + rope]`.
+    /// MLA: the latent row (normalised latent + roped k_pe), bf16
+    /// `[slots · slot_ctx, kv_lora + rope]`.
     Latent { rows: u64 },
-    /// LFM2 short conv: the last `L − 1` gated inputs, bf16 `[L − 1, H]`, whatever the
+    /// LFM2 short conv: the last `L − 1` gated inputs, bf16 `[slots, L − 1, H]`, whatever the
     /// context (read as zeros at position 0, so a new sequence needs no reset launch), and
     /// room for a copy of it (`saved`, kept across `profile_decode`).
     Conv { state: u64, saved: u64 },
-    /// A sliding-window layer (GPT-OSS): K and V rows `[ring, nKV·D]`, token p in row
-    /// p mod ring. `ring` = window + CHUNK − 1: a prefill chunk appends all its rows before
-    /// its first query reads the oldest key it still needs.
+    /// A sliding-window layer (GPT-OSS): K and V rows `[slots · ring, nKV·D]`, token p of
+    /// slot s in row s·ring + p mod ring. `ring` = window + CHUNK − 1: a prefill chunk
+    /// appends all its rows before its first query reads the oldest key it still needs.
     Ring { k: u64, v: u64, ring: usize },
 }
 
@@ -85,7 +94,8 @@ impl LayerCache {
     }
 
     /// Cache bytes per token of context (the layers whose cache grows with it), and the
-    /// bytes of the rings (fixed, whatever the context). Conv states are a few KB: not counted.
+    /// bytes of the rings (fixed, whatever the context), both for one sequence slot. Conv
+    /// states are a few KB: not counted.
     fn bytes(c: &ModelConfig) -> (usize, usize) {
         let layer = |l: usize| LayerCache::row(c, l) * 2;
         let rings = (0..c.num_layers).filter_map(|l| LayerCache::ring(c, l).map(|r| r * layer(l))).sum();
@@ -93,18 +103,24 @@ impl LayerCache {
         (growing, rings)
     }
 
-    /// Layer `l`'s cache for `max_ctx` tokens.
-    fn alloc(dev: &mut Device, c: &ModelConfig, l: usize, max_ctx: usize) -> Result<LayerCache> {
-        if let Some(cv) = c.conv.as_ref().filter(|_| c.is_conv_layer(l)) {
-            let bytes = cv.state_len().max(1) * c.hidden_size * 2;
+    /// Bytes of one slot's conv state in a short-conv layer, bf16 `[max(L − 1, 1), H]` (0
+    /// for a model without conv layers).
+    fn conv_bytes(c: &ModelConfig) -> usize {
+        c.conv.as_ref().map_or(0, |cv| cv.state_len().max(1) * c.hidden_size * 2)
+    }
+
+    /// Layer `l`'s cache for `slots` sequences of `slot_ctx` tokens.
+    fn alloc(dev: &mut Device, c: &ModelConfig, l: usize, slot_ctx: usize, slots: usize) -> Result<LayerCache> {
+        if c.conv.is_some() && c.is_conv_layer(l) {
+            let bytes = LayerCache::conv_bytes(c) * slots;
             return Ok(LayerCache::Conv { state: dev.alloc(bytes)?, saved: dev.alloc(bytes)? });
         }
         let row = LayerCache::row(c, l);
-        let bytes = max_ctx * row * 2;
+        let bytes = slots * slot_ctx * row * 2;
         Ok(match (c.mla.is_some(), LayerCache::ring(c, l)) {
             (true, _) => LayerCache::Latent { rows: dev.alloc(bytes)? },
             (false, Some(ring)) => {
-                let half = ring * row;
+                let half = slots * ring * row;
                 LayerCache::Ring { k: dev.alloc(half)?, v: dev.alloc(half)?, ring }
             }
             (false, None) => LayerCache::Kv { k: dev.alloc(bytes / 2)?, v: dev.alloc(bytes / 2)? },
@@ -130,7 +146,9 @@ struct RunState {
     /// attention merge, the fused router and o_proj_add_rmsnorm: each kernel leaves them at
     /// zero, and kernels on the one stream never overlap.
     tickets: u64,
-    /// `[pos, tokens[CHUNK]]` as i32: written by the host before each forward.
+    /// `[pos[CHUNK], base[CHUNK], tokens[CHUNK], slot[CHUNK]]` as i32, written by the host
+    /// before each forward: each row's position, its slot's first cache row, its token, its
+    /// slot (for the caches that are not `slot_ctx` rows a slot: rings and conv states).
     io: u64,
     /// Attention partials: `[CHUNK·nH, splits, D or kv_lora]` f32 and `[.., splits, 2]` f32.
     part_o: u64,
@@ -155,12 +173,21 @@ pub struct CudaBackend {
     /// Host weights, kept to re-lower on `set_plan` (shared, not copied).
     weights: Arc<Weights>,
     w: DeviceWeights,
-    /// One cache per layer.
+    /// One cache per layer, `slots × slot_ctx` rows.
     caches: Vec<LayerCache>,
     inv_freq: u64,
     st: RunState,
-    max_ctx: usize,
-    pos: usize,
+    /// Cache rows allocated per growing (KV or latent) layer.
+    cache_rows: usize,
+    /// Slots the rings and conv states are allocated for (they grow with `set_slots`).
+    ring_slots: usize,
+    /// Tokens per sequence slot ([`Backend::max_context`]).
+    slot_ctx: usize,
+    /// Tokens in each slot's cache (`slots()` entries).
+    seqs: Vec<usize>,
+    /// Rows of the running chunk whose logits are computed: `Step::LastRow` gathers them to
+    /// the front of X (set by `run_rows` before each chunk).
+    keep: Vec<usize>,
     use_graph: bool,
     graph: Option<cudarc::driver::CudaGraph>,
     /// Foundry kernel-pack kernels (src/cuda/packs.rs; the plan's `Step::Packed` steps).
@@ -182,6 +209,20 @@ impl CudaBackend {
         use_graph: bool,
         ctx: Option<usize>,
     ) -> Result<CudaBackend> {
+        CudaBackend::with_slots(cfg, weights, plan, use_graph, ctx, 1)
+    }
+
+    /// Like [`CudaBackend::with_context`], with caches for `slots` sequences of `ctx` tokens
+    /// each (default: as `with_context`, bounded so that all slots fit).
+    pub fn with_slots(
+        cfg: ModelConfig,
+        weights: &Arc<Weights>,
+        plan: Plan,
+        use_graph: bool,
+        ctx: Option<usize>,
+        slots: usize,
+    ) -> Result<CudaBackend> {
+        let slots = slots.max(1);
         let mut dev = Device::open()?;
         let c = &cfg;
         let (h, d) = (c.hidden_size, c.head_dim);
@@ -239,9 +280,11 @@ impl CudaBackend {
         // values per token and layer: K and V rows, or MLA's latent row.
         let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
         let (token_bytes, ring_bytes) = LayerCache::bytes(c);
-        let max_ctx = kv_capacity(c, ctx, token_bytes, free.saturating_sub(ring_bytes))?;
-        let caches =
-            (0..c.num_layers).map(|l| LayerCache::alloc(&mut dev, c, l, max_ctx)).collect::<Result<Vec<_>>>()?;
+        let slot_ctx = kv_capacity(c, ctx, token_bytes * slots, free.saturating_sub(ring_bytes * slots))?;
+        let cache_rows = slot_ctx * slots;
+        let caches = (0..c.num_layers)
+            .map(|l| LayerCache::alloc(&mut dev, c, l, slot_ctx, slots))
+            .collect::<Result<Vec<_>>>()?;
         // Activation buffers for CHUNK rows.
         let (k, nh) = (c.top_k.max(1), c.num_heads);
         let ffn = (k * c.moe_intermediate_size).max(c.intermediate_size).max(c.shared_intermediate_size());
@@ -284,7 +327,7 @@ impl CudaBackend {
             grp_rows: dev.alloc(CHUNK * k * 4)?,
             sample_out: dev.alloc(8)?,
             tickets: dev.alloc(CHUNK * nh.max(1) * 4)?,
-            io: dev.alloc((1 + CHUNK) * 4)?,
+            io: dev.alloc(4 * CHUNK * 4)?,
             part_o: dev.alloc(CHUNK * nh * (attn::ATTN_SPLITS * d).max(mla::MLA_SPLITS * lat) * 4)?,
             part_ml: dev.alloc(CHUNK * nh * splits * 2 * 4)?,
             act_elems: 0,
@@ -302,8 +345,11 @@ impl CudaBackend {
             caches,
             inv_freq,
             st,
-            max_ctx,
-            pos: 0,
+            cache_rows,
+            ring_slots: slots,
+            slot_ctx,
+            seqs: vec![0; slots],
+            keep: Vec::new(),
             use_graph,
             graph: None,
             packs,
@@ -314,14 +360,36 @@ impl CudaBackend {
         self.st.bufs[b as usize]
     }
 
-    /// `*pos` on the device (i32).
+    /// The chunk's row positions on the device (i32 `[CHUNK]`).
     fn pos_ptr(&self) -> u64 {
         self.st.io
     }
 
-    /// The chunk's token ids on the device (i32).
+    /// The first cache row of each row's slot on the device (i32 `[CHUNK]`).
+    fn base_ptr(&self) -> u64 {
+        self.st.io + (CHUNK * 4) as u64
+    }
+
+    /// The chunk's token ids on the device (i32 `[CHUNK]`).
     fn tokens_ptr(&self) -> u64 {
-        self.st.io + 4
+        self.st.io + (2 * CHUNK * 4) as u64
+    }
+
+    /// The slot of each row on the device (i32 `[CHUNK]`).
+    fn slot_ptr(&self) -> u64 {
+        self.st.io + (3 * CHUNK * 4) as u64
+    }
+
+    /// Writes `io` for `rows` (at most [`CHUNK`]).
+    fn write_io(&self, rows: &[Row]) -> Result<()> {
+        let mut io = vec![0i32; 4 * CHUNK];
+        for (i, r) in rows.iter().enumerate() {
+            io[i] = r.pos as i32;
+            io[CHUNK + i] = (r.slot * self.slot_ctx) as i32;
+            io[2 * CHUNK + i] = r.token as i32;
+            io[3 * CHUNK + i] = r.slot as i32;
+        }
+        self.dev.write(self.st.io, &io)
     }
 
     /// `(K cache, V cache)` of GQA layer `l`.
@@ -349,7 +417,7 @@ impl CudaBackend {
         }
     }
 
-    /// The conv state of LFM2 short-conv layer `l`.
+    /// The conv states of LFM2 short-conv layer `l`, `[slots, L − 1, H]`.
     fn conv_state(&self, l: usize) -> Result<u64> {
         match self.caches[l] {
             LayerCache::Conv { state, .. } => Ok(state),
@@ -359,7 +427,7 @@ impl CudaBackend {
 
     /// Copies every conv state to its `saved` slot (`back`: the other way).
     fn save_conv_states(&self, back: bool) -> Result<()> {
-        let bytes = self.cfg.conv.as_ref().map_or(0, |cv| cv.state_len().max(1) * self.cfg.hidden_size * 2);
+        let bytes = LayerCache::conv_bytes(&self.cfg) * self.seqs.len();
         for cache in &self.caches {
             if let LayerCache::Conv { state, saved } = *cache {
                 let (dst, src) = if back { (state, saved) } else { (saved, state) };
@@ -419,13 +487,13 @@ impl CudaBackend {
     }
 
     /// Launches one step over `m` rows (m may shrink to 1 at `LastRow`).
-    fn step(&mut self, step: &Step, m: &mut usize, all_logits: bool) -> Result<()> {
+    fn step(&mut self, step: &Step, m: &mut usize) -> Result<()> {
         let c = &self.cfg;
         let (h, d, nh, nkv, k) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.top_k);
         let eps = c.rms_norm_eps;
         let mm = *m;
         let dev = &self.dev;
-        let (pos, x_buf) = (rd::<I32>(self.pos_ptr()), self.buf(Buf::X));
+        let (pos, base, x_buf) = (rd::<I32>(self.pos_ptr()), rd::<I32>(self.base_ptr()), self.buf(Buf::X));
         match *step {
             Step::Fused { op, ref parts } => self.fused(op, parts, mm)?,
             Step::Packed { ref step, ref kernels } => {
@@ -436,7 +504,7 @@ impl CudaBackend {
                     None => false,
                 };
                 if !done {
-                    self.step(step, m, all_logits)?;
+                    self.step(step, m)?;
                 }
             }
             Step::Embed => {
@@ -513,7 +581,9 @@ impl CudaBackend {
                     kc: wr(kc),
                     vc: wr(vc),
                     pos,
+                    slot: rd(self.slot_ptr()),
                     w: int(nkv * d),
+                    slot_rows: int(if ring > 0 { ring } else { self.slot_ctx }),
                     ring: int(ring),
                 };
                 gpt_oss::kv_append_ring(dev, &a, mm)?;
@@ -526,6 +596,7 @@ impl CudaBackend {
                     kc: wr(kc),
                     vc: wr(vc),
                     pos,
+                    base,
                     w: int(nkv * d),
                 };
                 rope::kv_append(dev, &a, mm)?;
@@ -537,6 +608,7 @@ impl CudaBackend {
                     kc: rd(kc),
                     vc: rd(vc),
                     pos,
+                    base,
                     part_o: wr(self.st.part_o),
                     part_ml: wr(self.st.part_ml),
                     tickets: wr(self.st.tickets),
@@ -561,11 +633,13 @@ impl CudaBackend {
                     vc: rd(vc),
                     sinks: rd(*self.w.sinks(layer)?),
                     pos,
+                    slot: rd(self.slot_ptr()),
                     out: wr(self.buf(Buf::Attn)),
                     nh: int(nh),
                     nkv: int(nkv),
                     d: int(d),
                     window: int(c.window(layer).unwrap_or(0)),
+                    slot_rows: int(if ring > 0 { ring } else { self.slot_ctx }),
                     ring: int(ring),
                     scale: c.attn_scale(),
                 };
@@ -700,6 +774,7 @@ impl CudaBackend {
                     x: rd(self.buf(Buf::Kva)),
                     cache: wr(self.latent_cache(layer)?),
                     pos,
+                    base,
                     w: int(self.st.width(Buf::Kva)),
                 };
                 mla::cache_append(dev, &a, mm)?;
@@ -719,6 +794,7 @@ impl CudaBackend {
                     q: rd(self.buf(Buf::Q)),
                     cache: rd(self.latent_cache(layer)?),
                     pos,
+                    base,
                     part_o: wr(self.st.part_o),
                     part_ml: wr(self.st.part_ml),
                     tickets: wr(self.st.tickets),
@@ -741,6 +817,7 @@ impl CudaBackend {
                     bias: rd(cv.bias.unwrap_or(0)),
                     state: wr(self.conv_state(layer)?),
                     pos,
+                    slot: rd(self.slot_ptr()),
                     out: wr(self.buf(Buf::Attn)),
                     h: int(h),
                     l: int(c.conv.as_ref().map_or(0, |cv| cv.kernel)),
@@ -766,11 +843,15 @@ impl CudaBackend {
                 return Err(unsupported("the expanded MLA form (a CPU oracle)".into()));
             }
             Step::LastRow => {
-                if !all_logits && mm > 1 {
-                    let (x, out) = (x_buf, self.buf(Buf::Out));
-                    sample::take_row(dev, &sample::TakeRowArgs { x: rd(x), y: wr(out), row: int(mm - 1), n: int(h) })?;
-                    sample::take_row(dev, &sample::TakeRowArgs { x: rd(out), y: wr(x), row: 0, n: int(h) })?;
-                    *m = 1;
+                // Gather the rows whose logits are wanted to the front of X (through Out).
+                if self.keep.len() < mm {
+                    let (x, out, row_bytes) = (x_buf, self.buf(Buf::Out), (h * 2) as u64);
+                    for (j, &r) in self.keep.iter().enumerate() {
+                        let y = wr(out + j as u64 * row_bytes);
+                        sample::take_row(dev, &sample::TakeRowArgs { x: rd(x), y, row: int(r), n: int(h) })?;
+                    }
+                    dev.copy(x, out, self.keep.len() * h * 2)?;
+                    *m = self.keep.len();
                 }
             }
         }
@@ -784,7 +865,7 @@ impl CudaBackend {
         let (h, d, nh, nkv, k) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.top_k);
         let eps = c.rms_norm_eps;
         let dev = &self.dev;
-        let (pos, x_buf) = (rd::<I32>(self.pos_ptr()), self.buf(Buf::X));
+        let (pos, base, x_buf) = (rd::<I32>(self.pos_ptr()), rd::<I32>(self.base_ptr()), self.buf(Buf::X));
         let layer = parts.iter().find_map(Step::layer).ok_or_else(|| Error::Cuda(format!("{op:?} without a layer")))?;
         // The projections among the parts: (weight, output buffer), in order.
         let lins: Vec<(LinRef, Buf)> = parts
@@ -1021,6 +1102,7 @@ impl CudaBackend {
                     kw: rd(kn),
                     inv_freq: rd(self.inv_freq),
                     pos,
+                    base,
                     kc: wr(kc),
                     vc: wr(vc),
                     nh: int(nh),
@@ -1041,6 +1123,7 @@ impl CudaBackend {
                     bias: rd(cv.bias.unwrap_or(0)),
                     state: wr(self.conv_state(layer)?),
                     pos,
+                    slot: rd(self.slot_ptr()),
                     out: wr(self.buf(Buf::Attn)),
                     h: int(h),
                     l: int(c.conv.as_ref().map_or(0, |cv| cv.kernel)),
@@ -1054,6 +1137,7 @@ impl CudaBackend {
                     nw: rd(*self.w.norm(NormRef::KvLatent(layer))?),
                     inv_freq: rd(self.inv_freq),
                     pos,
+                    base,
                     cache: wr(self.latent_cache(layer)?),
                     dims: self.mla_dims()?,
                     eps: NormRef::KvLatent(layer).eps(c),
@@ -1179,13 +1263,14 @@ impl CudaBackend {
         mla::head_matvec(&self.dev, &a)
     }
 
-    /// Runs every step of the plan over `m` rows; returns the rows of logits produced.
-    fn run_plan(&mut self, m: usize, all_logits: bool) -> Result<usize> {
+    /// Runs every step of the plan over `m` rows, keeping the rows `self.keep` at
+    /// `LastRow`; returns the rows of logits produced.
+    fn run_plan(&mut self, m: usize) -> Result<usize> {
         // The steps are taken out for the loop (`step` borrows the backend mutably).
         let plan = if m == 1 { &mut self.exec.decode } else { &mut self.exec.prefill };
         let steps = std::mem::take(&mut plan.steps);
         let mut rows = m;
-        let r = steps.iter().try_for_each(|s| self.step(s, &mut rows, all_logits));
+        let r = steps.iter().try_for_each(|s| self.step(s, &mut rows));
         let plan = if m == 1 { &mut self.exec.decode } else { &mut self.exec.prefill };
         plan.steps = steps;
         r.map(|_| rows)
@@ -1198,27 +1283,43 @@ impl CudaBackend {
         self.dev.read(self.buf(Buf::Logits), &mut out[start..])
     }
 
-    /// Runs `tokens` through the plan in chunks of [`CHUNK`], appending them to the cache;
-    /// copies the logits (every row, or the last token's) to `out` when given. A single
+    /// Runs `tokens` through the plan in chunks of [`CHUNK`], appending them to slot 0's
+    /// cache; copies the logits (every row, or the last token's) to `out` when given. A single
     /// token is a decode step: replayed from the captured graph when graphs are on.
-    fn run_tokens(&mut self, tokens: &[u32], all_logits: bool, mut out: Option<&mut Vec<f32>>) -> Result<()> {
-        crate::backend::check_tokens(&self.cfg, tokens, self.pos)?;
-        if self.pos + tokens.len() > self.max_ctx {
+    fn run_tokens(&mut self, tokens: &[u32], all_logits: bool, out: Option<&mut Vec<f32>>) -> Result<()> {
+        let pos0 = self.seqs[0];
+        crate::backend::check_tokens(&self.cfg, tokens, pos0)?;
+        if pos0 + tokens.len() > self.slot_ctx {
             return Err(Error::Arg(format!(
                 "context of {} tokens exceeds the CUDA KV cache ({})",
-                self.pos + tokens.len(),
-                self.max_ctx
+                pos0 + tokens.len(),
+                self.slot_ctx
             )));
         }
-        for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
-            let last = (ci + 1) * CHUNK >= tokens.len();
-            let mut io = vec![self.pos as i32];
-            io.extend(chunk.iter().map(|&t| t as i32));
-            self.dev.write(self.st.io, &io)?;
-            let rows = if chunk.len() == 1 && self.use_graph {
+        let n = tokens.len();
+        let rows: Vec<Row> = (tokens.iter().enumerate())
+            .map(|(i, &token)| Row { slot: 0, pos: pos0 + i, token, logits: all_logits || i + 1 == n })
+            .collect();
+        self.run_rows(&rows, out)
+    }
+
+    /// Runs checked `rows` through the plan in chunks of [`CHUNK`], appending each to its
+    /// slot's cache; copies the logits of the rows that ask, in order, to `out` when given
+    /// (the plan's `LastRow` keeps only those rows, so the head runs for them alone). A
+    /// single row is a decode step: replayed from the captured graph when graphs are on.
+    fn run_rows(&mut self, rows: &[Row], mut out: Option<&mut Vec<f32>>) -> Result<()> {
+        for chunk in rows.chunks(CHUNK) {
+            // A chunk with no row asking still runs its head for one (LastRow keeps ≥ 1 row).
+            self.keep = (0..chunk.len()).filter(|&i| chunk[i].logits).collect();
+            let read = !self.keep.is_empty();
+            if !read {
+                self.keep.push(chunk.len() - 1);
+            }
+            self.write_io(chunk)?;
+            let n = if chunk.len() == 1 && self.use_graph {
                 if self.graph.is_none() {
                     self.dev.begin_capture()?;
-                    let r = self.run_plan(1, false);
+                    let r = self.run_plan(1);
                     let g = self.dev.end_capture();
                     r?;
                     self.graph = Some(g?);
@@ -1226,13 +1327,15 @@ impl CudaBackend {
                 self.graph.as_ref().expect("captured").launch().map_err(|e| Error::Cuda(e.to_string()))?;
                 1
             } else {
-                self.run_plan(chunk.len(), all_logits)?
+                self.run_plan(chunk.len())?
             };
-            self.pos += chunk.len();
+            for r in chunk {
+                self.seqs[r.slot] = r.pos + 1;
+            }
             if let Some(out) = out.as_deref_mut()
-                && (all_logits || last)
+                && read
             {
-                self.read_logits(rows, out)?;
+                self.read_logits(n, out)?;
             }
         }
         Ok(())
@@ -1244,7 +1347,7 @@ impl CudaBackend {
     /// token at the current position is written to the cache but the position does not
     /// advance, and the conv states (which every replay moves on) are restored after.
     pub fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
-        if self.pos >= self.max_ctx {
+        if self.seqs[0] >= self.slot_ctx {
             return Err(Error::Arg("profile: the KV cache is full".into()));
         }
         self.save_conv_states(false)?;
@@ -1257,12 +1360,13 @@ impl CudaBackend {
     fn profile_replays(&mut self, replays: usize) -> Result<Vec<StepTime>> {
         let steps = self.exec.decode.steps.clone();
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
-        self.dev.write(self.st.io, &[self.pos as i32, 0])?;
+        self.write_io(&[Row { slot: 0, pos: self.seqs[0], token: 0, logits: true }])?;
+        self.keep = vec![0];
         self.dev.begin_capture()?;
         let mut rows = 1;
         let r = steps.iter().zip(&events).try_for_each(|(s, e)| {
             self.dev.record_in_graph(e)?;
-            self.step(s, &mut rows, false)
+            self.step(s, &mut rows)
         });
         let r = r.and_then(|_| self.dev.record_in_graph(&events[steps.len()]));
         let g = self.dev.end_capture();
@@ -1317,15 +1421,77 @@ impl Backend for CudaBackend {
     }
 
     fn position(&self) -> usize {
-        self.pos
+        self.seqs[0]
     }
 
     fn max_context(&self) -> usize {
-        self.max_ctx
+        self.slot_ctx
     }
 
     fn reset(&mut self) {
-        self.pos = 0;
+        self.seqs.iter_mut().for_each(|p| *p = 0);
+    }
+
+    fn slots(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Splits the allocated cache rows into `n` slots (each `rows / n` tokens: build the
+    /// backend with [`CudaBackend::with_slots`] to size every slot's context up front); the
+    /// rings and conv states, a fixed size per slot, grow to `n` slots.
+    fn set_slots(&mut self, n: usize) -> Result<()> {
+        if n == 0 || self.cache_rows / n == 0 {
+            return Err(Error::Arg(format!(
+                "{n} sequence slots: the CUDA KV cache holds {} tokens in all (at least one per slot)",
+                self.cache_rows
+            )));
+        }
+        if n > self.ring_slots {
+            // Rings and conv states are a fixed size per slot: room for the new slots. The
+            // old ones stay in the device arena until the backend drops (set_slots is a
+            // start-up call).
+            for l in 0..self.caches.len() {
+                if matches!(self.caches[l], LayerCache::Ring { .. } | LayerCache::Conv { .. }) {
+                    self.caches[l] = LayerCache::alloc(&mut self.dev, &self.cfg, l, 0, n)?;
+                }
+            }
+            self.ring_slots = n;
+        }
+        self.slot_ctx = self.cache_rows / n;
+        self.seqs = vec![0; n];
+        // The decode graph holds cache pointers and slot sizes.
+        self.graph = None;
+        Ok(())
+    }
+
+    fn slot_position(&self, slot: usize) -> usize {
+        self.seqs[slot]
+    }
+
+    fn reset_slot(&mut self, slot: usize) {
+        self.seqs[slot] = 0;
+    }
+
+    fn forward_rows(&mut self, rows: &[Row]) -> Result<Vec<f32>> {
+        crate::backend::check_rows(&self.cfg, rows, self.seqs.len(), self.slot_ctx, |s| self.seqs[s])?;
+        // A failed forward leaves the slots where they were (the rows it wrote past them are
+        // overwritten by the next).
+        let before = self.seqs.clone();
+        let mut logits = Vec::new();
+        let r = self.run_rows(rows, Some(&mut logits)).and_then(|_| {
+            let v = self.cfg.vocab_size;
+            let asked = rows.iter().filter(|r| r.logits);
+            match asked.zip(logits.chunks_exact(v)).find(|(_, l)| l.iter().any(|x| !x.is_finite())) {
+                Some((r, _)) => {
+                    Err(Error::NonFinite { position: r.pos, origin: crate::sample::NON_FINITE_HINT.into() })
+                }
+                None => Ok(std::mem::take(&mut logits)),
+            }
+        });
+        if r.is_err() {
+            self.seqs = before;
+        }
+        r
     }
 
     fn plan(&self) -> &Plan {
@@ -1340,7 +1506,7 @@ impl Backend for CudaBackend {
         self.exec = lower::cuda(&plan, &self.weights, &self.packs.available())?;
         self.plan = plan;
         self.graph = None;
-        self.pos = 0;
+        self.reset();
         Ok(())
     }
 
@@ -1363,7 +1529,7 @@ impl Backend for CudaBackend {
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let mut logits = Vec::new();
         self.run_tokens(tokens, all_logits, Some(&mut logits))?;
-        crate::sample::check_finite(&logits, self.cfg.vocab_size, self.pos, crate::sample::NON_FINITE_HINT)?;
+        crate::sample::check_finite(&logits, self.cfg.vocab_size, self.seqs[0], crate::sample::NON_FINITE_HINT)?;
         Ok(logits)
     }
 
@@ -1386,13 +1552,13 @@ impl Backend for CudaBackend {
         if out[1] == 2 {
             // sample_token found a NaN or infinite logit.
             let origin = crate::sample::NON_FINITE_HINT.into();
-            return Err(Error::NonFinite { position: self.pos - 1, origin });
+            return Err(Error::NonFinite { position: self.seqs[0] - 1, origin });
         }
         if out[1] != 0 {
             // Too many candidates for the device sort: sample the copied logits on the host.
             let mut logits = Vec::new();
             self.read_logits(1, &mut logits)?;
-            crate::sample::check_finite(&logits, self.cfg.vocab_size, self.pos, crate::sample::NON_FINITE_HINT)?;
+            crate::sample::check_finite(&logits, self.cfg.vocab_size, self.seqs[0], crate::sample::NON_FINITE_HINT)?;
             return Ok(sampler.sample(&logits));
         }
         sampler.advance();

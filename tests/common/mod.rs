@@ -159,3 +159,126 @@ pub fn shared_tiny(quant: SynthQuant, seed: u64) -> &'static Path {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// The batch-invariance test body, one for every backend: `seqs` greedy sequences (prompts of
+/// 2..=10 tokens, `decode` steps each) run through `slots` sequence slots with continuous
+/// batching — two arrive per step, prompts prefilled in chunks of 3 rows beside the others'
+/// decode rows, rows in a different slot order every step, a finished sequence's slot reset
+/// and reused — must give, for every sequence, the logits of every prompt position and every
+/// decode step bit for bit equal to the same sequence run alone through [`Backend::forward`].
+///
+/// Returns `false` (without asserting) only when the backend refuses `slots` slots with
+/// [`zmoe::Error::Unavailable`] (a backend without slots).
+pub fn assert_batch_invariant(kind: zmoe::BackendKind, dir: &Path, slots: usize, seqs: usize, decode: usize) -> bool {
+    use zmoe::backend::Row;
+    use zmoe::plan::patterns::{Selection, patched_plan};
+    let model = zmoe::Model::load(dir).unwrap();
+    let cfg = model.config();
+    let v = cfg.vocab_size;
+    let (plan, _) = patched_plan(cfg, &Selection::default());
+    let prompts: Vec<Vec<u32>> =
+        (0..seqs).map(|i| (0..2 + (i * 5) % 9).map(|k| ((i * 7919 + k * 104_729 + 13) % v) as u32).collect()).collect();
+
+    // Alone: each sequence on a fresh single-sequence backend.
+    let mut alone_be = model.backend(kind, plan.clone()).unwrap();
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|p| {
+            alone_be.reset();
+            let mut out = alone_be.forward(p, true).unwrap();
+            for _ in 0..decode {
+                let t = zmoe::sample::argmax(&out[out.len() - v..]) as u32;
+                let row = alone_be.forward(&[t], false).unwrap();
+                out.extend_from_slice(&row);
+            }
+            out
+        })
+        .collect();
+
+    // Together: continuous batching over `slots` slots.
+    let mut be = model.backend(kind, plan).unwrap();
+    match be.set_slots(slots) {
+        Err(zmoe::Error::Unavailable(why)) => {
+            println!("{}: {slots} slots unavailable: {why}", dir.display());
+            return false;
+        }
+        r => r.unwrap(),
+    }
+    assert_eq!(be.slots(), slots);
+    struct Seq {
+        id: usize,
+        slot: usize,
+        fed: usize,
+        logits: Vec<f32>,
+        decoded: usize,
+    }
+    let mut got: Vec<Vec<f32>> = vec![Vec::new(); seqs];
+    let (mut running, mut free, mut next, mut step) = (Vec::<Seq>::new(), (0..slots).collect::<Vec<_>>(), 0, 0);
+    let mut max_batch = 0;
+    while next < seqs || !running.is_empty() {
+        for _ in 0..2 {
+            if next < seqs && !free.is_empty() {
+                let slot = free.remove(0);
+                assert_eq!(be.slot_position(slot), 0, "slot {slot} reused without a reset");
+                running.push(Seq { id: next, slot, fed: 0, logits: Vec::new(), decoded: 0 });
+                next += 1;
+            }
+        }
+        // Each running sequence's rows: a prefill chunk (every row's logits) or a decode row.
+        let mut groups: Vec<Vec<Row>> = running
+            .iter()
+            .map(|s| {
+                let p = &prompts[s.id];
+                if s.fed < p.len() {
+                    (s.fed..p.len().min(s.fed + 3))
+                        .map(|i| Row { slot: s.slot, pos: i, token: p[i], logits: true })
+                        .collect()
+                } else {
+                    let t = zmoe::sample::argmax(&s.logits[s.logits.len() - v..]) as u32;
+                    vec![Row { slot: s.slot, pos: p.len() + s.decoded, token: t, logits: true }]
+                }
+            })
+            .collect();
+        let order: Vec<usize> = (0..groups.len()).map(|i| (i * 7 + step) % groups.len()).collect();
+        let mut uniq = order.clone();
+        uniq.sort_unstable();
+        uniq.dedup();
+        let order = if uniq.len() == groups.len() { order } else { (0..groups.len()).rev().collect() };
+        let rows: Vec<Row> = order.iter().flat_map(|&g| std::mem::take(&mut groups[g])).collect();
+        max_batch = max_batch.max(rows.len());
+        let logits = be.forward_rows(&rows).unwrap();
+        assert_eq!(logits.len(), rows.len() * v);
+        for (r, l) in rows.iter().zip(logits.chunks_exact(v)) {
+            let s = running.iter_mut().find(|s| s.slot == r.slot).unwrap();
+            s.logits.extend_from_slice(l);
+            if s.fed < prompts[s.id].len() {
+                s.fed += 1;
+            } else {
+                s.decoded += 1;
+            }
+        }
+        // A sequence is done after its prompt and `decode` decode rows.
+        running.retain_mut(|s| {
+            let done = s.fed == prompts[s.id].len() && s.decoded == decode;
+            if done {
+                got[s.id] = std::mem::take(&mut s.logits);
+                be.reset_slot(s.slot);
+                free.push(s.slot);
+            }
+            !done
+        });
+        step += 1;
+    }
+    assert!(max_batch > slots, "the schedule never mixed prefill chunks with decode rows");
+    for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
+        assert_eq!(g.len(), a.len(), "sequence {i}: {} logits batched vs {} alone", g.len(), a.len());
+        let diff = g.iter().zip(a).position(|(x, y)| x.to_bits() != y.to_bits());
+        assert!(diff.is_none(), "sequence {i}: batched logits differ from alone at row {}", diff.unwrap() / v);
+        assert!(a.iter().all(|x| x.is_finite()));
+    }
+    println!(
+        "{}: {seqs} sequences over {slots} slots ({step} steps, up to {max_batch} rows) bit-identical to alone",
+        dir.display()
+    );
+    true
+}

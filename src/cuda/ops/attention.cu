@@ -1,9 +1,10 @@
 // Causal GQA attention over the KV cache, split over the keys (flash-decoding style).
 
 // Split-KV causal attention. Grid (M·nh, nsplit), ATTN_THREADS threads. Query m
-// (absolute position *pos + m) of head h attends to keys [0, n) of KV head h / (nh/nkv),
-// n = *pos + m + 1; split s takes the s-th of nsplit equal runs of them (the run length
-// follows the position at run time, so a captured graph stays right as the context grows).
+// (position pos[m] of the sequence whose cache rows start at base[m]) of head h attends to
+// keys [0, n) of that sequence, KV head h / (nh/nkv), n = pos[m] + 1; split s takes the
+// s-th of nsplit equal runs of them (the run length follows the position at run time, so a
+// captured graph stays right as the context grows).
 // Per pass of ATTN_THREADS keys: thread t scores key t (a whole 16-byte-vectorised dot
 // product, so the key loads of a pass are independent), the block takes max and sum of
 // the pass, then thread t accumulates dimensions t, t + ATTN_THREADS of Σ p·V in key order.
@@ -72,15 +73,16 @@ __device__ __forceinline__ void finish_split(const float (&acc)[NACC], int W, fl
 
 extern "C" __global__ void attention(const AttentionArgs a) {
     pdl_entry();
-    const bf16 *q = a.q, *kc = a.kc, *vc = a.vc;
-    const int* pos = a.pos;
     const int nh = a.nh, nkv = a.nkv, D = a.d, nsplit = a.nsplit;
     const float scale = a.scale;
     __shared__ float qs[MAXD];
     __shared__ float p[ATTN_THREADS];
     int mh = blockIdx.x, split = blockIdx.y, m = mh / nh, h = mh % nh;
     int kvh = h / (nh / nkv), tid = threadIdx.x;
-    int n_keys = *pos + m + 1, chunk = (n_keys + nsplit - 1) / nsplit;
+    // Row m's own sequence: its cache rows start at base[m].
+    const long seq = (long)a.base[m] * nkv * D;
+    const bf16 *q = a.q, *kc = a.kc + seq, *vc = a.vc + seq;
+    int n_keys = a.pos[m] + 1, chunk = (n_keys + nsplit - 1) / nsplit;
     int s0 = split * chunk, s1 = min(s0 + chunk, n_keys);
     for (int d = tid; d < D; d += ATTN_THREADS) qs[d] = bf2f(q[(long)mh * D + d]);
     __syncthreads();

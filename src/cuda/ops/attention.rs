@@ -10,9 +10,10 @@ use crate::error::Result;
 pub const ATTN_SPLITS: usize = 16;
 
 kernel_args! {
-    /// `attention`: q `[M, nh, d]` over the caches `[S, nkv, d]` → out `[M, nh·d]`.
+    /// `attention`: q `[M, nh, d]` over the caches `[S, nkv, d]` → out `[M, nh·d]`; row m
+    /// over the rows `base[m]..=base[m] + pos[m]` of its sequence (`[M]` each).
     pub struct AttentionArgs {
-        q: In<Bf16>, kc: In<Bf16>, vc: In<Bf16>, pos: In<I32>,
+        q: In<Bf16>, kc: In<Bf16>, vc: In<Bf16>, pos: In<I32>, base: In<I32>,
         part_o: Out<F32>, part_ml: Out<F32>, tickets: Out<I32>, out: Out<Bf16>,
         nh: i32, nkv: i32, d: i32, scale: f32, nsplit: i32,
     }

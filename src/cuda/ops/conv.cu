@@ -37,31 +37,38 @@ __device__ __forceinline__ void conv_store(bf16* state, long c, int H, int L, co
     for (int k = 0; k < CONV_MAXL; k++) if (k < L - 1) state[(long)k * H + c] = win[k];
 }
 
-// M tokens at positions pos..pos+M-1 of bcx [M, 3H] (B | C | X) → out [M, H], channel c by
-// thread c: out_t = bf16(C_t · conv(bf16(B·X))_t) over the layer's state [L-1, H] (read as
-// zeros at pos == 0: a new sequence needs no reset launch), left holding the last L-1 gated
-// inputs. Tokens run in order within the thread that owns the channel, so the state moves
-// on in place and the kernel replays in a graph. L ≤ CONV_MAXL.
+// M tokens of bcx [M, 3H] (B | C | X) → out [M, H], channel c by thread c: row t (position
+// pos[t] of slot slot[t]) gives out_t = bf16(C_t · conv(bf16(B·X))_t) over its slot's state
+// [L-1, H] (the slot's part of state [slots, L-1, H]; read as zeros at pos == 0: a new
+// sequence needs no reset launch), left holding the last L-1 gated inputs. Rows run in order
+// within the thread that owns the channel; the window is stored back and the next slot's
+// loaded where the slot changes, so rows of several sequences may share a launch, and the
+// state moves on in place (the kernel replays in a graph). L ≤ CONV_MAXL.
 extern "C" __global__ void short_conv(const ShortConvArgs p) {
     pdl_entry();
     const int H = p.h, L = p.l;
+    const long per = (long)max(L - 1, 1) * H;
     long c = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= H) return;
     float w[CONV_MAXL];
     bf16 win[CONV_MAXL];
-    conv_load(p.w, p.state, *p.pos == 0, c, H, L, w, win);
     float b = p.bias ? p.bias[c] : 0.f;
     for (int t = 0; t < p.m; t++) {
+        int s = p.slot[t];
+        if (t == 0 || s != p.slot[t - 1]) {
+            if (t > 0) conv_store(p.state + p.slot[t - 1] * per, c, H, L, win);
+            conv_load(p.w, p.state + s * per, p.pos[t] == 0, c, H, L, w, win);
+        }
         const bf16* row = p.bcx + (long)t * 3 * H;
         p.out[(long)t * H + c] = conv_token(w, win, L, b, row[c], row[H + c], row[2 * H + c]);
     }
-    conv_store(p.state, c, H, L, win);
+    if (p.m > 0) conv_store(p.state + p.slot[p.m - 1] * per, c, H, L, win);
 }
 
-// conv_mixer (decode, one token): channel c by one warp = rows c, H + c and 2H + c of
-// in_proj (B, C and X of that channel: matvec_row<1>'s dot product, reduction, bias and bf16
-// rounding) and then short_conv's step in lane 0 (= matvec1 + short_conv). Grid
-// (ceil(H/4)), 128 threads.
+// conv_mixer (decode, one token at position pos[0] of slot slot[0]): channel c by one warp =
+// rows c, H + c and 2H + c of in_proj (B, C and X of that channel: matvec_row<1>'s dot
+// product, reduction, bias and bf16 rounding) and then short_conv's step in lane 0 (=
+// matvec1 + short_conv). Grid (ceil(H/4)), 128 threads.
 extern "C" __global__ void conv_mixer(const ConvMixerArgs p) {
     pdl_entry();
     const int H = p.h, L = p.l;
@@ -82,7 +89,8 @@ extern "C" __global__ void conv_mixer(const ConvMixerArgs p) {
     if (lane != 0) return;
     float w[CONV_MAXL];
     bf16 win[CONV_MAXL];
-    conv_load(p.w, p.state, *p.pos == 0, c, H, L, w, win);
+    bf16* state = p.state + *p.slot * (long)max(L - 1, 1) * H;
+    conv_load(p.w, state, *p.pos == 0, c, H, L, w, win);
     p.out[c] = conv_token(w, win, L, p.bias ? p.bias[c] : 0.f, bcx[0], bcx[1], bcx[2]);
-    conv_store(p.state, c, H, L, win);
+    conv_store(state, c, H, L, win);
 }

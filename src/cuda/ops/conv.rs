@@ -12,16 +12,17 @@ pub const CONV_MAX_KERNEL: usize = 8;
 
 kernel_args! {
     /// `short_conv`: `bcx [m, 3h]` → `out [m, h]`, kernel `w [h, l]` (f32), optional bias
-    /// `[h]`, state `[l − 1, h]` bf16 read (zeros at `*pos == 0`) and moved on.
+    /// `[h]`; row r moves on slot `slot[r]`'s state (`state [slots, l − 1, h]` bf16, read as
+    /// zeros at `pos[r] == 0`).
     pub struct ShortConvArgs {
-        bcx: In<Bf16>, w: In<F32>, bias: In<F32>, state: Out<Bf16>, pos: In<I32>, out: Out<Bf16>, h: i32, l: i32,
-        m: i32,
+        bcx: In<Bf16>, w: In<F32>, bias: In<F32>, state: Out<Bf16>, pos: In<I32>, slot: In<I32>, out: Out<Bf16>,
+        h: i32, l: i32, m: i32,
     }
     /// `conv_mixer` (decode): in_proj `[3h, h]` (+ `in_bias`) of one token `x [h]`, then
-    /// `short_conv` of it into `out [h]`.
+    /// `short_conv` of it (position `pos[0]`, slot `slot[0]`) into `out [h]`.
     pub struct ConvMixerArgs {
         in_proj: QMat, in_bias: In<F32>, x: In<Bf16>, w: In<F32>, bias: In<F32>, state: Out<Bf16>, pos: In<I32>,
-        out: Out<Bf16>, h: i32, l: i32,
+        slot: In<I32>, out: Out<Bf16>, h: i32, l: i32,
     }
 }
 

@@ -236,37 +236,43 @@ extern "C" __global__ void moe_down_bias_combine_add(const MoeDownBiasCombineAdd
 }
 
 // Half-split RoPE with YaRN's attention factor on cos and sin, in place on q[M, nh, D] and
-// k[M, nkv, D] at positions *pos + m: one block per (token, head).
+// k[M, nkv, D], row m at position pos[m]: one block per (token, head).
 extern "C" __global__ void rope_scaled(const RopeScaledArgs p) {
     pdl_entry();
     int m = blockIdx.x / (p.nh + p.nkv), h = blockIdx.x % (p.nh + p.nkv);
     bf16* v = h < p.nh ? p.q + ((long)m * p.nh + h) * p.d : p.k + ((long)m * p.nkv + (h - p.nh)) * p.d;
-    rope_slice(v, p.d_rot, *p.pos + m, p.inv_freq, p.scaling, 0);
+    rope_slice(v, p.d_rot, p.pos[m], p.inv_freq, p.scaling, 0);
 }
 
-// Append M rows of K and V ([M, W] each) at positions *pos .. *pos+M-1: cache row p, or
-// p mod ring for a sliding layer's ring of `ring` rows.
+// The cache row of position s of slot `slot`: each slot owns `slot_rows` rows (its ring of
+// `ring` rows for a sliding layer, position s in row s mod ring; else its slot_ctx rows).
+__device__ __forceinline__ long ring_row(int slot, int slot_rows, int ring, long s) {
+    return (long)slot * slot_rows + (ring > 0 ? s % ring : s);
+}
+
+// Append M rows of K and V ([M, W] each), row m at position pos[m] of slot slot[m]:
+// the slot's cache row pos[m], or pos[m] mod ring for a sliding layer.
 extern "C" __global__ void kv_append_ring(const KvAppendRingArgs p) {
     pdl_entry();
-    long pos = *p.pos + blockIdx.x;
-    long dst = (p.ring > 0 ? pos % p.ring : pos) * p.w, src = (long)blockIdx.x * p.w;
+    long dst = ring_row(p.slot[blockIdx.x], p.slot_rows, p.ring, p.pos[blockIdx.x]) * p.w;
+    long src = (long)blockIdx.x * p.w;
     for (int i = threadIdx.x; i < p.w; i += blockDim.x) {
         p.kc[dst + i] = p.k[src + i];
         p.vc[dst + i] = p.v[src + i];
     }
 }
 
-// Attention of query (token m, head h) at position t = *pos + m over keys
+// Attention of query (token m, head h) at position t = pos[m] of slot slot[m] over keys
 // max(0, t − window + 1) ..= t (all keys when window = 0), with the head's sink logit in the
 // softmax denominator (its probability dropped). Keys are split over the block's warps
 // (online softmax per warp, lanes splitting the head dim), then merged with the sink by
-// warp 0. Cache rows: s, or s mod ring.
+// warp 0. Cache rows: `ring_row`.
 extern "C" __global__ void sink_attention(const SinkAttentionArgs p) {
     pdl_entry();
     const int nh = p.nh, D = p.d, rep = p.nh / p.nkv;
     int m = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / rep;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    int t = *p.pos + m;
+    int t = p.pos[m], slot = p.slot[m];
     int first = p.window > 0 ? max(0, t - p.window + 1) : 0;
     long W = (long)p.nkv * D;
     const bf16* q = p.q + ((long)m * nh + h) * D;
@@ -280,7 +286,7 @@ extern "C" __global__ void sink_attention(const SinkAttentionArgs p) {
     }
     float mx = -INFINITY, l = 0.f;
     for (int s = first + warp; s <= t; s += nw) {
-        long row = (p.ring > 0 ? s % p.ring : s) * W + (long)kvh * D;
+        long row = ring_row(slot, p.slot_rows, p.ring, s) * W + (long)kvh * D;
         float d = 0.f;
 #pragma unroll
         for (int i = 0; i < PER; i++) {

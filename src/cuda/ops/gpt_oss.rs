@@ -23,14 +23,18 @@ kernel_args! {
     pub struct ClampSwigluArgs { g: In<Bf16>, u: In<Bf16>, act: Out<Bf16>, n: i64, limit: f32, alpha: f32 }
     /// `router_topk_softmax`: top-k on the logits, softmax over the k.
     pub struct TopkSoftmaxArgs { logits: In<F32>, e: i32, k: i32, idx: Out<I32>, wout: Out<F32> }
-    /// `rope_scaled`: half-split RoPE with cos/sin times `scaling` (YaRN's attention factor).
+    /// `rope_scaled`: half-split RoPE with cos/sin times `scaling` (YaRN's attention factor),
+    /// row m at position `pos[m]`.
     pub struct RopeScaledArgs {
         q: Out<Bf16>, k: Out<Bf16>, inv_freq: In<F32>, pos: In<I32>, nh: i32, nkv: i32, d: i32, d_rot: i32,
         scaling: f32,
     }
-    /// `kv_append_ring`: rows of k and v (`w` wide) at `*pos..`, modulo `ring` rows when > 0.
+    /// `kv_append_ring`: row m of k and v (`w` wide) at position `pos[m]` of slot `slot[m]`,
+    /// each slot owning `slot_rows` cache rows (its ring of `ring` rows when > 0, position
+    /// modulo `ring`).
     pub struct KvAppendRingArgs {
-        k: In<Bf16>, v: In<Bf16>, kc: Out<Bf16>, vc: Out<Bf16>, pos: In<I32>, w: i32, ring: i32,
+        k: In<Bf16>, v: In<Bf16>, kc: Out<Bf16>, vc: Out<Bf16>, pos: In<I32>, slot: In<I32>, w: i32,
+        slot_rows: i32, ring: i32,
     }
     /// `moe_router_topk_softmax` (decode): router logits (+ bias), then top-k-then-softmax.
     pub struct MoeRouterTopkSoftmaxArgs {
@@ -47,11 +51,11 @@ kernel_args! {
         down: Stacked, bias: In<F32>, idx: In<I32>, wts: In<F32>, k: i32, act: In<Bf16>, x: Out<Bf16>, h: i32,
         i: i32,
     }
-    /// `sink_attention`: attention with per-head sinks over `window` keys (0 = all), cache
-    /// rows modulo `ring` (0 = linear).
+    /// `sink_attention`: attention with per-head sinks over `window` keys (0 = all), query m
+    /// at position `pos[m]` over slot `slot[m]`'s cache rows (laid out as `kv_append_ring`'s).
     pub struct SinkAttentionArgs {
-        q: In<Bf16>, kc: In<Bf16>, vc: In<Bf16>, sinks: In<F32>, pos: In<I32>, out: Out<Bf16>, nh: i32, nkv: i32,
-        d: i32, window: i32, ring: i32, scale: f32,
+        q: In<Bf16>, kc: In<Bf16>, vc: In<Bf16>, sinks: In<F32>, pos: In<I32>, slot: In<I32>, out: Out<Bf16>,
+        nh: i32, nkv: i32, d: i32, window: i32, slot_rows: i32, ring: i32, scale: f32,
     }
 }
 

@@ -58,13 +58,13 @@ extern "C" __global__ void mla_rope(const MlaRopeArgs p) {
     const MlaDims& d = p.dims;
     int m = blockIdx.x / (d.nh + 1), h = blockIdx.x % (d.nh + 1);
     bf16* v = h < d.nh ? p.q + ((long)m * d.nh + h) * d.dqk + d.nope : p.kva + (long)m * d.row + d.lat;
-    rope_slice(v, d.d_rot, *p.pos + m, p.inv_freq, d.scaling, d.interleaved);
+    rope_slice(v, d.d_rot, p.pos[m], p.inv_freq, d.scaling, d.interleaved);
 }
 
-// Append M rows x[M, W] to cache rows *pos .. *pos+M-1 (MLA's latent cache).
+// Append M rows x[M, W] to MLA's latent cache, row m at cache row base[m] + pos[m].
 extern "C" __global__ void cache_append(const CacheAppendArgs p) {
     pdl_entry();
-    long dst = (long)(*p.pos + blockIdx.x) * p.w, src = (long)blockIdx.x * p.w;
+    long dst = ((long)p.base[blockIdx.x] + p.pos[blockIdx.x]) * p.w, src = (long)blockIdx.x * p.w;
     for (int i = threadIdx.x; i < p.w; i += blockDim.x) p.cache[dst + i] = p.x[src + i];
 }
 
@@ -76,15 +76,15 @@ extern "C" __global__ void cache_append(const CacheAppendArgs p) {
 // MLA_MAXL and MLA_MAXR come from the prelude (src/cuda/ops/mod.rs).
 extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
     pdl_entry();
-    const bf16 *qlat = a.qlat, *q = a.q, *cache = a.cache;
-    const int* pos = a.pos;
     const int nh = a.nh, dqk = a.dqk, nope = a.nope, L = a.l, R = a.r, nsplit = a.nsplit;
     const float scale = a.scale;
     __shared__ float qs[MLA_MAXL + MLA_MAXR];
     __shared__ float p[ATTN_THREADS];
     int mh = blockIdx.x, split = blockIdx.y, m = mh / nh, tid = threadIdx.x;
     int row = L + R;
-    int n_keys = *pos + m + 1, chunk = (n_keys + nsplit - 1) / nsplit;
+    // Row m's own sequence: its cache rows start at base[m].
+    const bf16 *qlat = a.qlat, *q = a.q, *cache = a.cache + (long)a.base[m] * row;
+    int n_keys = a.pos[m] + 1, chunk = (n_keys + nsplit - 1) / nsplit;
     int s0 = split * chunk, s1 = min(s0 + chunk, n_keys);
     for (int d = tid; d < L; d += ATTN_THREADS) qs[d] = bf2f(qlat[(long)mh * L + d]);
     for (int d = tid; d < R; d += ATTN_THREADS) qs[L + d] = bf2f(q[(long)mh * dqk + nope + d]);
@@ -133,7 +133,7 @@ extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
 extern "C" __global__ void latent_norm_rope_append(const LatentNormRopeAppendArgs a) {
     pdl_entry();
     const MlaDims& d = a.dims;
-    int m = blockIdx.x / (d.nh + 1), h = blockIdx.x % (d.nh + 1), p = *a.pos + m;
+    int m = blockIdx.x / (d.nh + 1), h = blockIdx.x % (d.nh + 1), p = a.pos[m];
     if (h < d.nh) {
         rope_slice(a.q + ((long)m * d.nh + h) * d.dqk + d.nope, d.d_rot, p, a.inv_freq, d.scaling, d.interleaved);
         return;
@@ -143,5 +143,5 @@ extern "C" __global__ void latent_norm_rope_append(const LatentNormRopeAppendArg
     __syncthreads();
     rope_slice(v + d.lat, d.d_rot, p, a.inv_freq, d.scaling, d.interleaved);
     __syncthreads();
-    for (int i = threadIdx.x; i < d.row; i += blockDim.x) a.cache[(long)p * d.row + i] = v[i];
+    for (int i = threadIdx.x; i < d.row; i += blockDim.x) a.cache[((long)a.base[m] + p) * d.row + i] = v[i];
 }

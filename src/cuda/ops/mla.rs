@@ -31,20 +31,21 @@ kernel_args! {
     }
     /// `head_matvec` / `head_matvec1`: row (m, h) of y `[M·nh, n]` = `W[h] · x[m, h][0:k]`.
     pub struct HeadMatvecArgs { w: Stacked, x: In<Bf16>, x_ld: i64, nh: i32, y: Out<Bf16>, n: i32, k: i32, m: i32 }
-    /// `mla_rope`: the rope slices of q and of Kva's k_pe, in place.
+    /// `mla_rope`: the rope slices of q and of Kva's k_pe, in place, row m at position `pos[m]`.
     pub struct MlaRopeArgs { q: Out<Bf16>, kva: Out<Bf16>, inv_freq: In<F32>, pos: In<I32>, dims: MlaDims }
-    /// `cache_append`: rows `[M, w]` to the cache at `*pos..`.
-    pub struct CacheAppendArgs { x: In<Bf16>, cache: Out<Bf16>, pos: In<I32>, w: i32 }
-    /// `mla_attention`: absorbed queries over the latent cache → `[M, nh·l]`.
+    /// `cache_append`: rows `[M, w]` to the cache, row m at cache row `base[m] + pos[m]`.
+    pub struct CacheAppendArgs { x: In<Bf16>, cache: Out<Bf16>, pos: In<I32>, base: In<I32>, w: i32 }
+    /// `mla_attention`: absorbed queries over the latent cache → `[M, nh·l]`; row m over the
+    /// rows `base[m]..=base[m] + pos[m]` of its sequence.
     pub struct MlaAttentionArgs {
-        qlat: In<Bf16>, q: In<Bf16>, cache: In<Bf16>, pos: In<I32>,
+        qlat: In<Bf16>, q: In<Bf16>, cache: In<Bf16>, pos: In<I32>, base: In<I32>,
         part_o: Out<F32>, part_ml: Out<F32>, tickets: Out<I32>, out: Out<Bf16>,
         nh: i32, dqk: i32, nope: i32, l: i32, r: i32, scale: f32, nsplit: i32,
     }
     /// `latent_norm_rope_append`: latent norm, RoPE of q_pe and k_pe, latent-cache append.
     pub struct LatentNormRopeAppendArgs {
-        q: Out<Bf16>, kva: Out<Bf16>, nw: In<F32>, inv_freq: In<F32>, pos: In<I32>, cache: Out<Bf16>,
-        dims: MlaDims, eps: f32,
+        q: Out<Bf16>, kva: Out<Bf16>, nw: In<F32>, inv_freq: In<F32>, pos: In<I32>, base: In<I32>,
+        cache: Out<Bf16>, dims: MlaDims, eps: f32,
     }
 }
 

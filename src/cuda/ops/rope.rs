@@ -6,16 +6,20 @@ use crate::cuda::Device;
 use crate::error::Result;
 
 kernel_args! {
-    /// `rope`: q `[M, nh, d]` and k `[M, nkv, d]` in place, the first `d_rot` dims.
+    /// `rope`: q `[M, nh, d]` and k `[M, nkv, d]` in place, the first `d_rot` dims, row m at
+    /// position `pos[m]` (`[M]`).
     pub struct RopeArgs {
         q: Out<Bf16>, k: Out<Bf16>, inv_freq: In<F32>, pos: In<I32>, nh: i32, nkv: i32, d: i32, d_rot: i32,
     }
-    /// `kv_append`: rows of k and v (`w` wide) to the caches at `*pos..`.
-    pub struct KvAppendArgs { k: In<Bf16>, v: In<Bf16>, kc: Out<Bf16>, vc: Out<Bf16>, pos: In<I32>, w: i32 }
+    /// `kv_append`: rows of k and v (`w` wide) to the caches, row m at cache row
+    /// `base[m] + pos[m]` (`[M]` each: its sequence slot's first row, its position).
+    pub struct KvAppendArgs {
+        k: In<Bf16>, v: In<Bf16>, kc: Out<Bf16>, vc: Out<Bf16>, pos: In<I32>, base: In<I32>, w: i32,
+    }
     /// `qk_norm_rope_kv`: head norms, RoPE and the KV append in one launch.
     pub struct QkNormRopeKvArgs {
         q: Out<Bf16>, k: Out<Bf16>, v: In<Bf16>, qw: In<F32>, kw: In<F32>, inv_freq: In<F32>, pos: In<I32>,
-        kc: Out<Bf16>, vc: Out<Bf16>, nh: i32, nkv: i32, d: i32, d_rot: i32, eps: f32,
+        base: In<I32>, kc: Out<Bf16>, vc: Out<Bf16>, nh: i32, nkv: i32, d: i32, d_rot: i32, eps: f32,
     }
 }
 

@@ -1,0 +1,163 @@
+//! Server counters, rendered as Prometheus text on `GET /metrics`.
+//!
+//! One mutex over plain numbers: the engine updates it once per step and each handler once
+//! per request, far below the rate where a lock matters, and a snapshot is consistent.
+
+use std::sync::Mutex;
+
+/// Counters and gauges shared by the engine and the HTTP handlers.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    m: Mutex<Counts>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Counts {
+    /// Requests received per endpoint: chat, completions.
+    chat: u64,
+    completions: u64,
+    /// Requests refused with an error status (bad input, auth), and for a full queue.
+    errors: u64,
+    rejected: u64,
+    /// Requests finished, and cancelled by the client going away.
+    finished: u64,
+    cancelled: u64,
+    prompt_tokens: u64,
+    generation_tokens: u64,
+    /// Rows run in forwards, split by kind, and the seconds attributed to each (a mixed step's
+    /// time is split by its rows).
+    prefill_rows: u64,
+    decode_rows: u64,
+    prefill_secs: f64,
+    decode_secs: f64,
+    /// Gauges: sequences in slots, jobs waiting, slots.
+    active: usize,
+    queued: usize,
+    slots: usize,
+}
+
+impl Metrics {
+    fn with(&self, f: impl FnOnce(&mut Counts)) {
+        f(&mut self.m.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// The number of sequence slots (known once the backend is built).
+    pub fn set_slots(&self, n: usize) {
+        self.with(|c| c.slots = n);
+    }
+
+    /// A request arrived at `/v1/chat/completions` (`chat`) or `/v1/completions`.
+    pub fn request(&self, chat: bool) {
+        self.with(|c| if chat { c.chat += 1 } else { c.completions += 1 });
+    }
+
+    /// A request was answered with an error status.
+    pub fn error(&self) {
+        self.with(|c| c.errors += 1);
+    }
+
+    /// A request was refused because the queue is full.
+    pub fn rejected(&self) {
+        self.with(|c| c.rejected += 1);
+    }
+
+    /// A job was dropped because its client went away.
+    pub fn cancelled(&self) {
+        self.with(|c| c.cancelled += 1);
+    }
+
+    /// A prompt of `n` tokens finished its prefill.
+    pub fn prompt_done(&self, n: usize) {
+        self.with(|c| c.prompt_tokens += n as u64);
+    }
+
+    /// A job finished after generating `n` tokens.
+    pub fn finished(&self, n: usize) {
+        self.with(|c| {
+            c.finished += 1;
+            c.generation_tokens += n as u64;
+        });
+    }
+
+    /// Sequences in slots and jobs waiting, now.
+    pub fn set_load(&self, active: usize, queued: usize) {
+        self.with(|c| (c.active, c.queued) = (active, queued));
+    }
+
+    /// One forward of `prefill` prompt rows and `decode` decode rows took `secs`.
+    pub fn step(&self, prefill: usize, decode: usize, secs: f64) {
+        let total = (prefill + decode).max(1) as f64;
+        self.with(|c| {
+            c.prefill_rows += prefill as u64;
+            c.decode_rows += decode as u64;
+            c.prefill_secs += secs * prefill as f64 / total;
+            c.decode_secs += secs * decode as f64 / total;
+        });
+    }
+
+    /// Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let c = self.m.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, String)]| {
+            out += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+            for (labels, v) in samples {
+                out += &format!("{name}{labels} {v}\n");
+            }
+        };
+        metric(
+            "zmoe_requests_total",
+            "counter",
+            "Generation requests received, by endpoint.",
+            &[("{endpoint=\"chat\"}", c.chat.to_string()), ("{endpoint=\"completions\"}", c.completions.to_string())],
+        );
+        metric(
+            "zmoe_request_errors_total",
+            "counter",
+            "Requests answered with an error status.",
+            &[("", c.errors.to_string())],
+        );
+        metric(
+            "zmoe_requests_rejected_total",
+            "counter",
+            "Requests refused: queue full (429).",
+            &[("", c.rejected.to_string())],
+        );
+        metric(
+            "zmoe_requests_finished_total",
+            "counter",
+            "Requests that finished generating.",
+            &[("", c.finished.to_string())],
+        );
+        metric(
+            "zmoe_requests_cancelled_total",
+            "counter",
+            "Requests dropped because the client went away.",
+            &[("", c.cancelled.to_string())],
+        );
+        metric("zmoe_prompt_tokens_total", "counter", "Prompt tokens prefilled.", &[("", c.prompt_tokens.to_string())]);
+        metric(
+            "zmoe_generation_tokens_total",
+            "counter",
+            "Tokens generated by finished requests.",
+            &[("", c.generation_tokens.to_string())],
+        );
+        metric("zmoe_queue_depth", "gauge", "Requests waiting for a slot.", &[("", c.queued.to_string())]);
+        metric("zmoe_active_slots", "gauge", "Sequence slots in use.", &[("", c.active.to_string())]);
+        metric("zmoe_slots", "gauge", "Sequence slots (--parallel).", &[("", c.slots.to_string())]);
+        metric(
+            "zmoe_prefill_tokens_per_second",
+            "gauge",
+            "Prompt rows per second of forward time, since start.",
+            &[("", format!("{:.3}", rate(c.prefill_rows, c.prefill_secs)))],
+        );
+        metric(
+            "zmoe_decode_tokens_per_second",
+            "gauge",
+            "Decode rows per second of forward time, since start (all streams together).",
+            &[("", format!("{:.3}", rate(c.decode_rows, c.decode_secs)))],
+        );
+        out
+    }
+}
