@@ -72,6 +72,15 @@ pub trait Backend {
     fn slots(&self) -> usize;
     /// Holds `n ≥ 1` sequence slots from now on, all empty.
     fn set_slots(&mut self, n: usize) -> Result<()>;
+    /// Runs the routed experts split over `n` expert-parallel ranks ([`crate::parallel`]),
+    /// bit-identical to one rank. Only the CPU backend simulates ranks (in one process);
+    /// elsewhere this is [`Error::Unavailable`].
+    fn set_ranks(&mut self, n: usize) -> Result<()> {
+        Err(Error::Unavailable(format!(
+            "--ranks {n}: expert-parallel ranks are simulated on the CPU backend only (--backend cpu); \
+             multi-GPU expert parallelism is not built"
+        )))
+    }
     /// Tokens already in slot `slot`'s cache (slot 0 is [`Backend::position`]).
     fn slot_position(&self, slot: usize) -> usize;
     /// Empties slot `slot`'s cache.

@@ -21,6 +21,8 @@
 //! - [`plan`]: the forward pass as data ([`plan::Plan`], [`plan::Step`]); [`plan::patterns`]
 //!   rewrites it with fused steps, per family policy.
 //! - [`cpu`]: the reference executor.
+//! - [`parallel`]: expert parallelism (which rank owns which experts, the slot-order combine
+//!   that keeps N ranks bit-identical to one); simulated on the CPU (`--ranks N`).
 //! - [`cuda`]: the GPU executor (NVRTC kernels, arena, graphs).
 //! - [`backend`], [`generate`], [`sample`], [`tokenizer`], [`chat`]: running a model ([`args`]: the
 //!   CLI's numeric flag parsers).
@@ -55,6 +57,7 @@ pub mod matrix;
 pub mod model;
 pub mod outdir;
 pub mod output;
+pub mod parallel;
 pub mod plan;
 pub mod rng;
 pub mod runtime;

@@ -308,6 +308,11 @@ struct RunArgs {
     /// fits in free device memory.
     #[arg(long, value_parser = zmoe::args::count, allow_negative_numbers = true)]
     ctx: Option<usize>,
+    /// CPU only (generate, forward, bench): split the routed experts over N simulated
+    /// expert-parallel ranks, contiguous blocks of experts each, partials combined in slot
+    /// order (bit-identical to one rank). Multi-GPU expert parallelism is not built.
+    #[arg(long, value_parser = zmoe::args::count, allow_negative_numbers = true)]
+    ranks: Option<usize>,
 }
 
 /// Which fused patterns to apply (default: the family's policy; see `zmoe patterns`).
@@ -346,8 +351,19 @@ impl RunArgs {
 
     fn open(&self) -> Result<(Model, Box<dyn zmoe::Backend>)> {
         let (model, plan) = self.model_and_plan()?;
-        let backend = model.backend_ctx(self.backend, plan, !self.eager, self.ctx)?;
+        let mut backend = model.backend_ctx(self.backend, plan, !self.eager, self.ctx)?;
+        if let Some(n) = self.ranks {
+            backend.set_ranks(n).with_context(|| format!("--ranks {n} on {}", self.model.display()))?;
+        }
         Ok((model, backend))
+    }
+
+    /// Refuses `--ranks` for a command that does not run it (serve, validate).
+    fn no_ranks(&self, cmd: &str) -> Result<()> {
+        if self.ranks.is_some() {
+            bail!("--ranks is not a {cmd} option: simulated expert-parallel ranks run in generate, forward and bench");
+        }
+        Ok(())
     }
 }
 
@@ -632,6 +648,7 @@ fn run(cli: Cli) -> Result<()> {
             run_generate(&model, be.as_mut(), ids, &opts, json)?;
         }
         Cmd::Serve { run, host, port, parallel, queue, prefill_chunk, api_key, model_name } => {
+            run.no_ranks("serve")?;
             let (model, plan) = run.model_and_plan()?;
             let opts = zmoe::serve::ServeOptions { host, port, parallel, queue, prefill_chunk, api_key, model_name };
             zmoe::serve::serve(model, run.backend, plan, !run.eager, run.ctx, opts)?;
@@ -710,6 +727,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(path) = &capsule {
                 zmoe::output::check_out_path("--capsule", path, force)?;
             }
+            run.no_ranks("validate")?;
             let sel = run.patterns.selection()?;
             if run.mla_expanded {
                 bail!("--mla-expanded is not a validate option: validate compares the reference and patched plans");

@@ -14,6 +14,7 @@ use crate::backend::{Backend, Row};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{Linear, MlaWeights, Mlp, Weights};
+use crate::parallel::{Partial, ShardMap};
 use crate::plan::lower::ExecPlans;
 use crate::plan::{AttnOp, Buf, LinRef, MoeOp, NormRef, Plan, Step};
 
@@ -59,6 +60,11 @@ struct RunState {
     rows: Vec<Row>,
     /// One cache per sequence slot ([`Backend::set_slots`]).
     seqs: Vec<SeqCache>,
+    /// Simulated expert-parallel ranks only: per rank, the slots `t·K + j` of the current
+    /// MoE layer whose expert it owns (ascending). Between `ExpertGateUp` and `Combine` the
+    /// routed buffers (`Gate`, `Up`, `Act`, `ExpertOut`) are rank-major: rank 0's rows in this
+    /// order, then rank 1's, … — each rank's block is what that rank alone would hold.
+    rank_slots: Vec<Vec<usize>>,
 }
 
 impl RunState {
@@ -103,6 +109,10 @@ pub struct CpuBackend {
     /// [`Backend::max_context`]: the cache itself grows as needed, so this is the limit
     /// generation stops at (`--ctx`).
     max_ctx: usize,
+    /// Expert parallelism simulated in one process ([`Backend::set_ranks`], `--ranks N`):
+    /// each rank computes the routed experts it owns, and the combine gathers their weighted
+    /// rows in slot order ([`crate::parallel`]). `None`: the plain single-rank path.
+    ranks: Option<ShardMap>,
 }
 
 impl CpuBackend {
@@ -115,7 +125,7 @@ impl CpuBackend {
             RunState { bufs: vec![Vec::new(); Buf::ALL.len()], seqs: vec![SeqCache::new(&cfg)], ..Default::default() };
         let exec = ExecPlans::same(&plan);
         let max_ctx = cfg.max_position_embeddings;
-        Ok(CpuBackend { cfg, weights, plan, exec, rope, st, max_ctx })
+        Ok(CpuBackend { cfg, weights, plan, exec, rope, st, max_ctx, ranks: None })
     }
 
     /// The same backend with a context of `n` tokens ([`Backend::max_context`], `--ctx`).
@@ -336,6 +346,9 @@ impl CpuBackend {
                 self.st.topk_idx = idx;
                 self.st.topk_w = w;
             }
+            Step::Moe { layer, op: MoeOp::ExpertGateUp } if self.ranks.is_some() => self.ranked_gate_up(layer),
+            Step::Moe { layer, op: MoeOp::ExpertDown } if self.ranks.is_some() => self.ranked_down(layer),
+            Step::Moe { op: MoeOp::Combine, .. } if self.ranks.is_some() => self.ranked_combine(*t),
             Step::Moe { layer, op: MoeOp::ExpertGateUp } => {
                 let ex = self.experts(layer);
                 let i = c.moe_intermediate_size;
@@ -386,6 +399,91 @@ impl CpuBackend {
             Step::Fused { .. } | Step::Packed { .. } => unreachable!("fused steps run as their components"),
         }
     }
+}
+
+/// The routed experts over simulated ranks. Each rank sees only its own slots and its own
+/// contiguous block of experts (indexed locally, as a device holding only that block would),
+/// so a rank that reached outside its block would fail here rather than silently agree.
+impl CpuBackend {
+    fn shard(&self) -> ShardMap {
+        self.ranks.expect("ranked step without ranks")
+    }
+
+    /// Rank r: gate and up rows `[|slots_r|, I]` of its slots; stored rank-major.
+    fn ranked_gate_up(&mut self, layer: usize) {
+        let weights = self.weights.clone();
+        let ex = weights.experts(layer).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"));
+        let (map, k, h, i) = (self.shard(), self.cfg.top_k, self.cfg.hidden_size, self.cfg.moe_intermediate_size);
+        let x = &self.st.bufs[Buf::H as usize];
+        let (mut g, mut u, mut all) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..map.ranks() {
+            let slots = map.local_slots(r, &self.st.topk_idx);
+            let (local, rg) = local_experts(&map, r, &slots, &self.st.topk_idx);
+            // The hidden state of each slot's token `[|slots|, H]` (every rank holds all rows).
+            let xs: Vec<f32> = slots.iter().flat_map(|&s| x[(s / k) * h..][..h].iter().copied()).collect();
+            let (mut gr, mut ur) = (vec![0.0; slots.len() * i], vec![0.0; slots.len() * i]);
+            ops::grouped_experts(&local, 1, &xs, &ex.gate[rg.clone()], &mut gr);
+            ops::grouped_experts(&local, 1, &xs, &ex.up[rg.clone()], &mut ur);
+            if let Some(b) = &ex.bias {
+                ops::add_expert_bias(&local, &b.gate[rg.start * i..rg.end * i], &mut gr);
+                ops::add_expert_bias(&local, &b.up[rg.start * i..rg.end * i], &mut ur);
+            }
+            g.extend(gr);
+            u.extend(ur);
+            all.push(slots);
+        }
+        self.st.put(Buf::Gate, g);
+        self.st.put(Buf::Up, u);
+        self.st.rank_slots = all;
+    }
+
+    /// Rank r: its expert outputs `[|slots_r|, H]` from its block of `Act`; stored rank-major.
+    fn ranked_down(&mut self, layer: usize) {
+        let weights = self.weights.clone();
+        let ex = weights.experts(layer).unwrap_or_else(|e| panic!("plan/model mismatch: {e}"));
+        let (map, h, i) = (self.shard(), self.cfg.hidden_size, self.cfg.moe_intermediate_size);
+        let act = &self.st.bufs[Buf::Act as usize];
+        let (mut y, mut at) = (Vec::new(), 0);
+        for (r, slots) in self.st.rank_slots.iter().enumerate() {
+            let (local, rg) = local_experts(&map, r, slots, &self.st.topk_idx);
+            let mut yr = vec![0.0; slots.len() * h];
+            ops::grouped_experts(&local, 1, &act[at * i..(at + slots.len()) * i], &ex.down[rg.clone()], &mut yr);
+            if let Some(b) = &ex.bias {
+                ops::add_expert_bias(&local, &b.down[rg.start * h..rg.end * h], &mut yr);
+            }
+            y.extend(yr);
+            at += slots.len();
+        }
+        self.st.put(Buf::ExpertOut, y);
+    }
+
+    /// Each rank weights its rows (`w·y`, rounded as the reference combine rounds it); the
+    /// rows are gathered in slot order and added in slot order: bit-identical to one rank.
+    fn ranked_combine(&mut self, t: usize) {
+        let (k, h) = (self.cfg.top_k, self.cfg.hidden_size);
+        let (y, w) = (&self.st.bufs[Buf::ExpertOut as usize], &self.st.topk_w);
+        let mut at = 0;
+        let parts: Vec<Partial> = (self.st.rank_slots.iter())
+            .map(|slots| {
+                let mine = &y[at * h..(at + slots.len()) * h];
+                at += slots.len();
+                let rows = (slots.iter().zip(mine.chunks_exact(h)))
+                    .flat_map(|(&s, row)| row.iter().map(move |&v| w[s] * v))
+                    .collect();
+                Partial { slots: slots.clone(), rows }
+            })
+            .collect();
+        let gathered = crate::parallel::gather_slots(&parts, t * k, h)
+            .unwrap_or_else(|e| panic!("simulated ranks lost a slot (a bug): {e}"));
+        self.st.put(Buf::Out, crate::parallel::sum_slots(&gathered, k, h));
+    }
+}
+
+/// Rank `r`'s view of `slots`: each slot's expert as an index into the rank's own block of
+/// experts, and that block.
+fn local_experts(map: &ShardMap, r: usize, slots: &[usize], choice: &[usize]) -> (Vec<usize>, std::ops::Range<usize>) {
+    let rg = map.range(r);
+    (slots.iter().map(|&s| choice[s] - rg.start).collect(), rg)
 }
 
 impl CpuBackend {
@@ -495,7 +593,16 @@ struct CacheMark {
 
 impl Backend for CpuBackend {
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        let ranks = self.ranks.map_or(String::new(), |m| format!(", {} simulated expert-parallel ranks", m.ranks()));
+        format!("cpu ({} threads{ranks})", rayon::current_num_threads())
+    }
+
+    fn set_ranks(&mut self, n: usize) -> Result<()> {
+        if self.cfg.num_experts == 0 {
+            return Err(Error::Arg(format!("--ranks {n}: the model has no routed experts to shard")));
+        }
+        self.ranks = Some(ShardMap::new(self.cfg.num_experts, n)?);
+        Ok(())
     }
 
     fn config(&self) -> &ModelConfig {

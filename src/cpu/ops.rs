@@ -304,7 +304,10 @@ pub fn clamp_swiglu(g: f32, u: f32, limit: f32, alpha: f32) -> f32 {
 
 /// Adds expert `choice[r]`'s bias row (`bias [E, width]`) to row `r` of `out` `[rows, width]`.
 pub fn add_expert_bias(choice: &[usize], bias: &[f32], out: &mut [f32]) {
-    let width = out.len() / choice.len().max(1);
+    if choice.is_empty() {
+        return;
+    }
+    let width = out.len() / choice.len();
     for (row, &e) in out.chunks_exact_mut(width).zip(choice) {
         for (o, b) in row.iter_mut().zip(&bias[e * width..][..width]) {
             *o += b;
