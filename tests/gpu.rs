@@ -943,3 +943,28 @@ fn batch_invariant_on_gpu() {
         assert!(ok, "{name}: CUDA slots");
     }
 }
+
+/// NCCL with one rank ≡ no NCCL (issue 21): a one-rank communicator on GPU 0 all-gathers a
+/// buffer of random f32 rows back unchanged, bit for bit. Needs libnccl; without it the probe
+/// must say `Unavailable`, and the test fails to say so plainly.
+#[test]
+#[ignore]
+fn nccl_one_rank_all_gather_is_identity() {
+    use cudarc::driver::CudaContext;
+    use cudarc::nccl::{Comm, Id};
+    let version = zmoe::cuda::nccl::probe().unwrap_or_else(|e| panic!("{e}"));
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.default_stream();
+    let mut rng = Rng::new(0x21);
+    // One token's K = 8 expert rows of hidden 7168 (DeepSeek-V3's shape).
+    let x: Vec<f32> = (0..8 * 7168).map(|_| rng.normal()).collect();
+    let send = stream.clone_htod(&x).unwrap();
+    let mut recv = stream.alloc_zeros::<f32>(x.len()).unwrap();
+    let comm = Comm::from_rank(stream.clone(), 0, 1, Id::new().unwrap()).unwrap();
+    comm.all_gather(&send, &mut recv).unwrap();
+    let back = stream.clone_dtoh(&recv).unwrap();
+    assert!(
+        back.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "NCCL {version}: one-rank all-gather changed the rows"
+    );
+}

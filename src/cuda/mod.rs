@@ -12,6 +12,7 @@
 
 pub mod backend;
 mod compile;
+pub mod nccl;
 pub mod ops;
 mod packs;
 mod weights;
