@@ -456,6 +456,9 @@ fn run_generate(
             emit(&dec.push(t, id));
         }
     })?;
+    if let Some(t) = &tok {
+        emit(&dec.finish(t));
+    }
     if json {
         let v = serde_json::json!({
             "tokens": stats.tokens,
@@ -605,6 +608,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut dec = StreamDecoder::default();
             let stats = generate(be.as_mut(), &prompt, &opts, |id| emit(&dec.push(&tok, id)))?;
+            emit(&dec.finish(&tok));
             print_stats(&be.name(), &stats);
         }
         Cmd::Synth { family, preset, quant, group_size, seed, out, force, max_shard_mb } => {

@@ -89,6 +89,20 @@ impl StreamDecoder {
         self.read = self.ids.len();
         new
     }
+
+    /// The end of the stream: the text of the ids still held back (an incomplete UTF-8 tail
+    /// decodes to U+FFFD, as the full decode has it), so that everything pushed and then
+    /// finished equals the decode of all the ids. The decoder is empty afterwards.
+    pub fn finish(&mut self, tok: &Tokenizer) -> String {
+        let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
+        let (context, text) = (decode(&self.ids[..self.read]), decode(&self.ids));
+        let rest = match text.strip_prefix(context.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => text.chars().skip(context.chars().count()).collect(),
+        };
+        *self = StreamDecoder::default();
+        rest
+    }
 }
 
 /// The raw bytes of token `id` (OpenAI's logprob `bytes`): its decoded text when that is
@@ -248,7 +262,27 @@ mod tests {
 
     fn stream(tok: &Tokenizer, ids: &[u32]) -> String {
         let mut sd = StreamDecoder::default();
-        ids.iter().map(|&i| sd.push(tok, i)).collect()
+        let mut out: String = ids.iter().map(|&i| sd.push(tok, i)).collect();
+        out += &sd.finish(tok);
+        out
+    }
+
+    #[test]
+    fn a_stream_that_ends_inside_a_character_is_flushed_at_the_end() {
+        let tok = synthetic(700, 1).unwrap();
+        // The first byte of "日" alone: held back while streaming, U+FFFD at the end (what
+        // the full decode gives), never silently dropped.
+        let ids = encode(&tok, "ok 日").unwrap();
+        for cut in 1..=ids.len() {
+            let full = tok.decode(&ids[..cut], true).unwrap();
+            assert_eq!(stream(&tok, &ids[..cut]), full, "cut {cut}");
+        }
+        let mut sd = StreamDecoder::default();
+        let last = *ids.last().unwrap();
+        let held: String = ids[..ids.len() - 1].iter().map(|&i| sd.push(&tok, i)).collect();
+        assert!(tok.decode(&ids[..ids.len() - 1], true).unwrap().ends_with('\u{FFFD}'), "{ids:?}");
+        assert!(!held.ends_with('\u{FFFD}'), "an incomplete character was printed: {held:?}");
+        assert_eq!(held + &sd.push(&tok, last) + &sd.finish(&tok), "ok 日");
     }
 
     #[test]

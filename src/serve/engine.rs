@@ -290,7 +290,10 @@ impl Seq {
             .unwrap_or(self.held.len());
         self.release(hold, tok);
         if self.stop_string_hit() {
+            // What comes after the stop string is not output: neither held tokens nor bytes
+            // the detokenizer still holds back.
             self.held.clear();
+            self.decoder = StreamDecoder::default();
             return Some(FinishReason::Stop);
         }
         self.send_text(false);
@@ -345,6 +348,8 @@ impl Seq {
     /// after all, up to a stop string they complete) and the end of the job.
     fn finish(&mut self, tok: &Tokenizer, finish: FinishReason) {
         self.release(self.held.len(), tok);
+        // An incomplete UTF-8 tail is output as U+FFFD (as the full decode has it), not dropped.
+        self.text.push_str(&self.decoder.finish(tok));
         if !self.stop_string_hit() {
             self.send_text(true);
         }
