@@ -194,51 +194,39 @@ pub struct FamilyPolicy {
     pub excluded: Vec<(Pattern, &'static str)>,
 }
 
+impl FamilyPolicy {
+    /// Every pattern is a default except the `excluded` ones.
+    fn excluding(excluded: Vec<(Pattern, &'static str)>) -> FamilyPolicy {
+        let defaults = Pattern::ALL.into_iter().filter(|p| !excluded.iter().any(|(x, _)| x == p)).collect();
+        FamilyPolicy { defaults, excluded }
+    }
+}
+
 /// The policy of a family (the seeds' `_PERF_EXCLUDES` / `_FIDELITY_EXCLUDES`).
 pub fn policy(family: Family) -> FamilyPolicy {
-    match family {
+    const NO_SHARED: (Pattern, &str) = (Pattern::SharedExpert, "no shared experts in this family");
+    const NO_CONV: (Pattern, &str) = (Pattern::ConvMixer, "no short-conv layers in this family");
+    FamilyPolicy::excluding(match family {
         // All five are bit-identical; measured on the H200 (bench/RESULTS.md, "patched vs
         // reference"), none costs speed on the qwen3-30b-a3b preset.
-        Family::Qwen3Moe => FamilyPolicy {
-            defaults: Pattern::ALL
-                .into_iter()
-                .filter(|&p| !matches!(p, Pattern::SharedExpert | Pattern::ConvMixer))
-                .collect(),
-            excluded: vec![
-                (Pattern::SharedExpert, "no shared experts in this family"),
-                (Pattern::ConvMixer, "no short-conv layers in this family"),
-            ],
-        },
+        Family::Qwen3Moe => vec![NO_SHARED, NO_CONV],
         // The same six, in their MLA / sigmoid-router / shared-expert forms (bit-identical).
-        Family::Glm4MoeLite | Family::DeepseekV3 => FamilyPolicy {
-            defaults: Pattern::ALL.into_iter().filter(|&p| p != Pattern::ConvMixer).collect(),
-            excluded: vec![(Pattern::ConvMixer, "no short-conv layers in this family")],
-        },
+        Family::Glm4MoeLite | Family::DeepseekV3 => vec![NO_CONV],
         // LFM2: the Qwen3 five on its attention layers, its dense and MoE FFNs; o_proj +
         // residual + norm also after every short conv (its out_proj is the layer's `O`).
         // conv_mixer is bit-identical but opt-in until its decode speedup is measured on a GPU.
-        Family::Lfm2Moe => FamilyPolicy {
-            defaults: Pattern::ALL
-                .into_iter()
-                .filter(|&p| !matches!(p, Pattern::SharedExpert | Pattern::ConvMixer))
-                .collect(),
-            excluded: vec![
-                (Pattern::SharedExpert, "no shared experts in this family"),
-                (Pattern::ConvMixer, "opt-in (--patterns): decode speedup not yet measured"),
-            ],
-        },
+        Family::Lfm2Moe => {
+            vec![NO_SHARED, (Pattern::ConvMixer, "opt-in (--patterns): decode speedup not yet measured")]
+        }
         // GPT-OSS: its router (top-k on logits, softmax over k) and clamped SwiGLU in the
         // moe_mlp kernels, the biased q/k/v projections in one, o_proj + residual + norm.
-        Family::GptOss => FamilyPolicy {
-            defaults: vec![Pattern::MoeMlp, Pattern::QkvProj, Pattern::ResidualNorm],
-            excluded: vec![
-                (Pattern::SwigluMlp, "no dense MLP layers in this family"),
-                (Pattern::QkNormRope, "no q/k norms in this family (RoPE and the KV append stay two steps)"),
-                (Pattern::SharedExpert, "no shared experts in this family"),
-                (Pattern::ConvMixer, "no short-conv layers in this family"),
-            ],
-        },
-    }
+        Family::GptOss => vec![
+            (Pattern::SwigluMlp, "no dense MLP layers in this family"),
+            (Pattern::QkNormRope, "no q/k norms in this family (RoPE and the KV append stay two steps)"),
+            NO_SHARED,
+            NO_CONV,
+        ],
+    })
 }
 
 /// What the user asked for on the command line.
