@@ -13,8 +13,9 @@
 #                                    # benchmark (with and without conv_mixer), `foundry` only the campaigns
 #                                    # (FOUNDRY_CASES=48 cases per op by default);
 #                                    # `compare` times scratch/gpu-base/zmoe against
-#                                    # scratch/gpu/zmoe with ZMOE_PDL=0 (nopdl) and with
-#                                    # programmatic dependent launch (new), patched plan,
+#                                    # scratch/gpu/zmoe with ZMOE_PDL=0 (nopdl), with
+#                                    # ZMOE_TC=0 (notc: prefill on the mat-vecs) and with
+#                                    # both on (new), patched plan,
 #                                    # alternating twice, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
 #                                    # and validates the new binary on each; `serve` runs
@@ -48,6 +49,8 @@ for l in sys.stdin:
     cp "$exe" scratch/gpu/gpu-tests
     cp "$fexe" scratch/gpu/foundry-gpu-tests
     cp "$sexe" scratch/gpu/serve-tests
+    # Symbols off: the binaries travel to the device machine (64 MiB with the tree).
+    strip scratch/gpu/zmoe scratch/gpu/gpu-tests scratch/gpu/foundry-gpu-tests scratch/gpu/serve-tests
     if git diff --quiet HEAD -- src tests; then
         git rev-parse --short HEAD > scratch/gpu/COMMIT
     else
@@ -68,6 +71,7 @@ if [ "$mode" = base ]; then
     # The dependencies are the same crates: reuse this checkout's compiled ones.
     CARGO_TARGET_DIR=$PWD/target/base cargo build --release --manifest-path "$wt/Cargo.toml"
     cp target/base/release/zmoe scratch/gpu-base/zmoe
+    strip scratch/gpu-base/zmoe
     git rev-parse --short "$rev" > scratch/gpu-base/COMMIT
     rm -rf "$wt"
     exit 0
@@ -180,11 +184,12 @@ if [ "${2:-}" = compare ]; then
         [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family $fam --preset "$preset" --quant affine4 \
             --seed 0 --out "$M" 2>&1 | tail -1
         for i in 1 2; do
-            for b in base nopdl new; do
+            for b in base nopdl notc new; do
                 exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
                 pdl=1; [ $b = nopdl ] && pdl=0
+                tc=1; [ $b = notc ] && tc=0
                 j="$OUT/cmp-$preset-$b-$i.json"
-                ZMOE_PDL=$pdl $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
+                ZMOE_PDL=$pdl ZMOE_TC=$tc $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
                     --json "$j" --force >"$OUT/cmp-$preset-$b-$i.txt" 2>&1 || echo "bench $b failed"
                 python3 - "$j" "$preset" "$b" "$i" >> "$OUT/compare.md" <<'PY'
 import json, sys

@@ -724,6 +724,7 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 let exec = zmoe::plan::lower::cuda(&patched_plan(m.config(), &sel).0, &m.weights, &kernels)?;
                 emit(&format!("\nCUDA prefill plan ({} steps):\n{}", exec.prefill.steps.len(), exec.prefill.listing()));
+                emit(&format!("\nCUDA batch plan ({} steps):\n{}", exec.batch.steps.len(), exec.batch.listing()));
                 emit(&format!("\nCUDA decode plan ({} steps):\n{}", exec.decode.steps.len(), exec.decode.listing()));
             }
         }

@@ -85,8 +85,10 @@ fn selection_none_is_the_reference_plan() {
     assert_eq!(plan, Plan::reference(model.config()));
 }
 
-/// The CUDA backend's prefill and decode plans are the chosen plan rewritten once, visibly:
-/// decode runs it as written, prefill runs the decode-only fused steps as their parts, pack
+/// The CUDA backend's plans are the chosen plan rewritten once, visibly: decode runs it as
+/// written, batches run the decode-only fused steps as their parts, prompt chunks on tensor
+/// cores also the fused projections (so the reference and patched plans share the tensor-core
+/// products), pack
 /// kernels wrap the steps they replace (never in the reference plan), and a plan for
 /// another model is refused up front by `Plan::check`.
 #[test]
@@ -101,10 +103,15 @@ fn cuda_exec_plans_are_the_chosen_plan_rewritten_once() {
     let exec = lower::cuda(&plan, &model.weights, &[]).unwrap();
     assert_eq!(exec.decode, plan);
     assert_eq!(exec.prefill.primitives_only().steps, plan.primitives_only().steps);
+    assert_eq!(exec.batch.primitives_only().steps, plan.primitives_only().steps);
     use zmoe::plan::Fusion;
     let has = |p: &Plan, f: Fusion| p.steps.iter().any(|s| matches!(s, Step::Fused { op, .. } if *op == f));
-    assert!(!has(&exec.prefill, Fusion::MoeRouter) && !has(&exec.prefill, Fusion::MoeDownCombineAdd));
-    assert!(has(&exec.prefill, Fusion::InProj), "prefill keeps multi-token fusions");
+    for p in [&exec.prefill, &exec.batch] {
+        assert!(!has(p, Fusion::MoeRouter) && !has(p, Fusion::MoeDownCombineAdd));
+        assert!(has(p, Fusion::AddRmsNorm), "elementwise fusions serve every chunk");
+    }
+    assert!(has(&exec.batch, Fusion::InProj), "batches keep multi-token fusions");
+    assert!(!has(&exec.prefill, Fusion::InProj), "tensor-core chunks run the projections one by one");
 
     let packs = [
         PackKernel { op: OpId::MoeCombine, bucket: Bucket::Small, tag: "moe_combine/t@1".into() },

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use super::Device;
 use super::ops::{
-    self, Bf16, I32, Void, attention as attn, conv, gpt_oss, int, linear, mla, moe, norm, rd, rope, sample, wr,
+    self, Bf16, I32, Void, attention as attn, conv, gemm, gpt_oss, int, linear, mla, moe, norm, rd, rope, sample, wr,
 };
 use super::weights::{DLinear, DMat, DeviceWeights, Upload, unsupported};
 use crate::backend::{Backend, DeviceInfo, Row, StepTime};
@@ -30,12 +30,14 @@ use crate::plan::lower::{self, ExecPlans};
 use crate::plan::{AttnOp, Buf, Fusion, LinRef, MoeOp, NormRef, Plan, Step};
 use crate::sample::Sampler;
 
-/// Most tokens per prefill launch (activation buffers are sized for it).
-pub const CHUNK: usize = 64;
+/// Most tokens per prefill launch (activation buffers are sized for it). Large, so that a
+/// prompt chunk routes enough rows to each expert to fill tensor-core tiles (`ops::gemm`):
+/// 512 tokens × 8 slots over 128 experts is 32 rows, one tile, per expert on average.
+pub const CHUNK: usize = 512;
 /// Default KV-cache capacity (tokens) when the model allows more (`--ctx` overrides it).
 const DEFAULT_MAX_CTX: usize = 8192;
 /// Device memory left free after the KV cache, for the activation buffers (CHUNK rows).
-const CTX_RESERVE_BYTES: usize = 512 << 20;
+const CTX_RESERVE_BYTES: usize = 1 << 30;
 
 /// The KV-cache capacity in tokens, given `free` bytes of device memory after the weights and
 /// `token_bytes` of cache per token (all layers): `--ctx` when given (an error naming the
@@ -137,9 +139,11 @@ struct RunState {
     topk_idx: u64,
     /// `[CHUNK, K]` f32 routing weight of each row.
     topk_w: u64,
-    /// Prefill expert grouping: `[E + 1]` i32 row offsets per expert and `[CHUNK·K]` i32 rows.
+    /// Prefill expert grouping: `[E + 1]` i32 row offsets per expert, `[CHUNK·K]` i32 rows,
+    /// and the tensor-core tile table (`[1 + 2·max_tiles]` i32, see `ops::gemm`).
     grp_off: u64,
     grp_rows: u64,
+    grp_tiles: u64,
     /// `[2]` i32: sampled token, host-fallback flag.
     sample_out: u64,
     /// `[CHUNK·nH]` i32 finished-block counters (`last_to_finish` in common.cuh) of the
@@ -190,6 +194,10 @@ pub struct CudaBackend {
     keep: Vec<usize>,
     use_graph: bool,
     graph: Option<cudarc::driver::CudaGraph>,
+    /// Tokens per prefill chunk, at most [`CHUNK`] (`set_prefill_chunk`).
+    chunk: usize,
+    /// Whether the running chunk is a prompt chunk on tensor cores (`run_rows`).
+    tc_chunk: bool,
     /// Foundry kernel-pack kernels (src/cuda/packs.rs; the plan's `Step::Packed` steps).
     packs: super::packs::PackKernels,
 }
@@ -325,6 +333,7 @@ impl CudaBackend {
             topk_w: dev.alloc(CHUNK * k * 4)?,
             grp_off: dev.alloc((c.num_experts + 1) * 4)?,
             grp_rows: dev.alloc(CHUNK * k * 4)?,
+            grp_tiles: dev.alloc((1 + 2 * gemm::max_tiles(CHUNK * k, c.num_experts)) * 4)?,
             sample_out: dev.alloc(8)?,
             tickets: dev.alloc(CHUNK * nh.max(1) * 4)?,
             io: dev.alloc(4 * CHUNK * 4)?,
@@ -352,6 +361,8 @@ impl CudaBackend {
             keep: Vec::new(),
             use_graph,
             graph: None,
+            chunk: CHUNK,
+            tc_chunk: false,
             packs,
         })
     }
@@ -483,7 +494,17 @@ impl CudaBackend {
             m: int(m),
             out_f32: matches!(dst, Buf::RouterLogits | Buf::Logits) as i32,
         };
-        linear::matvec(&self.dev, &a)
+        if self.tensor_cores() && gemm::supports(&a.w, lin.w.cols) {
+            gemm::gemm(&self.dev, &a)
+        } else {
+            linear::matvec(&self.dev, &a)
+        }
+    }
+
+    /// Whether the running chunk's projections run on tensor cores (`ops::gemm`; set per
+    /// chunk by `run_rows`).
+    fn tensor_cores(&self) -> bool {
+        self.tc_chunk
     }
 
     /// Launches one step over `m` rows (m may shrink to 1 at `LastRow`).
@@ -677,6 +698,7 @@ impl CudaBackend {
                         e: int(c.num_experts),
                         off: wr(self.st.grp_off),
                         rows: wr(self.st.grp_rows),
+                        tiles: wr(self.st.grp_tiles),
                     };
                     moe::moe_group(dev, &a)?;
                 }
@@ -728,6 +750,7 @@ impl CudaBackend {
                         e: int(c.num_experts),
                         off: wr(self.st.grp_off),
                         rows: wr(self.st.grp_rows),
+                        tiles: wr(self.st.grp_tiles),
                     };
                     moe::moe_group(dev, &a)?;
                 }
@@ -1194,11 +1217,25 @@ impl CudaBackend {
 
     /// `rows` selected-expert mat-vecs: row q reads x row q / per and expert topk_idx[q].
     /// One token (decode) launches a block column per row; more tokens (prefill) use the
-    /// grouping `moe_group` made, so each expert's weights are read once per 8 of its rows.
+    /// grouping `moe_group` made, so each expert's weights are read once per 8 of its rows,
+    /// or once per tile of 32 on tensor cores (chunks of more than `TC_MIN_ROWS` tokens).
     fn expert_matvec(&self, w: &DMat, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
         let (x, y) = (rd::<Bf16>(self.buf(src)), wr::<Bf16>(self.buf(dst)));
         let (n, k, per) = (int(w.rows), int(w.cols), int(per));
-        if rows > self.cfg.top_k {
+        if self.tensor_cores() && gemm::supports(&w.q, w.cols) {
+            let a = gemm::ExpertGemmArgs {
+                w: w.stacked(),
+                tiles: rd(self.st.grp_tiles),
+                off: rd(self.st.grp_off),
+                rows: rd(self.st.grp_rows),
+                per,
+                x,
+                y,
+                n,
+                k,
+            };
+            gemm::expert_gemm(&self.dev, &a, rows, self.cfg.num_experts)
+        } else if rows > self.cfg.top_k {
             let a = moe::ExpertMatvecGroupedArgs {
                 w: w.stacked(),
                 off: rd(self.st.grp_off),
@@ -1267,12 +1304,11 @@ impl CudaBackend {
     /// `LastRow`; returns the rows of logits produced.
     fn run_plan(&mut self, m: usize) -> Result<usize> {
         // The steps are taken out for the loop (`step` borrows the backend mutably).
-        let plan = if m == 1 { &mut self.exec.decode } else { &mut self.exec.prefill };
-        let steps = std::mem::take(&mut plan.steps);
+        let tc = self.tc_chunk;
+        let steps = std::mem::take(&mut self.exec.pick(m, tc).steps);
         let mut rows = m;
         let r = steps.iter().try_for_each(|s| self.step(s, &mut rows));
-        let plan = if m == 1 { &mut self.exec.decode } else { &mut self.exec.prefill };
-        plan.steps = steps;
+        self.exec.pick(m, tc).steps = steps;
         r.map(|_| rows)
     }
 
@@ -1300,15 +1336,21 @@ impl CudaBackend {
         let rows: Vec<Row> = (tokens.iter().enumerate())
             .map(|(i, &token)| Row { slot: 0, pos: pos0 + i, token, logits: all_logits || i + 1 == n })
             .collect();
-        self.run_rows(&rows, out)
+        self.run_rows(&rows, true, out)
     }
 
     /// Runs checked `rows` through the plan in chunks of [`CHUNK`], appending each to its
     /// slot's cache; copies the logits of the rows that ask, in order, to `out` when given
     /// (the plan's `LastRow` keeps only those rows, so the head runs for them alone). A
     /// single row is a decode step: replayed from the captured graph when graphs are on.
-    fn run_rows(&mut self, rows: &[Row], mut out: Option<&mut Vec<f32>>) -> Result<()> {
-        for chunk in rows.chunks(CHUNK) {
+    ///
+    /// `prompt`: the rows are one sequence's prompt (`forward`), so chunks of more than
+    /// `TC_MIN_ROWS` run on tensor cores. Batches of several slots' rows (`forward_rows`)
+    /// stay on the row-per-token kernels: a row's result must not depend on what else is in
+    /// its batch, and the tensor cores round differently from decode.
+    fn run_rows(&mut self, rows: &[Row], prompt: bool, mut out: Option<&mut Vec<f32>>) -> Result<()> {
+        for chunk in rows.chunks(self.chunk) {
+            self.tc_chunk = prompt && chunk.len() > gemm::TC_MIN_ROWS && self.dev.tensor_cores();
             // A chunk with no row asking still runs its head for one (LastRow keeps ≥ 1 row).
             self.keep = (0..chunk.len()).filter(|&i| chunk[i].logits).collect();
             let read = !self.keep.is_empty();
@@ -1389,6 +1431,17 @@ impl CudaBackend {
     pub fn set_use_graph(&mut self, on: bool) {
         self.use_graph = on;
     }
+
+    /// Splits prompts into chunks of `n` tokens (1 ..= [`CHUNK`], the default): tests use
+    /// chunks of at most `ops::gemm::TC_MIN_ROWS` tokens to stay on the mat-vecs, and small
+    /// chunks to cross sliding windows and conv states at chunk edges.
+    pub fn set_prefill_chunk(&mut self, n: usize) -> Result<()> {
+        if !(1..=CHUNK).contains(&n) {
+            return Err(Error::Arg(format!("prefill chunk of {n} tokens: must be 1 ..= {CHUNK}")));
+        }
+        self.chunk = n;
+        Ok(())
+    }
 }
 
 /// A fused step's parts do not have the shape its kernel expects (a bug in `plan::patterns`).
@@ -1413,7 +1466,8 @@ impl Backend for CudaBackend {
     fn name(&self) -> String {
         let pack = self.packs.summary().map(|s| format!(", {s}")).unwrap_or_default();
         let pdl = if self.dev.pdl() { ", pdl" } else { "" };
-        format!("cuda ({}{}{pdl}{pack})", self.dev.name, if self.use_graph { ", graph" } else { ", eager" })
+        let tc = if self.dev.tensor_cores() { ", tc" } else { "" };
+        format!("cuda ({}{}{pdl}{tc}{pack})", self.dev.name, if self.use_graph { ", graph" } else { ", eager" })
     }
 
     fn config(&self) -> &ModelConfig {
@@ -1478,7 +1532,7 @@ impl Backend for CudaBackend {
         // overwritten by the next).
         let before = self.seqs.clone();
         let mut logits = Vec::new();
-        let r = self.run_rows(rows, Some(&mut logits)).and_then(|_| {
+        let r = self.run_rows(rows, false, Some(&mut logits)).and_then(|_| {
             let v = self.cfg.vocab_size;
             let asked = rows.iter().filter(|r| r.logits);
             match asked.zip(logits.chunks_exact(v)).find(|(_, l)| l.iter().any(|x| !x.is_finite())) {

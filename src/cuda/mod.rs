@@ -26,7 +26,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverEr
 
 use crate::error::{Error, Result};
 
-pub use backend::CudaBackend;
+pub use backend::{CHUNK, CudaBackend};
 
 fn cuda_err(e: DriverError) -> Error {
     Error::Cuda(e.to_string())
@@ -59,6 +59,8 @@ pub struct Device {
     cc: (i32, i32),
     /// Built-in kernels are launched with programmatic dependent launch (see [`Device::pdl`]).
     pdl: bool,
+    /// Prefill chunks use the tensor-core kernels (see [`Device::tensor_cores`]).
+    tc: bool,
 }
 
 /// Kernels compiled at run time from a source of their own (foundry candidates, kernel-pack
@@ -104,6 +106,7 @@ impl Device {
             peak: 0,
             cc: (major, minor),
             pdl: major >= 9 && std::env::var("ZMOE_PDL").map_or(true, |v| v != "0"),
+            tc: major >= 8 && std::env::var("ZMOE_TC").map_or(true, |v| v != "0"),
         })
     }
 
@@ -113,6 +116,13 @@ impl Device {
     /// the arithmetic is the same either way (`ZMOE_PDL=0` is the A/B switch for benchmarks).
     pub fn pdl(&self) -> bool {
         self.pdl
+    }
+
+    /// Whether prefill chunks of more than [`ops::gemm::TC_MIN_ROWS`] tokens run their
+    /// projections on tensor cores (`mma.sync`, sm_80 and newer) unless `ZMOE_TC=0`, the A/B
+    /// switch for benchmarks (the row-per-token mat-vecs then serve every chunk).
+    pub fn tensor_cores(&self) -> bool {
+        self.tc
     }
 
     /// The GPU architecture as NVRTC names it, e.g. `sm_90`.

@@ -43,20 +43,38 @@ impl PackKernel {
     }
 }
 
-/// The two plans a backend runs: one for prompt chunks (more than one token), one for a
-/// single token (decode; also the last one-token chunk of a prompt).
+/// The plans a backend runs: one for a single token (decode; also the last one-token chunk
+/// of a prompt), one for batches of rows on the row-per-token kernels, one for prompt chunks
+/// on tensor cores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExecPlans {
-    /// Run for chunks of more than one token.
+    /// Run for a sequence's prompt chunks of more than [`BATCH_ROWS`] tokens (CUDA:
+    /// projections on tensor cores, `cuda::ops::gemm`).
     pub prefill: Plan,
+    /// Run for every other chunk of several rows (short prompts, batched decode, the rows of
+    /// several slots): the row-per-token kernels, bit-identical to decode.
+    pub batch: Plan,
     /// Run for one token (captured into the CUDA decode graph).
     pub decode: Plan,
 }
 
+/// Most tokens a prompt chunk may have and still run the batch plan (the CUDA tensor-core
+/// threshold, `cuda::ops::gemm::TC_MIN_ROWS`).
+pub const BATCH_ROWS: usize = crate::cuda::ops::gemm::TC_MIN_ROWS;
+
 impl ExecPlans {
-    /// Both plans the same: a backend that runs every step as written (the CPU).
+    /// All plans the same: a backend that runs every step as written (the CPU).
     pub fn same(plan: &Plan) -> ExecPlans {
-        ExecPlans { prefill: plan.clone(), decode: plan.clone() }
+        ExecPlans { prefill: plan.clone(), batch: plan.clone(), decode: plan.clone() }
+    }
+
+    /// The plan for a chunk of `m` rows; `tensor_cores`: a prompt chunk on tensor cores.
+    pub fn pick(&mut self, m: usize, tensor_cores: bool) -> &mut Plan {
+        match m {
+            1 => &mut self.decode,
+            _ if tensor_cores => &mut self.prefill,
+            _ => &mut self.batch,
+        }
     }
 }
 
@@ -114,20 +132,33 @@ fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
     Ok(mats.iter().all(|m| same_format(m, mats[0])))
 }
 
-/// Fused steps whose CUDA kernels handle one token only: prefill runs their components
-/// (expert mat-vecs grouped by expert), bit for bit the same.
-fn decode_only(s: &Step) -> bool {
-    matches!(
-        s,
+/// What the CUDA kernel of a fused step serves: one token, a few rows (the row-per-token
+/// kernels), or any chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Serves {
+    Decode,
+    Batch,
+    Any,
+}
+
+/// Which chunks a fused step's CUDA kernel serves. Others run its components, bit for bit
+/// the same: the expert mat-vecs grouped by expert; and in prompt chunks (tensor cores,
+/// `cuda::ops::gemm`) the projections one by one, so that the reference and the patched
+/// plan run the same tensor-core products and stay token-identical.
+fn serves(s: &Step) -> Serves {
+    match s {
         Step::Fused {
-            op: Fusion::MoeRouter
+            op:
+                Fusion::MoeRouter
                 | Fusion::MoeGateUpSwiglu
                 | Fusion::MoeDownCombineAdd
                 | Fusion::OProjAddRmsNorm
                 | Fusion::ConvMixer,
             ..
-        }
-    )
+        } => Serves::Decode,
+        Step::Fused { op: Fusion::InProj | Fusion::GateUpSwiglu, .. } => Serves::Batch,
+        _ => Serves::Any,
+    }
 }
 
 /// The plans the CUDA backend runs for `plan` over `w`, with the pack kernels it has
@@ -135,10 +166,11 @@ fn decode_only(s: &Step) -> bool {
 pub fn cuda(plan: &Plan, w: &Weights, packs: &[PackKernel]) -> Result<ExecPlans> {
     plan.check(w)?;
     let packs = if plan.name == REFERENCE { &[][..] } else { packs };
-    let lower = |prefill: bool| -> Result<Plan> {
+    let lower = |chunk: Serves| -> Result<Plan> {
+        let prefill = chunk != Serves::Decode;
         let mut steps = Vec::with_capacity(plan.steps.len());
         for s in &plan.steps {
-            let keep = !(prefill && decode_only(s)) && cuda_formats_ok(s, w)?;
+            let keep = serves(s) >= chunk && cuda_formats_ok(s, w)?;
             let parts = if keep { vec![s.clone()] } else { s.components() };
             for p in parts {
                 // A pack kernel serves the buckets this plan can see: decode one token only.
@@ -152,7 +184,7 @@ pub fn cuda(plan: &Plan, w: &Weights, packs: &[PackKernel]) -> Result<ExecPlans>
         }
         Ok(Plan { name: plan.name.clone(), steps })
     };
-    Ok(ExecPlans { prefill: lower(true)?, decode: lower(false)? })
+    Ok(ExecPlans { prefill: lower(Serves::Any)?, batch: lower(Serves::Batch)?, decode: lower(Serves::Decode)? })
 }
 
 impl Plan {

@@ -1,5 +1,5 @@
 //! The CUDA executor's kernels, ggml-cuda style: one file per family of ops — [`linear`],
-//! [`norm`], [`rope`], [`attention`], [`mla`], [`moe`], [`conv`], [`gpt_oss`], [`sample`] — each `.rs` beside its
+//! [`norm`], [`rope`], [`attention`], [`mla`], [`moe`], [`conv`], [`gpt_oss`], [`sample`], [`gemm`] — each `.rs` beside its
 //! `.cu`, primitive and fused kernels of an op side by side. Every kernel has a typed
 //! launcher that owns its argument struct and its launch rule (grid and block).
 //!
@@ -13,6 +13,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod gemm;
 pub mod gpt_oss;
 pub mod linear;
 pub mod mla;
@@ -37,7 +38,7 @@ pub const MLA_MAX_ROPE: usize = 64;
 
 /// The kernel sources of the built-in module after `common.cuh`, in dependency order
 /// (MLA attention reuses attention's split merge; GPT-OSS's RoPE reuses MLA's `rope_slice`).
-pub const SOURCES: [&str; 9] = [
+pub const SOURCES: [&str; 10] = [
     include_str!("linear.cu"),
     include_str!("norm.cu"),
     include_str!("rope.cu"),
@@ -47,6 +48,7 @@ pub const SOURCES: [&str; 9] = [
     include_str!("gpt_oss.cu"),
     include_str!("sample.cu"),
     include_str!("conv.cu"),
+    include_str!("gemm.cu"),
 ];
 
 /// A type a kernel-argument field can have, with its C spelling.
@@ -221,8 +223,9 @@ kernel_args! {
 pub fn c_prelude() -> String {
     let mut s = format!(
         "#define ATTN_THREADS {ATTN_THREADS}\n#define MAXD {MAX_HEAD_DIM}\n#define MLA_MAXL {MLA_MAX_LATENT}\n\
-         #define MLA_MAXR {MLA_MAX_ROPE}\n#define CONV_MAXL {}\n",
-        conv::CONV_MAX_KERNEL
+         #define MLA_MAXR {MLA_MAX_ROPE}\n#define CONV_MAXL {}\n#define TC_BM {}\n",
+        conv::CONV_MAX_KERNEL,
+        gemm::TC_BM
     );
     // QMat itself is declared in common.cuh (the foundry's templates use it): check it.
     s += &format!("static_assert(sizeof(QMat) == {}, \"QMat differs from src/cuda/ops\");\n", size_of::<QMat>());
@@ -237,6 +240,7 @@ pub fn c_prelude() -> String {
         conv::decls(),
         gpt_oss::decls(),
         sample::decls(),
+        gemm::decls(),
     ] {
         s += &decl;
     }

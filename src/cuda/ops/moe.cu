@@ -21,7 +21,8 @@ extern "C" __global__ void expert_matvec(const ExpertMatvecArgs p) {
 
 // Groups the R = M·K (token, slot) rows by expert for prefill: off[E + 1] is the exclusive
 // prefix sum of rows per expert, rows[off[e] .. off[e+1]) the rows routed to e in
-// ascending order. One block; thread e owns expert e (E ≤ 1024).
+// ascending order, and (tiles non-null) the tile table of expert_gemm_tc. One block;
+// thread e owns expert e (E ≤ 1024).
 extern "C" __global__ void moe_group(const MoeGroupArgs p) {
     pdl_entry();
     const int* idx = p.idx;
@@ -37,6 +38,13 @@ extern "C" __global__ void moe_group(const MoeGroupArgs p) {
         int acc = 0;
         for (int i = 0; i < E; i++) { int n = cnt[i]; off[i] = acc; cnt[i] = acc; acc += n; }
         off[E] = acc;
+        // Tensor-core tiles: TC_BM rows of one expert each (expert, first row index).
+        if (p.tiles) {
+            int nt = 0;
+            for (int i = 0; i < E; i++)
+                for (int j = off[i]; j < off[i + 1]; j += TC_BM) p.tiles[1 + 2 * nt] = i, p.tiles[2 + 2 * nt] = j, nt++;
+            p.tiles[0] = nt;
+        }
     }
     __syncthreads();
     if (e < E) {

@@ -9,8 +9,9 @@ use crate::error::Result;
 kernel_args! {
     /// `expert_matvec` (decode): row q of y `[R, n]` = `W[idx[q]] · x[q / per]`.
     pub struct ExpertMatvecArgs { w: Stacked, idx: In<I32>, per: i32, x: In<Bf16>, y: Out<Bf16>, n: i32, k: i32 }
-    /// `moe_group`: the `r` (token, slot) rows grouped by expert: offsets `[e + 1]`, rows.
-    pub struct MoeGroupArgs { idx: In<I32>, r: i32, e: i32, off: Out<I32>, rows: Out<I32> }
+    /// `moe_group`: the `r` (token, slot) rows grouped by expert: offsets `[e + 1]`, rows,
+    /// and (`tiles` non-null) the tensor-core tile table of [`super::gemm::ExpertGemmArgs`].
+    pub struct MoeGroupArgs { idx: In<I32>, r: i32, e: i32, off: Out<I32>, rows: Out<I32>, tiles: Out<I32> }
     /// `expert_matvec_grouped` (prefill): the rows of each expert, 8 at a time.
     pub struct ExpertMatvecGroupedArgs {
         w: Stacked, off: In<I32>, rows: In<I32>, per: i32, x: In<Bf16>, y: Out<Bf16>, n: i32, k: i32,

@@ -1,0 +1,259 @@
+// Tensor-core matrix products for prefill chunks (more than TC_MIN_ROWS tokens; fewer stay
+// on the row-per-token mat-vecs, bit-identical to decode). y = x Wᵀ over a tile of TC_BM
+// token rows × TC_BN output rows per 128-thread block, k in stages of TC_BK through shared
+// memory, mma.sync m16n8k16 (bf16 in, f32 accumulate; sm_80+).
+//
+// Affine weights enter the tensor cores as their integer codes, which bf16 holds exactly;
+// a group's scale and bias are applied once its k-range is done: acc += sc·Σq·x + bi·Σx, the
+// mat-vecs' formula (chunk_acc) with another summation order. So the products agree with
+// the row kernels to f32 rounding, not bit for bit (tests/gpu.rs checks the tolerance).
+//
+// Warp w of a block owns output rows w·32 .. w·32+31 of the tile and all TC_BM tokens:
+// 2 (m16) × 4 (n8) accumulator fragments. Inside every run of 8 k positions both tiles hold k
+// in the order 0,4,1,5,2,6,3,7 (pairs (j, j+4)), so a 4-bit word splits into bf16 pairs with
+// one shift and one mask; a dot product does not depend on the order of its terms' k.
+
+#define TC_BN 128
+static_assert(TC_BM == 32 && TC_BN == 128, "the staging below assumes 32 x 128 tiles and 128 threads");
+#define TC_BK 32
+#define TC_LD (TC_BK + 8)  // shared row stride (bf16): fragment loads hit 32 distinct banks
+
+// One block's shared tiles. xrow: the TC_BM token rows' x pointers (gathered rows for
+// experts), yrow: where each row's output goes (its row index in y).
+struct TcSmem {
+    bf16 x[TC_BM][TC_LD];
+    bf16 w[TC_BN][TC_LD];
+    float sx[TC_BM];  // Σx over the current group's k so far, per token row (affine)
+    float sc[TC_BN], bi[TC_BN];  // the current group's scale and bias per output row (affine)
+    const bf16* xrow[TC_BM];
+    int yrow[TC_BM];
+};
+
+// (e0,e1)(e2,e3)(e4,e5)(e6,e7) -> (e0,e4)(e1,e5)(e2,e6)(e3,e7): the tile order of 8 bf16.
+__device__ __forceinline__ uint4 perm8(uint4 v) {
+    uint4 o;
+    o.x = __byte_perm(v.x, v.z, 0x5410);
+    o.y = __byte_perm(v.x, v.z, 0x7632);
+    o.z = __byte_perm(v.y, v.w, 0x5410);
+    o.w = __byte_perm(v.y, v.w, 0x7632);
+    return o;
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, const u32* b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Two 4-bit codes (low and high halves of v, each < 16) as a bf16 pair, exactly:
+// bf16 0x4300 | q is 128 + q, and (128 + q)·1 − 128 is exact in bf16.
+__device__ __forceinline__ u32 codes4_bf16x2(u32 v) {
+    u32 d = 0;
+#if __CUDA_ARCH__ >= 800
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v | 0x43004300u), "r"(0x3F803F80u), "r"(0xC300C300u));
+#endif
+    return d;
+}
+
+// Two codes < 256 as a bf16 pair, exactly (via f32).
+__device__ __forceinline__ u32 codes8_bf16x2(u32 lo, u32 hi) {
+    return (__float_as_uint(code_to_float(lo)) >> 16) | (__float_as_uint(code_to_float(hi)) & 0xffff0000u);
+}
+
+// Stage c (k = c·TC_BK ..) of the weight tile, row n0 + tid, as 4 uint4 of tile-ordered
+// bf16 (codes for affine), read from global memory (zeros past row N).
+template <int BITS>
+__device__ __forceinline__ void tc_fetch_w(const QMat& W, long row, bool valid, int K, int c, uint4* o) {
+    if (!valid) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[i] = make_uint4(0, 0, 0, 0);
+        return;
+    }
+    if (BITS == 16) {
+        const uint4* wr = (const uint4*)((const bf16*)W.w + row * (long)K) + c * 4;
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[i] = perm8(wr[i]);
+    } else if (BITS == 4) {
+        // 32 codes = one uint4; word i holds k 8i..8i+7, code j at bits 4j.
+        uint4 v = ((const uint4*)((const u32*)W.w + row * (long)(K / 8)))[c];
+        u32 wd[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            o[i] = make_uint4(codes4_bf16x2(wd[i] & 0x000F000Fu), codes4_bf16x2((wd[i] >> 4) & 0x000F000Fu),
+                              codes4_bf16x2((wd[i] >> 8) & 0x000F000Fu), codes4_bf16x2((wd[i] >> 12) & 0x000F000Fu));
+    } else {
+        // 32 codes = two uint4; words 2i, 2i+1 hold k 8i..8i+3 and 8i+4..8i+7, a code a byte.
+        const uint4* wr = (const uint4*)((const u32*)W.w + row * (long)(K / 4)) + c * 2;
+        uint4 v0 = wr[0], v1 = wr[1];
+        u32 wd[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            u32 a = wd[2 * i], b = wd[2 * i + 1];
+            o[i] = make_uint4(codes8_bf16x2(a & 0xff, b & 0xff), codes8_bf16x2((a >> 8) & 0xff, (b >> 8) & 0xff),
+                              codes8_bf16x2((a >> 16) & 0xff, (b >> 16) & 0xff), codes8_bf16x2(a >> 24, b >> 24));
+        }
+    }
+}
+
+// acc[mf][nf][i] of this warp = Σ_k x[row m]·W[n0 + warp·32 + n] over all K, m = mf·16 +
+// lane/4 (+8 for i ≥ 2), n = nf·8 + 2·(lane%4) + (i&1). sm.xrow must be set (and synced).
+// K % TC_BK == 0; affine: group % TC_BK == 0.
+template <int BITS>
+__device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
+    constexpr bool AFF = BITS != 16;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+    const int xr = tid >> 2, xp = tid & 3;  // the x row and quarter this thread stages
+    const bf16* xsrc = sm.xrow[xr] + xp * 8;
+    const long wrow = (long)n0 + tid;
+    const bool wvalid = wrow < N;
+    const int nch = K / TC_BK;
+    const int gc = AFF ? W.group / TC_BK : 1, gpr = AFF ? K / W.group : 0;
+    float tacc[2][4][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[a][b][i] = 0.f, tacc[a][b][i] = 0.f;
+
+    uint4 xv, wv[4];
+    float scv = 0.f, biv = 0.f;
+    auto fetch = [&](int c) {
+        xv = ((const uint4*)xsrc)[c * (TC_BK / 8)];
+        tc_fetch_w<BITS>(W, wrow, wvalid, K, c, wv);
+        if (AFF && c % gc == 0 && wvalid) {
+            scv = bf2f(W.s[wrow * gpr + c / gc]);
+            biv = bf2f(W.b[wrow * gpr + c / gc]);
+        }
+    };
+    auto store = [&](int c) {
+        *(uint4*)&sm.x[xr][xp * 8] = perm8(xv);
+#pragma unroll
+        for (int i = 0; i < 4; i++) *(uint4*)&sm.w[tid][i * 8] = wv[i];
+        if (AFF) {
+            float xf[8], s = 0.f;
+            unpack8(xv, xf);
+#pragma unroll
+            for (int i = 0; i < 8; i++) s += xf[i];
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            s += __shfl_xor_sync(0xffffffffu, s, 2);
+            if (xp == 0) sm.sx[xr] = c % gc == 0 ? s : sm.sx[xr] + s;
+            if (c % gc == 0) sm.sc[tid] = scv, sm.bi[tid] = biv;
+        }
+    };
+
+    fetch(0);
+    store(0);
+    __syncthreads();
+    for (int c = 0; c < nch; c++) {
+        if (c + 1 < nch) fetch(c + 1);  // global loads in flight during the mma
+#pragma unroll
+        for (int ks = 0; ks < TC_BK; ks += 16) {
+            u32 a[2][4], b[4][2];
+#pragma unroll
+            for (int mf = 0; mf < 2; mf++) {
+                a[mf][0] = *(const u32*)&sm.x[mf * 16 + g][ks + 2 * t4];
+                a[mf][1] = *(const u32*)&sm.x[mf * 16 + g + 8][ks + 2 * t4];
+                a[mf][2] = *(const u32*)&sm.x[mf * 16 + g][ks + 2 * t4 + 8];
+                a[mf][3] = *(const u32*)&sm.x[mf * 16 + g + 8][ks + 2 * t4 + 8];
+            }
+#pragma unroll
+            for (int nf = 0; nf < 4; nf++) {
+                b[nf][0] = *(const u32*)&sm.w[warp * 32 + nf * 8 + g][ks + 2 * t4];
+                b[nf][1] = *(const u32*)&sm.w[warp * 32 + nf * 8 + g][ks + 2 * t4 + 8];
+            }
+#pragma unroll
+            for (int mf = 0; mf < 2; mf++)
+#pragma unroll
+                for (int nf = 0; nf < 4; nf++) mma_bf16_16816(AFF ? tacc[mf][nf] : acc[mf][nf], a[mf], b[nf]);
+        }
+        if (AFF && (c + 1) % gc == 0) {
+            // The group is done: acc += sc·Σq·x + bi·Σx per (token, output row).
+#pragma unroll
+            for (int mf = 0; mf < 2; mf++)
+#pragma unroll
+                for (int nf = 0; nf < 4; nf++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        int m = mf * 16 + g + (i >> 1) * 8, n = warp * 32 + nf * 8 + 2 * t4 + (i & 1);
+                        acc[mf][nf][i] = chunk_acc(acc[mf][nf][i], sm.sc[n], tacc[mf][nf][i], sm.bi[n], sm.sx[m]);
+                        tacc[mf][nf][i] = 0.f;
+                    }
+        }
+        __syncthreads();
+        if (c + 1 < nch) {
+            store(c + 1);
+            __syncthreads();
+        }
+    }
+}
+
+// tc_tile for W's format (bf16, affine 4- or 8-bit).
+__device__ __forceinline__ void tc_tile_any(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
+    if (W.fmt == FMT_BF16) tc_tile<16>(W, sm, n0, N, K, acc);
+    else if (W.bits == 4) tc_tile<4>(W, sm, n0, N, K, acc);
+    else tc_tile<8>(W, sm, n0, N, K, acc);
+}
+
+// Writes a tile's accumulators: y[yrow[m], n] = acc (+ bias[n]), bf16 or f32 (out_f32), for
+// the tile's first mt rows and n < N.
+__device__ __forceinline__ void tc_store(const TcSmem& sm, const float acc[2][4][4], int n0, int N, int mt,
+                                         const float* bias, void* y, int out_f32) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mf = 0; mf < 2; mf++)
+#pragma unroll
+        for (int nf = 0; nf < 4; nf++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int m = mf * 16 + g + (i >> 1) * 8, n = n0 + warp * 32 + nf * 8 + 2 * t4 + (i & 1);
+                if (m < mt && n < N) {
+                    float v = acc[mf][nf][i];
+                    if (bias) v += bias[n];
+                    long o = (long)sm.yrow[m] * N + n;
+                    if (out_f32) ((float*)y)[o] = v; else ((bf16*)y)[o] = f2bf(v);
+                }
+            }
+}
+
+// y[M, N] = x[M, K] Wᵀ (+ bias) on tensor cores: block (x, y) = output rows x·TC_BN..,
+// tokens y·TC_BM.. (the mat-vec's arguments).
+extern "C" __global__ void gemm_tc(const MatvecArgs p) {
+    pdl_entry();
+    __shared__ TcSmem sm;
+    const int n0 = blockIdx.x * TC_BN, m0 = blockIdx.y * TC_BM, mt = min(TC_BM, p.m - m0);
+    if (threadIdx.x < TC_BM) {
+        int m = m0 + min((int)threadIdx.x, mt - 1);
+        sm.xrow[threadIdx.x] = p.x + (long)m * p.k;
+        sm.yrow[threadIdx.x] = m;
+    }
+    __syncthreads();
+    float acc[2][4][4];
+    tc_tile_any(p.w, sm, n0, p.n, p.k, acc);
+    tc_store(sm, acc, n0, p.n, mt, p.bias, p.y, p.out_f32);
+}
+
+// Selected-expert rows on tensor cores, grouped by expert: tile t (blockIdx.y) of the table
+// moe_group wrote — expert tiles[1 + 2t], routed rows rows[tiles[2 + 2t] ..] (≤ TC_BM of
+// them) — times output rows blockIdx.x·TC_BN..; row q reads x row q / per and writes y row q.
+extern "C" __global__ void expert_gemm_tc(const ExpertGemmArgs p) {
+    pdl_entry();
+    __shared__ TcSmem sm;
+    const int t = blockIdx.y;
+    if (t >= p.tiles[0]) return;
+    const int e = p.tiles[1 + 2 * t], j0 = p.tiles[2 + 2 * t], mt = min(TC_BM, p.off[e + 1] - j0);
+    if (threadIdx.x < TC_BM) {
+        int q = p.rows[j0 + min((int)threadIdx.x, mt - 1)];
+        sm.xrow[threadIdx.x] = p.x + (long)(q / p.per) * p.k;
+        sm.yrow[threadIdx.x] = q;
+    }
+    __syncthreads();
+    const QMat W = expert_slice(p.w.w, e, p.w.w_stride, p.w.sb_stride);
+    float acc[2][4][4];
+    tc_tile_any(W, sm, blockIdx.x * TC_BN, p.n, p.k, acc);
+    tc_store(sm, acc, blockIdx.x * TC_BN, p.n, mt, nullptr, p.y, 0);
+}

@@ -1,0 +1,66 @@
+//! Tensor-core products for prefill (`gemm.cu`): the dense `gemm_tc` (a mat-vec's arguments)
+//! and the expert-grouped `expert_gemm_tc` (the tiles `moe_group` lists). Tiles of
+//! [`TC_BM`] tokens × 128 output rows, `mma.sync` m16n8k16 bf16 with f32 accumulation.
+//!
+//! Why only above [`TC_MIN_ROWS`] tokens: a tensor-core sum runs in another order than the
+//! row-per-token mat-vec, so its outputs differ from decode's by f32 rounding. Batches of a
+//! few rows (batched decode, exact speculative verification) stay on the mat-vecs and stay
+//! bit-identical to single-token decode; long prompts take the tensor cores. The reference
+//! and the patched plans run the same prefill kernels, so `zmoe validate` stays exact.
+
+use super::linear::MatvecArgs;
+use super::{Bf16, I32, In, KernelArgs, Out, QMat, Stacked, blocks, kernel_args};
+use crate::cuda::Device;
+use crate::error::Result;
+
+/// Token rows per tensor-core tile (also the granule of `moe_group`'s tile table).
+pub const TC_BM: usize = 32;
+/// Output rows per tensor-core tile.
+const TC_BN: usize = 128;
+/// k per shared-memory stage: K (and an affine group) must be a multiple of it.
+const TC_BK: usize = 32;
+/// Chunks of more tokens than this run their projections on tensor cores; smaller ones on
+/// the mat-vecs, bit-identical to decode.
+pub const TC_MIN_ROWS: usize = 16;
+
+kernel_args! {
+    /// `expert_gemm_tc`: tile t = (expert `tiles[1 + 2t]`, routed rows from `tiles[2 + 2t]`,
+    /// `tiles[0]` tiles in all) of the grouping in `off`/`rows`; row q of y `[R, n]` =
+    /// `W[e] · x[q / per]`.
+    pub struct ExpertGemmArgs {
+        w: Stacked, tiles: In<I32>, off: In<I32>, rows: In<I32>, per: i32, x: In<Bf16>, y: Out<Bf16>, n: i32, k: i32,
+    }
+}
+
+/// The C declarations of this file's argument structs.
+pub fn decls() -> String {
+    ExpertGemmArgs::c_decl()
+}
+
+/// Whether the tensor-core kernels take a matrix of this format and width: bf16 or MLX
+/// affine (groups a multiple of [`TC_BK`]; MXFP4 stays on the mat-vecs), K a multiple of
+/// [`TC_BK`].
+pub fn supports(w: &QMat, k: usize) -> bool {
+    let fmt_ok = match w.fmt {
+        0 => true,
+        1 => (w.bits == 4 || w.bits == 8) && w.group > 0 && (w.group as usize).is_multiple_of(TC_BK),
+        _ => false,
+    };
+    fmt_ok && k.is_multiple_of(TC_BK)
+}
+
+/// Most tiles of `moe_group`'s table for `r` routed rows over `e` experts.
+pub fn max_tiles(r: usize, e: usize) -> usize {
+    r.div_ceil(TC_BM) + e
+}
+
+/// `y[M, n] = x[M, k] Wᵀ (+ bias)` on tensor cores (the mat-vec's arguments).
+pub fn gemm(dev: &Device, a: &MatvecArgs) -> Result<()> {
+    dev.launch_args("gemm_tc", (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), 1), 128, a)
+}
+
+/// Selected-expert rows grouped by expert on tensor cores, for `r` routed rows over `e`
+/// experts (blocks past the table's tile count return at once).
+pub fn expert_gemm(dev: &Device, a: &ExpertGemmArgs, r: usize, e: usize) -> Result<()> {
+    dev.launch_args("expert_gemm_tc", (blocks(a.n as usize, TC_BN), max_tiles(r, e) as u32, 1), 128, a)
+}
