@@ -5,7 +5,7 @@
 #                                    # into scratch/gpu/ (ignored; carry it to the device)
 #   scripts/gpu_test.sh base REV     # here: builds zmoe at git revision REV into
 #                                    # scratch/gpu-base/ (for `run compare`)
-#   scripts/gpu_test.sh run [bench|glm|lfm2|foundry|compare|serve]  # on the GPU machine, from the repo root:
+#   scripts/gpu_test.sh run [bench|glm|lfm2|foundry|compare|prefill|serve]  # on the GPU machine, from the repo root:
 #                                    # runs every GPU test, prints a PASS/FAIL table; `bench`
 #                                    # adds the qwen3-30b-a3b affine4 benchmark and one
 #                                    # kernel-foundry campaign per op, `glm` the glm-4.7-flash
@@ -18,7 +18,10 @@
 #                                    # both on (new), patched plan,
 #                                    # alternating twice, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
-#                                    # and validates the new binary on each; `serve` runs
+#                                    # and validates the new binary on each; `prefill` profiles
+#                                    # a 512-token chunk with and without tensor cores and
+#                                    # times the first token at 512/4096/16384 tokens on
+#                                    # PREFILL_PRESETS; `serve` runs
 #                                    # zmoe serve --parallel 16 on qwen3-30b-a3b affine4 and
 #                                    # scripts/serve_bench.py at 1, 4 and 16 concurrent streams.
 #                                    # GPU_TESTS=0 skips the tests, GPU_TESTS=a,b runs those.
@@ -203,6 +206,32 @@ PY
             --capsule "$OUT/validate-$preset.json" --force 2>&1 | tee "$OUT/validate-$preset.txt" | tail -12
     done
     cat "$OUT/compare.md"
+fi
+if [ "${2:-}" = prefill ]; then
+    # Prefill on tensor cores (issue 19): per-step profile of a 512-token chunk with and
+    # without tensor cores, then time to first token at 512 / 4096 / 16384 prompt tokens.
+    for preset in ${PREFILL_PRESETS:-qwen3-30b-a3b glm-4.7-flash}; do
+        fam=qwen3_moe; [ "$preset" = glm-4.7-flash ] && fam=glm4_moe_lite
+        M=/tmp/zmoe-$preset
+        [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family $fam --preset "$preset" --quant affine4 \
+            --seed 0 --out "$M" 2>&1 | tail -1
+        for tc in 1 0; do
+            ZMOE_TC=$tc scratch/gpu/zmoe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 16 \
+                --runs 3 --profile --json "$OUT/prefill-$preset-tc$tc.json" --force 2>&1 |
+                tee "$OUT/prefill-$preset-tc$tc.txt" | grep -A40 "first prompt chunk" | head -24
+        done
+        for n in 512 4096 16384; do
+            scratch/gpu/zmoe bench --model "$M" --backend cuda --ctx $((n + 64)) --prompt-tokens $n --gen-tokens 4 \
+                --runs 2 --warmup 1 --json "$OUT/ttft-$preset-$n.json" --force >"$OUT/ttft-$preset-$n.txt" 2>&1 ||
+                tail -3 "$OUT/ttft-$preset-$n.txt"
+            python3 - "$OUT/ttft-$preset-$n.json" "$preset" "$n" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+pf = r["prefill_tok_s"]["median"]
+print(f"TTFT {sys.argv[2]} {sys.argv[3]} tokens: prefill {pf:.0f} tok/s, {int(sys.argv[3]) / pf * 1e3:.0f} ms")
+PY
+        done
+    done
 fi
 if [ "${2:-}" = serve ]; then
     # Serving: qwen3-30b-a3b on 16 CUDA slots; TTFT, per-stream and aggregate decode tok/s.

@@ -100,6 +100,13 @@ pub trait Backend {
         let _ = replays;
         Err(Error::Unavailable(format!("per-step decode profile: not supported by the {} backend", self.name())))
     }
+    /// Per-step time of one prompt chunk (the first chunk of `tokens`) at the current
+    /// position, in the order of the plan that chunk runs (CUDA only); the position and every
+    /// state stay as they were.
+    fn profile_prefill(&mut self, tokens: &[u32]) -> Result<Vec<StepTime>> {
+        let _ = tokens;
+        Err(Error::Unavailable(format!("per-step prefill profile: not supported by the {} backend", self.name())))
+    }
     /// Describes the device: name, driver version, total memory.
     fn device_info(&self) -> DeviceInfo {
         DeviceInfo::host()

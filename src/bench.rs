@@ -314,6 +314,10 @@ pub struct BenchReport {
     /// With `settings.profile`: each step of one decode step, in plan order.
     #[serde(default)]
     pub profile: Vec<StepTime>,
+    /// With `settings.profile`: each step of the prompt's first prefill chunk, in the order
+    /// of the plan that chunk runs (bytes not counted).
+    #[serde(default)]
+    pub prefill_profile: Vec<StepTime>,
 }
 
 /// Bytes that one decode step's `step` reads from device memory at context `ctx`: its
@@ -506,6 +510,13 @@ pub fn run_bench_with(
     } else {
         Vec::new()
     };
+    let prefill_profile = if opts.profile {
+        let p = backend.profile_prefill(&prompt)?;
+        backend.reset();
+        p
+    } else {
+        Vec::new()
+    };
     // Read the peak before the bandwidth test, whose scratch buffers are not the model's.
     let peak_memory_bytes = backend.peak_memory();
     let copy_gb_s = backend.measure_copy_bandwidth()?;
@@ -534,6 +545,7 @@ pub fn run_bench_with(
         roofline_pct: achieved_gb_s / copy_gb_s * 100.0,
         roofline_tok_s: copy_gb_s * 1e9 / bytes_per_token.max(1) as f64,
         profile,
+        prefill_profile,
     })
 }
 

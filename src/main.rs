@@ -580,6 +580,27 @@ fn bench_table(r: &BenchReport) -> String {
             );
         }
     }
+    if !r.prefill_profile.is_empty() {
+        let total: f64 = r.prefill_profile.iter().map(|s| s.us).sum();
+        let chunk = r.settings.prompt_tokens.min(zmoe::cuda::CHUNK);
+        out += &format!(
+            "\nprofile of the first prompt chunk ({chunk} tokens, {} steps, {:.1} µs eager = {:.0} tok/s):\n",
+            r.prefill_profile.len(),
+            total,
+            chunk as f64 / total * 1e6
+        );
+        out += &format!("  {:<28} {:>6} {:>10} {:>7} {:>9}\n", "step kind", "steps", "µs/chunk", "%", "µs/step");
+        for k in zmoe::bench::profile_by_kind(&r.prefill_profile) {
+            out += &format!(
+                "  {:<28} {:>6} {:>10.1} {:>6.1}% {:>9.2}\n",
+                k.kind,
+                k.steps,
+                k.us,
+                k.us / total * 100.0,
+                k.us_per_step()
+            );
+        }
+    }
     out
 }
 

@@ -1427,6 +1427,51 @@ impl CudaBackend {
         Ok(steps.iter().zip(us).map(|(s, us)| StepTime { kind: s.kind(), us, bytes: 0 }).collect())
     }
 
+    /// GPU time of each step of one prompt chunk — the first `min(tokens.len(), chunk)` of
+    /// `tokens` at slot 0's position — launched eagerly with an event between steps, twice
+    /// (the second is reported). Slot 0's position and conv states are left as they were.
+    pub fn profile_prefill(&mut self, tokens: &[u32]) -> Result<Vec<StepTime>> {
+        let tokens = &tokens[..tokens.len().min(self.chunk)];
+        let (n, pos0) = (tokens.len(), self.seqs[0]);
+        crate::backend::check_tokens(&self.cfg, tokens, pos0)?;
+        if n < 2 || pos0 + n > self.slot_ctx {
+            return Err(Error::Arg(format!(
+                "prefill profile: {n} tokens at position {pos0} (needs 2 or more, within the {}-token cache)",
+                self.slot_ctx
+            )));
+        }
+        let rows: Vec<Row> = (tokens.iter().enumerate())
+            .map(|(i, &token)| Row { slot: 0, pos: pos0 + i, token, logits: i + 1 == n })
+            .collect();
+        self.save_conv_states(false)?;
+        let r = self.profile_chunk(&rows);
+        self.save_conv_states(true)?;
+        r
+    }
+
+    /// [`CudaBackend::profile_prefill`] without the conv-state restore.
+    fn profile_chunk(&mut self, rows: &[Row]) -> Result<Vec<StepTime>> {
+        let n = rows.len();
+        self.tc_chunk = n > gemm::TC_MIN_ROWS && self.dev.tensor_cores();
+        let steps = self.exec.pick(n, self.tc_chunk).steps.clone();
+        let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
+        let mut us = vec![0f64; steps.len()];
+        for _ in 0..2 {
+            self.keep = vec![n - 1];
+            self.write_io(rows)?;
+            let mut m = n;
+            for (s, e) in steps.iter().zip(&events) {
+                self.dev.record(e)?;
+                self.step(s, &mut m)?;
+            }
+            self.dev.record(&events[steps.len()])?;
+            for (j, t) in us.iter_mut().enumerate() {
+                *t = self.dev.elapsed_ms(&events[j], &events[j + 1])? as f64 * 1e3;
+            }
+        }
+        Ok(steps.iter().zip(us).map(|(s, us)| StepTime { kind: s.kind(), us, bytes: 0 }).collect())
+    }
+
     /// Switches graph capture of decode steps on or off (for eager-vs-graph comparisons).
     pub fn set_use_graph(&mut self, on: bool) {
         self.use_graph = on;
@@ -1625,6 +1670,10 @@ impl Backend for CudaBackend {
 
     fn profile_decode(&mut self, replays: usize) -> Result<Vec<StepTime>> {
         CudaBackend::profile_decode(self, replays)
+    }
+
+    fn profile_prefill(&mut self, tokens: &[u32]) -> Result<Vec<StepTime>> {
+        CudaBackend::profile_prefill(self, tokens)
     }
 }
 
