@@ -64,32 +64,33 @@ __device__ __forceinline__ u32 codes8_bf16x2(u32 lo, u32 hi) {
     return (__float_as_uint(code_to_float(lo)) >> 16) | (__float_as_uint(code_to_float(hi)) & 0xffff0000u);
 }
 
-// Stage c (k = c·TC_BK ..) of the weight tile, row n0 + tid, as 4 uint4 of tile-ordered
-// bf16 (codes for affine), read from global memory (zeros past row N).
+// Stage c (k = c·TC_BK ..) of weight row `row` as stored (bf16: 4 uint4; 4-bit: 1; 8-bit:
+// 2), zeros past row N. Loaded one stage ahead; converted when stored (tc_convert_w), so the
+// loads stay in flight during the stage's mma.
 template <int BITS>
-__device__ __forceinline__ void tc_fetch_w(const QMat& W, long row, bool valid, int K, int c, uint4* o) {
-    if (!valid) {
+__device__ __forceinline__ void tc_load_w(const QMat& W, long row, bool valid, int K, int c, uint4* raw) {
+    constexpr int NV = BITS == 16 ? 4 : BITS == 4 ? 1 : 2;
+    const uint4* wr = (const uint4*)((const u32*)W.w + row * (long)(K * BITS / 32)) + c * NV;
 #pragma unroll
-        for (int i = 0; i < 4; i++) o[i] = make_uint4(0, 0, 0, 0);
-        return;
-    }
+    for (int i = 0; i < NV; i++) raw[i] = valid ? wr[i] : make_uint4(0, 0, 0, 0);
+}
+
+// A stage of one weight row as tile-ordered bf16 (codes for affine): 4 uint4 = 32 k.
+template <int BITS>
+__device__ __forceinline__ void tc_convert_w(const uint4* raw, uint4* o) {
     if (BITS == 16) {
-        const uint4* wr = (const uint4*)((const bf16*)W.w + row * (long)K) + c * 4;
 #pragma unroll
-        for (int i = 0; i < 4; i++) o[i] = perm8(wr[i]);
+        for (int i = 0; i < 4; i++) o[i] = perm8(raw[i]);
     } else if (BITS == 4) {
         // 32 codes = one uint4; word i holds k 8i..8i+7, code j at bits 4j.
-        uint4 v = ((const uint4*)((const u32*)W.w + row * (long)(K / 8)))[c];
-        u32 wd[4] = {v.x, v.y, v.z, v.w};
+        u32 wd[4] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w};
 #pragma unroll
         for (int i = 0; i < 4; i++)
             o[i] = make_uint4(codes4_bf16x2(wd[i] & 0x000F000Fu), codes4_bf16x2((wd[i] >> 4) & 0x000F000Fu),
                               codes4_bf16x2((wd[i] >> 8) & 0x000F000Fu), codes4_bf16x2((wd[i] >> 12) & 0x000F000Fu));
     } else {
         // 32 codes = two uint4; words 2i, 2i+1 hold k 8i..8i+3 and 8i+4..8i+7, a code a byte.
-        const uint4* wr = (const uint4*)((const u32*)W.w + row * (long)(K / 4)) + c * 2;
-        uint4 v0 = wr[0], v1 = wr[1];
-        u32 wd[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+        u32 wd[8] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w, raw[1].x, raw[1].y, raw[1].z, raw[1].w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             u32 a = wd[2 * i], b = wd[2 * i + 1];
@@ -124,7 +125,7 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
     float scv = 0.f, biv = 0.f;
     auto fetch = [&](int c) {
         xv = ((const uint4*)xsrc)[c * (TC_BK / 8)];
-        tc_fetch_w<BITS>(W, wrow, wvalid, K, c, wv);
+        tc_load_w<BITS>(W, wrow, wvalid, K, c, wv);
         if (AFF && c % gc == 0 && wvalid) {
             scv = bf2f(W.s[wrow * gpr + c / gc]);
             biv = bf2f(W.b[wrow * gpr + c / gc]);
@@ -132,8 +133,10 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
     };
     auto store = [&](int c) {
         *(uint4*)&sm.x[xr][xp * 8] = perm8(xv);
+        uint4 wt[4];
+        tc_convert_w<BITS>(wv, wt);
 #pragma unroll
-        for (int i = 0; i < 4; i++) *(uint4*)&sm.w[tid][i * 8] = wv[i];
+        for (int i = 0; i < 4; i++) *(uint4*)&sm.w[tid][i * 8] = wt[i];
         if (AFF) {
             float xf[8], s = 0.f;
             unpack8(xv, xf);
