@@ -279,6 +279,77 @@ fn kernel_expert_gemm_tc_matches_cpu() {
     }
 }
 
+/// Prompt-chunk attention on tensor cores (issue 19) against the CPU in f64: one sequence's
+/// consecutive rows after a cached prefix (causal within the chunk), head dims 64 and 128,
+/// GQA, chunk sizes that leave partial 64-query blocks and 32-key tiles, poisoned outputs.
+#[test]
+#[ignore]
+fn kernel_attention_tc_matches_cpu() {
+    use zmoe::cuda::ops::attention as attn;
+    let mut dev = Device::open().unwrap();
+    let mut rng = Rng::new(0xFA11);
+    for (d, nh, nkv, m, p0, base) in
+        [(128usize, 8usize, 2usize, 50usize, 37usize, 0usize), (64, 4, 4, 130, 0, 5), (128, 4, 1, 17, 300, 3)]
+    {
+        let s_len = base + p0 + m;
+        let bf = |v: f32| half::bf16::from_f32(v).to_f32();
+        let q: Vec<f32> = (0..m * nh * d).map(|_| bf(rng.normal())).collect();
+        let kc: Vec<f32> = (0..s_len * nkv * d).map(|_| bf(rng.normal())).collect();
+        let vc: Vec<f32> = (0..s_len * nkv * d).map(|_| bf(rng.normal())).collect();
+        let scale = (d as f32).powf(-0.5);
+        let mut want = vec![0f32; m * nh * d];
+        for r in 0..m {
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let n = p0 + r + 1;
+                let sc: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let kr = &kc[((base + j) * nkv + kvh) * d..][..d];
+                        (0..d).map(|i| q[(r * nh + h) * d + i] as f64 * kr[i] as f64).sum::<f64>() * scale as f64
+                    })
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let den: f64 = p.iter().sum();
+                for i in 0..d {
+                    let o: f64 = (0..n).map(|j| p[j] * vc[((base + j) * nkv + kvh) * d + i] as f64).sum();
+                    want[(r * nh + h) * d + i] = (o / den) as f32;
+                }
+            }
+        }
+        let (pq, pk, pv) =
+            (dev.upload(&to_bf16(&q)).unwrap(), dev.upload(&to_bf16(&kc)).unwrap(), dev.upload(&to_bf16(&vc)).unwrap());
+        let pos: Vec<i32> = (0..m).map(|r| (p0 + r) as i32).collect();
+        let bases = vec![base as i32; m];
+        let (ppos, pbase) = (dev.upload(&pos).unwrap(), dev.upload(&bases).unwrap());
+        let pout = dev.alloc(m * nh * d * 2).unwrap();
+        dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
+        let a = attn::FlashArgs {
+            q: rd(pq),
+            kc: rd(pk),
+            vc: rd(pv),
+            pos: rd(ppos),
+            base: rd(pbase),
+            out: wr(pout),
+            nh: nh as i32,
+            nkv: nkv as i32,
+            d: d as i32,
+            scale,
+            m: m as i32,
+        };
+        attn::attention_tc(&dev, &a).unwrap();
+        let mut got = vec![0u16; m * nh * d];
+        dev.read(pout, &mut got).unwrap();
+        let got = from_bf16(&got);
+        let what = format!("d {d} nh {nh} nkv {nkv} m {m} p0 {p0}");
+        assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten output");
+        let e = rel_err(&got, &want);
+        // P enters the P·V product as bf16 (2^-9), the output is bf16.
+        assert!(e < 8e-3, "{what}: rel err {e}");
+        println!("attention_tc {what}: rel err {e:.1e}");
+    }
+}
+
 /// Router softmax-top-k on the device equals the CPU's choice (indices and weights).
 #[test]
 #[ignore]

@@ -622,6 +622,24 @@ impl CudaBackend {
                 };
                 rope::kv_append(dev, &a, mm)?;
             }
+            Step::Attn { layer, op: AttnOp::Attention } if self.tensor_cores() && attn::tc_supports(d) => {
+                // A prompt chunk: one sequence's consecutive positions (run_rows).
+                let (kc, vc) = self.kv_cache(layer)?;
+                let a = attn::FlashArgs {
+                    q: rd(self.buf(Buf::Q)),
+                    kc: rd(kc),
+                    vc: rd(vc),
+                    pos,
+                    base,
+                    out: wr(self.buf(Buf::Attn)),
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    scale: c.attn_scale(),
+                    m: int(mm),
+                };
+                attn::attention_tc(dev, &a)?;
+            }
             Step::Attn { layer, op: AttnOp::Attention } => {
                 let (kc, vc) = self.kv_cache(layer)?;
                 let a = attn::AttentionArgs {

@@ -507,3 +507,16 @@ __device__ __forceinline__ void add_rmsnorm_row(bf16* x, const bf16* src, const 
     __syncthreads();
     rmsnorm_row(x, w, y, n, eps);
 }
+
+// D (+)= A·B on tensor cores, one warp: A 16×16 bf16 (4 regs: rows lane/4 and +8, k pairs
+// 2·(lane%4) and +8), B 16×8 bf16 (2 regs: k pairs, column lane/4), C/D 16×8 f32 (rows
+// lane/4 and +8, columns 2·(lane%4) and +1) — the PTX m16n8k16 fragment layout. sm_80+.
+__device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, const u32* b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}

@@ -119,3 +119,135 @@ extern "C" __global__ void attention(const AttentionArgs a) {
     finish_split(acc, D, mx, l, a.part_o, a.part_ml, a.tickets, mh, split, nsplit, a.out);
 }
 
+
+// Causal GQA attention of a prompt chunk on tensor cores (flash-attention style; prompt
+// chunks of more than TC_MIN_ROWS tokens, see gemm.cu): the chunk's M rows are one
+// sequence's consecutive positions pos[0] .. pos[0] + M − 1 (cache rows from base[0]). Block
+// (x, h) takes queries x·64 .. of head h, a warp 16 of them; keys stream through shared
+// memory 32 at a time (K row-major, V transposed), S = q·kᵀ and O += P·V by mma.sync
+// m16n8k16 (bf16 in, f32 accumulate; P rounded to bf16), online softmax per query in f32.
+// Sums run in another order than the split-KV kernel's: within bf16 tolerance of decode,
+// not bit-identical (tests/gpu.rs). D ∈ {64, 128}.
+#define FA_BQ 64
+#define FA_BK 32
+
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) { return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16); }
+
+template <int D>
+__device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
+    __shared__ bf16 ks[FA_BK][D + 8];
+    __shared__ bf16 vt[D][FA_BK + 8];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+    const int nh = a.nh, nkv = a.nkv, M = a.m, h = blockIdx.y, kvh = h / (nh / nkv);
+    const int q0 = blockIdx.x * FA_BQ, qw = q0 + warp * 16;
+    const int p0 = a.pos[0];
+    const long seq = (long)a.base[0] * nkv * D;
+    // This warp's q rows qw + g and qw + g + 8 (clamped: rows past M are computed, not stored)
+    // as A fragments, k = the head dimension.
+    u32 qf[D / 16][4];
+    const bf16* qr0 = a.q + ((long)min(qw + g, M - 1) * nh + h) * D;
+    const bf16* qr1 = a.q + ((long)min(qw + g + 8, M - 1) * nh + h) * D;
+#pragma unroll
+    for (int k = 0; k < D / 16; k++) {
+        qf[k][0] = *(const u32*)(qr0 + k * 16 + 2 * t4);
+        qf[k][1] = *(const u32*)(qr1 + k * 16 + 2 * t4);
+        qf[k][2] = *(const u32*)(qr0 + k * 16 + 2 * t4 + 8);
+        qf[k][3] = *(const u32*)(qr1 + k * 16 + 2 * t4 + 8);
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+    const int nkeys = p0 + min(q0 + FA_BQ, M);           // keys any query of the block sees
+    const int wkeys = p0 + min(qw + 16, M);               // ... of this warp
+    for (int k0 = 0; k0 < nkeys; k0 += FA_BK) {
+        __syncthreads();
+        for (int i = tid; i < FA_BK * D / 8; i += blockDim.x) {
+            int r = i / (D / 8), c = i % (D / 8);
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (k0 + r < nkeys) {
+                long row = seq + ((long)(k0 + r) * nkv + kvh) * D;
+                kv = ((const uint4*)(a.kc + row))[c];
+                vv = ((const uint4*)(a.vc + row))[c];
+            }
+            *(uint4*)&ks[r][c * 8] = kv;
+            const bf16* ve = (const bf16*)&vv;
+#pragma unroll
+            for (int j = 0; j < 8; j++) vt[c * 8 + j][r] = ve[j];
+        }
+        __syncthreads();
+        if (k0 >= wkeys) continue;  // every query of this warp is before this tile
+        float s[FA_BK / 8][4];
+#pragma unroll
+        for (int n = 0; n < FA_BK / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+            for (int k = 0; k < D / 16; k++) {
+                u32 b[2] = {*(const u32*)&ks[n * 8 + g][k * 16 + 2 * t4], *(const u32*)&ks[n * 8 + g][k * 16 + 2 * t4 + 8]};
+                mma_bf16_16816(s[n], qf[k], b);
+            }
+        }
+        // Scale and causal mask: query row qw + g (+8) sits at position p0 + row.
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int qpos = p0 + qw + g + r * 8;
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < FA_BK / 8; n++)
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    int key = k0 + n * 8 + 2 * t4 + c;
+                    float v = key <= qpos ? s[n][2 * r + c] * a.scale : -INFINITY;
+                    s[n][2 * r + c] = v;
+                    mx = fmaxf(mx, v);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mnew = fmaxf(mrow[r], mx);
+            // No key seen yet for this row (mnew = -inf): nothing to rescale, p = 0.
+            const float f = mnew == -INFINITY ? 1.f : expf(mrow[r] - mnew);
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < FA_BK / 8; n++)
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    float p = mnew == -INFINITY ? 0.f : expf(s[n][2 * r + c] - mnew);
+                    s[n][2 * r + c] = p;
+                    sum += p;
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            lrow[r] = lrow[r] * f + sum;
+            mrow[r] = mnew;
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) o[n][2 * r] *= f, o[n][2 * r + 1] *= f;
+        }
+        // O += P·V: P (16 queries × 32 keys) as two A fragments of 16 keys, from S's registers.
+#pragma unroll
+        for (int j = 0; j < FA_BK / 16; j++) {
+            u32 pa[4] = {pack_bf16x2(s[2 * j][0], s[2 * j][1]), pack_bf16x2(s[2 * j][2], s[2 * j][3]),
+                         pack_bf16x2(s[2 * j + 1][0], s[2 * j + 1][1]), pack_bf16x2(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                u32 b[2] = {*(const u32*)&vt[n * 8 + g][j * 16 + 2 * t4], *(const u32*)&vt[n * 8 + g][j * 16 + 2 * t4 + 8]};
+                mma_bf16_16816(o[n], pa, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = qw + g + r * 8;
+        if (row >= M) continue;
+        bf16* out = a.out + ((long)row * nh + h) * D;
+        const float inv = 1.f / lrow[r];
+#pragma unroll
+        for (int n = 0; n < D / 8; n++)
+            *(u32*)(out + n * 8 + 2 * t4) = pack_bf16x2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+    }
+}
+
+extern "C" __global__ void attention_tc(const FlashArgs a) {
+    pdl_entry();
+    if (a.d == 128) attention_tc_tile<128>(a);
+    else attention_tc_tile<64>(a);
+}

@@ -1,6 +1,7 @@
 //! Causal GQA attention over the KV cache (`attention.cu`), split over the keys: grid
 //! (tokens·heads, [`ATTN_SPLITS`]), the last split block of a (token, head) to finish merges
-//! (`merge_splits`, shared with MLA attention).
+//! (`merge_splits`, shared with MLA attention); prompt chunks on tensor cores take
+//! `attention_tc` (flash-attention style, one sequence's consecutive rows).
 
 use super::{ATTN_THREADS, Bf16, F32, I32, In, KernelArgs, Out, kernel_args};
 use crate::cuda::Device;
@@ -17,11 +18,27 @@ kernel_args! {
         part_o: Out<F32>, part_ml: Out<F32>, tickets: Out<I32>, out: Out<Bf16>,
         nh: i32, nkv: i32, d: i32, scale: f32, nsplit: i32,
     }
+    /// `attention_tc`: a prompt chunk's `m` rows — one sequence's consecutive positions from
+    /// `pos[0]`, cache rows from `base[0]` — over its cache, on tensor cores.
+    pub struct FlashArgs {
+        q: In<Bf16>, kc: In<Bf16>, vc: In<Bf16>, pos: In<I32>, base: In<I32>, out: Out<Bf16>,
+        nh: i32, nkv: i32, d: i32, scale: f32, m: i32,
+    }
 }
 
 /// The C declarations of this file's argument structs.
 pub fn decls() -> String {
-    AttentionArgs::c_decl()
+    [AttentionArgs::c_decl(), FlashArgs::c_decl()].concat()
+}
+
+/// Whether `attention_tc` takes heads of dimension `d`.
+pub fn tc_supports(d: usize) -> bool {
+    d == 64 || d == 128
+}
+
+/// Attention of a prompt chunk on tensor cores: 64 queries a block (see [`FlashArgs`]).
+pub fn attention_tc(dev: &Device, a: &FlashArgs) -> Result<()> {
+    dev.launch_args("attention_tc", ((a.m as u32).div_ceil(64), a.nh as u32, 1), 128, a)
 }
 
 /// Attention of `m` tokens (`a.nsplit` must be [`ATTN_SPLITS`]; the partials are sized for it).

@@ -39,16 +39,6 @@ __device__ __forceinline__ uint4 perm8(uint4 v) {
     return o;
 }
 
-__device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, const u32* b) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
 // Two 4-bit codes (low and high halves of v, each < 16) as a bf16 pair, exactly:
 // bf16 0x4300 | q is 128 + q, and (128 + q)·1 − 128 is exact in bf16.
 __device__ __forceinline__ u32 codes4_bf16x2(u32 v) {
