@@ -16,7 +16,7 @@
 #                                    # scratch/gpu/zmoe with ZMOE_PDL=0 (nopdl), with
 #                                    # ZMOE_TC=0 (notc: prefill on the mat-vecs) and with
 #                                    # both on (new), patched plan,
-#                                    # alternating twice, 512-token prompt,
+#                                    # alternating COMPARE_ROUNDS (2) times, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
 #                                    # and validates the new binary on each; `prefill` profiles
 #                                    # a 512-token chunk with and without tensor cores and
@@ -186,7 +186,7 @@ if [ "${2:-}" = compare ]; then
         M=/tmp/zmoe-$preset
         [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family $fam --preset "$preset" --quant affine4 \
             --seed 0 --out "$M" 2>&1 | tail -1
-        for i in 1 2; do
+        for i in $(seq "${COMPARE_ROUNDS:-2}"); do
             for b in base nopdl notc new; do
                 exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
                 pdl=1; [ $b = nopdl ] && pdl=0
