@@ -90,6 +90,15 @@ __device__ __forceinline__ void tc_convert_w(const uint4* raw, uint4* o) {
     }
 }
 
+// The tile coordinates of this lane's accumulator acc[mf][nf][i]: token row m (0 ..
+// TC_BM) and output row n (0 .. TC_BN) — the m16n8 C-fragment layout, warp w owning output
+// rows w·32 ...
+__device__ __forceinline__ void tc_acc_coord(int mf, int nf, int i, int& m, int& n) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    m = mf * 16 + (lane >> 2) + (i >> 1) * 8;
+    n = warp * 32 + nf * 8 + 2 * (lane & 3) + (i & 1);
+}
+
 // acc[mf][nf][i] of this warp = Σ_k x[row m]·W[n0 + warp·32 + n] over all K, m = mf·16 +
 // lane/4 (+8 for i ≥ 2), n = nf·8 + 2·(lane%4) + (i&1). sm.xrow must be set (and synced).
 // K % TC_BK == 0; affine: group % TC_BK == 0.
@@ -172,7 +181,8 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
                 for (int nf = 0; nf < 4; nf++)
 #pragma unroll
                     for (int i = 0; i < 4; i++) {
-                        int m = mf * 16 + g + (i >> 1) * 8, n = warp * 32 + nf * 8 + 2 * t4 + (i & 1);
+                        int m, n;
+                        tc_acc_coord(mf, nf, i, m, n);
                         acc[mf][nf][i] = chunk_acc(acc[mf][nf][i], sm.sc[n], tacc[mf][nf][i], sm.bi[n], sm.sx[m]);
                         tacc[mf][nf][i] = 0.f;
                     }
@@ -196,14 +206,15 @@ __device__ __forceinline__ void tc_tile_any(const QMat& W, TcSmem& sm, int n0, i
 // the tile's first mt rows and n < N.
 __device__ __forceinline__ void tc_store(const TcSmem& sm, const float acc[2][4][4], int n0, int N, int mt,
                                          const float* bias, void* y, int out_f32) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
 #pragma unroll
     for (int mf = 0; mf < 2; mf++)
 #pragma unroll
         for (int nf = 0; nf < 4; nf++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                int m = mf * 16 + g + (i >> 1) * 8, n = n0 + warp * 32 + nf * 8 + 2 * t4 + (i & 1);
+                int m, n;
+                tc_acc_coord(mf, nf, i, m, n);
+                n += n0;
                 if (m < mt && n < N) {
                     float v = acc[mf][nf][i];
                     if (bias) v += bias[n];
