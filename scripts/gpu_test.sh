@@ -98,7 +98,8 @@ case "${GPU_TESTS:-all}" in
     *) tests=$(echo "$GPU_TESTS" | tr ',' ' ') ;;
 esac
 for t in $tests; do
-    if scratch/gpu/${bin[$t]} --ignored --exact "$t" --nocapture --test-threads 1 >"$OUT/$t.log" 2>&1; then
+    # A hung kernel fails its test instead of the whole device call.
+    if timeout "${TEST_TIMEOUT:-240}" scratch/gpu/${bin[$t]} --ignored --exact "$t" --nocapture --test-threads 1 >"$OUT/$t.log" 2>&1; then
         result[$t]=PASS
     else
         result[$t]=FAIL
