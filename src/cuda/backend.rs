@@ -1398,6 +1398,7 @@ impl CudaBackend {
                 self.read_logits(n, out)?;
             }
         }
+        self.tc_chunk = false;
         Ok(())
     }
 
@@ -1418,6 +1419,7 @@ impl CudaBackend {
 
     /// [`CudaBackend::profile_decode`] without the conv-state restore.
     fn profile_replays(&mut self, replays: usize) -> Result<Vec<StepTime>> {
+        self.tc_chunk = false;
         let steps = self.exec.decode.steps.clone();
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
         self.write_io(&[Row { slot: 0, pos: self.seqs[0], token: 0, logits: true }])?;
@@ -1463,6 +1465,7 @@ impl CudaBackend {
             .collect();
         self.save_conv_states(false)?;
         let r = self.profile_chunk(&rows);
+        self.tc_chunk = false;
         self.save_conv_states(true)?;
         r
     }
