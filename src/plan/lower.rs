@@ -58,9 +58,9 @@ pub struct ExecPlans {
     pub decode: Plan,
 }
 
-/// Most tokens a prompt chunk may have and still run the batch plan (the CUDA tensor-core
-/// threshold, `cuda::ops::gemm::TC_MIN_ROWS`).
-pub const BATCH_ROWS: usize = crate::cuda::ops::gemm::TC_MIN_ROWS;
+/// Most tokens a prompt chunk may have and still run the batch plan: larger prompt chunks
+/// run their products on tensor cores (CUDA: `cuda::ops::gemm::TC_MIN_ROWS` is this).
+pub const BATCH_ROWS: usize = 16;
 
 impl ExecPlans {
     /// All plans the same: a backend that runs every step as written (the CPU).

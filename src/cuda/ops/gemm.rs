@@ -19,9 +19,9 @@ pub const TC_BM: usize = 32;
 const TC_BN: usize = 128;
 /// k per shared-memory stage: K (and an affine group) must be a multiple of it.
 const TC_BK: usize = 32;
-/// Chunks of more tokens than this run their projections on tensor cores; smaller ones on
-/// the mat-vecs, bit-identical to decode.
-pub const TC_MIN_ROWS: usize = 16;
+/// Prompt chunks of more tokens than this run their projections on tensor cores; smaller
+/// ones on the mat-vecs, bit-identical to decode (the plans' `BATCH_ROWS`).
+pub const TC_MIN_ROWS: usize = crate::plan::lower::BATCH_ROWS;
 
 kernel_args! {
     /// `expert_gemm_tc`: tile t = (expert `tiles[1 + 2t]`, routed rows from `tiles[2 + 2t]`,
