@@ -231,8 +231,8 @@ if [ "${2:-}" = prefill ]; then
             python3 - "$OUT/ttft-$preset-$n.json" "$preset" "$n" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-pf = r["prefill_tok_s"]["median"]
-print(f"TTFT {sys.argv[2]} {sys.argv[3]} tokens: prefill {pf:.0f} tok/s, {int(sys.argv[3]) / pf * 1e3:.0f} ms")
+pf, t = r["prefill_tok_s"]["median"], r["ttft_ms"]["median"]
+print(f"TTFT {sys.argv[2]} {sys.argv[3]} tokens: {t:.0f} ms (prefill {pf:.0f} tok/s)")
 PY
         done
     done

@@ -133,6 +133,11 @@ pub struct Spread {
 }
 
 impl Spread {
+    /// No value (a field an older capsule lacks).
+    pub fn missing() -> Spread {
+        Spread { median: f64::NAN, min: f64::NAN, max: f64::NAN }
+    }
+
     /// Spread of `xs` (NaN everywhere when empty).
     pub fn of(xs: &[f64]) -> Spread {
         let mut v = xs.to_vec();
@@ -297,6 +302,10 @@ pub struct BenchReport {
     pub runs: Vec<RunResult>,
     /// Prefill tokens per second over the runs.
     pub prefill_tok_s: Spread,
+    /// Time to first token over the runs, ms: the prompt's forward pass and the first
+    /// sample (absent, as NaN, in capsules written before it was recorded).
+    #[serde(default = "Spread::missing")]
+    pub ttft_ms: Spread,
     /// Decode tokens per second over the runs.
     pub decode_tok_s: Spread,
     /// Whether the warm-up and every run generated the same tokens (greedy is deterministic).
@@ -522,6 +531,7 @@ pub fn run_bench_with(
     let copy_gb_s = backend.measure_copy_bandwidth()?;
 
     let prefill = Spread::of(&runs.iter().map(|r| r.prefill_tok_s).collect::<Vec<_>>());
+    let ttft_ms = Spread::of(&runs.iter().map(|r| r.prefill_secs * 1e3).collect::<Vec<_>>());
     let decode = Spread::of(&runs.iter().map(|r| r.decode_tok_s).collect::<Vec<_>>());
     let bytes_per_token = model.weights.bytes_per_token(cfg);
     let achieved_gb_s = bytes_per_token as f64 * decode.median / 1e9;
@@ -537,6 +547,7 @@ pub fn run_bench_with(
         settings: *opts,
         runs,
         prefill_tok_s: prefill,
+        ttft_ms,
         decode_tok_s: decode,
         identical_tokens: identical,
         bytes_per_token,

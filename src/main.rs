@@ -528,6 +528,16 @@ fn bench_table(r: &BenchReport) -> String {
     let spread =
         |x: &zmoe::bench::Spread| format!("{:>10.1} tok/s   (median; min {:.1}, max {:.1})", x.median, x.min, x.max);
     rows.push(("prefill", spread(&r.prefill_tok_s)));
+    if r.ttft_ms.median.is_finite() {
+        let t = &r.ttft_ms;
+        rows.push((
+            "first token",
+            format!(
+                "{:>10.1} ms      (median; min {:.1}, max {:.1}: prompt forward + first sample)",
+                t.median, t.min, t.max
+            ),
+        ));
+    }
     rows.push(("decode", spread(&r.decode_tok_s)));
     rows.push((
         "peak memory",

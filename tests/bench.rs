@@ -73,6 +73,9 @@ fn bench_writes_a_capsule_and_never_overwrites_one() {
     assert!(close(r.decode_tok_s.median, mean(|x| x.decode_tok_s)));
     assert!(r.decode_tok_s.min <= r.decode_tok_s.median && r.decode_tok_s.median <= r.decode_tok_s.max);
     assert!(r.prefill_tok_s.min <= r.prefill_tok_s.median && r.prefill_tok_s.median <= r.prefill_tok_s.max);
+    // Time to first token: the runs' prompt forward + first sample, in ms.
+    assert!(close(r.ttft_ms.median, mean(|x| x.prefill_secs) * 1e3));
+    assert!(r.ttft_ms.min <= r.ttft_ms.median && r.ttft_ms.median <= r.ttft_ms.max);
     // Roofline arithmetic.
     assert!(r.bytes_per_token > 0);
     assert!(pos(r.copy_gb_s) && pos(r.achieved_gb_s) && pos(r.roofline_pct) && pos(r.roofline_tok_s));
