@@ -331,11 +331,15 @@ pub fn run_validate(
     let identical = common_prefix(&ref_tokens, &pat_tokens);
     let total = ref_tokens.len();
     let first_divergence = if non_finite.is_none() && identical < total.max(pat_tokens.len()) {
-        // The reference's logits where the choice was made: prompt + the common prefix.
+        // The reference's logits where the choice was made, computed as generation computed
+        // them: the prompt's prefill, then one decode step per token of the common prefix (a
+        // single prefill of prompt + prefix would run the prefix through the prompt kernels,
+        // which round differently from decode on tensor cores).
         backend.set_plan(reference)?;
-        let mut ctx = opts.prompt.clone();
-        ctx.extend_from_slice(&ref_tokens[..identical]);
-        let logits = backend.forward(&ctx, false)?;
+        let mut logits = backend.forward(&opts.prompt, false)?;
+        for &t in &ref_tokens[..identical] {
+            logits = backend.forward(&[t], false)?;
+        }
         let (r, p) = (ref_tokens.get(identical).copied(), pat_tokens.get(identical).copied());
         let margin = match (r, p) {
             (Some(r), Some(p)) => logits[r as usize] - logits[p as usize],

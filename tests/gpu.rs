@@ -212,6 +212,7 @@ fn kernel_gemm_tc_matches_cpu() {
 fn kernel_expert_gemm_tc_matches_cpu() {
     use zmoe::cuda::ops::gemm;
     let mut dev = Device::open().unwrap();
+    assert!(dev.arch()[3..].parse::<u32>().unwrap() >= 80, "{}: mma.sync needs sm_80+", dev.name);
     let mut rng = Rng::new(0xE7C0);
     let (e, top, n, k) = (8usize, 2usize, 200usize, 256usize);
     for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
@@ -219,7 +220,7 @@ fn kernel_expert_gemm_tc_matches_cpu() {
             let r = m * top;
             let xrows = r / per;
             let x: Vec<f32> = (0..xrows * k).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
-            // Routing skewed to experts 0..5 (6, 7 mostly empty): experts 0 and 1 exceed a tile.
+            // Routing skewed to experts 0..5 (6 and 7 stay empty): experts 0 and 1 exceed a tile.
             let idx: Vec<i32> = (0..r).map(|_| ((rng.uniform() * rng.uniform()) * 6.0) as i32 % e as i32).collect();
             let mats: Vec<_> = (0..e).map(|_| random_qmat(&mut rng, n, k, fmt, bits, 64)).collect();
             let wq: Vec<u8> = mats.iter().flat_map(|m| m.0.clone()).collect();
@@ -287,6 +288,7 @@ fn kernel_expert_gemm_tc_matches_cpu() {
 fn kernel_attention_tc_matches_cpu() {
     use zmoe::cuda::ops::attention as attn;
     let mut dev = Device::open().unwrap();
+    assert!(dev.arch()[3..].parse::<u32>().unwrap() >= 80, "{}: mma.sync needs sm_80+", dev.name);
     let mut rng = Rng::new(0xFA11);
     for (d, nh, nkv, m, p0, base) in
         [(128usize, 8usize, 2usize, 50usize, 37usize, 0usize), (64, 4, 4, 130, 0, 5), (128, 4, 1, 17, 300, 3)]
@@ -1052,22 +1054,26 @@ fn prefill_equals_decode_bitexact() {
         let model = Model::load(&dir).unwrap();
         let v = model.config().vocab_size;
         let plan = Plan::reference(model.config());
-        let mut pre = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), false).unwrap();
-        // Chunks of TC_MIN_ROWS tokens: the row-per-token kernels (larger chunks take the
-        // tensor cores, prefill_tensor_cores_close_to_decode).
-        pre.set_prefill_chunk(zmoe::cuda::ops::gemm::TC_MIN_ROWS).unwrap();
-        let mut dec = CudaBackend::new(model.config().clone(), &model.weights, plan, true).unwrap();
+        let mut dec = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), true).unwrap();
         let tokens: Vec<u32> = (0..150).map(|i| (i * 104_729 + 17) % v as u32).collect();
-        let all = pre.forward(&tokens, true).unwrap();
-        for (p, &t) in tokens.iter().enumerate() {
-            let one = dec.forward(&[t], false).unwrap();
-            let row = &all[p * v..(p + 1) * v];
-            assert!(
-                row.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{name}: position {p}: prefill logits differ from decode"
-            );
+        let want: Vec<Vec<f32>> = tokens.iter().map(|&t| dec.forward(&[t], false).unwrap()).collect();
+        // The row-per-token kernels: chunks of TC_MIN_ROWS tokens (prompt chunks), and full
+        // chunks with the tensor cores off (the batch plan at up to CHUNK rows). Larger chunks
+        // on tensor cores: prefill_tensor_cores_close_to_decode.
+        for (chunk, tc) in [(zmoe::cuda::ops::gemm::TC_MIN_ROWS, true), (zmoe::cuda::CHUNK, false), (64, false)] {
+            let mut pre = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), false).unwrap();
+            pre.set_prefill_chunk(chunk).unwrap();
+            pre.set_tensor_cores(tc);
+            let all = pre.forward(&tokens, true).unwrap();
+            for (p, one) in want.iter().enumerate() {
+                let row = &all[p * v..(p + 1) * v];
+                assert!(
+                    row.iter().zip(one).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name} chunk {chunk}: position {p}: prefill logits differ from decode"
+                );
+            }
+            println!("{name} chunk {chunk}: prefill == decode bit-exact over 150 positions");
         }
-        println!("{name}: prefill == decode bit-exact over 150 positions");
     }
 }
 
@@ -1113,8 +1119,12 @@ fn prefill_tensor_cores_close_to_decode() {
                  spikes >5e-2 {spikes}/150, bit-exact positions {exact}/150"
             );
             // The tensor cores only reorder f32 sums; the rest is bf16 rounding noise, as for
-            // GPU vs CPU (model_logits_match_cpu), with router flips as rare spikes.
-            if median > 2e-2 || spikes > 10 || !got.iter().all(|x| x.is_finite()) {
+            // GPU vs CPU (model_logits_match_cpu, whose looser bounds for sigmoid routers —
+            // MLA families and LFM2 — apply for the same reason), router flips as rare spikes.
+            let cfg = model.config();
+            let sigmoid = cfg.family.is_mla() || cfg.family == zmoe::config::Family::Lfm2Moe;
+            let (max_median, max_spikes) = if sigmoid { (3e-2, 20) } else { (2e-2, 10) };
+            if median > max_median || spikes > max_spikes || !got.iter().all(|x| x.is_finite()) {
                 failures.push(format!("{name} chunk {chunk}: median {median}, spikes {spikes}"));
             }
         }

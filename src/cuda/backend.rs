@@ -36,11 +36,13 @@ use crate::sample::Sampler;
 pub const CHUNK: usize = 512;
 /// Default KV-cache capacity (tokens) when the model allows more (`--ctx` overrides it).
 const DEFAULT_MAX_CTX: usize = 8192;
-/// Device memory left free after the KV cache, for the activation buffers (CHUNK rows).
-const CTX_RESERVE_BYTES: usize = 1 << 30;
+/// Device memory left free after the KV cache and the activation buffers (whose size is
+/// computed and kept free too): CUDA graphs, kernel-pack modules, the driver's own needs.
+const CTX_RESERVE_BYTES: usize = 512 << 20;
 
-/// The KV-cache capacity in tokens, given `free` bytes of device memory after the weights and
-/// `token_bytes` of cache per token (all layers): `--ctx` when given (an error naming the
+/// The KV-cache capacity in tokens, given `free` bytes of device memory after the weights, the
+/// activation buffers and the rings, and `token_bytes` of cache per token (all layers):
+/// `--ctx` when given (an error naming the
 /// sizes if its cache does not fit), else [`DEFAULT_MAX_CTX`] bounded by the model's
 /// `max_position_embeddings` and by what fits.
 fn kv_capacity(c: &ModelConfig, requested: Option<usize>, token_bytes: usize, free: usize) -> Result<usize> {
@@ -51,7 +53,8 @@ fn kv_capacity(c: &ModelConfig, requested: Option<usize>, token_bytes: usize, fr
     if n > fits {
         return Err(Error::Arg(format!(
             "{}: a KV cache of {n} tokens needs {} ({token_bytes} B per token) but {} of device memory are free \
-             after the weights ({} kept for activations); pass a smaller --ctx (at most {fits})",
+             after the weights and the activation buffers ({} more kept free); pass a smaller --ctx \
+             (at most {fits})",
             if requested.is_some() { format!("--ctx {n}") } else { "CUDA".into() },
             mib(n.saturating_mul(token_bytes)),
             mib(free),
@@ -198,6 +201,8 @@ pub struct CudaBackend {
     chunk: usize,
     /// Whether the running chunk is a prompt chunk on tensor cores (`run_rows`).
     tc_chunk: bool,
+    /// Whether prompt chunks may take the tensor cores (the device's, `set_tensor_cores`).
+    tc_allowed: bool,
     /// Foundry kernel-pack kernels (src/cuda/packs.rs; the plan's `Step::Packed` steps).
     packs: super::packs::PackKernels,
 }
@@ -284,15 +289,6 @@ impl CudaBackend {
         }
         let w = weights.convert(&mut Upload(&mut dev))?;
         let inv_freq = dev.upload(&c.rope.inv_freq)?;
-        // The KV cache after the weights, sized to the memory they left free. Cached bf16
-        // values per token and layer: K and V rows, or MLA's latent row.
-        let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
-        let (token_bytes, ring_bytes) = LayerCache::bytes(c);
-        let slot_ctx = kv_capacity(c, ctx, token_bytes * slots, free.saturating_sub(ring_bytes * slots))?;
-        let cache_rows = slot_ctx * slots;
-        let caches = (0..c.num_layers)
-            .map(|l| LayerCache::alloc(&mut dev, c, l, slot_ctx, slots))
-            .collect::<Result<Vec<_>>>()?;
         // Activation buffers for CHUNK rows.
         let (k, nh) = (c.top_k.max(1), c.num_heads);
         let ffn = (k * c.moe_intermediate_size).max(c.intermediate_size).max(c.shared_intermediate_size());
@@ -320,12 +316,25 @@ impl CudaBackend {
             (Buf::SharedOut, if c.n_shared_experts > 0 { h } else { 0 }, 2),
             (Buf::Bcx, if c.conv.is_some() { 3 * h } else { 0 }, 2),
         ];
+        let splits = attn::ATTN_SPLITS.max(mla::MLA_SPLITS);
+        // Bytes of the activation buffers below: kept free when the KV cache is sized.
+        let act_bytes = CHUNK * widths.iter().map(|&(_, w, e)| w * e).sum::<usize>()
+            + CHUNK * nh * ((attn::ATTN_SPLITS * d).max(mla::MLA_SPLITS * lat) + splits * 2) * 4
+            + CHUNK * (k * 12 + nh.max(1) * 4 + 16);
+        // The KV cache after the weights, sized to the memory they left free. Cached bf16
+        // values per token and layer: K and V rows, or MLA's latent row.
+        let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
+        let (token_bytes, ring_bytes) = LayerCache::bytes(c);
+        let slot_ctx = kv_capacity(c, ctx, token_bytes * slots, free.saturating_sub(ring_bytes * slots + act_bytes))?;
+        let cache_rows = slot_ctx * slots;
+        let caches = (0..c.num_layers)
+            .map(|l| LayerCache::alloc(&mut dev, c, l, slot_ctx, slots))
+            .collect::<Result<Vec<_>>>()?;
         let (mut bufs, mut buf_widths) = ([0u64; Buf::ALL.len()], [0usize; Buf::ALL.len()]);
         for (b, width, elem) in widths {
             bufs[b as usize] = if width > 0 { dev.alloc(CHUNK * width * elem)? } else { 0 };
             buf_widths[b as usize] = width;
         }
-        let splits = attn::ATTN_SPLITS.max(mla::MLA_SPLITS);
         let st = RunState {
             bufs,
             widths: buf_widths,
@@ -344,6 +353,7 @@ impl CudaBackend {
         dev.fill(st.tickets, 0, CHUNK * nh.max(1) * 4)?;
         let packs = super::packs::PackKernels::load(&dev);
         let exec = lower::cuda(&plan, weights, &packs.available())?;
+        let dev_tc = dev.tensor_cores();
         Ok(CudaBackend {
             dev,
             cfg,
@@ -363,6 +373,7 @@ impl CudaBackend {
             graph: None,
             chunk: CHUNK,
             tc_chunk: false,
+            tc_allowed: dev_tc,
             packs,
         })
     }
@@ -1368,7 +1379,7 @@ impl CudaBackend {
     /// its batch, and the tensor cores round differently from decode.
     fn run_rows(&mut self, rows: &[Row], prompt: bool, mut out: Option<&mut Vec<f32>>) -> Result<()> {
         for chunk in rows.chunks(self.chunk) {
-            self.tc_chunk = prompt && chunk.len() > gemm::TC_MIN_ROWS && self.dev.tensor_cores();
+            self.tc_chunk = prompt && chunk.len() > gemm::TC_MIN_ROWS && self.tc_allowed;
             // A chunk with no row asking still runs its head for one (LastRow keeps ≥ 1 row).
             self.keep = (0..chunk.len()).filter(|&i| chunk[i].logits).collect();
             let read = !self.keep.is_empty();
@@ -1473,7 +1484,7 @@ impl CudaBackend {
     /// [`CudaBackend::profile_prefill`] without the conv-state restore.
     fn profile_chunk(&mut self, rows: &[Row]) -> Result<Vec<StepTime>> {
         let n = rows.len();
-        self.tc_chunk = n > gemm::TC_MIN_ROWS && self.dev.tensor_cores();
+        self.tc_chunk = n > gemm::TC_MIN_ROWS && self.tc_allowed;
         let steps = self.exec.pick(n, self.tc_chunk).steps.clone();
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
         let mut us = vec![0f64; steps.len()];
@@ -1496,6 +1507,12 @@ impl CudaBackend {
     /// Switches graph capture of decode steps on or off (for eager-vs-graph comparisons).
     pub fn set_use_graph(&mut self, on: bool) {
         self.use_graph = on;
+    }
+
+    /// Lets prompt chunks take the tensor cores (`on`, where the device has them: sm_80+ and
+    /// `ZMOE_TC=1`) or keeps every chunk on the row kernels (tests compare both).
+    pub fn set_tensor_cores(&mut self, on: bool) {
+        self.tc_allowed = on && self.dev.tensor_cores();
     }
 
     /// Splits prompts into chunks of `n` tokens (1 ..= [`CHUNK`], the default): tests use
@@ -1532,7 +1549,7 @@ impl Backend for CudaBackend {
     fn name(&self) -> String {
         let pack = self.packs.summary().map(|s| format!(", {s}")).unwrap_or_default();
         let pdl = if self.dev.pdl() { ", pdl" } else { "" };
-        let tc = if self.dev.tensor_cores() { ", tc" } else { "" };
+        let tc = if self.tc_allowed { ", tc" } else { "" };
         format!("cuda ({}{}{pdl}{tc}{pack})", self.dev.name, if self.use_graph { ", graph" } else { ", eager" })
     }
 

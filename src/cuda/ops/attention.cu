@@ -135,8 +135,8 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) { return (u32)f2b
 
 template <int D>
 __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
-    __shared__ bf16 ks[FA_BK][D + 8];
-    __shared__ bf16 vt[D][FA_BK + 8];
+    __shared__ __align__(16) bf16 ks[FA_BK][D + 8];
+    __shared__ __align__(16) bf16 vt[D][FA_BK + 8];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     const int nh = a.nh, nkv = a.nkv, M = a.m, h = blockIdx.y, kvh = h / (nh / nkv);
     const int q0 = blockIdx.x * FA_BQ, qw = q0 + warp * 16;
@@ -162,15 +162,19 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
     const int wkeys = p0 + min(qw + 16, M);               // ... of this warp
     for (int k0 = 0; k0 < nkeys; k0 += FA_BK) {
         __syncthreads();
+        // K row-major: a warp stores consecutive 16-byte pieces of a few key rows.
         for (int i = tid; i < FA_BK * D / 8; i += blockDim.x) {
             int r = i / (D / 8), c = i % (D / 8);
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (k0 + r < nkeys) {
-                long row = seq + ((long)(k0 + r) * nkv + kvh) * D;
-                kv = ((const uint4*)(a.kc + row))[c];
-                vv = ((const uint4*)(a.vc + row))[c];
-            }
+            uint4 kv = make_uint4(0, 0, 0, 0);
+            if (k0 + r < nkeys) kv = ((const uint4*)(a.kc + seq + ((long)(k0 + r) * nkv + kvh) * D))[c];
             *(uint4*)&ks[r][c * 8] = kv;
+        }
+        // V transposed: a warp takes one 8-dimension piece of all 32 keys, so each of its 8
+        // element stores writes 32 consecutive keys of one vt row (no bank conflicts).
+        for (int i = tid; i < FA_BK * D / 8; i += blockDim.x) {
+            int r = i % FA_BK, c = i / FA_BK;
+            uint4 vv = make_uint4(0, 0, 0, 0);
+            if (k0 + r < nkeys) vv = ((const uint4*)(a.vc + seq + ((long)(k0 + r) * nkv + kvh) * D))[c];
             const bf16* ve = (const bf16*)&vv;
 #pragma unroll
             for (int j = 0; j < 8; j++) vt[c * 8 + j][r] = ve[j];

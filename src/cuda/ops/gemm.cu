@@ -20,7 +20,7 @@ static_assert(TC_BM == 32 && TC_BN == 128, "the staging below assumes 32 x 128 t
 
 // One block's shared tiles. xrow: the TC_BM token rows' x pointers (gathered rows for
 // experts), yrow: where each row's output goes (its row index in y).
-struct TcSmem {
+struct __align__(16) TcSmem {
     bf16 x[TC_BM][TC_LD];
     bf16 w[TC_BN][TC_LD];
     float sx[TC_BM];  // Σx over the current group's k so far, per token row (affine)
