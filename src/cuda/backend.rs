@@ -36,15 +36,14 @@ use crate::sample::Sampler;
 pub const CHUNK: usize = 512;
 /// Default KV-cache capacity (tokens) when the model allows more (`--ctx` overrides it).
 const DEFAULT_MAX_CTX: usize = 8192;
-/// Device memory left free after the KV cache and the activation buffers (whose size is
-/// computed and kept free too): CUDA graphs, kernel-pack modules, the driver's own needs.
+/// Device memory left free after the weights, the activation buffers and the KV cache: CUDA
+/// graphs, kernel-pack modules, the driver's own needs.
 const CTX_RESERVE_BYTES: usize = 512 << 20;
 
 /// The KV-cache capacity in tokens, given `free` bytes of device memory after the weights, the
 /// activation buffers and the rings, and `token_bytes` of cache per token (all layers):
-/// `--ctx` when given (an error naming the
-/// sizes if its cache does not fit), else [`DEFAULT_MAX_CTX`] bounded by the model's
-/// `max_position_embeddings` and by what fits.
+/// `--ctx` when given (an error naming the sizes if its cache does not fit), else
+/// [`DEFAULT_MAX_CTX`] bounded by the model's `max_position_embeddings` and by what fits.
 fn kv_capacity(c: &ModelConfig, requested: Option<usize>, token_bytes: usize, free: usize) -> Result<usize> {
     let avail = free.saturating_sub(CTX_RESERVE_BYTES);
     let fits = avail / token_bytes.max(1);
@@ -317,19 +316,6 @@ impl CudaBackend {
             (Buf::Bcx, if c.conv.is_some() { 3 * h } else { 0 }, 2),
         ];
         let splits = attn::ATTN_SPLITS.max(mla::MLA_SPLITS);
-        // Bytes of the activation buffers below: kept free when the KV cache is sized.
-        let act_bytes = CHUNK * widths.iter().map(|&(_, w, e)| w * e).sum::<usize>()
-            + CHUNK * nh * ((attn::ATTN_SPLITS * d).max(mla::MLA_SPLITS * lat) + splits * 2) * 4
-            + CHUNK * (k * 12 + nh.max(1) * 4 + 16);
-        // The KV cache after the weights, sized to the memory they left free. Cached bf16
-        // values per token and layer: K and V rows, or MLA's latent row.
-        let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
-        let (token_bytes, ring_bytes) = LayerCache::bytes(c);
-        let slot_ctx = kv_capacity(c, ctx, token_bytes * slots, free.saturating_sub(ring_bytes * slots + act_bytes))?;
-        let cache_rows = slot_ctx * slots;
-        let caches = (0..c.num_layers)
-            .map(|l| LayerCache::alloc(&mut dev, c, l, slot_ctx, slots))
-            .collect::<Result<Vec<_>>>()?;
         let (mut bufs, mut buf_widths) = ([0u64; Buf::ALL.len()], [0usize; Buf::ALL.len()]);
         for (b, width, elem) in widths {
             bufs[b as usize] = if width > 0 { dev.alloc(CHUNK * width * elem)? } else { 0 };
@@ -351,6 +337,15 @@ impl CudaBackend {
             act_elems: 0,
         };
         dev.fill(st.tickets, 0, CHUNK * nh.max(1) * 4)?;
+        // The KV cache after the weights and activation buffers, sized to the memory they
+        // left free. Cached bf16 values per token and layer: K and V rows, or MLA's latent row.
+        let (free, _) = cudarc::driver::result::mem_get_info().map_err(|e| Error::Cuda(e.to_string()))?;
+        let (token_bytes, ring_bytes) = LayerCache::bytes(c);
+        let slot_ctx = kv_capacity(c, ctx, token_bytes * slots, free.saturating_sub(ring_bytes * slots))?;
+        let cache_rows = slot_ctx * slots;
+        let caches = (0..c.num_layers)
+            .map(|l| LayerCache::alloc(&mut dev, c, l, slot_ctx, slots))
+            .collect::<Result<Vec<_>>>()?;
         let packs = super::packs::PackKernels::load(&dev);
         let exec = lower::cuda(&plan, weights, &packs.available())?;
         let dev_tc = dev.tensor_cores();
@@ -719,18 +714,7 @@ impl CudaBackend {
             }
             Step::Moe { layer, op: MoeOp::ExpertGateUp } if self.w.experts(layer)?.bias.is_some() => {
                 let ex = self.w.experts(layer)?.clone();
-                if mm > 1 {
-                    // Prefill: group the routed rows by expert (read by gate, up and down).
-                    let a = moe::MoeGroupArgs {
-                        idx: rd(self.st.topk_idx),
-                        r: int(mm * k),
-                        e: int(c.num_experts),
-                        off: wr(self.st.grp_off),
-                        rows: wr(self.st.grp_rows),
-                        tiles: wr(self.st.grp_tiles),
-                    };
-                    moe::moe_group(dev, &a)?;
-                }
+                self.group_experts(mm)?;
                 let b = ex.bias.as_ref().ok_or_else(|| Error::Cuda("expert biases".into()))?;
                 for (w, bias, dst) in [(ex.gate, b.gate, Buf::Gate), (ex.up, b.up, Buf::Up)] {
                     self.expert_bias_matvec(&w, bias, Buf::H, k, dst, mm * k)?;
@@ -772,17 +756,7 @@ impl CudaBackend {
             }
             Step::Moe { layer, op: MoeOp::ExpertGateUp } => {
                 let ex = self.w.experts(layer)?.clone();
-                if mm > 1 {
-                    let a = moe::MoeGroupArgs {
-                        idx: rd(self.st.topk_idx),
-                        r: int(mm * k),
-                        e: int(c.num_experts),
-                        off: wr(self.st.grp_off),
-                        rows: wr(self.st.grp_rows),
-                        tiles: wr(self.st.grp_tiles),
-                    };
-                    moe::moe_group(dev, &a)?;
-                }
+                self.group_experts(mm)?;
                 for (w, dst) in [(ex.gate, Buf::Gate), (ex.up, Buf::Up)] {
                     self.expert_matvec(&w, Buf::H, k, dst, mm * k)?;
                 }
@@ -1242,6 +1216,23 @@ impl CudaBackend {
             eps: c.rms_norm_eps,
         };
         self.packs.launch(&self.dev, k, &shape, &ptrs)
+    }
+
+    /// Groups a chunk's `mm·K` routed rows by expert for the gate, up and down steps that
+    /// follow (offsets, rows, tensor-core tiles); one token (decode) needs no grouping.
+    fn group_experts(&self, mm: usize) -> Result<()> {
+        if mm == 1 {
+            return Ok(());
+        }
+        let a = moe::MoeGroupArgs {
+            idx: rd(self.st.topk_idx),
+            r: int(mm * self.cfg.top_k),
+            e: int(self.cfg.num_experts),
+            off: wr(self.st.grp_off),
+            rows: wr(self.st.grp_rows),
+            tiles: wr(self.st.grp_tiles),
+        };
+        moe::moe_group(&self.dev, &a)
     }
 
     /// `rows` selected-expert mat-vecs: row q reads x row q / per and expert topk_idx[q].
