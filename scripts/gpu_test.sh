@@ -86,6 +86,13 @@ OUT=${OUT:-$(mktemp -d)}
 export ZMOE_TC=${ZMOE_TC:-1}
 export ZMOE_REPO=$PWD ZMOE_CACHE=${ZMOE_CACHE:-/tmp/zmoe-cache} ZMOE_BIN=$PWD/scratch/gpu/zmoe
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# synth_preset PRESET DIR: the preset's affine4 model (seed 0) in DIR, synthesised once.
+synth_preset() {
+    local fam=qwen3_moe
+    case $1 in glm-4.7-flash) fam=glm4_moe_lite ;; lfm2-*) fam=lfm2_moe ;; esac
+    [ -f "$2/config.json" ] || scratch/gpu/zmoe synth --family $fam --preset "$1" --quant affine4 \
+        --seed 0 --out "$2" 2>&1 | tail -2
+}
 declare -A result bin
 tests=""
 for b in gpu-tests foundry-gpu-tests serve-tests; do
@@ -124,7 +131,7 @@ if [ "${2:-}" = bench ] || [ "${2:-}" = foundry ] || [ "$mode" = bench ]; then
 fi
 if [ "${2:-}" = bench ] || [ "$mode" = bench ]; then
     M=/tmp/zmoe-q30b-a4
-    [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --preset qwen3-30b-a3b --quant affine4 --seed 0 --out "$M" 2>&1 | tail -2
+    synth_preset qwen3-30b-a3b "$M"
     # Reference plan: graph (with a per-step profile) and eager, side by side.
     for g in graph eager; do
         flag=""; prof="--profile"; [ $g = eager ] && flag="--eager" && prof=""
@@ -143,8 +150,7 @@ if [ "${2:-}" = bench ] || [ "$mode" = bench ]; then
 fi
 if [ "${2:-}" = glm ]; then
     M=/tmp/zmoe-glm47-a4
-    [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family glm4_moe_lite --preset glm-4.7-flash \
-        --quant affine4 --seed 0 --out "$M" 2>&1 | tail -2
+    synth_preset glm-4.7-flash "$M"
     # Reference and patched plans with per-step profiles; patched without the shared-expert
     # fusion (the seeds found fusing the shared expert cost speed); then validate + ledger.
     for v in "reference:--patterns none" "patched:" "no-shared:--exclude shared_expert"; do
@@ -160,8 +166,7 @@ if [ "${2:-}" = glm ]; then
 fi
 if [ "${2:-}" = lfm2 ]; then
     M=/tmp/zmoe-lfm2-8b-a4
-    [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family lfm2_moe --preset lfm2-8b-a1b \
-        --quant affine4 --seed 0 --out "$M" 2>&1 | tail -2
+    synth_preset lfm2-8b-a1b "$M"
     # Reference, the family defaults, and the defaults + the opt-in conv_mixer (in_proj + short
     # conv in one decode kernel), each with a per-step profile; then validate both patched
     # plans (200 tokens, token-identical to the reference) and a ledger entry.
@@ -185,11 +190,8 @@ if [ "${2:-}" = compare ]; then
     echo "| preset | binary | run | prefill tok/s | decode tok/s | GB/s | % roofline |" > "$OUT/compare.md"
     echo "|---|---|---|---|---|---|---|" >> "$OUT/compare.md"
     for preset in ${COMPARE_PRESETS:-qwen3-30b-a3b glm-4.7-flash}; do
-        fam=qwen3_moe; [ "$preset" = glm-4.7-flash ] && fam=glm4_moe_lite
-        case $preset in lfm2-*) fam=lfm2_moe ;; esac
         M=/tmp/zmoe-$preset
-        [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family $fam --preset "$preset" --quant affine4 \
-            --seed 0 --out "$M" 2>&1 | tail -1
+        synth_preset "$preset" "$M"
         for i in $(seq "${COMPARE_ROUNDS:-2}"); do
             for b in base nopdl notc new; do
                 exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
@@ -215,10 +217,8 @@ if [ "${2:-}" = prefill ]; then
     # Prefill on tensor cores (issue 19): per-step profile of a 512-token chunk with and
     # without tensor cores, then time to first token at 512 / 4096 / 16384 prompt tokens.
     for preset in ${PREFILL_PRESETS:-qwen3-30b-a3b glm-4.7-flash}; do
-        fam=qwen3_moe; [ "$preset" = glm-4.7-flash ] && fam=glm4_moe_lite
         M=/tmp/zmoe-$preset
-        [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --family $fam --preset "$preset" --quant affine4 \
-            --seed 0 --out "$M" 2>&1 | tail -1
+        synth_preset "$preset" "$M"
         for tc in 1 0; do
             ZMOE_TC=$tc scratch/gpu/zmoe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 16 \
                 --runs 3 --profile --json "$OUT/prefill-$preset-tc$tc.json" --force 2>&1 |
@@ -240,7 +240,7 @@ fi
 if [ "${2:-}" = serve ]; then
     # Serving: qwen3-30b-a3b on 16 CUDA slots; TTFT, per-stream and aggregate decode tok/s.
     M=/tmp/zmoe-q30b-a4
-    [ -f "$M/config.json" ] || scratch/gpu/zmoe synth --preset qwen3-30b-a3b --quant affine4 --seed 0 --out "$M" 2>&1 | tail -2
+    synth_preset qwen3-30b-a3b "$M"
     scratch/gpu/zmoe serve --model "$M" --backend cuda --parallel 16 --port 0 2>"$OUT/serve.log" &
     spid=$!
     addr=""

@@ -90,13 +90,19 @@ __device__ __forceinline__ void tc_convert_w(const uint4* raw, uint4* o) {
     }
 }
 
-// The tile coordinates of this lane's accumulator acc[mf][nf][i]: token row m (0 ..
-// TC_BM) and output row n (0 .. TC_BN) — the m16n8 C-fragment layout, warp w owning output
-// rows w·32 ...
-__device__ __forceinline__ void tc_acc_coord(int mf, int nf, int i, int& m, int& n) {
+// Calls f(mf, nf, i, m, n) for each of this lane's accumulators acc[mf][nf][i], with its tile
+// coordinates: token row m (0 .. TC_BM) and output row n (0 .. TC_BN) — the m16n8 C-fragment
+// layout, warp w owning output rows w·32 ...
+template <typename F>
+__device__ __forceinline__ void tc_for_each_acc(F f) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    m = mf * 16 + (lane >> 2) + (i >> 1) * 8;
-    n = warp * 32 + nf * 8 + 2 * (lane & 3) + (i & 1);
+#pragma unroll
+    for (int mf = 0; mf < 2; mf++)
+#pragma unroll
+        for (int nf = 0; nf < 4; nf++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                f(mf, nf, i, mf * 16 + (lane >> 2) + (i >> 1) * 8, warp * 32 + nf * 8 + 2 * (lane & 3) + (i & 1));
 }
 
 // acc[mf][nf][i] of this warp = Σ_k x[row m]·W[n0 + warp·32 + n] over all K, m = mf·16 +
@@ -175,17 +181,10 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
         }
         if (AFF && (c + 1) % gc == 0) {
             // The group is done: acc += sc·Σq·x + bi·Σx per (token, output row).
-#pragma unroll
-            for (int mf = 0; mf < 2; mf++)
-#pragma unroll
-                for (int nf = 0; nf < 4; nf++)
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        int m, n;
-                        tc_acc_coord(mf, nf, i, m, n);
-                        acc[mf][nf][i] = chunk_acc(acc[mf][nf][i], sm.sc[n], tacc[mf][nf][i], sm.bi[n], sm.sx[m]);
-                        tacc[mf][nf][i] = 0.f;
-                    }
+            tc_for_each_acc([&](int mf, int nf, int i, int m, int n) {
+                acc[mf][nf][i] = chunk_acc(acc[mf][nf][i], sm.sc[n], tacc[mf][nf][i], sm.bi[n], sm.sx[m]);
+                tacc[mf][nf][i] = 0.f;
+            });
         }
         __syncthreads();
         if (c + 1 < nch) {
@@ -206,22 +205,15 @@ __device__ __forceinline__ void tc_tile_any(const QMat& W, TcSmem& sm, int n0, i
 // the tile's first mt rows and n < N.
 __device__ __forceinline__ void tc_store(const TcSmem& sm, const float acc[2][4][4], int n0, int N, int mt,
                                          const float* bias, void* y, int out_f32) {
-#pragma unroll
-    for (int mf = 0; mf < 2; mf++)
-#pragma unroll
-        for (int nf = 0; nf < 4; nf++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                int m, n;
-                tc_acc_coord(mf, nf, i, m, n);
-                n += n0;
-                if (m < mt && n < N) {
-                    float v = acc[mf][nf][i];
-                    if (bias) v += bias[n];
-                    long o = (long)sm.yrow[m] * N + n;
-                    if (out_f32) ((float*)y)[o] = v; else ((bf16*)y)[o] = f2bf(v);
-                }
-            }
+    tc_for_each_acc([&](int mf, int nf, int i, int m, int n) {
+        n += n0;
+        if (m < mt && n < N) {
+            float v = acc[mf][nf][i];
+            if (bias) v += bias[n];
+            long o = (long)sm.yrow[m] * N + n;
+            if (out_f32) ((float*)y)[o] = v; else ((bf16*)y)[o] = f2bf(v);
+        }
+    });
 }
 
 // y[M, N] = x[M, K] Wᵀ (+ bias) on tensor cores: block (x, y) = output rows x·TC_BN..,
