@@ -8,6 +8,7 @@ mod common;
 
 use std::path::PathBuf;
 
+use zmoe::backend::Row;
 use zmoe::checkpoint::synth::SynthQuant;
 use zmoe::cpu::CpuBackend;
 use zmoe::cuda::ops::{self, gpt_oss, linear, moe, norm, rd, sample, wr};
@@ -920,7 +921,8 @@ fn teacher_forced_greedy_agrees() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
-/// Decode through the captured graph gives bit-identical logits to eager launches.
+/// Decode through the captured graphs gives bit-identical logits to eager launches: single
+/// decode steps, and batches of several slots' decode rows (a graph per batch size).
 #[test]
 #[ignore]
 fn graph_replay_equals_eager() {
@@ -953,7 +955,34 @@ fn graph_replay_equals_eager() {
                 );
             }
         }
-        println!("{preset}: graph == eager over 2 × 40 decode steps");
+        // Batches: 4 slots prefilled together (a mixed batch, eager in both), then decode
+        // batches of 4 and of 3 rows (replayed from the per-size graphs in `graph`).
+        eager.set_slots(4).unwrap();
+        graph.set_slots(4).unwrap();
+        let mut rows: Vec<Row> = (0..4)
+            .flat_map(|s| (0..3).map(move |p| Row { slot: s, pos: p, token: (7 + 13 * s + p) as u32, logits: p == 2 }))
+            .collect();
+        for step in 0..24 {
+            let (a, b) = (eager.forward_rows(&rows).unwrap(), graph.forward_rows(&rows).unwrap());
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{preset} batch step {step} ({} rows): graph differs from eager",
+                rows.len()
+            );
+            let v = model.config().vocab_size;
+            let slots: Vec<usize> = rows.iter().filter(|r| r.logits).map(|r| r.slot).collect();
+            // Slot 3 leaves after 12 steps: batches of 3 from then on.
+            rows = (slots.iter().zip(a.chunks_exact(v)))
+                .filter(|&(&s, _)| s != 3 || step < 12)
+                .map(|(&s, l)| Row {
+                    slot: s,
+                    pos: graph.slot_position(s),
+                    token: zmoe::sample::argmax(l) as u32,
+                    logits: true,
+                })
+                .collect();
+        }
+        println!("{preset}: graph == eager over 2 × 40 decode steps and 23 batched steps (4 and 3 rows)");
     }
 }
 
@@ -1236,7 +1265,7 @@ fn non_finite_logits_and_context_on_gpu() {
 
 /// Batch invariance on the GPU (issue 20): the shared body of tests/batch.rs — 20 greedy
 /// sequences through 16 CUDA slots with continuous batching and chunked prefill (batches of
-/// several rows run the eager prefill plan, single rows the decode graph, of any slot) equal
+/// decode rows replay the per-size graphs, mixed batches run eagerly, of any slot) equal
 /// each sequence alone, bit for bit; GQA and MLA caches, LFM2's conv states (per slot, read
 /// as zeros at a slot's position 0, rows of several slots in one short_conv launch), GPT-OSS's
 /// per-slot rings (window 6; 520 decode steps make sequences of up to 530 tokens, past the

@@ -10,11 +10,13 @@
 //! `slots × slot_ctx` rows, slot s owning rows `s·slot_ctx..`. Every row of a batch carries
 //! its position and its slot's first cache row on the device (`io`), read by rope, the cache
 //! append and attention, so one launch serves rows of any sequences and the single-row
-//! decode graph serves any slot. A batch of several rows runs the prefill plan eagerly
-//! (per-batch-size decode graphs are a follow-up).
+//! decode graph serves any slot. A batch of up to `BATCH_ROWS` decode rows (the server's
+//! steady state) replays a graph captured once per batch size; prompt chunks and mixed
+//! batches run eagerly.
 //! Both plans are built once ([`crate::plan::lower::cuda`]); this file maps each step to
 //! buffers and weights and calls the typed launchers of [`super::ops`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::Device;
@@ -195,7 +197,12 @@ pub struct CudaBackend {
     /// the front of X (set by `run_rows` before each chunk).
     keep: Vec<usize>,
     use_graph: bool,
-    graph: Option<cudarc::driver::CudaGraph>,
+    /// Captured graphs by batch rows: the decode step (1 row) and batches of up to
+    /// [`lower::BATCH_ROWS`] rows that all ask for their logits (the server's decode steps).
+    /// Keyed by the exact row count, so no padding row ever writes a cache or routes to an
+    /// expert; at most `BATCH_ROWS` graphs. Rows, positions and slots live in `io`, so one
+    /// graph serves every batch of its size.
+    graphs: BTreeMap<usize, cudarc::driver::CudaGraph>,
     /// Tokens per prefill chunk, at most [`CHUNK`] (`set_prefill_chunk`).
     chunk: usize,
     /// Whether the running chunk is a prompt chunk on tensor cores (`run_rows`).
@@ -365,7 +372,7 @@ impl CudaBackend {
             seqs: vec![0; slots],
             keep: Vec::new(),
             use_graph,
-            graph: None,
+            graphs: BTreeMap::new(),
             chunk: CHUNK,
             tc_chunk: false,
             tc_allowed: dev_tc,
@@ -1341,7 +1348,7 @@ impl CudaBackend {
 
     /// Runs `tokens` through the plan in chunks of [`CHUNK`], appending them to slot 0's
     /// cache; copies the logits (every row, or the last token's) to `out` when given. A single
-    /// token is a decode step: replayed from the captured graph when graphs are on.
+    /// token is a decode step: replayed from a captured graph when graphs are on.
     fn run_tokens(&mut self, tokens: &[u32], all_logits: bool, out: Option<&mut Vec<f32>>) -> Result<()> {
         let pos0 = self.seqs[0];
         crate::backend::check_tokens(&self.cfg, tokens, pos0)?;
@@ -1362,7 +1369,8 @@ impl CudaBackend {
     /// Runs checked `rows` through the plan in chunks of [`CHUNK`], appending each to its
     /// slot's cache; copies the logits of the rows that ask, in order, to `out` when given
     /// (the plan's `LastRow` keeps only those rows, so the head runs for them alone). A
-    /// single row is a decode step: replayed from the captured graph when graphs are on.
+    /// chunk of at most `BATCH_ROWS` rows that all ask for logits (a decode step, or a batch
+    /// of them) replays the graph captured for its size when graphs are on.
     ///
     /// `prompt`: the rows are one sequence's prompt (`forward`), so chunks of more than
     /// `TC_MIN_ROWS` run on tensor cores. Batches of several slots' rows (`forward_rows`)
@@ -1378,18 +1386,23 @@ impl CudaBackend {
                 self.keep.push(chunk.len() - 1);
             }
             self.write_io(chunk)?;
-            let n = if chunk.len() == 1 && self.use_graph {
-                if self.graph.is_none() {
+            // Decode steps and decode batches replay a graph; prompt chunks and mixed batches
+            // (only some rows ask for logits: `LastRow` gathers them by host-known index) run
+            // eagerly.
+            let m = chunk.len();
+            let graphed = self.use_graph && !self.tc_chunk && m <= lower::BATCH_ROWS && self.keep.len() == m;
+            let n = if graphed {
+                if !self.graphs.contains_key(&m) {
                     self.dev.begin_capture()?;
-                    let r = self.run_plan(1);
+                    let r = self.run_plan(m);
                     let g = self.dev.end_capture();
                     r?;
-                    self.graph = Some(g?);
+                    self.graphs.insert(m, g?);
                 }
-                self.graph.as_ref().expect("captured").launch().map_err(|e| Error::Cuda(e.to_string()))?;
-                1
+                self.graphs[&m].launch().map_err(|e| Error::Cuda(e.to_string()))?;
+                m
             } else {
-                self.run_plan(chunk.len())?
+                self.run_plan(m)?
             };
             for r in chunk {
                 self.seqs[r.slot] = r.pos + 1;
@@ -1495,7 +1508,8 @@ impl CudaBackend {
         Ok(steps.iter().zip(us).map(|(s, us)| StepTime { kind: s.kind(), us, bytes: 0 }).collect())
     }
 
-    /// Switches graph capture of decode steps on or off (for eager-vs-graph comparisons).
+    /// Switches graph capture of decode steps and batches on or off (for eager-vs-graph
+    /// comparisons).
     pub fn set_use_graph(&mut self, on: bool) {
         self.use_graph = on;
     }
@@ -1587,8 +1601,8 @@ impl Backend for CudaBackend {
         }
         self.slot_ctx = self.cache_rows / n;
         self.seqs = vec![0; n];
-        // The decode graph holds cache pointers and slot sizes.
-        self.graph = None;
+        // The graphs hold cache pointers and slot sizes.
+        self.graphs.clear();
         Ok(())
     }
 
@@ -1633,7 +1647,7 @@ impl Backend for CudaBackend {
     fn set_plan(&mut self, plan: Plan) -> Result<()> {
         self.exec = lower::cuda(&plan, &self.weights, &self.packs.available())?;
         self.plan = plan;
-        self.graph = None;
+        self.graphs.clear();
         self.reset();
         Ok(())
     }
