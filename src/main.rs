@@ -66,7 +66,7 @@ enum Cmd {
         /// Model family: qwen3_moe, glm4_moe_lite, deepseek_v3, lfm2_moe, gpt_oss.
         #[arg(long, default_value = "qwen3_moe")]
         family: String,
-        /// Shape preset: tiny, qwen3-30b-a3b (qwen3_moe); glm-tiny, glm-4.7-flash
+        /// Shape preset: tiny, qwen3-30b-a3b (qwen3_moe); glm-tiny, glm-tiny-l512, glm-4.7-flash
         /// (glm4_moe_lite); deepseek-tiny, kimi-k2-tiny (deepseek_v3); lfm2-tiny, lfm2-8b-a1b,
         /// lfm2-24b-a2b (lfm2_moe); gpt-oss-tiny, gpt-oss-20b (gpt_oss).
         #[arg(long, default_value = "tiny")]

@@ -353,6 +353,88 @@ fn kernel_attention_tc_matches_cpu() {
     }
 }
 
+/// MLA prompt-chunk attention on tensor cores (issue 19) against the CPU in f64: the absorbed
+/// form — query rows (token, head) of [qlat (512) | q_pe (64)] over latent cache rows
+/// [c (512) | k_pe (64)], values c — one sequence's consecutive rows after a cached prefix,
+/// GLM's 20 heads and others, row counts that leave partial 32-row blocks and 16-key tiles,
+/// poisoned outputs.
+#[test]
+#[ignore]
+fn kernel_mla_attention_tc_matches_cpu() {
+    use zmoe::cuda::ops::mla;
+    let mut dev = Device::open().unwrap();
+    assert!(dev.arch()[3..].parse::<u32>().unwrap() >= 80, "{}: mma.sync needs sm_80+", dev.name);
+    let mut rng = Rng::new(0x3A7C);
+    let (l, r) = (512usize, 64usize);
+    let row = l + r;
+    for (nh, nope, m, p0, base) in
+        [(20usize, 192usize, 23usize, 41usize, 0usize), (4, 64, 70, 0, 7), (16, 128, 9, 250, 2)]
+    {
+        let dqk = nope + r;
+        let s_len = base + p0 + m;
+        let bf = |v: f32| half::bf16::from_f32(v).to_f32();
+        let qlat: Vec<f32> = (0..m * nh * l).map(|_| bf(0.2 * rng.normal())).collect();
+        let q: Vec<f32> = (0..m * nh * dqk).map(|_| bf(rng.normal())).collect();
+        let cache: Vec<f32> = (0..s_len * row).map(|_| bf(rng.normal())).collect();
+        let scale = (dqk as f32).powf(-0.5);
+        let mut want = vec![0f32; m * nh * l];
+        for t in 0..m {
+            for h in 0..nh {
+                let qr = t * nh + h;
+                let n = p0 + t + 1;
+                let sc: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let c = &cache[(base + j) * row..][..row];
+                        let lat: f64 = (0..l).map(|i| qlat[qr * l + i] as f64 * c[i] as f64).sum();
+                        let pe: f64 = (0..r).map(|i| q[qr * dqk + nope + i] as f64 * c[l + i] as f64).sum();
+                        (lat + pe) * scale as f64
+                    })
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let den: f64 = p.iter().sum();
+                for i in 0..l {
+                    let o: f64 = (0..n).map(|j| p[j] * cache[(base + j) * row + i] as f64).sum();
+                    want[qr * l + i] = (o / den) as f32;
+                }
+            }
+        }
+        let (pl, pq, pc) = (
+            dev.upload(&to_bf16(&qlat)).unwrap(),
+            dev.upload(&to_bf16(&q)).unwrap(),
+            dev.upload(&to_bf16(&cache)).unwrap(),
+        );
+        let pos: Vec<i32> = (0..m).map(|t| (p0 + t) as i32).collect();
+        let bases = vec![base as i32; m];
+        let (ppos, pbase) = (dev.upload(&pos).unwrap(), dev.upload(&bases).unwrap());
+        let pout = dev.alloc(m * nh * l * 2).unwrap();
+        dev.fill(pout, 0xFF, m * nh * l * 2).unwrap();
+        let a = mla::MlaFlashArgs {
+            qlat: rd(pl),
+            q: rd(pq),
+            cache: rd(pc),
+            pos: rd(ppos),
+            base: rd(pbase),
+            out: wr(pout),
+            nh: nh as i32,
+            dqk: dqk as i32,
+            nope: nope as i32,
+            scale,
+            m: m as i32,
+        };
+        mla::mla_attention_tc(&dev, &a).unwrap();
+        let mut got = vec![0u16; m * nh * l];
+        dev.read(pout, &mut got).unwrap();
+        let got = from_bf16(&got);
+        let what = format!("nh {nh} nope {nope} m {m} p0 {p0}");
+        assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten output");
+        let e = rel_err(&got, &want);
+        // P enters the P·V product as bf16 (2^-9), the output is bf16.
+        assert!(e < 8e-3, "{what}: rel err {e}");
+        println!("mla_attention_tc {what}: rel err {e:.1e}");
+    }
+}
+
 /// Router softmax-top-k on the device equals the CPU's choice (indices and weights).
 #[test]
 #[ignore]
@@ -1110,6 +1192,8 @@ fn prefill_equals_decode_bitexact() {
 /// prompt prefilled in one chunk and in chunks of 64 (conv states and GPT-OSS rings cross
 /// the edges) stay within bf16 tolerance of one-token decode at every position; the measured
 /// error is printed. (Chunks of at most TC_MIN_ROWS are bit-exact: prefill_equals_decode_bitexact.)
+/// glm-tiny-l512 takes MLA's tensor-core attention (512 + 64-wide latent rows); the other MLA
+/// presets' narrower latents keep the split kernel.
 #[test]
 #[ignore]
 fn prefill_tensor_cores_close_to_decode() {
@@ -1121,6 +1205,7 @@ fn prefill_tensor_cores_close_to_decode() {
         ("tb", "qwen3_moe/tiny", SynthQuant::Bf16, 53),
         ("g4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 54),
         ("db", "deepseek_v3/deepseek-tiny", SynthQuant::Bf16, 55),
+        ("gw", "glm4_moe_lite/glm-tiny-l512", SynthQuant::Affine4, 59),
         ("l4", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4, 56),
         ("o4", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4, 57),
         ("ob", "gpt_oss/gpt-oss-tiny", SynthQuant::Bf16, 58),

@@ -103,7 +103,7 @@ pub struct SynthSpec {
 }
 
 /// Known (family, preset) pairs with a one-line description.
-pub const PRESETS: [(&str, &str, &str); 11] = [
+pub const PRESETS: [(&str, &str, &str); 12] = [
     ("qwen3_moe", "tiny", "4 layers, H 256, 16 experts top-4, one dense layer; for tests and the demo"),
     ("qwen3_moe", "qwen3-30b-a3b", "Qwen3-30B-A3B shapes: 48 layers, H 2048, 128 experts top-8, vocab 151936"),
     ("glm4_moe_lite", "glm-tiny", "4 layers, H 256, MLA (q_lora 128, kv_lora 128), 16 experts top-4 + 1 shared"),
@@ -111,6 +111,12 @@ pub const PRESETS: [(&str, &str, &str); 11] = [
         "glm4_moe_lite",
         "glm-4.7-flash",
         "GLM-4.7-Flash shapes: 47 layers, H 2048, 20 MLA heads, 64 experts top-4 + 1 shared, vocab 154880",
+    ),
+    (
+        "glm4_moe_lite",
+        "glm-tiny-l512",
+        "glm-tiny at GLM-4.7-Flash's attention widths (20 MLA heads, kv_lora 512, rope 64), 2 layers: \
+         MLA prompt chunks on tensor cores",
     ),
     (
         "deepseek_v3",
@@ -364,6 +370,9 @@ fn mla_preset_config(family: &str, preset: &str) -> Result<Value> {
     ) = match (family, preset) {
         ("glm4_moe_lite", "glm-tiny") => {
             ("glm4_moe_lite", 1024, 256, 4, 4, 128, 128, 64, 32, 64, 16, 4, 128, 512, 1, 1, 1.8, 1)
+        }
+        ("glm4_moe_lite", "glm-tiny-l512") => {
+            ("glm4_moe_lite", 1024, 256, 2, 20, 128, 512, 64, 64, 64, 16, 4, 128, 512, 1, 1, 1.8, 1)
         }
         ("glm4_moe_lite", "glm-4.7-flash") => {
             ("glm4_moe_lite", 154880, 2048, 47, 20, 768, 512, 192, 64, 256, 64, 4, 1536, 10240, 1, 1, 1.8, 1)

@@ -508,6 +508,9 @@ __device__ __forceinline__ void add_rmsnorm_row(bf16* x, const bf16* src, const 
     rmsnorm_row(x, w, y, n, eps);
 }
 
+// Two f32 as a bf16 pair (lo in the low half): an mma fragment register or a 4-byte store.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) { return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16); }
+
 // D (+)= A·B on tensor cores, one warp: A 16×16 bf16 (4 regs: rows lane/4 and +8, k pairs
 // 2·(lane%4) and +8), B 16×8 bf16 (2 regs: k pairs, column lane/4), C/D 16×8 f32 (rows
 // lane/4 and +8, columns 2·(lane%4) and +1) — the PTX m16n8k16 fragment layout. sm_80+.

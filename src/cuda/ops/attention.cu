@@ -131,8 +131,6 @@ extern "C" __global__ void attention(const AttentionArgs a) {
 #define FA_BQ 64
 #define FA_BK 32
 
-__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) { return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16); }
-
 template <int D>
 __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
     __shared__ __align__(16) bf16 ks[FA_BK][D + 8];

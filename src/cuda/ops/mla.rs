@@ -1,6 +1,6 @@
 //! Multi-head latent attention (`mla.cu`): per-head absorbed projections (`head_matvec`),
-//! RoPE of the rope slices, the latent cache append, split attention over the latent cache,
-//! and the fused `latent_norm_rope_append` (`qk_norm_rope` for MLA).
+//! RoPE of the rope slices, the latent cache append, split attention over the latent cache
+//! (prompt chunks on tensor cores: `mla_attention_tc`), and the fused `latent_norm_rope_append` (`qk_norm_rope` for MLA).
 
 use super::{ATTN_THREADS, Bf16, F32, I32, In, KernelArgs, Out, Stacked, blocks, kernel_args};
 use crate::cuda::Device;
@@ -42,6 +42,13 @@ kernel_args! {
         part_o: Out<F32>, part_ml: Out<F32>, tickets: Out<I32>, out: Out<Bf16>,
         nh: i32, dqk: i32, nope: i32, l: i32, r: i32, scale: f32, nsplit: i32,
     }
+    /// `mla_attention_tc`: a prompt chunk's `m` tokens — one sequence's consecutive positions
+    /// from `pos[0]`, cache rows from `base[0]` — over the latent cache on tensor cores
+    /// → `[m·nh, 512]`. Latent width 512 and rope width 64 only ([`tc_supports`]).
+    pub struct MlaFlashArgs {
+        qlat: In<Bf16>, q: In<Bf16>, cache: In<Bf16>, pos: In<I32>, base: In<I32>, out: Out<Bf16>,
+        nh: i32, dqk: i32, nope: i32, scale: f32, m: i32,
+    }
     /// `latent_norm_rope_append`: latent norm, RoPE of q_pe and k_pe, latent-cache append.
     pub struct LatentNormRopeAppendArgs {
         q: Out<Bf16>, kva: Out<Bf16>, nw: In<F32>, inv_freq: In<F32>, pos: In<I32>, base: In<I32>,
@@ -57,6 +64,7 @@ pub fn decls() -> String {
         MlaRopeArgs::c_decl(),
         CacheAppendArgs::c_decl(),
         MlaAttentionArgs::c_decl(),
+        MlaFlashArgs::c_decl(),
         LatentNormRopeAppendArgs::c_decl(),
     ]
     .concat()
@@ -81,6 +89,17 @@ pub fn cache_append(dev: &Device, a: &CacheAppendArgs, m: usize) -> Result<()> {
 /// MLA attention of `m` tokens (`a.nsplit` must be [`MLA_SPLITS`]).
 pub fn mla_attention(dev: &Device, a: &MlaAttentionArgs, m: usize) -> Result<()> {
     dev.launch_args("mla_attention", ((m * a.nh as usize) as u32, a.nsplit as u32, 1), ATTN_THREADS, a)
+}
+
+/// Whether `mla_attention_tc` takes latent rows of `l` + `r` (its tiles are built for 512 + 64:
+/// GLM-4.7-Flash, DeepSeek-V3, Kimi-K2).
+pub fn tc_supports(l: usize, r: usize) -> bool {
+    l == 512 && r == 64
+}
+
+/// MLA attention of a prompt chunk on tensor cores: 32 query rows (token, head) a block.
+pub fn mla_attention_tc(dev: &Device, a: &MlaFlashArgs) -> Result<()> {
+    dev.launch_args("mla_attention_tc", (((a.m * a.nh) as u32).div_ceil(32), 1, 1), 256, a)
 }
 
 /// The fused latent norm, RoPE and append of `m` tokens.
