@@ -281,6 +281,63 @@ fn kernel_expert_gemm_tc_matches_cpu() {
     }
 }
 
+/// MLA's per-head tensor-core product (issue 19) against the CPU: row (token, head) of y =
+/// W[head] · the first k elements of that head's wider source row (q_nope of a query head),
+/// heads stacked like experts; bf16 and affine 4/8-bit, token counts that leave partial tiles.
+#[test]
+#[ignore]
+fn kernel_head_gemm_tc_matches_cpu() {
+    use zmoe::cuda::ops::{gemm, mla};
+    let mut dev = Device::open().unwrap();
+    assert!(dev.arch()[3..].parse::<u32>().unwrap() >= 80, "{}: mma.sync needs sm_80+", dev.name);
+    let mut rng = Rng::new(0x4EAD);
+    let (nh, n, k, x_ld) = (5usize, 160usize, 192usize, 256usize);
+    for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
+        for m in [40usize, 17] {
+            let x: Vec<f32> = (0..m * nh * x_ld).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
+            let mats: Vec<_> = (0..nh).map(|_| random_qmat(&mut rng, n, k, fmt, bits, 64)).collect();
+            let wq: Vec<u8> = mats.iter().flat_map(|m| m.0.clone()).collect();
+            let s: Vec<u16> = mats.iter().flat_map(|m| m.1.clone()).collect();
+            let b: Vec<u16> = mats.iter().flat_map(|m| m.2.clone()).collect();
+            let want: Vec<f32> = (0..m * nh * n)
+                .map(|i| {
+                    let (q, row) = (i / n, i % n);
+                    let wf = &mats[q % nh].3;
+                    (0..k).map(|j| x[q * x_ld + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
+                })
+                .collect();
+            let pw = dev.upload(&wq).unwrap();
+            let ps = if s.is_empty() { 0 } else { dev.upload(&s).unwrap() };
+            let pb = if b.is_empty() { 0 } else { dev.upload(&b).unwrap() };
+            let w = ops::QMat { w: rd(pw), s: rd(ps), b: rd(pb), fmt, bits: bits as i32, group: 64 };
+            let w_stride = if fmt == 0 { (n * k) as i64 } else { (n * k * bits as usize / 32) as i64 };
+            let sb_stride = if fmt == 0 { 0 } else { (n * k / 64) as i64 };
+            let px = dev.upload(&to_bf16(&x)).unwrap();
+            let py = dev.alloc(m * nh * n * 2).unwrap();
+            dev.fill(py, 0xFF, m * nh * n * 2).unwrap();
+            let a = mla::HeadMatvecArgs {
+                w: ops::Stacked { w, w_stride, sb_stride },
+                x: rd(px),
+                x_ld: x_ld as i64,
+                nh: nh as i32,
+                y: wr(py),
+                n: n as i32,
+                k: k as i32,
+                m: m as i32,
+            };
+            gemm::head_gemm(&dev, &a).unwrap();
+            let mut got = vec![0u16; m * nh * n];
+            dev.read(py, &mut got).unwrap();
+            let got = from_bf16(&got);
+            let what = format!("fmt {fmt} bits {bits} m {m}");
+            assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten rows");
+            let err = rel_err(&got, &want);
+            assert!(err < 4e-3, "{what}: rel err {err}");
+            println!("head_gemm_tc {what}: rel err {err:.1e}");
+        }
+    }
+}
+
 /// Prompt-chunk attention on tensor cores (issue 19) against the CPU in f64: one sequence's
 /// consecutive rows after a cached prefix (causal within the chunk), head dims 64 and 128,
 /// GQA, chunk sizes that leave partial 64-query blocks and 32-key tiles, poisoned outputs.

@@ -1333,7 +1333,8 @@ impl CudaBackend {
     }
 
     /// Per-head mat-vecs of MLA: row (token, head) of `dst` = `w[head] · src_row[0:w.cols]`,
-    /// source rows `x_ld` elements apart (`head_matvec` in mla.cu).
+    /// source rows `x_ld` elements apart (`head_matvec` in mla.cu; `head_gemm_tc` for a
+    /// prompt chunk on tensor cores).
     fn head_matvec(&self, w: &DMat, src: Buf, x_ld: usize, dst: Buf, m: usize) -> Result<()> {
         let a = mla::HeadMatvecArgs {
             w: w.stacked(),
@@ -1345,7 +1346,11 @@ impl CudaBackend {
             k: int(w.cols),
             m: int(m),
         };
-        mla::head_matvec(&self.dev, &a)
+        if self.tensor_cores() && gemm::supports(&w.q, w.cols) && x_ld.is_multiple_of(8) {
+            gemm::head_gemm(&self.dev, &a)
+        } else {
+            mla::head_matvec(&self.dev, &a)
+        }
     }
 
     /// Runs every step of the plan over `m` rows, keeping the rows `self.keep` at

@@ -253,3 +253,22 @@ extern "C" __global__ void expert_gemm_tc(const ExpertGemmArgs p) {
     tc_tile_any(W, sm, blockIdx.x * TC_BN, p.n, p.k, acc);
     tc_store(sm, acc, blockIdx.x * TC_BN, p.n, mt, nullptr, p.y, 0);
 }
+
+// MLA's per-head products on tensor cores (head_matvec's arguments): block (x, y, h) = output
+// rows x·TC_BN.. of head h's matrix W[h], tokens y·TC_BM..; row q = m·nh + h of y [M·nh, N]
+// = W[h] · x_q[0:K], x_q = x + q·x_ld (the first K elements of a wider row: q_nope).
+extern "C" __global__ void head_gemm_tc(const HeadMatvecArgs p) {
+    pdl_entry();
+    __shared__ TcSmem sm;
+    const int h = blockIdx.z, n0 = blockIdx.x * TC_BN, m0 = blockIdx.y * TC_BM, mt = min(TC_BM, p.m - m0);
+    if (threadIdx.x < TC_BM) {
+        long q = (long)(m0 + min((int)threadIdx.x, mt - 1)) * p.nh + h;
+        sm.xrow[threadIdx.x] = p.x + q * p.x_ld;
+        sm.yrow[threadIdx.x] = (int)q;
+    }
+    __syncthreads();
+    const QMat W = expert_slice(p.w.w, h, p.w.w_stride, p.w.sb_stride);
+    float acc[2][4][4];
+    tc_tile_any(W, sm, n0, p.n, p.k, acc);
+    tc_store(sm, acc, n0, p.n, mt, nullptr, p.y, 0);
+}

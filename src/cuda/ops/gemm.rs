@@ -1,5 +1,6 @@
-//! Tensor-core products for prefill (`gemm.cu`): the dense `gemm_tc` (a mat-vec's arguments)
-//! and the expert-grouped `expert_gemm_tc` (the tiles `moe_group` lists). Tiles of
+//! Tensor-core products for prefill (`gemm.cu`): the dense `gemm_tc` (a mat-vec's arguments),
+//! the expert-grouped `expert_gemm_tc` (the tiles `moe_group` lists) and MLA's per-head
+//! `head_gemm_tc` (`head_matvec`'s arguments). Tiles of
 //! [`TC_BM`] tokens × 128 output rows, `mma.sync` m16n8k16 bf16 with f32 accumulation.
 //!
 //! Why only above [`TC_MIN_ROWS`] tokens: a tensor-core sum runs in another order than the
@@ -9,6 +10,7 @@
 //! and the patched plans run the same prefill kernels, so `zmoe validate` stays exact.
 
 use super::linear::MatvecArgs;
+use super::mla::HeadMatvecArgs;
 use super::{Bf16, I32, In, KernelArgs, Out, QMat, Stacked, blocks, kernel_args};
 use crate::cuda::Device;
 use crate::error::Result;
@@ -57,6 +59,13 @@ pub fn max_tiles(r: usize, e: usize) -> usize {
 /// `y[M, n] = x[M, k] Wᵀ (+ bias)` on tensor cores (the mat-vec's arguments).
 pub fn gemm(dev: &Device, a: &MatvecArgs) -> Result<()> {
     dev.launch_args("gemm_tc", (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), 1), 128, a)
+}
+
+/// MLA's per-head products of `a.m` tokens on tensor cores (x rows `a.x_ld` apart must start
+/// 16-byte aligned: `x_ld` a multiple of 8).
+pub fn head_gemm(dev: &Device, a: &HeadMatvecArgs) -> Result<()> {
+    let grid = (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), a.nh as u32);
+    dev.launch_args("head_gemm_tc", grid, 128, a)
 }
 
 /// Selected-expert rows grouped by expert on tensor cores, for `r` routed rows over `e`
