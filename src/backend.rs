@@ -17,7 +17,7 @@
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::plan::Plan;
-use crate::plan::lower::ExecPlans;
+use crate::plan::lower::{BATCH_ROWS, ExecPlans};
 use crate::sample::Sampler;
 
 /// One row of a batched forward ([`Backend::forward_rows`]): `token` of the sequence in
@@ -33,6 +33,30 @@ pub struct Row {
     pub token: u32,
     /// Whether this row's logits are returned.
     pub logits: bool,
+    /// The row is a token of a prompt of more than [`BATCH_ROWS`] tokens ([`long_prompt`]).
+    /// A backend may run such rows on its throughput kernels (CUDA: tensor cores), whose sums
+    /// run in another order than decode's; it computes every such row the same way whatever
+    /// the batch and the chunking, so batch invariance holds. Rows of shorter prompts and
+    /// decode rows stay bit-identical to one-token decode (batched decode and exact
+    /// speculative verification rely on it). All rows of one slot in a batch share the flag.
+    pub long_prompt: bool,
+}
+
+impl Row {
+    /// The rows of `tokens` fed to `slot` from position `pos0` (logits for every row with
+    /// `all_logits`, else for the last), flagged [`Row::long_prompt`] by their count.
+    pub fn of_tokens(slot: usize, pos0: usize, tokens: &[u32], all_logits: bool) -> Vec<Row> {
+        let (n, long_prompt) = (tokens.len(), long_prompt(tokens.len()));
+        (tokens.iter().enumerate())
+            .map(|(i, &token)| Row { slot, pos: pos0 + i, token, logits: all_logits || i + 1 == n, long_prompt })
+            .collect()
+    }
+}
+
+/// Whether a prompt of `tokens` tokens is long: more than [`BATCH_ROWS`], the most rows the
+/// batch plan (and its bit-exactness with decode) is built for.
+pub fn long_prompt(tokens: usize) -> bool {
+    tokens > BATCH_ROWS
 }
 
 /// Executes a plan for one sequence, or for several in slots.
@@ -141,7 +165,8 @@ pub fn check_tokens(cfg: &ModelConfig, tokens: &[u32], pos: usize) -> Result<()>
 
 /// Checks a batch for [`Backend::forward_rows`]: not empty, at least one row asking for
 /// logits, every slot below `slots`, every token in the vocabulary, each slot's rows at
-/// consecutive positions starting at `position(slot)` and inside the context of `ctx` tokens.
+/// consecutive positions starting at `position(slot)` and inside the context of `ctx` tokens,
+/// sharing one [`Row::long_prompt`] flag.
 pub fn check_rows(
     cfg: &ModelConfig,
     rows: &[Row],
@@ -156,6 +181,7 @@ pub fn check_rows(
         return Err(Error::Arg("no row asks for logits".into()));
     }
     let mut next: Vec<Option<usize>> = vec![None; slots];
+    let mut flags: Vec<Option<bool>> = vec![None; slots];
     for r in rows {
         if r.slot >= slots {
             return Err(Error::Arg(format!("slot {} does not exist (the backend holds {slots})", r.slot)));
@@ -165,6 +191,9 @@ pub fn check_rows(
                 "token id {} is outside the vocabulary (size {})",
                 r.token, cfg.vocab_size
             )));
+        }
+        if *flags[r.slot].get_or_insert(r.long_prompt) != r.long_prompt {
+            return Err(Error::Arg(format!("slot {}: rows with and without the long-prompt flag", r.slot)));
         }
         let want = *next[r.slot].get_or_insert_with(|| position(r.slot));
         if r.pos != want {

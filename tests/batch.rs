@@ -31,7 +31,7 @@ fn bad_rows_are_errors_and_leave_the_caches_alone() {
     let model = zmoe::Model::load(common::shared_tiny(SynthQuant::Affine4, 3)).unwrap();
     let mut be = model.backend(BackendKind::Cpu, zmoe::plan::Plan::reference(model.config())).unwrap();
     be.set_slots(2).unwrap();
-    let row = |slot, pos, token| Row { slot, pos, token, logits: true };
+    let row = |slot, pos, token| Row { slot, pos, token, logits: true, long_prompt: false };
     be.forward_rows(&[row(0, 0, 5), row(0, 1, 6), row(1, 0, 7)]).unwrap();
     let v = model.config().vocab_size as u32;
     for (rows, want) in [
@@ -41,6 +41,10 @@ fn bad_rows_are_errors_and_leave_the_caches_alone() {
         (vec![row(0, 2, v)], "outside the vocabulary"),
         (vec![row(0, 3, 1)], "slot 0: row at position 3 where 2 comes next"),
         (vec![row(1, 1, 1), row(1, 1, 2)], "slot 1: row at position 1 where 2 comes next"),
+        (
+            vec![row(0, 2, 1), Row { long_prompt: true, ..row(0, 3, 1) }],
+            "slot 0: rows with and without the long-prompt flag",
+        ),
     ] {
         let err = be.forward_rows(&rows).unwrap_err().to_string();
         assert!(err.contains(want), "{rows:?}: {err}");

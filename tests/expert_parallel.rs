@@ -86,6 +86,7 @@ fn ranked_batches_stay_batch_invariant() {
             pos,
             token: (rng.next_u64() % cfg.vocab_size as u64) as u32,
             logits: true,
+            long_prompt: false,
         })
         .collect();
     for be in [&mut plain, &mut ranked] {

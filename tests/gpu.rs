@@ -425,7 +425,7 @@ fn kernel_mla_attention_tc_matches_cpu() {
     let (l, r) = (512usize, 64usize);
     let row = l + r;
     for (nh, nope, m, p0, base) in
-        [(20usize, 192usize, 23usize, 41usize, 0usize), (4, 64, 70, 0, 7), (16, 128, 9, 250, 2)]
+        [(20usize, 192usize, 23usize, 41usize, 0usize), (4, 64, 70, 0, 7), (16, 128, 9, 250, 2), (4, 128, 3, 5, 1)]
     {
         let dqk = nope + r;
         let s_len = base + p0 + m;
@@ -1094,12 +1094,21 @@ fn graph_replay_equals_eager() {
                 );
             }
         }
-        // Batches: 4 slots prefilled together (a mixed batch, eager in both), then decode
-        // batches of 4 and of 3 rows (replayed from the per-size graphs in `graph`).
+        // Batches: 4 slots prefilled together with 2..5 tokens (a mixed batch, eager in
+        // both; the slots end at different positions), then decode batches of 4 and of 3 rows
+        // (replayed from the per-size graphs in `graph`).
         eager.set_slots(4).unwrap();
         graph.set_slots(4).unwrap();
         let mut rows: Vec<Row> = (0..4)
-            .flat_map(|s| (0..3).map(move |p| Row { slot: s, pos: p, token: (7 + 13 * s + p) as u32, logits: p == 2 }))
+            .flat_map(|s| {
+                (0..2 + s).map(move |p| Row {
+                    slot: s,
+                    pos: p,
+                    token: (7 + 13 * s + p) as u32,
+                    logits: p == 1 + s,
+                    long_prompt: false,
+                })
+            })
             .collect();
         for step in 0..24 {
             let (a, b) = (eager.forward_rows(&rows).unwrap(), graph.forward_rows(&rows).unwrap());
@@ -1118,6 +1127,7 @@ fn graph_replay_equals_eager() {
                     pos: graph.slot_position(s),
                     token: zmoe::sample::argmax(l) as u32,
                     logits: true,
+                    long_prompt: false,
                 })
                 .collect();
         }
@@ -1200,7 +1210,8 @@ fn kernel_sample_token_matches_host() {
 
 /// A prefill of n tokens equals n decode steps bit for bit on the GPU: the prefill path
 /// groups (token, slot) rows by expert and tiles tokens by 8, the decode path does neither,
-/// and both must run the same per-row arithmetic. 150 tokens = 3 prefill chunks.
+/// and both must run the same per-row arithmetic. 150 tokens: 3 chunks of 64, or 10 forwards
+/// of 16 tokens (short prompts stay off the tensor cores), or one chunk with them off.
 #[test]
 #[ignore]
 fn prefill_equals_decode_bitexact() {
@@ -1225,14 +1236,19 @@ fn prefill_equals_decode_bitexact() {
         let mut dec = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), true).unwrap();
         let tokens: Vec<u32> = (0..150).map(|i| (i * 104_729 + 17) % v as u32).collect();
         let want: Vec<Vec<f32>> = tokens.iter().map(|&t| dec.forward(&[t], false).unwrap()).collect();
-        // The row-per-token kernels: chunks of TC_MIN_ROWS tokens (prompt chunks), and full
-        // chunks with the tensor cores off (the batch plan at up to CHUNK rows). Larger chunks
+        // The row-per-token kernels: forwards of BATCH_ROWS tokens with the tensor cores on
+        // (short prompts, e.g. draft tokens to verify), and whole-prompt forwards in chunks
+        // of CHUNK and of 64 with them off (the batch plan at up to CHUNK rows). A long prompt
         // on tensor cores: prefill_tensor_cores_close_to_decode.
-        for (chunk, tc) in [(zmoe::cuda::ops::gemm::TC_MIN_ROWS, true), (zmoe::cuda::CHUNK, false), (64, false)] {
+        for (chunk, tc) in [(zmoe::plan::lower::BATCH_ROWS, true), (zmoe::cuda::CHUNK, false), (64, false)] {
             let mut pre = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), false).unwrap();
-            pre.set_prefill_chunk(chunk).unwrap();
             pre.set_tensor_cores(tc);
-            let all = pre.forward(&tokens, true).unwrap();
+            let all: Vec<f32> = if tc {
+                tokens.chunks(chunk).flat_map(|c| pre.forward(c, true).unwrap()).collect()
+            } else {
+                pre.set_prefill_chunk(chunk).unwrap();
+                pre.forward(&tokens, true).unwrap()
+            };
             for (p, one) in want.iter().enumerate() {
                 let row = &all[p * v..(p + 1) * v];
                 assert!(
@@ -1248,7 +1264,10 @@ fn prefill_equals_decode_bitexact() {
 /// Prompt chunks on tensor cores (issue 19) against decode: the logits of a 150-token
 /// prompt prefilled in one chunk and in chunks of 64 (conv states and GPT-OSS rings cross
 /// the edges) stay within bf16 tolerance of one-token decode at every position; the measured
-/// error is printed. (Chunks of at most TC_MIN_ROWS are bit-exact: prefill_equals_decode_bitexact.)
+/// error is printed. The chunking changes no bit: one chunk, chunks of 64 and chunks of 16
+/// give the same logits (each row is computed alone, so a long prompt's tokens do not depend
+/// on how a server splits it). (Forwards of at most BATCH_ROWS tokens are bit-exact with
+/// decode: prefill_equals_decode_bitexact.)
 /// glm-tiny-l512 takes MLA's tensor-core attention (512 + 64-wide latent rows); the other MLA
 /// presets' narrower latents keep the split kernel.
 #[test]
@@ -1274,11 +1293,21 @@ fn prefill_tensor_cores_close_to_decode() {
         let tokens: Vec<u32> = (0..150).map(|i| (i * 104_729 + 17) % v as u32).collect();
         let mut dec = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), true).unwrap();
         let want: Vec<f32> = tokens.iter().flat_map(|&t| dec.forward(&[t], false).unwrap()).collect();
-        for chunk in [zmoe::cuda::CHUNK, 64] {
+        let mut first: Option<Vec<f32>> = None;
+        for chunk in [zmoe::cuda::CHUNK, 64, 16] {
             let mut pre = CudaBackend::new(model.config().clone(), &model.weights, plan.clone(), false).unwrap();
             assert!(pre.name().contains(", tc"), "{}: tensor cores off (ZMOE_TC=1, sm_80+)", pre.name());
             pre.set_prefill_chunk(chunk).unwrap();
             let got = pre.forward(&tokens, true).unwrap();
+            match &first {
+                None => first = Some(got.clone()),
+                Some(one) => {
+                    let same = got.iter().zip(one).all(|(a, b)| a.to_bits() == b.to_bits());
+                    if !same {
+                        failures.push(format!("{name} chunk {chunk}: logits differ from one chunk's"));
+                    }
+                }
+            }
             let mut per_pos: Vec<f64> =
                 (0..tokens.len()).map(|p| rel_err(&got[p * v..(p + 1) * v], &want[p * v..(p + 1) * v])).collect();
             let spikes = per_pos.iter().filter(|&&e| e > 5e-2).count();

@@ -659,11 +659,7 @@ impl Backend for CpuBackend {
 
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         crate::backend::check_tokens(&self.cfg, tokens, self.st.seqs[0].pos)?;
-        let pos0 = self.st.seqs[0].pos;
-        let n = tokens.len();
-        let rows: Vec<Row> = (tokens.iter().enumerate())
-            .map(|(i, &token)| Row { slot: 0, pos: pos0 + i, token, logits: all_logits || i + 1 == n })
-            .collect();
+        let rows = Row::of_tokens(0, self.st.seqs[0].pos, tokens, all_logits);
         self.forward_checked(&rows)
     }
 

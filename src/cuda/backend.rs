@@ -1266,7 +1266,7 @@ impl CudaBackend {
     /// `rows` selected-expert mat-vecs: row q reads x row q / per and expert topk_idx[q].
     /// One token (decode) launches a block column per row; more tokens (prefill) use the
     /// grouping `moe_group` made, so each expert's weights are read once per 8 of its rows,
-    /// or once per tile of 32 on tensor cores (chunks of more than `TC_MIN_ROWS` tokens).
+    /// or once per tile of 32 on tensor cores (long prompts).
     fn expert_matvec(&self, w: &DMat, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
         let (x, y) = (rd::<Bf16>(self.buf(src)), wr::<Bf16>(self.buf(dst)));
         let (n, k, per) = (int(w.rows), int(w.cols), int(per));
@@ -1385,11 +1385,7 @@ impl CudaBackend {
                 self.slot_ctx
             )));
         }
-        let n = tokens.len();
-        let rows: Vec<Row> = (tokens.iter().enumerate())
-            .map(|(i, &token)| Row { slot: 0, pos: pos0 + i, token, logits: all_logits || i + 1 == n })
-            .collect();
-        self.run_rows(&rows, true, out)
+        self.run_rows(&Row::of_tokens(0, pos0, tokens, all_logits), out)
     }
 
     /// Runs checked `rows` through the plan in chunks of [`CHUNK`], appending each to its
@@ -1398,13 +1394,16 @@ impl CudaBackend {
     /// chunk of at most `BATCH_ROWS` rows that all ask for logits (a decode step, or a batch
     /// of them) replays the graph captured for its size when graphs are on.
     ///
-    /// `prompt`: the rows are one sequence's prompt (`forward`), so chunks of more than
-    /// `TC_MIN_ROWS` run on tensor cores. Batches of several slots' rows (`forward_rows`)
-    /// stay on the row-per-token kernels: a row's result must not depend on what else is in
-    /// its batch, and the tensor cores round differently from decode.
-    fn run_rows(&mut self, rows: &[Row], prompt: bool, mut out: Option<&mut Vec<f32>>) -> Result<()> {
+    /// A chunk of one slot's [`Row::long_prompt`] rows runs on tensor cores (when the device
+    /// allows them), whatever its size: the tensor-core kernels compute each row alone (a
+    /// row's sums do not depend on the other rows of its tile, and attention visits the keys
+    /// in tiles fixed from position 0), so a long prompt's rows come out the same in any
+    /// chunking and any batch. Every other chunk stays on the row-per-token kernels,
+    /// bit-identical to decode.
+    fn run_rows(&mut self, rows: &[Row], mut out: Option<&mut Vec<f32>>) -> Result<()> {
         for chunk in rows.chunks(self.chunk) {
-            self.tc_chunk = prompt && chunk.len() > gemm::TC_MIN_ROWS && self.tc_allowed;
+            let slot = chunk[0].slot;
+            self.tc_chunk = self.tc_allowed && chunk.iter().all(|r| r.long_prompt && r.slot == slot);
             // A chunk with no row asking still runs its head for one (LastRow keeps ≥ 1 row).
             self.keep = (0..chunk.len()).filter(|&i| chunk[i].logits).collect();
             let read = !self.keep.is_empty();
@@ -1443,6 +1442,46 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Runs a checked batch ([`Backend::forward_rows`]): each slot's [`Row::long_prompt`] rows
+    /// as a prompt of their own (tensor cores, see `run_rows`), the other rows together (slots
+    /// are independent, so the order of the groups does not matter); returns the logits of
+    /// the rows that ask, in batch order.
+    fn run_batch(&mut self, rows: &[Row]) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        if !self.tc_allowed || !rows.iter().any(|r| r.long_prompt) {
+            self.run_rows(rows, Some(&mut logits))?;
+            return Ok(logits);
+        }
+        // Row indices of each long-prompt slot, then of every other row.
+        let mut groups: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            let key = r.long_prompt.then_some(r.slot);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, g)) => g.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        // Where each asking row's logits go: its rank among the asking rows.
+        let v = self.cfg.vocab_size;
+        let mut rank = vec![0usize; rows.len()];
+        let mut asking = 0;
+        for (i, r) in rows.iter().enumerate() {
+            rank[i] = asking;
+            asking += r.logits as usize;
+        }
+        logits.resize(asking * v, 0.0);
+        let mut out = Vec::new();
+        for (_, g) in groups {
+            let sub: Vec<Row> = g.iter().map(|&i| rows[i]).collect();
+            out.clear();
+            self.run_rows(&sub, Some(&mut out))?;
+            for (&i, l) in g.iter().filter(|&&i| rows[i].logits).zip(out.chunks_exact(v)) {
+                logits[rank[i] * v..][..v].copy_from_slice(l);
+            }
+        }
+        Ok(logits)
+    }
+
     /// GPU time of each step of one decode step at the current position, measured inside
     /// a captured graph with a timing event between consecutive steps (so launch gaps count
     /// as they do in real decode), averaged over `replays` replays after one warm-up. The
@@ -1463,7 +1502,7 @@ impl CudaBackend {
         self.tc_chunk = false;
         let steps = self.exec.decode.steps.clone();
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
-        self.write_io(&[Row { slot: 0, pos: self.seqs[0], token: 0, logits: true }])?;
+        self.write_io(&[Row { slot: 0, pos: self.seqs[0], token: 0, logits: true, long_prompt: false }])?;
         self.keep = vec![0];
         self.dev.begin_capture()?;
         let mut rows = 1;
@@ -1492,6 +1531,7 @@ impl CudaBackend {
     /// `tokens` at slot 0's position — launched eagerly with an event between steps, twice
     /// (the second is reported). Slot 0's position and conv states are left as they were.
     pub fn profile_prefill(&mut self, tokens: &[u32]) -> Result<Vec<StepTime>> {
+        let long = crate::backend::long_prompt(tokens.len());
         let tokens = &tokens[..tokens.len().min(self.chunk)];
         let (n, pos0) = (tokens.len(), self.seqs[0]);
         crate::backend::check_tokens(&self.cfg, tokens, pos0)?;
@@ -1501,9 +1541,8 @@ impl CudaBackend {
                 self.slot_ctx
             )));
         }
-        let rows: Vec<Row> = (tokens.iter().enumerate())
-            .map(|(i, &token)| Row { slot: 0, pos: pos0 + i, token, logits: i + 1 == n })
-            .collect();
+        let mut rows = Row::of_tokens(0, pos0, tokens, false);
+        rows.iter_mut().for_each(|r| r.long_prompt = long);
         self.save_conv_states(false)?;
         let r = self.profile_chunk(&rows);
         self.tc_chunk = false;
@@ -1514,7 +1553,7 @@ impl CudaBackend {
     /// [`CudaBackend::profile_prefill`] without the conv-state restore.
     fn profile_chunk(&mut self, rows: &[Row]) -> Result<Vec<StepTime>> {
         let n = rows.len();
-        self.tc_chunk = n > gemm::TC_MIN_ROWS && self.tc_allowed;
+        self.tc_chunk = self.tc_allowed && rows.iter().all(|r| r.long_prompt);
         let steps = self.exec.pick(n, self.tc_chunk).steps.clone();
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
         let mut us = vec![0f64; steps.len()];
@@ -1547,8 +1586,8 @@ impl CudaBackend {
     }
 
     /// Splits prompts into chunks of `n` tokens (1 ..= [`CHUNK`], the default): tests use
-    /// chunks of at most `ops::gemm::TC_MIN_ROWS` tokens to stay on the mat-vecs, and small
-    /// chunks to cross sliding windows and conv states at chunk edges.
+    /// small chunks to cross sliding windows and conv states at chunk edges, and to check
+    /// that a long prompt's rows on tensor cores do not depend on the chunking.
     pub fn set_prefill_chunk(&mut self, n: usize) -> Result<()> {
         if !(1..=CHUNK).contains(&n) {
             return Err(Error::Arg(format!("prefill chunk of {n} tokens: must be 1 ..= {CHUNK}")));
@@ -1645,15 +1684,14 @@ impl Backend for CudaBackend {
         // A failed forward leaves the slots where they were (the rows it wrote past them are
         // overwritten by the next).
         let before = self.seqs.clone();
-        let mut logits = Vec::new();
-        let r = self.run_rows(rows, false, Some(&mut logits)).and_then(|_| {
+        let r = self.run_batch(rows).and_then(|logits| {
             let v = self.cfg.vocab_size;
             let asked = rows.iter().filter(|r| r.logits);
             match asked.zip(logits.chunks_exact(v)).find(|(_, l)| l.iter().any(|x| !x.is_finite())) {
                 Some((r, _)) => {
                     Err(Error::NonFinite { position: r.pos, origin: crate::sample::NON_FINITE_HINT.into() })
                 }
-                None => Ok(std::mem::take(&mut logits)),
+                None => Ok(logits),
             }
         });
         if r.is_err() {

@@ -120,7 +120,7 @@ impl Device {
         self.pdl
     }
 
-    /// Whether prefill chunks of more than [`ops::gemm::TC_MIN_ROWS`] tokens run their
+    /// Whether long prompts ([`crate::backend::long_prompt`]) run their
     /// projections on tensor cores (`mma.sync`, sm_80 and newer): with `ZMOE_TC=1`, opt-in
     /// until the kernels have passed their GPU tests; otherwise the row-per-token mat-vecs
     /// serve every chunk (also the A/B baseline for benchmarks).

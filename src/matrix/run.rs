@@ -412,6 +412,7 @@ mod tests {
                 "qwen3_moe/qwen3-30b-a3b@affine4",
                 "glm4_moe_lite/glm-tiny@affine4",
                 "glm4_moe_lite/glm-4.7-flash@affine4",
+                "glm4_moe_lite/glm-tiny-l512@affine4",
                 "deepseek_v3/deepseek-tiny@affine4",
                 "deepseek_v3/kimi-k2-tiny@affine4",
                 "lfm2_moe/lfm2-tiny@affine4",

@@ -58,8 +58,9 @@ pub struct ExecPlans {
     pub decode: Plan,
 }
 
-/// Most tokens a prompt chunk may have and still run the batch plan: larger prompt chunks
-/// run their products on tensor cores (CUDA: `cuda::ops::gemm::TC_MIN_ROWS` is this).
+/// Most rows the batch plan is built for, and the longest prompt whose rows stay on it,
+/// bit-identical to decode: longer prompts are [`crate::backend::long_prompt`] and run their
+/// products on tensor cores (CUDA).
 pub const BATCH_ROWS: usize = 16;
 
 impl ExecPlans {
@@ -68,11 +69,13 @@ impl ExecPlans {
         ExecPlans { prefill: plan.clone(), batch: plan.clone(), decode: plan.clone() }
     }
 
-    /// The plan for a chunk of `m` rows; `tensor_cores`: a prompt chunk on tensor cores.
+    /// The plan for a chunk of `m` rows; `tensor_cores`: a long prompt's chunk on tensor
+    /// cores, which takes the prefill plan whatever its size (even one row), so its rows are
+    /// computed the same way in every chunking.
     pub fn pick(&mut self, m: usize, tensor_cores: bool) -> &mut Plan {
         match m {
-            1 => &mut self.decode,
             _ if tensor_cores => &mut self.prefill,
+            1 => &mut self.decode,
             _ => &mut self.batch,
         }
     }

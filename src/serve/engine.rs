@@ -202,7 +202,7 @@ pub fn run(
         let mut rows = Vec::new();
         for s in running.iter().filter(|s| s.next.is_some()) {
             let pos = s.job.prompt.len() + s.generated.len() - 1;
-            rows.push(Row { slot: s.slot, pos, token: s.next.unwrap(), logits: true });
+            rows.push(Row { slot: s.slot, pos, token: s.next.unwrap(), logits: true, long_prompt: false });
         }
         let decode_rows = rows.len();
         let mut budget = opts.prefill_chunk;
@@ -211,9 +211,11 @@ pub fn run(
                 break;
             }
             let end = s.job.prompt.len().min(s.fed + budget);
-            for p in s.fed..end {
-                rows.push(Row { slot: s.slot, pos: p, token: s.job.prompt[p], logits: p + 1 == end });
-            }
+            // A long prompt's rows may take the tensor cores whatever its chunks (Row::long_prompt).
+            let mut chunk = Row::of_tokens(s.slot, s.fed, &s.job.prompt[s.fed..end], false);
+            let long = crate::backend::long_prompt(s.job.prompt.len());
+            chunk.iter_mut().for_each(|r| r.long_prompt = long);
+            rows.extend(chunk);
             budget -= end - s.fed;
         }
         let t0 = Instant::now();

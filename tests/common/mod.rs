@@ -176,8 +176,12 @@ pub fn assert_batch_invariant(kind: zmoe::BackendKind, dir: &Path, slots: usize,
     let cfg = model.config();
     let v = cfg.vocab_size;
     let (plan, _) = patched_plan(cfg, &Selection::default());
+    // Short prompts (2–10 tokens, on every backend's decode kernels) and every fifth one long
+    // (more than BATCH_ROWS tokens: CUDA runs its rows on tensor cores, alone in one chunk,
+    // together in chunks of 3 — the same numbers either way).
+    let len = |i: usize| if i % 5 == 4 { 17 + i } else { 2 + (i * 5) % 9 };
     let prompts: Vec<Vec<u32>> =
-        (0..seqs).map(|i| (0..2 + (i * 5) % 9).map(|k| ((i * 7919 + k * 104_729 + 13) % v) as u32).collect()).collect();
+        (0..seqs).map(|i| (0..len(i)).map(|k| ((i * 7919 + k * 104_729 + 13) % v) as u32).collect()).collect();
 
     // Alone: each sequence on a fresh single-sequence backend.
     let mut alone_be = model.backend(kind, plan.clone()).unwrap();
@@ -230,12 +234,14 @@ pub fn assert_batch_invariant(kind: zmoe::BackendKind, dir: &Path, slots: usize,
             .map(|s| {
                 let p = &prompts[s.id];
                 if s.fed < p.len() {
+                    // Chunks of 3: a long prompt's rows keep their flag in every chunk.
+                    let long_prompt = zmoe::backend::long_prompt(p.len());
                     (s.fed..p.len().min(s.fed + 3))
-                        .map(|i| Row { slot: s.slot, pos: i, token: p[i], logits: true })
+                        .map(|i| Row { slot: s.slot, pos: i, token: p[i], logits: true, long_prompt })
                         .collect()
                 } else {
                     let t = zmoe::sample::argmax(&s.logits[s.logits.len() - v..]) as u32;
-                    vec![Row { slot: s.slot, pos: p.len() + s.decoded, token: t, logits: true }]
+                    vec![Row { slot: s.slot, pos: p.len() + s.decoded, token: t, logits: true, long_prompt: false }]
                 }
             })
             .collect();

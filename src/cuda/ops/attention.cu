@@ -121,7 +121,7 @@ extern "C" __global__ void attention(const AttentionArgs a) {
 
 
 // Causal GQA attention of a prompt chunk on tensor cores (flash-attention style; prompt
-// chunks of more than TC_MIN_ROWS tokens, see gemm.cu): the chunk's M rows are one
+// chunks of long prompts, see gemm.cu): the chunk's M rows are one
 // sequence's consecutive positions pos[0] .. pos[0] + M − 1 (cache rows from base[0]). Block
 // (x, h) takes queries x·64 .. of head h, a warp 16 of them; keys stream through shared
 // memory 32 at a time (K row-major, V transposed), S = q·kᵀ and O += P·V by mma.sync
@@ -137,7 +137,8 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
     __shared__ __align__(16) bf16 vt[D][FA_BK + 8];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     const int nh = a.nh, nkv = a.nkv, M = a.m, h = blockIdx.y, kvh = h / (nh / nkv);
-    const int q0 = blockIdx.x * FA_BQ, qw = q0 + warp * 16;
+    // The last queries (the most keys) first, so the longest blocks are not the last wave.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ, qw = q0 + warp * 16;
     const int p0 = a.pos[0];
     const long seq = (long)a.base[0] * nkv * D;
     // This warp's q rows qw + g and qw + g + 8 (clamped: rows past M are computed, not stored)

@@ -1,5 +1,5 @@
-// Tensor-core matrix products for prefill chunks (more than TC_MIN_ROWS tokens; fewer stay
-// on the row-per-token mat-vecs, bit-identical to decode). y = x Wᵀ over a tile of TC_BM
+// Tensor-core matrix products for the chunks of long prompts (more than BATCH_ROWS tokens;
+// shorter forwards stay on the row-per-token mat-vecs, bit-identical to decode). y = x Wᵀ over a tile of TC_BM
 // token rows × TC_BN output rows per 128-thread block, k in stages of TC_BK through shared
 // memory, mma.sync m16n8k16 (bf16 in, f32 accumulate; sm_80+).
 //

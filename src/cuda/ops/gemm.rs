@@ -3,10 +3,13 @@
 //! `head_gemm_tc` (`head_matvec`'s arguments). Tiles of
 //! [`TC_BM`] tokens × 128 output rows, `mma.sync` m16n8k16 bf16 with f32 accumulation.
 //!
-//! Why only above [`TC_MIN_ROWS`] tokens: a tensor-core sum runs in another order than the
-//! row-per-token mat-vec, so its outputs differ from decode's by f32 rounding. Batches of a
-//! few rows (batched decode, exact speculative verification) stay on the mat-vecs and stay
-//! bit-identical to single-token decode; long prompts take the tensor cores. The reference
+//! Why only for long prompts ([`crate::backend::long_prompt`]: more than `BATCH_ROWS`
+//! tokens): a tensor-core sum runs in another order than the row-per-token mat-vec, so its
+//! outputs differ from decode's by f32 rounding. Short forwards and batches of decode rows
+//! (batched decode, exact speculative verification) stay on the mat-vecs and stay
+//! bit-identical to single-token decode. Each output row is computed alone (its sums do not
+//! depend on the other rows of its tile), so a long prompt gives the same numbers in any
+//! chunking and any batch. The reference
 //! and the patched plans run the same prefill kernels, so `zmoe validate` stays exact.
 
 use super::linear::MatvecArgs;
@@ -21,10 +24,6 @@ pub const TC_BM: usize = 32;
 const TC_BN: usize = 128;
 /// k per shared-memory stage: K (and an affine group) must be a multiple of it.
 const TC_BK: usize = 32;
-/// Prompt chunks of more tokens than this run their projections on tensor cores; smaller
-/// ones on the mat-vecs, bit-identical to decode (the plans' `BATCH_ROWS`).
-pub const TC_MIN_ROWS: usize = crate::plan::lower::BATCH_ROWS;
-
 kernel_args! {
     /// `expert_gemm_tc`: tile t = (expert `tiles[1 + 2t]`, routed rows from `tiles[2 + 2t]`,
     /// `tiles[0]` tiles in all) of the grouping in `off`/`rows`; row q of y `[R, n]` =

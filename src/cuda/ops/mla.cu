@@ -126,8 +126,8 @@ extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
     finish_split(acc, L, mx, l, a.part_o, a.part_ml, a.tickets, mh, split, nsplit, a.out);
 }
 
-// Causal MLA attention of a prompt chunk on tensor cores (absorbed form; prompt chunks of more
-// than TC_MIN_ROWS tokens, see gemm.cu). The chunk's M tokens are one sequence's consecutive
+// Causal MLA attention of a prompt chunk on tensor cores (absorbed form; chunks of long
+// prompts, see gemm.cu). The chunk's M tokens are one sequence's consecutive
 // positions pos[0] .. (cache rows from base[0]). Every head reads the same latent cache rows,
 // so the heads are rows of one query matrix: row r = m·nh + h is [qlat (512) | q_pe (64)]
 // against key rows [c (512) | k_pe (64)], values c — MQA with 576-wide keys. A block takes 32
@@ -152,7 +152,8 @@ extern "C" __global__ void mla_attention_tc(const MlaFlashArgs a) {
     __shared__ float mrow[MT_BQ], lrow[MT_BQ], frow[MT_BQ];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     const int kg = warp & 3, kn = warp >> 2;
-    const int nh = a.nh, total = a.m * nh, q0 = blockIdx.x * MT_BQ;
+    // The last rows (the most keys) first, so the longest blocks are not the last wave.
+    const int nh = a.nh, total = a.m * nh, q0 = (gridDim.x - 1 - blockIdx.x) * MT_BQ;
     const int p0 = a.pos[0];
     const bf16* cache = a.cache + (long)a.base[0] * MT_ROW;
     // Q fragments of k-group kg: rows q0 + mt·16 + g (+8), clamped (rows past the chunk are
