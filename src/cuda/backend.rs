@@ -1249,7 +1249,9 @@ impl CudaBackend {
     /// Groups a chunk's `mm·K` routed rows by expert for the gate, up and down steps that
     /// follow (offsets, rows, tensor-core tiles); one token (decode) needs no grouping.
     fn group_experts(&self, mm: usize) -> Result<()> {
-        if mm == 1 {
+        // One token's slots go to the per-slot mat-vecs, except on tensor cores (a long
+        // prompt's one-row chunk), whose expert product reads the tile table.
+        if mm == 1 && !self.tensor_cores() {
             return Ok(());
         }
         let a = moe::MoeGroupArgs {
