@@ -999,8 +999,17 @@ fn model_logits_match_cpu() {
         // teacher_forced_greedy_agrees is the margin-aware check for them. LFM2's router rounds
         // logits and scores to bf16 on the GPU (as transformers' bf16 model does) and the
         // CPU oracle does not: the same looseness.
-        let sigmoid = model.config().family.is_mla() || model.config().family == zmoe::config::Family::Lfm2Moe;
-        let (max_median, max_spikes) = if sigmoid { (3e-2, 20) } else { (2e-2, 10) };
+        // Measured on an H100 (2026-12-07): LFM2 medians 1.6–3.4e-2 with 7–27 spikes per 100
+        // positions (its bf16 router flips experts most often), MLA ≤ 6.4e-3 with ≤ 7 spikes,
+        // Qwen3 ≤ 1.3e-2 with ≤ 2 spikes.
+        let family = model.config().family;
+        let (max_median, max_spikes) = if family == zmoe::config::Family::Lfm2Moe {
+            (5e-2, 35)
+        } else if family.is_mla() {
+            (3e-2, 20)
+        } else {
+            (2e-2, 10)
+        };
         if median > max_median || spikes > max_spikes || !got.iter().all(|x| x.is_finite()) {
             failures.push(format!("{}: median {median}, spikes {spikes}", dir.display()));
         }
@@ -1435,28 +1444,32 @@ fn non_finite_logits_and_context_on_gpu() {
 }
 
 /// Batch invariance on the GPU (issue 20): the shared body of tests/batch.rs — 20 greedy
-/// sequences through 16 CUDA slots with continuous batching and chunked prefill (batches of
-/// decode rows replay the per-size graphs, mixed batches run eagerly, of any slot) equal
-/// each sequence alone, bit for bit; GQA and MLA caches, LFM2's conv states (per slot, read
-/// as zeros at a slot's position 0, rows of several slots in one short_conv launch), GPT-OSS's
-/// per-slot rings (window 6; 520 decode steps make sequences of up to 530 tokens, past the
-/// ring's window + CHUNK − 1 = 517 rows, so every slot's ring wraps), patched plans.
+/// sequences (every fifth a long prompt, on tensor cores) through 16 CUDA slots (GPT-OSS 8)
+/// with continuous batching and chunked prefill (batches of decode rows replay the per-size
+/// graphs, mixed batches run eagerly, of any slot) equal each sequence alone, bit for bit;
+/// GQA and MLA caches, LFM2's conv states (per slot, read as zeros at a slot's position 0,
+/// rows of several slots in one short_conv launch), GPT-OSS's per-slot rings (window 6; 520
+/// decode steps make sequences of up to 556 tokens, past the ring's window + CHUNK − 1 = 517
+/// rows, so every slot's ring wraps), patched plans.
 #[test]
 #[ignore]
 fn batch_invariant_on_gpu() {
     let tmp = tempfile::tempdir().unwrap();
-    for (name, preset, quant, seed, decode) in [
-        ("q4", "qwen3_moe/tiny", SynthQuant::Affine4, 81, 6),
-        ("qb", "qwen3_moe/tiny", SynthQuant::Bf16, 83, 6),
-        ("g4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 82, 6),
-        ("k4", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine4, 84, 6),
-        ("l4", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4, 85, 6),
-        ("lb", "lfm2_moe/lfm2-tiny", SynthQuant::Bf16, 86, 6),
-        ("o4", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4, 87, 520),
-        ("ob", "gpt_oss/gpt-oss-tiny", SynthQuant::Bf16, 88, 520),
+    // GPT-OSS on 8 slots: 1,024 tokens each (the default 8,192-token cache split 8 ways), room
+    // for a 36-token prompt and 520 decode steps.
+    for (name, preset, quant, seed, slots, decode) in [
+        ("q4", "qwen3_moe/tiny", SynthQuant::Affine4, 81, 16, 6),
+        ("qb", "qwen3_moe/tiny", SynthQuant::Bf16, 83, 16, 6),
+        ("g4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 82, 16, 6),
+        ("gw", "glm4_moe_lite/glm-tiny-l512", SynthQuant::Affine4, 89, 16, 6),
+        ("k4", "deepseek_v3/kimi-k2-tiny", SynthQuant::Affine4, 84, 16, 6),
+        ("l4", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4, 85, 16, 6),
+        ("lb", "lfm2_moe/lfm2-tiny", SynthQuant::Bf16, 86, 16, 6),
+        ("o4", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4, 87, 8, 520),
+        ("ob", "gpt_oss/gpt-oss-tiny", SynthQuant::Bf16, 88, 8, 520),
     ] {
         let dir = common::synth_preset(tmp.path(), name, preset, quant, seed);
-        let ok = common::assert_batch_invariant(zmoe::BackendKind::Cuda, &dir, 16, 20, decode);
+        let ok = common::assert_batch_invariant(zmoe::BackendKind::Cuda, &dir, slots, 20, decode);
         assert!(ok, "{name}: CUDA slots");
     }
 }

@@ -164,8 +164,10 @@ __device__ void topk_softmax_warp(const float* lg, int E, int K, int* idx, float
         sid[j] = bi;
     }
     if (lane == 0) {
+        // sel[0] is the largest: the softmax's max (read before the loop overwrites it).
+        const float mx = sel[0];
         float sum = 0.f;
-        for (int j = 0; j < K; j++) { sel[j] = expf(sel[j] - sel[0]); sum += sel[j]; }
+        for (int j = 0; j < K; j++) { sel[j] = expf(sel[j] - mx); sum += sel[j]; }
         for (int j = 0; j < K; j++) {
             idx[j] = sid[j];
             wout[j] = sel[j] / sum;
