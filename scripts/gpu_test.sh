@@ -81,9 +81,8 @@ if [ "$mode" = base ]; then
 fi
 
 OUT=${OUT:-$(mktemp -d)}
-# Tensor-core prefill is opt-in until its GPU tests pass; the tests and benchmarks here use it
-# (compare's notc column and prefill's tc0 runs switch it off).
-export ZMOE_TC=${ZMOE_TC:-1}
+# Tensor-core prefill is on by default (compare's notc column and prefill's tc0 runs switch
+# it off with ZMOE_TC=0).
 export ZMOE_REPO=$PWD ZMOE_CACHE=${ZMOE_CACHE:-/tmp/zmoe-cache} ZMOE_BIN=$PWD/scratch/gpu/zmoe
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 # synth_preset PRESET DIR: the preset's affine4 model (seed 0) in DIR, synthesised once.

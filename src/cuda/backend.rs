@@ -1582,7 +1582,7 @@ impl CudaBackend {
     }
 
     /// Lets prompt chunks take the tensor cores (`on`, where the device has them: sm_80+ and
-    /// `ZMOE_TC=1`) or keeps every chunk on the row kernels (tests compare both).
+    /// not `ZMOE_TC=0`) or keeps every chunk on the row kernels (tests compare both).
     pub fn set_tensor_cores(&mut self, on: bool) {
         self.tc_allowed = on && self.dev.tensor_cores();
     }

@@ -106,9 +106,7 @@ impl Device {
             peak: 0,
             cc: (major, minor),
             pdl: major >= 9 && std::env::var("ZMOE_PDL").map_or(true, |v| v != "0"),
-            // Opt-in until the tensor-core kernels have passed their GPU tests (written
-            // without a GPU; see bench/RESULTS.md): ZMOE_TC=1.
-            tc: major >= 8 && std::env::var("ZMOE_TC").is_ok_and(|v| v == "1"),
+            tc: major >= 8 && std::env::var("ZMOE_TC").map_or(true, |v| v != "0"),
         })
     }
 
@@ -121,9 +119,8 @@ impl Device {
     }
 
     /// Whether long prompts ([`crate::backend::long_prompt`]) run their
-    /// projections on tensor cores (`mma.sync`, sm_80 and newer): with `ZMOE_TC=1`, opt-in
-    /// until the kernels have passed their GPU tests; otherwise the row-per-token mat-vecs
-    /// serve every chunk (also the A/B baseline for benchmarks).
+    /// projections on tensor cores (`mma.sync`, sm_80 and newer) unless `ZMOE_TC=0`, which
+    /// keeps every chunk on the row-per-token mat-vecs (the A/B baseline for benchmarks).
     pub fn tensor_cores(&self) -> bool {
         self.tc
     }

@@ -23,7 +23,7 @@
 #                                    peer-<family>.json (commit under bench/peers/results/)
 #   QUANTS="q4_0 q8_0"  REPS=10  KEEP_GGUF=0
 #   ZMOE_BENCH_ARGS=""               extra `zmoe bench` flags (e.g. a plan)
-#   ZMOE_TC=1                        zmoe's tensor-core prefill (opt-in until its GPU tests pass;
+#   ZMOE_TC=0                        zmoe's prefill without tensor cores (on by default;
 #                                    the environment reaches `zmoe bench`)
 #   ZMOE_BACKEND=cuda                (cpu: a local smoke test of this script with a CPU llama-bench)
 #   LLAMA_ARGS=""                    extra llama-bench flags (e.g. "-d 0,512" for decode at depth)
