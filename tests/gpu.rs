@@ -410,8 +410,9 @@ fn kernel_attention_tc_matches_cpu() {
     }
 }
 
-/// MLA prompt-chunk attention on tensor cores (issue 19) against the CPU in f64: the absorbed
-/// form — query rows (token, head) of [qlat (512) | q_pe (64)] over latent cache rows
+/// MLA attention on tensor cores (issue 19) against the CPU in f64, both kernels — the prompt
+/// chunk's causal `mla_attention_tc` and the split `mla_attention_split_tc` of decode and
+/// batches (twice: its tickets must reset): the absorbed form — query rows (token, head) of [qlat (512) | q_pe (64)] over latent cache rows
 /// [c (512) | k_pe (64)], values c — one sequence's consecutive rows after a cached prefix,
 /// GLM's 20 heads and others, row counts that leave partial 32-row blocks and 16-key tiles,
 /// poisoned outputs.
@@ -489,6 +490,48 @@ fn kernel_mla_attention_tc_matches_cpu() {
         // P enters the P·V product as bf16 (2^-9), the output is bf16.
         assert!(e < 8e-3, "{what}: rel err {e}");
         println!("mla_attention_tc {what}: rel err {e:.1e}");
+
+        // The split kernel (decode and batches) on the same rows: each row over its own keys,
+        // split 16 ways, merged by the last split block (tickets must come back to zero).
+        let ns = mla::MLA_SPLITS;
+        let (po, pml, ptk) = (
+            dev.alloc(m * nh * ns * l * 4).unwrap(),
+            dev.alloc(m * nh * ns * 2 * 4).unwrap(),
+            dev.alloc(m * nh * 4).unwrap(),
+        );
+        dev.fill(ptk, 0, m * nh * 4).unwrap();
+        dev.fill(pout, 0xFF, m * nh * l * 2).unwrap();
+        let sa = mla::MlaAttentionArgs {
+            qlat: rd(pl),
+            q: rd(pq),
+            cache: rd(pc),
+            pos: rd(ppos),
+            base: rd(pbase),
+            part_o: wr(po),
+            part_ml: wr(pml),
+            tickets: wr(ptk),
+            out: wr(pout),
+            nh: nh as i32,
+            dqk: dqk as i32,
+            nope: nope as i32,
+            l: l as i32,
+            r: r as i32,
+            scale,
+            nsplit: ns as i32,
+        };
+        for round in 0..2 {
+            mla::mla_attention_split_tc(&dev, &sa, m).unwrap();
+            let mut got = vec![0u16; m * nh * l];
+            dev.read(pout, &mut got).unwrap();
+            let got = from_bf16(&got);
+            assert!(got.iter().all(|v| v.is_finite()), "{what}: split kernel left rows unwritten");
+            let e = rel_err(&got, &want);
+            assert!(e < 8e-3, "{what}: split kernel, round {round}: rel err {e}");
+            let mut tickets = vec![0i32; m * nh];
+            dev.read(ptk, &mut tickets).unwrap();
+            assert!(tickets.iter().all(|&t| t == 0), "{what}: tickets not reset");
+            println!("mla_attention_split_tc {what}: rel err {e:.1e}");
+        }
     }
 }
 
@@ -1082,6 +1125,7 @@ fn graph_replay_equals_eager() {
         ("tiny", "qwen3_moe/tiny", SynthQuant::Affine4),
         ("lfm2", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4),
         ("goss", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4),
+        ("mla512", "glm4_moe_lite/glm-tiny-l512", SynthQuant::Affine4),
     ] {
         let dir = common::synth_preset(tmp.path(), name, preset, quant, 31);
         let model = Model::load(&dir).unwrap();
@@ -1231,6 +1275,8 @@ fn prefill_equals_decode_bitexact() {
         ("tb", "qwen3_moe/tiny", SynthQuant::Bf16, 43),
         ("g4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 44),
         ("db", "deepseek_v3/deepseek-tiny", SynthQuant::Bf16, 45),
+        // MLA at 512 + 64: the split tensor-core attention serves decode and every chunk.
+        ("gw", "glm4_moe_lite/glm-tiny-l512", SynthQuant::Affine4, 40),
         // LFM2: the conv state crosses the 16-token prefill chunks and feeds decode.
         ("l4", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4, 46),
         ("lb", "lfm2_moe/lfm2-tiny", SynthQuant::Bf16, 47),

@@ -126,99 +126,104 @@ extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
     finish_split(acc, L, mx, l, a.part_o, a.part_ml, a.tickets, mh, split, nsplit, a.out);
 }
 
-// Causal MLA attention of a prompt chunk on tensor cores (absorbed form; chunks of long
-// prompts, see gemm.cu). The chunk's M tokens are one sequence's consecutive
-// positions pos[0] .. (cache rows from base[0]). Every head reads the same latent cache rows,
-// so the heads are rows of one query matrix: row r = m·nh + h is [qlat (512) | q_pe (64)]
-// against key rows [c (512) | k_pe (64)], values c — MQA with 576-wide keys. A block takes 32
-// query rows (about two tokens × GLM's 20 heads), 8 warps; keys stream through shared memory
-// 16 at a time and serve all 32 rows.
+// MLA attention on tensor cores (absorbed form). Every head reads the same latent cache rows,
+// so heads are rows of one query matrix: query row [qlat (512) | q_pe (64)] against key rows
+// [c (512) | k_pe (64)], values c — MQA with 576-wide keys. A block takes 32 query rows, 8
+// warps; keys stream through shared memory 16 at a time and serve all 32 rows.
 //   S = Q·Kᵀ: warp (kg = w % 4, kn = w / 4) computes the 32 rows × keys kn·8 .. +8 over the
 //   k-steps kg·9 .. +9 of 36 (its Q fragments stay in registers, 72 of them); the four k-group
 //   partials are added in a fixed order (0 + 1 + 2 + 3).
 //   Online softmax in f32, a row per 8 lanes; P rounded to bf16 for the product.
 //   O += P·V: warp w owns latent dims w·64 .. +64 of all 32 rows (64 f32 registers).
-// Sums run in another order than mla_attention's: within bf16 tolerance of decode, not
-// bit-identical (tests/gpu.rs). L = 512 and R = 64 only (mla::tc_supports).
+// Two kernels share this core: mla_attention_tc (a long prompt's chunk, causal, rows =
+// (token, head) pairs) and mla_attention_split_tc (decode and batches: the heads of one token,
+// split over the keys). Sums run in another order than mla_attention's (the CUDA-core kernel
+// kept for other latent widths). L = 512 and R = 64 only (mla::tc_supports).
 #define MT_BQ 32
 #define MT_BK 16
 #define MT_L 512
 #define MT_ROW 576
-extern "C" __global__ void mla_attention_tc(const MlaFlashArgs a) {
-    pdl_entry();
-    __shared__ __align__(16) bf16 ks[MT_BK][MT_ROW + 8];
-    __shared__ __align__(16) float sp[4][MT_BQ][MT_BK];
-    __shared__ __align__(16) bf16 ps[MT_BQ][MT_BK + 8];
-    __shared__ float mrow[MT_BQ], lrow[MT_BQ], frow[MT_BQ];
+struct MlaTcSmem {
+    __align__(16) bf16 ks[MT_BK][MT_ROW + 8];
+    __align__(16) float sp[4][MT_BQ][MT_BK];
+    __align__(16) bf16 ps[MT_BQ][MT_BK + 8];
+    float mrow[MT_BQ], lrow[MT_BQ], frow[MT_BQ];
+};
+
+// The tile's 32 query rows (tile row i is query row qrow(i), clamped to a real row) against the
+// keys [k0, k1) of `cache` (the sequence's first cache row), row i seeing keys ≤ vis(i). Key
+// tiles start at k0 and every row visits the same tiles, so a row's numbers do not depend on
+// the other rows of its tile (a tile past a row's last key rescales by exactly 1 and adds 0).
+// Leaves this warp's unnormalised O in o and each row's running max and sum in sm.mrow/lrow.
+template <typename QRow, typename Vis>
+__device__ __forceinline__ void mla_tc_rows(const bf16* qlat, const bf16* q, int dqk, int nope, const bf16* cache,
+                                            float scale, int k0, int k1, QRow qrow, Vis vis, MlaTcSmem& sm,
+                                            float o[2][8][4]) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     const int kg = warp & 3, kn = warp >> 2;
-    // The last rows (the most keys) first, so the longest blocks are not the last wave.
-    const int nh = a.nh, total = a.m * nh, q0 = (gridDim.x - 1 - blockIdx.x) * MT_BQ;
-    const int p0 = a.pos[0];
-    const bf16* cache = a.cache + (long)a.base[0] * MT_ROW;
-    // Q fragments of k-group kg: rows q0 + mt·16 + g (+8), clamped (rows past the chunk are
-    // computed, not stored); k-steps below 512 read qlat, the rest q's rope slice.
+    // Q fragments of k-group kg: rows mt·16 + g (+8); k-steps below 512 read qlat, the rest
+    // q's rope slice.
     u32 qf[2][9][4];
 #pragma unroll
     for (int mt = 0; mt < 2; mt++) {
-        const int r0 = min(q0 + mt * 16 + g, total - 1), r1 = min(q0 + mt * 16 + g + 8, total - 1);
+        const long r0 = qrow(mt * 16 + g), r1 = qrow(mt * 16 + g + 8);
 #pragma unroll
         for (int j = 0; j < 9; j++) {
             const int k = (kg * 9 + j) * 16;
-            const bf16* s0 = k < MT_L ? a.qlat + (long)r0 * MT_L + k : a.q + (long)r0 * a.dqk + a.nope + (k - MT_L);
-            const bf16* s1 = k < MT_L ? a.qlat + (long)r1 * MT_L + k : a.q + (long)r1 * a.dqk + a.nope + (k - MT_L);
+            const bf16* s0 = k < MT_L ? qlat + r0 * MT_L + k : q + r0 * dqk + nope + (k - MT_L);
+            const bf16* s1 = k < MT_L ? qlat + r1 * MT_L + k : q + r1 * dqk + nope + (k - MT_L);
             qf[mt][j][0] = *(const u32*)(s0 + 2 * t4);
             qf[mt][j][1] = *(const u32*)(s1 + 2 * t4);
             qf[mt][j][2] = *(const u32*)(s0 + 2 * t4 + 8);
             qf[mt][j][3] = *(const u32*)(s1 + 2 * t4 + 8);
         }
     }
-    float o[2][8][4];
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
 #pragma unroll
         for (int n = 0; n < 8; n++) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
-    if (tid < MT_BQ) { mrow[tid] = -INFINITY; lrow[tid] = 0.f; }
-    // Keys any row of the block sees: through the position of its last row's token.
-    const int nkeys = p0 + (min(q0 + MT_BQ, total) - 1) / nh + 1;
+    if (tid < MT_BQ) { sm.mrow[tid] = -INFINITY; sm.lrow[tid] = 0.f; }
     // The softmax thread's row and key pair.
     const int srow = tid >> 3, sj = (tid & 7) * 2;
-    const int spos = p0 + min(q0 + srow, total - 1) / nh;
-    for (int k0 = 0; k0 < nkeys; k0 += MT_BK) {
+    const int svis = vis(srow);
+    for (int kt = k0; kt < k1; kt += MT_BK) {
         __syncthreads();  // the previous tile's P·V is done with ks and ps
         for (int i = tid; i < MT_BK * (MT_ROW / 8); i += blockDim.x) {
             const int r = i / (MT_ROW / 8), c = i % (MT_ROW / 8);
             uint4 kv = make_uint4(0, 0, 0, 0);
-            if (k0 + r < nkeys) kv = ((const uint4*)(cache + (long)(k0 + r) * MT_ROW))[c];
-            *(uint4*)&ks[r][c * 8] = kv;
+            if (kt + r < k1) kv = ((const uint4*)(cache + (long)(kt + r) * MT_ROW))[c];
+            *(uint4*)&sm.ks[r][c * 8] = kv;
         }
         __syncthreads();
         float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int j = 0; j < 9; j++) {
             const int k = (kg * 9 + j) * 16;
-            const u32 b[2] = {*(const u32*)&ks[kn * 8 + g][k + 2 * t4], *(const u32*)&ks[kn * 8 + g][k + 2 * t4 + 8]};
+            const u32 b[2] = {*(const u32*)&sm.ks[kn * 8 + g][k + 2 * t4],
+                              *(const u32*)&sm.ks[kn * 8 + g][k + 2 * t4 + 8]};
             mma_bf16_16816(s[0], qf[0][j], b);
             mma_bf16_16816(s[1], qf[1][j], b);
         }
 #pragma unroll
         for (int mt = 0; mt < 2; mt++) {
-            *(float2*)&sp[kg][mt * 16 + g][kn * 8 + 2 * t4] = make_float2(s[mt][0], s[mt][1]);
-            *(float2*)&sp[kg][mt * 16 + g + 8][kn * 8 + 2 * t4] = make_float2(s[mt][2], s[mt][3]);
+            *(float2*)&sm.sp[kg][mt * 16 + g][kn * 8 + 2 * t4] = make_float2(s[mt][0], s[mt][1]);
+            *(float2*)&sm.sp[kg][mt * 16 + g + 8][kn * 8 + 2 * t4] = make_float2(s[mt][2], s[mt][3]);
         }
         __syncthreads();
         {
             float v[2];
 #pragma unroll
             for (int c = 0; c < 2; c++) {
-                const float x = ((sp[0][srow][sj + c] + sp[1][srow][sj + c]) + sp[2][srow][sj + c]) + sp[3][srow][sj + c];
-                v[c] = k0 + sj + c <= spos ? x * a.scale : -INFINITY;
+                const float x = ((sm.sp[0][srow][sj + c] + sm.sp[1][srow][sj + c]) + sm.sp[2][srow][sj + c]) +
+                                sm.sp[3][srow][sj + c];
+                const int key = kt + sj + c;
+                v[c] = key <= svis && key < k1 ? x * scale : -INFINITY;
             }
             float mx = fmaxf(v[0], v[1]);
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            const float mold = mrow[srow], mnew = fmaxf(mold, mx);
+            const float mold = sm.mrow[srow], mnew = fmaxf(mold, mx);
             // No key seen yet for this row (mnew = -inf): nothing to rescale, p = 0.
             const float f = mnew == -INFINITY ? 1.f : expf(mold - mnew);
             const float pa = mnew == -INFINITY ? 0.f : expf(v[0] - mnew);
@@ -227,12 +232,12 @@ extern "C" __global__ void mla_attention_tc(const MlaFlashArgs a) {
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
             sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-            *(u32*)&ps[srow][sj] = pack_bf16x2(pa, pb);
+            *(u32*)&sm.ps[srow][sj] = pack_bf16x2(pa, pb);
             __syncwarp();
             if ((tid & 7) == 0) {
-                mrow[srow] = mnew;
-                lrow[srow] = lrow[srow] * f + sum;
-                frow[srow] = f;
+                sm.mrow[srow] = mnew;
+                sm.lrow[srow] = sm.lrow[srow] * f + sum;
+                sm.frow[srow] = f;
             }
         }
         __syncthreads();
@@ -240,36 +245,96 @@ extern "C" __global__ void mla_attention_tc(const MlaFlashArgs a) {
 #pragma unroll
         for (int mt = 0; mt < 2; mt++) {
             const int ra = mt * 16 + g, rb = ra + 8;
-            const float fa = frow[ra], fb = frow[rb];
+            const float fa = sm.frow[ra], fb = sm.frow[rb];
 #pragma unroll
             for (int n = 0; n < 8; n++) o[mt][n][0] *= fa, o[mt][n][1] *= fa, o[mt][n][2] *= fb, o[mt][n][3] *= fb;
-            pf[mt][0] = *(const u32*)&ps[ra][2 * t4];
-            pf[mt][1] = *(const u32*)&ps[rb][2 * t4];
-            pf[mt][2] = *(const u32*)&ps[ra][2 * t4 + 8];
-            pf[mt][3] = *(const u32*)&ps[rb][2 * t4 + 8];
+            pf[mt][0] = *(const u32*)&sm.ps[ra][2 * t4];
+            pf[mt][1] = *(const u32*)&sm.ps[rb][2 * t4];
+            pf[mt][2] = *(const u32*)&sm.ps[ra][2 * t4 + 8];
+            pf[mt][3] = *(const u32*)&sm.ps[rb][2 * t4 + 8];
         }
         // V = the latent part of the key rows; B[k = key][n = dim] pairs of consecutive keys.
 #pragma unroll
         for (int n = 0; n < 8; n++) {
             const int dim = warp * 64 + n * 8 + g;
-            const u32 b[2] = {(u32)ks[2 * t4][dim] | ((u32)ks[2 * t4 + 1][dim] << 16),
-                              (u32)ks[2 * t4 + 8][dim] | ((u32)ks[2 * t4 + 9][dim] << 16)};
+            const u32 b[2] = {(u32)sm.ks[2 * t4][dim] | ((u32)sm.ks[2 * t4 + 1][dim] << 16),
+                              (u32)sm.ks[2 * t4 + 8][dim] | ((u32)sm.ks[2 * t4 + 9][dim] << 16)};
             mma_bf16_16816(o[0][n], pf[0], b);
             mma_bf16_16816(o[1][n], pf[1], b);
         }
     }
+    __syncthreads();  // mrow / lrow of the last tile are visible to every thread
+}
+
+// Calls f(i, dim, lo, hi) for this lane's accumulator pairs of mla_tc_rows: tile row i,
+// latent dims dim and dim + 1.
+template <typename F>
+__device__ __forceinline__ void mla_tc_for_each_pair(const float o[2][8][4], F f) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const int row = mt * 16 + g + r * 8;
-            if (q0 + row >= total) continue;
-            bf16* out = a.out + (long)(q0 + row) * MT_L + warp * 64;
-            const float inv = 1.f / lrow[row];
+        for (int r = 0; r < 2; r++)
 #pragma unroll
-            for (int n = 0; n < 8; n++)
-                *(u32*)(out + n * 8 + 2 * t4) = pack_bf16x2(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
+            for (int n = 0; n < 8; n++) f(mt * 16 + g + r * 8, warp * 64 + n * 8 + 2 * t4, o[mt][n][2 * r], o[mt][n][2 * r + 1]);
+}
+
+// A long prompt's chunk: its M tokens are one sequence's consecutive positions pos[0] ..
+// (cache rows from base[0]); tile rows are the flattened (token, head) rows r = m·nh + h, 32
+// a block (about two tokens × GLM's 20 heads), causal per token.
+extern "C" __global__ void mla_attention_tc(const MlaFlashArgs a) {
+    pdl_entry();
+    __shared__ MlaTcSmem sm;
+    // The last rows (the most keys) first, so the longest blocks are not the last wave.
+    const int nh = a.nh, total = a.m * nh, q0 = (gridDim.x - 1 - blockIdx.x) * MT_BQ;
+    const int p0 = a.pos[0];
+    // Keys any row of the block sees: through the position of its last row's token.
+    const int nkeys = p0 + (min(q0 + MT_BQ, total) - 1) / nh + 1;
+    auto qrow = [&](int i) { return min(q0 + i, total - 1); };
+    auto vis = [&](int i) { return p0 + qrow(i) / nh; };
+    float o[2][8][4];
+    mla_tc_rows(a.qlat, a.q, a.dqk, a.nope, a.cache + (long)a.base[0] * MT_ROW, a.scale, 0, nkeys, qrow, vis, sm, o);
+    mla_tc_for_each_pair(o, [&](int i, int dim, float lo, float hi) {
+        if (q0 + i < total) {
+            const float inv = 1.f / sm.lrow[i];
+            *(u32*)(a.out + (long)(q0 + i) * MT_L + dim) = pack_bf16x2(lo * inv, hi * inv);
         }
+    });
+}
+
+// Decode and batches (any rows of any slots): block (token m · tiles + t, split s) takes heads
+// t·32 .. of token m over its keys s·chunk .. (chunk = ceil(keys / nsplit), as mla_attention
+// splits them, so a row's numbers depend on its own position only), writes the unnormalised
+// partials; the last split block of the (token, head tile) merges every split of its heads.
+extern "C" __global__ void mla_attention_split_tc(const MlaAttentionArgs a) {
+    pdl_entry();
+    __shared__ MlaTcSmem sm;
+    const int nh = a.nh, nsplit = a.nsplit, tiles = (nh + MT_BQ - 1) / MT_BQ;
+    const int m = blockIdx.x / tiles, h0 = (blockIdx.x % tiles) * MT_BQ, split = blockIdx.y;
+    const int n_keys = a.pos[m] + 1, chunk = (n_keys + nsplit - 1) / nsplit;
+    const int k0 = split * chunk, k1 = min(k0 + chunk, n_keys);
+    auto qrow = [&](int i) { return m * nh + min(h0 + i, nh - 1); };
+    auto vis = [&](int) { return k1 - 1; };
+    float o[2][8][4];
+    mla_tc_rows(a.qlat, a.q, a.dqk, a.nope, a.cache + (long)a.base[m] * MT_ROW, a.scale, k0, k1, qrow, vis, sm, o);
+    mla_tc_for_each_pair(o, [&](int i, int dim, float lo, float hi) {
+        if (h0 + i < nh) {
+            float* po = a.part_o + ((long)(m * nh + h0 + i) * nsplit + split) * MT_L + dim;
+            po[0] = lo;
+            po[1] = hi;
+        }
+    });
+    if (threadIdx.x < MT_BQ && h0 + threadIdx.x < nh) {
+        float* ml = a.part_ml + ((long)(m * nh + h0 + threadIdx.x) * nsplit + split) * 2;
+        ml[0] = sm.mrow[threadIdx.x];
+        ml[1] = sm.lrow[threadIdx.x];
+    }
+    if (!last_to_finish(a.tickets + m * nh + h0, nsplit)) return;
+    for (int h = h0; h < min(h0 + MT_BQ, nh); h++) {
+        const long mh = (long)m * nh + h;
+        merge_splits(a.part_o + mh * nsplit * MT_L, a.part_ml + mh * nsplit * 2, nsplit, MT_L, a.out + mh * MT_L);
+        __syncthreads();  // merge_splits' shared (max, sum) table is reused by the next head
+    }
 }
 
 // qk_norm_rope for MLA: per (token, head) block of 256 threads (as the rmsnorm launch):
