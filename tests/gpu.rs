@@ -410,9 +410,8 @@ fn kernel_attention_tc_matches_cpu() {
     }
 }
 
-/// MLA attention on tensor cores (issue 19) against the CPU in f64, both kernels — the prompt
-/// chunk's causal `mla_attention_tc` and the split `mla_attention_split_tc` of decode and
-/// batches (twice: its tickets must reset): the absorbed form — query rows (token, head) of [qlat (512) | q_pe (64)] over latent cache rows
+/// MLA prompt-chunk attention on tensor cores (issue 19) against the CPU in f64: the absorbed
+/// form — query rows (token, head) of [qlat (512) | q_pe (64)] over latent cache rows
 /// [c (512) | k_pe (64)], values c — one sequence's consecutive rows after a cached prefix,
 /// GLM's 20 heads and others, row counts that leave partial 32-row blocks and 16-key tiles,
 /// poisoned outputs.
@@ -490,48 +489,6 @@ fn kernel_mla_attention_tc_matches_cpu() {
         // P enters the P·V product as bf16 (2^-9), the output is bf16.
         assert!(e < 8e-3, "{what}: rel err {e}");
         println!("mla_attention_tc {what}: rel err {e:.1e}");
-
-        // The split kernel (decode and batches) on the same rows: each row over its own keys,
-        // split 16 ways, merged by the last split block (tickets must come back to zero).
-        let ns = mla::MLA_SPLITS;
-        let (po, pml, ptk) = (
-            dev.alloc(m * nh * ns * l * 4).unwrap(),
-            dev.alloc(m * nh * ns * 2 * 4).unwrap(),
-            dev.alloc(m * nh * 4).unwrap(),
-        );
-        dev.fill(ptk, 0, m * nh * 4).unwrap();
-        dev.fill(pout, 0xFF, m * nh * l * 2).unwrap();
-        let sa = mla::MlaAttentionArgs {
-            qlat: rd(pl),
-            q: rd(pq),
-            cache: rd(pc),
-            pos: rd(ppos),
-            base: rd(pbase),
-            part_o: wr(po),
-            part_ml: wr(pml),
-            tickets: wr(ptk),
-            out: wr(pout),
-            nh: nh as i32,
-            dqk: dqk as i32,
-            nope: nope as i32,
-            l: l as i32,
-            r: r as i32,
-            scale,
-            nsplit: ns as i32,
-        };
-        for round in 0..2 {
-            mla::mla_attention_split_tc(&dev, &sa, m).unwrap();
-            let mut got = vec![0u16; m * nh * l];
-            dev.read(pout, &mut got).unwrap();
-            let got = from_bf16(&got);
-            assert!(got.iter().all(|v| v.is_finite()), "{what}: split kernel left rows unwritten");
-            let e = rel_err(&got, &want);
-            assert!(e < 8e-3, "{what}: split kernel, round {round}: rel err {e}");
-            let mut tickets = vec![0i32; m * nh];
-            dev.read(ptk, &mut tickets).unwrap();
-            assert!(tickets.iter().all(|&t| t == 0), "{what}: tickets not reset");
-            println!("mla_attention_split_tc {what}: rel err {e:.1e}");
-        }
     }
 }
 
@@ -1003,7 +960,13 @@ fn backends(model: &Model, graph: bool) -> (CpuBackend, CudaBackend) {
 #[ignore]
 fn model_logits_match_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut dirs = golden_dirs();
+    // The GPT-OSS goldens (HF init 0.2, no q/k norm: near one-hot attention) are too
+    // ill-conditioned for an f32-vs-bf16 comparison: transformers' own bf16 model is further
+    // from f32 on them (median 3.8e-2–1.9e-1) than this GPU, and a numpy forward that rounds
+    // at the GPU's storage points reproduces the GPU's errors and spike counts exactly
+    // (bench/RESULTS.md, session 7). teacher_forced_greedy_agrees checks them margin-aware;
+    // here the synthetic GPT-OSS models stand for the family.
+    let mut dirs: Vec<_> = golden_dirs().into_iter().filter(|d| !d.to_string_lossy().contains("gpt_oss")).collect();
     dirs.push(common::synth_tiny(tmp.path(), "tiny4", SynthQuant::Affine4, 21));
     dirs.push(common::synth_tiny(tmp.path(), "tiny8", SynthQuant::Affine8, 22));
     dirs.push(common::synth_tiny(tmp.path(), "tinybf", SynthQuant::Bf16, 23));
@@ -1043,12 +1006,13 @@ fn model_logits_match_cpu() {
         // logits and scores to bf16 on the GPU (as transformers' bf16 model does) and the
         // CPU oracle does not: the same looseness.
         // Measured on an H100 (2026-12-07): LFM2 medians 1.6–3.4e-2 with 7–27 spikes per 100
-        // positions (its bf16 router flips experts most often), MLA ≤ 6.4e-3 with ≤ 7 spikes,
-        // Qwen3 ≤ 1.3e-2 with ≤ 2 spikes.
+        // positions (its bf16 router flips experts most often), synthetic GPT-OSS 5–7e-3 with
+        // 2–12 (top-k then softmax: a flip moves the whole weight), MLA ≤ 6.4e-3 with ≤ 7
+        // spikes, Qwen3 ≤ 1.3e-2 with ≤ 2 spikes.
         let family = model.config().family;
         let (max_median, max_spikes) = if family == zmoe::config::Family::Lfm2Moe {
             (5e-2, 35)
-        } else if family.is_mla() {
+        } else if family.is_mla() || family == zmoe::config::Family::GptOss {
             (3e-2, 20)
         } else {
             (2e-2, 10)
@@ -1275,7 +1239,7 @@ fn prefill_equals_decode_bitexact() {
         ("tb", "qwen3_moe/tiny", SynthQuant::Bf16, 43),
         ("g4", "glm4_moe_lite/glm-tiny", SynthQuant::Affine4, 44),
         ("db", "deepseek_v3/deepseek-tiny", SynthQuant::Bf16, 45),
-        // MLA at 512 + 64: the split tensor-core attention serves decode and every chunk.
+        // MLA at GLM-4.7-Flash's latent widths (512 + 64).
         ("gw", "glm4_moe_lite/glm-tiny-l512", SynthQuant::Affine4, 40),
         // LFM2: the conv state crosses the 16-token prefill chunks and feeds decode.
         ("l4", "lfm2_moe/lfm2-tiny", SynthQuant::Affine4, 46),

@@ -861,13 +861,7 @@ impl CudaBackend {
                     scale: c.attn_scale(),
                     nsplit: int(mla::MLA_SPLITS),
                 };
-                // Tensor cores wherever the device has them (not per chunk: decode, batches
-                // and short prompts must run one kernel to stay bit-identical to each other).
-                if dev.tensor_cores() && mla::tc_supports(m.kv_lora_rank, m.qk_rope_head_dim) {
-                    mla::mla_attention_split_tc(dev, &a, mm)?;
-                } else {
-                    mla::mla_attention(dev, &a, mm)?;
-                }
+                mla::mla_attention(dev, &a, mm)?;
             }
             Step::Attn { layer, op: AttnOp::ShortConv } => {
                 let cv = self.w.conv(layer)?;

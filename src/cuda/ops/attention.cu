@@ -19,11 +19,11 @@
 __device__ void merge_splits(const float* po, const float* pml, int nsplit, int D, bf16* out) {
     __shared__ float ml[2 * ATTN_THREADS];
     int tid = threadIdx.x;
-    for (int i = tid; i < 2 * nsplit; i += blockDim.x) ml[i] = __ldcg(pml + i);
+    for (int i = tid; i < 2 * nsplit; i += ATTN_THREADS) ml[i] = __ldcg(pml + i);
     __syncthreads();
     float M2 = -INFINITY;
     for (int s = 0; s < nsplit; s++) if (ml[2 * s + 1] > 0.f) M2 = fmaxf(M2, ml[2 * s]);
-    for (int d = tid; d < D; d += blockDim.x) {
+    for (int d = tid; d < D; d += ATTN_THREADS) {
         float num = 0.f, den = 0.f;
 #pragma unroll 4
         for (int s = 0; s < nsplit; s++) {

@@ -135,10 +135,11 @@ extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
 //   partials are added in a fixed order (0 + 1 + 2 + 3).
 //   Online softmax in f32, a row per 8 lanes; P rounded to bf16 for the product.
 //   O += P·V: warp w owns latent dims w·64 .. +64 of all 32 rows (64 f32 registers).
-// Two kernels share this core: mla_attention_tc (a long prompt's chunk, causal, rows =
-// (token, head) pairs) and mla_attention_split_tc (decode and batches: the heads of one token,
-// split over the keys). Sums run in another order than mla_attention's (the CUDA-core kernel
-// kept for other latent widths). L = 512 and R = 64 only (mla::tc_supports).
+// Used for a long prompt's chunks (mla_attention_tc); decode and batches keep the split
+// CUDA-core kernel mla_attention (a tensor-core split version measured 2× slower at batch 1:
+// bench/RESULTS.md, session 7). Sums run in another order than mla_attention's: within bf16
+// tolerance of decode, not bit-identical (tests/gpu.rs). L = 512 and R = 64 only
+// (mla::tc_supports).
 #define MT_BQ 32
 #define MT_BK 16
 #define MT_L 512
@@ -300,41 +301,6 @@ extern "C" __global__ void mla_attention_tc(const MlaFlashArgs a) {
             *(u32*)(a.out + (long)(q0 + i) * MT_L + dim) = pack_bf16x2(lo * inv, hi * inv);
         }
     });
-}
-
-// Decode and batches (any rows of any slots): block (token m · tiles + t, split s) takes heads
-// t·32 .. of token m over its keys s·chunk .. (chunk = ceil(keys / nsplit), as mla_attention
-// splits them, so a row's numbers depend on its own position only), writes the unnormalised
-// partials; the last split block of the (token, head tile) merges every split of its heads.
-extern "C" __global__ void mla_attention_split_tc(const MlaAttentionArgs a) {
-    pdl_entry();
-    __shared__ MlaTcSmem sm;
-    const int nh = a.nh, nsplit = a.nsplit, tiles = (nh + MT_BQ - 1) / MT_BQ;
-    const int m = blockIdx.x / tiles, h0 = (blockIdx.x % tiles) * MT_BQ, split = blockIdx.y;
-    const int n_keys = a.pos[m] + 1, chunk = (n_keys + nsplit - 1) / nsplit;
-    const int k0 = split * chunk, k1 = min(k0 + chunk, n_keys);
-    auto qrow = [&](int i) { return m * nh + min(h0 + i, nh - 1); };
-    auto vis = [&](int) { return k1 - 1; };
-    float o[2][8][4];
-    mla_tc_rows(a.qlat, a.q, a.dqk, a.nope, a.cache + (long)a.base[m] * MT_ROW, a.scale, k0, k1, qrow, vis, sm, o);
-    mla_tc_for_each_pair(o, [&](int i, int dim, float lo, float hi) {
-        if (h0 + i < nh) {
-            float* po = a.part_o + ((long)(m * nh + h0 + i) * nsplit + split) * MT_L + dim;
-            po[0] = lo;
-            po[1] = hi;
-        }
-    });
-    if (threadIdx.x < MT_BQ && h0 + threadIdx.x < nh) {
-        float* ml = a.part_ml + ((long)(m * nh + h0 + threadIdx.x) * nsplit + split) * 2;
-        ml[0] = sm.mrow[threadIdx.x];
-        ml[1] = sm.lrow[threadIdx.x];
-    }
-    if (!last_to_finish(a.tickets + m * nh + h0, nsplit)) return;
-    for (int h = h0; h < min(h0 + MT_BQ, nh); h++) {
-        const long mh = (long)m * nh + h;
-        merge_splits(a.part_o + mh * nsplit * MT_L, a.part_ml + mh * nsplit * 2, nsplit, MT_L, a.out + mh * MT_L);
-        __syncthreads();  // merge_splits' shared (max, sum) table is reused by the next head
-    }
 }
 
 // qk_norm_rope for MLA: per (token, head) block of 256 threads (as the rmsnorm launch):

@@ -1,7 +1,7 @@
 //! Multi-head latent attention (`mla.cu`): per-head absorbed projections (`head_matvec`),
 //! RoPE of the rope slices, the latent cache append, split attention over the latent cache
-//! (on tensor cores for 512 + 64-wide latents: `mla_attention_split_tc` for decode and
-//! batches, `mla_attention_tc` for a long prompt's chunks), and the fused `latent_norm_rope_append` (`qk_norm_rope` for MLA).
+//! (a long prompt's chunks on tensor cores: `mla_attention_tc`), and the fused
+//! `latent_norm_rope_append` (`qk_norm_rope` for MLA).
 
 use super::{ATTN_THREADS, Bf16, F32, I32, In, KernelArgs, Out, Stacked, blocks, kernel_args};
 use crate::cuda::Device;
@@ -85,14 +85,6 @@ pub fn mla_rope(dev: &Device, a: &MlaRopeArgs, m: usize) -> Result<()> {
 /// Appends `m` rows to the latent cache.
 pub fn cache_append(dev: &Device, a: &CacheAppendArgs, m: usize) -> Result<()> {
     dev.launch_args("cache_append", (m as u32, 1, 1), 256, a)
-}
-
-/// MLA attention of `m` tokens on tensor cores, split over the keys like [`mla_attention`]
-/// (decode and batches; latent rows of 512 + 64, [`tc_supports`]): a block per (token, 32
-/// heads, split), 256 threads (`a.nsplit` must be [`MLA_SPLITS`]).
-pub fn mla_attention_split_tc(dev: &Device, a: &MlaAttentionArgs, m: usize) -> Result<()> {
-    let grid = ((m * (a.nh as usize).div_ceil(32)) as u32, a.nsplit as u32, 1);
-    dev.launch_args("mla_attention_split_tc", grid, 256, a)
 }
 
 /// MLA attention of `m` tokens (`a.nsplit` must be [`MLA_SPLITS`]).
