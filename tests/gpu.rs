@@ -98,6 +98,25 @@ fn kernel_matvec_matches_cpu() {
     }
 }
 
+/// The GPU, which must have tensor cores (`mma.sync`: sm_80 and newer).
+fn tc_device() -> Device {
+    let dev = Device::open().unwrap();
+    assert!(dev.arch()[3..].parse::<u32>().unwrap() >= 80, "{}: mma.sync needs sm_80+", dev.name);
+    dev
+}
+
+/// Reads `want.len()` bf16 values at `ptr` (a poisoned buffer: each must have been written)
+/// and checks them against `want` within relative error `tol`; prints the error.
+fn check_bf16_out(dev: &Device, ptr: u64, want: &[f32], tol: f64, what: &str) {
+    let mut got = vec![0u16; want.len()];
+    dev.read(ptr, &mut got).unwrap();
+    let got = from_bf16(&got);
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten output");
+    let e = rel_err(&got, want);
+    assert!(e < tol, "{what}: rel err {e}");
+    println!("{what}: rel err {e:.1e}");
+}
+
 /// A random `[n, k]` matrix in format `fmt` (0 bf16, 1 MLX affine of `bits`, `group`): its
 /// device storage (packed weights, scales, biases) and its dequantized values.
 fn random_qmat(
@@ -147,8 +166,7 @@ fn random_qmat(
 #[ignore]
 fn kernel_gemm_tc_matches_cpu() {
     use zmoe::cuda::ops::gemm;
-    let mut dev = Device::open().unwrap();
-    assert!(dev.arch()[3..].parse::<u32>().unwrap() >= 80, "{}: mma.sync needs sm_80+", dev.name);
+    let mut dev = tc_device();
     let mut rng = Rng::new(0x7C0DE);
     let (n, k) = (300usize, 512usize);
     for (fmt, bits, group) in [(0, 16u32, 0usize), (1, 4, 32), (1, 4, 64), (1, 4, 128), (1, 8, 64), (1, 8, 128)] {
@@ -212,8 +230,7 @@ fn kernel_gemm_tc_matches_cpu() {
 #[ignore]
 fn kernel_expert_gemm_tc_matches_cpu() {
     use zmoe::cuda::ops::gemm;
-    let mut dev = Device::open().unwrap();
-    assert!(dev.arch()[3..].parse::<u32>().unwrap() >= 80, "{}: mma.sync needs sm_80+", dev.name);
+    let mut dev = tc_device();
     let mut rng = Rng::new(0xE7C0);
     let (e, top, n, k) = (8usize, 2usize, 200usize, 256usize);
     for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
@@ -267,16 +284,10 @@ fn kernel_expert_gemm_tc_matches_cpu() {
                 k: k as i32,
             };
             gemm::expert_gemm(&dev, &a, r, e).unwrap();
-            let mut got = vec![0u16; r * n];
-            dev.read(py, &mut got).unwrap();
-            let got = from_bf16(&got);
-            let what = format!("fmt {fmt} bits {bits} m {m} per {per}");
-            assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten rows");
-            let err = rel_err(&got, &want);
-            assert!(err < 4e-3, "{what}: rel err {err}");
             let mut tiles = vec![0i32; 1];
             dev.read(ptiles, &mut tiles).unwrap();
-            println!("expert_gemm_tc {what}: {} tiles, rel err {err:.1e}", tiles[0]);
+            let what = format!("expert_gemm_tc fmt {fmt} bits {bits} m {m} per {per}, {} tiles", tiles[0]);
+            check_bf16_out(&dev, py, &want, 4e-3, &what);
         }
     }
 }
@@ -288,8 +299,7 @@ fn kernel_expert_gemm_tc_matches_cpu() {
 #[ignore]
 fn kernel_head_gemm_tc_matches_cpu() {
     use zmoe::cuda::ops::{gemm, mla};
-    let mut dev = Device::open().unwrap();
-    assert!(dev.arch()[3..].parse::<u32>().unwrap() >= 80, "{}: mma.sync needs sm_80+", dev.name);
+    let mut dev = tc_device();
     let mut rng = Rng::new(0x4EAD);
     let (nh, n, k, x_ld) = (5usize, 160usize, 192usize, 256usize);
     for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
@@ -326,14 +336,7 @@ fn kernel_head_gemm_tc_matches_cpu() {
                 m: m as i32,
             };
             gemm::head_gemm(&dev, &a).unwrap();
-            let mut got = vec![0u16; m * nh * n];
-            dev.read(py, &mut got).unwrap();
-            let got = from_bf16(&got);
-            let what = format!("fmt {fmt} bits {bits} m {m}");
-            assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten rows");
-            let err = rel_err(&got, &want);
-            assert!(err < 4e-3, "{what}: rel err {err}");
-            println!("head_gemm_tc {what}: rel err {err:.1e}");
+            check_bf16_out(&dev, py, &want, 4e-3, &format!("head_gemm_tc fmt {fmt} bits {bits} m {m}"));
         }
     }
 }
@@ -345,8 +348,7 @@ fn kernel_head_gemm_tc_matches_cpu() {
 #[ignore]
 fn kernel_attention_tc_matches_cpu() {
     use zmoe::cuda::ops::attention as attn;
-    let mut dev = Device::open().unwrap();
-    assert!(dev.arch()[3..].parse::<u32>().unwrap() >= 80, "{}: mma.sync needs sm_80+", dev.name);
+    let mut dev = tc_device();
     let mut rng = Rng::new(0xFA11);
     for (d, nh, nkv, m, p0, base) in
         [(128usize, 8usize, 2usize, 50usize, 37usize, 0usize), (64, 4, 4, 130, 0, 5), (128, 4, 1, 17, 300, 3)]
@@ -398,15 +400,8 @@ fn kernel_attention_tc_matches_cpu() {
             m: m as i32,
         };
         attn::attention_tc(&dev, &a).unwrap();
-        let mut got = vec![0u16; m * nh * d];
-        dev.read(pout, &mut got).unwrap();
-        let got = from_bf16(&got);
-        let what = format!("d {d} nh {nh} nkv {nkv} m {m} p0 {p0}");
-        assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten output");
-        let e = rel_err(&got, &want);
         // P enters the P·V product as bf16 (2^-9), the output is bf16.
-        assert!(e < 8e-3, "{what}: rel err {e}");
-        println!("attention_tc {what}: rel err {e:.1e}");
+        check_bf16_out(&dev, pout, &want, 8e-3, &format!("attention_tc d {d} nh {nh} nkv {nkv} m {m} p0 {p0}"));
     }
 }
 
@@ -419,8 +414,7 @@ fn kernel_attention_tc_matches_cpu() {
 #[ignore]
 fn kernel_mla_attention_tc_matches_cpu() {
     use zmoe::cuda::ops::mla;
-    let mut dev = Device::open().unwrap();
-    assert!(dev.arch()[3..].parse::<u32>().unwrap() >= 80, "{}: mma.sync needs sm_80+", dev.name);
+    let mut dev = tc_device();
     let mut rng = Rng::new(0x3A7C);
     let (l, r) = (512usize, 64usize);
     let row = l + r;
@@ -480,15 +474,8 @@ fn kernel_mla_attention_tc_matches_cpu() {
             m: m as i32,
         };
         mla::mla_attention_tc(&dev, &a).unwrap();
-        let mut got = vec![0u16; m * nh * l];
-        dev.read(pout, &mut got).unwrap();
-        let got = from_bf16(&got);
-        let what = format!("nh {nh} nope {nope} m {m} p0 {p0}");
-        assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten output");
-        let e = rel_err(&got, &want);
         // P enters the P·V product as bf16 (2^-9), the output is bf16.
-        assert!(e < 8e-3, "{what}: rel err {e}");
-        println!("mla_attention_tc {what}: rel err {e:.1e}");
+        check_bf16_out(&dev, pout, &want, 8e-3, &format!("mla_attention_tc nh {nh} nope {nope} m {m} p0 {p0}"));
     }
 }
 
