@@ -5,7 +5,7 @@
 #                                    # into scratch/gpu/ (ignored; carry it to the device)
 #   scripts/gpu_test.sh base REV     # here: builds zmoe at git revision REV into
 #                                    # scratch/gpu-base/ (for `run compare`)
-#   scripts/gpu_test.sh run [bench|glm|lfm2|foundry|compare|prefill|serve]  # on the GPU machine, from the repo root:
+#   scripts/gpu_test.sh run [bench|glm|lfm2|foundry|compare|prefill|serve|ncu]  # on the GPU machine, from the repo root:
 #                                    # runs every GPU test, prints a PASS/FAIL table; `bench`
 #                                    # adds the qwen3-30b-a3b affine4 benchmark and one
 #                                    # kernel-foundry campaign per op, `glm` the glm-4.7-flash
@@ -23,7 +23,8 @@
 #                                    # times the first token at 512/4096/16384 tokens on
 #                                    # PREFILL_PRESETS; `serve` runs
 #                                    # zmoe serve --parallel 16 on qwen3-30b-a3b affine4 and
-#                                    # scripts/serve_bench.py at 1, 4 and 16 concurrent streams.
+#                                    # scripts/serve_bench.py at 1, 4 and 16 concurrent streams;
+#                                    # `ncu` profiles the prompt kernels with Nsight Compute.
 #                                    # GPU_TESTS=0 skips the tests, GPU_TESTS=a,b runs those.
 #                                    # Full logs in $OUT.
 set -uo pipefail
@@ -235,6 +236,22 @@ print(f"TTFT {sys.argv[2]} {sys.argv[3]} tokens: {t:.0f} ms (prefill {pf:.0f} to
 PY
         done
     done
+fi
+if [ "${2:-}" = ncu ]; then
+    # Why a kernel is as fast as it is: Nsight Compute on the first prompt chunk of
+    # NCU_PRESET (default qwen3-30b-a3b) — the tensor-core products and prompt attention
+    # (NCU_KERNELS, a regex), NCU_COUNT launches — throughput against the limits, occupancy,
+    # the warps' stall reasons, memory traffic. Clocks are not locked (the bench numbers are
+    # not either). Full report in $OUT/ncu.txt.
+    M=/tmp/zmoe-${NCU_PRESET:-qwen3-30b-a3b}
+    synth_preset "${NCU_PRESET:-qwen3-30b-a3b}" "$M"
+    ncu --clock-control none -k "regex:${NCU_KERNELS:-expert_gemm_tc|gemm_tc|attention_tc}" \
+        --launch-count "${NCU_COUNT:-6}" --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        scratch/gpu/zmoe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 1 --runs 1 \
+        --warmup 0 >"$OUT/ncu.txt" 2>&1 || tail -5 "$OUT/ncu.txt"
+    grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" \
+        "$OUT/ncu.txt" | head -120
 fi
 if [ "${2:-}" = serve ]; then
     # Serving: qwen3-30b-a3b on 16 CUDA slots; TTFT, per-stream and aggregate decode tok/s.
