@@ -220,6 +220,17 @@ pub struct StepTime {
     /// Bytes the step reads (weights and cache; filled in by `zmoe bench`, 0 if unknown).
     #[serde(default)]
     pub bytes: usize,
+    /// Floating-point operations of the step (prompt-chunk profiles; filled in by `zmoe
+    /// bench`, 0 if unknown).
+    #[serde(default)]
+    pub flops: f64,
+}
+
+impl StepTime {
+    /// `us` microseconds of `step`, its bytes and operations not yet counted.
+    pub fn of(step: &crate::plan::Step, us: f64) -> StepTime {
+        StepTime { kind: step.kind(), us, bytes: 0, flops: 0.0 }
+    }
 }
 
 /// What a backend runs on, as recorded in benchmark capsules.

@@ -384,6 +384,46 @@ pub fn step_bytes(step: &Step, w: &Weights, cfg: &ModelConfig, ctx: usize) -> us
     }
 }
 
+/// Floating-point operations (2 per multiply-add) of `step` over a prompt chunk of `m` rows
+/// whose first row sits at position `p0`: the matrix products and attention, which is what
+/// the tensor cores run; element-wise steps count 0. Attention counts each query's causal
+/// keys (on average `p0 + (m + 1) / 2`, at most a sliding window). This is the numerator of
+/// `zmoe bench --profile`'s per-step TFLOP/s for the prompt chunk.
+pub fn step_flops(step: &Step, w: &Weights, cfg: &ModelConfig, m: usize, p0: usize) -> f64 {
+    let mf = m as f64;
+    let mat = |x: &crate::checkpoint::mat::Mat| 2.0 * mf * (x.rows * x.cols) as f64;
+    let slots = |x: Option<&crate::checkpoint::mat::Mat>| x.map_or(0.0, |x| cfg.top_k as f64 * mat(x));
+    let keys = |window: Option<usize>| {
+        let avg = (p0 + m.div_ceil(2)) as f64;
+        window.map_or(avg, |win| avg.min(win as f64))
+    };
+    let heads = cfg.num_heads as f64;
+    match step {
+        Step::Linear { w: r, .. } => w.linear(*r).map_or(0.0, |l| mat(&l.w)),
+        Step::Attn { layer, op } => match op {
+            AttnOp::Attention => 2.0 * mf * heads * keys(None) * (cfg.head_dim + cfg.v_head_dim) as f64,
+            AttnOp::SinkAttention => {
+                2.0 * mf * heads * keys(cfg.window(*layer)) * (cfg.head_dim + cfg.v_head_dim) as f64
+            }
+            AttnOp::MlaAttention | AttnOp::MlaAttentionExpanded => cfg
+                .mla
+                .as_ref()
+                .map_or(0.0, |a| 2.0 * mf * heads * keys(None) * (a.cache_row() + a.kv_lora_rank) as f64),
+            AttnOp::MlaQAbsorb => w.mla(*layer).map_or(0.0, |a| a.embed_q.iter().map(mat).sum()),
+            AttnOp::MlaVUp => w.mla(*layer).map_or(0.0, |a| a.unembed_out.iter().map(mat).sum()),
+            _ => 0.0,
+        },
+        Step::Moe { layer, op } => w.experts(*layer).map_or(0.0, |e| match op {
+            MoeOp::ExpertGateUp => slots(e.gate.first()) + slots(e.up.first()),
+            MoeOp::ExpertDown => slots(e.down.first()),
+            _ => 0.0,
+        }),
+        Step::Fused { parts, .. } => parts.iter().map(|p| step_flops(p, w, cfg, m, p0)).sum(),
+        Step::Packed { step, .. } => step_flops(step, w, cfg, m, p0),
+        _ => 0.0,
+    }
+}
+
 /// One step kind's share of a decode profile (see [`profile_by_kind`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct KindTotal {
@@ -395,6 +435,8 @@ pub struct KindTotal {
     pub us: f64,
     /// Bytes those steps read per token ([`step_bytes`]).
     pub bytes: usize,
+    /// Floating-point operations of those steps ([`step_flops`]; prompt-chunk profiles).
+    pub flops: f64,
 }
 
 impl KindTotal {
@@ -407,16 +449,28 @@ impl KindTotal {
     pub fn gb_s(&self) -> f64 {
         if self.us > 0.0 { self.bytes as f64 / (self.us * 1e3) } else { 0.0 }
     }
+
+    /// Achieved TFLOP/s: floating-point operations ÷ time.
+    pub fn tflop_s(&self) -> f64 {
+        if self.us > 0.0 { self.flops / (self.us * 1e6) } else { 0.0 }
+    }
 }
 
 /// Per-kind totals of a decode profile, slowest first.
 pub fn profile_by_kind(steps: &[StepTime]) -> Vec<KindTotal> {
     let mut by: BTreeMap<&str, KindTotal> = BTreeMap::new();
     for s in steps {
-        let e = by.entry(&s.kind).or_insert_with(|| KindTotal { kind: s.kind.clone(), steps: 0, us: 0.0, bytes: 0 });
+        let e = by.entry(&s.kind).or_insert_with(|| KindTotal {
+            kind: s.kind.clone(),
+            steps: 0,
+            us: 0.0,
+            bytes: 0,
+            flops: 0.0,
+        });
         e.steps += 1;
         e.us += s.us;
         e.bytes += s.bytes;
+        e.flops += s.flops;
     }
     let mut v: Vec<KindTotal> = by.into_values().collect();
     v.sort_by(|a, b| b.us.total_cmp(&a.us).then(a.kind.cmp(&b.kind)));
@@ -520,8 +574,20 @@ pub fn run_bench_with(
         Vec::new()
     };
     let prefill_profile = if opts.profile {
-        let p = backend.profile_prefill(&prompt)?;
+        let mut p = backend.profile_prefill(&prompt)?;
         backend.reset();
+        // The plan the chunk ran (prefill on tensor cores, else batch), to count its work.
+        let plans = backend.exec_plans();
+        let same = |steps: &[Step]| steps.len() == p.len() && steps.iter().zip(&p).all(|(s, t)| s.kind() == t.kind);
+        if let Some(steps) = [&plans.prefill.steps, &plans.batch.steps].into_iter().find(|s| same(s)) {
+            let mut m = opts.prompt_tokens.min(crate::cuda::CHUNK);
+            for (t, s) in p.iter_mut().zip(steps) {
+                t.flops = step_flops(s, &model.weights, cfg, m, 0);
+                if matches!(s, Step::LastRow) {
+                    m = 1;
+                }
+            }
+        }
         p
     } else {
         Vec::new()

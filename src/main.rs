@@ -599,15 +599,20 @@ fn bench_table(r: &BenchReport) -> String {
             total,
             chunk as f64 / total * 1e6
         );
-        out += &format!("  {:<28} {:>6} {:>10} {:>7} {:>9}\n", "step kind", "steps", "µs/chunk", "%", "µs/step");
+        out += &format!(
+            "  {:<28} {:>6} {:>10} {:>7} {:>9} {:>10} {:>8}\n",
+            "step kind", "steps", "µs/chunk", "%", "µs/step", "GFLOP/step", "TFLOP/s"
+        );
         for k in zmoe::bench::profile_by_kind(&r.prefill_profile) {
             out += &format!(
-                "  {:<28} {:>6} {:>10.1} {:>6.1}% {:>9.2}\n",
+                "  {:<28} {:>6} {:>10.1} {:>6.1}% {:>9.2} {:>10.2} {:>8.1}\n",
                 k.kind,
                 k.steps,
                 k.us,
                 k.us / total * 100.0,
-                k.us_per_step()
+                k.us_per_step(),
+                k.flops / k.steps.max(1) as f64 / 1e9,
+                k.tflop_s()
             );
         }
     }

@@ -182,6 +182,70 @@ fn profile_step_bytes_add_up_to_the_bytes_per_token() {
     }
 }
 
+/// The prompt-chunk profile's operation counts (`step_flops`): a projection is 2·m·rows·cols,
+/// the selected experts' gate and up 2·m·top_k·2·I·H, causal attention 2·m·heads·keys·(d_qk +
+/// d_v) with keys the average causal count; fused steps count their parts, so the reference
+/// and patched plans — and their prefill and batch lowerings — do the same work for m rows.
+#[test]
+fn prefill_step_flops_count_the_products() {
+    use zmoe::bench::step_flops;
+    use zmoe::plan::patterns::{Selection, patched_plan};
+    use zmoe::plan::{AttnOp, LinRef, MoeOp, Plan, Step, lower};
+    let tmp = tempfile::tempdir().unwrap();
+    let m = 37;
+    for (name, preset) in [
+        ("q", "qwen3_moe/tiny"),
+        ("g", "glm4_moe_lite/glm-tiny"),
+        ("l", "lfm2_moe/lfm2-tiny"),
+        ("o", "gpt_oss/gpt-oss-tiny"),
+    ] {
+        let dir = common::synth_preset(tmp.path(), name, preset, SynthQuant::Affine4, 32);
+        let model = zmoe::Model::load(&dir).unwrap();
+        let (cfg, w) = (model.config(), &model.weights);
+        let total = |steps: &[Step]| -> f64 {
+            let mut rows = m;
+            steps
+                .iter()
+                .map(|s| {
+                    let f = step_flops(s, w, cfg, rows, 0);
+                    if matches!(s, Step::LastRow) {
+                        rows = 1;
+                    }
+                    f
+                })
+                .sum()
+        };
+        let mut totals = Vec::new();
+        for plan in [Plan::reference(cfg), patched_plan(cfg, &Selection::default()).0] {
+            let exec = lower::cuda(&plan, w, &[]).unwrap();
+            totals.extend([total(&plan.steps), total(&exec.prefill.steps), total(&exec.batch.steps)]);
+        }
+        assert!(totals.iter().all(|t| (t - totals[0]).abs() <= 1e-9 * totals[0]), "{preset}: {totals:?}");
+        // One step of each kind by hand.
+        let reference = Plan::reference(cfg);
+        for s in &reference.steps {
+            let got = step_flops(s, w, cfg, m, 0);
+            let mf = m as f64;
+            let want = match s {
+                Step::Linear { w: r @ LinRef::Q(_), .. } => {
+                    let l = w.linear(*r).unwrap();
+                    2.0 * mf * (l.w.rows * l.w.cols) as f64
+                }
+                Step::Moe { layer, op: MoeOp::ExpertGateUp } => {
+                    let e = w.experts(*layer).unwrap();
+                    2.0 * mf * cfg.top_k as f64 * 2.0 * (e.gate[0].rows * e.gate[0].cols) as f64
+                }
+                Step::Attn { op: AttnOp::Attention, .. } => {
+                    2.0 * mf * cfg.num_heads as f64 * m.div_ceil(2) as f64 * (cfg.head_dim + cfg.v_head_dim) as f64
+                }
+                _ => continue,
+            };
+            assert_eq!(got, want, "{preset}: {}", s.kind());
+        }
+        assert!(totals[0] > 0.0);
+    }
+}
+
 /// The peer script's table maker (`bench/peers/llama_cpp/table.py`, python3 stdlib) on a
 /// real zmoe capsule and a llama-bench JSON: the markdown ratios and the `--json` record
 /// committed under bench/peers/results/ agree with the inputs.

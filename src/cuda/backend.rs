@@ -1526,7 +1526,7 @@ impl CudaBackend {
                 }
             }
         }
-        Ok(steps.iter().zip(us).map(|(s, us)| StepTime { kind: s.kind(), us, bytes: 0 }).collect())
+        Ok(steps.iter().zip(us).map(|(s, us)| StepTime::of(s, us)).collect())
     }
 
     /// GPU time of each step of one prompt chunk — the first `min(tokens.len(), chunk)` of
@@ -1572,7 +1572,7 @@ impl CudaBackend {
                 *t = self.dev.elapsed_ms(&events[j], &events[j + 1])? as f64 * 1e3;
             }
         }
-        Ok(steps.iter().zip(us).map(|(s, us)| StepTime { kind: s.kind(), us, bytes: 0 }).collect())
+        Ok(steps.iter().zip(us).map(|(s, us)| StepTime::of(s, us)).collect())
     }
 
     /// Switches graph capture of decode steps and batches on or off (for eager-vs-graph
