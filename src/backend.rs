@@ -39,6 +39,11 @@ pub struct Row {
     /// the batch and the chunking, so batch invariance holds. Rows of shorter prompts and
     /// decode rows stay bit-identical to one-token decode (batched decode and exact
     /// speculative verification rely on it). All rows of one slot in a batch share the flag.
+    ///
+    /// The flag belongs to the whole prompt: a caller feeding a prompt in chunks sets it from
+    /// the prompt's length on every chunk (the server does). [`Backend::forward`] treats the
+    /// tokens of each call as a prompt of their own, so a 17-token prompt fed as 16 + 1
+    /// tokens is two short prompts (exact), and fed at once is one long prompt.
     pub long_prompt: bool,
 }
 

@@ -2,18 +2,19 @@
 //! accumulation (router and logits in f32).
 //!
 //! Every buffer and the KV cache are allocated once (the device `RunState`), sized for a
-//! prefill chunk of [`CHUNK`] tokens. Prefill runs the prefill plan eagerly over chunks;
-//! decode (one token) runs the decode plan captured once into a CUDA graph and replayed per
-//! token — the position and the token live in device memory, so replay needs no re-capture.
+//! prefill chunk of [`CHUNK`] tokens. A long prompt runs the prefill plan (tensor cores)
+//! eagerly over chunks; decode (one token) runs the decode plan captured once into a CUDA
+//! graph and replayed per token — the position and the token live in device memory, so
+//! replay needs no re-capture.
 //!
 //! Sequence slots ([`Backend::set_slots`]): each layer's cache is one allocation of
 //! `slots × slot_ctx` rows, slot s owning rows `s·slot_ctx..`. Every row of a batch carries
 //! its position and its slot's first cache row on the device (`io`), read by rope, the cache
 //! append and attention, so one launch serves rows of any sequences and the single-row
-//! decode graph serves any slot. A batch of up to `BATCH_ROWS` decode rows (the server's
-//! steady state) replays a graph captured once per batch size; prompt chunks and mixed
-//! batches run eagerly.
-//! Both plans are built once ([`crate::plan::lower::cuda`]); this file maps each step to
+//! decode graph serves any slot. A chunk of up to `BATCH_ROWS` rows that all ask for logits
+//! (the server's decode steps; a short prompt with every logit) replays a graph captured
+//! once per row count; long prompts' chunks and batches where only some rows ask run eagerly.
+//! The three plans are built once ([`crate::plan::lower::cuda`]); this file maps each step to
 //! buffers and weights and calls the typed launchers of [`super::ops`].
 
 use std::collections::BTreeMap;
@@ -1573,6 +1574,11 @@ impl CudaBackend {
             }
         }
         Ok(steps.iter().zip(us).map(|(s, us)| StepTime::of(s, us)).collect())
+    }
+
+    /// The row counts a graph has been captured for, smallest first.
+    pub fn captured_graphs(&self) -> Vec<usize> {
+        self.graphs.keys().copied().collect()
     }
 
     /// Switches graph capture of decode steps and batches on or off (for eager-vs-graph

@@ -48,8 +48,9 @@ impl PackKernel {
 /// on tensor cores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExecPlans {
-    /// Run for a sequence's prompt chunks of more than [`BATCH_ROWS`] tokens (CUDA:
-    /// projections on tensor cores, `cuda::ops::gemm`).
+    /// Run for every chunk of a long prompt ([`crate::backend::long_prompt`]: more than
+    /// [`BATCH_ROWS`] tokens), whatever the chunk's size (CUDA: products and attention on
+    /// tensor cores, `cuda::ops::gemm`).
     pub prefill: Plan,
     /// Run for every other chunk of several rows (short prompts, batched decode, the rows of
     /// several slots): the row-per-token kernels, bit-identical to decode.
@@ -58,9 +59,10 @@ pub struct ExecPlans {
     pub decode: Plan,
 }
 
-/// Most rows the batch plan is built for, and the longest prompt whose rows stay on it,
-/// bit-identical to decode: longer prompts are [`crate::backend::long_prompt`] and run their
-/// products on tensor cores (CUDA).
+/// The longest prompt (tokens of one forward) whose rows stay on the batch plan's row-per-token
+/// kernels, bit-identical to decode: longer prompts are [`crate::backend::long_prompt`] and
+/// run their products on tensor cores (CUDA). Also the largest decode batch CUDA replays from
+/// a captured graph.
 pub const BATCH_ROWS: usize = 16;
 
 impl ExecPlans {

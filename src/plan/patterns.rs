@@ -216,7 +216,10 @@ pub fn policy(family: Family) -> FamilyPolicy {
         // residual + norm also after every short conv (its out_proj is the layer's `O`).
         // conv_mixer is bit-identical but opt-in until its decode speedup is measured on a GPU.
         Family::Lfm2Moe => {
-            vec![NO_SHARED, (Pattern::ConvMixer, "opt-in (--patterns): decode speedup not yet measured")]
+            vec![
+                NO_SHARED,
+                (Pattern::ConvMixer, "opt-in (--patterns): measured 0.985x decode on an H100 (lfm2-8b-a1b)"),
+            ]
         }
         // GPT-OSS: its router (top-k on logits, softmax over k) and clamped SwiGLU in the
         // moe_mlp kernels, the biased q/k/v projections in one, o_proj + residual + norm.

@@ -224,7 +224,8 @@ pub fn run(
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                // The failed forward left the caches as they were; end every job in it.
+                // The failed forward may have written some rows (slot positions are restored);
+                // end every job in it, and their slots are reset before they are reused.
                 let msg = e.to_string();
                 eprintln!("zmoe serve: forward failed: {msg}");
                 for s in running.drain(..) {

@@ -161,7 +161,7 @@ pub fn s(p: &Path) -> &str {
 }
 
 /// The batch-invariance test body, one for every backend: `seqs` greedy sequences (prompts of
-/// 2..=10 tokens, `decode` steps each) run through `slots` sequence slots with continuous
+/// 2..=10 tokens, every fifth a long one of 21 or more, `decode` steps each) run through `slots` sequence slots with continuous
 /// batching — two arrive per step, prompts prefilled in chunks of 3 rows beside the others'
 /// decode rows, rows in a different slot order every step, a finished sequence's slot reset
 /// and reused — must give, for every sequence, the logits of every prompt position and every
