@@ -48,10 +48,11 @@ pub struct Row {
 }
 
 impl Row {
-    /// The rows of `tokens` fed to `slot` from position `pos0` (logits for every row with
-    /// `all_logits`, else for the last), flagged [`Row::long_prompt`] by their count.
-    pub fn of_tokens(slot: usize, pos0: usize, tokens: &[u32], all_logits: bool) -> Vec<Row> {
-        let (n, long_prompt) = (tokens.len(), long_prompt(tokens.len()));
+    /// The rows of `tokens` — a chunk of a prompt of `prompt_len` tokens — fed to `slot` from
+    /// position `pos0` (logits for every row with `all_logits`, else for the last), flagged
+    /// [`Row::long_prompt`] by the whole prompt's length.
+    pub fn of_tokens(slot: usize, pos0: usize, tokens: &[u32], prompt_len: usize, all_logits: bool) -> Vec<Row> {
+        let (n, long_prompt) = (tokens.len(), long_prompt(prompt_len));
         (tokens.iter().enumerate())
             .map(|(i, &token)| Row { slot, pos: pos0 + i, token, logits: all_logits || i + 1 == n, long_prompt })
             .collect()

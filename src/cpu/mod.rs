@@ -659,7 +659,7 @@ impl Backend for CpuBackend {
 
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         crate::backend::check_tokens(&self.cfg, tokens, self.st.seqs[0].pos)?;
-        let rows = Row::of_tokens(0, self.st.seqs[0].pos, tokens, all_logits);
+        let rows = Row::of_tokens(0, self.st.seqs[0].pos, tokens, tokens.len(), all_logits);
         self.forward_checked(&rows)
     }
 

@@ -1388,7 +1388,7 @@ impl CudaBackend {
                 self.slot_ctx
             )));
         }
-        self.run_rows(&Row::of_tokens(0, pos0, tokens, all_logits), out)
+        self.run_rows(&Row::of_tokens(0, pos0, tokens, tokens.len(), all_logits), out)
     }
 
     /// Runs checked `rows` through the plan in chunks of [`CHUNK`], appending each to its
@@ -1534,7 +1534,7 @@ impl CudaBackend {
     /// `tokens` at slot 0's position — launched eagerly with an event between steps, twice
     /// (the second is reported). Slot 0's position and conv states are left as they were.
     pub fn profile_prefill(&mut self, tokens: &[u32]) -> Result<Vec<StepTime>> {
-        let long = crate::backend::long_prompt(tokens.len());
+        let prompt_len = tokens.len();
         let tokens = &tokens[..tokens.len().min(self.chunk)];
         let (n, pos0) = (tokens.len(), self.seqs[0]);
         crate::backend::check_tokens(&self.cfg, tokens, pos0)?;
@@ -1544,8 +1544,7 @@ impl CudaBackend {
                 self.slot_ctx
             )));
         }
-        let mut rows = Row::of_tokens(0, pos0, tokens, false);
-        rows.iter_mut().for_each(|r| r.long_prompt = long);
+        let rows = Row::of_tokens(0, pos0, tokens, prompt_len, false);
         self.save_conv_states(false)?;
         let r = self.profile_chunk(&rows);
         self.tc_chunk = false;

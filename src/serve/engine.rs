@@ -212,10 +212,7 @@ pub fn run(
             }
             let end = s.job.prompt.len().min(s.fed + budget);
             // A long prompt's rows may take the tensor cores whatever its chunks (Row::long_prompt).
-            let mut chunk = Row::of_tokens(s.slot, s.fed, &s.job.prompt[s.fed..end], false);
-            let long = crate::backend::long_prompt(s.job.prompt.len());
-            chunk.iter_mut().for_each(|r| r.long_prompt = long);
-            rows.extend(chunk);
+            rows.extend(Row::of_tokens(s.slot, s.fed, &s.job.prompt[s.fed..end], s.job.prompt.len(), false));
             budget -= end - s.fed;
         }
         let t0 = Instant::now();
