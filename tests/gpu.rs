@@ -105,6 +105,18 @@ fn tc_device() -> Device {
     dev
 }
 
+/// The f64 reference of one query's attention: softmax of its scaled scores `sc` (one per key)
+/// weighting the value rows, `value(key, dim)`, into `out` (one value per dim).
+fn softmax_attend_f64(sc: &[f64], value: impl Fn(usize, usize) -> f32, out: &mut [f32]) {
+    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let p: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+    let den: f64 = p.iter().sum();
+    for (i, o) in out.iter_mut().enumerate() {
+        let num: f64 = p.iter().enumerate().map(|(j, pj)| pj * value(j, i) as f64).sum();
+        *o = (num / den) as f32;
+    }
+}
+
 /// Reads `want.len()` bf16 values at `ptr` (a poisoned buffer: each must have been written)
 /// and checks them against `want` within relative error `tol`; prints the error.
 fn check_bf16_out(dev: &Device, ptr: u64, want: &[f32], tol: f64, what: &str) {
@@ -370,13 +382,8 @@ fn kernel_attention_tc_matches_cpu() {
                         (0..d).map(|i| q[(r * nh + h) * d + i] as f64 * kr[i] as f64).sum::<f64>() * scale as f64
                     })
                     .collect();
-                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let p: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
-                let den: f64 = p.iter().sum();
-                for i in 0..d {
-                    let o: f64 = (0..n).map(|j| p[j] * vc[((base + j) * nkv + kvh) * d + i] as f64).sum();
-                    want[(r * nh + h) * d + i] = (o / den) as f32;
-                }
+                let v = |j: usize, i: usize| vc[((base + j) * nkv + kvh) * d + i];
+                softmax_attend_f64(&sc, v, &mut want[(r * nh + h) * d..][..d]);
             }
         }
         let (pq, pk, pv) =
@@ -441,13 +448,7 @@ fn kernel_mla_attention_tc_matches_cpu() {
                         (lat + pe) * scale as f64
                     })
                     .collect();
-                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let p: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
-                let den: f64 = p.iter().sum();
-                for i in 0..l {
-                    let o: f64 = (0..n).map(|j| p[j] * cache[(base + j) * row + i] as f64).sum();
-                    want[qr * l + i] = (o / den) as f32;
-                }
+                softmax_attend_f64(&sc, |j, i| cache[(base + j) * row + i], &mut want[qr * l..][..l]);
             }
         }
         let (pl, pq, pc) = (
