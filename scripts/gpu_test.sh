@@ -13,9 +13,9 @@
 #                                    # benchmark (with and without conv_mixer), `foundry` only the campaigns
 #                                    # (FOUNDRY_CASES=48 cases per op by default);
 #                                    # `compare` times scratch/gpu-base/zmoe against
-#                                    # scratch/gpu/zmoe with ZMOE_PDL=0 (nopdl), with
+#                                    # scratch/gpu/zmoe with ZMOE_PDL=1 (pdl), with
 #                                    # ZMOE_TC=0 (notc: prefill on the mat-vecs) and with
-#                                    # both on (new), patched plan,
+#                                    # the defaults (new: tensor cores on, PDL off), patched plan,
 #                                    # alternating COMPARE_ROUNDS (2) times, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
 #                                    # and validates the new binary on each; `prefill` profiles
@@ -193,9 +193,9 @@ if [ "${2:-}" = compare ]; then
         M=/tmp/zmoe-$preset
         synth_preset "$preset" "$M"
         for i in $(seq "${COMPARE_ROUNDS:-2}"); do
-            for b in base nopdl notc new; do
+            for b in base pdl notc new; do
                 exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
-                pdl=1; [ $b = nopdl ] && pdl=0
+                pdl=0; [ $b = pdl ] && pdl=1
                 tc=1; [ $b = notc ] && tc=0
                 j="$OUT/cmp-$preset-$b-$i.json"
                 ZMOE_PDL=$pdl ZMOE_TC=$tc $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \

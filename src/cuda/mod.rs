@@ -105,15 +105,16 @@ impl Device {
             in_use: 0,
             peak: 0,
             cc: (major, minor),
-            pdl: major >= 9 && std::env::var("ZMOE_PDL").map_or(true, |v| v != "0"),
+            pdl: major >= 9 && std::env::var("ZMOE_PDL").is_ok_and(|v| v == "1"),
             tc: major >= 8 && std::env::var("ZMOE_TC").map_or(true, |v| v != "0"),
         })
     }
 
     /// Whether built-in kernels are launched with programmatic dependent launch: on sm_90 and
-    /// newer unless `ZMOE_PDL=0`. Each kernel's blocks may then be scheduled while the
-    /// previous kernel's last wave runs, and wait in `pdl_entry` (common.cuh) for its results;
-    /// the arithmetic is the same either way (`ZMOE_PDL=0` is the A/B switch for benchmarks).
+    /// newer with `ZMOE_PDL=1` (off by default: it measured no decode gain on qwen3-30b-a3b
+    /// and 2–3 % slower on glm-4.7-flash, bench/RESULTS.md 2026-12-07). Each kernel's blocks
+    /// may then be scheduled while the previous kernel's last wave runs, and wait in
+    /// `pdl_entry` (common.cuh) for its results; the arithmetic is the same either way.
     pub fn pdl(&self) -> bool {
         self.pdl
     }

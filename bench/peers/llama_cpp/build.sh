@@ -7,6 +7,14 @@
 #
 #   bench/peers/llama_cpp/build.sh          # ~4 min on 16 cores; a second run is a no-op
 #
+# Device time is scarce, so a build can travel instead: PACK=FILE writes the built binaries
+# (bin/ with its shared libraries, ~41 MiB as .tar.xz) to FILE — bring it back under $OUT in
+# 15 MiB parts (`split -b 15M`; $OUT returns files of at most 16 MiB) and keep it here as
+# scratch/peers/llama-build.tar.xz (ignored; LLAMA_PREBUILT names another). When that file
+# is carried, this script unpacks it into $WORK instead of building, if the binary runs
+# (its run paths point into /tmp/zmoe-peers: keep WORK at its default). REBUILD=1 builds anyway
+# (e.g. on a host whose CPU lacks an instruction the -march=native CPU backend uses).
+#
 # LLAMA_CMAKE_ARGS adds cmake options, e.g. "-DGGML_NATIVE=OFF -DGGML_AVX2=ON" if the
 # -march=native CPU backend dies with "Illegal instruction" (seen on a dev VM that reports
 # AMX/AVX-512 it cannot run; the CUDA run itself needs little from the CPU backend).
@@ -21,6 +29,16 @@ BIN=$BUILD/bin/llama-bench
 if [ -x "$BIN" ] && [ "${REBUILD:-0}" != 1 ]; then
     echo "llama-bench already built: $BIN (REBUILD=1 to rebuild)"
     exit 0
+fi
+PREBUILT=${LLAMA_PREBUILT:-scratch/peers/llama-build.tar.xz}
+if [ -f "$PREBUILT" ] && [ "${REBUILD:-0}" != 1 ] && [ "$BUILD" = "$WORK/llama.cpp-build" ]; then
+    mkdir -p "$WORK"
+    tar -xJf "$PREBUILT" -C "$WORK"
+    if "$BIN" --help >/dev/null 2>&1; then
+        echo "llama-bench unpacked from $PREBUILT: $BIN ($(sed -n 's/^llama.cpp commit: //p' "$SRC/ZMOE_PEER_SOURCE"))"
+        exit 0
+    fi
+    echo "warning: the llama-bench in $PREBUILT does not run here: building from source"
 fi
 [ -f "$TAR" ] || { echo "error: $TAR not found: run bench/peers/llama_cpp/fetch_source.sh on the dev machine and carry scratch/peers" >&2; exit 1; }
 for tool in cmake nvcc; do
@@ -46,3 +64,7 @@ cmake --build "$BUILD" --target llama-bench -j "$(nproc)" >"$BUILD.build.log" 2>
 [ -x "$BIN" ] || { echo "error: build finished but $BIN is missing" >&2; exit 1; }
 echo "built $BIN in $(( $(date +%s) - start )) s"
 "$BIN" --help >/dev/null 2>&1 || { echo "error: $BIN does not run" >&2; exit 1; }
+if [ -n "${PACK:-}" ]; then
+    (cd "$WORK" && tar -cf - llama.cpp-build/bin llama.cpp/ZMOE_PEER_SOURCE) | xz -T0 -6 > "$PACK"
+    echo "packed the build into $PACK ($(( $(stat -c %s "$PACK") >> 20 )) MiB)"
+fi

@@ -185,7 +185,8 @@ def write_json(path, env, z, zfmt, rows):
         "date": env.get("date") or z.get("provenance", {}).get("timestamp_utc"),
         "gpu": gpu[0] if gpu and gpu[0] else (z.get("device") or {}).get("name"),
         "driver": gpu[1] if len(gpu) > 1 else (z.get("device") or {}).get("driver"),
-        "family": env.get("family", z["model"]["family"]),
+        # env.txt's line is "family: F  preset: P  arch: A  model: DIR": the first word.
+        "family": env["family"].split()[0] if env.get("family") else z["model"]["family"],
         "model": z["model"],
         "zmoe": {
             "version": env.get("zmoe"),
