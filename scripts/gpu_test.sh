@@ -84,6 +84,7 @@ if [ "$mode" = base ]; then
 fi
 
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 # Tensor-core prefill is on by default (compare's notc column and prefill's tc0 runs switch
 # it off with ZMOE_TC=0).
 export ZMOE_REPO=$PWD ZMOE_CACHE=${ZMOE_CACHE:-/tmp/zmoe-cache} ZMOE_BIN=$PWD/scratch/gpu/zmoe
