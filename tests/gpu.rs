@@ -117,6 +117,14 @@ fn softmax_attend_f64(sc: &[f64], value: impl Fn(usize, usize) -> f32, out: &mut
     }
 }
 
+/// The split-attention scratch for `rows` (token, head) rows of `width` outputs over `splits`
+/// key splits: unnormalised partials, (max, sum) pairs, zeroed tickets.
+fn split_scratch(dev: &mut Device, rows: usize, width: usize, splits: usize) -> (u64, u64, u64) {
+    let part_o = dev.alloc(rows * splits * width * 4).unwrap();
+    let part_ml = dev.alloc(rows * splits * 2 * 4).unwrap();
+    (part_o, part_ml, dev.upload(&vec![0i32; rows]).unwrap())
+}
+
 /// Reads `want.len()` bf16 values at `ptr` (a poisoned buffer: each must have been written)
 /// and checks them against `want` within relative error `tol`; prints the error.
 fn check_bf16_out(dev: &Device, ptr: u64, want: &[f32], tol: f64, what: &str) {
@@ -422,9 +430,7 @@ fn kernel_attention_matches_cpu() {
         }
         // The split kernel: P stays f32, only the output is bf16 (2^-8 relative).
         let splits = attn::ATTN_SPLITS;
-        let (part_o, part_ml) =
-            (dev.alloc(m * nh * splits * d * 4).unwrap(), dev.alloc(m * nh * splits * 2 * 4).unwrap());
-        let tickets = dev.upload(&vec![0i32; m * nh]).unwrap();
+        let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, d, splits);
         dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
         let a = attn::AttentionArgs {
             q: rd(pq),
@@ -462,9 +468,13 @@ fn kernel_mla_attention_matches_cpu() {
     let mut rng = Rng::new(0x3A7C);
     let (l, r) = (512usize, 64usize);
     let row = l + r;
-    for (nh, nope, m, p0, base) in
-        [(20usize, 192usize, 23usize, 41usize, 0usize), (4, 64, 70, 0, 7), (16, 128, 9, 250, 2), (4, 128, 3, 5, 1), (6, 128, 2, 700, 3)]
-    {
+    for (nh, nope, m, p0, base) in [
+        (20usize, 192usize, 23usize, 41usize, 0usize),
+        (4, 64, 70, 0, 7),
+        (16, 128, 9, 250, 2),
+        (4, 128, 3, 5, 1),
+        (6, 128, 2, 700, 3),
+    ] {
         let dqk = nope + r;
         let s_len = base + p0 + m;
         let bf = |v: f32| half::bf16::from_f32(v).to_f32();
@@ -516,9 +526,7 @@ fn kernel_mla_attention_matches_cpu() {
         check_bf16_out(&dev, pout, &want, 8e-3, &format!("mla_attention_tc nh {nh} nope {nope} m {m} p0 {p0}"));
         // The split kernel: P stays f32, only the output is bf16 (2^-8 relative).
         let splits = mla::MLA_SPLITS;
-        let (part_o, part_ml) =
-            (dev.alloc(m * nh * splits * l * 4).unwrap(), dev.alloc(m * nh * splits * 2 * 4).unwrap());
-        let tickets = dev.upload(&vec![0i32; m * nh]).unwrap();
+        let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, l, splits);
         dev.fill(pout, 0xFF, m * nh * l * 2).unwrap();
         let a = mla::MlaAttentionArgs {
             qlat: rd(pl),

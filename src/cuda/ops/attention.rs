@@ -12,7 +12,7 @@ use crate::error::Result;
 pub const ATTN_SPLITS: usize = 16;
 /// Query heads of one KV head a block serves (`ATTN_HB` in `attention.cu`: two per warp).
 pub const ATTN_HEADS_PER_BLOCK: usize = 2 * ATTN_THREADS as usize / 32;
-const _: () = assert!(ATTN_HEADS_PER_BLOCK % (ATTN_THREADS as usize / 32) == 0);
+const _: () = assert!(ATTN_HEADS_PER_BLOCK.is_multiple_of(ATTN_THREADS as usize / 32));
 const _: () = assert!(ATTN_SPLITS <= 32);
 
 kernel_args! {
