@@ -29,6 +29,18 @@ struct __align__(16) TcSmem {
     int yrow[TC_BM];
 };
 
+// Four 8×8 bf16 matrices from shared memory into r[0..4) (ldmatrix.x4): lane l gives the
+// address of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned); afterwards lane l holds
+// row l / 4, columns 2·(l % 4) and +1 of matrix j in r[j] — the mma fragment layout. sm_75+.
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const bf16* p) {
+#if __CUDA_ARCH__ >= 750
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+
 // (e0,e1)(e2,e3)(e4,e5)(e6,e7) -> (e0,e4)(e1,e5)(e2,e6)(e3,e7): the tile order of 8 bf16.
 __device__ __forceinline__ uint4 perm8(uint4 v) {
     uint4 o;
@@ -161,19 +173,17 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
         if (c + 1 < nch) fetch(c + 1);  // global loads in flight during the mma
 #pragma unroll
         for (int ks = 0; ks < TC_BK; ks += 16) {
+            // The fragments of the m16n8k16 layout (a: rows g, g + 8 × k pairs 2·t4, 2·t4 + 8;
+            // b: k pairs × column g), four 8×8 matrices per ldmatrix: lane l names row l % 8 of
+            // matrix l / 8.
             u32 a[2][4], b[4][2];
+            const int lr = lane & 7, lm = lane >> 3;
 #pragma unroll
-            for (int mf = 0; mf < 2; mf++) {
-                a[mf][0] = *(const u32*)&sm.x[mf * 16 + g][ks + 2 * t4];
-                a[mf][1] = *(const u32*)&sm.x[mf * 16 + g + 8][ks + 2 * t4];
-                a[mf][2] = *(const u32*)&sm.x[mf * 16 + g][ks + 2 * t4 + 8];
-                a[mf][3] = *(const u32*)&sm.x[mf * 16 + g + 8][ks + 2 * t4 + 8];
-            }
+            for (int mf = 0; mf < 2; mf++)  // matrices: rows +0 / +8 (lm & 1) × k +0 / +8 (lm >> 1)
+                ldmatrix_x4(a[mf], &sm.x[mf * 16 + lr + 8 * (lm & 1)][ks + 8 * (lm >> 1)]);
 #pragma unroll
-            for (int nf = 0; nf < 4; nf++) {
-                b[nf][0] = *(const u32*)&sm.w[warp * 32 + nf * 8 + g][ks + 2 * t4];
-                b[nf][1] = *(const u32*)&sm.w[warp * 32 + nf * 8 + g][ks + 2 * t4 + 8];
-            }
+            for (int nf = 0; nf < 4; nf += 2)  // matrices: k +0 / +8 (lm & 1) × column block nf + (lm >> 1)
+                ldmatrix_x4(&b[nf][0], &sm.w[warp * 32 + (nf + (lm >> 1)) * 8 + lr][ks + 8 * (lm & 1)]);
 #pragma unroll
             for (int mf = 0; mf < 2; mf++)
 #pragma unroll
