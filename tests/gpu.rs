@@ -365,7 +365,8 @@ fn kernel_head_gemm_tc_matches_cpu() {
 /// kernel (`attention`: a block per KV head's query heads and key split, keys through shared
 /// memory) and the prompt-chunk kernel on tensor cores (`attention_tc`, issue 19; head dims
 /// 64 and 128 only). One sequence's consecutive rows after a cached prefix (causal within the
-/// chunk), GQA groups of 1–16 heads (16: two head chunks per KV head), head dims 40–256,
+/// chunk), GQA groups of 1–32 heads (12, 16, 32: two to four head chunks per KV head, 12 with
+/// a partial one), head dims 40–256,
 /// chunk sizes that leave partial 64-query blocks and 32-key tiles, a context whose splits
 /// span several 32-key tiles, poisoned outputs.
 #[test]
@@ -380,6 +381,8 @@ fn kernel_attention_matches_cpu() {
         (128, 4, 1, 17, 300, 3),
         (256, 32, 2, 3, 700, 2),
         (40, 6, 3, 5, 90, 1),
+        (64, 24, 2, 3, 100, 1),
+        (64, 32, 1, 2, 60, 0),
     ] {
         let s_len = base + p0 + m;
         let bf = |v: f32| half::bf16::from_f32(v).to_f32();

@@ -37,7 +37,8 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const bf16* p) {
     u32 a = (u32)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
+                 : "r"(a)
+                 : "memory");
 #endif
 }
 
@@ -123,7 +124,7 @@ __device__ __forceinline__ void tc_for_each_acc(F f) {
 template <int BITS>
 __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
     constexpr bool AFF = BITS != 16;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int xr = tid >> 2, xp = tid & 3;  // the x row and quarter this thread stages
     const bf16* xsrc = sm.xrow[xr] + xp * 8;
     const long wrow = (long)n0 + tid;
@@ -173,8 +174,8 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
         if (c + 1 < nch) fetch(c + 1);  // global loads in flight during the mma
 #pragma unroll
         for (int ks = 0; ks < TC_BK; ks += 16) {
-            // The fragments of the m16n8k16 layout (a: rows g, g + 8 × k pairs 2·t4, 2·t4 + 8;
-            // b: k pairs × column g), four 8×8 matrices per ldmatrix: lane l names row l % 8 of
+            // The fragments of the m16n8k16 layout (g = lane / 4, t = lane % 4; a: rows g, g + 8 ×
+            // k pairs 2t, 2t + 8; b: k pairs × column g), four 8×8 matrices per ldmatrix: lane l names row l % 8 of
             // matrix l / 8.
             u32 a[2][4], b[4][2];
             const int lr = lane & 7, lm = lane >> 3;
