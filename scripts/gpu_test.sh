@@ -5,7 +5,7 @@
 #                                    # into scratch/gpu/ (ignored; carry it to the device)
 #   scripts/gpu_test.sh base REV     # here: builds zmoe at git revision REV into
 #                                    # scratch/gpu-base/ (for `run compare`)
-#   scripts/gpu_test.sh run [bench|glm|lfm2|foundry|compare|prefill|serve|ncu]  # on the GPU machine, from the repo root:
+#   scripts/gpu_test.sh run [bench|glm|lfm2|foundry|compare|prefill|serve|ncu|ncu-decode]  # on the GPU machine, from the repo root:
 #                                    # runs every GPU test, prints a PASS/FAIL table; `bench`
 #                                    # adds the qwen3-30b-a3b affine4 benchmark and one
 #                                    # kernel-foundry campaign per op, `glm` the glm-4.7-flash
@@ -24,7 +24,9 @@
 #                                    # PREFILL_PRESETS; `serve` runs
 #                                    # zmoe serve --parallel 16 on qwen3-30b-a3b affine4 and
 #                                    # scripts/serve_bench.py at 1, 4 and 16 concurrent streams;
-#                                    # `ncu` profiles the prompt kernels with Nsight Compute.
+#                                    # `ncu` profiles the prompt kernels with Nsight Compute,
+#                                    # `ncu-decode` times every decode kernel with it and sets
+#                                    # their sum against the graph step (NCU_PRESETS).
 #                                    # GPU_TESTS=0 skips the tests, GPU_TESTS=a,b runs those.
 #                                    # Full logs in $OUT.
 set -uo pipefail
@@ -253,6 +255,24 @@ if [ "${2:-}" = ncu ]; then
         --warmup 0 >"$OUT/ncu.txt" 2>&1 || tail -5 "$OUT/ncu.txt"
     grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" \
         "$OUT/ncu.txt" | head -120
+fi
+if [ "${2:-}" = ncu-decode ]; then
+    # How much of a decode step is kernels and how much lies between them (issue 16): Nsight
+    # Compute times every kernel of a short eager run (a 1-token prompt, then decode steps:
+    # all on the row kernels, as decode; caches left as they are), summed per kernel name per
+    # forward pass, against the graph step of the same binary (1 / decode tok/s). Full CSV in
+    # $OUT/ncu-decode-PRESET.csv.
+    for preset in ${NCU_PRESETS:-glm-4.7-flash qwen3-30b-a3b}; do
+        M=/tmp/zmoe-$preset
+        synth_preset "$preset" "$M"
+        ncu --clock-control none --cache-control none --csv --metrics gpu__time_duration.sum --print-units base \
+            scratch/gpu/zmoe bench --model "$M" --backend cuda --eager --prompt-tokens 1 --gen-tokens 3 --runs 1 \
+            --warmup 0 >"$OUT/ncu-decode-$preset.csv" 2>"$OUT/ncu-decode-$preset.log" || tail -5 "$OUT/ncu-decode-$preset.log"
+        scratch/gpu/zmoe bench --model "$M" --backend cuda --prompt-tokens 1 --gen-tokens 128 --runs 3 \
+            --json "$OUT/graph-$preset.json" --force >/dev/null 2>&1 || echo "bench $preset failed"
+        echo "== $preset"
+        python3 scripts/ncu_steps.py "$OUT/ncu-decode-$preset.csv" --bench "$OUT/graph-$preset.json"
+    done
 fi
 if [ "${2:-}" = serve ]; then
     # Serving: qwen3-30b-a3b on 16 CUDA slots; TTFT, per-stream and aggregate decode tok/s.

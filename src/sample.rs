@@ -5,9 +5,22 @@
 //! pick is exactly the host's; its sampled picks follow the same steps but may differ by one
 //! rank where float rounding moves a cumulative boundary.
 
-use crate::cpu::ops::softmax;
 use crate::error::{Error, Result};
 use crate::rng::mix64;
+
+/// In-place max-subtracted softmax in f32. Defined here, below both backends, because the
+/// sampler needs it; the CPU reference's attention and routers import the same function.
+pub fn softmax(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
 
 /// Sampling settings.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -7,6 +7,7 @@ use crate::checkpoint::Mat;
 use crate::checkpoint::mat::dot;
 use crate::config::ModelConfig;
 use crate::model::Linear;
+use crate::sample::softmax;
 
 /// Row-wise RMSNorm: `out = x · rsqrt(mean(x²) + eps) ⊙ w`; rows of width `w.len()`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -237,19 +238,6 @@ pub fn mla_attention_expanded(
             }
         }
     });
-}
-
-/// In-place max-subtracted softmax in f32.
-pub fn softmax(x: &mut [f32]) {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
 }
 
 /// Indices of the `k` largest values, largest first; among equal values the lowest index

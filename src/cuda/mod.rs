@@ -57,7 +57,7 @@ pub struct Device {
     pub total_mem: usize,
     /// Compute capability (major, minor).
     cc: (i32, i32),
-    /// Built-in kernels are launched with programmatic dependent launch (see [`Device::pdl`]).
+    /// Whether built-in kernels are launched with programmatic dependent launch (see [`Device::pdl`]).
     pdl: bool,
     /// Prefill chunks use the tensor-core kernels (see [`Device::tensor_cores`]).
     tc: bool,

@@ -559,7 +559,7 @@ fn gating_keys(row: &[f32], bias: &[f32], gating: Gating) -> (Vec<f32>, Vec<f32>
         }
         _ => {
             let mut p = row.to_vec();
-            crate::cpu::ops::softmax(&mut p);
+            crate::sample::softmax(&mut p);
             (p.clone(), p)
         }
     }

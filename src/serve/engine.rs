@@ -26,8 +26,8 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::backend::{Backend, Row};
-use crate::cpu::ops::softmax;
 use crate::generate::FinishReason;
+use crate::sample::softmax;
 use crate::sample::{Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
 

@@ -21,7 +21,7 @@
 #   WORK=/tmp/zmoe-peers             llama.cpp source + build, models and GGUFs (large)
 #   OUT=$WORK/out                    results: run.log env.txt zmoe.json llama-<quant>.json table.md
 #                                    peer-<family>.json (commit under bench/peers/results/)
-#   QUANTS="q4_0 q8_0"  REPS=10  KEEP_GGUF=0
+#   QUANTS=<the family's row>  REPS=10  KEEP_GGUF=0
 #   ZMOE_BENCH_ARGS=""               extra `zmoe bench` flags (e.g. a plan)
 #   ZMOE_TC=0                        zmoe's prefill without tensor cores (on by default;
 #                                    the environment reaches `zmoe bench`)
@@ -31,19 +31,21 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."          # repo root
 HERE=bench/peers/llama_cpp
 
-# family   zmoe synth preset   llama.cpp arch   synth format   (one line per family)
-# (gpt-oss GGUFs keep MXFP4 experts whatever the quant: QUANTS picks the other matrices)
+# family   zmoe synth preset   llama.cpp arch   synth format   default QUANTS (comma-separated)
+# (gpt-oss GGUFs keep MXFP4 experts whatever the quant: QUANTS picks the other matrices. zmoe
+# runs the release's bf16 attention, router and lm_head, so bf16 is the same-weights row;
+# q4_0 is llama.cpp's usual pick, with fewer bytes than zmoe reads)
 FAMILIES="
-qwen3_moe      qwen3-30b-a3b  qwen3moe   affine4
-glm4_moe_lite  glm-4.7-flash  deepseek2  affine4
-lfm2_moe       lfm2-8b-a1b    lfm2moe    affine4
-gpt_oss        gpt-oss-20b    gpt-oss    mxfp4
+qwen3_moe      qwen3-30b-a3b  qwen3moe   affine4  q4_0,q8_0
+glm4_moe_lite  glm-4.7-flash  deepseek2  affine4  q4_0,q8_0
+lfm2_moe       lfm2-8b-a1b    lfm2moe    affine4  q4_0,q8_0
+gpt_oss        gpt-oss-20b    gpt-oss    mxfp4    bf16,q4_0
 "
 PREPARE_ONLY=0
 if [ "${1:-}" = --prepare-only ]; then PREPARE_ONLY=1; shift; fi
 case "${1:-}" in -*) echo "error: unknown option $1 (usage: run.sh [--prepare-only] [FAMILY])" >&2; exit 1;; esac
 FAMILY=${1:-qwen3_moe}
-read -r _ ROW_PRESET ARCH SYNTH_QUANT < <(echo "$FAMILIES" | awk -v f="$FAMILY" '$1 == f') || true
+read -r _ ROW_PRESET ARCH SYNTH_QUANT ROW_QUANTS < <(echo "$FAMILIES" | awk -v f="$FAMILY" '$1 == f') || true
 if [ -z "${ROW_PRESET:-}" ]; then
     echo "error: unknown family \`$FAMILY\` (known: $(echo "$FAMILIES" | awk 'NF {printf "%s ", $1}'))" >&2
     exit 1
@@ -56,7 +58,7 @@ WORK=${WORK:-/tmp/zmoe-peers}
 export WORK
 LLAMA_BENCH=${LLAMA_BENCH:-$WORK/llama.cpp-build/bin/llama-bench}
 OUT=${OUT:-$WORK/out}
-QUANTS=${QUANTS:-q4_0 q8_0}
+QUANTS=${QUANTS:-${ROW_QUANTS//,/ }}
 REPS=${REPS:-10}
 MODEL=${MODEL:-$WORK/$FAMILY-$PRESET-$SYNTH_QUANT-seed0}
 mkdir -p "$WORK" "$OUT"
@@ -118,6 +120,8 @@ LLAMA_JSONS=()
 for q in $QUANTS; do
     gguf=$WORK/$FAMILY-$PRESET-$q.gguf
     case $q in q4_0) need=$(( MODEL_BYTES * 11 / 10 ));; q8_0) need=$(( MODEL_BYTES * 2 ));; bf16) need=$(( MODEL_BYTES * 4 ));; *) need=$MODEL_BYTES;; esac
+    # MXFP4 experts stay MXFP4 in the GGUF: only the other matrices change size.
+    [ "$SYNTH_QUANT" = mxfp4 ] && need=$(( MODEL_BYTES * 3 / 2 ))
     avail=$(df --output=avail -B1 "$WORK" | tail -1)
     if [ ! -f "$gguf" ] && [ "$avail" -lt "$need" ]; then
         die "not enough disk in $WORK for $gguf: $(( avail >> 30 )) GiB free, ~$(( need >> 30 )) GiB needed"
