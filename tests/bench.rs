@@ -305,6 +305,7 @@ fn peer_table_writes_the_comparison_as_json() {
     assert!(table.contains("| llama.cpp | Q4_0 | 4.00 | on | 512 |"), "{table}");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["kind"], "zmoe-peer-run");
+    assert_eq!(v["family"], "qwen3_moe", "the family, not the whole env line");
     assert_eq!((v["gpu"].as_str(), v["driver"].as_str()), (Some("NVIDIA H200"), Some("580.1")));
     assert_eq!(v["zmoe"]["commit"], "4a13f7b");
     assert_eq!(v["llama_cpp"]["commit"], "abc1234");
@@ -319,4 +320,55 @@ fn peer_table_writes_the_comparison_as_json() {
         assert!((run["prefill_ratio"].as_f64().unwrap() - zp / pp).abs() < 1e-12);
         assert!((run["decode_ratio"].as_f64().unwrap() - zd / tg).abs() < 1e-12);
     }
+}
+
+/// `scripts/ncu_steps.py` (python3 stdlib) on an Nsight Compute CSV mixed with the program's
+/// own output: kernel time per forward pass (passes = `embed` launches), per kernel name, and
+/// the time between kernels against a bench capsule's graph step. A CSV without `embed` is a
+/// clear error.
+#[test]
+fn ncu_steps_sums_kernel_time_per_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let head = r#""ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value""#;
+    let row = |id: u32, name: &str, ns: &str| {
+        format!(
+            r#""{id}","1","zmoe","h","{name}","1","7","(128, 1, 1)","(16, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","ns","{ns}""#
+        )
+    };
+    // Two passes: embed 2.0 + 3.0 µs, moe_router 5.5 + 4.5 µs (one value with a thousands
+    // separator), attention 7 µs twice: 2.5 + 5 + 7 = 14.5 µs per pass.
+    let csv = [
+        "bench: warm-up 1/1 ...".to_string(),
+        head.to_string(),
+        row(0, "embed", "2,000"),
+        row(1, "moe_router(MoeRouterArgs)", "5500"),
+        row(2, "attention", "7000"),
+        row(3, "embed", "3000"),
+        row(4, "moe_router(MoeRouterArgs)", "4500"),
+        row(5, "attention", "7000"),
+        "decode 123.4 tok/s".to_string(),
+    ]
+    .join("\n");
+    let csv_path = tmp.path().join("ncu.csv");
+    std::fs::write(&csv_path, csv).unwrap();
+    // A graph step of 20 µs (50,000 tok/s): 5.5 µs between kernels, 3 kernels a pass.
+    let bench = tmp.path().join("graph.json");
+    std::fs::write(&bench, r#"{"decode_tok_s": {"median": 50000.0}}"#).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ncu_steps.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args([s(&csv_path), "--bench", s(&bench)])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 forward passes, 3 kernels per pass"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("moe_router ") && l.contains(" 5.0 ")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("kernels ") && l.contains(" 14.5")), "{text}");
+    assert!(text.contains("between kernels 5.5 µs (27.5 %, 1.83 µs per kernel)"), "{text}");
+    // No embed launches: not a zmoe run.
+    std::fs::write(&csv_path, [head.to_string(), row(0, "attention", "7000")].join("\n")).unwrap();
+    let out = std::process::Command::new("python3").arg(&script).arg(s(&csv_path)).output().expect("python3");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no `embed` launches"));
 }
