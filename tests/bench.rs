@@ -7,6 +7,14 @@ use common::{zmoe, zmoe_err};
 use zmoe::bench::BenchReport;
 use zmoe::checkpoint::synth::SynthQuant;
 
+/// (folder name, family/preset) of one tiny preset per family, for the per-step accounting tests.
+const ONE_PRESET_PER_FAMILY: [(&str, &str); 4] = [
+    ("q", "qwen3_moe/tiny"),
+    ("g", "glm4_moe_lite/glm-tiny"),
+    ("l", "lfm2_moe/lfm2-tiny"),
+    ("o", "gpt_oss/gpt-oss-tiny"),
+];
+
 fn s(p: &std::path::Path) -> &str {
     p.to_str().unwrap()
 }
@@ -148,12 +156,7 @@ fn profile_step_bytes_add_up_to_the_bytes_per_token() {
     use zmoe::plan::patterns::{Selection, patched_plan};
     use zmoe::plan::{AttnOp, Plan, Step, lower};
     let tmp = tempfile::tempdir().unwrap();
-    for (name, preset) in [
-        ("q", "qwen3_moe/tiny"),
-        ("g", "glm4_moe_lite/glm-tiny"),
-        ("l", "lfm2_moe/lfm2-tiny"),
-        ("o", "gpt_oss/gpt-oss-tiny"),
-    ] {
+    for (name, preset) in ONE_PRESET_PER_FAMILY {
         let dir = common::synth_preset(tmp.path(), name, preset, SynthQuant::Affine4, 31);
         let model = zmoe::Model::load(&dir).unwrap();
         let cfg = model.config();
@@ -193,12 +196,7 @@ fn prefill_step_flops_count_the_products() {
     use zmoe::plan::{AttnOp, LinRef, MoeOp, Plan, Step, lower};
     let tmp = tempfile::tempdir().unwrap();
     let m = 37;
-    for (name, preset) in [
-        ("q", "qwen3_moe/tiny"),
-        ("g", "glm4_moe_lite/glm-tiny"),
-        ("l", "lfm2_moe/lfm2-tiny"),
-        ("o", "gpt_oss/gpt-oss-tiny"),
-    ] {
+    for (name, preset) in ONE_PRESET_PER_FAMILY {
         let dir = common::synth_preset(tmp.path(), name, preset, SynthQuant::Affine4, 32);
         let model = zmoe::Model::load(&dir).unwrap();
         let (cfg, w) = (model.config(), &model.weights);

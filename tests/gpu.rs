@@ -70,14 +70,11 @@ fn kernel_matvec_matches_cpu() {
             };
             let want: Vec<f32> =
                 (0..m * n).map(|i| (0..k).map(|j| x[(i / n) * k + j] * wf[(i % n) * k + j]).sum()).collect();
-            let pw = dev.upload(&wq).unwrap();
-            let ps = if s.is_empty() { 0 } else { dev.upload(&s).unwrap() };
-            let pb = if b.is_empty() { 0 } else { dev.upload(&b).unwrap() };
+            let w = upload_qmat(&mut dev, (&wq, &s, &b), fmt, bits, 64);
             let xb = to_bf16(&x);
             let px = dev.upload(&xb).unwrap();
             let py = dev.alloc(m * n * 4).unwrap();
             dev.fill(py, 0xFF, m * n * 4).unwrap(); // poison: NaN
-            let w = ops::QMat { w: rd(pw), s: rd(ps), b: rd(pb), fmt, bits: bits as i32, group: 64 };
             let a = linear::MatvecArgs {
                 w,
                 x: rd(px),
@@ -179,6 +176,42 @@ fn random_qmat(
     (bytes, s, b, deq)
 }
 
+/// A matrix's storage on the device as a `QMat`: packed weights, bf16 scales and biases
+/// (none for bf16 weights).
+fn upload_qmat(dev: &mut Device, (wq, s, b): (&[u8], &[u16], &[u16]), fmt: i32, bits: u32, group: usize) -> ops::QMat {
+    let pw = dev.upload(wq).unwrap();
+    let ps = if s.is_empty() { 0 } else { dev.upload(s).unwrap() };
+    let pb = if b.is_empty() { 0 } else { dev.upload(b).unwrap() };
+    ops::QMat { w: rd(pw), s: rd(ps), b: rd(pb), fmt, bits: bits as i32, group: group as i32 }
+}
+
+/// `count` random `[n, k]` matrices of one format (group 64) stacked like experts on the
+/// device, and each one's dequantized values.
+fn random_stacked(
+    dev: &mut Device,
+    rng: &mut Rng,
+    count: usize,
+    (n, k): (usize, usize),
+    fmt: i32,
+    bits: u32,
+) -> (ops::Stacked, Vec<Vec<f32>>) {
+    let mats: Vec<_> = (0..count).map(|_| random_qmat(rng, n, k, fmt, bits, 64)).collect();
+    let wq: Vec<u8> = mats.iter().flat_map(|m| m.0.clone()).collect();
+    let s: Vec<u16> = mats.iter().flat_map(|m| m.1.clone()).collect();
+    let b: Vec<u16> = mats.iter().flat_map(|m| m.2.clone()).collect();
+    let w = upload_qmat(dev, (&wq, &s, &b), fmt, bits, 64);
+    let w_stride = if fmt == 0 { (n * k) as i64 } else { (n * k * bits as usize / 32) as i64 };
+    let sb_stride = if fmt == 0 { 0 } else { (n * k / 64) as i64 };
+    (ops::Stacked { w, w_stride, sb_stride }, mats.into_iter().map(|m| m.3).collect())
+}
+
+/// Device `pos` and `base` of a prompt chunk: `m` consecutive positions from `p0` of one
+/// sequence whose cache rows start at `base`.
+fn chunk_rows(dev: &mut Device, m: usize, p0: usize, base: usize) -> (u64, u64) {
+    let pos: Vec<i32> = (0..m).map(|r| (p0 + r) as i32).collect();
+    (dev.upload(&pos).unwrap(), dev.upload(&vec![base as i32; m]).unwrap())
+}
+
 /// The tensor-core product (issue 19) against the CPU in f64: bf16 / affine 4 / affine 8
 /// weights, groups 32, 64 and 128, token counts that leave partial tiles, output rows that
 /// are not a multiple of the 128-row tile, a bias, f32 and bf16 outputs, poisoned outputs.
@@ -201,12 +234,9 @@ fn kernel_gemm_tc_matches_cpu() {
                 })
                 .collect();
             let want32: Vec<f32> = want.iter().map(|&v| v as f32).collect();
-            let pw = dev.upload(&wq).unwrap();
-            let ps = if s.is_empty() { 0 } else { dev.upload(&s).unwrap() };
-            let pb = if b.is_empty() { 0 } else { dev.upload(&b).unwrap() };
+            let w = upload_qmat(&mut dev, (&wq, &s, &b), fmt, bits, group);
             let px = dev.upload(&to_bf16(&x)).unwrap();
             let pbias = dev.upload(&bias).unwrap();
-            let w = ops::QMat { w: rd(pw), s: rd(ps), b: rd(pb), fmt, bits: bits as i32, group: group as i32 };
             assert!(gemm::supports(&w, k));
             for out_f32 in [1, 0] {
                 let py = dev.alloc(m * n * 4).unwrap();
@@ -260,23 +290,14 @@ fn kernel_expert_gemm_tc_matches_cpu() {
             let x: Vec<f32> = (0..xrows * k).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
             // Routing skewed to experts 0..5 (6 and 7 stay empty): experts 0 and 1 exceed a tile.
             let idx: Vec<i32> = (0..r).map(|_| ((rng.uniform() * rng.uniform()) * 6.0) as i32 % e as i32).collect();
-            let mats: Vec<_> = (0..e).map(|_| random_qmat(&mut rng, n, k, fmt, bits, 64)).collect();
-            let wq: Vec<u8> = mats.iter().flat_map(|m| m.0.clone()).collect();
-            let s: Vec<u16> = mats.iter().flat_map(|m| m.1.clone()).collect();
-            let b: Vec<u16> = mats.iter().flat_map(|m| m.2.clone()).collect();
+            let (w, mats) = random_stacked(&mut dev, &mut rng, e, (n, k), fmt, bits);
             let want: Vec<f32> = (0..r * n)
                 .map(|i| {
                     let (q, row) = (i / n, i % n);
-                    let wf = &mats[idx[q] as usize].3;
+                    let wf = &mats[idx[q] as usize];
                     (0..k).map(|j| x[(q / per) * k + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
                 })
                 .collect();
-            let pw = dev.upload(&wq).unwrap();
-            let ps = if s.is_empty() { 0 } else { dev.upload(&s).unwrap() };
-            let pb = if b.is_empty() { 0 } else { dev.upload(&b).unwrap() };
-            let w = ops::QMat { w: rd(pw), s: rd(ps), b: rd(pb), fmt, bits: bits as i32, group: 64 };
-            let w_stride = if fmt == 0 { (n * k) as i64 } else { (n * k * bits as usize / 32) as i64 };
-            let sb_stride = if fmt == 0 { 0 } else { (n * k / 64) as i64 };
             let px = dev.upload(&to_bf16(&x)).unwrap();
             let pidx = dev.upload(&idx).unwrap();
             let (poff, prows) = (dev.alloc((e + 1) * 4).unwrap(), dev.alloc(r * 4).unwrap());
@@ -293,7 +314,7 @@ fn kernel_expert_gemm_tc_matches_cpu() {
             let py = dev.alloc(r * n * 2).unwrap();
             dev.fill(py, 0xFF, r * n * 2).unwrap();
             let a = gemm::ExpertGemmArgs {
-                w: ops::Stacked { w, w_stride, sb_stride },
+                w,
                 tiles: rd(ptiles),
                 off: rd(poff),
                 rows: rd(prows),
@@ -325,28 +346,19 @@ fn kernel_head_gemm_tc_matches_cpu() {
     for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
         for m in [40usize, 17] {
             let x: Vec<f32> = (0..m * nh * x_ld).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
-            let mats: Vec<_> = (0..nh).map(|_| random_qmat(&mut rng, n, k, fmt, bits, 64)).collect();
-            let wq: Vec<u8> = mats.iter().flat_map(|m| m.0.clone()).collect();
-            let s: Vec<u16> = mats.iter().flat_map(|m| m.1.clone()).collect();
-            let b: Vec<u16> = mats.iter().flat_map(|m| m.2.clone()).collect();
+            let (w, mats) = random_stacked(&mut dev, &mut rng, nh, (n, k), fmt, bits);
             let want: Vec<f32> = (0..m * nh * n)
                 .map(|i| {
                     let (q, row) = (i / n, i % n);
-                    let wf = &mats[q % nh].3;
+                    let wf = &mats[q % nh];
                     (0..k).map(|j| x[q * x_ld + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
                 })
                 .collect();
-            let pw = dev.upload(&wq).unwrap();
-            let ps = if s.is_empty() { 0 } else { dev.upload(&s).unwrap() };
-            let pb = if b.is_empty() { 0 } else { dev.upload(&b).unwrap() };
-            let w = ops::QMat { w: rd(pw), s: rd(ps), b: rd(pb), fmt, bits: bits as i32, group: 64 };
-            let w_stride = if fmt == 0 { (n * k) as i64 } else { (n * k * bits as usize / 32) as i64 };
-            let sb_stride = if fmt == 0 { 0 } else { (n * k / 64) as i64 };
             let px = dev.upload(&to_bf16(&x)).unwrap();
             let py = dev.alloc(m * nh * n * 2).unwrap();
             dev.fill(py, 0xFF, m * nh * n * 2).unwrap();
             let a = mla::HeadMatvecArgs {
-                w: ops::Stacked { w, w_stride, sb_stride },
+                w,
                 x: rd(px),
                 x_ld: x_ld as i64,
                 nh: nh as i32,
@@ -407,9 +419,7 @@ fn kernel_attention_matches_cpu() {
         }
         let (pq, pk, pv) =
             (dev.upload(&to_bf16(&q)).unwrap(), dev.upload(&to_bf16(&kc)).unwrap(), dev.upload(&to_bf16(&vc)).unwrap());
-        let pos: Vec<i32> = (0..m).map(|r| (p0 + r) as i32).collect();
-        let bases = vec![base as i32; m];
-        let (ppos, pbase) = (dev.upload(&pos).unwrap(), dev.upload(&bases).unwrap());
+        let (ppos, pbase) = chunk_rows(&mut dev, m, p0, base);
         let pout = dev.alloc(m * nh * d * 2).unwrap();
         dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
         let what = format!("d {d} nh {nh} nkv {nkv} m {m} p0 {p0}");
@@ -506,9 +516,7 @@ fn kernel_mla_attention_matches_cpu() {
             dev.upload(&to_bf16(&q)).unwrap(),
             dev.upload(&to_bf16(&cache)).unwrap(),
         );
-        let pos: Vec<i32> = (0..m).map(|t| (p0 + t) as i32).collect();
-        let bases = vec![base as i32; m];
-        let (ppos, pbase) = (dev.upload(&pos).unwrap(), dev.upload(&bases).unwrap());
+        let (ppos, pbase) = chunk_rows(&mut dev, m, p0, base);
         let pout = dev.alloc(m * nh * l * 2).unwrap();
         dev.fill(pout, 0xFF, m * nh * l * 2).unwrap();
         let a = mla::MlaFlashArgs {
@@ -862,10 +870,7 @@ fn kernel_conv_mixer_equals_its_parts() {
             let q = zmoe::checkpoint::quant::affine_quantize(&w, h, bits, 64);
             (q.packed.iter().flat_map(|w| w.to_le_bytes()).collect(), to_bf16(&q.scales), to_bf16(&q.biases))
         };
-        let pw = dev.upload(&wq).unwrap();
-        let ps = if sc.is_empty() { 0 } else { dev.upload(&sc).unwrap() };
-        let pb = if bi.is_empty() { 0 } else { dev.upload(&bi).unwrap() };
-        let in_proj = ops::QMat { w: rd(pw), s: rd(ps), b: rd(pb), fmt, bits: bits as i32, group: 64 };
+        let in_proj = upload_qmat(&mut dev, (&wq, &sc, &bi), fmt, bits, 64);
         let in_bias: Vec<f32> = (0..3 * h).map(|_| 0.1 * rng.normal()).collect();
         let kernel: Vec<f32> = (0..h * l).map(|_| half::bf16::from_f32(0.5 * rng.normal()).to_f32()).collect();
         let cbias: Vec<f32> = (0..h).map(|_| 0.1 * rng.normal()).collect();

@@ -821,48 +821,48 @@ impl CudaBackend {
                 let w = self.w.mla(layer)?.unembed_out;
                 self.head_matvec(&w, Buf::OLat, w.cols, Buf::Attn, mm)?;
             }
-            Step::Attn { layer, op: AttnOp::MlaAttention }
-                if self.tensor_cores()
-                    && c.mla.as_ref().is_some_and(|m| mla::tc_supports(m.kv_lora_rank, m.qk_rope_head_dim)) =>
-            {
-                // A prompt chunk: one sequence's consecutive positions (run_rows).
-                let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("mla_attention_tc without MLA dims".into()))?;
-                let a = mla::MlaFlashArgs {
-                    qlat: rd(self.buf(Buf::QLat)),
-                    q: rd(self.buf(Buf::Q)),
-                    cache: rd(self.latent_cache(layer)?),
-                    pos,
-                    base,
-                    out: wr(self.buf(Buf::OLat)),
-                    nh: int(nh),
-                    dqk: int(d),
-                    nope: int(m.qk_nope_head_dim),
-                    scale: c.attn_scale(),
-                    m: int(mm),
-                };
-                mla::mla_attention_tc(dev, &a)?;
-            }
             Step::Attn { layer, op: AttnOp::MlaAttention } => {
                 let m = c.mla.as_ref().ok_or_else(|| Error::Cuda("mla_attention without MLA dims".into()))?;
-                let a = mla::MlaAttentionArgs {
-                    qlat: rd(self.buf(Buf::QLat)),
-                    q: rd(self.buf(Buf::Q)),
-                    cache: rd(self.latent_cache(layer)?),
-                    pos,
-                    base,
-                    part_o: wr(self.st.part_o),
-                    part_ml: wr(self.st.part_ml),
-                    tickets: wr(self.st.tickets),
-                    out: wr(self.buf(Buf::OLat)),
-                    nh: int(nh),
-                    dqk: int(d),
-                    nope: int(m.qk_nope_head_dim),
-                    l: int(m.kv_lora_rank),
-                    r: int(m.qk_rope_head_dim),
-                    scale: c.attn_scale(),
-                    nsplit: int(mla::MLA_SPLITS),
-                };
-                mla::mla_attention(dev, &a, mm)?;
+                let (qlat, q, out) = (rd(self.buf(Buf::QLat)), rd(self.buf(Buf::Q)), wr(self.buf(Buf::OLat)));
+                let cache = rd(self.latent_cache(layer)?);
+                let (nope, scale) = (int(m.qk_nope_head_dim), c.attn_scale());
+                if self.tensor_cores() && mla::tc_supports(m.kv_lora_rank, m.qk_rope_head_dim) {
+                    // A prompt chunk: one sequence's consecutive positions (run_rows).
+                    let a = mla::MlaFlashArgs {
+                        qlat,
+                        q,
+                        cache,
+                        pos,
+                        base,
+                        out,
+                        nh: int(nh),
+                        dqk: int(d),
+                        nope,
+                        scale,
+                        m: int(mm),
+                    };
+                    mla::mla_attention_tc(dev, &a)?;
+                } else {
+                    let a = mla::MlaAttentionArgs {
+                        qlat,
+                        q,
+                        cache,
+                        pos,
+                        base,
+                        part_o: wr(self.st.part_o),
+                        part_ml: wr(self.st.part_ml),
+                        tickets: wr(self.st.tickets),
+                        out,
+                        nh: int(nh),
+                        dqk: int(d),
+                        nope,
+                        l: int(m.kv_lora_rank),
+                        r: int(m.qk_rope_head_dim),
+                        scale,
+                        nsplit: int(mla::MLA_SPLITS),
+                    };
+                    mla::mla_attention(dev, &a, mm)?;
+                }
             }
             Step::Attn { layer, op: AttnOp::ShortConv } => {
                 let cv = self.w.conv(layer)?;

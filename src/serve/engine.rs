@@ -27,8 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::{Backend, Row};
 use crate::generate::FinishReason;
-use crate::sample::softmax;
-use crate::sample::{Sampler, SamplingParams};
+use crate::sample::{Sampler, SamplingParams, softmax};
 use crate::tokenizer::StreamDecoder;
 
 use super::metrics::Metrics;
