@@ -18,30 +18,16 @@ static_assert(TC_BM == 32 && TC_BN == 128, "the staging below assumes 32 x 128 t
 #define TC_BK 32
 #define TC_LD (TC_BK + 8)  // shared row stride (bf16): fragment loads hit 32 distinct banks
 
-// One block's shared tiles, two stages deep (stage c in buffer c % 2: stage c + 1 is stored
-// while stage c is multiplied, one barrier per stage). xrow: the TC_BM token rows' x pointers
-// (gathered rows for experts), yrow: where each row's output goes (its row index in y).
+// One block's shared tiles. xrow: the TC_BM token rows' x pointers (gathered rows for
+// experts), yrow: where each row's output goes (its row index in y).
 struct __align__(16) TcSmem {
-    bf16 x[2][TC_BM][TC_LD];
-    bf16 w[2][TC_BN][TC_LD];
-    float sx[2][TC_BM];  // Σx over the stage's group up to and including it, per token row (affine)
-    float sc[2][TC_BN], bi[2][TC_BN];  // the stage's group scale and bias per output row (affine)
+    bf16 x[TC_BM][TC_LD];
+    bf16 w[TC_BN][TC_LD];
+    float sx[TC_BM];  // Σx over the current group's k so far, per token row (affine)
+    float sc[TC_BN], bi[TC_BN];  // the current group's scale and bias per output row (affine)
     const bf16* xrow[TC_BM];
     int yrow[TC_BM];
 };
-
-// Four 8×8 bf16 matrices from shared memory into r[0..4) (ldmatrix.x4): lane l gives the
-// address of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned); afterwards lane l holds
-// row l / 4, columns 2·(l % 4) and +1 of matrix j in r[j] — the mma fragment layout. sm_75+.
-__device__ __forceinline__ void ldmatrix_x4(u32* r, const bf16* p) {
-#if __CUDA_ARCH__ >= 750
-    u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a)
-                 : "memory");
-#endif
-}
 
 // (e0,e1)(e2,e3)(e4,e5)(e6,e7) -> (e0,e4)(e1,e5)(e2,e6)(e3,e7): the tile order of 8 bf16.
 __device__ __forceinline__ uint4 perm8(uint4 v) {
@@ -125,7 +111,7 @@ __device__ __forceinline__ void tc_for_each_acc(F f) {
 template <int BITS>
 __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
     constexpr bool AFF = BITS != 16;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     const int xr = tid >> 2, xp = tid & 3;  // the x row and quarter this thread stages
     const bf16* xsrc = sm.xrow[xr] + xp * 8;
     const long wrow = (long)n0 + tid;
@@ -150,15 +136,12 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
             biv = bf2f(W.b[wrow * gpr + c / gc]);
         }
     };
-    // Stage c into buffer c % 2. Σx carries over from the previous stage's buffer within a
-    // group (that buffer is complete: it was stored before the last barrier).
     auto store = [&](int c) {
-        const int b = c & 1;
-        *(uint4*)&sm.x[b][xr][xp * 8] = perm8(xv);
+        *(uint4*)&sm.x[xr][xp * 8] = perm8(xv);
         uint4 wt[4];
         tc_convert_w<BITS>(wv, wt);
 #pragma unroll
-        for (int i = 0; i < 4; i++) *(uint4*)&sm.w[b][tid][i * 8] = wt[i];
+        for (int i = 0; i < 4; i++) *(uint4*)&sm.w[tid][i * 8] = wt[i];
         if (AFF) {
             float xf[8], s = 0.f;
             unpack8(xv, xf);
@@ -166,9 +149,8 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
             for (int i = 0; i < 8; i++) s += xf[i];
             s += __shfl_xor_sync(0xffffffffu, s, 1);
             s += __shfl_xor_sync(0xffffffffu, s, 2);
-            if (xp == 0) sm.sx[b][xr] = c % gc == 0 ? s : sm.sx[b ^ 1][xr] + s;
-            sm.sc[b][tid] = c % gc == 0 ? scv : sm.sc[b ^ 1][tid];
-            sm.bi[b][tid] = c % gc == 0 ? biv : sm.bi[b ^ 1][tid];
+            if (xp == 0) sm.sx[xr] = c % gc == 0 ? s : sm.sx[xr] + s;
+            if (c % gc == 0) sm.sc[tid] = scv, sm.bi[tid] = biv;
         }
     };
 
@@ -176,37 +158,39 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
     store(0);
     __syncthreads();
     for (int c = 0; c < nch; c++) {
-        const int b = c & 1;
         if (c + 1 < nch) fetch(c + 1);  // global loads in flight during the mma
 #pragma unroll
         for (int ks = 0; ks < TC_BK; ks += 16) {
-            // The fragments of the m16n8k16 layout (g = lane / 4, t = lane % 4; a: rows g, g + 8
-            // × k pairs 2t, 2t + 8; bf: k pairs × column g), four 8×8 matrices per ldmatrix: lane
-            // l names row l % 8 of matrix l / 8.
-            u32 a[2][4], bf[4][2];
-            const int lr = lane & 7, lm = lane >> 3;
+            u32 a[2][4], b[4][2];
 #pragma unroll
-            for (int mf = 0; mf < 2; mf++)  // matrices: rows +0 / +8 (lm & 1) × k +0 / +8 (lm >> 1)
-                ldmatrix_x4(a[mf], &sm.x[b][mf * 16 + lr + 8 * (lm & 1)][ks + 8 * (lm >> 1)]);
+            for (int mf = 0; mf < 2; mf++) {
+                a[mf][0] = *(const u32*)&sm.x[mf * 16 + g][ks + 2 * t4];
+                a[mf][1] = *(const u32*)&sm.x[mf * 16 + g + 8][ks + 2 * t4];
+                a[mf][2] = *(const u32*)&sm.x[mf * 16 + g][ks + 2 * t4 + 8];
+                a[mf][3] = *(const u32*)&sm.x[mf * 16 + g + 8][ks + 2 * t4 + 8];
+            }
 #pragma unroll
-            for (int nf = 0; nf < 4; nf += 2)  // matrices: k +0 / +8 (lm & 1) × column block nf + (lm >> 1)
-                ldmatrix_x4(&bf[nf][0], &sm.w[b][warp * 32 + (nf + (lm >> 1)) * 8 + lr][ks + 8 * (lm & 1)]);
+            for (int nf = 0; nf < 4; nf++) {
+                b[nf][0] = *(const u32*)&sm.w[warp * 32 + nf * 8 + g][ks + 2 * t4];
+                b[nf][1] = *(const u32*)&sm.w[warp * 32 + nf * 8 + g][ks + 2 * t4 + 8];
+            }
 #pragma unroll
             for (int mf = 0; mf < 2; mf++)
 #pragma unroll
-                for (int nf = 0; nf < 4; nf++) mma_bf16_16816(AFF ? tacc[mf][nf] : acc[mf][nf], a[mf], bf[nf]);
+                for (int nf = 0; nf < 4; nf++) mma_bf16_16816(AFF ? tacc[mf][nf] : acc[mf][nf], a[mf], b[nf]);
         }
         if (AFF && (c + 1) % gc == 0) {
             // The group is done: acc += sc·Σq·x + bi·Σx per (token, output row).
             tc_for_each_acc([&](int mf, int nf, int i, int m, int n) {
-                acc[mf][nf][i] = chunk_acc(acc[mf][nf][i], sm.sc[b][n], tacc[mf][nf][i], sm.bi[b][n], sm.sx[b][m]);
+                acc[mf][nf][i] = chunk_acc(acc[mf][nf][i], sm.sc[n], tacc[mf][nf][i], sm.bi[n], sm.sx[m]);
                 tacc[mf][nf][i] = 0.f;
             });
         }
-        // Stage c + 1 into the other buffer: every warp finished reading it (stage c − 1)
-        // before the last barrier. The barrier then publishes it and frees buffer b.
-        if (c + 1 < nch) store(c + 1);
         __syncthreads();
+        if (c + 1 < nch) {
+            store(c + 1);
+            __syncthreads();
+        }
     }
 }
 
