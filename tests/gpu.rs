@@ -442,27 +442,28 @@ fn kernel_attention_matches_cpu() {
             check_bf16_out(&dev, pout, &want, 8e-3, &format!("attention_tc {what}"));
         }
         // The split kernel: P stays f32, only the output is bf16 (2^-8 relative).
-        let splits = attn::ATTN_SPLITS;
-        let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, d, splits);
-        dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
-        let a = attn::AttentionArgs {
-            q: rd(pq),
-            kc: rd(pk),
-            vc: rd(pv),
-            pos: rd(ppos),
-            base: rd(pbase),
-            part_o: wr(part_o),
-            part_ml: wr(part_ml),
-            tickets: wr(tickets),
-            out: wr(pout),
-            nh: nh as i32,
-            nkv: nkv as i32,
-            d: d as i32,
-            scale,
-            nsplit: splits as i32,
-        };
-        attn::attention(&dev, &a, m).unwrap();
-        check_bf16_out(&dev, pout, &want, 6e-3, &format!("attention {what}"));
+        for splits in [attn::ATTN_SPLITS, 7] {
+            let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, d, splits);
+            dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
+            let a = attn::AttentionArgs {
+                q: rd(pq),
+                kc: rd(pk),
+                vc: rd(pv),
+                pos: rd(ppos),
+                base: rd(pbase),
+                part_o: wr(part_o),
+                part_ml: wr(part_ml),
+                tickets: wr(tickets),
+                out: wr(pout),
+                nh: nh as i32,
+                nkv: nkv as i32,
+                d: d as i32,
+                scale,
+                nsplit: splits as i32,
+            };
+            attn::attention(&dev, &a, m).unwrap();
+            check_bf16_out(&dev, pout, &want, 6e-3, &format!("attention {what} splits {splits}"));
+        }
     }
 }
 
@@ -536,29 +537,36 @@ fn kernel_mla_attention_matches_cpu() {
         // P enters the P·V product as bf16 (2^-9), the output is bf16.
         check_bf16_out(&dev, pout, &want, 8e-3, &format!("mla_attention_tc nh {nh} nope {nope} m {m} p0 {p0}"));
         // The split kernel: P stays f32, only the output is bf16 (2^-8 relative).
-        let splits = mla::MLA_SPLITS;
-        let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, l, splits);
-        dev.fill(pout, 0xFF, m * nh * l * 2).unwrap();
-        let a = mla::MlaAttentionArgs {
-            qlat: rd(pl),
-            q: rd(pq),
-            cache: rd(pc),
-            pos: rd(ppos),
-            base: rd(pbase),
-            part_o: wr(part_o),
-            part_ml: wr(part_ml),
-            tickets: wr(tickets),
-            out: wr(pout),
-            nh: nh as i32,
-            dqk: dqk as i32,
-            nope: nope as i32,
-            l: l as i32,
-            r: r as i32,
-            scale,
-            nsplit: splits as i32,
-        };
-        mla::mla_attention(&dev, &a, m).unwrap();
-        check_bf16_out(&dev, pout, &want, 6e-3, &format!("mla_attention nh {nh} nope {nope} m {m} p0 {p0}"));
+        for splits in [mla::MLA_SPLITS, 7] {
+            let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, l, splits);
+            dev.fill(pout, 0xFF, m * nh * l * 2).unwrap();
+            let a = mla::MlaAttentionArgs {
+                qlat: rd(pl),
+                q: rd(pq),
+                cache: rd(pc),
+                pos: rd(ppos),
+                base: rd(pbase),
+                part_o: wr(part_o),
+                part_ml: wr(part_ml),
+                tickets: wr(tickets),
+                out: wr(pout),
+                nh: nh as i32,
+                dqk: dqk as i32,
+                nope: nope as i32,
+                l: l as i32,
+                r: r as i32,
+                scale,
+                nsplit: splits as i32,
+            };
+            mla::mla_attention(&dev, &a, m).unwrap();
+            check_bf16_out(
+                &dev,
+                pout,
+                &want,
+                6e-3,
+                &format!("mla_attention nh {nh} nope {nope} m {m} p0 {p0} splits {splits}"),
+            );
+        }
     }
 }
 

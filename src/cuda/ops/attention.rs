@@ -8,10 +8,14 @@ use super::{ATTN_THREADS, Bf16, F32, I32, In, KernelArgs, Out, kernel_args};
 use crate::cuda::Device;
 use crate::error::Result;
 
-/// Key splits per (token, head) (at most 32: a lane each in the merge).
-pub const ATTN_SPLITS: usize = 16;
-/// Query heads of one KV head a block serves (`ATTN_HB` in `attention.cu`: two per warp).
-pub const ATTN_HEADS_PER_BLOCK: usize = 2 * ATTN_THREADS as usize / 32;
+/// Key splits per (token, head) (at most 32: a lane each in the merge). Measured on the H100
+/// (bench/RESULTS.md, session 9): at decode depth ~600, 32 splits of a head group beat 16 —
+/// the kernel is bound by each block's serial chain (tile, scores, softmax, values), not by
+/// bytes, so shorter splits and more blocks win.
+pub const ATTN_SPLITS: usize = 32;
+/// Query heads of one KV head a block serves (`ATTN_HB` in `attention.cu`: one per warp).
+/// Two per warp halved the blocks and lost (qwen3 decode 243.7 vs 261.0 tok/s at 32 splits).
+pub const ATTN_HEADS_PER_BLOCK: usize = ATTN_THREADS as usize / 32;
 const _: () = assert!(ATTN_HEADS_PER_BLOCK.is_multiple_of(ATTN_THREADS as usize / 32));
 const _: () = assert!(ATTN_SPLITS <= 32);
 
