@@ -114,6 +114,14 @@ fn softmax_attend_f64(sc: &[f64], value: impl Fn(usize, usize) -> f32, out: &mut
     }
 }
 
+/// The split-attention scratch for `rows` (token, head) rows of `width` outputs over `splits`
+/// key splits: unnormalised partials, (max, sum) pairs, zeroed tickets.
+fn split_scratch(dev: &mut Device, rows: usize, width: usize, splits: usize) -> (u64, u64, u64) {
+    let part_o = dev.alloc(rows * splits * width * 4).unwrap();
+    let part_ml = dev.alloc(rows * splits * 2 * 4).unwrap();
+    (part_o, part_ml, dev.upload(&vec![0i32; rows]).unwrap())
+}
+
 /// Reads `want.len()` bf16 values at `ptr` (a poisoned buffer: each must have been written)
 /// and checks them against `want` within relative error `tol`; prints the error.
 fn check_bf16_out(dev: &Device, ptr: u64, want: &[f32], tol: f64, what: &str) {
@@ -365,18 +373,29 @@ fn kernel_head_gemm_tc_matches_cpu() {
     }
 }
 
-/// Prompt-chunk attention on tensor cores (issue 19) against the CPU in f64: one sequence's
-/// consecutive rows after a cached prefix (causal within the chunk), head dims 64 and 128,
-/// GQA, chunk sizes that leave partial 64-query blocks and 32-key tiles, poisoned outputs.
+/// GQA attention against the CPU in f64, both kernels on the same inputs: the split decode
+/// kernel (`attention`: a block per KV head's query heads and key split, keys through shared
+/// memory) and the prompt-chunk kernel on tensor cores (`attention_tc`, issue 19; head dims
+/// 64 and 128 only). One sequence's consecutive rows after a cached prefix (causal within the
+/// chunk), GQA groups of 1–32 heads (12, 16, 32: two to four head chunks per KV head, 12 with
+/// a partial one), head dims 40–256,
+/// chunk sizes that leave partial 64-query blocks and 32-key tiles, a context whose splits
+/// span several 32-key tiles, poisoned outputs.
 #[test]
 #[ignore]
-fn kernel_attention_tc_matches_cpu() {
+fn kernel_attention_matches_cpu() {
     use zmoe::cuda::ops::attention as attn;
     let mut dev = tc_device();
     let mut rng = Rng::new(0xFA11);
-    for (d, nh, nkv, m, p0, base) in
-        [(128usize, 8usize, 2usize, 50usize, 37usize, 0usize), (64, 4, 4, 130, 0, 5), (128, 4, 1, 17, 300, 3)]
-    {
+    for (d, nh, nkv, m, p0, base) in [
+        (128usize, 8usize, 2usize, 50usize, 37usize, 0usize),
+        (64, 4, 4, 130, 0, 5),
+        (128, 4, 1, 17, 300, 3),
+        (256, 32, 2, 3, 700, 2),
+        (40, 6, 3, 5, 90, 1),
+        (64, 24, 2, 3, 100, 1),
+        (64, 32, 1, 2, 60, 0),
+    ] {
         let s_len = base + p0 + m;
         let bf = |v: f32| half::bf16::from_f32(v).to_f32();
         let q: Vec<f32> = (0..m * nh * d).map(|_| bf(rng.normal())).collect();
@@ -403,41 +422,73 @@ fn kernel_attention_tc_matches_cpu() {
         let (ppos, pbase) = chunk_rows(&mut dev, m, p0, base);
         let pout = dev.alloc(m * nh * d * 2).unwrap();
         dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
-        let a = attn::FlashArgs {
-            q: rd(pq),
-            kc: rd(pk),
-            vc: rd(pv),
-            pos: rd(ppos),
-            base: rd(pbase),
-            out: wr(pout),
-            nh: nh as i32,
-            nkv: nkv as i32,
-            d: d as i32,
-            scale,
-            m: m as i32,
-        };
-        attn::attention_tc(&dev, &a).unwrap();
-        // P enters the P·V product as bf16 (2^-9), the output is bf16.
-        check_bf16_out(&dev, pout, &want, 8e-3, &format!("attention_tc d {d} nh {nh} nkv {nkv} m {m} p0 {p0}"));
+        let what = format!("d {d} nh {nh} nkv {nkv} m {m} p0 {p0}");
+        if attn::tc_supports(d) {
+            let a = attn::FlashArgs {
+                q: rd(pq),
+                kc: rd(pk),
+                vc: rd(pv),
+                pos: rd(ppos),
+                base: rd(pbase),
+                out: wr(pout),
+                nh: nh as i32,
+                nkv: nkv as i32,
+                d: d as i32,
+                scale,
+                m: m as i32,
+            };
+            attn::attention_tc(&dev, &a).unwrap();
+            // P enters the P·V product as bf16 (2^-9), the output is bf16.
+            check_bf16_out(&dev, pout, &want, 8e-3, &format!("attention_tc {what}"));
+        }
+        // The split kernel: P stays f32, only the output is bf16 (2^-8 relative).
+        for splits in [attn::ATTN_SPLITS, 7] {
+            let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, d, splits);
+            dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
+            let a = attn::AttentionArgs {
+                q: rd(pq),
+                kc: rd(pk),
+                vc: rd(pv),
+                pos: rd(ppos),
+                base: rd(pbase),
+                part_o: wr(part_o),
+                part_ml: wr(part_ml),
+                tickets: wr(tickets),
+                out: wr(pout),
+                nh: nh as i32,
+                nkv: nkv as i32,
+                d: d as i32,
+                scale,
+                nsplit: splits as i32,
+            };
+            attn::attention(&dev, &a, m).unwrap();
+            check_bf16_out(&dev, pout, &want, 6e-3, &format!("attention {what} splits {splits}"));
+        }
     }
 }
 
-/// MLA prompt-chunk attention on tensor cores (issue 19) against the CPU in f64: the absorbed
+/// MLA attention against the CPU in f64, both kernels on the same inputs: the split decode
+/// kernel (`mla_attention`: a block per head group and key split, keys through shared memory)
+/// and the prompt-chunk kernel on tensor cores (`mla_attention_tc`, issue 19). The absorbed
 /// form — query rows (token, head) of [qlat (512) | q_pe (64)] over latent cache rows
 /// [c (512) | k_pe (64)], values c — one sequence's consecutive rows after a cached prefix,
-/// GLM's 20 heads and others, row counts that leave partial 32-row blocks and 16-key tiles,
-/// poisoned outputs.
+/// GLM's 20 heads and others (6: a partial head group), row counts that leave partial 32-row
+/// blocks and 16-key tiles, a context whose splits span several 32-key tiles, poisoned outputs.
 #[test]
 #[ignore]
-fn kernel_mla_attention_tc_matches_cpu() {
+fn kernel_mla_attention_matches_cpu() {
     use zmoe::cuda::ops::mla;
     let mut dev = tc_device();
     let mut rng = Rng::new(0x3A7C);
     let (l, r) = (512usize, 64usize);
     let row = l + r;
-    for (nh, nope, m, p0, base) in
-        [(20usize, 192usize, 23usize, 41usize, 0usize), (4, 64, 70, 0, 7), (16, 128, 9, 250, 2), (4, 128, 3, 5, 1)]
-    {
+    for (nh, nope, m, p0, base) in [
+        (20usize, 192usize, 23usize, 41usize, 0usize),
+        (4, 64, 70, 0, 7),
+        (16, 128, 9, 250, 2),
+        (4, 128, 3, 5, 1),
+        (6, 128, 2, 700, 3),
+    ] {
         let dqk = nope + r;
         let s_len = base + p0 + m;
         let bf = |v: f32| half::bf16::from_f32(v).to_f32();
@@ -485,6 +536,37 @@ fn kernel_mla_attention_tc_matches_cpu() {
         mla::mla_attention_tc(&dev, &a).unwrap();
         // P enters the P·V product as bf16 (2^-9), the output is bf16.
         check_bf16_out(&dev, pout, &want, 8e-3, &format!("mla_attention_tc nh {nh} nope {nope} m {m} p0 {p0}"));
+        // The split kernel: P stays f32, only the output is bf16 (2^-8 relative).
+        for splits in [mla::MLA_SPLITS, 7] {
+            let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, l, splits);
+            dev.fill(pout, 0xFF, m * nh * l * 2).unwrap();
+            let a = mla::MlaAttentionArgs {
+                qlat: rd(pl),
+                q: rd(pq),
+                cache: rd(pc),
+                pos: rd(ppos),
+                base: rd(pbase),
+                part_o: wr(part_o),
+                part_ml: wr(part_ml),
+                tickets: wr(tickets),
+                out: wr(pout),
+                nh: nh as i32,
+                dqk: dqk as i32,
+                nope: nope as i32,
+                l: l as i32,
+                r: r as i32,
+                scale,
+                nsplit: splits as i32,
+            };
+            mla::mla_attention(&dev, &a, m).unwrap();
+            check_bf16_out(
+                &dev,
+                pout,
+                &want,
+                6e-3,
+                &format!("mla_attention nh {nh} nope {nope} m {m} p0 {p0} splits {splits}"),
+            );
+        }
     }
 }
 

@@ -1,124 +1,155 @@
 // Causal GQA attention over the KV cache, split over the keys (flash-decoding style).
 
-// Split-KV causal attention. Grid (M·nh, nsplit), ATTN_THREADS threads. Query m
-// (position pos[m] of the sequence whose cache rows start at base[m]) of head h attends to
-// keys [0, n) of that sequence, KV head h / (nh/nkv), n = pos[m] + 1; split s takes the
-// s-th of nsplit equal runs of them (the run length follows the position at run time, so a
-// captured graph stays right as the context grows).
-// Per pass of ATTN_THREADS keys: thread t scores key t (a whole 16-byte-vectorised dot
-// product, so the key loads of a pass are independent), the block takes max and sum of
-// the pass, then thread t accumulates dimensions t, t + ATTN_THREADS of Σ p·V in key order.
-// Writes part_o[(mh·nsplit + s)·D + d] (unnormalised) and part_ml[..·2] = (max, sum); the
-// last split block of a (token, head) to finish (tickets[mh], reset after use) merges the
-// splits into bf16 out[M, nh·D].
-// MAXD and ATTN_THREADS come from the prelude (src/cuda/ops/mod.rs).
+// Split-KV causal attention. Query m (position pos[m] of the sequence whose cache rows
+// start at base[m]) of head h attends to keys [0, n) of that sequence, KV head h / (nh/nkv),
+// n = pos[m] + 1; split s takes the s-th of nsplit equal runs of them (the run length follows
+// the position at run time, so a captured graph stays right as the context grows).
+// The query heads of one KV head read the same K and V rows, so a block serves up to ATTN_HB
+// of them (ATTN_HPW a warp) for one token and split: grid (M·nkv·ceil(G / ATTN_HB), nsplit)
+// with G = nh / nkv, ATTN_THREADS threads. Keys stream through shared memory ATTN_KC rows at
+// a time, each K and V row read from memory once per block. Per tile, lane j of a warp scores
+// key j for the warp's heads (a D-wide dot product out of shared memory), the warp takes max
+// and sum (online softmax, f32), then lane c accumulates value dims 8c .. 8c + 8 of Σ p·V in
+// key order. Writes part_o[(mh·nsplit + s)·D + d] (unnormalised) and part_ml[..·2] =
+// (max, sum); the block that finishes a (token, head chunk) last (tickets[m·nh + first head],
+// reset after use) merges the splits of its heads into bf16 out[M, nh·D]. D ≤ MAXD, a
+// multiple of 8; nsplit ≤ 32.
+// MAXD, ATTN_HB and ATTN_THREADS come from the prelude (src/cuda/ops/mod.rs).
+#define ATTN_KC 32                                    // keys per shared-memory tile (a lane each)
+#define ATTN_WARPS (ATTN_THREADS / 32)
+#define ATTN_HPW (ATTN_HB / ATTN_WARPS)               // query heads per warp: warp w takes w, w + ATTN_WARPS, ...
+#define ATTN_KROWP (MAXD + 8)                         // K tile row stride: conflict-free 16-byte reads
+#define ATTN_LPT ((2 * ATTN_KC * MAXD / 8 + ATTN_THREADS - 1) / ATTN_THREADS)
 
-// Merges the nsplit partial results of one (token, head) — po[nsplit, D] unnormalised
-// sums, ml[nsplit, 2] = (max, sum) — into bf16 out[D]: each split is rescaled to the common
-// maximum; empty splits (sum 0) drop out. Called by the whole block that finished last.
-__device__ void merge_splits(const float* po, const float* pml, int nsplit, int D, bf16* out) {
-    __shared__ float ml[2 * ATTN_THREADS];
-    int tid = threadIdx.x;
-    for (int i = tid; i < 2 * nsplit; i += ATTN_THREADS) ml[i] = __ldcg(pml + i);
-    __syncthreads();
-    float M2 = -INFINITY;
-    for (int s = 0; s < nsplit; s++) if (ml[2 * s + 1] > 0.f) M2 = fmaxf(M2, ml[2 * s]);
-    for (int d = tid; d < D; d += ATTN_THREADS) {
-        float num = 0.f, den = 0.f;
-#pragma unroll 4
-        for (int s = 0; s < nsplit; s++) {
-            float L = ml[2 * s + 1];
-            if (L > 0.f) {
-                float f = expf(ml[2 * s] - M2);
-                num += __ldcg(po + (long)s * D + d) * f;
-                den += L * f;
+// Merges the nsplit partial results of one (token, head) — po[nsplit, W] unnormalised sums,
+// pml[nsplit, 2] = (max, sum) — into bf16 out[W], by one warp: each split is rescaled to the
+// common maximum; empty splits (sum 0) drop out. nsplit ≤ 32, W a multiple of 4. The
+// partials are read through L2 (other blocks wrote them). Shared by GQA and MLA attention.
+__device__ void merge_splits_warp(const float* po, const float* pml, int nsplit, int W, bf16* out) {
+    int lane = threadIdx.x & 31;
+    float ms = lane < nsplit ? __ldcg(pml + 2 * lane) : -INFINITY;
+    float ls = lane < nsplit ? __ldcg(pml + 2 * lane + 1) : 0.f;
+    float M2 = warp_max(ls > 0.f ? ms : -INFINITY);
+    float fs = ls > 0.f ? expf(ms - M2) : 0.f, den = warp_sum(ls * fs);
+    float f[32];
+#pragma unroll
+    for (int s = 0; s < 32; s++) f[s] = __shfl_sync(0xffffffffu, fs, s);
+    for (int c = lane; c < W / 4; c += 32) {
+        float4 n = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int s = 0; s < 32; s++) {
+            if (s < nsplit && f[s] > 0.f) {
+                float4 x = __ldcg((const float4*)(po + (long)s * W) + c);
+                n.x += x.x * f[s]; n.y += x.y * f[s]; n.z += x.z * f[s]; n.w += x.w * f[s];
             }
         }
-        out[d] = f2bf(num / den);
+        *(uint2*)(out + 4 * c) = make_uint2(pack_bf16x2(n.x / den, n.y / den), pack_bf16x2(n.z / den, n.w / den));
     }
-}
-// One pass of the online softmax over cnt ≤ ATTN_THREADS keys, thread t holding key t's
-// scaled score sc (-INF past cnt): updates the running max mx and sum l, leaves p[t] =
-// e^(sc - max) for the value pass, and returns the factor the value sums are rescaled by.
-// Shared by GQA and MLA attention, so both reduce in the same order.
-__device__ __forceinline__ float softmax_pass(float sc, int cnt, float* p, float& mx, float& l) {
-    int tid = threadIdx.x;
-    float mn = fmaxf(mx, block_max(sc));
-    float pe = tid < cnt ? expf(sc - mn) : 0.f;
-    float ps = block_sum(pe), f = expf(mx - mn);
-    p[tid] = pe;
-    __syncthreads();
-    l = l * f + ps;
-    mx = mn;
-    return f;
-}
-
-// The end of split `split` of (token, head) mh: its unnormalised value sums acc (thread t
-// holds columns t, t + ATTN_THREADS, ... of W) and (max, sum) go to the partials; the block
-// that finishes last for mh merges every split into bf16 out[mh, W].
-template <int NACC>
-__device__ __forceinline__ void finish_split(const float (&acc)[NACC], int W, float mx, float l, float* part_o,
-                                             float* part_ml, int* tickets, int mh, int split, int nsplit, bf16* out) {
-    int tid = threadIdx.x;
-    long slot = (long)mh * nsplit + split;
-#pragma unroll
-    for (int i = 0; i < NACC; i++) {
-        int d = tid + i * ATTN_THREADS;
-        if (d < W) part_o[slot * W + d] = acc[i];
-    }
-    if (tid == 0) { part_ml[slot * 2] = mx; part_ml[slot * 2 + 1] = l; }
-    if (!last_to_finish(tickets + mh, nsplit)) return;
-    merge_splits(part_o + (long)mh * nsplit * W, part_ml + (long)mh * nsplit * 2, nsplit, W, out + (long)mh * W);
 }
 
 extern "C" __global__ void attention(const AttentionArgs a) {
     pdl_entry();
-    const int nh = a.nh, nkv = a.nkv, D = a.d, nsplit = a.nsplit;
-    const float scale = a.scale;
-    __shared__ float qs[MAXD];
-    __shared__ float p[ATTN_THREADS];
-    int mh = blockIdx.x, split = blockIdx.y, m = mh / nh, h = mh % nh;
-    int kvh = h / (nh / nkv), tid = threadIdx.x;
-    // Row m's own sequence: its cache rows start at base[m].
-    const long seq = (long)a.base[m] * nkv * D;
-    const bf16 *q = a.q, *kc = a.kc + seq, *vc = a.vc + seq;
+    const int nh = a.nh, nkv = a.nkv, D = a.d, nsplit = a.nsplit, G = nh / nkv, rc = D / 8;
+    const int chunks = (G + ATTN_HB - 1) / ATTN_HB, per_m = nkv * chunks;
+    const int m = blockIdx.x / per_m, kvh = blockIdx.x % per_m / chunks, hc = blockIdx.x % chunks;
+    const int split = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int h0 = kvh * G + hc * ATTN_HB, nb = min(ATTN_HB, G - hc * ATTN_HB);  // this block's heads
+    __shared__ __align__(16) bf16 ks[ATTN_KC * ATTN_KROWP];  // [key][dim] of this tile
+    __shared__ __align__(16) bf16 vs[ATTN_KC * MAXD];        // [key][dim]
+    __shared__ __align__(16) float qs[ATTN_HB][MAXD];        // [head of the block][dim]
+    // Row m's own sequence: its cache rows start at base[m]; KV head kvh of row s at s·nkv·D.
+    const long seq = (long)a.base[m] * nkv * D + (long)kvh * D, stride = (long)nkv * D;
+    const bf16 *kc = a.kc + seq, *vc = a.vc + seq;
     int n_keys = a.pos[m] + 1, chunk = (n_keys + nsplit - 1) / nsplit;
-    int s0 = split * chunk, s1 = min(s0 + chunk, n_keys);
-    for (int d = tid; d < D; d += ATTN_THREADS) qs[d] = bf2f(q[(long)mh * D + d]);
-    __syncthreads();
-    float mx = -INFINITY, l = 0.f, acc[MAXD / ATTN_THREADS] = {0.f, 0.f};
-    for (int base = s0; base < s1; base += ATTN_THREADS) {
-        int s = base + tid, cnt = min(ATTN_THREADS, s1 - base);
-        float sc = -INFINITY;
-        if (tid < cnt) {
-            const uint4* kr = (const uint4*)(kc + ((long)s * nkv + kvh) * D);
-            float dot = 0.f;
-#pragma unroll 8
-            for (int c = 0; c < D / 8; c++) {
+    int s0 = min(split * chunk, n_keys), s1 = min(s0 + chunk, n_keys);
+    for (int i = threadIdx.x; i < nb * D; i += ATTN_THREADS)
+        qs[i / D][i % D] = bf2f(a.q[((long)m * nh + h0) * D + i]);
+    float mx[ATTN_HPW], l[ATTN_HPW], acc[ATTN_HPW][8];
+#pragma unroll
+    for (int i = 0; i < ATTN_HPW; i++) {
+        mx[i] = -INFINITY, l[i] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[i][e] = 0.f;
+    }
+    for (int k0 = s0; k0 < s1; k0 += ATTN_KC) {
+        const int cnt = min(ATTN_KC, s1 - k0), n16 = cnt * rc;
+        // The tile's K then V rows, 16 bytes a load, every load of a thread in flight first.
+        uint4 r[ATTN_LPT];
+#pragma unroll
+        for (int t = 0; t < ATTN_LPT; t++) {
+            int i = threadIdx.x + t * ATTN_THREADS, v = i >= n16, ii = i - v * n16;
+            if (i < 2 * n16) r[t] = __ldg((const uint4*)((v ? vc : kc) + (k0 + ii / rc) * stride) + ii % rc);
+        }
+        __syncthreads();  // the previous tile is consumed (and qs written, on the first)
+#pragma unroll
+        for (int t = 0; t < ATTN_LPT; t++) {
+            int i = threadIdx.x + t * ATTN_THREADS, v = i >= n16, ii = i - v * n16;
+            if (i < 2 * n16) *(uint4*)((v ? vs + ii / rc * MAXD : ks + ii / rc * ATTN_KROWP) + ii % rc * 8) = r[t];
+        }
+        __syncthreads();
+        float pe[ATTN_HPW] = {};
+        if (lane < cnt) {
+            float dot[ATTN_HPW] = {};
+            const uint4* kr = (const uint4*)(ks + lane * ATTN_KROWP);
+            for (int c = 0; c < rc; c++) {
                 float kf[8];
                 unpack8(kr[c], kf);
 #pragma unroll
-                for (int i = 0; i < 8; i++) dot += qs[c * 8 + i] * kf[i];
+                for (int i = 0; i < ATTN_HPW; i++) {
+                    if (warp + ATTN_WARPS * i < nb) {
+                        const float4* qv = (const float4*)qs[warp + ATTN_WARPS * i] + 2 * c;
+                        float4 qa = qv[0], qb = qv[1];
+                        dot[i] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
+                                  qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+                    }
+                }
             }
-            sc = dot * scale;
-        }
-        float f = softmax_pass(sc, cnt, p, mx, l);
 #pragma unroll
-        for (int i = 0; i < MAXD / ATTN_THREADS; i++) {
-            int d = tid + i * ATTN_THREADS;
-            if (d < D) {
-                const bf16* vr = vc + ((long)base * nkv + kvh) * D + d;
-                float o = 0.f;
-#pragma unroll 8
-                for (int j = 0; j < cnt; j++) o += p[j] * bf2f(vr[(long)j * nkv * D]);
-                acc[i] = acc[i] * f + o;
+            for (int i = 0; i < ATTN_HPW; i++) pe[i] = dot[i] * a.scale;
+        }
+#pragma unroll
+        for (int i = 0; i < ATTN_HPW; i++) {
+            if (warp + ATTN_WARPS * i >= nb) continue;  // the whole warp skips a head it lacks
+            float sc = lane < cnt ? pe[i] : -INFINITY;
+            float mn = fmaxf(mx[i], warp_max(sc)), f = expf(mx[i] - mn);
+            pe[i] = lane < cnt ? expf(sc - mn) : 0.f;
+            l[i] = l[i] * f + warp_sum(pe[i]);
+            mx[i] = mn;
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[i][e] *= f;
+        }
+        for (int j = 0; j < cnt; j++) {
+            float pj[ATTN_HPW];
+#pragma unroll
+            for (int i = 0; i < ATTN_HPW; i++) pj[i] = __shfl_sync(0xffffffffu, pe[i], j);
+            if (lane < rc) {
+                float vf[8];
+                unpack8(*((const uint4*)(vs + j * MAXD) + lane), vf);
+#pragma unroll
+                for (int i = 0; i < ATTN_HPW; i++)
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[i][e] += pj[i] * vf[e];
             }
         }
-        __syncthreads();
     }
-    finish_split(acc, D, mx, l, a.part_o, a.part_ml, a.tickets, mh, split, nsplit, a.out);
+    // This split's unnormalised sums and (max, sum) to the partials of each of the warp's heads.
+#pragma unroll
+    for (int i = 0; i < ATTN_HPW; i++) {
+        if (warp + ATTN_WARPS * i >= nb) continue;
+        long slot = ((long)m * nh + h0 + warp + ATTN_WARPS * i) * nsplit + split;
+        if (lane < rc) {
+            float4* po = (float4*)(a.part_o + slot * D) + 2 * lane;
+            po[0] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+            po[1] = make_float4(acc[i][4], acc[i][5], acc[i][6], acc[i][7]);
+        }
+        if (lane == 0) a.part_ml[slot * 2] = mx[i], a.part_ml[slot * 2 + 1] = l[i];
+    }
+    if (!last_to_finish(a.tickets + (long)m * nh + h0, nsplit)) return;
+    for (int hh = warp; hh < nb; hh += ATTN_WARPS) {
+        long mh = (long)m * nh + h0 + hh;
+        merge_splits_warp(a.part_o + mh * nsplit * D, a.part_ml + mh * nsplit * 2, nsplit, D, a.out + mh * D);
+    }
 }
-
 
 // Causal GQA attention of a prompt chunk on tensor cores (flash-attention style; prompt
 // chunks of long prompts, see gemm.cu): the chunk's M rows are one

@@ -1,14 +1,23 @@
-//! Causal GQA attention over the KV cache (`attention.cu`), split over the keys: grid
-//! (tokens·heads, [`ATTN_SPLITS`]), the last split block of a (token, head) to finish merges
-//! (`merge_splits`, shared with MLA attention); prompt chunks on tensor cores take
+//! Causal GQA attention over the KV cache (`attention.cu`), split over the keys: a block per
+//! (token, KV head, chunk of [`ATTN_HEADS_PER_BLOCK`] of its query heads) and key split, so
+//! the heads sharing a KV head read its rows once; the last split block to finish merges
+//! (`merge_splits_warp`, shared with MLA attention). Prompt chunks on tensor cores take
 //! `attention_tc` (flash-attention style, one sequence's consecutive rows).
 
 use super::{ATTN_THREADS, Bf16, F32, I32, In, KernelArgs, Out, kernel_args};
 use crate::cuda::Device;
 use crate::error::Result;
 
-/// Key splits per (token, head).
-pub const ATTN_SPLITS: usize = 16;
+/// Key splits per (token, head) (at most 32: a lane each in the merge). Measured on the H100
+/// (bench/RESULTS.md, session 9): at decode depth ~600, 32 splits of a head group beat 16 —
+/// the kernel is bound by each block's serial chain (tile, scores, softmax, values), not by
+/// bytes, so shorter splits and more blocks win.
+pub const ATTN_SPLITS: usize = 32;
+/// Query heads of one KV head a block serves (`ATTN_HB` in `attention.cu`: one per warp).
+/// Two per warp halved the blocks and lost (qwen3 decode 243.7 vs 261.0 tok/s at 32 splits).
+pub const ATTN_HEADS_PER_BLOCK: usize = ATTN_THREADS as usize / 32;
+const _: () = assert!(ATTN_HEADS_PER_BLOCK.is_multiple_of(ATTN_THREADS as usize / 32));
+const _: () = assert!(ATTN_SPLITS <= 32);
 
 kernel_args! {
     /// `attention`: q `[M, nh, d]` over the caches `[S, nkv, d]` → out `[M, nh·d]`; row m
@@ -43,6 +52,7 @@ pub fn attention_tc(dev: &Device, a: &FlashArgs) -> Result<()> {
 
 /// Attention of `m` tokens (`a.nsplit` must be [`ATTN_SPLITS`]; the partials are sized for it).
 pub fn attention(dev: &Device, a: &AttentionArgs, m: usize) -> Result<()> {
-    let grid = ((m * a.nh as usize) as u32, a.nsplit as u32, 1);
+    let group = (a.nh / a.nkv) as usize;
+    let grid = ((m * a.nkv as usize * group.div_ceil(ATTN_HEADS_PER_BLOCK)) as u32, a.nsplit as u32, 1);
     dev.launch_args("attention", grid, ATTN_THREADS, a)
 }

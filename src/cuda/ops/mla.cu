@@ -70,60 +70,114 @@ extern "C" __global__ void cache_append(const CacheAppendArgs p) {
 
 // Split-KV causal attention over the latent cache (one KV row per position, shared by all
 // heads): for query (m, h), score_s = (qlat[m,h]·c_s + q_pe[m,h]·k_pe_s) · scale with
-// cache row s = [c_s (L) | k_pe_s (R)], and out[m,h] = Σ_s p_s c_s (L wide). Same scheme as
-// `attention`: grid (M·nh, nsplit), thread t scores key t of a pass, the last split block
-// to finish merges. L ≤ MLA_MAXL, L and R multiples of 8.
-// MLA_MAXL and MLA_MAXR come from the prelude (src/cuda/ops/mod.rs).
+// cache row s = [c_s (L) | k_pe_s (R)], and out[m,h] = Σ_s p_s c_s (L wide).
+// Every head reads the same cache rows, so a block serves MLA_HG heads (a warp each) of one
+// token: grid (M·ceil(nh / MLA_HG), nsplit), ATTN_THREADS threads. Split s takes the s-th of
+// nsplit equal runs of the token's keys (the run length follows the position at run time,
+// so a captured graph stays right as the context grows) and streams them through shared
+// memory MLA_KC rows at a time — each row is read from memory once per block, not once per
+// head. Per tile, lane j of a warp scores key j (a 576-wide dot product out of shared
+// memory), the warp takes max and sum (online softmax, f32), then lane l accumulates latent
+// dims 8·(l + 32·i) .. +8 of Σ p·c in key order. The block that finishes a (token, head
+// group) last merges the splits of its heads (a warp per head, merge_splits_warp).
+// L ≤ MLA_MAXL, R ≤ MLA_MAXR, both multiples of 8; nsplit ≤ 32.
+// MLA_MAXL, MLA_MAXR, MLA_HG and ATTN_THREADS come from the prelude (src/cuda/ops/mod.rs).
+#define MLA_KC 32                            // keys per shared-memory tile (a lane each)
+#define MLA_ROWP (MLA_MAXL + MLA_MAXR + 8)   // tile row stride: 1168 B, conflict-free 16-byte reads
+#define MLA_NV (MLA_MAXL / 8 / 32)           // 8-dim value chunks per lane
+#define MLA_LPT ((MLA_KC * (MLA_MAXL + MLA_MAXR) / 8 + ATTN_THREADS - 1) / ATTN_THREADS)
 extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
     pdl_entry();
-    const int nh = a.nh, dqk = a.dqk, nope = a.nope, L = a.l, R = a.r, nsplit = a.nsplit;
-    const float scale = a.scale;
-    __shared__ float qs[MLA_MAXL + MLA_MAXR];
-    __shared__ float p[ATTN_THREADS];
-    int mh = blockIdx.x, split = blockIdx.y, m = mh / nh, tid = threadIdx.x;
-    int row = L + R;
-    // Row m's own sequence: its cache rows start at base[m].
-    const bf16 *qlat = a.qlat, *q = a.q, *cache = a.cache + (long)a.base[m] * row;
+    const int nh = a.nh, L = a.l, R = a.r, row = L + R, rc = row / 8, nsplit = a.nsplit;
+    const int groups = (nh + MLA_HG - 1) / MLA_HG, m = blockIdx.x / groups, g = blockIdx.x % groups;
+    const int split = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = g * MLA_HG + warp;
+    const bool live = h < nh;  // the last group's spare warps load tiles and wait at barriers
+    const long mh = (long)m * nh + h;
+    __shared__ __align__(16) bf16 ks[MLA_KC * MLA_ROWP];        // [key][dim] of this tile
+    __shared__ __align__(16) float qs[MLA_HG][MLA_MAXL + MLA_MAXR];  // [head][qlat | q_pe]
+    // Token m's own sequence: its cache rows start at base[m].
+    const bf16* cache = a.cache + (long)a.base[m] * row;
     int n_keys = a.pos[m] + 1, chunk = (n_keys + nsplit - 1) / nsplit;
-    int s0 = split * chunk, s1 = min(s0 + chunk, n_keys);
-    for (int d = tid; d < L; d += ATTN_THREADS) qs[d] = bf2f(qlat[(long)mh * L + d]);
-    for (int d = tid; d < R; d += ATTN_THREADS) qs[L + d] = bf2f(q[(long)mh * dqk + nope + d]);
-    __syncthreads();
-    float mx = -INFINITY, l = 0.f, acc[MLA_MAXL / ATTN_THREADS] = {0.f, 0.f, 0.f, 0.f};
-    const int warp = tid >> 5, lane = tid & 31, nwarps = ATTN_THREADS / 32;
-    for (int base = s0; base < s1; base += ATTN_THREADS) {
-        int cnt = min(ATTN_THREADS, s1 - base);
-        // Scores: a warp per key (the row is long: 72 16-byte chunks at GLM's 512 + 64),
-        // lanes split its chunks, then a warp sum; p[j] holds key j's scaled score.
-        for (int j = warp; j < cnt; j += nwarps) {
-            const uint4* kr = (const uint4*)(cache + (long)(base + j) * row);
-            float dot = 0.f;
-            for (int c = lane; c < row / 8; c += 32) {
-                float kf[8];
-                unpack8(kr[c], kf);
-#pragma unroll
-                for (int i = 0; i < 8; i++) dot += qs[c * 8 + i] * kf[i];
-            }
-            dot = warp_sum(dot);
-            if (lane == 0) p[j] = dot * scale;
-        }
-        __syncthreads();
-        float sc = tid < cnt ? p[tid] : -INFINITY;
-        float f = softmax_pass(sc, cnt, p, mx, l);
-#pragma unroll
-        for (int i = 0; i < MLA_MAXL / ATTN_THREADS; i++) {
-            int d = tid + i * ATTN_THREADS;
-            if (d < L) {
-                const bf16* vr = cache + (long)base * row + d;
-                float o = 0.f;
-#pragma unroll 8
-                for (int j = 0; j < cnt; j++) o += p[j] * bf2f(vr[(long)j * row]);
-                acc[i] = acc[i] * f + o;
-            }
-        }
-        __syncthreads();
+    int s0 = min(split * chunk, n_keys), s1 = min(s0 + chunk, n_keys);
+    if (live) {
+        for (int d = lane; d < L; d += 32) qs[warp][d] = bf2f(a.qlat[mh * L + d]);
+        for (int d = lane; d < R; d += 32) qs[warp][L + d] = bf2f(a.q[mh * a.dqk + a.nope + d]);
     }
-    finish_split(acc, L, mx, l, a.part_o, a.part_ml, a.tickets, mh, split, nsplit, a.out);
+    float mx = -INFINITY, l = 0.f, acc[MLA_NV][8];
+#pragma unroll
+    for (int i = 0; i < MLA_NV; i++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[i][e] = 0.f;
+    for (int k0 = s0; k0 < s1; k0 += MLA_KC) {
+        const int cnt = min(MLA_KC, s1 - k0), n16 = cnt * rc;
+        // The tile's rows, 16 bytes a load, every load of a thread in flight before any store.
+        uint4 r[MLA_LPT];
+#pragma unroll
+        for (int t = 0; t < MLA_LPT; t++) {
+            int i = threadIdx.x + t * ATTN_THREADS;
+            if (i < n16) r[t] = __ldg((const uint4*)(cache + (long)(k0 + i / rc) * row) + i % rc);
+        }
+        __syncthreads();  // the previous tile is consumed (and qs written, on the first)
+#pragma unroll
+        for (int t = 0; t < MLA_LPT; t++) {
+            int i = threadIdx.x + t * ATTN_THREADS;
+            if (i < n16) *(uint4*)(ks + (i / rc) * MLA_ROWP + (i % rc) * 8) = r[t];
+        }
+        __syncthreads();
+        if (live) {
+            float sc = -INFINITY;
+            if (lane < cnt) {
+                const uint4* kr = (const uint4*)(ks + lane * MLA_ROWP);
+                const float4* qv = (const float4*)qs[warp];
+                float dot = 0.f;
+                for (int c = 0; c < rc; c++) {
+                    float kf[8];
+                    unpack8(kr[c], kf);
+                    float4 qa = qv[2 * c], qb = qv[2 * c + 1];
+                    dot += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
+                           qb.z * kf[6] + qb.w * kf[7];
+                }
+                sc = dot * a.scale;
+            }
+            float mn = fmaxf(mx, warp_max(sc));
+            float pe = lane < cnt ? expf(sc - mn) : 0.f, f = expf(mx - mn);
+            l = l * f + warp_sum(pe);
+            mx = mn;
+#pragma unroll
+            for (int i = 0; i < MLA_NV; i++)
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[i][e] *= f;
+            for (int j = 0; j < cnt; j++) {
+                float pj = __shfl_sync(0xffffffffu, pe, j);  // every lane: no shuffle in a branch
+#pragma unroll
+                for (int i = 0; i < MLA_NV; i++) {
+                    int c = lane + 32 * i;
+                    if (c * 8 < L) {
+                        float vf[8];
+                        unpack8(*(const uint4*)(ks + j * MLA_ROWP + c * 8), vf);
+#pragma unroll
+                        for (int e = 0; e < 8; e++) acc[i][e] += pj * vf[e];
+                    }
+                }
+            }
+        }
+    }
+    // This split's unnormalised sums and (max, sum) to the partials of (m, h).
+    if (live) {
+        long slot = mh * nsplit + split;
+#pragma unroll
+        for (int i = 0; i < MLA_NV; i++) {
+            int c = lane + 32 * i;
+            if (c * 8 < L) {
+                float4* po = (float4*)(a.part_o + slot * L + c * 8);
+                po[0] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+                po[1] = make_float4(acc[i][4], acc[i][5], acc[i][6], acc[i][7]);
+            }
+        }
+        if (lane == 0) { a.part_ml[slot * 2] = mx; a.part_ml[slot * 2 + 1] = l; }
+    }
+    if (!last_to_finish(a.tickets + (long)m * nh + g * MLA_HG, nsplit) || !live) return;
+    merge_splits_warp(a.part_o + mh * nsplit * L, a.part_ml + mh * nsplit * 2, nsplit, L, a.out + mh * L);
 }
 
 // MLA attention on tensor cores (absorbed form). Every head reads the same latent cache rows,

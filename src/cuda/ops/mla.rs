@@ -7,8 +7,12 @@ use super::{ATTN_THREADS, Bf16, F32, I32, In, KernelArgs, Out, Stacked, blocks, 
 use crate::cuda::Device;
 use crate::error::Result;
 
-/// MLA attention: key splits per (token, head).
-pub const MLA_SPLITS: usize = 16;
+/// MLA attention: key splits per (token, head) (at most 32: a lane each in the merge); 32
+/// beat 16 on the H100 (GLM decode 169.7 vs 166.2 tok/s, bench/RESULTS.md, session 9).
+pub const MLA_SPLITS: usize = 32;
+/// MLA attention: query heads a block serves (a warp each), sharing each cache row it loads.
+pub const MLA_HEADS_PER_BLOCK: usize = ATTN_THREADS as usize / 32;
+const _: () = assert!(MLA_SPLITS <= 32);
 
 kernel_args! {
     /// The shapes `mla_rope` and `latent_norm_rope_append` share.
@@ -87,9 +91,11 @@ pub fn cache_append(dev: &Device, a: &CacheAppendArgs, m: usize) -> Result<()> {
     dev.launch_args("cache_append", (m as u32, 1, 1), 256, a)
 }
 
-/// MLA attention of `m` tokens (`a.nsplit` must be [`MLA_SPLITS`]).
+/// MLA attention of `m` tokens (`a.nsplit` must be [`MLA_SPLITS`]): a block per (token, group
+/// of [`MLA_HEADS_PER_BLOCK`] heads, split).
 pub fn mla_attention(dev: &Device, a: &MlaAttentionArgs, m: usize) -> Result<()> {
-    dev.launch_args("mla_attention", ((m * a.nh as usize) as u32, a.nsplit as u32, 1), ATTN_THREADS, a)
+    let groups = (a.nh as usize).div_ceil(MLA_HEADS_PER_BLOCK);
+    dev.launch_args("mla_attention", ((m * groups) as u32, a.nsplit as u32, 1), ATTN_THREADS, a)
 }
 
 /// Whether `mla_attention_tc` takes latent rows of `l` + `r` (its tiles are built for 512 + 64:

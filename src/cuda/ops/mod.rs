@@ -223,7 +223,10 @@ kernel_args! {
 pub fn c_prelude() -> String {
     let mut s = format!(
         "#define ATTN_THREADS {ATTN_THREADS}\n#define MAXD {MAX_HEAD_DIM}\n#define MLA_MAXL {MLA_MAX_LATENT}\n\
-         #define MLA_MAXR {MLA_MAX_ROPE}\n#define CONV_MAXL {}\n#define TC_BM {}\n",
+         #define MLA_MAXR {MLA_MAX_ROPE}\n#define ATTN_HB {}\n#define MLA_HG {}\n#define CONV_MAXL {}\n\
+         #define TC_BM {}\n",
+        attention::ATTN_HEADS_PER_BLOCK,
+        mla::MLA_HEADS_PER_BLOCK,
         conv::CONV_MAX_KERNEL,
         gemm::TC_BM
     );
