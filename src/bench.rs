@@ -401,8 +401,9 @@ pub fn step_flops(step: &Step, w: &Weights, cfg: &ModelConfig, m: usize, p0: usi
     match step {
         Step::Linear { w: r, .. } => w.linear(*r).map_or(0.0, |l| mat(&l.w)),
         Step::Attn { layer, op } => match op {
-            AttnOp::Attention => 2.0 * mf * heads * keys(None) * (cfg.head_dim + cfg.v_head_dim) as f64,
-            AttnOp::SinkAttention => {
+            // A layer without a sliding window (every family but GPT-OSS's sliding layers):
+            // `window` is None, all causal keys.
+            AttnOp::Attention | AttnOp::SinkAttention => {
                 2.0 * mf * heads * keys(cfg.window(*layer)) * (cfg.head_dim + cfg.v_head_dim) as f64
             }
             AttnOp::MlaAttention | AttnOp::MlaAttentionExpanded => cfg
@@ -422,6 +423,22 @@ pub fn step_flops(step: &Step, w: &Weights, cfg: &ModelConfig, m: usize, p0: usi
         Step::Packed { step, .. } => step_flops(step, w, cfg, m, p0),
         _ => 0.0,
     }
+}
+
+/// [`step_flops`] of each step of a plan run over a prompt chunk of `m` rows from position
+/// 0: `m` rows up to `LastRow`, one row after it (the logits of the chunk's last token).
+pub fn plan_flops(steps: &[Step], w: &Weights, cfg: &ModelConfig, m: usize) -> Vec<f64> {
+    let mut rows = m;
+    steps
+        .iter()
+        .map(|s| {
+            let f = step_flops(s, w, cfg, rows, 0);
+            if matches!(s, Step::LastRow) {
+                rows = 1;
+            }
+            f
+        })
+        .collect()
 }
 
 /// One step kind's share of a decode profile (see [`profile_by_kind`]).
@@ -580,12 +597,9 @@ pub fn run_bench_with(
         let plans = backend.exec_plans();
         let same = |steps: &[Step]| steps.len() == p.len() && steps.iter().zip(&p).all(|(s, t)| s.kind() == t.kind);
         if let Some(steps) = [&plans.prefill.steps, &plans.batch.steps].into_iter().find(|s| same(s)) {
-            let mut m = opts.prompt_tokens.min(crate::cuda::CHUNK);
-            for (t, s) in p.iter_mut().zip(steps) {
-                t.flops = step_flops(s, &model.weights, cfg, m, 0);
-                if matches!(s, Step::LastRow) {
-                    m = 1;
-                }
+            let m = opts.prompt_tokens.min(crate::cuda::CHUNK);
+            for (t, f) in p.iter_mut().zip(plan_flops(steps, &model.weights, cfg, m)) {
+                t.flops = f;
             }
         }
         p

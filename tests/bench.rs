@@ -191,7 +191,7 @@ fn profile_step_bytes_add_up_to_the_bytes_per_token() {
 /// and patched plans — and their prefill and batch lowerings — do the same work for m rows.
 #[test]
 fn prefill_step_flops_count_the_products() {
-    use zmoe::bench::step_flops;
+    use zmoe::bench::{plan_flops, step_flops};
     use zmoe::plan::patterns::{Selection, patched_plan};
     use zmoe::plan::{AttnOp, LinRef, MoeOp, Plan, Step, lower};
     let tmp = tempfile::tempdir().unwrap();
@@ -200,19 +200,7 @@ fn prefill_step_flops_count_the_products() {
         let dir = common::synth_preset(tmp.path(), name, preset, SynthQuant::Affine4, 32);
         let model = zmoe::Model::load(&dir).unwrap();
         let (cfg, w) = (model.config(), &model.weights);
-        let total = |steps: &[Step]| -> f64 {
-            let mut rows = m;
-            steps
-                .iter()
-                .map(|s| {
-                    let f = step_flops(s, w, cfg, rows, 0);
-                    if matches!(s, Step::LastRow) {
-                        rows = 1;
-                    }
-                    f
-                })
-                .sum()
-        };
+        let total = |steps: &[Step]| -> f64 { plan_flops(steps, w, cfg, m).iter().sum() };
         let mut totals = Vec::new();
         for plan in [Plan::reference(cfg), patched_plan(cfg, &Selection::default()).0] {
             let exec = lower::cuda(&plan, w, &[]).unwrap();

@@ -377,10 +377,9 @@ fn kernel_head_gemm_tc_matches_cpu() {
 /// kernel (`attention`: a block per KV head's query heads and key split, keys through shared
 /// memory) and the prompt-chunk kernel on tensor cores (`attention_tc`, issue 19; head dims
 /// 64 and 128 only). One sequence's consecutive rows after a cached prefix (causal within the
-/// chunk), GQA groups of 1–32 heads (12, 16, 32: two to four head chunks per KV head, 12 with
-/// a partial one), head dims 40–256,
-/// chunk sizes that leave partial 64-query blocks and 32-key tiles, a context whose splits
-/// span several 32-key tiles, poisoned outputs.
+/// chunk), GQA groups of 1–32 heads (12, 16, 32: three to eight head chunks per KV head),
+/// head dims 40–256, chunk sizes that leave partial 64-query blocks and 32-key tiles, a
+/// context whose splits span several 32-key tiles, poisoned outputs.
 #[test]
 #[ignore]
 fn kernel_attention_matches_cpu() {
