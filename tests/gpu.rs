@@ -451,6 +451,8 @@ fn kernel_attention_matches_cpu() {
                 vc: rd(pv),
                 pos: rd(ppos),
                 base: rd(pbase),
+                slot: rd(pbase),
+                sinks: rd(0),
                 part_o: wr(part_o),
                 part_ml: wr(part_ml),
                 tickets: wr(tickets),
@@ -460,9 +462,102 @@ fn kernel_attention_matches_cpu() {
                 d: d as i32,
                 scale,
                 nsplit: splits as i32,
+                window: 0,
+                ring: 0,
             };
             attn::attention(&dev, &a, m).unwrap();
             check_bf16_out(&dev, pout, &want, 6e-3, &format!("attention {what} splits {splits}"));
+        }
+    }
+}
+
+/// The split attention kernel with GPT-OSS's arguments against the CPU in f64: a sink logit
+/// per head in the softmax denominator, a sliding window, and a ring cache (key j of a slot at
+/// row slot·ring + j mod ring) — decode rows of different slots at positions before, at and
+/// far past the window and the ring's length (the ring wrapped several times), full-context
+/// rows with sinks only, GQA groups of 8 (GPT-OSS) and 3, head dims 64 and 40, 32 and 7
+/// splits, poisoned outputs.
+#[test]
+#[ignore]
+fn kernel_attention_sinks_window_ring_matches_cpu() {
+    use zmoe::cuda::ops::attention as attn;
+    let mut dev = tc_device();
+    let mut rng = Rng::new(0x5117);
+    /// (d, nh, nkv, window, ring, slot_rows, [(slot, pos)] of the rows)
+    type Case = (usize, usize, usize, usize, usize, usize, &'static [(usize, usize)]);
+    let cases: [Case; 4] = [
+        (64, 16, 2, 128, 128, 128, &[(0, 5), (1, 127), (2, 128), (1, 300), (0, 700)]),
+        (64, 16, 2, 0, 0, 800, &[(0, 0), (1, 64), (0, 511), (2, 799)]),
+        (40, 6, 2, 20, 24, 24, &[(3, 19), (0, 20), (2, 95)]),
+        (64, 8, 1, 7, 0, 60, &[(1, 3), (0, 59)]),
+    ];
+    for (d, nh, nkv, window, ring, slot_rows, rows) in cases {
+        let m = rows.len();
+        let slots = rows.iter().map(|r| r.0).max().unwrap() + 1;
+        let bf = |v: f32| half::bf16::from_f32(v).to_f32();
+        let q: Vec<f32> = (0..m * nh * d).map(|_| bf(rng.normal())).collect();
+        let kc: Vec<f32> = (0..slots * slot_rows * nkv * d).map(|_| bf(rng.normal())).collect();
+        let vc: Vec<f32> = (0..slots * slot_rows * nkv * d).map(|_| bf(rng.normal())).collect();
+        let sinks: Vec<f32> = (0..nh).map(|_| 2.0 * rng.normal()).collect();
+        let scale = (d as f32).powf(-0.5);
+        let row_of = |slot: usize, j: usize| slot * slot_rows + if ring > 0 { j % ring } else { j };
+        let mut want = vec![0f32; m * nh * d];
+        for (r, &(slot, pos)) in rows.iter().enumerate() {
+            let first = if window > 0 { (pos + 1).saturating_sub(window) } else { 0 };
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let at = |c: &[f32], j: usize, i: usize| c[(row_of(slot, j) * nkv + kvh) * d + i] as f64;
+                let sc: Vec<f64> = (first..=pos)
+                    .map(|j| (0..d).map(|i| q[(r * nh + h) * d + i] as f64 * at(&kc, j, i)).sum::<f64>() * scale as f64)
+                    .collect();
+                // The sink is one more softmax column whose probability is dropped.
+                let mx = sc.iter().cloned().fold(sinks[h] as f64, f64::max);
+                let p: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let den = p.iter().sum::<f64>() + (sinks[h] as f64 - mx).exp();
+                for i in 0..d {
+                    let num: f64 = p.iter().enumerate().map(|(jj, pj)| pj * at(&vc, first + jj, i)).sum();
+                    want[(r * nh + h) * d + i] = (num / den) as f32;
+                }
+            }
+        }
+        let (pq, pk, pv) =
+            (dev.upload(&to_bf16(&q)).unwrap(), dev.upload(&to_bf16(&kc)).unwrap(), dev.upload(&to_bf16(&vc)).unwrap());
+        let pos: Vec<i32> = rows.iter().map(|r| r.1 as i32).collect();
+        let slot: Vec<i32> = rows.iter().map(|r| r.0 as i32).collect();
+        let base: Vec<i32> = rows.iter().map(|r| (r.0 * slot_rows) as i32).collect();
+        let (ppos, pslot, pbase, psinks) = (
+            dev.upload(&pos).unwrap(),
+            dev.upload(&slot).unwrap(),
+            dev.upload(&base).unwrap(),
+            dev.upload(&sinks).unwrap(),
+        );
+        let pout = dev.alloc(m * nh * d * 2).unwrap();
+        for splits in [attn::ATTN_SPLITS, 7] {
+            let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, d, splits);
+            dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
+            let a = attn::AttentionArgs {
+                q: rd(pq),
+                kc: rd(pk),
+                vc: rd(pv),
+                pos: rd(ppos),
+                base: rd(pbase),
+                slot: rd(pslot),
+                sinks: rd(psinks),
+                part_o: wr(part_o),
+                part_ml: wr(part_ml),
+                tickets: wr(tickets),
+                out: wr(pout),
+                nh: nh as i32,
+                nkv: nkv as i32,
+                d: d as i32,
+                scale,
+                nsplit: splits as i32,
+                window: window as i32,
+                ring: ring as i32,
+            };
+            attn::attention(&dev, &a, m).unwrap();
+            let what = format!("sink attention d {d} nh {nh} nkv {nkv} window {window} ring {ring} splits {splits}");
+            check_bf16_out(&dev, pout, &want, 6e-3, &what);
         }
     }
 }

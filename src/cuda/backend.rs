@@ -662,6 +662,8 @@ impl CudaBackend {
                     vc: rd(vc),
                     pos,
                     base,
+                    slot: rd(self.slot_ptr()),
+                    sinks: rd(0),
                     part_o: wr(self.st.part_o),
                     part_ml: wr(self.st.part_ml),
                     tickets: wr(self.st.tickets),
@@ -671,6 +673,8 @@ impl CudaBackend {
                     d: int(d),
                     scale: c.attn_scale(),
                     nsplit: int(attn::ATTN_SPLITS),
+                    window: 0,
+                    ring: 0,
                 };
                 attn::attention(dev, &a, mm)?;
             }
@@ -679,24 +683,29 @@ impl CudaBackend {
                 norm::add(dev, &a)?;
             }
             Step::Attn { layer, op: AttnOp::SinkAttention } => {
+                // GPT-OSS: the split kernel with the layer's sinks, window and ring.
                 let (kc, vc, ring) = self.kv_ring(layer)?;
-                let a = gpt_oss::SinkAttentionArgs {
+                let a = attn::AttentionArgs {
                     q: rd(self.buf(Buf::Q)),
                     kc: rd(kc),
                     vc: rd(vc),
-                    sinks: rd(*self.w.sinks(layer)?),
                     pos,
+                    base,
                     slot: rd(self.slot_ptr()),
+                    sinks: rd(*self.w.sinks(layer)?),
+                    part_o: wr(self.st.part_o),
+                    part_ml: wr(self.st.part_ml),
+                    tickets: wr(self.st.tickets),
                     out: wr(self.buf(Buf::Attn)),
                     nh: int(nh),
                     nkv: int(nkv),
                     d: int(d),
-                    window: int(c.window(layer).unwrap_or(0)),
-                    slot_rows: int(if ring > 0 { ring } else { self.slot_ctx }),
-                    ring: int(ring),
                     scale: c.attn_scale(),
+                    nsplit: int(attn::ATTN_SPLITS),
+                    window: int(c.window(layer).unwrap_or(0)),
+                    ring: int(ring),
                 };
-                gpt_oss::sink_attention(dev, &a, mm)?;
+                attn::attention(dev, &a, mm)?;
             }
             Step::Moe { op: MoeOp::TopKSoftmax, .. } => {
                 let a = gpt_oss::TopkSoftmaxArgs {

@@ -1,9 +1,13 @@
 // Causal GQA attention over the KV cache, split over the keys (flash-decoding style).
 
 // Split-KV causal attention. Query m (position pos[m] of the sequence whose cache rows
-// start at base[m]) of head h attends to keys [0, n) of that sequence, KV head h / (nh/nkv),
-// n = pos[m] + 1; split s takes the s-th of nsplit equal runs of them (the run length follows
-// the position at run time, so a captured graph stays right as the context grows).
+// start at base[m]) of head h attends to keys [first, n) of that sequence, KV head h / (nh/nkv),
+// n = pos[m] + 1, first = max(0, n − window) for a sliding window (window > 0; else 0);
+// split s takes the s-th of nsplit equal runs of them (the run length follows the position at
+// run time, so a captured graph stays right as the context grows). Key j lives in cache row
+// base[m] + j, or slot[m]·ring + j mod ring when the layer's cache is a ring of `ring` rows a
+// slot (ring > 0: GPT-OSS's sliding layers). sinks (null: none) adds head h's sink logit
+// sinks[h] to the softmax denominator in the merge (its probability dropped).
 // The query heads of one KV head read the same K and V rows, so a block serves up to ATTN_HB
 // of them (ATTN_HPW a warp) for one token and split: grid (M·nkv·ceil(G / ATTN_HB), nsplit)
 // with G = nh / nkv, ATTN_THREADS threads. Keys stream through shared memory ATTN_KC rows at
@@ -23,14 +27,17 @@
 
 // Merges the nsplit partial results of one (token, head) — po[nsplit, W] unnormalised sums,
 // pml[nsplit, 2] = (max, sum) — into bf16 out[W], by one warp: each split is rescaled to the
-// common maximum; empty splits (sum 0) drop out. nsplit ≤ 32, W a multiple of 4. The
-// partials are read through L2 (other blocks wrote them). Shared by GQA and MLA attention.
-__device__ void merge_splits_warp(const float* po, const float* pml, int nsplit, int W, bf16* out) {
+// common maximum; empty splits (sum 0) drop out. A sink logit (−inf: none) joins the maximum
+// and the denominator only (with −inf both are unchanged, bit for bit). nsplit ≤ 32, W a
+// multiple of 4. The partials are read through L2 (other blocks wrote them). Shared by GQA
+// and MLA attention.
+__device__ void merge_splits_warp(const float* po, const float* pml, int nsplit, int W, float sink, bf16* out) {
     int lane = threadIdx.x & 31;
     float ms = lane < nsplit ? __ldcg(pml + 2 * lane) : -INFINITY;
     float ls = lane < nsplit ? __ldcg(pml + 2 * lane + 1) : 0.f;
-    float M2 = warp_max(ls > 0.f ? ms : -INFINITY);
+    float M2 = fmaxf(warp_max(ls > 0.f ? ms : -INFINITY), sink);
     float fs = ls > 0.f ? expf(ms - M2) : 0.f, den = warp_sum(ls * fs);
+    if (sink > -INFINITY) den += expf(sink - M2);
     float f[32];
 #pragma unroll
     for (int s = 0; s < 32; s++) f[s] = __shfl_sync(0xffffffffu, fs, s);
@@ -57,11 +64,15 @@ extern "C" __global__ void attention(const AttentionArgs a) {
     __shared__ __align__(16) bf16 ks[ATTN_KC * ATTN_KROWP];  // [key][dim] of this tile
     __shared__ __align__(16) bf16 vs[ATTN_KC * MAXD];        // [key][dim]
     __shared__ __align__(16) float qs[ATTN_HB][MAXD];        // [head of the block][dim]
-    // Row m's own sequence: its cache rows start at base[m]; KV head kvh of row s at s·nkv·D.
-    const long seq = (long)a.base[m] * nkv * D + (long)kvh * D, stride = (long)nkv * D;
+    // Row m's own sequence: key j in cache row base[m] + j (a ring: slot[m]·ring + j mod
+    // ring); KV head kvh of cache row r at r·nkv·D + kvh·D.
+    const int ring = a.ring;
+    const long seq = (ring > 0 ? (long)a.slot[m] * ring : (long)a.base[m]) * nkv * D + (long)kvh * D;
+    const long stride = (long)nkv * D;
     const bf16 *kc = a.kc + seq, *vc = a.vc + seq;
-    int n_keys = a.pos[m] + 1, chunk = (n_keys + nsplit - 1) / nsplit;
-    int s0 = min(split * chunk, n_keys), s1 = min(s0 + chunk, n_keys);
+    const int n_keys = a.pos[m] + 1, first = a.window > 0 ? max(0, n_keys - a.window) : 0;
+    const int chunk = (n_keys - first + nsplit - 1) / nsplit;
+    int s0 = min(first + split * chunk, n_keys), s1 = min(s0 + chunk, n_keys);
     for (int i = threadIdx.x; i < nb * D; i += ATTN_THREADS)
         qs[i / D][i % D] = bf2f(a.q[((long)m * nh + h0) * D + i]);
     float mx[ATTN_HPW], l[ATTN_HPW], acc[ATTN_HPW][8];
@@ -73,12 +84,16 @@ extern "C" __global__ void attention(const AttentionArgs a) {
     }
     for (int k0 = s0; k0 < s1; k0 += ATTN_KC) {
         const int cnt = min(ATTN_KC, s1 - k0), n16 = cnt * rc;
+        // The tile's cache rows: from row0, wrapping to row 0 of a ring (at most once: a
+        // split spans at most `window` ≤ ring keys) after `wrap` keys.
+        const int row0 = ring > 0 ? k0 % ring : k0, wrap = ring > 0 ? ring - row0 : ATTN_KC;
         // The tile's K then V rows, 16 bytes a load, every load of a thread in flight first.
         uint4 r[ATTN_LPT];
 #pragma unroll
         for (int t = 0; t < ATTN_LPT; t++) {
-            int i = threadIdx.x + t * ATTN_THREADS, v = i >= n16, ii = i - v * n16;
-            if (i < 2 * n16) r[t] = __ldg((const uint4*)((v ? vc : kc) + (k0 + ii / rc) * stride) + ii % rc);
+            int i = threadIdx.x + t * ATTN_THREADS, v = i >= n16, ii = i - v * n16, kk = ii / rc;
+            int row = row0 + kk - (kk >= wrap ? ring : 0);
+            if (i < 2 * n16) r[t] = __ldg((const uint4*)((v ? vc : kc) + row * stride) + ii % rc);
         }
         __syncthreads();  // the previous tile is consumed (and qs written, on the first)
 #pragma unroll
@@ -147,7 +162,8 @@ extern "C" __global__ void attention(const AttentionArgs a) {
     if (!last_to_finish(a.tickets + (long)m * nh + h0, nsplit)) return;
     for (int hh = warp; hh < nb; hh += ATTN_WARPS) {
         long mh = (long)m * nh + h0 + hh;
-        merge_splits_warp(a.part_o + mh * nsplit * D, a.part_ml + mh * nsplit * 2, nsplit, D, a.out + mh * D);
+        float sink = a.sinks ? a.sinks[h0 + hh] : -INFINITY;
+        merge_splits_warp(a.part_o + mh * nsplit * D, a.part_ml + mh * nsplit * 2, nsplit, D, sink, a.out + mh * D);
     }
 }
 
