@@ -205,6 +205,41 @@ fn random_stacked(
     (ops::Stacked { w, w_stride, sb_stride }, mats.into_iter().map(|m| m.3).collect())
 }
 
+/// `count` random MXFP4 matrices `[n, k]` stacked like GPT-OSS's experts (random E2M1
+/// codes, E8M0 scales 2^-9 ..= 2^-5) and their dequantized values.
+fn random_mxfp4_stacked(
+    dev: &mut Device,
+    rng: &mut Rng,
+    count: usize,
+    (n, k): (usize, usize),
+) -> (ops::Stacked, Vec<Vec<f32>>) {
+    let codes: Vec<u8> = (0..count * n * k / 2).map(|_| rng.next_u64() as u8).collect();
+    let scales: Vec<u8> = (0..count * n * k / 32).map(|_| 118 + (rng.next_u64() % 5) as u8).collect();
+    let mats = (0..count)
+        .map(|e| {
+            let mut m = vec![0f32; n * k];
+            for (r, out) in m.chunks_mut(k).enumerate() {
+                let at = e * n + r;
+                zmoe::checkpoint::quant::mxfp4_dequant_row(
+                    &codes[at * k / 2..][..k / 2],
+                    &scales[at * k / 32..][..k / 32],
+                    out,
+                );
+            }
+            m
+        })
+        .collect();
+    let w = ops::QMat {
+        w: rd(dev.upload(&codes).unwrap()),
+        s: rd(dev.upload(&scales).unwrap()),
+        b: rd(0),
+        fmt: gpt_oss::FMT_MXFP4,
+        bits: 4,
+        group: 32,
+    };
+    (ops::Stacked { w, w_stride: (n * k / 8) as i64, sb_stride: (n * k / 32) as i64 }, mats)
+}
+
 /// Device `pos` and `base` of a prompt chunk: `m` consecutive positions from `p0` of one
 /// sequence whose cache rows start at `base`.
 fn chunk_rows(dev: &mut Device, m: usize, p0: usize, base: usize) -> (u64, u64) {
@@ -275,7 +310,8 @@ fn kernel_gemm_tc_matches_cpu() {
 
 /// The grouped tensor-core expert product (issue 19) against the CPU: `moe_group` builds the
 /// tile table from random routing (some experts empty, some over one tile), `expert_gemm_tc`
-/// computes every routed row (gate/up reading the token's row, down the slot's own row).
+/// computes every routed row (gate/up reading the token's row, down the slot's own row); bf16,
+/// affine 4 / 8-bit and MXFP4 experts (GPT-OSS), the quantized ones with per-expert bias rows.
 #[test]
 #[ignore]
 fn kernel_expert_gemm_tc_matches_cpu() {
@@ -283,19 +319,28 @@ fn kernel_expert_gemm_tc_matches_cpu() {
     let mut dev = tc_device();
     let mut rng = Rng::new(0xE7C0);
     let (e, top, n, k) = (8usize, 2usize, 200usize, 256usize);
-    for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
+    // The experts' bias rows (GPT-OSS), used with the quantized formats; bf16 runs without.
+    let bias: Vec<f32> = (0..e * n).map(|_| 0.1 * rng.normal()).collect();
+    let pbias = dev.upload(&bias).unwrap();
+    for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8), (gpt_oss::FMT_MXFP4, 4)] {
+        let with_bias = fmt != 0;
         for (m, per) in [(40usize, top), (150, top), (70, 1)] {
             let r = m * top;
             let xrows = r / per;
             let x: Vec<f32> = (0..xrows * k).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
             // Routing skewed to experts 0..5 (6 and 7 stay empty): experts 0 and 1 exceed a tile.
             let idx: Vec<i32> = (0..r).map(|_| ((rng.uniform() * rng.uniform()) * 6.0) as i32 % e as i32).collect();
-            let (w, mats) = random_stacked(&mut dev, &mut rng, e, (n, k), fmt, bits);
+            let (w, mats) = if fmt == gpt_oss::FMT_MXFP4 {
+                random_mxfp4_stacked(&mut dev, &mut rng, e, (n, k))
+            } else {
+                random_stacked(&mut dev, &mut rng, e, (n, k), fmt, bits)
+            };
             let want: Vec<f32> = (0..r * n)
                 .map(|i| {
                     let (q, row) = (i / n, i % n);
                     let wf = &mats[idx[q] as usize];
-                    (0..k).map(|j| x[(q / per) * k + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
+                    let b = if with_bias { bias[idx[q] as usize * n + row] as f64 } else { 0.0 };
+                    ((0..k).map(|j| x[(q / per) * k + j] as f64 * wf[row * k + j] as f64).sum::<f64>() + b) as f32
                 })
                 .collect();
             let px = dev.upload(&to_bf16(&x)).unwrap();
@@ -320,6 +365,7 @@ fn kernel_expert_gemm_tc_matches_cpu() {
                 rows: rd(prows),
                 per: per as i32,
                 x: rd(px),
+                bias: rd(if with_bias { pbias } else { 0 }),
                 y: wr(py),
                 n: n as i32,
                 k: k as i32,

@@ -1280,22 +1280,12 @@ impl CudaBackend {
     /// grouping `moe_group` made, so each expert's weights are read once per 8 of its rows,
     /// or once per tile of 32 on tensor cores (long prompts).
     fn expert_matvec(&self, w: &DMat, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
+        if self.tensor_cores() && gemm::supports(&w.q, w.cols) {
+            return self.expert_gemm_tc(w, src, per, dst, rows, 0);
+        }
         let (x, y) = (rd::<Bf16>(self.buf(src)), wr::<Bf16>(self.buf(dst)));
         let (n, k, per) = (int(w.rows), int(w.cols), int(per));
-        if self.tensor_cores() && gemm::supports(&w.q, w.cols) {
-            let a = gemm::ExpertGemmArgs {
-                w: w.stacked(),
-                tiles: rd(self.st.grp_tiles),
-                off: rd(self.st.grp_off),
-                rows: rd(self.st.grp_rows),
-                per,
-                x,
-                y,
-                n,
-                k,
-            };
-            gemm::expert_gemm(&self.dev, &a, rows, self.cfg.num_experts)
-        } else if rows > self.cfg.top_k {
+        if rows > self.cfg.top_k {
             let a = moe::ExpertMatvecGroupedArgs {
                 w: w.stacked(),
                 off: rd(self.st.grp_off),
@@ -1313,10 +1303,32 @@ impl CudaBackend {
         }
     }
 
+    /// `rows` selected-expert rows of a long prompt's chunk on tensor cores, over the tile
+    /// table `group_experts` made: row q reads x row q / per; `bias` (`[E, w.rows]` f32) or 0.
+    fn expert_gemm_tc(&self, w: &DMat, src: Buf, per: usize, dst: Buf, rows: usize, bias: u64) -> Result<()> {
+        let a = gemm::ExpertGemmArgs {
+            w: w.stacked(),
+            tiles: rd(self.st.grp_tiles),
+            off: rd(self.st.grp_off),
+            rows: rd(self.st.grp_rows),
+            per: int(per),
+            x: rd(self.buf(src)),
+            bias: rd(bias),
+            y: wr(self.buf(dst)),
+            n: int(w.rows),
+            k: int(w.cols),
+        };
+        gemm::expert_gemm(&self.dev, &a, rows, self.cfg.num_experts)
+    }
+
     /// Selected-expert rows with the experts' biases (`bias [E, rows]` f32): GPT-OSS, any
     /// expert format incl. MXFP4; decode a block column per routed row, prefill grouped by
-    /// expert (the grouping `ExpertGateUp` computed), bit-identical either way.
+    /// expert (the grouping `ExpertGateUp` computed), bit-identical either way — or, for a
+    /// long prompt's chunk, on tensor cores (the tile table of the same grouping).
     fn expert_bias_matvec(&self, w: &DMat, bias: u64, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
+        if self.tensor_cores() && gemm::supports(&w.q, w.cols) {
+            return self.expert_gemm_tc(w, src, per, dst, rows, bias);
+        }
         if rows > self.cfg.top_k {
             let a = gpt_oss::ExpertBiasMatvecGroupedArgs {
                 w: w.stacked(),
