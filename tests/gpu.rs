@@ -476,12 +476,16 @@ fn kernel_attention_matches_cpu() {
                 vc: rd(pv),
                 pos: rd(ppos),
                 base: rd(pbase),
+                slot: rd(pbase),
+                sinks: rd(0),
                 out: wr(pout),
                 nh: nh as i32,
                 nkv: nkv as i32,
                 d: d as i32,
                 scale,
                 m: m as i32,
+                window: 0,
+                ring: 0,
             };
             attn::attention_tc(&dev, &a).unwrap();
             // P enters the P·V product as bf16 (2^-9), the output is bf16.
@@ -517,27 +521,34 @@ fn kernel_attention_matches_cpu() {
     }
 }
 
-/// The split attention kernel with GPT-OSS's arguments against the CPU in f64: a sink logit
-/// per head in the softmax denominator, a sliding window, and a ring cache (key j of a slot at
-/// row slot·ring + j mod ring) — decode rows of different slots at positions before, at and
-/// far past the window and the ring's length (the ring wrapped several times), full-context
-/// rows with sinks only, GQA groups of 8 (GPT-OSS) and 3, head dims 64 and 40, 32 and 7
-/// splits, poisoned outputs.
+/// GPT-OSS's attention arguments against the CPU in f64: a sink logit per head in the
+/// softmax denominator, a sliding window, and a ring cache (key j of a slot at row
+/// slot·ring + j mod ring). The split kernel on decode rows of different slots at positions
+/// before, at and far past the window and the ring's length (the ring wrapped several times),
+/// full-context rows with sinks only; the tensor-core kernel on prompt chunks of one slot
+/// (positions crossing the window and the ring's end, partial 64-query blocks, head dims 64
+/// and 128); GQA groups of 8 (GPT-OSS) and 3, 32 and 7 splits, poisoned outputs.
 #[test]
 #[ignore]
 fn kernel_attention_sinks_window_ring_matches_cpu() {
     use zmoe::cuda::ops::attention as attn;
     let mut dev = tc_device();
     let mut rng = Rng::new(0x5117);
-    /// (d, nh, nkv, window, ring, slot_rows, [(slot, pos)] of the rows)
-    type Case = (usize, usize, usize, usize, usize, usize, &'static [(usize, usize)]);
-    let cases: [Case; 4] = [
-        (64, 16, 2, 128, 128, 128, &[(0, 5), (1, 127), (2, 128), (1, 300), (0, 700)]),
-        (64, 16, 2, 0, 0, 800, &[(0, 0), (1, 64), (0, 511), (2, 799)]),
-        (40, 6, 2, 20, 24, 24, &[(3, 19), (0, 20), (2, 95)]),
-        (64, 8, 1, 7, 0, 60, &[(1, 3), (0, 59)]),
+    /// (d, nh, nkv, window, ring, slot_rows, rows as (slot, pos), one chunk of one slot)
+    type Case = (usize, usize, usize, usize, usize, usize, Vec<(usize, usize)>, bool);
+    let chunk = |slot: usize, p0: usize, m: usize| (0..m).map(|i| (slot, p0 + i)).collect::<Vec<_>>();
+    let cases: Vec<Case> = vec![
+        (64, 16, 2, 128, 128, 128, vec![(0, 5), (1, 127), (2, 128), (1, 300), (0, 700)], false),
+        (64, 16, 2, 0, 0, 800, vec![(0, 0), (1, 64), (0, 511), (2, 799)], false),
+        (40, 6, 2, 20, 24, 24, vec![(3, 19), (0, 20), (2, 95)], false),
+        (64, 8, 1, 7, 0, 60, vec![(1, 3), (0, 59)], false),
+        // Chunks: ring = window + chunk − 1 (as the backend sizes it), then the full context.
+        (64, 16, 2, 128, 128 + 100 - 1, 227, chunk(1, 300, 100), true),
+        (64, 16, 2, 128, 128 + 130 - 1, 257, chunk(0, 0, 130), true),
+        (128, 6, 2, 40, 40 + 70 - 1, 109, chunk(2, 95, 70), true),
+        (64, 16, 2, 0, 0, 400, chunk(1, 250, 90), true),
     ];
-    for (d, nh, nkv, window, ring, slot_rows, rows) in cases {
+    for (d, nh, nkv, window, ring, slot_rows, rows, is_chunk) in cases {
         let m = rows.len();
         let slots = rows.iter().map(|r| r.0).max().unwrap() + 1;
         let bf = |v: f32| half::bf16::from_f32(v).to_f32();
@@ -578,6 +589,30 @@ fn kernel_attention_sinks_window_ring_matches_cpu() {
             dev.upload(&sinks).unwrap(),
         );
         let pout = dev.alloc(m * nh * d * 2).unwrap();
+        let what = format!("sink attention d {d} nh {nh} nkv {nkv} window {window} ring {ring} rows {m}");
+        if is_chunk && attn::tc_supports(d) {
+            dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
+            let a = attn::FlashArgs {
+                q: rd(pq),
+                kc: rd(pk),
+                vc: rd(pv),
+                pos: rd(ppos),
+                base: rd(pbase),
+                slot: rd(pslot),
+                sinks: rd(psinks),
+                out: wr(pout),
+                nh: nh as i32,
+                nkv: nkv as i32,
+                d: d as i32,
+                scale,
+                m: m as i32,
+                window: window as i32,
+                ring: ring as i32,
+            };
+            attn::attention_tc(&dev, &a).unwrap();
+            // P enters the P·V product as bf16 (2^-9), the output is bf16.
+            check_bf16_out(&dev, pout, &want, 8e-3, &format!("{what} (tensor cores)"));
+        }
         for splits in [attn::ATTN_SPLITS, 7] {
             let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, d, splits);
             dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
@@ -602,8 +637,7 @@ fn kernel_attention_sinks_window_ring_matches_cpu() {
                 ring: ring as i32,
             };
             attn::attention(&dev, &a, m).unwrap();
-            let what = format!("sink attention d {d} nh {nh} nkv {nkv} window {window} ring {ring} splits {splits}");
-            check_bf16_out(&dev, pout, &want, 6e-3, &what);
+            check_bf16_out(&dev, pout, &want, 6e-3, &format!("{what} splits {splits}"));
         }
     }
 }

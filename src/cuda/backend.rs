@@ -645,12 +645,38 @@ impl CudaBackend {
                     vc: rd(vc),
                     pos,
                     base,
+                    slot: rd(self.slot_ptr()),
+                    sinks: rd(0),
                     out: wr(self.buf(Buf::Attn)),
                     nh: int(nh),
                     nkv: int(nkv),
                     d: int(d),
                     scale: c.attn_scale(),
                     m: int(mm),
+                    window: 0,
+                    ring: 0,
+                };
+                attn::attention_tc(dev, &a)?;
+            }
+            Step::Attn { layer, op: AttnOp::SinkAttention } if self.tensor_cores() && attn::tc_supports(d) => {
+                // GPT-OSS, a prompt chunk (one sequence's consecutive positions) on tensor cores.
+                let (kc, vc, ring) = self.kv_ring(layer)?;
+                let a = attn::FlashArgs {
+                    q: rd(self.buf(Buf::Q)),
+                    kc: rd(kc),
+                    vc: rd(vc),
+                    pos,
+                    base,
+                    slot: rd(self.slot_ptr()),
+                    sinks: rd(*self.w.sinks(layer)?),
+                    out: wr(self.buf(Buf::Attn)),
+                    nh: int(nh),
+                    nkv: int(nkv),
+                    d: int(d),
+                    scale: c.attn_scale(),
+                    m: int(mm),
+                    window: int(c.window(layer).unwrap_or(0)),
+                    ring: int(ring),
                 };
                 attn::attention_tc(dev, &a)?;
             }

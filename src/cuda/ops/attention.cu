@@ -174,7 +174,10 @@ extern "C" __global__ void attention(const AttentionArgs a) {
 // memory 32 at a time (K row-major, V transposed), S = q·kᵀ and O += P·V by mma.sync
 // m16n8k16 (bf16 in, f32 accumulate; P rounded to bf16), online softmax per query in f32.
 // Sums run in another order than the split-KV kernel's: within bf16 tolerance of decode,
-// not bit-identical (tests/gpu.rs). D ∈ {64, 128}.
+// not bit-identical (tests/gpu.rs). D ∈ {64, 128}. GPT-OSS: a sliding window (window > 0:
+// query p sees keys p − window + 1 ..= p), a ring cache (ring > 0: key j in row
+// slot[0]·ring + j mod ring; the chunk's keys then span at most window + m − 1 ≤ ring rows)
+// and sink logits (sinks[h] joins each row's denominator at the end), as in `attention`.
 #define FA_BQ 64
 #define FA_BK 32
 
@@ -186,8 +189,10 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
     const int nh = a.nh, nkv = a.nkv, M = a.m, h = blockIdx.y, kvh = h / (nh / nkv);
     // The last queries (the most keys) first, so the longest blocks are not the last wave.
     const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ, qw = q0 + warp * 16;
-    const int p0 = a.pos[0];
-    const long seq = (long)a.base[0] * nkv * D;
+    const int p0 = a.pos[0], window = a.window, ring = a.ring;
+    // Key j of the sequence in cache row seq_row + j (a ring: seq_row + j mod ring).
+    const long seq_row = ring > 0 ? (long)a.slot[0] * ring : (long)a.base[0];
+    auto key_off = [&](int j) { return (seq_row + (ring > 0 ? j % ring : j)) * nkv * D + (long)kvh * D; };
     // This warp's q rows qw + g and qw + g + 8 (clamped: rows past M are computed, not stored)
     // as A fragments, k = the head dimension.
     u32 qf[D / 16][4];
@@ -206,13 +211,16 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
     float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
     const int nkeys = p0 + min(q0 + FA_BQ, M);           // keys any query of the block sees
     const int wkeys = p0 + min(qw + 16, M);               // ... of this warp
-    for (int k0 = 0; k0 < nkeys; k0 += FA_BK) {
+    // The first key the block's first query sees (its window), and the warp's.
+    const int kfirst = window > 0 ? max(0, p0 + q0 - window + 1) : 0;
+    const int wfirst = window > 0 ? max(0, p0 + qw - window + 1) : 0;
+    for (int k0 = kfirst; k0 < nkeys; k0 += FA_BK) {
         __syncthreads();
         // K row-major: a warp stores consecutive 16-byte pieces of a few key rows.
         for (int i = tid; i < FA_BK * D / 8; i += blockDim.x) {
             int r = i / (D / 8), c = i % (D / 8);
             uint4 kv = make_uint4(0, 0, 0, 0);
-            if (k0 + r < nkeys) kv = ((const uint4*)(a.kc + seq + ((long)(k0 + r) * nkv + kvh) * D))[c];
+            if (k0 + r < nkeys) kv = ((const uint4*)(a.kc + key_off(k0 + r)))[c];
             *(uint4*)&ks[r][c * 8] = kv;
         }
         // V transposed: a warp takes one 8-dimension piece of all 32 keys, so each of its 8
@@ -220,13 +228,14 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
         for (int i = tid; i < FA_BK * D / 8; i += blockDim.x) {
             int r = i % FA_BK, c = i / FA_BK;
             uint4 vv = make_uint4(0, 0, 0, 0);
-            if (k0 + r < nkeys) vv = ((const uint4*)(a.vc + seq + ((long)(k0 + r) * nkv + kvh) * D))[c];
+            if (k0 + r < nkeys) vv = ((const uint4*)(a.vc + key_off(k0 + r)))[c];
             const bf16* ve = (const bf16*)&vv;
 #pragma unroll
             for (int j = 0; j < 8; j++) vt[c * 8 + j][r] = ve[j];
         }
         __syncthreads();
-        if (k0 >= wkeys) continue;  // every query of this warp is before this tile
+        // Every query of this warp is before this tile, or (window) past it.
+        if (k0 >= wkeys || k0 + FA_BK <= wfirst) continue;
         float s[FA_BK / 8][4];
 #pragma unroll
         for (int n = 0; n < FA_BK / 8; n++) {
@@ -237,17 +246,18 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
                 mma_bf16_16816(s[n], qf[k], b);
             }
         }
-        // Scale and causal mask: query row qw + g (+8) sits at position p0 + row.
+        // Scale and causal mask (and the window's): query row qw + g (+8) sits at position
+        // p0 + row.
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            const int qpos = p0 + qw + g + r * 8;
+            const int qpos = p0 + qw + g + r * 8, qfirst = window > 0 ? qpos - window + 1 : 0;
             float mx = -INFINITY;
 #pragma unroll
             for (int n = 0; n < FA_BK / 8; n++)
 #pragma unroll
                 for (int c = 0; c < 2; c++) {
                     int key = k0 + n * 8 + 2 * t4 + c;
-                    float v = key <= qpos ? s[n][2 * r + c] * a.scale : -INFINITY;
+                    float v = key <= qpos && key >= qfirst ? s[n][2 * r + c] * a.scale : -INFINITY;
                     s[n][2 * r + c] = v;
                     mx = fmaxf(mx, v);
                 }
@@ -289,7 +299,10 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
         const int row = qw + g + r * 8;
         if (row >= M) continue;
         bf16* out = a.out + ((long)row * nh + h) * D;
-        const float inv = 1.f / lrow[r];
+        // A sink logit joins the denominator (its probability is dropped).
+        const float sink = a.sinks ? a.sinks[h] : -INFINITY, mf = fmaxf(mrow[r], sink);
+        const float fo = sink == -INFINITY ? 1.f : expf(mrow[r] - mf);
+        const float inv = fo / (sink == -INFINITY ? lrow[r] : lrow[r] * fo + expf(sink - mf));
 #pragma unroll
         for (int n = 0; n < D / 8; n++)
             *(u32*)(out + n * 8 + 2 * t4) = pack_bf16x2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);

@@ -32,10 +32,11 @@ kernel_args! {
         nh: i32, nkv: i32, d: i32, scale: f32, nsplit: i32, window: i32, ring: i32,
     }
     /// `attention_tc`: a prompt chunk's `m` rows — one sequence's consecutive positions from
-    /// `pos[0]`, cache rows from `base[0]` — over its cache, on tensor cores.
+    /// `pos[0]`, cache rows from `base[0]` — over its cache, on tensor cores; `window`,
+    /// `ring` (with `slot[0]`) and `sinks` as in [`AttentionArgs`].
     pub struct FlashArgs {
-        q: In<Bf16>, kc: In<Bf16>, vc: In<Bf16>, pos: In<I32>, base: In<I32>, out: Out<Bf16>,
-        nh: i32, nkv: i32, d: i32, scale: f32, m: i32,
+        q: In<Bf16>, kc: In<Bf16>, vc: In<Bf16>, pos: In<I32>, base: In<I32>, slot: In<I32>, sinks: In<F32>,
+        out: Out<Bf16>, nh: i32, nkv: i32, d: i32, scale: f32, m: i32, window: i32, ring: i32,
     }
 }
 
@@ -49,8 +50,15 @@ pub fn tc_supports(d: usize) -> bool {
     d == 64 || d == 128
 }
 
-/// Attention of a prompt chunk on tensor cores: 64 queries a block (see [`FlashArgs`]).
+/// Attention of a prompt chunk on tensor cores: 64 queries a block (see [`FlashArgs`]). A
+/// ring must hold the chunk's keys: `window + m − 1 ≤ ring`.
 pub fn attention_tc(dev: &Device, a: &FlashArgs) -> Result<()> {
+    if a.ring > 0 && !(a.window > 0 && a.window + a.m - 1 <= a.ring) {
+        return Err(Error::Cuda(format!(
+            "attention_tc over a ring of {} rows needs window + chunk − 1 ≤ ring (window {}, chunk {})",
+            a.ring, a.window, a.m
+        )));
+    }
     dev.launch_args("attention_tc", ((a.m as u32).div_ceil(64), a.nh as u32, 1), 128, a)
 }
 
