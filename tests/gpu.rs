@@ -540,7 +540,7 @@ fn kernel_attention_sinks_window_ring_matches_cpu() {
     let cases: Vec<Case> = vec![
         (64, 16, 2, 128, 128, 128, vec![(0, 5), (1, 127), (2, 128), (1, 300), (0, 700)], false),
         (64, 16, 2, 0, 0, 800, vec![(0, 0), (1, 64), (0, 511), (2, 799)], false),
-        (40, 6, 2, 20, 24, 24, vec![(3, 19), (0, 20), (2, 95)], false),
+        (40, 6, 2, 20, 24, 24, vec![(3, 19), (0, 20), (2, 95), (2, 100)], false),
         (64, 8, 1, 7, 0, 60, vec![(1, 3), (0, 59)], false),
         // Chunks: ring = window + chunk − 1 (as the backend sizes it), then the full context.
         (64, 16, 2, 128, 128 + 100 - 1, 227, chunk(1, 300, 100), true),

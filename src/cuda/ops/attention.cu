@@ -91,9 +91,11 @@ extern "C" __global__ void attention(const AttentionArgs a) {
         uint4 r[ATTN_LPT];
 #pragma unroll
         for (int t = 0; t < ATTN_LPT; t++) {
-            int i = threadIdx.x + t * ATTN_THREADS, v = i >= n16, ii = i - v * n16, kk = ii / rc;
-            int row = row0 + kk - (kk >= wrap ? ring : 0);
-            if (i < 2 * n16) r[t] = __ldg((const uint4*)((v ? vc : kc) + row * stride) + ii % rc);
+            int i = threadIdx.x + t * ATTN_THREADS, v = i >= n16, ii = i - v * n16;
+            if (i < 2 * n16) {  // the row arithmetic inside the guard: 124 registers, not 161
+                int kk = ii / rc, row = row0 + kk - (kk >= wrap ? ring : 0);
+                r[t] = __ldg((const uint4*)((v ? vc : kc) + row * stride) + ii % rc);
+            }
         }
         __syncthreads();  // the previous tile is consumed (and qs written, on the first)
 #pragma unroll

@@ -288,7 +288,7 @@ extern "C" __global__ void head_gemm_tc(const HeadMatvecArgs p) {
         sm.yrow[threadIdx.x] = (int)q;
     }
     __syncthreads();
-    const QMat W = expert_slice(p.w.w, h, p.w.w_stride, p.w.sb_stride);
+    const QMat W = stack_slice(p.w.w, h, p.w.w_stride, p.w.sb_stride);
     float acc[2][4][4];
     tc_tile_any(W, sm, n0, p.n, p.k, acc);
     tc_store(sm, acc, n0, p.n, mt, nullptr, p.y, 0);
