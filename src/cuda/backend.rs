@@ -636,102 +636,64 @@ impl CudaBackend {
                 };
                 rope::kv_append(dev, &a, mm)?;
             }
-            Step::Attn { layer, op: AttnOp::Attention } if self.tensor_cores() && attn::tc_supports(d) => {
-                // A prompt chunk: one sequence's consecutive positions (run_rows).
-                let (kc, vc) = self.kv_cache(layer)?;
-                let a = attn::FlashArgs {
-                    q: rd(self.buf(Buf::Q)),
-                    kc: rd(kc),
-                    vc: rd(vc),
-                    pos,
-                    base,
-                    slot: rd(self.slot_ptr()),
-                    sinks: rd(0),
-                    out: wr(self.buf(Buf::Attn)),
-                    nh: int(nh),
-                    nkv: int(nkv),
-                    d: int(d),
-                    scale: c.attn_scale(),
-                    m: int(mm),
-                    window: 0,
-                    ring: 0,
-                };
-                attn::attention_tc(dev, &a)?;
-            }
-            Step::Attn { layer, op: AttnOp::SinkAttention } if self.tensor_cores() && attn::tc_supports(d) => {
-                // GPT-OSS, a prompt chunk (one sequence's consecutive positions) on tensor cores.
+            Step::Attn { layer, op: op @ (AttnOp::Attention | AttnOp::SinkAttention) } => {
+                // GQA attention; GPT-OSS's (SinkAttention) adds its sinks, sliding window and ring cache (the
+                // same kernels). A prompt chunk (one sequence's consecutive positions, see
+                // run_rows) on tensor cores, else the split kernel.
                 let (kc, vc, ring) = self.kv_ring(layer)?;
-                let a = attn::FlashArgs {
-                    q: rd(self.buf(Buf::Q)),
-                    kc: rd(kc),
-                    vc: rd(vc),
-                    pos,
-                    base,
-                    slot: rd(self.slot_ptr()),
-                    sinks: rd(*self.w.sinks(layer)?),
-                    out: wr(self.buf(Buf::Attn)),
-                    nh: int(nh),
-                    nkv: int(nkv),
-                    d: int(d),
-                    scale: c.attn_scale(),
-                    m: int(mm),
-                    window: int(c.window(layer).unwrap_or(0)),
-                    ring: int(ring),
+                let (sinks, window) = match op {
+                    AttnOp::SinkAttention => (*self.w.sinks(layer)?, int(c.window(layer).unwrap_or(0))),
+                    _ => (0, 0),
                 };
-                attn::attention_tc(dev, &a)?;
-            }
-            Step::Attn { layer, op: AttnOp::Attention } => {
-                let (kc, vc) = self.kv_cache(layer)?;
-                let a = attn::AttentionArgs {
-                    q: rd(self.buf(Buf::Q)),
-                    kc: rd(kc),
-                    vc: rd(vc),
-                    pos,
-                    base,
-                    slot: rd(self.slot_ptr()),
-                    sinks: rd(0),
-                    part_o: wr(self.st.part_o),
-                    part_ml: wr(self.st.part_ml),
-                    tickets: wr(self.st.tickets),
-                    out: wr(self.buf(Buf::Attn)),
-                    nh: int(nh),
-                    nkv: int(nkv),
-                    d: int(d),
-                    scale: c.attn_scale(),
-                    nsplit: int(attn::ATTN_SPLITS),
-                    window: 0,
-                    ring: 0,
-                };
-                attn::attention(dev, &a, mm)?;
+                let (q, slot, out) = (rd(self.buf(Buf::Q)), rd(self.slot_ptr()), wr(self.buf(Buf::Attn)));
+                let (kc, vc, sinks, ring, scale) = (rd(kc), rd(vc), rd(sinks), int(ring), c.attn_scale());
+                let (nh, nkv, d_) = (int(nh), int(nkv), int(d));
+                if self.tensor_cores() && attn::tc_supports(d) {
+                    let a = attn::FlashArgs {
+                        q,
+                        kc,
+                        vc,
+                        pos,
+                        base,
+                        slot,
+                        sinks,
+                        out,
+                        nh,
+                        nkv,
+                        d: d_,
+                        scale,
+                        m: int(mm),
+                        window,
+                        ring,
+                    };
+                    attn::attention_tc(dev, &a)?;
+                } else {
+                    let a = attn::AttentionArgs {
+                        q,
+                        kc,
+                        vc,
+                        pos,
+                        base,
+                        slot,
+                        sinks,
+                        part_o: wr(self.st.part_o),
+                        part_ml: wr(self.st.part_ml),
+                        tickets: wr(self.st.tickets),
+                        out,
+                        nh,
+                        nkv,
+                        d: d_,
+                        scale,
+                        nsplit: int(attn::ATTN_SPLITS),
+                        window,
+                        ring,
+                    };
+                    attn::attention(dev, &a, mm)?;
+                }
             }
             Step::Add { dst, src } => {
                 let a = norm::AddArgs { x: wr(self.buf(dst)), y: rd(self.buf(src)), n: (mm * h) as i64 };
                 norm::add(dev, &a)?;
-            }
-            Step::Attn { layer, op: AttnOp::SinkAttention } => {
-                // GPT-OSS: the split kernel with the layer's sinks, window and ring.
-                let (kc, vc, ring) = self.kv_ring(layer)?;
-                let a = attn::AttentionArgs {
-                    q: rd(self.buf(Buf::Q)),
-                    kc: rd(kc),
-                    vc: rd(vc),
-                    pos,
-                    base,
-                    slot: rd(self.slot_ptr()),
-                    sinks: rd(*self.w.sinks(layer)?),
-                    part_o: wr(self.st.part_o),
-                    part_ml: wr(self.st.part_ml),
-                    tickets: wr(self.st.tickets),
-                    out: wr(self.buf(Buf::Attn)),
-                    nh: int(nh),
-                    nkv: int(nkv),
-                    d: int(d),
-                    scale: c.attn_scale(),
-                    nsplit: int(attn::ATTN_SPLITS),
-                    window: int(c.window(layer).unwrap_or(0)),
-                    ring: int(ring),
-                };
-                attn::attention(dev, &a, mm)?;
             }
             Step::Moe { op: MoeOp::TopKSoftmax, .. } => {
                 let a = gpt_oss::TopkSoftmaxArgs {
