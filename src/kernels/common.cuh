@@ -154,7 +154,9 @@ __device__ __forceinline__ void row_dot_partial(const QMat& W, long r, int K, co
     for (int m = 0; m < MT; m++) acc[m] = 0.f;
     if (W.fmt == FMT_BF16) {
         const uint4* wr = (const uint4*)((const bf16*)W.w + r * (long)K);
-        constexpr int PF = Prefetch<MT>::PF;
+        // A bf16 row is 4× the chunks of a 4-bit one (K = 2048: 8 a lane): all of them in
+        // flight at once for one token (the GLM router, GPT-OSS's attention projections).
+        constexpr int PF = MT == 1 ? 8 : Prefetch<MT>::PF;
         const int nch = K / 8;
         for (int c0 = lane; c0 < nch; c0 += WARP * PF) {
             uint4 wv[PF];
@@ -314,27 +316,30 @@ __device__ __forceinline__ void rope_pair(bf16* v, int i, int half, int pos, flo
     v[i + half] = f2bf(b * cs + a * sn);
 }
 
-// Router of one token by one warp: softmax over E ≤ 1024 f32 logits, top-K (largest
-// first, lowest index wins ties), optional renormalisation; writes idx[K], w[K]. Logits
-// are read through L2 (__ldcg): the fused router reads what other blocks just wrote.
-__device__ __forceinline__ void router_topk_warp(const float* l, int E, int K, int norm, int* idx, float* wout) {
+// Router of one token by one warp: softmax over E ≤ 32·PER f32 logits (lane l holds experts
+// l, l + 32, ...: PER registers), top-K (largest first, lowest index wins ties), optional
+// renormalisation; writes idx[K], w[K]. Logits are read through L2 (__ldcg): the fused
+// router reads what other blocks just wrote. PER only sizes the lanes' arrays (slots past
+// E hold −inf / 0, which change no max and no sum), so every PER gives the same bits.
+template <int PER>
+__device__ __forceinline__ void router_topk_lanes(const float* l, int E, int K, int norm, int* idx, float* wout) {
     int lane = threadIdx.x & 31;
-    float v[32];
+    float v[PER];
     float mx = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < 32; i++) { int e = lane + 32 * i; v[i] = e < E ? __ldcg(l + e) : -INFINITY; mx = fmaxf(mx, v[i]); }
+    for (int i = 0; i < PER; i++) { int e = lane + 32 * i; v[i] = e < E ? __ldcg(l + e) : -INFINITY; mx = fmaxf(mx, v[i]); }
     mx = warp_max(mx);
     float sum = 0.f;
 #pragma unroll
-    for (int i = 0; i < 32; i++) { int e = lane + 32 * i; v[i] = e < E ? expf(v[i] - mx) : -1.f; sum += e < E ? v[i] : 0.f; }
+    for (int i = 0; i < PER; i++) { int e = lane + 32 * i; v[i] = e < E ? expf(v[i] - mx) : -1.f; sum += e < E ? v[i] : 0.f; }
     sum = warp_sum(sum);
 #pragma unroll
-    for (int i = 0; i < 32; i++) if (lane + 32 * i < E) v[i] = v[i] / sum;
+    for (int i = 0; i < PER; i++) if (lane + 32 * i < E) v[i] = v[i] / sum;
     float tot = 0.f, sel[16];
     for (int j = 0; j < K; j++) {
         float bv = -2.f; int bi = 0x7fffffff;
 #pragma unroll
-        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (v[i] > bv) { bv = v[i]; bi = e; } }
+        for (int i = 0; i < PER; i++) { int e = lane + 32 * i; if (v[i] > bv) { bv = v[i]; bi = e; } }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             float ov = __shfl_xor_sync(0xffffffffu, bv, o); int oi = __shfl_xor_sync(0xffffffffu, bi, o);
@@ -342,12 +347,23 @@ __device__ __forceinline__ void router_topk_warp(const float* l, int E, int K, i
         }
         if ((bi & 31) == lane) {
 #pragma unroll
-            for (int i = 0; i < 32; i++) if (lane + 32 * i == bi) v[i] = -2.f;
+            for (int i = 0; i < PER; i++) if (lane + 32 * i == bi) v[i] = -2.f;
         }
         sel[j] = bv; tot += bv;
         if (lane == 0) idx[j] = bi;
     }
     if (lane == 0) for (int j = 0; j < K; j++) wout[j] = norm ? sel[j] / tot : sel[j];
+}
+
+// router_topk_lanes with the fewest registers that hold E ≤ 1024 experts: each top-k round
+// scans PER values a lane instead of 32 (the foundry's topk_gating t1_lane_regs, measured
+// 1.26× faster at 1..8 tokens on the H100 and bit-identical).
+__device__ __forceinline__ void router_topk_warp(const float* l, int E, int K, int norm, int* idx, float* wout) {
+    if (E <= 32) router_topk_lanes<1>(l, E, K, norm, idx, wout);
+    else if (E <= 64) router_topk_lanes<2>(l, E, K, norm, idx, wout);
+    else if (E <= 128) router_topk_lanes<4>(l, E, K, norm, idx, wout);
+    else if (E <= 256) router_topk_lanes<8>(l, E, K, norm, idx, wout);
+    else router_topk_lanes<32>(l, E, K, norm, idx, wout);
 }
 
 // Programmatic dependent launch (sm_90+): the first statement of every built-in kernel.
