@@ -36,61 +36,116 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// matvec for bf16 / affine4 / affine8 weights and M = 1, 3, 8, 13 token rows.
+/// matvec of `m` tokens of `x` (bf16 bits) over `w` (`n` rows of `k`), f32 out.
+fn run_matvec(dev: &mut Device, w: ops::QMat, x: &[u16], n: usize, k: usize, m: usize) -> Vec<f32> {
+    let px = dev.upload(x).unwrap();
+    let py = dev.alloc(m * n * 4).unwrap();
+    dev.fill(py, 0xFF, m * n * 4).unwrap(); // poison: NaN
+    let a =
+        linear::MatvecArgs { w, x: rd(px), y: wr(py), bias: rd(0), n: n as i32, k: k as i32, m: m as i32, out_f32: 1 };
+    linear::matvec(dev, &a).unwrap();
+    let mut got = vec![0f32; m * n];
+    dev.read(py, &mut got).unwrap();
+    got
+}
+
+/// matvec for bf16 / affine4 / affine8 weights and M = 1, 3, 8, 13 token rows, on a short
+/// matrix (one row a warp for one token) and a tall one with an odd row count (two rows a
+/// warp, the last warp's second row past the end); one token's rows are bit-identical to
+/// the multi-token kernel's.
 #[test]
 #[ignore]
 fn kernel_matvec_matches_cpu() {
     let mut dev = Device::open().unwrap();
     let mut rng = Rng::new(0xC0FFEE);
-    let (n, k) = (200usize, 512usize);
-    for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
-        for m in [1usize, 3, 8, 13] {
-            let x: Vec<f32> = (0..m * k).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
-            let (wq, s, b, wf): (Vec<u8>, Vec<u16>, Vec<u16>, Vec<f32>) = if fmt == 0 {
-                let w: Vec<f32> = (0..n * k).map(|_| half::bf16::from_f32(rng.normal() * 0.05).to_f32()).collect();
-                (w.iter().flat_map(|&v| bf16_bits(v).to_le_bytes()).collect(), vec![], vec![], w)
-            } else {
-                let w: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.05).collect();
-                let q = zmoe::checkpoint::quant::affine_quantize(&w, k, bits, 64);
-                let bytes: Vec<u8> = q.packed.iter().flat_map(|w| w.to_le_bytes()).collect();
-                let mut deq = vec![0f32; n * k];
-                let g = k / 64;
-                let rb = k * bits as usize / 8;
-                for r in 0..n {
-                    zmoe::checkpoint::quant::affine_dequant_row(
-                        &bytes[r * rb..][..rb],
-                        bits,
-                        64,
-                        &q.scales[r * g..][..g],
-                        &q.biases[r * g..][..g],
-                        &mut deq[r * k..][..k],
-                    );
-                }
-                (bytes, to_bf16(&q.scales), to_bf16(&q.biases), deq)
-            };
-            let want: Vec<f32> =
-                (0..m * n).map(|i| (0..k).map(|j| x[(i / n) * k + j] * wf[(i % n) * k + j]).sum()).collect();
+    let k = 512usize;
+    for n in [200usize, linear::TWO_ROWS_FROM + 3] {
+        for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
+            let (wq, s, b, wf) = random_qmat(&mut rng, n, k, fmt, bits, 64);
             let w = upload_qmat(&mut dev, (&wq, &s, &b), fmt, bits, 64);
-            let xb = to_bf16(&x);
-            let px = dev.upload(&xb).unwrap();
-            let py = dev.alloc(m * n * 4).unwrap();
-            dev.fill(py, 0xFF, m * n * 4).unwrap(); // poison: NaN
-            let a = linear::MatvecArgs {
-                w,
+            for m in [1usize, 3, 8, 13] {
+                let x: Vec<f32> = (0..m * k).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
+                let want: Vec<f32> =
+                    (0..m * n).map(|i| (0..k).map(|j| x[(i / n) * k + j] * wf[(i % n) * k + j]).sum()).collect();
+                let xb = to_bf16(&x);
+                let got = run_matvec(&mut dev, w, &xb, n, k, m);
+                let what = format!("n {n} fmt {fmt} bits {bits} m {m}");
+                assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten output");
+                let e = rel_err(&got, &want);
+                assert!(e < 1e-5, "{what}: rel err {e}");
+                if m > 1 {
+                    let one = run_matvec(&mut dev, w, &xb[..k], n, k, 1);
+                    let same = one.iter().zip(&got[..n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{what}: the one-token kernel differs from the multi-token kernel's token 0");
+                }
+            }
+        }
+    }
+}
+
+/// qkv_proj of one token (one row a warp below TWO_ROWS_FROM rows in all, two from there,
+/// each matrix's last warp partly past its end) is bit-identical to the three mat-vecs of
+/// the multi-token kernel, for affine 4-bit and bf16 weights, with biases.
+#[test]
+#[ignore]
+fn kernel_qkv_one_token_equals_matvecs() {
+    let mut dev = Device::open().unwrap();
+    let mut rng = Rng::new(0x9E37);
+    let k = 256usize;
+    for (nq, nk, nv) in [(96usize, 33usize, 33usize), (linear::TWO_ROWS_FROM - 63, 65, 65)] {
+        for (fmt, bits) in [(1, 4u32), (0, 16)] {
+            let x: Vec<u16> = to_bf16(&(0..3 * k).map(|_| rng.normal()).collect::<Vec<f32>>());
+            let px = dev.upload(&x).unwrap();
+            let mut mats = Vec::new();
+            for n in [nq, nk, nv] {
+                let (wq, s, b, _) = random_qmat(&mut rng, n, k, fmt, bits, 64);
+                let w = upload_qmat(&mut dev, (&wq, &s, &b), fmt, bits, 64);
+                let bias: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
+                let pb = dev.upload(&bias).unwrap();
+                let py = dev.alloc(n * 2).unwrap();
+                dev.fill(py, 0xFF, n * 2).unwrap(); // poison: NaN
+                mats.push((w, pb, py, n));
+            }
+            let a = linear::QkvArgs {
+                wq: mats[0].0,
+                wk: mats[1].0,
+                wv: mats[2].0,
+                qbias: rd(mats[0].1),
+                kbias: rd(mats[1].1),
+                vbias: rd(mats[2].1),
                 x: rd(px),
-                y: wr(py),
-                bias: rd(0),
-                n: n as i32,
-                k: k as i32,
-                m: m as i32,
-                out_f32: 1,
+                q: wr(mats[0].2),
+                k: wr(mats[1].2),
+                v: wr(mats[2].2),
+                nq: nq as i32,
+                nk: nk as i32,
+                nv: nv as i32,
+                kdim: k as i32,
+                m: 1,
             };
-            linear::matvec(&dev, &a).unwrap();
-            let mut got = vec![0f32; m * n];
-            dev.read(py, &mut got).unwrap();
-            assert!(got.iter().all(|v| v.is_finite()), "fmt {fmt} bits {bits} m {m}: unwritten output");
-            let e = rel_err(&got, &want);
-            assert!(e < 1e-5, "fmt {fmt} bits {bits} m {m}: rel err {e}");
+            linear::qkv(&dev, &a).unwrap();
+            for (w, pb, py, n) in mats {
+                let mut got = vec![0u16; n];
+                dev.read(py, &mut got).unwrap();
+                // The reference: the multi-token matvec over 3 tokens, token 0.
+                let pr = dev.alloc(3 * n * 2).unwrap();
+                let r = linear::MatvecArgs {
+                    w,
+                    x: rd(px),
+                    y: wr(pr),
+                    bias: rd(pb),
+                    n: n as i32,
+                    k: k as i32,
+                    m: 3,
+                    out_f32: 0,
+                };
+                linear::matvec(&dev, &r).unwrap();
+                let mut want = vec![0u16; 3 * n];
+                dev.read(pr, &mut want).unwrap();
+                let what = format!("rows {nq}+{nk}+{nv} fmt {fmt}: matrix of {n} rows");
+                assert!(from_bf16(&got).iter().all(|v| v.is_finite()), "{what}: unwritten output");
+                assert_eq!(got, want[..n], "{what}: qkv differs from matvec");
+            }
         }
     }
 }

@@ -246,6 +246,87 @@ __device__ __forceinline__ void affine_partial_pair(const QMat& A, const QMat& B
     *acc_b = sb;
 }
 
+// Rows r0 .. r0+R-1 of one affine matrix against one token x: the partials of
+// row_dot_partial<1> for each row, with each chunk of x unpacked and its Σx computed once
+// for all R rows, and the loads of PF chunks of all R rows in flight together (R·PF a lane) —
+// a single-token mat-vec is a round trip to memory per pass, so R rows a warp take one
+// pass where R warps took R. Every row's sum runs in the order of row_dot_partial<1>
+// (chunks ascending per lane), so the partials are bit-identical to R separate calls.
+// Rows past r0 + nr - 1 repeat the last valid row (the caller drops them).
+template <int R, int PF, int BITS>
+__device__ __forceinline__ void affine_partial_rows(const QMat& W, long r0, int nr, int K, const bf16* x, int lane,
+                                                    float* acc) {
+    constexpr int CODES = 128 / BITS, XV = CODES / 8, PER_WORD = 32 / BITS;
+    constexpr u32 MASK = (1u << BITS) - 1u;
+    const int gpr = K / W.group, nch = K / CODES;
+    const long row_u4 = K / PER_WORD / 4;  // uint4 chunks a row
+    const uint4* w0 = (const uint4*)((const u32*)W.w + r0 * (long)(K / PER_WORD));
+#pragma unroll
+    for (int i = 0; i < R; i++) acc[i] = 0.f;
+    for (int c0 = lane; c0 < nch; c0 += WARP * PF) {
+        uint4 wv[PF][R];
+        float sc[PF][R], bi[PF][R];
+#pragma unroll
+        for (int p = 0; p < PF; p++) {
+            int c = c0 + p * WARP;
+            if (c < nch) {
+                int g = (c * CODES) / W.group;
+#pragma unroll
+                for (int i = 0; i < R; i++) {
+                    long ri = min(i, nr - 1);
+                    wv[p][i] = w0[ri * row_u4 + c];
+                    sc[p][i] = bf2f(W.s[(r0 + ri) * gpr + g]);
+                    bi[p][i] = bf2f(W.b[(r0 + ri) * gpr + g]);
+                }
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < PF; p++) {
+            int c = c0 + p * WARP;
+            if (c >= nch) continue;
+            const uint4* xr = (const uint4*)x + c * XV;
+            float qx[R], sx = 0.f;
+#pragma unroll
+            for (int i = 0; i < R; i++) qx[i] = 0.f;
+#pragma unroll
+            for (int j = 0; j < XV; j++) {
+                float xf[8];
+                unpack8(xr[j], xf);
+#pragma unroll
+                for (int t = 0; t < 8; t++) {
+                    int e = j * 8 + t;
+                    u32 sh = BITS * (e % PER_WORD);
+#pragma unroll
+                    for (int i = 0; i < R; i++) {
+                        u32 wd[4] = {wv[p][i].x, wv[p][i].y, wv[p][i].z, wv[p][i].w};
+                        qx[i] = __fmaf_rn(code_to_float((wd[e / PER_WORD] >> sh) & MASK), xf[t], qx[i]);
+                    }
+                    sx += xf[t];
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < R; i++) acc[i] = chunk_acc(acc[i], sc[p][i], qx[i], bi[p][i], sx);
+        }
+    }
+}
+
+// R rows from r0 (nr of them valid) of any format against one token: affine 4/8-bit share
+// the x work (affine_partial_rows, PF chunks of each row in flight), other formats take R
+// row_dot_partial<1> calls.
+template <int R, int PF>
+__device__ __forceinline__ void row_dot_rows(const QMat& W, long r0, int nr, int K, const bf16* x, int lane,
+                                             float* acc) {
+    if (W.fmt == FMT_AFFINE && W.bits == 4) {
+        affine_partial_rows<R, PF, 4>(W, r0, nr, K, x, lane, acc);
+    } else if (W.fmt == FMT_AFFINE && W.bits == 8) {
+        affine_partial_rows<R, PF, 8>(W, r0, nr, K, x, lane, acc);
+    } else {
+        const bf16* xs[1] = {x};
+#pragma unroll
+        for (int i = 0; i < R; i++) row_dot_partial<1>(W, r0 + min(i, nr - 1), K, xs, 1, lane, acc + i);
+    }
+}
+
 // Expert e's slice of a stacked [E, rows, ...] matrix (strides in storage elements).
 __device__ __forceinline__ QMat expert_slice(QMat W, long e, long w_stride, long sb_stride) {
     W.w = W.fmt == FMT_BF16 ? (const void*)((const bf16*)W.w + e * w_stride) : (const void*)((const u32*)W.w + e * w_stride);

@@ -141,7 +141,7 @@ fn always(_: &Shape, _: &Knobs) -> bool {
 }
 
 /// Every template of every op.
-pub static TEMPLATES: [Template; 14] = [
+pub static TEMPLATES: [Template; 13] = [
     // ---- moe_combine ----
     Template {
         op: OpId::MoeCombine,
@@ -269,20 +269,6 @@ pub static TEMPLATES: [Template; 14] = [
         numerics: NumericsRule::Preserving,
         launch: |s, kn| Launch { grid: [div(s.inter, k(kn, "RPB")), s.experts as u32, 1], block: 32 * k(kn, "RPB") },
         fits: |s, _| s.tokens <= 1024,
-    },
-    Template {
-        op: OpId::GatherQmmSwiglu,
-        name: "t3_row_pairs",
-        summary: "RPW gate/up row pairs per warp: each chunk of x unpacked and summed once for 2·RPW rows",
-        text: include_str!("gather_qmm_swiglu/t3_row_pairs.cu"),
-        space: &[("RPW", &[2, 4]), ("WPB", &[2, 4])],
-        defaults: &[("RPW", 2), ("WPB", 4)],
-        numerics: NumericsRule::Preserving,
-        launch: |s, kn| Launch {
-            grid: [div(s.inter, k(kn, "RPW") * k(kn, "WPB")), (s.tokens * s.k) as u32, 1],
-            block: 32 * k(kn, "WPB"),
-        },
-        fits: always,
     },
     // ---- rmsnorm_residual ----
     Template {
