@@ -36,61 +36,116 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// matvec for bf16 / affine4 / affine8 weights and M = 1, 3, 8, 13 token rows.
+/// matvec of `m` tokens of `x` (bf16 bits) over `w` (`n` rows of `k`), f32 out.
+fn run_matvec(dev: &mut Device, w: ops::QMat, x: &[u16], n: usize, k: usize, m: usize) -> Vec<f32> {
+    let px = dev.upload(x).unwrap();
+    let py = dev.alloc(m * n * 4).unwrap();
+    dev.fill(py, 0xFF, m * n * 4).unwrap(); // poison: NaN
+    let a =
+        linear::MatvecArgs { w, x: rd(px), y: wr(py), bias: rd(0), n: n as i32, k: k as i32, m: m as i32, out_f32: 1 };
+    linear::matvec(dev, &a).unwrap();
+    let mut got = vec![0f32; m * n];
+    dev.read(py, &mut got).unwrap();
+    got
+}
+
+/// matvec for bf16 / affine4 / affine8 weights and M = 1, 3, 8, 13 token rows, on a short
+/// matrix (one row a warp for one token) and a tall one with an odd row count (two rows a
+/// warp, the last warp's second row past the end); one token's rows are bit-identical to
+/// the multi-token kernel's.
 #[test]
 #[ignore]
 fn kernel_matvec_matches_cpu() {
     let mut dev = Device::open().unwrap();
     let mut rng = Rng::new(0xC0FFEE);
-    let (n, k) = (200usize, 512usize);
-    for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
-        for m in [1usize, 3, 8, 13] {
-            let x: Vec<f32> = (0..m * k).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
-            let (wq, s, b, wf): (Vec<u8>, Vec<u16>, Vec<u16>, Vec<f32>) = if fmt == 0 {
-                let w: Vec<f32> = (0..n * k).map(|_| half::bf16::from_f32(rng.normal() * 0.05).to_f32()).collect();
-                (w.iter().flat_map(|&v| bf16_bits(v).to_le_bytes()).collect(), vec![], vec![], w)
-            } else {
-                let w: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.05).collect();
-                let q = zmoe::checkpoint::quant::affine_quantize(&w, k, bits, 64);
-                let bytes: Vec<u8> = q.packed.iter().flat_map(|w| w.to_le_bytes()).collect();
-                let mut deq = vec![0f32; n * k];
-                let g = k / 64;
-                let rb = k * bits as usize / 8;
-                for r in 0..n {
-                    zmoe::checkpoint::quant::affine_dequant_row(
-                        &bytes[r * rb..][..rb],
-                        bits,
-                        64,
-                        &q.scales[r * g..][..g],
-                        &q.biases[r * g..][..g],
-                        &mut deq[r * k..][..k],
-                    );
-                }
-                (bytes, to_bf16(&q.scales), to_bf16(&q.biases), deq)
-            };
-            let want: Vec<f32> =
-                (0..m * n).map(|i| (0..k).map(|j| x[(i / n) * k + j] * wf[(i % n) * k + j]).sum()).collect();
+    let k = 512usize;
+    for n in [200usize, linear::TWO_ROWS_FROM + 3] {
+        for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
+            let (wq, s, b, wf) = random_qmat(&mut rng, n, k, fmt, bits, 64);
             let w = upload_qmat(&mut dev, (&wq, &s, &b), fmt, bits, 64);
-            let xb = to_bf16(&x);
-            let px = dev.upload(&xb).unwrap();
-            let py = dev.alloc(m * n * 4).unwrap();
-            dev.fill(py, 0xFF, m * n * 4).unwrap(); // poison: NaN
-            let a = linear::MatvecArgs {
-                w,
+            for m in [1usize, 3, 8, 13] {
+                let x: Vec<f32> = (0..m * k).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
+                let want: Vec<f32> =
+                    (0..m * n).map(|i| (0..k).map(|j| x[(i / n) * k + j] * wf[(i % n) * k + j]).sum()).collect();
+                let xb = to_bf16(&x);
+                let got = run_matvec(&mut dev, w, &xb, n, k, m);
+                let what = format!("n {n} fmt {fmt} bits {bits} m {m}");
+                assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten output");
+                let e = rel_err(&got, &want);
+                assert!(e < 1e-5, "{what}: rel err {e}");
+                if m > 1 {
+                    let one = run_matvec(&mut dev, w, &xb[..k], n, k, 1);
+                    let same = one.iter().zip(&got[..n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{what}: the one-token kernel differs from the multi-token kernel's token 0");
+                }
+            }
+        }
+    }
+}
+
+/// qkv_proj of one token (one row a warp below TWO_ROWS_FROM rows in all, two from there,
+/// each matrix's last warp partly past its end) is bit-identical to the three mat-vecs of
+/// the multi-token kernel, for affine 4-bit and bf16 weights, with biases.
+#[test]
+#[ignore]
+fn kernel_qkv_one_token_equals_matvecs() {
+    let mut dev = Device::open().unwrap();
+    let mut rng = Rng::new(0x9E37);
+    let k = 256usize;
+    for (nq, nk, nv) in [(96usize, 33usize, 33usize), (linear::TWO_ROWS_FROM - 63, 65, 65)] {
+        for (fmt, bits) in [(1, 4u32), (0, 16)] {
+            let x: Vec<u16> = to_bf16(&(0..3 * k).map(|_| rng.normal()).collect::<Vec<f32>>());
+            let px = dev.upload(&x).unwrap();
+            let mut mats = Vec::new();
+            for n in [nq, nk, nv] {
+                let (wq, s, b, _) = random_qmat(&mut rng, n, k, fmt, bits, 64);
+                let w = upload_qmat(&mut dev, (&wq, &s, &b), fmt, bits, 64);
+                let bias: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
+                let pb = dev.upload(&bias).unwrap();
+                let py = dev.alloc(n * 2).unwrap();
+                dev.fill(py, 0xFF, n * 2).unwrap(); // poison: NaN
+                mats.push((w, pb, py, n));
+            }
+            let a = linear::QkvArgs {
+                wq: mats[0].0,
+                wk: mats[1].0,
+                wv: mats[2].0,
+                qbias: rd(mats[0].1),
+                kbias: rd(mats[1].1),
+                vbias: rd(mats[2].1),
                 x: rd(px),
-                y: wr(py),
-                bias: rd(0),
-                n: n as i32,
-                k: k as i32,
-                m: m as i32,
-                out_f32: 1,
+                q: wr(mats[0].2),
+                k: wr(mats[1].2),
+                v: wr(mats[2].2),
+                nq: nq as i32,
+                nk: nk as i32,
+                nv: nv as i32,
+                kdim: k as i32,
+                m: 1,
             };
-            linear::matvec(&dev, &a).unwrap();
-            let mut got = vec![0f32; m * n];
-            dev.read(py, &mut got).unwrap();
-            assert!(got.iter().all(|v| v.is_finite()), "fmt {fmt} bits {bits} m {m}: unwritten output");
-            let e = rel_err(&got, &want);
-            assert!(e < 1e-5, "fmt {fmt} bits {bits} m {m}: rel err {e}");
+            linear::qkv(&dev, &a).unwrap();
+            for (w, pb, py, n) in mats {
+                let mut got = vec![0u16; n];
+                dev.read(py, &mut got).unwrap();
+                // The reference: the multi-token matvec over 3 tokens, token 0.
+                let pr = dev.alloc(3 * n * 2).unwrap();
+                let r = linear::MatvecArgs {
+                    w,
+                    x: rd(px),
+                    y: wr(pr),
+                    bias: rd(pb),
+                    n: n as i32,
+                    k: k as i32,
+                    m: 3,
+                    out_f32: 0,
+                };
+                linear::matvec(&dev, &r).unwrap();
+                let mut want = vec![0u16; 3 * n];
+                dev.read(pr, &mut want).unwrap();
+                let what = format!("rows {nq}+{nk}+{nv} fmt {fmt}: matrix of {n} rows");
+                assert!(from_bf16(&got).iter().all(|v| v.is_finite()), "{what}: unwritten output");
+                assert_eq!(got, want[..n], "{what}: qkv differs from matvec");
+            }
         }
     }
 }
@@ -205,6 +260,41 @@ fn random_stacked(
     (ops::Stacked { w, w_stride, sb_stride }, mats.into_iter().map(|m| m.3).collect())
 }
 
+/// `count` random MXFP4 matrices `[n, k]` stacked like GPT-OSS's experts (random E2M1
+/// codes, E8M0 scales 2^-9 ..= 2^-5) and their dequantized values.
+fn random_mxfp4_stacked(
+    dev: &mut Device,
+    rng: &mut Rng,
+    count: usize,
+    (n, k): (usize, usize),
+) -> (ops::Stacked, Vec<Vec<f32>>) {
+    let codes: Vec<u8> = (0..count * n * k / 2).map(|_| rng.next_u64() as u8).collect();
+    let scales: Vec<u8> = (0..count * n * k / 32).map(|_| 118 + (rng.next_u64() % 5) as u8).collect();
+    let mats = (0..count)
+        .map(|e| {
+            let mut m = vec![0f32; n * k];
+            for (r, out) in m.chunks_mut(k).enumerate() {
+                let at = e * n + r;
+                zmoe::checkpoint::quant::mxfp4_dequant_row(
+                    &codes[at * k / 2..][..k / 2],
+                    &scales[at * k / 32..][..k / 32],
+                    out,
+                );
+            }
+            m
+        })
+        .collect();
+    let w = ops::QMat {
+        w: rd(dev.upload(&codes).unwrap()),
+        s: rd(dev.upload(&scales).unwrap()),
+        b: rd(0),
+        fmt: gpt_oss::FMT_MXFP4,
+        bits: 4,
+        group: 32,
+    };
+    (ops::Stacked { w, w_stride: (n * k / 8) as i64, sb_stride: (n * k / 32) as i64 }, mats)
+}
+
 /// Device `pos` and `base` of a prompt chunk: `m` consecutive positions from `p0` of one
 /// sequence whose cache rows start at `base`.
 fn chunk_rows(dev: &mut Device, m: usize, p0: usize, base: usize) -> (u64, u64) {
@@ -275,7 +365,8 @@ fn kernel_gemm_tc_matches_cpu() {
 
 /// The grouped tensor-core expert product (issue 19) against the CPU: `moe_group` builds the
 /// tile table from random routing (some experts empty, some over one tile), `expert_gemm_tc`
-/// computes every routed row (gate/up reading the token's row, down the slot's own row).
+/// computes every routed row (gate/up reading the token's row, down the slot's own row); bf16,
+/// affine 4 / 8-bit and MXFP4 experts (GPT-OSS), the quantized ones with per-expert bias rows.
 #[test]
 #[ignore]
 fn kernel_expert_gemm_tc_matches_cpu() {
@@ -283,19 +374,28 @@ fn kernel_expert_gemm_tc_matches_cpu() {
     let mut dev = tc_device();
     let mut rng = Rng::new(0xE7C0);
     let (e, top, n, k) = (8usize, 2usize, 200usize, 256usize);
-    for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
+    // The experts' bias rows (GPT-OSS), used with the quantized formats; bf16 runs without.
+    let bias: Vec<f32> = (0..e * n).map(|_| 0.1 * rng.normal()).collect();
+    let pbias = dev.upload(&bias).unwrap();
+    for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8), (gpt_oss::FMT_MXFP4, 4)] {
+        let with_bias = fmt != 0;
         for (m, per) in [(40usize, top), (150, top), (70, 1)] {
             let r = m * top;
             let xrows = r / per;
             let x: Vec<f32> = (0..xrows * k).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
             // Routing skewed to experts 0..5 (6 and 7 stay empty): experts 0 and 1 exceed a tile.
             let idx: Vec<i32> = (0..r).map(|_| ((rng.uniform() * rng.uniform()) * 6.0) as i32 % e as i32).collect();
-            let (w, mats) = random_stacked(&mut dev, &mut rng, e, (n, k), fmt, bits);
+            let (w, mats) = if fmt == gpt_oss::FMT_MXFP4 {
+                random_mxfp4_stacked(&mut dev, &mut rng, e, (n, k))
+            } else {
+                random_stacked(&mut dev, &mut rng, e, (n, k), fmt, bits)
+            };
             let want: Vec<f32> = (0..r * n)
                 .map(|i| {
                     let (q, row) = (i / n, i % n);
                     let wf = &mats[idx[q] as usize];
-                    (0..k).map(|j| x[(q / per) * k + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
+                    let b = if with_bias { bias[idx[q] as usize * n + row] as f64 } else { 0.0 };
+                    ((0..k).map(|j| x[(q / per) * k + j] as f64 * wf[row * k + j] as f64).sum::<f64>() + b) as f32
                 })
                 .collect();
             let px = dev.upload(&to_bf16(&x)).unwrap();
@@ -320,6 +420,7 @@ fn kernel_expert_gemm_tc_matches_cpu() {
                 rows: rd(prows),
                 per: per as i32,
                 x: rd(px),
+                bias: rd(if with_bias { pbias } else { 0 }),
                 y: wr(py),
                 n: n as i32,
                 k: k as i32,
@@ -429,12 +530,16 @@ fn kernel_attention_matches_cpu() {
                 vc: rd(pv),
                 pos: rd(ppos),
                 base: rd(pbase),
+                slot: rd(pbase),
+                sinks: rd(0),
                 out: wr(pout),
                 nh: nh as i32,
                 nkv: nkv as i32,
                 d: d as i32,
                 scale,
                 m: m as i32,
+                window: 0,
+                ring: 0,
             };
             attn::attention_tc(&dev, &a).unwrap();
             // P enters the P·V product as bf16 (2^-9), the output is bf16.
@@ -450,6 +555,8 @@ fn kernel_attention_matches_cpu() {
                 vc: rd(pv),
                 pos: rd(ppos),
                 base: rd(pbase),
+                slot: rd(pbase),
+                sinks: rd(0),
                 part_o: wr(part_o),
                 part_ml: wr(part_ml),
                 tickets: wr(tickets),
@@ -459,9 +566,132 @@ fn kernel_attention_matches_cpu() {
                 d: d as i32,
                 scale,
                 nsplit: splits as i32,
+                window: 0,
+                ring: 0,
             };
             attn::attention(&dev, &a, m).unwrap();
             check_bf16_out(&dev, pout, &want, 6e-3, &format!("attention {what} splits {splits}"));
+        }
+    }
+}
+
+/// GPT-OSS's attention arguments against the CPU in f64: a sink logit per head in the
+/// softmax denominator, a sliding window, and a ring cache (key j of a slot at row
+/// slot·ring + j mod ring). The split kernel on decode rows of different slots at positions
+/// before, at and far past the window and the ring's length (the ring wrapped several times),
+/// full-context rows with sinks only; the tensor-core kernel on prompt chunks of one slot
+/// (positions crossing the window and the ring's end, partial 64-query blocks, head dims 64
+/// and 128); GQA groups of 8 (GPT-OSS) and 3, 32 and 7 splits, poisoned outputs.
+#[test]
+#[ignore]
+fn kernel_attention_sinks_window_ring_matches_cpu() {
+    use zmoe::cuda::ops::attention as attn;
+    let mut dev = tc_device();
+    let mut rng = Rng::new(0x5117);
+    /// (d, nh, nkv, window, ring, slot_rows, rows as (slot, pos), one chunk of one slot)
+    type Case = (usize, usize, usize, usize, usize, usize, Vec<(usize, usize)>, bool);
+    let chunk = |slot: usize, p0: usize, m: usize| (0..m).map(|i| (slot, p0 + i)).collect::<Vec<_>>();
+    let cases: Vec<Case> = vec![
+        (64, 16, 2, 128, 128, 128, vec![(0, 5), (1, 127), (2, 128), (1, 300), (0, 700)], false),
+        (64, 16, 2, 0, 0, 800, vec![(0, 0), (1, 64), (0, 511), (2, 799)], false),
+        (40, 6, 2, 20, 24, 24, vec![(3, 19), (0, 20), (2, 95), (2, 100)], false),
+        (64, 8, 1, 7, 0, 60, vec![(1, 3), (0, 59)], false),
+        // Chunks: ring = window + chunk − 1 (as the backend sizes it), then the full context.
+        (64, 16, 2, 128, 128 + 100 - 1, 227, chunk(1, 300, 100), true),
+        (64, 16, 2, 128, 128 + 130 - 1, 257, chunk(0, 0, 130), true),
+        (128, 6, 2, 40, 40 + 70 - 1, 109, chunk(2, 95, 70), true),
+        (64, 16, 2, 0, 0, 400, chunk(1, 250, 90), true),
+    ];
+    for (d, nh, nkv, window, ring, slot_rows, rows, is_chunk) in cases {
+        let m = rows.len();
+        let slots = rows.iter().map(|r| r.0).max().unwrap() + 1;
+        let bf = |v: f32| half::bf16::from_f32(v).to_f32();
+        let q: Vec<f32> = (0..m * nh * d).map(|_| bf(rng.normal())).collect();
+        let kc: Vec<f32> = (0..slots * slot_rows * nkv * d).map(|_| bf(rng.normal())).collect();
+        let vc: Vec<f32> = (0..slots * slot_rows * nkv * d).map(|_| bf(rng.normal())).collect();
+        let sinks: Vec<f32> = (0..nh).map(|_| 2.0 * rng.normal()).collect();
+        let scale = (d as f32).powf(-0.5);
+        let row_of = |slot: usize, j: usize| slot * slot_rows + if ring > 0 { j % ring } else { j };
+        let mut want = vec![0f32; m * nh * d];
+        for (r, &(slot, pos)) in rows.iter().enumerate() {
+            let first = if window > 0 { (pos + 1).saturating_sub(window) } else { 0 };
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let at = |c: &[f32], j: usize, i: usize| c[(row_of(slot, j) * nkv + kvh) * d + i] as f64;
+                let sc: Vec<f64> = (first..=pos)
+                    .map(|j| (0..d).map(|i| q[(r * nh + h) * d + i] as f64 * at(&kc, j, i)).sum::<f64>() * scale as f64)
+                    .collect();
+                // The sink is one more softmax column whose probability is dropped.
+                let mx = sc.iter().cloned().fold(sinks[h] as f64, f64::max);
+                let p: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let den = p.iter().sum::<f64>() + (sinks[h] as f64 - mx).exp();
+                for i in 0..d {
+                    let num: f64 = p.iter().enumerate().map(|(jj, pj)| pj * at(&vc, first + jj, i)).sum();
+                    want[(r * nh + h) * d + i] = (num / den) as f32;
+                }
+            }
+        }
+        let (pq, pk, pv) =
+            (dev.upload(&to_bf16(&q)).unwrap(), dev.upload(&to_bf16(&kc)).unwrap(), dev.upload(&to_bf16(&vc)).unwrap());
+        let pos: Vec<i32> = rows.iter().map(|r| r.1 as i32).collect();
+        let slot: Vec<i32> = rows.iter().map(|r| r.0 as i32).collect();
+        let base: Vec<i32> = rows.iter().map(|r| (r.0 * slot_rows) as i32).collect();
+        let (ppos, pslot, pbase, psinks) = (
+            dev.upload(&pos).unwrap(),
+            dev.upload(&slot).unwrap(),
+            dev.upload(&base).unwrap(),
+            dev.upload(&sinks).unwrap(),
+        );
+        let pout = dev.alloc(m * nh * d * 2).unwrap();
+        let what = format!("sink attention d {d} nh {nh} nkv {nkv} window {window} ring {ring} rows {m}");
+        if is_chunk && attn::tc_supports(d) {
+            dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
+            let a = attn::FlashArgs {
+                q: rd(pq),
+                kc: rd(pk),
+                vc: rd(pv),
+                pos: rd(ppos),
+                base: rd(pbase),
+                slot: rd(pslot),
+                sinks: rd(psinks),
+                out: wr(pout),
+                nh: nh as i32,
+                nkv: nkv as i32,
+                d: d as i32,
+                scale,
+                m: m as i32,
+                window: window as i32,
+                ring: ring as i32,
+            };
+            attn::attention_tc(&dev, &a).unwrap();
+            // P enters the P·V product as bf16 (2^-9), the output is bf16.
+            check_bf16_out(&dev, pout, &want, 8e-3, &format!("{what} (tensor cores)"));
+        }
+        for splits in [attn::ATTN_SPLITS, 7] {
+            let (part_o, part_ml, tickets) = split_scratch(&mut dev, m * nh, d, splits);
+            dev.fill(pout, 0xFF, m * nh * d * 2).unwrap();
+            let a = attn::AttentionArgs {
+                q: rd(pq),
+                kc: rd(pk),
+                vc: rd(pv),
+                pos: rd(ppos),
+                base: rd(pbase),
+                slot: rd(pslot),
+                sinks: rd(psinks),
+                part_o: wr(part_o),
+                part_ml: wr(part_ml),
+                tickets: wr(tickets),
+                out: wr(pout),
+                nh: nh as i32,
+                nkv: nkv as i32,
+                d: d as i32,
+                scale,
+                nsplit: splits as i32,
+                window: window as i32,
+                ring: ring as i32,
+            };
+            attn::attention(&dev, &a, m).unwrap();
+            check_bf16_out(&dev, pout, &want, 6e-3, &format!("{what} splits {splits}"));
         }
     }
 }

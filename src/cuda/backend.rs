@@ -636,67 +636,64 @@ impl CudaBackend {
                 };
                 rope::kv_append(dev, &a, mm)?;
             }
-            Step::Attn { layer, op: AttnOp::Attention } if self.tensor_cores() && attn::tc_supports(d) => {
-                // A prompt chunk: one sequence's consecutive positions (run_rows).
-                let (kc, vc) = self.kv_cache(layer)?;
-                let a = attn::FlashArgs {
-                    q: rd(self.buf(Buf::Q)),
-                    kc: rd(kc),
-                    vc: rd(vc),
-                    pos,
-                    base,
-                    out: wr(self.buf(Buf::Attn)),
-                    nh: int(nh),
-                    nkv: int(nkv),
-                    d: int(d),
-                    scale: c.attn_scale(),
-                    m: int(mm),
+            Step::Attn { layer, op: op @ (AttnOp::Attention | AttnOp::SinkAttention) } => {
+                // GQA attention; GPT-OSS's (SinkAttention) adds its sinks, sliding window and ring cache (the
+                // same kernels). A prompt chunk (one sequence's consecutive positions, see
+                // run_rows) on tensor cores, else the split kernel.
+                let (kc, vc, ring) = self.kv_ring(layer)?;
+                let (sinks, window) = match op {
+                    AttnOp::SinkAttention => (*self.w.sinks(layer)?, int(c.window(layer).unwrap_or(0))),
+                    _ => (0, 0),
                 };
-                attn::attention_tc(dev, &a)?;
-            }
-            Step::Attn { layer, op: AttnOp::Attention } => {
-                let (kc, vc) = self.kv_cache(layer)?;
-                let a = attn::AttentionArgs {
-                    q: rd(self.buf(Buf::Q)),
-                    kc: rd(kc),
-                    vc: rd(vc),
-                    pos,
-                    base,
-                    part_o: wr(self.st.part_o),
-                    part_ml: wr(self.st.part_ml),
-                    tickets: wr(self.st.tickets),
-                    out: wr(self.buf(Buf::Attn)),
-                    nh: int(nh),
-                    nkv: int(nkv),
-                    d: int(d),
-                    scale: c.attn_scale(),
-                    nsplit: int(attn::ATTN_SPLITS),
-                };
-                attn::attention(dev, &a, mm)?;
+                let (q, slot, out) = (rd(self.buf(Buf::Q)), rd(self.slot_ptr()), wr(self.buf(Buf::Attn)));
+                let (kc, vc, sinks, ring, scale) = (rd(kc), rd(vc), rd(sinks), int(ring), c.attn_scale());
+                let (nh, nkv, d_) = (int(nh), int(nkv), int(d));
+                if self.tensor_cores() && attn::tc_supports(d) {
+                    let a = attn::FlashArgs {
+                        q,
+                        kc,
+                        vc,
+                        pos,
+                        base,
+                        slot,
+                        sinks,
+                        out,
+                        nh,
+                        nkv,
+                        d: d_,
+                        scale,
+                        m: int(mm),
+                        window,
+                        ring,
+                    };
+                    attn::attention_tc(dev, &a)?;
+                } else {
+                    let a = attn::AttentionArgs {
+                        q,
+                        kc,
+                        vc,
+                        pos,
+                        base,
+                        slot,
+                        sinks,
+                        part_o: wr(self.st.part_o),
+                        part_ml: wr(self.st.part_ml),
+                        tickets: wr(self.st.tickets),
+                        out,
+                        nh,
+                        nkv,
+                        d: d_,
+                        scale,
+                        nsplit: int(attn::ATTN_SPLITS),
+                        window,
+                        ring,
+                    };
+                    attn::attention(dev, &a, mm)?;
+                }
             }
             Step::Add { dst, src } => {
                 let a = norm::AddArgs { x: wr(self.buf(dst)), y: rd(self.buf(src)), n: (mm * h) as i64 };
                 norm::add(dev, &a)?;
-            }
-            Step::Attn { layer, op: AttnOp::SinkAttention } => {
-                let (kc, vc, ring) = self.kv_ring(layer)?;
-                let a = gpt_oss::SinkAttentionArgs {
-                    q: rd(self.buf(Buf::Q)),
-                    kc: rd(kc),
-                    vc: rd(vc),
-                    sinks: rd(*self.w.sinks(layer)?),
-                    pos,
-                    slot: rd(self.slot_ptr()),
-                    out: wr(self.buf(Buf::Attn)),
-                    nh: int(nh),
-                    nkv: int(nkv),
-                    d: int(d),
-                    window: int(c.window(layer).unwrap_or(0)),
-                    slot_rows: int(if ring > 0 { ring } else { self.slot_ctx }),
-                    ring: int(ring),
-                    scale: c.attn_scale(),
-                };
-                gpt_oss::sink_attention(dev, &a, mm)?;
             }
             Step::Moe { op: MoeOp::TopKSoftmax, .. } => {
                 let a = gpt_oss::TopkSoftmaxArgs {
@@ -1271,22 +1268,12 @@ impl CudaBackend {
     /// grouping `moe_group` made, so each expert's weights are read once per 8 of its rows,
     /// or once per tile of 32 on tensor cores (long prompts).
     fn expert_matvec(&self, w: &DMat, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
+        if self.tensor_cores() && gemm::supports(&w.q, w.cols) {
+            return self.expert_gemm_tc(w, src, per, dst, rows, 0);
+        }
         let (x, y) = (rd::<Bf16>(self.buf(src)), wr::<Bf16>(self.buf(dst)));
         let (n, k, per) = (int(w.rows), int(w.cols), int(per));
-        if self.tensor_cores() && gemm::supports(&w.q, w.cols) {
-            let a = gemm::ExpertGemmArgs {
-                w: w.stacked(),
-                tiles: rd(self.st.grp_tiles),
-                off: rd(self.st.grp_off),
-                rows: rd(self.st.grp_rows),
-                per,
-                x,
-                y,
-                n,
-                k,
-            };
-            gemm::expert_gemm(&self.dev, &a, rows, self.cfg.num_experts)
-        } else if rows > self.cfg.top_k {
+        if rows > self.cfg.top_k {
             let a = moe::ExpertMatvecGroupedArgs {
                 w: w.stacked(),
                 off: rd(self.st.grp_off),
@@ -1304,10 +1291,32 @@ impl CudaBackend {
         }
     }
 
+    /// `rows` selected-expert rows of a long prompt's chunk on tensor cores, over the tile
+    /// table `group_experts` made: row q reads x row q / per; `bias` (`[E, w.rows]` f32) or 0.
+    fn expert_gemm_tc(&self, w: &DMat, src: Buf, per: usize, dst: Buf, rows: usize, bias: u64) -> Result<()> {
+        let a = gemm::ExpertGemmArgs {
+            w: w.stacked(),
+            tiles: rd(self.st.grp_tiles),
+            off: rd(self.st.grp_off),
+            rows: rd(self.st.grp_rows),
+            per: int(per),
+            x: rd(self.buf(src)),
+            bias: rd(bias),
+            y: wr(self.buf(dst)),
+            n: int(w.rows),
+            k: int(w.cols),
+        };
+        gemm::expert_gemm(&self.dev, &a, rows, self.cfg.num_experts)
+    }
+
     /// Selected-expert rows with the experts' biases (`bias [E, rows]` f32): GPT-OSS, any
     /// expert format incl. MXFP4; decode a block column per routed row, prefill grouped by
-    /// expert (the grouping `ExpertGateUp` computed), bit-identical either way.
+    /// expert (the grouping `ExpertGateUp` computed), bit-identical either way — or, for a
+    /// long prompt's chunk, on tensor cores (the tile table of the same grouping).
     fn expert_bias_matvec(&self, w: &DMat, bias: u64, src: Buf, per: usize, dst: Buf, rows: usize) -> Result<()> {
+        if self.tensor_cores() && gemm::supports(&w.q, w.cols) {
+            return self.expert_gemm_tc(w, src, per, dst, rows, bias);
+        }
         if rows > self.cfg.top_k {
             let a = gpt_oss::ExpertBiasMatvecGroupedArgs {
                 w: w.stacked(),

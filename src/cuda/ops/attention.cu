@@ -1,9 +1,13 @@
 // Causal GQA attention over the KV cache, split over the keys (flash-decoding style).
 
 // Split-KV causal attention. Query m (position pos[m] of the sequence whose cache rows
-// start at base[m]) of head h attends to keys [0, n) of that sequence, KV head h / (nh/nkv),
-// n = pos[m] + 1; split s takes the s-th of nsplit equal runs of them (the run length follows
-// the position at run time, so a captured graph stays right as the context grows).
+// start at base[m]) of head h attends to keys [first, n) of that sequence, KV head h / (nh/nkv),
+// n = pos[m] + 1, first = max(0, n − window) for a sliding window (window > 0; else 0);
+// split s takes the s-th of nsplit equal runs of them (the run length follows the position at
+// run time, so a captured graph stays right as the context grows). Key j lives in cache row
+// base[m] + j, or slot[m]·ring + j mod ring when the layer's cache is a ring of `ring` rows a
+// slot (ring > 0: GPT-OSS's sliding layers). sinks (null: none) adds head h's sink logit
+// sinks[h] to the softmax denominator in the merge (its probability dropped).
 // The query heads of one KV head read the same K and V rows, so a block serves up to ATTN_HB
 // of them (ATTN_HPW a warp) for one token and split: grid (M·nkv·ceil(G / ATTN_HB), nsplit)
 // with G = nh / nkv, ATTN_THREADS threads. Keys stream through shared memory ATTN_KC rows at
@@ -23,14 +27,17 @@
 
 // Merges the nsplit partial results of one (token, head) — po[nsplit, W] unnormalised sums,
 // pml[nsplit, 2] = (max, sum) — into bf16 out[W], by one warp: each split is rescaled to the
-// common maximum; empty splits (sum 0) drop out. nsplit ≤ 32, W a multiple of 4. The
-// partials are read through L2 (other blocks wrote them). Shared by GQA and MLA attention.
-__device__ void merge_splits_warp(const float* po, const float* pml, int nsplit, int W, bf16* out) {
+// common maximum; empty splits (sum 0) drop out. A sink logit (−inf: none) joins the maximum
+// and the denominator only (with −inf both are unchanged, bit for bit). nsplit ≤ 32, W a
+// multiple of 4. The partials are read through L2 (other blocks wrote them). Shared by GQA
+// and MLA attention.
+__device__ void merge_splits_warp(const float* po, const float* pml, int nsplit, int W, float sink, bf16* out) {
     int lane = threadIdx.x & 31;
     float ms = lane < nsplit ? __ldcg(pml + 2 * lane) : -INFINITY;
     float ls = lane < nsplit ? __ldcg(pml + 2 * lane + 1) : 0.f;
-    float M2 = warp_max(ls > 0.f ? ms : -INFINITY);
+    float M2 = fmaxf(warp_max(ls > 0.f ? ms : -INFINITY), sink);
     float fs = ls > 0.f ? expf(ms - M2) : 0.f, den = warp_sum(ls * fs);
+    if (sink > -INFINITY) den += expf(sink - M2);
     float f[32];
 #pragma unroll
     for (int s = 0; s < 32; s++) f[s] = __shfl_sync(0xffffffffu, fs, s);
@@ -57,11 +64,15 @@ extern "C" __global__ void attention(const AttentionArgs a) {
     __shared__ __align__(16) bf16 ks[ATTN_KC * ATTN_KROWP];  // [key][dim] of this tile
     __shared__ __align__(16) bf16 vs[ATTN_KC * MAXD];        // [key][dim]
     __shared__ __align__(16) float qs[ATTN_HB][MAXD];        // [head of the block][dim]
-    // Row m's own sequence: its cache rows start at base[m]; KV head kvh of row s at s·nkv·D.
-    const long seq = (long)a.base[m] * nkv * D + (long)kvh * D, stride = (long)nkv * D;
+    // Row m's own sequence: key j in cache row base[m] + j (a ring: slot[m]·ring + j mod
+    // ring); KV head kvh of cache row r at r·nkv·D + kvh·D.
+    const int ring = a.ring;
+    const long seq = (ring > 0 ? (long)a.slot[m] * ring : (long)a.base[m]) * nkv * D + (long)kvh * D;
+    const long stride = (long)nkv * D;
     const bf16 *kc = a.kc + seq, *vc = a.vc + seq;
-    int n_keys = a.pos[m] + 1, chunk = (n_keys + nsplit - 1) / nsplit;
-    int s0 = min(split * chunk, n_keys), s1 = min(s0 + chunk, n_keys);
+    const int n_keys = a.pos[m] + 1, first = a.window > 0 ? max(0, n_keys - a.window) : 0;
+    const int chunk = (n_keys - first + nsplit - 1) / nsplit;
+    int s0 = min(first + split * chunk, n_keys), s1 = min(s0 + chunk, n_keys);
     for (int i = threadIdx.x; i < nb * D; i += ATTN_THREADS)
         qs[i / D][i % D] = bf2f(a.q[((long)m * nh + h0) * D + i]);
     float mx[ATTN_HPW], l[ATTN_HPW], acc[ATTN_HPW][8];
@@ -73,12 +84,18 @@ extern "C" __global__ void attention(const AttentionArgs a) {
     }
     for (int k0 = s0; k0 < s1; k0 += ATTN_KC) {
         const int cnt = min(ATTN_KC, s1 - k0), n16 = cnt * rc;
+        // The tile's cache rows: from row0, wrapping to row 0 of a ring (at most once: a
+        // split spans at most `window` ≤ ring keys) after `wrap` keys.
+        const int row0 = ring > 0 ? k0 % ring : k0, wrap = ring > 0 ? ring - row0 : ATTN_KC;
         // The tile's K then V rows, 16 bytes a load, every load of a thread in flight first.
         uint4 r[ATTN_LPT];
 #pragma unroll
         for (int t = 0; t < ATTN_LPT; t++) {
             int i = threadIdx.x + t * ATTN_THREADS, v = i >= n16, ii = i - v * n16;
-            if (i < 2 * n16) r[t] = __ldg((const uint4*)((v ? vc : kc) + (k0 + ii / rc) * stride) + ii % rc);
+            if (i < 2 * n16) {  // the row arithmetic inside the guard: 124 registers, not 161
+                int kk = ii / rc, row = row0 + kk - (kk >= wrap ? ring : 0);
+                r[t] = __ldg((const uint4*)((v ? vc : kc) + row * stride) + ii % rc);
+            }
         }
         __syncthreads();  // the previous tile is consumed (and qs written, on the first)
 #pragma unroll
@@ -147,7 +164,8 @@ extern "C" __global__ void attention(const AttentionArgs a) {
     if (!last_to_finish(a.tickets + (long)m * nh + h0, nsplit)) return;
     for (int hh = warp; hh < nb; hh += ATTN_WARPS) {
         long mh = (long)m * nh + h0 + hh;
-        merge_splits_warp(a.part_o + mh * nsplit * D, a.part_ml + mh * nsplit * 2, nsplit, D, a.out + mh * D);
+        float sink = a.sinks ? a.sinks[h0 + hh] : -INFINITY;
+        merge_splits_warp(a.part_o + mh * nsplit * D, a.part_ml + mh * nsplit * 2, nsplit, D, sink, a.out + mh * D);
     }
 }
 
@@ -158,7 +176,10 @@ extern "C" __global__ void attention(const AttentionArgs a) {
 // memory 32 at a time (K row-major, V transposed), S = q·kᵀ and O += P·V by mma.sync
 // m16n8k16 (bf16 in, f32 accumulate; P rounded to bf16), online softmax per query in f32.
 // Sums run in another order than the split-KV kernel's: within bf16 tolerance of decode,
-// not bit-identical (tests/gpu.rs). D ∈ {64, 128}.
+// not bit-identical (tests/gpu.rs). D ∈ {64, 128}. GPT-OSS: a sliding window (window > 0:
+// query p sees keys p − window + 1 ..= p), a ring cache (ring > 0: key j in row
+// slot[0]·ring + j mod ring; the chunk's keys then span at most window + m − 1 ≤ ring rows)
+// and sink logits (sinks[h] joins each row's denominator at the end), as in `attention`.
 #define FA_BQ 64
 #define FA_BK 32
 
@@ -170,8 +191,10 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
     const int nh = a.nh, nkv = a.nkv, M = a.m, h = blockIdx.y, kvh = h / (nh / nkv);
     // The last queries (the most keys) first, so the longest blocks are not the last wave.
     const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_BQ, qw = q0 + warp * 16;
-    const int p0 = a.pos[0];
-    const long seq = (long)a.base[0] * nkv * D;
+    const int p0 = a.pos[0], window = a.window, ring = a.ring;
+    // Key j of the sequence in cache row seq_row + j (a ring: seq_row + j mod ring).
+    const long seq_row = ring > 0 ? (long)a.slot[0] * ring : (long)a.base[0];
+    auto key_off = [&](int j) { return (seq_row + (ring > 0 ? j % ring : j)) * nkv * D + (long)kvh * D; };
     // This warp's q rows qw + g and qw + g + 8 (clamped: rows past M are computed, not stored)
     // as A fragments, k = the head dimension.
     u32 qf[D / 16][4];
@@ -190,13 +213,16 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
     float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
     const int nkeys = p0 + min(q0 + FA_BQ, M);           // keys any query of the block sees
     const int wkeys = p0 + min(qw + 16, M);               // ... of this warp
-    for (int k0 = 0; k0 < nkeys; k0 += FA_BK) {
+    // The first key the block's first query sees (its window), and the warp's.
+    const int kfirst = window > 0 ? max(0, p0 + q0 - window + 1) : 0;
+    const int wfirst = window > 0 ? max(0, p0 + qw - window + 1) : 0;
+    for (int k0 = kfirst; k0 < nkeys; k0 += FA_BK) {
         __syncthreads();
         // K row-major: a warp stores consecutive 16-byte pieces of a few key rows.
         for (int i = tid; i < FA_BK * D / 8; i += blockDim.x) {
             int r = i / (D / 8), c = i % (D / 8);
             uint4 kv = make_uint4(0, 0, 0, 0);
-            if (k0 + r < nkeys) kv = ((const uint4*)(a.kc + seq + ((long)(k0 + r) * nkv + kvh) * D))[c];
+            if (k0 + r < nkeys) kv = ((const uint4*)(a.kc + key_off(k0 + r)))[c];
             *(uint4*)&ks[r][c * 8] = kv;
         }
         // V transposed: a warp takes one 8-dimension piece of all 32 keys, so each of its 8
@@ -204,13 +230,14 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
         for (int i = tid; i < FA_BK * D / 8; i += blockDim.x) {
             int r = i % FA_BK, c = i / FA_BK;
             uint4 vv = make_uint4(0, 0, 0, 0);
-            if (k0 + r < nkeys) vv = ((const uint4*)(a.vc + seq + ((long)(k0 + r) * nkv + kvh) * D))[c];
+            if (k0 + r < nkeys) vv = ((const uint4*)(a.vc + key_off(k0 + r)))[c];
             const bf16* ve = (const bf16*)&vv;
 #pragma unroll
             for (int j = 0; j < 8; j++) vt[c * 8 + j][r] = ve[j];
         }
         __syncthreads();
-        if (k0 >= wkeys) continue;  // every query of this warp is before this tile
+        // Every query of this warp is before this tile, or (window) past it.
+        if (k0 >= wkeys || k0 + FA_BK <= wfirst) continue;
         float s[FA_BK / 8][4];
 #pragma unroll
         for (int n = 0; n < FA_BK / 8; n++) {
@@ -221,17 +248,18 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
                 mma_bf16_16816(s[n], qf[k], b);
             }
         }
-        // Scale and causal mask: query row qw + g (+8) sits at position p0 + row.
+        // Scale and causal mask (and the window's): query row qw + g (+8) sits at position
+        // p0 + row.
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            const int qpos = p0 + qw + g + r * 8;
+            const int qpos = p0 + qw + g + r * 8, qfirst = window > 0 ? qpos - window + 1 : 0;
             float mx = -INFINITY;
 #pragma unroll
             for (int n = 0; n < FA_BK / 8; n++)
 #pragma unroll
                 for (int c = 0; c < 2; c++) {
                     int key = k0 + n * 8 + 2 * t4 + c;
-                    float v = key <= qpos ? s[n][2 * r + c] * a.scale : -INFINITY;
+                    float v = key <= qpos && key >= qfirst ? s[n][2 * r + c] * a.scale : -INFINITY;
                     s[n][2 * r + c] = v;
                     mx = fmaxf(mx, v);
                 }
@@ -273,7 +301,10 @@ __device__ __forceinline__ void attention_tc_tile(const FlashArgs& a) {
         const int row = qw + g + r * 8;
         if (row >= M) continue;
         bf16* out = a.out + ((long)row * nh + h) * D;
-        const float inv = 1.f / lrow[r];
+        // A sink logit joins the denominator (its probability is dropped).
+        const float sink = a.sinks ? a.sinks[h] : -INFINITY, mf = fmaxf(mrow[r], sink);
+        const float fo = sink == -INFINITY ? 1.f : expf(mrow[r] - mf);
+        const float inv = fo / (sink == -INFINITY ? lrow[r] : lrow[r] * fo + expf(sink - mf));
 #pragma unroll
         for (int n = 0; n < D / 8; n++)
             *(u32*)(out + n * 8 + 2 * t4) = pack_bf16x2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);

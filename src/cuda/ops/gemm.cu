@@ -5,8 +5,10 @@
 //
 // Affine weights enter the tensor cores as their integer codes, which bf16 holds exactly;
 // a group's scale and bias are applied once its k-range is done: acc += sc·Σq·x + bi·Σx, the
-// mat-vecs' formula (chunk_acc) with another summation order. So the products agree with
-// the row kernels to f32 rounding, not bit for bit (tests/gpu.rs checks the tolerance).
+// mat-vecs' formula (chunk_acc) with another summation order. MXFP4 (TC_MXFP4) goes the same
+// way: its E2M1 values are exact in bf16, and each 32-element block (one k stage) ends with
+// acc += scale·Σv·x (bias 0). So the products agree with the row kernels to f32 rounding,
+// not bit for bit (tests/gpu.rs checks the tolerance).
 //
 // Warp w of a block owns output rows w·32 .. w·32+31 of the tile and all TC_BM tokens:
 // 2 (m16) × 4 (n8) accumulator fragments. Inside every run of 8 k positions both tiles hold k
@@ -14,6 +16,7 @@
 // one shift and one mask; a dot product does not depend on the order of its terms' k.
 
 #define TC_BN 128
+#define TC_MXFP4 (-4)  // tc_tile's BITS for MXFP4 (4-bit E2M1 codes, an E8M0 scale per 32)
 static_assert(TC_BM == 32 && TC_BN == 128, "the staging below assumes 32 x 128 tiles and 128 threads");
 #define TC_BK 32
 #define TC_LD (TC_BK + 8)  // shared row stride (bf16): fragment loads hit 32 distinct banks
@@ -59,8 +62,8 @@ __device__ __forceinline__ u32 codes8_bf16x2(u32 lo, u32 hi) {
 // loads stay in flight during the stage's mma.
 template <int BITS>
 __device__ __forceinline__ void tc_load_w(const QMat& W, long row, bool valid, int K, int c, uint4* raw) {
-    constexpr int NV = BITS == 16 ? 4 : BITS == 4 ? 1 : 2;
-    const uint4* wr = (const uint4*)((const u32*)W.w + row * (long)(K * BITS / 32)) + c * NV;
+    constexpr int NV = BITS == 16 ? 4 : BITS == 8 ? 2 : 1;  // 4-bit affine, MXFP4: 1
+    const uint4* wr = (const uint4*)((const u32*)W.w + row * (long)(K * (BITS < 0 ? -BITS : BITS) / 32)) + c * NV;
 #pragma unroll
     for (int i = 0; i < NV; i++) raw[i] = valid ? wr[i] : make_uint4(0, 0, 0, 0);
 }
@@ -71,6 +74,17 @@ __device__ __forceinline__ void tc_convert_w(const uint4* raw, uint4* o) {
     if (BITS == 16) {
 #pragma unroll
         for (int i = 0; i < 4; i++) o[i] = perm8(raw[i]);
+    } else if (BITS == TC_MXFP4) {
+        // 32 E2M1 codes = one uint4, laid out as the 4-bit affine codes (element j of a word
+        // at bits 4j); each value is exact in bf16 (the high half of its f32).
+        u32 wd[4] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w};
+        auto pair = [](u32 v) {  // codes at bits 0..3 and 16..19 -> a bf16 pair
+            return (__float_as_uint(fp4_to_float(v & 15u)) >> 16) |
+                   (__float_as_uint(fp4_to_float((v >> 16) & 15u)) & 0xffff0000u);
+        };
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            o[i] = make_uint4(pair(wd[i]), pair(wd[i] >> 4), pair(wd[i] >> 8), pair(wd[i] >> 12));
     } else if (BITS == 4) {
         // 32 codes = one uint4; word i holds k 8i..8i+7, code j at bits 4j.
         u32 wd[4] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w};
@@ -117,7 +131,9 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
     const long wrow = (long)n0 + tid;
     const bool wvalid = wrow < N;
     const int nch = K / TC_BK;
-    const int gc = AFF ? W.group / TC_BK : 1, gpr = AFF ? K / W.group : 0;
+    // Stages per scale group and groups per row (MXFP4: a scale per 32 = one stage).
+    const int gc = BITS == TC_MXFP4 ? 1 : AFF ? W.group / TC_BK : 1;
+    const int gpr = BITS == TC_MXFP4 ? K / 32 : AFF ? K / W.group : 0;
     float tacc[2][4][4];
 #pragma unroll
     for (int a = 0; a < 2; a++)
@@ -131,7 +147,10 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
     auto fetch = [&](int c) {
         xv = ((const uint4*)xsrc)[c * (TC_BK / 8)];
         tc_load_w<BITS>(W, wrow, wvalid, K, c, wv);
-        if (AFF && c % gc == 0 && wvalid) {
+        if (BITS == TC_MXFP4 && wvalid) {
+            scv = e8m0_to_float(((const unsigned char*)W.s)[wrow * gpr + c]);
+            biv = 0.f;
+        } else if (AFF && c % gc == 0 && wvalid) {
             scv = bf2f(W.s[wrow * gpr + c / gc]);
             biv = bf2f(W.b[wrow * gpr + c / gc]);
         }
@@ -194,9 +213,10 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
     }
 }
 
-// tc_tile for W's format (bf16, affine 4- or 8-bit).
+// tc_tile for W's format (bf16, affine 4- or 8-bit, MXFP4).
 __device__ __forceinline__ void tc_tile_any(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
     if (W.fmt == FMT_BF16) tc_tile<16>(W, sm, n0, N, K, acc);
+    else if (W.fmt == FMT_MXFP4) tc_tile<TC_MXFP4>(W, sm, n0, N, K, acc);
     else if (W.bits == 4) tc_tile<4>(W, sm, n0, N, K, acc);
     else tc_tile<8>(W, sm, n0, N, K, acc);
 }
@@ -235,7 +255,8 @@ extern "C" __global__ void gemm_tc(const MatvecArgs p) {
 
 // Selected-expert rows on tensor cores, grouped by expert: tile t (blockIdx.y) of the table
 // moe_group wrote — expert tiles[1 + 2t], routed rows rows[tiles[2 + 2t] ..] (≤ TC_BM of
-// them) — times output rows blockIdx.x·TC_BN..; row q reads x row q / per and writes y row q.
+// them) — times output rows blockIdx.x·TC_BN..; row q reads x row q / per and writes y row q
+// (+ the expert's bias row bias[e, :] when bias is set: GPT-OSS).
 extern "C" __global__ void expert_gemm_tc(const ExpertGemmArgs p) {
     pdl_entry();
     __shared__ TcSmem sm;
@@ -248,10 +269,10 @@ extern "C" __global__ void expert_gemm_tc(const ExpertGemmArgs p) {
         sm.yrow[threadIdx.x] = q;
     }
     __syncthreads();
-    const QMat W = expert_slice(p.w.w, e, p.w.w_stride, p.w.sb_stride);
+    const QMat W = stack_slice(p.w.w, e, p.w.w_stride, p.w.sb_stride);
     float acc[2][4][4];
     tc_tile_any(W, sm, blockIdx.x * TC_BN, p.n, p.k, acc);
-    tc_store(sm, acc, blockIdx.x * TC_BN, p.n, mt, nullptr, p.y, 0);
+    tc_store(sm, acc, blockIdx.x * TC_BN, p.n, mt, p.bias ? p.bias + (long)e * p.n : nullptr, p.y, 0);
 }
 
 // MLA's per-head products on tensor cores (head_matvec's arguments): block (x, y, h) = output
@@ -267,7 +288,7 @@ extern "C" __global__ void head_gemm_tc(const HeadMatvecArgs p) {
         sm.yrow[threadIdx.x] = (int)q;
     }
     __syncthreads();
-    const QMat W = expert_slice(p.w.w, h, p.w.w_stride, p.w.sb_stride);
+    const QMat W = stack_slice(p.w.w, h, p.w.w_stride, p.w.sb_stride);
     float acc[2][4][4];
     tc_tile_any(W, sm, n0, p.n, p.k, acc);
     tc_store(sm, acc, n0, p.n, mt, nullptr, p.y, 0);

@@ -14,7 +14,7 @@
 
 use super::linear::MatvecArgs;
 use super::mla::HeadMatvecArgs;
-use super::{Bf16, I32, In, KernelArgs, Out, QMat, Stacked, blocks, kernel_args};
+use super::{Bf16, F32, I32, In, KernelArgs, Out, QMat, Stacked, blocks, kernel_args};
 use crate::cuda::Device;
 use crate::error::Result;
 
@@ -27,9 +27,10 @@ const TC_BK: usize = 32;
 kernel_args! {
     /// `expert_gemm_tc`: tile t = (expert `tiles[1 + 2t]`, routed rows from `tiles[2 + 2t]`,
     /// `tiles[0]` tiles in all) of the grouping in `off`/`rows`; row q of y `[R, n]` =
-    /// `W[e] · x[q / per]`.
+    /// `W[e] · x[q / per]` (+ `bias[e, :]`, `[E, n]` f32, unless null).
     pub struct ExpertGemmArgs {
-        w: Stacked, tiles: In<I32>, off: In<I32>, rows: In<I32>, per: i32, x: In<Bf16>, y: Out<Bf16>, n: i32, k: i32,
+        w: Stacked, tiles: In<I32>, off: In<I32>, rows: In<I32>, per: i32, x: In<Bf16>, bias: In<F32>, y: Out<Bf16>,
+        n: i32, k: i32,
     }
 }
 
@@ -38,13 +39,14 @@ pub fn decls() -> String {
     ExpertGemmArgs::c_decl()
 }
 
-/// Whether the tensor-core kernels take a matrix of this format and width: bf16 or MLX
-/// affine (groups a multiple of [`TC_BK`]; MXFP4 stays on the mat-vecs), K a multiple of
+/// Whether the tensor-core kernels take a matrix of this format and width: bf16, MLX affine
+/// (groups a multiple of [`TC_BK`]) or MXFP4 (a block of 32 is one k stage), K a multiple of
 /// [`TC_BK`].
 pub fn supports(w: &QMat, k: usize) -> bool {
     let fmt_ok = match w.fmt {
         0 => true,
         1 => (w.bits == 4 || w.bits == 8) && w.group > 0 && (w.group as usize).is_multiple_of(TC_BK),
+        super::gpt_oss::FMT_MXFP4 => TC_BK == 32,
         _ => false,
     };
     fmt_ok && k.is_multiple_of(TC_BK)

@@ -1,5 +1,5 @@
 // GPT-OSS (model-spec §5): YaRN RoPE (cos/sin times the attention factor), the KV append
-// into a ring for sliding layers, attention with per-head sinks over a sliding window, the
+// into a ring for sliding layers (read back by the split attention of attention.cu), the
 // top-k-then-softmax router, expert mat-vecs with biases over MXFP4 / bf16 / affine experts,
 // and the clamped SwiGLU. MXFP4 weights are read as stored (QMat fmt FMT_MXFP4): a row is
 // K/32 blocks of 16 code bytes (low nibble = even element), its E8M0 scales a separate byte
@@ -261,64 +261,5 @@ extern "C" __global__ void kv_append_ring(const KvAppendRingArgs p) {
     for (int i = threadIdx.x; i < p.w; i += blockDim.x) {
         p.kc[dst + i] = p.k[src + i];
         p.vc[dst + i] = p.v[src + i];
-    }
-}
-
-// Attention of query (token m, head h) at position t = pos[m] of slot slot[m] over keys
-// max(0, t − window + 1) ..= t (all keys when window = 0), with the head's sink logit in the
-// softmax denominator (its probability dropped). Keys are split over the block's warps
-// (online softmax per warp, lanes splitting the head dim), then merged with the sink by
-// warp 0. Cache rows: `ring_row`.
-extern "C" __global__ void sink_attention(const SinkAttentionArgs p) {
-    pdl_entry();
-    const int nh = p.nh, D = p.d, rep = p.nh / p.nkv;
-    int m = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / rep;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    int t = p.pos[m], slot = p.slot[m];
-    int first = p.window > 0 ? max(0, t - p.window + 1) : 0;
-    long W = (long)p.nkv * D;
-    const bf16* q = p.q + ((long)m * nh + h) * D;
-    constexpr int PER = MAXD / 32;
-    float qf[PER], o[PER];
-#pragma unroll
-    for (int i = 0; i < PER; i++) {
-        int j = lane + 32 * i;
-        qf[i] = j < D ? bf2f(q[j]) : 0.f;
-        o[i] = 0.f;
-    }
-    float mx = -INFINITY, l = 0.f;
-    for (int s = first + warp; s <= t; s += nw) {
-        long row = ring_row(slot, p.slot_rows, p.ring, s) * W + (long)kvh * D;
-        float d = 0.f;
-#pragma unroll
-        for (int i = 0; i < PER; i++) {
-            int j = lane + 32 * i;
-            if (j < D) d = __fmaf_rn(qf[i], bf2f(p.kc[row + j]), d);
-        }
-        d = warp_sum(d) * p.scale;
-        float nm = fmaxf(mx, d), c = expf(mx - nm), e = expf(d - nm);
-        l = l * c + e;
-#pragma unroll
-        for (int i = 0; i < PER; i++) {
-            int j = lane + 32 * i;
-            if (j < D) o[i] = o[i] * c + e * bf2f(p.vc[row + j]);
-        }
-        mx = nm;
-    }
-    __shared__ float wm[ATTN_THREADS / 32], wl[ATTN_THREADS / 32], wo[ATTN_THREADS / 32][MAXD];
-    if (lane == 0) { wm[warp] = mx; wl[warp] = l; }
-#pragma unroll
-    for (int i = 0; i < PER; i++) { int j = lane + 32 * i; if (j < D) wo[warp][j] = o[i]; }
-    __syncthreads();
-    if (warp != 0) return;
-    float sink = p.sinks[h], M = sink;
-    for (int w = 0; w < nw; w++) M = fmaxf(M, wm[w]);
-    float L = expf(sink - M);
-    for (int w = 0; w < nw; w++) L += wl[w] * expf(wm[w] - M);
-    bf16* out = p.out + ((long)m * nh + h) * D;
-    for (int j = lane; j < D; j += 32) {
-        float acc = 0.f;
-        for (int w = 0; w < nw; w++) acc += wo[w][j] * expf(wm[w] - M);
-        out[j] = f2bf(acc / L);
     }
 }

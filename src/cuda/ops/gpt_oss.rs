@@ -1,6 +1,7 @@
-//! GPT-OSS (`gpt_oss.cu`): YaRN-scaled RoPE, the ring KV append of sliding layers, attention
-//! with sinks over a sliding window, the top-k-then-softmax router, expert mat-vecs with
-//! biases (MXFP4 read in registers, or any other expert format), the clamped SwiGLU.
+//! GPT-OSS (`gpt_oss.cu`): YaRN-scaled RoPE, the ring KV append of sliding layers, the
+//! top-k-then-softmax router, expert mat-vecs with biases (MXFP4 read in registers, or any
+//! other expert format), the clamped SwiGLU. Its attention (sinks, sliding windows, the ring)
+//! is the shared split kernel's (`attention.rs`).
 
 use super::{Bf16, F32, I32, In, KernelArgs, Out, QMat, Stacked, blocks, kernel_args};
 use crate::cuda::Device;
@@ -51,12 +52,6 @@ kernel_args! {
         down: Stacked, bias: In<F32>, idx: In<I32>, wts: In<F32>, k: i32, act: In<Bf16>, x: Out<Bf16>, h: i32,
         i: i32,
     }
-    /// `sink_attention`: attention with per-head sinks over `window` keys (0 = all), query m
-    /// at position `pos[m]` over slot `slot[m]`'s cache rows (laid out as `kv_append_ring`'s).
-    pub struct SinkAttentionArgs {
-        q: In<Bf16>, kc: In<Bf16>, vc: In<Bf16>, sinks: In<F32>, pos: In<I32>, slot: In<I32>, out: Out<Bf16>,
-        nh: i32, nkv: i32, d: i32, window: i32, slot_rows: i32, ring: i32, scale: f32,
-    }
 }
 
 /// The C declarations of this file's argument structs.
@@ -68,7 +63,6 @@ pub fn decls() -> String {
         TopkSoftmaxArgs::c_decl(),
         RopeScaledArgs::c_decl(),
         KvAppendRingArgs::c_decl(),
-        SinkAttentionArgs::c_decl(),
         MoeRouterTopkSoftmaxArgs::c_decl(),
         MoeGateUpClampArgs::c_decl(),
         MoeDownBiasCombineAddArgs::c_decl(),
@@ -104,11 +98,6 @@ pub fn rope_scaled(dev: &Device, a: &RopeScaledArgs, m: usize) -> Result<()> {
 /// Appends `m` rows to a (ring) KV cache.
 pub fn kv_append_ring(dev: &Device, a: &KvAppendRingArgs, m: usize) -> Result<()> {
     dev.launch_args("kv_append_ring", (m as u32, 1, 1), 256, a)
-}
-
-/// Sink attention of `m` tokens: a block of [`super::ATTN_THREADS`] per (token, head).
-pub fn sink_attention(dev: &Device, a: &SinkAttentionArgs, m: usize) -> Result<()> {
-    dev.launch_args("sink_attention", ((m * a.nh as usize) as u32, 1, 1), super::ATTN_THREADS, a)
 }
 
 /// The fused GPT-OSS router of `m` tokens.

@@ -35,41 +35,101 @@ __device__ __forceinline__ void matvec_row(const QMat& W, long r, const bf16* x,
     }
 }
 
-// y[M, N] = x[M, K] W^T (+ bias): one warp per output row, blockIdx.z = group of 8 tokens.
-// y is bf16, or f32 when out_f32 (router logits, lm_head). matvec1 is the M = 1 (decode)
-// instance: same arithmetic, a fraction of the registers.
-#define MATVEC_KERNEL(NAME, MT)                                                                                     \
-    extern "C" __global__ void NAME(const MatvecArgs p) {                                                           \
-        pdl_entry();                                                                                                \
-        long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);                                       \
-        int m0 = blockIdx.z * MT, mt = min(MT, p.m - m0);                                                           \
-        if (r < p.n && mt > 0) matvec_row<MT>(p.w, r, p.x, p.y, p.bias, p.n, p.k, m0, mt, p.out_f32);               \
+// Rows r0 .. r0+nr-1 (nr ≤ R) of y = x W^T (+ bias) for one token by one warp: the
+// results of matvec_row<1> for each row (row_dot_rows: the same sums in the same order),
+// with the loads of both rows in flight together and x unpacked once for them. A
+// single-token mat-vec is latency-bound: a warp per row issues one or two loads a lane and
+// waits a full round trip for them.
+template <int R>
+__device__ __forceinline__ void matvec_rows1(const QMat& W, long r0, int nr, const bf16* x, void* y, const float* bias,
+                                             int K, int out_f32) {
+    int lane = threadIdx.x & 31;
+    float acc[R];
+    row_dot_rows<R, 4>(W, r0, nr, K, x, lane, acc);
+#pragma unroll
+    for (int i = 0; i < R; i++) {
+        float v = warp_sum(acc[i]);
+        if (lane == 0 && i < nr) {
+            long r = r0 + i;
+            if (bias) v += bias[r];
+            if (out_f32) ((float*)y)[r] = v; else ((bf16*)y)[r] = f2bf(v);
+        }
     }
-MATVEC_KERNEL(matvec, 8)
-MATVEC_KERNEL(matvec1, 1)
+}
+
+// y[M, N] = x[M, K] W^T (+ bias): one warp per output row, blockIdx.z = group of 8 tokens.
+// y is bf16, or f32 when out_f32 (router logits, lm_head).
+extern "C" __global__ void matvec(const MatvecArgs p) {
+    pdl_entry();
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    int m0 = blockIdx.z * 8, mt = min(8, p.m - m0);
+    if (r < p.n && mt > 0) matvec_row<8>(p.w, r, p.x, p.y, p.bias, p.n, p.k, m0, mt, p.out_f32);
+}
+
+// The M = 1 (decode) instances of matvec, R rows a warp (matvec_rows1): the same results.
+// matvec1_r2 for matrices tall enough to keep a full grid at two rows a warp.
+template <int R>
+__device__ __forceinline__ void matvec1_rows(const MatvecArgs& p) {
+    long r0 = ((long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5)) * R;
+    if (r0 < p.n) matvec_rows1<R>(p.w, r0, (int)min((long)R, p.n - r0), p.x, p.y, p.bias, p.k, p.out_f32);
+}
+extern "C" __global__ void matvec1(const MatvecArgs p) {
+    pdl_entry();
+    matvec1_rows<1>(p);
+}
+extern "C" __global__ void matvec1_r2(const MatvecArgs p) {
+    pdl_entry();
+    matvec1_rows<2>(p);
+}
 
 // qkv_proj: q, k and v = x W^T (+ bias) for the three matrices in one launch (= matvec ×3).
 // Rows 0..nq of the grid are q's, then k's, then v's. Grid (ceil((nq + nk + nv) / 4), 1,
-// ceil(M / MT)); qkv_proj1 is the M = 1 instance. MLA's in-projection uses two (nv = 0).
-#define QKV_KERNEL(NAME, MT)                                                                                        \
-    extern "C" __global__ void NAME(const QkvArgs p) {                                                              \
-        pdl_entry();                                                                                                \
-        long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);                                       \
-        int m0 = blockIdx.z * MT, mt = min(MT, p.m - m0);                                                           \
-        if (r >= p.nq + p.nk + p.nv || mt <= 0) return;                                                             \
-        QMat W = p.wq;                                                                                              \
-        bf16* y = p.q;                                                                                              \
-        const float* bias = p.qbias;                                                                                \
-        int n = p.nq;                                                                                               \
-        if (r >= p.nq + p.nk) {                                                                                     \
-            W = p.wv, y = p.v, bias = p.vbias, n = p.nv, r -= p.nq + p.nk;                                          \
-        } else if (r >= p.nq) {                                                                                     \
-            W = p.wk, y = p.k, bias = p.kbias, n = p.nk, r -= p.nq;                                                 \
-        }                                                                                                           \
-        matvec_row<MT>(W, r, p.x, y, bias, n, p.kdim, m0, mt, 0);                                                   \
+// ceil(M / 8)). MLA's in-projection uses two (nv = 0).
+extern "C" __global__ void qkv_proj(const QkvArgs p) {
+    pdl_entry();
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    int m0 = blockIdx.z * 8, mt = min(8, p.m - m0);
+    if (r >= p.nq + p.nk + p.nv || mt <= 0) return;
+    QMat W = p.wq;
+    bf16* y = p.q;
+    const float* bias = p.qbias;
+    int n = p.nq;
+    if (r >= p.nq + p.nk) {
+        W = p.wv, y = p.v, bias = p.vbias, n = p.nv, r -= p.nq + p.nk;
+    } else if (r >= p.nq) {
+        W = p.wk, y = p.k, bias = p.kbias, n = p.nk, r -= p.nq;
     }
-QKV_KERNEL(qkv_proj, 8)
-QKV_KERNEL(qkv_proj1, 1)
+    matvec_row<8>(W, r, p.x, y, bias, n, p.kdim, m0, mt, 0);
+}
+
+// The M = 1 (decode) instances of qkv_proj, R rows a warp: warp g takes rows g·R.. of q,
+// then of k, then of v (each matrix rounded up to whole groups, so a warp never straddles
+// two). Grid ceil((⌈nq/R⌉ + ⌈nk/R⌉ + ⌈nv/R⌉) / 4).
+template <int R>
+__device__ __forceinline__ void qkv_proj1_rows(const QkvArgs& p) {
+    int g = blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    int gq = (p.nq + R - 1) / R, gk = (p.nk + R - 1) / R, gv = (p.nv + R - 1) / R;
+    if (g >= gq + gk + gv) return;
+    QMat W = p.wq;
+    bf16* y = p.q;
+    const float* bias = p.qbias;
+    int n = p.nq;
+    if (g >= gq + gk) {
+        W = p.wv, y = p.v, bias = p.vbias, n = p.nv, g -= gq + gk;
+    } else if (g >= gq) {
+        W = p.wk, y = p.k, bias = p.kbias, n = p.nk, g -= gq;
+    }
+    long r0 = (long)g * R;
+    matvec_rows1<R>(W, r0, min(R, n - (int)r0), p.x, y, bias, p.kdim, 0);
+}
+extern "C" __global__ void qkv_proj1(const QkvArgs p) {
+    pdl_entry();
+    qkv_proj1_rows<1>(p);
+}
+extern "C" __global__ void qkv_proj1_r2(const QkvArgs p) {
+    pdl_entry();
+    qkv_proj1_rows<2>(p);
+}
 
 // swiglu_mlp: act[m, r] = swiglu(bf16(gate[r]·x_m + bg), bf16(up[r]·x_m + bu)) (= matvec
 // twice + swiglu). Grid (ceil(F/4), 1, ceil(M/8)), 8 tokens per block like matvec.

@@ -1,6 +1,7 @@
 //! Linear layers (`linear.cu`): the embedding gather, mat-vecs, and the fused `qkv_proj`
-//! and `swiglu_mlp` kernels. One warp per output row, 4 rows per 128-thread block; tokens in
-//! groups of 8 per block (`blockIdx.z`), or one (`*1` kernels, decode).
+//! and `swiglu_mlp` kernels. 4 warps per 128-thread block; one output row a warp for tokens
+//! in groups of 8 per block (`blockIdx.z`); for one token (`*1` kernels, decode) one row a
+//! warp, or two for tall matrices (see [`TWO_ROWS_FROM`]).
 
 use super::{Bf16, F32, I32, In, KernelArgs, Out, QMat, Void, blocks, int, kernel_args};
 use crate::cuda::Device;
@@ -29,15 +30,20 @@ pub fn decls() -> String {
     [EmbedArgs::c_decl(), MatvecArgs::c_decl(), QkvArgs::c_decl(), DenseGateUpArgs::c_decl()].concat()
 }
 
-/// Rows per block of the mat-vec kernels (one warp each).
+/// Warps per block of the mat-vec kernels.
 const ROWS: usize = 4;
 /// Tokens per block of the multi-token kernels.
 const TOKENS: usize = 8;
+/// Rows from which the one-token kernels take two rows a warp (`matvec1_r2`, `qkv_proj1_r2`:
+/// both rows' loads in flight together, x unpacked once), which still leaves ≥ 2,048 warps.
+/// Measured on the H200 (bench/RESULTS.md, 2026-12-07 session 10): two rows a warp gained
+/// qwen3 decode 1.3 % over one (qkv 5,120 rows, lm_head 151,936), four lost 1.5 %; on
+/// GLM's 1,344-row q_a/kv_a, two lost 4 % and four 9 % (too few warps to fill the GPU).
+pub const TWO_ROWS_FROM: usize = 4096;
 
-/// Grid and kernel name of a mat-vec over `rows` output rows and `m` tokens.
-fn matvec_launch(base: &str, rows: usize, m: usize) -> (String, (u32, u32, u32)) {
-    let name = if m == 1 { format!("{base}1") } else { base.to_string() };
-    (name, (blocks(rows, ROWS), 1, blocks(m, TOKENS)))
+/// Kernel name suffix and rows a warp of a one-token mat-vec over `rows` output rows.
+fn one_token(rows: usize) -> (&'static str, usize) {
+    if rows >= TWO_ROWS_FROM { ("_r2", 2) } else { ("", 1) }
 }
 
 /// `m` rows of the embedding table at `tokens`.
@@ -47,14 +53,21 @@ pub fn embed(dev: &Device, a: &EmbedArgs, m: usize) -> Result<()> {
 
 /// A mat-vec of `a.m` tokens.
 pub fn matvec(dev: &Device, a: &MatvecArgs) -> Result<()> {
-    let (name, grid) = matvec_launch("matvec", a.n as usize, a.m as usize);
-    dev.launch_args(&name, grid, 128, a)
+    if a.m == 1 {
+        let (suffix, r) = one_token(a.n as usize);
+        return dev.launch_args(&format!("matvec1{suffix}"), (blocks(blocks(a.n as usize, r) as usize, ROWS), 1, 1), 128, a);
+    }
+    dev.launch_args("matvec", (blocks(a.n as usize, ROWS), 1, blocks(a.m as usize, TOKENS)), 128, a)
 }
 
 /// The fused q/k/v (or q/kv) projections of `a.m` tokens.
 pub fn qkv(dev: &Device, a: &QkvArgs) -> Result<()> {
-    let (name, grid) = matvec_launch("qkv_proj", (a.nq + a.nk + a.nv) as usize, a.m as usize);
-    dev.launch_args(&name, grid, 128, a)
+    if a.m == 1 {
+        let (suffix, r) = one_token((a.nq + a.nk + a.nv) as usize);
+        let groups: u32 = [a.nq, a.nk, a.nv].iter().map(|&n| blocks(n as usize, r)).sum();
+        return dev.launch_args(&format!("qkv_proj1{suffix}"), (blocks(groups as usize, ROWS), 1, 1), 128, a);
+    }
+    dev.launch_args("qkv_proj", (blocks((a.nq + a.nk + a.nv) as usize, ROWS), 1, blocks(a.m as usize, TOKENS)), 128, a)
 }
 
 /// The fused dense gate, up and SwiGLU of `a.m` tokens.

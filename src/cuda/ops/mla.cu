@@ -177,7 +177,7 @@ extern "C" __global__ void mla_attention(const MlaAttentionArgs a) {
         if (lane == 0) { a.part_ml[slot * 2] = mx; a.part_ml[slot * 2 + 1] = l; }
     }
     if (!last_to_finish(a.tickets + (long)m * nh + g * MLA_HG, nsplit) || !live) return;
-    merge_splits_warp(a.part_o + mh * nsplit * L, a.part_ml + mh * nsplit * 2, nsplit, L, a.out + mh * L);
+    merge_splits_warp(a.part_o + mh * nsplit * L, a.part_ml + mh * nsplit * 2, nsplit, L, -INFINITY, a.out + mh * L);
 }
 
 // MLA attention on tensor cores (absorbed form). Every head reads the same latent cache rows,

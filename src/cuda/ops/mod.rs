@@ -224,11 +224,12 @@ pub fn c_prelude() -> String {
     let mut s = format!(
         "#define ATTN_THREADS {ATTN_THREADS}\n#define MAXD {MAX_HEAD_DIM}\n#define MLA_MAXL {MLA_MAX_LATENT}\n\
          #define MLA_MAXR {MLA_MAX_ROPE}\n#define ATTN_HB {}\n#define MLA_HG {}\n#define CONV_MAXL {}\n\
-         #define TC_BM {}\n",
+         #define TC_BM {}\n#define DOWN_ROWS {}\n",
         attention::ATTN_HEADS_PER_BLOCK,
         mla::MLA_HEADS_PER_BLOCK,
         conv::CONV_MAX_KERNEL,
-        gemm::TC_BM
+        gemm::TC_BM,
+        moe::MOE_DOWN_ROWS
     );
     // QMat itself is declared in common.cuh (the foundry's templates use it): check it.
     s += &format!("static_assert(sizeof(QMat) == {}, \"QMat differs from src/cuda/ops\");\n", size_of::<QMat>());

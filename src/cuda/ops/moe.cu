@@ -217,29 +217,37 @@ extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
 }
 
 // moe_mlp 3/3: x[m, r] += bf16(Σ_j w[m,j] · bf16(down_{idx[m,j]}[r] · act[m·K + j])), slots
-// in order (= expert_matvec + combine + add_inplace). Grid (H, 1, M), one warp per slot
-// (blockDim = 32·K), so the K expert rows are read in parallel; thread 0 then combines the
-// slots in order. Measured slower on the H200 (bench/RESULTS.md): four rows per block with
-// each warp looping over them (23.7 vs 16.2 µs per step), and the next layer's input norm
-// folded in by the last block to finish (27.7 µs: a fence and an atomic in all H blocks).
+// in order (= expert_matvec + combine + add_inplace). Grid (ceil(H / DOWN_ROWS), 1, M), one
+// warp per slot (blockDim = 32·K): warp j computes rows r0 .. r0+DOWN_ROWS-1 of slot j's
+// expert with every row's loads in flight at once (row_dot_rows), then thread t < DOWN_ROWS
+// combines row r0+t's slots in order. One row a block (the first version) left the kernel
+// 3.9 waves deep on the H100, each wave a full round trip; rows serially per warp (tried
+// on the H200) were slower still (bench/RESULTS.md). Measured slower too: the next layer's
+// input norm folded in by the last block to finish (a fence and an atomic in every block).
 // With shared experts (shared != null) the combined output first takes the shared experts'
 // output: x += bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace).
 extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
     pdl_entry();
-    __shared__ bf16 ys[32];
+    __shared__ bf16 ys[DOWN_ROWS][32];
     const int K = p.k, H = p.h, I = p.i;
-    int m = blockIdx.z, r = blockIdx.x, j = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int m = blockIdx.z, j = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    long r0 = (long)blockIdx.x * DOWN_ROWS;
+    int nr = min(DOWN_ROWS, H - (int)r0);
     int q = m * K + j;
     QMat D = expert_slice(p.down.w, p.idx[q], p.down.w_stride, p.down.sb_stride);
-    const bf16* xs[1] = {p.act + (long)q * I};
-    float acc[1];
-    row_dot_partial<1>(D, r, I, xs, 1, lane, acc);
-    bf16 y = f2bf(warp_sum(acc[0]));
-    if (lane == 0) ys[j] = y;
+    float acc[DOWN_ROWS];
+    row_dot_rows<DOWN_ROWS, 1>(D, r0, nr, I, p.act + (long)q * I, lane, acc);
+#pragma unroll
+    for (int i = 0; i < DOWN_ROWS; i++) {
+        bf16 y = f2bf(warp_sum(acc[i]));
+        if (lane == 0) ys[i][j] = y;
+    }
     __syncthreads();
-    if (threadIdx.x != 0) return;
+    int t = threadIdx.x;
+    if (t >= nr) return;
+    long r = r0 + t;
     float a = 0.f;
-    for (int s = 0; s < K; s++) a = combine_step(a, p.wts[m * K + s], ys[s]);
+    for (int s = 0; s < K; s++) a = combine_step(a, p.wts[m * K + s], ys[t][s]);
     bf16 out = f2bf(a);
     if (p.shared) out = add_bf16(out, p.shared[(long)m * H + r]);
     p.x[(long)m * H + r] = add_bf16(p.x[(long)m * H + r], out);

@@ -139,7 +139,14 @@ pub fn moe_gate_up_swiglu(dev: &Device, a: &MoeGateUpArgs, slots: usize) -> Resu
     dev.launch_args("moe_gate_up_swiglu", (blocks(a.i as usize, 4), slots as u32, 1), 128, a)
 }
 
-/// The fused down, combine and residual add of `m` tokens: a warp per slot.
+/// Output rows of a `moe_down_combine_add` block (each slot's warp computes them all, their
+/// loads in flight together). 2, 4 and 8 measured alike on the H200 (bench/RESULTS.md,
+/// 2026-12-07 session 10); 2 keeps the registers lowest (66 against 96 and 128).
+pub const MOE_DOWN_ROWS: usize = 2;
+
+/// The fused down, combine and residual add of `m` tokens: a warp per slot, [`MOE_DOWN_ROWS`]
+/// rows a block.
 pub fn moe_down_combine_add(dev: &Device, a: &MoeDownCombineAddArgs, m: usize) -> Result<()> {
-    dev.launch_args("moe_down_combine_add", (a.h as u32, 1, m as u32), 32 * a.k as u32, a)
+    let grid = ((a.h as usize).div_ceil(MOE_DOWN_ROWS) as u32, 1, m as u32);
+    dev.launch_args("moe_down_combine_add", grid, 32 * a.k as u32, a)
 }
