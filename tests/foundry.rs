@@ -255,7 +255,10 @@ fn source_builtin_prints_the_module_the_cuda_backend_compiles() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let src = String::from_utf8_lossy(&out.stdout);
     assert!(src.contains("struct MatvecArgs {") && src.contains("static_assert(sizeof(MatvecArgs)"), "prelude");
-    assert!(src.contains("MATVEC_KERNEL(matvec1, 1)") && src.contains("void mla_attention(const MlaAttentionArgs a)"));
+    assert!(
+        src.contains("void matvec1_r2(const MatvecArgs p)")
+            && src.contains("void mla_attention(const MlaAttentionArgs a)")
+    );
     let err = common::zmoe_err(&["foundry", "source"]);
     assert!(err.contains("--op") || err.contains("--builtin"), "{err}");
 }

@@ -82,45 +82,44 @@ extern "C" __global__ void matvec1_r2(const MatvecArgs p) {
     matvec1_rows<2>(p);
 }
 
+// One of qkv_proj's matrices as a warp of its grid sees it: rows r0 .. r0+R-1 of w (n rows)
+// go to y with bias.
+struct QkvPart {
+    QMat w;
+    bf16* y;
+    const float* bias;
+    int n;
+    long r0;
+};
+
+// Warp g of a grid over q's rows, then k's, then v's in groups of R (each matrix rounded up
+// to whole groups, so a group never straddles two): its matrix and first row; n = 0 past
+// the end.
+template <int R>
+__device__ __forceinline__ QkvPart qkv_part(const QkvArgs& p, long g) {
+    long gq = (p.nq + R - 1) / R, gk = (p.nk + R - 1) / R, gv = (p.nv + R - 1) / R;
+    if (g >= gq + gk + gv) return {p.wq, p.q, p.qbias, 0, 0};
+    if (g >= gq + gk) return {p.wv, p.v, p.vbias, p.nv, (g - gq - gk) * R};
+    if (g >= gq) return {p.wk, p.k, p.kbias, p.nk, (g - gq) * R};
+    return {p.wq, p.q, p.qbias, p.nq, g * R};
+}
+
 // qkv_proj: q, k and v = x W^T (+ bias) for the three matrices in one launch (= matvec ×3).
 // Rows 0..nq of the grid are q's, then k's, then v's. Grid (ceil((nq + nk + nv) / 4), 1,
 // ceil(M / 8)). MLA's in-projection uses two (nv = 0).
 extern "C" __global__ void qkv_proj(const QkvArgs p) {
     pdl_entry();
-    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    QkvPart t = qkv_part<1>(p, (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5));
     int m0 = blockIdx.z * 8, mt = min(8, p.m - m0);
-    if (r >= p.nq + p.nk + p.nv || mt <= 0) return;
-    QMat W = p.wq;
-    bf16* y = p.q;
-    const float* bias = p.qbias;
-    int n = p.nq;
-    if (r >= p.nq + p.nk) {
-        W = p.wv, y = p.v, bias = p.vbias, n = p.nv, r -= p.nq + p.nk;
-    } else if (r >= p.nq) {
-        W = p.wk, y = p.k, bias = p.kbias, n = p.nk, r -= p.nq;
-    }
-    matvec_row<8>(W, r, p.x, y, bias, n, p.kdim, m0, mt, 0);
+    if (t.n > 0 && mt > 0) matvec_row<8>(t.w, t.r0, p.x, t.y, t.bias, t.n, p.kdim, m0, mt, 0);
 }
 
-// The M = 1 (decode) instances of qkv_proj, R rows a warp: warp g takes rows g·R.. of q,
-// then of k, then of v (each matrix rounded up to whole groups, so a warp never straddles
-// two). Grid ceil((⌈nq/R⌉ + ⌈nk/R⌉ + ⌈nv/R⌉) / 4).
+// The M = 1 (decode) instances of qkv_proj, R rows a warp (qkv_part's groups). Grid
+// ceil((⌈nq/R⌉ + ⌈nk/R⌉ + ⌈nv/R⌉) / 4).
 template <int R>
 __device__ __forceinline__ void qkv_proj1_rows(const QkvArgs& p) {
-    int g = blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
-    int gq = (p.nq + R - 1) / R, gk = (p.nk + R - 1) / R, gv = (p.nv + R - 1) / R;
-    if (g >= gq + gk + gv) return;
-    QMat W = p.wq;
-    bf16* y = p.q;
-    const float* bias = p.qbias;
-    int n = p.nq;
-    if (g >= gq + gk) {
-        W = p.wv, y = p.v, bias = p.vbias, n = p.nv, g -= gq + gk;
-    } else if (g >= gq) {
-        W = p.wk, y = p.k, bias = p.kbias, n = p.nk, g -= gq;
-    }
-    long r0 = (long)g * R;
-    matvec_rows1<R>(W, r0, min(R, n - (int)r0), p.x, y, bias, p.kdim, 0);
+    QkvPart t = qkv_part<R>(p, (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5));
+    if (t.n > 0) matvec_rows1<R>(t.w, t.r0, (int)min((long)R, t.n - t.r0), p.x, t.y, t.bias, p.kdim, 0);
 }
 extern "C" __global__ void qkv_proj1(const QkvArgs p) {
     pdl_entry();

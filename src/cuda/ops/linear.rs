@@ -41,9 +41,10 @@ const TOKENS: usize = 8;
 /// GLM's 1,344-row q_a/kv_a, two lost 4 % and four 9 % (too few warps to fill the GPU).
 pub const TWO_ROWS_FROM: usize = 4096;
 
-/// Kernel name suffix and rows a warp of a one-token mat-vec over `rows` output rows.
-fn one_token(rows: usize) -> (&'static str, usize) {
-    if rows >= TWO_ROWS_FROM { ("_r2", 2) } else { ("", 1) }
+/// The kernel (of `[one row a warp, two rows a warp]`) and rows a warp of a one-token
+/// mat-vec over `rows` output rows.
+fn one_token(rows: usize, [one, two]: [&'static str; 2]) -> (&'static str, usize) {
+    if rows >= TWO_ROWS_FROM { (two, 2) } else { (one, 1) }
 }
 
 /// `m` rows of the embedding table at `tokens`.
@@ -54,8 +55,8 @@ pub fn embed(dev: &Device, a: &EmbedArgs, m: usize) -> Result<()> {
 /// A mat-vec of `a.m` tokens.
 pub fn matvec(dev: &Device, a: &MatvecArgs) -> Result<()> {
     if a.m == 1 {
-        let (suffix, r) = one_token(a.n as usize);
-        return dev.launch_args(&format!("matvec1{suffix}"), (blocks(blocks(a.n as usize, r) as usize, ROWS), 1, 1), 128, a);
+        let (name, r) = one_token(a.n as usize, ["matvec1", "matvec1_r2"]);
+        return dev.launch_args(name, (blocks(blocks(a.n as usize, r) as usize, ROWS), 1, 1), 128, a);
     }
     dev.launch_args("matvec", (blocks(a.n as usize, ROWS), 1, blocks(a.m as usize, TOKENS)), 128, a)
 }
@@ -63,9 +64,9 @@ pub fn matvec(dev: &Device, a: &MatvecArgs) -> Result<()> {
 /// The fused q/k/v (or q/kv) projections of `a.m` tokens.
 pub fn qkv(dev: &Device, a: &QkvArgs) -> Result<()> {
     if a.m == 1 {
-        let (suffix, r) = one_token((a.nq + a.nk + a.nv) as usize);
+        let (name, r) = one_token((a.nq + a.nk + a.nv) as usize, ["qkv_proj1", "qkv_proj1_r2"]);
         let groups: u32 = [a.nq, a.nk, a.nv].iter().map(|&n| blocks(n as usize, r)).sum();
-        return dev.launch_args(&format!("qkv_proj1{suffix}"), (blocks(groups as usize, ROWS), 1, 1), 128, a);
+        return dev.launch_args(name, (blocks(groups as usize, ROWS), 1, 1), 128, a);
     }
     dev.launch_args("qkv_proj", (blocks((a.nq + a.nk + a.nv) as usize, ROWS), 1, blocks(a.m as usize, TOKENS)), 128, a)
 }
