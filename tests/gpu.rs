@@ -821,10 +821,16 @@ fn kernel_router_topk_matches_cpu() {
         assert_eq!(gi.iter().map(|&i| i as usize).collect::<Vec<_>>(), wi, "e {e} k {k}");
         assert!(rel_err(&gw, &ww) < 1e-5);
     }
-    // Sigmoid + correction bias + group limiting (GLM / DeepSeek / Kimi shapes).
-    for (e, k, ng, tg, norm) in
-        [(64usize, 4usize, 1usize, 1usize, 1), (256, 8, 8, 4, 1), (48, 8, 1, 1, 0), (16, 3, 2, 1, 1)]
-    {
+    // Sigmoid + correction bias + group limiting (GLM / DeepSeek / Kimi shapes; every lane
+    // width of with_lanes: 1, 2, 4, 8 and 32 experts a lane).
+    for (e, k, ng, tg, norm) in [
+        (64usize, 4usize, 1usize, 1usize, 1),
+        (256, 8, 8, 4, 1),
+        (48, 8, 1, 1, 0),
+        (16, 3, 2, 1, 1),
+        (100, 6, 1, 1, 1),
+        (384, 8, 1, 1, 1),
+    ] {
         let m = 6;
         let logits: Vec<f32> = (0..m * e).map(|_| rng.normal()).collect();
         let bias: Vec<f32> = (0..e).map(|_| 0.1 * rng.normal()).collect();
@@ -1191,9 +1197,13 @@ fn kernel_router_sigmoid_bias_matches_bf16_emulation() {
     let mut dev = Device::open().unwrap();
     let mut rng = Rng::new(0xB1A5);
     let r = |x: f32| half::bf16::from_f32(x).to_f32();
-    for (e, k, norm, with_bias, scale) in
-        [(32usize, 4usize, 1, true, 1.0f32), (64, 4, 1, true, 1.0), (48, 6, 0, false, 2.5)]
-    {
+    for (e, k, norm, with_bias, scale) in [
+        (32usize, 4usize, 1, true, 1.0f32),
+        (64, 4, 1, true, 1.0),
+        (48, 6, 0, false, 2.5),
+        (200, 8, 1, true, 1.0),
+        (300, 8, 1, true, 1.0),
+    ] {
         let m = 9;
         let logits: Vec<f32> = (0..m * e).map(|_| rng.normal() * 2.0).collect();
         let bias: Vec<f32> = (0..e).map(|_| 0.05 * rng.normal()).collect();

@@ -89,20 +89,21 @@ extern "C" __global__ void expert_matvec_grouped(const ExpertMatvecGroupedArgs p
 // model rounds: r = bf16(logit), s = bf16(sigmoid(r)); selection on s + bias (f32; on s
 // without a bias), top-K with the lowest index winning ties; weights = s of the chosen,
 // when norm renormalised in bf16 (den = bf16(bf16(Σ) + 1e-6), w = bf16(w / den)), then
-// w = bf16(w · scale). E ≤ 1024.
-__device__ void router_sigmoid_bias_warp(const float* lg, const float* bias, int E, int K, int norm, float scale,
-                                         int* idx, float* wout) {
+// w = bf16(w · scale). E ≤ 32·PER.
+template <int PER>
+__device__ void router_sigmoid_bias_lanes(const float* lg, const float* bias, int E, int K, int norm, float scale,
+                                          int* idx, float* wout) {
     int lane = threadIdx.x & 31;
-    float sg[32], c[32];
+    float sg[PER], c[PER];
 #pragma unroll
-    for (int i = 0; i < 32; i++) {
+    for (int i = 0; i < PER; i++) {
         int e = lane + 32 * i;
         float r = e < E ? bf2f(f2bf(__ldcg(lg + e))) : 0.f;
         sg[i] = e < E ? bf2f(f2bf(1.f / (1.f + expf(-r)))) : 0.f;
         c[i] = e < E ? sg[i] + (bias ? bias[e] : 0.f) : -INFINITY;
     }
     float sel[16];
-    float tot = select_topk_warp(sg, c, E, K, idx, sel);
+    float tot = select_topk_warp<PER>(sg, c, E, K, idx, sel);
     if (lane == 0) {
         float den = bf2f(f2bf(bf2f(f2bf(tot)) + 1e-6f));
         for (int j = 0; j < K; j++) {
@@ -110,6 +111,12 @@ __device__ void router_sigmoid_bias_warp(const float* lg, const float* bias, int
             wout[j] = bf2f(f2bf(w * scale));
         }
     }
+}
+
+// router_sigmoid_bias_lanes with the fewest registers that hold E ≤ 1024 (with_lanes).
+__device__ __forceinline__ void router_sigmoid_bias_warp(const float* lg, const float* bias, int E, int K, int norm,
+                                                         float scale, int* idx, float* wout) {
+    with_lanes(E, [&](auto L) { router_sigmoid_bias_lanes<decltype(L)::PER>(lg, bias, E, K, norm, scale, idx, wout); });
 }
 
 extern "C" __global__ void router_sigmoid_bias(const RouterSigmoidBiasArgs p) {
