@@ -210,12 +210,22 @@ extern "C" __global__ void moe_router_sigmoid_bias(const MoeRouterSigmoidBiasArg
 }
 
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
-// e = idx[q] and token q / K (= expert_matvec twice + swiglu). Grid (ceil(I/4), M·K).
+// e = idx[q] and token q / K (= expert_matvec twice + swiglu). With shared experts (si > 0)
+// block column M·K + t computes token t's: sact[t, r] = swiglu(bf16(sgate[r]·x_t),
+// bf16(sup[r]·x_t)) (= the shared gate/up/SwiGLU, the same row sums). Grid
+// (ceil(max(I, si)/4), M·K (+ M)).
 extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
     pdl_entry();
     const int K = p.k, I = p.i, H = p.h;
     int q = blockIdx.y, lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (q >= p.m * K) {
+        int t = q - p.m * K;
+        if (r >= p.si) return;
+        bf16 a = gate_up_swiglu_row(p.sgate, p.sup, r, H, p.x + (long)t * H, lane);
+        if (lane == 0) p.sact[(long)t * p.si + r] = a;
+        return;
+    }
     if (r >= I) return;
     QMat G = expert_slice(p.gate, p.idx[q], p.w_stride, p.sb_stride);
     QMat U = expert_slice(p.up, p.idx[q], p.w_stride, p.sb_stride);
@@ -231,19 +241,25 @@ extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
 // 3.9 waves deep on the H100, each wave a full round trip; rows serially per warp (tried
 // on the H200) were slower still (bench/RESULTS.md). Measured slower too: the next layer's
 // input norm folded in by the last block to finish (a fence and an atomic in every block).
-// With shared experts (shared != null) the combined output first takes the shared experts'
-// output: x += bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace).
+// With shared experts the combined output first takes the shared experts' output: x +=
+// bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace), shared read
+// from p.shared, or (si > 0) computed by warp K of the block: bf16(sdown[r] · sact[m]) (=
+// the shared down's matvec, the same row sums).
 extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
     pdl_entry();
-    __shared__ bf16 ys[DOWN_ROWS][32];
+    __shared__ bf16 ys[DOWN_ROWS][33];
     const int K = p.k, H = p.h, I = p.i;
     int m = blockIdx.z, j = threadIdx.x >> 5, lane = threadIdx.x & 31;
     long r0 = (long)blockIdx.x * DOWN_ROWS;
     int nr = min(DOWN_ROWS, H - (int)r0);
-    int q = m * K + j;
-    QMat D = expert_slice(p.down.w, p.idx[q], p.down.w_stride, p.down.sb_stride);
     float acc[DOWN_ROWS];
-    row_dot_rows<DOWN_ROWS, 1>(D, r0, nr, I, p.act + (long)q * I, lane, acc);
+    if (j < K) {
+        int q = m * K + j;
+        QMat D = expert_slice(p.down.w, p.idx[q], p.down.w_stride, p.down.sb_stride);
+        row_dot_rows<DOWN_ROWS, 1>(D, r0, nr, I, p.act + (long)q * I, lane, acc);
+    } else {
+        row_dot_rows<DOWN_ROWS, 1>(p.sdown, r0, nr, p.si, p.sact + (long)m * p.si, lane, acc);
+    }
 #pragma unroll
     for (int i = 0; i < DOWN_ROWS; i++) {
         bf16 y = f2bf(warp_sum(acc[i]));
@@ -256,7 +272,8 @@ extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
     float a = 0.f;
     for (int s = 0; s < K; s++) a = combine_step(a, p.wts[m * K + s], ys[t][s]);
     bf16 out = f2bf(a);
-    if (p.shared) out = add_bf16(out, p.shared[(long)m * H + r]);
+    if (p.si > 0) out = add_bf16(out, ys[t][K]);
+    else if (p.shared) out = add_bf16(out, p.shared[(long)m * H + r]);
     p.x[(long)m * H + r] = add_bf16(p.x[(long)m * H + r], out);
 }
 

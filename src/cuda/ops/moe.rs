@@ -47,15 +47,18 @@ kernel_args! {
         w: QMat, x: In<Bf16>, logits: Out<F32>, ebias: In<F32>, e: i32, h: i32, k: i32, norm: i32, scale: f32,
         tickets: Out<I32>, idx: Out<I32>, wout: Out<F32>,
     }
-    /// `moe_gate_up_swiglu` (decode): gate, up and SwiGLU of each slot's expert.
+    /// `moe_gate_up_swiglu` (decode): gate, up and SwiGLU of each slot's expert of `m`
+    /// tokens, and (`si` > 0) of the shared experts (`sgate`, `sup` `[si, h]` → `sact`
+    /// `[m, si]`).
     pub struct MoeGateUpArgs {
         gate: QMat, up: QMat, w_stride: i64, sb_stride: i64, idx: In<I32>, k: i32, x: In<Bf16>, act: Out<Bf16>,
-        i: i32, h: i32,
+        i: i32, h: i32, m: i32, sgate: QMat, sup: QMat, sact: Out<Bf16>, si: i32,
     }
-    /// `moe_down_combine_add` (decode): down of each slot, combine, `+ shared`, `x +=`.
+    /// `moe_down_combine_add` (decode): down of each slot, combine, `+ shared` (read from
+    /// `shared`, or with `si` > 0 computed here: `sdown` `[h, si]` · `sact`), `x +=`.
     pub struct MoeDownCombineAddArgs {
         down: Stacked, idx: In<I32>, wts: In<F32>, k: i32, act: In<Bf16>, x: Out<Bf16>, h: i32, i: i32,
-        shared: In<Bf16>,
+        shared: In<Bf16>, sdown: QMat, sact: In<Bf16>, si: i32,
     }
 }
 
@@ -134,9 +137,11 @@ pub fn moe_router_sigmoid_bias(dev: &Device, a: &MoeRouterSigmoidBiasArgs, m: us
     dev.launch_args("moe_router_sigmoid_bias", (blocks(a.e as usize, 4), 1, m as u32), 128, a)
 }
 
-/// The fused gate, up and SwiGLU of `slots` (token, slot) rows.
-pub fn moe_gate_up_swiglu(dev: &Device, a: &MoeGateUpArgs, slots: usize) -> Result<()> {
-    dev.launch_args("moe_gate_up_swiglu", (blocks(a.i as usize, 4), slots as u32, 1), 128, a)
+/// The fused gate, up and SwiGLU of `a.m` tokens' slots, and of their shared experts: a
+/// block column per (token, slot), then one per token's shared experts.
+pub fn moe_gate_up_swiglu(dev: &Device, a: &MoeGateUpArgs) -> Result<()> {
+    let columns = a.m * a.k + if a.si > 0 { a.m } else { 0 };
+    dev.launch_args("moe_gate_up_swiglu", (blocks(a.i.max(a.si) as usize, 4), columns as u32, 1), 128, a)
 }
 
 /// Output rows of a `moe_down_combine_add` block (each slot's warp computes them all, their
@@ -144,9 +149,10 @@ pub fn moe_gate_up_swiglu(dev: &Device, a: &MoeGateUpArgs, slots: usize) -> Resu
 /// 2026-12-07 session 10); 2 keeps the registers lowest (66 against 96 and 128).
 pub const MOE_DOWN_ROWS: usize = 2;
 
-/// The fused down, combine and residual add of `m` tokens: a warp per slot, [`MOE_DOWN_ROWS`]
-/// rows a block.
+/// The fused down, combine and residual add of `m` tokens: a warp per slot (and one for the
+/// shared experts' down when `a.si` > 0), [`MOE_DOWN_ROWS`] rows a block.
 pub fn moe_down_combine_add(dev: &Device, a: &MoeDownCombineAddArgs, m: usize) -> Result<()> {
     let grid = ((a.h as usize).div_ceil(MOE_DOWN_ROWS) as u32, 1, m as u32);
-    dev.launch_args("moe_down_combine_add", grid, 32 * a.k as u32, a)
+    let warps = a.k + i32::from(a.si > 0);
+    dev.launch_args("moe_down_combine_add", grid, 32 * warps as u32, a)
 }
