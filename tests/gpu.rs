@@ -434,6 +434,58 @@ fn kernel_expert_gemm_tc_matches_cpu() {
     }
 }
 
+/// MLA's per-head mat-vec against the CPU, and one token (head_matvec1: rows of a few
+/// chunks share a warp, 8 or 16 lanes a row) bit-identical to the multi-token kernel's
+/// token 0: affine 4-bit rows of 6 and 16 chunks, 8-bit of 4, bf16 of 24; a row count that
+/// leaves a warp's last group past the end.
+#[test]
+#[ignore]
+fn kernel_head_matvec_one_token_equals_multi() {
+    use zmoe::cuda::ops::mla;
+    let mut dev = Device::open().unwrap();
+    let mut rng = Rng::new(0x4EA1);
+    let (nh, n, m) = (3usize, 37usize, 3usize);
+    for (fmt, bits, k) in [(1, 4u32, 192usize), (1, 4, 512), (1, 8, 64), (0, 16, 192)] {
+        let x_ld = k + 64;
+        let x: Vec<f32> = (0..m * nh * x_ld).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
+        let (w, mats) = random_stacked(&mut dev, &mut rng, nh, (n, k), fmt, bits);
+        let want: Vec<f32> = (0..m * nh * n)
+            .map(|i| {
+                let (q, row) = (i / n, i % n);
+                let wf = &mats[q % nh];
+                (0..k).map(|j| x[q * x_ld + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
+            })
+            .collect();
+        let px = dev.upload(&to_bf16(&x)).unwrap();
+        let run = |dev: &mut Device, m: usize| -> Vec<u16> {
+            let py = dev.alloc(m * nh * n * 2).unwrap();
+            dev.fill(py, 0xFF, m * nh * n * 2).unwrap(); // poison: NaN
+            let a = mla::HeadMatvecArgs {
+                w,
+                x: rd(px),
+                x_ld: x_ld as i64,
+                nh: nh as i32,
+                y: wr(py),
+                n: n as i32,
+                k: k as i32,
+                m: m as i32,
+                lanes: 32,
+            };
+            mla::head_matvec(dev, &a).unwrap();
+            let mut got = vec![0u16; m * nh * n];
+            dev.read(py, &mut got).unwrap();
+            got
+        };
+        let many = run(&mut dev, m);
+        let what = format!("head_matvec fmt {fmt} bits {bits} k {k} ({} lanes a row)", mla::head_lanes(&w.w, k));
+        let e = rel_err(&from_bf16(&many), &want);
+        assert!(e < 8e-3, "{what}: rel err {e}");
+        let one = run(&mut dev, 1);
+        assert!(from_bf16(&one).iter().all(|v| v.is_finite()), "{what}: unwritten output");
+        assert_eq!(one, many[..nh * n], "{what}: one token differs from the multi-token kernel");
+    }
+}
+
 /// MLA's per-head tensor-core product (issue 19) against the CPU: row (token, head) of y =
 /// W[head] · the first k elements of that head's wider source row (q_nope of a query head),
 /// heads stacked like experts; bf16 and affine 4/8-bit, token counts that leave partial tiles.
@@ -467,6 +519,7 @@ fn kernel_head_gemm_tc_matches_cpu() {
                 n: n as i32,
                 k: k as i32,
                 m: m as i32,
+                lanes: 32,
             };
             gemm::head_gemm(&dev, &a).unwrap();
             check_bf16_out(&dev, py, &want, 4e-3, &format!("head_gemm_tc fmt {fmt} bits {bits} m {m}"));

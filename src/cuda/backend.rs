@@ -1389,6 +1389,7 @@ impl CudaBackend {
             n: int(w.rows),
             k: int(w.cols),
             m: int(m),
+            lanes: 32,
         };
         if self.tensor_cores() && gemm::supports(&w.q, w.cols) && x_ld.is_multiple_of(8) {
             gemm::head_gemm(&self.dev, &a)
