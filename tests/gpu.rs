@@ -435,9 +435,9 @@ fn kernel_expert_gemm_tc_matches_cpu() {
 }
 
 /// MLA's per-head mat-vec against the CPU, and one token (head_matvec1: rows of a few
-/// chunks share a warp, 8 or 16 lanes a row) bit-identical to the multi-token kernel's
-/// token 0: affine 4-bit rows of 6 and 16 chunks, 8-bit of 4, bf16 of 24; a row count that
-/// leaves a warp's last group past the end.
+/// chunks share a warp) bit-identical to the multi-token kernel's token 0: affine 4-bit
+/// rows of 6 and 16 chunks (8 and 16 lanes a row), 8-bit of 4 (4 lanes), bf16 of 8 and 24
+/// (8 lanes; a whole warp); a row count that leaves a warp's last group past the end.
 #[test]
 #[ignore]
 fn kernel_head_matvec_one_token_equals_multi() {
@@ -445,7 +445,7 @@ fn kernel_head_matvec_one_token_equals_multi() {
     let mut dev = Device::open().unwrap();
     let mut rng = Rng::new(0x4EA1);
     let (nh, n, m) = (3usize, 37usize, 3usize);
-    for (fmt, bits, k) in [(1, 4u32, 192usize), (1, 4, 512), (1, 8, 64), (0, 16, 192)] {
+    for (fmt, bits, k) in [(1, 4u32, 192usize), (1, 4, 512), (1, 8, 64), (0, 16, 64), (0, 16, 192)] {
         let x_ld = k + 64;
         let x: Vec<f32> = (0..m * nh * x_ld).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
         let (w, mats) = random_stacked(&mut dev, &mut rng, nh, (n, k), fmt, bits);
@@ -858,7 +858,7 @@ fn kernel_mla_attention_matches_cpu() {
 fn kernel_router_topk_matches_cpu() {
     let mut dev = Device::open().unwrap();
     let mut rng = Rng::new(77);
-    for (e, k) in [(8usize, 2usize), (128, 8), (60, 4)] {
+    for (e, k) in [(8usize, 2usize), (128, 8), (60, 4), (200, 8), (400, 8)] {
         let m = 5;
         let mut logits: Vec<f32> = (0..m * e).map(|_| rng.normal()).collect();
         logits[3] = logits[5]; // an exact tie
@@ -1254,6 +1254,7 @@ fn kernel_router_sigmoid_bias_matches_bf16_emulation() {
         (32usize, 4usize, 1, true, 1.0f32),
         (64, 4, 1, true, 1.0),
         (48, 6, 0, false, 2.5),
+        (100, 8, 1, true, 1.0),
         (200, 8, 1, true, 1.0),
         (300, 8, 1, true, 1.0),
     ] {

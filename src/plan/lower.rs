@@ -183,19 +183,29 @@ fn serves(s: &Step) -> Serves {
 }
 
 /// The steps `s` runs as in chunks `chunk`: itself where its kernel serves them and reads
-/// its matrices, else its parts, lowered the same way. moe_mlp's gate/up with the shared
-/// experts' falls back to shared_expert's fused gate/up (for batches of a few rows) and the
-/// routed steps.
+/// its matrices, else its parts, lowered the same way. moe_mlp's MoE kernels with the
+/// shared experts' rows fall back to the shared steps (their gate/up as shared_expert's
+/// fused kernel) and moe_mlp's routed-only kernel, each lowered again.
 fn lower_step(s: &Step, chunk: Serves, w: &Weights) -> Result<Vec<Step>> {
     if serves(s) >= chunk && cuda_formats_ok(s, w)? {
         return Ok(vec![s.clone()]);
     }
     let mut parts = s.components();
-    if matches!(s, Step::Fused { op: Fusion::MoeGateUpSwiglu, .. })
-        && matches!(parts.first(), Some(Step::Linear { w: LinRef::SharedGate(_), .. }))
-    {
-        let routed = parts.split_off(3);
-        parts = std::iter::once(Step::Fused { op: Fusion::GateUpSwiglu, parts }).chain(routed).collect();
+    let shared_first =
+        matches!(parts.first(), Some(Step::Linear { w: LinRef::SharedGate(_) | LinRef::SharedDown(_), .. }));
+    match s {
+        Step::Fused { op: Fusion::MoeGateUpSwiglu, .. } if shared_first => {
+            let routed = parts.split_off(3);
+            parts = vec![
+                Step::Fused { op: Fusion::GateUpSwiglu, parts },
+                Step::Fused { op: Fusion::MoeGateUpSwiglu, parts: routed },
+            ];
+        }
+        Step::Fused { op: Fusion::MoeDownCombineAdd, .. } if shared_first => {
+            let routed = parts.split_off(1);
+            parts.push(Step::Fused { op: Fusion::MoeDownCombineAdd, parts: routed });
+        }
+        _ => {}
     }
     let mut out = Vec::with_capacity(parts.len());
     for p in parts {

@@ -235,12 +235,13 @@ extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
 
 // moe_mlp 3/3: x[m, r] += bf16(Σ_j w[m,j] · bf16(down_{idx[m,j]}[r] · act[m·K + j])), slots
 // in order (= expert_matvec + combine + add_inplace). Grid (ceil(H / DOWN_ROWS), 1, M), one
-// warp per slot (blockDim = 32·K): warp j computes rows r0 .. r0+DOWN_ROWS-1 of slot j's
-// expert with every row's loads in flight at once (row_dot_rows), then thread t < DOWN_ROWS
-// combines row r0+t's slots in order. One row a block (the first version) left the kernel
-// 3.9 waves deep on the H100, each wave a full round trip; rows serially per warp (tried
-// on the H200) were slower still (bench/RESULTS.md). Measured slower too: the next layer's
-// input norm folded in by the last block to finish (a fence and an atomic in every block).
+// warp per slot (blockDim = 32·K, + 32 for the shared experts' warp): warp j computes rows
+// r0 .. r0+DOWN_ROWS-1 of slot j's expert with every row's loads in flight at once
+// (row_dot_rows), then thread t < DOWN_ROWS combines row r0+t's slots in order. One row a
+// block (the first version) was 3.9 waves deep on the H100; 2, 4 and 8 rows measured alike
+// on the H200. Rows serially per warp were slower (bench/RESULTS.md), and so was the next
+// layer's input norm folded in by the last block to finish (a fence and an atomic in every
+// block).
 // With shared experts the combined output first takes the shared experts' output: x +=
 // bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace), shared read
 // from p.shared, or (si > 0) computed by warp K of the block: bf16(sdown[r] · sact[m]) (=
