@@ -434,6 +434,18 @@ fn kernel_expert_gemm_tc_matches_cpu() {
     }
 }
 
+/// Per-head products in f64: row (q, r) = mats[q mod heads][r] · the first k of x's row q
+/// (`x_ld` wide), for `rows` (token, head) rows of `n` outputs.
+fn per_head_reference(x: &[f32], x_ld: usize, mats: &[Vec<f32>], rows: usize, n: usize, k: usize) -> Vec<f32> {
+    (0..rows * n)
+        .map(|i| {
+            let (q, row) = (i / n, i % n);
+            let wf = &mats[q % mats.len()];
+            (0..k).map(|j| x[q * x_ld + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
+        })
+        .collect()
+}
+
 /// MLA's per-head mat-vec against the CPU, and one token (head_matvec1: rows of a few
 /// chunks share a warp) bit-identical to the multi-token kernel's token 0: affine 4-bit
 /// rows of 6 and 16 chunks (8 and 16 lanes a row), 8-bit of 4 (4 lanes), bf16 of 8 and 24
@@ -449,13 +461,7 @@ fn kernel_head_matvec_one_token_equals_multi() {
         let x_ld = k + 64;
         let x: Vec<f32> = (0..m * nh * x_ld).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
         let (w, mats) = random_stacked(&mut dev, &mut rng, nh, (n, k), fmt, bits);
-        let want: Vec<f32> = (0..m * nh * n)
-            .map(|i| {
-                let (q, row) = (i / n, i % n);
-                let wf = &mats[q % nh];
-                (0..k).map(|j| x[q * x_ld + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
-            })
-            .collect();
+        let want = per_head_reference(&x, x_ld, &mats, m * nh, n, k);
         let px = dev.upload(&to_bf16(&x)).unwrap();
         let run = |dev: &mut Device, m: usize| -> Vec<u16> {
             let py = dev.alloc(m * nh * n * 2).unwrap();
@@ -500,13 +506,7 @@ fn kernel_head_gemm_tc_matches_cpu() {
         for m in [40usize, 17] {
             let x: Vec<f32> = (0..m * nh * x_ld).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
             let (w, mats) = random_stacked(&mut dev, &mut rng, nh, (n, k), fmt, bits);
-            let want: Vec<f32> = (0..m * nh * n)
-                .map(|i| {
-                    let (q, row) = (i / n, i % n);
-                    let wf = &mats[q % nh];
-                    (0..k).map(|j| x[q * x_ld + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
-                })
-                .collect();
+            let want = per_head_reference(&x, x_ld, &mats, m * nh, n, k);
             let px = dev.upload(&to_bf16(&x)).unwrap();
             let py = dev.alloc(m * nh * n * 2).unwrap();
             dev.fill(py, 0xFF, m * nh * n * 2).unwrap();
