@@ -152,7 +152,7 @@ pub const MOE_DOWN_ROWS: usize = 2;
 /// The fused down, combine and residual add of `m` tokens: a warp per slot (and one for the
 /// shared experts' down when `a.si` > 0), [`MOE_DOWN_ROWS`] rows a block.
 pub fn moe_down_combine_add(dev: &Device, a: &MoeDownCombineAddArgs, m: usize) -> Result<()> {
-    let grid = ((a.h as usize).div_ceil(MOE_DOWN_ROWS) as u32, 1, m as u32);
+    let grid = (blocks(a.h as usize, MOE_DOWN_ROWS), 1, m as u32);
     let warps = a.k + i32::from(a.si > 0);
     dev.launch_args("moe_down_combine_add", grid, 32 * warps as u32, a)
 }
