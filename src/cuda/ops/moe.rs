@@ -147,6 +147,6 @@ pub const MOE_DOWN_ROWS: usize = 2;
 /// The fused down, combine and residual add of `m` tokens: a warp per slot, [`MOE_DOWN_ROWS`]
 /// rows a block.
 pub fn moe_down_combine_add(dev: &Device, a: &MoeDownCombineAddArgs, m: usize) -> Result<()> {
-    let grid = ((a.h as usize).div_ceil(MOE_DOWN_ROWS) as u32, 1, m as u32);
+    let grid = (blocks(a.h as usize, MOE_DOWN_ROWS), 1, m as u32);
     dev.launch_args("moe_down_combine_add", grid, 32 * a.k as u32, a)
 }
