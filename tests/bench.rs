@@ -276,7 +276,7 @@ fn peer_table_writes_the_comparison_as_json() {
     let env = tmp.path().join("env.txt");
     std::fs::write(
         &env,
-        "date: 2026-12-07T00:00:00Z\ngpu: NVIDIA H200, 580.1, 143771 MiB\nzmoe: zmoe 0.1.0 (scratch/gpu/zmoe, built at commit 4a13f7b)\nfamily: qwen3_moe  preset: tiny\n",
+        "date: 2026-12-07T00:00:00Z\ngpu: NVIDIA H200, 580.1, 143771 MiB\nzmoe: zmoe 0.1.0 (scratch/gpu/zmoe, built at commit 4a13f7b)\nfamily: qwen3_moe  preset: tiny\nzmoe env: ZMOE_TC=0 ZMOE_PDL=1 \n",
     )
     .unwrap();
     let json = tmp.path().join("peer.json");
@@ -294,6 +294,7 @@ fn peer_table_writes_the_comparison_as_json() {
     assert_eq!(v["family"], "qwen3_moe", "the family, not the whole env line");
     assert_eq!((v["gpu"].as_str(), v["driver"].as_str()), (Some("NVIDIA H200"), Some("580.1")));
     assert_eq!(v["zmoe"]["commit"], "4a13f7b");
+    assert_eq!(v["zmoe"]["env"], serde_json::json!({"ZMOE_TC": "0", "ZMOE_PDL": "1"}), "the switches of the run");
     assert_eq!(v["llama_cpp"]["commit"], "abc1234");
     let (zp, zd) = (r.prefill_tok_s.median, r.decode_tok_s.median);
     assert_eq!(v["zmoe"]["decode_tok_s"].as_f64(), Some(zd));

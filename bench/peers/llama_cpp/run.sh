@@ -91,6 +91,8 @@ fi
     echo "llama.cpp: $(sed -n 's/^llama.cpp commit: //p' "$WORK/llama.cpp/ZMOE_PEER_SOURCE" 2>/dev/null || echo unknown)" \
          "($(sed -n 's/^source: //p' "$WORK/llama.cpp/ZMOE_PEER_SOURCE" 2>/dev/null))"
     echo "family: $FAMILY  preset: $PRESET  arch: $ARCH  model: $MODEL"
+    # The switches zmoe reads from the environment (ZMOE_TC, ZMOE_PDL, ...): they change its numbers.
+    echo "zmoe env: $(env | grep '^ZMOE_' | sort | tr '\n' ' ')"
     echo "cpu: $(nproc) cores; $(free -g | awk '/Mem:/ {print $2 " GiB"}') memory"
 } | tee "$OUT/env.txt" | tee -a "$LOG"
 

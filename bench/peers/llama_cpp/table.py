@@ -124,7 +124,7 @@ def main():
                 env = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
         except OSError as e:
             die(f"{a.env}: {e.strerror}")
-        for k in ("gpu", "zmoe", "llama.cpp", "family"):
+        for k in ("gpu", "zmoe", "zmoe env", "llama.cpp", "family"):
             if k in env:
                 print(f"- {k}: {env[k]}")
     m = z["model"]
@@ -199,6 +199,8 @@ def write_json(path, env, z, zfmt, rows):
             "decode_tok_s": zd,
             "achieved_gb_s": z.get("achieved_gb_s"),
             "roofline_pct": z.get("roofline_pct"),
+            # env.txt's "zmoe env: K=V K=V ..." (ZMOE_* switches set for the run); {} if none.
+            "env": dict(kv.split("=", 1) for kv in env.get("zmoe env", "").split() if "=" in kv),
         },
         "llama_cpp": {
             "commit": e.get("build_commit") or env.get("llama.cpp"),
