@@ -138,10 +138,12 @@ pub fn moe_router_sigmoid_bias(dev: &Device, a: &MoeRouterSigmoidBiasArgs, m: us
 }
 
 /// The fused gate, up and SwiGLU of `a.m` tokens' slots, and of their shared experts: a
-/// block column per (token, slot), then one per token's shared experts.
+/// block column per (token, slot), then one per token's shared experts (`a.si` > 0: the
+/// kernel's `moe_shared_gate_up_swiglu` instance).
 pub fn moe_gate_up_swiglu(dev: &Device, a: &MoeGateUpArgs) -> Result<()> {
-    let columns = a.m * a.k + if a.si > 0 { a.m } else { 0 };
-    dev.launch_args("moe_gate_up_swiglu", (blocks(a.i.max(a.si) as usize, 4), columns as u32, 1), 128, a)
+    let (name, columns) =
+        if a.si > 0 { ("moe_shared_gate_up_swiglu", a.m * (a.k + 1)) } else { ("moe_gate_up_swiglu", a.m * a.k) };
+    dev.launch_args(name, (blocks(a.i.max(a.si) as usize, 4), columns as u32, 1), 128, a)
 }
 
 /// Output rows of a `moe_down_combine_add` block (each slot's warp computes them all, their
@@ -150,9 +152,10 @@ pub fn moe_gate_up_swiglu(dev: &Device, a: &MoeGateUpArgs) -> Result<()> {
 pub const MOE_DOWN_ROWS: usize = 2;
 
 /// The fused down, combine and residual add of `m` tokens: a warp per slot (and one for the
-/// shared experts' down when `a.si` > 0), [`MOE_DOWN_ROWS`] rows a block.
+/// shared experts' down when `a.si` > 0: the `moe_shared_down_combine_add` instance),
+/// [`MOE_DOWN_ROWS`] rows a block.
 pub fn moe_down_combine_add(dev: &Device, a: &MoeDownCombineAddArgs, m: usize) -> Result<()> {
     let grid = (blocks(a.h as usize, MOE_DOWN_ROWS), 1, m as u32);
-    let warps = a.k + i32::from(a.si > 0);
-    dev.launch_args("moe_down_combine_add", grid, 32 * warps as u32, a)
+    let (name, warps) = if a.si > 0 { ("moe_shared_down_combine_add", a.k + 1) } else { ("moe_down_combine_add", a.k) };
+    dev.launch_args(name, grid, 32 * warps as u32, a)
 }
