@@ -1062,13 +1062,21 @@ impl CudaBackend {
                     act: wr(self.buf(Buf::Act)),
                     i: int(c.moe_intermediate_size),
                     h: int(h),
-                    m: int(mm),
-                    sgate: shared.map_or(g.q, |(sg, _)| sg.w.q),
-                    sup: shared.map_or(u.q, |(_, su)| su.w.q),
-                    sact: wr(if shared.is_some() { self.buf(Buf::SharedAct) } else { 0 }),
-                    si: shared.map_or(0, |(sg, _)| int(sg.w.rows)),
                 };
-                moe::moe_gate_up_swiglu(dev, &a)
+                match shared {
+                    Some((sg, su)) => {
+                        let s = moe::MoeSharedGateUpArgs {
+                            routed: a,
+                            m: int(mm),
+                            sgate: sg.w.q,
+                            sup: su.w.q,
+                            sact: wr(self.buf(Buf::SharedAct)),
+                            si: int(sg.w.rows),
+                        };
+                        moe::moe_shared_gate_up_swiglu(dev, &s)
+                    }
+                    None => moe::moe_gate_up_swiglu(dev, &a, mm * k),
+                }
             }
             Fusion::MoeDownCombineAdd => {
                 let dn = self.w.experts(layer)?.down;
@@ -1091,11 +1099,19 @@ impl CudaBackend {
                     h: int(h),
                     i: int(c.moe_intermediate_size),
                     shared: rd(shared),
-                    sdown: sdown.map_or(dn.q, |s| s.w.q),
-                    sact: rd(if sdown.is_some() { self.buf(Buf::SharedAct) } else { 0 }),
-                    si: sdown.map_or(0, |s| int(s.w.cols)),
                 };
-                moe::moe_down_combine_add(dev, &a, mm)
+                match sdown {
+                    Some(sd) => {
+                        let s = moe::MoeSharedDownCombineAddArgs {
+                            routed: a,
+                            sdown: sd.w.q,
+                            sact: rd(self.buf(Buf::SharedAct)),
+                            si: int(sd.w.cols),
+                        };
+                        moe::moe_shared_down_combine_add(dev, &s, mm)
+                    }
+                    None => moe::moe_down_combine_add(dev, &a, mm),
+                }
             }
             Fusion::InProj => {
                 // Two or three projections of H; with two (MLA), the third slot repeats the

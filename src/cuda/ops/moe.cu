@@ -211,22 +211,34 @@ extern "C" __global__ void moe_router_sigmoid_bias(const MoeRouterSigmoidBiasArg
 
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
 // e = idx[q] and token q / K (= expert_matvec twice + swiglu). With the shared experts
-// (SHARED, launched as moe_shared_gate_up_swiglu) block column M·K + t computes token t's:
+// (moe_shared_gate_up_swiglu) block column M·K + t computes token t's:
 // sact[t, r] = swiglu(bf16(sgate[r]·x_t), bf16(sup[r]·x_t)) (= the shared gate/up/SwiGLU,
-// the same row sums). Grid (ceil(max(I, si)/4), M·K (+ M)). Two entry points, so a model
-// without shared experts runs the kernel without their branch (one kernel for both cost
-// Qwen3 1.8 % of its decode on the H100, bench/RESULTS.md).
-template <bool SHARED>
-__device__ __forceinline__ void moe_gate_up_swiglu_body(const MoeGateUpArgs& p) {
+// the same row sums). Grid (ceil(max(I, si)/4), M·K (+ M)). Two kernels with their own
+// arguments, the routed-only one as it was before shared experts joined (one kernel for
+// both, or a template of the two, cost Qwen3 1.2–1.8 % of its decode on the H100:
+// bench/RESULTS.md); the routed part of the shared one is the same code.
+extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
     pdl_entry();
     const int K = p.k, I = p.i, H = p.h;
     int q = blockIdx.y, lane = threadIdx.x & 31;
     long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
-    if (SHARED && q >= p.m * K) {
-        int t = q - p.m * K;
-        if (r >= p.si) return;
-        bf16 a = gate_up_swiglu_row(p.sgate, p.sup, r, H, p.x + (long)t * H, lane);
-        if (lane == 0) p.sact[(long)t * p.si + r] = a;
+    if (r >= I) return;
+    QMat G = expert_slice(p.gate, p.idx[q], p.w_stride, p.sb_stride);
+    QMat U = expert_slice(p.up, p.idx[q], p.w_stride, p.sb_stride);
+    bf16 a = gate_up_swiglu_row(G, U, r, H, p.x + (long)(q / K) * H, lane);
+    if (lane == 0) p.act[(long)q * I + r] = a;
+}
+extern "C" __global__ void moe_shared_gate_up_swiglu(const MoeSharedGateUpArgs s) {
+    pdl_entry();
+    const MoeGateUpArgs& p = s.routed;
+    const int K = p.k, I = p.i, H = p.h;
+    int q = blockIdx.y, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (q >= s.m * K) {
+        int t = q - s.m * K;
+        if (r >= s.si) return;
+        bf16 a = gate_up_swiglu_row(s.sgate, s.sup, r, H, p.x + (long)t * H, lane);
+        if (lane == 0) s.sact[(long)t * s.si + r] = a;
         return;
     }
     if (r >= I) return;
@@ -235,8 +247,6 @@ __device__ __forceinline__ void moe_gate_up_swiglu_body(const MoeGateUpArgs& p) 
     bf16 a = gate_up_swiglu_row(G, U, r, H, p.x + (long)(q / K) * H, lane);
     if (lane == 0) p.act[(long)q * I + r] = a;
 }
-extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) { moe_gate_up_swiglu_body<false>(p); }
-extern "C" __global__ void moe_shared_gate_up_swiglu(const MoeGateUpArgs p) { moe_gate_up_swiglu_body<true>(p); }
 
 // moe_mlp 3/3: x[m, r] += bf16(Σ_j w[m,j] · bf16(down_{idx[m,j]}[r] · act[m·K + j])), slots
 // in order (= expert_matvec + combine + add_inplace). Grid (ceil(H / DOWN_ROWS), 1, M), one
@@ -249,10 +259,11 @@ extern "C" __global__ void moe_shared_gate_up_swiglu(const MoeGateUpArgs p) { mo
 // block).
 // With shared experts the combined output first takes the shared experts' output: x +=
 // bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace), shared read
-// from p.shared, or (SHARED, launched as moe_shared_down_combine_add) computed by warp K of
+// from p.shared, or (SHARED: moe_shared_down_combine_add, fields in s) computed by warp K of
 // the block: bf16(sdown[r] · sact[m]) (= the shared down's matvec, the same row sums).
 template <bool SHARED>
-__device__ __forceinline__ void moe_down_combine_add_body(const MoeDownCombineAddArgs& p) {
+__device__ __forceinline__ void moe_down_combine_add_body(const MoeDownCombineAddArgs& p,
+                                                          const MoeSharedDownCombineAddArgs* s) {
     pdl_entry();
     __shared__ bf16 ys[DOWN_ROWS][SHARED ? 33 : 32];
     const int K = p.k, H = p.h, I = p.i;
@@ -265,7 +276,7 @@ __device__ __forceinline__ void moe_down_combine_add_body(const MoeDownCombineAd
         QMat D = expert_slice(p.down.w, p.idx[q], p.down.w_stride, p.down.sb_stride);
         row_dot_rows<DOWN_ROWS, 1>(D, r0, nr, I, p.act + (long)q * I, lane, acc);
     } else {
-        row_dot_rows<DOWN_ROWS, 1>(p.sdown, r0, nr, p.si, p.sact + (long)m * p.si, lane, acc);
+        row_dot_rows<DOWN_ROWS, 1>(s->sdown, r0, nr, s->si, s->sact + (long)m * s->si, lane, acc);
     }
 #pragma unroll
     for (int i = 0; i < DOWN_ROWS; i++) {
@@ -283,8 +294,10 @@ __device__ __forceinline__ void moe_down_combine_add_body(const MoeDownCombineAd
     else if (p.shared) out = add_bf16(out, p.shared[(long)m * H + r]);
     p.x[(long)m * H + r] = add_bf16(p.x[(long)m * H + r], out);
 }
-extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) { moe_down_combine_add_body<false>(p); }
-extern "C" __global__ void moe_shared_down_combine_add(const MoeDownCombineAddArgs p) {
-    moe_down_combine_add_body<true>(p);
+extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
+    moe_down_combine_add_body<false>(p, nullptr);
+}
+extern "C" __global__ void moe_shared_down_combine_add(const MoeSharedDownCombineAddArgs p) {
+    moe_down_combine_add_body<true>(p.routed, &p);
 }
 
