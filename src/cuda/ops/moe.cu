@@ -264,7 +264,6 @@ extern "C" __global__ void moe_shared_gate_up_swiglu(const MoeSharedGateUpArgs s
 template <bool SHARED>
 __device__ __forceinline__ void moe_down_combine_add_body(const MoeDownCombineAddArgs& p,
                                                           const MoeSharedDownCombineAddArgs* s) {
-    pdl_entry();
     __shared__ bf16 ys[DOWN_ROWS][SHARED ? 33 : 32];
     const int K = p.k, H = p.h, I = p.i;
     int m = blockIdx.z, j = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -295,9 +294,11 @@ __device__ __forceinline__ void moe_down_combine_add_body(const MoeDownCombineAd
     p.x[(long)m * H + r] = add_bf16(p.x[(long)m * H + r], out);
 }
 extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
+    pdl_entry();
     moe_down_combine_add_body<false>(p, nullptr);
 }
 extern "C" __global__ void moe_shared_down_combine_add(const MoeSharedDownCombineAddArgs p) {
+    pdl_entry();
     moe_down_combine_add_body<true>(p.routed, &p);
 }
 
