@@ -247,13 +247,14 @@ if [ "${2:-}" = ncu ]; then
     # router, gate, up, down) — throughput against the limits, occupancy, the warps' stall
     # reasons, memory traffic. NCU_GEN=3 decodes two tokens after the prompt, so decode
     # kernels (e.g. NCU_KERNELS='moe_gate_up_swiglu|moe_down_combine_add') run too. Clocks
-    # are not locked (the bench numbers are not either). Full report in $OUT/ncu.txt.
+    # are not locked (the bench numbers are not either). NCU_GEN defaults to 2, the fewest
+    # `bench` takes. Full report in $OUT/ncu.txt.
     M=/tmp/zmoe-${NCU_PRESET:-qwen3-30b-a3b}
     synth_preset "${NCU_PRESET:-qwen3-30b-a3b}" "$M"
     ncu --clock-control none -k "regex:${NCU_KERNELS:-expert_gemm_tc|gemm_tc|attention_tc}" \
         --launch-count "${NCU_COUNT:-9}" --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-        scratch/gpu/zmoe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens "${NCU_GEN:-1}" --runs 1 \
+        scratch/gpu/zmoe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens "${NCU_GEN:-2}" --runs 1 \
         --warmup 0 >"$OUT/ncu.txt" 2>&1 || tail -5 "$OUT/ncu.txt"
     grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" \
         "$OUT/ncu.txt" | head -120

@@ -377,7 +377,7 @@ pub fn step_bytes(step: &Step, w: &Weights, cfg: &ModelConfig, ctx: usize) -> us
                 Some(Mlp::Moe { correction_bias: Some(b), .. }) => 4 * b.len(),
                 _ => 0,
             },
-            MoeOp::RouterTopK | MoeOp::TopKSoftmax | MoeOp::ClampSwiglu | MoeOp::Combine => 0,
+            MoeOp::RouterTopK | MoeOp::TopKSoftmax | MoeOp::SharedSwiglu | MoeOp::ClampSwiglu | MoeOp::Combine => 0,
         },
         Step::Fused { parts, .. } => parts.iter().map(|p| step_bytes(p, w, cfg, ctx)).sum(),
         Step::Packed { step, .. } => step_bytes(step, w, cfg, ctx),

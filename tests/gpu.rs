@@ -434,6 +434,64 @@ fn kernel_expert_gemm_tc_matches_cpu() {
     }
 }
 
+/// Per-head products in f64: row (q, r) = mats[q mod heads][r] · the first k of x's row q
+/// (`x_ld` wide), for `rows` (token, head) rows of `n` outputs.
+fn per_head_reference(x: &[f32], x_ld: usize, mats: &[Vec<f32>], rows: usize, n: usize, k: usize) -> Vec<f32> {
+    (0..rows * n)
+        .map(|i| {
+            let (q, row) = (i / n, i % n);
+            let wf = &mats[q % mats.len()];
+            (0..k).map(|j| x[q * x_ld + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
+        })
+        .collect()
+}
+
+/// MLA's per-head mat-vec against the CPU, and one token (head_matvec1: rows of a few
+/// chunks share a warp) bit-identical to the multi-token kernel's token 0: affine 4-bit
+/// rows of 6 and 16 chunks (8 and 16 lanes a row), 8-bit of 4 (4 lanes), bf16 of 8 and 24
+/// (8 lanes; a whole warp); a row count that leaves a warp's last group past the end.
+#[test]
+#[ignore]
+fn kernel_head_matvec_one_token_equals_multi() {
+    use zmoe::cuda::ops::mla;
+    let mut dev = Device::open().unwrap();
+    let mut rng = Rng::new(0x4EA1);
+    let (nh, n, m) = (3usize, 37usize, 3usize);
+    for (fmt, bits, k) in [(1, 4u32, 192usize), (1, 4, 512), (1, 8, 64), (0, 16, 64), (0, 16, 192)] {
+        let x_ld = k + 64;
+        let x: Vec<f32> = (0..m * nh * x_ld).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
+        let (w, mats) = random_stacked(&mut dev, &mut rng, nh, (n, k), fmt, bits);
+        let want = per_head_reference(&x, x_ld, &mats, m * nh, n, k);
+        let px = dev.upload(&to_bf16(&x)).unwrap();
+        let run = |dev: &mut Device, m: usize| -> Vec<u16> {
+            let py = dev.alloc(m * nh * n * 2).unwrap();
+            dev.fill(py, 0xFF, m * nh * n * 2).unwrap(); // poison: NaN
+            let a = mla::HeadMatvecArgs {
+                w,
+                x: rd(px),
+                x_ld: x_ld as i64,
+                nh: nh as i32,
+                y: wr(py),
+                n: n as i32,
+                k: k as i32,
+                m: m as i32,
+                lanes: 32,
+            };
+            mla::head_matvec(dev, &a).unwrap();
+            let mut got = vec![0u16; m * nh * n];
+            dev.read(py, &mut got).unwrap();
+            got
+        };
+        let many = run(&mut dev, m);
+        let what = format!("head_matvec fmt {fmt} bits {bits} k {k} ({} lanes a row)", mla::head_lanes(&w.w, k));
+        let e = rel_err(&from_bf16(&many), &want);
+        assert!(e < 8e-3, "{what}: rel err {e}");
+        let one = run(&mut dev, 1);
+        assert!(from_bf16(&one).iter().all(|v| v.is_finite()), "{what}: unwritten output");
+        assert_eq!(one, many[..nh * n], "{what}: one token differs from the multi-token kernel");
+    }
+}
+
 /// MLA's per-head tensor-core product (issue 19) against the CPU: row (token, head) of y =
 /// W[head] · the first k elements of that head's wider source row (q_nope of a query head),
 /// heads stacked like experts; bf16 and affine 4/8-bit, token counts that leave partial tiles.
@@ -448,13 +506,7 @@ fn kernel_head_gemm_tc_matches_cpu() {
         for m in [40usize, 17] {
             let x: Vec<f32> = (0..m * nh * x_ld).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
             let (w, mats) = random_stacked(&mut dev, &mut rng, nh, (n, k), fmt, bits);
-            let want: Vec<f32> = (0..m * nh * n)
-                .map(|i| {
-                    let (q, row) = (i / n, i % n);
-                    let wf = &mats[q % nh];
-                    (0..k).map(|j| x[q * x_ld + j] as f64 * wf[row * k + j] as f64).sum::<f64>() as f32
-                })
-                .collect();
+            let want = per_head_reference(&x, x_ld, &mats, m * nh, n, k);
             let px = dev.upload(&to_bf16(&x)).unwrap();
             let py = dev.alloc(m * nh * n * 2).unwrap();
             dev.fill(py, 0xFF, m * nh * n * 2).unwrap();
@@ -467,6 +519,7 @@ fn kernel_head_gemm_tc_matches_cpu() {
                 n: n as i32,
                 k: k as i32,
                 m: m as i32,
+                lanes: 32,
             };
             gemm::head_gemm(&dev, &a).unwrap();
             check_bf16_out(&dev, py, &want, 4e-3, &format!("head_gemm_tc fmt {fmt} bits {bits} m {m}"));
@@ -805,7 +858,7 @@ fn kernel_mla_attention_matches_cpu() {
 fn kernel_router_topk_matches_cpu() {
     let mut dev = Device::open().unwrap();
     let mut rng = Rng::new(77);
-    for (e, k) in [(8usize, 2usize), (128, 8), (60, 4)] {
+    for (e, k) in [(8usize, 2usize), (128, 8), (60, 4), (200, 8), (400, 8)] {
         let m = 5;
         let mut logits: Vec<f32> = (0..m * e).map(|_| rng.normal()).collect();
         logits[3] = logits[5]; // an exact tie
@@ -821,10 +874,16 @@ fn kernel_router_topk_matches_cpu() {
         assert_eq!(gi.iter().map(|&i| i as usize).collect::<Vec<_>>(), wi, "e {e} k {k}");
         assert!(rel_err(&gw, &ww) < 1e-5);
     }
-    // Sigmoid + correction bias + group limiting (GLM / DeepSeek / Kimi shapes).
-    for (e, k, ng, tg, norm) in
-        [(64usize, 4usize, 1usize, 1usize, 1), (256, 8, 8, 4, 1), (48, 8, 1, 1, 0), (16, 3, 2, 1, 1)]
-    {
+    // Sigmoid + correction bias + group limiting (GLM / DeepSeek / Kimi shapes; every lane
+    // width of with_lanes: 1, 2, 4, 8 and 32 experts a lane).
+    for (e, k, ng, tg, norm) in [
+        (64usize, 4usize, 1usize, 1usize, 1),
+        (256, 8, 8, 4, 1),
+        (48, 8, 1, 1, 0),
+        (16, 3, 2, 1, 1),
+        (100, 6, 1, 1, 1),
+        (384, 8, 1, 1, 1),
+    ] {
         let m = 6;
         let logits: Vec<f32> = (0..m * e).map(|_| rng.normal()).collect();
         let bias: Vec<f32> = (0..e).map(|_| 0.1 * rng.normal()).collect();
@@ -1191,9 +1250,14 @@ fn kernel_router_sigmoid_bias_matches_bf16_emulation() {
     let mut dev = Device::open().unwrap();
     let mut rng = Rng::new(0xB1A5);
     let r = |x: f32| half::bf16::from_f32(x).to_f32();
-    for (e, k, norm, with_bias, scale) in
-        [(32usize, 4usize, 1, true, 1.0f32), (64, 4, 1, true, 1.0), (48, 6, 0, false, 2.5)]
-    {
+    for (e, k, norm, with_bias, scale) in [
+        (32usize, 4usize, 1, true, 1.0f32),
+        (64, 4, 1, true, 1.0),
+        (48, 6, 0, false, 2.5),
+        (100, 8, 1, true, 1.0),
+        (200, 8, 1, true, 1.0),
+        (300, 8, 1, true, 1.0),
+    ] {
         let m = 9;
         let logits: Vec<f32> = (0..m * e).map(|_| rng.normal() * 2.0).collect();
         let bias: Vec<f32> = (0..e).map(|_| 0.05 * rng.normal()).collect();

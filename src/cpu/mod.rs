@@ -363,10 +363,11 @@ impl CpuBackend {
                 self.st.put(Buf::Gate, g);
                 self.st.put(Buf::Up, u);
             }
-            Step::Swiglu => {
+            Step::Swiglu | Step::Moe { op: MoeOp::SharedSwiglu, .. } => {
                 let (g, u) = (&self.st.bufs[Buf::Gate as usize], &self.st.bufs[Buf::Up as usize]);
                 let act = g.iter().zip(u).map(|(&g, &u)| ops::silu(g) * u).collect();
-                self.st.put(Buf::Act, act);
+                let dst = if matches!(step, Step::Swiglu) { Buf::Act } else { Buf::SharedAct };
+                self.st.put(dst, act);
             }
             Step::Moe { layer, op: MoeOp::ExpertDown } => {
                 let ex = self.experts(layer);

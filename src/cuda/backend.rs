@@ -321,6 +321,7 @@ impl CudaBackend {
             (Buf::QLat, nh * lat, 2),
             (Buf::OLat, nh * lat, 2),
             (Buf::SharedOut, if c.n_shared_experts > 0 { h } else { 0 }, 2),
+            (Buf::SharedAct, c.shared_intermediate_size(), 2),
             (Buf::Bcx, if c.conv.is_some() { 3 * h } else { 0 }, 2),
         ];
         let splits = attn::ATTN_SPLITS.max(mla::MLA_SPLITS);
@@ -767,12 +768,16 @@ impl CudaBackend {
                 }
                 self.st.act_elems = mm * k * c.moe_intermediate_size;
             }
-            Step::Swiglu => {
+            Step::Swiglu | Step::Moe { op: MoeOp::SharedSwiglu, .. } => {
+                let (act, n) = match step {
+                    Step::Swiglu => (Buf::Act, self.st.act_elems),
+                    _ => (Buf::SharedAct, mm * c.shared_intermediate_size()),
+                };
                 let a = moe::SwigluArgs {
                     g: rd(self.buf(Buf::Gate)),
                     u: rd(self.buf(Buf::Up)),
-                    act: wr(self.buf(Buf::Act)),
-                    n: self.st.act_elems as i64,
+                    act: wr(self.buf(act)),
+                    n: n as i64,
                 };
                 moe::swiglu(dev, &a)?;
             }
@@ -1040,6 +1045,12 @@ impl CudaBackend {
             Fusion::MoeGateUpSwiglu => {
                 let ex = self.w.experts(layer)?;
                 let (g, u) = (ex.gate, ex.up);
+                // With the shared experts' gate/up among the parts: theirs too (no biases:
+                // plan::lower keeps such a step only then).
+                let shared = match lins.as_slice() {
+                    [(sg, _), (su, _)] => Some((self.w.linear(*sg)?, self.w.linear(*su)?)),
+                    _ => None,
+                };
                 let a = moe::MoeGateUpArgs {
                     gate: g.q,
                     up: u.q,
@@ -1052,12 +1063,32 @@ impl CudaBackend {
                     i: int(c.moe_intermediate_size),
                     h: int(h),
                 };
-                moe::moe_gate_up_swiglu(dev, &a, mm * k)
+                match shared {
+                    Some((sg, su)) => {
+                        let s = moe::MoeSharedGateUpArgs {
+                            routed: a,
+                            m: int(mm),
+                            sgate: sg.w.q,
+                            sup: su.w.q,
+                            sact: wr(self.buf(Buf::SharedAct)),
+                            si: int(sg.w.rows),
+                        };
+                        moe::moe_shared_gate_up_swiglu(dev, &s)
+                    }
+                    None => moe::moe_gate_up_swiglu(dev, &a, mm * k),
+                }
             }
             Fusion::MoeDownCombineAdd => {
                 let dn = self.w.experts(layer)?.down;
+                // The shared experts' output: computed here when their down is among the
+                // parts (no bias: plan::lower keeps such a step only then), else read from
+                // SharedOut when added.
+                let sdown = match lins.first() {
+                    Some(&(sd, _)) => Some(self.w.linear(sd)?),
+                    None => None,
+                };
                 let with_shared = parts.iter().any(|p| matches!(p, Step::Add { src: Buf::SharedOut, .. }));
-                let shared = if with_shared { self.buf(Buf::SharedOut) } else { 0 };
+                let shared = if with_shared && sdown.is_none() { self.buf(Buf::SharedOut) } else { 0 };
                 let a = moe::MoeDownCombineAddArgs {
                     down: dn.stacked(),
                     idx: rd(self.st.topk_idx),
@@ -1069,7 +1100,18 @@ impl CudaBackend {
                     i: int(c.moe_intermediate_size),
                     shared: rd(shared),
                 };
-                moe::moe_down_combine_add(dev, &a, mm)
+                match sdown {
+                    Some(sd) => {
+                        let s = moe::MoeSharedDownCombineAddArgs {
+                            routed: a,
+                            sdown: sd.w.q,
+                            sact: rd(self.buf(Buf::SharedAct)),
+                            si: int(sd.w.cols),
+                        };
+                        moe::moe_shared_down_combine_add(dev, &s, mm)
+                    }
+                    None => moe::moe_down_combine_add(dev, &a, mm),
+                }
             }
             Fusion::InProj => {
                 // Two or three projections of H; with two (MLA), the third slot repeats the
@@ -1102,13 +1144,19 @@ impl CudaBackend {
             Fusion::GateUpSwiglu => {
                 let (&(gr, _), &(ur, _)) = (lins.first().ok_or_else(bad_parts)?, lins.get(1).ok_or_else(bad_parts)?);
                 let (g, u) = (self.w.linear(gr)?, self.w.linear(ur)?);
+                // The shared experts' activation has its own buffer.
+                let act = if parts.iter().any(|p| matches!(p, Step::Moe { op: MoeOp::SharedSwiglu, .. })) {
+                    Buf::SharedAct
+                } else {
+                    Buf::Act
+                };
                 let a = linear::DenseGateUpArgs {
                     gate: g.w.q,
                     up: u.w.q,
                     gbias: rd(g.bias()),
                     ubias: rd(u.bias()),
                     x: rd(self.buf(Buf::H)),
-                    act: wr(self.buf(Buf::Act)),
+                    act: wr(self.buf(act)),
                     f: int(g.w.rows),
                     h: int(h),
                     m: int(mm),
@@ -1357,6 +1405,7 @@ impl CudaBackend {
             n: int(w.rows),
             k: int(w.cols),
             m: int(m),
+            lanes: 32,
         };
         if self.tensor_cores() && gemm::supports(&w.q, w.cols) && x_ld.is_multiple_of(8) {
             gemm::head_gemm(&self.dev, &a)

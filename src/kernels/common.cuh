@@ -436,15 +436,26 @@ __device__ __forceinline__ void router_topk_lanes(const float* l, int E, int K, 
     if (lane == 0) for (int j = 0; j < K; j++) wout[j] = norm ? sel[j] / tot : sel[j];
 }
 
-// router_topk_lanes with the fewest registers that hold E ≤ 1024 experts: each top-k round
-// scans PER values a lane instead of 32 (the foundry's topk_gating t1_lane_regs, measured
-// 1.26× faster at 1..8 tokens on the H100 and bit-identical).
+// Experts a lane holds in a one-warp router: f(Lanes<PER>{}) with the fewest of 1, 2, 4, 8, 32
+// registers that hold E ≤ 1024 experts (lane l: experts l, l + 32, ...). Each top-k round
+// then scans PER values a lane instead of 32 (the foundry's topk_gating t1_lane_regs,
+// measured 1.26× faster at 1..8 tokens on the H100, bit-identical).
+template <int N>
+struct Lanes {
+    static constexpr int PER = N;
+};
+template <typename F>
+__device__ __forceinline__ void with_lanes(int E, F f) {
+    if (E <= 32) f(Lanes<1>{});
+    else if (E <= 64) f(Lanes<2>{});
+    else if (E <= 128) f(Lanes<4>{});
+    else if (E <= 256) f(Lanes<8>{});
+    else f(Lanes<32>{});
+}
+
+// router_topk_lanes with the fewest registers that hold E (with_lanes).
 __device__ __forceinline__ void router_topk_warp(const float* l, int E, int K, int norm, int* idx, float* wout) {
-    if (E <= 32) router_topk_lanes<1>(l, E, K, norm, idx, wout);
-    else if (E <= 64) router_topk_lanes<2>(l, E, K, norm, idx, wout);
-    else if (E <= 128) router_topk_lanes<4>(l, E, K, norm, idx, wout);
-    else if (E <= 256) router_topk_lanes<8>(l, E, K, norm, idx, wout);
-    else router_topk_lanes<32>(l, E, K, norm, idx, wout);
+    with_lanes(E, [&](auto L) { router_topk_lanes<decltype(L)::PER>(l, E, K, norm, idx, wout); });
 }
 
 // Programmatic dependent launch (sm_90+): the first statement of every built-in kernel.
@@ -462,10 +473,12 @@ __device__ __forceinline__ void pdl_entry() {
 }
 
 // Top-K of one token's selection scores c (expert lane + 32·i in slot i of each lane's
-// arrays; -inf never chosen), largest first, the lowest index winning ties: writes the
-// chosen experts to idx (lane 0) and their weights sg to sel; returns Σ sel in slot order.
-__device__ __forceinline__ float select_topk_warp(const float (&sg)[32], const float (&c)[32], int E, int K, int* idx,
-                                                  float* sel) {
+// PER-long arrays; -inf never chosen), largest first, the lowest index winning ties: writes
+// the chosen experts to idx (lane 0) and their weights sg to sel; returns Σ sel in slot
+// order. PER only sizes the arrays (slots past E are never chosen): every PER, same bits.
+template <int PER>
+__device__ __forceinline__ float select_topk_warp(const float (&sg)[PER], const float (&c)[PER], int E, int K,
+                                                  int* idx, float* sel) {
     int lane = threadIdx.x & 31;
     float tot = 0.f;
     unsigned taken = 0;  // bit i: expert lane + 32·i already chosen
@@ -473,7 +486,7 @@ __device__ __forceinline__ float select_topk_warp(const float (&sg)[32], const f
         float bv = -INFINITY, bs = 0.f;
         int bi = 0x7fffffff;
 #pragma unroll
-        for (int i = 0; i < 32; i++) {
+        for (int i = 0; i < PER; i++) {
             int e = lane + 32 * i;
             if (e < E && !(taken >> i & 1u) && c[i] > bv) { bv = c[i]; bs = sg[i]; bi = e; }
         }
@@ -495,16 +508,26 @@ __device__ __forceinline__ float select_topk_warp(const float (&sg)[32], const f
 // selection on s + bias among the topk_group groups (of n_group ≤ 32) with the largest
 // sum of their two best biased scores (lowest group wins ties), top-K with the lowest
 // index winning ties; weights = s of the chosen experts, / (Σ + 1e-20) when norm, × scale.
-// E ≤ 1024.
-// Logits are read through L2 (__ldcg): the fused router reads what other blocks just wrote.
-__device__ void router_sigmoid_warp(const float* lg, const float* bias, int E, int K, int n_group, int topk_group,
-                                    int norm, float scale, int* idx, float* wout) {
-    __shared__ float gs[32];
-    __shared__ int keep[32];
+// E ≤ 32·PER. Logits are read through L2 (__ldcg): the fused router reads what other
+// blocks just wrote.
+// Shared memory of router_sigmoid_lanes' group selection (declared once by the dispatcher,
+// not once per PER instance).
+struct SigmoidGroups {
+    float gs[32];    // group scores
+    int keep[32];    // group chosen
+    float cs[1024];  // every expert's selection score
+};
+
+template <int PER>
+__device__ __forceinline__ void router_sigmoid_lanes(SigmoidGroups& sh, const float* lg, const float* bias, int E,
+                                                     int K, int n_group, int topk_group, int norm, float scale,
+                                                     int* idx, float* wout) {
+    float* gs = sh.gs;
+    int* keep = sh.keep;
     int lane = threadIdx.x & 31;
-    float sg[32], c[32];
+    float sg[PER], c[PER];
 #pragma unroll
-    for (int i = 0; i < 32; i++) {
+    for (int i = 0; i < PER; i++) {
         int e = lane + 32 * i;
         sg[i] = e < E ? 1.f / (1.f + expf(-__ldcg(lg + e))) : 0.f;
         c[i] = e < E ? sg[i] + bias[e] : -INFINITY;
@@ -512,9 +535,9 @@ __device__ void router_sigmoid_warp(const float* lg, const float* bias, int E, i
     if (n_group > 1) {
         // Group scores: top-2 sum of each group, lane g owning group g.
         int per = E / n_group;
-        __shared__ float cs[1024];
+        float* cs = sh.cs;
 #pragma unroll
-        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E) cs[e] = c[i]; }
+        for (int i = 0; i < PER; i++) { int e = lane + 32 * i; if (e < E) cs[e] = c[i]; }
         __syncwarp();
         if (lane < n_group) {
             float b1 = -INFINITY, b2 = -INFINITY;
@@ -535,14 +558,25 @@ __device__ void router_sigmoid_warp(const float* lg, const float* bias, int E, i
         }
         __syncwarp();
 #pragma unroll
-        for (int i = 0; i < 32; i++) { int e = lane + 32 * i; if (e < E && !keep[e / per]) c[i] = -INFINITY; }
+        for (int i = 0; i < PER; i++) { int e = lane + 32 * i; if (e < E && !keep[e / per]) c[i] = -INFINITY; }
     }
     float sel[16];
-    float tot = select_topk_warp(sg, c, E, K, idx, sel);
+    float tot = select_topk_warp<PER>(sg, c, E, K, idx, sel);
     if (lane == 0) {
         float den = tot + 1e-20f;
         for (int j = 0; j < K; j++) wout[j] = (norm ? sel[j] / den : sel[j]) * scale;
     }
+}
+
+// router_sigmoid_lanes with the fewest registers that hold E (with_lanes; the foundry's
+// topk_gating t1_lane_regs in sigmoid mode: 5.6–6.8 against 8.2–8.4 µs at 1..8 tokens of
+// GLM-4.7-Flash on the H200, bit-identical). E ≤ 1024.
+__device__ __forceinline__ void router_sigmoid_warp(const float* lg, const float* bias, int E, int K, int n_group,
+                                                    int topk_group, int norm, float scale, int* idx, float* wout) {
+    __shared__ SigmoidGroups sh;
+    with_lanes(E, [&](auto L) {
+        router_sigmoid_lanes<decltype(L)::PER>(sh, lg, bias, E, K, n_group, topk_group, norm, scale, idx, wout);
+    });
 }
 
 // One slot of the expert combine: a + w·y with an explicit FMA (no contraction choice left

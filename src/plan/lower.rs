@@ -89,7 +89,12 @@ fn pack_op(step: &Step, w: &Weights) -> Option<OpId> {
         Step::Moe { op: MoeOp::Combine, .. } => Some(OpId::MoeCombine),
         Step::Moe { op: MoeOp::RouterTopK, .. } => Some(OpId::TopkGating),
         Step::Fused { op: Fusion::AddRmsNorm, .. } => Some(OpId::RmsnormResidual),
-        // The gather templates read MLX affine experts only.
+        // The gather templates read MLX affine experts only, and no shared experts.
+        Step::Fused { op: Fusion::MoeGateUpSwiglu, parts }
+            if parts.iter().any(|p| matches!(p, Step::Linear { .. })) =>
+        {
+            None
+        }
         Step::Fused { op: Fusion::MoeGateUpSwiglu, .. } => match w.experts(step.layer()?).ok()?.gate.first()?.kind {
             MatKind::Affine { .. } => Some(OpId::GatherQmmSwiglu),
             _ => None,
@@ -111,10 +116,27 @@ fn same_format(a: &Mat, b: &Mat) -> bool {
 }
 
 /// Whether the CUDA kernel of fused step `s` can read its matrices (other steps: true):
-/// `moe_gate_up_swiglu` reads gate and up rows with the gate's format; the two- and
-/// three-matrix projections are held to the same rule until a GPU test covers mixed formats.
+/// `moe_gate_up_swiglu` reads gate and up rows with the gate's format (the routed experts',
+/// and the shared experts' with theirs); the two- and three-matrix projections are held to
+/// the same rule until a GPU test covers mixed formats. The MoE kernels add no bias to the
+/// shared experts' projections they run: with one, the step runs as its components.
 fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
     let Step::Fused { op, parts } = s else { return Ok(true) };
+    let lins: Vec<&crate::model::Linear> = parts
+        .iter()
+        .filter_map(|p| match p {
+            Step::Linear { w: r, .. } => Some(w.linear(*r)),
+            _ => None,
+        })
+        .collect::<Result<_>>()?;
+    if matches!(op, Fusion::MoeGateUpSwiglu | Fusion::MoeDownCombineAdd) && !lins.is_empty() {
+        let ws: Vec<&Mat> = lins.iter().map(|l| &l.w).collect();
+        return Ok(lins.iter().all(|l| l.b.is_none()) && ws.iter().all(|m| same_format(m, ws[0])) && {
+            let ex = w.experts(s.layer().unwrap_or(usize::MAX))?;
+            let routed: Vec<&Mat> = ex.gate.iter().chain(&ex.up).collect();
+            *op == Fusion::MoeDownCombineAdd || routed.iter().all(|m| same_format(m, routed[0]))
+        });
+    }
     let mats: Vec<&Mat> = match op {
         // GPT-OSS's kernel (moe_gate_up_clamp) reads the gate and up stacks each in its own
         // format, MXFP4 included.
@@ -125,13 +147,7 @@ fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
             let ex = w.experts(s.layer().unwrap_or(usize::MAX))?;
             ex.gate.iter().chain(&ex.up).collect()
         }
-        Fusion::InProj | Fusion::GateUpSwiglu => parts
-            .iter()
-            .filter_map(|p| match p {
-                Step::Linear { w: r, .. } => Some(w.linear(*r).map(|l| &l.w)),
-                _ => None,
-            })
-            .collect::<Result<_>>()?,
+        Fusion::InProj | Fusion::GateUpSwiglu => lins.iter().map(|l| &l.w).collect(),
         _ => return Ok(true),
     };
     Ok(mats.iter().all(|m| same_format(m, mats[0])))
@@ -166,6 +182,38 @@ fn serves(s: &Step) -> Serves {
     }
 }
 
+/// The steps `s` runs as in chunks `chunk`: itself where its kernel serves them and reads
+/// its matrices, else its parts, lowered the same way. moe_mlp's MoE kernels with the
+/// shared experts' rows fall back to the shared steps (their gate/up as shared_expert's
+/// fused kernel) and moe_mlp's routed-only kernel, each lowered again.
+fn lower_step(s: &Step, chunk: Serves, w: &Weights) -> Result<Vec<Step>> {
+    if serves(s) >= chunk && cuda_formats_ok(s, w)? {
+        return Ok(vec![s.clone()]);
+    }
+    let mut parts = s.components();
+    let shared_first =
+        matches!(parts.first(), Some(Step::Linear { w: LinRef::SharedGate(_) | LinRef::SharedDown(_), .. }));
+    match s {
+        Step::Fused { op: Fusion::MoeGateUpSwiglu, .. } if shared_first => {
+            let routed = parts.split_off(3);
+            parts = vec![
+                Step::Fused { op: Fusion::GateUpSwiglu, parts },
+                Step::Fused { op: Fusion::MoeGateUpSwiglu, parts: routed },
+            ];
+        }
+        Step::Fused { op: Fusion::MoeDownCombineAdd, .. } if shared_first => {
+            let routed = parts.split_off(1);
+            parts.push(Step::Fused { op: Fusion::MoeDownCombineAdd, parts: routed });
+        }
+        _ => {}
+    }
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        if matches!(p, Step::Fused { .. }) { out.extend(lower_step(&p, chunk, w)?) } else { out.push(p) }
+    }
+    Ok(out)
+}
+
 /// The plans the CUDA backend runs for `plan` over `w`, with the pack kernels it has
 /// compiled (`packs`; ignored for the reference plan).
 pub fn cuda(plan: &Plan, w: &Weights, packs: &[PackKernel]) -> Result<ExecPlans> {
@@ -175,9 +223,7 @@ pub fn cuda(plan: &Plan, w: &Weights, packs: &[PackKernel]) -> Result<ExecPlans>
         let prefill = chunk != Serves::Decode;
         let mut steps = Vec::with_capacity(plan.steps.len());
         for s in &plan.steps {
-            let keep = serves(s) >= chunk && cuda_formats_ok(s, w)?;
-            let parts = if keep { vec![s.clone()] } else { s.components() };
-            for p in parts {
+            for p in lower_step(s, chunk, w)? {
                 // A pack kernel serves the buckets this plan can see: decode one token only.
                 let kernels: Vec<PackKernel> = pack_op(&p, w)
                     .map(|op| {

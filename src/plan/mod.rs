@@ -59,13 +59,17 @@ pub enum Buf {
     OLat,
     /// Shared-expert output `[T, H]`.
     SharedOut,
+    /// Shared-expert activation `silu(Gate) ⊙ Up` `[T, I_shared]`: its own buffer, so the
+    /// shared down can follow the routed experts' gate/up (which write `Act`) and share the
+    /// routed down's kernel.
+    SharedAct,
     /// LFM2 short conv's in_proj output `[T, 3H]`: the gates B, C and the input X.
     Bcx,
 }
 
 impl Buf {
     /// Every buffer, for backends that allocate them up front.
-    pub const ALL: [Buf; 19] = [
+    pub const ALL: [Buf; 20] = [
         Buf::X,
         Buf::H,
         Buf::Q,
@@ -84,6 +88,7 @@ impl Buf {
         Buf::QLat,
         Buf::OLat,
         Buf::SharedOut,
+        Buf::SharedAct,
         Buf::Bcx,
     ];
 }
@@ -224,6 +229,8 @@ pub enum MoeOp {
     /// Gate and up projections of each token's selected experts: `H` → `Gate`, `Up` `[T·K, I]`
     /// (+ the experts' biases where they have them).
     ExpertGateUp,
+    /// Shared experts' activation: `SharedAct = silu(Gate) ⊙ Up` `[T, I_shared]`.
+    SharedSwiglu,
     /// GPT-OSS expert activation: `Act = (clamp(Up, ±L) + 1) · g · σ(α·g)` with
     /// `g = min(Gate, L)` (model-spec §5.5 step 8).
     ClampSwiglu,
@@ -337,6 +344,7 @@ impl MoeOp {
             MoeOp::SigmoidTopK => "sigmoid_topk",
             MoeOp::SigmoidBiasTopK => "sigmoid_bias_topk",
             MoeOp::TopKSoftmax => "topk_softmax",
+            MoeOp::SharedSwiglu => "shared_swiglu",
             MoeOp::ClampSwiglu => "clamp_swiglu",
             MoeOp::ExpertGateUp => "expert_gate_up",
             MoeOp::ExpertDown => "expert_down",
@@ -363,6 +371,9 @@ impl Fusion {
             Fusion::MoeRouter => "moe_router".into(),
             Fusion::MoeGateUpSwiglu if has(&|s| matches!(s, Step::Moe { op: MoeOp::ClampSwiglu, .. })) => {
                 "moe_gate_up_clamp_swiglu".into()
+            }
+            Fusion::MoeGateUpSwiglu if has(&|s| matches!(s, Step::Linear { w: LinRef::SharedGate(_), .. })) => {
+                "moe_shared_gate_up_swiglu".into()
             }
             Fusion::MoeGateUpSwiglu => "moe_gate_up_swiglu".into(),
             Fusion::MoeDownCombineAdd if has(&|s| matches!(s, Step::Add { src: Buf::SharedOut, .. })) => {

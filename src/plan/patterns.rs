@@ -67,12 +67,14 @@ impl Pattern {
     /// One line on what it fuses.
     pub fn summary(self) -> &'static str {
         match self {
-            Pattern::MoeMlp => "router+top-k | expert gate+up+SwiGLU | expert down+combine(+shared)+residual add",
+            Pattern::MoeMlp => {
+                "router+top-k | expert (+shared experts') gate+up+SwiGLU | expert (+shared) down+combine+residual add"
+            }
             Pattern::SwigluMlp => "dense gate+up+SwiGLU",
             Pattern::QkvProj => "q, k and v projections (MLA: q_a/q and kv_a)",
             Pattern::QkNormRope => "q/k head norms + RoPE + KV-cache append (MLA: latent norm + RoPE + append)",
             Pattern::ResidualNorm => "residual add + RMSNorm (with o_proj before it after attention)",
-            Pattern::SharedExpert => "shared experts' gate+up+SwiGLU",
+            Pattern::SharedExpert => "shared experts' gate+up+SwiGLU (without moe_mlp; with it, moe_mlp's)",
             Pattern::ConvMixer => "short conv's in_proj + gating + causal conv + gating (one token)",
         }
     }
@@ -103,6 +105,28 @@ impl Pattern {
                 };
                 (Fusion::MoeRouter, vec![lin(LinRef::Router(*l), H, RouterLogits), moe(*l, top_k)])
             }
+            // With shared experts: theirs and the routed experts' gate/up in one kernel.
+            (Pattern::MoeMlp, Step::Linear { w: LinRef::SharedGate(l), .. }) => (
+                Fusion::MoeGateUpSwiglu,
+                vec![
+                    lin(LinRef::SharedGate(*l), H, Gate),
+                    lin(LinRef::SharedUp(*l), H, Up),
+                    moe(*l, MoeOp::SharedSwiglu),
+                    moe(*l, MoeOp::ExpertGateUp),
+                    Step::Swiglu,
+                ],
+            ),
+            // ... and their down with the routed down, combine and residual.
+            (Pattern::MoeMlp, Step::Linear { w: LinRef::SharedDown(l), .. }) => (
+                Fusion::MoeDownCombineAdd,
+                vec![
+                    lin(LinRef::SharedDown(*l), SharedAct, SharedOut),
+                    moe(*l, MoeOp::ExpertDown),
+                    moe(*l, MoeOp::Combine),
+                    Step::Add { dst: Out, src: SharedOut },
+                    Step::Add { dst: X, src: Out },
+                ],
+            ),
             (Pattern::MoeMlp, Step::Moe { layer, op: MoeOp::ExpertGateUp }) => {
                 // GPT-OSS's experts end in the clamped SwiGLU instead.
                 let act = match rest.get(1)? {
@@ -124,7 +148,11 @@ impl Pattern {
             }
             (Pattern::SharedExpert, Step::Linear { w: LinRef::SharedGate(l), .. }) => (
                 Fusion::GateUpSwiglu,
-                vec![lin(LinRef::SharedGate(*l), H, Gate), lin(LinRef::SharedUp(*l), H, Up), Step::Swiglu],
+                vec![
+                    lin(LinRef::SharedGate(*l), H, Gate),
+                    lin(LinRef::SharedUp(*l), H, Up),
+                    moe(*l, MoeOp::SharedSwiglu),
+                ],
             ),
             (Pattern::SwigluMlp, Step::Linear { w: LinRef::DenseGate(l), .. }) => (
                 Fusion::GateUpSwiglu,
@@ -339,14 +367,17 @@ fn ranges(layers: &[usize]) -> String {
     out.join(",")
 }
 
-/// Why `pattern` fused nothing in `layer`.
-fn not_applied_reason(cfg: &ModelConfig, pattern: Pattern, layer: usize) -> &'static str {
+/// Why `pattern` fused nothing in `layer` (with the `chosen` patterns).
+fn not_applied_reason(cfg: &ModelConfig, pattern: Pattern, layer: usize, chosen: &[Pattern]) -> &'static str {
     let moe = cfg.is_moe_layer(layer);
     match pattern {
         Pattern::MoeMlp if !moe => "dense MLP layer (no router)",
         Pattern::SwigluMlp if moe => "MoE layer (its MLP is moe_mlp's)",
         Pattern::SharedExpert if cfg.n_shared_experts == 0 => "the family has no shared experts",
         Pattern::SharedExpert if !moe => "dense MLP layer (no shared experts)",
+        Pattern::SharedExpert if chosen.contains(&Pattern::MoeMlp) => {
+            "MoE layer (moe_mlp runs the shared experts with the routed experts' kernels)"
+        }
         Pattern::QkvProj | Pattern::QkNormRope if cfg.is_conv_layer(layer) => "short-conv layer (no attention)",
         Pattern::ConvMixer if !cfg.is_conv_layer(layer) => "attention layer (no short conv)",
         Pattern::QkNormRope if cfg.gpt_oss.is_some() => "no q/k head norms (GPT-OSS)",
@@ -390,21 +421,25 @@ pub fn describe(cfg: &ModelConfig, sel: &Selection) -> String {
         let mut layers: Vec<usize> = mine.iter().filter_map(|a| a.step.layer()).collect();
         layers.dedup();
         let global = mine.iter().filter(|a| a.step.layer().is_none()).count();
-        out += &format!(
-            "  applied: {} fused steps, each replacing {} primitive steps, layers {}{}\n",
-            mine.len(),
-            {
-                let mut n: Vec<usize> = mine.iter().map(|a| a.step.primitives().len()).collect();
-                n.sort();
-                n.dedup();
-                n.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(" or ")
-            },
-            if layers.is_empty() { "none".into() } else { ranges(&layers) },
-            if global > 0 { format!(" (+{global} outside layers)") } else { String::new() }
-        );
+        if mine.is_empty() {
+            out += "  applied: nowhere\n";
+        } else {
+            out += &format!(
+                "  applied: {} fused steps, each replacing {} primitive steps, layers {}{}\n",
+                mine.len(),
+                {
+                    let mut n: Vec<usize> = mine.iter().map(|a| a.step.primitives().len()).collect();
+                    n.sort();
+                    n.dedup();
+                    n.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(" or ")
+                },
+                if layers.is_empty() { "none".into() } else { ranges(&layers) },
+                if global > 0 { format!(" (+{global} outside layers)") } else { String::new() }
+            );
+        }
         let mut why: Vec<(&str, Vec<usize>)> = Vec::new();
         for l in (0..cfg.num_layers).filter(|l| !layers.contains(l)) {
-            let r = not_applied_reason(cfg, p, l);
+            let r = not_applied_reason(cfg, p, l, &chosen);
             match why.iter_mut().find(|(w, _)| *w == r) {
                 Some((_, ls)) => ls.push(l),
                 None => why.push((r, vec![l])),
@@ -470,7 +505,9 @@ mod tests {
                     Pattern::ALL.into_iter().enumerate().filter(|(i, _)| mask >> i & 1 == 1).map(|(_, p)| p).collect();
                 let (plan, applied) = apply(&reference, &pats);
                 assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
-                for p in pats.iter().filter(|&&p| p != Pattern::ConvMixer) {
+                // moe_mlp claims the shared experts' gate/up (with the routed experts').
+                let claimed = |p: Pattern| p == Pattern::SharedExpert && pats.contains(&Pattern::MoeMlp);
+                for p in pats.iter().filter(|&&p| p != Pattern::ConvMixer && !claimed(p)) {
                     assert!(applied.iter().any(|a| a.pattern == *p), "{p} fused nothing (q_lora {q_lora})");
                 }
             }
@@ -478,6 +515,7 @@ mod tests {
             let kinds: Vec<String> = plan.steps.iter().map(Step::kind).collect();
             for k in [
                 "moe_sigmoid_router (fused)",
+                "moe_shared_gate_up_swiglu (fused)",
                 "moe_down_combine_shared_add (fused)",
                 "latent_norm_rope_append (fused)",
                 "mla_in_proj (fused)",
@@ -486,6 +524,10 @@ mod tests {
             }
             let has = |f: fn(&Step) -> bool| plan.steps.iter().any(f);
             assert!(!has(|s| matches!(s, Step::Moe { op: MoeOp::SigmoidTopK | MoeOp::Combine, .. })));
+            // Three kernels a MoE layer's MLP: no shared-expert step of its own.
+            assert!(!has(|s| matches!(s, Step::Linear { w: LinRef::SharedDown(_), .. })));
+            assert!(!has(|s| matches!(s, Step::Fused { op: Fusion::GateUpSwiglu, parts }
+                if parts.iter().any(|p| matches!(p, Step::Linear { w: LinRef::SharedGate(_), .. })))));
         }
     }
 

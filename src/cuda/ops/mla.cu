@@ -6,34 +6,50 @@
 // row q = m·nh + h of y [M·nh, N] = W[h] · x_q[0:K], where x_q = x + q·x_ld (the first K
 // elements of a row wider than K: q_nope of a query head). Grid (ceil(N/4), nh); block h
 // takes the tokens MT at a time, so prefill reads each head's matrix once per MT tokens.
-// Both instantiations give each row the same arithmetic (row_dot_partial), bit for bit.
-#define HEAD_MATVEC_KERNEL(NAME, MT)                                                                                \
-    extern "C" __global__ void NAME(const HeadMatvecArgs p) {                                                       \
-        pdl_entry();                                                                                                \
-        const bf16* x = p.x;                                                                                        \
-        const long x_ld = p.x_ld;                                                                                   \
-        const int nh = p.nh, N = p.n, K = p.k, M = p.m;                                                             \
-        bf16* y = p.y;                                                                                              \
-        int h = blockIdx.y, lane = threadIdx.x & 31;                                                                \
-        long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);                                       \
-        if (r >= N) return;                                                                                         \
-        QMat W = expert_slice(p.w.w, h, p.w.w_stride, p.w.sb_stride);                                               \
-        for (int m0 = 0; m0 < M; m0 += MT) {                                                                        \
-            int mt = min(MT, M - m0);                                                                               \
-            const bf16* xs[MT];                                                                                     \
-            _Pragma("unroll") for (int m = 0; m < MT; m++) xs[m] = x + ((long)(m0 + min(m, mt - 1)) * nh + h) * x_ld; \
-            float acc[MT];                                                                                          \
-            row_dot_partial<MT>(W, r, K, xs, mt, lane, acc);                                                        \
-            _Pragma("unroll") for (int m = 0; m < MT; m++) {                                                        \
-                if (m < mt) {                                                                                       \
-                    float v = warp_sum(acc[m]);                                                                     \
-                    if (lane == 0) y[((long)(m0 + m) * nh + h) * N + r] = f2bf(v);                                  \
-                }                                                                                                   \
-            }                                                                                                       \
-        }                                                                                                           \
+// Both kernels give each row the same arithmetic (row_dot_partial), bit for bit.
+extern "C" __global__ void head_matvec(const HeadMatvecArgs p) {
+    pdl_entry();
+    const int nh = p.nh, N = p.n, K = p.k, M = p.m;
+    int h = blockIdx.y, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (r >= N) return;
+    QMat W = expert_slice(p.w.w, h, p.w.w_stride, p.w.sb_stride);
+    for (int m0 = 0; m0 < M; m0 += 8) {
+        int mt = min(8, M - m0);
+        const bf16* xs[8];
+#pragma unroll
+        for (int m = 0; m < 8; m++) xs[m] = p.x + ((long)(m0 + min(m, mt - 1)) * nh + h) * p.x_ld;
+        float acc[8];
+        row_dot_partial<8>(W, r, K, xs, mt, lane, acc);
+#pragma unroll
+        for (int m = 0; m < 8; m++) {
+            if (m < mt) {
+                float v = warp_sum(acc[m]);
+                if (lane == 0) p.y[((long)(m0 + m) * nh + h) * N + r] = f2bf(v);
+            }
+        }
     }
-HEAD_MATVEC_KERNEL(head_matvec, 8)
-HEAD_MATVEC_KERNEL(head_matvec1, 1)
+}
+
+// The M = 1 (decode) instance: a row of G = p.lanes lanes (the power of two ≥ its 16-byte
+// chunks), 32 / G rows a warp. Lane s of a group computes chunk s's partial
+// (row_dot_partial<1> as lane s: one chunk a lane, as in the 32-lane kernel), and the group
+// reduces in warp_sum's order: the levels it skips only added the +0.0 of lanes with no
+// chunk, which the one + 0.0 reproduces (it turns a −0.0 into +0.0, as they did). So every
+// row has the bits of head_matvec's.
+extern "C" __global__ void head_matvec1(const HeadMatvecArgs p) {
+    pdl_entry();
+    const int G = p.lanes, N = p.n;
+    int h = blockIdx.y, lane = threadIdx.x & 31, s = lane % G;
+    long r = ((long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5)) * (WARP / G) + lane / G;
+    QMat W = expert_slice(p.w.w, h, p.w.w_stride, p.w.sb_stride);
+    const bf16* xs[1] = {p.x + (long)h * p.x_ld};
+    float acc[1] = {0.f};
+    if (r < N) row_dot_partial<1>(W, r, p.k, xs, 1, s, acc);
+    float v = G < WARP ? __fadd_rn(acc[0], 0.f) : acc[0];
+    for (int o = G / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (s == 0 && r < N) p.y[(long)h * N + r] = f2bf(v);
+}
 
 // RoPE in place (interleaved pairs (2i, 2i+1), or half-split (i, i + d_rot/2), rotated by
 // inv_freq[i], cos/sin times `scaling`) on the rope slice of every query head —

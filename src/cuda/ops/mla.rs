@@ -35,7 +35,10 @@ kernel_args! {
         interleaved: i32,
     }
     /// `head_matvec` / `head_matvec1`: row (m, h) of y `[M·nh, n]` = `W[h] · x[m, h][0:k]`.
-    pub struct HeadMatvecArgs { w: Stacked, x: In<Bf16>, x_ld: i64, nh: i32, y: Out<Bf16>, n: i32, k: i32, m: i32 }
+    /// `lanes`: lanes a row for one token (`head_matvec1`), set by [`head_matvec`].
+    pub struct HeadMatvecArgs {
+        w: Stacked, x: In<Bf16>, x_ld: i64, nh: i32, y: Out<Bf16>, n: i32, k: i32, m: i32, lanes: i32,
+    }
     /// `mla_rope`: the rope slices of q and of Kva's k_pe, in place, row m at position `pos[m]`.
     pub struct MlaRopeArgs { q: Out<Bf16>, kva: Out<Bf16>, inv_freq: In<F32>, pos: In<I32>, dims: MlaDims }
     /// `cache_append`: rows `[M, w]` to the cache, row m at cache row `base[m] + pos[m]`.
@@ -75,10 +78,25 @@ pub fn decls() -> String {
     .concat()
 }
 
-/// Per-head mat-vecs of `a.m` tokens: grid (rows / 4, heads).
+/// Lanes a row of `k` elements of `w` takes in `head_matvec1`: the fewest powers of two
+/// that hold its 16-byte chunks (bf16: 8 elements; affine: 128 / bits), at most a warp.
+/// GLM-4.7-Flash's absorbed W_UKᵀ rows (192 wide, 4-bit: 6 chunks) take 8 lanes, 4 rows a
+/// warp, where a warp a row left 26 of 32 lanes idle.
+pub fn head_lanes(w: &super::QMat, k: usize) -> u32 {
+    let chunks = if w.fmt == 0 { k / 8 } else { k * w.bits as usize / 128 };
+    (chunks.max(1).next_power_of_two() as u32).min(32)
+}
+
+/// Per-head mat-vecs of `a.m` tokens: grid (rows / 4, heads); one token: grid (rows /
+/// (4 · rows a warp), heads), [`head_lanes`] lanes a row.
 pub fn head_matvec(dev: &Device, a: &HeadMatvecArgs) -> Result<()> {
-    let name = if a.m == 1 { "head_matvec1" } else { "head_matvec" };
-    dev.launch_args(name, (blocks(a.n as usize, 4), a.nh as u32, 1), 128, a)
+    if a.m == 1 {
+        let lanes = head_lanes(&a.w.w, a.k as usize);
+        let a = HeadMatvecArgs { lanes: lanes as i32, ..*a };
+        let rows_a_block = 4 * (32 / lanes) as usize;
+        return dev.launch_args("head_matvec1", (blocks(a.n as usize, rows_a_block), a.nh as u32, 1), 128, &a);
+    }
+    dev.launch_args("head_matvec", (blocks(a.n as usize, 4), a.nh as u32, 1), 128, a)
 }
 
 /// RoPE of `m` tokens: a block per (token, query head) plus one for k_pe.

@@ -89,20 +89,21 @@ extern "C" __global__ void expert_matvec_grouped(const ExpertMatvecGroupedArgs p
 // model rounds: r = bf16(logit), s = bf16(sigmoid(r)); selection on s + bias (f32; on s
 // without a bias), top-K with the lowest index winning ties; weights = s of the chosen,
 // when norm renormalised in bf16 (den = bf16(bf16(Σ) + 1e-6), w = bf16(w / den)), then
-// w = bf16(w · scale). E ≤ 1024.
-__device__ void router_sigmoid_bias_warp(const float* lg, const float* bias, int E, int K, int norm, float scale,
-                                         int* idx, float* wout) {
+// w = bf16(w · scale). E ≤ 32·PER.
+template <int PER>
+__device__ void router_sigmoid_bias_lanes(const float* lg, const float* bias, int E, int K, int norm, float scale,
+                                          int* idx, float* wout) {
     int lane = threadIdx.x & 31;
-    float sg[32], c[32];
+    float sg[PER], c[PER];
 #pragma unroll
-    for (int i = 0; i < 32; i++) {
+    for (int i = 0; i < PER; i++) {
         int e = lane + 32 * i;
         float r = e < E ? bf2f(f2bf(__ldcg(lg + e))) : 0.f;
         sg[i] = e < E ? bf2f(f2bf(1.f / (1.f + expf(-r)))) : 0.f;
         c[i] = e < E ? sg[i] + (bias ? bias[e] : 0.f) : -INFINITY;
     }
     float sel[16];
-    float tot = select_topk_warp(sg, c, E, K, idx, sel);
+    float tot = select_topk_warp<PER>(sg, c, E, K, idx, sel);
     if (lane == 0) {
         float den = bf2f(f2bf(bf2f(f2bf(tot)) + 1e-6f));
         for (int j = 0; j < K; j++) {
@@ -110,6 +111,12 @@ __device__ void router_sigmoid_bias_warp(const float* lg, const float* bias, int
             wout[j] = bf2f(f2bf(w * scale));
         }
     }
+}
+
+// router_sigmoid_bias_lanes with the fewest registers that hold E ≤ 1024 (with_lanes).
+__device__ __forceinline__ void router_sigmoid_bias_warp(const float* lg, const float* bias, int E, int K, int norm,
+                                                         float scale, int* idx, float* wout) {
+    with_lanes(E, [&](auto L) { router_sigmoid_bias_lanes<decltype(L)::PER>(lg, bias, E, K, norm, scale, idx, wout); });
 }
 
 extern "C" __global__ void router_sigmoid_bias(const RouterSigmoidBiasArgs p) {
@@ -203,7 +210,13 @@ extern "C" __global__ void moe_router_sigmoid_bias(const MoeRouterSigmoidBiasArg
 }
 
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
-// e = idx[q] and token q / K (= expert_matvec twice + swiglu). Grid (ceil(I/4), M·K).
+// e = idx[q] and token q / K (= expert_matvec twice + swiglu). With the shared experts
+// (moe_shared_gate_up_swiglu) block column M·K + t computes token t's:
+// sact[t, r] = swiglu(bf16(sgate[r]·x_t), bf16(sup[r]·x_t)) (= the shared gate/up/SwiGLU,
+// the same row sums). Grid (ceil(max(I, si)/4), M·K (+ M)). Two kernels with their own
+// arguments, the routed-only one as it was before shared experts joined (one kernel for
+// both, or a template of the two, cost Qwen3 1.2–1.8 % of its decode on the H100:
+// bench/RESULTS.md); the routed part of the shared one is the same code.
 extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
     pdl_entry();
     const int K = p.k, I = p.i, H = p.h;
@@ -215,28 +228,55 @@ extern "C" __global__ void moe_gate_up_swiglu(const MoeGateUpArgs p) {
     bf16 a = gate_up_swiglu_row(G, U, r, H, p.x + (long)(q / K) * H, lane);
     if (lane == 0) p.act[(long)q * I + r] = a;
 }
+extern "C" __global__ void moe_shared_gate_up_swiglu(const MoeSharedGateUpArgs s) {
+    pdl_entry();
+    const MoeGateUpArgs& p = s.routed;
+    const int K = p.k, I = p.i, H = p.h;
+    int q = blockIdx.y, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / WARP) + (threadIdx.x >> 5);
+    if (q >= s.m * K) {
+        int t = q - s.m * K;
+        if (r >= s.si) return;
+        bf16 a = gate_up_swiglu_row(s.sgate, s.sup, r, H, p.x + (long)t * H, lane);
+        if (lane == 0) s.sact[(long)t * s.si + r] = a;
+        return;
+    }
+    if (r >= I) return;
+    QMat G = expert_slice(p.gate, p.idx[q], p.w_stride, p.sb_stride);
+    QMat U = expert_slice(p.up, p.idx[q], p.w_stride, p.sb_stride);
+    bf16 a = gate_up_swiglu_row(G, U, r, H, p.x + (long)(q / K) * H, lane);
+    if (lane == 0) p.act[(long)q * I + r] = a;
+}
 
 // moe_mlp 3/3: x[m, r] += bf16(Σ_j w[m,j] · bf16(down_{idx[m,j]}[r] · act[m·K + j])), slots
 // in order (= expert_matvec + combine + add_inplace). Grid (ceil(H / DOWN_ROWS), 1, M), one
-// warp per slot (blockDim = 32·K): warp j computes rows r0 .. r0+DOWN_ROWS-1 of slot j's
-// expert with every row's loads in flight at once (row_dot_rows), then thread t < DOWN_ROWS
-// combines row r0+t's slots in order. One row a block (the first version) left the kernel
-// 3.9 waves deep on the H100, each wave a full round trip; rows serially per warp (tried
-// on the H200) were slower still (bench/RESULTS.md). Measured slower too: the next layer's
-// input norm folded in by the last block to finish (a fence and an atomic in every block).
-// With shared experts (shared != null) the combined output first takes the shared experts'
-// output: x += bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace).
-extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
-    pdl_entry();
-    __shared__ bf16 ys[DOWN_ROWS][32];
+// warp per slot (blockDim = 32·K, + 32 for the shared experts' warp): warp j computes rows
+// r0 .. r0+DOWN_ROWS-1 of slot j's expert with every row's loads in flight at once
+// (row_dot_rows), then thread t < DOWN_ROWS combines row r0+t's slots in order. One row a
+// block (the first version) was 3.9 waves deep on the H100; 2, 4 and 8 rows measured alike
+// on the H200. Rows serially per warp were slower (bench/RESULTS.md), and so was the next
+// layer's input norm folded in by the last block to finish (a fence and an atomic in every
+// block).
+// With shared experts the combined output first takes the shared experts' output: x +=
+// bf16(bf16(Σ) + shared) (= ... + add_inplace(Out, SharedOut) + add_inplace), shared read
+// from p.shared, or (SHARED: moe_shared_down_combine_add, fields in s) computed by warp K of
+// the block: bf16(sdown[r] · sact[m]) (= the shared down's matvec, the same row sums).
+template <bool SHARED>
+__device__ __forceinline__ void moe_down_combine_add_body(const MoeDownCombineAddArgs& p,
+                                                          const MoeSharedDownCombineAddArgs* s) {
+    __shared__ bf16 ys[DOWN_ROWS][SHARED ? 33 : 32];
     const int K = p.k, H = p.h, I = p.i;
     int m = blockIdx.z, j = threadIdx.x >> 5, lane = threadIdx.x & 31;
     long r0 = (long)blockIdx.x * DOWN_ROWS;
     int nr = min(DOWN_ROWS, H - (int)r0);
-    int q = m * K + j;
-    QMat D = expert_slice(p.down.w, p.idx[q], p.down.w_stride, p.down.sb_stride);
     float acc[DOWN_ROWS];
-    row_dot_rows<DOWN_ROWS, 1>(D, r0, nr, I, p.act + (long)q * I, lane, acc);
+    if (!SHARED || j < K) {
+        int q = m * K + j;
+        QMat D = expert_slice(p.down.w, p.idx[q], p.down.w_stride, p.down.sb_stride);
+        row_dot_rows<DOWN_ROWS, 1>(D, r0, nr, I, p.act + (long)q * I, lane, acc);
+    } else {
+        row_dot_rows<DOWN_ROWS, 1>(s->sdown, r0, nr, s->si, s->sact + (long)m * s->si, lane, acc);
+    }
 #pragma unroll
     for (int i = 0; i < DOWN_ROWS; i++) {
         bf16 y = f2bf(warp_sum(acc[i]));
@@ -249,7 +289,16 @@ extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
     float a = 0.f;
     for (int s = 0; s < K; s++) a = combine_step(a, p.wts[m * K + s], ys[t][s]);
     bf16 out = f2bf(a);
-    if (p.shared) out = add_bf16(out, p.shared[(long)m * H + r]);
+    if (SHARED) out = add_bf16(out, ys[t][K]);
+    else if (p.shared) out = add_bf16(out, p.shared[(long)m * H + r]);
     p.x[(long)m * H + r] = add_bf16(p.x[(long)m * H + r], out);
+}
+extern "C" __global__ void moe_down_combine_add(const MoeDownCombineAddArgs p) {
+    pdl_entry();
+    moe_down_combine_add_body<false>(p, nullptr);
+}
+extern "C" __global__ void moe_shared_down_combine_add(const MoeSharedDownCombineAddArgs p) {
+    pdl_entry();
+    moe_down_combine_add_body<true>(p.routed, &p);
 }
 

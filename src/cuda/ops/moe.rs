@@ -52,10 +52,20 @@ kernel_args! {
         gate: QMat, up: QMat, w_stride: i64, sb_stride: i64, idx: In<I32>, k: i32, x: In<Bf16>, act: Out<Bf16>,
         i: i32, h: i32,
     }
+    /// `moe_shared_gate_up_swiglu` (decode): `routed`'s slots of `m` tokens, then the shared
+    /// experts' gate, up and SwiGLU (`sgate`, `sup` `[si, h]` → `sact` `[m, si]`).
+    pub struct MoeSharedGateUpArgs {
+        routed: MoeGateUpArgs, m: i32, sgate: QMat, sup: QMat, sact: Out<Bf16>, si: i32,
+    }
     /// `moe_down_combine_add` (decode): down of each slot, combine, `+ shared`, `x +=`.
     pub struct MoeDownCombineAddArgs {
         down: Stacked, idx: In<I32>, wts: In<F32>, k: i32, act: In<Bf16>, x: Out<Bf16>, h: i32, i: i32,
         shared: In<Bf16>,
+    }
+    /// `moe_shared_down_combine_add` (decode): `routed` with the shared experts' down
+    /// computed in the kernel (`sdown` `[h, si]` · `sact` `[m, si]`) as the `+ shared`.
+    pub struct MoeSharedDownCombineAddArgs {
+        routed: MoeDownCombineAddArgs, sdown: QMat, sact: In<Bf16>, si: i32,
     }
 }
 
@@ -74,7 +84,9 @@ pub fn decls() -> String {
         MoeRouterSigmoidArgs::c_decl(),
         MoeRouterSigmoidBiasArgs::c_decl(),
         MoeGateUpArgs::c_decl(),
+        MoeSharedGateUpArgs::c_decl(),
         MoeDownCombineAddArgs::c_decl(),
+        MoeSharedDownCombineAddArgs::c_decl(),
     ]
     .concat()
 }
@@ -139,14 +151,29 @@ pub fn moe_gate_up_swiglu(dev: &Device, a: &MoeGateUpArgs, slots: usize) -> Resu
     dev.launch_args("moe_gate_up_swiglu", (blocks(a.i as usize, 4), slots as u32, 1), 128, a)
 }
 
+/// [`moe_gate_up_swiglu`] of `a.m` tokens with their shared experts: a block column per
+/// (token, slot), then one per token's shared experts. Its own kernel instance and
+/// arguments, so models without shared experts launch exactly the routed-only kernel
+/// (one kernel for both measured 1.2–1.8 % slower Qwen3 decode on the H100).
+pub fn moe_shared_gate_up_swiglu(dev: &Device, a: &MoeSharedGateUpArgs) -> Result<()> {
+    let grid = (blocks(a.routed.i.max(a.si) as usize, 4), (a.m * (a.routed.k + 1)) as u32, 1);
+    dev.launch_args("moe_shared_gate_up_swiglu", grid, 128, a)
+}
+
 /// Output rows of a `moe_down_combine_add` block (each slot's warp computes them all, their
 /// loads in flight together). 2, 4 and 8 measured alike on the H200 (bench/RESULTS.md,
 /// 2026-12-07 session 10); 2 keeps the registers lowest (66 against 96 and 128).
 pub const MOE_DOWN_ROWS: usize = 2;
 
-/// The fused down, combine and residual add of `m` tokens: a warp per slot, [`MOE_DOWN_ROWS`]
-/// rows a block.
+/// The fused down, combine and residual add of `m` tokens: a warp per slot,
+/// [`MOE_DOWN_ROWS`] rows a block.
 pub fn moe_down_combine_add(dev: &Device, a: &MoeDownCombineAddArgs, m: usize) -> Result<()> {
     let grid = (blocks(a.h as usize, MOE_DOWN_ROWS), 1, m as u32);
     dev.launch_args("moe_down_combine_add", grid, 32 * a.k as u32, a)
+}
+
+/// [`moe_down_combine_add`] with the shared experts' down in one more warp a block.
+pub fn moe_shared_down_combine_add(dev: &Device, a: &MoeSharedDownCombineAddArgs, m: usize) -> Result<()> {
+    let grid = (blocks(a.routed.h as usize, MOE_DOWN_ROWS), 1, m as u32);
+    dev.launch_args("moe_shared_down_combine_add", grid, 32 * (a.routed.k + 1) as u32, a)
 }

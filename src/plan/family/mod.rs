@@ -31,16 +31,6 @@ pub(super) fn gqa_qk_norm_attention(l: usize, s: &mut Vec<Step>) {
 pub(super) fn mlp_steps(cfg: &ModelConfig, l: usize, s: &mut Vec<Step>) {
     use Buf::*;
     if cfg.is_moe_layer(l) {
-        // Shared experts first, so that the routed path ends in one run (down, combine,
-        // + shared, + residual) that `moe_mlp` fuses; the sum is the same either way.
-        if cfg.n_shared_experts > 0 {
-            s.extend([
-                Step::Linear { w: LinRef::SharedGate(l), src: H, dst: Gate },
-                Step::Linear { w: LinRef::SharedUp(l), src: H, dst: Up },
-                Step::Swiglu,
-                Step::Linear { w: LinRef::SharedDown(l), src: Act, dst: SharedOut },
-            ]);
-        }
         let router = match cfg.router {
             RouterKind::Softmax => Step::Moe { layer: l, op: MoeOp::RouterTopK },
             RouterKind::SigmoidGrouped { .. } => Step::Moe { layer: l, op: MoeOp::SigmoidTopK },
@@ -48,14 +38,23 @@ pub(super) fn mlp_steps(cfg: &ModelConfig, l: usize, s: &mut Vec<Step>) {
             RouterKind::TopKSoftmax => Step::Moe { layer: l, op: MoeOp::TopKSoftmax },
         };
         let act = if cfg.gpt_oss.is_some() { Step::Moe { layer: l, op: MoeOp::ClampSwiglu } } else { Step::Swiglu };
-        s.extend([
-            Step::Linear { w: LinRef::Router(l), src: H, dst: RouterLogits },
-            router,
-            Step::Moe { layer: l, op: MoeOp::ExpertGateUp },
-            act,
-            Step::Moe { layer: l, op: MoeOp::ExpertDown },
-            Step::Moe { layer: l, op: MoeOp::Combine },
-        ]);
+        s.extend([Step::Linear { w: LinRef::Router(l), src: H, dst: RouterLogits }, router]);
+        // The shared experts' gate/up just before the routed experts' and their down just
+        // before the routed down (into their own SharedAct), so that `moe_mlp` runs each pair
+        // in one kernel; the sum is the same in any order.
+        let shared = cfg.n_shared_experts > 0;
+        if shared {
+            s.extend([
+                Step::Linear { w: LinRef::SharedGate(l), src: H, dst: Gate },
+                Step::Linear { w: LinRef::SharedUp(l), src: H, dst: Up },
+                Step::Moe { layer: l, op: MoeOp::SharedSwiglu },
+            ]);
+        }
+        s.extend([Step::Moe { layer: l, op: MoeOp::ExpertGateUp }, act]);
+        if shared {
+            s.push(Step::Linear { w: LinRef::SharedDown(l), src: SharedAct, dst: SharedOut });
+        }
+        s.extend([Step::Moe { layer: l, op: MoeOp::ExpertDown }, Step::Moe { layer: l, op: MoeOp::Combine }]);
         if cfg.n_shared_experts > 0 {
             s.push(Step::Add { dst: Out, src: SharedOut });
         }
