@@ -240,6 +240,29 @@ fn upload_qmat(dev: &mut Device, (wq, s, b): (&[u8], &[u16], &[u16]), fmt: i32, 
     ops::QMat { w: rd(pw), s: rd(ps), b: rd(pb), fmt, bits: bits as i32, group: group as i32 }
 }
 
+/// `head_matvec` / `head_gemm_tc` arguments: `m` tokens of `nh` heads, x rows `x_ld` apart
+/// at `px`, y `[m·nh, n]` at `py`, k of each row used; 32 lanes a row (the launcher picks).
+fn head_args(
+    w: ops::Stacked,
+    (px, x_ld): (u64, usize),
+    nh: usize,
+    py: u64,
+    (n, k): (usize, usize),
+    m: usize,
+) -> zmoe::cuda::ops::mla::HeadMatvecArgs {
+    zmoe::cuda::ops::mla::HeadMatvecArgs {
+        w,
+        x: rd(px),
+        x_ld: x_ld as i64,
+        nh: nh as i32,
+        y: wr(py),
+        n: n as i32,
+        k: k as i32,
+        m: m as i32,
+        lanes: 32,
+    }
+}
+
 /// `count` random `[n, k]` matrices of one format (group 64) stacked like experts on the
 /// device, and each one's dequantized values.
 fn random_stacked(
@@ -466,17 +489,7 @@ fn kernel_head_matvec_one_token_equals_multi() {
         let run = |dev: &mut Device, m: usize| -> Vec<u16> {
             let py = dev.alloc(m * nh * n * 2).unwrap();
             dev.fill(py, 0xFF, m * nh * n * 2).unwrap(); // poison: NaN
-            let a = mla::HeadMatvecArgs {
-                w,
-                x: rd(px),
-                x_ld: x_ld as i64,
-                nh: nh as i32,
-                y: wr(py),
-                n: n as i32,
-                k: k as i32,
-                m: m as i32,
-                lanes: 32,
-            };
+            let a = head_args(w, (px, x_ld), nh, py, (n, k), m);
             mla::head_matvec(dev, &a).unwrap();
             let mut got = vec![0u16; m * nh * n];
             dev.read(py, &mut got).unwrap();
@@ -498,7 +511,7 @@ fn kernel_head_matvec_one_token_equals_multi() {
 #[test]
 #[ignore]
 fn kernel_head_gemm_tc_matches_cpu() {
-    use zmoe::cuda::ops::{gemm, mla};
+    use zmoe::cuda::ops::gemm;
     let mut dev = tc_device();
     let mut rng = Rng::new(0x4EAD);
     let (nh, n, k, x_ld) = (5usize, 160usize, 192usize, 256usize);
@@ -510,17 +523,7 @@ fn kernel_head_gemm_tc_matches_cpu() {
             let px = dev.upload(&to_bf16(&x)).unwrap();
             let py = dev.alloc(m * nh * n * 2).unwrap();
             dev.fill(py, 0xFF, m * nh * n * 2).unwrap();
-            let a = mla::HeadMatvecArgs {
-                w,
-                x: rd(px),
-                x_ld: x_ld as i64,
-                nh: nh as i32,
-                y: wr(py),
-                n: n as i32,
-                k: k as i32,
-                m: m as i32,
-                lanes: 32,
-            };
+            let a = head_args(w, (px, x_ld), nh, py, (n, k), m);
             gemm::head_gemm(&dev, &a).unwrap();
             check_bf16_out(&dev, py, &want, 4e-3, &format!("head_gemm_tc fmt {fmt} bits {bits} m {m}"));
         }
