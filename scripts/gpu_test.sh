@@ -248,7 +248,8 @@ if [ "${2:-}" = ncu ]; then
     # reasons, memory traffic. NCU_GEN=3 decodes two tokens after the prompt, so decode
     # kernels (e.g. NCU_KERNELS='moe_gate_up_swiglu|moe_down_combine_add') run too. Clocks
     # are not locked (the bench numbers are not either). NCU_GEN defaults to 2, the fewest
-    # `bench` takes. Full report in $OUT/ncu.txt.
+    # `bench` takes. Full report in $OUT/ncu.txt; NCU_SOURCE=1 adds the per-instruction
+    # stall samples of the first launch ($OUT/ncu-source.csv).
     M=/tmp/zmoe-${NCU_PRESET:-qwen3-30b-a3b}
     synth_preset "${NCU_PRESET:-qwen3-30b-a3b}" "$M"
     ncu --clock-control none -k "regex:${NCU_KERNELS:-expert_gemm_tc|gemm_tc|attention_tc}" \
@@ -258,6 +259,16 @@ if [ "${2:-}" = ncu ]; then
         --warmup 0 >"$OUT/ncu.txt" 2>&1 || tail -5 "$OUT/ncu.txt"
     grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued" \
         "$OUT/ncu.txt" | head -120
+    if [ "${NCU_SOURCE:-0}" = 1 ]; then
+        # Where the warps wait, per SASS instruction: the first matching launch with PC
+        # sampling (SourceCounters), its source page as CSV in $OUT/ncu-source.csv.
+        ncu --clock-control none -k "regex:${NCU_KERNELS:-expert_gemm_tc}" --launch-count 1 \
+            --section SourceCounters --section WarpStateStats -o "$OUT/ncu-source" -f \
+            scratch/gpu/zmoe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens "${NCU_GEN:-2}" \
+            --runs 1 --warmup 0 >"$OUT/ncu-source.log" 2>&1 || tail -3 "$OUT/ncu-source.log"
+        ncu -i "$OUT/ncu-source.ncu-rep" --page source --csv --print-source sass >"$OUT/ncu-source.csv" 2>&1 ||
+            tail -3 "$OUT/ncu-source.csv"
+    fi
 fi
 if [ "${2:-}" = ncu-decode ]; then
     # How much of a decode step is kernels and how much lies between them (issue 16): Nsight
