@@ -157,8 +157,8 @@ fn patterns_exec_prints_the_plans_that_run_with_the_pack() {
     // Decode runs the fused MoE kernels: only a gather_qmm_swiglu entry at 1..8 (if the pack
     // has one) replaces one of them.
     let decode = &out[out.find("CUDA decode plan").unwrap()..];
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&committed).unwrap()).unwrap();
-    let decode_entry = v["entries"]
+    let mut pack: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&committed).unwrap()).unwrap();
+    let decode_entry = pack["entries"]
         .as_array()
         .unwrap()
         .iter()
@@ -168,12 +168,11 @@ fn patterns_exec_prints_the_plans_that_run_with_the_pack() {
     let router = decode.lines().find(|l| l.contains("moe_router (fused: linear Router(1)")).expect("fused router");
     assert!(!router.contains("[pack"), "{router}");
 
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&committed).unwrap()).unwrap();
-    for e in v["entries"].as_array_mut().unwrap() {
+    for e in pack["entries"].as_array_mut().unwrap() {
         e["source_hash"] = "0123456789abcdef".into();
     }
     let stale = tmp.path().join("stale.json");
-    std::fs::write(&stale, v.to_string()).unwrap();
+    std::fs::write(&stale, pack.to_string()).unwrap();
     let run = common::zmoe(&args(&stale).each_ref().map(String::as_str));
     let (out, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
     assert!(run.status.success() && !out.contains("[pack"), "{out}");
