@@ -15,7 +15,8 @@
 #                                    # `compare` times scratch/gpu-base/zmoe against
 #                                    # scratch/gpu/zmoe with ZMOE_PDL=1 (pdl), with
 #                                    # ZMOE_TC=0 (notc: prefill on the mat-vecs) and with
-#                                    # the defaults (new: tensor cores on, PDL off), patched plan,
+#                                    # the defaults (new: tensor cores on, PDL off), patched plan
+#                                    # (COMPARE_VARIANTS picks among base pdl notc new),
 #                                    # alternating COMPARE_ROUNDS (2) times, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
 #                                    # and validates the new binary on each; `prefill` profiles
@@ -196,7 +197,7 @@ if [ "${2:-}" = compare ]; then
         M=/tmp/zmoe-$preset
         synth_preset "$preset" "$M"
         for i in $(seq "${COMPARE_ROUNDS:-2}"); do
-            for b in base pdl notc new; do
+            for b in ${COMPARE_VARIANTS:-base pdl notc new}; do
                 exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
                 pdl=0; [ $b = pdl ] && pdl=1
                 tc=1; [ $b = notc ] && tc=0

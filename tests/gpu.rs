@@ -917,6 +917,193 @@ fn kernel_router_topk_matches_cpu() {
     }
 }
 
+/// Each fused router (logits and top-k in one kernel: on sm_90 a thread-block cluster a
+/// token, before sm_90 a ticket) equals its parts bit for bit: the mat-vec's f32 logits (with
+/// the router bias), then that router's own top-k kernel on them — logits, experts and
+/// weights, for E from 8 to 1,000 (one to eight rows a warp), 1 and 3 tokens, affine8 and
+/// bf16 rows, launched twice (the second launch after the first reset its ticket).
+#[test]
+#[ignore]
+fn kernel_fused_routers_equal_their_parts() {
+    let mut dev = Device::open().unwrap();
+    let mut rng = Rng::new(0x2_0C1A);
+    let h = 512usize;
+    for (e, k, groups) in
+        [(8usize, 2usize, (1, 1)), (60, 4, (1, 1)), (128, 8, (1, 1)), (256, 8, (8, 4)), (1000, 8, (1, 1))]
+    {
+        for (fmt, bits) in [(0, 16u32), (1, 8)] {
+            let (wq, s, b, _) = random_qmat(&mut rng, e, h, fmt, bits, 64);
+            let w = upload_qmat(&mut dev, (&wq, &s, &b), fmt, bits, 64);
+            for m in [1usize, 3] {
+                let what = format!("e {e} k {k} fmt {fmt} bits {bits} m {m}");
+                let x: Vec<u16> = (0..m * h).map(|_| bf16_bits(rng.normal())).collect();
+                let bias: Vec<f32> = (0..e).map(|_| 0.1 * rng.normal()).collect();
+                let (px, pb) = (dev.upload(&x).unwrap(), dev.upload(&bias).unwrap());
+                let tickets = dev.upload(&vec![0i32; m]).unwrap();
+                let (n_logits, n_sel) = (m * e * 4, m * k * 4);
+                let bufs: Vec<u64> =
+                    (0..6).map(|i| dev.alloc(if i % 3 == 0 { n_logits } else { n_sel }).unwrap()).collect();
+                let poison = |dev: &Device| {
+                    for (i, &p) in bufs.iter().enumerate() {
+                        dev.fill(p, 0xFF, if i % 3 == 0 { n_logits } else { n_sel }).unwrap();
+                    }
+                };
+                // (logits, idx, weights) of the parts [0..3] and of the fused kernel [3..6].
+                let read = |dev: &Device, at: usize| {
+                    let (mut l, mut i, mut wt) = (vec![0f32; m * e], vec![0i32; m * k], vec![0f32; m * k]);
+                    dev.read(bufs[at], &mut l).unwrap();
+                    dev.read(bufs[at + 1], &mut i).unwrap();
+                    dev.read(bufs[at + 2], &mut wt).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    (bits(&l), i, bits(&wt))
+                };
+                let (e32, h32, k32, m32) = (e as i32, h as i32, k as i32, m as i32);
+                let (ng, tg) = groups;
+                for kind in ["softmax", "sigmoid", "sigmoid_bias", "topk_softmax"] {
+                    let with_bias = matches!(kind, "softmax" | "topk_softmax");
+                    poison(&dev);
+                    let mv = linear::MatvecArgs {
+                        w,
+                        x: rd(px),
+                        y: wr(bufs[0]),
+                        bias: rd(if with_bias { pb } else { 0 }),
+                        n: e32,
+                        k: h32,
+                        m: m32,
+                        out_f32: 1,
+                    };
+                    linear::matvec(&dev, &mv).unwrap();
+                    let (l, idx, wout) = (rd(bufs[0]), wr(bufs[1]), wr(bufs[2]));
+                    match kind {
+                        "softmax" => {
+                            let a = moe::RouterTopkArgs { logits: l, e: e32, k: k32, norm: 1, idx, wout };
+                            moe::router_topk(&dev, &a, m).unwrap()
+                        }
+                        "sigmoid" => {
+                            let a = moe::RouterSigmoidArgs {
+                                logits: l,
+                                bias: rd(pb),
+                                e: e32,
+                                k: k32,
+                                n_group: ng,
+                                topk_group: tg,
+                                norm: 1,
+                                scale: 2.5,
+                                idx,
+                                wout,
+                            };
+                            moe::router_sigmoid(&dev, &a, m).unwrap()
+                        }
+                        "sigmoid_bias" => {
+                            let a = moe::RouterSigmoidBiasArgs {
+                                logits: l,
+                                bias: rd(pb),
+                                e: e32,
+                                k: k32,
+                                norm: 1,
+                                scale: 1.0,
+                                idx,
+                                wout,
+                            };
+                            moe::router_sigmoid_bias(&dev, &a, m).unwrap()
+                        }
+                        _ => {
+                            let a = gpt_oss::TopkSoftmaxArgs { logits: l, e: e32, k: k32, idx, wout };
+                            gpt_oss::router_topk_softmax(&dev, &a, m).unwrap()
+                        }
+                    }
+                    let want = read(&dev, 0);
+                    assert!(
+                        want.1.iter().all(|&i| (0..e32).contains(&i)),
+                        "{what} {kind}: parts left experts unwritten"
+                    );
+                    for launch in 0..2 {
+                        for (i, &p) in bufs[3..].iter().enumerate() {
+                            dev.fill(p, 0xFF, if i == 0 { n_logits } else { n_sel }).unwrap();
+                        }
+                        let (x, logits, tk, idx, wout) = (rd(px), wr(bufs[3]), wr(tickets), wr(bufs[4]), wr(bufs[5]));
+                        match kind {
+                            "softmax" => {
+                                let bias = rd(pb);
+                                let a = moe::MoeRouterArgs {
+                                    w,
+                                    x,
+                                    logits,
+                                    bias,
+                                    e: e32,
+                                    h: h32,
+                                    k: k32,
+                                    norm: 1,
+                                    tickets: tk,
+                                    idx,
+                                    wout,
+                                };
+                                moe::moe_router(&dev, &a, m).unwrap()
+                            }
+                            "sigmoid" => {
+                                let a = moe::MoeRouterSigmoidArgs {
+                                    w,
+                                    x,
+                                    logits,
+                                    ebias: rd(pb),
+                                    e: e32,
+                                    h: h32,
+                                    k: k32,
+                                    n_group: ng,
+                                    topk_group: tg,
+                                    norm: 1,
+                                    scale: 2.5,
+                                    tickets: tk,
+                                    idx,
+                                    wout,
+                                };
+                                moe::moe_router_sigmoid(&dev, &a, m).unwrap()
+                            }
+                            "sigmoid_bias" => {
+                                let a = moe::MoeRouterSigmoidBiasArgs {
+                                    w,
+                                    x,
+                                    logits,
+                                    ebias: rd(pb),
+                                    e: e32,
+                                    h: h32,
+                                    k: k32,
+                                    norm: 1,
+                                    scale: 1.0,
+                                    tickets: tk,
+                                    idx,
+                                    wout,
+                                };
+                                moe::moe_router_sigmoid_bias(&dev, &a, m).unwrap()
+                            }
+                            _ => {
+                                let bias = rd(pb);
+                                let a = gpt_oss::MoeRouterTopkSoftmaxArgs {
+                                    w,
+                                    x,
+                                    logits,
+                                    bias,
+                                    e: e32,
+                                    h: h32,
+                                    k: k32,
+                                    tickets: tk,
+                                    idx,
+                                    wout,
+                                };
+                                gpt_oss::moe_router_topk_softmax(&dev, &a, m).unwrap()
+                            }
+                        }
+                        let got = read(&dev, 3);
+                        assert!(got.0 == want.0, "{what} {kind} launch {launch}: logits differ from the mat-vec's");
+                        assert_eq!(got.1, want.1, "{what} {kind} launch {launch}: experts");
+                        assert!(got.2 == want.2, "{what} {kind} launch {launch}: weights differ");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// GPT-OSS kernels vs the CPU on fresh random data: the MXFP4 expert mat-vec with biases
 /// (dequantisation in registers) for decode and prefill row counts, the top-k-then-softmax
 /// router (with a tie), the clamped SwiGLU (values beyond the limit).

@@ -392,7 +392,8 @@ pub(crate) fn kernel_names(src: &str) -> Vec<String> {
     let written = src
         .split("extern \"C\" __global__ void ")
         .skip(1)
-        .filter_map(|rest| rest.split('(').next().map(|n| n.trim().to_string()))
+        // The name is the last word before `(`: attribute macros may precede it.
+        .filter_map(|rest| rest.split('(').next()?.split_whitespace().last().map(str::to_string))
         .filter(|n| n.chars().any(|c| c.is_ascii_lowercase()));
     let stamped = src.lines().filter_map(|l| {
         let (mac, rest) = l.split_once('(')?;
@@ -407,8 +408,8 @@ mod tests {
     #[test]
     fn kernel_names_include_macro_stamped_ones() {
         let src = "#define K_KERNEL(NAME, MT) extern \"C\" __global__ void NAME(int a) {}\nK_KERNEL(foo1, 1)\n\
-                   extern \"C\" __global__ void bar(int x) {}\n";
-        assert_eq!(super::kernel_names(src), vec!["bar".to_string(), "foo1".to_string()]);
+                   extern \"C\" __global__ void bar(int x) {}\nextern \"C\" __global__ void ATTRS baz(int x) {}\n";
+        assert_eq!(super::kernel_names(src), vec!["bar".to_string(), "baz".to_string(), "foo1".to_string()]);
         let all = super::kernel_names(&super::ops::module_source());
         for k in ["matvec", "matvec1", "qkv_proj", "qkv_proj1", "moe_router", "sample_token"] {
             assert!(all.iter().any(|n| n == k), "{k} missing from {all:?}");

@@ -181,14 +181,14 @@ extern "C" __global__ void router_topk_softmax(const TopkSoftmaxArgs p) {
     topk_softmax_warp(p.logits + m * p.e, p.e, p.k, p.idx + m * p.k, p.wout + m * p.k);
 }
 
-// moe_mlp 1/3 for GPT-OSS (decode): router logits with the router bias (= matvec, f32 out)
-// and, in the last block to finish, the top-k-then-softmax of router_topk_softmax. Grid
-// (ceil(E/4), 1, M), 128 threads; tickets[m] is reset by the last block (graph replay).
-extern "C" __global__ void moe_router_topk_softmax(const MoeRouterTopkSoftmaxArgs p) {
+// moe_mlp 1/3 for GPT-OSS (decode): router logits with the router bias (= matvec, f32 out),
+// then the top-k-then-softmax of router_topk_softmax (the shape of moe.cu's routers; its
+// 32-register top-k takes the sigmoid routers' block size).
+extern "C" __global__ void SIGMOID_ROUTER moe_router_topk_softmax(const MoeRouterTopkSoftmaxArgs p) {
     pdl_entry();
     int m = blockIdx.z, E = p.e, K = p.k;
     router_logits_rows(p.w, p.x, p.logits, p.bias, E, p.h, m);
-    if (!last_to_finish(p.tickets + m, gridDim.x)) return;
+    if (!router_meet(p.tickets + m)) return;
     if (threadIdx.x < WARP) topk_softmax_warp(p.logits + (long)m * E, E, K, p.idx + m * K, p.wout + m * K);
 }
 

@@ -102,7 +102,12 @@ pub fn kv_append_ring(dev: &Device, a: &KvAppendRingArgs, m: usize) -> Result<()
 
 /// The fused GPT-OSS router of `m` tokens.
 pub fn moe_router_topk_softmax(dev: &Device, a: &MoeRouterTopkSoftmaxArgs, m: usize) -> Result<()> {
-    dev.launch_args("moe_router_topk_softmax", (blocks(a.e as usize, 4), 1, m as u32), 128, a)
+    dev.launch_args(
+        "moe_router_topk_softmax",
+        (super::moe::ROUTER_BLOCKS, 1, m as u32),
+        super::moe::ROUTER_SIGMOID_THREADS,
+        a,
+    )
 }
 
 /// The fused gate, up and clamped SwiGLU of `slots` (token, slot) rows.

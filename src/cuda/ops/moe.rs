@@ -32,7 +32,7 @@ kernel_args! {
     pub struct SwigluArgs { g: In<Bf16>, u: In<Bf16>, act: Out<Bf16>, n: i64 }
     /// `combine`: `out[m] = bf16(Σ_j w[m, j] · y[m·k + j])`.
     pub struct CombineArgs { y: In<Bf16>, w: In<F32>, out: Out<Bf16>, k: i32, h: i32 }
-    /// `moe_router` (decode): router logits, then softmax top-k in the last block.
+    /// `moe_router` (decode): router logits, then softmax top-k ([`ROUTER_BLOCKS`]).
     pub struct MoeRouterArgs {
         w: QMat, x: In<Bf16>, logits: Out<F32>, bias: In<F32>, e: i32, h: i32, k: i32, norm: i32,
         tickets: Out<I32>, idx: Out<I32>, wout: Out<F32>,
@@ -131,19 +131,30 @@ pub fn combine(dev: &Device, a: &CombineArgs, m: usize) -> Result<()> {
     dev.launch_args("combine", (m as u32, blocks(a.h as usize, 256), 1), 256, a)
 }
 
+/// Blocks of a fused router a token: on sm_90 one thread-block cluster (8, the portable
+/// maximum), whose blocks meet at the cluster barrier; before sm_90 at a ticket. Each warp
+/// computes logit rows, the first warp of block 0 then picks the experts (`moe.cu`).
+pub const ROUTER_BLOCKS: u32 = 8;
+/// Threads of a softmax router block: 8 × 16 warps hold Qwen3's 128 logit rows in one pass
+/// (≤ 128 registers a thread, which its top-k fits).
+pub const ROUTER_THREADS: u32 = 512;
+/// Threads of a router block whose top-k holds more registers (the sigmoid routers,
+/// GPT-OSS's top-k-then-softmax).
+pub const ROUTER_SIGMOID_THREADS: u32 = 256;
+
 /// The fused softmax router of `m` tokens.
 pub fn moe_router(dev: &Device, a: &MoeRouterArgs, m: usize) -> Result<()> {
-    dev.launch_args("moe_router", (blocks(a.e as usize, 4), 1, m as u32), 128, a)
+    dev.launch_args("moe_router", (ROUTER_BLOCKS, 1, m as u32), ROUTER_THREADS, a)
 }
 
 /// The fused sigmoid router of `m` tokens.
 pub fn moe_router_sigmoid(dev: &Device, a: &MoeRouterSigmoidArgs, m: usize) -> Result<()> {
-    dev.launch_args("moe_router_sigmoid", (blocks(a.e as usize, 4), 1, m as u32), 128, a)
+    dev.launch_args("moe_router_sigmoid", (ROUTER_BLOCKS, 1, m as u32), ROUTER_SIGMOID_THREADS, a)
 }
 
 /// The fused LFM2 router of `m` tokens.
 pub fn moe_router_sigmoid_bias(dev: &Device, a: &MoeRouterSigmoidBiasArgs, m: usize) -> Result<()> {
-    dev.launch_args("moe_router_sigmoid_bias", (blocks(a.e as usize, 4), 1, m as u32), 128, a)
+    dev.launch_args("moe_router_sigmoid_bias", (ROUTER_BLOCKS, 1, m as u32), ROUTER_SIGMOID_THREADS, a)
 }
 
 /// The fused gate, up and SwiGLU of `slots` (token, slot) rows.
