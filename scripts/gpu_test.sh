@@ -28,7 +28,8 @@
 #                                    # `ncu` profiles the prompt kernels with Nsight Compute,
 #                                    # `ncu-decode` times every decode kernel with it and sets
 #                                    # their sum against the graph step (NCU_PRESETS).
-#                                    # GPU_TESTS=0 skips the tests, GPU_TESTS=a,b runs those.
+#                                    # GPU_TESTS=0 skips the tests, GPU_TESTS=a,b runs those;
+#                                    # GPU_TEST_JOBS (4) of them run at a time.
 #                                    # Full logs in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -111,14 +112,31 @@ case "${GPU_TESTS:-all}" in
     0) tests="" ;;
     *) tests=$(echo "$GPU_TESTS" | tr ',' ' ') ;;
 esac
+# One test: its log in $OUT/TEST.log, PASS or FAIL in $OUT/TEST.result. A hung kernel fails
+# its test instead of the whole device call.
+run_one() {
+    if timeout "${TEST_TIMEOUT:-240}" "scratch/gpu/$2" --ignored --exact "$1" --nocapture --test-threads 1 \
+        >"$OUT/$1.log" 2>&1; then echo PASS; else echo FAIL; fi >"$OUT/$1.result"
+}
+export -f run_one
+export OUT TEST_TIMEOUT
+# GPU_TEST_JOBS (4) tests at a time, each its own process on the one GPU: the suite is mostly
+# CPU work (synthesising models, CPU references) on tiny models, 306 s one by one on the H100
+# (2026-12-07). The slowest start first; the first test runs alone so the others find the
+# kernel cache (ZMOE_CACHE) filled instead of compiling the module at once.
+slow=" batch_invariant_on_gpu patched_plan_bitexact_on_gpu foundry_campaign_every_op_t0_correct model_logits_match_cpu "
+first=""
+queue=""
 for t in $tests; do
-    # A hung kernel fails its test instead of the whole device call.
-    if timeout "${TEST_TIMEOUT:-240}" scratch/gpu/${bin[$t]} --ignored --exact "$t" --nocapture --test-threads 1 >"$OUT/$t.log" 2>&1; then
-        result[$t]=PASS
-    else
-        result[$t]=FAIL
-        tail -25 "$OUT/$t.log" | sed "s/^/  [$t FAIL] /"
-    fi
+    if [ -z "$first" ]; then first=$t; elif [[ "$slow" == *" $t "* ]]; then queue="$t $queue"; else queue="$queue $t"; fi
+done
+if [ -n "$first" ]; then
+    run_one "$first" "${bin[$first]}"
+    for t in $queue; do echo "$t ${bin[$t]}"; done | xargs -r -P "${GPU_TEST_JOBS:-4}" -n 2 bash -c 'run_one "$0" "$1"'
+fi
+for t in $tests; do
+    result[$t]=$(cat "$OUT/$t.result" 2>/dev/null || echo FAIL)
+    [ "${result[$t]}" = PASS ] || tail -25 "$OUT/$t.log" | sed "s/^/  [$t FAIL] /"
     grep -E "rel err|disagreements|graph ==|bit-exact|differ from|profile:|foundry gpu:" "$OUT/$t.log" | sed "s/^/  [$t] /" | tail -14
 done
 if [ "${2:-}" = bench ] || [ "${2:-}" = foundry ] || [ "$mode" = bench ]; then
