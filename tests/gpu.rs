@@ -920,8 +920,9 @@ fn kernel_router_topk_matches_cpu() {
 /// Each fused router (logits and top-k in one kernel: on sm_90 a thread-block cluster a
 /// token, before sm_90 a ticket) equals its parts bit for bit: the mat-vec's f32 logits (with
 /// the router bias), then that router's own top-k kernel on them — logits, experts and
-/// weights, for E from 8 to 1,000 (one to eight rows a warp), 1 and 3 tokens, affine8 and
-/// bf16 rows, launched twice (the second launch after the first reset its ticket).
+/// weights, for E from 8 to 1,000 (one to sixteen rows a warp), 1 and 3 tokens, affine8 and
+/// bf16 rows, two experts with equal rows (a tie the lower index wins), launched twice (the
+/// second launch after the first reset its ticket).
 #[test]
 #[ignore]
 fn kernel_fused_routers_equal_their_parts() {
@@ -932,12 +933,22 @@ fn kernel_fused_routers_equal_their_parts() {
         [(8usize, 2usize, (1, 1)), (60, 4, (1, 1)), (128, 8, (1, 1)), (256, 8, (8, 4)), (1000, 8, (1, 1))]
     {
         for (fmt, bits) in [(0, 16u32), (1, 8)] {
-            let (wq, s, b, _) = random_qmat(&mut rng, e, h, fmt, bits, 64);
+            let (mut wq, mut s, mut b, _) = random_qmat(&mut rng, e, h, fmt, bits, 64);
+            // Expert e - 1's row is expert 1's (and its bias, below): a tie the lower index wins.
+            let (rb, g) = (h * bits as usize / 8, h / 64);
+            wq.copy_within(rb..2 * rb, (e - 1) * rb);
+            if fmt != 0 {
+                s.copy_within(g..2 * g, (e - 1) * g);
+                b.copy_within(g..2 * g, (e - 1) * g);
+            }
             let w = upload_qmat(&mut dev, (&wq, &s, &b), fmt, bits, 64);
             for m in [1usize, 3] {
                 let what = format!("e {e} k {k} fmt {fmt} bits {bits} m {m}");
                 let x: Vec<u16> = (0..m * h).map(|_| bf16_bits(rng.normal())).collect();
-                let bias: Vec<f32> = (0..e).map(|_| 0.1 * rng.normal()).collect();
+                let mut bias: Vec<f32> = (0..e).map(|_| 0.1 * rng.normal()).collect();
+                // Experts 1 and e - 1 (equal rows) share a large bias: equal logits (softmax
+                // routers) or keys (sigmoid routers) inside the top K, for every token.
+                (bias[1], bias[e - 1]) = (10.0, 10.0);
                 let (px, pb) = (dev.upload(&x).unwrap(), dev.upload(&bias).unwrap());
                 let tickets = dev.upload(&vec![0i32; m]).unwrap();
                 let (n_logits, n_sel) = (m * e * 4, m * k * 4);
@@ -959,6 +970,7 @@ fn kernel_fused_routers_equal_their_parts() {
                 };
                 let (e32, h32, k32, m32) = (e as i32, h as i32, k as i32, m as i32);
                 let (ng, tg) = groups;
+                let norm = (e != 60) as i32; // one case without renormalisation
                 for kind in ["softmax", "sigmoid", "sigmoid_bias", "topk_softmax"] {
                     let with_bias = matches!(kind, "softmax" | "topk_softmax");
                     poison(&dev);
@@ -976,7 +988,7 @@ fn kernel_fused_routers_equal_their_parts() {
                     let (l, idx, wout) = (rd(bufs[0]), wr(bufs[1]), wr(bufs[2]));
                     match kind {
                         "softmax" => {
-                            let a = moe::RouterTopkArgs { logits: l, e: e32, k: k32, norm: 1, idx, wout };
+                            let a = moe::RouterTopkArgs { logits: l, e: e32, k: k32, norm, idx, wout };
                             moe::router_topk(&dev, &a, m).unwrap()
                         }
                         "sigmoid" => {
@@ -987,7 +999,7 @@ fn kernel_fused_routers_equal_their_parts() {
                                 k: k32,
                                 n_group: ng,
                                 topk_group: tg,
-                                norm: 1,
+                                norm,
                                 scale: 2.5,
                                 idx,
                                 wout,
@@ -1000,7 +1012,7 @@ fn kernel_fused_routers_equal_their_parts() {
                                 bias: rd(pb),
                                 e: e32,
                                 k: k32,
-                                norm: 1,
+                                norm,
                                 scale: 1.0,
                                 idx,
                                 wout,
@@ -1033,7 +1045,7 @@ fn kernel_fused_routers_equal_their_parts() {
                                     e: e32,
                                     h: h32,
                                     k: k32,
-                                    norm: 1,
+                                    norm,
                                     tickets: tk,
                                     idx,
                                     wout,
@@ -1051,7 +1063,7 @@ fn kernel_fused_routers_equal_their_parts() {
                                     k: k32,
                                     n_group: ng,
                                     topk_group: tg,
-                                    norm: 1,
+                                    norm,
                                     scale: 2.5,
                                     tickets: tk,
                                     idx,
@@ -1068,7 +1080,7 @@ fn kernel_fused_routers_equal_their_parts() {
                                     e: e32,
                                     h: h32,
                                     k: k32,
-                                    norm: 1,
+                                    norm,
                                     scale: 1.0,
                                     tickets: tk,
                                     idx,

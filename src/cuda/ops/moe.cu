@@ -159,10 +159,10 @@ extern "C" __global__ void combine(const CombineArgs p) {
 
 // The fused routers (moe_router*, and GPT-OSS's moe_router_topk_softmax) run ROUTER_BLOCKS
 // blocks a token, grid (ROUTER_BLOCKS, 1, M): a warp a logit row, looping when the rows
-// outnumber the warps, then one warp picks the experts once every row is written. On sm_90 a
-// token's blocks are one thread-block cluster and meet at its barrier; before sm_90 at a
-// ticket (last_to_finish). The ticket alone (one block per 4 rows, a fence and an atomic
-// each, then the last block) cost ~11 µs a call on the H100 for ≤ 0.5 MB of weights.
+// outnumber the warps, then one block picks the experts once every row is written. On sm_90
+// a token's blocks are one thread-block cluster and meet at its barrier; before sm_90 at a
+// ticket (last_to_finish). The meeting point is not what costs: the cluster measured the
+// same ~11 µs a call as the ticket on the H100 (bench/RESULTS.md, session 12).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define ROUTER_CLUSTER __cluster_dims__(ROUTER_BLOCKS, 1, 1)
 #else
@@ -205,13 +205,160 @@ __device__ __forceinline__ bool router_meet(int* ticket) {
 #endif
 }
 
-// moe_mlp 1/3: router logits (= matvec, f32 out), then the softmax-top-k of router_topk.
+// The softmax probabilities of router_topk_lanes<PER> (common.cuh), by one warp, into p[E]
+// and q[E]: the same max, expf, per-lane sum in slot order, warp_sum and division, so the
+// same bits.
+template <int PER>
+__device__ __forceinline__ void softmax_probs_lanes(const float* l, int E, float* p, float* q) {
+    int lane = threadIdx.x & 31;
+    float v[PER];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < PER; i++) { int e = lane + 32 * i; v[i] = e < E ? __ldcg(l + e) : -INFINITY; mx = fmaxf(mx, v[i]); }
+    mx = warp_max(mx);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER; i++) { int e = lane + 32 * i; v[i] = e < E ? expf(v[i] - mx) : -1.f; sum += e < E ? v[i] : 0.f; }
+    sum = warp_sum(sum);
+#pragma unroll
+    for (int i = 0; i < PER; i++) if (lane + 32 * i < E) p[lane + 32 * i] = q[lane + 32 * i] = v[i] / sum;
+}
+
+// The fused routers pick their experts with the whole block (block 0 of the token's
+// cluster, after router_meet): the one-warp routers' K serial rounds of butterflies were
+// about half of a fused router's ~11 µs on the H100 (~1,000 dependent instructions, ncu).
+// Shared memory of a block pick: each expert's selection key and weight, the group scores
+// of the grouped sigmoid router, and the K slots.
+struct RouterPick {
+    float key[1024];  // selection key (not > -inf: never chosen)
+    float val[1024];  // the weight the expert brings if chosen
+    float gs[32];     // group scores (router_sigmoid_block, n_group > 1)
+    int keep[32];     // group kept
+    float sel[16];    // val of the chosen experts, in slot order
+    int sid[16];      // the chosen experts, in slot order
+};
+
+// Slots start at expert 0, weight 0: a NaN key ranks nowhere and leaves its slot as is, so an
+// index is always a real expert. Before the block's first barrier.
+__device__ __forceinline__ void pick_reset(RouterPick& sh) {
+    if (threadIdx.x < 16) sh.sid[threadIdx.x] = 0, sh.sel[threadIdx.x] = 0.f;
+}
+
+// The top-K experts by key, largest first, the lowest index winning ties, keys not > -inf
+// never chosen — select_topk_warp's (and router_topk_lanes') choice — by every warp of the
+// block: expert e's rank is #{j : key[j] > key[e] or (key[j] == key[e] and j < e)}, counted
+// 32 at a time with a ballot, and the expert of rank j < K takes slot j with its val.
+// Between two barriers: keys written before, slots read after. Returns Σ sel in slot order
+// (the warp routers' tot), valid in thread 0.
+__device__ __forceinline__ float block_select_topk(RouterPick& sh, int E, int K) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x / WARP;
+    __syncthreads();
+    for (int e = warp; e < E; e += warps) {
+        const float v = sh.key[e];
+        int rank = 0;
+        for (int j0 = 0; j0 < E; j0 += WARP) {
+            int j = j0 + lane;
+            float u = j < E ? sh.key[j] : -INFINITY;
+            rank += __popc(__ballot_sync(0xffffffffu, u > v || (u == v && j < e)));
+            if (rank >= K) break;  // out of the slots (warp-uniform: every lane counts the same)
+        }
+        if (lane == 0 && v > -INFINITY && rank < K) sh.sid[rank] = e, sh.sel[rank] = sh.val[e];
+    }
+    __syncthreads();
+    float tot = 0.f;
+    if (threadIdx.x == 0) for (int j = 0; j < K; j++) tot += sh.sel[j];
+    return tot;
+}
+
+// router_topk_warp's experts and weights, bit for bit, by the block: warp 0 computes the
+// probabilities as router_topk_lanes does (softmax_probs_lanes), every warp ranks them.
+// E ≤ 1024, K ≤ 16.
+__device__ __forceinline__ void router_topk_block(const float* l, int E, int K, int norm, int* idx, float* wout) {
+    __shared__ RouterPick sh;
+    pick_reset(sh);
+    if (threadIdx.x < WARP)
+        with_lanes(E, [&](auto L) { softmax_probs_lanes<decltype(L)::PER>(l, E, sh.key, sh.val); });
+    float tot = block_select_topk(sh, E, K);
+    if (threadIdx.x == 0)
+        for (int j = 0; j < K; j++) idx[j] = sh.sid[j], wout[j] = norm ? sh.sel[j] / tot : sh.sel[j];
+}
+
+// router_sigmoid_warp's experts and weights (GLM / DeepSeek, common.cuh's
+// router_sigmoid_lanes), bit for bit, by the block: s = sigmoid(logit) and key s + bias per
+// expert; with groups, warp 0 scores and keeps them exactly as router_sigmoid_lanes; every
+// warp ranks. E ≤ 1024, K ≤ 16, n_group ≤ 32.
+__device__ __forceinline__ void router_sigmoid_block(const float* lg, const float* bias, int E, int K, int n_group,
+                                                     int topk_group, int norm, float scale, int* idx, float* wout) {
+    __shared__ RouterPick sh;
+    pick_reset(sh);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        float sg = 1.f / (1.f + expf(-__ldcg(lg + e)));
+        sh.val[e] = sg;
+        sh.key[e] = sg + bias[e];
+    }
+    if (n_group > 1) {
+        const int lane = threadIdx.x & 31, per = E / n_group;
+        __syncthreads();
+        if (threadIdx.x < WARP) {
+            if (lane < n_group) {
+                float b1 = -INFINITY, b2 = -INFINITY;
+                for (int e = lane * per; e < (lane + 1) * per; e++) {
+                    float v = sh.key[e];
+                    if (v > b1) { b2 = b1; b1 = v; } else if (v > b2) { b2 = v; }
+                }
+                sh.gs[lane] = b1 + b2;
+                sh.keep[lane] = 0;
+            }
+            __syncwarp();
+            if (lane == 0) {
+                for (int j = 0; j < topk_group; j++) {
+                    int bi = -1;
+                    for (int g = 0; g < n_group; g++) if (!sh.keep[g] && (bi < 0 || sh.gs[g] > sh.gs[bi])) bi = g;
+                    sh.keep[bi] = 1;
+                }
+            }
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x) if (!sh.keep[e / per]) sh.key[e] = -INFINITY;
+    }
+    float tot = block_select_topk(sh, E, K);
+    if (threadIdx.x == 0) {
+        float den = tot + 1e-20f;
+        for (int j = 0; j < K; j++) idx[j] = sh.sid[j], wout[j] = (norm ? sh.sel[j] / den : sh.sel[j]) * scale;
+    }
+}
+
+// router_sigmoid_bias_warp's experts and weights (LFM2), bit for bit, by the block: the same
+// bf16 roundings per expert, every warp ranks, thread 0 renormalises as the warp router.
+__device__ __forceinline__ void router_sigmoid_bias_block(const float* lg, const float* bias, int E, int K, int norm,
+                                                          float scale, int* idx, float* wout) {
+    __shared__ RouterPick sh;
+    pick_reset(sh);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        float r = bf2f(f2bf(__ldcg(lg + e)));
+        float sg = bf2f(f2bf(1.f / (1.f + expf(-r))));
+        sh.val[e] = sg;
+        sh.key[e] = sg + (bias ? bias[e] : 0.f);
+    }
+    float tot = block_select_topk(sh, E, K);
+    if (threadIdx.x == 0) {
+        float den = bf2f(f2bf(bf2f(f2bf(tot)) + 1e-6f));
+        for (int j = 0; j < K; j++) {
+            float w = norm ? bf2f(f2bf(sh.sel[j] / den)) : sh.sel[j];
+            idx[j] = sh.sid[j];
+            wout[j] = bf2f(f2bf(w * scale));
+        }
+    }
+}
+
+// moe_mlp 1/3: router logits (= matvec, f32 out), then the softmax-top-k of router_topk
+// (router_topk_block: the same bits).
 extern "C" __global__ void SOFTMAX_ROUTER moe_router(const MoeRouterArgs p) {
     pdl_entry();
     int m = blockIdx.z, E = p.e, K = p.k;
     router_logits_rows(p.w, p.x, p.logits, p.bias, E, p.h, m);
     if (!router_meet(p.tickets + m)) return;
-    if (threadIdx.x < WARP) router_topk_warp(p.logits + (long)m * E, E, K, p.norm, p.idx + m * K, p.wout + m * K);
+    router_topk_block(p.logits + (long)m * E, E, K, p.norm, p.idx + m * K, p.wout + m * K);
 }
 
 // moe_mlp 1/3 for sigmoid routers (GLM / DeepSeek): the same logits, then the grouped
@@ -221,9 +368,8 @@ extern "C" __global__ void SIGMOID_ROUTER moe_router_sigmoid(const MoeRouterSigm
     int m = blockIdx.z, E = p.e, K = p.k;
     router_logits_rows(p.w, p.x, p.logits, nullptr, E, p.h, m);
     if (!router_meet(p.tickets + m)) return;
-    if (threadIdx.x < WARP)
-        router_sigmoid_warp(p.logits + (long)m * E, p.ebias, E, K, p.n_group, p.topk_group, p.norm, p.scale,
-                            p.idx + m * K, p.wout + m * K);
+    router_sigmoid_block(p.logits + (long)m * E, p.ebias, E, K, p.n_group, p.topk_group, p.norm, p.scale,
+                         p.idx + m * K, p.wout + m * K);
 }
 
 // moe_mlp 1/3 for LFM2's router: the same logits, then the bf16-rounded sigmoid top-k with
@@ -233,9 +379,7 @@ extern "C" __global__ void SIGMOID_ROUTER moe_router_sigmoid_bias(const MoeRoute
     int m = blockIdx.z, E = p.e, K = p.k;
     router_logits_rows(p.w, p.x, p.logits, nullptr, E, p.h, m);
     if (!router_meet(p.tickets + m)) return;
-    if (threadIdx.x < WARP)
-        router_sigmoid_bias_warp(p.logits + (long)m * E, p.ebias, E, K, p.norm, p.scale, p.idx + m * K,
-                                 p.wout + m * K);
+    router_sigmoid_bias_block(p.logits + (long)m * E, p.ebias, E, K, p.norm, p.scale, p.idx + m * K, p.wout + m * K);
 }
 
 // moe_mlp 2/3: act[q, r] = swiglu(bf16(gate_e[r]·x), bf16(up_e[r]·x)) for slot q's expert
