@@ -35,6 +35,47 @@ __device__ __forceinline__ void matvec_row(const QMat& W, long r, const bf16* x,
     }
 }
 
+// Rows r0 .. r0+nr-1 (nr ≤ R) of a bf16 matrix against one token x: the partial of
+// row_dot_partial<1> for each row — the same chunks per lane (lane, lane + 32, ..., 8 of
+// them a pass), the same products in the same order, the same additions — so bit-identical,
+// with every row's loads of a pass in flight together and each x chunk unpacked once (the
+// generic fallback of row_dot_rows took R round trips, one a row). Rows past nr repeat the
+// last valid one (the caller drops them).
+template <int R>
+__device__ __forceinline__ void bf16_rows1(const QMat& W, long r0, int nr, int K, const bf16* x, int lane, float* acc) {
+    constexpr int PF = 8;
+    const int nch = K / 8;
+#pragma unroll
+    for (int i = 0; i < R; i++) acc[i] = 0.f;
+    for (int c0 = lane; c0 < nch; c0 += WARP * PF) {
+        uint4 wv[PF][R];
+#pragma unroll
+        for (int p = 0; p < PF; p++) {
+            int c = c0 + p * WARP;
+            if (c < nch) {
+#pragma unroll
+                for (int i = 0; i < R; i++) wv[p][i] = ((const uint4*)((const bf16*)W.w + (r0 + min(i, nr - 1)) * (long)K))[c];
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < PF; p++) {
+            int c = c0 + p * WARP;
+            if (c >= nch) continue;
+            float xf[8];
+            unpack8(((const uint4*)x)[c], xf);
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                float wf[8];
+                unpack8(wv[p][i], wf);
+                float s = 0.f;
+#pragma unroll
+                for (int t = 0; t < 8; t++) s = __fmaf_rn(wf[t], xf[t], s);
+                acc[i] += s;
+            }
+        }
+    }
+}
+
 // Rows r0 .. r0+nr-1 (nr ≤ R) of y = x W^T (+ bias) for one token by one warp: the
 // results of matvec_row<1> for each row (row_dot_rows: the same sums in the same order),
 // with the loads of both rows in flight together and x unpacked once for them. A
@@ -45,7 +86,8 @@ __device__ __forceinline__ void matvec_rows1(const QMat& W, long r0, int nr, con
                                              int K, int out_f32) {
     int lane = threadIdx.x & 31;
     float acc[R];
-    row_dot_rows<R, 4>(W, r0, nr, K, x, lane, acc);
+    if (R > 1 && W.fmt == FMT_BF16) bf16_rows1<R>(W, r0, nr, K, x, lane, acc);
+    else row_dot_rows<R, 4>(W, r0, nr, K, x, lane, acc);
 #pragma unroll
     for (int i = 0; i < R; i++) {
         float v = warp_sum(acc[i]);
