@@ -90,6 +90,11 @@ enum Cmd {
         /// Largest safetensors shard in MiB (bigger models get an index + shards).
         #[arg(long, default_value_t = 4096, value_parser = zmoe::args::count, allow_negative_numbers = true)]
         max_shard_mb: usize,
+        /// Write no weights, only their recipe (model.zmoe-synth.json beside config.json and the
+        /// tokenizer): zmoe generates the same weights in memory each time it opens the folder
+        /// (seconds of CPU instead of gigabytes on disk; other engines cannot read it).
+        #[arg(long)]
+        generated: bool,
     },
     /// Generate text (streamed) from a prompt.
     Generate {
@@ -647,12 +652,14 @@ fn run(cli: Cli) -> Result<()> {
             emit(&dec.finish(&tok));
             print_stats(&be.name(), &stats);
         }
-        Cmd::Synth { family, preset, quant, group_size, seed, out, force, max_shard_mb } => {
+        Cmd::Synth { family, preset, quant, group_size, seed, out, force, max_shard_mb, generated } => {
             let quant_kind = SynthQuant::parse(&quant)?;
             let spec =
                 SynthSpec { family, preset, quant: quant_kind, group_size, seed, max_shard_bytes: max_shard_mb << 20 };
-            synth::write(&spec, &out, force)?;
-            eprintln!("wrote {} ({}/{}, {quant}, seed {seed})", out.display(), spec.family, spec.preset);
+            let weights = if generated { synth::Weights::Generated } else { synth::Weights::Files };
+            synth::write_as(&spec, &out, force, weights)?;
+            let how = if generated { ", weights generated when loaded" } else { "" };
+            eprintln!("wrote {} ({}/{}, {quant}, seed {seed}{how})", out.display(), spec.family, spec.preset);
         }
         Cmd::Generate {
             run,

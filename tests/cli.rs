@@ -203,3 +203,69 @@ fn synth_never_overwrites_without_asking() {
     let e = zmoe_err(&["synth", "--quant", "int3", "--out", s(&tmp.path().join("x"))]);
     assert!(e.contains("unknown --quant"), "{e}");
 }
+
+/// `zmoe synth --generated` writes the recipe instead of the weights, and opening that folder
+/// generates exactly the bytes a full synth stores, tensor by tensor, for every family and
+/// format (affine 4/8-bit, bf16, MXFP4; MLA, shared experts, conv layers, sinks); a forward
+/// pass gives the same logits. A broken recipe or an edited config.json is a clear error
+/// naming the file.
+#[test]
+fn synth_generated_weights_equal_the_files() {
+    use zmoe::checkpoint::Checkpoint;
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, (family, preset, quant)) in [
+        ("qwen3_moe", "tiny", "affine4"),
+        ("glm4_moe_lite", "glm-tiny", "bf16"),
+        ("deepseek_v3", "deepseek-tiny", "affine8"),
+        ("lfm2_moe", "lfm2-tiny", "affine4"),
+        ("gpt_oss", "gpt-oss-tiny", "mxfp4"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = (40 + i).to_string();
+        let (files, lazy) = (tmp.path().join(format!("f{i}")), tmp.path().join(format!("g{i}")));
+        for (out, extra) in [(&files, None), (&lazy, Some("--generated"))] {
+            let mut args = vec!["synth", "--family", family, "--preset", preset, "--quant", quant, "--seed", &seed];
+            args.extend(["--out", s(out)]);
+            args.extend(extra);
+            let run = zmoe(&args);
+            assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        }
+        assert!(lazy.join(zmoe::checkpoint::synth::RECIPE).is_file());
+        assert!(!lazy.join("model.safetensors").exists() && !lazy.join("model.safetensors.index.json").exists());
+        let (a, b) = (Checkpoint::open(&files).unwrap(), Checkpoint::open(&lazy).unwrap());
+        let mut names: Vec<&str> = a.names().collect();
+        names.sort();
+        let mut gen_names: Vec<&str> = b.names().collect();
+        gen_names.sort();
+        assert_eq!(names, gen_names, "{family}/{preset}");
+        for n in names {
+            let (ta, tb) = (a.tensor(n).unwrap(), b.tensor(n).unwrap());
+            assert_eq!((ta.dtype, &ta.shape), (tb.dtype, &tb.shape), "{family}/{preset} {n}");
+            assert!(a.bytes(ta).as_slice() == b.bytes(tb).as_slice(), "{family}/{preset} {n}: bytes differ");
+        }
+        let logits = |m: &Path| {
+            let run = zmoe(&["forward", "--model", s(m), "--tokens", "3,1,4,1,5", "--backend", "cpu", "--json"]);
+            assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+            run.stdout
+        };
+        assert_eq!(logits(&files), logits(&lazy), "{family}/{preset}: forward differs");
+    }
+
+    let lazy = tmp.path().join("g0");
+    let recipe = lazy.join(zmoe::checkpoint::synth::RECIPE);
+    let good = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(&recipe, "{\"family\": \"qwen3_moe\"").unwrap();
+    let e = zmoe_err(&["forward", "--model", s(&lazy), "--tokens", "1"]);
+    assert!(e.contains("model.zmoe-synth.json") && e.contains("not valid JSON"), "{e}");
+    std::fs::write(&recipe, good.replace("\"tiny\"", "\"huge\"")).unwrap();
+    let e = zmoe_err(&["forward", "--model", s(&lazy), "--tokens", "1"]);
+    assert!(e.contains("model.zmoe-synth.json") && e.contains("unknown family/preset"), "{e}");
+    std::fs::write(&recipe, &good).unwrap();
+    let cfg = lazy.join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("\"num_hidden_layers\": 4", "\"num_hidden_layers\": 3")).unwrap();
+    let e = zmoe_err(&["forward", "--model", s(&lazy), "--tokens", "1"]);
+    assert!(e.contains("config.json") && e.contains("differs from the config of the recipe"), "{e}");
+}

@@ -1,5 +1,7 @@
 //! Reading HuggingFace-style model folders: `config.json`, `model.safetensors` or a sharded
-//! `model.safetensors.index.json`, and (optionally) `tokenizer.json`.
+//! `model.safetensors.index.json`, and (optionally) `tokenizer.json`. A folder that
+//! `zmoe synth --generated` wrote has a recipe instead of weights ([`synth::RECIPE`]): its
+//! tensors are generated in memory when it is opened, the bytes a full synth would store.
 //!
 //! Shards are memory-mapped and their headers validated by the `safetensors` crate (offsets
 //! contiguous, sizes matching dtype × shape, file length matching the header), so a truncated
@@ -38,9 +40,11 @@ pub struct TensorRef {
     pub len: usize,
 }
 
+/// A safetensors file (memory-mapped), or one tensor generated in memory (its path is the
+/// recipe it came from).
 struct Shard {
     path: PathBuf,
-    map: Arc<Mmap>,
+    map: Arc<dyn AsRef<[u8]> + Send + Sync>,
 }
 
 /// An opened model folder.
@@ -129,6 +133,8 @@ impl Checkpoint {
             (files, Some(wm))
         } else if single.exists() {
             (vec!["model.safetensors".to_string()], None)
+        } else if dir.join(synth::RECIPE).exists() {
+            return Self::generated(dir, config);
         } else {
             return Err(Error::format(dir, "no model.safetensors or model.safetensors.index.json in the model folder"));
         };
@@ -168,6 +174,25 @@ impl Checkpoint {
                 k,
                 format!("listed in {} but not present in the shard", index.display()),
             ));
+        }
+        let warnings = check_layers(dir, &config, tensors.keys().map(String::as_str))?;
+        Ok(Checkpoint { dir: dir.to_path_buf(), config, warnings, shards, tensors })
+    }
+
+    /// A folder that `zmoe synth --generated` wrote: its weights generated in memory from the
+    /// recipe ([`synth::generate`]), one buffer a tensor.
+    fn generated(dir: &Path, config: ModelConfig) -> Result<Checkpoint> {
+        let recipe = dir.join(synth::RECIPE);
+        let cfg_path = dir.join("config.json");
+        let text = crate::input::read_to_string(&cfg_path)?;
+        let cfg_json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
+        let mut shards = Vec::new();
+        let mut tensors = HashMap::new();
+        for (i, t) in synth::generate(&recipe, &cfg_json)?.into_iter().enumerate() {
+            let len = t.data.len();
+            tensors.insert(t.name, TensorRef { shard: i, dtype: t.dtype, shape: t.shape, start: 0, len });
+            shards.push(Shard { path: recipe.clone(), map: Arc::new(t.data) });
         }
         let warnings = check_layers(dir, &config, tensors.keys().map(String::as_str))?;
         Ok(Checkpoint { dir: dir.to_path_buf(), config, warnings, shards, tensors })

@@ -658,7 +658,113 @@ impl Builder {
 /// set and zmoe wrote that folder; the new folder is built beside it and swapped in when
 /// complete.
 pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
+    write_as(spec, out, force, Weights::Files)
+}
+
+/// Where a synthetic folder keeps its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// safetensors files, like a downloaded model (what every other engine reads).
+    Files,
+    /// Only the recipe ([`RECIPE`]): zmoe generates the same bytes in memory whenever it
+    /// opens the folder ([`generate`]), so a 30B-shaped model costs seconds of CPU instead
+    /// of 17 GB written and read back (benchmarks on the GPU machine, where every second of
+    /// device time counts), and larger shapes need no disk at all.
+    Generated,
+}
+
+/// The file of a folder written with [`Weights::Generated`]: the family, preset, format,
+/// group size and seed its weights come from.
+pub const RECIPE: &str = "model.zmoe-synth.json";
+
+/// [`write`], with the weights as files or as a recipe.
+pub fn write_as(spec: &SynthSpec, out: &Path, force: bool, weights: Weights) -> Result<()> {
     crate::outdir::check_target("--out", out, force)?;
+    let (cfg_json, cfg, tensors, bar) = plan(spec)?;
+    let total: usize = tensors.iter().map(|t| (&t).data_len()).sum();
+    if total > 64 << 20 && weights == Weights::Files {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_length(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("synth {}", spec.preset));
+    }
+
+    let wrote = json!({"family": spec.family, "preset": spec.preset, "quant": spec.quant.name(), "seed": spec.seed});
+    let staging = crate::outdir::Staging::begin("--out", out, force, wrote)?;
+    let result = match weights {
+        Weights::Files => write_files(&tensors, &cfg_json, &cfg, spec, staging.path()),
+        Weights::Generated => write_small_files(&cfg_json, &cfg, spec, staging.path()).and_then(|()| {
+            let recipe = json!({"family": spec.family, "preset": spec.preset, "quant": spec.quant.name(),
+                "group_size": spec.group_size, "seed": spec.seed});
+            let p = staging.path().join(RECIPE);
+            std::fs::write(&p, serde_json::to_string_pretty(&recipe).expect("recipe serialises"))
+                .map_err(|e| Error::io(&p, e))
+        }),
+    };
+    bar.finish_and_clear();
+    result?;
+    staging.finish()
+}
+
+/// One tensor generated in memory from a recipe.
+pub struct Generated {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Little-endian bytes, exactly what [`write`] stores in the safetensors file.
+    pub data: Vec<u8>,
+}
+
+/// The tensors of a folder written with [`Weights::Generated`]: reads its recipe (`recipe`,
+/// the [`RECIPE`] file) and generates every tensor, after checking that `config_json` (the
+/// folder's config.json, parsed) is the one the recipe's preset writes — an edited config
+/// would not match the generated shapes.
+pub fn generate(recipe: &Path, config_json: &Value) -> Result<Vec<Generated>> {
+    let text = crate::input::read_to_string(recipe)?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(recipe, format!("not valid JSON: {e}")))?;
+    let field = |k: &str| v.get(k).ok_or_else(|| Error::format(recipe, format!("missing field `{k}`")));
+    let string = |k: &str| -> Result<String> {
+        field(k)?.as_str().map(str::to_string).ok_or_else(|| Error::format(recipe, format!("`{k}` is not a string")))
+    };
+    let number = |k: &str| -> Result<u64> {
+        field(k)?.as_u64().ok_or_else(|| Error::format(recipe, format!("`{k}` is not a non-negative integer")))
+    };
+    let quant = SynthQuant::parse(&string("quant")?).map_err(|e| Error::format(recipe, e.to_string()))?;
+    let spec = SynthSpec {
+        family: string("family")?,
+        preset: string("preset")?,
+        quant,
+        group_size: number("group_size")? as usize,
+        seed: number("seed")?,
+        max_shard_bytes: SHARD_BYTES,
+    };
+    let (cfg_json, _, tensors, _) = plan(&spec).map_err(|e| Error::format(recipe, e.to_string()))?;
+    if &cfg_json != config_json {
+        return Err(Error::format(
+            recipe.with_file_name("config.json"),
+            format!(
+                "differs from the config of the recipe's preset ({}/{}): the generated weights would not fit it \
+                 (write the folder again with `zmoe synth --generated`)",
+                spec.family, spec.preset
+            ),
+        ));
+    }
+    Ok(tensors
+        .par_iter()
+        .map(|t| Generated { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), data: t.generate() })
+        .collect())
+}
+
+/// The config JSON, parsed config and tensor list of a synthetic checkpoint (the bar is
+/// hidden; [`write_as`] shows it for large files).
+fn plan(spec: &SynthSpec) -> Result<(Value, ModelConfig, Vec<Lazy>, ProgressBar)> {
     let mut cfg_json = preset_config(&spec.family, &spec.preset)?;
     let gpt_oss = spec.family == "gpt_oss";
     if !spec.quant.fits(&spec.family) {
@@ -774,25 +880,7 @@ pub fn write(spec: &SynthSpec, out: &Path, force: bool) -> Result<()> {
         b.norm("model.norm.weight".into(), h);
         b.linear("lm_head", None, cfg.vocab_size, h, None);
     }
-
-    let total: usize = b.tensors.iter().map(|t| (&t).data_len()).sum();
-    if total > 64 << 20 {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        bar.set_length(total as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})")
-                .expect("static template")
-                .progress_chars("=> "),
-        );
-        bar.set_message(format!("synth {}", spec.preset));
-    }
-
-    let wrote = json!({"family": spec.family, "preset": spec.preset, "quant": spec.quant.name(), "seed": spec.seed});
-    let staging = crate::outdir::Staging::begin("--out", out, force, wrote)?;
-    let result = write_files(&b.tensors, &cfg_json, &cfg, spec, staging.path());
-    bar.finish_and_clear();
-    result?;
-    staging.finish()
+    Ok((cfg_json, cfg, b.tensors, bar))
 }
 
 /// GPT-OSS decoder layers in the layout of `quant`: HF bf16 (fused `[E, in, out]` experts with
@@ -850,6 +938,12 @@ fn gpt_oss_layers(b: &mut Builder, cfg: &ModelConfig, quant: SynthQuant, router_
 pub const SHARD_BYTES: usize = 4 << 30;
 
 fn write_files(tensors: &[Lazy], cfg_json: &Value, cfg: &ModelConfig, spec: &SynthSpec, dir: &Path) -> Result<()> {
+    write_small_files(cfg_json, cfg, spec, dir)?;
+    write_tensors(tensors, spec, dir)
+}
+
+/// config.json, tokenizer.json and tokenizer_config.json.
+fn write_small_files(cfg_json: &Value, cfg: &ModelConfig, spec: &SynthSpec, dir: &Path) -> Result<()> {
     let cfg_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(cfg_json).expect("config serialises");
     std::fs::write(&cfg_path, text).map_err(|e| Error::io(&cfg_path, e))?;
@@ -861,8 +955,11 @@ fn write_files(tensors: &[Lazy], cfg_json: &Value, cfg: &ModelConfig, spec: &Syn
     let tc_path = dir.join(crate::chat::TOKENIZER_CONFIG);
     let tc = chat.tokenizer_config(cfg_json["max_position_embeddings"].as_u64());
     std::fs::write(&tc_path, serde_json::to_string_pretty(&tc).expect("tokenizer config serialises"))
-        .map_err(|e| Error::io(&tc_path, e))?;
+        .map_err(|e| Error::io(&tc_path, e))
+}
 
+/// The safetensors file(s), with an index when there are several.
+fn write_tensors(tensors: &[Lazy], spec: &SynthSpec, dir: &Path) -> Result<()> {
     let mut shards: Vec<Vec<&Lazy>> = vec![Vec::new()];
     let mut size = 0;
     for t in tensors {
