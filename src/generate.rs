@@ -61,7 +61,8 @@ pub struct GenerateStats {
 impl GenerateStats {
     /// Prompt tokens per second.
     pub fn prefill_tps(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+        // No prefill ran (`max_tokens` 0): no rate, rather than tokens over a nanosecond.
+        if self.prefill_secs == 0.0 { 0.0 } else { self.prompt_tokens as f64 / self.prefill_secs.max(1e-9) }
     }
 
     /// Decoded tokens per second (tokens after the first, which prefill produced).
@@ -135,4 +136,19 @@ pub fn generate(
     }
     stats.decode_secs = t1.elapsed().as_secs_f64();
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GenerateStats;
+
+    /// A run that generated nothing (`--max-tokens 0`) reports no rates, not a prompt over a
+    /// nanosecond.
+    #[test]
+    fn rates_of_an_empty_run_are_zero() {
+        let s = GenerateStats { prompt_tokens: 5, ..Default::default() };
+        assert_eq!((s.prefill_tps(), s.decode_tps()), (0.0, 0.0));
+        let s = GenerateStats { prompt_tokens: 4, prefill_secs: 0.5, ..Default::default() };
+        assert_eq!(s.prefill_tps(), 8.0);
+    }
 }
