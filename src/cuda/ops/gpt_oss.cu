@@ -181,15 +181,32 @@ extern "C" __global__ void router_topk_softmax(const TopkSoftmaxArgs p) {
     topk_softmax_warp(p.logits + m * p.e, p.e, p.k, p.idx + m * p.k, p.wout + m * p.k);
 }
 
+// topk_softmax_warp's experts and weights by the block (moe.cu's block_select_topk): every
+// warp ranks the logits (with any_key: −inf logits after every finite one, by index, as the
+// warp's rounds take them), then thread 0 takes the softmax over the K chosen in slot order
+// exactly as topk_softmax_warp's lane 0. Bit for bit for any logits but NaN.
+__device__ __forceinline__ void topk_softmax_block(const float* lg, int E, int K, int* idx, float* wout) {
+    __shared__ RouterPick sh;
+    pick_reset(sh);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) sh.key[e] = sh.val[e] = __ldcg(lg + e);
+    block_select_topk(sh, E, K, true);
+    if (threadIdx.x == 0) {
+        const float mx = sh.sel[0];
+        float ex[16], sum = 0.f;
+        for (int j = 0; j < K; j++) { ex[j] = expf(sh.sel[j] - mx); sum += ex[j]; }
+        for (int j = 0; j < K; j++) idx[j] = sh.sid[j], wout[j] = ex[j] / sum;
+    }
+}
+
 // moe_mlp 1/3 for GPT-OSS (decode): router logits with the router bias (= matvec, f32 out),
-// then the top-k-then-softmax of router_topk_softmax (the shape of moe.cu's routers; its
-// 32-register top-k takes the sigmoid routers' block size).
+// then the top-k-then-softmax of router_topk_softmax, picked by the block (the shape of
+// moe.cu's routers, the sigmoid routers' block size).
 extern "C" __global__ void SIGMOID_ROUTER moe_router_topk_softmax(const MoeRouterTopkSoftmaxArgs p) {
     pdl_entry();
     int m = blockIdx.z, E = p.e, K = p.k;
     router_logits_rows(p.w, p.x, p.logits, p.bias, E, p.h, m);
     if (!router_meet(p.tickets + m)) return;
-    if (threadIdx.x < WARP) topk_softmax_warp(p.logits + (long)m * E, E, K, p.idx + m * K, p.wout + m * K);
+    topk_softmax_block(p.logits + (long)m * E, E, K, p.idx + m * K, p.wout + m * K);
 }
 
 // moe_mlp 2/3 for GPT-OSS (decode): gate and up rows r of slot q's expert with their biases,

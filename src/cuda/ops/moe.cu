@@ -245,12 +245,13 @@ __device__ __forceinline__ void pick_reset(RouterPick& sh) {
 }
 
 // The top-K experts by key, largest first, the lowest index winning ties, keys not > -inf
-// never chosen — select_topk_warp's (and router_topk_lanes') choice — by every warp of the
-// block: expert e's rank is #{j : key[j] > key[e] or (key[j] == key[e] and j < e)}, counted
-// 32 at a time with a ballot, and the expert of rank j < K takes slot j with its val.
-// Between two barriers: keys written before, slots read after. Returns Σ sel in slot order
-// (the warp routers' tot), valid in thread 0.
-__device__ __forceinline__ float block_select_topk(RouterPick& sh, int E, int K) {
+// never chosen (any_key: only NaN keys never chosen, -inf ones after every finite one) —
+// select_topk_warp's, router_topk_lanes' (and with any_key topk_softmax_warp's) choice — by
+// every warp of the block: expert e's rank is #{j : key[j] > key[e] or (key[j] == key[e] and
+// j < e)}, counted 32 at a time with a ballot, and the expert of rank j < K takes slot j with
+// its val. Between two barriers: keys written before, slots read after. Returns Σ sel in slot
+// order (the warp routers' tot), valid in thread 0.
+__device__ __forceinline__ float block_select_topk(RouterPick& sh, int E, int K, bool any_key = false) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x / WARP;
     __syncthreads();
     for (int e = warp; e < E; e += warps) {
@@ -262,7 +263,8 @@ __device__ __forceinline__ float block_select_topk(RouterPick& sh, int E, int K)
             rank += __popc(__ballot_sync(0xffffffffu, u > v || (u == v && j < e)));
             if (rank >= K) break;  // out of the slots (warp-uniform: every lane counts the same)
         }
-        if (lane == 0 && v > -INFINITY && rank < K) sh.sid[rank] = e, sh.sel[rank] = sh.val[e];
+        bool eligible = any_key ? !isnan(v) : v > -INFINITY;
+        if (lane == 0 && eligible && rank < K) sh.sid[rank] = e, sh.sel[rank] = sh.val[e];
     }
     __syncthreads();
     float tot = 0.f;
