@@ -86,8 +86,15 @@ pub fn read_marker(dir: &Path) -> Option<Marker> {
 
 /// Whether `name` is a file `zmoe synth` writes into a model folder.
 fn synth_file_name(name: &str) -> bool {
-    matches!(name, "config.json" | "tokenizer.json" | "model.safetensors" | "model.safetensors.index.json")
-        || (name.starts_with("model-") && name.ends_with(".safetensors"))
+    matches!(
+        name,
+        "config.json"
+            | "tokenizer.json"
+            | "tokenizer_config.json"
+            | "model.safetensors"
+            | "model.safetensors.index.json"
+            | crate::checkpoint::synth::RECIPE
+    ) || (name.starts_with("model-") && name.ends_with(".safetensors"))
 }
 
 /// Why the folder `dir` is not one zmoe wrote (its marker lists every entry and every entry

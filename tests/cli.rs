@@ -259,6 +259,9 @@ fn synth_generated_weights_equal_the_files() {
     std::fs::write(&recipe, "{\"family\": \"qwen3_moe\"").unwrap();
     let e = zmoe_err(&["forward", "--model", s(&lazy), "--tokens", "1"]);
     assert!(e.contains("model.zmoe-synth.json") && e.contains("not valid JSON"), "{e}");
+    std::fs::write(&recipe, good.replace("\"generator\": 1", "\"generator\": 0")).unwrap();
+    let e = zmoe_err(&["forward", "--model", s(&lazy), "--tokens", "1"]);
+    assert!(e.contains("model.zmoe-synth.json") && e.contains("weight generator version 0"), "{e}");
     std::fs::write(&recipe, good.replace("\"tiny\"", "\"huge\"")).unwrap();
     let e = zmoe_err(&["forward", "--model", s(&lazy), "--tokens", "1"]);
     assert!(e.contains("model.zmoe-synth.json") && e.contains("unknown family/preset"), "{e}");

@@ -105,6 +105,12 @@ if [ ! -f "$MODEL/config.json" ]; then
     say "synth took $(( $(date +%s) - t )) s"
 fi
 MODEL_BYTES=$(du -sb "$MODEL" | cut -f1)
+if [ -f "$MODEL/model.zmoe-synth.json" ]; then
+    # `zmoe synth --generated`: the weights are generated in memory, not on disk. The GGUFs'
+    # disk check below uses this guess (the 30B presets at 4 bits) instead of the folder's size.
+    MODEL_BYTES=$(( 17 << 30 ))
+    say "$MODEL: weights generated in memory from its recipe; disk check assumes ~17 GiB of weights"
+fi
 if [ "$PREPARE_ONLY" = 1 ]; then
     say "prepared: $LLAMA_BENCH and $MODEL ($(( MODEL_BYTES >> 30 )) GiB); now run $AGAIN$HERE/run.sh $FAMILY"
     exit 0

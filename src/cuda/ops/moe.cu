@@ -230,7 +230,7 @@ __device__ __forceinline__ void softmax_probs_lanes(const float* l, int E, float
 // Shared memory of a block pick: each expert's selection key and weight, the group scores
 // of the grouped sigmoid router, and the K slots.
 struct RouterPick {
-    float key[1024];  // selection key (not > -inf: never chosen)
+    float key[1024];  // selection key (block_select_topk says which are never chosen)
     float val[1024];  // the weight the expert brings if chosen
     float gs[32];     // group scores (router_sigmoid_block, n_group > 1)
     int keep[32];     // group kept
