@@ -704,8 +704,14 @@ pub fn write_as(spec: &SynthSpec, out: &Path, force: bool, weights: Weights) -> 
     let result = match weights {
         Weights::Files => write_files(&tensors, &cfg_json, &cfg, spec, staging.path()),
         Weights::Generated => write_small_files(&cfg_json, &cfg, spec, staging.path()).and_then(|()| {
-            let recipe = json!({"family": spec.family, "preset": spec.preset, "quant": spec.quant.name(),
-                "group_size": spec.group_size, "seed": spec.seed, "generator": GENERATOR});
+            let recipe = Recipe {
+                family: spec.family.clone(),
+                preset: spec.preset.clone(),
+                quant: spec.quant.name().to_string(),
+                group_size: spec.group_size,
+                seed: spec.seed,
+                generator: GENERATOR,
+            };
             let p = staging.path().join(RECIPE);
             std::fs::write(&p, serde_json::to_string_pretty(&recipe).expect("recipe serialises"))
                 .map_err(|e| Error::io(&p, e))
@@ -714,6 +720,17 @@ pub fn write_as(spec: &SynthSpec, out: &Path, force: bool, weights: Weights) -> 
     bar.finish_and_clear();
     result?;
     staging.finish()
+}
+
+/// The [`RECIPE`] file: what [`generate`] needs to make a folder's weights again.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Recipe {
+    family: String,
+    preset: String,
+    quant: String,
+    group_size: usize,
+    seed: u64,
+    generator: u64,
 }
 
 /// One tensor generated in memory from a recipe.
@@ -734,15 +751,11 @@ pub struct Generated {
 /// would not match the generated shapes.
 pub fn generate(recipe: &Path, config_json: &Value) -> Result<Vec<Generated>> {
     let text = crate::input::read_to_string(recipe)?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(recipe, format!("not valid JSON: {e}")))?;
-    let field = |k: &str| v.get(k).ok_or_else(|| Error::format(recipe, format!("missing field `{k}`")));
-    let string = |k: &str| -> Result<String> {
-        field(k)?.as_str().map(str::to_string).ok_or_else(|| Error::format(recipe, format!("`{k}` is not a string")))
-    };
-    let number = |k: &str| -> Result<u64> {
-        field(k)?.as_u64().ok_or_else(|| Error::format(recipe, format!("`{k}` is not a non-negative integer")))
-    };
-    let version = number("generator")?;
+    let r: Recipe = serde_json::from_str(&text).map_err(|e| {
+        let what = if e.is_data() { "not a zmoe synth recipe" } else { "not valid JSON" };
+        Error::format(recipe, format!("{what}: {e}"))
+    })?;
+    let version = r.generator;
     if version != GENERATOR {
         return Err(Error::format(
             recipe,
@@ -752,13 +765,13 @@ pub fn generate(recipe: &Path, config_json: &Value) -> Result<Vec<Generated>> {
             ),
         ));
     }
-    let quant = SynthQuant::parse(&string("quant")?).map_err(|e| Error::format(recipe, e.to_string()))?;
+    let quant = SynthQuant::parse(&r.quant).map_err(|e| Error::format(recipe, e.to_string()))?;
     let spec = SynthSpec {
-        family: string("family")?,
-        preset: string("preset")?,
+        family: r.family,
+        preset: r.preset,
         quant,
-        group_size: number("group_size")? as usize,
-        seed: number("seed")?,
+        group_size: r.group_size,
+        seed: r.seed,
         max_shard_bytes: SHARD_BYTES,
     };
     let (cfg_json, _, tensors, _) = plan(&spec).map_err(|e| Error::format(recipe, e.to_string()))?;

@@ -169,7 +169,7 @@ extern "C" __global__ void combine(const CombineArgs p) {
 #define ROUTER_CLUSTER
 #endif
 // Kernel attributes of the routers: ROUTER_THREADS for the softmax routers (Qwen3's 128 rows
-// in one pass), ROUTER_SIGMOID_THREADS for the ones whose top-k holds more registers.
+// in one pass), ROUTER_SIGMOID_THREADS for the others (E ≤ 64 rows in one pass; moe.rs).
 #define SOFTMAX_ROUTER __launch_bounds__(ROUTER_THREADS) ROUTER_CLUSTER
 #define SIGMOID_ROUTER __launch_bounds__(ROUTER_SIGMOID_THREADS) ROUTER_CLUSTER
 

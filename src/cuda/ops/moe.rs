@@ -133,14 +133,13 @@ pub fn combine(dev: &Device, a: &CombineArgs, m: usize) -> Result<()> {
 
 /// Blocks of a fused router a token: on sm_90 one thread-block cluster (8, the portable
 /// maximum), whose blocks meet at the cluster barrier; before sm_90 at a ticket. Each warp
-/// computes logit rows, then block 0 picks the experts (`moe.cu`; GPT-OSS's router: its first
-/// warp).
+/// computes logit rows, then block 0 picks the experts (`moe.cu`, `block_select_topk`).
 pub const ROUTER_BLOCKS: u32 = 8;
 /// Threads of a softmax router block: 8 × 16 warps hold Qwen3's 128 logit rows in one pass
 /// (≤ 128 registers a thread).
 pub const ROUTER_THREADS: u32 = 512;
-/// Threads of a router block whose top-k holds more registers (the sigmoid routers,
-/// GPT-OSS's top-k-then-softmax).
+/// Threads of the other routers' blocks (the sigmoid routers, GPT-OSS's top-k-then-softmax):
+/// 8 × 8 warps hold their E ≤ 64 logit rows (GLM, LFM2, GPT-OSS) in one pass.
 pub const ROUTER_SIGMOID_THREADS: u32 = 256;
 
 /// The fused softmax router of `m` tokens.
