@@ -69,15 +69,20 @@ mod tests {
                     assert!(!r.source.contains("{{"));
                     assert!(hashes.insert(r.hash.clone()), "duplicate hash {}", t.label(&kn));
                 }
+                // t0 (production) runs every preset; another template may be limited to some
+                // formats (t3_mma: 4-bit codes) but must run at least one.
+                let mut fitting = 0;
                 for p in &PRESETS {
                     let s = p.shape(3);
                     let combos = t.combos(&s);
-                    assert!(!combos.is_empty(), "{} has no combo for {}", t.name, p.name);
+                    assert!(!combos.is_empty() || !t.name.starts_with("t0_"), "{} has no combo for {}", t.name, p.name);
+                    fitting += usize::from(!combos.is_empty());
                     for kn in combos {
                         let l = (t.launch)(&s, &kn);
                         assert!(l.block >= 32 && l.block <= 1024 && l.grid.iter().all(|&g| g >= 1), "{}", t.label(&kn));
                     }
                 }
+                assert!(fitting > 0, "{} runs no preset", t.name);
             }
         }
     }

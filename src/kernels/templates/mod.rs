@@ -141,7 +141,7 @@ fn always(_: &Shape, _: &Knobs) -> bool {
 }
 
 /// Every template of every op.
-pub static TEMPLATES: [Template; 13] = [
+pub static TEMPLATES: [Template; 14] = [
     // ---- moe_combine ----
     Template {
         op: OpId::MoeCombine,
@@ -269,6 +269,20 @@ pub static TEMPLATES: [Template; 13] = [
         numerics: NumericsRule::Preserving,
         launch: |s, kn| Launch { grid: [div(s.inter, k(kn, "RPB")), s.experts as u32, 1], block: 32 * k(kn, "RPB") },
         fits: |s, _| s.tokens <= 1024,
+    },
+    Template {
+        op: OpId::GatherQmmSwiglu,
+        name: "t3_mma",
+        summary: "4-bit codes to bf16 in registers, Σq·x of 16 rows a warp on tensor cores (numerics-changing)",
+        text: include_str!("gather_qmm_swiglu/t3_mma.cu"),
+        space: &[("TILES", &[1, 2, 4]), ("SPLIT", &[1, 2, 4]), ("PF", &[1, 2, 4])],
+        defaults: &[("TILES", 2), ("SPLIT", 2), ("PF", 2)],
+        numerics: NumericsRule::Changing,
+        launch: |s, kn| Launch {
+            grid: [div(s.inter, 16 * k(kn, "TILES")), (s.tokens * s.k) as u32, 1],
+            block: 32 * k(kn, "TILES") * k(kn, "SPLIT"),
+        },
+        fits: |s, _| s.bits == 4 && s.group % 64 == 0 && s.inter % 16 == 0 && s.hidden % 64 == 0,
     },
     // ---- rmsnorm_residual ----
     Template {
