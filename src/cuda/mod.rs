@@ -187,15 +187,21 @@ impl Device {
         Ok(p)
     }
 
-    /// Allocates and uploads a host slice.
+    /// Allocates and uploads a host slice, on the stream, and waits for it.
+    ///
+    /// Not the legacy synchronous copy: from pageable memory that one may return before its
+    /// DMA lands, and it is not ordered with the non-blocking stream the kernels run on — a
+    /// kernel (or a device copy such as the foundry's pristine inputs) could read the old
+    /// bytes of a reused allocation. Seen as wrong residuals in foundry cases when several
+    /// GPU test processes shared the device.
     pub fn upload<T: Copy>(&mut self, data: &[T]) -> Result<u64> {
         let p = self.alloc(std::mem::size_of_val(data))?;
-        // SAFETY: p has room for data.
-        unsafe { result::memcpy_htod_sync(p, data) }.map_err(cuda_err)?;
+        self.write(p, data)?;
         Ok(p)
     }
 
-    /// Copies host data into an existing allocation (asynchronously on the stream).
+    /// Copies host data into an existing allocation on the stream (ordered with the kernels)
+    /// and waits for it, so `data` may be dropped or reused when this returns.
     pub fn write<T: Copy>(&self, dst: u64, data: &[T]) -> Result<()> {
         // SAFETY: the caller sized dst; the stream orders this before later kernels.
         unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }.map_err(cuda_err)?;
