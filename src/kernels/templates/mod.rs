@@ -141,7 +141,7 @@ fn always(_: &Shape, _: &Knobs) -> bool {
 }
 
 /// Every template of every op.
-pub static TEMPLATES: [Template; 14] = [
+pub static TEMPLATES: [Template; 15] = [
     // ---- moe_combine ----
     Template {
         op: OpId::MoeCombine,
@@ -283,6 +283,20 @@ pub static TEMPLATES: [Template; 14] = [
             block: 32 * k(kn, "TILES") * k(kn, "SPLIT"),
         },
         fits: |s, _| s.bits == 4 && s.group % 64 == 0 && s.inter % 16 == 0 && s.hidden % 64 == 0,
+    },
+    Template {
+        op: OpId::GatherQmmSwiglu,
+        name: "t4_pipelined",
+        summary: "production arithmetic, RPW row pairs a warp with the next row's loads in flight (double-buffered)",
+        text: include_str!("gather_qmm_swiglu/t4_pipelined.cu"),
+        space: &[("RPW", &[2, 4, 8]), ("WPB", &[2, 4, 8]), ("NCH", &[1, 2, 4])],
+        defaults: &[("RPW", 2), ("WPB", 4), ("NCH", 2)],
+        numerics: NumericsRule::Preserving,
+        launch: |s, kn| Launch {
+            grid: [div(s.inter, k(kn, "WPB") * k(kn, "RPW")), (s.tokens * s.k) as u32, 1],
+            block: 32 * k(kn, "WPB"),
+        },
+        fits: |s, kn| s.hidden * s.bits as usize <= 128 * 32 * k(kn, "NCH") as usize,
     },
     // ---- rmsnorm_residual ----
     Template {
