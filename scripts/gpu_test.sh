@@ -11,7 +11,8 @@
 #                                    # kernel-foundry campaign per op, `glm` the glm-4.7-flash
 #                                    # affine4 benchmark, `lfm2` the lfm2-8b-a1b affine4
 #                                    # benchmark (with and without conv_mixer), `foundry` only the campaigns
-#                                    # (FOUNDRY_CASES=48 cases per op by default);
+#                                    # (FOUNDRY_CASES=48 cases per op by default; FOUNDRY_OPS and
+#                                    # FOUNDRY_ARGS narrow them to one question);
 #                                    # `compare` times scratch/gpu-base/zmoe against
 #                                    # scratch/gpu/zmoe with ZMOE_PDL=1 (pdl), with
 #                                    # ZMOE_TC=0 (notc: prefill on the mat-vecs) and with
@@ -165,10 +166,13 @@ done
 if [ "${2:-}" = bench ] || [ "${2:-}" = foundry ] || [ "$mode" = bench ]; then
     # Kernel foundry: one real campaign per op (templates x knobs on decode-centric shapes),
     # then its report (pairwise sign tests, winners per token bucket) and promotion.
-    for op in moe_combine topk_gating gather_qmm_swiglu rmsnorm_residual; do
+    # FOUNDRY_OPS picks ops, FOUNDRY_ARGS adds `foundry run` flags, e.g. one question:
+    # FOUNDRY_OPS=gather_qmm_swiglu FOUNDRY_ARGS="--templates t0_warp_row,t4_pipelined --max-tokens 1".
+    for op in ${FOUNDRY_OPS:-moe_combine topk_gating gather_qmm_swiglu rmsnorm_residual}; do
         F="$OUT/foundry/$op"
+        # shellcheck disable=SC2086 # FOUNDRY_ARGS is a list of flags
         scratch/gpu/zmoe foundry run --op "$op" --backend cuda --mode mix --cases "${FOUNDRY_CASES:-48}" \
-            --seed 1 --warmup 5 --repeats 20 --out "$F" 2>"$OUT/foundry-$op.log" | tail -3
+            --seed 1 --warmup 5 --repeats 20 --out "$F" ${FOUNDRY_ARGS:-} 2>"$OUT/foundry-$op.log" | tail -3
         tail -3 "$OUT/foundry-$op.log"
         scratch/gpu/zmoe foundry report "$F" 2>&1 | tee "$F/report.txt"
         scratch/gpu/zmoe foundry promote "$F" --force 2>&1 | tee "$F/promote.txt"

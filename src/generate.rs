@@ -41,7 +41,7 @@ impl FinishReason {
 /// What happened during a generation.
 #[derive(Debug, Clone, Default)]
 pub struct GenerateStats {
-    /// Prompt length.
+    /// Prompt tokens prefilled (the prompt length; 0 when nothing ran, `max_tokens` 0).
     pub prompt_tokens: usize,
     /// Generated ids (including a final EOS if one was produced).
     pub tokens: Vec<u32>,
@@ -100,10 +100,12 @@ pub fn generate(
     backend.reset();
     let eos = backend.config().eos_token_ids.clone();
     let mut sampler = Sampler::new(opts.sampling);
-    let mut stats = GenerateStats { prompt_tokens: prompt.len(), ..Default::default() };
     if opts.max_tokens == 0 {
-        return Ok(stats);
+        // Nothing runs, not even the prefill: the summary says 0 prompt tokens, not the
+        // prompt's length at a rate of 0.
+        return Ok(GenerateStats::default());
     }
+    let mut stats = GenerateStats { prompt_tokens: prompt.len(), ..Default::default() };
     let ctx = backend.max_context();
     if prompt.len() >= ctx {
         return Err(Error::Arg(format!(
