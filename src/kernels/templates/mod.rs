@@ -273,9 +273,9 @@ pub static TEMPLATES: [Template; 15] = [
     Template {
         op: OpId::GatherQmmSwiglu,
         name: "t3_mma",
-        summary: "4-bit codes to bf16 in registers, Σq·x of 16 rows a warp on tensor cores (numerics-changing)",
+        summary: "4-bit codes to bf16 in registers, Σq·x of 16 rows a warp on tensor cores, a ring of PF blocks in flight (numerics-changing)",
         text: include_str!("gather_qmm_swiglu/t3_mma.cu"),
-        space: &[("TILES", &[1, 2, 4]), ("SPLIT", &[1, 2, 4]), ("PF", &[1, 2, 4])],
+        space: &[("TILES", &[1, 2, 4]), ("SPLIT", &[1, 2, 4, 8]), ("PF", &[1, 2, 4])],
         defaults: &[("TILES", 2), ("SPLIT", 2), ("PF", 2)],
         numerics: NumericsRule::Changing,
         launch: |s, kn| Launch {

@@ -6,7 +6,8 @@
 // and x is permuted the same way into the B fragment (every column = the slot's token, so
 // column order is irrelevant). Per block: acc = acc + (sc·Σqx + bi·Σx) as chunk_acc, Σx in a
 // fixed order. SPLIT warps share a tile (the blocks b ≡ s mod SPLIT each), their partials
-// added in order in shared memory; PF blocks of loads in flight a warp. TILES tiles a block.
+// added in order in shared memory; a ring of PF blocks of loads in flight a warp (each slot
+// refilled as soon as its block is computed). TILES tiles a block.
 // Needs 4-bit codes, group % 64 == 0, I % 16 == 0. Grid (ceil(I / (16·TILES)), M·K).
 constexpr int TILES = {{TILES}}, SPLIT = {{SPLIT}}, PF = {{PF}};
 
@@ -35,21 +36,27 @@ extern "C" __global__ void __launch_bounds__(32 * TILES * SPLIT)
         const long so = e * sb_stride + (r0 + g) * gpr;
         const bf16* xs = x + (long)(q / K) * H;
         const int nb = H / 64;
-        for (int b0 = s; b0 < nb; b0 += SPLIT * PF) {
-            uint2 wv[PF][4];
-            uint4 xv[PF][2];
+        // A ring of PF blocks in flight: block b's weights, x and scales land while the
+        // blocks before it are computed; a slot is refilled with block b + SPLIT·PF as soon
+        // as block b is done.
+        uint2 wv[PF][4];
+        uint4 xv[PF][2];
+        bf16 sc[PF][8];
+        auto load = [&](int p, int b) {
+            wv[p][0] = ((const uint2*)(G0 + b * 8))[t];
+            wv[p][1] = ((const uint2*)(G0 + 8 * wpr + b * 8))[t];
+            wv[p][2] = ((const uint2*)(U0 + b * 8))[t];
+            wv[p][3] = ((const uint2*)(U0 + 8 * wpr + b * 8))[t];
+            xv[p][0] = ((const uint4*)(xs + b * 64 + 16 * t))[0];
+            xv[p][1] = ((const uint4*)(xs + b * 64 + 16 * t))[1];
+            const long gi = so + (long)b * 64 / group;
+            sc[p][0] = gs[gi], sc[p][1] = gb[gi], sc[p][2] = gs[gi + 8 * gpr], sc[p][3] = gb[gi + 8 * gpr];
+            sc[p][4] = us[gi], sc[p][5] = ub[gi], sc[p][6] = us[gi + 8 * gpr], sc[p][7] = ub[gi + 8 * gpr];
+        };
 #pragma unroll
-            for (int p = 0; p < PF; p++) {
-                int b = b0 + p * SPLIT;
-                if (b < nb) {
-                    wv[p][0] = ((const uint2*)(G0 + b * 8))[t];
-                    wv[p][1] = ((const uint2*)(G0 + 8 * wpr + b * 8))[t];
-                    wv[p][2] = ((const uint2*)(U0 + b * 8))[t];
-                    wv[p][3] = ((const uint2*)(U0 + 8 * wpr + b * 8))[t];
-                    xv[p][0] = ((const uint4*)(xs + b * 64 + 16 * t))[0];
-                    xv[p][1] = ((const uint4*)(xs + b * 64 + 16 * t))[1];
-                }
-            }
+        for (int p = 0; p < PF; p++)
+            if (s + p * SPLIT < nb) load(p, s + p * SPLIT);
+        for (int b0 = s; b0 < nb; b0 += SPLIT * PF) {
 #pragma unroll
             for (int p = 0; p < PF; p++) {
                 int b = b0 + p * SPLIT;
@@ -75,11 +82,11 @@ extern "C" __global__ void __launch_bounds__(32 * TILES * SPLIT)
                 for (int i = 0; i < 16; i++) sx += xf[i];
                 sx += __shfl_xor_sync(0xffffffffu, sx, 1);
                 sx += __shfl_xor_sync(0xffffffffu, sx, 2);
-                const long gi = so + (long)b * 64 / group;
-                acc[0] = chunk_acc(acc[0], bf2f(gs[gi]), cg[0], bf2f(gb[gi]), sx);
-                acc[1] = chunk_acc(acc[1], bf2f(gs[gi + 8 * gpr]), cg[2], bf2f(gb[gi + 8 * gpr]), sx);
-                acc[2] = chunk_acc(acc[2], bf2f(us[gi]), cu[0], bf2f(ub[gi]), sx);
-                acc[3] = chunk_acc(acc[3], bf2f(us[gi + 8 * gpr]), cu[2], bf2f(ub[gi + 8 * gpr]), sx);
+                acc[0] = chunk_acc(acc[0], bf2f(sc[p][0]), cg[0], bf2f(sc[p][1]), sx);
+                acc[1] = chunk_acc(acc[1], bf2f(sc[p][2]), cg[2], bf2f(sc[p][3]), sx);
+                acc[2] = chunk_acc(acc[2], bf2f(sc[p][4]), cu[0], bf2f(sc[p][5]), sx);
+                acc[3] = chunk_acc(acc[3], bf2f(sc[p][6]), cu[2], bf2f(sc[p][7]), sx);
+                if (b + SPLIT * PF < nb) load(p, b + SPLIT * PF);
             }
         }
     }
