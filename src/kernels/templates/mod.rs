@@ -141,7 +141,7 @@ fn always(_: &Shape, _: &Knobs) -> bool {
 }
 
 /// Every template of every op.
-pub static TEMPLATES: [Template; 15] = [
+pub static TEMPLATES: [Template; 16] = [
     // ---- moe_combine ----
     Template {
         op: OpId::MoeCombine,
@@ -297,6 +297,20 @@ pub static TEMPLATES: [Template; 15] = [
             block: 32 * k(kn, "WPB"),
         },
         fits: |s, kn| s.hidden * s.bits as usize <= 128 * 32 * k(kn, "NCH") as usize,
+    },
+    Template {
+        op: OpId::GatherQmmSwiglu,
+        name: "t5_l2_prefetch",
+        summary: "production rows, RPW a warp, the next AHEAD rows prefetched into L2 while one is computed",
+        text: include_str!("gather_qmm_swiglu/t5_l2_prefetch.cu"),
+        space: &[("RPW", &[2, 4, 8]), ("WPB", &[2, 4, 8]), ("AHEAD", &[1, 2])],
+        defaults: &[("RPW", 4), ("WPB", 4), ("AHEAD", 1)],
+        numerics: NumericsRule::Preserving,
+        launch: |s, kn| Launch {
+            grid: [div(s.inter, k(kn, "WPB") * k(kn, "RPW")), (s.tokens * s.k) as u32, 1],
+            block: 32 * k(kn, "WPB"),
+        },
+        fits: always,
     },
     // ---- rmsnorm_residual ----
     Template {
