@@ -2085,3 +2085,30 @@ fn nccl_one_rank_all_gather_is_identity() {
         "NCCL {version}: one-rank all-gather changed the rows"
     );
 }
+
+/// An upload is ordered with the kernels' stream (session 13): a buffer uploaded from
+/// pageable memory and at once copied on the stream must arrive whole. With the legacy
+/// synchronous copy the upload could still be in flight when the stream's copy read it (the
+/// NULL stream does not order a non-blocking stream), which made foundry cases fail only
+/// when several test processes shared the GPU. 64 MiB a round, fresh allocations and a new
+/// pattern each time, the last bytes checked first (the staged copy's tail lands last).
+#[test]
+#[ignore]
+fn uploads_are_ordered_with_the_stream() {
+    let mut dev = Device::open().unwrap();
+    let n = 16 << 20; // u32 words: 64 MiB
+    for round in 0..8u32 {
+        let mut rng = Rng::new(0x5eed + round as u64);
+        let data: Vec<u32> = (0..n).map(|_| rng.next_u64() as u32 | 1).collect();
+        let mark = dev.mark();
+        let src = dev.upload(&data).unwrap();
+        let dst = dev.alloc(n * 4).unwrap();
+        dev.fill(dst, 0, n * 4).unwrap();
+        dev.copy(dst, src, n * 4).unwrap();
+        let mut back = vec![0u32; n];
+        dev.read(dst, &mut back).unwrap();
+        let bad = back.iter().zip(&data).rposition(|(a, b)| a != b);
+        assert!(bad.is_none(), "round {round}: word {} of {n} differs after upload + stream copy", bad.unwrap_or(0));
+        dev.release_to(mark).unwrap();
+    }
+}
