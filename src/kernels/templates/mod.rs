@@ -282,7 +282,14 @@ pub static TEMPLATES: [Template; 16] = [
             grid: [div(s.inter, 16 * k(kn, "TILES")), (s.tokens * s.k) as u32, 1],
             block: 32 * k(kn, "TILES") * k(kn, "SPLIT"),
         },
-        fits: |s, _| s.bits == 4 && s.group % 64 == 0 && s.inter % 16 == 0 && s.hidden % 64 == 0,
+        // PF·TILES·SPLIT > 32 spills under the launch bound (NVRTC sm_90, session 13 review).
+        fits: |s, kn| {
+            s.bits == 4
+                && s.group % 64 == 0
+                && s.inter % 16 == 0
+                && s.hidden % 64 == 0
+                && k(kn, "TILES") * k(kn, "SPLIT") * k(kn, "PF") <= 32
+        },
     },
     Template {
         op: OpId::GatherQmmSwiglu,
@@ -296,7 +303,12 @@ pub static TEMPLATES: [Template; 16] = [
             grid: [div(s.inter, k(kn, "WPB") * k(kn, "RPW")), (s.tokens * s.k) as u32, 1],
             block: 32 * k(kn, "WPB"),
         },
-        fits: |s, kn| s.hidden * s.bits as usize <= 128 * 32 * k(kn, "NCH") as usize,
+        // The smallest NCH that holds a row: a larger one only adds empty register buffers
+        // (and RPW 4 with NCH 4 spills).
+        fits: |s, kn| {
+            let (nch, n) = (s.hidden * s.bits as usize / 128, k(kn, "NCH") as usize);
+            nch <= 32 * n && (n == 1 || nch > 16 * n)
+        },
     },
     Template {
         op: OpId::GatherQmmSwiglu,

@@ -9,8 +9,8 @@ constexpr int RPW = {{RPW}}, WPB = {{WPB}}, AHEAD = {{AHEAD}};
 // Brings bytes [p, p + n) into L2 (widened to 16-byte boundaries, as the bulk prefetch
 // needs), work split over the warp's lanes.
 __device__ __forceinline__ void prefetch_l2(const void* p, int n, int lane) {
-    const unsigned long long a = (unsigned long long)p & ~15ull;
-    const unsigned long long e = ((unsigned long long)p + n + 15) & ~15ull;
+    const unsigned long long g = (unsigned long long)__cvta_generic_to_global(p);
+    const unsigned long long a = g & ~15ull, e = (g + n + 15) & ~15ull;
 #if __CUDA_ARCH__ >= 900
     if (lane == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((u32)(e - a)) : "memory");
 #else
