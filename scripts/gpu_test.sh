@@ -30,7 +30,8 @@
 #                                    # `ncu-decode` times every decode kernel with it and sets
 #                                    # their sum against the graph step (NCU_PRESETS).
 #                                    # GPU_TESTS=0 skips the tests, GPU_TESTS=a,b runs those;
-#                                    # GPU_TEST_JOBS (4) of them run at a time.
+#                                    # GPU_TEST_JOBS (4) of them run at a time; up to
+#                                    # GPU_TEST_RERUNS (3) that failed run again alone.
 #                                    # Full logs in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
