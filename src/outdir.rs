@@ -84,19 +84,6 @@ pub fn read_marker(dir: &Path) -> Option<Marker> {
     (marker.kind == MARKER_KIND).then_some(marker)
 }
 
-/// Whether `name` is a file `zmoe synth` writes into a model folder.
-fn synth_file_name(name: &str) -> bool {
-    matches!(
-        name,
-        "config.json"
-            | "tokenizer.json"
-            | "tokenizer_config.json"
-            | "model.safetensors"
-            | "model.safetensors.index.json"
-            | crate::checkpoint::synth::RECIPE
-    ) || (name.starts_with("model-") && name.ends_with(".safetensors"))
-}
-
 /// Why the folder `dir` is not one zmoe wrote (its marker lists every entry and every entry
 /// is a regular file), or `Ok(marker)`. `also` admits more names (for staging folders).
 fn ours_with(dir: &Path, also: &dyn Fn(&str) -> bool) -> std::result::Result<Marker, String> {
@@ -184,9 +171,9 @@ fn sibling(path: &Path, infix: &str) -> PathBuf {
 
 /// Removes the staging folders left in `parent` by killed runs (see the module docs):
 /// hidden `.<name>.zmoe-partial-*` / `.zmoe-old-*` folders whose marker is not locked by a
-/// running zmoe and that hold nothing but files zmoe writes. Best effort; returns what it
-/// removed.
-pub fn clean_stale(parent: &Path) -> Vec<PathBuf> {
+/// running zmoe and that hold nothing but files the writer writes (`writes`: the writer's
+/// file names, e.g. `checkpoint::synth::writes_file`). Best effort; returns what it removed.
+pub fn clean_stale(parent: &Path, writes: &dyn Fn(&str) -> bool) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(parent) else { return removed };
     for e in entries.flatten() {
@@ -195,7 +182,7 @@ pub fn clean_stale(parent: &Path) -> Vec<PathBuf> {
             continue;
         }
         let dir = e.path();
-        if !e.file_type().is_ok_and(|t| t.is_dir()) || ours_with(&dir, &synth_file_name).is_err() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) || ours_with(&dir, writes).is_err() {
             continue;
         }
         // A running writer holds the lock; a killed one released it with its process.
@@ -203,7 +190,7 @@ pub fn clean_stale(parent: &Path) -> Vec<PathBuf> {
         if marker.try_lock().is_err() {
             continue;
         }
-        if remove_ours(&dir, &synth_file_name).is_ok() {
+        if remove_ours(&dir, writes).is_ok() {
             removed.push(dir);
         }
     }
@@ -238,14 +225,21 @@ pub struct Staging {
 
 impl Staging {
     /// Starts writing the folder `out` (checked by [`check_target`] with `flag` and `force`):
-    /// removes stale staging folders beside it, then creates a fresh hidden sibling with a
-    /// locked, incomplete marker. `wrote` describes the contents for the marker.
-    pub fn begin(flag: &str, out: &Path, force: bool, wrote: serde_json::Value) -> Result<Staging> {
+    /// removes stale staging folders beside it (holding only files named as `writes` accepts:
+    /// the writer's own file names), then creates a fresh hidden sibling with a locked,
+    /// incomplete marker. `wrote` describes the contents for the marker.
+    pub fn begin(
+        flag: &str,
+        out: &Path,
+        force: bool,
+        wrote: serde_json::Value,
+        writes: &dyn Fn(&str) -> bool,
+    ) -> Result<Staging> {
         let target = check_target(flag, out, force)?;
         let out = normal(out).expect("checked by check_target");
         let parent = crate::output::folder_of(&out).to_path_buf();
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        clean_stale(&parent);
+        clean_stale(&parent, writes);
         // Made under a name the cleanup ignores, its marker locked, then renamed: no other
         // run ever sees this staging folder with an unlocked marker while it is written.
         let init = sibling(&out, ".zmoe-init-");
@@ -351,7 +345,7 @@ mod tests {
     use super::*;
 
     fn write(out: &Path, force: bool, files: &[(&str, &str)]) -> Result<()> {
-        let s = Staging::begin("--out", out, force, serde_json::json!({"test": true}))?;
+        let s = Staging::begin("--out", out, force, serde_json::json!({"test": true}), &|_| true)?;
         for (n, t) in files {
             std::fs::write(s.path().join(n), t).unwrap();
         }
@@ -389,9 +383,9 @@ mod tests {
     fn a_locked_staging_folder_is_not_stale() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("m");
-        let s = Staging::begin("--out", &out, false, serde_json::Value::Null).unwrap();
+        let s = Staging::begin("--out", &out, false, serde_json::Value::Null, &|_| true).unwrap();
         std::fs::write(s.path().join("config.json"), "{}").unwrap();
-        assert!(clean_stale(tmp.path()).is_empty(), "a running writer's folder was removed");
+        assert!(clean_stale(tmp.path(), &|_| true).is_empty(), "a running writer's folder was removed");
         let dir = s.path().to_path_buf();
         drop(s);
         assert!(!dir.exists(), "an unfinished staging folder is removed when dropped");
