@@ -5,6 +5,9 @@
 # register/spill regressions before any device time is spent.
 #
 #   scripts/nvrtc_check.sh [ZMOE] [BASE_ZMOE]     # default ZMOE: target/release/zmoe
+#   CANDIDATES="gather_qmm_swiglu/t3_mma:TILES=1,SPLIT=4,PF=4 gather_qmm_swiglu/t4_pipelined" \
+#       scripts/nvrtc_check.sh                    # foundry candidates instead (op/template[:knobs];
+#                                                 # no knobs = the template's defaults)
 #
 # NVRTC comes from PyPI's nvidia-cuda-nvrtc-cu12 wheel, unpacked once into target/nvrtc/
 # (ignored). Architecture: sm_90 (SM=sm_XX to change). Exit 1 on a compile error.
@@ -18,6 +21,45 @@ if [ ! -f "$lib/libnvrtc.so.12" ]; then
     mkdir -p "$dir"
     python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$dir" nvidia-cuda-nvrtc-cu12
     (cd "$dir" && python3 -m zipfile -e nvidia_cuda_nvrtc_cu12-*.whl .)
+fi
+if [ -n "${CANDIDATES:-}" ]; then
+    # Each candidate alone (its module holds the one foundry kernel), a row per candidate.
+    files=()
+    for c in $CANDIDATES; do
+        op=${c%%/*}; rest=${c#*/}; t=${rest%%:*}; kn=""; [[ "$rest" == *:* ]] && kn=${rest#*:}
+        f="$dir/cand-${#files[@]}.cu"
+        if ! "$zmoe" foundry source --op "$op" --template "$t" ${kn:+--knobs "$kn"} > "$f" 2>"$f.label"; then
+            echo "$c: $(cat "$f.label")"
+            exit 1
+        fi
+        files+=("$f")
+    done
+    LD_LIBRARY_PATH=$lib CAND=1 python3 - "$lib/libnvrtc.so.12" "${SM:-sm_90}" "${files[@]}" <<'PY'
+import ctypes, re, sys
+nvrtc = ctypes.CDLL(sys.argv[1])
+print("| candidate | registers | stack/spill st/spill ld |\n|---|---|---|")
+bad = 0
+for path in sys.argv[3:]:
+    label = open(path + ".label").read().split(" [")[0].strip()
+    prog = ctypes.c_void_p()
+    nvrtc.nvrtcCreateProgram(ctypes.byref(prog), open(path, "rb").read(), b"zmoe.cu", 0, None, None)
+    opts = [f"--gpu-architecture={sys.argv[2]}".encode(), b"--std=c++17", b"-default-device", b"--ptxas-options=-v"]
+    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    n = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    log = log.value.decode(errors="replace")
+    if rc != 0:
+        print(f"| {label} | NVRTC error {rc} | |\n{log}")
+        bad = 1
+        continue
+    regs = re.search(r"Used (\d+) registers", log)
+    st = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    print(f"| {label} | {regs.group(1) if regs else '-'} | {'/'.join(st.groups()) if st else '-'} |")
+sys.exit(bad)
+PY
+    exit $?
 fi
 "$zmoe" foundry source --builtin > "$dir/new.cu"
 [ -n "$base" ] && "$base" foundry source --builtin > "$dir/base.cu"
