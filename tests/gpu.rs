@@ -2091,7 +2091,8 @@ fn nccl_one_rank_all_gather_is_identity() {
 /// synchronous copy the upload could still be in flight when the stream's copy read it (the
 /// NULL stream does not order a non-blocking stream), which made foundry cases fail only
 /// when several test processes shared the GPU. 64 MiB a round, fresh allocations and a new
-/// pattern each time, the last bytes checked first (the staged copy's tail lands last).
+/// pattern each time; the last differing word is reported (a staged copy's tail lands last).
+/// It catches the old race only when the timing exposes it.
 #[test]
 #[ignore]
 fn uploads_are_ordered_with_the_stream() {
