@@ -23,7 +23,9 @@ if [ ! -f "$lib/libnvrtc.so.12" ]; then
     (cd "$dir" && python3 -m zipfile -e nvidia_cuda_nvrtc_cu12-*.whl .)
 fi
 if [ -n "${CANDIDATES:-}" ]; then
-    # Each candidate alone (its module holds the one foundry kernel), a row per candidate.
+    # Each candidate alone (its module holds the one foundry kernel), a row per candidate,
+    # labelled by what `foundry source` says it rendered (FILE.label).
+    mode=candidates
     files=()
     for c in $CANDIDATES; do
         op=${c%%/*}; rest=${c#*/}; t=${rest%%:*}; kn=""; [[ "$rest" == *:* ]] && kn=${rest#*:}
@@ -34,36 +36,13 @@ if [ -n "${CANDIDATES:-}" ]; then
         fi
         files+=("$f")
     done
-    LD_LIBRARY_PATH=$lib CAND=1 python3 - "$lib/libnvrtc.so.12" "${SM:-sm_90}" "${files[@]}" <<'PY'
-import ctypes, re, sys
-nvrtc = ctypes.CDLL(sys.argv[1])
-print("| candidate | registers | stack/spill st/spill ld |\n|---|---|---|")
-bad = 0
-for path in sys.argv[3:]:
-    label = open(path + ".label").read().split(" [")[0].strip()
-    prog = ctypes.c_void_p()
-    nvrtc.nvrtcCreateProgram(ctypes.byref(prog), open(path, "rb").read(), b"zmoe.cu", 0, None, None)
-    opts = [f"--gpu-architecture={sys.argv[2]}".encode(), b"--std=c++17", b"-default-device", b"--ptxas-options=-v"]
-    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    n = ctypes.c_size_t()
-    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-    log = ctypes.create_string_buffer(n.value)
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    log = log.value.decode(errors="replace")
-    if rc != 0:
-        print(f"| {label} | NVRTC error {rc} | |\n{log}")
-        bad = 1
-        continue
-    regs = re.search(r"Used (\d+) registers", log)
-    st = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    print(f"| {label} | {regs.group(1) if regs else '-'} | {'/'.join(st.groups()) if st else '-'} |")
-sys.exit(bad)
-PY
-    exit $?
+else
+    mode=builtin
+    "$zmoe" foundry source --builtin > "$dir/new.cu"
+    files=("$dir/new.cu")
+    [ -n "$base" ] && "$base" foundry source --builtin > "$dir/base.cu" && files+=("$dir/base.cu")
 fi
-"$zmoe" foundry source --builtin > "$dir/new.cu"
-[ -n "$base" ] && "$base" foundry source --builtin > "$dir/base.cu"
-LD_LIBRARY_PATH=$lib python3 - "$lib/libnvrtc.so.12" "${SM:-sm_90}" "$dir/new.cu" ${base:+"$dir/base.cu"} <<'PY'
+LD_LIBRARY_PATH=$lib python3 - "$lib/libnvrtc.so.12" "${SM:-sm_90}" "$mode" "${files[@]}" <<'PY'
 import ctypes, re, sys
 
 nvrtc = ctypes.CDLL(sys.argv[1])
@@ -93,12 +72,19 @@ def kernels(log):
     return res
 
 runs = []
-for path in sys.argv[3:]:
+for path in sys.argv[4:]:
     rc, log = compile(path)
     if rc != 0:
         print(f"{path}: NVRTC error {rc}\n{log}")
         sys.exit(1)
     runs.append(kernels(log))
+if sys.argv[3] == "candidates":
+    print("| candidate | registers | stack/spill st/spill ld |\n|---|---|---|")
+    for path, ks in zip(sys.argv[4:], runs):
+        label = open(path + ".label").read().split(" [")[0].strip()
+        for k in ks.values():
+            print(f"| {label} | {k.get('regs', '-')} | {k.get('stack', '-')} |")
+    sys.exit(0)
 new = runs[0]
 base = runs[1] if len(runs) > 1 else {}
 print(f"| kernel | registers | stack/spill st/spill ld |" + (" base registers | base stack |" if base else ""))
