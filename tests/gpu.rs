@@ -1727,6 +1727,70 @@ fn graph_replay_equals_eager() {
     }
 }
 
+/// L2 prefetch (`ZMOE_L2PF`, `cuda::prefetch`) changes no value: decode steps and decode
+/// batches replayed from graphs with the prefetch branch, at 0, 1 and 3 steps ahead, give
+/// the logits of the same graphs without it, bit for bit, on the patched plan (fused MoE
+/// steps) and the reference plan; the profiled graph (timing events beside the branch)
+/// captures and runs too.
+#[test]
+#[ignore]
+fn l2_prefetch_changes_no_logit() {
+    use zmoe::plan::patterns::{Selection, patched_plan};
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, preset, quant) in [
+        ("tiny", "qwen3_moe/tiny", SynthQuant::Affine4),
+        ("goss", "gpt_oss/gpt-oss-tiny", SynthQuant::Mxfp4),
+        ("mla512", "glm4_moe_lite/glm-tiny-l512", SynthQuant::Affine4),
+    ] {
+        let dir = common::synth_preset(tmp.path(), name, preset, quant, 37);
+        let model = Model::load(&dir).unwrap();
+        let cfg = model.config().clone();
+        for plan in [Plan::reference(&cfg), patched_plan(&cfg, &Selection::default()).0] {
+            let mut base = CudaBackend::new(cfg.clone(), &model.weights, plan.clone(), true).unwrap();
+            base.set_l2_prefetch(None);
+            for ahead in [0usize, 1, 3] {
+                let mut pf = CudaBackend::new(cfg.clone(), &model.weights, plan.clone(), true).unwrap();
+                pf.set_l2_prefetch(Some(ahead));
+                base.reset();
+                let prompt = [5u32, 9, 100, 7, 3];
+                let (mut a, mut b) = (base.forward(&prompt, false).unwrap(), pf.forward(&prompt, false).unwrap());
+                for step in 0..12 {
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{preset} {} ahead {ahead} step {step}: prefetch changed the logits",
+                        plan.name
+                    );
+                    let t = zmoe::sample::argmax(&a) as u32;
+                    a = base.forward(&[t], false).unwrap();
+                    b = pf.forward(&[t], false).unwrap();
+                }
+                assert_eq!(pf.captured_graphs(), [1], "{preset}: decode graph captured with the prefetch branch");
+                let steps = pf.profile_decode(2).unwrap();
+                assert!(steps.iter().all(|s| s.us.is_finite() && s.us >= 0.0), "{preset}: profile with prefetch");
+                // A decode batch of 3 slots (its own graph) with and without the branch.
+                base.set_slots(3).unwrap();
+                pf.set_slots(3).unwrap();
+                for pos in 0..3 {
+                    let rows: Vec<Row> = (0..3)
+                        .map(|s| Row {
+                            slot: s,
+                            pos,
+                            token: (11 + 7 * s + pos) as u32,
+                            logits: true,
+                            long_prompt: false,
+                        })
+                        .collect();
+                    let (x, y) = (base.forward_rows(&rows).unwrap(), pf.forward_rows(&rows).unwrap());
+                    assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{preset}: batch differs");
+                }
+                assert_eq!(pf.captured_graphs(), [3], "{preset}: batch graph captured with the prefetch branch");
+                base.set_slots(1).unwrap();
+            }
+        }
+        println!("{preset}: L2 prefetch at 0, 1 and 3 steps ahead == none, decode and batches, both plans");
+    }
+}
+
 /// The device sampler: greedy equals the host's argmax (ties to the lowest id); temperature /
 /// top-k / top-p draws follow the host Sampler's, differing only where float rounding moves a
 /// cumulative-probability boundary (then by one rank). When the answer may lie beyond the

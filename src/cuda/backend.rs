@@ -24,6 +24,7 @@ use super::Device;
 use super::ops::{
     self, Bf16, I32, Void, attention as attn, conv, gemm, gpt_oss, int, linear, mla, moe, norm, rd, rope, sample, wr,
 };
+use super::prefetch::{self, Prefetcher};
 use super::weights::{DLinear, DMat, DeviceWeights, Upload, unsupported};
 use crate::backend::{Backend, DeviceInfo, Row, StepTime};
 use crate::config::{ModelConfig, RouterKind};
@@ -212,7 +213,14 @@ pub struct CudaBackend {
     tc_allowed: bool,
     /// Foundry kernel-pack kernels (src/cuda/packs.rs; the plan's `Step::Packed` steps).
     packs: super::packs::PackKernels,
+    /// L2 prefetch of weights in captured graphs (`ZMOE_L2PF=AHEAD[,BLOCKS]`,
+    /// `set_l2_prefetch`; `None`: off).
+    l2pf: Option<prefetch::Setting>,
 }
+
+/// Bytes one L2 prefetch fork fetches at most (a third of an H100's 50 MB L2: more would
+/// evict what the fork before fetched before its step reads it).
+const L2PF_BUDGET: u64 = 16 << 20;
 
 impl CudaBackend {
     /// Opens the GPU and uploads `weights`; `use_graph` captures decode steps into a graph.
@@ -379,6 +387,7 @@ impl CudaBackend {
             tc_chunk: false,
             tc_allowed: dev_tc,
             packs,
+            l2pf: std::env::var("ZMOE_L2PF").ok().and_then(|v| prefetch::Setting::parse(&v)),
         })
     }
 
@@ -1416,14 +1425,45 @@ impl CudaBackend {
 
     /// Runs every step of the plan over `m` rows, keeping the rows `self.keep` at
     /// `LastRow`; returns the rows of logits produced.
-    fn run_plan(&mut self, m: usize) -> Result<usize> {
+    /// `capture`: the launches are being captured into a graph (see `run_steps`).
+    fn run_plan(&mut self, m: usize, capture: bool) -> Result<usize> {
         // The steps are taken out for the loop (`step` borrows the backend mutably).
         let tc = self.tc_chunk;
         let steps = std::mem::take(&mut self.exec.pick(m, tc).steps);
-        let mut rows = m;
-        let r = steps.iter().try_for_each(|s| self.step(s, &mut rows));
+        let r = self.run_steps(&steps, m, capture, &[]);
         self.exec.pick(m, tc).steps = steps;
-        r.map(|_| rows)
+        r
+    }
+
+    /// Launches `steps` over `m` rows; returns the rows of logits produced. In a capture,
+    /// the L2 prefetches (`l2pf`) fork beside the steps on the side stream and join at the
+    /// end, and `marks` (one event before each step and one after the last, or none) are
+    /// recorded as graph nodes for `profile_decode`.
+    fn run_steps(&mut self, steps: &[Step], m: usize, capture: bool, marks: &[super::Event]) -> Result<usize> {
+        let pf = match self.l2pf {
+            Some(set) if capture => {
+                let idx = self.st.topk_idx;
+                Prefetcher::new(&mut self.dev, &self.w, &self.cfg, steps, set, L2PF_BUDGET, m, idx)?
+            }
+            _ => None,
+        };
+        let mut rows = m;
+        for (i, s) in steps.iter().enumerate() {
+            if let Some(e) = marks.get(i) {
+                self.dev.record_in_graph(e)?;
+            }
+            if let Some(pf) = &pf {
+                pf.fork(&self.dev, i)?;
+            }
+            self.step(s, &mut rows)?;
+        }
+        if let Some(e) = marks.get(steps.len()) {
+            self.dev.record_in_graph(e)?;
+        }
+        if pf.is_some() {
+            self.dev.join_side()?;
+        }
+        Ok(rows)
     }
 
     fn read_logits(&self, rows: usize, out: &mut Vec<f32>) -> Result<()> {
@@ -1480,7 +1520,7 @@ impl CudaBackend {
             let n = if graphed {
                 if !self.graphs.contains_key(&m) {
                     self.dev.begin_capture()?;
-                    let r = self.run_plan(m);
+                    let r = self.run_plan(m, true);
                     let g = self.dev.end_capture();
                     r?;
                     self.graphs.insert(m, g?);
@@ -1488,7 +1528,7 @@ impl CudaBackend {
                 self.graphs[&m].launch().map_err(|e| Error::Cuda(e.to_string()))?;
                 m
             } else {
-                self.run_plan(m)?
+                self.run_plan(m, false)?
             };
             for r in chunk {
                 self.seqs[r.slot] = r.pos + 1;
@@ -1566,12 +1606,7 @@ impl CudaBackend {
         self.write_io(&[Row { slot: 0, pos: self.seqs[0], token: 0, logits: true, long_prompt: false }])?;
         self.keep = vec![0];
         self.dev.begin_capture()?;
-        let mut rows = 1;
-        let r = steps.iter().zip(&events).try_for_each(|(s, e)| {
-            self.dev.record_in_graph(e)?;
-            self.step(s, &mut rows)
-        });
-        let r = r.and_then(|_| self.dev.record_in_graph(&events[steps.len()]));
+        let r = self.run_steps(&steps, 1, true, &events);
         let g = self.dev.end_capture();
         r?;
         let g = g?;
@@ -1636,6 +1671,16 @@ impl CudaBackend {
     /// The row counts a graph has been captured for, smallest first.
     pub fn captured_graphs(&self) -> Vec<usize> {
         self.graphs.keys().copied().collect()
+    }
+
+    /// L2 prefetch of each step's weights `ahead` steps before it in captured graphs
+    /// (`cuda::prefetch`), or off (`None`); the default comes from `ZMOE_L2PF`, which also
+    /// sets the blocks a fork (kept here). Graphs captured before are dropped, so the next
+    /// steps capture with the new setting.
+    pub fn set_l2_prefetch(&mut self, ahead: Option<usize>) {
+        let blocks = self.l2pf.map_or(prefetch::DEFAULT_BLOCKS, |s| s.blocks);
+        self.l2pf = ahead.map(|ahead| prefetch::Setting { ahead, blocks });
+        self.graphs.clear();
     }
 
     /// Switches graph capture of decode steps and batches on or off (for eager-vs-graph
