@@ -325,6 +325,12 @@ fn chunk_rows(dev: &mut Device, m: usize, p0: usize, base: usize) -> (u64, u64) 
     (dev.upload(&pos).unwrap(), dev.upload(&vec![base as i32; m]).unwrap())
 }
 
+/// Each format case twice: with the tensor-core kernels as they are (`false`) and with their
+/// dequantising twins (`true`, `ZMOE_TC_DEQ`): `(deq, case…)`.
+fn tc_variants<T: Copy>(cases: &[T]) -> Vec<(bool, T)> {
+    [false, true].iter().flat_map(|&d| cases.iter().map(move |&c| (d, c))).collect()
+}
+
 /// The tensor-core product (issue 19) against the CPU in f64: bf16 / affine 4 / affine 8
 /// weights, groups 32, 64 and 128, token counts that leave partial tiles, output rows that
 /// are not a multiple of the 128-row tile, a bias, f32 and bf16 outputs, poisoned outputs.
@@ -335,7 +341,10 @@ fn kernel_gemm_tc_matches_cpu() {
     let mut dev = tc_device();
     let mut rng = Rng::new(0x7C0DE);
     let (n, k) = (300usize, 512usize);
-    for (fmt, bits, group) in [(0, 16u32, 0usize), (1, 4, 32), (1, 4, 64), (1, 4, 128), (1, 8, 64), (1, 8, 128)] {
+    for (deq, (fmt, bits, group)) in
+        tc_variants(&[(0, 16u32, 0usize), (1, 4, 32), (1, 4, 64), (1, 4, 128), (1, 8, 64), (1, 8, 128)])
+    {
+        dev.set_tc_deq(deq);
         for m in [17usize, 40, 100] {
             let x: Vec<f32> = (0..m * k).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
             let (wq, s, b, wf) = random_qmat(&mut rng, n, k, fmt, bits, group.max(32));
@@ -374,11 +383,12 @@ fn kernel_gemm_tc_matches_cpu() {
                     dev.read(py, &mut g).unwrap();
                     from_bf16(&g)
                 };
-                let what = format!("fmt {fmt} bits {bits} group {group} m {m} out_f32 {out_f32}");
+                let what = format!("fmt {fmt} bits {bits} group {group} m {m} out_f32 {out_f32} deq {deq}");
                 assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten output");
                 let e = rel_err(&got, &want32);
-                // f32 accumulation (1e-5 like the mat-vecs); a bf16 output rounds at 2^-9.
-                let tol = if out_f32 == 1 { 1e-5 } else { 4e-3 };
+                // f32 accumulation (1e-5 like the mat-vecs); a bf16 output rounds at 2^-9, and
+                // so does each dequantised weight (ZMOE_TC_DEQ).
+                let tol = if out_f32 == 1 && !(deq && fmt != 0) { 1e-5 } else { 4e-3 };
                 assert!(e < tol, "{what}: rel err {e}");
                 println!("gemm_tc {what}: rel err {e:.1e}");
             }
@@ -400,7 +410,8 @@ fn kernel_expert_gemm_tc_matches_cpu() {
     // The experts' bias rows (GPT-OSS), used with the quantized formats; bf16 runs without.
     let bias: Vec<f32> = (0..e * n).map(|_| 0.1 * rng.normal()).collect();
     let pbias = dev.upload(&bias).unwrap();
-    for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8), (gpt_oss::FMT_MXFP4, 4)] {
+    for (deq, (fmt, bits)) in tc_variants(&[(0, 16u32), (1, 4), (1, 8), (gpt_oss::FMT_MXFP4, 4)]) {
+        dev.set_tc_deq(deq);
         let with_bias = fmt != 0;
         for (m, per) in [(40usize, top), (150, top), (70, 1)] {
             let r = m * top;
@@ -451,7 +462,7 @@ fn kernel_expert_gemm_tc_matches_cpu() {
             gemm::expert_gemm(&dev, &a, r, e).unwrap();
             let mut tiles = vec![0i32; 1];
             dev.read(ptiles, &mut tiles).unwrap();
-            let what = format!("expert_gemm_tc fmt {fmt} bits {bits} m {m} per {per}, {} tiles", tiles[0]);
+            let what = format!("expert_gemm_tc fmt {fmt} bits {bits} m {m} per {per} deq {deq}, {} tiles", tiles[0]);
             check_bf16_out(&dev, py, &want, 4e-3, &what);
         }
     }
@@ -515,7 +526,8 @@ fn kernel_head_gemm_tc_matches_cpu() {
     let mut dev = tc_device();
     let mut rng = Rng::new(0x4EAD);
     let (nh, n, k, x_ld) = (5usize, 160usize, 192usize, 256usize);
-    for (fmt, bits) in [(0, 16u32), (1, 4), (1, 8)] {
+    for (deq, (fmt, bits)) in tc_variants(&[(0, 16u32), (1, 4), (1, 8)]) {
+        dev.set_tc_deq(deq);
         for m in [40usize, 17] {
             let x: Vec<f32> = (0..m * nh * x_ld).map(|_| half::bf16::from_f32(rng.normal()).to_f32()).collect();
             let (w, mats) = random_stacked(&mut dev, &mut rng, nh, (n, k), fmt, bits);
@@ -525,7 +537,7 @@ fn kernel_head_gemm_tc_matches_cpu() {
             dev.fill(py, 0xFF, m * nh * n * 2).unwrap();
             let a = head_args(w, (px, x_ld), nh, py, (n, k), m);
             gemm::head_gemm(&dev, &a).unwrap();
-            check_bf16_out(&dev, py, &want, 4e-3, &format!("head_gemm_tc fmt {fmt} bits {bits} m {m}"));
+            check_bf16_out(&dev, py, &want, 4e-3, &format!("head_gemm_tc fmt {fmt} bits {bits} m {m} deq {deq}"));
         }
     }
 }

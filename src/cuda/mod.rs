@@ -68,6 +68,8 @@ pub struct Device {
     pdl: bool,
     /// Prefill chunks use the tensor-core kernels (see [`Device::tensor_cores`]).
     tc: bool,
+    /// The tensor-core kernels take quantized weights dequantised (see [`Device::tc_deq`]).
+    tc_deq: bool,
 }
 
 /// Kernels compiled at run time from a source of their own (foundry candidates, kernel-pack
@@ -119,6 +121,7 @@ impl Device {
             cc: (major, minor),
             pdl: major >= 9 && std::env::var("ZMOE_PDL").is_ok_and(|v| v == "1"),
             tc: major >= 8 && std::env::var("ZMOE_TC").map_or(true, |v| v != "0"),
+            tc_deq: std::env::var("ZMOE_TC_DEQ").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -136,6 +139,20 @@ impl Device {
     /// keeps every chunk on the row-per-token mat-vecs (the A/B baseline for benchmarks).
     pub fn tensor_cores(&self) -> bool {
         self.tc
+    }
+
+    /// Whether the prompt's tensor-core products (`ops::gemm`) dequantise affine and MXFP4
+    /// weights to bf16 as they stage them (`*_tc_deq` kernels: one `fma.rn.bf16x2` a pair,
+    /// no per-group epilogue) instead of multiplying integer codes and applying scale and
+    /// bias per group. An experiment, off unless `ZMOE_TC_DEQ=1`: it adds each weight's bf16
+    /// rounding to the prompt's products (both plans alike, so `validate` is unaffected).
+    pub fn tc_deq(&self) -> bool {
+        self.tc_deq
+    }
+
+    /// Switches [`Device::tc_deq`] (tests check both variants on one device).
+    pub fn set_tc_deq(&mut self, on: bool) {
+        self.tc_deq = on;
     }
 
     /// The GPU architecture as NVRTC names it, e.g. `sm_90`.

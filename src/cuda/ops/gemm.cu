@@ -119,12 +119,34 @@ __device__ __forceinline__ void tc_for_each_acc(F f) {
                 f(mf, nf, i, mf * 16 + (lane >> 2) + (i >> 1) * 8, warp * 32 + nf * 8 + 2 * (lane & 3) + (i & 1));
 }
 
+// A bf16 pair (a·b + c per half, one rounding to bf16).
+__device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
+    u32 d = 0;
+#if __CUDA_ARCH__ >= 800
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+#endif
+    return d;
+}
+
+// f (a bf16 value, or a power of two in bf16's range) in both halves of a bf16 pair.
+__device__ __forceinline__ u32 bf16x2_splat(float f) {
+    const u32 h = __float_as_uint(f) >> 16;
+    return h | (h << 16);
+}
+
 // acc[mf][nf][i] of this warp = Σ_k x[row m]·W[n0 + warp·32 + n] over all K, m = mf·16 +
 // lane/4 (+8 for i ≥ 2), n = nf·8 + 2·(lane%4) + (i&1). sm.xrow must be set (and synced).
 // K % TC_BK == 0; affine: group % TC_BK == 0.
-template <int BITS>
+//
+// DEQ (ZMOE_TC_DEQ, an experiment; bench/RESULTS.md session 14): quantized weights enter the
+// tensor cores dequantised — bf16(sc·q + bi), MXFP4 v·2^s (exact) — with one fma.rn.bf16x2 a
+// pair when staged, so the mma accumulates straight into acc: no Σx, no per-group epilogue,
+// no second accumulator set. Affine products then also carry each weight's bf16 rounding
+// (relative 2⁻⁹), so they agree with the CPU to bf16 tolerance instead of f32 rounding.
+template <int BITS, bool DEQ>
 __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
     constexpr bool AFF = BITS != 16;
+    constexpr bool EPI = AFF && !DEQ;  // codes in the mma, scale and bias after each group
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     const int xr = tid >> 2, xp = tid & 3;  // the x row and quarter this thread stages
     const bf16* xsrc = sm.xrow[xr] + xp * 8;
@@ -159,9 +181,17 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
         *(uint4*)&sm.x[xr][xp * 8] = perm8(xv);
         uint4 wt[4];
         tc_convert_w<BITS>(wv, wt);
+        if (AFF && DEQ) {
+            // This thread's row: its group's scale and bias (0 past row N) on every pair.
+            const u32 s2 = bf16x2_splat(scv), b2 = bf16x2_splat(biv);
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                wt[i] = make_uint4(fma_bf16x2(wt[i].x, s2, b2), fma_bf16x2(wt[i].y, s2, b2),
+                                   fma_bf16x2(wt[i].z, s2, b2), fma_bf16x2(wt[i].w, s2, b2));
+        }
 #pragma unroll
         for (int i = 0; i < 4; i++) *(uint4*)&sm.w[tid][i * 8] = wt[i];
-        if (AFF) {
+        if (EPI) {
             float xf[8], s = 0.f;
             unpack8(xv, xf);
 #pragma unroll
@@ -196,9 +226,9 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
 #pragma unroll
             for (int mf = 0; mf < 2; mf++)
 #pragma unroll
-                for (int nf = 0; nf < 4; nf++) mma_bf16_16816(AFF ? tacc[mf][nf] : acc[mf][nf], a[mf], b[nf]);
+                for (int nf = 0; nf < 4; nf++) mma_bf16_16816(EPI ? tacc[mf][nf] : acc[mf][nf], a[mf], b[nf]);
         }
-        if (AFF && (c + 1) % gc == 0) {
+        if (EPI && (c + 1) % gc == 0) {
             // The group is done: acc += sc·Σq·x + bi·Σx per (token, output row).
             tc_for_each_acc([&](int mf, int nf, int i, int m, int n) {
                 acc[mf][nf][i] = chunk_acc(acc[mf][nf][i], sm.sc[n], tacc[mf][nf][i], sm.bi[n], sm.sx[m]);
@@ -214,11 +244,12 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
 }
 
 // tc_tile for W's format (bf16, affine 4- or 8-bit, MXFP4).
+template <bool DEQ>
 __device__ __forceinline__ void tc_tile_any(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
-    if (W.fmt == FMT_BF16) tc_tile<16>(W, sm, n0, N, K, acc);
-    else if (W.fmt == FMT_MXFP4) tc_tile<TC_MXFP4>(W, sm, n0, N, K, acc);
-    else if (W.bits == 4) tc_tile<4>(W, sm, n0, N, K, acc);
-    else tc_tile<8>(W, sm, n0, N, K, acc);
+    if (W.fmt == FMT_BF16) tc_tile<16, false>(W, sm, n0, N, K, acc);
+    else if (W.fmt == FMT_MXFP4) tc_tile<TC_MXFP4, DEQ>(W, sm, n0, N, K, acc);
+    else if (W.bits == 4) tc_tile<4, DEQ>(W, sm, n0, N, K, acc);
+    else tc_tile<8, DEQ>(W, sm, n0, N, K, acc);
 }
 
 // Writes a tile's accumulators: y[yrow[m], n] = acc (+ bias[n]), bf16 or f32 (out_f32), for
@@ -238,8 +269,8 @@ __device__ __forceinline__ void tc_store(const TcSmem& sm, const float acc[2][4]
 
 // y[M, N] = x[M, K] Wᵀ (+ bias) on tensor cores: block (x, y) = output rows x·TC_BN..,
 // tokens y·TC_BM.. (the mat-vec's arguments).
-extern "C" __global__ void gemm_tc(const MatvecArgs p) {
-    pdl_entry();
+template <bool DEQ>
+__device__ __forceinline__ void gemm_tc_body(const MatvecArgs& p) {
     __shared__ TcSmem sm;
     const int n0 = blockIdx.x * TC_BN, m0 = blockIdx.y * TC_BM, mt = min(TC_BM, p.m - m0);
     if (threadIdx.x < TC_BM) {
@@ -249,16 +280,24 @@ extern "C" __global__ void gemm_tc(const MatvecArgs p) {
     }
     __syncthreads();
     float acc[2][4][4];
-    tc_tile_any(p.w, sm, n0, p.n, p.k, acc);
+    tc_tile_any<DEQ>(p.w, sm, n0, p.n, p.k, acc);
     tc_store(sm, acc, n0, p.n, mt, p.bias, p.y, p.out_f32);
+}
+extern "C" __global__ void gemm_tc(const MatvecArgs p) {
+    pdl_entry();
+    gemm_tc_body<false>(p);
+}
+extern "C" __global__ void gemm_tc_deq(const MatvecArgs p) {
+    pdl_entry();
+    gemm_tc_body<true>(p);
 }
 
 // Selected-expert rows on tensor cores, grouped by expert: tile t (blockIdx.y) of the table
 // moe_group wrote — expert tiles[1 + 2t], routed rows rows[tiles[2 + 2t] ..] (≤ TC_BM of
 // them) — times output rows blockIdx.x·TC_BN..; row q reads x row q / per and writes y row q
 // (+ the expert's bias row bias[e, :] when bias is set: GPT-OSS).
-extern "C" __global__ void expert_gemm_tc(const ExpertGemmArgs p) {
-    pdl_entry();
+template <bool DEQ>
+__device__ __forceinline__ void expert_gemm_tc_body(const ExpertGemmArgs& p) {
     __shared__ TcSmem sm;
     const int t = blockIdx.y;
     if (t >= p.tiles[0]) return;
@@ -271,15 +310,23 @@ extern "C" __global__ void expert_gemm_tc(const ExpertGemmArgs p) {
     __syncthreads();
     const QMat W = stack_slice(p.w.w, e, p.w.w_stride, p.w.sb_stride);
     float acc[2][4][4];
-    tc_tile_any(W, sm, blockIdx.x * TC_BN, p.n, p.k, acc);
+    tc_tile_any<DEQ>(W, sm, blockIdx.x * TC_BN, p.n, p.k, acc);
     tc_store(sm, acc, blockIdx.x * TC_BN, p.n, mt, p.bias ? p.bias + (long)e * p.n : nullptr, p.y, 0);
+}
+extern "C" __global__ void expert_gemm_tc(const ExpertGemmArgs p) {
+    pdl_entry();
+    expert_gemm_tc_body<false>(p);
+}
+extern "C" __global__ void expert_gemm_tc_deq(const ExpertGemmArgs p) {
+    pdl_entry();
+    expert_gemm_tc_body<true>(p);
 }
 
 // MLA's per-head products on tensor cores (head_matvec's arguments): block (x, y, h) = output
 // rows x·TC_BN.. of head h's matrix W[h], tokens y·TC_BM..; row q = m·nh + h of y [M·nh, N]
 // = W[h] · x_q[0:K], x_q = x + q·x_ld (the first K elements of a wider row: q_nope).
-extern "C" __global__ void head_gemm_tc(const HeadMatvecArgs p) {
-    pdl_entry();
+template <bool DEQ>
+__device__ __forceinline__ void head_gemm_tc_body(const HeadMatvecArgs& p) {
     __shared__ TcSmem sm;
     const int h = blockIdx.z, n0 = blockIdx.x * TC_BN, m0 = blockIdx.y * TC_BM, mt = min(TC_BM, p.m - m0);
     if (threadIdx.x < TC_BM) {
@@ -290,6 +337,14 @@ extern "C" __global__ void head_gemm_tc(const HeadMatvecArgs p) {
     __syncthreads();
     const QMat W = stack_slice(p.w.w, h, p.w.w_stride, p.w.sb_stride);
     float acc[2][4][4];
-    tc_tile_any(W, sm, n0, p.n, p.k, acc);
+    tc_tile_any<DEQ>(W, sm, n0, p.n, p.k, acc);
     tc_store(sm, acc, n0, p.n, mt, nullptr, p.y, 0);
+}
+extern "C" __global__ void head_gemm_tc(const HeadMatvecArgs p) {
+    pdl_entry();
+    head_gemm_tc_body<false>(p);
+}
+extern "C" __global__ void head_gemm_tc_deq(const HeadMatvecArgs p) {
+    pdl_entry();
+    head_gemm_tc_body<true>(p);
 }

@@ -57,20 +57,27 @@ pub fn max_tiles(r: usize, e: usize) -> usize {
     r.div_ceil(TC_BM) + e
 }
 
+/// The kernel `name` or, with [`Device::tc_deq`], its dequantising twin `name_deq`.
+fn variant(dev: &Device, name: &'static str, deq: &'static str) -> &'static str {
+    if dev.tc_deq() { deq } else { name }
+}
+
 /// `y[M, n] = x[M, k] Wᵀ (+ bias)` on tensor cores (the mat-vec's arguments).
 pub fn gemm(dev: &Device, a: &MatvecArgs) -> Result<()> {
-    dev.launch_args("gemm_tc", (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), 1), 128, a)
+    let grid = (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), 1);
+    dev.launch_args(variant(dev, "gemm_tc", "gemm_tc_deq"), grid, 128, a)
 }
 
 /// MLA's per-head products of `a.m` tokens on tensor cores (x rows `a.x_ld` apart must start
 /// 16-byte aligned: `x_ld` a multiple of 8).
 pub fn head_gemm(dev: &Device, a: &HeadMatvecArgs) -> Result<()> {
     let grid = (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), a.nh as u32);
-    dev.launch_args("head_gemm_tc", grid, 128, a)
+    dev.launch_args(variant(dev, "head_gemm_tc", "head_gemm_tc_deq"), grid, 128, a)
 }
 
 /// Selected-expert rows grouped by expert on tensor cores, for `r` routed rows over `e`
 /// experts (blocks past the table's tile count return at once).
 pub fn expert_gemm(dev: &Device, a: &ExpertGemmArgs, r: usize, e: usize) -> Result<()> {
-    dev.launch_args("expert_gemm_tc", (blocks(a.n as usize, TC_BN), max_tiles(r, e) as u32, 1), 128, a)
+    let grid = (blocks(a.n as usize, TC_BN), max_tiles(r, e) as u32, 1);
+    dev.launch_args(variant(dev, "expert_gemm_tc", "expert_gemm_tc_deq"), grid, 128, a)
 }
