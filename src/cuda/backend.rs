@@ -216,6 +216,9 @@ pub struct CudaBackend {
     /// L2 prefetch of weights in captured graphs (`ZMOE_L2PF=AHEAD[,BLOCKS]`,
     /// `set_l2_prefetch`; `None`: off).
     l2pf: Option<prefetch::Setting>,
+    /// The prefetch tables of `l2pf` by plan rows (`None`: nothing to fetch), made before
+    /// the first capture of that size and kept while the plan and the setting are.
+    prefetchers: BTreeMap<usize, Option<Prefetcher>>,
 }
 
 /// Bytes one L2 prefetch fork fetches at most (a third of an H100's 50 MB L2: more would
@@ -388,6 +391,7 @@ impl CudaBackend {
             tc_allowed: dev_tc,
             packs,
             l2pf: std::env::var("ZMOE_L2PF").ok().and_then(|v| prefetch::Setting::parse(&v)),
+            prefetchers: BTreeMap::new(),
         })
     }
 
@@ -1425,45 +1429,62 @@ impl CudaBackend {
 
     /// Runs every step of the plan over `m` rows, keeping the rows `self.keep` at
     /// `LastRow`; returns the rows of logits produced.
-    /// `capture`: the launches are being captured into a graph (see `run_steps`).
-    fn run_plan(&mut self, m: usize, capture: bool) -> Result<usize> {
+    /// `pf`: the L2 prefetches of a capture (see `run_steps`).
+    fn run_plan(&mut self, m: usize, pf: Option<&Prefetcher>) -> Result<usize> {
         // The steps are taken out for the loop (`step` borrows the backend mutably).
         let tc = self.tc_chunk;
         let steps = std::mem::take(&mut self.exec.pick(m, tc).steps);
-        let r = self.run_steps(&steps, m, capture, &[]);
+        let r = self.run_steps(&steps, m, pf, &[]);
         self.exec.pick(m, tc).steps = steps;
         r
     }
 
-    /// Launches `steps` over `m` rows; returns the rows of logits produced. In a capture,
-    /// the L2 prefetches (`l2pf`) fork beside the steps on the side stream and join at the
-    /// end, and `marks` (one event before each step and one after the last, or none) are
-    /// recorded as graph nodes for `profile_decode`.
-    fn run_steps(&mut self, steps: &[Step], m: usize, capture: bool, marks: &[super::Event]) -> Result<usize> {
-        let pf = match self.l2pf {
-            Some(set) if capture => {
-                let idx = self.st.topk_idx;
-                Prefetcher::new(&mut self.dev, &self.w, &self.cfg, steps, set, L2PF_BUDGET, m, idx)?
-            }
-            _ => None,
-        };
+    /// The L2 prefetches for captures of the `m`-row plan (`l2pf`), made (their table
+    /// uploaded) on first use and kept. Call before a capture begins: nothing may allocate
+    /// or wait for the stream inside one.
+    fn prefetcher(&mut self, m: usize) -> Result<Option<Prefetcher>> {
+        let Some(set) = self.l2pf else { return Ok(None) };
+        if !self.prefetchers.contains_key(&m) {
+            let steps = self.exec.pick(m, false).steps.clone();
+            let idx = self.st.topk_idx;
+            let p = Prefetcher::new(&mut self.dev, &self.w, &self.cfg, &steps, set, L2PF_BUDGET, m, idx)?;
+            self.prefetchers.insert(m, p);
+        }
+        Ok(self.prefetchers[&m].clone())
+    }
+
+    /// Launches `steps` over `m` rows; returns the rows of logits produced. Inside a
+    /// capture, `pf`'s L2 prefetches fork beside the steps on the side stream and join at
+    /// the end (also when a step fails, so the capture ends joined), and `marks` (one event
+    /// before each step and one after the last, or none) are recorded as graph nodes for
+    /// `profile_decode`.
+    fn run_steps(
+        &mut self,
+        steps: &[Step],
+        m: usize,
+        pf: Option<&Prefetcher>,
+        marks: &[super::Event],
+    ) -> Result<usize> {
         let mut rows = m;
-        for (i, s) in steps.iter().enumerate() {
-            if let Some(e) = marks.get(i) {
-                self.dev.record_in_graph(e)?;
+        let mut forked = false;
+        let mut run = || -> Result<()> {
+            for (i, s) in steps.iter().enumerate() {
+                if let Some(e) = marks.get(i) {
+                    self.dev.record_in_graph(e)?;
+                }
+                if let Some(pf) = pf {
+                    forked |= pf.fork(&self.dev, i)?;
+                }
+                self.step(s, &mut rows)?;
             }
-            if let Some(pf) = &pf {
-                pf.fork(&self.dev, i)?;
+            match marks.get(steps.len()) {
+                Some(e) => self.dev.record_in_graph(e),
+                None => Ok(()),
             }
-            self.step(s, &mut rows)?;
-        }
-        if let Some(e) = marks.get(steps.len()) {
-            self.dev.record_in_graph(e)?;
-        }
-        if pf.is_some() {
-            self.dev.join_side()?;
-        }
-        Ok(rows)
+        };
+        let r = run();
+        let joined = if forked { self.dev.join_side() } else { Ok(()) };
+        r.and(joined).map(|_| rows)
     }
 
     fn read_logits(&self, rows: usize, out: &mut Vec<f32>) -> Result<()> {
@@ -1519,8 +1540,9 @@ impl CudaBackend {
             let graphed = self.use_graph && !self.tc_chunk && m <= lower::BATCH_ROWS && self.keep.len() == m;
             let n = if graphed {
                 if !self.graphs.contains_key(&m) {
+                    let pf = self.prefetcher(m)?;
                     self.dev.begin_capture()?;
-                    let r = self.run_plan(m, true);
+                    let r = self.run_plan(m, pf.as_ref());
                     let g = self.dev.end_capture();
                     r?;
                     self.graphs.insert(m, g?);
@@ -1528,7 +1550,7 @@ impl CudaBackend {
                 self.graphs[&m].launch().map_err(|e| Error::Cuda(e.to_string()))?;
                 m
             } else {
-                self.run_plan(m, false)?
+                self.run_plan(m, None)?
             };
             for r in chunk {
                 self.seqs[r.slot] = r.pos + 1;
@@ -1605,8 +1627,9 @@ impl CudaBackend {
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
         self.write_io(&[Row { slot: 0, pos: self.seqs[0], token: 0, logits: true, long_prompt: false }])?;
         self.keep = vec![0];
+        let pf = self.prefetcher(1)?;
         self.dev.begin_capture()?;
-        let r = self.run_steps(&steps, 1, true, &events);
+        let r = self.run_steps(&steps, 1, pf.as_ref(), &events);
         let g = self.dev.end_capture();
         r?;
         let g = g?;
@@ -1681,6 +1704,7 @@ impl CudaBackend {
         let blocks = self.l2pf.map_or(prefetch::DEFAULT_BLOCKS, |s| s.blocks);
         self.l2pf = ahead.map(|ahead| prefetch::Setting { ahead, blocks });
         self.graphs.clear();
+        self.prefetchers.clear();
     }
 
     /// Switches graph capture of decode steps and batches on or off (for eager-vs-graph
@@ -1822,6 +1846,7 @@ impl Backend for CudaBackend {
         self.exec = lower::cuda(&plan, &self.weights, &self.packs.available())?;
         self.plan = plan;
         self.graphs.clear();
+        self.prefetchers.clear();
         self.reset();
         Ok(())
     }

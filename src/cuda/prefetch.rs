@@ -5,15 +5,15 @@
 //! round trip and compute, so every kernel starts cold and takes 2–4× its bytes at copy
 //! bandwidth (bench/RESULTS.md). Most of what a step reads does not depend on the data: the
 //! projections and the router of a layer are known before the layer runs, and the selected
-//! experts' matrices are known once the router has run. A one-block kernel on the device's
-//! side stream issues bulk L2 prefetches of a step's weights while the steps before it run,
-//! so the step's loads find L2. The main chain never waits for the branch (only the end of
-//! the capture joins it) and a prefetch changes no value, so every result is bit-identical.
+//! experts' matrices are known once the router has run. A small kernel (a few blocks) on the
+//! device's side stream issues bulk L2 prefetches of a step's weights while the steps before
+//! it run, so the step's loads find L2. No step waits for the branch (only the end of the
+//! graph joins it) and a prefetch changes no value, so every result is bit-identical.
 //!
 //! Shape: [`fork_points`] decides from the plan alone where each step's prefetches start;
 //! [`entries`] turns that into byte spans of the device weights (pure, so CPU tests check
-//! them against the allocations); [`Prefetcher`] uploads them as one table per captured
-//! plan and launches each fork at its step.
+//! them against the weights); [`Prefetcher`] uploads them as one table per plan (before any
+//! capture) and launches each fork at its step.
 
 use super::Device;
 use super::ops::prefetch::{PrefetchArgs, l2_prefetch};
@@ -84,7 +84,9 @@ fn reads_experts(s: &Step) -> bool {
 
 /// For each step of `steps`, where its prefetches start: fixed weights `ahead` steps
 /// before it (0: beside itself — its later waves still find L2), the experts likewise but
-/// never before the step after the last router before it.
+/// never before the step after the last router before it (none for a step that routes).
+/// Every layer's router writes the same index buffer, so a fork that runs late may read the
+/// next layer's choice: a wasted fetch, never a wrong value.
 pub(crate) fn fork_points(steps: &[Step], ahead: usize) -> Vec<ForkAt> {
     let mut router = None;
     steps
@@ -92,7 +94,8 @@ pub(crate) fn fork_points(steps: &[Step], ahead: usize) -> Vec<ForkAt> {
         .enumerate()
         .map(|(j, s)| {
             let fixed = j.saturating_sub(ahead);
-            let experts = router.filter(|_| reads_experts(s)).map(|r: usize| fixed.max(r + 1));
+            // A step that picks its own experts reads them before any fork could know them.
+            let experts = router.filter(|_| reads_experts(s) && !routes(s)).map(|r: usize| fixed.max(r + 1));
             if routes(s) {
                 router = Some(j);
             }
@@ -178,8 +181,9 @@ fn spans(w: &DeviceWeights, cfg: &ModelConfig, s: &Step) -> Result<(Vec<Entry>, 
 
 /// The prefetch table of `steps` as `(fork step, entry)`, sorted by fork step (then by the
 /// reading step): what each fork fetches, at most `budget` bytes a fork (`nidx` selected
-/// experts counted for each expert span; the span that crosses the budget is cut, later
-/// ones dropped) — more than L2 holds would evict what the fork before fetched.
+/// experts counted for each expert span; the span that crosses the budget is cut, and a span
+/// that no longer fits is left out) — more than L2 holds would evict what the fork before
+/// fetched. With `ahead` > 1 several forks' bytes are in flight at once.
 pub(crate) fn entries(
     w: &DeviceWeights,
     cfg: &ModelConfig,
@@ -215,16 +219,21 @@ pub(crate) fn entries(
     Ok(out)
 }
 
-/// The prefetches of one captured plan: the table on the device and, per fork step, its
-/// slice of the table.
+/// The prefetches of one plan: the table on the device and, per fork step, its slice of
+/// the table. Made before the capture (an upload may not run inside one); a copy is cheap.
+#[derive(Debug, Clone)]
 pub(crate) struct Prefetcher {
+    /// The entries, `[N, 4]` u64 on the device.
     table: u64,
+    /// Blocks of each launch.
     blocks: u32,
     /// `(step index, first entry, entries)`, by step.
     forks: Vec<(usize, usize, usize)>,
-    /// The top-k indices (`[nidx]`, i32) and the experts' count.
+    /// The top-k expert indices (`[nidx]` i32), shared by every layer.
     idx: u64,
+    /// Entries of `idx` the plan's rows fill (rows × top-k).
     nidx: usize,
+    /// Experts a stack holds (an index outside `0..nexp` is skipped).
     nexp: usize,
 }
 
@@ -259,9 +268,10 @@ impl Prefetcher {
         Ok(Some(Prefetcher { table, blocks: set.blocks, forks, idx, nidx, nexp: cfg.num_experts }))
     }
 
-    /// Launches the fork due beside step `i` (call just before launching step `i`).
-    pub fn fork(&self, dev: &Device, i: usize) -> Result<()> {
-        let Ok(f) = self.forks.binary_search_by_key(&i, |f| f.0) else { return Ok(()) };
+    /// Launches the fork due beside step `i` (call just before launching step `i`);
+    /// whether there was one (then the capture must join the side stream).
+    pub fn fork(&self, dev: &Device, i: usize) -> Result<bool> {
+        let Ok(f) = self.forks.binary_search_by_key(&i, |f| f.0) else { return Ok(false) };
         let (_, first, n) = self.forks[f];
         let a = PrefetchArgs {
             table: rd(self.table),
@@ -271,7 +281,7 @@ impl Prefetcher {
             nidx: int(self.nidx),
             nexp: int(self.nexp),
         };
-        l2_prefetch(dev, &a, self.blocks)
+        l2_prefetch(dev, &a, self.blocks).map(|_| true)
     }
 }
 
@@ -303,9 +313,12 @@ mod tests {
         }
     }
 
-    /// A tiny model of `family/preset` in `quant`, its weights converted into a fake arena,
-    /// and the decode plans the CUDA backend runs for the reference and the patched plan.
-    fn setup(family: &str, preset: &str, quant: SynthQuant) -> (FakeArena, DeviceWeights, ModelConfig, Vec<Vec<Step>>) {
+    /// A tiny model of `family/preset` in `quant`: its host weights, the same converted into
+    /// a fake arena, and the plans the CUDA backend captures — decode (1 row) and batch (3
+    /// rows) for the reference and the patched plan — as (rows, steps).
+    type Setup =
+        (FakeArena, std::sync::Arc<crate::model::Weights>, DeviceWeights, ModelConfig, Vec<(usize, Vec<Step>)>);
+    fn setup(family: &str, preset: &str, quant: SynthQuant) -> Setup {
         let tmp = tempfile::tempdir().unwrap();
         let spec = SynthSpec {
             family: family.into(),
@@ -321,72 +334,129 @@ mod tests {
         let mut arena = FakeArena::default();
         let w = model.weights.convert(&mut Upload(&mut arena)).unwrap();
         let cfg = model.config().clone();
-        let plans = [Plan::reference(&cfg), patched_plan(&cfg, &Selection::default()).0]
-            .iter()
-            .map(|p| lower::cuda(p, &model.weights, &[]).unwrap().decode.steps)
-            .collect();
-        (arena, w, cfg, plans)
+        let mut plans = Vec::new();
+        for p in [Plan::reference(&cfg), patched_plan(&cfg, &Selection::default()).0] {
+            let exec = lower::cuda(&p, &model.weights, &[]).unwrap();
+            plans.push((1, exec.decode.steps));
+            plans.push((3, exec.batch.steps));
+        }
+        (arena, model.weights.clone(), w, cfg, plans)
     }
 
-    /// Every span a prefetch may touch (each strided span at every expert) lies inside one
-    /// allocation; every matrix a step reads is fetched whole when the budget allows; fixed
-    /// weights fork `ahead` steps early, experts only after their router; a fork fetches at
-    /// most its budget. On the affine, bf16 and MXFP4 layouts, GQA and MLA.
+    /// What the host weights say step `s` reads: (bytes of its fixed matrices, bytes of one
+    /// selected expert's matrices) — the checker's own account, from the stored tensors.
+    fn host_bytes(hw: &crate::model::Weights, s: &Step) -> (u64, u64) {
+        let (mut f, mut e) = (0, 0);
+        for p in parts(s) {
+            match *p {
+                Step::Linear { w: r, .. } => f += hw.linear(r).unwrap().w.nbytes() as u64,
+                Step::Attn { layer, op: AttnOp::MlaQAbsorb } => {
+                    f += hw.mla(layer).unwrap().embed_q.iter().map(|m| m.nbytes() as u64).sum::<u64>()
+                }
+                Step::Attn { layer, op: AttnOp::MlaVUp } => {
+                    f += hw.mla(layer).unwrap().unembed_out.iter().map(|m| m.nbytes() as u64).sum::<u64>()
+                }
+                Step::Moe { layer, op: MoeOp::ExpertGateUp } => {
+                    let x = hw.experts(layer).unwrap();
+                    e += (x.gate[0].nbytes() + x.up[0].nbytes()) as u64;
+                }
+                Step::Moe { layer, op: MoeOp::ExpertDown } => e += hw.experts(layer).unwrap().down[0].nbytes() as u64,
+                _ => {}
+            }
+        }
+        (f, e)
+    }
+
+    /// With no budget limit, each step's fixed spans add up to the bytes of its matrices in
+    /// the host weights, and its expert spans to one expert's matrices, repeated inside the
+    /// stack for every expert; fixed weights fork `ahead` steps early and experts after the
+    /// router before them (never later than their own step). On the affine, bf16 and MXFP4
+    /// layouts, GQA and MLA, decode and 3-row batch plans (a fork's index count 3 × top-k).
     #[test]
-    fn prefetch_table_covers_each_step_inside_its_allocations() {
+    fn prefetch_table_fetches_each_steps_matrices_after_their_router() {
         for (family, preset, quant) in [
             ("qwen3_moe", "tiny", SynthQuant::Affine4),
             ("qwen3_moe", "tiny", SynthQuant::Bf16),
             ("glm4_moe_lite", "glm-tiny", SynthQuant::Affine4),
             ("gpt_oss", "gpt-oss-tiny", SynthQuant::Mxfp4),
         ] {
-            let (arena, w, cfg, plans) = setup(family, preset, quant);
-            for steps in &plans {
+            let (arena, hw, w, cfg, plans) = setup(family, preset, quant);
+            for (m, steps) in &plans {
                 for ahead in [0, 1, 3] {
                     let at = fork_points(steps, ahead);
-                    let es = entries(&w, &cfg, steps, ahead, u64::MAX, cfg.top_k).unwrap();
+                    let es = entries(&w, &cfg, steps, ahead, u64::MAX, m * cfg.top_k).unwrap();
                     assert!(es.windows(2).all(|x| x[0].0 <= x[1].0), "sorted by fork");
-                    for &(_, [p, n, stride, _]) in &es {
-                        assert!(p % 16 == 0 && n % 16 == 0 && n > 0, "{family}: span {p:#x}+{n}");
-                        let reps = if stride == 0 { 1 } else { cfg.num_experts as u64 };
-                        for e in 0..reps {
-                            assert!(arena.holds(p + e * stride, n), "{family}: {p:#x}+{n} (expert {e}) outside");
-                        }
-                    }
-                    let mut routed = None;
+                    let mut last_router = None;
+                    let mut expert_steps = 0;
                     for (j, s) in steps.iter().enumerate() {
+                        let (want_f, want_e) = host_bytes(&hw, s);
                         let (f, e) = spans(&w, &cfg, s).unwrap();
+                        let got_f: u64 = f.iter().map(|x| x[1]).sum();
+                        let got_e: u64 = e.iter().map(|x| x[1]).sum();
+                        assert_eq!((got_f, got_e), (want_f, want_e), "{family} m {m}: step {j} {}", s.kind());
+                        assert!(f.iter().all(|x| x[2] == 0) && e.iter().all(|x| x[2] != 0));
+                        for x in f.iter().chain(&e) {
+                            let reps = if x[2] == 0 { 1 } else { cfg.num_experts as u64 };
+                            for k in 0..reps {
+                                assert!(arena.holds(x[0] + k * x[2], x[1]), "{family}: span outside its allocation");
+                            }
+                        }
                         assert_eq!(at[j].fixed, j.saturating_sub(ahead));
                         for x in &f {
-                            assert!(es.contains(&(at[j].fixed, *x)), "{family}: step {j}'s weights not fetched");
+                            assert!(es.contains(&(at[j].fixed, *x)), "{family}: step {j}'s weights not in the table");
                         }
-                        if !e.is_empty() {
-                            let r = routed.expect("a router before the experts");
-                            let a = at[j].experts.unwrap();
-                            assert!(a > r && a <= j.max(r + 1), "{family}: experts of step {j} at {a}, router {r}");
+                        if want_e > 0 {
+                            expert_steps += 1;
+                            let r: usize = last_router.expect("a router before the experts");
+                            let a = at[j].experts.expect("experts fetched");
+                            assert!(a > r && a <= j, "{family}: experts of step {j} fork at {a}, router at {r}");
                             for x in &e {
-                                assert!(es.contains(&(a, *x)), "{family}: step {j}'s experts not fetched");
+                                assert!(es.contains(&(a, *x)), "{family}: step {j}'s experts not in the table");
                             }
                         }
                         if routes(s) {
-                            routed = Some(j);
-                        }
-                        if let Step::Linear { w: r, .. } = s {
-                            assert!(!f.is_empty(), "{family}: {r:?} has nothing to fetch");
+                            last_router = Some(j);
                         }
                     }
-                    assert!(es.iter().any(|x| x.1[2] != 0), "{family}: no expert spans");
+                    assert!(expert_steps > 0, "{family}: no step read experts");
+                    // The spans start at the weights' own addresses.
+                    let o = w.linear(crate::model::LinRef::O(0)).unwrap().w.q.w.0;
+                    assert!(es.iter().any(|x| x.1[0] == o), "{family}: layer 0's o_proj codes not fetched");
                 }
-                // A budget caps each fork: strided spans count once per selected expert.
+                // A budget caps each fork, strided spans counted once per selected expert,
+                // and it does cut: the capped table fetches less than the whole one.
                 let budget = 4096;
-                let es = entries(&w, &cfg, steps, 1, budget, cfg.top_k).unwrap();
-                let mut per = std::collections::BTreeMap::<usize, u64>::new();
-                for (at, [_, n, stride, _]) in es {
-                    *per.entry(at).or_default() += n * if stride == 0 { 1 } else { cfg.top_k as u64 };
-                }
-                assert!(per.values().all(|&b| b <= budget && b > 0), "{family}: {per:?}");
+                let nidx = m * cfg.top_k;
+                let bytes = |es: &[(usize, Entry)]| -> std::collections::BTreeMap<usize, u64> {
+                    let mut per = std::collections::BTreeMap::new();
+                    for &(at, [_, n, stride, _]) in es {
+                        *per.entry(at).or_default() += n * if stride == 0 { 1 } else { nidx as u64 };
+                    }
+                    per
+                };
+                let capped = bytes(&entries(&w, &cfg, steps, 1, budget, nidx).unwrap());
+                let whole = bytes(&entries(&w, &cfg, steps, 1, u64::MAX, nidx).unwrap());
+                assert!(capped.values().all(|&b| b <= budget), "{family}: {capped:?}");
+                assert!(capped.values().sum::<u64>() < whole.values().sum::<u64>(), "{family}: the budget cut nothing");
+                assert_eq!(
+                    capped.keys().collect::<Vec<_>>(),
+                    whole.keys().collect::<Vec<_>>(),
+                    "every fork keeps some"
+                );
             }
         }
+    }
+
+    /// A fused step that picks its experts and reads them fetches no experts (the indices
+    /// are written inside it), and nothing before any router does.
+    #[test]
+    fn a_step_that_routes_fetches_no_experts() {
+        let route = Step::Moe { layer: 0, op: MoeOp::RouterTopK };
+        let up = Step::Moe { layer: 0, op: MoeOp::ExpertGateUp };
+        let both = Step::Fused { op: crate::plan::Fusion::MoeRouter, parts: vec![route.clone(), up.clone()] };
+        let at = fork_points(&[up.clone(), both, up.clone(), route, Step::Swiglu, up], 1);
+        let ex: Vec<Option<usize>> = at.iter().map(|a| a.experts).collect();
+        assert_eq!(ex, [None, None, Some(2), None, None, Some(4)]);
     }
 
     #[test]
