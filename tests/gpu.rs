@@ -386,9 +386,13 @@ fn kernel_gemm_tc_matches_cpu() {
                 let what = format!("fmt {fmt} bits {bits} group {group} m {m} out_f32 {out_f32} deq {deq}");
                 assert!(got.iter().all(|v| v.is_finite()), "{what}: unwritten output");
                 let e = rel_err(&got, &want32);
-                // f32 accumulation (1e-5 like the mat-vecs); a bf16 output rounds at 2^-9, and
-                // so does each dequantised weight (ZMOE_TC_DEQ).
-                let tol = if out_f32 == 1 && !(deq && fmt != 0) { 1e-5 } else { 4e-3 };
+                // f32 accumulation (1e-5 like the mat-vecs); a bf16 output rounds at 2^-9 rms
+                // (≈ 1.7e-3 measured); each dequantised weight (ZMOE_TC_DEQ) too (≈ 1.2e-3).
+                let tol = match (out_f32 == 1, deq && fmt != 0) {
+                    (true, false) => 1e-5,
+                    (true, true) => 2.5e-3,
+                    (false, _) => 4e-3,
+                };
                 assert!(e < tol, "{what}: rel err {e}");
                 println!("gemm_tc {what}: rel err {e:.1e}");
             }

@@ -144,8 +144,9 @@ impl Device {
     /// Whether the prompt's tensor-core products (`ops::gemm`) dequantise affine and MXFP4
     /// weights to bf16 as they stage them (`*_tc_deq` kernels: one `fma.rn.bf16x2` a pair,
     /// no per-group epilogue) instead of multiplying integer codes and applying scale and
-    /// bias per group. An experiment, off unless `ZMOE_TC_DEQ=1`: it adds each weight's bf16
-    /// rounding to the prompt's products (both plans alike, so `validate` is unaffected).
+    /// bias per group. An experiment, off unless `ZMOE_TC_DEQ=1`: it adds each affine
+    /// weight's bf16 rounding to the prompt's products (MXFP4 stays exact; both plans alike,
+    /// so `validate` is unaffected).
     pub fn tc_deq(&self) -> bool {
         self.tc_deq
     }

@@ -8,7 +8,10 @@
 // mat-vecs' formula (chunk_acc) with another summation order. MXFP4 (TC_MXFP4) goes the same
 // way: its E2M1 values are exact in bf16, and each 32-element block (one k stage) ends with
 // acc += scale·Σv·x (bias 0). So the products agree with the row kernels to f32 rounding,
-// not bit for bit (tests/gpu.rs checks the tolerance).
+// not bit for bit (tests/gpu.rs checks the tolerance). The `*_tc_deq` twins (DEQ below)
+// dequantise affine weights to bf16 instead, which adds each weight's bf16 rounding; they
+// also serve every bf16 matrix (the same arithmetic as the plain kernels, in fewer
+// registers: the per-group epilogue is what holds the plain kernels at 127).
 //
 // Warp w of a block owns output rows w·32 .. w·32+31 of the tile and all TC_BM tokens:
 // 2 (m16) × 4 (n8) accumulator fragments. Inside every run of 8 k positions both tiles hold k
@@ -142,7 +145,8 @@ __device__ __forceinline__ u32 bf16x2_splat(float f) {
 // tensor cores dequantised — bf16(sc·q + bi), MXFP4 v·2^s (exact) — with one fma.rn.bf16x2 a
 // pair when staged, so the mma accumulates straight into acc: no Σx, no per-group epilogue,
 // no second accumulator set. Affine products then also carry each weight's bf16 rounding
-// (relative 2⁻⁹), so they agree with the CPU to bf16 tolerance instead of f32 rounding.
+// (≈ 2⁻⁹ relative rms, 2⁻⁸ at worst), so they agree with the CPU to bf16 tolerance instead of
+// f32 rounding; MXFP4 stays exact (a power-of-two scale).
 template <int BITS, bool DEQ>
 __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
     constexpr bool AFF = BITS != 16;

@@ -5,7 +5,8 @@
 //!
 //! Why only for long prompts ([`crate::backend::long_prompt`]: more than `BATCH_ROWS`
 //! tokens): a tensor-core sum runs in another order than the row-per-token mat-vec, so its
-//! outputs differ from decode's by f32 rounding. Short forwards and batches of decode rows
+//! outputs differ from decode's by f32 rounding (and, with `ZMOE_TC_DEQ=1`, by each affine
+//! weight's bf16 rounding). Short forwards and batches of decode rows
 //! (batched decode, exact speculative verification) stay on the mat-vecs and stay
 //! bit-identical to single-token decode. Each output row is computed alone (its sums do not
 //! depend on the other rows of its tile), so a long prompt gives the same numbers in any
@@ -57,27 +58,29 @@ pub fn max_tiles(r: usize, e: usize) -> usize {
     r.div_ceil(TC_BM) + e
 }
 
-/// The kernel `name` or, with [`Device::tc_deq`], its dequantising twin `name_deq`.
-fn variant(dev: &Device, name: &'static str, deq: &'static str) -> &'static str {
-    if dev.tc_deq() { deq } else { name }
+/// The kernel for `w`: the dequantising twin `deq` for bf16 weights (there it runs the plain
+/// kernel's arithmetic in 80 registers instead of 127: the same bits, more blocks an SM) and,
+/// with [`Device::tc_deq`], for quantized ones; else `name`.
+fn variant(dev: &Device, w: &QMat, name: &'static str, deq: &'static str) -> &'static str {
+    if dev.tc_deq() || w.fmt == 0 { deq } else { name }
 }
 
 /// `y[M, n] = x[M, k] Wᵀ (+ bias)` on tensor cores (the mat-vec's arguments).
 pub fn gemm(dev: &Device, a: &MatvecArgs) -> Result<()> {
     let grid = (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), 1);
-    dev.launch_args(variant(dev, "gemm_tc", "gemm_tc_deq"), grid, 128, a)
+    dev.launch_args(variant(dev, &a.w, "gemm_tc", "gemm_tc_deq"), grid, 128, a)
 }
 
 /// MLA's per-head products of `a.m` tokens on tensor cores (x rows `a.x_ld` apart must start
 /// 16-byte aligned: `x_ld` a multiple of 8).
 pub fn head_gemm(dev: &Device, a: &HeadMatvecArgs) -> Result<()> {
     let grid = (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), a.nh as u32);
-    dev.launch_args(variant(dev, "head_gemm_tc", "head_gemm_tc_deq"), grid, 128, a)
+    dev.launch_args(variant(dev, &a.w.w, "head_gemm_tc", "head_gemm_tc_deq"), grid, 128, a)
 }
 
 /// Selected-expert rows grouped by expert on tensor cores, for `r` routed rows over `e`
 /// experts (blocks past the table's tile count return at once).
 pub fn expert_gemm(dev: &Device, a: &ExpertGemmArgs, r: usize, e: usize) -> Result<()> {
     let grid = (blocks(a.n as usize, TC_BN), max_tiles(r, e) as u32, 1);
-    dev.launch_args(variant(dev, "expert_gemm_tc", "expert_gemm_tc_deq"), grid, 128, a)
+    dev.launch_args(variant(dev, &a.w.w, "expert_gemm_tc", "expert_gemm_tc_deq"), grid, 128, a)
 }
