@@ -1746,8 +1746,8 @@ fn graph_replay_equals_eager() {
 /// L2 prefetch (`ZMOE_L2PF`, `cuda::prefetch`) changes no value: decode steps and decode
 /// batches replayed from graphs with the prefetch branch, at 0, 1 and 3 steps ahead, give
 /// the logits of the same graphs without it, bit for bit, on the patched plan (fused MoE
-/// steps) and the reference plan; the profiled graph (timing events beside the branch)
-/// captures and runs too.
+/// steps) and the reference plan, and so do eager decode steps with it; the profiled graph
+/// (timing events beside the branch) captures and runs too.
 #[test]
 #[ignore]
 fn l2_prefetch_changes_no_logit() {
@@ -1781,6 +1781,20 @@ fn l2_prefetch_changes_no_logit() {
                     b = pf.forward(&[t], false).unwrap();
                 }
                 assert_eq!(pf.captured_graphs(), [1], "{preset}: decode graph captured with the prefetch branch");
+                // Eager decode steps fork the same prefetches (what Nsight Compute sees).
+                let mut eager = CudaBackend::new(cfg.clone(), &model.weights, plan.clone(), false).unwrap();
+                eager.set_l2_prefetch(Some(ahead));
+                base.reset();
+                let (mut e, mut g) = (eager.forward(&prompt, false).unwrap(), base.forward(&prompt, false).unwrap());
+                for step in 0..5 {
+                    assert!(
+                        e.iter().zip(&g).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{preset} ahead {ahead} eager step {step}: prefetch changed the logits"
+                    );
+                    let t = zmoe::sample::argmax(&g) as u32;
+                    (e, g) = (eager.forward(&[t], false).unwrap(), base.forward(&[t], false).unwrap());
+                }
+                drop(eager);
                 let steps = pf.profile_decode(2).unwrap();
                 assert!(steps.iter().all(|s| s.us.is_finite() && s.us >= 0.0), "{preset}: profile with prefetch");
                 // A decode batch of 3 slots (its own graph) with and without the branch.

@@ -1429,7 +1429,7 @@ impl CudaBackend {
 
     /// Runs every step of the plan over `m` rows, keeping the rows `self.keep` at
     /// `LastRow`; returns the rows of logits produced.
-    /// `pf`: the L2 prefetches of a capture (see `run_steps`).
+    /// `pf`: the L2 prefetches to fork beside the steps (see `run_steps`).
     fn run_plan(&mut self, m: usize, pf: Option<&Prefetcher>) -> Result<usize> {
         // The steps are taken out for the loop (`step` borrows the backend mutably).
         let tc = self.tc_chunk;
@@ -1439,7 +1439,7 @@ impl CudaBackend {
         r
     }
 
-    /// The L2 prefetches for captures of the `m`-row plan (`l2pf`), made (their table
+    /// The L2 prefetches for the `m`-row decode or batch plan (`l2pf`), made (their table
     /// uploaded) on first use and kept. Call before a capture begins: nothing may allocate
     /// or wait for the stream inside one.
     fn prefetcher(&mut self, m: usize) -> Result<Option<Prefetcher>> {
@@ -1453,11 +1453,10 @@ impl CudaBackend {
         Ok(self.prefetchers[&m].clone())
     }
 
-    /// Launches `steps` over `m` rows; returns the rows of logits produced. Inside a
-    /// capture, `pf`'s L2 prefetches fork beside the steps on the side stream and join at
-    /// the end (also when a step fails, so the capture ends joined), and `marks` (one event
-    /// before each step and one after the last, or none) are recorded as graph nodes for
-    /// `profile_decode`.
+    /// Launches `steps` over `m` rows; returns the rows of logits produced. `pf`'s L2
+    /// prefetches fork beside the steps on the side stream and join at the end (also when a
+    /// step fails, so a capture ends joined); `marks` (one event before each step and one
+    /// after the last, or none) are recorded as graph nodes for `profile_decode`.
     fn run_steps(
         &mut self,
         steps: &[Step],
@@ -1550,7 +1549,11 @@ impl CudaBackend {
                 self.graphs[&m].launch().map_err(|e| Error::Cuda(e.to_string()))?;
                 m
             } else {
-                self.run_plan(m, None)?
+                // Eager decode steps and batches fork the prefetches too (Nsight Compute runs
+                // them eagerly and in series: each step then starts with its weights in L2,
+                // the ceiling of what the prefetch can give); prompt chunks never do.
+                let pf = if !self.tc_chunk && m <= lower::BATCH_ROWS { self.prefetcher(m)? } else { None };
+                self.run_plan(m, pf.as_ref())?
             };
             for r in chunk {
                 self.seqs[r.slot] = r.pos + 1;
