@@ -18,9 +18,8 @@
 #                                    # ZMOE_TC=0 (notc: prefill on the mat-vecs) and with
 #                                    # the defaults (new: tensor cores on, PDL off), patched plan
 #                                    # (COMPARE_VARIANTS picks among base pdl notc new, and
-#                                    # l2pfN / l2pfN_B: new with ZMOE_L2PF=N[,B], L2 prefetch
-#                                    # N steps ahead, B blocks a fork; deq: new with
-#                                    # ZMOE_TC_DEQ=1, prompt products on dequantised weights),
+#                                    # deq: new with ZMOE_TC_DEQ=1, prompt products on
+#                                    # dequantised weights),
 #                                    # alternating COMPARE_ROUNDS (2) times, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
 #                                    # and validates the new binary on each; `prefill` profiles
@@ -256,10 +255,9 @@ if [ "${2:-}" = compare ]; then
                 exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
                 pdl=0; [ $b = pdl ] && pdl=1
                 tc=1; [ $b = notc ] && tc=0
-                l2=off; case $b in l2pf[0-9]*) l2=${b#l2pf}; l2=${l2/_/,} ;; esac
                 deq=0; [ $b = deq ] && deq=1
                 j="$OUT/cmp-$preset-$b-$i.json"
-                ZMOE_TC_DEQ=$deq ZMOE_L2PF=$l2 ZMOE_PDL=$pdl ZMOE_TC=$tc $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
+                ZMOE_TC_DEQ=$deq ZMOE_PDL=$pdl ZMOE_TC=$tc $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
                     --json "$j" --force >"$OUT/cmp-$preset-$b-$i.txt" 2>&1 || echo "bench $b failed"
                 python3 - "$j" "$preset" "$b" "$i" >> "$OUT/compare.md" <<'PY'
 import json, sys

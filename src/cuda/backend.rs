@@ -24,7 +24,6 @@ use super::Device;
 use super::ops::{
     self, Bf16, I32, Void, attention as attn, conv, gemm, gpt_oss, int, linear, mla, moe, norm, rd, rope, sample, wr,
 };
-use super::prefetch::{self, Prefetcher};
 use super::weights::{DLinear, DMat, DeviceWeights, Upload, unsupported};
 use crate::backend::{Backend, DeviceInfo, Row, StepTime};
 use crate::config::{ModelConfig, RouterKind};
@@ -213,17 +212,7 @@ pub struct CudaBackend {
     tc_allowed: bool,
     /// Foundry kernel-pack kernels (src/cuda/packs.rs; the plan's `Step::Packed` steps).
     packs: super::packs::PackKernels,
-    /// L2 prefetch of weights in captured graphs (`ZMOE_L2PF=AHEAD[,BLOCKS]`,
-    /// `set_l2_prefetch`; `None`: off).
-    l2pf: Option<prefetch::Setting>,
-    /// The prefetch tables of `l2pf` by plan rows (`None`: nothing to fetch), made before
-    /// the first capture of that size and kept while the plan and the setting are.
-    prefetchers: BTreeMap<usize, Option<Prefetcher>>,
 }
-
-/// Bytes one L2 prefetch fork fetches at most (a third of an H100's 50 MB L2: more would
-/// evict what the fork before fetched before its step reads it).
-const L2PF_BUDGET: u64 = 16 << 20;
 
 impl CudaBackend {
     /// Opens the GPU and uploads `weights`; `use_graph` captures decode steps into a graph.
@@ -390,8 +379,6 @@ impl CudaBackend {
             tc_chunk: false,
             tc_allowed: dev_tc,
             packs,
-            l2pf: std::env::var("ZMOE_L2PF").ok().and_then(|v| prefetch::Setting::parse(&v)),
-            prefetchers: BTreeMap::new(),
         })
     }
 
@@ -1429,61 +1416,30 @@ impl CudaBackend {
 
     /// Runs every step of the plan over `m` rows, keeping the rows `self.keep` at
     /// `LastRow`; returns the rows of logits produced.
-    /// `pf`: the L2 prefetches to fork beside the steps (see `run_steps`).
-    fn run_plan(&mut self, m: usize, pf: Option<&Prefetcher>) -> Result<usize> {
+    fn run_plan(&mut self, m: usize) -> Result<usize> {
         // The steps are taken out for the loop (`step` borrows the backend mutably).
         let tc = self.tc_chunk;
         let steps = std::mem::take(&mut self.exec.pick(m, tc).steps);
-        let r = self.run_steps(&steps, m, pf, &[]);
+        let r = self.run_steps(&steps, m, &[]);
         self.exec.pick(m, tc).steps = steps;
         r
     }
 
-    /// The L2 prefetches for the `m`-row decode or batch plan (`l2pf`), made (their table
-    /// uploaded) on first use and kept. Call before a capture begins: nothing may allocate
-    /// or wait for the stream inside one.
-    fn prefetcher(&mut self, m: usize) -> Result<Option<Prefetcher>> {
-        let Some(set) = self.l2pf else { return Ok(None) };
-        if !self.prefetchers.contains_key(&m) {
-            let steps = self.exec.pick(m, false).steps.clone();
-            let idx = self.st.topk_idx;
-            let p = Prefetcher::new(&mut self.dev, &self.w, &self.cfg, &steps, set, L2PF_BUDGET, m, idx)?;
-            self.prefetchers.insert(m, p);
-        }
-        Ok(self.prefetchers[&m].clone())
-    }
-
-    /// Launches `steps` over `m` rows; returns the rows of logits produced. `pf`'s L2
-    /// prefetches fork beside the steps on the side stream and join at the end (also when a
-    /// step fails, so a capture ends joined); `marks` (one event before each step and one
-    /// after the last, or none) are recorded as graph nodes for `profile_decode`.
-    fn run_steps(
-        &mut self,
-        steps: &[Step],
-        m: usize,
-        pf: Option<&Prefetcher>,
-        marks: &[super::Event],
-    ) -> Result<usize> {
+    /// Launches `steps` over `m` rows; returns the rows of logits produced. `marks` (one
+    /// event before each step and one after the last, or none) are recorded as graph nodes
+    /// for `profile_decode`.
+    fn run_steps(&mut self, steps: &[Step], m: usize, marks: &[super::Event]) -> Result<usize> {
         let mut rows = m;
-        let mut forked = false;
-        let mut run = || -> Result<()> {
-            for (i, s) in steps.iter().enumerate() {
-                if let Some(e) = marks.get(i) {
-                    self.dev.record_in_graph(e)?;
-                }
-                if let Some(pf) = pf {
-                    forked |= pf.fork(&self.dev, i)?;
-                }
-                self.step(s, &mut rows)?;
+        for (i, s) in steps.iter().enumerate() {
+            if let Some(e) = marks.get(i) {
+                self.dev.record_in_graph(e)?;
             }
-            match marks.get(steps.len()) {
-                Some(e) => self.dev.record_in_graph(e),
-                None => Ok(()),
-            }
-        };
-        let r = run();
-        let joined = if forked { self.dev.join_side() } else { Ok(()) };
-        r.and(joined).map(|_| rows)
+            self.step(s, &mut rows)?;
+        }
+        if let Some(e) = marks.get(steps.len()) {
+            self.dev.record_in_graph(e)?;
+        }
+        Ok(rows)
     }
 
     fn read_logits(&self, rows: usize, out: &mut Vec<f32>) -> Result<()> {
@@ -1539,9 +1495,8 @@ impl CudaBackend {
             let graphed = self.use_graph && !self.tc_chunk && m <= lower::BATCH_ROWS && self.keep.len() == m;
             let n = if graphed {
                 if !self.graphs.contains_key(&m) {
-                    let pf = self.prefetcher(m)?;
                     self.dev.begin_capture()?;
-                    let r = self.run_plan(m, pf.as_ref());
+                    let r = self.run_plan(m);
                     let g = self.dev.end_capture();
                     r?;
                     self.graphs.insert(m, g?);
@@ -1549,11 +1504,7 @@ impl CudaBackend {
                 self.graphs[&m].launch().map_err(|e| Error::Cuda(e.to_string()))?;
                 m
             } else {
-                // Eager decode steps and batches fork the prefetches too (Nsight Compute runs
-                // them eagerly and in series: each step then starts with its weights in L2,
-                // the ceiling of what the prefetch can give); prompt chunks never do.
-                let pf = if !self.tc_chunk && m <= lower::BATCH_ROWS { self.prefetcher(m)? } else { None };
-                self.run_plan(m, pf.as_ref())?
+                self.run_plan(m)?
             };
             for r in chunk {
                 self.seqs[r.slot] = r.pos + 1;
@@ -1630,9 +1581,8 @@ impl CudaBackend {
         let events = (0..=steps.len()).map(|_| self.dev.event()).collect::<Result<Vec<_>>>()?;
         self.write_io(&[Row { slot: 0, pos: self.seqs[0], token: 0, logits: true, long_prompt: false }])?;
         self.keep = vec![0];
-        let pf = self.prefetcher(1)?;
         self.dev.begin_capture()?;
-        let r = self.run_steps(&steps, 1, pf.as_ref(), &events);
+        let r = self.run_steps(&steps, 1, &events);
         let g = self.dev.end_capture();
         r?;
         let g = g?;
@@ -1697,17 +1647,6 @@ impl CudaBackend {
     /// The row counts a graph has been captured for, smallest first.
     pub fn captured_graphs(&self) -> Vec<usize> {
         self.graphs.keys().copied().collect()
-    }
-
-    /// L2 prefetch of each step's weights `ahead` steps before it in captured graphs
-    /// (`cuda::prefetch`), or off (`None`); the default comes from `ZMOE_L2PF`, which also
-    /// sets the blocks a fork (kept here). Graphs captured before are dropped, so the next
-    /// steps capture with the new setting.
-    pub fn set_l2_prefetch(&mut self, ahead: Option<usize>) {
-        let blocks = self.l2pf.map_or(prefetch::DEFAULT_BLOCKS, |s| s.blocks);
-        self.l2pf = ahead.map(|ahead| prefetch::Setting { ahead, blocks });
-        self.graphs.clear();
-        self.prefetchers.clear();
     }
 
     /// Switches graph capture of decode steps and batches on or off (for eager-vs-graph
@@ -1849,7 +1788,6 @@ impl Backend for CudaBackend {
         self.exec = lower::cuda(&plan, &self.weights, &self.packs.available())?;
         self.plan = plan;
         self.graphs.clear();
-        self.prefetchers.clear();
         self.reset();
         Ok(())
     }

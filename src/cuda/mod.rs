@@ -15,7 +15,6 @@ mod compile;
 pub mod nccl;
 pub mod ops;
 mod packs;
-mod prefetch;
 mod weights;
 
 use std::collections::HashMap;
@@ -23,7 +22,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DriverError, result, sys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, result, sys};
 
 use crate::error::{Error, Result};
 
@@ -45,12 +44,6 @@ pub use crate::kernels::Arg;
 pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    /// A second stream for work beside the kernels' chain that nothing on it waits for
-    /// (L2 prefetches, [`Device::launch_side`]); joined back by [`Device::join_side`].
-    side: Arc<CudaStream>,
-    /// Marks the main stream's work for the side stream to wait on, and back.
-    fork_ev: CudaEvent,
-    join_ev: CudaEvent,
     _module: Arc<CudaModule>,
     funcs: HashMap<String, CudaFunction>,
     allocs: Vec<(CUdeviceptr, usize)>,
@@ -90,8 +83,6 @@ impl Device {
         // SAFETY: we never use cudarc's multi-stream synchronisation.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err)?;
-        let side = ctx.new_stream().map_err(cuda_err)?;
-        let (fork_ev, join_ev) = (ctx.new_event(None).map_err(cuda_err)?, ctx.new_event(None).map_err(cuda_err)?);
         let (major, minor) = ctx.compute_capability().map_err(cuda_err)?;
         let src = ops::module_source();
         let cubin = compile::cubin(&src, major, minor)?;
@@ -110,9 +101,6 @@ impl Device {
             total_mem: ctx.total_mem().map_err(cuda_err)?,
             ctx,
             stream,
-            side,
-            fork_ev,
-            join_ev,
             _module: module,
             funcs,
             allocs: Vec::new(),
@@ -260,28 +248,6 @@ impl Device {
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, args: &[Arg]) -> Result<()> {
         let f = self.funcs.get(name).ok_or_else(|| Error::Cuda(format!("no kernel `{name}`")))?;
         self.launch_fn(f, name, grid, block, args)
-    }
-
-    /// Launches built-in kernel `name` (`grid` blocks of `block` threads) on the side stream,
-    /// after everything queued on the main stream so far, without holding up later work on
-    /// the main stream. Inside a graph capture this forks a branch off the main chain; the
-    /// capture must end with [`Device::join_side`].
-    pub fn launch_side<A: ops::KernelArgs>(&self, name: &str, grid: u32, block: u32, args: &A) -> Result<()> {
-        let f = self.funcs.get(name).ok_or_else(|| Error::Cuda(format!("no kernel `{name}`")))?;
-        self.fork_ev.record(&self.stream).map_err(cuda_err)?;
-        self.side.wait(&self.fork_ev).map_err(cuda_err)?;
-        let mut p = [args as *const A as *mut c_void];
-        // SAFETY: as in launch_struct: `args` is the kernel's only parameter, a live
-        // `#[repr(C)]` struct whose C twin is declared from the same definition.
-        unsafe { result::launch_kernel(f.cu_function(), (grid, 1, 1), (block, 1, 1), 0, self.side.cu_stream(), &mut p) }
-            .map_err(|e| Error::Cuda(format!("launching {name}: {e}")))
-    }
-
-    /// Makes the main stream wait for everything launched on the side stream (a capture
-    /// that forked must join before it ends).
-    pub fn join_side(&self) -> Result<()> {
-        self.join_ev.record(&self.side).map_err(cuda_err)?;
-        self.stream.wait(&self.join_ev).map_err(cuda_err)
     }
 
     /// Launches kernel `name` with one by-value struct parameter at `params` (see `ops`).
@@ -436,7 +402,6 @@ impl Drop for Event {
 impl Drop for Device {
     fn drop(&mut self) {
         let _ = self.stream.synchronize();
-        let _ = self.side.synchronize();
         for (p, _) in self.allocs.drain(..) {
             // SAFETY: every pointer came from malloc_sync.
             let _ = unsafe { result::free_sync(p) };

@@ -57,23 +57,10 @@ impl DLinear {
     }
 }
 
-/// Where [`Upload`] puts the tensors: the device's arena, or in CPU tests a stand-in that
-/// hands out addresses (so the device-side layout is testable without a GPU).
-pub(crate) trait Arena {
-    /// Stores `data`; returns its device address.
-    fn upload<T: Copy>(&mut self, data: &[T]) -> Result<u64>;
-}
-
-impl Arena for Device {
-    fn upload<T: Copy>(&mut self, data: &[T]) -> Result<u64> {
-        Device::upload(self, data)
-    }
-}
-
 /// Uploads the host tree's tensors in the kernels' formats (refusing what they cannot read).
-pub(crate) struct Upload<'a, A: Arena = Device>(pub &'a mut A);
+pub(crate) struct Upload<'a>(pub &'a mut Device);
 
-impl<A: Arena> Convert<Gpu> for Upload<'_, A> {
+impl Convert<Gpu> for Upload<'_> {
     fn mat(&mut self, m: &Mat) -> Result<DMat> {
         if matches!(m.kind, MatKind::Mxfp4 { .. }) {
             return Err(unsupported("MXFP4 outside the experts (only GPT-OSS's expert kernels read it)".into()));
@@ -114,7 +101,7 @@ pub(crate) fn unsupported(what: String) -> Error {
 }
 
 /// Uploads `mats` (one matrix, or E stacked experts) in a device format.
-fn upload_mats<A: Arena>(dev: &mut A, mats: &[Mat]) -> Result<DMat> {
+fn upload_mats(dev: &mut Device, mats: &[Mat]) -> Result<DMat> {
     let (rows, cols) = (mats[0].rows, mats[0].cols);
     match &mats[0].kind {
         MatKind::Float(_) => {

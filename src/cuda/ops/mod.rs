@@ -1,5 +1,5 @@
 //! The CUDA executor's kernels, ggml-cuda style: one file per family of ops — [`linear`],
-//! [`norm`], [`rope`], [`attention`], [`mla`], [`moe`], [`conv`], [`gpt_oss`], [`sample`], [`gemm`], [`prefetch`] — each `.rs` beside its
+//! [`norm`], [`rope`], [`attention`], [`mla`], [`moe`], [`conv`], [`gpt_oss`], [`sample`], [`gemm`] — each `.rs` beside its
 //! `.cu`, primitive and fused kernels of an op side by side. Every kernel has a typed
 //! launcher that owns its argument struct and its launch rule (grid and block).
 //!
@@ -19,7 +19,6 @@ pub mod linear;
 pub mod mla;
 pub mod moe;
 pub mod norm;
-pub mod prefetch;
 pub mod rope;
 pub mod sample;
 
@@ -39,7 +38,7 @@ pub const MLA_MAX_ROPE: usize = 64;
 
 /// The kernel sources of the built-in module after `common.cuh`, in dependency order
 /// (MLA attention reuses attention's split merge; GPT-OSS's RoPE reuses MLA's `rope_slice`).
-pub const SOURCES: [&str; 11] = [
+pub const SOURCES: [&str; 10] = [
     include_str!("linear.cu"),
     include_str!("norm.cu"),
     include_str!("rope.cu"),
@@ -50,7 +49,6 @@ pub const SOURCES: [&str; 11] = [
     include_str!("sample.cu"),
     include_str!("conv.cu"),
     include_str!("gemm.cu"),
-    include_str!("prefetch.cu"),
 ];
 
 /// A type a kernel-argument field can have, with its C spelling.
@@ -98,9 +96,6 @@ pub enum F32 {}
 /// i32 elements.
 #[derive(Debug)]
 pub enum I32 {}
-/// u64 elements (tables of device addresses and sizes).
-#[derive(Debug)]
-pub enum U64 {}
 /// Untyped (a weight matrix's storage, or bf16-or-f32 output).
 #[derive(Debug)]
 pub enum Void {}
@@ -113,9 +108,6 @@ impl Elem for F32 {
 }
 impl Elem for I32 {
     const C: &'static str = "int";
-}
-impl Elem for U64 {
-    const C: &'static str = "unsigned long long";
 }
 impl Elem for Void {
     const C: &'static str = "void";
@@ -233,7 +225,7 @@ pub fn c_prelude() -> String {
         "#define ATTN_THREADS {ATTN_THREADS}\n#define MAXD {MAX_HEAD_DIM}\n#define MLA_MAXL {MLA_MAX_LATENT}\n\
          #define MLA_MAXR {MLA_MAX_ROPE}\n#define ATTN_HB {}\n#define MLA_HG {}\n#define CONV_MAXL {}\n\
          #define TC_BM {}\n#define DOWN_ROWS {}\n#define ROUTER_BLOCKS {}\n#define ROUTER_THREADS {}\n\
-         #define ROUTER_SIGMOID_THREADS {}\n#define PF_PIECE {}ull\n",
+         #define ROUTER_SIGMOID_THREADS {}\n",
         attention::ATTN_HEADS_PER_BLOCK,
         mla::MLA_HEADS_PER_BLOCK,
         conv::CONV_MAX_KERNEL,
@@ -241,8 +233,7 @@ pub fn c_prelude() -> String {
         moe::MOE_DOWN_ROWS,
         moe::ROUTER_BLOCKS,
         moe::ROUTER_THREADS,
-        moe::ROUTER_SIGMOID_THREADS,
-        prefetch::PF_PIECE
+        moe::ROUTER_SIGMOID_THREADS
     );
     // QMat itself is declared in common.cuh (the foundry's templates use it): check it.
     s += &format!("static_assert(sizeof(QMat) == {}, \"QMat differs from src/cuda/ops\");\n", size_of::<QMat>());
@@ -258,7 +249,6 @@ pub fn c_prelude() -> String {
         gpt_oss::decls(),
         sample::decls(),
         gemm::decls(),
-        prefetch::decls(),
     ] {
         s += &decl;
     }
