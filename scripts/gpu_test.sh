@@ -176,7 +176,7 @@ if [ "${2:-}" = bench ] || [ "${2:-}" = foundry ] || [ "$mode" = bench ]; then
     # Kernel foundry: one real campaign per op (templates x knobs on decode-centric shapes),
     # then its report (pairwise sign tests, winners per token bucket) and promotion.
     # FOUNDRY_OPS picks ops, FOUNDRY_ARGS adds `foundry run` flags, e.g. one question:
-    # FOUNDRY_OPS=gather_qmm_swiglu FOUNDRY_ARGS="--templates t0_warp_row,t4_pipelined --max-tokens 1".
+    # FOUNDRY_OPS=gather_qmm_swiglu FOUNDRY_ARGS="--templates t0_warp_row,t3_mma --max-tokens 1".
     for op in ${FOUNDRY_OPS:-moe_combine topk_gating gather_qmm_swiglu rmsnorm_residual}; do
         F="$OUT/foundry/$op"
         # shellcheck disable=SC2086 # FOUNDRY_ARGS is a list of flags

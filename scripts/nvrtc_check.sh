@@ -5,7 +5,7 @@
 # register/spill regressions before any device time is spent.
 #
 #   scripts/nvrtc_check.sh [ZMOE] [BASE_ZMOE]     # default ZMOE: target/release/zmoe
-#   CANDIDATES="gather_qmm_swiglu/t3_mma:TILES=1,SPLIT=4,PF=4 gather_qmm_swiglu/t4_pipelined" \
+#   CANDIDATES="gather_qmm_swiglu/t3_mma:TILES=1,SPLIT=4,PF=4 gather_qmm_swiglu/t0_warp_row" \
 #       scripts/nvrtc_check.sh                    # foundry candidates instead (op/template[:knobs];
 #                                                 # no knobs = the template's defaults)
 #

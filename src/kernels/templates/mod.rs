@@ -141,7 +141,7 @@ fn always(_: &Shape, _: &Knobs) -> bool {
 }
 
 /// Every template of every op.
-pub static TEMPLATES: [Template; 16] = [
+pub static TEMPLATES: [Template; 14] = [
     // ---- moe_combine ----
     Template {
         op: OpId::MoeCombine,
@@ -290,39 +290,6 @@ pub static TEMPLATES: [Template; 16] = [
                 && s.hidden % 64 == 0
                 && k(kn, "TILES") * k(kn, "SPLIT") * k(kn, "PF") <= 32
         },
-    },
-    Template {
-        op: OpId::GatherQmmSwiglu,
-        name: "t4_pipelined",
-        summary: "production arithmetic, RPW row pairs a warp with the next row's loads in flight (double-buffered)",
-        text: include_str!("gather_qmm_swiglu/t4_pipelined.cu"),
-        space: &[("RPW", &[2, 4, 8]), ("WPB", &[2, 4, 8]), ("NCH", &[1, 2, 4])],
-        defaults: &[("RPW", 2), ("WPB", 4), ("NCH", 2)],
-        numerics: NumericsRule::Preserving,
-        launch: |s, kn| Launch {
-            grid: [div(s.inter, k(kn, "WPB") * k(kn, "RPW")), (s.tokens * s.k) as u32, 1],
-            block: 32 * k(kn, "WPB"),
-        },
-        // The smallest NCH that holds a row: a larger one only adds empty register buffers
-        // (and RPW 4 with NCH 4 spills).
-        fits: |s, kn| {
-            let (nch, n) = (s.hidden * s.bits as usize / 128, k(kn, "NCH") as usize);
-            nch <= 32 * n && (n == 1 || nch > 16 * n)
-        },
-    },
-    Template {
-        op: OpId::GatherQmmSwiglu,
-        name: "t5_l2_prefetch",
-        summary: "production rows, RPW a warp, the next AHEAD rows prefetched into L2 while one is computed",
-        text: include_str!("gather_qmm_swiglu/t5_l2_prefetch.cu"),
-        space: &[("RPW", &[2, 4, 8]), ("WPB", &[2, 4, 8]), ("AHEAD", &[1, 2])],
-        defaults: &[("RPW", 4), ("WPB", 4), ("AHEAD", 1)],
-        numerics: NumericsRule::Preserving,
-        launch: |s, kn| Launch {
-            grid: [div(s.inter, k(kn, "WPB") * k(kn, "RPW")), (s.tokens * s.k) as u32, 1],
-            block: 32 * k(kn, "WPB"),
-        },
-        fits: always,
     },
     // ---- rmsnorm_residual ----
     Template {
