@@ -45,14 +45,19 @@ __device__ __forceinline__ uint4 perm8(uint4 v) {
     return o;
 }
 
+// A bf16 pair (a·b + c per half, one rounding to bf16).
+__device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
+    u32 d = 0;
+#if __CUDA_ARCH__ >= 800
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+#endif
+    return d;
+}
+
 // Two 4-bit codes (low and high halves of v, each < 16) as a bf16 pair, exactly:
 // bf16 0x4300 | q is 128 + q, and (128 + q)·1 − 128 is exact in bf16.
 __device__ __forceinline__ u32 codes4_bf16x2(u32 v) {
-    u32 d = 0;
-#if __CUDA_ARCH__ >= 800
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(v | 0x43004300u), "r"(0x3F803F80u), "r"(0xC300C300u));
-#endif
-    return d;
+    return fma_bf16x2(v | 0x43004300u, 0x3F803F80u, 0xC300C300u);
 }
 
 // Two codes < 256 as a bf16 pair, exactly (via f32).
@@ -120,15 +125,6 @@ __device__ __forceinline__ void tc_for_each_acc(F f) {
 #pragma unroll
             for (int i = 0; i < 4; i++)
                 f(mf, nf, i, mf * 16 + (lane >> 2) + (i >> 1) * 8, warp * 32 + nf * 8 + 2 * (lane & 3) + (i & 1));
-}
-
-// A bf16 pair (a·b + c per half, one rounding to bf16).
-__device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
-    u32 d = 0;
-#if __CUDA_ARCH__ >= 800
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-#endif
-    return d;
 }
 
 // f (a bf16 value, or a power of two in bf16's range) in both halves of a bf16 pair.
