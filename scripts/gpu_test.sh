@@ -18,8 +18,8 @@
 #                                    # ZMOE_TC=0 (notc: prefill on the mat-vecs) and with
 #                                    # the defaults (new: tensor cores on, PDL off), patched plan
 #                                    # (COMPARE_VARIANTS picks among base pdl notc new, and
-#                                    # deq: new with ZMOE_TC_DEQ=1, prompt products on
-#                                    # dequantised weights),
+#                                    # deq / f16: new with ZMOE_TC_DEQ=1 / f16, prompt products on
+#                                    # weights dequantised to bf16 / fp16),
 #                                    # alternating COMPARE_ROUNDS (2) times, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
 #                                    # and validates the new binary on each; `prefill` profiles
@@ -255,7 +255,7 @@ if [ "${2:-}" = compare ]; then
                 exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
                 pdl=0; [ $b = pdl ] && pdl=1
                 tc=1; [ $b = notc ] && tc=0
-                deq=0; [ $b = deq ] && deq=1
+                deq=0; [ $b = deq ] && deq=1; [ $b = f16 ] && deq=f16
                 j="$OUT/cmp-$preset-$b-$i.json"
                 ZMOE_TC_DEQ=$deq ZMOE_PDL=$pdl ZMOE_TC=$tc $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
                     --json "$j" --force >"$OUT/cmp-$preset-$b-$i.txt" 2>&1 || echo "bench $b failed"

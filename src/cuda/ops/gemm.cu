@@ -8,10 +8,12 @@
 // mat-vecs' formula (chunk_acc) with another summation order. MXFP4 (TC_MXFP4) goes the same
 // way: its E2M1 values are exact in bf16, and each 32-element block (one k stage) ends with
 // acc += scale·Σv·x (bias 0). So the products agree with the row kernels to f32 rounding,
-// not bit for bit (tests/gpu.rs checks the tolerance). The `*_tc_deq` twins (DEQ below)
-// dequantise affine weights to bf16 instead, which adds each weight's bf16 rounding; they
-// also serve every bf16 matrix (the same arithmetic as the plain kernels, in fewer
-// registers: the per-group epilogue is what holds the plain kernels at 127).
+// not bit for bit (tests/gpu.rs checks the tolerance). The `*_tc_deq` twins (TC_DEQ_BF16
+// below) dequantise affine weights to bf16 instead, which adds each weight's bf16 rounding;
+// they also serve every bf16 matrix (the same arithmetic as the plain kernels, in fewer
+// registers: the per-group epilogue is what holds the plain kernels at 127). The `*_tc_f16`
+// twins (TC_DEQ_F16) dequantise affine weights to fp16 and stage x in fp16 (scaled by
+// 2^-TC_F16_XSHIFT): 8× less rounding than bf16, the same instruction count.
 //
 // Warp w of a block owns output rows w·32 .. w·32+31 of the tile and all TC_BM tokens:
 // 2 (m16) × 4 (n8) accumulator fragments. Inside every run of 8 k positions both tiles hold k
@@ -23,6 +25,16 @@
 static_assert(TC_BM == 32 && TC_BN == 128, "the staging below assumes 32 x 128 tiles and 128 threads");
 #define TC_BK 32
 #define TC_LD (TC_BK + 8)  // shared row stride (bf16): fragment loads hit 32 distinct banks
+
+// How a tile feeds quantized weights to the tensor cores (tc_tile's MODE).
+#define TC_CODES 0     // integer codes in bf16, scale and bias after each group (exact products)
+#define TC_DEQ_BF16 1  // bf16(sc·q + bi) (MXFP4: v·2^s, exact)
+#define TC_DEQ_F16 2   // affine: f16(sc·q + bi) against x·2^-TC_F16_XSHIFT in f16; else TC_DEQ_BF16
+// x enters the fp16 products scaled by 2^-6 (exact, undone on the f32 sums): bf16 values
+// from 2^-11 up to 65504·2^6 ≈ 4.2e6 are exact in fp16, smaller ones keep an absolute error
+// below 2^-19, and larger ones (far beyond any activation a norm, an attention or a SwiGLU
+// produces) would overflow to inf, which the non-finite-logits check reports.
+#define TC_F16_XSHIFT 6
 
 // One block's shared tiles. xrow: the TC_BM token rows' x pointers (gathered rows for
 // experts), yrow: where each row's output goes (its row index in y).
@@ -54,10 +66,45 @@ __device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
     return d;
 }
 
+// c += a·b on tensor cores, fp16 inputs (the fragments of mma_bf16_16816), f32 sums.
+__device__ __forceinline__ void mma_f16_16816(float* c, const u32* a, const u32* b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// An fp16 pair (a·b + c per half, one rounding to fp16).
+__device__ __forceinline__ u32 fma_f16x2(u32 a, u32 b, u32 c) {
+    u32 d = 0;
+#if __CUDA_ARCH__ >= 800
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+#endif
+    return d;
+}
+
+// Two floats as an fp16 pair (lo in the low half), each rounded to nearest.
+__device__ __forceinline__ u32 f16x2(float lo, float hi) {
+    u32 d = 0;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+#endif
+    return d;
+}
+
 // Two 4-bit codes (low and high halves of v, each < 16) as a bf16 pair, exactly:
 // bf16 0x4300 | q is 128 + q, and (128 + q)·1 − 128 is exact in bf16.
 __device__ __forceinline__ u32 codes4_bf16x2(u32 v) {
     return fma_bf16x2(v | 0x43004300u, 0x3F803F80u, 0xC300C300u);
+}
+
+// Two codes < 1024 (bits 0..9 and 16..25 of v) as an fp16 pair, exactly: fp16 0x6400 | q
+// is 1024 + q, and (1024 + q)·1 − 1024 is exact in fp16.
+__device__ __forceinline__ u32 codes_f16x2(u32 v) {
+    return fma_f16x2(v | 0x64006400u, 0x3C003C00u, 0xE400E400u);
 }
 
 // Two codes < 256 as a bf16 pair, exactly (via f32).
@@ -76,8 +123,9 @@ __device__ __forceinline__ void tc_load_w(const QMat& W, long row, bool valid, i
     for (int i = 0; i < NV; i++) raw[i] = valid ? wr[i] : make_uint4(0, 0, 0, 0);
 }
 
-// A stage of one weight row as tile-ordered bf16 (codes for affine): 4 uint4 = 32 k.
-template <int BITS>
+// A stage of one weight row as tile-ordered bf16 (codes for affine; fp16 codes when F16):
+// 4 uint4 = 32 k.
+template <int BITS, bool F16>
 __device__ __forceinline__ void tc_convert_w(const uint4* raw, uint4* o) {
     if (BITS == 16) {
 #pragma unroll
@@ -96,10 +144,22 @@ __device__ __forceinline__ void tc_convert_w(const uint4* raw, uint4* o) {
     } else if (BITS == 4) {
         // 32 codes = one uint4; word i holds k 8i..8i+7, code j at bits 4j.
         u32 wd[4] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w};
+        auto pair = [](u32 v) { return F16 ? codes_f16x2(v) : codes4_bf16x2(v); };
 #pragma unroll
         for (int i = 0; i < 4; i++)
-            o[i] = make_uint4(codes4_bf16x2(wd[i] & 0x000F000Fu), codes4_bf16x2((wd[i] >> 4) & 0x000F000Fu),
-                              codes4_bf16x2((wd[i] >> 8) & 0x000F000Fu), codes4_bf16x2((wd[i] >> 12) & 0x000F000Fu));
+            o[i] = make_uint4(pair(wd[i] & 0x000F000Fu), pair((wd[i] >> 4) & 0x000F000Fu),
+                              pair((wd[i] >> 8) & 0x000F000Fu), pair((wd[i] >> 12) & 0x000F000Fu));
+    } else if (F16) {
+        // 8-bit codes as fp16 pairs: the byte of word 2i and the byte of word 2i + 1.
+        u32 wd[8] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w, raw[1].x, raw[1].y, raw[1].z, raw[1].w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            u32 a = wd[2 * i], b = wd[2 * i + 1];
+            o[i] = make_uint4(codes_f16x2(__byte_perm(a, b, 0x7470) & 0x00FF00FFu),
+                              codes_f16x2(__byte_perm(a, b, 0x7571) & 0x00FF00FFu),
+                              codes_f16x2(__byte_perm(a, b, 0x7672) & 0x00FF00FFu),
+                              codes_f16x2(__byte_perm(a, b, 0x7773) & 0x00FF00FFu));
+        }
     } else {
         // 32 codes = two uint4; words 2i, 2i+1 hold k 8i..8i+3 and 8i+4..8i+7, a code a byte.
         u32 wd[8] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w, raw[1].x, raw[1].y, raw[1].z, raw[1].w};
@@ -137,16 +197,19 @@ __device__ __forceinline__ u32 bf16x2_splat(float f) {
 // lane/4 (+8 for i ≥ 2), n = nf·8 + 2·(lane%4) + (i&1). sm.xrow must be set (and synced).
 // K % TC_BK == 0; affine: group % TC_BK == 0.
 //
-// DEQ (ZMOE_TC_DEQ, an experiment; bench/RESULTS.md session 14): quantized weights enter the
-// tensor cores dequantised — bf16(sc·q + bi), MXFP4 v·2^s (exact) — with one fma.rn.bf16x2 a
-// pair when staged, so the mma accumulates straight into acc: no Σx, no per-group epilogue,
-// no second accumulator set. Affine products then also carry each weight's bf16 rounding
-// (≈ 2⁻⁹ relative rms, 2⁻⁸ at worst), so they agree with the CPU to bf16 tolerance instead of
-// f32 rounding; MXFP4 stays exact (a power-of-two scale).
-template <int BITS, bool DEQ>
+// MODE (ZMOE_TC_DEQ; bench/RESULTS.md sessions 14–15): TC_CODES multiplies integer codes and
+// applies scale and bias per group. The dequantising modes give the tensor cores each weight
+// whole, made with one fma a pair when staged, so the mma accumulates straight into acc: no
+// Σx, no per-group epilogue, no second accumulator set. TC_DEQ_BF16: bf16(sc·q + bi) (each
+// affine weight's bf16 rounding, ≈ 2⁻⁹ relative rms; MXFP4 v·2^s stays exact).
+// TC_DEQ_F16 (affine only): f16(sc·q + bi) against x·2^-TC_F16_XSHIFT in fp16, then acc·2^6
+// (exact): ≈ 2⁻¹² relative rms a weight, 8× less than bf16.
+template <int BITS, int MODE>
 __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
     constexpr bool AFF = BITS != 16;
+    constexpr bool DEQ = MODE != TC_CODES;
     constexpr bool EPI = AFF && !DEQ;  // codes in the mma, scale and bias after each group
+    constexpr bool F16 = MODE == TC_DEQ_F16 && BITS > 0 && BITS != 16;  // fp16 tiles (affine)
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     const int xr = tid >> 2, xp = tid & 3;  // the x row and quarter this thread stages
     const bf16* xsrc = sm.xrow[xr] + xp * 8;
@@ -178,10 +241,24 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
         }
     };
     auto store = [&](int c) {
-        *(uint4*)&sm.x[xr][xp * 8] = perm8(xv);
+        uint4 xt = perm8(xv);
+        if (F16) {
+            // bf16 pairs -> fp16 pairs of x·2^-TC_F16_XSHIFT (exact in fp16's range).
+            constexpr float xs = 1.f / (1 << TC_F16_XSHIFT);
+            auto h = [&](u32 v) { return f16x2(__uint_as_float(v << 16) * xs, __uint_as_float(v & 0xffff0000u) * xs); };
+            xt = make_uint4(h(xt.x), h(xt.y), h(xt.z), h(xt.w));
+        }
+        *(uint4*)&sm.x[xr][xp * 8] = xt;
         uint4 wt[4];
-        tc_convert_w<BITS>(wv, wt);
-        if (AFF && DEQ) {
+        tc_convert_w<BITS, F16>(wv, wt);
+        if (F16) {
+            // This thread's row: its group's scale and bias in fp16 (0 past row N) on every pair.
+            const u32 s2 = f16x2(scv, scv), b2 = f16x2(biv, biv);
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                wt[i] = make_uint4(fma_f16x2(wt[i].x, s2, b2), fma_f16x2(wt[i].y, s2, b2),
+                                   fma_f16x2(wt[i].z, s2, b2), fma_f16x2(wt[i].w, s2, b2));
+        } else if (AFF && DEQ) {
             // This thread's row: its group's scale and bias (0 past row N) on every pair.
             const u32 s2 = bf16x2_splat(scv), b2 = bf16x2_splat(biv);
 #pragma unroll
@@ -226,7 +303,10 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
 #pragma unroll
             for (int mf = 0; mf < 2; mf++)
 #pragma unroll
-                for (int nf = 0; nf < 4; nf++) mma_bf16_16816(EPI ? tacc[mf][nf] : acc[mf][nf], a[mf], b[nf]);
+                for (int nf = 0; nf < 4; nf++) {
+                    if (F16) mma_f16_16816(acc[mf][nf], a[mf], b[nf]);
+                    else mma_bf16_16816(EPI ? tacc[mf][nf] : acc[mf][nf], a[mf], b[nf]);
+                }
         }
         if (EPI && (c + 1) % gc == 0) {
             // The group is done: acc += sc·Σq·x + bi·Σx per (token, output row).
@@ -241,15 +321,16 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
             __syncthreads();
         }
     }
+    if (F16) tc_for_each_acc([&](int mf, int nf, int i, int, int) { acc[mf][nf][i] *= (float)(1 << TC_F16_XSHIFT); });
 }
 
 // tc_tile for W's format (bf16, affine 4- or 8-bit, MXFP4).
-template <bool DEQ>
+template <int MODE>
 __device__ __forceinline__ void tc_tile_any(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
-    if (W.fmt == FMT_BF16) tc_tile<16, false>(W, sm, n0, N, K, acc);
-    else if (W.fmt == FMT_MXFP4) tc_tile<TC_MXFP4, DEQ>(W, sm, n0, N, K, acc);
-    else if (W.bits == 4) tc_tile<4, DEQ>(W, sm, n0, N, K, acc);
-    else tc_tile<8, DEQ>(W, sm, n0, N, K, acc);
+    if (W.fmt == FMT_BF16) tc_tile<16, TC_CODES>(W, sm, n0, N, K, acc);
+    else if (W.fmt == FMT_MXFP4) tc_tile<TC_MXFP4, MODE == TC_CODES ? TC_CODES : TC_DEQ_BF16>(W, sm, n0, N, K, acc);
+    else if (W.bits == 4) tc_tile<4, MODE>(W, sm, n0, N, K, acc);
+    else tc_tile<8, MODE>(W, sm, n0, N, K, acc);
 }
 
 // Writes a tile's accumulators: y[yrow[m], n] = acc (+ bias[n]), bf16 or f32 (out_f32), for
@@ -269,7 +350,7 @@ __device__ __forceinline__ void tc_store(const TcSmem& sm, const float acc[2][4]
 
 // y[M, N] = x[M, K] Wᵀ (+ bias) on tensor cores: block (x, y) = output rows x·TC_BN..,
 // tokens y·TC_BM.. (the mat-vec's arguments).
-template <bool DEQ>
+template <int MODE>
 __device__ __forceinline__ void gemm_tc_body(const MatvecArgs& p) {
     __shared__ TcSmem sm;
     const int n0 = blockIdx.x * TC_BN, m0 = blockIdx.y * TC_BM, mt = min(TC_BM, p.m - m0);
@@ -280,23 +361,27 @@ __device__ __forceinline__ void gemm_tc_body(const MatvecArgs& p) {
     }
     __syncthreads();
     float acc[2][4][4];
-    tc_tile_any<DEQ>(p.w, sm, n0, p.n, p.k, acc);
+    tc_tile_any<MODE>(p.w, sm, n0, p.n, p.k, acc);
     tc_store(sm, acc, n0, p.n, mt, p.bias, p.y, p.out_f32);
 }
 extern "C" __global__ void gemm_tc(const MatvecArgs p) {
     pdl_entry();
-    gemm_tc_body<false>(p);
+    gemm_tc_body<TC_CODES>(p);
 }
 extern "C" __global__ void gemm_tc_deq(const MatvecArgs p) {
     pdl_entry();
-    gemm_tc_body<true>(p);
+    gemm_tc_body<TC_DEQ_BF16>(p);
+}
+extern "C" __global__ void gemm_tc_f16(const MatvecArgs p) {
+    pdl_entry();
+    gemm_tc_body<TC_DEQ_F16>(p);
 }
 
 // Selected-expert rows on tensor cores, grouped by expert: tile t (blockIdx.y) of the table
 // moe_group wrote — expert tiles[1 + 2t], routed rows rows[tiles[2 + 2t] ..] (≤ TC_BM of
 // them) — times output rows blockIdx.x·TC_BN..; row q reads x row q / per and writes y row q
 // (+ the expert's bias row bias[e, :] when bias is set: GPT-OSS).
-template <bool DEQ>
+template <int MODE>
 __device__ __forceinline__ void expert_gemm_tc_body(const ExpertGemmArgs& p) {
     __shared__ TcSmem sm;
     const int t = blockIdx.y;
@@ -310,22 +395,26 @@ __device__ __forceinline__ void expert_gemm_tc_body(const ExpertGemmArgs& p) {
     __syncthreads();
     const QMat W = stack_slice(p.w.w, e, p.w.w_stride, p.w.sb_stride);
     float acc[2][4][4];
-    tc_tile_any<DEQ>(W, sm, blockIdx.x * TC_BN, p.n, p.k, acc);
+    tc_tile_any<MODE>(W, sm, blockIdx.x * TC_BN, p.n, p.k, acc);
     tc_store(sm, acc, blockIdx.x * TC_BN, p.n, mt, p.bias ? p.bias + (long)e * p.n : nullptr, p.y, 0);
 }
 extern "C" __global__ void expert_gemm_tc(const ExpertGemmArgs p) {
     pdl_entry();
-    expert_gemm_tc_body<false>(p);
+    expert_gemm_tc_body<TC_CODES>(p);
 }
 extern "C" __global__ void expert_gemm_tc_deq(const ExpertGemmArgs p) {
     pdl_entry();
-    expert_gemm_tc_body<true>(p);
+    expert_gemm_tc_body<TC_DEQ_BF16>(p);
+}
+extern "C" __global__ void expert_gemm_tc_f16(const ExpertGemmArgs p) {
+    pdl_entry();
+    expert_gemm_tc_body<TC_DEQ_F16>(p);
 }
 
 // MLA's per-head products on tensor cores (head_matvec's arguments): block (x, y, h) = output
 // rows x·TC_BN.. of head h's matrix W[h], tokens y·TC_BM..; row q = m·nh + h of y [M·nh, N]
 // = W[h] · x_q[0:K], x_q = x + q·x_ld (the first K elements of a wider row: q_nope).
-template <bool DEQ>
+template <int MODE>
 __device__ __forceinline__ void head_gemm_tc_body(const HeadMatvecArgs& p) {
     __shared__ TcSmem sm;
     const int h = blockIdx.z, n0 = blockIdx.x * TC_BN, m0 = blockIdx.y * TC_BM, mt = min(TC_BM, p.m - m0);
@@ -337,14 +426,18 @@ __device__ __forceinline__ void head_gemm_tc_body(const HeadMatvecArgs& p) {
     __syncthreads();
     const QMat W = stack_slice(p.w.w, h, p.w.w_stride, p.w.sb_stride);
     float acc[2][4][4];
-    tc_tile_any<DEQ>(W, sm, n0, p.n, p.k, acc);
+    tc_tile_any<MODE>(W, sm, n0, p.n, p.k, acc);
     tc_store(sm, acc, n0, p.n, mt, nullptr, p.y, 0);
 }
 extern "C" __global__ void head_gemm_tc(const HeadMatvecArgs p) {
     pdl_entry();
-    head_gemm_tc_body<false>(p);
+    head_gemm_tc_body<TC_CODES>(p);
 }
 extern "C" __global__ void head_gemm_tc_deq(const HeadMatvecArgs p) {
     pdl_entry();
-    head_gemm_tc_body<true>(p);
+    head_gemm_tc_body<TC_DEQ_BF16>(p);
+}
+extern "C" __global__ void head_gemm_tc_f16(const HeadMatvecArgs p) {
+    pdl_entry();
+    head_gemm_tc_body<TC_DEQ_F16>(p);
 }
