@@ -19,7 +19,8 @@
 #                                    # the defaults (new: tensor cores on, PDL off), patched plan
 #                                    # (COMPARE_VARIANTS picks among base pdl notc new, and
 #                                    # deq / f16: new with ZMOE_TC_DEQ=1 / f16, prompt products on
-#                                    # weights dequantised to bf16 / fp16),
+#                                    # weights dequantised to bf16 / fp16; base-X: the base
+#                                    # binary with X's settings),
 #                                    # alternating COMPARE_ROUNDS (2) times, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
 #                                    # and validates the new binary on each; `prefill` profiles
@@ -252,10 +253,12 @@ if [ "${2:-}" = compare ]; then
         synth_preset "$preset" "$M"
         for i in $(seq "${COMPARE_ROUNDS:-2}"); do
             for b in ${COMPARE_VARIANTS:-base pdl notc new}; do
-                exe=scratch/gpu/zmoe; [ $b = base ] && exe=scratch/gpu-base/zmoe
-                pdl=0; [ $b = pdl ] && pdl=1
-                tc=1; [ $b = notc ] && tc=0
-                deq=0; [ $b = deq ] && deq=1; [ $b = f16 ] && deq=f16
+                # base-X: the base binary with variant X's settings.
+                exe=scratch/gpu/zmoe; v=$b
+                case $b in base*) exe=scratch/gpu-base/zmoe; v=${b#base}; v=${v#-} ;; esac
+                pdl=0; [ "$v" = pdl ] && pdl=1
+                tc=1; [ "$v" = notc ] && tc=0
+                deq=0; [ "$v" = deq ] && deq=1; [ "$v" = f16 ] && deq=f16
                 j="$OUT/cmp-$preset-$b-$i.json"
                 ZMOE_TC_DEQ=$deq ZMOE_PDL=$pdl ZMOE_TC=$tc $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
                     --json "$j" --force >"$OUT/cmp-$preset-$b-$i.txt" 2>&1 || echo "bench $b failed"

@@ -35,6 +35,9 @@ static_assert(TC_BM == 32 && TC_BN == 128, "the staging below assumes 32 x 128 t
 // below 2^-19, and larger ones (far beyond any activation a norm, an attention or a SwiGLU
 // produces) would overflow to inf, which the non-finite-logits check reports.
 #define TC_F16_XSHIFT 6
+// The dequantising twins need no more than 80 registers (none spill under NVRTC sm_90), so
+// six blocks of 128 threads share an SM; ldmatrix's addresses would otherwise take 88–92.
+#define TC_DEQ_BOUNDS __launch_bounds__(128, 6)
 
 // One block's shared tiles. xrow: the TC_BM token rows' x pointers (gathered rows for
 // experts), yrow: where each row's output goes (its row index in y).
@@ -64,6 +67,20 @@ __device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
 #endif
     return d;
+}
+
+// A shared-memory pointer as the 32-bit address ldmatrix takes.
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// Four 8 × 8 b16 matrices from shared memory (ldmatrix .x4): lanes 8j .. 8j + 7 give the row
+// addresses of matrix j (16 bytes a row, 16-byte aligned); r[j] of lane t = matrix j's row
+// t / 4, columns 2·(t % 4) and 2·(t % 4) + 1 — the layout of the mma fragments.
+__device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+#endif
 }
 
 // c += a·b on tensor cores, fp16 inputs (the fragments of mma_bf16_16816), f32 sums.
@@ -210,7 +227,7 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
     constexpr bool DEQ = MODE != TC_CODES;
     constexpr bool EPI = AFF && !DEQ;  // codes in the mma, scale and bias after each group
     constexpr bool F16 = MODE == TC_DEQ_F16 && BITS > 0 && BITS != 16;  // fp16 tiles (affine)
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int xr = tid >> 2, xp = tid & 3;  // the x row and quarter this thread stages
     const bf16* xsrc = sm.xrow[xr] + xp * 8;
     const long wrow = (long)n0 + tid;
@@ -280,6 +297,13 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
         }
     };
 
+    // This lane's row addresses for ldmatrix (shared space, bytes): A fragments (x) — matrix
+    // j = lane / 8 is rows +8·(j & 1), k +8·(j / 2) of a 16 × 16 block; B fragments (W) —
+    // matrix j is output rows +8·(j / 2), k +8·(j & 1) of two n8 × k16 blocks. The registers
+    // are those of the m16n8k16 fragments: a[i] = x[g (+8)][ks + 2·t4 (+8)], b[i] = w[g][ks +
+    // 2·t4 (+8)].
+    const u32 xfrag = smem_addr(&sm.x[(lane & 7) + ((lane >> 3) & 1) * 8][(lane >> 4) * 8]);
+    const u32 wfrag = smem_addr(&sm.w[warp * 32 + (lane >> 4) * 8 + (lane & 7)][((lane >> 3) & 1) * 8]);
     fetch(0);
     store(0);
     __syncthreads();
@@ -289,16 +313,12 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
         for (int ks = 0; ks < TC_BK; ks += 16) {
             u32 a[2][4], b[4][2];
 #pragma unroll
-            for (int mf = 0; mf < 2; mf++) {
-                a[mf][0] = *(const u32*)&sm.x[mf * 16 + g][ks + 2 * t4];
-                a[mf][1] = *(const u32*)&sm.x[mf * 16 + g + 8][ks + 2 * t4];
-                a[mf][2] = *(const u32*)&sm.x[mf * 16 + g][ks + 2 * t4 + 8];
-                a[mf][3] = *(const u32*)&sm.x[mf * 16 + g + 8][ks + 2 * t4 + 8];
-            }
+            for (int mf = 0; mf < 2; mf++) ldmatrix_x4(a[mf], xfrag + (mf * 16 * TC_LD + ks) * 2);
 #pragma unroll
-            for (int nf = 0; nf < 4; nf++) {
-                b[nf][0] = *(const u32*)&sm.w[warp * 32 + nf * 8 + g][ks + 2 * t4];
-                b[nf][1] = *(const u32*)&sm.w[warp * 32 + nf * 8 + g][ks + 2 * t4 + 8];
+            for (int nf = 0; nf < 4; nf += 2) {
+                u32 r[4];
+                ldmatrix_x4(r, wfrag + (nf * 8 * TC_LD + ks) * 2);
+                b[nf][0] = r[0], b[nf][1] = r[1], b[nf + 1][0] = r[2], b[nf + 1][1] = r[3];
             }
 #pragma unroll
             for (int mf = 0; mf < 2; mf++)
@@ -368,11 +388,11 @@ extern "C" __global__ void gemm_tc(const MatvecArgs p) {
     pdl_entry();
     gemm_tc_body<TC_CODES>(p);
 }
-extern "C" __global__ void gemm_tc_deq(const MatvecArgs p) {
+extern "C" __global__ void TC_DEQ_BOUNDS gemm_tc_deq(const MatvecArgs p) {
     pdl_entry();
     gemm_tc_body<TC_DEQ_BF16>(p);
 }
-extern "C" __global__ void gemm_tc_f16(const MatvecArgs p) {
+extern "C" __global__ void TC_DEQ_BOUNDS gemm_tc_f16(const MatvecArgs p) {
     pdl_entry();
     gemm_tc_body<TC_DEQ_F16>(p);
 }
@@ -402,11 +422,11 @@ extern "C" __global__ void expert_gemm_tc(const ExpertGemmArgs p) {
     pdl_entry();
     expert_gemm_tc_body<TC_CODES>(p);
 }
-extern "C" __global__ void expert_gemm_tc_deq(const ExpertGemmArgs p) {
+extern "C" __global__ void TC_DEQ_BOUNDS expert_gemm_tc_deq(const ExpertGemmArgs p) {
     pdl_entry();
     expert_gemm_tc_body<TC_DEQ_BF16>(p);
 }
-extern "C" __global__ void expert_gemm_tc_f16(const ExpertGemmArgs p) {
+extern "C" __global__ void TC_DEQ_BOUNDS expert_gemm_tc_f16(const ExpertGemmArgs p) {
     pdl_entry();
     expert_gemm_tc_body<TC_DEQ_F16>(p);
 }
@@ -433,11 +453,11 @@ extern "C" __global__ void head_gemm_tc(const HeadMatvecArgs p) {
     pdl_entry();
     head_gemm_tc_body<TC_CODES>(p);
 }
-extern "C" __global__ void head_gemm_tc_deq(const HeadMatvecArgs p) {
+extern "C" __global__ void TC_DEQ_BOUNDS head_gemm_tc_deq(const HeadMatvecArgs p) {
     pdl_entry();
     head_gemm_tc_body<TC_DEQ_BF16>(p);
 }
-extern "C" __global__ void head_gemm_tc_f16(const HeadMatvecArgs p) {
+extern "C" __global__ void TC_DEQ_BOUNDS head_gemm_tc_f16(const HeadMatvecArgs p) {
     pdl_entry();
     head_gemm_tc_body<TC_DEQ_F16>(p);
 }
