@@ -1139,7 +1139,18 @@ impl CudaBackend {
                     kdim: int(h),
                     m: int(mm),
                 };
-                linear::qkv(dev, &a)
+                if !self.tensor_cores() {
+                    return linear::qkv(dev, &a);
+                }
+                // A prompt chunk: one launch when every matrix takes the tensor cores, else
+                // each product as the reference plan's linear step runs it.
+                let parts = [Some((p0, d0)), Some((p1, d1)), p2.zip(lins.get(2).map(|l| l.1))];
+                let parts: Vec<_> = parts.into_iter().flatten().collect();
+                if parts.iter().all(|(p, _)| gemm::supports(&p.w.q, h)) {
+                    gemm::gemm_qkv(dev, &a)
+                } else {
+                    parts.into_iter().try_for_each(|(p, d)| self.linear_step(p, Buf::H, d, mm))
+                }
             }
             Fusion::GateUpSwiglu => {
                 let (&(gr, _), &(ur, _)) = (lins.first().ok_or_else(bad_parts)?, lins.get(1).ok_or_else(bad_parts)?);

@@ -165,7 +165,9 @@ enum Serves {
 /// Which chunks a fused step's CUDA kernel serves. Others run its components, bit for bit
 /// the same: the expert mat-vecs grouped by expert; and in prompt chunks (tensor cores,
 /// `cuda::ops::gemm`) the projections one by one, so that the reference and the patched
-/// plan run the same tensor-core products and stay token-identical.
+/// plan run the same tensor-core products and stay token-identical. The in-projection
+/// (qkv_proj, MLA's two) serves prompt chunks too: there its products are the tiles of the
+/// separate ones in one launch (`gemm::gemm_qkv`), the same bits.
 fn serves(s: &Step) -> Serves {
     match s {
         Step::Fused {
@@ -177,7 +179,7 @@ fn serves(s: &Step) -> Serves {
                 | Fusion::ConvMixer,
             ..
         } => Serves::Decode,
-        Step::Fused { op: Fusion::InProj | Fusion::GateUpSwiglu, .. } => Serves::Batch,
+        Step::Fused { op: Fusion::GateUpSwiglu, .. } => Serves::Batch,
         _ => Serves::Any,
     }
 }

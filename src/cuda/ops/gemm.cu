@@ -368,21 +368,29 @@ __device__ __forceinline__ void tc_store(const TcSmem& sm, const float acc[2][4]
     });
 }
 
-// y[M, N] = x[M, K] Wᵀ (+ bias) on tensor cores: block (x, y) = output rows x·TC_BN..,
-// tokens y·TC_BM.. (the mat-vec's arguments).
+// y[M, N] = x[M, K] Wᵀ (+ bias) on tensor cores, output rows n0.. and tokens m0.. of one
+// block (bf16 y, or f32 when out_f32).
 template <int MODE>
-__device__ __forceinline__ void gemm_tc_body(const MatvecArgs& p) {
+__device__ __forceinline__ void gemm_tc_tile(const QMat& W, const bf16* x, void* y, const float* bias, int N, int K,
+                                             int M, int n0, int m0, int out_f32) {
     __shared__ TcSmem sm;
-    const int n0 = blockIdx.x * TC_BN, m0 = blockIdx.y * TC_BM, mt = min(TC_BM, p.m - m0);
+    const int mt = min(TC_BM, M - m0);
     if (threadIdx.x < TC_BM) {
         int m = m0 + min((int)threadIdx.x, mt - 1);
-        sm.xrow[threadIdx.x] = p.x + (long)m * p.k;
+        sm.xrow[threadIdx.x] = x + (long)m * K;
         sm.yrow[threadIdx.x] = m;
     }
     __syncthreads();
     float acc[2][4][4];
-    tc_tile_any<MODE>(p.w, sm, n0, p.n, p.k, acc);
-    tc_store(sm, acc, n0, p.n, mt, p.bias, p.y, p.out_f32);
+    tc_tile_any<MODE>(W, sm, n0, N, K, acc);
+    tc_store(sm, acc, n0, N, mt, bias, y, out_f32);
+}
+
+// y[M, N] = x[M, K] Wᵀ (+ bias) on tensor cores: block (x, y) = output rows x·TC_BN..,
+// tokens y·TC_BM.. (the mat-vec's arguments).
+template <int MODE>
+__device__ __forceinline__ void gemm_tc_body(const MatvecArgs& p) {
+    gemm_tc_tile<MODE>(p.w, p.x, p.y, p.bias, p.n, p.k, p.m, blockIdx.x * TC_BN, blockIdx.y * TC_BM, p.out_f32);
 }
 extern "C" __global__ void gemm_tc(const MatvecArgs p) {
     pdl_entry();
@@ -395,6 +403,33 @@ extern "C" __global__ void TC_DEQ_BOUNDS gemm_tc_deq(const MatvecArgs p) {
 extern "C" __global__ void TC_DEQ_BOUNDS gemm_tc_f16(const MatvecArgs p) {
     pdl_entry();
     gemm_tc_body<TC_DEQ_F16>(p);
+}
+
+// qkv_proj's (MLA: two) products on tensor cores in one launch: blocks x over q's output-row
+// tiles, then k's, then v's (whole tiles each), tokens y·TC_BM.. — the tiles of three gemm_tc
+// launches, so the same bits, with k's and v's few tiles beside q's instead of alone on a
+// mostly idle GPU.
+template <int MODE>
+__device__ __forceinline__ void gemm_tc_qkv_body(const QkvArgs& p) {
+    const int bq = (p.nq + TC_BN - 1) / TC_BN, bk = (p.nk + TC_BN - 1) / TC_BN;
+    const int b = blockIdx.x, part = b < bq ? 0 : b < bq + bk ? 1 : 2;  // q, k or v
+    const QMat W = part == 0 ? p.wq : part == 1 ? p.wk : p.wv;
+    const float* bias = part == 0 ? p.qbias : part == 1 ? p.kbias : p.vbias;
+    bf16* y = part == 0 ? p.q : part == 1 ? p.k : p.v;
+    const int n = part == 0 ? p.nq : part == 1 ? p.nk : p.nv, n0 = (b - (part == 0 ? 0 : part == 1 ? bq : bq + bk)) * TC_BN;
+    gemm_tc_tile<MODE>(W, p.x, y, bias, n, p.kdim, p.m, n0, blockIdx.y * TC_BM, 0);
+}
+extern "C" __global__ void gemm_tc_qkv(const QkvArgs p) {
+    pdl_entry();
+    gemm_tc_qkv_body<TC_CODES>(p);
+}
+extern "C" __global__ void TC_DEQ_BOUNDS gemm_tc_qkv_deq(const QkvArgs p) {
+    pdl_entry();
+    gemm_tc_qkv_body<TC_DEQ_BF16>(p);
+}
+extern "C" __global__ void TC_DEQ_BOUNDS gemm_tc_qkv_f16(const QkvArgs p) {
+    pdl_entry();
+    gemm_tc_qkv_body<TC_DEQ_F16>(p);
 }
 
 // Selected-expert rows on tensor cores, grouped by expert: tile t (blockIdx.y) of the table

@@ -13,7 +13,7 @@
 //! chunking and any batch. The reference
 //! and the patched plans run the same prefill kernels, so `zmoe validate` stays exact.
 
-use super::linear::MatvecArgs;
+use super::linear::{MatvecArgs, QkvArgs};
 use super::mla::HeadMatvecArgs;
 use super::{Bf16, F32, I32, In, KernelArgs, Out, QMat, Stacked, blocks, kernel_args};
 use crate::cuda::{Device, TcDeq};
@@ -75,6 +75,17 @@ fn variant(dev: &Device, w: &QMat, [codes, deq, f16]: [&'static str; 3]) -> &'st
 pub fn gemm(dev: &Device, a: &MatvecArgs) -> Result<()> {
     let grid = (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), 1);
     dev.launch_args(variant(dev, &a.w, ["gemm_tc", "gemm_tc_deq", "gemm_tc_f16"]), grid, 128, a)
+}
+
+/// qkv_proj's two or three products of `a.m` tokens on tensor cores in one launch (the
+/// tiles of three [`gemm`] launches, the same bits; `a.nv` = 0 for MLA's two). Every matrix
+/// must pass [`supports`].
+pub fn gemm_qkv(dev: &Device, a: &QkvArgs) -> Result<()> {
+    let tiles = blocks(a.nq as usize, TC_BN) + blocks(a.nk as usize, TC_BN) + blocks(a.nv as usize, TC_BN);
+    let grid = (tiles, blocks(a.m as usize, TC_BM), 1);
+    // A bf16 matrix runs the same arithmetic in every twin: the quantized ones pick it.
+    let w = [&a.wq, &a.wk, &a.wv].into_iter().find(|w| w.fmt != 0).unwrap_or(&a.wq);
+    dev.launch_args(variant(dev, w, ["gemm_tc_qkv", "gemm_tc_qkv_deq", "gemm_tc_qkv_f16"]), grid, 128, a)
 }
 
 /// MLA's per-head products of `a.m` tokens on tensor cores (x rows `a.x_ld` apart must start
