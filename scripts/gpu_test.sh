@@ -18,9 +18,8 @@
 #                                    # ZMOE_TC=0 (notc: prefill on the mat-vecs) and with
 #                                    # the defaults (new: tensor cores on, PDL off), patched plan
 #                                    # (COMPARE_VARIANTS picks among base pdl notc new, and
-#                                    # deq / f16: new with ZMOE_TC_DEQ=1 / f16, prompt products on
-#                                    # weights dequantised to bf16 / fp16; base-X: the base
-#                                    # binary with X's settings),
+#                                    # codes: new with ZMOE_TC_CODES=1, prompt products on
+#                                    # integer codes; base-X: the base binary with X's settings),
 #                                    # alternating COMPARE_ROUNDS (2) times, 512-token prompt,
 #                                    # on COMPARE_PRESETS (default qwen3-30b-a3b glm-4.7-flash)
 #                                    # and validates the new binary on each; `prefill` profiles
@@ -258,9 +257,9 @@ if [ "${2:-}" = compare ]; then
                 case $b in base*) exe=scratch/gpu-base/zmoe; v=${b#base}; v=${v#-} ;; esac
                 pdl=0; [ "$v" = pdl ] && pdl=1
                 tc=1; [ "$v" = notc ] && tc=0
-                deq=0; [ "$v" = deq ] && deq=1; [ "$v" = f16 ] && deq=f16
+                codes=0; [ "$v" = codes ] && codes=1
                 j="$OUT/cmp-$preset-$b-$i.json"
-                ZMOE_TC_DEQ=$deq ZMOE_PDL=$pdl ZMOE_TC=$tc $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
+                ZMOE_TC_CODES=$codes ZMOE_PDL=$pdl ZMOE_TC=$tc $exe bench --model "$M" --backend cuda --prompt-tokens 512 --gen-tokens 128 --runs 3 \
                     --json "$j" --force >"$OUT/cmp-$preset-$b-$i.txt" 2>&1 || echo "bench $b failed"
                 python3 - "$j" "$preset" "$b" "$i" >> "$OUT/compare.md" <<'PY'
 import json, sys

@@ -278,8 +278,11 @@ fn t0_baselines_call_the_production_device_functions() {
         (OpId::GatherQmmSwiglu, "moe_gate_up_swiglu", &["gate_up_swiglu_row"]),
     ];
     let kernel_body = |name: &str| -> String {
+        // The kernel's name is the last word before `(` (attribute macros may precede it).
         let start = module
-            .find(&format!("__global__ void {name}("))
+            .match_indices("__global__ void ")
+            .map(|(i, _)| i)
+            .find(|&i| module[i..].split('(').next().and_then(|h| h.split_whitespace().last()) == Some(name))
             .unwrap_or_else(|| panic!("production kernel {name} not in the built-in module"));
         let end = module[start..].find("\n}\n").expect("kernel end") + start;
         module[start..end].to_string()

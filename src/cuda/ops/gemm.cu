@@ -1,19 +1,21 @@
 // Tensor-core matrix products for the chunks of long prompts (more than BATCH_ROWS tokens;
 // shorter forwards stay on the row-per-token mat-vecs, bit-identical to decode). y = x Wᵀ over a tile of TC_BM
 // token rows × TC_BN output rows per 128-thread block, k in stages of TC_BK through shared
-// memory, mma.sync m16n8k16 (bf16 in, f32 accumulate; sm_80+).
+// memory, mma.sync m16n8k16 (f32 accumulate; sm_80+).
 //
-// Affine weights enter the tensor cores as their integer codes, which bf16 holds exactly;
-// a group's scale and bias are applied once its k-range is done: acc += sc·Σq·x + bi·Σx, the
-// mat-vecs' formula (chunk_acc) with another summation order. MXFP4 (TC_MXFP4) goes the same
-// way: its E2M1 values are exact in bf16, and each 32-element block (one k stage) ends with
-// acc += scale·Σv·x (bias 0). So the products agree with the row kernels to f32 rounding,
-// not bit for bit (tests/gpu.rs checks the tolerance). The `*_tc_deq` twins (TC_DEQ_BF16
-// below) dequantise affine weights to bf16 instead, which adds each weight's bf16 rounding;
-// they also serve every bf16 matrix (the same arithmetic as the plain kernels, in fewer
-// registers: the per-group epilogue is what holds the plain kernels at 127). The `*_tc_f16`
-// twins (TC_DEQ_F16) dequantise affine weights to fp16 and stage x in fp16 (scaled by
-// 2^-TC_F16_XSHIFT): 8× less rounding than bf16, the same instruction count.
+// Each kernel has two twins (bench/RESULTS.md sessions 14–15). The `*_f16` twins, the default,
+// give the tensor cores each weight whole, made with one fma a pair as it is staged, so the
+// mma accumulates straight into the sums: MLX affine weights as f16(sc·q + bi) (scaled by
+// 2^TC_F16_WSHIFT) against x in fp16 (scaled by 2^-TC_F16_XSHIFT; both scales exact and undone
+// on the f32 sums), MXFP4 as bf16(v·2^s) (exact), bf16 as they are. The plain twins
+// (ZMOE_TC_CODES=1, the A/B baseline) take affine weights as their integer codes, which bf16
+// holds exactly, and apply a group's scale and bias once its k-range is done: acc += sc·Σq·x +
+// bi·Σx, the mat-vecs' formula (chunk_acc) in another order; MXFP4 likewise with a scale per
+// 32 (bias 0). That per-group epilogue holds them at 127 registers against 80 and costs about
+// 13 % of a qwen3 prompt (measured). Either way the products agree with the row kernels to
+// f32 rounding — an fp16 weight rounds at 2^-12 relative at most, and MLX's scale and bias
+// leave few bits to round (≈ 5e-6 measured against 1e-5 for the codes) — not bit for bit
+// (tests/gpu.rs checks the tolerance).
 //
 // Warp w of a block owns output rows w·32 .. w·32+31 of the tile and all TC_BM tokens:
 // 2 (m16) × 4 (n8) accumulator fragments. Inside every run of 8 k positions both tiles hold k
@@ -27,16 +29,18 @@ static_assert(TC_BM == 32 && TC_BN == 128, "the staging below assumes 32 x 128 t
 #define TC_LD (TC_BK + 8)  // shared row stride (bf16): fragment loads hit 32 distinct banks
 
 // How a tile feeds quantized weights to the tensor cores (tc_tile's MODE).
-#define TC_CODES 0     // integer codes in bf16, scale and bias after each group (exact products)
-#define TC_DEQ_BF16 1  // bf16(sc·q + bi) (MXFP4: v·2^s, exact)
-#define TC_DEQ_F16 2   // affine: f16(sc·q + bi) against x·2^-TC_F16_XSHIFT in f16; else TC_DEQ_BF16
-// x enters the fp16 products scaled by 2^-6 (exact, undone on the f32 sums): bf16 values
-// from 2^-11 up to 65504·2^6 ≈ 4.2e6 are exact in fp16, smaller ones keep an absolute error
-// below 2^-19, and larger ones (far beyond any activation a norm, an attention or a SwiGLU
-// produces) would overflow to inf, which the non-finite-logits check reports.
+#define TC_CODES 0     // integer codes in bf16, scale and bias after each group
+#define TC_DEQ_BF16 1  // bf16(sc·q + bi): MXFP4's v·2^s in the `_f16` twins (exact)
+#define TC_DEQ_F16 2   // affine: f16(sc·q + bi)·2^8 against x·2^-6 in fp16; MXFP4 as TC_DEQ_BF16
+// The fp16 scales. x·2^-6: bf16 values from 2^-11 up to 65504·2^6 ≈ 4.2e6 are exact in fp16,
+// smaller ones keep an absolute error below 2^-19, and larger ones (far beyond what a norm, an
+// attention or a SwiGLU produces) would overflow to inf, which the non-finite-logits check
+// reports. Weights·2^8: scales and biases down to 2^-22 stay normal in fp16; a weight must be
+// below 256 in magnitude (a trained projection's are below 10).
 #define TC_F16_XSHIFT 6
-// The dequantising twins need no more than 80 registers (none spill under NVRTC sm_90), so
-// six blocks of 128 threads share an SM; ldmatrix's addresses would otherwise take 88–92.
+#define TC_F16_WSHIFT 8
+// The `_f16` twins need no more than 80 registers (none spill under NVRTC sm_90, or 8 bytes),
+// so six blocks of 128 threads share an SM; ldmatrix's addresses would otherwise take 88–92.
 #define TC_DEQ_BOUNDS __launch_bounds__(128, 6)
 
 // One block's shared tiles. xrow: the TC_BM token rows' x pointers (gathered rows for
@@ -214,13 +218,11 @@ __device__ __forceinline__ u32 bf16x2_splat(float f) {
 // lane/4 (+8 for i ≥ 2), n = nf·8 + 2·(lane%4) + (i&1). sm.xrow must be set (and synced).
 // K % TC_BK == 0; affine: group % TC_BK == 0.
 //
-// MODE (ZMOE_TC_DEQ; bench/RESULTS.md sessions 14–15): TC_CODES multiplies integer codes and
-// applies scale and bias per group. The dequantising modes give the tensor cores each weight
-// whole, made with one fma a pair when staged, so the mma accumulates straight into acc: no
-// Σx, no per-group epilogue, no second accumulator set. TC_DEQ_BF16: bf16(sc·q + bi) (each
-// affine weight's bf16 rounding, ≈ 2⁻⁹ relative rms; MXFP4 v·2^s stays exact).
-// TC_DEQ_F16 (affine only): f16(sc·q + bi) against x·2^-TC_F16_XSHIFT in fp16, then acc·2^6
-// (exact): ≈ 2⁻¹² relative rms a weight, 8× less than bf16.
+// MODE: TC_CODES multiplies integer codes and applies scale and bias per group (Σx of each
+// token row, a second accumulator set, the epilogue). The dequantising modes give the
+// tensor cores each weight whole, so the mma accumulates straight into acc: TC_DEQ_BF16
+// (MXFP4: bf16(v·2^s), exact) and TC_DEQ_F16 (affine: f16((sc·q + bi)·2^8) against
+// f16(x·2^-6), then acc·2^-2, exact).
 template <int BITS, int MODE>
 __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N, int K, float acc[2][4][4]) {
     constexpr bool AFF = BITS != 16;
@@ -270,7 +272,8 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
         tc_convert_w<BITS, F16>(wv, wt);
         if (F16) {
             // This thread's row: its group's scale and bias in fp16 (0 past row N) on every pair.
-            const u32 s2 = f16x2(scv, scv), b2 = f16x2(biv, biv);
+            constexpr float ws = (float)(1 << TC_F16_WSHIFT);
+            const u32 s2 = f16x2(scv * ws, scv * ws), b2 = f16x2(biv * ws, biv * ws);
 #pragma unroll
             for (int i = 0; i < 4; i++)
                 wt[i] = make_uint4(fma_f16x2(wt[i].x, s2, b2), fma_f16x2(wt[i].y, s2, b2),
@@ -341,7 +344,10 @@ __device__ __forceinline__ void tc_tile(const QMat& W, TcSmem& sm, int n0, int N
             __syncthreads();
         }
     }
-    if (F16) tc_for_each_acc([&](int mf, int nf, int i, int, int) { acc[mf][nf][i] *= (float)(1 << TC_F16_XSHIFT); });
+    if (F16) {
+        constexpr float undo = (float)(1 << TC_F16_XSHIFT) / (float)(1 << TC_F16_WSHIFT);
+        tc_for_each_acc([&](int mf, int nf, int i, int, int) { acc[mf][nf][i] *= undo; });
+    }
 }
 
 // tc_tile for W's format (bf16, affine 4- or 8-bit, MXFP4).
@@ -396,10 +402,6 @@ extern "C" __global__ void gemm_tc(const MatvecArgs p) {
     pdl_entry();
     gemm_tc_body<TC_CODES>(p);
 }
-extern "C" __global__ void TC_DEQ_BOUNDS gemm_tc_deq(const MatvecArgs p) {
-    pdl_entry();
-    gemm_tc_body<TC_DEQ_BF16>(p);
-}
 extern "C" __global__ void TC_DEQ_BOUNDS gemm_tc_f16(const MatvecArgs p) {
     pdl_entry();
     gemm_tc_body<TC_DEQ_F16>(p);
@@ -422,10 +424,6 @@ __device__ __forceinline__ void gemm_tc_qkv_body(const QkvArgs& p) {
 extern "C" __global__ void gemm_tc_qkv(const QkvArgs p) {
     pdl_entry();
     gemm_tc_qkv_body<TC_CODES>(p);
-}
-extern "C" __global__ void TC_DEQ_BOUNDS gemm_tc_qkv_deq(const QkvArgs p) {
-    pdl_entry();
-    gemm_tc_qkv_body<TC_DEQ_BF16>(p);
 }
 extern "C" __global__ void TC_DEQ_BOUNDS gemm_tc_qkv_f16(const QkvArgs p) {
     pdl_entry();
@@ -457,10 +455,6 @@ extern "C" __global__ void expert_gemm_tc(const ExpertGemmArgs p) {
     pdl_entry();
     expert_gemm_tc_body<TC_CODES>(p);
 }
-extern "C" __global__ void TC_DEQ_BOUNDS expert_gemm_tc_deq(const ExpertGemmArgs p) {
-    pdl_entry();
-    expert_gemm_tc_body<TC_DEQ_BF16>(p);
-}
 extern "C" __global__ void TC_DEQ_BOUNDS expert_gemm_tc_f16(const ExpertGemmArgs p) {
     pdl_entry();
     expert_gemm_tc_body<TC_DEQ_F16>(p);
@@ -487,10 +481,6 @@ __device__ __forceinline__ void head_gemm_tc_body(const HeadMatvecArgs& p) {
 extern "C" __global__ void head_gemm_tc(const HeadMatvecArgs p) {
     pdl_entry();
     head_gemm_tc_body<TC_CODES>(p);
-}
-extern "C" __global__ void TC_DEQ_BOUNDS head_gemm_tc_deq(const HeadMatvecArgs p) {
-    pdl_entry();
-    head_gemm_tc_body<TC_DEQ_BF16>(p);
 }
 extern "C" __global__ void TC_DEQ_BOUNDS head_gemm_tc_f16(const HeadMatvecArgs p) {
     pdl_entry();

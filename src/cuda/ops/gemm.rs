@@ -5,8 +5,8 @@
 //!
 //! Why only for long prompts ([`crate::backend::long_prompt`]: more than `BATCH_ROWS`
 //! tokens): a tensor-core sum runs in another order than the row-per-token mat-vec, so its
-//! outputs differ from decode's by f32 rounding (and, with `ZMOE_TC_DEQ`, by each affine
-//! weight's bf16 or fp16 rounding). Short forwards and batches of decode rows
+//! outputs differ from decode's by f32 rounding (and by each affine weight's fp16 rounding,
+//! about as small). Short forwards and batches of decode rows
 //! (batched decode, exact speculative verification) stay on the mat-vecs and stay
 //! bit-identical to single-token decode. Each output row is computed alone (its sums do not
 //! depend on the other rows of its tile), so a long prompt gives the same numbers in any
@@ -16,7 +16,7 @@
 use super::linear::{MatvecArgs, QkvArgs};
 use super::mla::HeadMatvecArgs;
 use super::{Bf16, F32, I32, In, KernelArgs, Out, QMat, Stacked, blocks, kernel_args};
-use crate::cuda::{Device, TcDeq};
+use crate::cuda::Device;
 use crate::error::Result;
 
 /// Token rows per tensor-core tile (also the granule of `moe_group`'s tile table).
@@ -58,23 +58,17 @@ pub fn max_tiles(r: usize, e: usize) -> usize {
     r.div_ceil(TC_BM) + e
 }
 
-/// The kernel for `w`, one of a kernel's three twins `[codes, deq, f16]`: `deq` for bf16
-/// weights (there it runs the plain kernel's arithmetic in 80 registers instead of 127: the
-/// same bits, more blocks an SM); for quantized ones the twin [`Device::tc_deq`] names
-/// (`f16` takes MXFP4 as `deq` does).
-fn variant(dev: &Device, w: &QMat, [codes, deq, f16]: [&'static str; 3]) -> &'static str {
-    match dev.tc_deq() {
-        _ if w.fmt == 0 => deq,
-        TcDeq::Codes => codes,
-        TcDeq::Bf16 => deq,
-        TcDeq::F16 => f16,
-    }
+/// The kernel for `w`, one of a kernel's twins `[codes, f16]`: `f16` (weights dequantised
+/// as staged) unless [`Device::tc_codes`] asks for `codes` and `w` is quantized (a bf16
+/// matrix runs the same arithmetic in both, the `f16` twin in 80 registers instead of 127).
+fn variant(dev: &Device, w: &QMat, [codes, f16]: [&'static str; 2]) -> &'static str {
+    if dev.tc_codes() && w.fmt != 0 { codes } else { f16 }
 }
 
 /// `y[M, n] = x[M, k] Wᵀ (+ bias)` on tensor cores (the mat-vec's arguments).
 pub fn gemm(dev: &Device, a: &MatvecArgs) -> Result<()> {
     let grid = (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), 1);
-    dev.launch_args(variant(dev, &a.w, ["gemm_tc", "gemm_tc_deq", "gemm_tc_f16"]), grid, 128, a)
+    dev.launch_args(variant(dev, &a.w, ["gemm_tc", "gemm_tc_f16"]), grid, 128, a)
 }
 
 /// qkv_proj's two or three products of `a.m` tokens on tensor cores in one launch (the
@@ -85,19 +79,19 @@ pub fn gemm_qkv(dev: &Device, a: &QkvArgs) -> Result<()> {
     let grid = (tiles, blocks(a.m as usize, TC_BM), 1);
     // A bf16 matrix runs the same arithmetic in every twin: the quantized ones pick it.
     let w = [&a.wq, &a.wk, &a.wv].into_iter().find(|w| w.fmt != 0).unwrap_or(&a.wq);
-    dev.launch_args(variant(dev, w, ["gemm_tc_qkv", "gemm_tc_qkv_deq", "gemm_tc_qkv_f16"]), grid, 128, a)
+    dev.launch_args(variant(dev, w, ["gemm_tc_qkv", "gemm_tc_qkv_f16"]), grid, 128, a)
 }
 
 /// MLA's per-head products of `a.m` tokens on tensor cores (x rows `a.x_ld` apart must start
 /// 16-byte aligned: `x_ld` a multiple of 8).
 pub fn head_gemm(dev: &Device, a: &HeadMatvecArgs) -> Result<()> {
     let grid = (blocks(a.n as usize, TC_BN), blocks(a.m as usize, TC_BM), a.nh as u32);
-    dev.launch_args(variant(dev, &a.w.w, ["head_gemm_tc", "head_gemm_tc_deq", "head_gemm_tc_f16"]), grid, 128, a)
+    dev.launch_args(variant(dev, &a.w.w, ["head_gemm_tc", "head_gemm_tc_f16"]), grid, 128, a)
 }
 
 /// Selected-expert rows grouped by expert on tensor cores, for `r` routed rows over `e`
 /// experts (blocks past the table's tile count return at once).
 pub fn expert_gemm(dev: &Device, a: &ExpertGemmArgs, r: usize, e: usize) -> Result<()> {
     let grid = (blocks(a.n as usize, TC_BN), max_tiles(r, e) as u32, 1);
-    dev.launch_args(variant(dev, &a.w.w, ["expert_gemm_tc", "expert_gemm_tc_deq", "expert_gemm_tc_f16"]), grid, 128, a)
+    dev.launch_args(variant(dev, &a.w.w, ["expert_gemm_tc", "expert_gemm_tc_f16"]), grid, 128, a)
 }
