@@ -401,6 +401,63 @@ fn kernel_gemm_tc_matches_cpu() {
     }
 }
 
+/// `moe_group` against the host: per-expert offsets, each expert's rows in ascending order
+/// and the tensor-core tile table, for skewed random routing (empty experts, experts past
+/// one tile) over 8 to 384 experts and row counts below, at and past one staged segment of
+/// 4,096 rows; outputs poisoned first.
+#[test]
+#[ignore]
+fn kernel_moe_group_matches_host() {
+    use zmoe::cuda::ops::gemm;
+    let mut dev = Device::open().unwrap();
+    let mut rng = Rng::new(0x6A0F);
+    for (r, e) in [(1usize, 8usize), (300, 8), (4096, 128), (4097, 128), (10_000, 384), (12_288, 1024)] {
+        let idx: Vec<i32> = (0..r).map(|_| ((rng.uniform() * rng.uniform()) * e as f32) as i32 % e as i32).collect();
+        let mut off = vec![0i32; e + 1];
+        for &i in &idx {
+            off[i as usize + 1] += 1;
+        }
+        for i in 0..e {
+            off[i + 1] += off[i];
+        }
+        let mut rows = Vec::with_capacity(r);
+        for ex in 0..e as i32 {
+            rows.extend((0..r as i32).filter(|&q| idx[q as usize] == ex));
+        }
+        let mut tiles = vec![0i32];
+        for ex in 0..e {
+            for j in (off[ex]..off[ex + 1]).step_by(gemm::TC_BM) {
+                tiles.extend([ex as i32, j]);
+            }
+        }
+        tiles[0] = ((tiles.len() - 1) / 2) as i32;
+        let pidx = dev.upload(&idx).unwrap();
+        let (poff, prows) = (dev.alloc((e + 1) * 4).unwrap(), dev.alloc(r * 4).unwrap());
+        let ntile = 1 + 2 * gemm::max_tiles(r, e);
+        let ptiles = dev.alloc(ntile * 4).unwrap();
+        for (ptr, n) in [(poff, e + 1), (prows, r), (ptiles, ntile)] {
+            dev.fill(ptr, 0xFF, n * 4).unwrap();
+        }
+        let g = moe::MoeGroupArgs {
+            idx: rd(pidx),
+            r: r as i32,
+            e: e as i32,
+            off: wr(poff),
+            rows: wr(prows),
+            tiles: wr(ptiles),
+        };
+        moe::moe_group(&dev, &g).unwrap();
+        let (mut goff, mut grows, mut gtiles) = (vec![0i32; e + 1], vec![0i32; r], vec![0i32; ntile]);
+        dev.read(poff, &mut goff).unwrap();
+        dev.read(prows, &mut grows).unwrap();
+        dev.read(ptiles, &mut gtiles).unwrap();
+        assert_eq!(goff, off, "r {r} e {e}: offsets");
+        assert_eq!(grows, rows, "r {r} e {e}: rows");
+        assert_eq!(gtiles[..tiles.len()], tiles[..], "r {r} e {e}: tile table");
+        println!("moe_group r {r} e {e}: {} tiles, same as the host", tiles[0]);
+    }
+}
+
 /// The grouped tensor-core expert product (issue 19) against the CPU: `moe_group` builds the
 /// tile table from random routing (some experts empty, some over one tile), `expert_gemm_tc`
 /// computes every routed row (gate/up reading the token's row, down the slot's own row); bf16,

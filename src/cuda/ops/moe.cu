@@ -22,16 +22,31 @@ extern "C" __global__ void expert_matvec(const ExpertMatvecArgs p) {
 // Groups the R = M·K (token, slot) rows by expert for prefill: off[E + 1] is the exclusive
 // prefix sum of rows per expert, rows[off[e] .. off[e+1]) the rows routed to e in
 // ascending order, and (tiles non-null) the tile table of expert_gemm_tc. One block;
-// thread e owns expert e (E ≤ 1024).
+// thread e owns expert e (E ≤ 1024) and scans every routed row twice (count, then place).
+// The rows' experts are staged in shared memory GROUP_SEG at a time, so the scans read
+// shared memory (a broadcast: every thread reads the same word) instead of taking a
+// global-memory round trip per row, which cost an estimated 250–300 µs a layer for
+// 4,096 rows (bench/RESULTS.md session 15). The outputs are the same.
+#define GROUP_SEG 4096
 extern "C" __global__ void moe_group(const MoeGroupArgs p) {
     pdl_entry();
-    const int* idx = p.idx;
     const int R = p.r, E = p.e;
     int *off = p.off, *rows = p.rows;
     __shared__ int cnt[1024];
-    int e = threadIdx.x;
+    __shared__ int seg[GROUP_SEG];  // idx[s0 .. s0 + n) of the segment being scanned
+    const int e = threadIdx.x;
+    // Stages segment s0 (all threads; the barrier before keeps the last scan's reads safe).
+    auto stage = [&](int s0, int n) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < n; i += blockDim.x) seg[i] = p.idx[s0 + i];
+        __syncthreads();
+    };
     int c = 0;
-    if (e < E) for (int q = 0; q < R; q++) c += idx[q] == e;
+    for (int s0 = 0; s0 < R; s0 += GROUP_SEG) {
+        const int n = min(GROUP_SEG, R - s0);
+        stage(s0, n);
+        if (e < E) for (int i = 0; i < n; i++) c += seg[i] == e;
+    }
     cnt[e] = c;
     __syncthreads();
     if (e == 0) {
@@ -47,9 +62,11 @@ extern "C" __global__ void moe_group(const MoeGroupArgs p) {
         }
     }
     __syncthreads();
-    if (e < E) {
-        int o = cnt[e];
-        for (int q = 0; q < R; q++) if (idx[q] == e) rows[o++] = q;
+    int o = cnt[e];
+    for (int s0 = 0; s0 < R; s0 += GROUP_SEG) {
+        const int n = min(GROUP_SEG, R - s0);
+        if (R > GROUP_SEG) stage(s0, n);  // one segment: still staged from the count
+        if (e < E) for (int i = 0; i < n; i++) if (seg[i] == e) rows[o++] = s0 + i;
     }
 }
 
