@@ -412,6 +412,7 @@ extern "C" __global__ void SIGMOID_ROUTER moe_router_sigmoid_bias(const MoeRoute
 // the routed kernel to 78 registers (90 without; no spills under NVRTC sm_90): six blocks of
 // 128 threads an SM instead of five, so qwen3's 1,536 blocks take 1.94 waves instead of 2.33
 // (−1.3 µs a call, decode +2.6 % on the H100, bench/RESULTS.md session 15; the same bits).
+// The shared twin (GLM) takes 80 with it instead of 91 (not measured yet).
 #define GATE_UP_BOUNDS __launch_bounds__(128, 6)
 extern "C" __global__ void GATE_UP_BOUNDS moe_gate_up_swiglu(const MoeGateUpArgs p) {
     pdl_entry();
@@ -424,7 +425,7 @@ extern "C" __global__ void GATE_UP_BOUNDS moe_gate_up_swiglu(const MoeGateUpArgs
     bf16 a = gate_up_swiglu_row(G, U, r, H, p.x + (long)(q / K) * H, lane);
     if (lane == 0) p.act[(long)q * I + r] = a;
 }
-extern "C" __global__ void moe_shared_gate_up_swiglu(const MoeSharedGateUpArgs s) {
+extern "C" __global__ void GATE_UP_BOUNDS moe_shared_gate_up_swiglu(const MoeSharedGateUpArgs s) {
     pdl_entry();
     const MoeGateUpArgs& p = s.routed;
     const int K = p.k, I = p.i, H = p.h;
