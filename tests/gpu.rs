@@ -401,6 +401,30 @@ fn kernel_gemm_tc_matches_cpu() {
     }
 }
 
+/// Runs `moe_group` on the routed rows' experts `idx` over `e` experts, into poisoned
+/// buffers: (off `[e + 1]`, rows `[idx.len()]`, the tile table), all i32.
+fn group_on_device(dev: &mut Device, idx: &[i32], e: usize) -> (u64, u64, u64) {
+    use zmoe::cuda::ops::gemm;
+    let r = idx.len();
+    let pidx = dev.upload(idx).unwrap();
+    let ntile = 1 + 2 * gemm::max_tiles(r, e);
+    let (poff, prows, ptiles) =
+        (dev.alloc((e + 1) * 4).unwrap(), dev.alloc(r.max(1) * 4).unwrap(), dev.alloc(ntile * 4).unwrap());
+    for (ptr, n) in [(poff, e + 1), (prows, r), (ptiles, ntile)] {
+        dev.fill(ptr, 0xFF, n * 4).unwrap();
+    }
+    let g = moe::MoeGroupArgs {
+        idx: rd(pidx),
+        r: r as i32,
+        e: e as i32,
+        off: wr(poff),
+        rows: wr(prows),
+        tiles: wr(ptiles),
+    };
+    moe::moe_group(dev, &g).unwrap();
+    (poff, prows, ptiles)
+}
+
 /// `moe_group` against the host: per-expert offsets, each expert's rows in ascending order
 /// and the tensor-core tile table, for skewed random routing (empty experts, experts past
 /// one tile) over 8 to 384 experts and row counts below, at and past one staged segment of
@@ -431,22 +455,8 @@ fn kernel_moe_group_matches_host() {
             }
         }
         tiles[0] = ((tiles.len() - 1) / 2) as i32;
-        let pidx = dev.upload(&idx).unwrap();
-        let (poff, prows) = (dev.alloc((e + 1) * 4).unwrap(), dev.alloc(r * 4).unwrap());
+        let (poff, prows, ptiles) = group_on_device(&mut dev, &idx, e);
         let ntile = 1 + 2 * gemm::max_tiles(r, e);
-        let ptiles = dev.alloc(ntile * 4).unwrap();
-        for (ptr, n) in [(poff, e + 1), (prows, r), (ptiles, ntile)] {
-            dev.fill(ptr, 0xFF, n * 4).unwrap();
-        }
-        let g = moe::MoeGroupArgs {
-            idx: rd(pidx),
-            r: r as i32,
-            e: e as i32,
-            off: wr(poff),
-            rows: wr(prows),
-            tiles: wr(ptiles),
-        };
-        moe::moe_group(&dev, &g).unwrap();
         let (mut goff, mut grows, mut gtiles) = (vec![0i32; e + 1], vec![0i32; r], vec![0i32; ntile]);
         dev.read(poff, &mut goff).unwrap();
         dev.read(prows, &mut grows).unwrap();
@@ -495,18 +505,7 @@ fn kernel_expert_gemm_tc_matches_cpu() {
                 })
                 .collect();
             let px = dev.upload(&to_bf16(&x)).unwrap();
-            let pidx = dev.upload(&idx).unwrap();
-            let (poff, prows) = (dev.alloc((e + 1) * 4).unwrap(), dev.alloc(r * 4).unwrap());
-            let ptiles = dev.alloc((1 + 2 * gemm::max_tiles(r, e)) * 4).unwrap();
-            let g = moe::MoeGroupArgs {
-                idx: rd(pidx),
-                r: r as i32,
-                e: e as i32,
-                off: wr(poff),
-                rows: wr(prows),
-                tiles: wr(ptiles),
-            };
-            moe::moe_group(&dev, &g).unwrap();
+            let (poff, prows, ptiles) = group_on_device(&mut dev, &idx, e);
             let py = dev.alloc(r * n * 2).unwrap();
             dev.fill(py, 0xFF, r * n * 2).unwrap();
             let a = gemm::ExpertGemmArgs {
