@@ -509,7 +509,7 @@ impl CudaBackend {
             m: int(m),
             out_f32: matches!(dst, Buf::RouterLogits | Buf::Logits) as i32,
         };
-        if self.tensor_cores() && gemm::supports(&a.w, lin.w.cols) {
+        if self.tensor_cores() && gemm::supports(&a.w, lin.w.cols) && gemm::wide_enough(lin.w.rows) {
             gemm::gemm(&self.dev, &a)
         } else {
             linear::matvec(&self.dev, &a)
@@ -1142,11 +1142,11 @@ impl CudaBackend {
                 if !self.tensor_cores() {
                     return linear::qkv(dev, &a);
                 }
-                // A prompt chunk: one launch when every matrix takes the tensor cores, else
-                // each product as the reference plan's linear step runs it.
+                // A prompt chunk: one launch when every matrix takes the tensor cores (as the
+                // reference plan's linear steps would), else each product as such a step.
                 let parts = [Some((p0, d0)), Some((p1, d1)), p2.zip(lins.get(2).map(|l| l.1))];
                 let parts: Vec<_> = parts.into_iter().flatten().collect();
-                if parts.iter().all(|(p, _)| gemm::supports(&p.w.q, h)) {
+                if parts.iter().all(|(p, _)| gemm::supports(&p.w.q, h) && gemm::wide_enough(p.w.rows)) {
                     gemm::gemm_qkv(dev, &a)
                 } else {
                     parts.into_iter().try_for_each(|(p, d)| self.linear_step(p, Buf::H, d, mm))

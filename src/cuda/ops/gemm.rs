@@ -53,6 +53,14 @@ pub fn supports(w: &QMat, k: usize) -> bool {
     fmt_ok && k.is_multiple_of(TC_BK)
 }
 
+/// Whether a dense product of `n` output rows pays on tensor cores: one column of tiles
+/// (`n` ≤ 128: the routers) keeps a 512-token chunk to 16 blocks on a GPU of 132 SMs, each
+/// streaming all of K (qwen3's router: 49 µs a layer, bench/RESULTS.md session 15), where the
+/// row kernels (a warp a row, 8 tokens a block) fill the GPU with the decode arithmetic.
+pub fn wide_enough(n: usize) -> bool {
+    n > TC_BN
+}
+
 /// Most tiles of `moe_group`'s table for `r` routed rows over `e` experts.
 pub fn max_tiles(r: usize, e: usize) -> usize {
     r.div_ceil(TC_BM) + e
