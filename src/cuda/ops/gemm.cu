@@ -11,8 +11,8 @@
 // (ZMOE_TC_CODES=1, the A/B baseline) take affine weights as their integer codes, which bf16
 // holds exactly, and apply a group's scale and bias once its k-range is done: acc += sc·Σq·x +
 // bi·Σx, the mat-vecs' formula (chunk_acc) in another order; MXFP4 likewise with a scale per
-// 32 (bias 0). That per-group epilogue holds them at 127 registers against 80 and costs about
-// 13 % of a qwen3 prompt (measured). Either way the products agree with the row kernels to
+// 32 (bias 0). That per-group epilogue holds them at 127 registers against 80: the `_f16`
+// twins prefill a qwen3 prompt 12.6 % faster (measured on the H100). Either way the products agree with the row kernels to
 // f32 rounding — an fp16 weight rounds at 2^-11 relative at most, and MLX's scale and bias
 // leave few bits to round (≈ 5e-6 measured against 1e-5 for the codes) — not bit for bit
 // (tests/gpu.rs checks the tolerance).
