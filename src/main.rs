@@ -323,9 +323,9 @@ struct RunArgs {
 /// Which fused patterns to apply (default: the family's policy; see `zmoe patterns`).
 #[derive(clap::Args)]
 struct PatternArgs {
-    /// Patterns to apply, comma-separated (moe_mlp, swiglu_mlp, qkv_proj, qk_norm_rope,
-    /// residual_norm, shared_expert), or `none` for the reference plan. Default: the
-    /// family's defaults.
+    /// Patterns to apply, comma-separated (moe_mlp, swiglu_mlp, norm_qkv, qkv_proj,
+    /// qk_norm_rope, residual_norm, shared_expert, conv_mixer), or `none` for the reference
+    /// plan. Default: the family's defaults.
     #[arg(long)]
     patterns: Option<String>,
     /// Patterns to leave out, comma-separated.

@@ -546,7 +546,8 @@ fn catalog_lists_presets_and_model_folders() {
             "2.51M",
             "bf16|affine4|affine8",
             all,
-            "shared_expert (no shared experts in this family); conv_mixer (no short-conv layers in this family)"
+            "shared_expert (no shared experts in this family); conv_mixer (no short-conv layers in this family); \
+             norm_qkv (opt-in (--patterns): not yet measured on a GPU)"
         ]
     );
     assert_eq!(
@@ -558,7 +559,8 @@ fn catalog_lists_presets_and_model_folders() {
             "3.04B",
             "bf16|affine4|affine8",
             all,
-            "shared_expert (no shared experts in this family); conv_mixer (no short-conv layers in this family)"
+            "shared_expert (no shared experts in this family); conv_mixer (no short-conv layers in this family); \
+             norm_qkv (opt-in (--patterns): not yet measured on a GPU)"
         ]
     );
     // The folder: counted from its config, format from its weights (the router stays 8-bit).
@@ -571,7 +573,8 @@ fn catalog_lists_presets_and_model_folders() {
             "2.51M",
             "affine4g64 (router affine8g64)",
             all,
-            "shared_expert (no shared experts in this family); conv_mixer (no short-conv layers in this family)"
+            "shared_expert (no shared experts in this family); conv_mixer (no short-conv layers in this family); \
+             norm_qkv (opt-in (--patterns): not yet measured on a GPU)"
         ]
     );
     assert!(out.contains(&format!("tiny-a4: {}", tiny.display())), "{out}");

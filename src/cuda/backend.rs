@@ -1113,7 +1113,7 @@ impl CudaBackend {
                     None => moe::moe_down_combine_add(dev, &a, mm),
                 }
             }
-            Fusion::InProj => {
+            Fusion::InProj | Fusion::NormInProj => {
                 // Two or three projections of H; with two (MLA), the third slot repeats the
                 // second's matrix with no rows.
                 let (&(w0, d0), &(w1, d1)) = (lins.first().ok_or_else(bad_parts)?, lins.get(1).ok_or_else(bad_parts)?);
@@ -1139,6 +1139,21 @@ impl CudaBackend {
                     kdim: int(h),
                     m: int(mm),
                 };
+                if op == Fusion::NormInProj {
+                    // One token (decode): the layer's input norm of X inside the kernel.
+                    let nr = NormRef::Input(layer);
+                    if mm != 1 || h > linear::NORM_QKV_MAX_HIDDEN {
+                        return Err(Error::Cuda(format!("norm_qkv over {mm} rows of width {h}")));
+                    }
+                    let a = linear::NormQkvArgs {
+                        p: a,
+                        xin: rd(x_buf),
+                        nw: rd(*self.w.norm(nr)?),
+                        h: wr(self.buf(Buf::H)),
+                        eps: nr.eps(c),
+                    };
+                    return linear::norm_qkv(dev, &a);
+                }
                 if !self.tensor_cores() {
                     return linear::qkv(dev, &a);
                 }

@@ -137,6 +137,12 @@ fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
             *op == Fusion::MoeDownCombineAdd || routed.iter().all(|m| same_format(m, routed[0]))
         });
     }
+    // norm_qkv normalises the hidden state in shared memory.
+    if *op == Fusion::NormInProj
+        && lins.first().is_some_and(|l| l.w.cols > crate::cuda::ops::linear::NORM_QKV_MAX_HIDDEN)
+    {
+        return Ok(false);
+    }
     let mats: Vec<&Mat> = match op {
         // GPT-OSS's kernel (moe_gate_up_clamp) reads the gate and up stacks each in its own
         // format, MXFP4 included.
@@ -147,7 +153,7 @@ fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
             let ex = w.experts(s.layer().unwrap_or(usize::MAX))?;
             ex.gate.iter().chain(&ex.up).collect()
         }
-        Fusion::InProj | Fusion::GateUpSwiglu => lins.iter().map(|l| &l.w).collect(),
+        Fusion::InProj | Fusion::NormInProj | Fusion::GateUpSwiglu => lins.iter().map(|l| &l.w).collect(),
         _ => return Ok(true),
     };
     Ok(mats.iter().all(|m| same_format(m, mats[0])))
@@ -176,6 +182,7 @@ fn serves(s: &Step) -> Serves {
                 | Fusion::MoeGateUpSwiglu
                 | Fusion::MoeDownCombineAdd
                 | Fusion::OProjAddRmsNorm
+                | Fusion::NormInProj
                 | Fusion::ConvMixer,
             ..
         } => Serves::Decode,

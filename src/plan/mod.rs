@@ -260,6 +260,9 @@ pub enum Fusion {
     /// `qkv_proj`: two or three projections of `H` in one kernel (q, k, v; MLA: q_a or q,
     /// and kv_a).
     InProj,
+    /// `norm_qkv`: the layer's input RMSNorm (`H = rmsnorm(X) ⊙ w`) and the q, k and v
+    /// projections of `H` in one kernel (decode).
+    NormInProj,
     /// `qk_norm_rope`: per-head q and k norms, RoPE and the KV-cache append.
     QkNormRopeKv,
     /// `qk_norm_rope` for MLA: the latent norm, RoPE of q_pe and k_pe, the latent-cache append.
@@ -391,6 +394,7 @@ impl Fusion {
             Fusion::OProjAddRmsNorm => "o_proj_add_rms_norm".into(),
             Fusion::InProj if has(&|s| matches!(s, Step::Linear { w: LinRef::KvA(_), .. })) => "mla_in_proj".into(),
             Fusion::InProj => "qkv_proj".into(),
+            Fusion::NormInProj => "norm_qkv_proj".into(),
             Fusion::QkNormRopeKv => "qk_norm_rope_kv".into(),
             Fusion::LatentNormRopeAppend => "latent_norm_rope_append".into(),
             Fusion::ConvMixer => "conv_in_short_conv".into(),

@@ -26,6 +26,8 @@ pub enum Pattern {
     MoeMlp,
     /// Dense MLP gate+up+SwiGLU in one kernel.
     SwigluMlp,
+    /// The layer's input RMSNorm and its q, k and v projections in one kernel (decode).
+    NormQkv,
     /// The q, k and v projections in one kernel (one launch instead of three).
     QkvProj,
     /// Per-head q/k norm + RoPE + KV-cache append in one kernel.
@@ -40,10 +42,12 @@ pub enum Pattern {
 
 impl Pattern {
     /// Every pattern, in the order rewrites are applied (`moe_mlp` claims the residual add
-    /// after the expert combine before `residual_norm` looks for adds).
-    pub const ALL: [Pattern; 7] = [
+    /// after the expert combine before `residual_norm` looks for adds; `norm_qkv` claims the
+    /// q, k and v projections before `qkv_proj` does).
+    pub const ALL: [Pattern; 8] = [
         Pattern::MoeMlp,
         Pattern::SwigluMlp,
+        Pattern::NormQkv,
         Pattern::QkvProj,
         Pattern::QkNormRope,
         Pattern::ResidualNorm,
@@ -56,6 +60,7 @@ impl Pattern {
         match self {
             Pattern::MoeMlp => "moe_mlp",
             Pattern::SwigluMlp => "swiglu_mlp",
+            Pattern::NormQkv => "norm_qkv",
             Pattern::QkvProj => "qkv_proj",
             Pattern::QkNormRope => "qk_norm_rope",
             Pattern::ResidualNorm => "residual_norm",
@@ -71,6 +76,7 @@ impl Pattern {
                 "router+top-k | expert (+shared experts') gate+up+SwiGLU | expert (+shared) down+combine+residual add"
             }
             Pattern::SwigluMlp => "dense gate+up+SwiGLU",
+            Pattern::NormQkv => "input RMSNorm + q, k and v projections (decode; GQA layers)",
             Pattern::QkvProj => "q, k and v projections (MLA: q_a/q and kv_a)",
             Pattern::QkNormRope => "q/k head norms + RoPE + KV-cache append (MLA: latent norm + RoPE + append)",
             Pattern::ResidualNorm => "residual add + RMSNorm (with o_proj before it after attention)",
@@ -158,6 +164,15 @@ impl Pattern {
                 Fusion::GateUpSwiglu,
                 vec![lin(LinRef::DenseGate(*l), H, Gate), lin(LinRef::DenseUp(*l), H, Up), Step::Swiglu],
             ),
+            (Pattern::NormQkv, Step::RmsNorm { w: NormRef::Input(l), src: X, dst: H }) => (
+                Fusion::NormInProj,
+                vec![
+                    Step::RmsNorm { w: NormRef::Input(*l), src: X, dst: H },
+                    lin(LinRef::Q(*l), H, Q),
+                    lin(LinRef::K(*l), H, K),
+                    lin(LinRef::V(*l), H, V),
+                ],
+            ),
             (Pattern::QkvProj, Step::Linear { w: LinRef::QA(l), .. }) => {
                 (Fusion::InProj, vec![lin(LinRef::QA(*l), H, QA), lin(LinRef::KvA(*l), H, Kva)])
             }
@@ -234,12 +249,14 @@ impl FamilyPolicy {
 pub fn policy(family: Family) -> FamilyPolicy {
     const NO_SHARED: (Pattern, &str) = (Pattern::SharedExpert, "no shared experts in this family");
     const NO_CONV: (Pattern, &str) = (Pattern::ConvMixer, "no short-conv layers in this family");
+    // Bit-identical by construction, opt-in until measured on a GPU (bench/RESULTS.md session 15).
+    const NORM_QKV: (Pattern, &str) = (Pattern::NormQkv, "opt-in (--patterns): not yet measured on a GPU");
     FamilyPolicy::excluding(match family {
         // All five are bit-identical; measured on the H200 (bench/RESULTS.md, "patched vs
         // reference"), none costs speed on the qwen3-30b-a3b preset.
-        Family::Qwen3Moe => vec![NO_SHARED, NO_CONV],
+        Family::Qwen3Moe => vec![NO_SHARED, NO_CONV, NORM_QKV],
         // The same six, in their MLA / sigmoid-router / shared-expert forms (bit-identical).
-        Family::Glm4MoeLite | Family::DeepseekV3 => vec![NO_CONV],
+        Family::Glm4MoeLite | Family::DeepseekV3 => vec![NO_CONV, NORM_QKV],
         // LFM2: the Qwen3 five on its attention layers, its dense and MoE FFNs; o_proj +
         // residual + norm also after every short conv (its out_proj is the layer's `O`).
         // conv_mixer is bit-identical but opt-in until its decode speedup is measured on a GPU.
@@ -247,6 +264,7 @@ pub fn policy(family: Family) -> FamilyPolicy {
             vec![
                 NO_SHARED,
                 (Pattern::ConvMixer, "opt-in (--patterns): measured 0.985x decode on an H100 (lfm2-8b-a1b)"),
+                NORM_QKV,
             ]
         }
         // GPT-OSS: its router (top-k on logits, softmax over k) and clamped SwiGLU in the
@@ -256,6 +274,7 @@ pub fn policy(family: Family) -> FamilyPolicy {
             (Pattern::QkNormRope, "no q/k norms in this family (RoPE and the KV append stay two steps)"),
             NO_SHARED,
             NO_CONV,
+            NORM_QKV,
         ],
     })
 }
@@ -480,7 +499,9 @@ mod tests {
             assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
             let replaced: usize = applied.iter().map(|a| a.step.components().len() - 1).sum();
             assert_eq!(plan.steps.len() + replaced, reference.steps.len());
-            for p in pats.iter().filter(|&&p| !matches!(p, Pattern::SharedExpert | Pattern::ConvMixer)) {
+            // qkv_proj finds nothing left where norm_qkv took every layer's projections.
+            let claimed = |p: Pattern| p == Pattern::QkvProj && pats.contains(&Pattern::NormQkv);
+            for p in pats.iter().filter(|&&p| !matches!(p, Pattern::SharedExpert | Pattern::ConvMixer) && !claimed(p)) {
                 assert!(applied.iter().any(|a| a.pattern == *p), "{p} fused nothing");
             }
         }
@@ -507,7 +528,8 @@ mod tests {
                 assert_eq!(expand(&plan).steps, reference.steps, "{pats:?}");
                 // moe_mlp claims the shared experts' gate/up (with the routed experts').
                 let claimed = |p: Pattern| p == Pattern::SharedExpert && pats.contains(&Pattern::MoeMlp);
-                for p in pats.iter().filter(|&&p| p != Pattern::ConvMixer && !claimed(p)) {
+                // norm_qkv is for GQA layers (q, k, v): MLA's in-projection is two matrices.
+                for p in pats.iter().filter(|&&p| !matches!(p, Pattern::ConvMixer | Pattern::NormQkv) && !claimed(p)) {
                     assert!(applied.iter().any(|a| a.pattern == *p), "{p} fused nothing (q_lora {q_lora})");
                 }
             }
@@ -560,7 +582,9 @@ mod tests {
     #[test]
     fn all_patterns_fuse_where_expected() {
         let c = cfg(r#","mlp_only_layers":[1]"#);
-        let (plan, applied) = apply(&Plan::reference(&c), &Pattern::ALL);
+        // Every pattern but the opt-in norm_qkv (which takes qkv_proj's place: checked below).
+        let all: Vec<Pattern> = Pattern::ALL.into_iter().filter(|p| *p != Pattern::NormQkv).collect();
+        let (plan, applied) = apply(&Plan::reference(&c), &all);
         let count = |p: Pattern| applied.iter().filter(|a| a.pattern == p).count();
         // 3 MoE layers × 3 fused steps; 1 dense layer; 4 layers of q/k norm + rope.
         assert_eq!((count(Pattern::MoeMlp), count(Pattern::SwigluMlp), count(Pattern::QkNormRope)), (9, 1, 4));
@@ -580,6 +604,15 @@ mod tests {
             fused_primitives(&plan),
             expand(&plan).steps.len() - plan.steps.iter().filter(|s| s.components().is_empty()).count()
         );
+        // norm_qkv claims each layer's input norm and q/k/v before qkv_proj and residual_norm
+        // look (layer 1's input norm then no longer joins the dense MLP's residual add).
+        let (plan, applied) = apply(&Plan::reference(&c), &Pattern::ALL);
+        let count = |p: Pattern| applied.iter().filter(|a| a.pattern == p).count();
+        assert_eq!((count(Pattern::NormQkv), count(Pattern::QkvProj), count(Pattern::ResidualNorm)), (4, 0, 4));
+        assert!((0..4).all(|l| {
+            plan.steps.iter().any(|s| matches!(s, Step::Fused { op: Fusion::NormInProj, .. }) && s.layer() == Some(l))
+        }));
+        assert_eq!(expand(&plan).steps, Plan::reference(&c).steps);
     }
 
     #[test]

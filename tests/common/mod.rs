@@ -125,6 +125,8 @@ pub fn assert_patterns_bitexact(kind: zmoe::BackendKind, dirs: &[PathBuf], promp
                 [Pattern::ConvMixer] => cfg.conv.is_none(),
                 // GPT-OSS has no q/k head norms for qk_norm_rope to start from.
                 [Pattern::QkNormRope] => cfg.gpt_oss.is_some(),
+                // MLA's in-projection is two matrices, not q, k and v.
+                [Pattern::NormQkv] => cfg.mla.is_some(),
                 _ => false,
             };
             if nothing_to_fuse {

@@ -172,6 +172,62 @@ extern "C" __global__ void qkv_proj1_r2(const QkvArgs p) {
     qkv_proj1_rows<2>(p);
 }
 
+// rmsnorm_row(x, w, y, n, eps) as a block of NORM_THREADS threads computes it, by a block of
+// NORM_THREADS / V threads: thread τ plays threads τ + i·blockDim (i < V), summing its
+// squares in that thread's order (elements t, t + NORM_THREADS, ...), one warp_sum per
+// played warp, the partials in played-warp order, then block_reduce's final warp_sum — the
+// same sums in the same order, so y is bit-identical to the rmsnorm kernel's.
+template <int V>
+__device__ __forceinline__ void rmsnorm_row_played(const bf16* x, const float* w, bf16* y, int n, float eps) {
+    __shared__ float red[32];
+    const int nt = NORM_THREADS, lane = threadIdx.x & 31, wid = threadIdx.x >> 5, pw = blockDim.x / 32;
+    float ss[V];
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        const int t = threadIdx.x + i * blockDim.x;
+        float acc = 0.f;
+        for (int e = t; e < n; e += nt) {
+            float v = bf2f(__ldcg(x + e));
+            acc += v * v;
+        }
+        ss[i] = acc;
+    }
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        float s = warp_sum(ss[i]);
+        if (lane == 0) red[i * pw + wid] = s;
+    }
+    __syncthreads();
+    float tot = lane < nt / 32 ? red[lane] : 0.f;
+    const float inv = rsqrtf(warp_sum(tot) / (float)n + eps);
+    for (int e = threadIdx.x; e < n; e += blockDim.x) y[e] = f2bf(w[e] * (bf2f(__ldcg(x + e)) * inv));
+}
+
+// norm_qkv (decode): H = rmsnorm(xin) ⊙ nw, normalised by every block into shared memory
+// (bit-identical to the rmsnorm kernel: rmsnorm_row_played), block 0 also writing it to h;
+// then the block's rows of qkv_proj1 (R rows a warp) read x from shared memory. One kernel
+// where the layer's input norm was a launch of its own.
+template <int R>
+__device__ __forceinline__ void norm_qkv_proj1_rows(const NormQkvArgs& a) {
+    __shared__ __align__(16) bf16 hs[NORM_QKV_MAXH];
+    const int n = a.p.kdim;
+    rmsnorm_row_played<NORM_THREADS / 128>(a.xin, a.nw, hs, n, a.eps);
+    __syncthreads();
+    if (blockIdx.x == 0)
+        for (int e = threadIdx.x; e < n; e += blockDim.x) a.h[e] = hs[e];
+    QkvArgs p = a.p;
+    p.x = hs;
+    qkv_proj1_rows<R>(p);
+}
+extern "C" __global__ void norm_qkv_proj1(const NormQkvArgs a) {
+    pdl_entry();
+    norm_qkv_proj1_rows<1>(a);
+}
+extern "C" __global__ void norm_qkv_proj1_r2(const NormQkvArgs a) {
+    pdl_entry();
+    norm_qkv_proj1_rows<2>(a);
+}
+
 // swiglu_mlp: act[m, r] = swiglu(bf16(gate[r]·x_m + bg), bf16(up[r]·x_m + bu)) (= matvec
 // twice + swiglu). Grid (ceil(F/4), 1, ceil(M/8)), 8 tokens per block like matvec.
 extern "C" __global__ void dense_gate_up_swiglu(const DenseGateUpArgs p) {

@@ -19,6 +19,9 @@ kernel_args! {
         x: In<Bf16>, q: Out<Bf16>, k: Out<Bf16>, v: Out<Bf16>,
         nq: i32, nk: i32, nv: i32, kdim: i32, m: i32,
     }
+    /// `norm_qkv_proj1`: `h = rmsnorm(xin) ⊙ nw` (one token, `p.kdim` wide), then
+    /// `qkv_proj1` over it (`p.x` unread).
+    pub struct NormQkvArgs { p: QkvArgs, xin: In<Bf16>, nw: In<F32>, h: Out<Bf16>, eps: f32 }
     /// `dense_gate_up_swiglu`: `act = swiglu(x gateᵀ + bg, x upᵀ + bu)`, `[M, f]`.
     pub struct DenseGateUpArgs {
         gate: QMat, up: QMat, gbias: In<F32>, ubias: In<F32>, x: In<Bf16>, act: Out<Bf16>, f: i32, h: i32, m: i32,
@@ -27,7 +30,8 @@ kernel_args! {
 
 /// The C declarations of this file's argument structs.
 pub fn decls() -> String {
-    [EmbedArgs::c_decl(), MatvecArgs::c_decl(), QkvArgs::c_decl(), DenseGateUpArgs::c_decl()].concat()
+    [EmbedArgs::c_decl(), MatvecArgs::c_decl(), QkvArgs::c_decl(), NormQkvArgs::c_decl(), DenseGateUpArgs::c_decl()]
+        .concat()
 }
 
 /// Warps per block of the mat-vec kernels.
@@ -69,6 +73,18 @@ pub fn qkv(dev: &Device, a: &QkvArgs) -> Result<()> {
         return dev.launch_args(name, (blocks(groups as usize, ROWS), 1, 1), 128, a);
     }
     dev.launch_args("qkv_proj", (blocks((a.nq + a.nk + a.nv) as usize, ROWS), 1, blocks(a.m as usize, TOKENS)), 128, a)
+}
+
+/// Widest hidden state `norm_qkv` normalises in shared memory (`NORM_QKV_MAXH` in linear.cu).
+pub const NORM_QKV_MAX_HIDDEN: usize = 8192;
+
+/// One token's input RMSNorm and q/k/v projections (the grid of [`qkv`]'s one-token kernels;
+/// each block normalises the hidden state itself, bit for bit as `rmsnorm` does).
+pub fn norm_qkv(dev: &Device, a: &NormQkvArgs) -> Result<()> {
+    let p = &a.p;
+    let (name, r) = one_token((p.nq + p.nk + p.nv) as usize, ["norm_qkv_proj1", "norm_qkv_proj1_r2"]);
+    let groups: u32 = [p.nq, p.nk, p.nv].iter().map(|&n| blocks(n as usize, r)).sum();
+    dev.launch_args(name, (blocks(groups as usize, ROWS), 1, 1), 128, a)
 }
 
 /// The fused dense gate, up and SwiGLU of `a.m` tokens.

@@ -225,7 +225,7 @@ pub fn c_prelude() -> String {
         "#define ATTN_THREADS {ATTN_THREADS}\n#define MAXD {MAX_HEAD_DIM}\n#define MLA_MAXL {MLA_MAX_LATENT}\n\
          #define MLA_MAXR {MLA_MAX_ROPE}\n#define ATTN_HB {}\n#define MLA_HG {}\n#define CONV_MAXL {}\n\
          #define TC_BM {}\n#define DOWN_ROWS {}\n#define ROUTER_BLOCKS {}\n#define ROUTER_THREADS {}\n\
-         #define ROUTER_SIGMOID_THREADS {}\n",
+         #define ROUTER_SIGMOID_THREADS {}\n#define NORM_THREADS {}\n#define NORM_QKV_MAXH {}\n",
         attention::ATTN_HEADS_PER_BLOCK,
         mla::MLA_HEADS_PER_BLOCK,
         conv::CONV_MAX_KERNEL,
@@ -233,7 +233,9 @@ pub fn c_prelude() -> String {
         moe::MOE_DOWN_ROWS,
         moe::ROUTER_BLOCKS,
         moe::ROUTER_THREADS,
-        moe::ROUTER_SIGMOID_THREADS
+        moe::ROUTER_SIGMOID_THREADS,
+        norm::NORM_THREADS,
+        linear::NORM_QKV_MAX_HIDDEN
     );
     // QMat itself is declared in common.cuh (the foundry's templates use it): check it.
     s += &format!("static_assert(sizeof(QMat) == {}, \"QMat differs from src/cuda/ops\");\n", size_of::<QMat>());
