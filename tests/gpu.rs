@@ -542,6 +542,80 @@ fn kernel_gemm_qkv_equals_separate_gemms() {
     }
 }
 
+/// `norm_qkv` (decode) bit for bit against what it fuses: H against the `rmsnorm` kernel (256
+/// threads) and q, k, v against `qkv_proj1` over that H — hidden sizes below, at and past the
+/// 256 played threads, not a multiple of them (2,880) and past 2,048; bf16 and affine 4-bit;
+/// few rows and enough for the two-rows-a-warp kernel; outputs poisoned first.
+#[test]
+#[ignore]
+fn kernel_norm_qkv_equals_norm_then_qkv() {
+    let mut dev = Device::open().unwrap();
+    let mut rng = Rng::new(0x40C7);
+    for (fmt, bits) in [(1, 4u32), (0, 16)] {
+        for h in [64usize, 256, 2880, 4096] {
+            for ns in [[300usize, 100, 100], [4096, 512, 512]] {
+                let x: Vec<f32> = (0..h).map(|_| half::bf16::from_f32(3.0 * rng.normal()).to_f32()).collect();
+                let nw: Vec<f32> = (0..h).map(|_| 0.5 + rng.uniform()).collect();
+                let (px, pnw) = (dev.upload(&to_bf16(&x)).unwrap(), dev.upload(&nw).unwrap());
+                let mut mats = Vec::new();
+                for &n in &ns {
+                    let (wq, s, b, _) = random_qmat(&mut rng, n, h, fmt, bits, 64);
+                    let w = upload_qmat(&mut dev, (&wq, &s, &b), fmt, bits, 64);
+                    mats.push((w, dev.upload(&(0..n).map(|_| rng.normal()).collect::<Vec<f32>>()).unwrap()));
+                }
+                let poisoned = |dev: &mut Device, n: usize| {
+                    let p = dev.alloc(n * 2).unwrap();
+                    dev.fill(p, 0xFF, n * 2).unwrap();
+                    p
+                };
+                // The parts: rmsnorm into h1, then qkv_proj1 over h1.
+                let h1 = poisoned(&mut dev, h);
+                let na = norm::RmsnormArgs { x: rd(px), w: rd(pnw), y: wr(h1), n: h as i32, ld: h as i32, eps: 1e-6 };
+                norm::rmsnorm(&dev, &na, 1, norm::NORM_THREADS).unwrap();
+                let outs = |dev: &mut Device| -> Vec<u64> { ns.iter().map(|&n| poisoned(dev, n)).collect() };
+                let qkv = |hx: u64, o: &[u64]| linear::QkvArgs {
+                    wq: mats[0].0,
+                    wk: mats[1].0,
+                    wv: mats[2].0,
+                    qbias: rd(mats[0].1),
+                    kbias: rd(mats[1].1),
+                    vbias: rd(mats[2].1),
+                    x: rd(hx),
+                    q: wr(o[0]),
+                    k: wr(o[1]),
+                    v: wr(o[2]),
+                    nq: ns[0] as i32,
+                    nk: ns[1] as i32,
+                    nv: ns[2] as i32,
+                    kdim: h as i32,
+                    m: 1,
+                };
+                let o1 = outs(&mut dev);
+                linear::qkv(&dev, &qkv(h1, &o1)).unwrap();
+                // The fused kernel.
+                let (h2, o2) = (poisoned(&mut dev, h), outs(&mut dev));
+                let a = linear::NormQkvArgs { p: qkv(h2, &o2), xin: rd(px), nw: rd(pnw), h: wr(h2), eps: 1e-6 };
+                linear::norm_qkv(&dev, &a).unwrap();
+                let what = format!("fmt {fmt} hidden {h} rows {ns:?}");
+                let read = |dev: &Device, p: u64, n: usize| {
+                    let mut v = vec![0u16; n];
+                    dev.read(p, &mut v).unwrap();
+                    v
+                };
+                let (g1, g2) = (read(&dev, h1, h), read(&dev, h2, h));
+                assert!(from_bf16(&g1).iter().all(|v| v.is_finite()), "{what}: unwritten H");
+                assert_eq!(g2, g1, "{what}: H differs from the rmsnorm kernel's");
+                for (i, &n) in ns.iter().enumerate() {
+                    let (r1, r2) = (read(&dev, o1[i], n), read(&dev, o2[i], n));
+                    assert!(from_bf16(&r1).iter().all(|v| v.is_finite()), "{what}: unwritten output {i}");
+                    assert_eq!(r2, r1, "{what}: projection {i} differs from qkv_proj1's");
+                }
+                println!("norm_qkv {what}: bit-identical");
+            }
+        }
+    }
+}
+
 /// The grouped tensor-core expert product (issue 19) against the CPU: `moe_group` builds the
 /// tile table from random routing (some experts empty, some over one tile), `expert_gemm_tc`
 /// computes every routed row (gate/up reading the token's row, down the slot's own row); bf16,

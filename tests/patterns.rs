@@ -112,6 +112,19 @@ fn cuda_exec_plans_are_the_chosen_plan_rewritten_once() {
     }
     assert!(has(&exec.batch, Fusion::InProj), "batches keep multi-token fusions");
     assert!(has(&exec.prefill, Fusion::InProj), "tensor-core chunks run the in-projection's tiles in one launch");
+    // norm_qkv serves decode; other chunks run the norm and qkv_proj's fused step.
+    let sel = Selection::parse(Some("norm_qkv,qkv_proj,moe_mlp"), None).unwrap();
+    let (nplan, _) = zmoe::plan::patterns::patched_plan(model.config(), &sel);
+    let nexec = lower::cuda(&nplan, &model.weights, &[]).unwrap();
+    let sel = Selection::parse(Some("qkv_proj,moe_mlp"), None).unwrap();
+    let without =
+        lower::cuda(&zmoe::plan::patterns::patched_plan(model.config(), &sel).0, &model.weights, &[]).unwrap();
+    assert!(has(&nexec.decode, Fusion::NormInProj) && !has(&nexec.decode, Fusion::InProj));
+    for (p, q) in [(&nexec.prefill, &without.prefill), (&nexec.batch, &without.batch)] {
+        assert!(!has(p, Fusion::NormInProj) && has(p, Fusion::InProj), "norm_qkv lowers to norm + qkv_proj");
+        assert_eq!(p.steps, q.steps, "outside decode, norm_qkv runs as qkv_proj's plan does");
+    }
+    assert_eq!(nexec.prefill.primitives_only().steps, nplan.primitives_only().steps);
 
     let packs = [
         PackKernel { op: OpId::MoeCombine, bucket: Bucket::Small, tag: "moe_combine/t@1".into() },

@@ -194,7 +194,8 @@ fn serves(s: &Step) -> Serves {
 /// The steps `s` runs as in chunks `chunk`: itself where its kernel serves them and reads
 /// its matrices, else its parts, lowered the same way. moe_mlp's MoE kernels with the
 /// shared experts' rows fall back to the shared steps (their gate/up as shared_expert's
-/// fused kernel) and moe_mlp's routed-only kernel, each lowered again.
+/// fused kernel) and moe_mlp's routed-only kernel, each lowered again; norm_qkv to the norm
+/// and qkv_proj's step.
 fn lower_step(s: &Step, chunk: Serves, w: &Weights) -> Result<Vec<Step>> {
     if serves(s) >= chunk && cuda_formats_ok(s, w)? {
         return Ok(vec![s.clone()]);
@@ -213,6 +214,11 @@ fn lower_step(s: &Step, chunk: Serves, w: &Weights) -> Result<Vec<Step>> {
         Step::Fused { op: Fusion::MoeDownCombineAdd, .. } if shared_first => {
             let routed = parts.split_off(1);
             parts.push(Step::Fused { op: Fusion::MoeDownCombineAdd, parts: routed });
+        }
+        // norm_qkv outside decode: the norm, then qkv_proj's fused projections.
+        Step::Fused { op: Fusion::NormInProj, .. } => {
+            let qkv = parts.split_off(1);
+            parts.push(Step::Fused { op: Fusion::InProj, parts: qkv });
         }
         _ => {}
     }
