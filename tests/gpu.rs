@@ -468,6 +468,29 @@ fn kernel_moe_group_matches_host() {
     }
 }
 
+/// qkv_proj's arguments over `mats` (matrix, f32 bias) of `ns` rows each, `k` wide, `m`
+/// tokens of x into `out`; `ns[2]` = 0 is MLA's two matrices (v repeats k's with no rows).
+fn qkv_args(mats: &[(ops::QMat, u64)], x: u64, out: &[u64], ns: [usize; 3], k: usize, m: usize) -> linear::QkvArgs {
+    let v = if ns[2] > 0 { 2 } else { 1 };
+    linear::QkvArgs {
+        wq: mats[0].0,
+        wk: mats[1].0,
+        wv: mats[v].0,
+        qbias: rd(mats[0].1),
+        kbias: rd(mats[1].1),
+        vbias: rd(if ns[2] > 0 { mats[2].1 } else { 0 }),
+        x: rd(x),
+        q: wr(out[0]),
+        k: wr(out[1]),
+        v: wr(if ns[2] > 0 { out[2] } else { 0 }),
+        nq: ns[0] as i32,
+        nk: ns[1] as i32,
+        nv: ns[2] as i32,
+        kdim: k as i32,
+        m: m as i32,
+    }
+}
+
 /// qkv_proj's one-launch prompt product (`gemm_qkv`, issue 19) bit for bit against the three
 /// separate `gemm` launches the reference plan makes: q, k, v of other heights (k and v under
 /// one 128-row tile) with biases, and MLA's two matrices (`nv` = 0); affine 4-bit and bf16,
@@ -499,23 +522,7 @@ fn kernel_gemm_qkv_equals_separate_gemms() {
                     p
                 };
                 let (py, ys): (Vec<u64>, Vec<u64>) = ns.iter().map(|&n| (out(&mut dev, n), out(&mut dev, n))).unzip();
-                let a = linear::QkvArgs {
-                    wq: mats[0].0,
-                    wk: mats[1].0,
-                    wv: if ns[2] > 0 { mats[2].0 } else { mats[1].0 },
-                    qbias: rd(mats[0].1),
-                    kbias: rd(mats[1].1),
-                    vbias: rd(if ns[2] > 0 { mats[2].1 } else { 0 }),
-                    x: rd(px),
-                    q: wr(py[0]),
-                    k: wr(py[1]),
-                    v: wr(if ns[2] > 0 { py[2] } else { 0 }),
-                    nq: ns[0] as i32,
-                    nk: ns[1] as i32,
-                    nv: ns[2] as i32,
-                    kdim: k as i32,
-                    m: m as i32,
-                };
+                let a = qkv_args(&mats, px, &py, ns, k, m);
                 gemm::gemm_qkv(&dev, &a).unwrap();
                 for (i, &n) in ns.iter().enumerate().filter(|(_, n)| **n > 0) {
                     let s = linear::MatvecArgs {
@@ -573,23 +580,7 @@ fn kernel_norm_qkv_equals_norm_then_qkv() {
                 let na = norm::RmsnormArgs { x: rd(px), w: rd(pnw), y: wr(h1), n: h as i32, ld: h as i32, eps: 1e-6 };
                 norm::rmsnorm(&dev, &na, 1, norm::NORM_THREADS).unwrap();
                 let outs = |dev: &mut Device| -> Vec<u64> { ns.iter().map(|&n| poisoned(dev, n)).collect() };
-                let qkv = |hx: u64, o: &[u64]| linear::QkvArgs {
-                    wq: mats[0].0,
-                    wk: mats[1].0,
-                    wv: mats[2].0,
-                    qbias: rd(mats[0].1),
-                    kbias: rd(mats[1].1),
-                    vbias: rd(mats[2].1),
-                    x: rd(hx),
-                    q: wr(o[0]),
-                    k: wr(o[1]),
-                    v: wr(o[2]),
-                    nq: ns[0] as i32,
-                    nk: ns[1] as i32,
-                    nv: ns[2] as i32,
-                    kdim: h as i32,
-                    m: 1,
-                };
+                let qkv = |hx: u64, o: &[u64]| qkv_args(&mats, hx, o, ns, h, 1);
                 let o1 = outs(&mut dev);
                 linear::qkv(&dev, &qkv(h1, &o1)).unwrap();
                 // The fused kernel.
