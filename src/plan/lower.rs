@@ -138,9 +138,7 @@ fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
         });
     }
     // norm_qkv normalises the hidden state in shared memory.
-    if *op == Fusion::NormInProj
-        && lins.first().is_some_and(|l| l.w.cols > crate::cuda::ops::linear::NORM_QKV_MAX_HIDDEN)
-    {
+    if *op == Fusion::NormInProj && lins.first().is_some_and(|l| l.w.cols > NORM_QKV_MAX_HIDDEN) {
         return Ok(false);
     }
     let mats: Vec<&Mat> = match op {
@@ -158,6 +156,10 @@ fn cuda_formats_ok(s: &Step, w: &Weights) -> Result<bool> {
     };
     Ok(mats.iter().all(|m| same_format(m, mats[0])))
 }
+
+/// Widest hidden state the CUDA `norm_qkv` kernel normalises (in shared memory); wider
+/// models run the step as its parts.
+pub const NORM_QKV_MAX_HIDDEN: usize = 8192;
 
 /// What the CUDA kernel of a fused step serves: one token, a few rows (the row-per-token
 /// kernels), or any chunk.

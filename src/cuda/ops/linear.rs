@@ -75,8 +75,9 @@ pub fn qkv(dev: &Device, a: &QkvArgs) -> Result<()> {
     dev.launch_args("qkv_proj", (blocks((a.nq + a.nk + a.nv) as usize, ROWS), 1, blocks(a.m as usize, TOKENS)), 128, a)
 }
 
-/// Widest hidden state `norm_qkv` normalises in shared memory (`NORM_QKV_MAXH` in linear.cu).
-pub const NORM_QKV_MAX_HIDDEN: usize = 8192;
+/// Widest hidden state `norm_qkv` normalises in shared memory (`NORM_QKV_MAXH` in linear.cu;
+/// the plan lowering keeps wider models off it).
+pub use crate::plan::lower::NORM_QKV_MAX_HIDDEN;
 
 /// One token's input RMSNorm and q/k/v projections (the grid of [`qkv`]'s one-token kernels;
 /// each block normalises the hidden state itself, bit for bit as `rmsnorm` does).
