@@ -1116,10 +1116,12 @@ impl CudaBackend {
             Fusion::InProj | Fusion::NormInProj => {
                 // Two or three projections of H; with two (MLA), the third slot repeats the
                 // second's matrix with no rows.
-                let (&(w0, d0), &(w1, d1)) = (lins.first().ok_or_else(bad_parts)?, lins.get(1).ok_or_else(bad_parts)?);
-                let (p0, p1) = (self.w.linear(w0)?, self.w.linear(w1)?);
-                let (p2, d2) = match lins.get(2) {
-                    Some(&(w2, d2)) => (Some(self.w.linear(w2)?), self.buf(d2)),
+                let projs: Vec<(&DLinear, Buf)> =
+                    lins.iter().map(|&(w, d)| Ok((self.w.linear(w)?, d))).collect::<Result<_>>()?;
+                let (&(p0, d0), &(p1, d1)) =
+                    (projs.first().ok_or_else(bad_parts)?, projs.get(1).ok_or_else(bad_parts)?);
+                let (p2, d2) = match projs.get(2) {
+                    Some(&(p2, d2)) => (Some(p2), self.buf(d2)),
                     None => (None, 0),
                 };
                 let a = linear::QkvArgs {
@@ -1159,12 +1161,10 @@ impl CudaBackend {
                 }
                 // A prompt chunk: one launch when every matrix takes the tensor cores (as the
                 // reference plan's linear steps would), else each product as such a step.
-                let parts = [Some((p0, d0)), Some((p1, d1)), p2.zip(lins.get(2).map(|l| l.1))];
-                let parts: Vec<_> = parts.into_iter().flatten().collect();
-                if parts.iter().all(|(p, _)| gemm::supports(&p.w.q, h) && gemm::wide_enough(p.w.rows)) {
+                if projs.iter().all(|(p, _)| gemm::supports(&p.w.q, h) && gemm::wide_enough(p.w.rows)) {
                     gemm::gemm_qkv(dev, &a)
                 } else {
-                    parts.into_iter().try_for_each(|(p, d)| self.linear_step(p, Buf::H, d, mm))
+                    projs.into_iter().try_for_each(|(p, d)| self.linear_step(p, Buf::H, d, mm))
                 }
             }
             Fusion::GateUpSwiglu => {

@@ -65,12 +65,19 @@ pub fn matvec(dev: &Device, a: &MatvecArgs) -> Result<()> {
     dev.launch_args("matvec", (blocks(a.n as usize, ROWS), 1, blocks(a.m as usize, TOKENS)), 128, a)
 }
 
+/// The kernel (of `[one row a warp, two rows a warp]`) and blocks of a one-token q/k/v
+/// launch: each matrix in whole groups of its rows a warp, ROWS warps a block.
+fn qkv_one_token(a: &QkvArgs, names: [&'static str; 2]) -> (&'static str, u32) {
+    let (name, r) = one_token((a.nq + a.nk + a.nv) as usize, names);
+    let groups: u32 = [a.nq, a.nk, a.nv].iter().map(|&n| blocks(n as usize, r)).sum();
+    (name, blocks(groups as usize, ROWS))
+}
+
 /// The fused q/k/v (or q/kv) projections of `a.m` tokens.
 pub fn qkv(dev: &Device, a: &QkvArgs) -> Result<()> {
     if a.m == 1 {
-        let (name, r) = one_token((a.nq + a.nk + a.nv) as usize, ["qkv_proj1", "qkv_proj1_r2"]);
-        let groups: u32 = [a.nq, a.nk, a.nv].iter().map(|&n| blocks(n as usize, r)).sum();
-        return dev.launch_args(name, (blocks(groups as usize, ROWS), 1, 1), 128, a);
+        let (name, grid) = qkv_one_token(a, ["qkv_proj1", "qkv_proj1_r2"]);
+        return dev.launch_args(name, (grid, 1, 1), 128, a);
     }
     dev.launch_args("qkv_proj", (blocks((a.nq + a.nk + a.nv) as usize, ROWS), 1, blocks(a.m as usize, TOKENS)), 128, a)
 }
@@ -82,10 +89,8 @@ pub use crate::plan::lower::NORM_QKV_MAX_HIDDEN;
 /// One token's input RMSNorm and q/k/v projections (the grid of [`qkv`]'s one-token kernels;
 /// each block normalises the hidden state itself, bit for bit as `rmsnorm` does).
 pub fn norm_qkv(dev: &Device, a: &NormQkvArgs) -> Result<()> {
-    let p = &a.p;
-    let (name, r) = one_token((p.nq + p.nk + p.nv) as usize, ["norm_qkv_proj1", "norm_qkv_proj1_r2"]);
-    let groups: u32 = [p.nq, p.nk, p.nv].iter().map(|&n| blocks(n as usize, r)).sum();
-    dev.launch_args(name, (blocks(groups as usize, ROWS), 1, 1), 128, a)
+    let (name, grid) = qkv_one_token(&a.p, ["norm_qkv_proj1", "norm_qkv_proj1_r2"]);
+    dev.launch_args(name, (grid, 1, 1), 128, a)
 }
 
 /// The fused dense gate, up and SwiGLU of `a.m` tokens.
